@@ -1,0 +1,296 @@
+// pybind11 only: validate the arrays, take their pointers, release the GIL, dispatch the dtype.
+// Each optimizer is one `def_optimizer` line; its kernel header says which arrays it takes.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/adagrad.hpp"
+#include "kernels/adam.hpp"
+#include "kernels/common.hpp"
+#include "kernels/rmsprop.hpp"
+#include "kernels/sgd.hpp"
+
+namespace py = pybind11;
+using fusedopt::Index;
+using fusedopt::Role;
+
+namespace {
+
+// Threads for the kernels, shared by every Python thread (omp_set_num_threads would only set the
+// calling thread's count). 0 means OpenMP's default, which honours OMP_NUM_THREADS.
+std::atomic<int> num_threads{0};
+
+int threads_for_kernels() {
+#ifdef _OPENMP
+  const int n = num_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    s += std::to_string(a.shape(d));
+    if (a.ndim() == 1 || d + 1 < a.ndim()) s += d + 1 < a.ndim() ? ", " : ",";
+  }
+  return s + ")";
+}
+
+bool is_list(py::handle obj) { return PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr()); }
+
+// The arrays of one call, checked: per tensor a pointer per role (nullptr where an optional role
+// is absent) and the element count.
+struct Checked {
+  bool is_double = false;
+  std::vector<std::vector<void*>> data;
+  std::vector<Index> sizes;
+};
+
+struct Extent {
+  const char* begin;
+  const char* end;
+  bool written;
+  std::string label;
+};
+
+// No array that is written may share a byte with any other array of the call: the kernel reads
+// and writes chunk by chunk, so aliasing would silently give wrong results.
+void check_no_overlap(std::vector<Extent>& extents) {
+  std::sort(extents.begin(), extents.end(),
+            [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  const Extent* furthest = nullptr;          // of all extents so far, the one ending last
+  const Extent* furthest_written = nullptr;  // likewise among written ones
+  for (const Extent& e : extents) {
+    const Extent* hit = nullptr;
+    if (furthest_written != nullptr && e.begin < furthest_written->end) {
+      hit = furthest_written;
+    } else if (e.written && furthest != nullptr && e.begin < furthest->end) {
+      hit = furthest;
+    }
+    if (hit != nullptr) {
+      throw py::value_error(hit->label + " and " + e.label +
+                            " share memory; an array that is updated in place must not "
+                            "overlap any other argument");
+    }
+    if (furthest == nullptr || e.end > furthest->end) furthest = &e;
+    if (e.written && (furthest_written == nullptr || e.end > furthest_written->end)) {
+      furthest_written = &e;
+    }
+  }
+}
+
+// Checks one array against its tensor's param (`ref`, or itself when it is the param) and the
+// call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
+// the caller's array.
+void check_array(const std::string& label, py::handle obj, const py::array* ref,
+                 const py::dtype& dtype, bool written) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(label + ": expected a numpy.ndarray, got " + type_name(obj));
+  }
+  const auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().equal(dtype)) {
+    throw py::type_error(label + ": expected dtype " + py::str(dtype).cast<std::string>() +
+                         " like param, got " + py::str(arr.dtype()).cast<std::string>());
+  }
+  const bool c_order = (arr.flags() & py::array::c_style) != 0;
+  const bool f_order = (arr.flags() & py::array::f_style) != 0;
+  if (!c_order && !f_order) {
+    throw py::value_error(label +
+                          ": expected a C- or F-contiguous array, got a strided view "
+                          "(it cannot be updated in place without a copy)");
+  }
+  if (ref != nullptr) {
+    bool same_shape = arr.ndim() == ref->ndim();
+    for (py::ssize_t d = 0; same_shape && d < arr.ndim(); ++d) {
+      same_shape = arr.shape(d) == ref->shape(d);
+    }
+    if (!same_shape) {
+      throw py::value_error(label + ": expected shape " + shape_str(*ref) + " like param, got " +
+                            shape_str(arr));
+    }
+    const bool ref_c = (ref->flags() & py::array::c_style) != 0;
+    if (!(ref_c ? c_order : f_order)) {
+      throw py::value_error(label + ": expected the memory layout of param (" +
+                            (ref_c ? "C" : "F") + "-contiguous), got " + (c_order ? "C" : "F") +
+                            "-contiguous");
+    }
+  }
+  if (written && !arr.writeable()) {
+    throw py::value_error(label + ": array is read-only");
+  }
+}
+
+// Validates every argument of a call before anything is written. An argument is one array (then
+// all are) or a list/tuple of arrays, one per tensor (then all are, of the same length); an
+// absent optional argument is None.
+template <std::size_t N>
+Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) {
+  if (args.size() != N) {
+    throw py::type_error("expected " + std::to_string(N) + " array arguments, got " +
+                         std::to_string(args.size()));
+  }
+  const py::handle param = args[0];
+  const bool single = py::isinstance<py::array>(param);
+  if (!single && !is_list(param)) {
+    throw py::type_error("param: expected a numpy.ndarray or a list of them, got " +
+                         type_name(param));
+  }
+  const std::size_t count = single ? 1 : py::len(param);
+  auto item = [&](py::handle obj, std::size_t i) -> py::handle {
+    return single ? obj : py::handle(PySequence_Fast_GET_ITEM(obj.ptr(), i));
+  };
+
+  // The call's dtype is param's (or the first param's); it must be float32 or float64.
+  py::dtype dtype = py::dtype::of<float>();
+  bool is_double = false;
+  if (count > 0) {
+    const py::handle first = item(param, 0);
+    const std::string label = single ? "param" : "param[0]";
+    if (!py::isinstance<py::array>(first)) {
+      throw py::type_error(label + ": expected a numpy.ndarray, got " + type_name(first));
+    }
+    const py::dtype first_dtype = py::reinterpret_borrow<py::array>(first).dtype();
+    is_double = first_dtype.equal(py::dtype::of<double>());
+    if (!is_double && !first_dtype.equal(dtype)) {
+      throw py::type_error(label + ": expected dtype float32 or float64, got " +
+                           py::str(first_dtype).cast<std::string>());
+    }
+    if (is_double) dtype = py::dtype::of<double>();
+  }
+
+  std::vector<bool> present(N);
+  for (std::size_t r = 0; r < N; ++r) {
+    const py::handle arg = args[r];
+    const std::string name = roles[r].name;
+    present[r] = !arg.is_none();
+    if (!present[r]) {
+      if (roles[r].optional) continue;
+      throw py::type_error(name + ": expected " +
+                           (single ? "a numpy.ndarray" : "a list of numpy.ndarray") +
+                           ", got None");
+    }
+    if (single && !py::isinstance<py::array>(arg)) {
+      throw py::type_error(name + ": expected a numpy.ndarray like param, got " + type_name(arg));
+    }
+    if (!single) {
+      if (!is_list(arg)) {
+        throw py::type_error(name + ": expected a list of arrays like param, got " +
+                             type_name(arg));
+      }
+      if (py::len(arg) != count) {
+        throw py::value_error(name + ": expected " + std::to_string(count) +
+                              " arrays like param, got " + std::to_string(py::len(arg)));
+      }
+    }
+  }
+
+  Checked checked;
+  checked.is_double = is_double;
+  checked.data.assign(count, std::vector<void*>(N, nullptr));
+  checked.sizes.resize(count);
+  std::vector<Extent> extents;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::string index = single ? "" : "[" + std::to_string(i) + "]";
+    check_array("param" + index, item(param, i), nullptr, dtype, roles[0].written);
+    const auto p = py::reinterpret_borrow<py::array>(item(param, i));
+    checked.sizes[i] = static_cast<Index>(p.size());
+    for (std::size_t r = 0; r < N; ++r) {
+      if (!present[r]) continue;
+      const std::string label = roles[r].name + index;
+      const py::handle obj = item(args[r], i);
+      if (r > 0) check_array(label, obj, &p, dtype, roles[r].written);
+      auto arr = py::reinterpret_borrow<py::array>(obj);
+      // Read-only arrays (a grad) are only read; the kernels take them as const.
+      void* data = const_cast<void*>(arr.data());
+      checked.data[i][r] = data;
+      if (arr.nbytes() > 0) {
+        const char* begin = static_cast<const char*>(data);
+        extents.push_back({begin, begin + arr.nbytes(), roles[r].written, label});
+      }
+    }
+  }
+  check_no_overlap(extents);
+  return checked;
+}
+
+// Hyperparameters by name, from the keyword arguments of a call. Each must be read exactly once:
+// a missing or unexpected name is a programming error in the Python layer, not silently ignored.
+class Hyper {
+ public:
+  explicit Hyper(const py::kwargs& kwargs) : kwargs_(kwargs) {}
+
+  double real(const char* name) const { return get(name).cast<double>(); }
+  bool flag(const char* name) const { return get(name).cast<bool>(); }
+  std::int64_t integer(const char* name) const { return get(name).cast<std::int64_t>(); }
+
+  void check_all_read() const {
+    if (read_ != py::len(kwargs_)) {
+      throw py::type_error("unexpected hyperparameters: got " + py::str(kwargs_).cast<std::string>());
+    }
+  }
+
+ private:
+  py::handle get(const char* name) const {
+    PyObject* value = PyDict_GetItemString(kwargs_.ptr(), name);
+    if (value == nullptr) throw py::type_error(std::string("missing hyperparameter ") + name);
+    ++read_;
+    return value;
+  }
+
+  const py::kwargs& kwargs_;
+  mutable std::size_t read_ = 0;
+};
+
+template <template <typename> class Kernel, typename T, std::size_t N>
+void launch(const Checked& checked, const Hyper& hyper) {
+  const Kernel<T> kernel(hyper);
+  hyper.check_all_read();
+  std::vector<fusedopt::Tensor<T, N>> tensors(checked.sizes.size());
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    for (std::size_t r = 0; r < N; ++r) tensors[i].data[r] = static_cast<T*>(checked.data[i][r]);
+    tensors[i].size = checked.sizes[i];
+  }
+  const int threads = threads_for_kernels();
+  py::gil_scoped_release release;
+  fusedopt::for_each_chunk(tensors, threads, kernel);
+}
+
+template <template <typename> class Kernel>
+void def_optimizer(py::module_& m, const char* name) {
+  m.def(name, [](const py::args& args, const py::kwargs& kwargs) {
+    constexpr auto& roles = Kernel<float>::roles;
+    const Checked checked = check_arguments(roles, args);
+    const Hyper hyper(kwargs);
+    if (checked.is_double) {
+      launch<Kernel, double, roles.size()>(checked, hyper);
+    } else {
+      launch<Kernel, float, roles.size()>(checked, hyper);
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fusedopt's compiled kernels; use the functions of the fusedopt package instead.";
+  def_optimizer<fusedopt::Sgd>(m, "sgd");
+  def_optimizer<fusedopt::Momentum>(m, "momentum");
+  def_optimizer<fusedopt::Adam>(m, "adam");
+  def_optimizer<fusedopt::Adagrad>(m, "adagrad");
+  def_optimizer<fusedopt::Rmsprop>(m, "rmsprop");
+
+  m.def("get_num_threads", &threads_for_kernels);
+  m.def("set_num_threads", [](int threads) { num_threads.store(threads); });
+  m.attr("CHUNK") = fusedopt::kChunk;
+  m.attr("PARALLEL_MIN") = fusedopt::kParallelMin;
+  m.attr("__version__") = FUSEDOPT_VERSION;
+}

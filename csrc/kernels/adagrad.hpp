@@ -1,0 +1,41 @@
+// Adagrad (Duchi, Hazan & Singer 2011), with PyTorch's learning-rate decay.
+#pragma once
+
+#include "common.hpp"
+
+namespace fusedopt {
+
+// Matches fusedopt.reference.adagrad_:
+//   g = -grad if maximize else grad
+//   if weight_decay: g = g + weight_decay * param
+//   sum_sq = sum_sq + g * g
+//   param -= lr / (1 + (step - 1) * lr_decay) * g / (sqrt(sum_sq) + eps)
+template <typename T>
+struct Adagrad {
+  static constexpr std::array<Role, 3> roles{{
+      {"param", true, false},
+      {"grad", false, false},
+      {"sum_sq", true, false},
+  }};
+
+  template <typename Hyper>
+  explicit Adagrad(const Hyper& h)
+      : clr(T(h.real("lr") /
+              (1.0 + static_cast<double>(h.integer("step") - 1) * h.real("lr_decay")))),
+        weight_decay(T(h.real("weight_decay"))),
+        eps(T(h.real("eps"))),
+        maximize(h.flag("maximize")) {}
+
+  void operator()(Index n, const std::array<T*, 3>& a) const {
+    T scratch[kChunk];
+    Vec<T> param(a[0], n), sum_sq(a[2], n);
+    const auto g = effective_grad(n, a[1], a[0], maximize, weight_decay, scratch);
+    sum_sq = sum_sq + g * g;
+    param -= clr * g / (sum_sq.sqrt() + eps);
+  }
+
+  T clr, weight_decay, eps;
+  bool maximize;
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,126 @@
+// Shared pieces of every kernel: array roles, Eigen views of a chunk, the gradient transform that
+// all optimizers share, and the parallel loop over (tensor, chunk) pieces. Pure C++, no Python.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fusedopt {
+
+using Index = std::ptrdiff_t;
+
+// One array argument of an optimizer: its name (as in the Python signature), whether the kernel
+// writes it, and whether it may be absent (a buffer that only some options use).
+struct Role {
+  const char* name;
+  bool written;
+  bool optional;
+};
+
+template <typename T>
+using Vec = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <typename T>
+using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+
+// Elements per chunk. Every statement of a kernel sweeps the chunk once; at 2048 elements the
+// five arrays of an AMSGrad step in float64 (80 KiB) stay in L2 and float32 Adam (32 KiB) in L1,
+// so main memory is touched once per step however many statements the formula has.
+inline constexpr Index kChunk = 2048;
+
+// Calls below this many elements run on the calling thread: opening a parallel region costs
+// more than it saves there (see bench/run.py --threshold).
+inline constexpr Index kParallelMin = Index{1} << 15;
+
+// The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param.
+// Written into `scratch` (kChunk elements) only when it differs from grad.
+template <typename T>
+ConstVec<T> effective_grad(Index n, const T* grad, const T* param, bool maximize, T l2,
+                           T* scratch) {
+  if (!maximize && l2 == T(0)) return ConstVec<T>(grad, n);
+  Vec<T> g(scratch, n);
+  const ConstVec<T> grad_v(grad, n);
+  if (maximize) {
+    g = -grad_v;
+  } else {
+    g = grad_v;
+  }
+  if (l2 != T(0)) g = g + l2 * ConstVec<T>(param, n);
+  return ConstVec<T>(scratch, n);
+}
+
+// One tensor of a call: a pointer per role (nullptr for an absent optional role) and its length.
+template <typename T, std::size_t N>
+struct Tensor {
+  std::array<T*, N> data;
+  Index size;
+};
+
+namespace detail {
+
+// Position `pos` (a global element index over the concatenated tensors) rounded down to the
+// start of its chunk. Chunks start at multiples of kChunk within each tensor, so where threads
+// split the work never changes how elements are grouped: results do not depend on the thread
+// count.
+inline Index chunk_start(const std::vector<Index>& starts, Index pos) {
+  const auto next = std::upper_bound(starts.begin(), starts.end(), pos);
+  const Index tensor_start = *(next - 1);
+  return tensor_start + (pos - tensor_start) / kChunk * kChunk;
+}
+
+}  // namespace detail
+
+// Calls fn(n, pointers) for every chunk of every tensor, where pointers point at the chunk's
+// first element and n <= kChunk. The elements are split evenly across `threads` OpenMP threads
+// in one parallel region for the whole call (all tensors), or run serially for small calls.
+template <typename T, std::size_t N, typename ChunkFn>
+void for_each_chunk(const std::vector<Tensor<T, N>>& tensors, int threads, const ChunkFn& fn) {
+  const auto count = static_cast<Index>(tensors.size());
+  // starts[t] is tensor t's first global element; starts[count] is the total.
+  std::vector<Index> starts(tensors.size() + 1, 0);
+  for (Index t = 0; t < count; ++t) starts[t + 1] = starts[t] + tensors[t].size;
+  const Index total = starts[count];
+
+  auto run = [&](Index begin, Index end) {
+    if (begin >= end) return;
+    Index t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (Index pos = begin; pos < end;) {
+      while (pos >= starts[t + 1]) ++t;  // skips finished and empty tensors
+      const Tensor<T, N>& tensor = tensors[t];
+      const Index offset = pos - starts[t];
+      const Index n = std::min(kChunk, tensor.size - offset);
+      std::array<T*, N> chunk;
+      for (std::size_t r = 0; r < N; ++r) {
+        chunk[r] = tensor.data[r] == nullptr ? nullptr : tensor.data[r] + offset;
+      }
+      fn(n, chunk);
+      pos += n;
+    }
+  };
+
+#ifdef _OPENMP
+  if (total >= kParallelMin && threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Index team = omp_get_num_threads();
+      const Index me = omp_get_thread_num();
+      run(detail::chunk_start(starts, total * me / team),
+          detail::chunk_start(starts, total * (me + 1) / team));
+    }
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  run(0, total);
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,43 @@
+"""fusedopt: fused, in-place optimizer updates for NumPy arrays.
+
+Each update function (``sgd_``, ``momentum_``, ``adam_``, ``adamw_``, ``adagrad_``,
+``rmsprop_``) updates the parameters and optimizer state in one fused, multi-threaded pass in
+C++, for one array or a whole list of them. :mod:`fusedopt.reference` holds the same formulas in
+plain NumPy.
+"""
+
+from __future__ import annotations
+
+from . import _core, reference
+from ._functional import adagrad_, adam_, adamw_, momentum_, rmsprop_, sgd_
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "__version__",
+    "adagrad_",
+    "adam_",
+    "adamw_",
+    "get_num_threads",
+    "momentum_",
+    "reference",
+    "rmsprop_",
+    "set_num_threads",
+    "sgd_",
+]
+
+
+def get_num_threads() -> int:
+    """Number of threads the kernels use (by default OpenMP's, which honours OMP_NUM_THREADS)."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Set the number of threads the kernels use, for every Python thread; None restores the
+    default. Results are bit-identical for every thread count."""
+    if threads is None:
+        _core.set_num_threads(0)
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    _core.set_num_threads(threads)

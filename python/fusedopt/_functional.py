@@ -1,0 +1,283 @@
+"""The fused, in-place update functions.
+
+Every function updates its arrays in place in one fused pass and returns ``None``. Each array
+argument is either one ``numpy.ndarray`` (one tensor) or a list of them (many tensors in one
+call: one parallel region over all of them). Within a tensor every array has the param's dtype
+(float32 or float64), shape and memory layout (C- or F-contiguous), and the arrays that are
+written must be writeable; one call takes one dtype. Anything else raises ``TypeError`` or
+``ValueError`` before any array is touched: an array that would need a copy is an error, never
+a silent no-op. The formulas are those of :mod:`fusedopt.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["adagrad_", "adam_", "adamw_", "momentum_", "rmsprop_", "sgd_"]
+
+Arrays = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def _real(value: float, what: str, low: float = 0.0, high: float = math.inf, *,
+          low_open: bool = False, high_open: bool = True) -> float:
+    """``value`` as a float, or ValueError ``Invalid <what>: <value>`` outside the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    above = low < v if low_open else low <= v
+    below = v < high if high_open else v <= high
+    if not (above and below):  # also rejects NaN
+        raise ValueError(f"Invalid {what}: {value}")
+    return v
+
+
+def _step(step: int) -> int:
+    if isinstance(step, bool):
+        raise TypeError("step must be an integer, got bool")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an integer, got {type(step).__name__}") from None
+    if step < 1:
+        raise ValueError(f"Invalid step: {step} (the count of steps including this one, from 1)")
+    return step
+
+
+def _lr(lr: float) -> float:
+    return _real(lr, "learning rate")
+
+
+def _weight_decay(weight_decay: float) -> float:
+    return _real(weight_decay, "weight_decay value")
+
+
+def _eps(eps: float) -> float:
+    return _real(eps, "epsilon value", low_open=True)
+
+
+def _require(buffer: Optional[Arrays], name: str, option: str) -> None:
+    if buffer is None:
+        raise ValueError(f"{option} needs the {name} buffer, got None")
+
+
+def sgd_(param: Arrays, grad: Arrays, *, lr: float, weight_decay: float = 0.0,
+         maximize: bool = False) -> None:
+    r"""Stochastic gradient descent (Robbins & Monro 1951), in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        \theta_t &= \theta_{t-1} - \gamma\, g_t
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay`` (L2 penalty) and the
+    gradient negated when ``maximize``.
+
+    Args:
+        param: parameters, updated in place.
+        grad: gradients (read only).
+        lr: learning rate, >= 0.
+        weight_decay: L2 penalty coefficient, >= 0.
+        maximize: ascend the objective instead of descending it.
+    """
+    _core.sgd(param, grad, lr=_lr(lr), weight_decay=_weight_decay(weight_decay),
+              maximize=bool(maximize))
+
+
+def momentum_(param: Arrays, grad: Arrays, buf: Arrays, *, lr: float, momentum: float,
+              dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+              maximize: bool = False) -> None:
+    r"""SGD with momentum (Polyak 1964), or Nesterov momentum (Sutskever et al. 2013), in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        b_t &= \mu\, b_{t-1} + (1 - \tau)\, g_t \\
+        \theta_t &= \theta_{t-1} - \gamma \begin{cases}
+            g_t + \mu\, b_t & \text{nesterov} \\ b_t & \text{otherwise} \end{cases}
+
+    with :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
+    :math:`\lambda` = ``weight_decay``. With :math:`\tau = \mu` this is the exponential moving
+    average of the textbooks (:math:`v \leftarrow \beta v + (1-\beta) g`,
+    :math:`\theta \leftarrow \theta - \alpha v`); :math:`\tau = 0` is PyTorch's heavy ball.
+
+    Warning:
+        ``torch.optim.SGD`` initialises the buffer with the first gradient, undamped; this
+        function always applies the rule above (start ``buf`` at zero for the textbook form).
+
+    Args:
+        param: parameters, updated in place.
+        grad: gradients (read only).
+        buf: momentum buffer :math:`b`, updated in place.
+        lr: learning rate, >= 0.
+        momentum: :math:`\mu \ge 0`.
+        dampening: :math:`\tau \in [0, 1]`.
+        nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
+        weight_decay: L2 penalty coefficient, >= 0.
+        maximize: ascend the objective instead of descending it.
+    """
+    momentum = _real(momentum, "momentum value")
+    dampening = _real(dampening, "dampening value", 0.0, 1.0, high_open=False)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    _core.momentum(param, grad, buf, lr=_lr(lr), momentum=momentum, dampening=dampening,
+                   nesterov=bool(nesterov), weight_decay=_weight_decay(weight_decay),
+                   maximize=bool(maximize))
+
+
+def adam_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, step: int,
+          lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+          amsgrad: bool = False, max_exp_avg_sq: Optional[Arrays] = None,
+          maximize: bool = False) -> None:
+    r"""Adam (Kingma & Ba 2015, Algorithm 1), in place; AMSGrad and AdamW as options.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`v` = ``exp_avg_sq``,
+    :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``. With ``decoupled_weight_decay``
+    (AdamW, Loshchilov & Hutter 2019) the L2 term is dropped from :math:`g_t` and
+    :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` comes first. With
+    ``amsgrad`` (Reddi et al. 2018) :math:`\hat v_t = \max(\hat v_{t-1}, v_t)` is kept in
+    ``max_exp_avg_sq`` and replaces :math:`v_t` in the denominator.
+
+    Note:
+        :math:`\epsilon` is added after the bias correction of :math:`\sqrt{v_t}`, as in the
+        paper and ``torch.optim.Adam``; TensorFlow's Adam adds it before (its
+        :math:`\hat\epsilon`).
+
+    Args:
+        param: parameters, updated in place.
+        grad: gradients (read only).
+        exp_avg: first moment :math:`m`, updated in place (start at zero).
+        exp_avg_sq: second moment :math:`v`, updated in place (start at zero).
+        step: number of steps taken including this one, from 1 (drives the bias corrections).
+        lr: learning rate, >= 0.
+        beta1, beta2: decay rates of the moments, in [0, 1).
+        eps: term added to the denominator, > 0.
+        weight_decay: L2 (or decoupled) weight decay coefficient, >= 0.
+        decoupled_weight_decay: AdamW's decay instead of an L2 term in the gradient.
+        amsgrad: use the running maximum of :math:`v`, kept in ``max_exp_avg_sq``.
+        max_exp_avg_sq: the running maximum, updated in place; required with ``amsgrad``.
+        maximize: ascend the objective instead of descending it.
+    """
+    beta1 = _real(beta1, "beta parameter at index 0", 0.0, 1.0)
+    beta2 = _real(beta2, "beta parameter at index 1", 0.0, 1.0)
+    if amsgrad:
+        _require(max_exp_avg_sq, "max_exp_avg_sq", "amsgrad=True")
+    _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
+               step=_step(step), lr=_lr(lr), beta1=beta1, beta2=beta2, eps=_eps(eps),
+               weight_decay=_weight_decay(weight_decay),
+               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize))
+
+
+def adamw_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, step: int,
+           lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+           weight_decay: float = 1e-2, amsgrad: bool = False,
+           max_exp_avg_sq: Optional[Arrays] = None, maximize: bool = False) -> None:
+    r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
+
+    .. math::
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    Arguments as for :func:`adam_`; ``weight_decay`` defaults to ``1e-2`` as in
+    ``torch.optim.AdamW``.
+    """
+    adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
+          eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
+          max_exp_avg_sq=max_exp_avg_sq, maximize=maximize)
+
+
+def adagrad_(param: Arrays, grad: Arrays, sum_sq: Arrays, *, step: int, lr: float = 1e-2,
+             lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+             maximize: bool = False) -> None:
+    r"""Adagrad (Duchi, Hazan & Singer 2011), in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        s_t &= s_{t-1} + g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 + (t - 1)\,\eta}\,
+            \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`\eta` = ``lr_decay``, :math:`s` = ``sum_sq``,
+    :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``.
+
+    Args:
+        param: parameters, updated in place.
+        grad: gradients (read only).
+        sum_sq: sum of squared gradients :math:`s`, updated in place (start at
+            ``initial_accumulator_value``, usually 0).
+        step: number of steps taken including this one, from 1.
+        lr: learning rate, >= 0.
+        lr_decay: learning-rate decay :math:`\eta \ge 0`.
+        weight_decay: L2 penalty coefficient, >= 0.
+        eps: term added to the denominator, > 0.
+        maximize: ascend the objective instead of descending it.
+    """
+    _core.adagrad(param, grad, sum_sq, step=_step(step), lr=_lr(lr),
+                  lr_decay=_real(lr_decay, "lr_decay value"),
+                  weight_decay=_weight_decay(weight_decay), eps=_eps(eps),
+                  maximize=bool(maximize))
+
+
+def rmsprop_(param: Arrays, grad: Arrays, square_avg: Arrays, *, lr: float = 1e-2,
+             alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+             momentum: float = 0.0, momentum_buf: Optional[Arrays] = None,
+             centered: bool = False, grad_avg: Optional[Arrays] = None,
+             maximize: bool = False) -> None:
+    r"""RMSprop (Hinton 2012), optionally centered (Graves 2013) and with momentum, in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        s_t &= \alpha\, s_{t-1} + (1 - \alpha)\, g_t^2 \\
+        \bar g_t &= \alpha\, \bar g_{t-1} + (1 - \alpha)\, g_t
+            \quad\text{(centered only)} \\
+        d_t &= \sqrt{s_t - \bar g_t^2} + \epsilon \ \text{ if centered, else }
+            \sqrt{s_t} + \epsilon \\
+        b_t &= \mu\, b_{t-1} + g_t / d_t, \quad \theta_t = \theta_{t-1} - \gamma\, b_t
+            \quad\text{if } \mu > 0 \\
+        \theta_t &= \theta_{t-1} - \gamma\, g_t / d_t \quad\text{otherwise}
+
+    with :math:`\gamma` = ``lr``, :math:`s` = ``square_avg``, :math:`\bar g` = ``grad_avg``,
+    :math:`b` = ``momentum_buf``, :math:`\mu` = ``momentum``, :math:`\lambda` = ``weight_decay``.
+
+    Note:
+        :math:`\epsilon` is added outside the square root, as in ``torch.optim.RMSprop``;
+        TensorFlow adds it inside.
+
+    Args:
+        param: parameters, updated in place.
+        grad: gradients (read only).
+        square_avg: running average of squared gradients :math:`s`, updated in place.
+        lr: learning rate, >= 0.
+        alpha: smoothing constant, in [0, 1].
+        eps: term added to the denominator, > 0.
+        weight_decay: L2 penalty coefficient, >= 0.
+        momentum: :math:`\mu \ge 0`; with :math:`\mu > 0`, ``momentum_buf`` is required.
+        momentum_buf: momentum buffer :math:`b`, updated in place.
+        centered: normalise by the estimated variance; requires ``grad_avg``.
+        grad_avg: running average of gradients :math:`\bar g`, updated in place.
+        maximize: ascend the objective instead of descending it.
+    """
+    momentum = _real(momentum, "momentum value")
+    if momentum > 0:
+        _require(momentum_buf, "momentum_buf", f"momentum={momentum}")
+    if centered:
+        _require(grad_avg, "grad_avg", "centered=True")
+    _core.rmsprop(param, grad, square_avg, momentum_buf if momentum > 0 else None,
+                  grad_avg if centered else None, lr=_lr(lr),
+                  alpha=_real(alpha, "alpha value", 0.0, 1.0, high_open=False), eps=_eps(eps),
+                  weight_decay=_weight_decay(weight_decay), momentum=momentum,
+                  maximize=bool(maximize))

@@ -1,0 +1,71 @@
+"""Building the arguments of an update function from its registry entry, and calling it."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+from fusedopt.registry import OptimizerSpec
+
+Arrays = Dict[str, Any]  # role name -> one array, or a list of arrays (one per tensor)
+
+
+def all_options(spec: OptimizerSpec) -> Dict[str, Any]:
+    """Hyperparameters that switch on every optional buffer of `spec`."""
+    switches = {"amsgrad": True, "centered": True, "momentum": 0.9}
+    return {switch: switches[switch] for switch in spec.optional_state.values()}
+
+
+def make_arrays(spec: OptimizerSpec, hyper: Mapping[str, Any], shape, dtype, rng,
+                order: str = "C") -> Arrays:
+    """Random param and grad, zero state (valid for every formula), in the given shape and
+    layout; `shape` may be a list of shapes for a multi-tensor call."""
+    if isinstance(shape, list):
+        tensors = [make_arrays(spec, hyper, s, dtype, rng, order) for s in shape]
+        return {role: [t[role] for t in tensors] for role in tensors[0]} if tensors else {
+            role: [] for role in ("param", "grad") + spec.buffers(hyper)}
+    arrays = {role: np.asarray(rng.standard_normal(shape), dtype=dtype, order=order)
+              for role in ("param", "grad")}
+    for buffer in spec.buffers(hyper):
+        arrays[buffer] = np.zeros(shape, dtype=dtype, order=order)
+    return arrays
+
+
+def new_grad(arrays: Arrays, rng) -> None:
+    def fresh(g):
+        return np.asarray(rng.standard_normal(g.shape), dtype=g.dtype,
+                          order="F" if g.flags.f_contiguous and g.ndim > 1 else "C")
+
+    grad = arrays["grad"]
+    arrays["grad"] = [fresh(g) for g in grad] if isinstance(grad, list) else fresh(grad)
+
+
+def call(fn, spec: OptimizerSpec, arrays: Arrays, hyper: Mapping[str, Any], step: int = 1):
+    positional = [arrays["param"], arrays["grad"]] + [arrays[s] for s in spec.state]
+    keywords = {b: arrays[b] for b in spec.optional_state if b in arrays}
+    if spec.takes_step:
+        keywords["step"] = step
+    return fn(*positional, **keywords, **hyper)
+
+
+def copy_arrays(arrays: Arrays) -> Arrays:
+    return {role: [a.copy() for a in v] if isinstance(v, list) else v.copy()
+            for role, v in arrays.items()}
+
+
+def flat(arrays: Arrays):
+    """(label, array) for every array, lists flattened."""
+    for role, value in arrays.items():
+        if isinstance(value, list):
+            for i, a in enumerate(value):
+                yield f"{role}[{i}]", a
+        else:
+            yield role, value
+
+
+def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> None:
+    """Bit for bit: same dtype, same values, NaN in the same places."""
+    for (label, a), (_, b) in zip(flat(actual), flat(expected)):
+        assert a.dtype == b.dtype, f"{context}: {label} dtype {a.dtype} != {b.dtype}"
+        np.testing.assert_array_equal(a, b, err_msg=f"{context}: {label}", strict=True)
