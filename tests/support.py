@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Mapping
 
 import numpy as np
@@ -50,8 +51,7 @@ def call(fn, spec: OptimizerSpec, arrays: Arrays, hyper: Mapping[str, Any], step
 
 
 def copy_arrays(arrays: Arrays) -> Arrays:
-    return {role: [a.copy() for a in v] if isinstance(v, list) else v.copy()
-            for role, v in arrays.items()}
+    return copy.deepcopy(arrays)
 
 
 def flat(arrays: Arrays):
@@ -66,6 +66,11 @@ def flat(arrays: Arrays):
 
 def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> None:
     """Bit for bit: same dtype, same values, NaN in the same places."""
-    for (label, a), (_, b) in zip(flat(actual), flat(expected)):
+    actual, expected = list(flat(actual)), list(flat(expected))
+    assert [label for label, _ in actual] == [label for label, _ in expected], context
+    for (label, a), (_, b) in zip(actual, expected):
+        if not isinstance(b, np.ndarray):  # a deliberately bad argument
+            assert type(a) is type(b) and a == b, f"{context}: {label}"
+            continue
         assert a.dtype == b.dtype, f"{context}: {label} dtype {a.dtype} != {b.dtype}"
         np.testing.assert_array_equal(a, b, err_msg=f"{context}: {label}", strict=True)

@@ -1,0 +1,220 @@
+"""Bad input raises TypeError or ValueError naming the argument, before any array is touched.
+
+Every case builds valid arguments for an optimizer with all its optional buffers on, breaks one
+thing, and checks the exception and that every array (the bad one too) is bit-identical to a
+copy taken before the call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+from support import all_options, assert_identical, call, copy_arrays, make_arrays
+
+from fusedopt.registry import OPTIMIZERS
+
+
+def valid(spec, shape=(4, 6), dtype=np.float32, rng_seed=0):
+    hyper = {**spec.cases[0], **all_options(spec)}
+    return make_arrays(spec, hyper, shape, dtype, np.random.default_rng(rng_seed)), hyper
+
+
+def assert_rejected(spec, arrays, hyper, error, match, step=1):
+    before = copy_arrays(arrays)
+    with pytest.raises(error, match=match):
+        call(spec.fused, spec, arrays, hyper, step)
+    assert_identical(arrays, before, "arrays changed by a rejected call")
+
+
+def read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def byteswapped(a):
+    return a.astype(a.dtype.newbyteorder(">" if a.dtype.byteorder != ">" else "<"))
+
+
+# (id, how to break one array, expected exception): applied to every role of every optimizer.
+BAD_ARRAYS = [
+    ("float16", lambda a: a.astype(np.float16), TypeError),
+    ("int32", lambda a: a.astype(np.int32), TypeError),
+    ("complex64", lambda a: a.astype(np.complex64), TypeError),
+    ("bool", lambda a: a.astype(bool), TypeError),
+    ("object", lambda a: a.astype(object), TypeError),
+    ("other float dtype", lambda a: a.astype(np.float64), TypeError),
+    ("byte-swapped", byteswapped, TypeError),
+    ("wrong shape", lambda a: np.zeros((a.shape[1], a.shape[0]), a.dtype), ValueError),
+    ("flattened", lambda a: a.reshape(-1).copy(), ValueError),
+    ("strided view", lambda a: np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2],
+     ValueError),
+    ("F order", lambda a: np.asfortranarray(a), ValueError),
+    ("nested list", lambda a: a.tolist(), TypeError),
+    ("scalar", lambda a: 1.0, TypeError),
+]
+
+
+def roles(spec):
+    return ("param", "grad") + spec.buffers(all_options(spec))
+
+
+ROLE_CASES = [(name, role) for name, spec in OPTIMIZERS.items() for role in roles(spec)]
+
+
+@pytest.mark.parametrize("kind, breaker, error", BAD_ARRAYS, ids=[b[0] for b in BAD_ARRAYS])
+@pytest.mark.parametrize("name, role", ROLE_CASES)
+def test_bad_array(name, role, kind, breaker, error):
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    arrays[role] = breaker(arrays[role])
+    # param is what the others are checked against: a param that is a valid array of another
+    # dtype, shape or layout is reported as the others not being "like param".
+    assert_rejected(spec, arrays, hyper, error, "param" if role == "param" else f"^{role}")
+
+
+@pytest.mark.parametrize("name, role", ROLE_CASES)
+def test_read_only(name, role):
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    arrays[role] = read_only(arrays[role])
+    if role == "grad":  # only read: a read-only grad is fine
+        call(spec.fused, spec, arrays, hyper)
+    else:
+        assert_rejected(spec, arrays, hyper, ValueError, f"^{role}: array is read-only")
+
+
+@pytest.mark.parametrize("name, role", ROLE_CASES)
+def test_missing_array(name, role):
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    arrays[role] = None
+    # An optional buffer that its option needs is a ValueError raised by the Python layer.
+    error = ValueError if role in spec.optional_state else TypeError
+    assert_rejected(spec, arrays, hyper, error, role)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bad_lists(name):
+    spec = OPTIMIZERS[name]
+    hyper = {**spec.cases[0], **all_options(spec)}
+    arrays = make_arrays(spec, hyper, [(3,), (5, 2), (4,)], np.float64, np.random.default_rng(0))
+    for role in roles(spec):
+        # A param list of another length, or a single param array, makes the others wrong.
+        relative = "like param" if role == "param" else None
+        broken = dict(arrays, **{role: arrays[role][:-1]})
+        assert_rejected(spec, broken, hyper, ValueError, relative or f"^{role}: expected 3 arrays")
+        broken = dict(arrays, **{role: arrays[role][:1] + [[1.0, 2.0]] + arrays[role][2:]})
+        assert_rejected(spec, broken, hyper, TypeError, rf"^{role}\[1\]: expected a numpy")
+        broken = dict(arrays, **{role: arrays[role][0]})
+        assert_rejected(spec, broken, hyper, TypeError, relative or f"^{role}")
+        if role != "param":
+            swapped = [arrays[role][0], arrays[role][2], arrays[role][1]]
+            broken = dict(arrays, **{role: swapped})
+            assert_rejected(spec, broken, hyper, ValueError, rf"^{role}\[1\]: expected shape")
+    # One call takes one dtype: tensors of float32 and float64 are two calls.
+    mixed = copy_arrays(arrays)
+    for role in roles(spec):
+        mixed[role][2] = mixed[role][2].astype(np.float32)
+    assert_rejected(spec, mixed, hyper, TypeError, r"^param\[2\]: expected dtype float64")
+    # A single array where a list is expected, and the other way round.
+    single = {role: value[0] for role, value in arrays.items()}
+    single["grad"] = [single["grad"]]
+    assert_rejected(spec, single, hyper, TypeError, "^grad: expected a numpy.ndarray")
+    assert_rejected(spec, dict(arrays, param=set()), hyper, TypeError, "^param: expected")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_overlapping_memory(name):
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec, shape=(24,))
+    written = [r for r in roles(spec) if r != "grad"]
+    for role in roles(spec):
+        if role == "param":
+            continue
+        # the same array twice
+        assert_rejected(spec, dict(arrays, **{role: arrays["param"]}), hyper, ValueError,
+                        "share memory")
+    # views that share only part of their bytes
+    backing = np.zeros(24 + 12, np.float32)
+    for role in written:
+        assert_rejected(spec, dict(arrays, grad=backing[:24], **{role: backing[12:]}), hyper,
+                        ValueError, "share memory")
+    # the same param twice in one list call
+    pair = {role: [a, a if role == "param" else a.copy()] for role, a in arrays.items()}
+    assert_rejected(spec, pair, hyper, ValueError, r"param\[0\] and param\[1\]|param\[1\] and "
+                    r"param\[0\]")
+    # two tensors reading one grad array is fine: nothing read is written
+    shared = {role: [a, a.copy()] for role, a in arrays.items()}
+    shared["grad"] = [arrays["grad"], arrays["grad"]]
+    call(spec.fused, spec, shared, hyper)
+
+
+NAN, INF = math.nan, math.inf
+# Values every hyperparameter of that name must refuse, with the start of the message.
+BAD_HYPER = {
+    "lr": ([-1.0, NAN, INF, -INF], "Invalid learning rate"),
+    "eps": ([0.0, -1e-8, NAN, INF], "Invalid epsilon value"),
+    "beta1": ([1.0, -0.1, NAN, 1.5], "Invalid beta parameter at index 0"),
+    "beta2": ([1.0, -0.1, NAN], "Invalid beta parameter at index 1"),
+    "weight_decay": ([-0.1, NAN, INF], "Invalid weight_decay value"),
+    "momentum": ([-0.1, NAN, INF], "Invalid momentum value"),
+    "dampening": ([-0.1, 1.1, NAN], "Invalid dampening value"),
+    "alpha": ([-0.1, 1.1, NAN], "Invalid alpha value"),
+    "lr_decay": ([-0.1, NAN, INF], "Invalid lr_decay value"),
+    "step": ([0, -1], "Invalid step"),
+}
+BAD_HYPER_TYPES = {"lr": ["0.1", None, True, 1j], "step": [1.0, 2.5, "3", True, None]}
+
+HYPER_CASES = [
+    (name, param, value, message)
+    for name, spec in OPTIMIZERS.items()
+    for param in inspect.signature(spec.fused).parameters
+    if param in BAD_HYPER
+    for value in BAD_HYPER[param][0]
+    for message in [BAD_HYPER[param][1]]
+]
+
+
+@pytest.mark.parametrize("name, param, value, message", HYPER_CASES)
+def test_bad_hyperparameter(name, param, value, message):
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    if param == "step":
+        assert_rejected(spec, arrays, hyper, ValueError, message, step=value)
+        return
+    hyper = {**hyper, param: value}
+    if param == "momentum" and "momentum_buf" in arrays and not value > 0:
+        arrays.pop("momentum_buf")  # an invalid momentum must be reported as such
+    assert_rejected(spec, arrays, hyper, ValueError, f"^{message}")
+
+
+@pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.takes_step])
+def test_bad_hyperparameter_types(name):
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    for value in BAD_HYPER_TYPES["lr"]:
+        assert_rejected(spec, arrays, {**hyper, "lr": value}, TypeError, "^learning rate")
+    for value in BAD_HYPER_TYPES["step"]:
+        assert_rejected(spec, arrays, hyper, TypeError, "^step must be an integer", step=value)
+
+
+def test_nesterov_needs_momentum_and_no_dampening():
+    spec = OPTIMIZERS["momentum"]
+    arrays, _ = valid(spec)
+    for hyper in (dict(lr=0.1, momentum=0.0, nesterov=True),
+                  dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)):
+        assert_rejected(spec, arrays, hyper, ValueError, "Nesterov momentum requires")
+
+
+def test_unused_buffers_are_left_alone():
+    """A buffer passed while its option is off is neither required nor touched."""
+    spec = OPTIMIZERS["adam"]
+    arrays, _ = valid(spec)
+    before = arrays["max_exp_avg_sq"].copy()
+    call(spec.fused, spec, arrays, {"amsgrad": False})
+    assert not np.array_equal(arrays["exp_avg"], 0)
+    np.testing.assert_array_equal(arrays["max_exp_avg_sq"], before, strict=True)
