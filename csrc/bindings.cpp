@@ -34,6 +34,12 @@ int threads_for_kernels() {
 #endif
 }
 
+// Calls of fewer elements run on the calling thread: below it, opening a parallel region costs
+// more than it saves. `python bench/run.py --threshold [--gap 0.002]` measures it: on 2 cores
+// parallel Adam won from 4 Ki elements back to back and from 8 Ki with the threads asleep
+// between calls, clearly (>= 20 %) from 16 Ki in both. Settable for that measurement.
+std::atomic<Index> parallel_min{Index{1} << 14};
+
 std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
 
 std::string shape_str(const py::array& a) {
@@ -259,7 +265,10 @@ void launch(const Checked& checked, const Hyper& hyper) {
     for (std::size_t r = 0; r < N; ++r) tensors[i].data[r] = static_cast<T*>(checked.data[i][r]);
     tensors[i].size = checked.sizes[i];
   }
-  const int threads = threads_for_kernels();
+  Index total = 0;
+  for (const Index size : checked.sizes) total += size;
+  const int threads =
+      total < parallel_min.load(std::memory_order_relaxed) ? 1 : threads_for_kernels();
   py::gil_scoped_release release;
   fusedopt::for_each_chunk(tensors, threads, kernel);
 }
@@ -291,6 +300,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &threads_for_kernels);
   m.def("set_num_threads", [](int threads) { num_threads.store(threads); });
   m.attr("CHUNK") = fusedopt::kChunk;
-  m.attr("PARALLEL_MIN") = fusedopt::kParallelMin;
+  m.def("get_parallel_min", [] { return parallel_min.load(); });
+  m.def("set_parallel_min", [](Index n) { parallel_min.store(n); });
   m.attr("__version__") = FUSEDOPT_VERSION;
 }

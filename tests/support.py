@@ -43,11 +43,7 @@ def new_grad(arrays: Arrays, rng) -> None:
 
 
 def call(fn, spec: OptimizerSpec, arrays: Arrays, hyper: Mapping[str, Any], step: int = 1):
-    positional = [arrays["param"], arrays["grad"]] + [arrays[s] for s in spec.state]
-    keywords = {b: arrays[b] for b in spec.optional_state if b in arrays}
-    if spec.takes_step:
-        keywords["step"] = step
-    return fn(*positional, **keywords, **hyper)
+    return spec.call(fn, arrays, hyper, step)
 
 
 def copy_arrays(arrays: Arrays) -> Arrays:

@@ -17,7 +17,7 @@ import fusedopt
 from fusedopt import _core
 from fusedopt.registry import OPTIMIZERS
 
-CHUNK, PARALLEL_MIN = _core.CHUNK, _core.PARALLEL_MIN
+CHUNK, PARALLEL_MIN = _core.CHUNK, _core.get_parallel_min()
 
 # Shapes around SIMD widths (4, 8, 16 lanes), the chunk size and the parallel threshold; 2-D in
 # both layouts; and lists of mixed sizes, empty tensors included, for multi-tensor calls.

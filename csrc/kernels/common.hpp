@@ -36,10 +36,6 @@ using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 // so main memory is touched once per step however many statements the formula has.
 inline constexpr Index kChunk = 2048;
 
-// Calls below this many elements run on the calling thread: opening a parallel region costs
-// more than it saves there (see bench/run.py --threshold).
-inline constexpr Index kParallelMin = Index{1} << 15;
-
 // The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param.
 // Written into `scratch` (kChunk elements) only when it differs from grad.
 template <typename T>
@@ -80,7 +76,7 @@ inline Index chunk_start(const std::vector<Index>& starts, Index pos) {
 
 // Calls fn(n, pointers) for every chunk of every tensor, where pointers point at the chunk's
 // first element and n <= kChunk. The elements are split evenly across `threads` OpenMP threads
-// in one parallel region for the whole call (all tensors), or run serially for small calls.
+// in one parallel region for the whole call (all tensors); threads <= 1 runs on the caller.
 template <typename T, std::size_t N, typename ChunkFn>
 void for_each_chunk(const std::vector<Tensor<T, N>>& tensors, int threads, const ChunkFn& fn) {
   const auto count = static_cast<Index>(tensors.size());
@@ -107,7 +103,7 @@ void for_each_chunk(const std::vector<Tensor<T, N>>& tensors, int threads, const
   };
 
 #ifdef _OPENMP
-  if (total >= kParallelMin && threads > 1) {
+  if (threads > 1) {
 #pragma omp parallel num_threads(threads)
     {
       const Index team = omp_get_num_threads();

@@ -30,6 +30,16 @@ class OptimizerSpec:
         extra = tuple(b for b, switch in self.optional_state.items() if hyper.get(switch))
         return self.state + extra
 
+    def call(self, fn: Callable[..., None], arrays: Mapping[str, Any],
+             hyper: Mapping[str, Any], step: int = 1) -> None:
+        """Calls ``fn`` (``self.fused`` or ``self.reference``) on ``arrays``, a mapping of
+        argument name to array (or list of arrays): ``param``, ``grad`` and the buffers."""
+        positional = [arrays["param"], arrays["grad"]] + [arrays[s] for s in self.state]
+        keywords = {b: arrays[b] for b in self.optional_state if b in arrays}
+        if self.takes_step:
+            keywords["step"] = step
+        return fn(*positional, **keywords, **hyper)
+
     def bytes_per_element(self, itemsize: int, hyper: Mapping[str, Any]) -> int:
         """Memory traffic of one step: param read and written, grad read, each buffer
         read and written."""
