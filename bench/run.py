@@ -29,7 +29,23 @@ import fusedopt
 from fusedopt import _core
 from fusedopt.registry import OPTIMIZERS
 
-IMPLEMENTATIONS = {"fusedopt": lambda spec: spec.fused, "numpy": lambda spec: spec.reference}
+def roofline(spec, hyper):
+    """The roofline probe with this optimizer's traffic: param and its buffers read and
+    written, grad read, no arithmetic to speak of."""
+    buffers = spec.buffers(hyper)
+
+    def probe(param, grad, *state, step=None, **keywords):
+        arrays = list(state) + [keywords[b] for b in buffers if b in keywords]
+        _core.roofline(param, grad, *arrays, *[None] * (4 - len(arrays)))
+
+    return probe
+
+
+IMPLEMENTATIONS = {
+    "fusedopt": lambda spec, hyper: spec.fused,
+    "numpy": lambda spec, hyper: spec.reference,
+    "roofline": roofline,
+}
 POOL_BYTES = 256 << 20  # rotate through at least this much memory: 8x this machine's L3
 MAX_POOL = 4096
 
@@ -105,13 +121,15 @@ def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
                 row = {"optimizer": name, "hyper": hyper, "dtype": np.dtype(dtype).name,
                        "n": n, "bytes_per_element": bpe, "pool": len(pool)}
                 for impl in implementations:
-                    times = time_calls(spec, IMPLEMENTATIONS[impl](spec), hyper, pool,
+                    times = time_calls(spec, IMPLEMENTATIONS[impl](spec, hyper), hyper, pool,
                                        budget_s, min_calls=5, max_calls=20000)
                     median = statistics.median(times)
                     row[impl] = {"median_s": median, "calls": len(times),
                                  "gb_per_s": bpe * n / median / 1e9}
                 if "fusedopt" in row and "numpy" in row:
                     row["speedup"] = row["numpy"]["median_s"] / row["fusedopt"]["median_s"]
+                if "fusedopt" in row and "roofline" in row:
+                    row["of_roofline"] = row["roofline"]["median_s"] / row["fusedopt"]["median_s"]
                 rows.append(row)
                 print_row(row, implementations)
                 del pool
@@ -133,7 +151,7 @@ def print_row(row, implementations):
         cols = ["optimizer", "dtype", "n", "B/elem"]
         for impl in implementations:
             cols += [f"{impl} median", f"{impl} GB/s"]
-        cols.append("speed-up")
+        cols += ["speed-up vs numpy", "of roofline"]
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         HEADER_PRINTED = True
@@ -141,6 +159,7 @@ def print_row(row, implementations):
     for impl in implementations:
         cells += [fmt_time(row[impl]["median_s"]), f"{row[impl]['gb_per_s']:.1f}"]
     cells.append(f"{row['speedup']:.1f}x" if "speedup" in row else "")
+    cells.append(f"{row['of_roofline']:.0%}" if "of_roofline" in row else "")
     print("| " + " | ".join(cells) + " |", flush=True)
 
 

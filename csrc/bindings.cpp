@@ -13,6 +13,7 @@
 #include "kernels/adam.hpp"
 #include "kernels/common.hpp"
 #include "kernels/rmsprop.hpp"
+#include "kernels/roofline.hpp"
 #include "kernels/sgd.hpp"
 
 namespace py = pybind11;
@@ -289,13 +290,41 @@ void def_optimizer(py::module_& m, const char* name) {
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
+// What this CPU can run, by level name; only meaningful in the baseline module, which runs
+// everywhere. __builtin_cpu_supports also checks that the OS saves the wide registers.
+py::dict cpu_supports() {
+  py::dict levels;
+  levels["baseline"] = true;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi2");
+  levels["avx2"] = avx2;
+  levels["avx512"] = avx2 && __builtin_cpu_supports("avx512f") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512dq");
+#endif
+  return levels;
+}
+
+std::string compiler() {
+#if defined(__clang__)
+  return "clang " __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
   m.doc() = "fusedopt's compiled kernels; use the functions of the fusedopt package instead.";
   def_optimizer<fusedopt::Sgd>(m, "sgd");
   def_optimizer<fusedopt::Momentum>(m, "momentum");
   def_optimizer<fusedopt::Adam>(m, "adam");
   def_optimizer<fusedopt::Adagrad>(m, "adagrad");
   def_optimizer<fusedopt::Rmsprop>(m, "rmsprop");
+  def_optimizer<fusedopt::Roofline>(m, "roofline");  // for bench/: traffic without arithmetic
 
   m.def("get_num_threads", &threads_for_kernels);
   m.def("set_num_threads", [](int threads) { num_threads.store(threads); });
@@ -303,4 +332,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_parallel_min", [] { return parallel_min.load(); });
   m.def("set_parallel_min", [](Index n) { parallel_min.store(n); });
   m.attr("__version__") = FUSEDOPT_VERSION;
+  m.attr("SIMD_LEVEL") = FUSEDOPT_SIMD_LEVEL;
+  m.attr("SIMD_INSTRUCTIONS") = Eigen::SimdInstructionSetsInUse();
+  m.attr("EIGEN_VERSION") = std::to_string(EIGEN_WORLD_VERSION) + "." +
+                            std::to_string(EIGEN_MAJOR_VERSION) + "." +
+                            std::to_string(EIGEN_MINOR_VERSION);
+  m.attr("COMPILER") = compiler();
+#ifdef _OPENMP
+  m.attr("OPENMP") = _OPENMP;
+#else
+  m.attr("OPENMP") = py::none();
+#endif
+  m.def("cpu_supports", &cpu_supports);
 }

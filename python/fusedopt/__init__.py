@@ -8,7 +8,12 @@ plain NumPy.
 
 from __future__ import annotations
 
-from . import _core, reference
+import sys
+
+import numpy as np
+
+from . import reference
+from ._dispatch import core as _core
 from ._functional import adagrad_, adam_, adamw_, momentum_, rmsprop_, sgd_
 
 __version__: str = _core.__version__
@@ -24,6 +29,7 @@ __all__ = [
     "rmsprop_",
     "set_num_threads",
     "sgd_",
+    "show_config",
 ]
 
 
@@ -41,3 +47,20 @@ def set_num_threads(threads: int | None) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     _core.set_num_threads(threads)
+
+
+def show_config(file=None) -> None:
+    """Print how this build runs here: SIMD level, threads, Eigen, compiler, OpenMP."""
+    supported = [level for level, ok in _core.cpu_supports().items() if ok]
+    lines = [
+        f"fusedopt {__version__}",
+        f"  SIMD level:        {_core.SIMD_LEVEL} (this CPU supports: {', '.join(supported)}; "
+        f"FUSEDOPT_SIMD forces one)",
+        f"  SIMD instructions: {_core.SIMD_INSTRUCTIONS}",
+        f"  threads:           {get_num_threads()}",
+        f"  OpenMP:            {_core.OPENMP}",
+        f"  Eigen:             {_core.EIGEN_VERSION}",
+        f"  compiler:          {_core.COMPILER}",
+        f"  numpy:             {np.__version__}",
+    ]
+    print("\n".join(lines), file=file or sys.stdout)

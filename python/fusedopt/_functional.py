@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from . import _core
+from ._dispatch import core as _core
 
 __all__ = ["adagrad_", "adam_", "adamw_", "momentum_", "rmsprop_", "sgd_"]
 
