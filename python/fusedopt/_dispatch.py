@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 LEVELS = ("avx512", "avx2", "baseline")  # best first
 
@@ -33,4 +34,7 @@ def _load() -> ModuleType:
     return baseline
 
 
-core = _load()
+if TYPE_CHECKING:
+    from . import _core_baseline as core
+else:
+    core = _load()

@@ -1,0 +1,66 @@
+"""The package surface: exports, version, SIMD dispatch, configuration report."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fusedopt
+from fusedopt import _core
+from fusedopt._dispatch import LEVELS
+from fusedopt.registry import OPTIMIZERS
+
+
+def test_exports():
+    for name in fusedopt.__all__:
+        assert hasattr(fusedopt, name), name
+    for spec in OPTIMIZERS.values():
+        assert getattr(fusedopt, spec.fused.__name__) is spec.fused
+        assert getattr(fusedopt.reference, spec.reference.__name__) is spec.reference
+        assert spec.fused.__doc__ and "math::" in spec.fused.__doc__, spec.name
+
+
+def test_version_matches_compiled_module():
+    assert fusedopt.__version__ == _core.__version__
+
+
+def test_dispatch_picks_the_best_supported_level():
+    supported = _core.cpu_supports()
+    forced = os.environ.get("FUSEDOPT_SIMD")
+    expected = forced or next(level for level in LEVELS if supported.get(level))
+    assert _core.SIMD_LEVEL == expected
+
+
+def run_python(code: str, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_forcing_a_level(level):
+    result = run_python("import fusedopt; print(fusedopt._core.SIMD_LEVEL)", FUSEDOPT_SIMD=level)
+    if _core.cpu_supports().get(level):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == level
+    else:
+        assert result.returncode != 0
+        assert f"FUSEDOPT_SIMD={level}: this CPU or build cannot run it" in result.stderr
+
+
+def test_unknown_level_is_an_error():
+    result = run_python("import fusedopt", FUSEDOPT_SIMD="sse9")
+    assert result.returncode != 0
+    assert "FUSEDOPT_SIMD='sse9': expected one of" in result.stderr
+
+
+def test_show_config():
+    out = io.StringIO()
+    fusedopt.show_config(file=out)
+    text = out.getvalue()
+    assert f"SIMD level:        {_core.SIMD_LEVEL}" in text
+    assert "Eigen:             3." in text
+    assert f"threads:           {fusedopt.get_num_threads()}" in text
