@@ -99,14 +99,16 @@ void check_no_overlap(std::vector<Extent>& extents) {
 // call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
 // the caller's array.
 void check_array(const std::string& label, py::handle obj, const py::array* ref,
-                 const py::dtype& dtype, bool written) {
+                 const py::dtype& dtype, const std::string& dtype_owner, bool written) {
   if (!py::isinstance<py::array>(obj)) {
     throw py::type_error(label + ": expected a numpy.ndarray, got " + type_name(obj));
   }
   const auto arr = py::reinterpret_borrow<py::array>(obj);
   if (!arr.dtype().equal(dtype)) {
     throw py::type_error(label + ": expected dtype " + py::str(dtype).cast<std::string>() +
-                         " like param, got " + py::str(arr.dtype()).cast<std::string>());
+                         " like " + dtype_owner + ", got " +
+                         py::str(arr.dtype()).cast<std::string>() +
+                         (dtype_owner == "param" ? "" : " (one call takes one dtype)"));
   }
   const bool c_order = (arr.flags() & py::array::c_style) != 0;
   const bool f_order = (arr.flags() & py::array::f_style) != 0;
@@ -205,16 +207,17 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
   checked.data.assign(count, std::vector<void*>(N, nullptr));
   checked.sizes.resize(count);
   std::vector<Extent> extents;
+  const std::string dtype_owner = single ? "param" : "param[0]";
   for (std::size_t i = 0; i < count; ++i) {
     const std::string index = single ? "" : "[" + std::to_string(i) + "]";
-    check_array("param" + index, item(param, i), nullptr, dtype, roles[0].written);
+    check_array("param" + index, item(param, i), nullptr, dtype, dtype_owner, roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
     checked.sizes[i] = static_cast<Index>(p.size());
     for (std::size_t r = 0; r < N; ++r) {
       if (!present[r]) continue;
       const std::string label = roles[r].name + index;
       const py::handle obj = item(args[r], i);
-      if (r > 0) check_array(label, obj, &p, dtype, roles[r].written);
+      if (r > 0) check_array(label, obj, &p, dtype, "param", roles[r].written);
       auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
       void* data = const_cast<void*>(arr.data());

@@ -119,7 +119,9 @@ def test_bad_lists(name):
     mixed = copy_arrays(arrays)
     for role in roles(spec):
         mixed[role][2] = mixed[role][2].astype(np.float32)
-    assert_rejected(spec, mixed, hyper, TypeError, r"^param\[2\]: expected dtype float64")
+    assert_rejected(spec, mixed, hyper, TypeError,
+                    r"^param\[2\]: expected dtype float64 like param\[0\], got float32 "
+                    r"\(one call takes one dtype\)")
     # A single array where a list is expected, and the other way round.
     single = {role: value[0] for role, value in arrays.items()}
     single["grad"] = [single["grad"]]
