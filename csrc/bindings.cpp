@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/adagrad.hpp"
@@ -54,11 +55,23 @@ std::string shape_str(const py::array& a) {
 
 bool is_list(py::handle obj) { return PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr()); }
 
-// The arrays of one call, checked: per tensor a pointer per role (nullptr where an optional role
-// is absent) and the element count.
+// Names one array of a call in messages: "grad", or "grad[3]" in a list call. Built into a
+// string only when a message needs it, so a valid call allocates no strings.
+struct Label {
+  const char* role;
+  py::ssize_t index;  // -1 in a single-array call
+
+  std::string str() const {
+    return index < 0 ? role : std::string(role) + "[" + std::to_string(index) + "]";
+  }
+};
+
+// The arrays of one call, checked: a pointer per (tensor, role), nullptr where an optional role
+// is absent, and each tensor's element count.
 struct Checked {
   bool is_double = false;
-  std::vector<std::vector<void*>> data;
+  std::size_t roles = 0;
+  std::vector<void*> data;  // tensor i, role r at i * roles + r
   std::vector<Index> sizes;
 };
 
@@ -66,7 +79,7 @@ struct Extent {
   const char* begin;
   const char* end;
   bool written;
-  std::string label;
+  Label label;
 };
 
 // No array that is written may share a byte with any other array of the call: the kernel reads
@@ -84,7 +97,7 @@ void check_no_overlap(std::vector<Extent>& extents) {
       hit = furthest;
     }
     if (hit != nullptr) {
-      throw py::value_error(hit->label + " and " + e.label +
+      throw py::value_error(hit->label.str() + " and " + e.label.str() +
                             " share memory; an array that is updated in place must not "
                             "overlap any other argument");
     }
@@ -95,25 +108,32 @@ void check_no_overlap(std::vector<Extent>& extents) {
   }
 }
 
-// Checks one array against its tensor's param (`ref`, or itself when it is the param) and the
+std::string dtype_name(const py::dtype& dtype) { return py::str(dtype).cast<std::string>(); }
+
+// Exactly this dtype, byte order included (a byte-swapped float32 is not float32).
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
+}
+
+// Checks one array against its tensor's param (`ref`, or nullptr when it is the param) and the
 // call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
-// the caller's array.
-void check_array(const std::string& label, py::handle obj, const py::array* ref,
-                 const py::dtype& dtype, const std::string& dtype_owner, bool written) {
+// the caller's array. `dtype_owner` names the array the call's dtype comes from.
+void check_array(const Label& label, py::handle obj, const py::array* ref,
+                 const py::dtype& dtype, const char* dtype_owner, bool written) {
   if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(label + ": expected a numpy.ndarray, got " + type_name(obj));
+    throw py::type_error(label.str() + ": expected a numpy.ndarray, got " + type_name(obj));
   }
   const auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().equal(dtype)) {
-    throw py::type_error(label + ": expected dtype " + py::str(dtype).cast<std::string>() +
-                         " like " + dtype_owner + ", got " +
-                         py::str(arr.dtype()).cast<std::string>() +
-                         (dtype_owner == "param" ? "" : " (one call takes one dtype)"));
+  if (!same_dtype(arr.dtype(), dtype)) {
+    const bool other_tensor = std::string(dtype_owner) != "param";
+    throw py::type_error(label.str() + ": expected dtype " + dtype_name(dtype) + " like " +
+                         dtype_owner + ", got " + dtype_name(arr.dtype()) +
+                         (other_tensor ? " (one call takes one dtype)" : ""));
   }
   const bool c_order = (arr.flags() & py::array::c_style) != 0;
   const bool f_order = (arr.flags() & py::array::f_style) != 0;
   if (!c_order && !f_order) {
-    throw py::value_error(label +
+    throw py::value_error(label.str() +
                           ": expected a C- or F-contiguous array, got a strided view "
                           "(it cannot be updated in place without a copy)");
   }
@@ -123,18 +143,18 @@ void check_array(const std::string& label, py::handle obj, const py::array* ref,
       same_shape = arr.shape(d) == ref->shape(d);
     }
     if (!same_shape) {
-      throw py::value_error(label + ": expected shape " + shape_str(*ref) + " like param, got " +
-                            shape_str(arr));
+      throw py::value_error(label.str() + ": expected shape " + shape_str(*ref) +
+                            " like param, got " + shape_str(arr));
     }
     const bool ref_c = (ref->flags() & py::array::c_style) != 0;
     if (!(ref_c ? c_order : f_order)) {
-      throw py::value_error(label + ": expected the memory layout of param (" +
+      throw py::value_error(label.str() + ": expected the memory layout of param (" +
                             (ref_c ? "C" : "F") + "-contiguous), got " + (c_order ? "C" : "F") +
                             "-contiguous");
     }
   }
   if (written && !arr.writeable()) {
-    throw py::value_error(label + ": array is read-only");
+    throw py::value_error(label.str() + ": array is read-only");
   }
 }
 
@@ -157,26 +177,29 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
   auto item = [&](py::handle obj, std::size_t i) -> py::handle {
     return single ? obj : py::handle(PySequence_Fast_GET_ITEM(obj.ptr(), i));
   };
+  auto label = [&](std::size_t r, std::size_t i) {
+    return Label{roles[r].name, single ? -1 : static_cast<py::ssize_t>(i)};
+  };
 
   // The call's dtype is param's (or the first param's); it must be float32 or float64.
   py::dtype dtype = py::dtype::of<float>();
   bool is_double = false;
   if (count > 0) {
     const py::handle first = item(param, 0);
-    const std::string label = single ? "param" : "param[0]";
     if (!py::isinstance<py::array>(first)) {
-      throw py::type_error(label + ": expected a numpy.ndarray, got " + type_name(first));
+      throw py::type_error(label(0, 0).str() + ": expected a numpy.ndarray, got " +
+                           type_name(first));
     }
     const py::dtype first_dtype = py::reinterpret_borrow<py::array>(first).dtype();
-    is_double = first_dtype.equal(py::dtype::of<double>());
-    if (!is_double && !first_dtype.equal(dtype)) {
-      throw py::type_error(label + ": expected dtype float32 or float64, got " +
-                           py::str(first_dtype).cast<std::string>());
+    is_double = same_dtype(first_dtype, py::dtype::of<double>());
+    if (!is_double && !same_dtype(first_dtype, dtype)) {
+      throw py::type_error(label(0, 0).str() + ": expected dtype float32 or float64, got " +
+                           dtype_name(first_dtype));
     }
     if (is_double) dtype = py::dtype::of<double>();
   }
 
-  std::vector<bool> present(N);
+  std::array<bool, N> present{};
   for (std::size_t r = 0; r < N; ++r) {
     const py::handle arg = args[r];
     const std::string name = roles[r].name;
@@ -204,32 +227,41 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
 
   Checked checked;
   checked.is_double = is_double;
-  checked.data.assign(count, std::vector<void*>(N, nullptr));
+  checked.roles = N;
+  checked.data.assign(count * N, nullptr);
   checked.sizes.resize(count);
   std::vector<Extent> extents;
-  const std::string dtype_owner = single ? "param" : "param[0]";
+  extents.reserve(count * N);
+  const char* dtype_owner = single ? "param" : "param[0]";
   for (std::size_t i = 0; i < count; ++i) {
-    const std::string index = single ? "" : "[" + std::to_string(i) + "]";
-    check_array("param" + index, item(param, i), nullptr, dtype, dtype_owner, roles[0].written);
+    check_array(label(0, i), item(param, i), nullptr, dtype, dtype_owner, roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
     checked.sizes[i] = static_cast<Index>(p.size());
     for (std::size_t r = 0; r < N; ++r) {
       if (!present[r]) continue;
-      const std::string label = roles[r].name + index;
       const py::handle obj = item(args[r], i);
-      if (r > 0) check_array(label, obj, &p, dtype, "param", roles[r].written);
-      auto arr = py::reinterpret_borrow<py::array>(obj);
+      if (r > 0) check_array(label(r, i), obj, &p, dtype, "param", roles[r].written);
+      const auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
       void* data = const_cast<void*>(arr.data());
-      checked.data[i][r] = data;
+      checked.data[i * N + r] = data;
       if (arr.nbytes() > 0) {
         const char* begin = static_cast<const char*>(data);
-        extents.push_back({begin, begin + arr.nbytes(), roles[r].written, label});
+        extents.push_back({begin, begin + arr.nbytes(), roles[r].written, label(r, i)});
       }
     }
   }
   check_no_overlap(extents);
   return checked;
+}
+
+// `name` as an interned Python string, made once per name: dictionary lookups with it skip
+// building and hashing a new string on every call. Only used with the GIL held.
+PyObject* interned(const char* name) {
+  static std::unordered_map<const char*, PyObject*> cache;  // keys are string literals
+  PyObject*& key = cache[name];
+  if (key == nullptr) key = PyUnicode_InternFromString(name);
+  return key;
 }
 
 // Hyperparameters by name, from the keyword arguments of a call. Each must be read exactly once:
@@ -250,7 +282,7 @@ class Hyper {
 
  private:
   py::handle get(const char* name) const {
-    PyObject* value = PyDict_GetItemString(kwargs_.ptr(), name);
+    PyObject* value = PyDict_GetItem(kwargs_.ptr(), interned(name));
     if (value == nullptr) throw py::type_error(std::string("missing hyperparameter ") + name);
     ++read_;
     return value;
@@ -266,7 +298,9 @@ void launch(const Checked& checked, const Hyper& hyper) {
   hyper.check_all_read();
   std::vector<fusedopt::Tensor<T, N>> tensors(checked.sizes.size());
   for (std::size_t i = 0; i < tensors.size(); ++i) {
-    for (std::size_t r = 0; r < N; ++r) tensors[i].data[r] = static_cast<T*>(checked.data[i][r]);
+    for (std::size_t r = 0; r < N; ++r) {
+      tensors[i].data[r] = static_cast<T*>(checked.data[i * N + r]);
+    }
     tensors[i].size = checked.sizes[i];
   }
   Index total = 0;

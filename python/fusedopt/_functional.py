@@ -27,9 +27,12 @@ Arrays = Union[np.ndarray, Sequence[np.ndarray]]
 def _real(value: float, what: str, low: float = 0.0, high: float = math.inf, *,
           low_open: bool = False, high_open: bool = True) -> float:
     """``value`` as a float, or ValueError ``Invalid <what>: <value>`` outside the interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if type(value) is float:  # the common case, first: this runs several times per step
+        v = value
+    elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    else:
+        v = float(value)
     above = low < v if low_open else low <= v
     below = v < high if high_open else v <= high
     if not (above and below):  # also rejects NaN
