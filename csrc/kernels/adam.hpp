@@ -31,20 +31,20 @@ struct Adam {
 
   template <typename Hyper>
   explicit Adam(const Hyper& h) {
-    const double lr = h.real("lr"), beta1 = h.real("beta1"), beta2 = h.real("beta2");
+    const double lr = h.real("lr"), b1 = h.real("beta1"), b2 = h.real("beta2");
     const double wd = h.real("weight_decay");
     const auto step = static_cast<double>(h.integer("step"));
     const bool decoupled = h.flag("decoupled_weight_decay");
     maximize = h.flag("maximize");
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
     l2 = T(decoupled ? 0.0 : wd);
-    this->beta1 = T(beta1);
-    one_minus_beta1 = T(1.0 - beta1);
-    this->beta2 = T(beta2);
-    one_minus_beta2 = T(1.0 - beta2);
+    beta1 = T(b1);
+    one_minus_beta1 = T(1.0 - b1);
+    beta2 = T(b2);
+    one_minus_beta2 = T(1.0 - b2);
     eps = T(h.real("eps"));
-    step_size = T(lr / (1.0 - std::pow(beta1, step)));
-    bias_correction2_sqrt = T(std::sqrt(1.0 - std::pow(beta2, step)));
+    step_size = T(lr / (1.0 - std::pow(b1, step)));
+    bias_correction2_sqrt = T(std::sqrt(1.0 - std::pow(b2, step)));
   }
 
   void operator()(Index n, const std::array<T*, 5>& a) const {

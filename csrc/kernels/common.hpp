@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -62,14 +63,75 @@ struct Tensor {
 
 namespace detail {
 
-// Position `pos` (a global element index over the concatenated tensors) rounded down to the
-// start of its chunk. Chunks start at multiples of kChunk within each tensor, so where threads
-// split the work never changes how elements are grouped: results do not depend on the thread
-// count.
+// starts[t] is tensor t's first element in the concatenation of all tensors; the last entry is
+// the total. Positions are 64-bit throughout: a call may hold more than 2^31 elements.
+template <typename T, std::size_t N>
+std::vector<Index> tensor_starts(const std::vector<Tensor<T, N>>& tensors) {
+  std::vector<Index> starts(tensors.size() + 1, 0);
+  for (std::size_t t = 0; t < tensors.size(); ++t) starts[t + 1] = starts[t] + tensors[t].size;
+  return starts;
+}
+
+// `pos` rounded down to the start of its chunk. Chunks start at multiples of kChunk within
+// each tensor, so where threads split the work never changes how elements are grouped:
+// results do not depend on the thread count.
 inline Index chunk_start(const std::vector<Index>& starts, Index pos) {
   const auto next = std::upper_bound(starts.begin(), starts.end(), pos);
   const Index tensor_start = *(next - 1);
   return tensor_start + (pos - tensor_start) / kChunk * kChunk;
+}
+
+// Where thread `me` of `team` starts: its even share of all elements, floor(total * me / team)
+// computed without overflow, moved back to the start of its chunk. Thread `team` "starts" at
+// the total.
+inline Index thread_begin(const std::vector<Index>& starts, Index me, Index team) {
+  const Index total = starts.back();
+  return chunk_start(starts, total / team * me + total % team * me / team);
+}
+
+// Calls fn(tensor, offset, n) for every chunk from global position `begin` to `end` (both chunk
+// starts) until fn returns false.
+template <typename Fn>
+void walk(const std::vector<Index>& starts, Index begin, Index end, const Fn& fn) {
+  if (begin >= end) return;
+  auto t = static_cast<std::size_t>(std::upper_bound(starts.begin(), starts.end(), begin) -
+                                    starts.begin() - 1);
+  for (Index pos = begin; pos < end;) {
+    while (pos >= starts[t + 1]) ++t;  // skips finished and empty tensors
+    const Index offset = pos - starts[t];
+    const Index n = std::min(kChunk, starts[t + 1] - pos);
+    if (!fn(t, offset, n)) return;
+    pos += n;
+  }
+}
+
+// Runs body(begin, end) on each of `threads` OpenMP threads, in one parallel region, for its
+// share of the positions; threads <= 1 runs everything on the caller.
+template <typename Body>
+void split_across_threads(const std::vector<Index>& starts, int threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Index team = omp_get_num_threads();
+      const Index me = omp_get_thread_num();
+      body(thread_begin(starts, me, team), thread_begin(starts, me + 1, team));
+    }
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  body(Index{0}, starts.back());
+}
+
+template <typename T, std::size_t N>
+std::array<T*, N> at_offset(const Tensor<T, N>& tensor, Index offset) {
+  std::array<T*, N> chunk;
+  for (std::size_t r = 0; r < N; ++r) {
+    chunk[r] = tensor.data[r] == nullptr ? nullptr : tensor.data[r] + offset;
+  }
+  return chunk;
 }
 
 }  // namespace detail
@@ -79,44 +141,32 @@ inline Index chunk_start(const std::vector<Index>& starts, Index pos) {
 // in one parallel region for the whole call (all tensors); threads <= 1 runs on the caller.
 template <typename T, std::size_t N, typename ChunkFn>
 void for_each_chunk(const std::vector<Tensor<T, N>>& tensors, int threads, const ChunkFn& fn) {
-  const auto count = static_cast<Index>(tensors.size());
-  // starts[t] is tensor t's first global element; starts[count] is the total.
-  std::vector<Index> starts(tensors.size() + 1, 0);
-  for (Index t = 0; t < count; ++t) starts[t + 1] = starts[t] + tensors[t].size;
-  const Index total = starts[count];
+  const std::vector<Index> starts = detail::tensor_starts(tensors);
+  detail::split_across_threads(starts, threads, [&](Index begin, Index end) {
+    detail::walk(starts, begin, end, [&](std::size_t t, Index offset, Index n) {
+      fn(n, detail::at_offset(tensors[t], offset));
+      return true;
+    });
+  });
+}
 
-  auto run = [&](Index begin, Index end) {
-    if (begin >= end) return;
-    Index t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    for (Index pos = begin; pos < end;) {
-      while (pos >= starts[t + 1]) ++t;  // skips finished and empty tensors
-      const Tensor<T, N>& tensor = tensors[t];
-      const Index offset = pos - starts[t];
-      const Index n = std::min(kChunk, tensor.size - offset);
-      std::array<T*, N> chunk;
-      for (std::size_t r = 0; r < N; ++r) {
-        chunk[r] = tensor.data[r] == nullptr ? nullptr : tensor.data[r] + offset;
+// Whether pred(n, pointers) holds for some chunk, split like for_each_chunk; every thread stops
+// at its next chunk once one has found it.
+template <typename T, std::size_t N, typename Pred>
+bool any_chunk(const std::vector<Tensor<T, N>>& tensors, int threads, const Pred& pred) {
+  const std::vector<Index> starts = detail::tensor_starts(tensors);
+  std::atomic<bool> found{false};
+  detail::split_across_threads(starts, threads, [&](Index begin, Index end) {
+    detail::walk(starts, begin, end, [&](std::size_t t, Index offset, Index n) {
+      if (found.load(std::memory_order_relaxed)) return false;
+      if (pred(n, detail::at_offset(tensors[t], offset))) {
+        found.store(true, std::memory_order_relaxed);
+        return false;
       }
-      fn(n, chunk);
-      pos += n;
-    }
-  };
-
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      const Index team = omp_get_num_threads();
-      const Index me = omp_get_thread_num();
-      run(detail::chunk_start(starts, total * me / team),
-          detail::chunk_start(starts, total * (me + 1) / team));
-    }
-    return;
-  }
-#else
-  (void)threads;
-#endif
-  run(0, total);
+      return true;
+    });
+  });
+  return found.load();
 }
 
 }  // namespace fusedopt

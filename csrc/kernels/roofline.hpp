@@ -24,7 +24,7 @@ struct Roofline {
 
   void operator()(Index n, const std::array<T*, 6>& a) const {
     const ConstVec<T> grad(a[1], n);
-    for (std::size_t r : {0, 2, 3, 4, 5}) {
+    for (const std::size_t r : {0U, 2U, 3U, 4U, 5U}) {
       if (a[r] != nullptr) Vec<T>(a[r], n) += grad;
     }
   }
