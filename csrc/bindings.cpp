@@ -1,7 +1,9 @@
 // pybind11 only: validate the arrays, take their pointers, release the GIL, dispatch the dtype.
 // Each optimizer is one `def_optimizer` line; its kernel header says which arrays it takes.
+#include <pthread.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +15,7 @@
 #include "kernels/adagrad.hpp"
 #include "kernels/adam.hpp"
 #include "kernels/common.hpp"
+#include "kernels/finite.hpp"
 #include "kernels/rmsprop.hpp"
 #include "kernels/roofline.hpp"
 #include "kernels/sgd.hpp"
@@ -27,8 +30,26 @@ namespace {
 // calling thread's count). 0 means OpenMP's default, which honours OMP_NUM_THREADS.
 std::atomic<int> num_threads{0};
 
+// Calls of fewer elements run on the calling thread: below it, opening a parallel region costs
+// more than it saves. `python bench/run.py --threshold [--gap 0.002]` measures it: on 2 cores
+// parallel Adam won from 4 Ki elements back to back and from 8 Ki with the threads asleep
+// between calls, clearly (>= 20 %) from 16 Ki in both. Settable for that measurement.
+std::atomic<Index> parallel_min{Index{1} << 14};
+
+// GNU libgomp cannot open a parallel region in a child forked after the parent opened one: the
+// child inherits the thread pool's bookkeeping but not its threads, and waits for them forever.
+// Such a child runs the kernels on its calling thread instead (same results, one core). The flags
+// are this module's: the package runs every kernel through one module.
+std::atomic<bool> opened_parallel_region{false};
+std::atomic<bool> serial_after_fork{false};
+
+void after_fork_in_child() {
+  if (opened_parallel_region.load()) serial_after_fork.store(true);
+}
+
 int threads_for_kernels() {
 #ifdef _OPENMP
+  if (serial_after_fork.load(std::memory_order_relaxed)) return 1;
   const int n = num_threads.load(std::memory_order_relaxed);
   return n > 0 ? n : omp_get_max_threads();
 #else
@@ -36,11 +57,13 @@ int threads_for_kernels() {
 #endif
 }
 
-// Calls of fewer elements run on the calling thread: below it, opening a parallel region costs
-// more than it saves. `python bench/run.py --threshold [--gap 0.002]` measures it: on 2 cores
-// parallel Adam won from 4 Ki elements back to back and from 8 Ki with the threads asleep
-// between calls, clearly (>= 20 %) from 16 Ki in both. Settable for that measurement.
-std::atomic<Index> parallel_min{Index{1} << 14};
+// Threads for a call of `total` elements: one below the parallel threshold.
+int threads_for_call(Index total) {
+  if (total < parallel_min.load(std::memory_order_relaxed)) return 1;
+  const int threads = threads_for_kernels();
+  if (threads > 1) opened_parallel_region.store(true, std::memory_order_relaxed);
+  return threads;
+}
 
 std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
 
@@ -119,13 +142,13 @@ bool same_dtype(const py::dtype& a, const py::dtype& b) {
 // call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
 // the caller's array. `dtype_owner` names the array the call's dtype comes from.
 void check_array(const Label& label, py::handle obj, const py::array* ref,
-                 const py::dtype& dtype, const char* dtype_owner, bool written) {
+                 const py::dtype& dtype, const std::string& dtype_owner, bool written) {
   if (!py::isinstance<py::array>(obj)) {
     throw py::type_error(label.str() + ": expected a numpy.ndarray, got " + type_name(obj));
   }
   const auto arr = py::reinterpret_borrow<py::array>(obj);
   if (!same_dtype(arr.dtype(), dtype)) {
-    const bool other_tensor = std::string(dtype_owner) != "param";
+    const bool other_tensor = label.index > 0;
     throw py::type_error(label.str() + ": expected dtype " + dtype_name(dtype) + " like " +
                          dtype_owner + ", got " + dtype_name(arr.dtype()) +
                          (other_tensor ? " (one call takes one dtype)" : ""));
@@ -170,8 +193,8 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
   const py::handle param = args[0];
   const bool single = py::isinstance<py::array>(param);
   if (!single && !is_list(param)) {
-    throw py::type_error("param: expected a numpy.ndarray or a list of them, got " +
-                         type_name(param));
+    throw py::type_error(std::string(roles[0].name) +
+                         ": expected a numpy.ndarray or a list of them, got " + type_name(param));
   }
   const std::size_t count = single ? 1 : py::len(param);
   auto item = [&](py::handle obj, std::size_t i) -> py::handle {
@@ -232,7 +255,7 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
   checked.sizes.resize(count);
   std::vector<Extent> extents;
   extents.reserve(count * N);
-  const char* dtype_owner = single ? "param" : "param[0]";
+  const std::string dtype_owner = label(0, 0).str();
   for (std::size_t i = 0; i < count; ++i) {
     check_array(label(0, i), item(param, i), nullptr, dtype, dtype_owner, roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
@@ -272,6 +295,10 @@ class Hyper {
 
   double real(const char* name) const { return get(name).cast<double>(); }
   bool flag(const char* name) const { return get(name).cast<bool>(); }
+  // A flag that may be absent (then false).
+  bool optional_flag(const char* name) const {
+    return PyDict_GetItem(kwargs_.ptr(), interned(name)) != nullptr && flag(name);
+  }
   std::int64_t integer(const char* name) const { return get(name).cast<std::int64_t>(); }
 
   void check_all_read() const {
@@ -292,10 +319,8 @@ class Hyper {
   mutable std::size_t read_ = 0;
 };
 
-template <template <typename> class Kernel, typename T, std::size_t N>
-void launch(const Checked& checked, const Hyper& hyper) {
-  const Kernel<T> kernel(hyper);
-  hyper.check_all_read();
+template <typename T, std::size_t N>
+std::vector<fusedopt::Tensor<T, N>> tensors_of(const Checked& checked) {
   std::vector<fusedopt::Tensor<T, N>> tensors(checked.sizes.size());
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     for (std::size_t r = 0; r < N; ++r) {
@@ -303,12 +328,33 @@ void launch(const Checked& checked, const Hyper& hyper) {
     }
     tensors[i].size = checked.sizes[i];
   }
+  return tensors;
+}
+
+Index total_size(const Checked& checked) {
   Index total = 0;
   for (const Index size : checked.sizes) total += size;
-  const int threads =
-      total < parallel_min.load(std::memory_order_relaxed) ? 1 : threads_for_kernels();
+  return total;
+}
+
+// Runs Kernel over the checked arrays and returns true, or, with skip_if_nonfinite, returns
+// false without writing anything when any grad (role 1) holds a NaN or an infinity.
+template <template <typename> class Kernel, typename T, std::size_t N>
+bool launch(const Checked& checked, const Hyper& hyper) {
+  const bool skip_if_nonfinite = hyper.optional_flag("skip_if_nonfinite");
+  const Kernel<T> kernel(hyper);
+  hyper.check_all_read();
+  const auto tensors = tensors_of<T, N>(checked);
+  const int threads = threads_for_call(total_size(checked));
   py::gil_scoped_release release;
+  if (skip_if_nonfinite &&
+      fusedopt::any_chunk(tensors, threads, [](Index n, const std::array<T*, N>& chunk) {
+        return fusedopt::has_nonfinite(n, chunk[1]);
+      })) {
+    return false;
+  }
   fusedopt::for_each_chunk(tensors, threads, kernel);
+  return true;
 }
 
 template <template <typename> class Kernel>
@@ -317,12 +363,32 @@ void def_optimizer(py::module_& m, const char* name) {
     constexpr auto& roles = Kernel<float>::roles;
     const Checked checked = check_arguments(roles, args);
     const Hyper hyper(kwargs);
-    if (checked.is_double) {
-      launch<Kernel, double, roles.size()>(checked, hyper);
-    } else {
-      launch<Kernel, float, roles.size()>(checked, hyper);
-    }
+    if (checked.is_double) return launch<Kernel, double, roles.size()>(checked, hyper);
+    return launch<Kernel, float, roles.size()>(checked, hyper);
   });
+}
+
+template <typename T>
+bool all_finite(const Checked& checked) {
+  const auto tensors = tensors_of<T, 1>(checked);
+  const int threads = threads_for_call(total_size(checked));
+  py::gil_scoped_release release;
+  return !fusedopt::any_chunk(tensors, threads, [](Index n, const std::array<T*, 1>& chunk) {
+    return fusedopt::has_nonfinite(n, chunk[0]);
+  });
+}
+
+// For tests of the 64-bit arithmetic: where each of `team` threads would start and stop on
+// tensors of these sizes, without allocating them.
+std::vector<std::pair<Index, Index>> thread_ranges(const std::vector<Index>& sizes, Index team) {
+  std::vector<Index> starts(sizes.size() + 1, 0);
+  for (std::size_t t = 0; t < sizes.size(); ++t) starts[t + 1] = starts[t] + sizes[t];
+  std::vector<std::pair<Index, Index>> ranges;
+  for (Index me = 0; me < team; ++me) {
+    ranges.emplace_back(fusedopt::detail::thread_begin(starts, me, team),
+                        fusedopt::detail::thread_begin(starts, me + 1, team));
+  }
+  return ranges;
 }
 
 }  // namespace
@@ -362,6 +428,14 @@ PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
   def_optimizer<fusedopt::Adagrad>(m, "adagrad");
   def_optimizer<fusedopt::Rmsprop>(m, "rmsprop");
   def_optimizer<fusedopt::Roofline>(m, "roofline");  // for bench/: traffic without arithmetic
+
+  m.def("all_finite", [](const py::args& args) {
+    static constexpr std::array<Role, 1> roles{{{"arrays", false, false}}};
+    const Checked checked = check_arguments(roles, args);
+    return checked.is_double ? all_finite<double>(checked) : all_finite<float>(checked);
+  });
+  m.def("_thread_ranges", &thread_ranges);
+  pthread_atfork(nullptr, nullptr, after_fork_in_child);
 
   m.def("get_num_threads", &threads_for_kernels);
   m.def("set_num_threads", [](int threads) { num_threads.store(threads); });

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 from support import all_options, assert_identical, call, copy_arrays, make_arrays
@@ -42,6 +43,8 @@ def byteswapped(a):
 # (id, how to break one array, expected exception): applied to every role of every optimizer.
 BAD_ARRAYS = [
     ("float16", lambda a: a.astype(np.float16), TypeError),
+    ("bfloat16", lambda a: a.astype(ml_dtypes.bfloat16), TypeError),
+    ("float128", lambda a: a.astype(np.longdouble), TypeError),
     ("int32", lambda a: a.astype(np.int32), TypeError),
     ("complex64", lambda a: a.astype(np.complex64), TypeError),
     ("bool", lambda a: a.astype(bool), TypeError),

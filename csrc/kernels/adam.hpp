@@ -57,7 +57,8 @@ struct Adam {
     T* v = a[3];
     if (a[4] != nullptr) {
       Vec<T> max_exp_avg_sq(a[4], n);
-      max_exp_avg_sq = max_exp_avg_sq.max(exp_avg_sq);
+      // NaN-propagating, as numpy.maximum (a plain max drops a NaN in either operand)
+      max_exp_avg_sq = max_exp_avg_sq.template max<Eigen::PropagateNaN>(exp_avg_sq);
       v = a[4];
     }
     param -= step_size * exp_avg / (ConstVec<T>(v, n).sqrt() / bias_correction2_sqrt + eps);

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import reference
 from ._dispatch import core as _core
-from ._functional import adagrad_, adam_, adamw_, momentum_, rmsprop_, sgd_
+from ._functional import adagrad_, adam_, adamw_, all_finite, momentum_, rmsprop_, sgd_
 
 __version__: str = _core.__version__
 
@@ -23,6 +23,7 @@ __all__ = [
     "adagrad_",
     "adam_",
     "adamw_",
+    "all_finite",
     "get_num_threads",
     "momentum_",
     "reference",

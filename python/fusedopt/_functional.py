@@ -7,6 +7,10 @@ call: one parallel region over all of them). Within a tensor every array has the
 written must be writeable; one call takes one dtype. Anything else raises ``TypeError`` or
 ``ValueError`` before any array is touched: an array that would need a copy is an error, never
 a silent no-op. The formulas are those of :mod:`fusedopt.reference`.
+
+By default NaN and infinity in a gradient propagate exactly as the formulas say. With
+``skip_if_nonfinite=True`` a step whose gradients hold any is skipped whole (the behaviour of
+mixed-precision loss scaling) and the function returns False; otherwise it returns True.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from ._dispatch import core as _core
 
-__all__ = ["adagrad_", "adam_", "adamw_", "momentum_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamw_", "all_finite", "momentum_", "rmsprop_", "sgd_"]
 
 Arrays = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -69,8 +73,15 @@ def _require(buffer: Optional[Arrays], name: str, option: str) -> None:
         raise ValueError(f"{option} needs the {name} buffer, got None")
 
 
+def all_finite(arrays: Arrays) -> bool:
+    """Whether every element of ``arrays`` (one array or a list, float32 or float64, one dtype)
+    is finite: one fused, parallel pass that stops at the first NaN or infinity."""
+    return _core.all_finite(arrays)
+
+
 def sgd_(param: Arrays, grad: Arrays, *, lr: float, weight_decay: float = 0.0,
-         maximize: bool = False) -> None:
+         maximize: bool = False,
+         skip_if_nonfinite: bool = False) -> bool:
     r"""Stochastic gradient descent (Robbins & Monro 1951), in place.
 
     .. math::
@@ -86,14 +97,19 @@ def sgd_(param: Arrays, grad: Arrays, *, lr: float, weight_decay: float = 0.0,
         lr: learning rate, >= 0.
         weight_decay: L2 penalty coefficient, >= 0.
         maximize: ascend the objective instead of descending it.
+        skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    _core.sgd(param, grad, lr=_lr(lr), weight_decay=_weight_decay(weight_decay),
-              maximize=bool(maximize))
+    return _core.sgd(param, grad, lr=_lr(lr), weight_decay=_weight_decay(weight_decay),
+              maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
 
 
 def momentum_(param: Arrays, grad: Arrays, buf: Arrays, *, lr: float, momentum: float,
               dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-              maximize: bool = False) -> None:
+              maximize: bool = False,
+         skip_if_nonfinite: bool = False) -> bool:
     r"""SGD with momentum (Polyak 1964), or Nesterov momentum (Sutskever et al. 2013), in place.
 
     .. math::
@@ -121,21 +137,26 @@ def momentum_(param: Arrays, grad: Arrays, buf: Arrays, *, lr: float, momentum: 
         nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
         weight_decay: L2 penalty coefficient, >= 0.
         maximize: ascend the objective instead of descending it.
+        skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
     momentum = _real(momentum, "momentum value")
     dampening = _real(dampening, "dampening value", 0.0, 1.0, high_open=False)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    _core.momentum(param, grad, buf, lr=_lr(lr), momentum=momentum, dampening=dampening,
+    return _core.momentum(param, grad, buf, lr=_lr(lr), momentum=momentum, dampening=dampening,
                    nesterov=bool(nesterov), weight_decay=_weight_decay(weight_decay),
-                   maximize=bool(maximize))
+                   maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
 
 
 def adam_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, step: int,
           lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
           amsgrad: bool = False, max_exp_avg_sq: Optional[Arrays] = None,
-          maximize: bool = False) -> None:
+          maximize: bool = False,
+         skip_if_nonfinite: bool = False) -> bool:
     r"""Adam (Kingma & Ba 2015, Algorithm 1), in place; AMSGrad and AdamW as options.
 
     .. math::
@@ -171,21 +192,26 @@ def adam_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, s
         amsgrad: use the running maximum of :math:`v`, kept in ``max_exp_avg_sq``.
         max_exp_avg_sq: the running maximum, updated in place; required with ``amsgrad``.
         maximize: ascend the objective instead of descending it.
+        skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
     beta1 = _real(beta1, "beta parameter at index 0", 0.0, 1.0)
     beta2 = _real(beta2, "beta parameter at index 1", 0.0, 1.0)
     if amsgrad:
         _require(max_exp_avg_sq, "max_exp_avg_sq", "amsgrad=True")
-    _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
+    return _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
                step=_step(step), lr=_lr(lr), beta1=beta1, beta2=beta2, eps=_eps(eps),
                weight_decay=_weight_decay(weight_decay),
-               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize))
+               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
 
 
 def adamw_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, step: int,
            lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 1e-2, amsgrad: bool = False,
-           max_exp_avg_sq: Optional[Arrays] = None, maximize: bool = False) -> None:
+           max_exp_avg_sq: Optional[Arrays] = None, maximize: bool = False,
+         skip_if_nonfinite: bool = False) -> bool:
     r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
 
     .. math::
@@ -195,17 +221,19 @@ def adamw_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, 
         \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
             \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
 
-    Arguments as for :func:`adam_`; ``weight_decay`` defaults to ``1e-2`` as in
-    ``torch.optim.AdamW``.
+    Arguments and return value as for :func:`adam_`; ``weight_decay`` defaults to ``1e-2`` as
+    in ``torch.optim.AdamW``.
     """
-    adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
-          eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
-          max_exp_avg_sq=max_exp_avg_sq, maximize=maximize)
+    return adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                 eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
+                 amsgrad=amsgrad, max_exp_avg_sq=max_exp_avg_sq, maximize=maximize,
+                 skip_if_nonfinite=skip_if_nonfinite)
 
 
 def adagrad_(param: Arrays, grad: Arrays, sum_sq: Arrays, *, step: int, lr: float = 1e-2,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
-             maximize: bool = False) -> None:
+             maximize: bool = False,
+         skip_if_nonfinite: bool = False) -> bool:
     r"""Adagrad (Duchi, Hazan & Singer 2011), in place.
 
     .. math::
@@ -228,18 +256,23 @@ def adagrad_(param: Arrays, grad: Arrays, sum_sq: Arrays, *, step: int, lr: floa
         weight_decay: L2 penalty coefficient, >= 0.
         eps: term added to the denominator, > 0.
         maximize: ascend the objective instead of descending it.
+        skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    _core.adagrad(param, grad, sum_sq, step=_step(step), lr=_lr(lr),
+    return _core.adagrad(param, grad, sum_sq, step=_step(step), lr=_lr(lr),
                   lr_decay=_real(lr_decay, "lr_decay value"),
                   weight_decay=_weight_decay(weight_decay), eps=_eps(eps),
-                  maximize=bool(maximize))
+                  maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
 
 
 def rmsprop_(param: Arrays, grad: Arrays, square_avg: Arrays, *, lr: float = 1e-2,
              alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
              momentum: float = 0.0, momentum_buf: Optional[Arrays] = None,
              centered: bool = False, grad_avg: Optional[Arrays] = None,
-             maximize: bool = False) -> None:
+             maximize: bool = False,
+         skip_if_nonfinite: bool = False) -> bool:
     r"""RMSprop (Hinton 2012), optionally centered (Graves 2013) and with momentum, in place.
 
     .. math::
@@ -273,14 +306,18 @@ def rmsprop_(param: Arrays, grad: Arrays, square_avg: Arrays, *, lr: float = 1e-
         centered: normalise by the estimated variance; requires ``grad_avg``.
         grad_avg: running average of gradients :math:`\bar g`, updated in place.
         maximize: ascend the objective instead of descending it.
+        skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
     momentum = _real(momentum, "momentum value")
     if momentum > 0:
         _require(momentum_buf, "momentum_buf", f"momentum={momentum}")
     if centered:
         _require(grad_avg, "grad_avg", "centered=True")
-    _core.rmsprop(param, grad, square_avg, momentum_buf if momentum > 0 else None,
+    return _core.rmsprop(param, grad, square_avg, momentum_buf if momentum > 0 else None,
                   grad_avg if centered else None, lr=_lr(lr),
                   alpha=_real(alpha, "alpha value", 0.0, 1.0, high_open=False), eps=_eps(eps),
                   weight_decay=_weight_decay(weight_decay), momentum=momentum,
-                  maximize=bool(maximize))
+                  maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))

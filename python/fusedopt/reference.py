@@ -18,12 +18,19 @@ __all__ = ["adagrad_", "adam_", "adamw_", "momentum_", "rmsprop_", "sgd_"]
 
 
 def _for_each_tensor(update):
-    """Lets a one-tensor update take lists of arrays too (then every array argument is a list)."""
+    """Lets a one-tensor update take lists of arrays too (then every array argument is a list),
+    and skip the whole step when asked to and a gradient is not finite. Returns whether the
+    step was applied."""
 
     @functools.wraps(update)
-    def wrapper(param, *arrays, **hyper):
+    def wrapper(param, grad, *arrays, skip_if_nonfinite=False, **hyper):
+        grads = [grad] if isinstance(grad, np.ndarray) else grad
+        if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
+            return False
         if isinstance(param, np.ndarray):
-            return update(param, *arrays, **hyper)
+            update(param, grad, *arrays, **hyper)
+            return True
+        arrays = (grad,) + arrays
         count = len(param)
         per_tensor = [[None] * count if a is None else a for a in arrays]
         buffers = {k: v for k, v in hyper.items() if isinstance(v, (list, tuple))}
@@ -35,7 +42,7 @@ def _for_each_tensor(update):
                 **{k: v[i] for k, v in buffers.items()},
                 **scalars,
             )
-        return None
+        return True
 
     return wrapper
 
@@ -87,10 +94,12 @@ def adam_(
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-           weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None, maximize=False):
-    adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-          weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
-          max_exp_avg_sq=max_exp_avg_sq, maximize=maximize)
+           weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None, maximize=False,
+           skip_if_nonfinite=False):
+    return adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                 eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
+                 amsgrad=amsgrad, max_exp_avg_sq=max_exp_avg_sq, maximize=maximize,
+                 skip_if_nonfinite=skip_if_nonfinite)
 
 
 @_for_each_tensor

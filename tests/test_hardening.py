@@ -1,0 +1,224 @@
+"""Non-finite gradients, extreme steps, 64-bit sizes, concurrency and fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from support import all_options, assert_identical, call, copy_arrays, make_arrays, new_grad
+
+import fusedopt
+from fusedopt import _core
+from fusedopt.registry import OPTIMIZERS
+
+CHUNK, PARALLEL_MIN = _core.CHUNK, _core.get_parallel_min()
+DTYPES = [np.float32, np.float64]
+NONFINITE = [np.nan, np.inf, -np.inf]
+SPECS = [pytest.param(spec, id=name) for name, spec in OPTIMIZERS.items()]
+# Several tensors, the largest above the parallel threshold so threads run.
+SHAPES = [(5,), (PARALLEL_MIN + CHUNK + 3,), (0,), (3, 4), (CHUNK,)]
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    fusedopt.set_num_threads(None)
+
+
+# ---------------------------------------------------------------- all_finite
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_all_finite_finds_every_position(dtype, threads, restore_threads):
+    fusedopt.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    assert fusedopt.all_finite(arrays) is True
+    assert fusedopt.all_finite(arrays[1]) is True
+    for t, a in enumerate(arrays):
+        flat = a.reshape(-1)
+        for position in {0, flat.size // 2, flat.size - 1, CHUNK - 1, CHUNK} & set(range(flat.size)):
+            for bad in NONFINITE:
+                saved = flat[position]
+                flat[position] = bad
+                assert fusedopt.all_finite(arrays) is False, (t, position, bad)
+                flat[position] = saved
+    assert fusedopt.all_finite(arrays) is True
+
+
+def test_all_finite_edge_cases():
+    assert fusedopt.all_finite([]) is True
+    assert fusedopt.all_finite(np.zeros(0, np.float32)) is True
+    assert fusedopt.all_finite(np.array(np.nan)) is False  # 0-d
+    big = np.finfo(np.float32).max
+    assert fusedopt.all_finite(np.array([big, -big, 1e-45], np.float32)) is True
+    assert fusedopt.all_finite(np.asfortranarray(np.ones((3, 5)))) is True
+
+
+def test_all_finite_rejects_bad_input():
+    with pytest.raises(TypeError, match="arrays: expected a numpy.ndarray or a list"):
+        fusedopt.all_finite(1.0)
+    with pytest.raises(TypeError, match=r"arrays\[1\]: expected dtype float32"):
+        fusedopt.all_finite([np.ones(3, np.float32), np.ones(3, np.float64)])
+    with pytest.raises(TypeError, match="arrays: expected dtype float32 or float64"):
+        fusedopt.all_finite(np.ones(3, np.float16))
+    with pytest.raises(ValueError, match="arrays: expected a C- or F-contiguous"):
+        fusedopt.all_finite(np.ones(6)[::2])
+
+
+# ---------------------------------------------------------------- non-finite gradients
+
+
+def poison(arrays, value, rng):
+    """Put `value` at a random element of the largest grad."""
+    grad = max(arrays["grad"], key=lambda g: g.size)
+    grad.reshape(-1)[rng.integers(grad.size)] = value
+
+
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("spec", SPECS)
+def test_nonfinite_gradients_propagate_like_the_reference(spec, dtype, bad):
+    rng = np.random.default_rng(3)
+    hyper = {**spec.cases[-1], **all_options(spec)}
+    fused = make_arrays(spec, hyper, SHAPES, dtype, rng)
+    for step in (1, 2):
+        new_grad(fused, rng)
+        poison(fused, bad, rng)
+        expected = copy_arrays(fused)
+        with np.errstate(all="ignore"):
+            assert call(spec.fused, spec, fused, hyper, step) is True
+            call(spec.reference, spec, expected, hyper, step)
+        assert_identical(fused, expected, f"{spec.name} step {step}")
+
+
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_skip_if_nonfinite_changes_nothing(spec, bad):
+    rng = np.random.default_rng(4)
+    hyper = {**spec.cases[-1], **all_options(spec), "skip_if_nonfinite": True}
+    fused = make_arrays(spec, hyper, SHAPES, np.float32, rng)
+    expected = copy_arrays(fused)
+    # A finite step is applied, exactly as the reference applies it.
+    assert call(spec.fused, spec, fused, hyper, 1) is True
+    assert call(spec.reference, spec, expected, hyper, 1) is True
+    assert_identical(fused, expected, "finite step")
+    # A non-finite gradient anywhere skips the whole step: every tensor, param and state.
+    new_grad(fused, rng)
+    poison(fused, bad, rng)
+    before = copy_arrays(fused)
+    assert call(spec.fused, spec, fused, hyper, 2) is False
+    assert call(spec.reference, spec, expected | {"grad": before["grad"]}, hyper, 2) is False
+    assert_identical(fused, before, "skipped step")
+
+
+# ---------------------------------------------------------------- extreme hyperparameters
+
+
+@pytest.mark.parametrize("step", [10**7, 2**53, 2**62])
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.values[0].takes_step])
+def test_huge_step_counts(spec, step):
+    """Bias corrections and learning-rate decay stay finite and equal the reference's."""
+    rng = np.random.default_rng(5)
+    for hyper in spec.cases:
+        fused = make_arrays(spec, hyper, [(17,), (CHUNK + 1,)], np.float64, rng)
+        expected = copy_arrays(fused)
+        call(spec.fused, spec, fused, hyper, step)
+        call(spec.reference, spec, expected, hyper, step)
+        assert_identical(fused, expected, f"step {step}")
+        assert all(np.isfinite(a).all() for a in fused["param"])
+
+
+# ---------------------------------------------------------------- 64-bit sizes
+
+
+@pytest.mark.parametrize("team", [1, 2, 3, 16, 1024])
+@pytest.mark.parametrize("sizes", [
+    [3 * 2**31 + 5],
+    [2**31 - 1, 0, 7, 2**33 + 1, 1],
+    [2**62 + 3, 5],
+    [0, 0],
+], ids=["6Gi", "mixed", "2^62", "empty"])
+def test_thread_split_is_64_bit(sizes, team):
+    """The split of a call across threads, computed by the kernels' own code for sizes far
+    beyond 2^31 (nothing is allocated): contiguous, covering, on chunk starts, even."""
+    ranges = _core._thread_ranges(sizes, team)
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+    total = starts[-1]
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    for (b0, e0), (b1, _) in zip(ranges, ranges[1:]):
+        assert e0 == b1
+    for begin, end in ranges:
+        assert 0 <= begin <= end <= total
+        tensor = max(t for t in range(len(sizes)) if starts[t] <= begin)
+        assert (begin - starts[tensor]) % CHUNK == 0 or begin == total
+        # an even share, give or take a chunk
+        assert abs((end - begin) - total / team) <= CHUNK + 1 or total < team * CHUNK
+
+
+# ---------------------------------------------------------------- threads and processes
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_thread_counts_including_all_cores(spec, restore_threads):
+    hyper = {**spec.cases[-1], **all_options(spec)}
+    results = []
+    for threads in sorted({1, 2, 3, os.cpu_count() or 1}):
+        fusedopt.set_num_threads(threads)
+        rng = np.random.default_rng(6)
+        arrays = make_arrays(spec, hyper, SHAPES, np.float32, rng)
+        for step in (1, 2):
+            new_grad(arrays, rng)
+            call(spec.fused, spec, arrays, hyper, step)
+        results.append(arrays)
+    for arrays in results[1:]:
+        assert_identical(arrays, results[0], "thread count")
+
+
+def train(spec, hyper, seed, steps=4):
+    rng = np.random.default_rng(seed)
+    arrays = make_arrays(spec, hyper, SHAPES, np.float32, rng)
+    for step in range(1, steps + 1):
+        new_grad(arrays, rng)
+        call(spec.fused, spec, arrays, hyper, step)
+    return arrays
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_concurrent_python_threads(spec):
+    """The GIL is released in the kernels: models updated from 4 Python threads at once come
+    out exactly as when updated one after the other."""
+    hyper = {**spec.cases[-1], **all_options(spec)}
+    serial = [train(spec, hyper, seed) for seed in range(6)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda seed: train(spec, hyper, seed), range(6)))
+    for a, b in zip(concurrent, serial):
+        assert_identical(a, b, "concurrent vs serial")
+
+
+def step_in_child(queue):
+    arrays = train(OPTIMIZERS["adam"], {}, seed=7)
+    queue.put([a.tobytes() for a in arrays["param"]])
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_fork_after_parallel_region_does_not_hang():
+    """GNU libgomp hangs a forked child that opens a parallel region after the parent did;
+    fusedopt runs such a child's kernels on one thread instead, with the same results."""
+    expected = train(OPTIMIZERS["adam"], {}, seed=7)  # opens a parallel region here
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=step_in_child, args=(queue,))
+    child.start()
+    try:
+        result = queue.get(timeout=60)  # before join: the child flushes the queue, then exits
+    except Exception:
+        child.kill()
+        pytest.fail("the forked child hung")
+    child.join(timeout=10)
+    assert child.exitcode == 0
+    assert result == [a.tobytes() for a in expected["param"]]

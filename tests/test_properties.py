@@ -1,0 +1,140 @@
+"""Property-based tests (hypothesis): random valid calls equal the reference bit for bit;
+random invalid calls raise and change nothing."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import assert_identical, call, copy_arrays
+
+from fusedopt.registry import OPTIMIZERS
+
+SETTINGS = settings(max_examples=200, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+# Valid values of every hyperparameter an update function may take.
+HYPER = {
+    "lr": st.floats(0, 1),
+    "beta1": st.floats(0, 0.999),
+    "beta2": st.floats(0, 0.9999),
+    "eps": st.floats(1e-12, 1e-2),
+    "weight_decay": st.floats(0, 1),
+    "momentum": st.floats(0, 0.99),
+    "dampening": st.floats(0, 1),
+    "alpha": st.floats(0, 1),
+    "lr_decay": st.floats(0, 1),
+    "nesterov": st.booleans(),
+    "maximize": st.booleans(),
+    "amsgrad": st.booleans(),
+    "centered": st.booleans(),
+    "decoupled_weight_decay": st.booleans(),
+    "skip_if_nonfinite": st.booleans(),
+}
+SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple) | st.sampled_from(
+    [(2047,), (2049,), (3, 700)])
+
+
+@st.composite
+def valid_calls(draw):
+    spec = OPTIMIZERS[draw(st.sampled_from(sorted(OPTIMIZERS)))]
+    names = inspect.signature(spec.fused).parameters
+    hyper = {name: draw(strategy) for name, strategy in HYPER.items() if name in names}
+    if hyper.get("nesterov"):  # Nesterov needs momentum and no dampening
+        hyper["dampening"] = 0.0
+        hyper["momentum"] = max(hyper["momentum"], 0.1)
+    step = draw(st.integers(1, 10**9))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    order = draw(st.sampled_from("CF"))
+    shapes = draw(st.lists(SHAPES, min_size=1, max_size=4))
+    as_list = draw(st.booleans()) or len(shapes) > 1
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+
+    def tensor(shape):
+        arrays = {role: np.asarray(rng.standard_normal(shape), dtype, order=order)
+                  for role in ("param", "grad")}
+        for buffer in spec.buffers(hyper):  # non-negative: valid for every formula's state
+            arrays[buffer] = np.asarray(np.abs(rng.standard_normal(shape)), dtype, order=order)
+        return arrays
+
+    tensors = [tensor(s) for s in shapes]
+    if as_list:
+        arrays = {role: [t[role] for t in tensors] for role in tensors[0]}
+    else:
+        arrays = tensors[0]
+    return spec, hyper, arrays, step
+
+
+@SETTINGS
+@given(valid_calls())
+def test_random_valid_calls_match_reference(case):
+    spec, hyper, fused, step = case
+    expected = copy_arrays(fused)
+    with np.errstate(all="ignore"):  # e.g. centered RMSprop: sqrt of a negative variance
+        applied = call(spec.fused, spec, fused, hyper, step)
+        assert call(spec.reference, spec, expected, hyper, step) is applied
+    assert_identical(fused, expected, f"{spec.name} {hyper} step {step}")
+
+
+# Ways to break a valid call; each must raise TypeError or ValueError.
+def _bad_dtype(a, rng):
+    return a.astype(rng.choice([np.float16, np.int64, np.complex128, bool]))
+
+
+def _strided(a, rng):
+    # a strided view; arrays of 0 or 1 elements have none, so they become a Python list
+    return np.repeat(a.reshape(-1), 2)[::2].reshape(a.shape) if a.size > 1 else a.tolist()
+
+
+def _bad_shape(a, rng):
+    return np.zeros(a.size + 1, a.dtype)
+
+
+def _read_only(a, rng):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+ARRAY_BREAKERS = [_bad_dtype, _strided, _bad_shape, _read_only]
+BAD_VALUES = {
+    "lr": [-1.0, math.nan, math.inf], "eps": [0.0, -1.0, math.nan], "beta1": [1.0, -0.5],
+    "beta2": [1.0, math.nan], "weight_decay": [-1.0, math.inf], "momentum": [-1.0, math.nan],
+    "dampening": [2.0, -1.0], "alpha": [1.5, -0.1], "lr_decay": [-1.0, math.nan],
+}
+
+
+@SETTINGS
+@given(valid_calls(), st.data())
+def test_random_invalid_calls_raise_and_change_nothing(case, data):
+    spec, hyper, arrays, step = case
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    names = set(inspect.signature(spec.fused).parameters)
+    broken_hyper = dict(hyper)
+    choices = [("hyper", n) for n in BAD_VALUES if n in names] + [
+        ("array", role) for role in arrays if role != "grad"]
+    breaks = data.draw(st.lists(st.sampled_from(choices), min_size=1, max_size=3, unique=True))
+    for kind, name in breaks:
+        if kind == "hyper":
+            broken_hyper[name] = data.draw(st.sampled_from(BAD_VALUES[name]))
+        else:
+            breaker = data.draw(st.sampled_from(ARRAY_BREAKERS))
+            value = arrays[name]
+            if isinstance(value, list):
+                i = data.draw(st.integers(0, len(value) - 1))
+                value[i] = breaker(value[i], rng)
+            else:
+                arrays[name] = breaker(value, rng)
+    before = copy_arrays(arrays)
+    try:
+        call(spec.fused, spec, arrays, broken_hyper, step)
+    except (TypeError, ValueError):
+        pass
+    else:
+        pytest.fail(f"accepted: {breaks} on {spec.name}")
+    assert_identical(arrays, before, "arrays changed by a rejected call")
