@@ -16,6 +16,7 @@
 #include "kernels/adam.hpp"
 #include "kernels/common.hpp"
 #include "kernels/finite.hpp"
+#include "kernels/lion.hpp"
 #include "kernels/rmsprop.hpp"
 #include "kernels/roofline.hpp"
 #include "kernels/sgd.hpp"
@@ -427,6 +428,7 @@ PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
   def_optimizer<fusedopt::Adam>(m, "adam");
   def_optimizer<fusedopt::Adagrad>(m, "adagrad");
   def_optimizer<fusedopt::Rmsprop>(m, "rmsprop");
+  def_optimizer<fusedopt::Lion>(m, "lion");
   def_optimizer<fusedopt::Roofline>(m, "roofline");  // for bench/: traffic without arithmetic
 
   m.def("all_finite", [](const py::args& args) {

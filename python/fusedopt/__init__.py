@@ -14,7 +14,8 @@ import numpy as np
 
 from . import reference
 from ._dispatch import core as _core
-from ._functional import adagrad_, adam_, adamw_, all_finite, momentum_, rmsprop_, sgd_
+from ._functional import (adagrad_, adam_, adamw_, all_finite, lion_, momentum_, rmsprop_,
+                          sgd_)
 
 __version__: str = _core.__version__
 
@@ -25,6 +26,7 @@ __all__ = [
     "adamw_",
     "all_finite",
     "get_num_threads",
+    "lion_",
     "momentum_",
     "reference",
     "rmsprop_",

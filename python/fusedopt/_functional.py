@@ -23,7 +23,8 @@ import numpy as np
 
 from ._dispatch import core as _core
 
-__all__ = ["adagrad_", "adam_", "adamw_", "all_finite", "momentum_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamw_", "all_finite", "lion_", "momentum_", "rmsprop_",
+           "sgd_"]
 
 Arrays = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -321,3 +322,40 @@ def rmsprop_(param: Arrays, grad: Arrays, square_avg: Arrays, *, lr: float = 1e-
                   alpha=_real(alpha, "alpha value", 0.0, 1.0, high_open=False), eps=_eps(eps),
                   weight_decay=_weight_decay(weight_decay), momentum=momentum,
                   maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
+
+
+def lion_(param: Arrays, grad: Arrays, exp_avg: Arrays, *, lr: float = 1e-4, beta1: float = 0.9,
+          beta2: float = 0.99, weight_decay: float = 0.0, maximize: bool = False,
+          skip_if_nonfinite: bool = False) -> bool:
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), in place.
+
+    .. math::
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        c_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        \theta_t &= \theta_{t-1} - \gamma\, \operatorname{sign}(c_t) \\
+        m_t &= \beta_2 m_{t-1} + (1 - \beta_2)\, g_t
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`\lambda` = ``weight_decay``
+    (decoupled) and :math:`g_t` the gradient, negated when ``maximize``. The update has the
+    same size for every coordinate: Lion usually wants a learning rate 3-10x smaller and a
+    weight decay 3-10x larger than AdamW.
+
+    Args:
+        param: parameters, updated in place.
+        grad: gradients (read only).
+        exp_avg: momentum :math:`m`, updated in place (start at zero).
+        lr: learning rate, >= 0.
+        beta1: interpolation factor of the update direction, in [0, 1).
+        beta2: decay rate of the momentum, in [0, 1).
+        weight_decay: decoupled weight decay coefficient, >= 0.
+        maximize: ascend the objective instead of descending it.
+        skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
+    """
+    return _core.lion(param, grad, exp_avg, lr=_lr(lr),
+                      beta1=_real(beta1, "beta parameter at index 0", 0.0, 1.0),
+                      beta2=_real(beta2, "beta parameter at index 1", 0.0, 1.0),
+                      weight_decay=_weight_decay(weight_decay), maximize=bool(maximize),
+                      skip_if_nonfinite=bool(skip_if_nonfinite))

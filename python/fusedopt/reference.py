@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-__all__ = ["adagrad_", "adam_", "adamw_", "momentum_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamw_", "lion_", "momentum_", "rmsprop_", "sgd_"]
 
 
 def _for_each_tensor(update):
@@ -127,3 +127,14 @@ def rmsprop_(
         param -= lr * momentum_buf
     else:
         param -= lr * g / denom
+
+
+@_for_each_tensor
+def lion_(param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
+          maximize=False):
+    g = -grad if maximize else grad
+    if weight_decay:
+        param *= 1 - lr * weight_decay
+    c = beta1 * exp_avg + (1 - beta1) * g
+    param -= lr * np.sign(c)
+    exp_avg[...] = beta2 * exp_avg + (1 - beta2) * g

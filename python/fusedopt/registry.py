@@ -91,5 +91,12 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
                 dict(lr=0.001, momentum=0.5, centered=True, maximize=True),
             ),
         ),
+        OptimizerSpec(
+            "lion", fused.lion_, reference.lion_, state=("exp_avg",),
+            cases=(
+                dict(),
+                dict(lr=1e-3, beta1=0.8, beta2=0.9, weight_decay=0.1, maximize=True),
+            ),
+        ),
     ]
 }
