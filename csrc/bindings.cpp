@@ -17,6 +17,7 @@
 #include "kernels/common.hpp"
 #include "kernels/finite.hpp"
 #include "kernels/lion.hpp"
+#include "kernels/norm.hpp"
 #include "kernels/rmsprop.hpp"
 #include "kernels/roofline.hpp"
 #include "kernels/sgd.hpp"
@@ -379,6 +380,23 @@ bool all_finite(const Checked& checked) {
   });
 }
 
+// Sum of squares of all elements, in double: per-chunk sums (fixed boundaries, fixed order
+// within) added in chunk order, so bit-identical for any thread count.
+template <typename T>
+double sum_squares(const Checked& checked) {
+  const auto tensors = tensors_of<T, 1>(checked);
+  const int threads = threads_for_call(total_size(checked));
+  py::gil_scoped_release release;
+  std::vector<double> partial(static_cast<std::size_t>(fusedopt::chunk_count(tensors)));
+  fusedopt::for_each_chunk_indexed(
+      tensors, threads, [&](Index index, Index n, const std::array<T*, 1>& chunk) {
+        partial[static_cast<std::size_t>(index)] = fusedopt::sum_squares(n, chunk[0]);
+      });
+  double total = 0;
+  for (const double p : partial) total += p;
+  return total;
+}
+
 // For tests of the 64-bit arithmetic: where each of `team` threads would start and stop on
 // tensors of these sizes, without allocating them.
 std::vector<std::pair<Index, Index>> thread_ranges(const std::vector<Index>& sizes, Index team) {
@@ -436,6 +454,12 @@ PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
     const Checked checked = check_arguments(roles, args);
     return checked.is_double ? all_finite<double>(checked) : all_finite<float>(checked);
   });
+  m.def("sum_squares", [](const py::args& args) {
+    static constexpr std::array<Role, 1> roles{{{"arrays", false, false}}};
+    const Checked checked = check_arguments(roles, args);
+    return checked.is_double ? sum_squares<double>(checked) : sum_squares<float>(checked);
+  });
+  def_optimizer<fusedopt::Scale>(m, "scale");
   m.def("_thread_ranges", &thread_ranges);
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
 

@@ -150,6 +150,30 @@ void for_each_chunk(const std::vector<Tensor<T, N>>& tensors, int threads, const
   });
 }
 
+// Calls fn(index, n, pointers) like for_each_chunk, where index numbers the chunks of all tensors
+// in order (see chunk_count): for reductions that combine per-chunk results in a fixed order.
+template <typename T, std::size_t N, typename Fn>
+void for_each_chunk_indexed(const std::vector<Tensor<T, N>>& tensors, int threads, const Fn& fn) {
+  const std::vector<Index> starts = detail::tensor_starts(tensors);
+  std::vector<Index> first_chunk(tensors.size() + 1, 0);
+  for (std::size_t t = 0; t < tensors.size(); ++t) {
+    first_chunk[t + 1] = first_chunk[t] + (tensors[t].size + kChunk - 1) / kChunk;
+  }
+  detail::split_across_threads(starts, threads, [&](Index begin, Index end) {
+    detail::walk(starts, begin, end, [&](std::size_t t, Index offset, Index n) {
+      fn(first_chunk[t] + offset / kChunk, n, detail::at_offset(tensors[t], offset));
+      return true;
+    });
+  });
+}
+
+template <typename T, std::size_t N>
+Index chunk_count(const std::vector<Tensor<T, N>>& tensors) {
+  Index count = 0;
+  for (const auto& tensor : tensors) count += (tensor.size + kChunk - 1) / kChunk;
+  return count;
+}
+
 // Whether pred(n, pointers) holds for some chunk, split like for_each_chunk; every thread stops
 // at its next chunk once one has found it.
 template <typename T, std::size_t N, typename Pred>

@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from . import reference
+from . import optim, reference
+from ._clip import clip_grad_norm_, global_norm
 from ._dispatch import core as _core
 from ._functional import (adagrad_, adam_, adamw_, all_finite, lion_, momentum_, rmsprop_,
                           sgd_)
@@ -25,9 +26,12 @@ __all__ = [
     "adam_",
     "adamw_",
     "all_finite",
+    "clip_grad_norm_",
     "get_num_threads",
+    "global_norm",
     "lion_",
     "momentum_",
+    "optim",
     "reference",
     "rmsprop_",
     "set_num_threads",

@@ -1,0 +1,588 @@
+"""Optimizer classes over the fused update functions, with torch.optim's conventions.
+
+>>> opt = fusedopt.optim.Adam({"w1": w1, "b1": b1}, lr=1e-3)
+>>> for batch in data:
+...     grads = backward(batch)            # {"w1": ..., "b1": ...}, None for no gradient
+...     opt.step(grads)
+
+``params`` is a list of arrays, a dict name -> array, or a list of parameter groups
+``{"params": list or dict, "lr": ..., ...}`` whose hyperparameters override the defaults and may
+be changed between steps (``opt.param_groups[i]["lr"] = ...``). Parameters are named: by their
+dict key, or ``"<group>.<index>"`` for lists. ``step(grads)`` takes gradients aligned with the
+parameters (a list in the same order, or a dict by name); a None gradient skips that parameter
+and its state. One step issues one fused multi-tensor call per (group, dtype, step count).
+
+State is allocated lazily, in the parameter's dtype. ``state_dict()`` / ``load_state_dict()``
+and ``save(path)`` / ``Optimizer.load(path, params)`` round-trip exactly: resuming from a
+checkpoint reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _functional as F
+from ._clip import clip_grad_norm_
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "Momentum", "Optimizer", "RMSprop"]
+
+FORMAT_VERSION = 1
+Params = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
+Grads = Union[Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]]]
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def _check_param(name: str, p: Any) -> np.ndarray:
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"parameter {name!r}: expected a numpy.ndarray, got {type(p).__name__}")
+    if p.dtype not in (np.float32, np.float64) or not p.dtype.isnative:
+        raise TypeError(f"parameter {name!r}: expected dtype float32 or float64, got {p.dtype}")
+    if not (p.flags.c_contiguous or p.flags.f_contiguous):
+        raise ValueError(f"parameter {name!r}: expected a C- or F-contiguous array")
+    if not p.flags.writeable:
+        raise ValueError(f"parameter {name!r}: array is read-only")
+    return p
+
+
+class Optimizer:
+    """Base class: parameter groups, lazy state, freezing, checkpoints.
+
+    A subclass sets ``defaults`` in ``__init__`` and implements ``_buffers(group)`` (the state
+    buffers its update needs) and ``_update(group, params, grads, buffers, step)`` (one fused
+    call for tensors that share dtype and step count). ``_init_buffer`` may override the zero
+    initial value of a buffer.
+    """
+
+    def __init__(self, params: Params, defaults: Dict[str, Any], *,
+                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
+        self.defaults = dict(defaults, frozen=False)
+        self.max_grad_norm = max_grad_norm
+        self.skip_if_nonfinite = bool(skip_if_nonfinite)
+        self.skipped_steps = 0
+        self.param_groups: List[Dict[str, Any]] = []
+        self._params: Dict[str, np.ndarray] = {}  # name -> array, in order
+        self._frozen: set = set()
+        self.state: Dict[str, Dict[str, Any]] = {}
+        for group in self._groups(params):
+            self.add_param_group(group)
+        if not self._params:
+            raise ValueError("optimizer got an empty parameter list")
+
+    # ------------------------------------------------------------------ parameters
+
+    @staticmethod
+    def _groups(params: Params) -> List[Dict[str, Any]]:
+        if isinstance(params, np.ndarray):
+            raise TypeError("params: expected a list or dict of arrays, or a list of groups, "
+                            "got a single array (wrap it in a list)")
+        if isinstance(params, Mapping):
+            return [{"params": params}]
+        params = list(params)
+        if params and all(isinstance(p, Mapping) for p in params):
+            return [dict(g) for g in params]
+        return [{"params": params}]
+
+    def add_param_group(self, group: Dict[str, Any]) -> None:
+        """Add a group ``{"params": list or dict of arrays, <hyperparameter>: value, ...}``."""
+        if "params" not in group:
+            raise ValueError("a parameter group needs a 'params' entry")
+        unknown = set(group) - set(self.defaults) - {"params", "names"}
+        if unknown:
+            raise ValueError(f"unknown hyperparameters in parameter group: {sorted(unknown)}")
+        index = len(self.param_groups)
+        params = group["params"]
+        if isinstance(params, np.ndarray):
+            raise TypeError("a group's params must be a list or dict of arrays")
+        if isinstance(params, Mapping):
+            names, arrays = [str(k) for k in params], list(params.values())
+        else:
+            arrays = list(params)
+            names = list(group.get("names") or [f"{index}.{i}" for i in range(len(arrays))])
+        for name, p in zip(names, arrays):
+            _check_param(name, p)
+            if name in self._params:
+                raise ValueError(f"parameter {name!r} appears in more than one group")
+            if any(p is q for q in self._params.values()):
+                raise ValueError(f"parameter {name!r} is the same array as another parameter")
+            self._params[name] = p
+        full = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
+        full["params"], full["names"] = arrays, names
+        self._validate_group(full)
+        self.param_groups.append(full)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        """Raise ValueError for invalid hyperparameters (subclasses check theirs)."""
+        F._lr(group["lr"])
+
+    @property
+    def names(self) -> List[str]:
+        return list(self._params)
+
+    def freeze(self, names: Union[str, Iterable[str]]) -> None:
+        """Stop updating these parameters; their state is kept as it is."""
+        self._frozen |= set(self._known([names] if isinstance(names, str) else names))
+
+    def unfreeze(self, names: Union[str, Iterable[str]]) -> None:
+        """Resume updating these parameters from the state they were frozen with."""
+        self._frozen -= set(self._known([names] if isinstance(names, str) else names))
+
+    def _known(self, names: Iterable[str]) -> List[str]:
+        names = list(names)
+        for name in names:
+            if name not in self._params:
+                raise KeyError(f"no parameter named {name!r}")
+        return names
+
+    # ------------------------------------------------------------------ the step
+
+    def _align(self, grads: Grads) -> Dict[str, Optional[np.ndarray]]:
+        if isinstance(grads, Mapping):
+            unknown = set(grads) - set(self._params)
+            if unknown:
+                raise ValueError(f"gradients for unknown parameters: {sorted(unknown)}")
+            aligned = {name: grads.get(name) for name in self._params}
+        else:
+            grads = list(grads)
+            if len(grads) != len(self._params):
+                raise ValueError(f"expected {len(self._params)} gradients, one per parameter "
+                                 f"(None to skip one), got {len(grads)}")
+            aligned = dict(zip(self._params, grads))
+        # Check every gradient before anything is written: a step is several fused calls.
+        for name, g in aligned.items():
+            if g is None:
+                continue
+            p = self._params[name]
+            if not isinstance(g, np.ndarray):
+                raise TypeError(f"gradient of {name!r}: expected a numpy.ndarray or None, "
+                                f"got {type(g).__name__}")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise ValueError(f"gradient of {name!r}: expected {p.dtype} {p.shape} like the "
+                                 f"parameter, got {g.dtype} {g.shape}")
+            same_layout = (g.flags.c_contiguous and p.flags.c_contiguous) or (
+                g.flags.f_contiguous and p.flags.f_contiguous)
+            if not same_layout:
+                raise ValueError(f"gradient of {name!r}: expected the parameter's contiguous "
+                                 "memory layout")
+            if np.may_share_memory(g, p):
+                raise ValueError(f"gradient of {name!r} shares memory with the parameter")
+        return aligned
+
+    def step(self, grads: Grads) -> bool:
+        """Update every parameter that has a gradient and is not frozen.
+
+        Returns False if ``skip_if_nonfinite`` found a NaN or infinity in the gradients (then
+        nothing changed and ``skipped_steps`` counts it), True otherwise. With
+        ``max_grad_norm``, the gradients are first clipped in place to that global L2 norm.
+        """
+        aligned = self._align(grads)
+        for group in self.param_groups:
+            self._validate_group(group)
+        active = [(name, g) for name, g in aligned.items() if g is not None]
+        if self.skip_if_nonfinite:
+            by_dtype: Dict[Any, List[np.ndarray]] = {}
+            for _, g in active:
+                by_dtype.setdefault(g.dtype, []).append(g)
+            if not all(F.all_finite(gs) for gs in by_dtype.values()):
+                self.skipped_steps += 1
+                return False
+        if self.max_grad_norm is not None and active:
+            clip_grad_norm_([g for _, g in active], self.max_grad_norm)
+        for group in self.param_groups:
+            if group["frozen"]:
+                continue
+            buffers = self._buffers(group)
+            calls: Dict[Tuple[Any, ...], List[str]] = {}
+            for name, p in zip(group["names"], group["params"]):
+                g = aligned[name]
+                if g is None or name in self._frozen:
+                    continue
+                state = self.state.setdefault(name, {"step": 0})
+                key = (p.dtype.str, state["step"] + 1, self._call_key(group, state))
+                for b in buffers:  # lazily, in the parameter's dtype and layout
+                    if b not in state:
+                        state[b] = np.full_like(p, self._init_buffer(group, b))
+                calls.setdefault(key, []).append(name)
+            for (_, step, extra), names in calls.items():
+                self._update(group, [self._params[n] for n in names],
+                             [aligned[n] for n in names],
+                             {b: [self.state[n][b] for n in names] for b in buffers}, step, extra)
+                for n in names:
+                    self.state[n]["step"] = step
+        return True
+
+    def _init_buffer(self, group: Dict[str, Any], buffer: str) -> float:
+        return 0.0
+
+    def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
+        """What else, read before this step creates any buffer, must be equal for tensors to
+        share one fused call; passed to _update as ``extra``."""
+        return None
+
+    def _buffers(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        raise NotImplementedError
+
+    def _update(self, group: Dict[str, Any], params: List[np.ndarray],
+                grads: List[np.ndarray], buffers: Dict[str, List[np.ndarray]], step: int,
+                extra: Any) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain data: hyperparameters by group, per-parameter state (copies of the arrays)."""
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+                   if k != "params"} for g in self.param_groups]
+        state = {name: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+                 for name, s in self.state.items()}
+        return {"format_version": FORMAT_VERSION, "optimizer": type(self).__name__,
+                "param_groups": groups, "state": state, "frozen": sorted(self._frozen),
+                "skipped_steps": self.skipped_steps, "max_grad_norm": self.max_grad_norm,
+                "skip_if_nonfinite": self.skip_if_nonfinite}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state_dict(); checks everything first and raises ValueError on any
+        mismatch, leaving the optimizer unchanged."""
+        sd = state_dict
+        if sd.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint format {sd.get('format_version')!r} "
+                             f"(this fusedopt reads {FORMAT_VERSION})")
+        if sd.get("optimizer") != type(self).__name__:
+            raise ValueError(f"checkpoint of a {sd.get('optimizer')} optimizer, this is a "
+                             f"{type(self).__name__}")
+        groups = sd["param_groups"]
+        if [g["names"] for g in groups] != [g["names"] for g in self.param_groups]:
+            raise ValueError("checkpoint parameter names or groups differ from this optimizer's: "
+                             f"{[g['names'] for g in groups]} vs "
+                             f"{[g['names'] for g in self.param_groups]}")
+        new_groups = []
+        for saved, current in zip(groups, self.param_groups):
+            unknown = set(saved) - set(current)
+            if unknown:
+                raise ValueError(f"checkpoint has unknown hyperparameters {sorted(unknown)}")
+            group = dict(current)
+            group.update({k: (tuple(v) if isinstance(current.get(k), tuple) else v)
+                          for k, v in saved.items()})
+            self._validate_group(group)
+            new_groups.append(group)
+        new_state = {}
+        for name, s in sd["state"].items():
+            if name not in self._params:
+                raise ValueError(f"checkpoint has state for unknown parameter {name!r}")
+            p = self._params[name]
+            entry = {}
+            for key, value in s.items():
+                if key == "step":
+                    if isinstance(value, bool) or int(value) != value or value < 0:
+                        raise ValueError(f"state of {name!r}: invalid step {value!r}")
+                    entry[key] = int(value)
+                    continue
+                value = np.asarray(value)
+                if value.dtype != p.dtype or value.shape != p.shape:
+                    raise ValueError(f"state {key!r} of {name!r}: expected {p.dtype} {p.shape} "
+                                     f"like the parameter, got {value.dtype} {value.shape}")
+                entry[key] = np.array(value, order="F" if p.flags.f_contiguous and
+                                      not p.flags.c_contiguous else "C", copy=True)
+            if "step" not in entry:
+                raise ValueError(f"state of {name!r}: missing step")
+            new_state[name] = entry
+        frozen = set(self._known(sd.get("frozen", [])))
+        self.param_groups, self.state, self._frozen = new_groups, new_state, frozen
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.max_grad_norm = sd.get("max_grad_norm", self.max_grad_norm)
+        self.skip_if_nonfinite = bool(sd.get("skip_if_nonfinite", self.skip_if_nonfinite))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the state to an .npz file atomically: a temporary file in the same folder,
+        flushed to disk, then renamed over ``path``; a crash never leaves a partial file."""
+        sd = self.state_dict()
+        arrays = {}
+        for i, (name, s) in enumerate(sd["state"].items()):
+            for key, value in list(s.items()):
+                if isinstance(value, np.ndarray):
+                    arrays[f"state.{i}.{key}"] = value
+                    s[key] = f"state.{i}.{key}"
+        arrays["meta"] = np.array(json.dumps(sd))
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fusedopt-", suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+        """The state_dict saved at ``path``; ValueError if it is not a complete checkpoint."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                sd = json.loads(str(data["meta"]))
+                for s in sd["state"].values():
+                    for key, value in s.items():
+                        if isinstance(value, str):
+                            s[key] = data[value]
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise ValueError(f"{os.fspath(path)}: not a complete fusedopt checkpoint ({e})") from e
+        except Exception as e:  # zipfile.BadZipFile and friends from a truncated file
+            raise ValueError(f"{os.fspath(path)}: not a complete fusedopt checkpoint ({e})") from e
+        return sd
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Restore this optimizer from a file written by save()."""
+        self.load_state_dict(self.read_checkpoint(path))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], params: Params) -> "Optimizer":
+        """A new optimizer of the saved class over ``params``, restored from ``path``."""
+        sd = cls.read_checkpoint(path)
+        kind = _REGISTRY.get(sd.get("optimizer"))
+        if kind is None or not issubclass(kind, cls):
+            raise ValueError(f"{os.fspath(path)} holds a {sd.get('optimizer')} optimizer, "
+                             f"not a {cls.__name__}")
+        opt = kind(params)
+        opt.load_state_dict(sd)
+        return opt
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            "{" + ", ".join(f"{k}={v!r}" for k, v in g.items() if k not in ("params", "names"))
+            + f", {len(g['params'])} params}}" for g in self.param_groups)
+        return f"{type(self).__name__}([{groups}])"
+
+
+def _common(max_grad_norm, skip_if_nonfinite):
+    return dict(max_grad_norm=max_grad_norm, skip_if_nonfinite=skip_if_nonfinite)
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with optional momentum, as ``torch.optim.SGD``.
+
+    Without momentum :func:`fusedopt.sgd_`; with momentum :func:`fusedopt.momentum_`, whose
+    buffer starts, as PyTorch's, as the first gradient itself (undamped):
+    :math:`b_1 = g_1`, then :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t`.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 maximize: bool = False, *, max_grad_norm: Optional[float] = None,
+                 skip_if_nonfinite: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize),
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        F._real(group["momentum"], "momentum value")
+        F._weight_decay(group["weight_decay"])
+        F._real(group["dampening"], "dampening value", 0.0, 1.0, high_open=False)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _buffers(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _call_key(self, group, state):
+        return "momentum_buffer" not in state  # this step creates the buffer
+
+    def _update(self, group, params, grads, buffers, step, first_momentum_step):
+        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"],
+                     maximize=group["maximize"])
+        if group["momentum"] == 0:
+            F.sgd_(params, grads, **hyper)
+            return
+        # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.
+        F.momentum_(params, grads, buffers["momentum_buffer"], momentum=group["momentum"],
+                    dampening=0.0 if first_momentum_step else group["dampening"],
+                    nesterov=group["nesterov"], **hyper)
+
+
+class Momentum(Optimizer):
+    r"""Momentum as in the textbooks: an exponential moving average of the gradients.
+
+    .. math::
+        v_t = \beta v_{t-1} + (1 - \beta)\, g_t, \qquad \theta_t = \theta_{t-1} - \alpha v_t
+
+    :func:`fusedopt.momentum_` with dampening equal to the momentum; ``beta`` = :math:`\beta`,
+    ``lr`` = :math:`\alpha`.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-2, beta: float = 0.9,
+                 weight_decay: float = 0.0, maximize: bool = False, *,
+                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay,
+                                      maximize=maximize),
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        F._real(group["beta"], "beta value", 0.0, 1.0)
+        F._weight_decay(group["weight_decay"])
+
+    def _buffers(self, group):
+        return ("momentum_buffer",)
+
+    def _update(self, group, params, grads, buffers, step, extra):
+        F.momentum_(params, grads, buffers["momentum_buffer"], lr=group["lr"],
+                    momentum=group["beta"], dampening=group["beta"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015), as ``torch.optim.Adam``: :func:`fusedopt.adam_`, with AMSGrad
+    and decoupled (AdamW) weight decay as options."""
+
+    _decoupled_default = False
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
+                 maximize: bool = False, decoupled_weight_decay: Optional[bool] = None, *,
+                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        beta1, beta2 = group["betas"]
+        F._real(beta1, "beta parameter at index 0", 0.0, 1.0)
+        F._real(beta2, "beta parameter at index 1", 0.0, 1.0)
+        F._eps(group["eps"])
+        F._weight_decay(group["weight_decay"])
+
+    def _buffers(self, group):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _update(self, group, params, grads, buffers, step, extra):
+        beta1, beta2 = group["betas"]
+        F.adam_(params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], step=step,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
+                max_exp_avg_sq=buffers.get("max_exp_avg_sq"), maximize=group["maximize"])
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``: Adam with decoupled weight
+    decay, 1e-2 by default."""
+
+    _decoupled_default = True
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
+                 maximize: bool = False, *, max_grad_norm: Optional[float] = None,
+                 skip_if_nonfinite: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, True,
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+
+class Adagrad(Optimizer):
+    """Adagrad (Duchi et al. 2011), as ``torch.optim.Adagrad``: :func:`fusedopt.adagrad_`, the
+    accumulator starting at ``initial_accumulator_value``."""
+
+    def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10, maximize: bool = False, *,
+                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize),
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        F._real(group["lr_decay"], "lr_decay value")
+        F._weight_decay(group["weight_decay"])
+        F._real(group["initial_accumulator_value"], "initial_accumulator_value")
+        F._eps(group["eps"])
+
+    def _buffers(self, group):
+        return ("sum",)
+
+    def _init_buffer(self, group, buffer):
+        return group["initial_accumulator_value"]
+
+    def _update(self, group, params, grads, buffers, step, extra):
+        F.adagrad_(params, grads, buffers["sum"], step=step, lr=group["lr"],
+                   lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                   eps=group["eps"], maximize=group["maximize"])
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Hinton 2012), as ``torch.optim.RMSprop``: :func:`fusedopt.rmsprop_`, centered
+    and with momentum as options."""
+
+    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
+                 maximize: bool = False, *, max_grad_norm: Optional[float] = None,
+                 skip_if_nonfinite: bool = False):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered, maximize=maximize),
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        F._real(group["alpha"], "alpha value", 0.0, 1.0, high_open=False)
+        F._eps(group["eps"])
+        F._weight_decay(group["weight_decay"])
+        F._real(group["momentum"], "momentum value")
+
+    def _buffers(self, group):
+        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
+                + (("grad_avg",) if group["centered"] else ()))
+
+    def _update(self, group, params, grads, buffers, step, extra):
+        F.rmsprop_(params, grads, buffers["square_avg"], lr=group["lr"], alpha=group["alpha"],
+                   eps=group["eps"], weight_decay=group["weight_decay"],
+                   momentum=group["momentum"], momentum_buf=buffers.get("momentum_buffer"),
+                   centered=group["centered"], grad_avg=buffers.get("grad_avg"),
+                   maximize=group["maximize"])
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023): :func:`fusedopt.lion_`, the sign of an interpolated momentum
+    with decoupled weight decay."""
+
+    def __init__(self, params: Params, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, maximize: bool = False, *,
+                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      maximize=maximize),
+                         **_common(max_grad_norm, skip_if_nonfinite))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        beta1, beta2 = group["betas"]
+        F._real(beta1, "beta parameter at index 0", 0.0, 1.0)
+        F._real(beta2, "beta parameter at index 1", 0.0, 1.0)
+        F._weight_decay(group["weight_decay"])
+
+    def _buffers(self, group):
+        return ("exp_avg",)
+
+    def _update(self, group, params, grads, buffers, step, extra):
+        beta1, beta2 = group["betas"]
+        F.lion_(params, grads, buffers["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=group["weight_decay"], maximize=group["maximize"])
