@@ -161,6 +161,9 @@ class Optimizer:
             if g is None:
                 continue
             p = self._params[name]
+            if isinstance(g, np.generic) and p.ndim == 0:
+                # NumPy arithmetic on 0-d arrays gives scalars; a gradient is only read
+                g = aligned[name] = np.asarray(g)
             if not isinstance(g, np.ndarray):
                 raise TypeError(f"gradient of {name!r}: expected a numpy.ndarray or None, "
                                 f"got {type(g).__name__}")
@@ -329,15 +332,13 @@ class Optimizer:
     def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         """The state_dict saved at ``path``; ValueError if it is not a complete checkpoint."""
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with open(path, "rb") as file, np.load(file, allow_pickle=False) as data:
                 sd = json.loads(str(data["meta"]))
                 for s in sd["state"].values():
                     for key, value in s.items():
                         if isinstance(value, str):
                             s[key] = data[value]
-        except (OSError, ValueError, KeyError, EOFError) as e:
-            raise ValueError(f"{os.fspath(path)}: not a complete fusedopt checkpoint ({e})") from e
-        except Exception as e:  # zipfile.BadZipFile and friends from a truncated file
+        except Exception as e:  # OSError, zipfile.BadZipFile, EOFError, ... of a bad file
             raise ValueError(f"{os.fspath(path)}: not a complete fusedopt checkpoint ({e})") from e
         return sd
 

@@ -1,0 +1,408 @@
+"""Optimizer classes: against the reference functions, against torch.optim, checkpoints,
+freezing, groups, clipping."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import _functional, optim, reference
+
+# (class, hyperparameter sets): every option of every class at least once.
+CLASSES = {
+    "SGD": (optim.SGD, [dict(lr=0.05), dict(lr=0.05, momentum=0.9),
+                        dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.1),
+                        dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)]),
+    "Momentum": (optim.Momentum, [dict(lr=0.05, beta=0.9, weight_decay=0.01)]),
+    "Adam": (optim.Adam, [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
+                          dict(lr=0.01, amsgrad=True, maximize=True),
+                          dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)]),
+    "AdamW": (optim.AdamW, [dict(lr=0.01), dict(lr=0.01, weight_decay=0.3, amsgrad=True)]),
+    "Adagrad": (optim.Adagrad, [dict(lr=0.05), dict(lr=0.05, lr_decay=0.01, weight_decay=0.1,
+                                                    initial_accumulator_value=0.1)]),
+    "RMSprop": (optim.RMSprop, [dict(lr=0.01), dict(lr=0.01, momentum=0.9, centered=True),
+                                dict(lr=0.01, alpha=0.9, weight_decay=0.1, maximize=True)]),
+    "Lion": (optim.Lion, [dict(lr=1e-3), dict(lr=1e-3, betas=(0.8, 0.9), weight_decay=0.5)]),
+}
+CASES = [pytest.param(cls, hyper, id=f"{name}-{i}")
+         for name, (cls, hypers) in CLASSES.items() for i, hyper in enumerate(hypers)]
+SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "scale": ()}
+
+
+def model(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: np.asarray(rng.standard_normal(shape), dtype) for name, shape in SHAPES.items()}
+
+
+def grads_for(params, rng):
+    return {n: np.asarray(rng.standard_normal(p.shape), p.dtype) for n, p in params.items()}
+
+
+def copy(params):
+    return {n: p.copy() for n, p in params.items()}
+
+
+def assert_same(a, b, context=""):
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=f"{context} {name}",
+                                      strict=True)
+
+
+@pytest.fixture
+def reference_updates(monkeypatch):
+    """Makes the classes call fusedopt.reference's functions (same signatures, per-tensor
+    loops in NumPy) instead of the fused kernels."""
+    def use_reference():
+        shim = types.SimpleNamespace(**vars(_functional))
+        for name in reference.__all__:
+            setattr(shim, name, getattr(reference, name))
+        monkeypatch.setattr(optim, "F", shim)
+    return use_reference
+
+
+def run(cls, hyper, params, steps, seed=1, schedule=None, freeze=None, none_every=0):
+    """A training loop with random gradients: groups, a None gradient now and then, frozen
+    parameters for a while and learning-rate changes mid-run, per the arguments."""
+    groups = [{"params": {k: params[k] for k in ("w1", "b1")}},
+              {"params": {k: params[k] for k in ("w2", "b2", "scale")}, "lr": hyper["lr"] / 2}]
+    opt = cls(groups, **hyper)
+    rng = np.random.default_rng(seed)
+    for t in range(steps):
+        grads = grads_for(params, rng)
+        if none_every and t % none_every == 1:
+            grads["b1"] = None
+        if schedule:
+            opt.param_groups[0]["lr"] = schedule(t)
+        if freeze and t == freeze[0]:
+            opt.freeze(["w2"])
+        if freeze and t == freeze[1]:
+            opt.unfreeze(["w2"])
+        opt.step(grads)
+    return opt
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("cls, hyper", CASES)
+def test_class_matches_reference_loop(cls, hyper, dtype, reference_updates):
+    """Bit for bit: the fused kernels give exactly what the reference formulas give, so the
+    class on fused kernels and on the reference must agree exactly, with groups, None grads,
+    freezing and a changing learning rate."""
+    kwargs = dict(schedule=lambda t: hyper["lr"] * (1 + t % 3) / 2, freeze=(3, 6), none_every=4)
+    fused = model(dtype)
+    run(cls, hyper, fused, steps=10, **kwargs)
+    expected = model(dtype)
+    reference_updates()
+    run(cls, hyper, expected, steps=10, **kwargs)
+    assert_same(fused, expected)
+
+
+torch = pytest.importorskip("torch", reason="torch not installed: torch.optim comparison "
+                            "skipped") if os.environ.get("FUSEDOPT_REQUIRE_TORCH") else None
+try:
+    import torch
+except ImportError:  # compared only where torch is installed
+    torch = None
+
+TORCH_CASES = [c for c in CASES if c.values[0] not in (optim.Momentum, optim.Lion)]
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
+@pytest.mark.parametrize("cls, hyper", TORCH_CASES)
+def test_class_matches_torch(cls, hyper):
+    """50 steps with random gradients in float64: parameter deltas equal torch.optim's (with
+    foreach=False) to rtol 1e-9. Not bit for bit: torch rounds some steps differently (e.g.
+    addcdiv computes value * (a / b), the reference (value * a) / b)."""
+    params = model(np.float64)
+    initial = copy(params)
+    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
+    torch_hyper = dict(hyper)
+    torch_cls = getattr(torch.optim, cls.__name__)
+    topt = torch_cls(tparams, foreach=False, **torch_hyper)
+    opt = cls(params, **hyper)
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        grads = grads_for(params, rng)
+        for p, n in zip(tparams, SHAPES):
+            p.grad = torch.tensor(grads[n])
+        topt.step()
+        opt.step(grads)
+    for p, n in zip(tparams, SHAPES):
+        np.testing.assert_allclose(params[n] - initial[n], p.detach().numpy() - initial[n],
+                                   rtol=1e-9, atol=1e-12, err_msg=n)
+
+
+def test_one_fused_call_per_group_dtype_and_step(monkeypatch):
+    calls = []
+    real = _functional.adam_
+    monkeypatch.setattr(optim.F, "adam_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    params = {**model(np.float32), "w64": np.zeros((4, 4))}
+    opt = optim.Adam([{"params": {k: params[k] for k in ("w1", "b1", "w64")}},
+                      {"params": {k: params[k] for k in ("w2", "b2", "scale")}}])
+    opt.step(grads_for(params, np.random.default_rng(0)))
+    assert sorted(calls) == [1, 2, 3]  # group 0: float32 x2 + float64 x1; group 1: 3 tensors
+    calls.clear()
+    grads = grads_for(params, np.random.default_rng(1))
+    grads["b1"] = None  # b1's step count now lags: it needs a call of its own next time
+    opt.step(grads)
+    opt.step(grads_for(params, np.random.default_rng(2)))
+    assert sorted(calls) == [1, 1, 1, 1, 1, 3, 3]
+    assert opt.state["b1"]["step"] == 2 and opt.state["w1"]["step"] == 3
+
+
+def test_frozen_equals_no_gradient():
+    """A parameter frozen for some steps and then unfrozen ends exactly where one given no
+    gradient for those steps ends: its state and step count are kept while frozen."""
+    a, b = model(), model()
+    opt_a, opt_b = optim.Adam(a, lr=0.01), optim.Adam(b, lr=0.01)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    for t in range(8):
+        ga, gb = grads_for(a, rng_a), grads_for(b, rng_b)
+        if t == 2:
+            opt_a.freeze("w1")
+        if t == 5:
+            opt_a.unfreeze("w1")
+        if 2 <= t < 5:
+            gb["w1"] = None
+        frozen_before = a["w1"].copy()
+        opt_a.step(ga)
+        opt_b.step(gb)
+        if 2 <= t < 5:
+            np.testing.assert_array_equal(a["w1"], frozen_before)
+    assert_same(a, b)
+
+
+def test_frozen_group():
+    params = model()
+    opt = optim.SGD([{"params": {"w1": params["w1"]}, "frozen": True},
+                     {"params": {"b1": params["b1"]}}], lr=0.1)
+    before = copy(params)
+    opt.step({"w1": np.ones((6, 5)), "b1": np.ones(5)})
+    np.testing.assert_array_equal(params["w1"], before["w1"])
+    assert not np.array_equal(params["b1"], before["b1"])
+    opt.param_groups[0]["frozen"] = False
+    opt.step({"w1": np.ones((6, 5)), "b1": np.ones(5)})
+    assert not np.array_equal(params["w1"], before["w1"])
+
+
+@pytest.mark.parametrize("cls, hyper", [c for c in CASES if c.id.endswith("-1") or "Lion" in c.id])
+def test_checkpoint_resume_is_bit_exact(cls, hyper, tmp_path):
+    """Save after 5 steps, keep going 5 more; a fresh optimizer loaded from the checkpoint over
+    the saved parameters makes the same 5 steps bit for bit."""
+    params = model(np.float32)
+    opt = cls(params, **hyper)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        opt.step(grads_for(params, rng))
+    opt.save(tmp_path / "opt.npz")
+    saved_params = copy(params)
+    rng_state = rng.bit_generator.state
+    for _ in range(5):
+        opt.step(grads_for(params, rng))
+
+    resumed = saved_params
+    opt2 = optim.Optimizer.load(tmp_path / "opt.npz", resumed)
+    assert type(opt2) is cls
+    rng.bit_generator.state = rng_state
+    for _ in range(5):
+        opt2.step(grads_for(resumed, rng))
+    assert_same(resumed, params)
+    for name in opt.state:
+        for key, value in opt.state[name].items():
+            np.testing.assert_array_equal(opt2.state[name][key], value, strict=True)
+
+
+def test_state_dict_round_trip_and_hyperparameters():
+    params = model()
+    opt = optim.Adam([{"params": {"w1": params["w1"]}, "lr": 0.5},
+                      {"params": {"b1": params["b1"]}}], lr=0.01, amsgrad=True)
+    opt.step({"w1": np.ones((6, 5)), "b1": np.ones(5)})
+    opt.freeze("b1")
+    sd = opt.state_dict()
+    opt2 = optim.Adam([{"params": {"w1": params["w1"]}}, {"params": {"b1": params["b1"]}}])
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["lr"] == 0.5 and opt2.param_groups[1]["lr"] == 0.01
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.999) and opt2.param_groups[0]["amsgrad"]
+    assert opt2.state_dict()["frozen"] == ["b1"]
+    sd["state"]["w1"]["exp_avg"][0, 0] = 123.0  # state_dict returns copies
+    assert opt.state["w1"]["exp_avg"][0, 0] != 123.0
+
+
+def snapshot(opt):
+    sd = opt.state_dict()
+    return repr({k: v for k, v in sd.items() if k != "state"}), {
+        n: {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+        for n, s in sd["state"].items()}
+
+
+def test_bad_checkpoints_raise_and_change_nothing(tmp_path):
+    params = model()
+    opt = optim.Adam(params, lr=0.01)
+    opt.step(grads_for(params, np.random.default_rng(5)))
+    opt.save(tmp_path / "good.npz")
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    optim.SGD(model(), lr=0.1).save(tmp_path / "sgd.npz")
+    small = model()
+    small["w1"] = np.zeros((2, 2))
+    optim.Adam(small).step(grads_for(small, np.random.default_rng(0)))
+    o = optim.Adam(small)
+    o.step(grads_for(small, np.random.default_rng(0)))
+    o.save(tmp_path / "shape.npz")
+    other_names = optim.Adam({"x": np.zeros(3)})
+    other_names.step({"x": np.ones(3)})
+    other_names.save(tmp_path / "names.npz")
+
+    before = snapshot(opt)
+    for bad, message in [("truncated.npz", "not a complete fusedopt checkpoint"),
+                         ("garbage.npz", "not a complete fusedopt checkpoint"),
+                         ("sgd.npz", "checkpoint of a SGD optimizer"),
+                         ("shape.npz", "expected float64 \\(6, 5\\)"),
+                         ("names.npz", "names or groups differ"),
+                         ("missing.npz", "not a complete fusedopt checkpoint")]:
+        with pytest.raises(ValueError, match=message):
+            opt.load_checkpoint(tmp_path / bad)
+        assert snapshot(opt) == before, bad
+    sd = opt.state_dict()
+    sd["format_version"] = 99
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match="holds a SGD optimizer, not a Adam"):
+        optim.Adam.load(tmp_path / "sgd.npz", model())
+    assert snapshot(opt) == before
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint intact and no temporary file."""
+    params = model()
+    opt = optim.Adam(params)
+    opt.step(grads_for(params, np.random.default_rng(6)))
+    path = tmp_path / "ckpt.npz"
+    opt.save(path)
+    good = path.read_bytes()
+    opt.step(grads_for(params, np.random.default_rng(7)))
+
+    def crash(file, **arrays):
+        file.write(b"partial")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        opt.save(path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz"]
+
+
+def test_bad_steps_raise_before_any_update():
+    params = model()
+    opt = optim.Adam([{"params": {"w1": params["w1"]}}, {"params": {"b1": params["b1"]}}])
+    before = copy(params)
+    good = {"w1": np.ones((6, 5)), "b1": np.ones(5)}
+    for grads, error, message in [
+        ({**good, "zz": np.ones(3)}, ValueError, "unknown parameters"),
+        ({**good, "b1": np.ones(4)}, ValueError, "gradient of 'b1'"),
+        ({**good, "b1": np.ones(5, np.float32)}, ValueError, "gradient of 'b1'"),
+        ({**good, "b1": [1.0] * 5}, TypeError, "gradient of 'b1'"),
+        ({**good, "b1": params["b1"]}, ValueError, "shares memory"),
+        ([np.ones((6, 5))], ValueError, "expected 2 gradients"),
+    ]:
+        with pytest.raises(error, match=message):
+            opt.step(grads)
+        assert_same(params, before)
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.step(good)
+    assert_same(params, before)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        optim.SGD(model(), lr=-1)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        optim.Adam(model(), betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="single array"):
+        optim.Adam(np.zeros(3))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        optim.Adam([np.zeros(3, np.float16)])
+    with pytest.raises(ValueError, match="more than one group"):
+        p = model()
+        optim.Adam([{"params": {"w1": p["w1"]}}, {"params": {"w1": p["b1"]}}])
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        optim.Adam([{"params": [np.zeros(3)], "momentum": 0.9}])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        optim.Adam([])
+
+
+def test_skip_if_nonfinite_and_max_grad_norm_options():
+    params = model()
+    opt = optim.Adam(params, lr=0.01, skip_if_nonfinite=True, max_grad_norm=1.0)
+    before = copy(params)
+    grads = grads_for(params, np.random.default_rng(8))
+    grads["b2"][1] = np.inf
+    assert opt.step(grads) is False and opt.skipped_steps == 1
+    assert_same(params, before)
+    assert opt.state == {}
+    grads = {n: g * 100 for n, g in grads_for(params, np.random.default_rng(9)).items()}
+    assert isinstance(grads["scale"], np.float64)  # 0-d arithmetic gives a scalar: accepted
+    grads["scale"] = np.asarray(grads["scale"])  # (here as an array, to see it clipped)
+    assert opt.step(grads) is True
+    assert fusedopt.global_norm(list(grads.values())) == pytest.approx(1.0, rel=1e-6)
+    opt.step({**grads, "scale": np.float64(0.5)})
+
+
+# ---------------------------------------------------------------- global norm and clipping
+
+
+def test_global_norm_and_clipping():
+    rng = np.random.default_rng(10)
+    grads = [rng.standard_normal(s) * 3 for s in [(0,), (7,), (70000,), (3, 5)]]
+    expected = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    assert fusedopt.global_norm(grads) == pytest.approx(expected, rel=1e-13)
+    assert fusedopt.global_norm(grads + [None]) == fusedopt.global_norm(grads)
+    original = [g.copy() for g in grads]
+    norm = fusedopt.clip_grad_norm_(grads, 2.0)
+    assert norm == fusedopt.global_norm(original)
+    for g, o in zip(grads, original):
+        np.testing.assert_allclose(g, o * (2.0 / (norm + 1e-6)), rtol=1e-15)
+    assert fusedopt.clip_grad_norm_(grads, 1e9) == pytest.approx(2.0, rel=1e-6)  # no-op
+    mixed = [rng.standard_normal(10).astype(np.float32), rng.standard_normal(20)]
+    assert fusedopt.global_norm(mixed) == pytest.approx(
+        np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in mixed)), rel=1e-13)
+    bad = [np.array([1.0, np.nan])]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedopt.clip_grad_norm_(bad, 1.0, error_if_nonfinite=True)
+    np.testing.assert_array_equal(bad[0], [1.0, np.nan])
+    with pytest.raises(ValueError, match="Invalid max_norm"):
+        fusedopt.clip_grad_norm_(grads, -1.0)
+
+
+def test_global_norm_is_bit_identical_for_any_thread_count():
+    rng = np.random.default_rng(11)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in [(300001,), (5,), (70000,)]]
+    norms = set()
+    try:
+        for threads in (1, 2, 3, os.cpu_count() or 1):
+            fusedopt.set_num_threads(threads)
+            norms.add(fusedopt.global_norm(grads))
+    finally:
+        fusedopt.set_num_threads(None)
+    assert len(norms) == 1
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
+def test_clip_grad_norm_matches_torch():
+    rng = np.random.default_rng(12)
+    grads = [rng.standard_normal(s) for s in [(30, 20), (20,), (1000,)]]
+    tgrads = [torch.tensor(g) for g in grads]
+    tparams = [torch.zeros_like(t, requires_grad=True) for t in tgrads]
+    for p, g in zip(tparams, tgrads):
+        p.grad = g.clone()
+    tnorm = torch.nn.utils.clip_grad_norm_(tparams, 5.0, foreach=False)
+    norm = fusedopt.clip_grad_norm_(grads, 5.0)
+    assert norm == pytest.approx(float(tnorm), rel=1e-12)
+    for g, p in zip(grads, tparams):
+        np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-12)
