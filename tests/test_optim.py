@@ -100,8 +100,6 @@ def test_class_matches_reference_loop(cls, hyper, dtype, reference_updates):
     assert_same(fused, expected)
 
 
-torch = pytest.importorskip("torch", reason="torch not installed: torch.optim comparison "
-                            "skipped") if os.environ.get("FUSEDOPT_REQUIRE_TORCH") else None
 try:
     import torch
 except ImportError:  # compared only where torch is installed

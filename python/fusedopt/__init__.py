@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from . import optim, reference
+from . import optim, reference, schedules
 from ._clip import clip_grad_norm_, global_norm
 from ._dispatch import core as _core
 from ._functional import (adagrad_, adam_, adamw_, all_finite, lion_, momentum_, rmsprop_,
@@ -34,6 +34,7 @@ __all__ = [
     "optim",
     "reference",
     "rmsprop_",
+    "schedules",
     "set_num_threads",
     "sgd_",
     "show_config",

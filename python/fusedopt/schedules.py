@@ -1,0 +1,277 @@
+"""Learning-rate schedules for :mod:`fusedopt.optim`, with torch.optim.lr_scheduler's semantics.
+
+A schedule sets ``lr`` in every parameter group of its optimizer: once when it is created (step
+0), then at each ``step()``, which a training loop calls after ``optimizer.step(...)``. Each
+schedule is a closed form of the step count, from the learning rates the groups had when the
+schedule was created; ``state_dict()`` / ``load_state_dict()`` resume it exactly.
+
+>>> opt = fusedopt.optim.AdamW(params, lr=1e-3)
+>>> sched = fusedopt.schedules.WarmupCosineLR(opt, warmup_steps=100, total_steps=10_000)
+>>> for batch in data:
+...     opt.step(grads(batch))
+...     sched.step()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Union
+
+from .optim import Optimizer
+
+__all__ = ["ConstantLR", "CosineAnnealingLR", "ExponentialLR", "LRScheduler", "LinearLR",
+           "OneCycleLR", "ReduceLROnPlateau", "StepLR", "WarmupCosineLR"]
+
+
+class _Schedule:
+    optimizer: Optimizer
+
+    def get_last_lr(self) -> List[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "optimizer"}
+
+
+class LRScheduler(_Schedule):
+    """Base class: ``lr(step, base_lr)`` gives a group's learning rate at a step."""
+
+    def __init__(self, optimizer: Optimizer):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"expected a fusedopt.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_epoch = -1
+        self.step()
+
+    def lr(self, step: int, base_lr: float) -> float:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Advance one step and set every group's learning rate."""
+        self.last_epoch += 1
+        self._apply(self.last_epoch)
+
+    def _apply(self, step: int) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.lr(step, base)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        unknown = set(state_dict) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"not a {type(self).__name__} state: unknown keys {sorted(unknown)}")
+        vars(self).update(state_dict)
+        self._apply(self.last_epoch)
+
+
+class ConstantLR(LRScheduler):
+    """``base_lr * factor`` for the first ``total_iters`` steps, then ``base_lr``."""
+
+    def __init__(self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5):
+        if not 0 <= factor <= 1:
+            raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
+        self.factor, self.total_iters = factor, total_iters
+        super().__init__(optimizer)
+
+    def lr(self, step, base_lr):
+        return base_lr * self.factor if step < self.total_iters else base_lr
+
+
+class StepLR(LRScheduler):
+    """``base_lr * gamma ** (step // step_size)``."""
+
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1):
+        if step_size < 1:
+            raise ValueError(f"Invalid step_size: {step_size}")
+        self.step_size, self.gamma = step_size, gamma
+        super().__init__(optimizer)
+
+    def lr(self, step, base_lr):
+        return base_lr * self.gamma ** (step // self.step_size)
+
+
+class ExponentialLR(LRScheduler):
+    """``base_lr * gamma ** step``."""
+
+    def __init__(self, optimizer: Optimizer, gamma: float):
+        self.gamma = gamma
+        super().__init__(optimizer)
+
+    def lr(self, step, base_lr):
+        return base_lr * self.gamma ** step
+
+
+class CosineAnnealingLR(LRScheduler):
+    r""":math:`\eta_{min} + (\eta_{base} - \eta_{min}) (1 + \cos(\pi t / T_{max})) / 2`
+    (Loshchilov & Hutter 2017, without restarts)."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0):  # noqa: N803
+        if T_max < 1:
+            raise ValueError(f"Invalid T_max: {T_max}")
+        self.T_max, self.eta_min = T_max, eta_min
+        super().__init__(optimizer)
+
+    def lr(self, step, base_lr):
+        return self.eta_min + (base_lr - self.eta_min) * (
+            1 + math.cos(math.pi * step / self.T_max)) / 2
+
+
+class LinearLR(LRScheduler):
+    """Linear warm-up (or decay): the factor goes from ``start_factor`` to ``end_factor`` over
+    ``total_iters`` steps, then stays."""
+
+    def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3,
+                 end_factor: float = 1.0, total_iters: int = 5):
+        if not 0 < start_factor <= 1:
+            raise ValueError("Starting multiplicative factor expected to be greater than 0 and "
+                             "less or equal to 1.")
+        if not 0 <= end_factor <= 1:
+            raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
+        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
+        super().__init__(optimizer)
+
+    def lr(self, step, base_lr):
+        progress = min(step, self.total_iters) / self.total_iters if self.total_iters else 1.0
+        return base_lr * (self.start_factor + (self.end_factor - self.start_factor) * progress)
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warm-up from ``base_lr * warmup_start_factor`` to ``base_lr`` over
+    ``warmup_steps``, then cosine annealing to ``eta_min`` at ``total_steps``: torch's
+    ``SequentialLR([LinearLR(...), CosineAnnealingLR(...)], milestones=[warmup_steps])``."""
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int,
+                 eta_min: float = 0.0, warmup_start_factor: float = 1e-3):
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, "
+                             f"{total_steps}")
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.eta_min, self.warmup_start_factor = eta_min, warmup_start_factor
+        super().__init__(optimizer)
+
+    def lr(self, step, base_lr):
+        if step < self.warmup_steps:
+            s = self.warmup_start_factor
+            return base_lr * (s + (1 - s) * step / self.warmup_steps)
+        t = step - self.warmup_steps
+        return self.eta_min + (base_lr - self.eta_min) * (
+            1 + math.cos(math.pi * t / (self.total_steps - self.warmup_steps))) / 2
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy (Smith & Topin 2018), as torch's OneCycleLR: the learning rate rises
+    from ``max_lr / div_factor`` to ``max_lr`` over ``pct_start`` of ``total_steps``, then falls
+    to ``max_lr / div_factor / final_div_factor``; momentum (or Adam's beta1) moves inversely
+    between ``max_momentum`` and ``base_momentum`` when ``cycle_momentum``."""
+
+    def __init__(self, optimizer: Optimizer, max_lr: Union[float, Sequence[float]],
+                 total_steps: int, pct_start: float = 0.3, anneal_strategy: str = "cos",
+                 cycle_momentum: bool = True, base_momentum: float = 0.85,
+                 max_momentum: float = 0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False):
+        if total_steps < 1:
+            raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+        if not 0 <= pct_start <= 1:
+            raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', got "
+                             f"{anneal_strategy}")
+        groups = optimizer.param_groups
+        max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
+        self.max_lrs, self.total_steps, self.anneal_strategy = max_lrs, total_steps, anneal_strategy
+        self.cycle_momentum = cycle_momentum
+        if cycle_momentum:
+            if not any(k in optimizer.defaults for k in ("momentum", "betas")):
+                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` "
+                                 "option enabled")
+        self.base_momentum, self.max_momentum = base_momentum, max_momentum
+        self.initial_lrs = [m / div_factor for m in max_lrs]
+        self.min_lrs = [lr / final_div_factor for lr in self.initial_lrs]
+        end_1 = float(pct_start * total_steps) - 1
+        if three_phase:
+            # (end step, lr from, lr to, momentum from, momentum to) by phase; "i"nitial,
+            # "m"ax, "f"inal learning rate
+            self.phases = [(end_1, "i", "m", max_momentum, base_momentum),
+                           (float(2 * pct_start * total_steps) - 2, "m", "i", base_momentum,
+                            max_momentum),
+                           (total_steps - 1, "i", "f", max_momentum, max_momentum)]
+        else:
+            self.phases = [(end_1, "i", "m", max_momentum, base_momentum),
+                           (total_steps - 1, "m", "f", base_momentum, max_momentum)]
+        super().__init__(optimizer)
+
+    def _anneal(self, start, end, pct):
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def _apply(self, step):
+        if step > self.total_steps:
+            raise ValueError(f"Tried to step {step} times. The specified number of total steps "
+                             f"is {self.total_steps}")
+        for i, group in enumerate(self.optimizer.param_groups):
+            lrs = {"i": self.initial_lrs[i], "m": self.max_lrs[i], "f": self.min_lrs[i]}
+            start_step = 0.0
+            for index, (end_step, lr_from, lr_to, m_from, m_to) in enumerate(self.phases):
+                if step <= end_step or index == len(self.phases) - 1:
+                    pct = (step - start_step) / (end_step - start_step)
+                    group["lr"] = self._anneal(lrs[lr_from], lrs[lr_to], pct)
+                    momentum = self._anneal(m_from, m_to, pct)
+                    break
+                start_step = end_step
+            if self.cycle_momentum:
+                if "betas" in group:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                else:
+                    group["momentum"] = momentum
+
+
+class ReduceLROnPlateau(_Schedule):
+    """Multiply the learning rate by ``factor`` once a metric has stopped improving for
+    ``patience`` steps, as torch's ReduceLROnPlateau: ``step(metric)`` after each evaluation."""
+
+    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_lr: Union[float, Sequence[float]] = 0.0,
+                 eps: float = 1e-8):
+        if factor >= 1.0:
+            raise ValueError("Factor should be < 1.0.")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode {mode} is unknown!")
+        if threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"threshold mode {threshold_mode} is unknown!")
+        self.optimizer = optimizer
+        groups = optimizer.param_groups
+        self.min_lrs = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * len(groups)
+        self.mode, self.factor, self.patience = mode, factor, patience
+        self.threshold, self.threshold_mode = threshold, threshold_mode
+        self.cooldown, self.eps = cooldown, eps
+        self.best = math.inf if mode == "min" else -math.inf
+        self.num_bad_epochs, self.cooldown_counter, self.last_epoch = 0, 0, 0
+
+    def _is_better(self, a: float) -> bool:
+        if self.mode == "min":
+            return a < (self.best * (1 - self.threshold) if self.threshold_mode == "rel"
+                        else self.best - self.threshold)
+        return a > (self.best * (1 + self.threshold) if self.threshold_mode == "rel"
+                    else self.best + self.threshold)
+
+    def step(self, metric: float) -> None:
+        current = float(metric)
+        self.last_epoch += 1
+        if self._is_better(current):
+            self.best, self.num_bad_epochs = current, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            for group, min_lr in zip(self.optimizer.param_groups, self.min_lrs):
+                new_lr = max(group["lr"] * self.factor, min_lr)
+                if group["lr"] - new_lr > self.eps:
+                    group["lr"] = new_lr
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        vars(self).update(state_dict)

@@ -1,0 +1,166 @@
+"""Learning-rate schedules: their formulas, resuming, and torch.optim.lr_scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fusedopt import optim, schedules
+
+try:
+    import torch
+except ImportError:  # compared only where torch is installed
+    torch = None
+
+STEPS = 40
+# (our schedule, its kwargs, the torch equivalent as a function of the torch optimizer)
+CASES = {
+    "constant": (schedules.ConstantLR, dict(factor=0.5, total_iters=7),
+                 lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=7)),
+    "step": (schedules.StepLR, dict(step_size=6, gamma=0.5),
+             lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=6, gamma=0.5)),
+    "exponential": (schedules.ExponentialLR, dict(gamma=0.93),
+                    lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.93)),
+    "cosine": (schedules.CosineAnnealingLR, dict(T_max=25, eta_min=0.001),
+               lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=25, eta_min=0.001)),
+    "linear": (schedules.LinearLR, dict(start_factor=0.1, total_iters=10),
+               lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10)),
+    "warmup+cosine": (
+        schedules.WarmupCosineLR,
+        dict(warmup_steps=8, total_steps=STEPS, eta_min=0.002, warmup_start_factor=0.05),
+        lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+            torch.optim.lr_scheduler.LinearLR(o, start_factor=0.05, total_iters=8),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=STEPS - 8, eta_min=0.002)],
+            milestones=[8])),
+    "one-cycle": (schedules.OneCycleLR, dict(max_lr=0.5, total_steps=STEPS),
+                  lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5,
+                                                                total_steps=STEPS)),
+    "one-cycle 3-phase linear": (
+        schedules.OneCycleLR,
+        dict(max_lr=[0.5, 0.2], total_steps=STEPS, three_phase=True, anneal_strategy="linear"),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.5, 0.2], total_steps=STEPS,
+                                                      three_phase=True,
+                                                      anneal_strategy="linear")),
+}
+
+
+def sgd(lr=0.1):
+    params = [np.zeros(3), np.zeros(2)]
+    return optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "lr": lr / 2}], lr=lr,
+                     momentum=0.9)
+
+
+def trace(sched, opt, steps=STEPS):
+    lrs = [sched.get_last_lr()]
+    for _ in range(steps):
+        sched.step()
+        lrs.append(sched.get_last_lr())
+    return np.array(lrs)
+
+
+def test_formulas():
+    lrs = trace(schedules.CosineAnnealingLR(opt := sgd(), T_max=20, eta_min=0.01), opt)[:, 0]
+    assert lrs[0] == 0.1 and lrs[10] == pytest.approx(0.055) and lrs[20] == pytest.approx(0.01)
+    lrs = trace(schedules.StepLR(opt := sgd(), step_size=5, gamma=0.5), opt)[:, 0]
+    assert lrs[4] == 0.1 and lrs[5] == 0.05 and lrs[10] == 0.025
+    lrs = trace(schedules.LinearLR(opt := sgd(), start_factor=0.25, total_iters=4), opt)[:, 0]
+    assert list(lrs[:6]) == pytest.approx([0.025, 0.04375, 0.0625, 0.08125, 0.1, 0.1])
+    lrs = trace(schedules.WarmupCosineLR(opt := sgd(), warmup_steps=10, total_steps=30), opt)
+    assert lrs[10, 0] == pytest.approx(0.1) and lrs[30, 0] == pytest.approx(0.0, abs=1e-15)
+    assert lrs[10, 1] == pytest.approx(0.05)  # each group from its own base
+    opt = optim.Adam([np.zeros(2)], lr=1.0)
+    sched = schedules.OneCycleLR(opt, max_lr=1.0, total_steps=100, pct_start=0.25)
+    lrs = trace(sched, opt, 99)[:, 0]
+    assert lrs[0] == pytest.approx(1 / 25) and lrs[24] == pytest.approx(1.0)
+    assert lrs[99] == pytest.approx(1 / 25 / 1e4)
+    assert opt.param_groups[0]["betas"] == (pytest.approx(0.95), 0.999)
+
+
+def test_reduce_on_plateau():
+    opt = sgd()
+    sched = schedules.ReduceLROnPlateau(opt, factor=0.5, patience=2, cooldown=1, min_lr=0.02)
+    lrs = []
+    for metric in [5, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3]:
+        sched.step(metric)
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.025, 0.025,
+                                 0.025, 0.025])
+    for _ in range(10):
+        sched.step(3)
+    assert sched.get_last_lr() == [0.02, 0.02]  # floored at min_lr
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_resume_from_state_dict(name):
+    cls, kwargs, _ = CASES[name]
+    opt = sgd()
+    sched = cls(opt, **kwargs)
+    for _ in range(10):
+        sched.step()
+    state = sched.state_dict()
+    expected = trace(sched, opt, 15)
+    opt2 = sgd()
+    sched2 = cls(opt2, **kwargs)
+    sched2.load_state_dict(state)
+    np.testing.assert_array_equal(trace(sched2, opt2, 15), expected)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
+@pytest.mark.parametrize("name", CASES)
+def test_matches_torch(name):
+    """The same learning rate (and momentum, for one-cycle) at every step as torch's schedule
+    over the same optimizer; rtol 1e-12 as torch updates some schedules recursively."""
+    cls, kwargs, make_torch = CASES[name]
+    opt = sgd()
+    sched = cls(opt, **kwargs)
+    weights = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    topt = torch.optim.SGD([{"params": [weights[0]]}, {"params": [weights[1]], "lr": 0.05}],
+                           lr=0.1, momentum=0.9)
+    tsched = make_torch(topt)
+    for step in range(STEPS):
+        np.testing.assert_allclose(sched.get_last_lr(), tsched.get_last_lr(), rtol=1e-12,
+                                   err_msg=f"step {step}")
+        momenta = [g["momentum"] for g in opt.param_groups]
+        np.testing.assert_allclose(momenta, [g["momentum"] for g in topt.param_groups],
+                                   rtol=1e-12)
+        for w in weights:
+            w.grad = torch.zeros_like(w)
+        topt.step()
+        opt.step([np.zeros(3), np.zeros(2)])
+        sched.step()
+        tsched.step()
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
+def test_reduce_on_plateau_matches_torch():
+    opt = sgd()
+    sched = schedules.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=1,
+                                        threshold=0.01, threshold_mode="abs", cooldown=2)
+    w = torch.zeros(3, requires_grad=True)
+    topt = torch.optim.SGD([{"params": [w]}, {"params": [torch.zeros(2)], "lr": 0.05}], lr=0.1)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, mode="max", factor=0.3,
+                                                        patience=1, threshold=0.01,
+                                                        threshold_mode="abs", cooldown=2)
+    rng = np.random.default_rng(0)
+    for metric in np.cumsum(rng.standard_normal(60) * 0.1):
+        sched.step(metric)
+        tsched.step(metric)
+        np.testing.assert_allclose(sched.get_last_lr(), tsched.get_last_lr(), rtol=1e-15)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="fusedopt.optim.Optimizer"):
+        schedules.StepLR(object(), step_size=1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        schedules.WarmupCosineLR(sgd(), warmup_steps=10, total_steps=10)
+    opt = sgd()
+    sched = schedules.OneCycleLR(opt, max_lr=1.0, total_steps=3)
+    for _ in range(3):
+        sched.step()
+    with pytest.raises(ValueError, match="Tried to step 4 times"):
+        sched.step()
+    with pytest.raises(ValueError, match="momentum or beta1"):
+        schedules.OneCycleLR(optim.Adagrad([np.zeros(1)]), max_lr=1.0, total_steps=3)
+    assert math.isfinite(opt.param_groups[0]["lr"])
