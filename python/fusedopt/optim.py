@@ -19,24 +19,45 @@ checkpoint reproduces an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+import types
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _functional as F
+from . import reference
 from ._clip import clip_grad_norm_
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "Momentum", "Optimizer", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "Momentum", "Optimizer", "RMSprop",
+           "reference_kernels"]
 
 FORMAT_VERSION = 1
 Params = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
 Grads = Union[Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]]]
 
 _REGISTRY: Dict[str, type] = {}
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Within this block every optimizer computes with :mod:`fusedopt.reference` (plain NumPy,
+    one tensor at a time) instead of the fused kernels: to read or check what they do. The
+    results are bit-identical, only slower. Not for use while other threads step optimizers."""
+    global F
+    fused = F
+    plain = types.SimpleNamespace(**vars(fused))
+    for name in reference.__all__:
+        setattr(plain, name, getattr(reference, name))
+    F = plain
+    try:
+        yield
+    finally:
+        F = fused
 
 
 def _check_param(name: str, p: Any) -> np.ndarray:
@@ -134,6 +155,13 @@ class Optimizer:
     def unfreeze(self, names: Union[str, Iterable[str]]) -> None:
         """Resume updating these parameters from the state they were frozen with."""
         self._frozen -= set(self._known([names] if isinstance(names, str) else names))
+
+    def reset_state(self, names: Optional[Iterable[str]] = None) -> None:
+        """Forget the state (buffers and step count) of these parameters, or of all: e.g. for a
+        layer that was replaced. It is created afresh at their next step."""
+        for name in self._known(self._params if names is None else
+                                [names] if isinstance(names, str) else names):
+            self.state.pop(name, None)
 
     def _known(self, names: Iterable[str]) -> List[str]:
         names = list(names)
