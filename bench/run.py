@@ -29,22 +29,87 @@ import fusedopt
 from fusedopt import _core
 from fusedopt.registry import OPTIMIZERS
 
-def roofline(spec, hyper):
+try:
+    import torch
+except ImportError:  # torch columns only where it is installed
+    torch = None
+
+
+def roofline_probe(spec, hyper, arrays):
     """The roofline probe with this optimizer's traffic: param and its buffers read and
     written, grad read, no arithmetic to speak of."""
-    buffers = spec.buffers(hyper)
-
-    def probe(param, grad, *state, step=None, **keywords):
-        arrays = list(state) + [keywords[b] for b in buffers if b in keywords]
-        _core.roofline(param, grad, *arrays, *[None] * (4 - len(arrays)))
-
-    return probe
+    buffers = [arrays[b] for b in spec.buffers(hyper)]
+    args = [arrays["param"], arrays["grad"], *buffers, *[None] * (4 - len(buffers))]
+    return lambda step: _core.roofline(*args)
 
 
+# torch.optim equivalents of the registry's benchmark cases (cases[0]).
+TORCH_CLASSES = {"sgd": "SGD", "momentum": "SGD", "adam": "Adam", "adamw": "AdamW",
+                 "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+
+
+def torch_kwargs(name, hyper):
+    h = dict(hyper)
+    if name in ("adam", "adamw"):
+        h["betas"] = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
+    return h
+
+
+def torch_step(mode):
+    """A torch.optim step over the same arrays (shared memory), in one of torch's three
+    implementations: a for-loop, foreach (multi-tensor) or fused (one kernel)."""
+    def prepare(spec, hyper, arrays):
+        params = arrays["param"] if isinstance(arrays["param"], list) else [arrays["param"]]
+        grads = arrays["grad"] if isinstance(arrays["grad"], list) else [arrays["grad"]]
+        tensors = []
+        for p, g in zip(params, grads):
+            t = torch.from_numpy(p)
+            t.grad = torch.from_numpy(g)
+            tensors.append(t)
+        flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True),
+                 "fused": dict(fused=True)}[mode]
+        opt = getattr(torch.optim, TORCH_CLASSES[spec.name])(
+            tensors, **torch_kwargs(spec.name, hyper), **flags)
+        return lambda step: opt.step()
+    return prepare
+
+
+def torch_supports(mode):
+    def check(spec, hyper):
+        if torch is None or spec.name not in TORCH_CLASSES:
+            return False
+        try:
+            t = torch.zeros(2)
+            t.grad = torch.zeros(2)
+            flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True),
+                     "fused": dict(fused=True)}[mode]
+            getattr(torch.optim, TORCH_CLASSES[spec.name])([t], **torch_kwargs(spec.name, hyper),
+                                                         **flags).step()
+            return True
+        except (RuntimeError, TypeError, ValueError):
+            return False
+    return check
+
+
+def call_step(kind):
+    def prepare(spec, hyper, arrays):
+        fn = spec.fused if kind == "fused" else spec.reference
+        return lambda step: spec.call(fn, arrays, hyper, step)
+    return prepare
+
+
+def always(spec, hyper):
+    return True
+
+
+# name -> (is it available for this optimizer, prepare(spec, hyper, arrays) -> step(step))
 IMPLEMENTATIONS = {
-    "fusedopt": lambda spec, hyper: spec.fused,
-    "numpy": lambda spec, hyper: spec.reference,
-    "roofline": roofline,
+    "fusedopt": (always, call_step("fused")),
+    "numpy": (always, call_step("reference")),
+    "roofline": (always, roofline_probe),
+    "torch-loop": (torch_supports("loop"), torch_step("loop")),
+    "torch-foreach": (torch_supports("foreach"), torch_step("foreach")),
+    "torch-fused": (torch_supports("fused"), torch_step("fused")),
 }
 POOL_BYTES = 256 << 20  # rotate through at least this much memory: 8x this machine's L3
 MAX_POOL = 4096
@@ -74,7 +139,7 @@ def machine() -> dict:
 
 def make_pool(spec, hyper, n, dtype, rng):
     """Independent argument sets, enough to cover POOL_BYTES, each param/grad random and the
-    state zero."""
+    state zero (a single set for sizes that do not fit twice in memory)."""
     set_bytes = max(1, n * spec.bytes_per_element(np.dtype(dtype).itemsize, hyper))
     count = max(1, min(MAX_POOL, math.ceil(POOL_BYTES / set_bytes)))
     if count > 1:
@@ -87,20 +152,20 @@ def make_pool(spec, hyper, n, dtype, rng):
     return pool
 
 
-def time_calls(spec, fn, hyper, pool, budget_s: float, min_calls: int, max_calls: int,
-               gap_s: float = 0.0):
-    """Seconds per call, one value per call, cycling through the pool; one warm-up round.
-    With gap_s, the caller sleeps between calls, as a training loop computes gradients between
-    steps: OpenMP's idle threads then fall asleep and must be woken."""
-    for arrays in pool[: min(len(pool), 64)]:
-        spec.call(fn, arrays, hyper, 1)
+def time_calls(steps, budget_s: float, min_calls: int, max_calls: int, gap_s: float = 0.0):
+    """Seconds per call, one value per call, cycling through the prepared steps (one per
+    argument set of the pool) after a warm-up round. With gap_s, the caller sleeps between
+    calls, as a training loop computes gradients between steps: OpenMP's idle threads then
+    fall asleep and must be woken."""
+    for step_fn in steps[: min(len(steps), 64)]:
+        step_fn(1)
     times = []
     deadline = time.perf_counter() + budget_s
     step = 2
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
-        arrays = pool[len(times) % len(pool)]
+        step_fn = steps[len(times) % len(steps)]
         start = time.perf_counter()
-        spec.call(fn, arrays, hyper, step)
+        step_fn(step)
         times.append(time.perf_counter() - start)
         step += 1
         if gap_s:
@@ -108,7 +173,14 @@ def time_calls(spec, fn, hyper, pool, budget_s: float, min_calls: int, max_calls
     return times
 
 
+def set_threads(threads):
+    fusedopt.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(fusedopt.get_num_threads())
+
+
 def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
+    print_header(implementations)
     rows = []
     for name in optimizers:
         spec = OPTIMIZERS[name]
@@ -117,12 +189,24 @@ def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
             itemsize = np.dtype(dtype).itemsize
             bpe = spec.bytes_per_element(itemsize, hyper)
             for n in sizes:
+                if 3 * n * bpe > available_memory():  # the arrays, a copy and temporaries
+                    print(f"| {name} | {np.dtype(dtype).name} | {n:.0e} | skipped: needs "
+                          f"~{3 * n * bpe / 2**30:.1f} GiB |")
+                    continue
                 pool = make_pool(spec, hyper, n, dtype, rng)
                 row = {"optimizer": name, "hyper": hyper, "dtype": np.dtype(dtype).name,
-                       "n": n, "bytes_per_element": bpe, "pool": len(pool)}
+                       "n": n, "bytes_per_element": bpe, "pool": len(pool),
+                       "threads": fusedopt.get_num_threads()}
                 for impl in implementations:
-                    times = time_calls(spec, IMPLEMENTATIONS[impl](spec, hyper), hyper, pool,
-                                       budget_s, min_calls=5, max_calls=20000)
+                    available, prepare = IMPLEMENTATIONS[impl]
+                    if not available(spec, hyper):
+                        continue
+                    # a copy of the pool each: no implementation sees another's state
+                    steps = [prepare(spec, hyper, {k: v.copy() for k, v in arrays.items()})
+                             for arrays in pool] if impl.startswith("torch") else \
+                        [prepare(spec, hyper, arrays) for arrays in pool]
+                    times = time_calls(steps, budget_s, min_calls=5, max_calls=20000)
+                    del steps
                     median = statistics.median(times)
                     row[impl] = {"median_s": median, "calls": len(times),
                                  "gb_per_s": bpe * n / median / 1e9}
@@ -136,28 +220,173 @@ def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
     return rows
 
 
+def transformer_shapes(d: int, blocks: int = 24):
+    """The 10 tensors of each of `blocks` transformer blocks of width d: attention (4 d x d),
+    MLP (d x 4d, 4d x d), two layer norms (gain and bias)."""
+    block = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)] + [(d,)] * 4
+    return block * blocks
+
+
+def many_tensors(widths, budget_s, rng):
+    """Adam on a 240-tensor model in one multi-tensor call, against one flat call over the same
+    number of elements, torch's fused Adam over the 240 tensors, and NumPy."""
+    spec, hyper = OPTIMIZERS["adam"], {}
+    rows = []
+    print("\n| d | tensors | elements | fusedopt list | fusedopt flat | list / flat | "
+          "torch fused | vs torch | numpy | GB/s (list) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for d in widths:
+        shapes = transformer_shapes(d)
+        n = sum(math.prod(s) for s in shapes)
+        set_bytes = n * spec.bytes_per_element(4, hyper)
+        count = max(1, min(16, math.ceil(POOL_BYTES / set_bytes)))
+
+        def model(flat):
+            if flat:
+                return {r: (rng.standard_normal(n) if r in ("param", "grad") else np.zeros(n))
+                        .astype(np.float32) for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
+            return {r: [(rng.standard_normal(s) if r in ("param", "grad") else np.zeros(s))
+                        .astype(np.float32) for s in shapes]
+                    for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
+
+        medians = {}
+        for impl, flat in [("fusedopt list", False), ("fusedopt flat", True),
+                           ("torch fused", False), ("numpy", False)]:
+            if impl == "torch fused" and not torch_supports("fused")(spec, hyper):
+                continue
+            prepare = {"fusedopt list": call_step("fused"), "fusedopt flat": call_step("fused"),
+                       "torch fused": torch_step("fused"), "numpy": call_step("reference")}[impl]
+            steps = [prepare(spec, hyper, model(flat)) for _ in range(count)]
+            medians[impl] = statistics.median(time_calls(steps, budget_s, 5, 20000))
+            del steps
+        row = {"d": d, "tensors": len(shapes), "elements": n, "bytes_per_element": 28,
+               **{k: v for k, v in medians.items()}}
+        row["list_over_flat"] = medians["fusedopt list"] / medians["fusedopt flat"]
+        if "torch fused" in medians:
+            row["speedup_vs_torch_fused"] = medians["torch fused"] / medians["fusedopt list"]
+        rows.append(row)
+        torch_cells = (f"{fmt_time(medians['torch fused'])} | "
+                       f"{row['speedup_vs_torch_fused']:.2f}x") if "torch fused" in medians \
+            else "– | –"
+        print(f"| {d} | {len(shapes)} | {n:,} | {fmt_time(medians['fusedopt list'])} | "
+              f"{fmt_time(medians['fusedopt flat'])} | {row['list_over_flat']:.2f} | "
+              f"{torch_cells} | {fmt_time(medians['numpy'])} | "
+              f"{28 * n / medians['fusedopt list'] / 1e9:.1f} |", flush=True)
+    return rows
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory(n, rng):
+    """Extra memory of one Adam step on n float32 elements: NumPy allocations seen by
+    tracemalloc, and growth of the resident set, for fusedopt and the NumPy reference."""
+    import tracemalloc
+
+    spec, hyper = OPTIMIZERS["adam"], {}
+    rows = []
+    print(f"\n| Adam, {n:.0e} float32 | peak traced allocations | per element | RSS growth |"
+          "\n|---|---|---|---|")
+    for impl in ("fusedopt", "numpy"):
+        arrays = {r: (rng.standard_normal(n) if r in ("param", "grad") else np.zeros(n))
+                  .astype(np.float32) for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
+        fn = spec.fused if impl == "fusedopt" else spec.reference
+        spec.call(fn, arrays, hyper, 1)  # warm: first-call allocations are not per step
+        tracemalloc.start()
+        rss = rss_bytes()
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        spec.call(fn, arrays, hyper, 2)
+        peak = tracemalloc.get_traced_memory()[1] - base
+        growth = rss_bytes() - rss
+        tracemalloc.stop()
+        rows.append({"implementation": impl, "n": n, "peak_traced_bytes": peak,
+                     "rss_growth_bytes": growth})
+        print(f"| {impl} | {peak:,} B | {peak / n:.2f} B | {growth:,} B |", flush=True)
+    return rows
+
+
+def plot(rows, folder: Path):
+    """GB/s against size per optimizer (float32, all threads), the roofline probe dashed; and
+    fusedopt's speed-up over NumPy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = max(r["threads"] for r in rows)
+    rows = [r for r in rows if r["dtype"] == "float32" and r["threads"] == threads]
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(16, 7), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        mine = [r for r in rows if r["optimizer"] == name]
+        for impl in IMPLEMENTATIONS:
+            points = [(r["n"], r[impl]["gb_per_s"]) for r in mine if impl in r]
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, "--" if impl == "roofline" else "-o", ms=3, label=impl,
+                        color="black" if impl == "roofline" else None)
+        ax.set_xscale("log")
+        ax.set_title(f"{name} ({mine[0]['bytes_per_element']} B/element)")
+        ax.set_xlabel("elements")
+        ax.set_ylabel("GB/s")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"float32, {threads} threads: effective bandwidth (bytes moved / time)")
+    fig.tight_layout()
+    fig.savefig(folder / "bandwidth.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in names:
+        points = [(r["n"], r["speedup"]) for r in rows if r["optimizer"] == name and "speedup" in r]
+        x, y = zip(*points)
+        ax.plot(x, y, "-o", ms=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xlabel("elements")
+    ax.set_ylabel("speed-up over the NumPy reference")
+    ax.set_title(f"fusedopt vs NumPy, float32, {threads} threads")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "speedup.png", dpi=110)
+    plt.close(fig)
+
+
 def fmt_time(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
     return f"{seconds * 1e3:.2f} ms"
 
 
-HEADER_PRINTED = False
+def print_header(implementations):
+    cols = ["optimizer", "dtype", "n", "B/elem"]
+    for impl in implementations:
+        cols += [f"{impl} median", f"{impl} GB/s"]
+    cols += ["speed-up vs numpy", "of roofline"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
 
 
 def print_row(row, implementations):
-    global HEADER_PRINTED
-    if not HEADER_PRINTED:
-        cols = ["optimizer", "dtype", "n", "B/elem"]
-        for impl in implementations:
-            cols += [f"{impl} median", f"{impl} GB/s"]
-        cols += ["speed-up vs numpy", "of roofline"]
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
-        HEADER_PRINTED = True
     cells = [row["optimizer"], row["dtype"], f"{row['n']:.0e}", str(row["bytes_per_element"])]
     for impl in implementations:
-        cells += [fmt_time(row[impl]["median_s"]), f"{row[impl]['gb_per_s']:.1f}"]
+        figure = row.get(impl)
+        cells += [fmt_time(figure["median_s"]), f"{figure['gb_per_s']:.1f}"] if figure else \
+            ["–", "–"]
     cells.append(f"{row['speedup']:.1f}x" if "speedup" in row else "")
     cells.append(f"{row['of_roofline']:.0%}" if "of_roofline" in row else "")
     print("| " + " | ".join(cells) + " |", flush=True)
@@ -176,9 +405,10 @@ def threshold(rng, budget_s, gap_s):
         for n in sizes:
             pool = make_pool(spec, hyper, n, np.float32, rng)
             medians = []
+            steps = [call_step("fused")(spec, hyper, arrays) for arrays in pool]
             for parallel_min in (sys.maxsize, 0):
                 _core.set_parallel_min(parallel_min)
-                times = time_calls(spec, spec.fused, hyper, pool, budget_s, 20, 20000, gap_s)
+                times = time_calls(steps, budget_s, 20, 20000, gap_s)
                 medians.append(statistics.median(times))
             results.append((n, *medians))
             print(f"| {n} | {fmt_time(medians[0])} | {fmt_time(medians[1])} | "
@@ -204,32 +434,52 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
     parser.add_argument("--gap", type=float, default=0.0,
                         help="with --threshold: seconds to sleep between calls")
-    parser.add_argument("--threads", type=int, help="kernel threads (default: all)")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="kernel thread counts (default: all cores; full run: 1 and all)")
     parser.add_argument("--budget", type=float, help="seconds of timing per figure")
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/<mode>.json)")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    if args.threads:
-        fusedopt.set_num_threads(args.threads)
     mode = "threshold" if args.threshold else "quick" if args.quick else "full"
     result = {"mode": mode, "machine": machine(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"fusedopt {fusedopt.__version__}, {result['machine']['cpu']}, "
           f"{result['machine']['threads']} threads, numpy {np.__version__}\n")
+    out = args.out or Path(__file__).parent / "results" / f"{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.threshold:
+        set_threads(args.threads[0] if args.threads else None)
         result["threshold"] = threshold(rng, args.budget or 0.2, args.gap)
     else:
         if args.quick:
             sizes, dtypes, budget = [1e3, 1e5, 1e6, 1e7], ["float32"], 0.25
+            implementations = ["fusedopt", "numpy", "roofline", "torch-fused"]
+            thread_counts = args.threads or [None]
         else:
-            sizes = [10 ** (k / 2) for k in range(4, 17)]  # 1e2 ... 1e8
-            dtypes, budget = ["float32", "float64"], 0.5
+            sizes = [10.0 ** k for k in range(2, 9)]  # 1e2 ... 1e8
+            dtypes, budget = ["float32", "float64"], 0.3
+            implementations = list(IMPLEMENTATIONS)
+            thread_counts = args.threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
         sizes = [int(s) for s in (args.sizes or sizes)]
-        result["rows"] = run(args.optimizers, sizes, args.dtypes or dtypes,
-                             list(IMPLEMENTATIONS), args.budget or budget, rng)
-    out = args.out or Path(__file__).parent / "results" / f"{mode}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        result["rows"] = []
+        for threads in thread_counts:
+            set_threads(threads)
+            print(f"-- {fusedopt.get_num_threads()} threads")
+            # NumPy runs on one thread whatever the setting: timed once, at the first count
+            impls = implementations if threads == thread_counts[0] else [
+                i for i in implementations if i != "numpy"]
+            result["rows"] += run(args.optimizers, sizes, args.dtypes or dtypes, impls,
+                                  args.budget or budget, rng)
+        set_threads(None)
+        if not args.quick:
+            result["many_tensors"] = many_tensors([64, 256], args.budget or budget, rng)
+            result["memory"] = memory(10**7, rng)
+            try:
+                plot(result["rows"], out.parent)
+                print(f"plots: {out.parent / 'bandwidth.png'}, {out.parent / 'speedup.png'}")
+            except ImportError:
+                print("matplotlib not installed: no plots")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
