@@ -50,7 +50,6 @@ struct Adam {
   void operator()(Index n, const std::array<T*, 5>& a) const {
     T scratch[kChunk];
     Vec<T> param(a[0], n), exp_avg(a[2], n), exp_avg_sq(a[3], n);
-    if (decay != T(1)) param *= decay;
     const auto g = effective_grad(n, a[1], a[0], maximize, l2, scratch);
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g;
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g;
@@ -61,7 +60,15 @@ struct Adam {
       max_exp_avg_sq = max_exp_avg_sq.template max<Eigen::PropagateNaN>(exp_avg_sq);
       v = a[4];
     }
-    param -= step_size * exp_avg / (ConstVec<T>(v, n).sqrt() / bias_correction2_sqrt + eps);
+    const auto update =
+        step_size * exp_avg / (ConstVec<T>(v, n).sqrt() / bias_correction2_sqrt + eps);
+    // The decoupled decay folded into the last sweep: param * decay is rounded to T before the
+    // subtraction either way, so this is bit-identical to decaying first.
+    if (decay != T(1)) {
+      param = param * decay - update;
+    } else {
+      param -= update;
+    }
   }
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,

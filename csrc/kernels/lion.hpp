@@ -40,7 +40,6 @@ struct Lion {
     T c_buf[kChunk];
     Vec<T> param(a[0], n), exp_avg(a[2], n), c(c_buf, n);
     const auto g = effective_grad(n, a[1], a[0], maximize, T(0), scratch);
-    if (decays) param *= decay;
     c = beta1 * exp_avg + one_minus_beta1 * g;
     // numpy.sign, branch-free so that GCC vectorizes it (Eigen 3.4 has no packet comparisons,
     // and a branch per element of random sign is mispredicted half the time): (x > 0) - (x < 0)
@@ -50,7 +49,11 @@ struct Lion {
       const T sign = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
       c_buf[i] = x != x ? x : sign;
     }
-    param -= lr * c;
+    if (decays) {  // decay folded in: param * decay is rounded before the subtraction anyway
+      param = param * decay - lr * c;
+    } else {
+      param -= lr * c;
+    }
     exp_avg = beta2 * exp_avg + one_minus_beta2 * g;
   }
 
