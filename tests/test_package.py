@@ -68,3 +68,17 @@ def test_show_config():
     assert f"SIMD level:        {_core.SIMD_LEVEL}" in text
     assert "Eigen:             3." in text
     assert f"threads:           {fusedopt.get_num_threads()}" in text
+
+
+def test_omp_num_threads_is_honoured():
+    result = run_python("import fusedopt; print(fusedopt.get_num_threads())", OMP_NUM_THREADS="3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+
+def test_threadpoolctl_limits_apply():
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl not installed")
+    default = fusedopt.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert fusedopt.get_num_threads() == 1
+    assert fusedopt.get_num_threads() == default
