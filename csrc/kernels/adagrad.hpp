@@ -1,6 +1,8 @@
 // Adagrad (Duchi, Hazan & Singer 2011), with PyTorch's learning-rate decay.
 #pragma once
 
+#include <cmath>
+
 #include "common.hpp"
 
 namespace fusedopt {
@@ -27,11 +29,17 @@ struct Adagrad {
         maximize(h.flag("maximize")) {}
 
   void operator()(Index n, const std::array<T*, 3>& a) const {
-    T scratch[kChunk];
-    Vec<T> param(a[0], n), sum_sq(a[2], n);
-    const auto g = effective_grad(n, a[1], a[0], maximize, weight_decay, scratch);
-    sum_sq = sum_sq + g * g;
-    param -= clr * g / (sum_sq.sqrt() + eps);
+    T* __restrict param = a[0];
+    const T* __restrict grad = a[1];
+    T* __restrict sum_sq = a[2];
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      const T p = param[i];
+      const T g = effective_grad(grad[i], p, maximize, weight_decay);
+      const T s = sum_sq[i] + g * g;
+      sum_sq[i] = s;
+      param[i] = p - clr * g / (std::sqrt(s) + eps);
+    }
   }
 
   T clr, weight_decay, eps;

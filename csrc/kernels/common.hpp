@@ -32,26 +32,18 @@ using Vec = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 template <typename T>
 using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 
-// Elements per chunk. Every statement of a kernel sweeps the chunk once; at 2048 elements the
-// five arrays of an AMSGrad step in float64 (80 KiB) stay in L2 and float32 Adam (32 KiB) in L1,
-// so main memory is touched once per step however many statements the formula has.
+// Elements per chunk: the unit in which threads split the work and reductions combine partial
+// results. Small enough to balance many small tensors, large enough that the per-chunk
+// overhead vanishes (2048 measured best of 512 ... 16384).
 inline constexpr Index kChunk = 2048;
 
-// The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param.
-// Written into `scratch` (kChunk elements) only when it differs from grad.
+// The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param
+// (only when l2 is not 0, as the reference: 0 * inf would be NaN). Kernels are single loops over
+// a chunk, all arrays streamed together; these loop-invariant selects vectorize as blends.
 template <typename T>
-ConstVec<T> effective_grad(Index n, const T* grad, const T* param, bool maximize, T l2,
-                           T* scratch) {
-  if (!maximize && l2 == T(0)) return ConstVec<T>(grad, n);
-  Vec<T> g(scratch, n);
-  const ConstVec<T> grad_v(grad, n);
-  if (maximize) {
-    g = -grad_v;
-  } else {
-    g = grad_v;
-  }
-  if (l2 != T(0)) g = g + l2 * ConstVec<T>(param, n);
-  return ConstVec<T>(scratch, n);
+inline T effective_grad(T grad, T param, bool maximize, T l2) {
+  const T raw = maximize ? -grad : grad;
+  return l2 != T(0) ? raw + l2 * param : raw;
 }
 
 // One tensor of a call: a pointer per role (nullptr for an absent optional role) and its length.

@@ -27,7 +27,6 @@ struct Lion {
     const double wd = h.real("weight_decay");
     lr = T(lr_);
     decay = T(1.0 - lr_ * wd);
-    decays = wd != 0.0;
     beta1 = T(b1);
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(b2);
@@ -36,29 +35,24 @@ struct Lion {
   }
 
   void operator()(Index n, const std::array<T*, 3>& a) const {
-    T scratch[kChunk];
-    T c_buf[kChunk];
-    Vec<T> param(a[0], n), exp_avg(a[2], n), c(c_buf, n);
-    const auto g = effective_grad(n, a[1], a[0], maximize, T(0), scratch);
-    c = beta1 * exp_avg + one_minus_beta1 * g;
-    // numpy.sign, branch-free so that GCC vectorizes it (Eigen 3.4 has no packet comparisons,
-    // and a branch per element of random sign is mispredicted half the time): (x > 0) - (x < 0)
-    // is +0 for either zero; a NaN stays NaN.
+    T* __restrict param = a[0];
+    const T* __restrict grad = a[1];
+    T* __restrict exp_avg = a[2];
+#pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      const T x = c_buf[i];
-      const T sign = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
-      c_buf[i] = x != x ? x : sign;
+      const T g = maximize ? -grad[i] : grad[i];
+      const T m = exp_avg[i];
+      const T c = beta1 * m + one_minus_beta1 * g;
+      // numpy.sign, branch-free: (c > 0) - (c < 0) is +0 for either zero; NaN stays NaN
+      const T sign = c != c ? c : static_cast<T>(c > T(0)) - static_cast<T>(c < T(0));
+      // param * 1 is exact: no weight decay is the same as decay = 1
+      param[i] = param[i] * decay - lr * sign;
+      exp_avg[i] = beta2 * m + one_minus_beta2 * g;
     }
-    if (decays) {  // decay folded in: param * decay is rounded before the subtraction anyway
-      param = param * decay - lr * c;
-    } else {
-      param -= lr * c;
-    }
-    exp_avg = beta2 * exp_avg + one_minus_beta2 * g;
   }
 
   T lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
-  bool decays, maximize;
+  bool maximize;
 };
 
 }  // namespace fusedopt

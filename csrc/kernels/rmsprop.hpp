@@ -1,6 +1,8 @@
 // RMSprop (Hinton, Coursera lecture 6e, 2012), centered form (Graves 2013), with momentum.
 #pragma once
 
+#include <cmath>
+
 #include "common.hpp"
 
 namespace fusedopt {
@@ -41,24 +43,42 @@ struct Rmsprop {
   }
 
   void operator()(Index n, const std::array<T*, 5>& a) const {
-    T scratch[kChunk];
-    T denom_buf[kChunk];
-    Vec<T> param(a[0], n), square_avg(a[2], n), denom(denom_buf, n);
-    const auto g = effective_grad(n, a[1], a[0], maximize, weight_decay, scratch);
-    square_avg = alpha * square_avg + one_minus_alpha * g * g;
-    if (a[4] != nullptr) {
-      Vec<T> grad_avg(a[4], n);
-      grad_avg = alpha * grad_avg + one_minus_alpha * g;
-      denom = (square_avg - grad_avg * grad_avg).sqrt() + eps;
+    const bool with_momentum = a[3] != nullptr, centered = a[4] != nullptr;
+    if (centered) {
+      with_momentum ? run<true, true>(n, a) : run<false, true>(n, a);
     } else {
-      denom = square_avg.sqrt() + eps;
+      with_momentum ? run<true, false>(n, a) : run<false, false>(n, a);
     }
-    if (a[3] != nullptr) {
-      Vec<T> momentum_buf(a[3], n);
-      momentum_buf = momentum * momentum_buf + g / denom;
-      param -= lr * momentum_buf;
-    } else {
-      param -= lr * g / denom;
+  }
+
+  template <bool with_momentum, bool centered>
+  void run(Index n, const std::array<T*, 5>& a) const {
+    T* __restrict param = a[0];
+    const T* __restrict grad = a[1];
+    T* __restrict square_avg = a[2];
+    T* __restrict momentum_buf = a[3];
+    T* __restrict grad_avg = a[4];
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      const T p = param[i];
+      const T g = effective_grad(grad[i], p, maximize, weight_decay);
+      const T s = alpha * square_avg[i] + one_minus_alpha * g * g;
+      square_avg[i] = s;
+      T denom;
+      if constexpr (centered) {
+        const T ga = alpha * grad_avg[i] + one_minus_alpha * g;
+        grad_avg[i] = ga;
+        denom = std::sqrt(s - ga * ga) + eps;
+      } else {
+        denom = std::sqrt(s) + eps;
+      }
+      if constexpr (with_momentum) {
+        const T b = momentum * momentum_buf[i] + g / denom;
+        momentum_buf[i] = b;
+        param[i] = p - lr * b;
+      } else {
+        param[i] = p - lr * g / denom;
+      }
     }
   }
 

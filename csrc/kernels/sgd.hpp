@@ -21,10 +21,13 @@ struct Sgd {
       : lr(T(h.real("lr"))), weight_decay(T(h.real("weight_decay"))), maximize(h.flag("maximize")) {}
 
   void operator()(Index n, const std::array<T*, 2>& a) const {
-    T scratch[kChunk];
-    Vec<T> param(a[0], n);
-    const auto g = effective_grad(n, a[1], a[0], maximize, weight_decay, scratch);
-    param -= lr * g;
+    T* __restrict param = a[0];
+    const T* __restrict grad = a[1];
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      const T p = param[i];
+      param[i] = p - lr * effective_grad(grad[i], p, maximize, weight_decay);
+    }
   }
 
   T lr, weight_decay;
@@ -55,14 +58,16 @@ struct Momentum {
         maximize(h.flag("maximize")) {}
 
   void operator()(Index n, const std::array<T*, 3>& a) const {
-    T scratch[kChunk];
-    Vec<T> param(a[0], n), buf(a[2], n);
-    const auto g = effective_grad(n, a[1], a[0], maximize, weight_decay, scratch);
-    buf = momentum * buf + one_minus_dampening * g;
-    if (nesterov) {
-      param -= lr * (g + momentum * buf);
-    } else {
-      param -= lr * buf;
+    T* __restrict param = a[0];
+    const T* __restrict grad = a[1];
+    T* __restrict buf = a[2];
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      const T p = param[i];
+      const T g = effective_grad(grad[i], p, maximize, weight_decay);
+      const T b = momentum * buf[i] + one_minus_dampening * g;
+      buf[i] = b;
+      param[i] = p - lr * (nesterov ? g + momentum * b : b);
     }
   }
 
