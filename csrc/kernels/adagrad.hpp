@@ -29,13 +29,16 @@ struct Adagrad {
         maximize(h.flag("maximize")) {}
 
   void operator()(Index n, const std::array<T*, 3>& a) const {
-    T* __restrict param = a[0];
-    const T* __restrict grad = a[1];
-    T* __restrict sum_sq = a[2];
+    with_flags([&](auto max, auto l2) { run<max.value, l2.value>(n, a[0], a[1], a[2]); },
+               maximize, weight_decay != T(0));
+  }
+
+  template <bool max, bool l2>
+  void run(Index n, T* __restrict param, const T* __restrict grad, T* __restrict sum_sq) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = param[i];
-      const T g = effective_grad(grad[i], p, maximize, weight_decay);
+      const T g = effective_grad<max, l2>(grad[i], p, weight_decay);
       const T s = sum_sq[i] + g * g;
       sum_sq[i] = s;
       param[i] = p - clr * g / (std::sqrt(s) + eps);

@@ -51,20 +51,18 @@ struct Adam {
   // per statement (measured: 47 vs 41 GB/s on 2 cores), the reference's operations in its
   // order. param * 1 is exact, so decay is applied whether decoupled or not.
   void operator()(Index n, const std::array<T*, 5>& a) const {
-    if (a[4] != nullptr) {
-      run<true>(n, a[0], a[1], a[2], a[3], a[4]);
-    } else {
-      run<false>(n, a[0], a[1], a[2], a[3], nullptr);
-    }
+    with_flags([&](auto max, auto has_l2, auto ams) {
+      run<max.value, has_l2.value, ams.value>(n, a[0], a[1], a[2], a[3], a[4]);
+    }, maximize, l2 != T(0), a[4] != nullptr);
   }
 
-  template <bool amsgrad>
+  template <bool max, bool has_l2, bool amsgrad>
   void run(Index n, T* __restrict param, const T* __restrict grad, T* __restrict exp_avg,
            T* __restrict exp_avg_sq, T* __restrict max_exp_avg_sq) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = param[i];
-      const T g = effective_grad(grad[i], p, maximize, l2);
+      const T g = effective_grad<max, has_l2>(grad[i], p, l2);
       const T m = beta1 * exp_avg[i] + one_minus_beta1 * g;
       const T v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g;
       exp_avg[i] = m;

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -37,13 +38,28 @@ using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 // overhead vanishes (2048 measured best of 512 ... 16384).
 inline constexpr Index kChunk = 2048;
 
+// Calls fn(std::bool_constant<flag>...) with each runtime flag as a compile-time constant, so
+// that every kernel loop is branch-free: GCC vectorizes no loop with control flow in it.
+template <typename Fn>
+void with_flags(const Fn& fn) {
+  fn();
+}
+template <typename Fn, typename... Flags>
+void with_flags(const Fn& fn, bool first, Flags... rest) {
+  if (first) {
+    with_flags([&](auto... flags) { fn(std::true_type{}, flags...); }, rest...);
+  } else {
+    with_flags([&](auto... flags) { fn(std::false_type{}, flags...); }, rest...);
+  }
+}
+
 // The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param
-// (only when l2 is not 0, as the reference: 0 * inf would be NaN). Kernels are single loops over
-// a chunk, all arrays streamed together; these loop-invariant selects vectorize as blends.
-template <typename T>
-inline T effective_grad(T grad, T param, bool maximize, T l2) {
-  const T raw = maximize ? -grad : grad;
-  return l2 != T(0) ? raw + l2 * param : raw;
+// only with an L2 term, as the reference (0 * inf would be NaN).
+template <bool maximize, bool has_l2, typename T>
+inline T effective_grad(T grad, T param, T l2) {
+  const T g = maximize ? -grad : grad;
+  if constexpr (has_l2) return g + l2 * param;
+  return g;
 }
 
 // One tensor of a call: a pointer per role (nullptr for an absent optional role) and its length.

@@ -35,12 +35,14 @@ struct Lion {
   }
 
   void operator()(Index n, const std::array<T*, 3>& a) const {
-    T* __restrict param = a[0];
-    const T* __restrict grad = a[1];
-    T* __restrict exp_avg = a[2];
+    with_flags([&](auto max) { run<max.value>(n, a[0], a[1], a[2]); }, maximize);
+  }
+
+  template <bool max>
+  void run(Index n, T* __restrict param, const T* __restrict grad, T* __restrict exp_avg) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      const T g = maximize ? -grad[i] : grad[i];
+      const T g = effective_grad<max, false>(grad[i], T(0), T(0));
       const T m = exp_avg[i];
       const T c = beta1 * m + one_minus_beta1 * g;
       // numpy.sign, branch-free: (c > 0) - (c < 0) is +0 for either zero; NaN stays NaN

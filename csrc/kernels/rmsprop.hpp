@@ -43,25 +43,18 @@ struct Rmsprop {
   }
 
   void operator()(Index n, const std::array<T*, 5>& a) const {
-    const bool with_momentum = a[3] != nullptr, centered = a[4] != nullptr;
-    if (centered) {
-      with_momentum ? run<true, true>(n, a) : run<false, true>(n, a);
-    } else {
-      with_momentum ? run<true, false>(n, a) : run<false, false>(n, a);
-    }
+    with_flags([&](auto max, auto l2, auto mom, auto cent) {
+      run<max.value, l2.value, mom.value, cent.value>(n, a[0], a[1], a[2], a[3], a[4]);
+    }, maximize, weight_decay != T(0), a[3] != nullptr, a[4] != nullptr);
   }
 
-  template <bool with_momentum, bool centered>
-  void run(Index n, const std::array<T*, 5>& a) const {
-    T* __restrict param = a[0];
-    const T* __restrict grad = a[1];
-    T* __restrict square_avg = a[2];
-    T* __restrict momentum_buf = a[3];
-    T* __restrict grad_avg = a[4];
+  template <bool max, bool l2, bool with_momentum, bool centered>
+  void run(Index n, T* __restrict param, const T* __restrict grad, T* __restrict square_avg,
+           T* __restrict momentum_buf, T* __restrict grad_avg) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = param[i];
-      const T g = effective_grad(grad[i], p, maximize, weight_decay);
+      const T g = effective_grad<max, l2>(grad[i], p, weight_decay);
       const T s = alpha * square_avg[i] + one_minus_alpha * g * g;
       square_avg[i] = s;
       T denom;

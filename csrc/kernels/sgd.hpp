@@ -21,12 +21,16 @@ struct Sgd {
       : lr(T(h.real("lr"))), weight_decay(T(h.real("weight_decay"))), maximize(h.flag("maximize")) {}
 
   void operator()(Index n, const std::array<T*, 2>& a) const {
-    T* __restrict param = a[0];
-    const T* __restrict grad = a[1];
+    with_flags([&](auto max, auto l2) { run<max.value, l2.value>(n, a[0], a[1]); }, maximize,
+               weight_decay != T(0));
+  }
+
+  template <bool max, bool l2>
+  void run(Index n, T* __restrict param, const T* __restrict grad) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = param[i];
-      param[i] = p - lr * effective_grad(grad[i], p, maximize, weight_decay);
+      param[i] = p - lr * effective_grad<max, l2>(grad[i], p, weight_decay);
     }
   }
 
@@ -58,16 +62,24 @@ struct Momentum {
         maximize(h.flag("maximize")) {}
 
   void operator()(Index n, const std::array<T*, 3>& a) const {
-    T* __restrict param = a[0];
-    const T* __restrict grad = a[1];
-    T* __restrict buf = a[2];
+    with_flags([&](auto max, auto l2, auto nest) {
+      run<max.value, l2.value, nest.value>(n, a[0], a[1], a[2]);
+    }, maximize, weight_decay != T(0), nesterov);
+  }
+
+  template <bool max, bool l2, bool nest>
+  void run(Index n, T* __restrict param, const T* __restrict grad, T* __restrict buf) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = param[i];
-      const T g = effective_grad(grad[i], p, maximize, weight_decay);
+      const T g = effective_grad<max, l2>(grad[i], p, weight_decay);
       const T b = momentum * buf[i] + one_minus_dampening * g;
       buf[i] = b;
-      param[i] = p - lr * (nesterov ? g + momentum * b : b);
+      if constexpr (nest) {
+        param[i] = p - lr * (g + momentum * b);
+      } else {
+        param[i] = p - lr * b;
+      }
     }
   }
 
