@@ -142,8 +142,6 @@ def make_pool(spec, hyper, n, dtype, rng):
     state zero (a single set for sizes that do not fit twice in memory)."""
     set_bytes = max(1, n * spec.bytes_per_element(np.dtype(dtype).itemsize, hyper))
     count = max(1, min(MAX_POOL, math.ceil(POOL_BYTES / set_bytes)))
-    if count > 1:
-        count = max(count, 2)
     pool = []
     for _ in range(count):
         arrays = {role: rng.standard_normal(n).astype(dtype) for role in ("param", "grad")}

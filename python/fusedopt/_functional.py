@@ -69,6 +69,11 @@ def _eps(eps: float) -> float:
     return _real(eps, "epsilon value", low_open=True)
 
 
+def _betas(beta1: float, beta2: float) -> tuple:
+    return (_real(beta1, "beta parameter at index 0", 0.0, 1.0),
+            _real(beta2, "beta parameter at index 1", 0.0, 1.0))
+
+
 def _require(buffer: Optional[Arrays], name: str, option: str) -> None:
     if buffer is None:
         raise ValueError(f"{option} needs the {name} buffer, got None")
@@ -198,8 +203,7 @@ def adam_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, s
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    beta1 = _real(beta1, "beta parameter at index 0", 0.0, 1.0)
-    beta2 = _real(beta2, "beta parameter at index 1", 0.0, 1.0)
+    beta1, beta2 = _betas(beta1, beta2)
     if amsgrad:
         _require(max_exp_avg_sq, "max_exp_avg_sq", "amsgrad=True")
     return _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
@@ -354,8 +358,7 @@ def lion_(param: Arrays, grad: Arrays, exp_avg: Arrays, *, lr: float = 1e-4, bet
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    return _core.lion(param, grad, exp_avg, lr=_lr(lr),
-                      beta1=_real(beta1, "beta parameter at index 0", 0.0, 1.0),
-                      beta2=_real(beta2, "beta parameter at index 1", 0.0, 1.0),
+    beta1, beta2 = _betas(beta1, beta2)
+    return _core.lion(param, grad, exp_avg, lr=_lr(lr), beta1=beta1, beta2=beta2,
                       weight_decay=_weight_decay(weight_decay), maximize=bool(maximize),
                       skip_if_nonfinite=bool(skip_if_nonfinite))

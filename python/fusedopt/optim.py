@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import types
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -495,9 +495,7 @@ class Adam(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        beta1, beta2 = group["betas"]
-        F._real(beta1, "beta parameter at index 0", 0.0, 1.0)
-        F._real(beta2, "beta parameter at index 1", 0.0, 1.0)
+        F._betas(*group["betas"])
         F._eps(group["eps"])
         F._weight_decay(group["weight_decay"])
 
@@ -603,9 +601,7 @@ class Lion(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        beta1, beta2 = group["betas"]
-        F._real(beta1, "beta parameter at index 0", 0.0, 1.0)
-        F._real(beta2, "beta parameter at index 1", 0.0, 1.0)
+        F._betas(*group["betas"])
         F._weight_decay(group["weight_decay"])
 
     def _buffers(self, group):
