@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <limits>
 #include <cstdint>
 #include <string>
 #include <unordered_map>
@@ -183,14 +185,221 @@ void check_array(const Label& label, py::handle obj, const py::array* ref,
   }
 }
 
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
+
+// Hyperparameters: what each name accepts, checked in one place for the functions and the
+// optimizer classes, with PyTorch's messages.
+enum class Kind { real, step, flag };
+
+struct Rule {
+  const char* name;
+  Kind kind;
+  const char* label = nullptr;  // a real's name in messages
+  double low = 0.0;
+  double high = std::numeric_limits<double>::infinity();
+  bool low_open = false;
+  bool high_open = true;
+};
+
+constexpr Rule kRules[] = {
+    {"lr", Kind::real, "learning rate"},
+    {"eps", Kind::real, "epsilon value", 0.0, kInfinity, true},
+    {"beta1", Kind::real, "beta parameter at index 0", 0.0, 1.0},
+    {"beta2", Kind::real, "beta parameter at index 1", 0.0, 1.0},
+    {"beta", Kind::real, "beta value", 0.0, 1.0},
+    {"weight_decay", Kind::real, "weight_decay value"},
+    {"momentum", Kind::real, "momentum value"},
+    {"dampening", Kind::real, "dampening value", 0.0, 1.0, false, false},
+    {"alpha", Kind::real, "alpha value", 0.0, 1.0, false, false},
+    {"lr_decay", Kind::real, "lr_decay value"},
+    {"initial_accumulator_value", Kind::real, "initial_accumulator_value"},
+    {"factor", Kind::real, "factor"},
+    {"step", Kind::step},
+    {"maximize", Kind::flag},
+    {"nesterov", Kind::flag},
+    {"decoupled_weight_decay", Kind::flag},
+    {"amsgrad", Kind::flag},
+    {"centered", Kind::flag},
+    {"skip_if_nonfinite", Kind::flag},
+};
+constexpr std::size_t kRuleCount = sizeof(kRules) / sizeof(kRules[0]);
+
+std::string str_of(PyObject* value) { return py::str(value).cast<std::string>(); }
+
+// type(value).__name__, as Python's own messages say it.
+std::string python_type_name(PyObject* value) {
+  return py::type::handle_of(value).attr("__name__").cast<std::string>();
+}
+
+// int, float and NumPy's integer and floating scalars; not bool, str or anything else that
+// float() would take.
+bool is_real_number(PyObject* value) {
+  if (PyBool_Check(value)) return false;
+  if (PyFloat_Check(value) || PyLong_Check(value)) return true;
+  static PyObject* const numpy_types = [] {
+    const py::module_ numpy = py::module_::import("numpy");
+    return py::make_tuple(numpy.attr("integer"), numpy.attr("floating")).release().ptr();
+  }();
+  const int is_numpy = PyObject_IsInstance(value, numpy_types);
+  if (is_numpy < 0) throw py::error_already_set();
+  return is_numpy == 1;
+}
+
+double parse_real(const Rule& rule, PyObject* value) {
+  double v;
+  if (PyFloat_CheckExact(value)) {  // the common case first: it runs several times per call
+    v = PyFloat_AS_DOUBLE(value);
+  } else {
+    if (!is_real_number(value)) {
+      throw py::type_error(std::string(rule.label) + " must be a real number, got " +
+                           python_type_name(value));
+    }
+    v = PyFloat_AsDouble(value);
+    if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  }
+  const bool above = rule.low_open ? rule.low < v : rule.low <= v;
+  const bool below = rule.high_open ? v < rule.high : v <= rule.high;
+  if (!(above && below)) {  // also rejects NaN
+    throw py::value_error(std::string("Invalid ") + rule.label + ": " + str_of(value));
+  }
+  return v;
+}
+
+// The count of steps including this one, from 1: an integer (operator.index), not a bool.
+std::int64_t parse_step(PyObject* value) {
+  if (PyBool_Check(value)) throw py::type_error("step must be an integer, got bool");
+  const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(value));
+  if (!index) {
+    PyErr_Clear();
+    throw py::type_error("step must be an integer, got " + python_type_name(value));
+  }
+  int overflow = 0;
+  const long long step = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || step < 1) {
+    throw py::value_error("Invalid step: " + str_of(index.ptr()) +
+                          (overflow > 0 ? " (at most 2**63 - 1)"
+                                        : " (the count of steps including this one, from 1)"));
+  }
+  return step;
+}
+
+bool parse_flag(PyObject* value) {
+  const int truth = PyObject_IsTrue(value);
+  if (truth < 0) throw py::error_already_set();
+  return truth == 1;
+}
+
+// The rule of a keyword, by identity first: keywords written in Python source are interned, so
+// the comparison of strings is only a fallback.
+const Rule& rule_of(PyObject* keyword) {
+  static const std::array<PyObject*, kRuleCount> names = [] {
+    std::array<PyObject*, kRuleCount> interned{};
+    for (std::size_t i = 0; i < kRuleCount; ++i) {
+      interned[i] = PyUnicode_InternFromString(kRules[i].name);
+    }
+    return interned;
+  }();
+  for (std::size_t i = 0; i < kRuleCount; ++i) {
+    if (names[i] == keyword) return kRules[i];
+  }
+  for (std::size_t i = 0; i < kRuleCount; ++i) {
+    if (PyUnicode_Compare(names[i], keyword) == 0) return kRules[i];
+  }
+  throw py::type_error("unexpected hyperparameter " + str_of(keyword));
+}
+
+// The keyword arguments of a call, parsed and validated before any array is looked at. The
+// kernel then reads each by name; every one must be read exactly once: a missing or unread
+// name is a programming error in the Python layer, not silently ignored.
+class Hyper {
+ public:
+  Hyper(std::size_t count, PyObject* const* keywords, PyObject* const* values) : count_(count) {
+    if (count > entries_.size()) throw py::type_error("too many hyperparameters");
+    for (std::size_t i = 0; i < count; ++i) {
+      Entry& e = entries_[i];
+      e.rule = &rule_of(keywords[i]);
+      e.value = values[i];
+      switch (e.rule->kind) {
+        case Kind::real: e.number = parse_real(*e.rule, values[i]); break;
+        case Kind::step: e.number = static_cast<double>(e.step = parse_step(values[i])); break;
+        case Kind::flag: e.number = parse_flag(values[i]) ? 1.0 : 0.0; break;
+      }
+    }
+    const Entry* nesterov = lookup("nesterov");
+    if (nesterov != nullptr && nesterov->number != 0.0) {
+      const Entry* momentum = lookup("momentum");
+      const Entry* dampening = lookup("dampening");
+      if (momentum == nullptr || momentum->number <= 0.0 || dampening == nullptr ||
+          dampening->number != 0.0) {
+        throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
+      }
+    }
+  }
+
+  double real(const char* name) const { return get(name, Kind::real).number; }
+  bool flag(const char* name) const { return get(name, Kind::flag).number != 0.0; }
+  std::int64_t integer(const char* name) const { return get(name, Kind::step).step; }
+  // A flag that may be absent (then false).
+  bool optional_flag(const char* name) const { return lookup(name) != nullptr && flag(name); }
+
+  // Whether the option `name` is on: the hyperparameter is given and true or nonzero.
+  bool option_on(const char* name) const {
+    const Entry* e = lookup(name);
+    if (e == nullptr) return false;
+    e->read = true;
+    return e->number != 0.0;
+  }
+  // "name=value", as the caller wrote it.
+  std::string option_str(const char* name) const {
+    const Entry* e = lookup(name);
+    return std::string(name) + "=" + (e != nullptr ? str_of(e->value) : "None");
+  }
+
+  void check_all_read() const {
+    for (std::size_t i = 0; i < count_; ++i) {
+      if (!entries_[i].read) {
+        throw py::type_error(std::string("unexpected hyperparameter ") + entries_[i].rule->name);
+      }
+    }
+  }
+
+ private:
+  struct Entry {
+    const Rule* rule;
+    PyObject* value;  // borrowed: the caller's reference outlives the call
+    double number;    // a real, a step, or a flag as 0/1
+    std::int64_t step;
+    mutable bool read;
+  };
+
+  const Entry* lookup(const char* name) const {
+    for (std::size_t i = 0; i < count_; ++i) {
+      if (std::strcmp(entries_[i].rule->name, name) == 0) return &entries_[i];
+    }
+    return nullptr;
+  }
+
+  const Entry& get(const char* name, Kind kind) const {
+    const Entry* e = lookup(name);
+    if (e == nullptr) throw py::type_error(std::string("missing hyperparameter ") + name);
+    if (e->rule->kind != kind) throw py::type_error(std::string("wrong kind of ") + name);
+    e->read = true;
+    return *e;
+  }
+
+  std::array<Entry, kRuleCount> entries_{};
+  std::size_t count_;
+};
+
 // Validates every argument of a call before anything is written. An argument is one array (then
 // all are) or a list/tuple of arrays, one per tensor (then all are, of the same length); an
-// absent optional argument is None.
+// absent optional argument is None. `hyper` says which options are on (nullptr: none).
 template <std::size_t N>
-Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) {
-  if (args.size() != N) {
+Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
+                        std::size_t nargs, const Hyper* hyper) {
+  if (nargs != N) {
     throw py::type_error("expected " + std::to_string(N) + " array arguments, got " +
-                         std::to_string(args.size()));
+                         std::to_string(nargs));
   }
   const py::handle param = args[0];
   const bool single = py::isinstance<py::array>(param);
@@ -229,6 +438,14 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
     const py::handle arg = args[r];
     const std::string name = roles[r].name;
     present[r] = !arg.is_none();
+    if (roles[r].used_when != nullptr) {
+      const bool used = hyper != nullptr && hyper->option_on(roles[r].used_when);
+      if (used && !present[r]) {
+        throw py::value_error(hyper->option_str(roles[r].used_when) + " needs the " + name +
+                              " buffer, got None");
+      }
+      present[r] = present[r] && used;
+    }
     if (!present[r]) {
       if (roles[r].optional) continue;
       throw py::type_error(name + ": expected " +
@@ -280,47 +497,6 @@ Checked check_arguments(const std::array<Role, N>& roles, const py::args& args) 
   return checked;
 }
 
-// `name` as an interned Python string, made once per name: dictionary lookups with it skip
-// building and hashing a new string on every call. Only used with the GIL held.
-PyObject* interned(const char* name) {
-  static std::unordered_map<const char*, PyObject*> cache;  // keys are string literals
-  PyObject*& key = cache[name];
-  if (key == nullptr) key = PyUnicode_InternFromString(name);
-  return key;
-}
-
-// Hyperparameters by name, from the keyword arguments of a call. Each must be read exactly once:
-// a missing or unexpected name is a programming error in the Python layer, not silently ignored.
-class Hyper {
- public:
-  explicit Hyper(const py::kwargs& kwargs) : kwargs_(kwargs) {}
-
-  double real(const char* name) const { return get(name).cast<double>(); }
-  bool flag(const char* name) const { return get(name).cast<bool>(); }
-  // A flag that may be absent (then false).
-  bool optional_flag(const char* name) const {
-    return PyDict_GetItem(kwargs_.ptr(), interned(name)) != nullptr && flag(name);
-  }
-  std::int64_t integer(const char* name) const { return get(name).cast<std::int64_t>(); }
-
-  void check_all_read() const {
-    if (read_ != py::len(kwargs_)) {
-      throw py::type_error("unexpected hyperparameters: got " + py::str(kwargs_).cast<std::string>());
-    }
-  }
-
- private:
-  py::handle get(const char* name) const {
-    PyObject* value = PyDict_GetItem(kwargs_.ptr(), interned(name));
-    if (value == nullptr) throw py::type_error(std::string("missing hyperparameter ") + name);
-    ++read_;
-    return value;
-  }
-
-  const py::kwargs& kwargs_;
-  mutable std::size_t read_ = 0;
-};
-
 template <typename T, std::size_t N>
 std::vector<fusedopt::Tensor<T, N>> tensors_of(const Checked& checked) {
   std::vector<fusedopt::Tensor<T, N>> tensors(checked.sizes.size());
@@ -359,15 +535,65 @@ bool launch(const Checked& checked, const Hyper& hyper) {
   return true;
 }
 
+// Runs fn() and returns its result; a C++ exception becomes the Python exception it stands for
+// and nullptr, as CPython expects of a function that raised.
+template <typename Fn>
+PyObject* python_call(const Fn& fn) noexcept {
+  try {
+    return fn();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "unknown C++ exception");
+  }
+  return nullptr;
+}
+
+// fn(arrays..., /, **hyperparameters) -> bool. A vectorcall function of CPython's, not a
+// pybind11 one: the arguments arrive as a C array with no tuple or dict built, which is most of
+// the cost of a call on a small tensor.
+template <template <typename> class Kernel>
+PyObject* optimizer_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargsf,
+                         PyObject* kwnames) {
+  return python_call([&] {
+    const auto nargs =
+        static_cast<std::size_t>(PyVectorcall_NARGS(static_cast<std::size_t>(nargsf)));
+    const auto nkw =
+        kwnames == nullptr ? std::size_t{0} : static_cast<std::size_t>(PyTuple_GET_SIZE(kwnames));
+    const Hyper hyper(nkw, nkw == 0 ? nullptr : PySequence_Fast_ITEMS(kwnames), args + nargs);
+    constexpr auto& roles = Kernel<float>::roles;
+    const Checked checked = check_arguments(roles, args, nargs, &hyper);
+    const bool applied = checked.is_double ? launch<Kernel, double, roles.size()>(checked, hyper)
+                                           : launch<Kernel, float, roles.size()>(checked, hyper);
+    return py::bool_(applied).release().ptr();
+  });
+}
+
 template <template <typename> class Kernel>
 void def_optimizer(py::module_& m, const char* name) {
-  m.def(name, [](const py::args& args, const py::kwargs& kwargs) {
-    constexpr auto& roles = Kernel<float>::roles;
-    const Checked checked = check_arguments(roles, args);
-    const Hyper hyper(kwargs);
-    if (checked.is_double) return launch<Kernel, double, roles.size()>(checked, hyper);
-    return launch<Kernel, float, roles.size()>(checked, hyper);
-  });
+  // CPython keeps a pointer to the definition for as long as the function lives: never freed.
+  auto* def = new PyMethodDef{name,
+                              reinterpret_cast<PyCFunction>(
+                                  reinterpret_cast<void (*)()>(&optimizer_call<Kernel>)),
+                              METH_FASTCALL | METH_KEYWORDS, nullptr};
+  auto function = py::reinterpret_steal<py::object>(PyCFunction_NewEx(def, nullptr, m.attr("__name__").ptr()));
+  if (!function) throw py::error_already_set();
+  m.add_object(name, function);
+}
+
+// Validates hyperparameters as the optimizer functions do, for the optimizer classes, which
+// check theirs when they are constructed.
+void check_hyperparameters(const py::kwargs& kwargs) {
+  std::vector<PyObject*> keywords, values;
+  for (const auto& [key, value] : kwargs) {
+    keywords.push_back(key.ptr());
+    values.push_back(value.ptr());
+  }
+  Hyper(keywords.size(), keywords.data(), values.data());
 }
 
 template <typename T>
@@ -451,15 +677,16 @@ PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
 
   m.def("all_finite", [](const py::args& args) {
     static constexpr std::array<Role, 1> roles{{{"arrays", false, false}}};
-    const Checked checked = check_arguments(roles, args);
+    const Checked checked = check_arguments(roles, PySequence_Fast_ITEMS(args.ptr()), args.size(), nullptr);
     return checked.is_double ? all_finite<double>(checked) : all_finite<float>(checked);
   });
   m.def("sum_squares", [](const py::args& args) {
     static constexpr std::array<Role, 1> roles{{{"arrays", false, false}}};
-    const Checked checked = check_arguments(roles, args);
+    const Checked checked = check_arguments(roles, PySequence_Fast_ITEMS(args.ptr()), args.size(), nullptr);
     return checked.is_double ? sum_squares<double>(checked) : sum_squares<float>(checked);
   });
   def_optimizer<fusedopt::Scale>(m, "scale");
+  m.def("check_hyperparameters", &check_hyperparameters);
   m.def("_thread_ranges", &thread_ranges);
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
 

@@ -26,7 +26,7 @@ struct Adam {
       {"grad", false, false},
       {"exp_avg", true, false},
       {"exp_avg_sq", true, false},
-      {"max_exp_avg_sq", true, true},
+      {"max_exp_avg_sq", true, true, "amsgrad"},
   }};
 
   template <typename Hyper>

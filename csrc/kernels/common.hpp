@@ -21,11 +21,14 @@ namespace fusedopt {
 using Index = std::ptrdiff_t;
 
 // One array argument of an optimizer: its name (as in the Python signature), whether the kernel
-// writes it, and whether it may be absent (a buffer that only some options use).
+// writes it, and whether it may be absent (a buffer that only some options use). With
+// `used_when`, the buffer belongs to the option of that hyperparameter: it is used, and then
+// required, exactly when that hyperparameter is true or nonzero, and ignored otherwise.
 struct Role {
   const char* name;
   bool written;
   bool optional;
+  const char* used_when = nullptr;
 };
 
 template <typename T>

@@ -26,8 +26,8 @@ struct Rmsprop {
       {"param", true, false},
       {"grad", false, false},
       {"square_avg", true, false},
-      {"momentum_buf", true, true},
-      {"grad_avg", true, true},
+      {"momentum_buf", true, true, "momentum"},
+      {"grad_avg", true, true, "centered"},
   }};
 
   template <typename Hyper>

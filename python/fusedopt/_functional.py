@@ -15,8 +15,6 @@ mixed-precision loss scaling) and the function returns False; otherwise it retur
 
 from __future__ import annotations
 
-import math
-import operator
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -29,56 +27,6 @@ __all__ = ["adagrad_", "adam_", "adamw_", "all_finite", "lion_", "momentum_", "r
 Arrays = Union[np.ndarray, Sequence[np.ndarray]]
 
 
-def _real(value: float, what: str, low: float = 0.0, high: float = math.inf, *,
-          low_open: bool = False, high_open: bool = True) -> float:
-    """``value`` as a float, or ValueError ``Invalid <what>: <value>`` outside the interval."""
-    if type(value) is float:  # the common case, first: this runs several times per step
-        v = value
-    elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
-    else:
-        v = float(value)
-    above = low < v if low_open else low <= v
-    below = v < high if high_open else v <= high
-    if not (above and below):  # also rejects NaN
-        raise ValueError(f"Invalid {what}: {value}")
-    return v
-
-
-def _step(step: int) -> int:
-    if isinstance(step, bool):
-        raise TypeError("step must be an integer, got bool")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an integer, got {type(step).__name__}") from None
-    if step < 1:
-        raise ValueError(f"Invalid step: {step} (the count of steps including this one, from 1)")
-    return step
-
-
-def _lr(lr: float) -> float:
-    return _real(lr, "learning rate")
-
-
-def _weight_decay(weight_decay: float) -> float:
-    return _real(weight_decay, "weight_decay value")
-
-
-def _eps(eps: float) -> float:
-    return _real(eps, "epsilon value", low_open=True)
-
-
-def _betas(beta1: float, beta2: float) -> tuple:
-    return (_real(beta1, "beta parameter at index 0", 0.0, 1.0),
-            _real(beta2, "beta parameter at index 1", 0.0, 1.0))
-
-
-def _require(buffer: Optional[Arrays], name: str, option: str) -> None:
-    if buffer is None:
-        raise ValueError(f"{option} needs the {name} buffer, got None")
-
-
 def all_finite(arrays: Arrays) -> bool:
     """Whether every element of ``arrays`` (one array or a list, float32 or float64, one dtype)
     is finite: one fused, parallel pass that stops at the first NaN or infinity."""
@@ -86,8 +34,7 @@ def all_finite(arrays: Arrays) -> bool:
 
 
 def sgd_(param: Arrays, grad: Arrays, *, lr: float, weight_decay: float = 0.0,
-         maximize: bool = False,
-         skip_if_nonfinite: bool = False) -> bool:
+         maximize: bool = False, skip_if_nonfinite: bool = False) -> bool:
     r"""Stochastic gradient descent (Robbins & Monro 1951), in place.
 
     .. math::
@@ -108,14 +55,13 @@ def sgd_(param: Arrays, grad: Arrays, *, lr: float, weight_decay: float = 0.0,
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    return _core.sgd(param, grad, lr=_lr(lr), weight_decay=_weight_decay(weight_decay),
-              maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
+    return _core.sgd(param, grad, lr=lr, weight_decay=weight_decay, maximize=maximize,
+                     skip_if_nonfinite=skip_if_nonfinite)
 
 
 def momentum_(param: Arrays, grad: Arrays, buf: Arrays, *, lr: float, momentum: float,
               dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-              maximize: bool = False,
-         skip_if_nonfinite: bool = False) -> bool:
+              maximize: bool = False, skip_if_nonfinite: bool = False) -> bool:
     r"""SGD with momentum (Polyak 1964), or Nesterov momentum (Sutskever et al. 2013), in place.
 
     .. math::
@@ -148,21 +94,16 @@ def momentum_(param: Arrays, grad: Arrays, buf: Arrays, *, lr: float, momentum: 
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    momentum = _real(momentum, "momentum value")
-    dampening = _real(dampening, "dampening value", 0.0, 1.0, high_open=False)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    return _core.momentum(param, grad, buf, lr=_lr(lr), momentum=momentum, dampening=dampening,
-                   nesterov=bool(nesterov), weight_decay=_weight_decay(weight_decay),
-                   maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
+    return _core.momentum(param, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+                          nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
+                          skip_if_nonfinite=skip_if_nonfinite)
 
 
 def adam_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, step: int,
           lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
           amsgrad: bool = False, max_exp_avg_sq: Optional[Arrays] = None,
-          maximize: bool = False,
-         skip_if_nonfinite: bool = False) -> bool:
+          maximize: bool = False, skip_if_nonfinite: bool = False) -> bool:
     r"""Adam (Kingma & Ba 2015, Algorithm 1), in place; AMSGrad and AdamW as options.
 
     .. math::
@@ -203,20 +144,17 @@ def adam_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, s
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    beta1, beta2 = _betas(beta1, beta2)
-    if amsgrad:
-        _require(max_exp_avg_sq, "max_exp_avg_sq", "amsgrad=True")
-    return _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
-               step=_step(step), lr=_lr(lr), beta1=beta1, beta2=beta2, eps=_eps(eps),
-               weight_decay=_weight_decay(weight_decay),
-               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
+    return _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                      maximize=maximize, skip_if_nonfinite=skip_if_nonfinite)
 
 
 def adamw_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, step: int,
            lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
            weight_decay: float = 1e-2, amsgrad: bool = False,
            max_exp_avg_sq: Optional[Arrays] = None, maximize: bool = False,
-         skip_if_nonfinite: bool = False) -> bool:
+           skip_if_nonfinite: bool = False) -> bool:
     r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
 
     .. math::
@@ -229,16 +167,15 @@ def adamw_(param: Arrays, grad: Arrays, exp_avg: Arrays, exp_avg_sq: Arrays, *, 
     Arguments and return value as for :func:`adam_`; ``weight_decay`` defaults to ``1e-2`` as
     in ``torch.optim.AdamW``.
     """
-    return adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                 eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
-                 amsgrad=amsgrad, max_exp_avg_sq=max_exp_avg_sq, maximize=maximize,
-                 skip_if_nonfinite=skip_if_nonfinite)
+    return _core.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      decoupled_weight_decay=True, amsgrad=amsgrad, maximize=maximize,
+                      skip_if_nonfinite=skip_if_nonfinite)
 
 
 def adagrad_(param: Arrays, grad: Arrays, sum_sq: Arrays, *, step: int, lr: float = 1e-2,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
-             maximize: bool = False,
-         skip_if_nonfinite: bool = False) -> bool:
+             maximize: bool = False, skip_if_nonfinite: bool = False) -> bool:
     r"""Adagrad (Duchi, Hazan & Singer 2011), in place.
 
     .. math::
@@ -266,18 +203,16 @@ def adagrad_(param: Arrays, grad: Arrays, sum_sq: Arrays, *, step: int, lr: floa
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    return _core.adagrad(param, grad, sum_sq, step=_step(step), lr=_lr(lr),
-                  lr_decay=_real(lr_decay, "lr_decay value"),
-                  weight_decay=_weight_decay(weight_decay), eps=_eps(eps),
-                  maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
+    return _core.adagrad(param, grad, sum_sq, step=step, lr=lr, lr_decay=lr_decay,
+                         weight_decay=weight_decay, eps=eps, maximize=maximize,
+                         skip_if_nonfinite=skip_if_nonfinite)
 
 
 def rmsprop_(param: Arrays, grad: Arrays, square_avg: Arrays, *, lr: float = 1e-2,
              alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
              momentum: float = 0.0, momentum_buf: Optional[Arrays] = None,
              centered: bool = False, grad_avg: Optional[Arrays] = None,
-             maximize: bool = False,
-         skip_if_nonfinite: bool = False) -> bool:
+             maximize: bool = False, skip_if_nonfinite: bool = False) -> bool:
     r"""RMSprop (Hinton 2012), optionally centered (Graves 2013) and with momentum, in place.
 
     .. math::
@@ -316,16 +251,10 @@ def rmsprop_(param: Arrays, grad: Arrays, square_avg: Arrays, *, lr: float = 1e-
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    momentum = _real(momentum, "momentum value")
-    if momentum > 0:
-        _require(momentum_buf, "momentum_buf", f"momentum={momentum}")
-    if centered:
-        _require(grad_avg, "grad_avg", "centered=True")
-    return _core.rmsprop(param, grad, square_avg, momentum_buf if momentum > 0 else None,
-                  grad_avg if centered else None, lr=_lr(lr),
-                  alpha=_real(alpha, "alpha value", 0.0, 1.0, high_open=False), eps=_eps(eps),
-                  weight_decay=_weight_decay(weight_decay), momentum=momentum,
-                  maximize=bool(maximize), skip_if_nonfinite=bool(skip_if_nonfinite))
+    return _core.rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha,
+                         eps=eps, weight_decay=weight_decay, momentum=momentum,
+                         centered=centered, maximize=maximize,
+                         skip_if_nonfinite=skip_if_nonfinite)
 
 
 def lion_(param: Arrays, grad: Arrays, exp_avg: Arrays, *, lr: float = 1e-4, beta1: float = 0.9,
@@ -358,7 +287,6 @@ def lion_(param: Arrays, grad: Arrays, exp_avg: Arrays, *, lr: float = 1e-4, bet
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
     """
-    beta1, beta2 = _betas(beta1, beta2)
-    return _core.lion(param, grad, exp_avg, lr=_lr(lr), beta1=beta1, beta2=beta2,
-                      weight_decay=_weight_decay(weight_decay), maximize=bool(maximize),
-                      skip_if_nonfinite=bool(skip_if_nonfinite))
+    return _core.lion(param, grad, exp_avg, lr=lr, beta1=beta1, beta2=beta2,
+                      weight_decay=weight_decay, maximize=maximize,
+                      skip_if_nonfinite=skip_if_nonfinite)

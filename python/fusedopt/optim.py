@@ -32,6 +32,7 @@ import numpy as np
 from . import _functional as F
 from . import reference
 from ._clip import clip_grad_norm_
+from ._dispatch import core as _core
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "Momentum", "Optimizer", "RMSprop",
            "reference_kernels"]
@@ -142,7 +143,7 @@ class Optimizer:
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         """Raise ValueError for invalid hyperparameters (subclasses check theirs)."""
-        F._lr(group["lr"])
+        _core.check_hyperparameters(lr=group["lr"])
 
     @property
     def names(self) -> List[str]:
@@ -420,11 +421,9 @@ class SGD(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        F._real(group["momentum"], "momentum value")
-        F._weight_decay(group["weight_decay"])
-        F._real(group["dampening"], "dampening value", 0.0, 1.0, high_open=False)
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        _core.check_hyperparameters(momentum=group["momentum"], dampening=group["dampening"],
+                                    nesterov=group["nesterov"],
+                                    weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -463,8 +462,7 @@ class Momentum(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        F._real(group["beta"], "beta value", 0.0, 1.0)
-        F._weight_decay(group["weight_decay"])
+        _core.check_hyperparameters(beta=group["beta"], weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("momentum_buffer",)
@@ -495,9 +493,9 @@ class Adam(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        F._betas(*group["betas"])
-        F._eps(group["eps"])
-        F._weight_decay(group["weight_decay"])
+        beta1, beta2 = group["betas"]
+        _core.check_hyperparameters(beta1=beta1, beta2=beta2, eps=group["eps"],
+                                    weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -540,10 +538,9 @@ class Adagrad(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        F._real(group["lr_decay"], "lr_decay value")
-        F._weight_decay(group["weight_decay"])
-        F._real(group["initial_accumulator_value"], "initial_accumulator_value")
-        F._eps(group["eps"])
+        _core.check_hyperparameters(
+            lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+            initial_accumulator_value=group["initial_accumulator_value"], eps=group["eps"])
 
     def _buffers(self, group):
         return ("sum",)
@@ -571,10 +568,9 @@ class RMSprop(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        F._real(group["alpha"], "alpha value", 0.0, 1.0, high_open=False)
-        F._eps(group["eps"])
-        F._weight_decay(group["weight_decay"])
-        F._real(group["momentum"], "momentum value")
+        _core.check_hyperparameters(alpha=group["alpha"], eps=group["eps"],
+                                    weight_decay=group["weight_decay"],
+                                    momentum=group["momentum"])
 
     def _buffers(self, group):
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
@@ -601,8 +597,8 @@ class Lion(Optimizer):
 
     def _validate_group(self, group):
         super()._validate_group(group)
-        F._betas(*group["betas"])
-        F._weight_decay(group["weight_decay"])
+        beta1, beta2 = group["betas"]
+        _core.check_hyperparameters(beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("exp_avg",)
