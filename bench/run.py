@@ -93,8 +93,7 @@ def torch_supports(mode):
 
 def call_step(kind):
     def prepare(spec, hyper, arrays):
-        fn = spec.fused if kind == "fused" else spec.reference
-        return lambda step: spec.call(fn, arrays, hyper, step)
+        return spec.bind(spec.fused if kind == "fused" else spec.reference, arrays, hyper)
     return prepare
 
 

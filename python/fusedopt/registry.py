@@ -4,6 +4,7 @@ driven by this table, so a new optimizer is covered as soon as it has an entry h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -30,15 +31,22 @@ class OptimizerSpec:
         extra = tuple(b for b, switch in self.optional_state.items() if hyper.get(switch))
         return self.state + extra
 
-    def call(self, fn: Callable[..., None], arrays: Mapping[str, Any],
-             hyper: Mapping[str, Any], step: int = 1) -> None:
-        """Calls ``fn`` (``self.fused`` or ``self.reference``) on ``arrays``, a mapping of
-        argument name to array (or list of arrays): ``param``, ``grad`` and the buffers."""
+    def bind(self, fn: Callable[..., Any], arrays: Mapping[str, Any],
+             hyper: Mapping[str, Any]) -> Callable[[int], Any]:
+        """``fn`` (``self.fused`` or ``self.reference``) on ``arrays``, a mapping of argument
+        name to array (or list of arrays): ``param``, ``grad`` and the buffers, as a function
+        of the step. The arguments are assembled once, so a timing loop measures ``fn``."""
         positional = [arrays["param"], arrays["grad"]] + [arrays[s] for s in self.state]
         keywords = {b: arrays[b] for b in self.optional_state if b in arrays}
+        bound = functools.partial(fn, *positional, **keywords, **hyper)
         if self.takes_step:
-            keywords["step"] = step
-        return fn(*positional, **keywords, **hyper)
+            return lambda step: bound(step=step)
+        return lambda step: bound()
+
+    def call(self, fn: Callable[..., Any], arrays: Mapping[str, Any],
+             hyper: Mapping[str, Any], step: int = 1) -> Any:
+        """Calls ``fn`` once, as :meth:`bind` describes."""
+        return self.bind(fn, arrays, hyper)(step)
 
     def bytes_per_element(self, itemsize: int, hyper: Mapping[str, Any]) -> int:
         """Memory traffic of one step: param read and written, grad read, each buffer
