@@ -95,9 +95,12 @@ def test_missing_array(name, role):
     spec = OPTIMIZERS[name]
     arrays, hyper = valid(spec)
     arrays[role] = None
-    # An optional buffer that its option needs is a ValueError raised by the Python layer.
-    error = ValueError if role in spec.optional_state else TypeError
-    assert_rejected(spec, arrays, hyper, error, role)
+    if role in spec.optional_state:  # a buffer that its option needs
+        switch = spec.optional_state[role]
+        assert_rejected(spec, arrays, hyper, ValueError,
+                        f"^{switch}={hyper[switch]} needs the {role} buffer, got None$")
+    else:
+        assert_rejected(spec, arrays, hyper, TypeError, f"^{role}: expected")
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -223,3 +226,89 @@ def test_unused_buffers_are_left_alone():
     call(spec.fused, spec, arrays, {"amsgrad": False})
     assert not np.array_equal(arrays["exp_avg"], 0)
     np.testing.assert_array_equal(arrays["max_exp_avg_sq"], before, strict=True)
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adam"])
+def test_buffers_of_an_option_that_is_off_are_not_checked(name):
+    """With its option off, an optional buffer is ignored whatever it is, as if None."""
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    expected = copy_arrays(arrays)
+    off = {role: {"amsgrad": False, "centered": False, "momentum": 0.0}[switch]
+           for role, switch in spec.optional_state.items()}
+    hyper = {**hyper, **{spec.optional_state[role]: value for role, value in off.items()}}
+    for role in spec.optional_state:
+        arrays[role] = "not an array"
+        expected[role] = None
+    call(spec.fused, spec, arrays, hyper)
+    call(spec.reference, spec, expected, hyper)
+    assert_identical({k: v for k, v in arrays.items() if k not in spec.optional_state},
+                     {k: v for k, v in expected.items() if k not in spec.optional_state},
+                     "an ignored buffer changed the result")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_numpy_scalars_and_ints_are_real_hyperparameters(name):
+    """Hyperparameters as NumPy scalars or ints (through the slow path of the C++ parser) give
+    the results of the same values as Python floats."""
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    converted = copy_arrays(arrays)
+    as_numpy = {k: (np.float64(v) if isinstance(v, float) else v) for k, v in hyper.items()}
+    as_numpy["lr"] = np.float32(0.25)
+    hyper = {**hyper, "lr": 0.25}
+    call(spec.fused, spec, arrays, hyper, step=3)
+    call(spec.fused, spec, converted, as_numpy, step=np.int64(3))
+    assert_identical(converted, arrays, "NumPy scalars changed the result")
+    as_int = {**hyper, "lr": 1}
+    call(spec.fused, spec, arrays, as_int, step=4)
+    call(spec.fused, spec, converted, {**hyper, "lr": 1.0}, step=4)
+    assert_identical(converted, arrays, "an int lr changed the result")
+
+
+def test_keywords_that_are_not_interned_strings():
+    """Keywords built at run time are not the interned strings the binding compares first."""
+    spec = OPTIMIZERS["adam"]
+    arrays, hyper = valid(spec)
+    expected = copy_arrays(arrays)
+    built = {"".join(list(k)): v for k, v in {**hyper, "lr": 0.01, "beta1": 0.8}.items()}
+    call(spec.fused, spec, arrays, built, step=2)
+    call(spec.reference, spec, expected, {**hyper, "lr": 0.01, "beta1": 0.8}, step=2)
+    assert_identical(arrays, expected, "keywords built at run time were misread")
+
+
+def test_the_binding_rejects_unknown_and_missing_hyperparameters():
+    from fusedopt import _core
+
+    p, g = np.zeros(3, np.float32), np.zeros(3, np.float32)
+    before = p.copy()
+    with pytest.raises(TypeError, match="^unexpected hyperparameter lrr$"):
+        _core.sgd(p, g, lrr=0.1, lr=0.1, weight_decay=0.0, maximize=False)
+    with pytest.raises(TypeError, match="^missing hyperparameter weight_decay$"):
+        _core.sgd(p, g, lr=0.1, maximize=False)
+    with pytest.raises(TypeError, match="^unexpected hyperparameter step$"):
+        _core.sgd(p, g, lr=0.1, weight_decay=0.0, maximize=False, step=1)
+    with pytest.raises(ValueError, match="^Invalid step: 9223372036854775808 \\(at most"):
+        _core.adam(p, g, p.copy(), p.copy(), None, step=2**63, lr=0.1, beta1=0.9,
+                   beta2=0.9, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                   maximize=False)
+    np.testing.assert_array_equal(p, before, strict=True)
+
+
+def test_classes_check_hyperparameters_with_the_functions_rules():
+    from fusedopt import optim
+
+    p = np.zeros(3)
+    for cls, kwargs, message in [
+        (optim.Adam, dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1"),
+        (optim.SGD, dict(lr=0.1, momentum=0.0, nesterov=True), "Nesterov momentum requires"),
+        (optim.Momentum, dict(beta=1.0), "Invalid beta value"),
+        (optim.Adagrad, dict(initial_accumulator_value=-1.0),
+         "Invalid initial_accumulator_value"),
+        (optim.RMSprop, dict(alpha=1.5), "Invalid alpha value"),
+        (optim.Lion, dict(weight_decay=-1), "Invalid weight_decay value"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            cls([p], **kwargs)
+    with pytest.raises(TypeError, match="^learning rate must be a real number, got str$"):
+        optim.Adam([p], lr="0.1")
