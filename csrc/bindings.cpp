@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <cstdint>
 #include <string>
 #include <unordered_map>
@@ -102,16 +103,18 @@ struct Checked {
   std::vector<Index> sizes;
 };
 
+// The bytes of one array of a call; `slot` is tensor * roles + role, for the message.
 struct Extent {
   const char* begin;
   const char* end;
+  std::size_t slot;
   bool written;
-  Label label;
 };
 
 // No array that is written may share a byte with any other array of the call: the kernel reads
-// and writes chunk by chunk, so aliasing would silently give wrong results.
-void check_no_overlap(std::vector<Extent>& extents) {
+// and writes chunk by chunk, so aliasing would silently give wrong results. Returns the slots
+// of an overlapping pair, or nothing. Extents stay small so that sorting a long list is cheap.
+std::optional<std::pair<std::size_t, std::size_t>> find_overlap(std::vector<Extent>& extents) {
   std::sort(extents.begin(), extents.end(),
             [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
   const Extent* furthest = nullptr;          // of all extents so far, the one ending last
@@ -123,16 +126,13 @@ void check_no_overlap(std::vector<Extent>& extents) {
     } else if (e.written && furthest != nullptr && e.begin < furthest->end) {
       hit = furthest;
     }
-    if (hit != nullptr) {
-      throw py::value_error(hit->label.str() + " and " + e.label.str() +
-                            " share memory; an array that is updated in place must not "
-                            "overlap any other argument");
-    }
+    if (hit != nullptr) return std::make_pair(hit->slot, e.slot);
     if (furthest == nullptr || e.end > furthest->end) furthest = &e;
     if (e.written && (furthest_written == nullptr || e.end > furthest_written->end)) {
       furthest_written = &e;
     }
   }
+  return std::nullopt;
 }
 
 std::string dtype_name(const py::dtype& dtype) { return py::str(dtype).cast<std::string>(); }
@@ -489,11 +489,17 @@ Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
       checked.data[i * N + r] = data;
       if (arr.nbytes() > 0) {
         const char* begin = static_cast<const char*>(data);
-        extents.push_back({begin, begin + arr.nbytes(), roles[r].written, label(r, i)});
+        extents.push_back({begin, begin + arr.nbytes(), i * N + r, roles[r].written});
       }
     }
   }
-  check_no_overlap(extents);
+  if (const auto overlap = find_overlap(extents)) {
+    const auto [first, second] = *overlap;
+    throw py::value_error(label(first % N, first / N).str() + " and " +
+                          label(second % N, second / N).str() +
+                          " share memory; an array that is updated in place must not overlap "
+                          "any other argument");
+  }
   return checked;
 }
 
