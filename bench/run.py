@@ -33,6 +33,11 @@ try:
     import torch
 except ImportError:  # torch columns only where it is installed
     torch = None
+try:
+    import numba
+    import numba_twins
+except ImportError:  # likewise numba's
+    numba = numba_twins = None
 
 
 def roofline_probe(spec, hyper, arrays):
@@ -91,6 +96,23 @@ def torch_supports(mode):
     return check
 
 
+def numba_supports(spec, hyper):
+    return numba_twins is not None and spec.name in numba_twins.TWINS
+
+
+_checked_twins = set()
+
+
+def numba_step(spec, hyper, arrays):
+    """The numba twin, compiled and checked against the reference once per optimizer, dtype
+    and hyperparameters before it is timed."""
+    key = (spec.name, arrays["param"].dtype.name, repr(sorted(hyper.items())))
+    if key not in _checked_twins:
+        numba_twins.check(spec, hyper, arrays["param"].dtype)
+        _checked_twins.add(key)
+    return spec.bind(numba_twins.TWINS[spec.name], arrays, hyper)
+
+
 def call_step(kind):
     def prepare(spec, hyper, arrays):
         return spec.bind(spec.fused if kind == "fused" else spec.reference, arrays, hyper)
@@ -109,6 +131,7 @@ IMPLEMENTATIONS = {
     "torch-loop": (torch_supports("loop"), torch_step("loop")),
     "torch-foreach": (torch_supports("foreach"), torch_step("foreach")),
     "torch-fused": (torch_supports("fused"), torch_step("fused")),
+    "numba": (numba_supports, numba_step),
 }
 POOL_BYTES = 256 << 20  # rotate through at least this much memory: 8x this machine's L3
 MAX_POOL = 4096
@@ -174,6 +197,8 @@ def set_threads(threads):
     fusedopt.set_num_threads(threads)
     if torch is not None:
         torch.set_num_threads(fusedopt.get_num_threads())
+    if numba is not None:
+        numba.set_num_threads(min(fusedopt.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
