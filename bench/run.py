@@ -7,7 +7,9 @@
 Every figure is the median of many timed calls, each on a fresh set of arrays taken in turn
 from a pool larger than the last-level cache (so small sizes are not flattered by a warm cache),
 with the effective bandwidth (bytes the step must move per element x elements / time), and the
-speed-up of fusedopt over NumPy measured in the same run. Results go to a Markdown table on
+speed-up of fusedopt over NumPy measured in the same run. The implementations compared in a
+row are timed in alternation, call by call, so that their ratios do not measure the drift of a
+shared machine. Results go to a Markdown table on
 stdout and a JSON file (machine, versions, threads, every figure).
 """
 
@@ -22,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
@@ -172,25 +175,58 @@ def make_pool(spec, hyper, n, dtype, rng):
     return pool
 
 
-def time_calls(steps, budget_s: float, min_calls: int, max_calls: int, gap_s: float = 0.0):
-    """Seconds per call, one value per call, cycling through the prepared steps (one per
-    argument set of the pool) after a warm-up round. With gap_s, the caller sleeps between
+def time_interleaved(steps: Dict[str, List[Callable[[int], Any]]], budget_s: float,
+                     min_calls: int, max_calls: int, gap_s: float = 0.0, blocks: int = 8):
+    """Seconds per call of each implementation, one value per timed call. Each has its
+    prepared steps (one per argument set of the pool), run once each as a warm-up. Then the
+    implementations take turns in `blocks` rounds, each timing calls for its share of the
+    budget, so that all see the same machine: on a shared machine the bandwidth drifts by
+    tens of percent within seconds, and ratios of figures taken at different times would
+    measure the drift. A block of short calls starts with an untimed one, as the previous
+    implementation's threads may still be spinning. With gap_s, the caller sleeps between
     calls, as a training loop computes gradients between steps: OpenMP's idle threads then
     fall asleep and must be woken."""
-    for step_fn in steps[: min(len(steps), 64)]:
-        step_fn(1)
-    times = []
-    deadline = time.perf_counter() + budget_s
+    call_s = {}  # a warm call's time, from the warm-up
+    for impl, impl_steps in steps.items():
+        for step_fn in impl_steps[: min(len(impl_steps), 64)]:
+            start = time.perf_counter()
+            step_fn(1)
+            call_s[impl] = time.perf_counter() - start
+    times: Dict[str, List[float]] = {impl: [] for impl in steps}
+    calls = 0
     step = 2
-    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
-        step_fn = steps[len(times) % len(steps)]
+
+    def call(impl_steps):
+        # the next argument set for every call, whichever implementation makes it: when
+        # implementations share the pool's arrays, none finds them in cache
+        nonlocal calls, step
+        step_fn = impl_steps[calls % len(impl_steps)]
+        calls += 1
         start = time.perf_counter()
         step_fn(step)
-        times.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
         step += 1
         if gap_s:
             time.sleep(gap_s)
+        return elapsed
+
+    for block in range(blocks):
+        for impl, impl_steps in steps.items():
+            impl_times = times[impl]
+            if call_s[impl] < 0.02:  # untimed: where a millisecond of spinning would show
+                call(impl_steps)
+            due = math.ceil(min_calls * (block + 1) / blocks)
+            cap = max(due, max_calls * (block + 1) // blocks)
+            deadline = time.perf_counter() + budget_s / blocks
+            while len(impl_times) < cap and (
+                    len(impl_times) < due or time.perf_counter() < deadline):
+                impl_times.append(call(impl_steps))
     return times
+
+
+def time_calls(steps, budget_s: float, min_calls: int, max_calls: int, gap_s: float = 0.0):
+    """time_interleaved for one implementation."""
+    return time_interleaved({"": steps}, budget_s, min_calls, max_calls, gap_s)[""]
 
 
 def set_threads(threads):
@@ -211,7 +247,7 @@ def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
             itemsize = np.dtype(dtype).itemsize
             bpe = spec.bytes_per_element(itemsize, hyper)
             for n in sizes:
-                if 3 * n * bpe > available_memory():  # the arrays, a copy and temporaries
+                if 3 * n * bpe > available_memory():  # arrays, torch's state, NumPy temporaries
                     print(f"| {name} | {np.dtype(dtype).name} | {n:.0e} | skipped: needs "
                           f"~{3 * n * bpe / 2**30:.1f} GiB |")
                     continue
@@ -219,18 +255,17 @@ def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
                 row = {"optimizer": name, "hyper": hyper, "dtype": np.dtype(dtype).name,
                        "n": n, "bytes_per_element": bpe, "pool": len(pool),
                        "threads": fusedopt.get_num_threads()}
-                for impl in implementations:
-                    available, prepare = IMPLEMENTATIONS[impl]
-                    if not available(spec, hyper):
-                        continue
-                    # a copy of the pool each: no implementation sees another's state
-                    steps = [prepare(spec, hyper, {k: v.copy() for k, v in arrays.items()})
-                             for arrays in pool] if impl.startswith("torch") else \
-                        [prepare(spec, hyper, arrays) for arrays in pool]
-                    times = time_calls(steps, budget_s, min_calls=5, max_calls=20000)
-                    del steps
-                    median = statistics.median(times)
-                    row[impl] = {"median_s": median, "calls": len(times),
+                # Every implementation updates the same arrays (torch's through shared
+                # memory, with state of its own): which values they hold does not change
+                # the time of a step.
+                steps = {impl: [IMPLEMENTATIONS[impl][1](spec, hyper, arrays)
+                                for arrays in pool]
+                         for impl in implementations if IMPLEMENTATIONS[impl][0](spec, hyper)}
+                times = time_interleaved(steps, budget_s, min_calls=5, max_calls=20000)
+                del steps
+                for impl, impl_times in times.items():
+                    median = statistics.median(impl_times)
+                    row[impl] = {"median_s": median, "calls": len(impl_times),
                                  "gb_per_s": bpe * n / median / 1e9}
                 if "fusedopt" in row and "numpy" in row:
                     row["speedup"] = row["numpy"]["median_s"] / row["fusedopt"]["median_s"]
@@ -270,16 +305,17 @@ def many_tensors(widths, budget_s, rng):
                         .astype(np.float32) for s in shapes]
                     for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
 
-        medians = {}
+        steps = {}
         for impl, flat in [("fusedopt list", False), ("fusedopt flat", True),
                            ("torch fused", False), ("numpy", False)]:
             if impl == "torch fused" and not torch_supports("fused")(spec, hyper):
                 continue
             prepare = {"fusedopt list": call_step("fused"), "fusedopt flat": call_step("fused"),
                        "torch fused": torch_step("fused"), "numpy": call_step("reference")}[impl]
-            steps = [prepare(spec, hyper, model(flat)) for _ in range(count)]
-            medians[impl] = statistics.median(time_calls(steps, budget_s, 5, 20000))
-            del steps
+            steps[impl] = [prepare(spec, hyper, model(flat)) for _ in range(count)]
+        times = time_interleaved(steps, budget_s, 5, 20000)
+        del steps
+        medians = {impl: statistics.median(t) for impl, t in times.items()}
         row = {"d": d, "tensors": len(shapes), "elements": n, "bytes_per_element": 28,
                **{k: v for k, v in medians.items()}}
         row["list_over_flat"] = medians["fusedopt list"] / medians["fusedopt flat"]

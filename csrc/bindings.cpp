@@ -236,11 +236,15 @@ std::string python_type_name(PyObject* value) {
 bool is_real_number(PyObject* value) {
   if (PyBool_Check(value)) return false;
   if (PyFloat_Check(value) || PyLong_Check(value)) return true;
-  static PyObject* const numpy_types = [] {
-    const py::module_ numpy = py::module_::import("numpy");
-    return py::make_tuple(numpy.attr("integer"), numpy.attr("floating")).release().ptr();
-  }();
-  const int is_numpy = PyObject_IsInstance(value, numpy_types);
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::tuple> numpy_types;
+  const py::tuple& types = numpy_types
+                               .call_once_and_store_result([] {
+                                 const auto numpy = py::module_::import("numpy");
+                                 return py::make_tuple(numpy.attr("integer"),
+                                                       numpy.attr("floating"));
+                               })
+                               .get_stored();
+  const int is_numpy = PyObject_IsInstance(value, types.ptr());
   if (is_numpy < 0) throw py::error_already_set();
   return is_numpy == 1;
 }

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import fusedopt
@@ -82,3 +83,17 @@ def test_threadpoolctl_limits_apply():
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert fusedopt.get_num_threads() == 1
     assert fusedopt.get_num_threads() == default
+
+
+def test_roofline_probe_moves_memory_but_changes_nothing():
+    """The benchmark's implementations share arrays with the probe: it must leave finite
+    values as they are (it adds 0 * grad)."""
+    from fusedopt import _core
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        arrays = [rng.standard_normal(5000).astype(dtype) for _ in range(4)]
+        before = [a.copy() for a in arrays]
+        _core.roofline(arrays[0], arrays[1], arrays[2], arrays[3], None, None)
+        for a, b in zip(arrays, before):
+            np.testing.assert_array_equal(a, b, strict=True)
