@@ -141,22 +141,30 @@ MAX_POOL = 4096
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == platform.processor():
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
                     break
     except OSError:
         pass
+    simd = ("sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512vl",
+            "avx512dq", "neon", "asimd", "sve")
     return {
         "cpu": cpu,
+        "cpu_flags": [f for f in flags if f in simd],
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "numba": numba.__version__ if numba is not None else None,
         "fusedopt": fusedopt.__version__,
+        "simd_level": _core.SIMD_LEVEL,
         "threads": fusedopt.get_num_threads(),
         "parallel_min": _core.get_parallel_min(),
     }
