@@ -70,6 +70,19 @@ int threads_for_call(Index total) {
   return threads;
 }
 
+// Releases the GIL for the lifetime of this object, for calls of at least the parallel
+// threshold: a smaller call runs on the calling thread for a few microseconds, about what
+// releasing and taking back the GIL costs, so it keeps the GIL.
+class ReleaseGilIfWorthIt {
+ public:
+  explicit ReleaseGilIfWorthIt(Index total) {
+    if (total >= parallel_min.load(std::memory_order_relaxed)) release_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> release_;
+};
+
 std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
 
 std::string shape_str(const py::array& a) {
@@ -312,6 +325,18 @@ const Rule& rule_of(PyObject* keyword) {
   throw py::type_error("unexpected hyperparameter " + str_of(keyword));
 }
 
+// The index in kRules of the rule named `name`, a string literal of a kernel's. Equal literals
+// are normally merged into one object, so addresses are compared before the characters.
+std::size_t rule_index(const char* name) {
+  for (std::size_t i = 0; i < kRuleCount; ++i) {
+    if (kRules[i].name == name) return i;
+  }
+  for (std::size_t i = 0; i < kRuleCount; ++i) {
+    if (std::strcmp(kRules[i].name, name) == 0) return i;
+  }
+  throw py::type_error(std::string("no rule for hyperparameter ") + name);
+}
+
 // The keyword arguments of a call, parsed and validated before any array is looked at. The
 // kernel then reads each by name; every one must be read exactly once: a missing or unread
 // name is a programming error in the Python layer, not silently ignored.
@@ -328,6 +353,7 @@ class Hyper {
         case Kind::step: e.number = static_cast<double>(e.step = parse_step(values[i])); break;
         case Kind::flag: e.number = parse_flag(values[i]) ? 1.0 : 0.0; break;
       }
+      by_rule_[static_cast<std::size_t>(e.rule - kRules)] = &e;
     }
     const Entry* nesterov = lookup("nesterov");
     if (nesterov != nullptr && nesterov->number != 0.0) {
@@ -376,12 +402,7 @@ class Hyper {
     mutable bool read;
   };
 
-  const Entry* lookup(const char* name) const {
-    for (std::size_t i = 0; i < count_; ++i) {
-      if (std::strcmp(entries_[i].rule->name, name) == 0) return &entries_[i];
-    }
-    return nullptr;
-  }
+  const Entry* lookup(const char* name) const { return by_rule_[rule_index(name)]; }
 
   const Entry& get(const char* name, Kind kind) const {
     const Entry* e = lookup(name);
@@ -392,6 +413,7 @@ class Hyper {
   }
 
   std::array<Entry, kRuleCount> entries_{};
+  std::array<const Entry*, kRuleCount> by_rule_{};  // kRules' order; nullptr if not given
   std::size_t count_;
 };
 
@@ -534,7 +556,7 @@ bool launch(const Checked& checked, const Hyper& hyper) {
   hyper.check_all_read();
   const auto tensors = tensors_of<T, N>(checked);
   const int threads = threads_for_call(total_size(checked));
-  py::gil_scoped_release release;
+  const ReleaseGilIfWorthIt release(total_size(checked));
   if (skip_if_nonfinite &&
       fusedopt::any_chunk(tensors, threads, [](Index n, const std::array<T*, N>& chunk) {
         return fusedopt::has_nonfinite(n, chunk[1]);
@@ -610,7 +632,7 @@ template <typename T>
 bool all_finite(const Checked& checked) {
   const auto tensors = tensors_of<T, 1>(checked);
   const int threads = threads_for_call(total_size(checked));
-  py::gil_scoped_release release;
+  const ReleaseGilIfWorthIt release(total_size(checked));
   return !fusedopt::any_chunk(tensors, threads, [](Index n, const std::array<T*, 1>& chunk) {
     return fusedopt::has_nonfinite(n, chunk[0]);
   });
@@ -622,7 +644,7 @@ template <typename T>
 double sum_squares(const Checked& checked) {
   const auto tensors = tensors_of<T, 1>(checked);
   const int threads = threads_for_call(total_size(checked));
-  py::gil_scoped_release release;
+  const ReleaseGilIfWorthIt release(total_size(checked));
   std::vector<double> partial(static_cast<std::size_t>(fusedopt::chunk_count(tensors)));
   fusedopt::for_each_chunk_indexed(
       tensors, threads, [&](Index index, Index n, const std::array<T*, 1>& chunk) {
