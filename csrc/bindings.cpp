@@ -209,7 +209,7 @@ struct Rule {
   Kind kind;
   const char* label = nullptr;  // a real's name in messages
   double low = 0.0;
-  double high = std::numeric_limits<double>::infinity();
+  double high = kInfinity;
   bool low_open = false;
   bool high_open = true;
 };
