@@ -392,6 +392,9 @@ def plot(rows, folder: Path):
     threads = max(r["threads"] for r in rows)
     rows = [r for r in rows if r["dtype"] == "float32" and r["threads"] == threads]
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    # one colour per implementation in every panel, though not every panel has every one
+    colors = {impl: f"C{i}" for i, impl in enumerate(IMPLEMENTATIONS)}
+    colors["roofline"] = "black"
     fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(16, 7), squeeze=False)
     for ax, name in zip(axes.flat, names):
         mine = [r for r in rows if r["optimizer"] == name]
@@ -400,7 +403,7 @@ def plot(rows, folder: Path):
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, "--" if impl == "roofline" else "-o", ms=3, label=impl,
-                        color="black" if impl == "roofline" else None)
+                        color=colors[impl])
         ax.set_xscale("log")
         ax.set_title(f"{name} ({mine[0]['bytes_per_element']} B/element)")
         ax.set_xlabel("elements")
