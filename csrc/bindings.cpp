@@ -7,12 +7,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <cstdint>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "kernels/adagrad.hpp"
@@ -83,7 +82,10 @@ class ReleaseGilIfWorthIt {
   std::optional<py::gil_scoped_release> release_;
 };
 
-std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
+// type(obj).__name__, as Python's own messages say it.
+std::string type_name(py::handle obj) {
+  return py::type::handle_of(obj).attr("__name__").cast<std::string>();
+}
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -239,11 +241,6 @@ constexpr std::size_t kRuleCount = sizeof(kRules) / sizeof(kRules[0]);
 
 std::string str_of(PyObject* value) { return py::str(value).cast<std::string>(); }
 
-// type(value).__name__, as Python's own messages say it.
-std::string python_type_name(PyObject* value) {
-  return py::type::handle_of(value).attr("__name__").cast<std::string>();
-}
-
 // int, float and NumPy's integer and floating scalars; not bool, str or anything else that
 // float() would take.
 bool is_real_number(PyObject* value) {
@@ -269,7 +266,7 @@ double parse_real(const Rule& rule, PyObject* value) {
   } else {
     if (!is_real_number(value)) {
       throw py::type_error(std::string(rule.label) + " must be a real number, got " +
-                           python_type_name(value));
+                           type_name(value));
     }
     v = PyFloat_AsDouble(value);
     if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
@@ -288,7 +285,7 @@ std::int64_t parse_step(PyObject* value) {
   const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(value));
   if (!index) {
     PyErr_Clear();
-    throw py::type_error("step must be an integer, got " + python_type_name(value));
+    throw py::type_error("step must be an integer, got " + type_name(value));
   }
   int overflow = 0;
   const long long step = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
