@@ -8,9 +8,9 @@ Every figure is the median of many timed calls, each on a fresh set of arrays ta
 from a pool larger than the last-level cache (so small sizes are not flattered by a warm cache),
 with the effective bandwidth (bytes the step must move per element x elements / time), and the
 speed-up of fusedopt over NumPy measured in the same run. The implementations compared in a
-row are timed in alternation, call by call, so that their ratios do not measure the drift of a
-shared machine. Results go to a Markdown table on
-stdout and a JSON file (machine, versions, threads, every figure).
+row take turns in blocks, so that their ratios do not measure the drift of a shared machine.
+Results go to a Markdown table on stdout and a JSON file (machine, versions, threads, every
+figure).
 """
 
 from __future__ import annotations
@@ -141,22 +141,22 @@ MAX_POOL = 4096
 
 
 def machine() -> dict:
-    cpu, flags = platform.processor(), []
+    cpu, flags = None, None  # of the first processor listed
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and cpu == platform.processor():
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu is None:
+                    cpu = value.strip()
+                elif key.strip() in ("flags", "Features") and flags is None:
+                    flags = value.split()
     except OSError:
         pass
     simd = ("sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512vl",
             "avx512dq", "neon", "asimd", "sve")
     return {
-        "cpu": cpu,
-        "cpu_flags": [f for f in flags if f in simd],
+        "cpu": cpu or platform.processor(),
+        "cpu_flags": [f for f in flags or [] if f in simd],
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
