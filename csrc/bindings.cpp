@@ -716,6 +716,9 @@ PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
   });
   def_optimizer<fusedopt::Scale>(m, "scale");
   m.def("check_hyperparameters", &check_hyperparameters);
+  py::tuple hyperparameter_names(kRuleCount);
+  for (std::size_t i = 0; i < kRuleCount; ++i) hyperparameter_names[i] = kRules[i].name;
+  m.attr("HYPERPARAMETERS") = hyperparameter_names;
   m.def("_thread_ranges", &thread_ranges);
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
 

@@ -15,6 +15,7 @@ EIGEN_VERSION: str
 COMPILER: str
 OPENMP: Optional[int]
 CHUNK: int
+HYPERPARAMETERS: tuple[str, ...]
 
 def sgd(param: _Arrays, grad: _Arrays, /, *, lr: float, weight_decay: float,
         maximize: bool, skip_if_nonfinite: bool = ...) -> bool: ...

@@ -142,8 +142,12 @@ class Optimizer:
         self.param_groups.append(full)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
-        """Raise ValueError for invalid hyperparameters (subclasses check theirs)."""
-        _core.check_hyperparameters(lr=group["lr"])
+        """Raise TypeError/ValueError for an invalid hyperparameter of the group: each one the
+        kernels know (``betas`` as its two) is checked by the rules the functions use."""
+        values = {k: v for k, v in group.items() if k in _core.HYPERPARAMETERS}
+        if "betas" in group:
+            values["beta1"], values["beta2"] = group["betas"]
+        _core.check_hyperparameters(**values)
 
     @property
     def names(self) -> List[str]:
@@ -419,11 +423,6 @@ class SGD(Optimizer):
                                       maximize=maximize),
                          **_common(max_grad_norm, skip_if_nonfinite))
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        _core.check_hyperparameters(momentum=group["momentum"], dampening=group["dampening"],
-                                    nesterov=group["nesterov"],
-                                    weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -460,9 +459,6 @@ class Momentum(Optimizer):
                                       maximize=maximize),
                          **_common(max_grad_norm, skip_if_nonfinite))
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        _core.check_hyperparameters(beta=group["beta"], weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("momentum_buffer",)
@@ -491,11 +487,6 @@ class Adam(Optimizer):
                                       decoupled_weight_decay=decoupled_weight_decay),
                          **_common(max_grad_norm, skip_if_nonfinite))
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        beta1, beta2 = group["betas"]
-        _core.check_hyperparameters(beta1=beta1, beta2=beta2, eps=group["eps"],
-                                    weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -536,11 +527,6 @@ class Adagrad(Optimizer):
                                       eps=eps, maximize=maximize),
                          **_common(max_grad_norm, skip_if_nonfinite))
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        _core.check_hyperparameters(
-            lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-            initial_accumulator_value=group["initial_accumulator_value"], eps=group["eps"])
 
     def _buffers(self, group):
         return ("sum",)
@@ -566,11 +552,6 @@ class RMSprop(Optimizer):
                                       momentum=momentum, centered=centered, maximize=maximize),
                          **_common(max_grad_norm, skip_if_nonfinite))
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        _core.check_hyperparameters(alpha=group["alpha"], eps=group["eps"],
-                                    weight_decay=group["weight_decay"],
-                                    momentum=group["momentum"])
 
     def _buffers(self, group):
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
@@ -595,10 +576,6 @@ class Lion(Optimizer):
                                       maximize=maximize),
                          **_common(max_grad_norm, skip_if_nonfinite))
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        beta1, beta2 = group["betas"]
-        _core.check_hyperparameters(beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
 
     def _buffers(self, group):
         return ("exp_avg",)
