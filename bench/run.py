@@ -164,7 +164,7 @@ def machine() -> dict:
         "torch": torch.__version__ if torch is not None else None,
         "numba": numba.__version__ if numba is not None else None,
         "fusedopt": fusedopt.__version__,
-        "simd_level": _core.SIMD_LEVEL,
+        "simd_level": _core.simd_level(),
         "threads": fusedopt.get_num_threads(),
         "parallel_min": _core.get_parallel_min(),
     }

@@ -1,49 +1,56 @@
-// pybind11 only: validate the arrays, take their pointers, release the GIL, dispatch the dtype.
-// Each optimizer is one `def_optimizer` line; its kernel header says which arrays it takes.
-#include <pthread.h>
+// The Python binding, compiled once: generic machinery driven by the kernels' declarations. For
+// each call it parses and validates the hyperparameters and arrays, takes their pointers, splits
+// the work across threads (releasing the GIL for large calls) and calls the kernel of the SIMD
+// level loaded at import through the level's table of function pointers. Nothing here is
+// specific to one optimizer.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "kernels/adagrad.hpp"
-#include "kernels/adam.hpp"
-#include "kernels/common.hpp"
-#include "kernels/finite.hpp"
-#include "kernels/lion.hpp"
-#include "kernels/norm.hpp"
-#include "kernels/rmsprop.hpp"
-#include "kernels/roofline.hpp"
-#include "kernels/sgd.hpp"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
+
+#include "kernels/table.hpp"
 
 namespace py = pybind11;
+using fusedopt::ArrayDecl;
+using fusedopt::Hyperparameter;
 using fusedopt::Index;
-using fusedopt::Role;
+using fusedopt::Kind;
+using fusedopt::Storage;
+using fusedopt::TensorSet;
+using fusedopt::Value;
 
 namespace {
+
+// ------------------------------------------------------------------ threads, fork, GIL
 
 // Threads for the kernels, shared by every Python thread (omp_set_num_threads would only set the
 // calling thread's count). 0 means OpenMP's default, which honours OMP_NUM_THREADS.
 std::atomic<int> num_threads{0};
 
 // Calls of fewer elements run on the calling thread: below it, opening a parallel region costs
-// more than it saves. `python bench/run.py --threshold [--gap 0.002]` measures it: on 2 cores
-// parallel Adam won from 4 Ki elements back to back and from 8 Ki with the threads asleep
-// between calls, clearly (>= 20 %) from 16 Ki in both. Settable for that measurement.
+// more than it saves. `python bench/run.py --threshold [--gap 0.002]` measures the crossover;
+// settable for that measurement.
 std::atomic<Index> parallel_min{Index{1} << 14};
 
 // GNU libgomp cannot open a parallel region in a child forked after the parent opened one: the
 // child inherits the thread pool's bookkeeping but not its threads, and waits for them forever.
-// Such a child runs the kernels on its calling thread instead (same results, one core). The flags
-// are this module's: the package runs every kernel through one module.
+// Such a child runs the kernels on its calling thread instead (same results, one core).
 std::atomic<bool> opened_parallel_region{false};
 std::atomic<bool> serial_after_fork{false};
 
@@ -82,10 +89,56 @@ class ReleaseGilIfWorthIt {
   std::optional<py::gil_scoped_release> release_;
 };
 
+// Runs body(begin, end) on each of `threads` OpenMP threads, in one parallel region, for its
+// share of the chunks; threads <= 1 runs everything on the caller.
+template <typename Body>
+void split_across_threads(const TensorSet& set, int threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Index team = omp_get_num_threads();
+      const Index me = omp_get_thread_num();
+      body(fusedopt::thread_begin(set, me, team), fusedopt::thread_begin(set, me + 1, team));
+    }
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  body(Index{0}, set.total());
+}
+
+// ------------------------------------------------------------------ the kernels of one level
+
+const fusedopt::KernelTable* kernels = nullptr;
+
+// Takes the kernels of a level: `address` is that library's fusedopt_kernel_table function,
+// which fusedopt/_dispatch.py finds with ctypes.
+void use_kernels(std::uintptr_t address) {
+  const auto get = reinterpret_cast<const fusedopt::KernelTable* (*)()>(address);
+  const fusedopt::KernelTable* table = get();
+  if (table->version != fusedopt::kTableVersion ||
+      table->kernel_count != fusedopt::kKernelCount) {
+    throw py::type_error(std::string("the kernel library of level ") + table->level +
+                         " was built from other sources than this binding: reinstall fusedopt");
+  }
+  kernels = table;
+}
+
+const fusedopt::KernelTable& table() {
+  if (kernels == nullptr) throw std::runtime_error("fusedopt: no kernels loaded");
+  return *kernels;
+}
+
+// ------------------------------------------------------------------ messages
+
 // type(obj).__name__, as Python's own messages say it.
 std::string type_name(py::handle obj) {
   return py::type::handle_of(obj).attr("__name__").cast<std::string>();
 }
+
+std::string str_of(PyObject* value) { return py::str(value).cast<std::string>(); }
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -96,7 +149,7 @@ std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
-bool is_list(py::handle obj) { return PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr()); }
+std::string dtype_name(const py::dtype& dtype) { return py::str(dtype).cast<std::string>(); }
 
 // Names one array of a call in messages: "grad", or "grad[3]" in a list call. Built into a
 // string only when a message needs it, so a valid call allocates no strings.
@@ -109,13 +162,305 @@ struct Label {
   }
 };
 
-// The arrays of one call, checked: a pointer per (tensor, role), nullptr where an optional role
-// is absent, and each tensor's element count.
+// ------------------------------------------------------------------ declarations at run time
+
+// One kernel's declaration, as the binding uses it: the arrays and hyperparameters with their
+// keywords interned, the kernel's row in the table, and its cross-hyperparameter rule.
+struct Descriptor {
+  std::string function;  // the public name, for messages: "adam_"
+  const ArrayDecl* arrays;
+  std::size_t array_count;
+  const Hyperparameter* hyper;
+  std::size_t hyper_count;
+  std::size_t kernel;
+  const char* (*invalid)(const Value*);
+  std::vector<PyObject*> array_keywords;  // interned names, then old names (nullptr if none)
+  std::vector<PyObject*> hyper_keywords;
+  std::vector<std::size_t> option_of;  // per array: index of its used_when hyperparameter
+};
+
+constexpr std::size_t kMaxArrays = 8;
+constexpr std::size_t kMaxHyper = 16;
+constexpr std::size_t kNone = static_cast<std::size_t>(-1);
+
+PyObject* intern(const char* name) {
+  return name == nullptr ? nullptr : PyUnicode_InternFromString(name);
+}
+
+template <typename Decl>
+const char* invalid_values(const Value* values) {
+  return Decl::invalid(fusedopt::Values<Decl>(values));
+}
+
+template <typename Decl>
+Descriptor describe(std::size_t kernel, const char* suffix) {
+  static_assert(Decl::arrays.size() <= kMaxArrays && Decl::hyperparameters.size() <= kMaxHyper);
+  Descriptor d{std::string(Decl::name) + suffix,
+               Decl::arrays.data(),
+               Decl::arrays.size(),
+               Decl::hyperparameters.data(),
+               Decl::hyperparameters.size(),
+               kernel,
+               &invalid_values<Decl>,
+               {},
+               {},
+               {}};
+  for (const ArrayDecl& a : Decl::arrays) d.array_keywords.push_back(intern(a.name));
+  for (const ArrayDecl& a : Decl::arrays) d.array_keywords.push_back(intern(a.old_name));
+  for (const Hyperparameter& h : Decl::hyperparameters) d.hyper_keywords.push_back(intern(h.name));
+  for (const ArrayDecl& a : Decl::arrays) {
+    std::size_t option = kNone;
+    for (std::size_t i = 0; a.used_when != nullptr && i < d.hyper_count; ++i) {
+      if (std::strcmp(d.hyper[i].name, a.used_when) == 0) option = i;
+    }
+    d.option_of.push_back(option);
+  }
+  return d;
+}
+
+const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::real: return "real";
+    case Kind::step: return "step";
+    case Kind::flag: return "flag";
+    case Kind::fixed: return "fixed";
+  }
+  return "";
+}
+
+// The declaration as plain Python data, for fusedopt's Python layer to derive from.
+py::dict declaration_data(const char* name, const char* summary, const Descriptor& d) {
+  py::list arrays, hyper;
+  for (std::size_t i = 0; i < d.array_count; ++i) {
+    const ArrayDecl& a = d.arrays[i];
+    py::dict entry;
+    entry["name"] = a.name;
+    entry["written"] = a.written;
+    entry["help"] = a.help;
+    entry["optional"] = a.optional;
+    entry["used_when"] = a.used_when == nullptr ? py::object(py::none()) : py::str(a.used_when);
+    entry["old_name"] = a.old_name == nullptr ? py::object(py::none()) : py::str(a.old_name);
+    arrays.append(entry);
+  }
+  for (std::size_t i = 0; i < d.hyper_count; ++i) {
+    const Hyperparameter& h = d.hyper[i];
+    py::dict entry;
+    entry["name"] = h.name;
+    entry["kind"] = kind_name(h.kind);
+    entry["required"] = h.required;
+    if (h.required) {
+      entry["default"] = py::none();
+    } else if (h.kind == Kind::flag || h.kind == Kind::fixed) {
+      entry["default"] = py::bool_(h.default_value != 0.0);
+    } else {
+      entry["default"] = h.default_value;
+    }
+    entry["low"] = h.range.low;
+    entry["high"] = h.range.high;
+    entry["low_open"] = h.range.low_open;
+    entry["high_open"] = h.range.high_open;
+    entry["label"] = h.label;
+    entry["help"] = h.help;
+    hyper.append(entry);
+  }
+  py::dict data;
+  data["name"] = name;
+  data["summary"] = summary;
+  data["arrays"] = py::tuple(arrays);
+  data["hyperparameters"] = py::tuple(hyper);
+  return data;
+}
+
+// ------------------------------------------------------------------ hyperparameters
+
+// int, float and NumPy's integer and floating scalars; not bool, str or anything else that
+// float() would take.
+bool is_real_number(PyObject* value) {
+  if (PyBool_Check(value)) return false;
+  if (PyFloat_Check(value) || PyLong_Check(value)) return true;
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::tuple> numpy_types;
+  const py::tuple& types = numpy_types
+                               .call_once_and_store_result([] {
+                                 const auto numpy = py::module_::import("numpy");
+                                 return py::make_tuple(numpy.attr("integer"),
+                                                       numpy.attr("floating"));
+                               })
+                               .get_stored();
+  const int is_numpy = PyObject_IsInstance(value, types.ptr());
+  if (is_numpy < 0) throw py::error_already_set();
+  return is_numpy == 1;
+}
+
+double parse_real(const Hyperparameter& h, PyObject* value) {
+  double v;
+  if (PyFloat_CheckExact(value)) {  // the common case first: it runs several times per call
+    v = PyFloat_AS_DOUBLE(value);
+  } else {
+    if (!is_real_number(value)) {
+      throw py::type_error(std::string(h.label) + " must be a real number, got " +
+                           type_name(value));
+    }
+    v = PyFloat_AsDouble(value);
+    if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  }
+  const auto& r = h.range;
+  const bool above = r.low_open ? r.low < v : r.low <= v;
+  const bool below = r.high_open ? v < r.high : v <= r.high;
+  if (!(above && below)) {  // also rejects NaN
+    throw py::value_error(std::string("Invalid ") + h.label + ": " + str_of(value));
+  }
+  return v;
+}
+
+// The count of steps including this one, from 1: an integer (operator.index), not a bool.
+std::int64_t parse_step(PyObject* value) {
+  if (PyBool_Check(value)) throw py::type_error("step must be an integer, got bool");
+  const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(value));
+  if (!index) {
+    PyErr_Clear();
+    throw py::type_error("step must be an integer, got " + type_name(value));
+  }
+  int overflow = 0;
+  const long long step = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || step < 1) {
+    throw py::value_error("Invalid step: " + str_of(index.ptr()) +
+                          (overflow > 0 ? " (at most 2**63 - 1)"
+                                        : " (the count of steps including this one, from 1)"));
+  }
+  return step;
+}
+
+bool parse_flag(PyObject* value) {
+  const int truth = PyObject_IsTrue(value);
+  if (truth < 0) throw py::error_already_set();
+  return truth == 1;
+}
+
+// Where a keyword goes: a hyperparameter, an array (by its name, or by its old name with a
+// DeprecationWarning), or skip_if_nonfinite, which every kernel takes.
+struct Slot {
+  enum { hyper, array, skip } what;
+  std::size_t index;
+};
+
+PyObject* skip_keyword() {
+  static PyObject* const keyword = intern("skip_if_nonfinite");
+  return keyword;
+}
+
+std::optional<Slot> find_slot(const Descriptor& d, PyObject* keyword) {
+  // Keywords written in Python source are interned: identity first, characters as a fallback.
+  for (int by_identity = 1; by_identity >= 0; --by_identity) {
+    auto same = [&](PyObject* name) {
+      return name != nullptr &&
+             (by_identity ? name == keyword : PyUnicode_Compare(name, keyword) == 0);
+    };
+    for (std::size_t i = 0; i < d.hyper_count; ++i) {
+      if (d.hyper[i].kind != Kind::fixed && same(d.hyper_keywords[i])) {
+        return Slot{Slot::hyper, i};
+      }
+    }
+    for (std::size_t i = 0; i < d.array_count; ++i) {
+      if (same(d.array_keywords[i])) return Slot{Slot::array, i};
+    }
+    if (same(skip_keyword())) return Slot{Slot::skip, 0};
+  }
+  if (PyErr_Occurred()) throw py::error_already_set();
+  for (std::size_t i = 0; i < d.array_count; ++i) {
+    PyObject* old = d.array_keywords[d.array_count + i];
+    if (old != nullptr && PyUnicode_Compare(old, keyword) == 0) {
+      const std::string message = d.function + "(): the keyword " + str_of(old) +
+                                  " is deprecated; use " + d.arrays[i].name;
+      if (PyErr_WarnEx(PyExc_DeprecationWarning, message.c_str(), 1) < 0) {
+        throw py::error_already_set();
+      }
+      return Slot{Slot::array, i};
+    }
+  }
+  return std::nullopt;
+}
+
+// The arguments of one call, sorted into arrays and hyperparameter values, validated.
+struct Arguments {
+  std::array<PyObject*, kMaxArrays> arrays{};  // nullptr: not given
+  std::array<Value, kMaxHyper> values{};
+  std::array<PyObject*, kMaxHyper> given{};  // the caller's objects, for messages
+  bool skip_if_nonfinite = false;
+
+  bool option_on(const Descriptor& d, std::size_t array) const {
+    const std::size_t option = d.option_of[array];
+    return option != kNone && values[option].number != 0.0;
+  }
+};
+
+Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_t nargs,
+                          PyObject* kwnames) {
+  Arguments a;
+  if (nargs > d.array_count) {
+    throw py::type_error(d.function + "() takes at most " + std::to_string(d.array_count) +
+                         " positional arguments (" + std::to_string(nargs) + " given)");
+  }
+  std::copy(args, args + nargs, a.arrays.begin());
+  const std::size_t nkw =
+      kwnames == nullptr ? 0 : static_cast<std::size_t>(PyTuple_GET_SIZE(kwnames));
+  for (std::size_t k = 0; k < nkw; ++k) {
+    PyObject* keyword = PyTuple_GET_ITEM(kwnames, static_cast<Py_ssize_t>(k));
+    PyObject* value = args[nargs + k];
+    const std::optional<Slot> slot = find_slot(d, keyword);
+    if (!slot) {
+      throw py::type_error(d.function + "() got an unexpected keyword argument '" +
+                           str_of(keyword) + "'");
+    }
+    if (slot->what == Slot::skip) {
+      a.skip_if_nonfinite = parse_flag(value);
+    } else if (slot->what == Slot::array) {
+      if (a.arrays[slot->index] != nullptr) {
+        throw py::type_error(d.function + "() got multiple values for argument '" +
+                             d.arrays[slot->index].name + "'");
+      }
+      a.arrays[slot->index] = value;
+    } else {
+      const Hyperparameter& h = d.hyper[slot->index];
+      Value& v = a.values[slot->index];
+      switch (h.kind) {
+        case Kind::real: v.number = parse_real(h, value); break;
+        case Kind::step: v.count = parse_step(value); break;
+        case Kind::flag: v.number = parse_flag(value) ? 1.0 : 0.0; break;
+        case Kind::fixed: break;  // never a keyword: find_slot skips them
+      }
+      a.given[slot->index] = value;
+    }
+  }
+  for (std::size_t i = 0; i < d.hyper_count; ++i) {
+    if (a.given[i] != nullptr) continue;
+    const Hyperparameter& h = d.hyper[i];
+    if (h.required) {
+      throw py::type_error(d.function + "() missing required keyword argument '" + h.name + "'");
+    }
+    a.values[i].number = h.default_value;
+  }
+  if (const char* message = d.invalid(a.values.data())) throw py::value_error(message);
+  return a;
+}
+
+// ------------------------------------------------------------------ arrays
+
+bool is_list(py::handle obj) { return PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr()); }
+
+// Exactly this dtype, byte order included (a byte-swapped float32 is not float32).
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
+}
+
+// The checked arrays of one call: a pointer per (tensor, role), nullptr where an optional role
+// is absent, each tensor's first element in the concatenation of all, and their storage.
 struct Checked {
-  bool is_double = false;
+  Storage storage = fusedopt::kFloat32;
   std::size_t roles = 0;
-  std::vector<void*> data;  // tensor i, role r at i * roles + r
-  std::vector<Index> sizes;
+  std::vector<void*> data;   // tensor t, role r at t * roles + r
+  std::vector<Index> starts;  // tensors + 1 entries
+
+  TensorSet set() const { return {data.data(), starts.data(), starts.size() - 1, roles}; }
 };
 
 // The bytes of one array of a call; `slot` is tensor * roles + role, for the message.
@@ -148,13 +493,6 @@ std::optional<std::pair<std::size_t, std::size_t>> find_overlap(std::vector<Exte
     }
   }
   return std::nullopt;
-}
-
-std::string dtype_name(const py::dtype& dtype) { return py::str(dtype).cast<std::string>(); }
-
-// Exactly this dtype, byte order included (a byte-swapped float32 is not float32).
-bool same_dtype(const py::dtype& a, const py::dtype& b) {
-  return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
 }
 
 // Checks one array against its tensor's param (`ref`, or nullptr when it is the param) and the
@@ -200,237 +538,19 @@ void check_array(const Label& label, py::handle obj, const py::array* ref,
   }
 }
 
-constexpr double kInfinity = std::numeric_limits<double>::infinity();
-
-// Hyperparameters: what each name accepts, checked in one place for the functions and the
-// optimizer classes, with PyTorch's messages.
-enum class Kind { real, step, flag };
-
-struct Rule {
-  const char* name;
-  Kind kind;
-  const char* label = nullptr;  // a real's name in messages
-  double low = 0.0;
-  double high = kInfinity;
-  bool low_open = false;
-  bool high_open = true;
-};
-
-constexpr Rule kRules[] = {
-    {"lr", Kind::real, "learning rate"},
-    {"eps", Kind::real, "epsilon value", 0.0, kInfinity, true},
-    {"beta1", Kind::real, "beta parameter at index 0", 0.0, 1.0},
-    {"beta2", Kind::real, "beta parameter at index 1", 0.0, 1.0},
-    {"beta", Kind::real, "beta value", 0.0, 1.0},
-    {"weight_decay", Kind::real, "weight_decay value"},
-    {"momentum", Kind::real, "momentum value"},
-    {"dampening", Kind::real, "dampening value", 0.0, 1.0, false, false},
-    {"alpha", Kind::real, "alpha value", 0.0, 1.0, false, false},
-    {"lr_decay", Kind::real, "lr_decay value"},
-    {"initial_accumulator_value", Kind::real, "initial_accumulator_value"},
-    {"factor", Kind::real, "factor"},
-    {"step", Kind::step},
-    {"maximize", Kind::flag},
-    {"nesterov", Kind::flag},
-    {"decoupled_weight_decay", Kind::flag},
-    {"amsgrad", Kind::flag},
-    {"centered", Kind::flag},
-    {"skip_if_nonfinite", Kind::flag},
-};
-constexpr std::size_t kRuleCount = sizeof(kRules) / sizeof(kRules[0]);
-
-std::string str_of(PyObject* value) { return py::str(value).cast<std::string>(); }
-
-// int, float and NumPy's integer and floating scalars; not bool, str or anything else that
-// float() would take.
-bool is_real_number(PyObject* value) {
-  if (PyBool_Check(value)) return false;
-  if (PyFloat_Check(value) || PyLong_Check(value)) return true;
-  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::tuple> numpy_types;
-  const py::tuple& types = numpy_types
-                               .call_once_and_store_result([] {
-                                 const auto numpy = py::module_::import("numpy");
-                                 return py::make_tuple(numpy.attr("integer"),
-                                                       numpy.attr("floating"));
-                               })
-                               .get_stored();
-  const int is_numpy = PyObject_IsInstance(value, types.ptr());
-  if (is_numpy < 0) throw py::error_already_set();
-  return is_numpy == 1;
-}
-
-double parse_real(const Rule& rule, PyObject* value) {
-  double v;
-  if (PyFloat_CheckExact(value)) {  // the common case first: it runs several times per call
-    v = PyFloat_AS_DOUBLE(value);
-  } else {
-    if (!is_real_number(value)) {
-      throw py::type_error(std::string(rule.label) + " must be a real number, got " +
-                           type_name(value));
-    }
-    v = PyFloat_AsDouble(value);
-    if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
-  }
-  const bool above = rule.low_open ? rule.low < v : rule.low <= v;
-  const bool below = rule.high_open ? v < rule.high : v <= rule.high;
-  if (!(above && below)) {  // also rejects NaN
-    throw py::value_error(std::string("Invalid ") + rule.label + ": " + str_of(value));
-  }
-  return v;
-}
-
-// The count of steps including this one, from 1: an integer (operator.index), not a bool.
-std::int64_t parse_step(PyObject* value) {
-  if (PyBool_Check(value)) throw py::type_error("step must be an integer, got bool");
-  const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(value));
-  if (!index) {
-    PyErr_Clear();
-    throw py::type_error("step must be an integer, got " + type_name(value));
-  }
-  int overflow = 0;
-  const long long step = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
-  if (overflow != 0 || step < 1) {
-    throw py::value_error("Invalid step: " + str_of(index.ptr()) +
-                          (overflow > 0 ? " (at most 2**63 - 1)"
-                                        : " (the count of steps including this one, from 1)"));
-  }
-  return step;
-}
-
-bool parse_flag(PyObject* value) {
-  const int truth = PyObject_IsTrue(value);
-  if (truth < 0) throw py::error_already_set();
-  return truth == 1;
-}
-
-// The rule of a keyword, by identity first: keywords written in Python source are interned, so
-// the comparison of strings is only a fallback.
-const Rule& rule_of(PyObject* keyword) {
-  static const std::array<PyObject*, kRuleCount> names = [] {
-    std::array<PyObject*, kRuleCount> interned{};
-    for (std::size_t i = 0; i < kRuleCount; ++i) {
-      interned[i] = PyUnicode_InternFromString(kRules[i].name);
-    }
-    return interned;
-  }();
-  for (std::size_t i = 0; i < kRuleCount; ++i) {
-    if (names[i] == keyword) return kRules[i];
-  }
-  for (std::size_t i = 0; i < kRuleCount; ++i) {
-    if (PyUnicode_Compare(names[i], keyword) == 0) return kRules[i];
-  }
-  throw py::type_error("unexpected hyperparameter " + str_of(keyword));
-}
-
-// The index in kRules of the rule named `name`, a string literal of a kernel's. Equal literals
-// are normally merged into one object, so addresses are compared before the characters.
-std::size_t rule_index(const char* name) {
-  for (std::size_t i = 0; i < kRuleCount; ++i) {
-    if (kRules[i].name == name) return i;
-  }
-  for (std::size_t i = 0; i < kRuleCount; ++i) {
-    if (std::strcmp(kRules[i].name, name) == 0) return i;
-  }
-  throw py::type_error(std::string("no rule for hyperparameter ") + name);
-}
-
-// The keyword arguments of a call, parsed and validated before any array is looked at. The
-// kernel then reads each by name; every one must be read exactly once: a missing or unread
-// name is a programming error in the Python layer, not silently ignored.
-class Hyper {
- public:
-  Hyper(std::size_t count, PyObject* const* keywords, PyObject* const* values) : count_(count) {
-    if (count > entries_.size()) throw py::type_error("too many hyperparameters");
-    for (std::size_t i = 0; i < count; ++i) {
-      Entry& e = entries_[i];
-      e.rule = &rule_of(keywords[i]);
-      e.value = values[i];
-      switch (e.rule->kind) {
-        case Kind::real: e.number = parse_real(*e.rule, values[i]); break;
-        case Kind::step: e.number = static_cast<double>(e.step = parse_step(values[i])); break;
-        case Kind::flag: e.number = parse_flag(values[i]) ? 1.0 : 0.0; break;
-      }
-      by_rule_[static_cast<std::size_t>(e.rule - kRules)] = &e;
-    }
-    const Entry* nesterov = lookup("nesterov");
-    if (nesterov != nullptr && nesterov->number != 0.0) {
-      const Entry* momentum = lookup("momentum");
-      const Entry* dampening = lookup("dampening");
-      if (momentum == nullptr || momentum->number <= 0.0 || dampening == nullptr ||
-          dampening->number != 0.0) {
-        throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
-      }
-    }
-  }
-
-  double real(const char* name) const { return get(name, Kind::real).number; }
-  bool flag(const char* name) const { return get(name, Kind::flag).number != 0.0; }
-  std::int64_t integer(const char* name) const { return get(name, Kind::step).step; }
-  // A flag that may be absent (then false).
-  bool optional_flag(const char* name) const { return lookup(name) != nullptr && flag(name); }
-
-  // Whether the option `name` is on: the hyperparameter is given and true or nonzero.
-  bool option_on(const char* name) const {
-    const Entry* e = lookup(name);
-    if (e == nullptr) return false;
-    e->read = true;
-    return e->number != 0.0;
-  }
-  // "name=value", as the caller wrote it.
-  std::string option_str(const char* name) const {
-    const Entry* e = lookup(name);
-    return std::string(name) + "=" + (e != nullptr ? str_of(e->value) : "None");
-  }
-
-  void check_all_read() const {
-    for (std::size_t i = 0; i < count_; ++i) {
-      if (!entries_[i].read) {
-        throw py::type_error(std::string("unexpected hyperparameter ") + entries_[i].rule->name);
-      }
-    }
-  }
-
- private:
-  struct Entry {
-    const Rule* rule;
-    PyObject* value;  // borrowed: the caller's reference outlives the call
-    double number;    // a real, a step, or a flag as 0/1
-    std::int64_t step;
-    mutable bool read;
-  };
-
-  const Entry* lookup(const char* name) const { return by_rule_[rule_index(name)]; }
-
-  const Entry& get(const char* name, Kind kind) const {
-    const Entry* e = lookup(name);
-    if (e == nullptr) throw py::type_error(std::string("missing hyperparameter ") + name);
-    if (e->rule->kind != kind) throw py::type_error(std::string("wrong kind of ") + name);
-    e->read = true;
-    return *e;
-  }
-
-  std::array<Entry, kRuleCount> entries_{};
-  std::array<const Entry*, kRuleCount> by_rule_{};  // kRules' order; nullptr if not given
-  std::size_t count_;
-};
-
-// Validates every argument of a call before anything is written. An argument is one array (then
-// all are) or a list/tuple of arrays, one per tensor (then all are, of the same length); an
-// absent optional argument is None. `hyper` says which options are on (nullptr: none).
-template <std::size_t N>
-Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
-                        std::size_t nargs, const Hyper* hyper) {
-  if (nargs != N) {
-    throw py::type_error("expected " + std::to_string(N) + " array arguments, got " +
-                         std::to_string(nargs));
-  }
-  const py::handle param = args[0];
+// Validates the arrays of a call before anything is written. An argument is one array (then all
+// are) or a list/tuple of arrays, one per tensor (then all are, of the same length); an absent
+// optional argument is None or not given. A buffer whose option is off is ignored.
+Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Arguments& a,
+                     const Descriptor* d) {
+  PyObject* const* args = a.arrays.data();
+  const py::handle param = args[0] == nullptr ? py::handle(Py_None) : py::handle(args[0]);
   const bool single = py::isinstance<py::array>(param);
   if (!single && !is_list(param)) {
     throw py::type_error(std::string(roles[0].name) +
                          ": expected a numpy.ndarray or a list of them, got " + type_name(param));
   }
-  const std::size_t count = single ? 1 : py::len(param);
+  const std::size_t count = single ? 1 : static_cast<std::size_t>(py::len(param));
   auto item = [&](py::handle obj, std::size_t i) -> py::handle {
     return single ? obj : py::handle(PySequence_Fast_GET_ITEM(obj.ptr(), i));
   };
@@ -440,7 +560,7 @@ Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
 
   // The call's dtype is param's (or the first param's); it must be float32 or float64.
   py::dtype dtype = py::dtype::of<float>();
-  bool is_double = false;
+  Storage storage = fusedopt::kFloat32;
   if (count > 0) {
     const py::handle first = item(param, 0);
     if (!py::isinstance<py::array>(first)) {
@@ -448,23 +568,26 @@ Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
                            type_name(first));
     }
     const py::dtype first_dtype = py::reinterpret_borrow<py::array>(first).dtype();
-    is_double = same_dtype(first_dtype, py::dtype::of<double>());
-    if (!is_double && !same_dtype(first_dtype, dtype)) {
+    if (same_dtype(first_dtype, py::dtype::of<double>())) {
+      dtype = py::dtype::of<double>();
+      storage = fusedopt::kFloat64;
+    } else if (!same_dtype(first_dtype, dtype)) {
       throw py::type_error(label(0, 0).str() + ": expected dtype float32 or float64, got " +
                            dtype_name(first_dtype));
     }
-    if (is_double) dtype = py::dtype::of<double>();
   }
 
-  std::array<bool, N> present{};
-  for (std::size_t r = 0; r < N; ++r) {
-    const py::handle arg = args[r];
+  std::array<bool, kMaxArrays> present{};
+  for (std::size_t r = 0; r < n_roles; ++r) {
+    const py::handle arg = args[r] == nullptr ? py::handle(Py_None) : py::handle(args[r]);
     const std::string name = roles[r].name;
     present[r] = !arg.is_none();
     if (roles[r].used_when != nullptr) {
-      const bool used = hyper != nullptr && hyper->option_on(roles[r].used_when);
+      const bool used = d != nullptr && a.option_on(*d, r);
       if (used && !present[r]) {
-        throw py::value_error(hyper->option_str(roles[r].used_when) + " needs the " + name +
+        const std::size_t option = d->option_of[r];
+        throw py::value_error(std::string(roles[r].used_when) + "=" +
+                              str_of(a.given[option]) + " needs the " + name +
                               " buffer, got None");
       }
       present[r] = present[r] && used;
@@ -483,7 +606,7 @@ Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
         throw py::type_error(name + ": expected a list of arrays like param, got " +
                              type_name(arg));
       }
-      if (py::len(arg) != count) {
+      if (static_cast<std::size_t>(py::len(arg)) != count) {
         throw py::value_error(name + ": expected " + std::to_string(count) +
                               " arrays like param, got " + std::to_string(py::len(arg)));
       }
@@ -491,76 +614,64 @@ Checked check_arguments(const std::array<Role, N>& roles, PyObject* const* args,
   }
 
   Checked checked;
-  checked.is_double = is_double;
-  checked.roles = N;
-  checked.data.assign(count * N, nullptr);
-  checked.sizes.resize(count);
+  checked.storage = storage;
+  checked.roles = n_roles;
+  checked.data.assign(count * n_roles, nullptr);
+  checked.starts.assign(count + 1, 0);
   std::vector<Extent> extents;
-  extents.reserve(count * N);
+  extents.reserve(count * n_roles);
   const std::string dtype_owner = label(0, 0).str();
   for (std::size_t i = 0; i < count; ++i) {
     check_array(label(0, i), item(param, i), nullptr, dtype, dtype_owner, roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
-    checked.sizes[i] = static_cast<Index>(p.size());
-    for (std::size_t r = 0; r < N; ++r) {
+    checked.starts[i + 1] = checked.starts[i] + static_cast<Index>(p.size());
+    for (std::size_t r = 0; r < n_roles; ++r) {
       if (!present[r]) continue;
       const py::handle obj = item(args[r], i);
       if (r > 0) check_array(label(r, i), obj, &p, dtype, "param", roles[r].written);
       const auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
       void* data = const_cast<void*>(arr.data());
-      checked.data[i * N + r] = data;
+      checked.data[i * n_roles + r] = data;
       if (arr.nbytes() > 0) {
         const char* begin = static_cast<const char*>(data);
-        extents.push_back({begin, begin + arr.nbytes(), i * N + r, roles[r].written});
+        extents.push_back({begin, begin + arr.nbytes(), i * n_roles + r, roles[r].written});
       }
     }
   }
   if (const auto overlap = find_overlap(extents)) {
     const auto [first, second] = *overlap;
-    throw py::value_error(label(first % N, first / N).str() + " and " +
-                          label(second % N, second / N).str() +
+    throw py::value_error(label(first % n_roles, first / n_roles).str() + " and " +
+                          label(second % n_roles, second / n_roles).str() +
                           " share memory; an array that is updated in place must not overlap "
                           "any other argument");
   }
   return checked;
 }
 
-template <typename T, std::size_t N>
-std::vector<fusedopt::Tensor<T, N>> tensors_of(const Checked& checked) {
-  std::vector<fusedopt::Tensor<T, N>> tensors(checked.sizes.size());
-  for (std::size_t i = 0; i < tensors.size(); ++i) {
-    for (std::size_t r = 0; r < N; ++r) {
-      tensors[i].data[r] = static_cast<T*>(checked.data[i * N + r]);
-    }
-    tensors[i].size = checked.sizes[i];
-  }
-  return tensors;
+// ------------------------------------------------------------------ running the kernels
+
+bool any_nonfinite(const TensorSet& set, std::size_t r, Storage storage, int threads) {
+  std::atomic<bool> found{false};
+  const fusedopt::ScanFn scan = table().nonfinite[storage];
+  split_across_threads(set, threads, [&](Index begin, Index end) {
+    scan(set, r, begin, end, found);
+  });
+  return found.load();
 }
 
-Index total_size(const Checked& checked) {
-  Index total = 0;
-  for (const Index size : checked.sizes) total += size;
-  return total;
-}
-
-// Runs Kernel over the checked arrays and returns true, or, with skip_if_nonfinite, returns
+// Runs the kernel over the checked arrays and returns true, or, with skip_if_nonfinite, returns
 // false without writing anything when any grad (role 1) holds a NaN or an infinity.
-template <template <typename> class Kernel, typename T, std::size_t N>
-bool launch(const Checked& checked, const Hyper& hyper) {
-  const bool skip_if_nonfinite = hyper.optional_flag("skip_if_nonfinite");
-  const Kernel<T> kernel(hyper);
-  hyper.check_all_read();
-  const auto tensors = tensors_of<T, N>(checked);
-  const int threads = threads_for_call(total_size(checked));
-  const ReleaseGilIfWorthIt release(total_size(checked));
-  if (skip_if_nonfinite &&
-      fusedopt::any_chunk(tensors, threads, [](Index n, const std::array<T*, N>& chunk) {
-        return fusedopt::has_nonfinite(n, chunk[1]);
-      })) {
-    return false;
-  }
-  fusedopt::for_each_chunk(tensors, threads, kernel);
+bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
+  const TensorSet set = checked.set();
+  const fusedopt::UpdateFn update = table().update[d.kernel][checked.storage];
+  const int threads = threads_for_call(set.total());
+  const ReleaseGilIfWorthIt release(set.total());
+  if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.storage, threads)) return false;
+  const Value* values = a.values.data();
+  split_across_threads(set, threads, [&](Index begin, Index end) {
+    update(values, set, begin, end);
+  });
   return true;
 }
 
@@ -582,71 +693,89 @@ PyObject* python_call(const Fn& fn) noexcept {
   return nullptr;
 }
 
-// fn(arrays..., /, **hyperparameters) -> bool. A vectorcall function of CPython's, not a
-// pybind11 one: the arguments arrive as a C array with no tuple or dict built, which is most of
-// the cost of a call on a small tensor.
-template <template <typename> class Kernel>
-PyObject* optimizer_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargsf,
-                         PyObject* kwnames) {
+// fn(arrays..., **hyperparameters) -> bool. A vectorcall function of CPython's, not a pybind11
+// one: the arguments arrive as a C array with no tuple or dict built, which is most of the cost
+// of a call on a small tensor. `self` is a capsule holding the kernel's Descriptor.
+PyObject* kernel_call(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
+                      PyObject* kwnames) {
   return python_call([&] {
+    const auto& d = *static_cast<const Descriptor*>(PyCapsule_GetPointer(self, nullptr));
     const auto nargs =
         static_cast<std::size_t>(PyVectorcall_NARGS(static_cast<std::size_t>(nargsf)));
-    const auto nkw =
-        kwnames == nullptr ? std::size_t{0} : static_cast<std::size_t>(PyTuple_GET_SIZE(kwnames));
-    const Hyper hyper(nkw, nkw == 0 ? nullptr : PySequence_Fast_ITEMS(kwnames), args + nargs);
-    constexpr auto& roles = Kernel<float>::roles;
-    const Checked checked = check_arguments(roles, args, nargs, &hyper);
-    const bool applied = checked.is_double ? launch<Kernel, double, roles.size()>(checked, hyper)
-                                           : launch<Kernel, float, roles.size()>(checked, hyper);
-    return py::bool_(applied).release().ptr();
+    const Arguments arguments = parse_arguments(d, args, nargs, kwnames);
+    const Checked checked = check_arrays(d.arrays, d.array_count, arguments, &d);
+    return py::bool_(launch(d, checked, arguments)).release().ptr();
   });
 }
 
-template <template <typename> class Kernel>
-void def_optimizer(py::module_& m, const char* name) {
-  // CPython keeps a pointer to the definition for as long as the function lives: never freed.
-  auto* def = new PyMethodDef{name,
-                              reinterpret_cast<PyCFunction>(
-                                  reinterpret_cast<void (*)()>(&optimizer_call<Kernel>)),
-                              METH_FASTCALL | METH_KEYWORDS, nullptr};
-  auto function = py::reinterpret_steal<py::object>(PyCFunction_NewEx(def, nullptr, m.attr("__name__").ptr()));
+// Defines `name` in `m` as a vectorcall function over the kernel that `d` describes. CPython
+// keeps pointers to the definition and the descriptor for as long as the function lives:
+// never freed.
+void def_kernel(py::module_& m, const char* name, Descriptor* d) {
+  auto* def = new PyMethodDef{
+      name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&kernel_call)),
+      METH_FASTCALL | METH_KEYWORDS, nullptr};
+  const auto capsule = py::capsule(d);
+  auto function = py::reinterpret_steal<py::object>(
+      PyCFunction_NewEx(def, capsule.ptr(), m.attr("__name__").ptr()));
   if (!function) throw py::error_already_set();
   m.add_object(name, function);
 }
 
-// Validates hyperparameters as the optimizer functions do, for the optimizer classes, which
-// check theirs when they are constructed.
-void check_hyperparameters(const py::kwargs& kwargs) {
-  std::vector<PyObject*> keywords, values;
-  for (const auto& [key, value] : kwargs) {
-    keywords.push_back(key.ptr());
-    values.push_back(value.ptr());
-  }
-  Hyper(keywords.size(), keywords.data(), values.data());
+template <typename... Optimizers, typename... Helpers>
+void def_kernels(py::module_& m, fusedopt::List<Optimizers...>, fusedopt::List<Helpers...>) {
+  std::size_t kernel = 0;
+  py::dict optimizers;
+  (
+      [&] {
+        auto* d = new Descriptor(describe<Optimizers>(kernel++, "_"));
+        def_kernel(m, Optimizers::name, d);
+        optimizers[Optimizers::name] =
+            declaration_data(Optimizers::name, Optimizers::summary, *d);
+      }(),
+      ...);
+  ((def_kernel(m, Helpers::name, new Descriptor(describe<Helpers>(kernel++, "")))), ...);
+  m.attr("OPTIMIZERS") = optimizers;
 }
 
-template <typename T>
-bool all_finite(const Checked& checked) {
-  const auto tensors = tensors_of<T, 1>(checked);
-  const int threads = threads_for_call(total_size(checked));
-  const ReleaseGilIfWorthIt release(total_size(checked));
-  return !fusedopt::any_chunk(tensors, threads, [](Index n, const std::array<T*, 1>& chunk) {
-    return fusedopt::has_nonfinite(n, chunk[0]);
-  });
+// The checked arrays of a helper that takes one array or a list of them.
+Checked one_role(const py::args& args) {
+  static constexpr ArrayDecl roles[] = {fusedopt::read_only("arrays", "")};
+  if (args.size() != 1) {
+    throw py::type_error("expected 1 array argument, got " + std::to_string(args.size()));
+  }
+  Arguments a;
+  a.arrays[0] = args[0].ptr();
+  return check_arrays(roles, 1, a, nullptr);
+}
+
+bool all_finite(const py::args& args) {
+  const Checked checked = one_role(args);
+  const TensorSet set = checked.set();
+  const int threads = threads_for_call(set.total());
+  const ReleaseGilIfWorthIt release(set.total());
+  return !any_nonfinite(set, 0, checked.storage, threads);
 }
 
 // Sum of squares of all elements, in double: per-chunk sums (fixed boundaries, fixed order
 // within) added in chunk order, so bit-identical for any thread count.
-template <typename T>
-double sum_squares(const Checked& checked) {
-  const auto tensors = tensors_of<T, 1>(checked);
-  const int threads = threads_for_call(total_size(checked));
-  const ReleaseGilIfWorthIt release(total_size(checked));
-  std::vector<double> partial(static_cast<std::size_t>(fusedopt::chunk_count(tensors)));
-  fusedopt::for_each_chunk_indexed(
-      tensors, threads, [&](Index index, Index n, const std::array<T*, 1>& chunk) {
-        partial[static_cast<std::size_t>(index)] = fusedopt::sum_squares(n, chunk[0]);
-      });
+double sum_squares(const py::args& args) {
+  const Checked checked = one_role(args);
+  const TensorSet set = checked.set();
+  std::vector<Index> first_chunk(set.tensors + 1, 0);
+  for (std::size_t t = 0; t < set.tensors; ++t) {
+    const Index size = set.starts[t + 1] - set.starts[t];
+    first_chunk[t + 1] = first_chunk[t] + (size + fusedopt::kChunk - 1) / fusedopt::kChunk;
+  }
+  std::vector<double> partial(static_cast<std::size_t>(first_chunk.back()));
+  const fusedopt::SumFn sum = table().sum_squares[checked.storage];
+  const int threads = threads_for_call(set.total());
+  {
+    const ReleaseGilIfWorthIt release(set.total());
+    split_across_threads(set, threads, [&](Index begin, Index end) {
+      sum(set, first_chunk.data(), begin, end, partial.data());
+    });
+  }
   double total = 0;
   for (const double p : partial) total += p;
   return total;
@@ -657,18 +786,17 @@ double sum_squares(const Checked& checked) {
 std::vector<std::pair<Index, Index>> thread_ranges(const std::vector<Index>& sizes, Index team) {
   std::vector<Index> starts(sizes.size() + 1, 0);
   for (std::size_t t = 0; t < sizes.size(); ++t) starts[t + 1] = starts[t] + sizes[t];
+  const TensorSet set{nullptr, starts.data(), sizes.size(), 0};
   std::vector<std::pair<Index, Index>> ranges;
   for (Index me = 0; me < team; ++me) {
-    ranges.emplace_back(fusedopt::detail::thread_begin(starts, me, team),
-                        fusedopt::detail::thread_begin(starts, me + 1, team));
+    ranges.emplace_back(fusedopt::thread_begin(set, me, team),
+                        fusedopt::thread_begin(set, me + 1, team));
   }
   return ranges;
 }
 
-}  // namespace
-
-// What this CPU can run, by level name; only meaningful in the baseline module, which runs
-// everywhere. __builtin_cpu_supports also checks that the OS saves the wide registers.
+// What this CPU can run, by level name. __builtin_cpu_supports also checks that the OS saves
+// the wide registers.
 py::dict cpu_supports() {
   py::dict levels;
   levels["baseline"] = true;
@@ -694,33 +822,20 @@ std::string compiler() {
 #endif
 }
 
-PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
-  m.doc() = "fusedopt's compiled kernels; use the functions of the fusedopt package instead.";
-  def_optimizer<fusedopt::Sgd>(m, "sgd");
-  def_optimizer<fusedopt::Momentum>(m, "momentum");
-  def_optimizer<fusedopt::Adam>(m, "adam");
-  def_optimizer<fusedopt::Adagrad>(m, "adagrad");
-  def_optimizer<fusedopt::Rmsprop>(m, "rmsprop");
-  def_optimizer<fusedopt::Lion>(m, "lion");
-  def_optimizer<fusedopt::Roofline>(m, "roofline");  // for bench/: traffic without arithmetic
+}  // namespace
 
-  m.def("all_finite", [](const py::args& args) {
-    static constexpr std::array<Role, 1> roles{{{"arrays", false, false}}};
-    const Checked checked = check_arguments(roles, PySequence_Fast_ITEMS(args.ptr()), args.size(), nullptr);
-    return checked.is_double ? all_finite<double>(checked) : all_finite<float>(checked);
-  });
-  m.def("sum_squares", [](const py::args& args) {
-    static constexpr std::array<Role, 1> roles{{{"arrays", false, false}}};
-    const Checked checked = check_arguments(roles, PySequence_Fast_ITEMS(args.ptr()), args.size(), nullptr);
-    return checked.is_double ? sum_squares<double>(checked) : sum_squares<float>(checked);
-  });
-  def_optimizer<fusedopt::Scale>(m, "scale");
-  m.def("check_hyperparameters", &check_hyperparameters);
-  py::tuple hyperparameter_names(kRuleCount);
-  for (std::size_t i = 0; i < kRuleCount; ++i) hyperparameter_names[i] = kRules[i].name;
-  m.attr("HYPERPARAMETERS") = hyperparameter_names;
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fusedopt's compiled binding; use the functions of the fusedopt package instead.";
+  def_kernels(m, fusedopt::Optimizers{}, fusedopt::Helpers{});
+  m.def("all_finite", &all_finite);
+  m.def("sum_squares", &sum_squares);
+  m.def("_use_kernels", &use_kernels);
   m.def("_thread_ranges", &thread_ranges);
+  m.def("simd_level", [] { return std::string(table().level); });
+  m.def("simd_instructions", [] { return std::string(table().instructions); });
+#if !defined(_WIN32)
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
+#endif
 
   m.def("get_num_threads", &threads_for_kernels);
   m.def("set_num_threads", [](int threads) { num_threads.store(threads); });
@@ -728,8 +843,6 @@ PYBIND11_MODULE(FUSEDOPT_MODULE, m) {
   m.def("get_parallel_min", [] { return parallel_min.load(); });
   m.def("set_parallel_min", [](Index n) { parallel_min.store(n); });
   m.attr("__version__") = FUSEDOPT_VERSION;
-  m.attr("SIMD_LEVEL") = FUSEDOPT_SIMD_LEVEL;
-  m.attr("SIMD_INSTRUCTIONS") = Eigen::SimdInstructionSetsInUse();
   m.attr("EIGEN_VERSION") = std::to_string(EIGEN_WORLD_VERSION) + "." +
                             std::to_string(EIGEN_MAJOR_VERSION) + "." +
                             std::to_string(EIGEN_MINOR_VERSION);

@@ -12,7 +12,7 @@ import pytest
 
 import fusedopt
 from fusedopt import _core
-from fusedopt._dispatch import LEVELS, _built
+from fusedopt._dispatch import LEVELS, runnable
 from fusedopt.registry import OPTIMIZERS
 
 
@@ -31,13 +31,12 @@ def test_version_matches_compiled_module():
 
 def runnable_levels():
     """Levels this CPU supports and this build includes, best first."""
-    supported = _core.cpu_supports()
-    return [level for level in LEVELS if supported.get(level) and _built(level)]
+    return runnable()
 
 
 def test_dispatch_picks_the_best_runnable_level():
     expected = os.environ.get("FUSEDOPT_SIMD") or runnable_levels()[0]
-    assert _core.SIMD_LEVEL == expected
+    assert _core.simd_level() == expected
 
 
 def run_python(code: str, **env):
@@ -47,7 +46,7 @@ def run_python(code: str, **env):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_forcing_a_level(level):
-    result = run_python("import fusedopt; print(fusedopt._core.SIMD_LEVEL)", FUSEDOPT_SIMD=level)
+    result = run_python("import fusedopt; print(fusedopt._core.simd_level())", FUSEDOPT_SIMD=level)
     if level in runnable_levels():
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == level
@@ -66,7 +65,7 @@ def test_show_config():
     out = io.StringIO()
     fusedopt.show_config(file=out)
     text = out.getvalue()
-    assert f"SIMD level:        {_core.SIMD_LEVEL}" in text
+    assert f"SIMD level:        {_core.simd_level()}" in text
     assert "Eigen:             3." in text
     assert f"threads:           {fusedopt.get_num_threads()}" in text
 

@@ -1,9 +1,10 @@
 """fusedopt: fused, in-place optimizer updates for NumPy arrays.
 
-Each update function (``sgd_``, ``momentum_``, ``adam_``, ``adamw_``, ``adagrad_``,
-``rmsprop_``) updates the parameters and optimizer state in one fused, multi-threaded pass in
-C++, for one array or a whole list of them. :mod:`fusedopt.reference` holds the same formulas in
-plain NumPy.
+Each update function (``adagrad_``, ``adam_``, ``adamax_``, ``adamw_``, ``lion_``,
+``momentum_``, ``rmsprop_``, ``sgd_``) updates the parameters and optimizer state in one fused,
+multi-threaded pass in C++, for one array or a whole list of them. :mod:`fusedopt.reference`
+holds the same formulas in plain NumPy; :mod:`fusedopt.optim` has optimizer classes with
+``torch.optim``'s conventions and :mod:`fusedopt.schedules` learning-rate schedules.
 """
 
 from __future__ import annotations
@@ -12,33 +13,32 @@ import sys
 
 import numpy as np
 
-from . import optim, reference, schedules
+from . import _functional
 from ._clip import clip_grad_norm_, global_norm
+from ._dispatch import LEVEL as _LEVEL
 from ._dispatch import core as _core
-from ._functional import (adagrad_, adam_, adamw_, all_finite, lion_, momentum_, rmsprop_,
-                          sgd_)
+from ._functional import all_finite
+
+# The update functions, one per kernel declaration: adam_, sgd_, ...
+globals().update(_functional.FUNCTIONS)
+
+from . import optim, reference, schedules  # noqa: E402  (optim uses the functions above)
 
 __version__: str = _core.__version__
 
-__all__ = [
+__all__ = sorted([
     "__version__",
-    "adagrad_",
-    "adam_",
-    "adamw_",
     "all_finite",
     "clip_grad_norm_",
     "get_num_threads",
     "global_norm",
-    "lion_",
-    "momentum_",
     "optim",
     "reference",
-    "rmsprop_",
     "schedules",
     "set_num_threads",
-    "sgd_",
     "show_config",
-]
+    *_functional.FUNCTIONS,
+])
 
 
 def get_num_threads() -> int:
@@ -62,9 +62,9 @@ def show_config(file=None) -> None:
     supported = [level for level, ok in _core.cpu_supports().items() if ok]
     lines = [
         f"fusedopt {__version__}",
-        f"  SIMD level:        {_core.SIMD_LEVEL} (this CPU supports: {', '.join(supported)}; "
+        f"  SIMD level:        {_LEVEL} (this CPU supports: {', '.join(supported)}; "
         f"FUSEDOPT_SIMD forces one)",
-        f"  SIMD instructions: {_core.SIMD_INSTRUCTIONS}",
+        f"  SIMD instructions: {_core.simd_instructions()}",
         f"  threads:           {get_num_threads()}",
         f"  OpenMP:            {_core.OPENMP}",
         f"  Eigen:             {_core.EIGEN_VERSION}",

@@ -1,42 +1,52 @@
-"""Imports the compiled kernels built for the best SIMD level this CPU supports.
+"""Loads the kernels built for the best SIMD level this CPU supports into the binding.
 
-The kernels are built once per level (``_core_baseline``, and on x86-64 ``_core_avx2`` and
-``_core_avx512``); the baseline module runs on every CPU of the architecture and says which
-levels this one can run. ``FUSEDOPT_SIMD=baseline|avx2|avx512`` forces a level. Every level
-computes bit-identical results.
+The binding ``_core`` is built once; the kernels are built once per level, each into a library of
+its own (``_kernels_baseline``, and on x86-64 ``_kernels_avx2`` and ``_kernels_avx512``). The
+binding says which levels this CPU runs; the best one built is loaded with ctypes and its table
+of kernels handed to the binding. ``FUSEDOPT_SIMD=baseline|avx2|avx512`` forces a level. Every
+level computes bit-identical results.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import ctypes
 import os
-from types import ModuleType
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Dict, Optional
+
+from . import _core as core
 
 LEVELS = ("avx512", "avx2", "baseline")  # best first
+_HERE = Path(core.__file__).parent  # beside the binding (editable installs keep them apart)
+_loaded: Dict[str, ctypes.CDLL] = {}  # kept for the life of the process
 
 
-def _built(level: str) -> bool:
-    return importlib.util.find_spec(f"{__package__}._core_{level}") is not None
+def library(level: str) -> Optional[Path]:
+    """The kernel library of ``level`` in this installation, or None if it was not built."""
+    found = sorted(p for p in _HERE.glob(f"_kernels_{level}.*")
+                   if p.suffix in (".so", ".dll", ".dylib", ".pyd"))
+    return found[0] if found else None
 
 
-def _load() -> ModuleType:
-    baseline = importlib.import_module("._core_baseline", __package__)
-    supported = baseline.cpu_supports()
-    runnable = [level for level in LEVELS if supported.get(level) and _built(level)]
+def runnable() -> list:
+    """Levels this CPU supports and this build includes, best first."""
+    supported = core.cpu_supports()
+    return [level for level in LEVELS if supported.get(level) and library(level) is not None]
+
+
+def _load() -> str:
+    levels = runnable()
     forced = os.environ.get("FUSEDOPT_SIMD", "").strip().lower()
     if forced:
         if forced not in LEVELS:
             raise ImportError(f"FUSEDOPT_SIMD={forced!r}: expected one of {', '.join(LEVELS)}")
-        if forced not in runnable:
+        if forced not in levels:
             raise ImportError(f"FUSEDOPT_SIMD={forced}: this CPU or build cannot run it "
-                              f"(it can run: {', '.join(runnable)})")
-        return importlib.import_module(f"._core_{forced}", __package__)
-    return importlib.import_module(f"._core_{runnable[0]}", __package__)
+                              f"(it can run: {', '.join(levels)})")
+    level = forced or levels[0]
+    lib = _loaded[level] = ctypes.CDLL(str(library(level)))
+    core._use_kernels(ctypes.cast(lib.fusedopt_kernel_table, ctypes.c_void_p).value)
+    return level
 
 
-if TYPE_CHECKING:
-    from . import _core_baseline as core
-else:
-    core = _load()
+LEVEL = _load()

@@ -20,6 +20,7 @@ checkpoint reproduces an uninterrupted run bit for bit.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -29,13 +30,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _functional as F
-from . import reference
+from . import _functional, reference
 from ._clip import clip_grad_norm_
-from ._dispatch import core as _core
+from ._declarations import DECLARATIONS, Declaration
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "Momentum", "Optimizer", "RMSprop",
-           "reference_kernels"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "Momentum", "Optimizer",
+           "RMSprop", "reference_kernels"]
 
 FORMAT_VERSION = 1
 Params = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
@@ -44,21 +44,20 @@ Grads = Union[Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]]
 _REGISTRY: Dict[str, type] = {}
 
 
+_REFERENCE = contextvars.ContextVar("fusedopt_reference_kernels", default=False)
+
+
 @contextlib.contextmanager
 def reference_kernels():
-    """Within this block every optimizer computes with :mod:`fusedopt.reference` (plain NumPy,
-    one tensor at a time) instead of the fused kernels: to read or check what they do. The
-    results are bit-identical, only slower. Not for use while other threads step optimizers."""
-    global F
-    fused = F
-    plain = types.SimpleNamespace(**vars(fused))
-    for name in reference.__all__:
-        setattr(plain, name, getattr(reference, name))
-    F = plain
+    """Within this block, optimizers built without ``impl=`` compute with
+    :mod:`fusedopt.reference` (plain NumPy, one tensor at a time) instead of the fused kernels:
+    to read or check what they do. The results are bit-identical, only slower. The switch is
+    local to the current thread (a context variable): other threads are not affected."""
+    token = _REFERENCE.set(True)
     try:
         yield
     finally:
-        F = fused
+        _REFERENCE.reset(token)
 
 
 def _check_param(name: str, p: Any) -> np.ndarray:
@@ -74,18 +73,37 @@ def _check_param(name: str, p: Any) -> np.ndarray:
 
 
 class Optimizer:
-    """Base class: parameter groups, lazy state, freezing, checkpoints.
+    """Base class: parameter groups, lazy state, freezing, checkpoints, and the generic step.
 
-    A subclass sets ``defaults`` in ``__init__`` and implements ``_buffers(group)`` (the state
-    buffers its update needs) and ``_update(group, params, grads, buffers, step)`` (one fused
-    call for tensors that share dtype and step count). ``_init_buffer`` may override the zero
-    initial value of a buffer.
+    A subclass names its ``kernel`` (a declaration in ``_core.OPTIMIZERS``) and sets
+    ``defaults`` in ``__init__``. Each group's hyperparameters that the kernel declares are
+    passed to it as they are, ``betas`` as ``beta1``/``beta2``; the state buffers are the
+    kernel's written arrays whose option is on, named in the state as ``state_names`` says
+    (torch's names). A subclass overrides ``_kernel_arguments`` where its hyperparameters map
+    otherwise, ``_check_group`` to validate hyperparameters only it has, and ``_init_buffer``
+    for a buffer that does not start at zero.
+
+    Options every optimizer takes as keywords:
+
+    - ``max_grad_norm``: clip the global gradient norm to this first (None: no clipping);
+    - ``skip_if_nonfinite``: skip a step whose gradients hold a NaN or an infinity, counting it
+      in ``skipped_steps``;
+    - ``impl``: ``"reference"`` computes with :mod:`fusedopt.reference` instead of the fused
+      kernels (bit-identical, slower), ``"fused"`` with the kernels, and None (the default)
+      follows :func:`reference_kernels`.
     """
 
+    kernel: str = ""
+    state_names: Mapping[str, str] = {}
+
     def __init__(self, params: Params, defaults: Dict[str, Any], *,
-                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False,
+                 impl: Optional[str] = None):
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
+        if impl not in (None, "fused", "reference"):
+            raise ValueError(f"impl: expected None, 'fused' or 'reference', got {impl!r}")
+        self.impl = impl
         self.defaults = dict(defaults, frozen=False)
         self.max_grad_norm = max_grad_norm
         self.skip_if_nonfinite = bool(skip_if_nonfinite)
@@ -142,12 +160,27 @@ class Optimizer:
         self.param_groups.append(full)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
-        """Raise TypeError/ValueError for an invalid hyperparameter of the group: each one the
-        kernels know (``betas`` as its two) is checked by the rules the functions use."""
-        values = {k: v for k, v in group.items() if k in _core.HYPERPARAMETERS}
-        if "betas" in group:
-            values["beta1"], values["beta2"] = group["betas"]
-        _core.check_hyperparameters(**values)
+        """Raise TypeError/ValueError for an invalid hyperparameter of the group: those only
+        this class has by ``_check_group``, the kernel's by the kernel's own rules."""
+        betas = group.get("betas")
+        if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
+            raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+        self._check_group(group)
+        self._declaration(group).check(self._kernel_arguments(group))
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        """Validate the hyperparameters of the group that the kernel does not take."""
+
+    def _declaration(self, group: Dict[str, Any]) -> Declaration:
+        return DECLARATIONS[self.kernel]
+
+    def _kernel_arguments(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The kernel's hyperparameters from the group's."""
+        values = dict(group)
+        if "betas" in values:
+            values["beta1"], values["beta2"] = values.pop("betas")
+        declared = {h.name for h in self._declaration(group).arguments}
+        return {k: v for k, v in values.items() if k in declared}
 
     @property
     def names(self) -> List[str]:
@@ -227,7 +260,7 @@ class Optimizer:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
             for _, g in active:
                 by_dtype.setdefault(g.dtype, []).append(g)
-            if not all(F.all_finite(gs) for gs in by_dtype.values()):
+            if not all(_functional.all_finite(gs) for gs in by_dtype.values()):
                 self.skipped_steps += 1
                 return False
         if self.max_grad_norm is not None and active:
@@ -264,12 +297,27 @@ class Optimizer:
         return None
 
     def _buffers(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        raise NotImplementedError
+        """The state keys of the buffers the kernel reads and writes with these
+        hyperparameters."""
+        declaration = self._declaration(group)
+        return tuple(self.state_names.get(b, b)
+                     for b in declaration.buffers(self._kernel_arguments(group)))
+
+    def _function(self, group: Dict[str, Any]):
+        name = self._declaration(group).function_name
+        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        return getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
 
     def _update(self, group: Dict[str, Any], params: List[np.ndarray],
                 grads: List[np.ndarray], buffers: Dict[str, List[np.ndarray]], step: int,
                 extra: Any) -> None:
-        raise NotImplementedError
+        """One fused call for tensors that share dtype and step count."""
+        declaration = self._declaration(group)
+        hyper = self._kernel_arguments(group)
+        arrays = {b: buffers[self.state_names.get(b, b)] for b in declaration.buffers(hyper)}
+        if declaration.takes_step:
+            hyper["step"] = step
+        self._function(group)(params, grads, **arrays, **hyper)
 
     # ------------------------------------------------------------------ state
 
@@ -402,8 +450,15 @@ class Optimizer:
         return f"{type(self).__name__}([{groups}])"
 
 
-def _common(max_grad_norm, skip_if_nonfinite):
-    return dict(max_grad_norm=max_grad_norm, skip_if_nonfinite=skip_if_nonfinite)
+def _check_real(group: Dict[str, Any], name: str, label: str, low: float = 0.0,
+                high: float = math.inf, high_open: bool = True) -> None:
+    """TypeError unless ``group[name]`` is a real number, ValueError unless it lies in
+    ``[low, high)`` (or ``[low, high]``), with torch's wording."""
+    value = group[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
+    if not (low <= value and (value < high if high_open else value <= high)):
+        raise ValueError(f"Invalid {label}: {value}")
 
 
 class SGD(Optimizer):
@@ -416,30 +471,27 @@ class SGD(Optimizer):
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 maximize: bool = False, *, max_grad_norm: Optional[float] = None,
-                 skip_if_nonfinite: bool = False):
+                 maximize: bool = False, **options: Any):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize),
-                         **_common(max_grad_norm, skip_if_nonfinite))
+                                      maximize=maximize), **options)
 
+    def _declaration(self, group):
+        return DECLARATIONS["momentum" if group["momentum"] != 0 else "sgd"]
 
-    def _buffers(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    def _check_group(self, group):
+        # Nesterov without momentum is an error even though plain SGD has no nesterov
+        momentum = DECLARATIONS["momentum"]
+        momentum.check({h.name: group[h.name] for h in momentum.arguments})
 
     def _call_key(self, group, state):
         return "momentum_buffer" not in state  # this step creates the buffer
 
     def _update(self, group, params, grads, buffers, step, first_momentum_step):
-        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"],
-                     maximize=group["maximize"])
-        if group["momentum"] == 0:
-            F.sgd_(params, grads, **hyper)
-            return
         # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.
-        F.momentum_(params, grads, buffers["momentum_buffer"], momentum=group["momentum"],
-                    dampening=0.0 if first_momentum_step else group["dampening"],
-                    nesterov=group["nesterov"], **hyper)
+        if first_momentum_step:
+            group = dict(group, dampening=0.0)
+        super()._update(group, params, grads, buffers, step, None)
 
 
 class Momentum(Optimizer):
@@ -452,20 +504,18 @@ class Momentum(Optimizer):
     ``lr`` = :math:`\alpha`.
     """
 
+    kernel = "momentum"
+
     def __init__(self, params: Params, lr: float = 1e-2, beta: float = 0.9,
-                 weight_decay: float = 0.0, maximize: bool = False, *,
-                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+                 weight_decay: float = 0.0, maximize: bool = False, **options: Any):
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay,
-                                      maximize=maximize),
-                         **_common(max_grad_norm, skip_if_nonfinite))
+                                      maximize=maximize), **options)
 
+    def _check_group(self, group):
+        _check_real(group, "beta", "beta value", 0.0, 1.0)
 
-    def _buffers(self, group):
-        return ("momentum_buffer",)
-
-    def _update(self, group, params, grads, buffers, step, extra):
-        F.momentum_(params, grads, buffers["momentum_buffer"], lr=group["lr"],
-                    momentum=group["beta"], dampening=group["beta"],
+    def _kernel_arguments(self, group):
+        return dict(lr=group["lr"], momentum=group["beta"], dampening=group["beta"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
@@ -473,31 +523,19 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba 2015), as ``torch.optim.Adam``: :func:`fusedopt.adam_`, with AMSGrad
     and decoupled (AdamW) weight decay as options."""
 
+    kernel = "adam"
     _decoupled_default = False
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
-                 maximize: bool = False, decoupled_weight_decay: Optional[bool] = None, *,
-                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+                 maximize: bool = False, decoupled_weight_decay: Optional[bool] = None,
+                 **options: Any):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay),
-                         **_common(max_grad_norm, skip_if_nonfinite))
-
-
-    def _buffers(self, group):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-
-    def _update(self, group, params, grads, buffers, step, extra):
-        beta1, beta2 = group["betas"]
-        F.adam_(params, grads, buffers["exp_avg"], buffers["exp_avg_sq"], step=step,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
-                max_exp_avg_sq=buffers.get("max_exp_avg_sq"), maximize=group["maximize"])
+                                      decoupled_weight_decay=decoupled_weight_decay), **options)
 
 
 class AdamW(Adam):
@@ -508,79 +546,65 @@ class AdamW(Adam):
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-                 maximize: bool = False, *, max_grad_norm: Optional[float] = None,
-                 skip_if_nonfinite: bool = False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, True,
-                         **_common(max_grad_norm, skip_if_nonfinite))
+                 maximize: bool = False, **options: Any):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, True, **options)
+
+
+class Adamax(Optimizer):
+    """Adamax (Kingma & Ba 2015, section 7.1), as ``torch.optim.Adamax``:
+    :func:`fusedopt.adamax_`."""
+
+    kernel = "adamax"
+
+    def __init__(self, params: Params, lr: float = 2e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
+                 **options: Any):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, maximize=maximize), **options)
 
 
 class Adagrad(Optimizer):
     """Adagrad (Duchi et al. 2011), as ``torch.optim.Adagrad``: :func:`fusedopt.adagrad_`, the
     accumulator starting at ``initial_accumulator_value``."""
 
+    kernel = "adagrad"
+    state_names = {"sum_sq": "sum"}
+
     def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, maximize: bool = False, *,
-                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+                 eps: float = 1e-10, maximize: bool = False, **options: Any):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize),
-                         **_common(max_grad_norm, skip_if_nonfinite))
+                                      eps=eps, maximize=maximize), **options)
 
-
-    def _buffers(self, group):
-        return ("sum",)
+    def _check_group(self, group):
+        _check_real(group, "initial_accumulator_value", "initial_accumulator_value")
 
     def _init_buffer(self, group, buffer):
         return group["initial_accumulator_value"]
-
-    def _update(self, group, params, grads, buffers, step, extra):
-        F.adagrad_(params, grads, buffers["sum"], step=step, lr=group["lr"],
-                   lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                   eps=group["eps"], maximize=group["maximize"])
 
 
 class RMSprop(Optimizer):
     """RMSprop (Hinton 2012), as ``torch.optim.RMSprop``: :func:`fusedopt.rmsprop_`, centered
     and with momentum as options."""
 
+    kernel = "rmsprop"
+
     def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-                 maximize: bool = False, *, max_grad_norm: Optional[float] = None,
-                 skip_if_nonfinite: bool = False):
+                 maximize: bool = False, **options: Any):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize),
-                         **_common(max_grad_norm, skip_if_nonfinite))
-
-
-    def _buffers(self, group):
-        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
-                + (("grad_avg",) if group["centered"] else ()))
-
-    def _update(self, group, params, grads, buffers, step, extra):
-        F.rmsprop_(params, grads, buffers["square_avg"], lr=group["lr"], alpha=group["alpha"],
-                   eps=group["eps"], weight_decay=group["weight_decay"],
-                   momentum=group["momentum"], momentum_buf=buffers.get("momentum_buffer"),
-                   centered=group["centered"], grad_avg=buffers.get("grad_avg"),
-                   maximize=group["maximize"])
+                         **options)
 
 
 class Lion(Optimizer):
     """Lion (Chen et al. 2023): :func:`fusedopt.lion_`, the sign of an interpolated momentum
     with decoupled weight decay."""
 
+    kernel = "lion"
+
     def __init__(self, params: Params, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, maximize: bool = False, *,
-                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False):
+                 weight_decay: float = 0.0, maximize: bool = False, **options: Any):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      maximize=maximize),
-                         **_common(max_grad_norm, skip_if_nonfinite))
-
-
-    def _buffers(self, group):
-        return ("exp_avg",)
-
-    def _update(self, group, params, grads, buffers, step, extra):
-        beta1, beta2 = group["betas"]
-        F.lion_(params, grads, buffers["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                weight_decay=group["weight_decay"], maximize=group["maximize"])
+                                      maximize=maximize), **options)

@@ -1,20 +1,25 @@
-"""The executable specification: every update rule in plain NumPy, as written in the literature.
+r"""The executable specification: every update rule in plain NumPy, as written in the literature.
 
-Each function has the signature of its fused twin in :mod:`fusedopt` and updates its arrays in
-place, one tensor or a list of tensors. It does no validation. The fused kernels compute the same
-operations in the same order (see the comment atop each ``csrc/kernels/*.hpp``), so they agree to
-float rounding. Bias corrections and learning-rate factors are Python floats (double); NumPy
-applies them to float32 arrays as float32.
+Each function has the signature of its fused twin in :mod:`fusedopt` (a test checks that they
+agree with the kernel's declaration) and updates its arrays in place, one tensor or a list of
+tensors. It does no validation. The fused kernels compute the same operations in the same order
+(see the comment atop each ``csrc/kernels/optimizers/*.hpp``), so they agree bit for bit. Bias
+corrections and learning-rate factors are Python floats (double); NumPy applies them to float32
+arrays as float32.
+
+The docstring of each function is the update rule; the fused function's docstring is the same
+text with its arguments, derived from the declaration.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import numpy as np
 
-__all__ = ["adagrad_", "adam_", "adamw_", "lion_", "momentum_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "momentum_", "rmsprop_", "sgd_"]
 
 
 def _for_each_tensor(update):
@@ -44,6 +49,9 @@ def _for_each_tensor(update):
             )
         return True
 
+    signature = inspect.signature(update)
+    skip = inspect.Parameter("skip_if_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False)
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), skip])
     return wrapper
 
 
@@ -56,18 +64,46 @@ def _gradient(grad, param, weight_decay, maximize):
 
 @_for_each_tensor
 def sgd_(param, grad, *, lr, weight_decay=0.0, maximize=False):
+    r"""Stochastic gradient descent (Robbins & Monro 1951), in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        \theta_t &= \theta_{t-1} - \gamma\, g_t
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay`` (L2 penalty) and the
+    gradient negated when ``maximize``.
+    """
     g = _gradient(grad, param, weight_decay, maximize)
     param -= lr * g
 
 
 @_for_each_tensor
 def momentum_(
-    param, grad, buf, *, lr, momentum, dampening=0.0, nesterov=False, weight_decay=0.0,
-    maximize=False,
+    param, grad, momentum_buffer, *, lr, momentum, dampening=0.0, nesterov=False,
+    weight_decay=0.0, maximize=False,
 ):
+    r"""SGD with momentum (Polyak 1964), or Nesterov momentum (Sutskever et al. 2013), in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        b_t &= \mu\, b_{t-1} + (1 - \tau)\, g_t \\
+        \theta_t &= \theta_{t-1} - \gamma \begin{cases}
+            g_t + \mu\, b_t & \text{nesterov} \\ b_t & \text{otherwise} \end{cases}
+
+    with :math:`\gamma` = ``lr``, :math:`b` = ``momentum_buffer``, :math:`\mu` = ``momentum``,
+    :math:`\tau` = ``dampening``, :math:`\lambda` = ``weight_decay``. With :math:`\tau = \mu`
+    this is the exponential moving average of the textbooks
+    (:math:`v \leftarrow \beta v + (1-\beta) g`, :math:`\theta \leftarrow \theta - \alpha v`);
+    :math:`\tau = 0` is PyTorch's heavy ball.
+
+    Warning:
+        ``torch.optim.SGD`` initialises the buffer with the first gradient, undamped; this
+        function always applies the rule above (start the buffer at zero for the textbook
+        form). ``buf`` is the buffer's former keyword (deprecated).
+    """
     g = _gradient(grad, param, weight_decay, maximize)
-    buf[...] = momentum * buf + (1 - dampening) * g
-    update = g + momentum * buf if nesterov else buf
+    momentum_buffer[...] = momentum * momentum_buffer + (1 - dampening) * g
+    update = g + momentum * momentum_buffer if nesterov else momentum_buffer
     param -= lr * update
 
 
@@ -77,6 +113,27 @@ def adam_(
     weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
     maximize=False,
 ):
+    r"""Adam (Kingma & Ba 2015, Algorithm 1), in place; AMSGrad and AdamW as options.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`v` = ``exp_avg_sq``,
+    :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``. With ``decoupled_weight_decay``
+    (AdamW, Loshchilov & Hutter 2019) the L2 term is dropped from :math:`g_t` and
+    :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` comes first. With
+    ``amsgrad`` (Reddi et al. 2018) :math:`\hat v_t = \max(\hat v_{t-1}, v_t)` is kept in
+    ``max_exp_avg_sq`` and replaces :math:`v_t` in the denominator.
+
+    Note:
+        :math:`\epsilon` is added after the bias correction of :math:`\sqrt{v_t}`, as in the
+        paper and ``torch.optim.Adam``; TensorFlow's Adam adds it before (its
+        :math:`\hat\epsilon`).
+    """
     g = -grad if maximize else grad
     if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
@@ -96,6 +153,17 @@ def adam_(
 def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
            weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None, maximize=False,
            skip_if_nonfinite=False):
+    r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
+
+    .. math::
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    ``weight_decay`` defaults to ``1e-2`` as in ``torch.optim.AdamW``.
+    """
     return adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
                  eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
                  amsgrad=amsgrad, max_exp_avg_sq=max_exp_avg_sq, maximize=maximize,
@@ -103,8 +171,43 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=
 
 
 @_for_each_tensor
+def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.0, maximize=False):
+    r"""Adamax (Kingma & Ba 2015, section 7.1): Adam with the infinity norm, in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        u_t &= \max(\beta_2 u_{t-1},\ |g_t| + \epsilon) \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\, \frac{m_t}{u_t}
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`u` = ``exp_inf``,
+    :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``.
+
+    Note:
+        :math:`\epsilon` is added to :math:`|g_t|` inside the maximum, as in
+        ``torch.optim.Adamax``; the paper has no :math:`\epsilon`.
+    """
+    g = _gradient(grad, param, weight_decay, maximize)
+    exp_avg[...] = beta1 * exp_avg + (1 - beta1) * g
+    exp_inf[...] = np.maximum(beta2 * exp_inf, np.abs(g) + eps)
+    param -= lr / (1 - beta1**step) * exp_avg / exp_inf
+
+
+@_for_each_tensor
 def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
              maximize=False):
+    r"""Adagrad (Duchi, Hazan & Singer 2011), in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        s_t &= s_{t-1} + g_t^2 \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 + (t - 1)\,\eta}\,
+            \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`\eta` = ``lr_decay``, :math:`s` = ``sum_sq``,
+    :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``.
+    """
     g = _gradient(grad, param, weight_decay, maximize)
     sum_sq[...] = sum_sq + g * g
     param -= lr / (1 + (step - 1) * lr_decay) * g / (np.sqrt(sum_sq) + eps)
@@ -113,8 +216,29 @@ def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0
 @_for_each_tensor
 def rmsprop_(
     param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-    momentum_buf=None, centered=False, grad_avg=None, maximize=False,
+    momentum_buffer=None, centered=False, grad_avg=None, maximize=False,
 ):
+    r"""RMSprop (Hinton 2012), optionally centered (Graves 2013) and with momentum, in place.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        s_t &= \alpha\, s_{t-1} + (1 - \alpha)\, g_t^2 \\
+        \bar g_t &= \alpha\, \bar g_{t-1} + (1 - \alpha)\, g_t
+            \quad\text{(centered only)} \\
+        d_t &= \sqrt{s_t - \bar g_t^2} + \epsilon \ \text{ if centered, else }
+            \sqrt{s_t} + \epsilon \\
+        b_t &= \mu\, b_{t-1} + g_t / d_t, \quad \theta_t = \theta_{t-1} - \gamma\, b_t
+            \quad\text{if } \mu > 0 \\
+        \theta_t &= \theta_{t-1} - \gamma\, g_t / d_t \quad\text{otherwise}
+
+    with :math:`\gamma` = ``lr``, :math:`s` = ``square_avg``, :math:`\bar g` = ``grad_avg``,
+    :math:`b` = ``momentum_buffer`` (formerly ``momentum_buf``, deprecated),
+    :math:`\mu` = ``momentum``, :math:`\lambda` = ``weight_decay``.
+
+    Note:
+        :math:`\epsilon` is added outside the square root, as in ``torch.optim.RMSprop``;
+        TensorFlow adds it inside.
+    """
     g = _gradient(grad, param, weight_decay, maximize)
     square_avg[...] = alpha * square_avg + (1 - alpha) * g * g
     if centered:
@@ -123,8 +247,8 @@ def rmsprop_(
     else:
         denom = np.sqrt(square_avg) + eps
     if momentum:
-        momentum_buf[...] = momentum * momentum_buf + g / denom
-        param -= lr * momentum_buf
+        momentum_buffer[...] = momentum * momentum_buffer + g / denom
+        param -= lr * momentum_buffer
     else:
         param -= lr * g / denom
 
@@ -132,6 +256,19 @@ def rmsprop_(
 @_for_each_tensor
 def lion_(param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
           maximize=False):
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), in place.
+
+    .. math::
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        c_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        \theta_t &= \theta_{t-1} - \gamma\, \operatorname{sign}(c_t) \\
+        m_t &= \beta_2 m_{t-1} + (1 - \beta_2)\, g_t
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`\lambda` = ``weight_decay``
+    (decoupled) and :math:`g_t` the gradient, negated when ``maximize``. The update has the
+    same size for every coordinate: Lion usually wants a learning rate 3-10x smaller and a
+    weight decay 3-10x larger than AdamW.
+    """
     g = -grad if maximize else grad
     if weight_decay:
         param *= 1 - lr * weight_decay

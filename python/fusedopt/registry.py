@@ -1,35 +1,78 @@
-"""One entry per update function: what it takes, its reference twin, and hyperparameter sets
-that between them take every branch of its formula. The generic tests and the benchmark are
-driven by this table, so a new optimizer is covered as soon as it has an entry here."""
+"""One entry per update function, derived from its kernel's declaration: what it takes, its
+reference twin, and hyperparameter sets that between them take every branch of its formula. The
+generic tests, the benchmark and memcheck are driven by this table, so a new optimizer is
+covered as soon as its kernel header declares it."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
-from . import _functional as fused
-from . import reference
+from . import _functional, reference
+from ._declarations import DECLARATIONS, Declaration
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec"]
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "cases"]
+
+
+def _varied(h) -> Any:
+    """A valid value other than the default, for the cases."""
+    if h.kind == "flag":
+        return not h.default
+    base = 0.1 if h.required else h.default
+    value = base * 0.5 if base else 0.1
+    return value if h.high > value else h.high / 2
+
+
+def cases(declaration: Declaration) -> Tuple[Dict[str, Any], ...]:
+    """Hyperparameter sets that take every branch: the defaults; every flag and option on,
+    each alone; every real changed; and every real changed with every flag flipped. Required
+    reals are 0.1 unless changed; a set its declaration rejects (Nesterov with dampening) is
+    left out."""
+    args = [h for h in declaration.arguments if h.kind != "step"]
+    base = {h.name: 0.1 for h in args if h.required}
+    options = set(declaration.optional_state.values())
+    found: List[Dict[str, Any]] = [dict(base)]
+    for h in args:
+        if h.kind == "flag" or h.name in options:
+            found.append({**base, h.name: _varied(h)})
+    reals = {h.name: _varied(h) for h in args if h.kind == "real"}
+    found.append(reals)
+    found.append({h.name: _varied(h) for h in args})
+    valid = []
+    for hyper in found:
+        try:
+            declaration.check(hyper)
+        except ValueError:
+            continue
+        if hyper not in valid:
+            valid.append(hyper)
+    return tuple(valid)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
-    fused: Callable[..., None]
-    reference: Callable[..., None]
-    state: Tuple[str, ...]
-    """State buffers, passed positionally after ``grad``."""
-    optional_state: Mapping[str, str] = field(default_factory=dict)
-    """Keyword-only buffers, each needed when the named hyperparameter is truthy."""
-    takes_step: bool = False
-    cases: Tuple[Dict[str, Any], ...] = ()
+    fused: Callable[..., bool]
+    reference: Callable[..., bool]
+    declaration: Declaration
+    cases: Tuple[Dict[str, Any], ...]
+
+    @property
+    def state(self) -> Tuple[str, ...]:
+        return self.declaration.state
+
+    @property
+    def optional_state(self) -> Mapping[str, str]:
+        return self.declaration.optional_state
+
+    @property
+    def takes_step(self) -> bool:
+        return self.declaration.takes_step
 
     def buffers(self, hyper: Mapping[str, Any]) -> Tuple[str, ...]:
         """Every state buffer this optimizer reads and writes with these hyperparameters."""
-        extra = tuple(b for b, switch in self.optional_state.items() if hyper.get(switch))
-        return self.state + extra
+        return self.declaration.buffers(hyper)
 
     def bind(self, fn: Callable[..., Any], arrays: Mapping[str, Any],
              hyper: Mapping[str, Any]) -> Callable[[int], Any]:
@@ -55,56 +98,7 @@ class OptimizerSpec:
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    spec.name: spec
-    for spec in [
-        OptimizerSpec(
-            "sgd", fused.sgd_, reference.sgd_, state=(),
-            cases=(dict(lr=0.1), dict(lr=0.05, weight_decay=0.1, maximize=True)),
-        ),
-        OptimizerSpec(
-            "momentum", fused.momentum_, reference.momentum_, state=("buf",),
-            cases=(
-                dict(lr=0.1, momentum=0.9),
-                dict(lr=0.1, momentum=0.9, dampening=0.9, weight_decay=0.01),
-                dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1, maximize=True),
-            ),
-        ),
-        OptimizerSpec(
-            "adam", fused.adam_, reference.adam_, state=("exp_avg", "exp_avg_sq"),
-            optional_state={"max_exp_avg_sq": "amsgrad"}, takes_step=True,
-            cases=(
-                dict(),
-                dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1),
-                dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
-                dict(lr=0.01, amsgrad=True),
-            ),
-        ),
-        OptimizerSpec(
-            "adamw", fused.adamw_, reference.adamw_, state=("exp_avg", "exp_avg_sq"),
-            optional_state={"max_exp_avg_sq": "amsgrad"}, takes_step=True,
-            cases=(dict(), dict(lr=0.01, weight_decay=0.2, amsgrad=True, maximize=True)),
-        ),
-        OptimizerSpec(
-            "adagrad", fused.adagrad_, reference.adagrad_, state=("sum_sq",), takes_step=True,
-            cases=(dict(), dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-6, maximize=True)),
-        ),
-        OptimizerSpec(
-            "rmsprop", fused.rmsprop_, reference.rmsprop_, state=("square_avg",),
-            optional_state={"momentum_buf": "momentum", "grad_avg": "centered"},
-            cases=(
-                dict(),
-                dict(lr=0.001, alpha=0.9, eps=1e-6, weight_decay=0.1, maximize=True),
-                dict(lr=0.001, momentum=0.9),
-                dict(lr=0.001, centered=True, weight_decay=0.01),
-                dict(lr=0.001, momentum=0.5, centered=True, maximize=True),
-            ),
-        ),
-        OptimizerSpec(
-            "lion", fused.lion_, reference.lion_, state=("exp_avg",),
-            cases=(
-                dict(),
-                dict(lr=1e-3, beta1=0.8, beta2=0.9, weight_decay=0.1, maximize=True),
-            ),
-        ),
-    ]
+    name: OptimizerSpec(name, _functional.FUNCTIONS[d.function_name],
+                        getattr(reference, d.function_name), d, cases(d))
+    for name, d in DECLARATIONS.items()
 }

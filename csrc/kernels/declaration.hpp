@@ -1,0 +1,213 @@
+// The vocabulary of an optimizer's declaration: its arrays, its hyperparameters with defaults
+// and valid ranges, and the values a call passes to its kernel. Every optimizer header declares
+// itself in these terms; the binding, the Python functions, the registry the tests are generated
+// from, and the docs are all derived from the declarations. Pure C++, no Python.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace fusedopt {
+
+// One array argument. `used_when` names the option that uses it: the buffer is required
+// exactly when that hyperparameter is true or nonzero, and ignored otherwise. `old_name` is a
+// keyword that still works, with a DeprecationWarning.
+struct ArrayDecl {
+  const char* name;
+  bool written;
+  const char* help;
+  bool optional = false;
+  const char* used_when = nullptr;
+  const char* old_name = nullptr;
+
+  constexpr ArrayDecl used_with(const char* option) const {
+    ArrayDecl a = *this;
+    a.optional = true;
+    a.used_when = option;
+    return a;
+  }
+  constexpr ArrayDecl formerly(const char* keyword) const {
+    ArrayDecl a = *this;
+    a.old_name = keyword;
+    return a;
+  }
+  constexpr ArrayDecl may_be_absent() const {
+    ArrayDecl a = *this;
+    a.optional = true;
+    return a;
+  }
+};
+
+constexpr ArrayDecl updated(const char* name, const char* help) { return {name, true, help}; }
+constexpr ArrayDecl read_only(const char* name, const char* help) { return {name, false, help}; }
+
+// real: a float in `range`; step: the count of steps including this one, from 1; flag: a bool;
+// fixed: set by the declaration (AdamW's decoupled decay), not an argument of the function.
+enum class Kind { real, step, flag, fixed };
+
+inline constexpr double kInfinity = std::numeric_limits<double>::infinity();
+
+struct Range {
+  double low = 0.0;
+  double high = kInfinity;
+  bool low_open = false;
+  bool high_open = true;
+};
+
+constexpr Range at_least(double low) { return {low, kInfinity, false, true}; }
+constexpr Range above(double low) { return {low, kInfinity, true, true}; }
+constexpr Range closed(double low, double high) { return {low, high, false, false}; }
+constexpr Range half_open(double low, double high) { return {low, high, false, true}; }
+
+struct Hyperparameter {
+  const char* name;
+  Kind kind;
+  bool required;         // no default: the caller must give it
+  double default_value;  // a flag's as 0/1
+  Range range;           // reals only
+  const char* label;     // in messages, as PyTorch words them: "Invalid learning rate: -1.0"
+  const char* help;      // one line for the docs
+};
+
+constexpr Hyperparameter real(const char* name, double default_value, Range range,
+                              const char* label, const char* help) {
+  return {name, Kind::real, false, default_value, range, label, help};
+}
+constexpr Hyperparameter required_real(const char* name, Range range, const char* label,
+                                       const char* help) {
+  return {name, Kind::real, true, 0.0, range, label, help};
+}
+constexpr Hyperparameter flag(const char* name, bool default_value, const char* help) {
+  return {name, Kind::flag, false, default_value ? 1.0 : 0.0, {}, name, help};
+}
+
+// Hyperparameters several optimizers share, each with the default its optimizer gives it.
+namespace hp {
+constexpr Hyperparameter step() {
+  return {"step", Kind::step, true, 0.0, {}, "step",
+          "number of steps taken including this one, from 1"};
+}
+constexpr Hyperparameter lr(double default_value) {
+  return real("lr", default_value, at_least(0.0), "learning rate", "learning rate");
+}
+constexpr Hyperparameter lr() {
+  return required_real("lr", at_least(0.0), "learning rate", "learning rate");
+}
+constexpr Hyperparameter eps(double default_value) {
+  return real("eps", default_value, above(0.0), "epsilon value",
+              "term added to the denominator for numerical stability");
+}
+constexpr Hyperparameter beta1(double default_value, const char* help) {
+  return real("beta1", default_value, half_open(0.0, 1.0), "beta parameter at index 0", help);
+}
+constexpr Hyperparameter beta2(double default_value, const char* help) {
+  return real("beta2", default_value, half_open(0.0, 1.0), "beta parameter at index 1", help);
+}
+constexpr Hyperparameter weight_decay(double default_value, const char* help) {
+  return real("weight_decay", default_value, at_least(0.0), "weight_decay value", help);
+}
+constexpr Hyperparameter l2_weight_decay() {
+  return weight_decay(0.0, "L2 penalty coefficient (added to the gradient)");
+}
+constexpr Hyperparameter maximize() {
+  return flag("maximize", false, "ascend the objective instead of descending it");
+}
+}  // namespace hp
+
+constexpr bool same_name(const char* a, const char* b) {
+  while (*a != '\0' && *a == *b) {
+    ++a;
+    ++b;
+  }
+  return *a == *b;
+}
+
+// `list` with the hyperparameter `name` given another default, or fixed to `value`: for variants
+// such as AdamW, which is Adam with decoupled decay fixed on and another default decay.
+template <std::size_t N>
+constexpr std::array<Hyperparameter, N> with_default(std::array<Hyperparameter, N> list,
+                                                     const char* name, double value) {
+  for (auto& h : list) {
+    if (same_name(h.name, name)) h.default_value = value;
+  }
+  return list;
+}
+template <std::size_t N>
+constexpr std::array<Hyperparameter, N> fixed(std::array<Hyperparameter, N> list,
+                                              const char* name, double value) {
+  for (auto& h : list) {
+    if (same_name(h.name, name)) {
+      h.kind = Kind::fixed;
+      h.default_value = value;
+    }
+  }
+  return list;
+}
+
+// One hyperparameter of a call, parsed and validated by the binding.
+struct Value {
+  double number = 0.0;     // a real, or a flag as 0/1
+  std::int64_t count = 0;  // a step
+};
+
+// The values of one call in the order of Decl::hyperparameters, read by name. Names are string
+// literals of the same header, so their addresses are compared before their characters.
+template <typename Decl>
+class Values {
+ public:
+  explicit Values(const Value* values) : values_(values) {}
+
+  double real(const char* name) const { return at(name).number; }
+  bool flag(const char* name) const { return at(name).number != 0.0; }
+  std::int64_t step(const char* name = "step") const { return at(name).count; }
+
+ private:
+  const Value& at(const char* name) const { return values_[index_of(name)]; }
+
+  static std::size_t index_of(const char* name) {
+    constexpr auto& list = Decl::hyperparameters;
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      if (list[i].name == name) return i;
+    }
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      if (std::strcmp(list[i].name, name) == 0) return i;
+    }
+    std::abort();  // a kernel read a name its declaration lacks: the first test run shows it
+  }
+
+  const Value* values_;
+};
+
+// A list of declarations, for the type list of all optimizers.
+template <typename... Decls>
+struct List {};
+
+template <typename... Lists>
+struct Concat;
+template <>
+struct Concat<> {
+  using type = List<>;
+};
+template <typename... A>
+struct Concat<List<A...>> {
+  using type = List<A...>;
+};
+template <typename... A, typename... B, typename... Rest>
+struct Concat<List<A...>, List<B...>, Rest...> {
+  using type = typename Concat<List<A..., B...>, Rest...>::type;
+};
+
+// A declaration's own rule across hyperparameters (Momentum's Nesterov rule): a message, or
+// nullptr when the values are valid. Declarations without one inherit this.
+struct NoCrossRule {
+  template <typename V>
+  static const char* invalid(const V&) {
+    return nullptr;
+  }
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,129 @@
+// Adam (Kingma & Ba 2015, Algorithm 1), with AMSGrad (Reddi et al. 2018) and decoupled weight
+// decay, AdamW (Loshchilov & Hutter 2019).
+#pragma once
+
+#include <cmath>
+
+#include "../common.hpp"
+
+namespace fusedopt {
+
+template <typename Types>
+struct AdamKernel;
+
+struct Adam : NoCrossRule {
+  static constexpr const char* name = "adam";
+  static constexpr const char* summary =
+      "m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; "
+      "param -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)";
+  static constexpr std::array arrays{
+      updated("param", "parameters"),
+      read_only("grad", "gradients"),
+      updated("exp_avg", "first moment m (start at zero)"),
+      updated("exp_avg_sq", "second moment v (start at zero)"),
+      updated("max_exp_avg_sq", "running maximum of v (start at zero)").used_with("amsgrad"),
+  };
+  static constexpr std::array hyperparameters{
+      hp::step(),
+      hp::lr(1e-3),
+      hp::beta1(0.9, "decay rate of the first moment"),
+      hp::beta2(0.999, "decay rate of the second moment"),
+      hp::eps(1e-8),
+      hp::weight_decay(0.0, "weight decay coefficient (L2, or decoupled)"),
+      flag("decoupled_weight_decay", false, "AdamW's decay instead of an L2 term in the gradient"),
+      flag("amsgrad", false, "use the running maximum of v, kept in max_exp_avg_sq"),
+      hp::maximize(),
+  };
+  template <typename Types>
+  using Kernel = AdamKernel<Types>;
+};
+
+// Adam with decoupled weight decay fixed on, and torch.optim.AdamW's default decay.
+struct AdamW : Adam {
+  static constexpr const char* name = "adamw";
+  static constexpr const char* summary =
+      "param *= 1 - lr wd; then Adam without an L2 term";
+  static constexpr auto hyperparameters =
+      fixed(with_default(Adam::hyperparameters, "weight_decay", 1e-2), "decoupled_weight_decay",
+            1.0);
+};
+
+// Matches fusedopt.reference.adam_ (bias corrections in double, once per call):
+//   g = -grad if maximize else grad
+//   if decoupled_weight_decay: param *= 1 - lr * weight_decay
+//   elif weight_decay: g = g + weight_decay * param
+//   exp_avg = beta1 * exp_avg + (1 - beta1) * g
+//   exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+//   if amsgrad: max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq); v = max_exp_avg_sq
+//   else: v = exp_avg_sq
+//   denom = sqrt(v) / sqrt(1 - beta2**step) + eps
+//   param -= lr / (1 - beta1**step) * exp_avg / denom
+template <typename Types>
+struct AdamKernel {
+  using T = typename Types::Compute;
+  using P = typename Types::Param;
+  using G = typename Types::Grad;
+  using S = typename Types::State;
+
+  template <typename Decl>
+  explicit AdamKernel(const Values<Decl>& h) {
+    const double lr = h.real("lr"), b1 = h.real("beta1"), b2 = h.real("beta2");
+    const double wd = h.real("weight_decay");
+    const auto step = static_cast<double>(h.step());
+    const bool decoupled = h.flag("decoupled_weight_decay");
+    maximize = h.flag("maximize");
+    decay = T(decoupled ? 1.0 - lr * wd : 1.0);
+    l2 = T(decoupled ? 0.0 : wd);
+    beta1 = T(b1);
+    one_minus_beta1 = T(1.0 - b1);
+    beta2 = T(b2);
+    one_minus_beta2 = T(1.0 - b2);
+    eps = T(h.real("eps"));
+    step_size = T(lr / (1.0 - std::pow(b1, step)));
+    bias_correction2_sqrt = T(std::sqrt(1.0 - std::pow(b2, step)));
+  }
+
+  // One pass, all arrays streamed together: more memory parallelism per core than one sweep
+  // per statement, the reference's operations in its order. param * 1 is exact, so decay is
+  // applied whether decoupled or not.
+  void operator()(void* const* a, Index offset, Index n) const {
+    with_flags(
+        [&](auto max, auto has_l2, auto ams) {
+          run<max.value, has_l2.value, ams.value>(
+              n, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
+              role<S>(a, 3, offset), role<S>(a, 4, offset));
+        },
+        maximize, l2 != T(0), a[4] != nullptr);
+  }
+
+  template <bool max, bool has_l2, bool amsgrad>
+  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
+           S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq) const {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      const T p = load<T>(param[i]);
+      const T g = effective_grad<max, has_l2>(load<T>(grad[i]), p, l2);
+      const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
+      const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
+      store(exp_avg[i], m);
+      store(exp_avg_sq[i], v);
+      T v_hat = v;
+      if constexpr (amsgrad) {
+        const T old = load<T>(max_exp_avg_sq[i]);
+        v_hat = old != old ? old : (v != v ? v : (old > v ? old : v));  // numpy.maximum
+        store(max_exp_avg_sq[i], v_hat);
+      }
+      store(param[i], p * decay - step_size * m / (std::sqrt(v_hat) / bias_correction2_sqrt + eps));
+    }
+  }
+
+  T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+      bias_correction2_sqrt;
+  bool maximize;
+};
+
+namespace header::adam {
+using declares = List<Adam, AdamW>;
+}
+
+}  // namespace fusedopt

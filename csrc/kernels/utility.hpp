@@ -1,0 +1,117 @@
+// The kernels behind the helpers: the non-finite scan (all_finite, skip_if_nonfinite), the sum of
+// squares and the scaling of clip_grad_norm_, and the benchmark's roofline probe. Scale and
+// Roofline are declared like optimizers, so the binding drives them the same way.
+#pragma once
+
+#include <Eigen/Core>
+#include <cmath>
+
+#include "common.hpp"
+
+namespace fusedopt {
+
+template <typename T>
+using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <typename T>
+using Vec = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+
+// Whether x[0..n) holds a NaN or an infinity. x * 0 is 0 for every finite x and NaN otherwise,
+// and a sum with a NaN in it is NaN: Eigen's vectorized reduction does it in one pass, where a
+// loop of std::isfinite does not vectorize.
+template <typename T>
+bool has_nonfinite(Index n, const T* x) {
+  return std::isnan((ConstVec<T>(x, n) * T(0)).sum());
+}
+
+// Sum of squares of x[0..n) in double, in an order fixed by n alone: eight running sums over
+// i % 8, combined pairwise. It depends neither on the data's alignment nor on which thread
+// runs it, so a norm built from per-chunk sums is bit-identical for any thread count. (Eigen's
+// reduction order depends on the packet size, so it would differ between SIMD levels.)
+template <typename T>
+double sum_squares(Index n, const T* x) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  Index i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = static_cast<double>(x[i + k]);
+      acc[k] += v * v;
+    }
+  }
+  for (int k = 0; i < n; ++i, ++k) {
+    const double v = static_cast<double>(x[i]);
+    acc[k] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename Types>
+struct ScaleKernel;
+template <typename Types>
+struct RooflineKernel;
+
+// arrays <- factor * arrays, for clip_grad_norm_.
+struct Scale : NoCrossRule {
+  static constexpr const char* name = "scale";
+  static constexpr const char* summary = "x *= factor";
+  static constexpr std::array arrays{updated("arrays", "arrays scaled in place")};
+  static constexpr std::array hyperparameters{
+      real("factor", 1.0, at_least(0.0), "factor", "the factor"),
+  };
+  template <typename Types>
+  using Kernel = ScaleKernel<Types>;
+};
+
+template <typename Types>
+struct ScaleKernel {
+  using T = typename Types::Compute;
+
+  template <typename Decl>
+  explicit ScaleKernel(const Values<Decl>& h) : factor(T(h.real("factor"))) {}
+
+  void operator()(void* const* a, Index offset, Index n) const {
+    Vec<T>(role<T>(a, 0, offset), n) *= factor;
+  }
+
+  T factor;
+};
+
+// Roofline probe: the memory traffic of an optimizer step without its arithmetic. Reads grad
+// and reads and writes param and up to four buffers, chunk by chunk like every kernel, adding
+// 0 * grad to each: no load or store can be elided (0 * grad is not foldable in IEEE
+// arithmetic), and the values stay as they are, so the benchmark's implementations can share
+// arrays with it. An optimizer step can at best match its time at the same bytes per element.
+struct Roofline : NoCrossRule {
+  static constexpr const char* name = "roofline";
+  static constexpr const char* summary = "x += 0 * grad for param and each buffer";
+  static constexpr std::array arrays{
+      updated("param", "parameters"),
+      read_only("grad", "gradients"),
+      updated("buffer1", "a buffer").may_be_absent(),
+      updated("buffer2", "a buffer").may_be_absent(),
+      updated("buffer3", "a buffer").may_be_absent(),
+      updated("buffer4", "a buffer").may_be_absent(),
+  };
+  static constexpr std::array<Hyperparameter, 0> hyperparameters{};
+  template <typename Types>
+  using Kernel = RooflineKernel<Types>;
+};
+
+template <typename Types>
+struct RooflineKernel {
+  using T = typename Types::Compute;
+
+  template <typename Decl>
+  explicit RooflineKernel(const Values<Decl>&) {}
+
+  void operator()(void* const* a, Index offset, Index n) const {
+    const ConstVec<T> grad(role<const T>(a, 1, offset), n);
+    for (const std::size_t r : {0U, 2U, 3U, 4U, 5U}) {
+      if (a[r] != nullptr) Vec<T>(role<T>(a, r, offset), n) += T(0) * grad;
+    }
+  }
+};
+
+// Kernels that the binding drives like optimizers but does not publish as optimizers.
+using Helpers = List<Scale, Roofline>;
+
+}  // namespace fusedopt

@@ -1,0 +1,72 @@
+// Every kernel, compiled for one SIMD level (CMake builds this file once per level, each into a
+// library of its own with hidden symbols, so that no inline function compiled for one level can
+// stand in for another's). The binding loads the best library the CPU runs and calls
+// fusedopt_kernel_table().
+#include <Eigen/Core>
+
+#include "kernels/table.hpp"
+
+namespace fusedopt {
+namespace {
+
+template <typename Decl, typename Types>
+void update(const Value* hyper, const TensorSet& set, Index begin, Index end) {
+  const typename Decl::template Kernel<Types> kernel{Values<Decl>(hyper)};
+  walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
+    kernel(set.arrays(t), offset, n);
+    return true;
+  });
+}
+
+template <typename T>
+bool nonfinite(const TensorSet& set, std::size_t r, Index begin, Index end,
+               std::atomic<bool>& found) {
+  bool mine = false;
+  walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
+    if (found.load(std::memory_order_relaxed)) return false;
+    if (has_nonfinite(n, role<const T>(set.arrays(t), r, offset))) {
+      mine = true;
+      found.store(true, std::memory_order_relaxed);
+      return false;
+    }
+    return true;
+  });
+  return mine;
+}
+
+template <typename T>
+void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin, Index end,
+                     double* partial) {
+  walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
+    partial[first_chunk[t] + offset / kChunk] =
+        sum_squares(n, role<const T>(set.arrays(t), 0, offset));
+    return true;
+  });
+}
+
+template <typename... Decls>
+KernelTable make_table(List<Decls...>) {
+  using F32 = StorageTypes<kFloat32>::type;
+  using F64 = StorageTypes<kFloat64>::type;
+  return KernelTable{kTableVersion,
+                     kKernelCount,
+                     FUSEDOPT_SIMD_LEVEL,
+                     Eigen::SimdInstructionSetsInUse(),
+                     {{&update<Decls, F32>, &update<Decls, F64>}...},
+                     {&nonfinite<float>, &nonfinite<double>},
+                     {&sums_of_squares<float>, &sums_of_squares<double>}};
+}
+
+}  // namespace
+}  // namespace fusedopt
+
+#if defined(_WIN32)
+#define FUSEDOPT_EXPORT __declspec(dllexport)
+#else
+#define FUSEDOPT_EXPORT __attribute__((visibility("default")))
+#endif
+
+extern "C" FUSEDOPT_EXPORT const fusedopt::KernelTable* fusedopt_kernel_table() {
+  static const fusedopt::KernelTable table = fusedopt::make_table(fusedopt::Kernels{});
+  return &table;
+}

@@ -1,1 +1,0 @@
-from ._core_baseline import *

@@ -1,0 +1,147 @@
+"""The kernels' declarations (``csrc/kernels/optimizers/*.hpp``), as the binding exports them in
+``_core.OPTIMIZERS``: every array and hyperparameter of every optimizer, with defaults and valid
+ranges. The functions' signatures and docstrings, the registry that drives the tests and the
+benchmark, and the optimizer classes' validation are derived from these."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._dispatch import core as _core
+
+Arrays = Union[np.ndarray, Sequence[np.ndarray]]
+_ANNOTATIONS = {"real": float, "step": int, "flag": bool}
+
+
+@dataclass(frozen=True)
+class ArrayArg:
+    name: str
+    written: bool
+    help: str
+    optional: bool
+    used_when: Optional[str]
+    """The option (a hyperparameter) that uses this buffer: required exactly when it is on."""
+    old_name: Optional[str]
+    """A keyword that still works, with a DeprecationWarning."""
+
+
+@dataclass(frozen=True)
+class HyperArg:
+    name: str
+    kind: str
+    """'real', 'step', 'flag', or 'fixed' (set by the declaration, not an argument)."""
+    required: bool
+    default: Any
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    label: str
+    help: str
+
+    def range_text(self) -> str:
+        """The valid range as the docs say it: ">= 0", "in [0, 1)", ..."""
+        if self.kind != "real":
+            return ""
+        low = _number(self.low)
+        if math.isinf(self.high):
+            return f"> {low}" if self.low_open else f">= {low}"
+        return (f"in {'(' if self.low_open else '['}{low}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+@dataclass(frozen=True)
+class Declaration:
+    name: str
+    summary: str
+    arrays: Tuple[ArrayArg, ...]
+    hyperparameters: Tuple[HyperArg, ...]
+
+    @property
+    def function_name(self) -> str:
+        return f"{self.name}_"
+
+    @property
+    def arguments(self) -> Tuple[HyperArg, ...]:
+        """The hyperparameters a caller may pass (every one but the fixed)."""
+        return tuple(h for h in self.hyperparameters if h.kind != "fixed")
+
+    @property
+    def takes_step(self) -> bool:
+        return any(h.kind == "step" for h in self.hyperparameters)
+
+    @property
+    def state(self) -> Tuple[str, ...]:
+        """Buffers every call reads and writes, positional after ``grad``."""
+        return tuple(a.name for a in self.arrays[2:] if not a.optional)
+
+    @property
+    def optional_state(self) -> Dict[str, str]:
+        """Keyword-only buffers, each needed when the named hyperparameter is truthy."""
+        return {a.name: a.used_when for a in self.arrays if a.used_when}
+
+    def defaults(self) -> Dict[str, Any]:
+        return {h.name: h.default for h in self.arguments if not h.required}
+
+    def buffers(self, hyper: Mapping[str, Any]) -> Tuple[str, ...]:
+        """Every buffer this optimizer reads and writes with these hyperparameters."""
+        values = {**self.defaults(), **hyper}
+        return self.state + tuple(a for a, option in self.optional_state.items()
+                                  if values.get(option))
+
+    def signature(self) -> inspect.Signature:
+        """The public function's signature: the required arrays positional, optional buffers
+        and hyperparameters keyword-only, then ``skip_if_nonfinite``."""
+        P = inspect.Parameter
+        params = [P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=Arrays)
+                  for a in self.arrays if not a.optional]
+        params += [P(a.name, P.KEYWORD_ONLY, default=None, annotation=Optional[Arrays])
+                   for a in self.arrays if a.optional]
+        params += [P(h.name, P.KEYWORD_ONLY, annotation=_ANNOTATIONS[h.kind],
+                     **({} if h.required else {"default": h.default}))
+                   for h in self.arguments]
+        params.append(P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False, annotation=bool))
+        return inspect.Signature(params, return_annotation=bool)
+
+    def args_doc(self) -> str:
+        """The Args and Returns sections of the function's docstring."""
+        lines = ["Args:"]
+        for a in self.arrays:
+            how = "updated in place" if a.written else "read only"
+            when = f"; required when ``{a.used_when}`` is on" if a.used_when else ""
+            lines.append(f"    {a.name}: {a.help}, {how}{when}.")
+        for h in self.arguments:
+            extra = ", ".join(x for x in (h.range_text(), "" if h.required or h.kind == "step"
+                                          else f"default {h.default!r}") if x)
+            lines.append(f"    {h.name}: {h.help}{f' ({extra})' if extra else ''}.")
+        lines.append("    skip_if_nonfinite: if any gradient holds a NaN or an infinity, "
+                     "change nothing.")
+        lines += ["", "Returns:",
+                  "    True if the step was applied; False if ``skip_if_nonfinite`` skipped it."]
+        return "\n".join(lines)
+
+    def check(self, hyper: Mapping[str, Any]) -> None:
+        """Raise the TypeError or ValueError the function would raise for these
+        hyperparameters: a call on empty lists, which validates them and updates nothing."""
+        empty = {a.name: [] for a in self.arrays}
+        step = {"step": 1} if self.takes_step and "step" not in hyper else {}
+        getattr(_core, self.name)(**empty, **hyper, **step)
+
+
+DECLARATIONS: Dict[str, Declaration] = {
+    name: Declaration(
+        name=name, summary=data["summary"],
+        arrays=tuple(ArrayArg(**a) for a in data["arrays"]),
+        hyperparameters=tuple(HyperArg(**h) for h in data["hyperparameters"]),
+    )
+    for name, data in _core.OPTIMIZERS.items()
+}
