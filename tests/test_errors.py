@@ -278,20 +278,27 @@ def test_keywords_that_are_not_interned_strings():
 
 
 def test_the_binding_rejects_unknown_and_missing_hyperparameters():
+    """The binding fills in the declared defaults; it rejects what its declaration lacks, a
+    required hyperparameter left out, a fixed one (AdamW's decoupled decay) passed, and
+    arrays given twice, as Python rejects such calls, before touching any array."""
     from fusedopt import _core
 
     p, g = np.zeros(3, np.float32), np.zeros(3, np.float32)
     before = p.copy()
-    with pytest.raises(TypeError, match="^unexpected hyperparameter lrr$"):
-        _core.sgd(p, g, lrr=0.1, lr=0.1, weight_decay=0.0, maximize=False)
-    with pytest.raises(TypeError, match="^missing hyperparameter weight_decay$"):
-        _core.sgd(p, g, lr=0.1, maximize=False)
-    with pytest.raises(TypeError, match="^unexpected hyperparameter step$"):
-        _core.sgd(p, g, lr=0.1, weight_decay=0.0, maximize=False, step=1)
+    with pytest.raises(TypeError, match="^sgd_\\(\\) got an unexpected keyword argument 'lrr'$"):
+        _core.sgd(p, g, lrr=0.1, lr=0.1)
+    with pytest.raises(TypeError, match="^sgd_\\(\\) missing required keyword argument 'lr'$"):
+        _core.sgd(p, g, maximize=False)
+    with pytest.raises(TypeError, match="^sgd_\\(\\) got an unexpected keyword argument 'step'$"):
+        _core.sgd(p, g, lr=0.1, step=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'decoupled_weight_decay'"):
+        _core.adamw(p, g, p.copy(), p.copy(), step=1, decoupled_weight_decay=False)
+    with pytest.raises(TypeError, match="^sgd_\\(\\) got multiple values for argument 'grad'$"):
+        _core.sgd(p, g, grad=g, lr=0.1)
+    with pytest.raises(TypeError, match="^sgd_\\(\\) takes at most 2 positional arguments"):
+        _core.sgd(p, g, g, lr=0.1)
     with pytest.raises(ValueError, match="^Invalid step: 9223372036854775808 \\(at most"):
-        _core.adam(p, g, p.copy(), p.copy(), None, step=2**63, lr=0.1, beta1=0.9,
-                   beta2=0.9, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
-                   maximize=False)
+        _core.adam(p, g, p.copy(), p.copy(), step=2**63, lr=0.1)
     np.testing.assert_array_equal(p, before, strict=True)
 
 

@@ -3,7 +3,9 @@ freezing, groups, clipping."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -11,22 +13,53 @@ import pytest
 import fusedopt
 from fusedopt import _functional, optim
 
-# (class, hyperparameter sets): every option of every class at least once.
-CLASSES = {
-    "SGD": (optim.SGD, [dict(lr=0.05), dict(lr=0.05, momentum=0.9),
-                        dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.1),
-                        dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)]),
-    "Momentum": (optim.Momentum, [dict(lr=0.05, beta=0.9, weight_decay=0.01)]),
-    "Adam": (optim.Adam, [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
-                          dict(lr=0.01, amsgrad=True, maximize=True),
-                          dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)]),
-    "AdamW": (optim.AdamW, [dict(lr=0.01), dict(lr=0.01, weight_decay=0.3, amsgrad=True)]),
-    "Adagrad": (optim.Adagrad, [dict(lr=0.05), dict(lr=0.05, lr_decay=0.01, weight_decay=0.1,
-                                                    initial_accumulator_value=0.1)]),
-    "RMSprop": (optim.RMSprop, [dict(lr=0.01), dict(lr=0.01, momentum=0.9, centered=True),
-                                dict(lr=0.01, alpha=0.9, weight_decay=0.1, maximize=True)]),
-    "Lion": (optim.Lion, [dict(lr=1e-3), dict(lr=1e-3, betas=(0.8, 0.9), weight_decay=0.5)]),
+def generated_cases(cls):
+    """Hyperparameter sets from the class's own signature, so that every class is covered
+    without a line here: the defaults, each flag flipped alone, every number changed, and
+    every number changed with every flag flipped; sets the class rejects are left out."""
+    defaults = {p.name: p.default for p in inspect.signature(cls).parameters.values()
+                if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+    def varied(value):
+        if isinstance(value, tuple):
+            return tuple(v * 0.9 for v in value)
+        return value * 0.5 if value else 0.1
+
+    flags = [k for k, v in defaults.items() if isinstance(v, bool)]
+    numbers = {k: varied(v) for k, v in defaults.items() if k not in flags}
+    found = [{}] + [{f: not defaults[f]} for f in flags]
+    found += [numbers, {**numbers, **{f: not defaults[f] for f in flags}}]
+    valid = []
+    for hyper in found:
+        hyper = {"lr": defaults["lr"], **hyper}  # the training loop halves it in one group
+        try:
+            cls([np.zeros(1)], **hyper)
+        except ValueError:
+            continue
+        valid.append(hyper)
+    return valid
+
+
+# (class, hyperparameter sets): the generated sets of every class, and by hand the
+# combinations they miss (Nesterov needs momentum, ...).
+EXTRA = {
+    optim.SGD: [dict(lr=0.05), dict(lr=0.05, momentum=0.9),
+                dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.1),
+                dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)],
+    optim.Momentum: [dict(lr=0.05, beta=0.9, weight_decay=0.01)],
+    optim.Adam: [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
+                 dict(lr=0.01, amsgrad=True, maximize=True),
+                 dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)],
+    optim.AdamW: [dict(lr=0.01), dict(lr=0.01, weight_decay=0.3, amsgrad=True)],
+    optim.Adagrad: [dict(lr=0.05), dict(lr=0.05, lr_decay=0.01, weight_decay=0.1,
+                                        initial_accumulator_value=0.1)],
+    optim.RMSprop: [dict(lr=0.01), dict(lr=0.01, momentum=0.9, centered=True),
+                    dict(lr=0.01, alpha=0.9, weight_decay=0.1, maximize=True)],
+    optim.Lion: [dict(lr=1e-3), dict(lr=1e-3, betas=(0.8, 0.9), weight_decay=0.5)],
 }
+CLASSES = {cls.__name__: (cls, generated_cases(cls) + EXTRA.get(cls, []))
+           for cls in (getattr(optim, name) for name in optim.__all__)
+           if isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls.kernel}
 CASES = [pytest.param(cls, hyper, id=f"{name}-{i}")
          for name, (cls, hypers) in CLASSES.items() for i, hyper in enumerate(hypers)]
 SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "scale": ()}
@@ -92,7 +125,8 @@ try:
 except ImportError:  # compared only where torch is installed
     torch = None
 
-TORCH_CASES = [c for c in CASES if c.values[0] not in (optim.Momentum, optim.Lion)]
+TORCH_CASES = [c for c in CASES if torch is not None and hasattr(torch.optim, c.values[0].__name__)
+               and c.values[0] is not optim.Momentum]
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
@@ -123,7 +157,8 @@ def test_class_matches_torch(cls, hyper):
 def test_one_fused_call_per_group_dtype_and_step(monkeypatch):
     calls = []
     real = _functional.adam_
-    monkeypatch.setattr(optim.F, "adam_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setitem(_functional.FUNCTIONS, "adam_",
+                        lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     params = {**model(np.float32), "w64": np.zeros((4, 4))}
     opt = optim.Adam([{"params": {k: params[k] for k in ("w1", "b1", "w64")}},
                       {"params": {k: params[k] for k in ("w2", "b2", "scale")}}])
@@ -403,3 +438,62 @@ def test_clip_grad_norm_matches_torch():
     assert norm == pytest.approx(float(tnorm), rel=1e-12)
     for g, p in zip(grads, tparams):
         np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-12)
+
+
+def test_every_class_is_covered():
+    assert "Adamax" in CLASSES
+    for name, (cls, hypers) in CLASSES.items():
+        assert len(hypers) >= 3, name
+    if torch is not None:
+        assert {c.values[0].__name__ for c in TORCH_CASES} >= {
+            "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "RMSprop"}
+
+
+def test_impl_reference_is_per_instance(monkeypatch):
+    """impl="reference" runs fusedopt.reference's function; the others are untouched."""
+    calls = []
+    real = fusedopt.reference.adam_
+    monkeypatch.setattr(fusedopt.reference, "adam_",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = model(), model()
+    plain, slow = optim.Adam(a, lr=0.01), optim.Adam(b, lr=0.01, impl="reference")
+    grads = grads_for(a, np.random.default_rng(0))
+    plain.step(grads)
+    assert calls == []
+    slow.step(grads)
+    assert calls == [1]
+    assert_same(a, b)
+    with pytest.raises(ValueError, match="^impl: expected None, 'fused' or 'reference'"):
+        optim.Adam(a, impl="numpy")
+
+
+def test_reference_kernels_is_local_to_its_thread(monkeypatch):
+    """reference_kernels() in one thread leaves an optimizer stepped in another thread on the
+    fused kernels, and impl="fused" overrides it."""
+    calls = []
+    real = fusedopt.reference.adam_
+    monkeypatch.setattr(fusedopt.reference, "adam_",
+                        lambda *a, **k: calls.append(threading.current_thread().name)
+                        or real(*a, **k))
+    params = model()
+    opt, fused = optim.Adam(params), optim.Adam(model(seed=1), impl="fused")
+    grads = grads_for(params, np.random.default_rng(0))
+    inside, other = threading.Event(), threading.Event()
+
+    def hold():
+        with optim.reference_kernels():
+            inside.set()
+            other.wait(10)
+
+    holder = threading.Thread(target=hold, name="holder")
+    holder.start()
+    inside.wait(10)
+    opt.step(grads)  # this thread: not inside the block
+    other.set()
+    holder.join()
+    assert calls == []
+    with optim.reference_kernels():
+        fused.step(grads)
+        assert calls == []
+        opt.step(grads)
+    assert calls == [threading.current_thread().name]

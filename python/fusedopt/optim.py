@@ -469,6 +469,8 @@ class SGD(Optimizer):
     :math:`b_1 = g_1`, then :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t`.
     """
 
+    kernel = "sgd"  # "momentum" for groups with momentum
+
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  maximize: bool = False, **options: Any):
@@ -524,14 +526,10 @@ class Adam(Optimizer):
     and decoupled (AdamW) weight decay as options."""
 
     kernel = "adam"
-    _decoupled_default = False
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
-                 maximize: bool = False, decoupled_weight_decay: Optional[bool] = None,
-                 **options: Any):
-        if decoupled_weight_decay is None:
-            decoupled_weight_decay = self._decoupled_default
+                 maximize: bool = False, decoupled_weight_decay: bool = False, **options: Any):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
@@ -542,7 +540,7 @@ class AdamW(Adam):
     """AdamW (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``: Adam with decoupled weight
     decay, 1e-2 by default."""
 
-    _decoupled_default = True
+    kernel = "adamw"
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
