@@ -17,16 +17,17 @@ import xml.etree.ElementTree as ET
 
 def report(path: str) -> int:
     """Memory errors (invalid reads and writes, uses of uninitialised values, bad frees) with a
-    frame in fusedopt or NumPy fail: the arrays pass only through those two, and a value that
-    fusedopt left uninitialised is reported where NumPy later reads it. Blocks still allocated
-    at exit (os._exit leaves every module-lifetime allocation behind) are counted apart."""
+    frame in fusedopt (the binding ``_core.*.so`` or a kernel library ``_kernels_<level>.so``)
+    or NumPy fail: the arrays pass only through those two, and a value that fusedopt left
+    uninitialised is reported where NumPy later reads it. Blocks still allocated at exit
+    (os._exit leaves every module-lifetime allocation behind) are counted apart."""
     ours, theirs, leaks = [], 0, 0
     for error in ET.parse(path).getroot().iter("error"):
         kind = error.findtext("kind") or ""
         if kind.startswith("Leak_"):
             leaks += 1
         elif any(part in (f.findtext("obj") or "") for f in error.iter("frame")
-                 for part in ("/fusedopt/_core_", "/numpy/")):
+                 for part in ("/fusedopt/_core", "/fusedopt/_kernels_", "/numpy/")):
             ours.append(kind)
         else:
             theirs += 1

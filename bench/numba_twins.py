@@ -26,12 +26,13 @@ def _sgd(param, grad, lr, l2, maximize):
 
 
 @njit(parallel=True, cache=True)
-def _momentum(param, grad, buf, lr, momentum, one_minus_dampening, l2, nesterov, maximize):
+def _momentum(param, grad, momentum_buffer, lr, momentum, one_minus_dampening, l2, nesterov,
+              maximize):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]
         g = g + l2 * param[i] if l2 != 0 else g
-        b = momentum * buf[i] + one_minus_dampening * g
-        buf[i] = b
+        b = momentum * momentum_buffer[i] + one_minus_dampening * g
+        momentum_buffer[i] = b
         param[i] = param[i] - lr * (g + momentum * b if nesterov else b)
 
 
@@ -54,6 +55,21 @@ def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, decay, l2, 
 
 
 @njit(parallel=True, cache=True)
+def _adamax(param, grad, exp_avg, exp_inf, l2, beta1, one_minus_beta1, beta2, eps, step_size,
+            maximize):
+    for i in prange(param.size):
+        g = -grad[i] if maximize else grad[i]
+        g = g + l2 * param[i] if l2 != 0 else g
+        m = beta1 * exp_avg[i] + one_minus_beta1 * g
+        a = beta2 * exp_inf[i]
+        b = abs(g) + eps
+        u = a if a >= b or math.isnan(a) else b  # numpy.maximum: NaN if either is NaN
+        exp_avg[i] = m
+        exp_inf[i] = u
+        param[i] = param[i] - step_size * m / u
+
+
+@njit(parallel=True, cache=True)
 def _adagrad(param, grad, sum_sq, clr, l2, eps, maximize):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]
@@ -64,8 +80,8 @@ def _adagrad(param, grad, sum_sq, clr, l2, eps, maximize):
 
 
 @njit(parallel=True, cache=True)
-def _rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr, alpha, one_minus_alpha, eps,
-             l2, momentum, centered, maximize):
+def _rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, one_minus_alpha,
+             eps, l2, momentum, centered, maximize):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]
         g = g + l2 * param[i] if l2 != 0 else g
@@ -78,8 +94,8 @@ def _rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr, alpha, one_min
         else:
             denom = math.sqrt(s) + eps
         if momentum != 0:
-            b = momentum * momentum_buf[i] + g / denom
-            momentum_buf[i] = b
+            b = momentum * momentum_buffer[i] + g / denom
+            momentum_buffer[i] = b
             param[i] = param[i] - lr * b
         else:
             param[i] = param[i] - lr * g / denom
@@ -106,11 +122,11 @@ def sgd_(param, grad, *, lr, weight_decay=0.0, maximize=False):
     _sgd(_flat(param), _flat(grad), t(lr), t(weight_decay), maximize)
 
 
-def momentum_(param, grad, buf, *, lr, momentum, dampening=0.0, nesterov=False,
+def momentum_(param, grad, momentum_buffer, *, lr, momentum, dampening=0.0, nesterov=False,
               weight_decay=0.0, maximize=False):
     t = param.dtype.type
-    _momentum(_flat(param), _flat(grad), _flat(buf), t(lr), t(momentum), t(1 - dampening),
-              t(weight_decay), nesterov, maximize)
+    _momentum(_flat(param), _flat(grad), _flat(momentum_buffer), t(lr), t(momentum),
+              t(1 - dampening), t(weight_decay), nesterov, maximize)
 
 
 def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
@@ -132,6 +148,13 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=
           max_exp_avg_sq=max_exp_avg_sq, maximize=maximize)
 
 
+def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.0, maximize=False):
+    t = param.dtype.type
+    _adamax(_flat(param), _flat(grad), _flat(exp_avg), _flat(exp_inf), t(weight_decay), t(beta1),
+            t(1 - beta1), t(beta2), t(eps), t(lr / (1 - beta1**step)), maximize)
+
+
 def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
              maximize=False):
     t = param.dtype.type
@@ -140,12 +163,12 @@ def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0
 
 
 def rmsprop_(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-             momentum=0.0, momentum_buf=None, centered=False, grad_avg=None, maximize=False):
+             momentum=0.0, momentum_buffer=None, centered=False, grad_avg=None, maximize=False):
     t, empty = param.dtype.type, param[:0].reshape(-1)
     _rmsprop(_flat(param), _flat(grad), _flat(square_avg),
-             _flat(momentum_buf) if momentum else empty, _flat(grad_avg) if centered else empty,
-             t(lr), t(alpha), t(1 - alpha), t(eps), t(weight_decay), t(momentum), centered,
-             maximize)
+             _flat(momentum_buffer) if momentum else empty,
+             _flat(grad_avg) if centered else empty, t(lr), t(alpha), t(1 - alpha), t(eps),
+             t(weight_decay), t(momentum), centered, maximize)
 
 
 def lion_(param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
@@ -156,8 +179,8 @@ def lion_(param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=
 
 
 TWINS: Dict[str, Callable[..., Any]] = {
-    "sgd": sgd_, "momentum": momentum_, "adam": adam_, "adamw": adamw_, "adagrad": adagrad_,
-    "rmsprop": rmsprop_, "lion": lion_,
+    "sgd": sgd_, "momentum": momentum_, "adam": adam_, "adamw": adamw_, "adamax": adamax_,
+    "adagrad": adagrad_, "rmsprop": rmsprop_, "lion": lion_,
 }
 
 

@@ -53,12 +53,15 @@ def roofline_probe(spec, hyper, arrays):
 
 # torch.optim equivalents of the registry's benchmark cases (cases[0]).
 TORCH_CLASSES = {"sgd": "SGD", "momentum": "SGD", "adam": "Adam", "adamw": "AdamW",
-                 "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+                 "adamax": "Adamax", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+# The implementations each has on CPU (torch 2.13): Adamax and RMSprop take no fused=.
+TORCH_MODES = {name: ("loop", "foreach") if name in ("adamax", "rmsprop")
+               else ("loop", "foreach", "fused") for name in TORCH_CLASSES}
 
 
 def torch_kwargs(name, hyper):
     h = dict(hyper)
-    if name in ("adam", "adamw"):
+    if name in ("adam", "adamw", "adamax"):
         h["betas"] = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
     return h
 
@@ -84,8 +87,9 @@ def torch_step(mode):
 
 def torch_supports(mode):
     def check(spec, hyper):
-        if torch is None or spec.name not in TORCH_CLASSES:
+        if torch is None or mode not in TORCH_MODES.get(spec.name, ()):
             return False
+        # and a trial step, for a torch that lacks a mode declared here
         try:
             t = torch.zeros(2)
             t.grad = torch.zeros(2)
