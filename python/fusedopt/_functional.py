@@ -32,16 +32,30 @@ def all_finite(arrays: Arrays) -> bool:
 
 
 def _function(declaration: Declaration) -> Callable[..., bool]:
-    kernel = getattr(_core, declaration.name)
-
-    def update(*arrays, **hyperparameters):
-        return kernel(*arrays, **hyperparameters)
-
+    """The public function of a kernel: a plain Python function with the declared signature
+    that passes its arguments on by keyword, generated from source as ``dataclasses`` and
+    ``collections.namedtuple`` generate theirs. A wrapper taking ``*args, **kwargs`` would
+    repack them on every call, which costs as much as a small kernel."""
+    signature = declaration.signature()
+    defaults = {f"_default_{p.name}": p.default for p in signature.parameters.values()
+                if p.default is not p.empty}
+    header, passed, star = [], [], False
+    for p in signature.parameters.values():
+        if p.kind is p.KEYWORD_ONLY and not star:
+            header.append("*")
+            star = True
+        header.append(p.name if p.default is p.empty else f"{p.name}=_default_{p.name}")
+        passed.append(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}")
     name = declaration.function_name
-    twin = getattr(reference, name)
-    update.__name__ = update.__qualname__ = name
+    source = (f"def {name}({', '.join(header)}):\n"
+              f"    return _kernel({', '.join(passed)})\n")
+    namespace = {"_kernel": getattr(_core, declaration.name), **defaults}
+    exec(source, namespace)  # noqa: S102  (source built from the declaration's names)
+    update = namespace[name]
     update.__module__ = "fusedopt"
-    update.__signature__ = declaration.signature()
+    update.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    update.__annotations__["return"] = signature.return_annotation
+    twin = getattr(reference, name)
     update.__doc__ = f"{twin.__doc__.rstrip()}\n\n{_indent(declaration.args_doc())}\n"
     return update
 
