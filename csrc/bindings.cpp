@@ -414,7 +414,9 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
     if (slot->what == Slot::skip) {
       a.skip_if_nonfinite = parse_flag(value);
     } else if (slot->what == Slot::array) {
-      if (a.arrays[slot->index] != nullptr) {
+      // A positional None stands for an array named by keyword: the Python function passes
+      // None for a renamed buffer its caller named by the old keyword.
+      if (a.arrays[slot->index] != nullptr && a.arrays[slot->index] != Py_None) {
         throw py::type_error(d.function + "() got multiple values for argument '" +
                              d.arrays[slot->index].name + "'");
       }

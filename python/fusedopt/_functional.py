@@ -37,6 +37,7 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
     ``collections.namedtuple`` generate theirs. A wrapper taking ``*args, **kwargs`` would
     repack them on every call, which costs as much as a small kernel."""
     signature = declaration.signature()
+    renamed = {a.name for a in declaration.arrays if a.old_name}
     defaults = {f"_default_{p.name}": p.default for p in signature.parameters.values()
                 if p.default is not p.empty}
     header, passed, star = [], [], False
@@ -44,14 +45,21 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
         if p.kind is p.KEYWORD_ONLY and not star:
             header.append("*")
             star = True
-        header.append(p.name if p.default is p.empty else f"{p.name}=_default_{p.name}")
+        if p.name in renamed and p.default is p.empty:
+            header.append(f"{p.name}=None")  # the caller may name it by its old keyword
+        else:
+            header.append(p.name if p.default is p.empty else f"{p.name}=_default_{p.name}")
         passed.append(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}")
+    if renamed:  # old keywords go on to the binding, which maps them and warns
+        header.append("**old_keywords")
+        passed.append("**old_keywords")
     name = declaration.function_name
     source = (f"def {name}({', '.join(header)}):\n"
               f"    return _kernel({', '.join(passed)})\n")
     namespace = {"_kernel": getattr(_core, declaration.name), **defaults}
     exec(source, namespace)  # noqa: S102  (source built from the declaration's names)
     update = namespace[name]
+    update.__signature__ = signature
     update.__module__ = "fusedopt"
     update.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     update.__annotations__["return"] = signature.return_annotation
