@@ -26,14 +26,19 @@ def report(path: str) -> int:
         kind = error.findtext("kind") or ""
         if kind.startswith("Leak_"):
             leaks += 1
-        elif any(part in (f.findtext("obj") or "") for f in error.iter("frame")
-                 for part in ("/fusedopt/_core", "/fusedopt/_kernels_", "/numpy/")):
+        elif any(
+            part in (f.findtext("obj") or "")
+            for f in error.iter("frame")
+            for part in ("/fusedopt/_core", "/fusedopt/_kernels_", "/numpy/")
+        ):
             ours.append(kind)
         else:
             theirs += 1
-    print(f"memcheck: {len(ours)} memory errors in fusedopt's or NumPy's frames {ours or ''}; "
-          f"{theirs} in the interpreter's own (not fusedopt's); "
-          f"{leaks} blocks still allocated at exit (not checked)")
+    print(
+        f"memcheck: {len(ours)} memory errors in fusedopt's or NumPy's frames {ours or ''}; "
+        f"{theirs} in the interpreter's own (not fusedopt's); "
+        f"{leaks} blocks still allocated at exit (not checked)"
+    )
     return 1 if ours else 0
 
 
@@ -55,8 +60,10 @@ for threads in (1, 2):
     for spec in OPTIMIZERS.values():
         for hyper in spec.cases:
             for dtype in (np.float32, np.float64):
-                arrays = {role: [rng.standard_normal(s).astype(dtype) for s in SHAPES]
-                          for role in ("param", "grad")}
+                arrays = {
+                    role: [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+                    for role in ("param", "grad")
+                }
                 for buffer in spec.buffers(hyper):
                     arrays[buffer] = [np.zeros(s, dtype) for s in SHAPES]
                 expected = {role: [a.copy() for a in v] for role, v in arrays.items()}
@@ -72,8 +79,13 @@ for threads in (1, 2):
     grads[-2][3] = np.nan
     assert not fusedopt.all_finite(grads)
 try:
-    fusedopt.adam_(np.zeros(4, np.float32), np.zeros(4, np.float16), np.zeros(4, np.float32),
-                   np.zeros(4, np.float32), step=1)
+    fusedopt.adam_(
+        np.zeros(4, np.float32),
+        np.zeros(4, np.float16),
+        np.zeros(4, np.float32),
+        np.zeros(4, np.float32),
+        step=1,
+    )
 except TypeError:
     pass
 print(f"memcheck run: {checked} kernel configurations checked against the reference", flush=True)

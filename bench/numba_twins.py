@@ -26,8 +26,9 @@ def _sgd(param, grad, lr, l2, maximize):
 
 
 @njit(parallel=True, cache=True)
-def _momentum(param, grad, momentum_buffer, lr, momentum, one_minus_dampening, l2, nesterov,
-              maximize):
+def _momentum(
+    param, grad, momentum_buffer, lr, momentum, one_minus_dampening, l2, nesterov, maximize
+):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]
         g = g + l2 * param[i] if l2 != 0 else g
@@ -37,9 +38,24 @@ def _momentum(param, grad, momentum_buffer, lr, momentum, one_minus_dampening, l
 
 
 @njit(parallel=True, cache=True)
-def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, decay, l2, beta1,
-          one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
-          maximize):
+def _adam(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    amsgrad,
+    decay,
+    l2,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    step_size,
+    bias_correction2_sqrt,
+    maximize,
+):
     for i in prange(param.size):
         p = param[i] * decay
         g = -grad[i] if maximize else grad[i]
@@ -55,8 +71,9 @@ def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, decay, l2, 
 
 
 @njit(parallel=True, cache=True)
-def _adamax(param, grad, exp_avg, exp_inf, l2, beta1, one_minus_beta1, beta2, eps, step_size,
-            maximize):
+def _adamax(
+    param, grad, exp_avg, exp_inf, l2, beta1, one_minus_beta1, beta2, eps, step_size, maximize
+):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]
         g = g + l2 * param[i] if l2 != 0 else g
@@ -80,8 +97,21 @@ def _adagrad(param, grad, sum_sq, clr, l2, eps, maximize):
 
 
 @njit(parallel=True, cache=True)
-def _rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, one_minus_alpha,
-             eps, l2, momentum, centered, maximize):
+def _rmsprop(
+    param,
+    grad,
+    square_avg,
+    momentum_buffer,
+    grad_avg,
+    lr,
+    alpha,
+    one_minus_alpha,
+    eps,
+    l2,
+    momentum,
+    centered,
+    maximize,
+):
     for i in prange(param.size):
         g = -grad[i] if maximize else grad[i]
         g = g + l2 * param[i] if l2 != 0 else g
@@ -102,8 +132,9 @@ def _rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, one_
 
 
 @njit(parallel=True, cache=True)
-def _lion(param, grad, exp_avg, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-          maximize):
+def _lion(
+    param, grad, exp_avg, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, maximize
+):
     for i in prange(param.size):
         p = param[i] * decay
         g = -grad[i] if maximize else grad[i]
@@ -122,65 +153,212 @@ def sgd_(param, grad, *, lr, weight_decay=0.0, maximize=False):
     _sgd(_flat(param), _flat(grad), t(lr), t(weight_decay), maximize)
 
 
-def momentum_(param, grad, momentum_buffer, *, lr, momentum, dampening=0.0, nesterov=False,
-              weight_decay=0.0, maximize=False):
+def momentum_(
+    param,
+    grad,
+    momentum_buffer,
+    *,
+    lr,
+    momentum,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    maximize=False,
+):
     t = param.dtype.type
-    _momentum(_flat(param), _flat(grad), _flat(momentum_buffer), t(lr), t(momentum),
-              t(1 - dampening), t(weight_decay), nesterov, maximize)
+    _momentum(
+        _flat(param),
+        _flat(grad),
+        _flat(momentum_buffer),
+        t(lr),
+        t(momentum),
+        t(1 - dampening),
+        t(weight_decay),
+        nesterov,
+        maximize,
+    )
 
 
-def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-          max_exp_avg_sq=None, maximize=False):
+def adam_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    amsgrad=False,
+    max_exp_avg_sq=None,
+    maximize=False,
+):
     t = param.dtype.type
     decay = 1 - lr * weight_decay if decoupled_weight_decay else 1.0
     l2 = 0.0 if decoupled_weight_decay else weight_decay
     maximum = _flat(max_exp_avg_sq) if amsgrad else param[:0].reshape(-1)
-    _adam(_flat(param), _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), maximum, amsgrad,
-          t(decay), t(l2), t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(eps),
-          t(lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)), maximize)
+    _adam(
+        _flat(param),
+        _flat(grad),
+        _flat(exp_avg),
+        _flat(exp_avg_sq),
+        maximum,
+        amsgrad,
+        t(decay),
+        t(l2),
+        t(beta1),
+        t(1 - beta1),
+        t(beta2),
+        t(1 - beta2),
+        t(eps),
+        t(lr / (1 - beta1**step)),
+        t(math.sqrt(1 - beta2**step)),
+        maximize,
+    )
 
 
-def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-           weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None, maximize=False):
-    adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-          weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
-          max_exp_avg_sq=max_exp_avg_sq, maximize=maximize)
+def adamw_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    amsgrad=False,
+    max_exp_avg_sq=None,
+    maximize=False,
+):
+    adam_(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=True,
+        amsgrad=amsgrad,
+        max_exp_avg_sq=max_exp_avg_sq,
+        maximize=maximize,
+    )
 
 
-def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-            weight_decay=0.0, maximize=False):
+def adamax_(
+    param,
+    grad,
+    exp_avg,
+    exp_inf,
+    *,
+    step,
+    lr=2e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    maximize=False,
+):
     t = param.dtype.type
-    _adamax(_flat(param), _flat(grad), _flat(exp_avg), _flat(exp_inf), t(weight_decay), t(beta1),
-            t(1 - beta1), t(beta2), t(eps), t(lr / (1 - beta1**step)), maximize)
+    _adamax(
+        _flat(param),
+        _flat(grad),
+        _flat(exp_avg),
+        _flat(exp_inf),
+        t(weight_decay),
+        t(beta1),
+        t(1 - beta1),
+        t(beta2),
+        t(eps),
+        t(lr / (1 - beta1**step)),
+        maximize,
+    )
 
 
-def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-             maximize=False):
+def adagrad_(
+    param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False
+):
     t = param.dtype.type
-    _adagrad(_flat(param), _flat(grad), _flat(sum_sq), t(lr / (1 + (step - 1) * lr_decay)),
-             t(weight_decay), t(eps), maximize)
+    _adagrad(
+        _flat(param),
+        _flat(grad),
+        _flat(sum_sq),
+        t(lr / (1 + (step - 1) * lr_decay)),
+        t(weight_decay),
+        t(eps),
+        maximize,
+    )
 
 
-def rmsprop_(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-             momentum=0.0, momentum_buffer=None, centered=False, grad_avg=None, maximize=False):
+def rmsprop_(
+    param,
+    grad,
+    square_avg,
+    *,
+    lr=1e-2,
+    alpha=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.0,
+    momentum_buffer=None,
+    centered=False,
+    grad_avg=None,
+    maximize=False,
+):
     t, empty = param.dtype.type, param[:0].reshape(-1)
-    _rmsprop(_flat(param), _flat(grad), _flat(square_avg),
-             _flat(momentum_buffer) if momentum else empty,
-             _flat(grad_avg) if centered else empty, t(lr), t(alpha), t(1 - alpha), t(eps),
-             t(weight_decay), t(momentum), centered, maximize)
+    _rmsprop(
+        _flat(param),
+        _flat(grad),
+        _flat(square_avg),
+        _flat(momentum_buffer) if momentum else empty,
+        _flat(grad_avg) if centered else empty,
+        t(lr),
+        t(alpha),
+        t(1 - alpha),
+        t(eps),
+        t(weight_decay),
+        t(momentum),
+        centered,
+        maximize,
+    )
 
 
-def lion_(param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
-          maximize=False):
+def lion_(
+    param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False
+):
     t = param.dtype.type
-    _lion(_flat(param), _flat(grad), _flat(exp_avg), t(lr), t(1 - lr * weight_decay), t(beta1),
-          t(1 - beta1), t(beta2), t(1 - beta2), maximize)
+    _lion(
+        _flat(param),
+        _flat(grad),
+        _flat(exp_avg),
+        t(lr),
+        t(1 - lr * weight_decay),
+        t(beta1),
+        t(1 - beta1),
+        t(beta2),
+        t(1 - beta2),
+        maximize,
+    )
 
 
 TWINS: Dict[str, Callable[..., Any]] = {
-    "sgd": sgd_, "momentum": momentum_, "adam": adam_, "adamw": adamw_, "adamax": adamax_,
-    "adagrad": adagrad_, "rmsprop": rmsprop_, "lion": lion_,
+    "sgd": sgd_,
+    "momentum": momentum_,
+    "adam": adam_,
+    "adamw": adamw_,
+    "adamax": adamax_,
+    "adagrad": adagrad_,
+    "rmsprop": rmsprop_,
+    "lion": lion_,
 }
 
 
@@ -196,5 +374,6 @@ def check(spec, hyper, dtype, n: int = 1001, steps: int = 3) -> None:
         spec.call(spec.reference, expected, hyper, step)
     rtol = 64 * np.finfo(dtype).eps
     for role, value in expected.items():
-        np.testing.assert_allclose(arrays[role], value, rtol=rtol, atol=rtol,
-                                   err_msg=f"numba twin of {spec.name}: {role}")
+        np.testing.assert_allclose(
+            arrays[role], value, rtol=rtol, atol=rtol, err_msg=f"numba twin of {spec.name}: {role}"
+        )

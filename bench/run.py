@@ -52,11 +52,20 @@ def roofline_probe(spec, hyper, arrays):
 
 
 # torch.optim equivalents of the registry's benchmark cases (cases[0]).
-TORCH_CLASSES = {"sgd": "SGD", "momentum": "SGD", "adam": "Adam", "adamw": "AdamW",
-                 "adamax": "Adamax", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+TORCH_CLASSES = {
+    "sgd": "SGD",
+    "momentum": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamax": "Adamax",
+    "adagrad": "Adagrad",
+    "rmsprop": "RMSprop",
+}
 # The implementations each has on CPU (torch 2.13): Adamax and RMSprop take no fused=.
-TORCH_MODES = {name: ("loop", "foreach") if name in ("adamax", "rmsprop")
-               else ("loop", "foreach", "fused") for name in TORCH_CLASSES}
+TORCH_MODES = {
+    name: ("loop", "foreach") if name in ("adamax", "rmsprop") else ("loop", "foreach", "fused")
+    for name in TORCH_CLASSES
+}
 
 
 def torch_kwargs(name, hyper):
@@ -69,6 +78,7 @@ def torch_kwargs(name, hyper):
 def torch_step(mode):
     """A torch.optim step over the same arrays (shared memory), in one of torch's three
     implementations: a for-loop, foreach (multi-tensor) or fused (one kernel)."""
+
     def prepare(spec, hyper, arrays):
         params = arrays["param"] if isinstance(arrays["param"], list) else [arrays["param"]]
         grads = arrays["grad"] if isinstance(arrays["grad"], list) else [arrays["grad"]]
@@ -77,11 +87,16 @@ def torch_step(mode):
             t = torch.from_numpy(p)
             t.grad = torch.from_numpy(g)
             tensors.append(t)
-        flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True),
-                 "fused": dict(fused=True)}[mode]
+        flags = {
+            "loop": dict(foreach=False),
+            "foreach": dict(foreach=True),
+            "fused": dict(fused=True),
+        }[mode]
         opt = getattr(torch.optim, TORCH_CLASSES[spec.name])(
-            tensors, **torch_kwargs(spec.name, hyper), **flags)
+            tensors, **torch_kwargs(spec.name, hyper), **flags
+        )
         return lambda step: opt.step()
+
     return prepare
 
 
@@ -93,13 +108,18 @@ def torch_supports(mode):
         try:
             t = torch.zeros(2)
             t.grad = torch.zeros(2)
-            flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True),
-                     "fused": dict(fused=True)}[mode]
-            getattr(torch.optim, TORCH_CLASSES[spec.name])([t], **torch_kwargs(spec.name, hyper),
-                                                         **flags).step()
+            flags = {
+                "loop": dict(foreach=False),
+                "foreach": dict(foreach=True),
+                "fused": dict(fused=True),
+            }[mode]
+            getattr(torch.optim, TORCH_CLASSES[spec.name])(
+                [t], **torch_kwargs(spec.name, hyper), **flags
+            ).step()
             return True
         except (RuntimeError, TypeError, ValueError):
             return False
+
     return check
 
 
@@ -123,6 +143,7 @@ def numba_step(spec, hyper, arrays):
 def call_step(kind):
     def prepare(spec, hyper, arrays):
         return spec.bind(spec.fused if kind == "fused" else spec.reference, arrays, hyper)
+
     return prepare
 
 
@@ -156,8 +177,20 @@ def machine() -> dict:
                     flags = value.split()
     except OSError:
         pass
-    simd = ("sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512vl",
-            "avx512dq", "neon", "asimd", "sve")
+    simd = (
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "bmi2",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "neon",
+        "asimd",
+        "sve",
+    )
     return {
         "cpu": cpu or platform.processor(),
         "cpu_flags": [f for f in flags or [] if f in simd],
@@ -187,8 +220,14 @@ def make_pool(spec, hyper, n, dtype, rng):
     return pool
 
 
-def time_interleaved(steps: Dict[str, List[Callable[[int], Any]]], budget_s: float,
-                     min_calls: int, max_calls: int, gap_s: float = 0.0, blocks: int = 8):
+def time_interleaved(
+    steps: Dict[str, List[Callable[[int], Any]]],
+    budget_s: float,
+    min_calls: int,
+    max_calls: int,
+    gap_s: float = 0.0,
+    blocks: int = 8,
+):
     """Seconds per call of each implementation, one value per timed call. Each has its
     prepared steps (one per argument set of the pool), run once each as a warm-up. Then the
     implementations take turns in `blocks` rounds, each timing calls for its share of the
@@ -231,7 +270,8 @@ def time_interleaved(steps: Dict[str, List[Callable[[int], Any]]], budget_s: flo
             cap = max(due, max_calls * (block + 1) // blocks)
             deadline = time.perf_counter() + budget_s / blocks
             while len(impl_times) < cap and (
-                    len(impl_times) < due or time.perf_counter() < deadline):
+                len(impl_times) < due or time.perf_counter() < deadline
+            ):
                 impl_times.append(call(impl_steps))
     return times
 
@@ -260,25 +300,38 @@ def run(optimizers, sizes, dtypes, implementations, budget_s, rng):
             bpe = spec.bytes_per_element(itemsize, hyper)
             for n in sizes:
                 if 3 * n * bpe > available_memory():  # arrays, torch's state, NumPy temporaries
-                    print(f"| {name} | {np.dtype(dtype).name} | {n:.0e} | skipped: needs "
-                          f"~{3 * n * bpe / 2**30:.1f} GiB |")
+                    print(
+                        f"| {name} | {np.dtype(dtype).name} | {n:.0e} | skipped: needs "
+                        f"~{3 * n * bpe / 2**30:.1f} GiB |"
+                    )
                     continue
                 pool = make_pool(spec, hyper, n, dtype, rng)
-                row = {"optimizer": name, "hyper": hyper, "dtype": np.dtype(dtype).name,
-                       "n": n, "bytes_per_element": bpe, "pool": len(pool),
-                       "threads": fusedopt.get_num_threads()}
+                row = {
+                    "optimizer": name,
+                    "hyper": hyper,
+                    "dtype": np.dtype(dtype).name,
+                    "n": n,
+                    "bytes_per_element": bpe,
+                    "pool": len(pool),
+                    "threads": fusedopt.get_num_threads(),
+                }
                 # Every implementation updates the same arrays (torch's through shared
                 # memory, with state of its own): which values they hold does not change
                 # the time of a step.
-                steps = {impl: [IMPLEMENTATIONS[impl][1](spec, hyper, arrays)
-                                for arrays in pool]
-                         for impl in implementations if IMPLEMENTATIONS[impl][0](spec, hyper)}
+                steps = {
+                    impl: [IMPLEMENTATIONS[impl][1](spec, hyper, arrays) for arrays in pool]
+                    for impl in implementations
+                    if IMPLEMENTATIONS[impl][0](spec, hyper)
+                }
                 times = time_interleaved(steps, budget_s, min_calls=5, max_calls=20000)
                 del steps
                 for impl, impl_times in times.items():
                     median = statistics.median(impl_times)
-                    row[impl] = {"median_s": median, "calls": len(impl_times),
-                                 "gb_per_s": bpe * n / median / 1e9}
+                    row[impl] = {
+                        "median_s": median,
+                        "calls": len(impl_times),
+                        "gb_per_s": bpe * n / median / 1e9,
+                    }
                 if "fusedopt" in row and "numpy" in row:
                     row["speedup"] = row["numpy"]["median_s"] / row["fusedopt"]["median_s"]
                 if "fusedopt" in row and "roofline" in row:
@@ -301,46 +354,76 @@ def many_tensors(widths, budget_s, rng):
     number of elements, torch's fused Adam over the 240 tensors, and NumPy."""
     spec, hyper = OPTIMIZERS["adam"], {}
     rows = []
-    print("\n| d | tensors | elements | fusedopt list | fusedopt flat | list / flat | "
-          "torch fused | vs torch | numpy | GB/s (list) |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| d | tensors | elements | fusedopt list | fusedopt flat | list / flat | "
+        "torch fused | vs torch | numpy | GB/s (list) |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     for d in widths:
         shapes = transformer_shapes(d)
         n = sum(math.prod(s) for s in shapes)
         set_bytes = n * spec.bytes_per_element(4, hyper)
         count = max(1, min(16, math.ceil(POOL_BYTES / set_bytes)))
 
-        def model(flat):
+        def model(flat, n=n, shapes=shapes):  # bound now: called within this iteration
             if flat:
-                return {r: (rng.standard_normal(n) if r in ("param", "grad") else np.zeros(n))
-                        .astype(np.float32) for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
-            return {r: [(rng.standard_normal(s) if r in ("param", "grad") else np.zeros(s))
-                        .astype(np.float32) for s in shapes]
-                    for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
+                return {
+                    r: (rng.standard_normal(n) if r in ("param", "grad") else np.zeros(n)).astype(
+                        np.float32
+                    )
+                    for r in ("param", "grad", "exp_avg", "exp_avg_sq")
+                }
+            return {
+                r: [
+                    (rng.standard_normal(s) if r in ("param", "grad") else np.zeros(s)).astype(
+                        np.float32
+                    )
+                    for s in shapes
+                ]
+                for r in ("param", "grad", "exp_avg", "exp_avg_sq")
+            }
 
         steps = {}
-        for impl, flat in [("fusedopt list", False), ("fusedopt flat", True),
-                           ("torch fused", False), ("numpy", False)]:
+        for impl, flat in [
+            ("fusedopt list", False),
+            ("fusedopt flat", True),
+            ("torch fused", False),
+            ("numpy", False),
+        ]:
             if impl == "torch fused" and not torch_supports("fused")(spec, hyper):
                 continue
-            prepare = {"fusedopt list": call_step("fused"), "fusedopt flat": call_step("fused"),
-                       "torch fused": torch_step("fused"), "numpy": call_step("reference")}[impl]
+            prepare = {
+                "fusedopt list": call_step("fused"),
+                "fusedopt flat": call_step("fused"),
+                "torch fused": torch_step("fused"),
+                "numpy": call_step("reference"),
+            }[impl]
             steps[impl] = [prepare(spec, hyper, model(flat)) for _ in range(count)]
         times = time_interleaved(steps, budget_s, 5, 20000)
         del steps
         medians = {impl: statistics.median(t) for impl, t in times.items()}
-        row = {"d": d, "tensors": len(shapes), "elements": n, "bytes_per_element": 28,
-               **{k: v for k, v in medians.items()}}
+        row = {
+            "d": d,
+            "tensors": len(shapes),
+            "elements": n,
+            "bytes_per_element": 28,
+            **{k: v for k, v in medians.items()},
+        }
         row["list_over_flat"] = medians["fusedopt list"] / medians["fusedopt flat"]
         if "torch fused" in medians:
             row["speedup_vs_torch_fused"] = medians["torch fused"] / medians["fusedopt list"]
         rows.append(row)
-        torch_cells = (f"{fmt_time(medians['torch fused'])} | "
-                       f"{row['speedup_vs_torch_fused']:.2f}x") if "torch fused" in medians \
+        torch_cells = (
+            (f"{fmt_time(medians['torch fused'])} | {row['speedup_vs_torch_fused']:.2f}x")
+            if "torch fused" in medians
             else "– | –"
-        print(f"| {d} | {len(shapes)} | {n:,} | {fmt_time(medians['fusedopt list'])} | "
-              f"{fmt_time(medians['fusedopt flat'])} | {row['list_over_flat']:.2f} | "
-              f"{torch_cells} | {fmt_time(medians['numpy'])} | "
-              f"{28 * n / medians['fusedopt list'] / 1e9:.1f} |", flush=True)
+        )
+        print(
+            f"| {d} | {len(shapes)} | {n:,} | {fmt_time(medians['fusedopt list'])} | "
+            f"{fmt_time(medians['fusedopt flat'])} | {row['list_over_flat']:.2f} | "
+            f"{torch_cells} | {fmt_time(medians['numpy'])} | "
+            f"{28 * n / medians['fusedopt list'] / 1e9:.1f} |",
+            flush=True,
+        )
     return rows
 
 
@@ -364,11 +447,17 @@ def memory(n, rng):
 
     spec, hyper = OPTIMIZERS["adam"], {}
     rows = []
-    print(f"\n| Adam, {n:.0e} float32 | peak traced allocations | per element | RSS growth |"
-          "\n|---|---|---|---|")
+    print(
+        f"\n| Adam, {n:.0e} float32 | peak traced allocations | per element | RSS growth |"
+        "\n|---|---|---|---|"
+    )
     for impl in ("fusedopt", "numpy"):
-        arrays = {r: (rng.standard_normal(n) if r in ("param", "grad") else np.zeros(n))
-                  .astype(np.float32) for r in ("param", "grad", "exp_avg", "exp_avg_sq")}
+        arrays = {
+            r: (rng.standard_normal(n) if r in ("param", "grad") else np.zeros(n)).astype(
+                np.float32
+            )
+            for r in ("param", "grad", "exp_avg", "exp_avg_sq")
+        }
         fn = spec.fused if impl == "fusedopt" else spec.reference
         spec.call(fn, arrays, hyper, 1)  # warm: first-call allocations are not per step
         tracemalloc.start()
@@ -379,8 +468,9 @@ def memory(n, rng):
         peak = tracemalloc.get_traced_memory()[1] - base
         growth = rss_bytes() - rss
         tracemalloc.stop()
-        rows.append({"implementation": impl, "n": n, "peak_traced_bytes": peak,
-                     "rss_growth_bytes": growth})
+        rows.append(
+            {"implementation": impl, "n": n, "peak_traced_bytes": peak, "rss_growth_bytes": growth}
+        )
         print(f"| {impl} | {peak:,} B | {peak / n:.2f} B | {growth:,} B |", flush=True)
     return rows
 
@@ -406,14 +496,15 @@ def plot(rows, folder: Path):
             points = [(r["n"], r[impl]["gb_per_s"]) for r in mine if impl in r]
             if points:
                 x, y = zip(*points)
-                ax.plot(x, y, "--" if impl == "roofline" else "-o", ms=3, label=impl,
-                        color=colors[impl])
+                ax.plot(
+                    x, y, "--" if impl == "roofline" else "-o", ms=3, label=impl, color=colors[impl]
+                )
         ax.set_xscale("log")
         ax.set_title(f"{name} ({mine[0]['bytes_per_element']} B/element)")
         ax.set_xlabel("elements")
         ax.set_ylabel("GB/s")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"float32, {threads} threads: effective bandwidth (bytes moved / time)")
@@ -458,8 +549,9 @@ def print_row(row, implementations):
     cells = [row["optimizer"], row["dtype"], f"{row['n']:.0e}", str(row["bytes_per_element"])]
     for impl in implementations:
         figure = row.get(impl)
-        cells += [fmt_time(figure["median_s"]), f"{figure['gb_per_s']:.1f}"] if figure else \
-            ["–", "–"]
+        cells += (
+            [fmt_time(figure["median_s"]), f"{figure['gb_per_s']:.1f}"] if figure else ["–", "–"]
+        )
     cells.append(f"{row['speedup']:.1f}x" if "speedup" in row else "")
     cells.append(f"{row['of_roofline']:.0%}" if "of_roofline" in row else "")
     print("| " + " | ".join(cells) + " |", flush=True)
@@ -484,41 +576,66 @@ def threshold(rng, budget_s, gap_s):
                 times = time_calls(steps, budget_s, 20, 20000, gap_s)
                 medians.append(statistics.median(times))
             results.append((n, *medians))
-            print(f"| {n} | {fmt_time(medians[0])} | {fmt_time(medians[1])} | "
-                  f"{medians[1] / medians[0]:.2f} |", flush=True)
+            print(
+                f"| {n} | {fmt_time(medians[0])} | {fmt_time(medians[1])} | "
+                f"{medians[1] / medians[0]:.2f} |",
+                flush=True,
+            )
     finally:
         _core.set_parallel_min(default)
-    crossover = next((n for i, (n, _, _) in enumerate(results)
-                      if all(p < s for _, s, p in results[i:])), None)
+    crossover = next(
+        (n for i, (n, _, _) in enumerate(results) if all(p < s for _, s, p in results[i:])), None
+    )
     print(f"\nparallel wins from n = {crossover} (compiled default: {default})")
     return {"threads": threads, "gap_s": gap_s, "sizes": results, "crossover": crossover}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="float32 at 1e3, 1e5, 1e6, 1e7 elements, every optimizer")
-    parser.add_argument("--threshold", action="store_true",
-                        help="measure the size from which a parallel region pays off")
-    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS),
-                        default=list(OPTIMIZERS))
-    parser.add_argument("--sizes", nargs="+", type=float,
-                        help="element counts (default: 1e2 ... 1e8, capped by memory)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="float32 at 1e3, 1e5, 1e6, 1e7 elements, every optimizer",
+    )
+    parser.add_argument(
+        "--threshold",
+        action="store_true",
+        help="measure the size from which a parallel region pays off",
+    )
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=list(OPTIMIZERS)
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=float,
+        help="element counts (default: 1e2 ... 1e8, capped by memory)",
+    )
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
-    parser.add_argument("--gap", type=float, default=0.0,
-                        help="with --threshold: seconds to sleep between calls")
-    parser.add_argument("--threads", type=int, nargs="+",
-                        help="kernel thread counts (default: all cores; full run: 1 and all)")
+    parser.add_argument(
+        "--gap", type=float, default=0.0, help="with --threshold: seconds to sleep between calls"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        help="kernel thread counts (default: all cores; full run: 1 and all)",
+    )
     parser.add_argument("--budget", type=float, help="seconds of timing per figure")
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/<mode>.json)")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
     mode = "threshold" if args.threshold else "quick" if args.quick else "full"
-    result = {"mode": mode, "machine": machine(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(f"fusedopt {fusedopt.__version__}, {result['machine']['cpu']}, "
-          f"{result['machine']['threads']} threads, numpy {np.__version__}\n")
+    result = {
+        "mode": mode,
+        "machine": machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(
+        f"fusedopt {fusedopt.__version__}, {result['machine']['cpu']}, "
+        f"{result['machine']['threads']} threads, numpy {np.__version__}\n"
+    )
     out = args.out or Path(__file__).parent / "results" / f"{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.threshold:
@@ -530,7 +647,7 @@ def main(argv=None) -> int:
             implementations = ["fusedopt", "numpy", "roofline", "torch-fused"]
             thread_counts = args.threads or [None]
         else:
-            sizes = [10.0 ** k for k in range(2, 9)]  # 1e2 ... 1e8
+            sizes = [10.0**k for k in range(2, 9)]  # 1e2 ... 1e8
             dtypes, budget = ["float32", "float64"], 0.3
             implementations = list(IMPLEMENTATIONS)
             thread_counts = args.threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
@@ -540,10 +657,14 @@ def main(argv=None) -> int:
             set_threads(threads)
             print(f"-- {fusedopt.get_num_threads()} threads")
             # NumPy runs on one thread whatever the setting: timed once, at the first count
-            impls = implementations if threads == thread_counts[0] else [
-                i for i in implementations if i != "numpy"]
-            result["rows"] += run(args.optimizers, sizes, args.dtypes or dtypes, impls,
-                                  args.budget or budget, rng)
+            impls = (
+                implementations
+                if threads == thread_counts[0]
+                else [i for i in implementations if i != "numpy"]
+            )
+            result["rows"] += run(
+                args.optimizers, sizes, args.dtypes or dtypes, impls, args.budget or budget, rng
+            )
         set_threads(None)
         if not args.quick:
             result["many_tensors"] = many_tensors([64, 256], args.budget or budget, rng)

@@ -118,8 +118,7 @@ const fusedopt::KernelTable* kernels = nullptr;
 void use_kernels(std::uintptr_t address) {
   const auto get = reinterpret_cast<const fusedopt::KernelTable* (*)()>(address);
   const fusedopt::KernelTable* table = get();
-  if (table->version != fusedopt::kTableVersion ||
-      table->kernel_count != fusedopt::kKernelCount) {
+  if (table->version != fusedopt::kTableVersion || table->kernel_count != fusedopt::kKernelCount) {
     throw py::type_error(std::string("the kernel library of level ") + table->level +
                          " was built from other sources than this binding: reinstall fusedopt");
   }
@@ -279,13 +278,13 @@ bool is_real_number(PyObject* value) {
   if (PyBool_Check(value)) return false;
   if (PyFloat_Check(value) || PyLong_Check(value)) return true;
   PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::tuple> numpy_types;
-  const py::tuple& types = numpy_types
-                               .call_once_and_store_result([] {
-                                 const auto numpy = py::module_::import("numpy");
-                                 return py::make_tuple(numpy.attr("integer"),
-                                                       numpy.attr("floating"));
-                               })
-                               .get_stored();
+  const py::tuple& types =
+      numpy_types
+          .call_once_and_store_result([] {
+            const auto numpy = py::module_::import("numpy");
+            return py::make_tuple(numpy.attr("integer"), numpy.attr("floating"));
+          })
+          .get_stored();
   const int is_numpy = PyObject_IsInstance(value, types.ptr());
   if (is_numpy < 0) throw py::error_already_set();
   return is_numpy == 1;
@@ -369,8 +368,8 @@ std::optional<Slot> find_slot(const Descriptor& d, PyObject* keyword) {
   for (std::size_t i = 0; i < d.array_count; ++i) {
     PyObject* old = d.array_keywords[d.array_count + i];
     if (old != nullptr && PyUnicode_Compare(old, keyword) == 0) {
-      const std::string message = d.function + "(): the keyword " + str_of(old) +
-                                  " is deprecated; use " + d.arrays[i].name;
+      const std::string message =
+          d.function + "(): the keyword " + str_of(old) + " is deprecated; use " + d.arrays[i].name;
       if (PyErr_WarnEx(PyExc_DeprecationWarning, message.c_str(), 1) < 0) {
         throw py::error_already_set();
       }
@@ -459,7 +458,7 @@ bool same_dtype(const py::dtype& a, const py::dtype& b) {
 struct Checked {
   Storage storage = fusedopt::kFloat32;
   std::size_t roles = 0;
-  std::vector<void*> data;   // tensor t, role r at t * roles + r
+  std::vector<void*> data;    // tensor t, role r at t * roles + r
   std::vector<Index> starts;  // tensors + 1 entries
 
   TensorSet set() const { return {data.data(), starts.data(), starts.size() - 1, roles}; }
@@ -500,8 +499,8 @@ std::optional<std::pair<std::size_t, std::size_t>> find_overlap(std::vector<Exte
 // Checks one array against its tensor's param (`ref`, or nullptr when it is the param) and the
 // call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
 // the caller's array. `dtype_owner` names the array the call's dtype comes from.
-void check_array(const Label& label, py::handle obj, const py::array* ref,
-                 const py::dtype& dtype, const std::string& dtype_owner, bool written) {
+void check_array(const Label& label, py::handle obj, const py::array* ref, const py::dtype& dtype,
+                 const std::string& dtype_owner, bool written) {
   if (!py::isinstance<py::array>(obj)) {
     throw py::type_error(label.str() + ": expected a numpy.ndarray, got " + type_name(obj));
   }
@@ -588,17 +587,15 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       const bool used = d != nullptr && a.option_on(*d, r);
       if (used && !present[r]) {
         const std::size_t option = d->option_of[r];
-        throw py::value_error(std::string(roles[r].used_when) + "=" +
-                              str_of(a.given[option]) + " needs the " + name +
-                              " buffer, got None");
+        throw py::value_error(std::string(roles[r].used_when) + "=" + str_of(a.given[option]) +
+                              " needs the " + name + " buffer, got None");
       }
       present[r] = present[r] && used;
     }
     if (!present[r]) {
       if (roles[r].optional) continue;
       throw py::type_error(name + ": expected " +
-                           (single ? "a numpy.ndarray" : "a list of numpy.ndarray") +
-                           ", got None");
+                           (single ? "a numpy.ndarray" : "a list of numpy.ndarray") + ", got None");
     }
     if (single && !py::isinstance<py::array>(arg)) {
       throw py::type_error(name + ": expected a numpy.ndarray like param, got " + type_name(arg));
@@ -656,9 +653,8 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
 bool any_nonfinite(const TensorSet& set, std::size_t r, Storage storage, int threads) {
   std::atomic<bool> found{false};
   const fusedopt::ScanFn scan = table().nonfinite[storage];
-  split_across_threads(set, threads, [&](Index begin, Index end) {
-    scan(set, r, begin, end, found);
-  });
+  split_across_threads(set, threads,
+                       [&](Index begin, Index end) { scan(set, r, begin, end, found); });
   return found.load();
 }
 
@@ -671,9 +667,8 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const ReleaseGilIfWorthIt release(set.total());
   if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.storage, threads)) return false;
   const Value* values = a.values.data();
-  split_across_threads(set, threads, [&](Index begin, Index end) {
-    update(values, set, begin, end);
-  });
+  split_across_threads(set, threads,
+                       [&](Index begin, Index end) { update(values, set, begin, end); });
   return true;
 }
 
@@ -698,8 +693,7 @@ PyObject* python_call(const Fn& fn) noexcept {
 // fn(arrays..., **hyperparameters) -> bool. A vectorcall function of CPython's, not a pybind11
 // one: the arguments arrive as a C array with no tuple or dict built, which is most of the cost
 // of a call on a small tensor. `self` is a capsule holding the kernel's Descriptor.
-PyObject* kernel_call(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
-                      PyObject* kwnames) {
+PyObject* kernel_call(PyObject* self, PyObject* const* args, Py_ssize_t nargsf, PyObject* kwnames) {
   return python_call([&] {
     const auto& d = *static_cast<const Descriptor*>(PyCapsule_GetPointer(self, nullptr));
     const auto nargs =
@@ -732,8 +726,7 @@ void def_kernels(py::module_& m, fusedopt::List<Optimizers...>, fusedopt::List<H
       [&] {
         auto* d = new Descriptor(describe<Optimizers>(kernel++, "_"));
         def_kernel(m, Optimizers::name, d);
-        optimizers[Optimizers::name] =
-            declaration_data(Optimizers::name, Optimizers::summary, *d);
+        optimizers[Optimizers::name] = declaration_data(Optimizers::name, Optimizers::summary, *d);
       }(),
       ...);
   ((def_kernel(m, Helpers::name, new Descriptor(describe<Helpers>(kernel++, "")))), ...);

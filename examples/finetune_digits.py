@@ -59,8 +59,9 @@ def load_digits_tasks(seed: int = 0):
 
 def init_layer(rng, n_in, n_out):
     """He initialisation for ReLU layers."""
-    return (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(DTYPE), \
-        np.zeros(n_out, DTYPE)
+    return (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(DTYPE), np.zeros(
+        n_out, DTYPE
+    )
 
 
 def init_mlp(seed: int, n_classes: int = 5):
@@ -104,7 +105,7 @@ def train(opt, params, data, epochs, full_batch, rng, losses, schedule=None, bat
         order = np.arange(len(y)) if full_batch else rng.permutation(len(y))
         size = len(y) if full_batch else batch
         for start in range(0, len(y), size):
-            index = order[start:start + size]
+            index = order[start : start + size]
             loss, grads = loss_and_grads(params, x[index], y[index])
             opt.step(grads)
             if schedule is not None:
@@ -143,8 +144,12 @@ def workflow(name, tasks, epochs, folder: Path, seed=0):
     steps = epochs[2] * (1 if full_batch else -(-len(fine_train[1]) // 64))
     cosine = schedules.CosineAnnealingLR(opt, T_max=steps)
     train(opt, params, fine_train, epochs[2], full_batch, rng, losses, schedule=cosine)
-    return {"pretrain": pretrain_accuracy, "head only": head_accuracy,
-            "all layers": accuracy(params, *fine_test), "losses": np.array(losses)}
+    return {
+        "pretrain": pretrain_accuracy,
+        "head only": head_accuracy,
+        "all layers": accuracy(params, *fine_test),
+        "losses": np.array(losses),
+    }
 
 
 def run(epochs=(30, 10, 20), folder: Path = Path("examples/output"), plot=True, names=None):
@@ -159,8 +164,7 @@ def run(epochs=(30, 10, 20), folder: Path = Path("examples/output"), plot=True, 
         with optim.reference_kernels():
             reference = workflow(name, tasks, epochs, folder)
         results[name]["reference seconds"] = time.perf_counter() - start
-        results[name]["agree"] = bool(np.array_equal(results[name]["losses"],
-                                                     reference["losses"]))
+        results[name]["agree"] = bool(np.array_equal(results[name]["losses"], reference["losses"]))
     if plot:
         plot_losses(results, folder / "finetune_digits.png", epochs)
     return results
@@ -191,12 +195,17 @@ def plot_losses(results, path, epochs):
 
 
 def table(results):
-    lines = ["| optimizer | pretrain acc (0-4) | head only (5-9) | all layers (5-9) | "
-             "fusedopt s | reference s | curves agree |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | pretrain acc (0-4) | head only (5-9) | all layers (5-9) | "
+        "fusedopt s | reference s | curves agree |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['pretrain']:.3f} | {r['head only']:.3f} | "
-                     f"{r['all layers']:.3f} | {r['seconds']:.2f} | "
-                     f"{r['reference seconds']:.2f} | {'yes, bit for bit' if r['agree'] else 'NO'} |")
+        lines.append(
+            f"| {name} | {r['pretrain']:.3f} | {r['head only']:.3f} | "
+            f"{r['all layers']:.3f} | {r['seconds']:.2f} | "
+            f"{r['reference seconds']:.2f} | {'yes, bit for bit' if r['agree'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -207,8 +216,10 @@ def main():
     start = time.perf_counter()
     results = run(folder=args.out)
     print(table(results))
-    print(f"\nloss curves: {args.out / 'finetune_digits.png'}; "
-          f"{time.perf_counter() - start:.1f} s in all, fusedopt {fusedopt.__version__}")
+    print(
+        f"\nloss curves: {args.out / 'finetune_digits.png'}; "
+        f"{time.perf_counter() - start:.1f} s in all, fusedopt {fusedopt.__version__}"
+    )
     if not all(r["agree"] for r in results.values()):
         raise SystemExit("fusedopt and fusedopt.reference disagree")
 

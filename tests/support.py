@@ -18,16 +18,22 @@ def all_options(spec: OptimizerSpec) -> Dict[str, Any]:
     return {switch: switches[switch] for switch in spec.optional_state.values()}
 
 
-def make_arrays(spec: OptimizerSpec, hyper: Mapping[str, Any], shape, dtype, rng,
-                order: str = "C") -> Arrays:
+def make_arrays(
+    spec: OptimizerSpec, hyper: Mapping[str, Any], shape, dtype, rng, order: str = "C"
+) -> Arrays:
     """Random param and grad, zero state (valid for every formula), in the given shape and
     layout; `shape` may be a list of shapes for a multi-tensor call."""
     if isinstance(shape, list):
         tensors = [make_arrays(spec, hyper, s, dtype, rng, order) for s in shape]
-        return {role: [t[role] for t in tensors] for role in tensors[0]} if tensors else {
-            role: [] for role in ("param", "grad") + spec.buffers(hyper)}
-    arrays = {role: np.asarray(rng.standard_normal(shape), dtype=dtype, order=order)
-              for role in ("param", "grad")}
+        return (
+            {role: [t[role] for t in tensors] for role in tensors[0]}
+            if tensors
+            else {role: [] for role in ("param", "grad") + spec.buffers(hyper)}
+        )
+    arrays = {
+        role: np.asarray(rng.standard_normal(shape), dtype=dtype, order=order)
+        for role in ("param", "grad")
+    }
     for buffer in spec.buffers(hyper):
         arrays[buffer] = np.zeros(shape, dtype=dtype, order=order)
     return arrays
@@ -35,8 +41,11 @@ def make_arrays(spec: OptimizerSpec, hyper: Mapping[str, Any], shape, dtype, rng
 
 def new_grad(arrays: Arrays, rng) -> None:
     def fresh(g):
-        return np.asarray(rng.standard_normal(g.shape), dtype=g.dtype,
-                          order="F" if g.flags.f_contiguous and g.ndim > 1 else "C")
+        return np.asarray(
+            rng.standard_normal(g.shape),
+            dtype=g.dtype,
+            order="F" if g.flags.f_contiguous and g.ndim > 1 else "C",
+        )
 
     grad = arrays["grad"]
     arrays["grad"] = [fresh(g) for g in grad] if isinstance(grad, list) else fresh(grad)

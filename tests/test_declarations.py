@@ -24,16 +24,21 @@ from fusedopt.registry import OPTIMIZERS
 
 NAMES = sorted(DECLARATIONS)
 README = Path(__file__).resolve().parents[1] / "README.md"
-CLASSES = [cls for cls in vars(optim).values()
-           if isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls.kernel]
+CLASSES = [
+    cls
+    for cls in vars(optim).values()
+    if isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls.kernel
+]
 
 
 def parameters(signature: inspect.Signature):
     """Positional parameters in order, keyword-only ones by name: (name, kind, default)."""
-    positional = [(p.name, p.kind, p.default) for p in signature.parameters.values()
-                  if p.kind is not p.KEYWORD_ONLY]
-    keyword = {p.name: p.default for p in signature.parameters.values()
-               if p.kind is p.KEYWORD_ONLY}
+    positional = [
+        (p.name, p.kind, p.default)
+        for p in signature.parameters.values()
+        if p.kind is not p.KEYWORD_ONLY
+    ]
+    keyword = {p.name: p.default for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY}
     return positional, keyword
 
 
@@ -76,8 +81,12 @@ def test_declared_ranges_match_the_binding():
                 continue
             outside = h.low - 1e-9 if not h.low_open else h.low
             with pytest.raises(ValueError, match=f"^Invalid {h.label}: "):
-                d.check({**{x.name: 0.1 for x in d.arguments if x.required and x.kind == "real"},
-                         h.name: outside})
+                d.check(
+                    {
+                        **{x.name: 0.1 for x in d.arguments if x.required and x.kind == "real"},
+                        h.name: outside,
+                    }
+                )
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -87,15 +96,20 @@ def test_class_defaults_equal_the_functional_ones(cls):
     (``lr`` of ``sgd_``) or the class lists it in ``own_defaults`` with torch's reason."""
     declaration = DECLARATIONS[cls.kernel]
     declared = {h.name: h.default for h in declaration.arguments if not h.required}
-    defaults = {p.name: p.default for p in inspect.signature(cls).parameters.values()
-                if p.default is not p.empty}
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(cls).parameters.values()
+        if p.default is not p.empty
+    }
     if "betas" in defaults:
         defaults["beta1"], defaults["beta2"] = defaults.pop("betas")
     compared = 0
     for name, default in defaults.items():
         if name in declared and name not in getattr(cls, "own_defaults", ()):
-            assert default == declared[name], f"{cls.__name__}({name}={default!r}) vs " \
-                                              f"{declaration.function_name}: {declared[name]!r}"
+            assert default == declared[name], (
+                f"{cls.__name__}({name}={default!r}) vs "
+                f"{declaration.function_name}: {declared[name]!r}"
+            )
             compared += 1
     assert compared
 
@@ -127,10 +141,13 @@ def test_readme_row_agrees_with_the_declaration(name):
         assert written == declared[key], f"README {name}_ row: {key}={value}"
 
 
-@pytest.mark.parametrize(("function", "old", "new", "hyper"), [
-    ("momentum_", "buf", "momentum_buffer", dict(lr=0.1, momentum=0.9)),
-    ("rmsprop_", "momentum_buf", "momentum_buffer", dict(momentum=0.9)),
-])
+@pytest.mark.parametrize(
+    ("function", "old", "new", "hyper"),
+    [
+        ("momentum_", "buf", "momentum_buffer", dict(lr=0.1, momentum=0.9)),
+        ("rmsprop_", "momentum_buf", "momentum_buffer", dict(momentum=0.9)),
+    ],
+)
 def test_old_buffer_keywords_still_work_with_a_warning(function, old, new, hyper):
     rng = np.random.default_rng(0)
     param, grad = rng.standard_normal(10), rng.standard_normal(10)

@@ -53,8 +53,7 @@ BAD_ARRAYS = [
     ("byte-swapped", byteswapped, TypeError),
     ("wrong shape", lambda a: np.zeros((a.shape[1], a.shape[0]), a.dtype), ValueError),
     ("flattened", lambda a: a.reshape(-1).copy(), ValueError),
-    ("strided view", lambda a: np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2],
-     ValueError),
+    ("strided view", lambda a: np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2], ValueError),
     ("F order", lambda a: np.asfortranarray(a), ValueError),
     ("nested list", lambda a: a.tolist(), TypeError),
     ("scalar", lambda a: 1.0, TypeError),
@@ -97,8 +96,13 @@ def test_missing_array(name, role):
     arrays[role] = None
     if role in spec.optional_state:  # a buffer that its option needs
         switch = spec.optional_state[role]
-        assert_rejected(spec, arrays, hyper, ValueError,
-                        f"^{switch}={hyper[switch]} needs the {role} buffer, got None$")
+        assert_rejected(
+            spec,
+            arrays,
+            hyper,
+            ValueError,
+            f"^{switch}={hyper[switch]} needs the {role} buffer, got None$",
+        )
     else:
         assert_rejected(spec, arrays, hyper, TypeError, f"^{role}: expected")
 
@@ -125,9 +129,14 @@ def test_bad_lists(name):
     mixed = copy_arrays(arrays)
     for role in roles(spec):
         mixed[role][2] = mixed[role][2].astype(np.float32)
-    assert_rejected(spec, mixed, hyper, TypeError,
-                    r"^param\[2\]: expected dtype float64 like param\[0\], got float32 "
-                    r"\(one call takes one dtype\)")
+    assert_rejected(
+        spec,
+        mixed,
+        hyper,
+        TypeError,
+        r"^param\[2\]: expected dtype float64 like param\[0\], got float32 "
+        r"\(one call takes one dtype\)",
+    )
     # A single array where a list is expected, and the other way round.
     single = {role: value[0] for role, value in arrays.items()}
     single["grad"] = [single["grad"]]
@@ -144,17 +153,29 @@ def test_overlapping_memory(name):
         if role == "param":
             continue
         # the same array twice
-        assert_rejected(spec, dict(arrays, **{role: arrays["param"]}), hyper, ValueError,
-                        "share memory")
+        assert_rejected(
+            spec, dict(arrays, **{role: arrays["param"]}), hyper, ValueError, "share memory"
+        )
     # views that share only part of their bytes
     backing = np.zeros(24 + 12, np.float32)
     for role in written:
-        assert_rejected(spec, dict(arrays, grad=backing[:24], **{role: backing[12:]}), hyper,
-                        ValueError, "share memory")
+        assert_rejected(
+            spec,
+            dict(arrays, grad=backing[:24], **{role: backing[12:]}),
+            hyper,
+            ValueError,
+            "share memory",
+        )
     # the same param twice in one list call
     pair = {role: [a, a if role == "param" else a.copy()] for role, a in arrays.items()}
-    assert_rejected(spec, pair, hyper, ValueError, r"param\[0\] and param\[1\]|param\[1\] and "
-                    r"param\[0\]")
+    assert_rejected(
+        spec,
+        pair,
+        hyper,
+        ValueError,
+        r"param\[0\] and param\[1\]|param\[1\] and "
+        r"param\[0\]",
+    )
     # two tensors reading one grad array is fine: nothing read is written
     shared = {role: [a, a.copy()] for role, a in arrays.items()}
     shared["grad"] = [arrays["grad"], arrays["grad"]]
@@ -213,8 +234,10 @@ def test_bad_hyperparameter_types(name):
 def test_nesterov_needs_momentum_and_no_dampening():
     spec = OPTIMIZERS["momentum"]
     arrays, _ = valid(spec)
-    for hyper in (dict(lr=0.1, momentum=0.0, nesterov=True),
-                  dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)):
+    for hyper in (
+        dict(lr=0.1, momentum=0.0, nesterov=True),
+        dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+    ):
         assert_rejected(spec, arrays, hyper, ValueError, "Nesterov momentum requires")
 
 
@@ -234,17 +257,21 @@ def test_buffers_of_an_option_that_is_off_are_not_checked(name):
     spec = OPTIMIZERS[name]
     arrays, hyper = valid(spec)
     expected = copy_arrays(arrays)
-    off = {role: {"amsgrad": False, "centered": False, "momentum": 0.0}[switch]
-           for role, switch in spec.optional_state.items()}
+    off = {
+        role: {"amsgrad": False, "centered": False, "momentum": 0.0}[switch]
+        for role, switch in spec.optional_state.items()
+    }
     hyper = {**hyper, **{spec.optional_state[role]: value for role, value in off.items()}}
     for role in spec.optional_state:
         arrays[role] = "not an array"
         expected[role] = None
     call(spec.fused, spec, arrays, hyper)
     call(spec.reference, spec, expected, hyper)
-    assert_identical({k: v for k, v in arrays.items() if k not in spec.optional_state},
-                     {k: v for k, v in expected.items() if k not in spec.optional_state},
-                     "an ignored buffer changed the result")
+    assert_identical(
+        {k: v for k, v in arrays.items() if k not in spec.optional_state},
+        {k: v for k, v in expected.items() if k not in spec.optional_state},
+        "an ignored buffer changed the result",
+    )
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -310,8 +337,7 @@ def test_classes_check_hyperparameters_with_the_functions_rules():
         (optim.Adam, dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1"),
         (optim.SGD, dict(lr=0.1, momentum=0.0, nesterov=True), "Nesterov momentum requires"),
         (optim.Momentum, dict(beta=1.0), "Invalid beta value"),
-        (optim.Adagrad, dict(initial_accumulator_value=-1.0),
-         "Invalid initial_accumulator_value"),
+        (optim.Adagrad, dict(initial_accumulator_value=-1.0), "Invalid initial_accumulator_value"),
         (optim.RMSprop, dict(alpha=1.5), "Invalid alpha value"),
         (optim.Lion, dict(weight_decay=-1), "Invalid weight_decay value"),
     ]:

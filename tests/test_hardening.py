@@ -41,7 +41,9 @@ def test_all_finite_finds_every_position(dtype, threads, restore_threads):
     assert fusedopt.all_finite(arrays[1]) is True
     for t, a in enumerate(arrays):
         flat = a.reshape(-1)
-        for position in {0, flat.size // 2, flat.size - 1, CHUNK - 1, CHUNK} & set(range(flat.size)):
+        for position in {0, flat.size // 2, flat.size - 1, CHUNK - 1, CHUNK} & set(
+            range(flat.size)
+        ):
             for bad in NONFINITE:
                 saved = flat[position]
                 flat[position] = bad
@@ -137,12 +139,16 @@ def test_huge_step_counts(spec, step):
 
 
 @pytest.mark.parametrize("team", [1, 2, 3, 16, 1024])
-@pytest.mark.parametrize("sizes", [
-    [3 * 2**31 + 5],
-    [2**31 - 1, 0, 7, 2**33 + 1, 1],
-    [2**62 + 3, 5],
-    [0, 0],
-], ids=["6Gi", "mixed", "2^62", "empty"])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [3 * 2**31 + 5],
+        [2**31 - 1, 0, 7, 2**33 + 1, 1],
+        [2**62 + 3, 5],
+        [0, 0],
+    ],
+    ids=["6Gi", "mixed", "2^62", "empty"],
+)
 def test_thread_split_is_64_bit(sizes, team):
     """The split of a call across threads, computed by the kernels' own code for sizes far
     beyond 2^31 (nothing is allocated): contiguous, covering, on chunk starts, even."""
@@ -150,7 +156,7 @@ def test_thread_split_is_64_bit(sizes, team):
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
     total = starts[-1]
     assert ranges[0][0] == 0 and ranges[-1][1] == total
-    for (b0, e0), (b1, _) in zip(ranges, ranges[1:]):
+    for (_, e0), (b1, _) in zip(ranges, ranges[1:]):
         assert e0 == b1
     for begin, end in ranges:
         assert 0 <= begin <= end <= total

@@ -13,12 +13,16 @@ import pytest
 import fusedopt
 from fusedopt import _functional, optim
 
+
 def generated_cases(cls):
     """Hyperparameter sets from the class's own signature, so that every class is covered
     without a line here: the defaults, each flag flipped alone, every number changed, and
     every number changed with every flag flipped; sets the class rejects are left out."""
-    defaults = {p.name: p.default for p in inspect.signature(cls).parameters.values()
-                if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(cls).parameters.values()
+        if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    }
 
     def varied(value):
         if isinstance(value, tuple):
@@ -43,25 +47,41 @@ def generated_cases(cls):
 # (class, hyperparameter sets): the generated sets of every class, and by hand the
 # combinations they miss (Nesterov needs momentum, ...).
 EXTRA = {
-    optim.SGD: [dict(lr=0.05), dict(lr=0.05, momentum=0.9),
-                dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.1),
-                dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)],
+    optim.SGD: [
+        dict(lr=0.05),
+        dict(lr=0.05, momentum=0.9),
+        dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.1),
+        dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True),
+    ],
     optim.Momentum: [dict(lr=0.05, beta=0.9, weight_decay=0.01)],
-    optim.Adam: [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
-                 dict(lr=0.01, amsgrad=True, maximize=True),
-                 dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)],
+    optim.Adam: [
+        dict(lr=0.01),
+        dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
+        dict(lr=0.01, amsgrad=True, maximize=True),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    ],
     optim.AdamW: [dict(lr=0.01), dict(lr=0.01, weight_decay=0.3, amsgrad=True)],
-    optim.Adagrad: [dict(lr=0.05), dict(lr=0.05, lr_decay=0.01, weight_decay=0.1,
-                                        initial_accumulator_value=0.1)],
-    optim.RMSprop: [dict(lr=0.01), dict(lr=0.01, momentum=0.9, centered=True),
-                    dict(lr=0.01, alpha=0.9, weight_decay=0.1, maximize=True)],
+    optim.Adagrad: [
+        dict(lr=0.05),
+        dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1),
+    ],
+    optim.RMSprop: [
+        dict(lr=0.01),
+        dict(lr=0.01, momentum=0.9, centered=True),
+        dict(lr=0.01, alpha=0.9, weight_decay=0.1, maximize=True),
+    ],
     optim.Lion: [dict(lr=1e-3), dict(lr=1e-3, betas=(0.8, 0.9), weight_decay=0.5)],
 }
-CLASSES = {cls.__name__: (cls, generated_cases(cls) + EXTRA.get(cls, []))
-           for cls in (getattr(optim, name) for name in optim.__all__)
-           if isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls.kernel}
-CASES = [pytest.param(cls, hyper, id=f"{name}-{i}")
-         for name, (cls, hypers) in CLASSES.items() for i, hyper in enumerate(hypers)]
+CLASSES = {
+    cls.__name__: (cls, generated_cases(cls) + EXTRA.get(cls, []))
+    for cls in (getattr(optim, name) for name in optim.__all__)
+    if isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls.kernel
+}
+CASES = [
+    pytest.param(cls, hyper, id=f"{name}-{i}")
+    for name, (cls, hypers) in CLASSES.items()
+    for i, hyper in enumerate(hypers)
+]
 SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "scale": ()}
 
 
@@ -80,15 +100,16 @@ def copy(params):
 
 def assert_same(a, b, context=""):
     for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=f"{context} {name}",
-                                      strict=True)
+        np.testing.assert_array_equal(a[name], b[name], err_msg=f"{context} {name}", strict=True)
 
 
 def run(cls, hyper, params, steps, seed=1, schedule=None, freeze=None, none_every=0):
     """A training loop with random gradients: groups, a None gradient now and then, frozen
     parameters for a while and learning-rate changes mid-run, per the arguments."""
-    groups = [{"params": {k: params[k] for k in ("w1", "b1")}},
-              {"params": {k: params[k] for k in ("w2", "b2", "scale")}, "lr": hyper["lr"] / 2}]
+    groups = [
+        {"params": {k: params[k] for k in ("w1", "b1")}},
+        {"params": {k: params[k] for k in ("w2", "b2", "scale")}, "lr": hyper["lr"] / 2},
+    ]
     opt = cls(groups, **hyper)
     rng = np.random.default_rng(seed)
     for t in range(steps):
@@ -125,8 +146,13 @@ try:
 except ImportError:  # compared only where torch is installed
     torch = None
 
-TORCH_CASES = [c for c in CASES if torch is not None and hasattr(torch.optim, c.values[0].__name__)
-               and c.values[0] is not optim.Momentum]
+TORCH_CASES = [
+    c
+    for c in CASES
+    if torch is not None
+    and hasattr(torch.optim, c.values[0].__name__)
+    and c.values[0] is not optim.Momentum
+]
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
@@ -150,18 +176,28 @@ def test_class_matches_torch(cls, hyper):
         topt.step()
         opt.step(grads)
     for p, n in zip(tparams, SHAPES):
-        np.testing.assert_allclose(params[n] - initial[n], p.detach().numpy() - initial[n],
-                                   rtol=1e-9, atol=1e-12, err_msg=n)
+        np.testing.assert_allclose(
+            params[n] - initial[n],
+            p.detach().numpy() - initial[n],
+            rtol=1e-9,
+            atol=1e-12,
+            err_msg=n,
+        )
 
 
 def test_one_fused_call_per_group_dtype_and_step(monkeypatch):
     calls = []
     real = _functional.adam_
-    monkeypatch.setitem(_functional.FUNCTIONS, "adam_",
-                        lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setitem(
+        _functional.FUNCTIONS, "adam_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)
+    )
     params = {**model(np.float32), "w64": np.zeros((4, 4))}
-    opt = optim.Adam([{"params": {k: params[k] for k in ("w1", "b1", "w64")}},
-                      {"params": {k: params[k] for k in ("w2", "b2", "scale")}}])
+    opt = optim.Adam(
+        [
+            {"params": {k: params[k] for k in ("w1", "b1", "w64")}},
+            {"params": {k: params[k] for k in ("w2", "b2", "scale")}},
+        ]
+    )
     opt.step(grads_for(params, np.random.default_rng(0)))
     assert sorted(calls) == [1, 2, 3]  # group 0: float32 x2 + float64 x1; group 1: 3 tensors
     calls.clear()
@@ -209,8 +245,9 @@ def test_reset_state():
 
 def test_frozen_group():
     params = model()
-    opt = optim.SGD([{"params": {"w1": params["w1"]}, "frozen": True},
-                     {"params": {"b1": params["b1"]}}], lr=0.1)
+    opt = optim.SGD(
+        [{"params": {"w1": params["w1"]}, "frozen": True}, {"params": {"b1": params["b1"]}}], lr=0.1
+    )
     before = copy(params)
     opt.step({"w1": np.ones((6, 5)), "b1": np.ones(5)})
     np.testing.assert_array_equal(params["w1"], before["w1"])
@@ -249,8 +286,11 @@ def test_checkpoint_resume_is_bit_exact(cls, hyper, tmp_path):
 
 def test_state_dict_round_trip_and_hyperparameters():
     params = model()
-    opt = optim.Adam([{"params": {"w1": params["w1"]}, "lr": 0.5},
-                      {"params": {"b1": params["b1"]}}], lr=0.01, amsgrad=True)
+    opt = optim.Adam(
+        [{"params": {"w1": params["w1"]}, "lr": 0.5}, {"params": {"b1": params["b1"]}}],
+        lr=0.01,
+        amsgrad=True,
+    )
     opt.step({"w1": np.ones((6, 5)), "b1": np.ones(5)})
     opt.freeze("b1")
     sd = opt.state_dict()
@@ -267,7 +307,8 @@ def snapshot(opt):
     sd = opt.state_dict()
     return repr({k: v for k, v in sd.items() if k != "state"}), {
         n: {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
-        for n, s in sd["state"].items()}
+        for n, s in sd["state"].items()
+    }
 
 
 def test_bad_checkpoints_raise_and_change_nothing(tmp_path):
@@ -290,12 +331,14 @@ def test_bad_checkpoints_raise_and_change_nothing(tmp_path):
     other_names.save(tmp_path / "names.npz")
 
     before = snapshot(opt)
-    for bad, message in [("truncated.npz", "not a complete fusedopt checkpoint"),
-                         ("garbage.npz", "not a complete fusedopt checkpoint"),
-                         ("sgd.npz", "checkpoint of a SGD optimizer"),
-                         ("shape.npz", "expected float64 \\(6, 5\\)"),
-                         ("names.npz", "names or groups differ"),
-                         ("missing.npz", "not a complete fusedopt checkpoint")]:
+    for bad, message in [
+        ("truncated.npz", "not a complete fusedopt checkpoint"),
+        ("garbage.npz", "not a complete fusedopt checkpoint"),
+        ("sgd.npz", "checkpoint of a SGD optimizer"),
+        ("shape.npz", "expected float64 \\(6, 5\\)"),
+        ("names.npz", "names or groups differ"),
+        ("missing.npz", "not a complete fusedopt checkpoint"),
+    ]:
         with pytest.raises(ValueError, match=message):
             opt.load_checkpoint(tmp_path / bad)
         assert snapshot(opt) == before, bad
@@ -403,7 +446,8 @@ def test_global_norm_and_clipping():
     assert fusedopt.clip_grad_norm_(grads, 1e9) == pytest.approx(2.0, rel=1e-6)  # no-op
     mixed = [rng.standard_normal(10).astype(np.float32), rng.standard_normal(20)]
     assert fusedopt.global_norm(mixed) == pytest.approx(
-        np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in mixed)), rel=1e-13)
+        np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in mixed)), rel=1e-13
+    )
     bad = [np.array([1.0, np.nan])]
     with pytest.raises(RuntimeError, match="non-finite"):
         fusedopt.clip_grad_norm_(bad, 1.0, error_if_nonfinite=True)
@@ -442,19 +486,26 @@ def test_clip_grad_norm_matches_torch():
 
 def test_every_class_is_covered():
     assert "Adamax" in CLASSES
-    for name, (cls, hypers) in CLASSES.items():
+    for name, (_, hypers) in CLASSES.items():
         assert len(hypers) >= 3, name
     if torch is not None:
         assert {c.values[0].__name__ for c in TORCH_CASES} >= {
-            "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "RMSprop"}
+            "SGD",
+            "Adam",
+            "AdamW",
+            "Adamax",
+            "Adagrad",
+            "RMSprop",
+        }
 
 
 def test_impl_reference_is_per_instance(monkeypatch):
     """impl="reference" runs fusedopt.reference's function; the others are untouched."""
     calls = []
     real = fusedopt.reference.adam_
-    monkeypatch.setattr(fusedopt.reference, "adam_",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        fusedopt.reference, "adam_", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     a, b = model(), model()
     plain, slow = optim.Adam(a, lr=0.01), optim.Adam(b, lr=0.01, impl="reference")
     grads = grads_for(a, np.random.default_rng(0))
@@ -472,9 +523,11 @@ def test_reference_kernels_is_local_to_its_thread(monkeypatch):
     fused kernels, and impl="fused" overrides it."""
     calls = []
     real = fusedopt.reference.adam_
-    monkeypatch.setattr(fusedopt.reference, "adam_",
-                        lambda *a, **k: calls.append(threading.current_thread().name)
-                        or real(*a, **k))
+    monkeypatch.setattr(
+        fusedopt.reference,
+        "adam_",
+        lambda *a, **k: calls.append(threading.current_thread().name) or real(*a, **k),
+    )
     params = model()
     opt, fused = optim.Adam(params), optim.Adam(model(seed=1), impl="fused")
     grads = grads_for(params, np.random.default_rng(0))

@@ -14,8 +14,7 @@ from support import assert_identical, call, copy_arrays
 
 from fusedopt.registry import OPTIMIZERS
 
-SETTINGS = settings(max_examples=200, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Valid values of every hyperparameter an update function may take.
 HYPER = {
@@ -36,7 +35,8 @@ HYPER = {
     "skip_if_nonfinite": st.booleans(),
 }
 SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple) | st.sampled_from(
-    [(2047,), (2049,), (3, 700)])
+    [(2047,), (2049,), (3, 700)]
+)
 
 
 @st.composite
@@ -56,8 +56,10 @@ def valid_calls(draw):
     rng = np.random.default_rng(seed)
 
     def tensor(shape):
-        arrays = {role: np.asarray(rng.standard_normal(shape), dtype, order=order)
-                  for role in ("param", "grad")}
+        arrays = {
+            role: np.asarray(rng.standard_normal(shape), dtype, order=order)
+            for role in ("param", "grad")
+        }
         for buffer in spec.buffers(hyper):  # non-negative: valid for every formula's state
             arrays[buffer] = np.asarray(np.abs(rng.standard_normal(shape)), dtype, order=order)
         return arrays
@@ -103,9 +105,15 @@ def _read_only(a, rng):
 
 ARRAY_BREAKERS = [_bad_dtype, _strided, _bad_shape, _read_only]
 BAD_VALUES = {
-    "lr": [-1.0, math.nan, math.inf], "eps": [0.0, -1.0, math.nan], "beta1": [1.0, -0.5],
-    "beta2": [1.0, math.nan], "weight_decay": [-1.0, math.inf], "momentum": [-1.0, math.nan],
-    "dampening": [2.0, -1.0], "alpha": [1.5, -0.1], "lr_decay": [-1.0, math.nan],
+    "lr": [-1.0, math.nan, math.inf],
+    "eps": [0.0, -1.0, math.nan],
+    "beta1": [1.0, -0.5],
+    "beta2": [1.0, math.nan],
+    "weight_decay": [-1.0, math.inf],
+    "momentum": [-1.0, math.nan],
+    "dampening": [2.0, -1.0],
+    "alpha": [1.5, -0.1],
+    "lr_decay": [-1.0, math.nan],
 }
 
 
@@ -117,7 +125,8 @@ def test_random_invalid_calls_raise_and_change_nothing(case, data):
     names = set(inspect.signature(spec.fused).parameters)
     broken_hyper = dict(hyper)
     choices = [("hyper", n) for n in BAD_VALUES if n in names] + [
-        ("array", role) for role in arrays if role != "grad"]
+        ("array", role) for role in arrays if role != "grad"
+    ]
     breaks = data.draw(st.lists(st.sampled_from(choices), min_size=1, max_size=3, unique=True))
     for kind, name in breaks:
         if kind == "hyper":

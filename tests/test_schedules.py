@@ -17,39 +17,63 @@ except ImportError:  # compared only where torch is installed
 STEPS = 40
 # (our schedule, its kwargs, the torch equivalent as a function of the torch optimizer)
 CASES = {
-    "constant": (schedules.ConstantLR, dict(factor=0.5, total_iters=7),
-                 lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=7)),
-    "step": (schedules.StepLR, dict(step_size=6, gamma=0.5),
-             lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=6, gamma=0.5)),
-    "exponential": (schedules.ExponentialLR, dict(gamma=0.93),
-                    lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.93)),
-    "cosine": (schedules.CosineAnnealingLR, dict(T_max=25, eta_min=0.001),
-               lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=25, eta_min=0.001)),
-    "linear": (schedules.LinearLR, dict(start_factor=0.1, total_iters=10),
-               lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10)),
+    "constant": (
+        schedules.ConstantLR,
+        dict(factor=0.5, total_iters=7),
+        lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=7),
+    ),
+    "step": (
+        schedules.StepLR,
+        dict(step_size=6, gamma=0.5),
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=6, gamma=0.5),
+    ),
+    "exponential": (
+        schedules.ExponentialLR,
+        dict(gamma=0.93),
+        lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.93),
+    ),
+    "cosine": (
+        schedules.CosineAnnealingLR,
+        dict(T_max=25, eta_min=0.001),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=25, eta_min=0.001),
+    ),
+    "linear": (
+        schedules.LinearLR,
+        dict(start_factor=0.1, total_iters=10),
+        lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10),
+    ),
     "warmup+cosine": (
         schedules.WarmupCosineLR,
         dict(warmup_steps=8, total_steps=STEPS, eta_min=0.002, warmup_start_factor=0.05),
-        lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
-            torch.optim.lr_scheduler.LinearLR(o, start_factor=0.05, total_iters=8),
-            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=STEPS - 8, eta_min=0.002)],
-            milestones=[8])),
-    "one-cycle": (schedules.OneCycleLR, dict(max_lr=0.5, total_steps=STEPS),
-                  lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5,
-                                                                total_steps=STEPS)),
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [
+                torch.optim.lr_scheduler.LinearLR(o, start_factor=0.05, total_iters=8),
+                torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=STEPS - 8, eta_min=0.002),
+            ],
+            milestones=[8],
+        ),
+    ),
+    "one-cycle": (
+        schedules.OneCycleLR,
+        dict(max_lr=0.5, total_steps=STEPS),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=STEPS),
+    ),
     "one-cycle 3-phase linear": (
         schedules.OneCycleLR,
         dict(max_lr=[0.5, 0.2], total_steps=STEPS, three_phase=True, anneal_strategy="linear"),
-        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.5, 0.2], total_steps=STEPS,
-                                                      three_phase=True,
-                                                      anneal_strategy="linear")),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(
+            o, max_lr=[0.5, 0.2], total_steps=STEPS, three_phase=True, anneal_strategy="linear"
+        ),
+    ),
 }
 
 
 def sgd(lr=0.1):
     params = [np.zeros(3), np.zeros(2)]
-    return optim.SGD([{"params": [params[0]]}, {"params": [params[1]], "lr": lr / 2}], lr=lr,
-                     momentum=0.9)
+    return optim.SGD(
+        [{"params": [params[0]]}, {"params": [params[1]], "lr": lr / 2}], lr=lr, momentum=0.9
+    )
 
 
 def trace(sched, opt, steps=STEPS):
@@ -85,8 +109,9 @@ def test_reduce_on_plateau():
     for metric in [5, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3]:
         sched.step(metric)
         lrs.append(sched.get_last_lr()[0])
-    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.025, 0.025,
-                                 0.025, 0.025])
+    assert lrs == pytest.approx(
+        [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025, 0.025]
+    )
     for _ in range(10):
         sched.step(3)
     assert sched.get_last_lr() == [0.02, 0.02]  # floored at min_lr
@@ -116,15 +141,16 @@ def test_matches_torch(name):
     opt = sgd()
     sched = cls(opt, **kwargs)
     weights = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
-    topt = torch.optim.SGD([{"params": [weights[0]]}, {"params": [weights[1]], "lr": 0.05}],
-                           lr=0.1, momentum=0.9)
+    topt = torch.optim.SGD(
+        [{"params": [weights[0]]}, {"params": [weights[1]], "lr": 0.05}], lr=0.1, momentum=0.9
+    )
     tsched = make_torch(topt)
     for step in range(STEPS):
-        np.testing.assert_allclose(sched.get_last_lr(), tsched.get_last_lr(), rtol=1e-12,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            sched.get_last_lr(), tsched.get_last_lr(), rtol=1e-12, err_msg=f"step {step}"
+        )
         momenta = [g["momentum"] for g in opt.param_groups]
-        np.testing.assert_allclose(momenta, [g["momentum"] for g in topt.param_groups],
-                                   rtol=1e-12)
+        np.testing.assert_allclose(momenta, [g["momentum"] for g in topt.param_groups], rtol=1e-12)
         for w in weights:
             w.grad = torch.zeros_like(w)
         topt.step()
@@ -136,13 +162,14 @@ def test_matches_torch(name):
 @pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
 def test_reduce_on_plateau_matches_torch():
     opt = sgd()
-    sched = schedules.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=1,
-                                        threshold=0.01, threshold_mode="abs", cooldown=2)
+    sched = schedules.ReduceLROnPlateau(
+        opt, mode="max", factor=0.3, patience=1, threshold=0.01, threshold_mode="abs", cooldown=2
+    )
     w = torch.zeros(3, requires_grad=True)
     topt = torch.optim.SGD([{"params": [w]}, {"params": [torch.zeros(2)], "lr": 0.05}], lr=0.1)
-    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, mode="max", factor=0.3,
-                                                        patience=1, threshold=0.01,
-                                                        threshold_mode="abs", cooldown=2)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        topt, mode="max", factor=0.3, patience=1, threshold=0.01, threshold_mode="abs", cooldown=2
+    )
     rng = np.random.default_rng(0)
     for metric in np.cumsum(rng.standard_normal(60) * 0.1):
         sched.step(metric)

@@ -88,7 +88,12 @@ constexpr Hyperparameter flag(const char* name, bool default_value, const char* 
 // Hyperparameters several optimizers share, each with the default its optimizer gives it.
 namespace hp {
 constexpr Hyperparameter step() {
-  return {"step", Kind::step, true, 0.0, {}, "step",
+  return {"step",
+          Kind::step,
+          true,
+          0.0,
+          {},
+          "step",
           "number of steps taken including this one, from 1"};
 }
 constexpr Hyperparameter lr(double default_value) {
@@ -137,8 +142,8 @@ constexpr std::array<Hyperparameter, N> with_default(std::array<Hyperparameter, 
   return list;
 }
 template <std::size_t N>
-constexpr std::array<Hyperparameter, N> fixed(std::array<Hyperparameter, N> list,
-                                              const char* name, double value) {
+constexpr std::array<Hyperparameter, N> fixed(std::array<Hyperparameter, N> list, const char* name,
+                                              double value) {
   for (auto& h : list) {
     if (same_name(h.name, name)) {
       h.kind = Kind::fixed;

@@ -52,10 +52,10 @@ inline constexpr int kTableVersion = 1;
 inline constexpr std::size_t kKernelCount = Length<Kernels>::value;
 
 struct KernelTable {
-  int version;                // kTableVersion of the library that built it
-  std::size_t kernel_count;   // kKernelCount of the library that built it
-  const char* level;          // "baseline", "avx2", ...
-  const char* instructions;   // Eigen's SimdInstructionSetsInUse() at that level
+  int version;               // kTableVersion of the library that built it
+  std::size_t kernel_count;  // kKernelCount of the library that built it
+  const char* level;         // "baseline", "avx2", ...
+  const char* instructions;  // Eigen's SimdInstructionSetsInUse() at that level
   UpdateFn update[kKernelCount][kStorageCount];
   ScanFn nonfinite[kStorageCount];
   SumFn sum_squares[kStorageCount];

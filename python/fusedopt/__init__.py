@@ -26,7 +26,7 @@ from . import optim, reference, schedules  # noqa: E402  (optim uses the functio
 
 __version__: str = _core.__version__
 
-__all__ = sorted([
+__all__ = [
     "__version__",
     "all_finite",
     "clip_grad_norm_",
@@ -37,8 +37,8 @@ __all__ = sorted([
     "schedules",
     "set_num_threads",
     "show_config",
-    *_functional.FUNCTIONS,
-])
+]
+__all__ += sorted(_functional.FUNCTIONS)
 
 
 def get_num_threads() -> int:

@@ -24,8 +24,7 @@ def _by_dtype(grads: Grads) -> List[List[np.ndarray]]:
         if g is None:
             continue
         if not isinstance(g, np.ndarray):
-            raise TypeError(f"grads[{i}]: expected a numpy.ndarray or None, got "
-                            f"{type(g).__name__}")
+            raise TypeError(f"grads[{i}]: expected a numpy.ndarray or None, got {type(g).__name__}")
         groups.setdefault(g.dtype.str, []).append(g)
     return [groups[k] for k in sorted(groups)]
 
@@ -53,8 +52,9 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
     groups = _by_dtype(grads)
     total = math.sqrt(sum(_core.sum_squares(group) for group in groups))
     if error_if_nonfinite and not math.isfinite(total):
-        raise RuntimeError(f"The total norm of the gradients is non-finite ({total}), so it "
-                           "cannot be clipped")
+        raise RuntimeError(
+            f"The total norm of the gradients is non-finite ({total}), so it cannot be clipped"
+        )
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for group in groups:

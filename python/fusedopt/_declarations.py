@@ -51,8 +51,10 @@ class HyperArg:
         low = _number(self.low)
         if math.isinf(self.high):
             return f"> {low}" if self.low_open else f">= {low}"
-        return (f"in {'(' if self.low_open else '['}{low}, {_number(self.high)}"
-                f"{')' if self.high_open else ']'}")
+        return (
+            f"in {'(' if self.low_open else '['}{low}, {_number(self.high)}"
+            f"{')' if self.high_open else ']'}"
+        )
 
 
 def _number(x: float) -> str:
@@ -95,20 +97,33 @@ class Declaration:
     def buffers(self, hyper: Mapping[str, Any]) -> Tuple[str, ...]:
         """Every buffer this optimizer reads and writes with these hyperparameters."""
         values = {**self.defaults(), **hyper}
-        return self.state + tuple(a for a, option in self.optional_state.items()
-                                  if values.get(option))
+        return self.state + tuple(
+            a for a, option in self.optional_state.items() if values.get(option)
+        )
 
     def signature(self) -> inspect.Signature:
         """The public function's signature: the required arrays positional, optional buffers
         and hyperparameters keyword-only, then ``skip_if_nonfinite``."""
         P = inspect.Parameter
-        params = [P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=Arrays)
-                  for a in self.arrays if not a.optional]
-        params += [P(a.name, P.KEYWORD_ONLY, default=None, annotation=Optional[Arrays])
-                   for a in self.arrays if a.optional]
-        params += [P(h.name, P.KEYWORD_ONLY, annotation=_ANNOTATIONS[h.kind],
-                     **({} if h.required else {"default": h.default}))
-                   for h in self.arguments]
+        params = [
+            P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=Arrays)
+            for a in self.arrays
+            if not a.optional
+        ]
+        params += [
+            P(a.name, P.KEYWORD_ONLY, default=None, annotation=Optional[Arrays])
+            for a in self.arrays
+            if a.optional
+        ]
+        params += [
+            P(
+                h.name,
+                P.KEYWORD_ONLY,
+                annotation=_ANNOTATIONS[h.kind],
+                **({} if h.required else {"default": h.default}),
+            )
+            for h in self.arguments
+        ]
         params.append(P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False, annotation=bool))
         return inspect.Signature(params, return_annotation=bool)
 
@@ -120,13 +135,23 @@ class Declaration:
             when = f"; required when ``{a.used_when}`` is on" if a.used_when else ""
             lines.append(f"    {a.name}: {a.help}, {how}{when}.")
         for h in self.arguments:
-            extra = ", ".join(x for x in (h.range_text(), "" if h.required or h.kind == "step"
-                                          else f"default {h.default!r}") if x)
+            extra = ", ".join(
+                x
+                for x in (
+                    h.range_text(),
+                    "" if h.required or h.kind == "step" else f"default {h.default!r}",
+                )
+                if x
+            )
             lines.append(f"    {h.name}: {h.help}{f' ({extra})' if extra else ''}.")
-        lines.append("    skip_if_nonfinite: if any gradient holds a NaN or an infinity, "
-                     "change nothing.")
-        lines += ["", "Returns:",
-                  "    True if the step was applied; False if ``skip_if_nonfinite`` skipped it."]
+        lines.append(
+            "    skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing."
+        )
+        lines += [
+            "",
+            "Returns:",
+            "    True if the step was applied; False if ``skip_if_nonfinite`` skipped it.",
+        ]
         return "\n".join(lines)
 
     def check(self, hyper: Mapping[str, Any]) -> None:
@@ -139,7 +164,8 @@ class Declaration:
 
 DECLARATIONS: Dict[str, Declaration] = {
     name: Declaration(
-        name=name, summary=data["summary"],
+        name=name,
+        summary=data["summary"],
         arrays=tuple(ArrayArg(**a) for a in data["arrays"]),
         hyperparameters=tuple(HyperArg(**h) for h in data["hyperparameters"]),
     )

@@ -23,8 +23,11 @@ _loaded: Dict[str, ctypes.CDLL] = {}  # kept for the life of the process
 
 def library(level: str) -> Optional[Path]:
     """The kernel library of ``level`` in this installation, or None if it was not built."""
-    found = sorted(p for p in _HERE.glob(f"_kernels_{level}.*")
-                   if p.suffix in (".so", ".dll", ".dylib", ".pyd"))
+    found = sorted(
+        p
+        for p in _HERE.glob(f"_kernels_{level}.*")
+        if p.suffix in (".so", ".dll", ".dylib", ".pyd")
+    )
     return found[0] if found else None
 
 
@@ -41,8 +44,10 @@ def _load() -> str:
         if forced not in LEVELS:
             raise ImportError(f"FUSEDOPT_SIMD={forced!r}: expected one of {', '.join(LEVELS)}")
         if forced not in levels:
-            raise ImportError(f"FUSEDOPT_SIMD={forced}: this CPU or build cannot run it "
-                              f"(it can run: {', '.join(levels)})")
+            raise ImportError(
+                f"FUSEDOPT_SIMD={forced}: this CPU or build cannot run it "
+                f"(it can run: {', '.join(levels)})"
+            )
     level = forced or levels[0]
     lib = _loaded[level] = ctypes.CDLL(str(library(level)))
     core._use_kernels(ctypes.cast(lib.fusedopt_kernel_table, ctypes.c_void_p).value)

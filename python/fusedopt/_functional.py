@@ -38,8 +38,11 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
     repack them on every call, which costs as much as a small kernel."""
     signature = declaration.signature()
     renamed = {a.name for a in declaration.arrays if a.old_name}
-    defaults = {f"_default_{p.name}": p.default for p in signature.parameters.values()
-                if p.default is not p.empty}
+    defaults = {
+        f"_default_{p.name}": p.default
+        for p in signature.parameters.values()
+        if p.default is not p.empty
+    }
     header, passed, star = [], [], False
     for p in signature.parameters.values():
         if p.kind is p.KEYWORD_ONLY and not star:
@@ -54,8 +57,7 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
         header.append("**old_keywords")
         passed.append("**old_keywords")
     name = declaration.function_name
-    source = (f"def {name}({', '.join(header)}):\n"
-              f"    return _kernel({', '.join(passed)})\n")
+    source = f"def {name}({', '.join(header)}):\n    return _kernel({', '.join(passed)})\n"
     namespace = {"_kernel": getattr(_core, declaration.name), **defaults}
     exec(source, namespace)  # noqa: S102  (source built from the declaration's names)
     update = namespace[name]
@@ -73,6 +75,7 @@ def _indent(text: str) -> str:
 
 
 FUNCTIONS: Dict[str, Callable[..., bool]] = {
-    d.function_name: _function(d) for d in DECLARATIONS.values()}
+    d.function_name: _function(d) for d in DECLARATIONS.values()
+}
 globals().update(FUNCTIONS)
 __all__ += sorted(FUNCTIONS)

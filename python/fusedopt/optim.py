@@ -25,7 +25,6 @@ import json
 import math
 import os
 import tempfile
-import types
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,8 +33,18 @@ from . import _functional, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "Momentum", "Optimizer",
-           "RMSprop", "reference_kernels"]
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
+    "Momentum",
+    "Optimizer",
+    "RMSprop",
+    "reference_kernels",
+]
 
 FORMAT_VERSION = 1
 Params = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
@@ -96,9 +105,15 @@ class Optimizer:
     kernel: str = ""
     state_names: Mapping[str, str] = {}
 
-    def __init__(self, params: Params, defaults: Dict[str, Any], *,
-                 max_grad_norm: Optional[float] = None, skip_if_nonfinite: bool = False,
-                 impl: Optional[str] = None):
+    def __init__(
+        self,
+        params: Params,
+        defaults: Dict[str, Any],
+        *,
+        max_grad_norm: Optional[float] = None,
+        skip_if_nonfinite: bool = False,
+        impl: Optional[str] = None,
+    ):
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         if impl not in (None, "fused", "reference"):
@@ -122,8 +137,10 @@ class Optimizer:
     @staticmethod
     def _groups(params: Params) -> List[Dict[str, Any]]:
         if isinstance(params, np.ndarray):
-            raise TypeError("params: expected a list or dict of arrays, or a list of groups, "
-                            "got a single array (wrap it in a list)")
+            raise TypeError(
+                "params: expected a list or dict of arrays, or a list of groups, "
+                "got a single array (wrap it in a list)"
+            )
         if isinstance(params, Mapping):
             return [{"params": params}]
         params = list(params)
@@ -197,8 +214,9 @@ class Optimizer:
     def reset_state(self, names: Optional[Iterable[str]] = None) -> None:
         """Forget the state (buffers and step count) of these parameters, or of all: e.g. for a
         layer that was replaced. It is created afresh at their next step."""
-        for name in self._known(self._params if names is None else
-                                [names] if isinstance(names, str) else names):
+        for name in self._known(
+            self._params if names is None else [names] if isinstance(names, str) else names
+        ):
             self.state.pop(name, None)
 
     def _known(self, names: Iterable[str]) -> List[str]:
@@ -219,8 +237,10 @@ class Optimizer:
         else:
             grads = list(grads)
             if len(grads) != len(self._params):
-                raise ValueError(f"expected {len(self._params)} gradients, one per parameter "
-                                 f"(None to skip one), got {len(grads)}")
+                raise ValueError(
+                    f"expected {len(self._params)} gradients, one per parameter "
+                    f"(None to skip one), got {len(grads)}"
+                )
             aligned = dict(zip(self._params, grads))
         # Check every gradient before anything is written: a step is several fused calls.
         for name, g in aligned.items():
@@ -231,16 +251,22 @@ class Optimizer:
                 # NumPy arithmetic on 0-d arrays gives scalars; a gradient is only read
                 g = aligned[name] = np.asarray(g)
             if not isinstance(g, np.ndarray):
-                raise TypeError(f"gradient of {name!r}: expected a numpy.ndarray or None, "
-                                f"got {type(g).__name__}")
+                raise TypeError(
+                    f"gradient of {name!r}: expected a numpy.ndarray or None, "
+                    f"got {type(g).__name__}"
+                )
             if g.dtype != p.dtype or g.shape != p.shape:
-                raise ValueError(f"gradient of {name!r}: expected {p.dtype} {p.shape} like the "
-                                 f"parameter, got {g.dtype} {g.shape}")
+                raise ValueError(
+                    f"gradient of {name!r}: expected {p.dtype} {p.shape} like the "
+                    f"parameter, got {g.dtype} {g.shape}"
+                )
             same_layout = (g.flags.c_contiguous and p.flags.c_contiguous) or (
-                g.flags.f_contiguous and p.flags.f_contiguous)
+                g.flags.f_contiguous and p.flags.f_contiguous
+            )
             if not same_layout:
-                raise ValueError(f"gradient of {name!r}: expected the parameter's contiguous "
-                                 "memory layout")
+                raise ValueError(
+                    f"gradient of {name!r}: expected the parameter's contiguous memory layout"
+                )
             if np.may_share_memory(g, p):
                 raise ValueError(f"gradient of {name!r} shares memory with the parameter")
         return aligned
@@ -281,9 +307,14 @@ class Optimizer:
                         state[b] = np.full_like(p, self._init_buffer(group, b))
                 calls.setdefault(key, []).append(name)
             for (_, step, extra), names in calls.items():
-                self._update(group, [self._params[n] for n in names],
-                             [aligned[n] for n in names],
-                             {b: [self.state[n][b] for n in names] for b in buffers}, step, extra)
+                self._update(
+                    group,
+                    [self._params[n] for n in names],
+                    [aligned[n] for n in names],
+                    {b: [self.state[n][b] for n in names] for b in buffers},
+                    step,
+                    extra,
+                )
                 for n in names:
                     self.state[n]["step"] = step
         return True
@@ -300,17 +331,24 @@ class Optimizer:
         """The state keys of the buffers the kernel reads and writes with these
         hyperparameters."""
         declaration = self._declaration(group)
-        return tuple(self.state_names.get(b, b)
-                     for b in declaration.buffers(self._kernel_arguments(group)))
+        return tuple(
+            self.state_names.get(b, b) for b in declaration.buffers(self._kernel_arguments(group))
+        )
 
     def _function(self, group: Dict[str, Any]):
         name = self._declaration(group).function_name
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         return getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
 
-    def _update(self, group: Dict[str, Any], params: List[np.ndarray],
-                grads: List[np.ndarray], buffers: Dict[str, List[np.ndarray]], step: int,
-                extra: Any) -> None:
+    def _update(
+        self,
+        group: Dict[str, Any],
+        params: List[np.ndarray],
+        grads: List[np.ndarray],
+        buffers: Dict[str, List[np.ndarray]],
+        step: int,
+        extra: Any,
+    ) -> None:
         """One fused call for tensors that share dtype and step count."""
         declaration = self._declaration(group)
         hyper = self._kernel_arguments(group)
@@ -323,38 +361,57 @@ class Optimizer:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data: hyperparameters by group, per-parameter state (copies of the arrays)."""
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
-                   if k != "params"} for g in self.param_groups]
-        state = {name: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
-                 for name, s in self.state.items()}
-        return {"format_version": FORMAT_VERSION, "optimizer": type(self).__name__,
-                "param_groups": groups, "state": state, "frozen": sorted(self._frozen),
-                "skipped_steps": self.skipped_steps, "max_grad_norm": self.max_grad_norm,
-                "skip_if_nonfinite": self.skip_if_nonfinite}
+        groups = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+            for g in self.param_groups
+        ]
+        state = {
+            name: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            for name, s in self.state.items()
+        }
+        return {
+            "format_version": FORMAT_VERSION,
+            "optimizer": type(self).__name__,
+            "param_groups": groups,
+            "state": state,
+            "frozen": sorted(self._frozen),
+            "skipped_steps": self.skipped_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "skip_if_nonfinite": self.skip_if_nonfinite,
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state_dict(); checks everything first and raises ValueError on any
         mismatch, leaving the optimizer unchanged."""
         sd = state_dict
         if sd.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported checkpoint format {sd.get('format_version')!r} "
-                             f"(this fusedopt reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"unsupported checkpoint format {sd.get('format_version')!r} "
+                f"(this fusedopt reads {FORMAT_VERSION})"
+            )
         if sd.get("optimizer") != type(self).__name__:
-            raise ValueError(f"checkpoint of a {sd.get('optimizer')} optimizer, this is a "
-                             f"{type(self).__name__}")
+            raise ValueError(
+                f"checkpoint of a {sd.get('optimizer')} optimizer, this is a {type(self).__name__}"
+            )
         groups = sd["param_groups"]
         if [g["names"] for g in groups] != [g["names"] for g in self.param_groups]:
-            raise ValueError("checkpoint parameter names or groups differ from this optimizer's: "
-                             f"{[g['names'] for g in groups]} vs "
-                             f"{[g['names'] for g in self.param_groups]}")
+            raise ValueError(
+                "checkpoint parameter names or groups differ from this optimizer's: "
+                f"{[g['names'] for g in groups]} vs "
+                f"{[g['names'] for g in self.param_groups]}"
+            )
         new_groups = []
         for saved, current in zip(groups, self.param_groups):
             unknown = set(saved) - set(current)
             if unknown:
                 raise ValueError(f"checkpoint has unknown hyperparameters {sorted(unknown)}")
             group = dict(current)
-            group.update({k: (tuple(v) if isinstance(current.get(k), tuple) else v)
-                          for k, v in saved.items()})
+            group.update(
+                {
+                    k: (tuple(v) if isinstance(current.get(k), tuple) else v)
+                    for k, v in saved.items()
+                }
+            )
             self._validate_group(group)
             new_groups.append(group)
         new_state = {}
@@ -371,10 +428,15 @@ class Optimizer:
                     continue
                 value = np.asarray(value)
                 if value.dtype != p.dtype or value.shape != p.shape:
-                    raise ValueError(f"state {key!r} of {name!r}: expected {p.dtype} {p.shape} "
-                                     f"like the parameter, got {value.dtype} {value.shape}")
-                entry[key] = np.array(value, order="F" if p.flags.f_contiguous and
-                                      not p.flags.c_contiguous else "C", copy=True)
+                    raise ValueError(
+                        f"state {key!r} of {name!r}: expected {p.dtype} {p.shape} "
+                        f"like the parameter, got {value.dtype} {value.shape}"
+                    )
+                entry[key] = np.array(
+                    value,
+                    order="F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C",
+                    copy=True,
+                )
             if "step" not in entry:
                 raise ValueError(f"state of {name!r}: missing step")
             new_state[name] = entry
@@ -389,7 +451,7 @@ class Optimizer:
         flushed to disk, then renamed over ``path``; a crash never leaves a partial file."""
         sd = self.state_dict()
         arrays = {}
-        for i, (name, s) in enumerate(sd["state"].items()):
+        for i, s in enumerate(sd["state"].values()):
             for key, value in list(s.items()):
                 if isinstance(value, np.ndarray):
                     arrays[f"state.{i}.{key}"] = value
@@ -433,8 +495,9 @@ class Optimizer:
         sd = cls.read_checkpoint(path)
         kind = _REGISTRY.get(sd.get("optimizer"))
         if kind is None or not issubclass(kind, cls):
-            raise ValueError(f"{os.fspath(path)} holds a {sd.get('optimizer')} optimizer, "
-                             f"not a {cls.__name__}")
+            raise ValueError(
+                f"{os.fspath(path)} holds a {sd.get('optimizer')} optimizer, not a {cls.__name__}"
+            )
         opt = kind(params)
         opt.load_state_dict(sd)
         return opt
@@ -445,13 +508,22 @@ class Optimizer:
 
     def __repr__(self) -> str:
         groups = ", ".join(
-            "{" + ", ".join(f"{k}={v!r}" for k, v in g.items() if k not in ("params", "names"))
-            + f", {len(g['params'])} params}}" for g in self.param_groups)
+            "{"
+            + ", ".join(f"{k}={v!r}" for k, v in g.items() if k not in ("params", "names"))
+            + f", {len(g['params'])} params}}"
+            for g in self.param_groups
+        )
         return f"{type(self).__name__}([{groups}])"
 
 
-def _check_real(group: Dict[str, Any], name: str, label: str, low: float = 0.0,
-                high: float = math.inf, high_open: bool = True) -> None:
+def _check_real(
+    group: Dict[str, Any],
+    name: str,
+    label: str,
+    low: float = 0.0,
+    high: float = math.inf,
+    high_open: bool = True,
+) -> None:
     """TypeError unless ``group[name]`` is a real number, ValueError unless it lies in
     ``[low, high)`` (or ``[low, high]``), with torch's wording."""
     value = group[name]
@@ -471,12 +543,29 @@ class SGD(Optimizer):
 
     kernel = "sgd"  # "momentum" for groups with momentum
 
-    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 maximize: bool = False, **options: Any):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize), **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+            ),
+            **options,
+        )
 
     def _declaration(self, group):
         return DECLARATIONS["momentum" if group["momentum"] != 0 else "sgd"]
@@ -508,17 +597,30 @@ class Momentum(Optimizer):
 
     kernel = "momentum"
 
-    def __init__(self, params: Params, lr: float = 1e-2, beta: float = 0.9,
-                 weight_decay: float = 0.0, maximize: bool = False, **options: Any):
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay,
-                                      maximize=maximize), **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), **options
+        )
 
     def _check_group(self, group):
         _check_real(group, "beta", "beta value", 0.0, 1.0)
 
     def _kernel_arguments(self, group):
-        return dict(lr=group["lr"], momentum=group["beta"], dampening=group["beta"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"])
+        return dict(
+            lr=group["lr"],
+            momentum=group["beta"],
+            dampening=group["beta"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
 
 
 class Adam(Optimizer):
@@ -527,13 +629,31 @@ class Adam(Optimizer):
 
     kernel = "adam"
 
-    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
-                 maximize: bool = False, decoupled_weight_decay: bool = False, **options: Any):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay), **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled_weight_decay=decoupled_weight_decay,
+            ),
+            **options,
+        )
 
 
 class AdamW(Adam):
@@ -542,9 +662,17 @@ class AdamW(Adam):
 
     kernel = "adamw"
 
-    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-                 maximize: bool = False, **options: Any):
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        **options: Any,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, True, **options)
 
 
@@ -554,11 +682,21 @@ class Adamax(Optimizer):
 
     kernel = "adamax"
 
-    def __init__(self, params: Params, lr: float = 2e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-                 **options: Any):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay, maximize=maximize), **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 2e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize),
+            **options,
+        )
 
 
 class Adagrad(Optimizer):
@@ -568,12 +706,29 @@ class Adagrad(Optimizer):
     kernel = "adagrad"
     state_names = {"sum_sq": "sum"}
 
-    def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, maximize: bool = False, **options: Any):
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize), **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                lr_decay=lr_decay,
+                weight_decay=weight_decay,
+                initial_accumulator_value=initial_accumulator_value,
+                eps=eps,
+                maximize=maximize,
+            ),
+            **options,
+        )
 
     def _check_group(self, group):
         _check_real(group, "initial_accumulator_value", "initial_accumulator_value")
@@ -588,12 +743,31 @@ class RMSprop(Optimizer):
 
     kernel = "rmsprop"
 
-    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-                 maximize: bool = False, **options: Any):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize),
-                         **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                alpha=alpha,
+                eps=eps,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                centered=centered,
+                maximize=maximize,
+            ),
+            **options,
+        )
 
 
 class Lion(Optimizer):
@@ -602,7 +776,17 @@ class Lion(Optimizer):
 
     kernel = "lion"
 
-    def __init__(self, params: Params, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, maximize: bool = False, **options: Any):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      maximize=maximize), **options)
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-4,
+        betas: Tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize),
+            **options,
+        )

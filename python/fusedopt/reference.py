@@ -79,8 +79,16 @@ def sgd_(param, grad, *, lr, weight_decay=0.0, maximize=False):
 
 @_for_each_tensor
 def momentum_(
-    param, grad, momentum_buffer, *, lr, momentum, dampening=0.0, nesterov=False,
-    weight_decay=0.0, maximize=False,
+    param,
+    grad,
+    momentum_buffer,
+    *,
+    lr,
+    momentum,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    maximize=False,
 ):
     r"""SGD with momentum (Polyak 1964), or Nesterov momentum (Sutskever et al. 2013), in place.
 
@@ -109,8 +117,20 @@ def momentum_(
 
 @_for_each_tensor
 def adam_(
-    param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-    weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    amsgrad=False,
+    max_exp_avg_sq=None,
     maximize=False,
 ):
     r"""Adam (Kingma & Ba 2015, Algorithm 1), in place; AMSGrad and AdamW as options.
@@ -150,9 +170,23 @@ def adam_(
     param -= lr / (1 - beta1**step) * exp_avg / denom
 
 
-def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-           weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None, maximize=False,
-           skip_if_nonfinite=False):
+def adamw_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    amsgrad=False,
+    max_exp_avg_sq=None,
+    maximize=False,
+    skip_if_nonfinite=False,
+):
     r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
 
     .. math::
@@ -164,15 +198,40 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=
 
     ``weight_decay`` defaults to ``1e-2`` as in ``torch.optim.AdamW``.
     """
-    return adam_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                 eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
-                 amsgrad=amsgrad, max_exp_avg_sq=max_exp_avg_sq, maximize=maximize,
-                 skip_if_nonfinite=skip_if_nonfinite)
+    return adam_(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=True,
+        amsgrad=amsgrad,
+        max_exp_avg_sq=max_exp_avg_sq,
+        maximize=maximize,
+        skip_if_nonfinite=skip_if_nonfinite,
+    )
 
 
 @_for_each_tensor
-def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-            weight_decay=0.0, maximize=False):
+def adamax_(
+    param,
+    grad,
+    exp_avg,
+    exp_inf,
+    *,
+    step,
+    lr=2e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    maximize=False,
+):
     r"""Adamax (Kingma & Ba 2015, section 7.1): Adam with the infinity norm, in place.
 
     .. math::
@@ -195,8 +254,9 @@ def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.
 
 
 @_for_each_tensor
-def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-             maximize=False):
+def adagrad_(
+    param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False
+):
     r"""Adagrad (Duchi, Hazan & Singer 2011), in place.
 
     .. math::
@@ -215,8 +275,19 @@ def adagrad_(param, grad, sum_sq, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0
 
 @_for_each_tensor
 def rmsprop_(
-    param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-    momentum_buffer=None, centered=False, grad_avg=None, maximize=False,
+    param,
+    grad,
+    square_avg,
+    *,
+    lr=1e-2,
+    alpha=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.0,
+    momentum_buffer=None,
+    centered=False,
+    grad_avg=None,
+    maximize=False,
 ):
     r"""RMSprop (Hinton 2012), optionally centered (Graves 2013) and with momentum, in place.
 
@@ -254,8 +325,9 @@ def rmsprop_(
 
 
 @_for_each_tensor
-def lion_(param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0,
-          maximize=False):
+def lion_(
+    param, grad, exp_avg, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False
+):
     r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), in place.
 
     .. math::

@@ -74,8 +74,9 @@ class OptimizerSpec:
         """Every state buffer this optimizer reads and writes with these hyperparameters."""
         return self.declaration.buffers(hyper)
 
-    def bind(self, fn: Callable[..., Any], arrays: Mapping[str, Any],
-             hyper: Mapping[str, Any]) -> Callable[[int], Any]:
+    def bind(
+        self, fn: Callable[..., Any], arrays: Mapping[str, Any], hyper: Mapping[str, Any]
+    ) -> Callable[[int], Any]:
         """``fn`` (``self.fused`` or ``self.reference``) on ``arrays``, a mapping of argument
         name to array (or list of arrays): ``param``, ``grad`` and the buffers, as a function
         of the step. The arguments are assembled once, so a timing loop measures ``fn``."""
@@ -86,8 +87,13 @@ class OptimizerSpec:
             return lambda step: bound(step=step)
         return lambda step: bound()
 
-    def call(self, fn: Callable[..., Any], arrays: Mapping[str, Any],
-             hyper: Mapping[str, Any], step: int = 1) -> Any:
+    def call(
+        self,
+        fn: Callable[..., Any],
+        arrays: Mapping[str, Any],
+        hyper: Mapping[str, Any],
+        step: int = 1,
+    ) -> Any:
         """Calls ``fn`` once, as :meth:`bind` describes."""
         return self.bind(fn, arrays, hyper)(step)
 
@@ -98,7 +104,12 @@ class OptimizerSpec:
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    name: OptimizerSpec(name, _functional.FUNCTIONS[d.function_name],
-                        getattr(reference, d.function_name), d, cases(d))
+    name: OptimizerSpec(
+        name,
+        _functional.FUNCTIONS[d.function_name],
+        getattr(reference, d.function_name),
+        d,
+        cases(d),
+    )
     for name, d in DECLARATIONS.items()
 }

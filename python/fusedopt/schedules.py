@@ -19,8 +19,17 @@ from typing import Any, Dict, List, Sequence, Union
 
 from .optim import Optimizer
 
-__all__ = ["ConstantLR", "CosineAnnealingLR", "ExponentialLR", "LRScheduler", "LinearLR",
-           "OneCycleLR", "ReduceLROnPlateau", "StepLR", "WarmupCosineLR"]
+__all__ = [
+    "ConstantLR",
+    "CosineAnnealingLR",
+    "ExponentialLR",
+    "LRScheduler",
+    "LinearLR",
+    "OneCycleLR",
+    "ReduceLROnPlateau",
+    "StepLR",
+    "WarmupCosineLR",
+]
 
 
 class _Schedule:
@@ -98,7 +107,7 @@ class ExponentialLR(LRScheduler):
         super().__init__(optimizer)
 
     def lr(self, step, base_lr):
-        return base_lr * self.gamma ** step
+        return base_lr * self.gamma**step
 
 
 class CosineAnnealingLR(LRScheduler):
@@ -112,19 +121,28 @@ class CosineAnnealingLR(LRScheduler):
         super().__init__(optimizer)
 
     def lr(self, step, base_lr):
-        return self.eta_min + (base_lr - self.eta_min) * (
-            1 + math.cos(math.pi * step / self.T_max)) / 2
+        return (
+            self.eta_min
+            + (base_lr - self.eta_min) * (1 + math.cos(math.pi * step / self.T_max)) / 2
+        )
 
 
 class LinearLR(LRScheduler):
     """Linear warm-up (or decay): the factor goes from ``start_factor`` to ``end_factor`` over
     ``total_iters`` steps, then stays."""
 
-    def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3,
-                 end_factor: float = 1.0, total_iters: int = 5):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        start_factor: float = 1.0 / 3,
+        end_factor: float = 1.0,
+        total_iters: int = 5,
+    ):
         if not 0 < start_factor <= 1:
-            raise ValueError("Starting multiplicative factor expected to be greater than 0 and "
-                             "less or equal to 1.")
+            raise ValueError(
+                "Starting multiplicative factor expected to be greater than 0 and "
+                "less or equal to 1."
+            )
         if not 0 <= end_factor <= 1:
             raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
         self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
@@ -140,11 +158,18 @@ class WarmupCosineLR(LRScheduler):
     ``warmup_steps``, then cosine annealing to ``eta_min`` at ``total_steps``: torch's
     ``SequentialLR([LinearLR(...), CosineAnnealingLR(...)], milestones=[warmup_steps])``."""
 
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int,
-                 eta_min: float = 0.0, warmup_start_factor: float = 1e-3):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int,
+        total_steps: int,
+        eta_min: float = 0.0,
+        warmup_start_factor: float = 1e-3,
+    ):
         if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, "
-                             f"{total_steps}")
+            raise ValueError(
+                f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}"
+            )
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.eta_min, self.warmup_start_factor = eta_min, warmup_start_factor
         super().__init__(optimizer)
@@ -154,8 +179,12 @@ class WarmupCosineLR(LRScheduler):
             s = self.warmup_start_factor
             return base_lr * (s + (1 - s) * step / self.warmup_steps)
         t = step - self.warmup_steps
-        return self.eta_min + (base_lr - self.eta_min) * (
-            1 + math.cos(math.pi * t / (self.total_steps - self.warmup_steps))) / 2
+        return (
+            self.eta_min
+            + (base_lr - self.eta_min)
+            * (1 + math.cos(math.pi * t / (self.total_steps - self.warmup_steps)))
+            / 2
+        )
 
 
 class OneCycleLR(LRScheduler):
@@ -164,26 +193,37 @@ class OneCycleLR(LRScheduler):
     to ``max_lr / div_factor / final_div_factor``; momentum (or Adam's beta1) moves inversely
     between ``max_momentum`` and ``base_momentum`` when ``cycle_momentum``."""
 
-    def __init__(self, optimizer: Optimizer, max_lr: Union[float, Sequence[float]],
-                 total_steps: int, pct_start: float = 0.3, anneal_strategy: str = "cos",
-                 cycle_momentum: bool = True, base_momentum: float = 0.85,
-                 max_momentum: float = 0.95, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, three_phase: bool = False):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_lr: Union[float, Sequence[float]],
+        total_steps: int,
+        pct_start: float = 0.3,
+        anneal_strategy: str = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: float = 0.85,
+        max_momentum: float = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+    ):
         if total_steps < 1:
             raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
         if not 0 <= pct_start <= 1:
             raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
         if anneal_strategy not in ("cos", "linear"):
-            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', got "
-                             f"{anneal_strategy}")
+            raise ValueError(
+                f"anneal_strategy must be one of 'cos' or 'linear', got {anneal_strategy}"
+            )
         groups = optimizer.param_groups
         max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
         self.max_lrs, self.total_steps, self.anneal_strategy = max_lrs, total_steps, anneal_strategy
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
             if not any(k in optimizer.defaults for k in ("momentum", "betas")):
-                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` "
-                                 "option enabled")
+                raise ValueError(
+                    "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
+                )
         self.base_momentum, self.max_momentum = base_momentum, max_momentum
         self.initial_lrs = [m / div_factor for m in max_lrs]
         self.min_lrs = [lr / final_div_factor for lr in self.initial_lrs]
@@ -191,13 +231,16 @@ class OneCycleLR(LRScheduler):
         if three_phase:
             # (end step, lr from, lr to, momentum from, momentum to) by phase; "i"nitial,
             # "m"ax, "f"inal learning rate
-            self.phases = [(end_1, "i", "m", max_momentum, base_momentum),
-                           (float(2 * pct_start * total_steps) - 2, "m", "i", base_momentum,
-                            max_momentum),
-                           (total_steps - 1, "i", "f", max_momentum, max_momentum)]
+            self.phases = [
+                (end_1, "i", "m", max_momentum, base_momentum),
+                (float(2 * pct_start * total_steps) - 2, "m", "i", base_momentum, max_momentum),
+                (total_steps - 1, "i", "f", max_momentum, max_momentum),
+            ]
         else:
-            self.phases = [(end_1, "i", "m", max_momentum, base_momentum),
-                           (total_steps - 1, "m", "f", base_momentum, max_momentum)]
+            self.phases = [
+                (end_1, "i", "m", max_momentum, base_momentum),
+                (total_steps - 1, "m", "f", base_momentum, max_momentum),
+            ]
         super().__init__(optimizer)
 
     def _anneal(self, start, end, pct):
@@ -207,8 +250,10 @@ class OneCycleLR(LRScheduler):
 
     def _apply(self, step):
         if step > self.total_steps:
-            raise ValueError(f"Tried to step {step} times. The specified number of total steps "
-                             f"is {self.total_steps}")
+            raise ValueError(
+                f"Tried to step {step} times. The specified number of total steps "
+                f"is {self.total_steps}"
+            )
         for i, group in enumerate(self.optimizer.param_groups):
             lrs = {"i": self.initial_lrs[i], "m": self.max_lrs[i], "f": self.min_lrs[i]}
             start_step = 0.0
@@ -230,10 +275,18 @@ class ReduceLROnPlateau(_Schedule):
     """Multiply the learning rate by ``factor`` once a metric has stopped improving for
     ``patience`` steps, as torch's ReduceLROnPlateau: ``step(metric)`` after each evaluation."""
 
-    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
-                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
-                 cooldown: int = 0, min_lr: Union[float, Sequence[float]] = 0.0,
-                 eps: float = 1e-8):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        min_lr: Union[float, Sequence[float]] = 0.0,
+        eps: float = 1e-8,
+    ):
         if factor >= 1.0:
             raise ValueError("Factor should be < 1.0.")
         if mode not in ("min", "max"):
@@ -251,10 +304,16 @@ class ReduceLROnPlateau(_Schedule):
 
     def _is_better(self, a: float) -> bool:
         if self.mode == "min":
-            return a < (self.best * (1 - self.threshold) if self.threshold_mode == "rel"
-                        else self.best - self.threshold)
-        return a > (self.best * (1 + self.threshold) if self.threshold_mode == "rel"
-                    else self.best + self.threshold)
+            return a < (
+                self.best * (1 - self.threshold)
+                if self.threshold_mode == "rel"
+                else self.best - self.threshold
+            )
+        return a > (
+            self.best * (1 + self.threshold)
+            if self.threshold_mode == "rel"
+            else self.best + self.threshold
+        )
 
     def step(self, metric: float) -> None:
         current = float(metric)

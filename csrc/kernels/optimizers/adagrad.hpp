@@ -17,8 +17,9 @@ struct Adagrad : NoCrossRule {
   static constexpr std::array arrays{
       updated("param", "parameters"),
       read_only("grad", "gradients"),
-      updated("sum_sq", "sum of squared gradients s (start at initial_accumulator_value, "
-                        "usually 0)"),
+      updated("sum_sq",
+              "sum of squared gradients s (start at initial_accumulator_value, "
+              "usually 0)"),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

@@ -41,11 +41,9 @@ struct Adam : NoCrossRule {
 // Adam with decoupled weight decay fixed on, and torch.optim.AdamW's default decay.
 struct AdamW : Adam {
   static constexpr const char* name = "adamw";
-  static constexpr const char* summary =
-      "param *= 1 - lr wd; then Adam without an L2 term";
-  static constexpr auto hyperparameters =
-      fixed(with_default(Adam::hyperparameters, "weight_decay", 1e-2), "decoupled_weight_decay",
-            1.0);
+  static constexpr const char* summary = "param *= 1 - lr wd; then Adam without an L2 term";
+  static constexpr auto hyperparameters = fixed(
+      with_default(Adam::hyperparameters, "weight_decay", 1e-2), "decoupled_weight_decay", 1.0);
 };
 
 // Matches fusedopt.reference.adam_ (bias corrections in double, once per call):

@@ -79,9 +79,9 @@ struct AdamaxKernel {
       const T decayed = beta2 * load<T>(exp_inf[i]);
       const T magnitude = std::abs(g) + eps;
       // numpy.maximum: NaN if either is NaN
-      const T u = decayed != decayed ? decayed
+      const T u = decayed != decayed       ? decayed
                   : magnitude != magnitude ? magnitude
-                  : (decayed > magnitude ? decayed : magnitude);
+                                           : (decayed > magnitude ? decayed : magnitude);
       store(exp_avg[i], m);
       store(exp_inf[i], u);
       store(param[i], p - step_size * m / u);

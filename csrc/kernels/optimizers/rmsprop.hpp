@@ -19,8 +19,9 @@ struct Rmsprop : NoCrossRule {
       updated("param", "parameters"),
       read_only("grad", "gradients"),
       updated("square_avg", "running average of squared gradients s"),
-      updated("momentum_buffer", "momentum buffer b").used_with("momentum").formerly(
-          "momentum_buf"),
+      updated("momentum_buffer", "momentum buffer b")
+          .used_with("momentum")
+          .formerly("momentum_buf"),
       updated("grad_avg", "running average of gradients gbar").used_with("centered"),
   };
   static constexpr std::array hyperparameters{

@@ -67,7 +67,9 @@ struct SgdKernel {
 
   template <typename Decl>
   explicit SgdKernel(const Values<Decl>& h)
-      : lr(T(h.real("lr"))), weight_decay(T(h.real("weight_decay"))), maximize(h.flag("maximize")) {}
+      : lr(T(h.real("lr"))),
+        weight_decay(T(h.real("weight_decay"))),
+        maximize(h.flag("maximize")) {}
 
   void operator()(void* const* a, Index offset, Index n) const {
     with_flags(
