@@ -516,6 +516,16 @@ class Optimizer:
         return f"{type(self).__name__}([{groups}])"
 
 
+def _arguments(arguments: Dict[str, Any]) -> Dict[str, Any]:
+    """A class's hyperparameters from the arguments of its ``__init__`` (its ``locals()`` on
+    entry): each one but ``params`` and the options, ``betas`` as a tuple."""
+    return {
+        k: tuple(v) if k == "betas" else v
+        for k, v in arguments.items()
+        if k not in ("self", "params", "options", "__class__")
+    }
+
+
 def _check_real(
     group: Dict[str, Any],
     name: str,
@@ -554,18 +564,7 @@ class SGD(Optimizer):
         maximize: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                weight_decay=weight_decay,
-                nesterov=nesterov,
-                maximize=maximize,
-            ),
-            **options,
-        )
+        super().__init__(params, _arguments(locals()), **options)
 
     def _declaration(self, group):
         return DECLARATIONS["momentum" if group["momentum"] != 0 else "sgd"]
@@ -606,9 +605,7 @@ class Momentum(Optimizer):
         maximize: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), **options
-        )
+        super().__init__(params, _arguments(locals()), **options)
 
     def _check_group(self, group):
         _check_real(group, "beta", "beta value", 0.0, 1.0)
@@ -641,19 +638,7 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=tuple(betas),
-                eps=eps,
-                weight_decay=weight_decay,
-                amsgrad=amsgrad,
-                maximize=maximize,
-                decoupled_weight_decay=decoupled_weight_decay,
-            ),
-            **options,
-        )
+        super().__init__(params, _arguments(locals()), **options)
 
 
 class AdamW(Adam):
@@ -692,11 +677,7 @@ class Adamax(Optimizer):
         maximize: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params,
-            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize),
-            **options,
-        )
+        super().__init__(params, _arguments(locals()), **options)
 
 
 class Adagrad(Optimizer):
@@ -717,18 +698,7 @@ class Adagrad(Optimizer):
         maximize: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                lr_decay=lr_decay,
-                weight_decay=weight_decay,
-                initial_accumulator_value=initial_accumulator_value,
-                eps=eps,
-                maximize=maximize,
-            ),
-            **options,
-        )
+        super().__init__(params, _arguments(locals()), **options)
 
     def _check_group(self, group):
         _check_real(group, "initial_accumulator_value", "initial_accumulator_value")
@@ -755,19 +725,7 @@ class RMSprop(Optimizer):
         maximize: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                alpha=alpha,
-                eps=eps,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                centered=centered,
-                maximize=maximize,
-            ),
-            **options,
-        )
+        super().__init__(params, _arguments(locals()), **options)
 
 
 class Lion(Optimizer):
@@ -785,8 +743,4 @@ class Lion(Optimizer):
         maximize: bool = False,
         **options: Any,
     ):
-        super().__init__(
-            params,
-            dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize),
-            **options,
-        )
+        super().__init__(params, _arguments(locals()), **options)
