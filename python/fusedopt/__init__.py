@@ -1,10 +1,10 @@
 """fusedopt: fused, in-place optimizer updates for NumPy arrays.
 
-Each update function (``adagrad_``, ``adam_``, ``adamax_``, ``adamw_``, ``lion_``,
-``momentum_``, ``rmsprop_``, ``sgd_``) updates the parameters and optimizer state in one fused,
-multi-threaded pass in C++, for one array or a whole list of them. :mod:`fusedopt.reference`
-holds the same formulas in plain NumPy; :mod:`fusedopt.optim` has optimizer classes with
-``torch.optim``'s conventions and :mod:`fusedopt.schedules` learning-rate schedules.
+Each update function (``adam_``, ``sgd_``, ...: every name in ``__all__`` that ends in ``_``)
+updates the parameters and optimizer state in one fused, multi-threaded pass in C++, for one
+array or a whole list of them. :mod:`fusedopt.reference` holds the same formulas in plain
+NumPy; :mod:`fusedopt.optim` has optimizer classes with ``torch.optim``'s conventions and
+:mod:`fusedopt.schedules` learning-rate schedules.
 """
 
 from __future__ import annotations
