@@ -28,6 +28,7 @@
 
 namespace py = pybind11;
 using fusedopt::ArrayDecl;
+using fusedopt::DType;
 using fusedopt::Hyperparameter;
 using fusedopt::Index;
 using fusedopt::Kind;
@@ -111,23 +112,25 @@ void split_across_threads(const TensorSet& set, int threads, const Body& body) {
 
 // ------------------------------------------------------------------ the kernels of one level
 
-const fusedopt::KernelTable* kernels = nullptr;
+std::atomic<const fusedopt::KernelTable*> kernels{nullptr};
 
 // Takes the kernels of a level: `address` is that library's fusedopt_kernel_table function,
-// which fusedopt/_dispatch.py finds with ctypes.
+// which fusedopt/_dispatch.py finds with ctypes. A library built from other declarations than
+// this binding (a stale file left by an older install) would mix up the values: refused.
 void use_kernels(std::uintptr_t address) {
   const auto get = reinterpret_cast<const fusedopt::KernelTable* (*)()>(address);
   const fusedopt::KernelTable* table = get();
-  if (table->version != fusedopt::kTableVersion || table->kernel_count != fusedopt::kKernelCount) {
-    throw py::type_error(std::string("the kernel library of level ") + table->level +
-                         " was built from other sources than this binding: reinstall fusedopt");
+  if (table->version != fusedopt::kTableVersion || table->fingerprint != fusedopt::kFingerprint) {
+    throw py::import_error(std::string("fusedopt: the kernel library of level ") + table->level +
+                           " was built from other sources than the binding: reinstall fusedopt");
   }
-  kernels = table;
+  kernels.store(table);
 }
 
 const fusedopt::KernelTable& table() {
-  if (kernels == nullptr) throw std::runtime_error("fusedopt: no kernels loaded");
-  return *kernels;
+  const fusedopt::KernelTable* loaded = kernels.load(std::memory_order_acquire);
+  if (loaded == nullptr) throw std::runtime_error("fusedopt: no kernels loaded");
+  return *loaded;
 }
 
 // ------------------------------------------------------------------ messages
@@ -173,7 +176,8 @@ struct Descriptor {
   std::size_t hyper_count;
   std::size_t kernel;
   const char* (*invalid)(const Value*);
-  std::vector<PyObject*> array_keywords;  // interned names, then old names (nullptr if none)
+  bool has_grad;                          // role 1 is a grad: skip_if_nonfinite applies
+  std::vector<PyObject*> array_keywords;  // interned
   std::vector<PyObject*> hyper_keywords;
   std::vector<std::size_t> option_of;  // per array: index of its used_when hyperparameter
 };
@@ -194,6 +198,7 @@ const char* invalid_values(const Value* values) {
 template <typename Decl>
 Descriptor describe(std::size_t kernel, const char* suffix) {
   static_assert(Decl::arrays.size() <= kMaxArrays && Decl::hyperparameters.size() <= kMaxHyper);
+  static_assert(fusedopt::well_formed<Decl>(), "a declaration is malformed: see well_formed");
   Descriptor d{std::string(Decl::name) + suffix,
                Decl::arrays.data(),
                Decl::arrays.size(),
@@ -201,11 +206,11 @@ Descriptor describe(std::size_t kernel, const char* suffix) {
                Decl::hyperparameters.size(),
                kernel,
                &invalid_values<Decl>,
+               fusedopt::has_grad<Decl>(),
                {},
                {},
                {}};
   for (const ArrayDecl& a : Decl::arrays) d.array_keywords.push_back(intern(a.name));
-  for (const ArrayDecl& a : Decl::arrays) d.array_keywords.push_back(intern(a.old_name));
   for (const Hyperparameter& h : Decl::hyperparameters) d.hyper_keywords.push_back(intern(h.name));
   for (const ArrayDecl& a : Decl::arrays) {
     std::size_t option = kNone;
@@ -335,8 +340,8 @@ bool parse_flag(PyObject* value) {
   return truth == 1;
 }
 
-// Where a keyword goes: a hyperparameter, an array (by its name, or by its old name with a
-// DeprecationWarning), or skip_if_nonfinite, which every kernel takes.
+// Where a keyword goes: a hyperparameter, an array, or skip_if_nonfinite, which every kernel
+// with a grad takes. (A renamed array's old keyword is mapped, with its warning, in Python.)
 struct Slot {
   enum { hyper, array, skip } what;
   std::size_t index;
@@ -362,20 +367,9 @@ std::optional<Slot> find_slot(const Descriptor& d, PyObject* keyword) {
     for (std::size_t i = 0; i < d.array_count; ++i) {
       if (same(d.array_keywords[i])) return Slot{Slot::array, i};
     }
-    if (same(skip_keyword())) return Slot{Slot::skip, 0};
+    if (d.has_grad && same(skip_keyword())) return Slot{Slot::skip, 0};
   }
   if (PyErr_Occurred()) throw py::error_already_set();
-  for (std::size_t i = 0; i < d.array_count; ++i) {
-    PyObject* old = d.array_keywords[d.array_count + i];
-    if (old != nullptr && PyUnicode_Compare(old, keyword) == 0) {
-      const std::string message =
-          d.function + "(): the keyword " + str_of(old) + " is deprecated; use " + d.arrays[i].name;
-      if (PyErr_WarnEx(PyExc_DeprecationWarning, message.c_str(), 1) < 0) {
-        throw py::error_already_set();
-      }
-      return Slot{Slot::array, i};
-    }
-  }
   return std::nullopt;
 }
 
@@ -413,9 +407,7 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
     if (slot->what == Slot::skip) {
       a.skip_if_nonfinite = parse_flag(value);
     } else if (slot->what == Slot::array) {
-      // A positional None stands for an array named by keyword: the Python function passes
-      // None for a renamed buffer its caller named by the old keyword.
-      if (a.arrays[slot->index] != nullptr && a.arrays[slot->index] != Py_None) {
+      if (a.arrays[slot->index] != nullptr) {
         throw py::type_error(d.function + "() got multiple values for argument '" +
                              d.arrays[slot->index].name + "'");
       }
@@ -453,13 +445,26 @@ bool same_dtype(const py::dtype& a, const py::dtype& b) {
   return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
 }
 
+py::dtype numpy_dtype(DType dtype) {
+  return dtype == DType::float64 ? py::dtype::of<double>() : py::dtype::of<float>();
+}
+
+std::optional<DType> dtype_of(const py::dtype& dtype) {
+  for (const DType d : {DType::float32, DType::float64}) {
+    if (same_dtype(dtype, numpy_dtype(d))) return d;
+  }
+  return std::nullopt;
+}
+
 // The checked arrays of one call: a pointer per (tensor, role), nullptr where an optional role
 // is absent, each tensor's first element in the concatenation of all, and their storage.
 struct Checked {
   Storage storage = fusedopt::kFloat32;
+  DType grad_dtype = DType::float32;
   std::size_t roles = 0;
-  std::vector<void*> data;    // tensor t, role r at t * roles + r
-  std::vector<Index> starts;  // tensors + 1 entries
+  std::vector<py::object> held;  // the arrays of list calls that release the GIL
+  std::vector<void*> data;       // tensor t, role r at t * roles + r
+  std::vector<Index> starts;     // tensors + 1 entries
 
   TensorSet set() const { return {data.data(), starts.data(), starts.size() - 1, roles}; }
 };
@@ -559,23 +564,9 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     return Label{roles[r].name, single ? -1 : static_cast<py::ssize_t>(i)};
   };
 
-  // The call's dtype is param's (or the first param's); it must be float32 or float64.
-  py::dtype dtype = py::dtype::of<float>();
-  Storage storage = fusedopt::kFloat32;
-  if (count > 0) {
-    const py::handle first = item(param, 0);
-    if (!py::isinstance<py::array>(first)) {
-      throw py::type_error(label(0, 0).str() + ": expected a numpy.ndarray, got " +
-                           type_name(first));
-    }
-    const py::dtype first_dtype = py::reinterpret_borrow<py::array>(first).dtype();
-    if (same_dtype(first_dtype, py::dtype::of<double>())) {
-      dtype = py::dtype::of<double>();
-      storage = fusedopt::kFloat64;
-    } else if (!same_dtype(first_dtype, dtype)) {
-      throw py::type_error(label(0, 0).str() + ": expected dtype float32 or float64, got " +
-                           dtype_name(first_dtype));
-    }
+  if (count > 0 && !py::isinstance<py::array>(item(param, 0))) {
+    throw py::type_error(label(0, 0).str() + ": expected a numpy.ndarray, got " +
+                         type_name(item(param, 0)));
   }
 
   std::array<bool, kMaxArrays> present{};
@@ -587,8 +578,11 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       const bool used = d != nullptr && a.option_on(*d, r);
       if (used && !present[r]) {
         const std::size_t option = d->option_of[r];
-        throw py::value_error(std::string(roles[r].used_when) + "=" + str_of(a.given[option]) +
-                              " needs the " + name + " buffer, got None");
+        const std::string value = a.given[option] != nullptr
+                                      ? str_of(a.given[option])
+                                      : std::to_string(d->hyper[option].default_value);
+        throw py::value_error(std::string(roles[r].used_when) + "=" + value + " needs the " + name +
+                              " buffer, got None");
       }
       present[r] = present[r] && used;
     }
@@ -612,8 +606,38 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     }
   }
 
+  // The call's row of the table: the first whose dtypes are those of the first tensor's arrays
+  // (its param's at least). Every array of every tensor must then have its part's dtype.
+  Storage storage = fusedopt::kFloat32;
+  if (count > 0) {
+    auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
+      const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
+      if (!obj || !py::isinstance<py::array>(obj)) return std::nullopt;
+      return dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
+    };
+    const std::optional<DType> param_dtype = dtype_at(0);
+    bool param_known = false, matched = false;
+    for (std::size_t row = 0; row < fusedopt::kStorageCount && !matched; ++row) {
+      if (param_dtype != fusedopt::kStorageRows[row].param) continue;
+      if (!param_known) storage = static_cast<Storage>(row);  // for the messages, if none fits
+      param_known = true;
+      matched = true;
+      for (std::size_t r = 1; r < n_roles; ++r) {
+        const std::optional<DType> dtype = dtype_at(r);
+        if (dtype && dtype != fusedopt::kStorageRows[row].of(roles[r].part)) matched = false;
+      }
+      if (matched) storage = static_cast<Storage>(row);
+    }
+    if (!param_known) {
+      throw py::type_error(label(0, 0).str() + ": expected dtype float32 or float64, got " +
+                           dtype_name(py::reinterpret_borrow<py::array>(item(param, 0)).dtype()));
+    }
+  }
+  const fusedopt::StorageRow& row = fusedopt::kStorageRows[storage];
+
   Checked checked;
   checked.storage = storage;
+  checked.grad_dtype = row.grad;
   checked.roles = n_roles;
   checked.data.assign(count * n_roles, nullptr);
   checked.starts.assign(count + 1, 0);
@@ -621,13 +645,18 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   extents.reserve(count * n_roles);
   const std::string dtype_owner = label(0, 0).str();
   for (std::size_t i = 0; i < count; ++i) {
-    check_array(label(0, i), item(param, i), nullptr, dtype, dtype_owner, roles[0].written);
+    check_array(label(0, i), item(param, i), nullptr, numpy_dtype(row.param), dtype_owner,
+                roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
     checked.starts[i + 1] = checked.starts[i] + static_cast<Index>(p.size());
     for (std::size_t r = 0; r < n_roles; ++r) {
       if (!present[r]) continue;
       const py::handle obj = item(args[r], i);
-      if (r > 0) check_array(label(r, i), obj, &p, dtype, "param", roles[r].written);
+      if (r > 0) {
+        const DType expected = row.of(roles[r].part);
+        check_array(label(r, i), obj, &p, numpy_dtype(expected),
+                    expected == row.param ? "param" : "its part for this param", roles[r].written);
+      }
       const auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
       void* data = const_cast<void*>(arr.data());
@@ -635,6 +664,16 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       if (arr.nbytes() > 0) {
         const char* begin = static_cast<const char*>(data);
         extents.push_back({begin, begin + arr.nbytes(), i * n_roles + r, roles[r].written});
+      }
+    }
+  }
+  // While the GIL is released another thread could empty a list and free its arrays: the
+  // call holds references to them then. A single array is held by the caller's frame.
+  if (!single && checked.starts.back() >= parallel_min.load(std::memory_order_relaxed)) {
+    checked.held.reserve(count * n_roles);
+    for (std::size_t r = 0; r < n_roles; ++r) {
+      for (std::size_t i = 0; present[r] && i < count; ++i) {
+        checked.held.push_back(py::reinterpret_borrow<py::object>(item(args[r], i)));
       }
     }
   }
@@ -650,9 +689,9 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
 
 // ------------------------------------------------------------------ running the kernels
 
-bool any_nonfinite(const TensorSet& set, std::size_t r, Storage storage, int threads) {
+bool any_nonfinite(const TensorSet& set, std::size_t r, DType dtype, int threads) {
   std::atomic<bool> found{false};
-  const fusedopt::ScanFn scan = table().nonfinite[storage];
+  const fusedopt::ScanFn scan = table().nonfinite[static_cast<std::size_t>(dtype)];
   split_across_threads(set, threads,
                        [&](Index begin, Index end) { scan(set, r, begin, end, found); });
   return found.load();
@@ -665,7 +704,7 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const fusedopt::UpdateFn update = table().update[d.kernel][checked.storage];
   const int threads = threads_for_call(set.total());
   const ReleaseGilIfWorthIt release(set.total());
-  if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.storage, threads)) return false;
+  if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.grad_dtype, threads)) return false;
   const Value* values = a.values.data();
   split_across_threads(set, threads,
                        [&](Index begin, Index end) { update(values, set, begin, end); });
@@ -735,7 +774,7 @@ void def_kernels(py::module_& m, fusedopt::List<Optimizers...>, fusedopt::List<H
 
 // The checked arrays of a helper that takes one array or a list of them.
 Checked one_role(const py::args& args) {
-  static constexpr ArrayDecl roles[] = {fusedopt::read_only("arrays", "")};
+  static constexpr ArrayDecl roles[] = {{"arrays", fusedopt::Part::param, false, ""}};
   if (args.size() != 1) {
     throw py::type_error("expected 1 array argument, got " + std::to_string(args.size()));
   }
@@ -749,7 +788,7 @@ bool all_finite(const py::args& args) {
   const TensorSet set = checked.set();
   const int threads = threads_for_call(set.total());
   const ReleaseGilIfWorthIt release(set.total());
-  return !any_nonfinite(set, 0, checked.storage, threads);
+  return !any_nonfinite(set, 0, fusedopt::kStorageRows[checked.storage].param, threads);
 }
 
 // Sum of squares of all elements, in double: per-chunk sums (fixed boundaries, fixed order
@@ -763,7 +802,8 @@ double sum_squares(const py::args& args) {
     first_chunk[t + 1] = first_chunk[t] + (size + fusedopt::kChunk - 1) / fusedopt::kChunk;
   }
   std::vector<double> partial(static_cast<std::size_t>(first_chunk.back()));
-  const fusedopt::SumFn sum = table().sum_squares[checked.storage];
+  const fusedopt::SumFn sum =
+      table().sum_squares[static_cast<std::size_t>(fusedopt::kStorageRows[checked.storage].param)];
   const int threads = threads_for_call(set.total());
   {
     const ReleaseGilIfWorthIt release(set.total());

@@ -46,10 +46,11 @@ void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin
 
 template <typename... Decls>
 KernelTable make_table(List<Decls...>) {
+  static_assert((well_formed<Decls>() && ...), "a declaration is malformed: see well_formed");
   using F32 = StorageTypes<kFloat32>::type;
   using F64 = StorageTypes<kFloat64>::type;
   return KernelTable{kTableVersion,
-                     kKernelCount,
+                     kFingerprint,
                      FUSEDOPT_SIMD_LEVEL,
                      Eigen::SimdInstructionSetsInUse(),
                      {{&update<Decls, F32>, &update<Decls, F64>}...},

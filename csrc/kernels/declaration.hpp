@@ -13,11 +13,16 @@
 
 namespace fusedopt {
 
+// What an array is to the optimizer. Its part decides its storage type: a call's row of the
+// kernel table gives one dtype to the param, one to the grad and one to every state buffer.
+enum class Part { param, grad, state };
+
 // One array argument. `used_when` names the option that uses it: the buffer is required
 // exactly when that hyperparameter is true or nonzero, and ignored otherwise. `old_name` is a
 // keyword that still works, with a DeprecationWarning.
 struct ArrayDecl {
   const char* name;
+  Part part;
   bool written;
   const char* help;
   bool optional = false;
@@ -42,8 +47,13 @@ struct ArrayDecl {
   }
 };
 
-constexpr ArrayDecl updated(const char* name, const char* help) { return {name, true, help}; }
-constexpr ArrayDecl read_only(const char* name, const char* help) { return {name, false, help}; }
+// The param (first of every optimizer's arrays, updated), the grad (second, read only) and a
+// state buffer (updated).
+constexpr ArrayDecl param_array() { return {"param", Part::param, true, "parameters"}; }
+constexpr ArrayDecl grad_array() { return {"grad", Part::grad, false, "gradients"}; }
+constexpr ArrayDecl state(const char* name, const char* help) {
+  return {name, Part::state, true, help};
+}
 
 // real: a float in `range`; step: the count of steps including this one, from 1; flag: a bool;
 // fixed: set by the declaration (AdamW's decoupled decay), not an argument of the function.
@@ -159,8 +169,8 @@ struct Value {
   std::int64_t count = 0;  // a step
 };
 
-// The values of one call in the order of Decl::hyperparameters, read by name. Names are string
-// literals of the same header, so their addresses are compared before their characters.
+// The values of one call in the order of Decl::hyperparameters, read by name. Equal string
+// literals are normally one object, so addresses are compared before characters.
 template <typename Decl>
 class Values {
  public:
@@ -186,6 +196,46 @@ class Values {
 
   const Value* values_;
 };
+
+// Whether a declaration has the shape the binding and the kernels rely on: the param first, the
+// grad (if any) second, optional arrays after the required ones, each option the name of a
+// hyperparameter, no name twice. Checked by static_assert wherever a declaration is used.
+template <typename Decl>
+constexpr bool well_formed() {
+  constexpr auto& arrays = Decl::arrays;
+  constexpr auto& hyper = Decl::hyperparameters;
+  if (arrays.size() == 0 || arrays[0].part != Part::param || !arrays[0].written) return false;
+  bool optional_seen = false;
+  for (std::size_t i = 0; i < arrays.size(); ++i) {
+    if (arrays[i].part == Part::grad && (i != 1 || arrays[i].written)) return false;
+    if (i > 0 && arrays[i].part == Part::param) return false;
+    if (optional_seen && !arrays[i].optional) return false;
+    optional_seen = optional_seen || arrays[i].optional;
+    if (arrays[i].used_when != nullptr) {
+      bool found = false;
+      for (const auto& h : hyper) found = found || same_name(h.name, arrays[i].used_when);
+      if (!found) return false;
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (same_name(arrays[i].name, arrays[j].name)) return false;
+    }
+  }
+  for (std::size_t i = 0; i < hyper.size(); ++i) {
+    for (std::size_t j = 0; j < i; ++j) {
+      if (same_name(hyper[i].name, hyper[j].name)) return false;
+    }
+    for (const auto& a : arrays) {
+      if (same_name(hyper[i].name, a.name)) return false;
+    }
+  }
+  return true;
+}
+
+// Whether role 1 is a grad, which skip_if_nonfinite scans.
+template <typename Decl>
+constexpr bool has_grad() {
+  return Decl::arrays.size() > 1 && Decl::arrays[1].part == Part::grad;
+}
 
 // A list of declarations, for the type list of all optimizers.
 template <typename... Decls>

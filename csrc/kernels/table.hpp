@@ -16,9 +16,25 @@ namespace fusedopt {
 // Every kernel the table holds, in this order: the optimizers, then the helpers.
 using Kernels = Concat<Optimizers, Helpers>::type;
 
-// The storage combinations a kernel is built for, each a row of the table. A new storage type
-// (bfloat16 params, int8 state, ...) is a new entry here and in the binding's dtype matching.
+// Element types of arrays: what the binding matches NumPy dtypes against.
+enum class DType { float32, float64 };
+
+// The storage combinations a kernel is built for, each a row of the table: the dtype of the
+// param, of the grad and of every state buffer. A new combination (bfloat16 params with float32
+// grads, bfloat16 state, ...) is a new row here, with its storage policy; the binding finds a
+// call's row from its arrays' dtypes.
+struct StorageRow {
+  DType param, grad, state;
+
+  constexpr DType of(Part part) const {
+    return part == Part::param ? param : part == Part::grad ? grad : state;
+  }
+};
 enum Storage : std::size_t { kFloat32, kFloat64, kStorageCount };
+inline constexpr StorageRow kStorageRows[kStorageCount] = {
+    {DType::float32, DType::float32, DType::float32},
+    {DType::float64, DType::float64, DType::float64},
+};
 
 template <Storage>
 struct StorageTypes;
@@ -30,6 +46,7 @@ template <>
 struct StorageTypes<kFloat64> {
   using type = Uniform<double>;
 };
+inline constexpr std::size_t kDTypeCount = 2;
 
 // Updates the chunks of `set` from global position `begin` to `end` (chunk starts); `hyper` holds
 // the call's values in the order of its declaration's hyperparameters.
@@ -48,17 +65,46 @@ struct Length<List<D...>> {
   static constexpr std::size_t value = sizeof...(D);
 };
 
-inline constexpr int kTableVersion = 1;
+// A hash (FNV-1a) of every declaration's names, parts and kinds, in order: the binding and a
+// kernel library agree on what each table entry is and how its values are ordered only if they
+// were built from the same declarations. A stale library left in the package is refused.
+constexpr std::uint64_t hash(std::uint64_t h, const char* text) {
+  for (; *text != '\0'; ++text) h = (h ^ static_cast<unsigned char>(*text)) * 1099511628211ULL;
+  return (h ^ 0xffU) * 1099511628211ULL;  // a separator, so that "ab","c" differs from "a","bc"
+}
+constexpr std::uint64_t hash(std::uint64_t h, std::uint64_t value) {
+  return (h ^ value) * 1099511628211ULL;
+}
+template <typename Decl>
+constexpr std::uint64_t fingerprint(std::uint64_t h) {
+  h = hash(h, Decl::name);
+  for (const auto& a : Decl::arrays) {
+    h = hash(hash(h, a.name), static_cast<std::uint64_t>(a.part) * 4 + a.written * 2 + a.optional);
+  }
+  for (const auto& p : Decl::hyperparameters) {
+    h = hash(hash(h, p.name), static_cast<std::uint64_t>(p.kind));
+  }
+  return h;
+}
+template <typename... Decls>
+constexpr std::uint64_t fingerprint(List<Decls...>) {
+  std::uint64_t h = 14695981039346656037ULL;
+  ((h = fingerprint<Decls>(h)), ...);
+  return hash(h, kStorageCount);
+}
+
+inline constexpr int kTableVersion = 2;
 inline constexpr std::size_t kKernelCount = Length<Kernels>::value;
+inline constexpr std::uint64_t kFingerprint = fingerprint(Kernels{});
 
 struct KernelTable {
-  int version;               // kTableVersion of the library that built it
-  std::size_t kernel_count;  // kKernelCount of the library that built it
-  const char* level;         // "baseline", "avx2", ...
-  const char* instructions;  // Eigen's SimdInstructionSetsInUse() at that level
+  int version;                // kTableVersion of the library that built it
+  std::uint64_t fingerprint;  // kFingerprint of the library that built it
+  const char* level;          // "baseline", "avx2", ...
+  const char* instructions;   // Eigen's SimdInstructionSetsInUse() at that level
   UpdateFn update[kKernelCount][kStorageCount];
-  ScanFn nonfinite[kStorageCount];
-  SumFn sum_squares[kStorageCount];
+  ScanFn nonfinite[kDTypeCount];  // by DType
+  SumFn sum_squares[kDTypeCount];
 };
 
 }  // namespace fusedopt

@@ -53,7 +53,8 @@ struct RooflineKernel;
 struct Scale : NoCrossRule {
   static constexpr const char* name = "scale";
   static constexpr const char* summary = "x *= factor";
-  static constexpr std::array arrays{updated("arrays", "arrays scaled in place")};
+  static constexpr std::array arrays{
+      ArrayDecl{"arrays", Part::param, true, "arrays scaled in place"}};
   static constexpr std::array hyperparameters{
       real("factor", 1.0, at_least(0.0), "factor", "the factor"),
   };
@@ -84,12 +85,12 @@ struct Roofline : NoCrossRule {
   static constexpr const char* name = "roofline";
   static constexpr const char* summary = "x += 0 * grad for param and each buffer";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("buffer1", "a buffer").may_be_absent(),
-      updated("buffer2", "a buffer").may_be_absent(),
-      updated("buffer3", "a buffer").may_be_absent(),
-      updated("buffer4", "a buffer").may_be_absent(),
+      param_array(),
+      grad_array(),
+      state("buffer1", "a buffer").may_be_absent(),
+      state("buffer2", "a buffer").may_be_absent(),
+      state("buffer3", "a buffer").may_be_absent(),
+      state("buffer4", "a buffer").may_be_absent(),
   };
   static constexpr std::array<Hyperparameter, 0> hyperparameters{};
   template <typename Types>

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -72,33 +73,38 @@ class Declaration:
     def function_name(self) -> str:
         return f"{self.name}_"
 
-    @property
+    @cached_property
     def arguments(self) -> Tuple[HyperArg, ...]:
         """The hyperparameters a caller may pass (every one but the fixed)."""
         return tuple(h for h in self.hyperparameters if h.kind != "fixed")
 
-    @property
+    @cached_property
     def takes_step(self) -> bool:
         return any(h.kind == "step" for h in self.hyperparameters)
 
-    @property
+    @cached_property
     def state(self) -> Tuple[str, ...]:
         """Buffers every call reads and writes, positional after ``grad``."""
         return tuple(a.name for a in self.arrays[2:] if not a.optional)
 
-    @property
+    @cached_property
     def optional_state(self) -> Dict[str, str]:
         """Keyword-only buffers, each needed when the named hyperparameter is truthy."""
         return {a.name: a.used_when for a in self.arrays if a.used_when}
 
     def defaults(self) -> Dict[str, Any]:
+        return dict(self._defaults)
+
+    @cached_property
+    def _defaults(self) -> Dict[str, Any]:
         return {h.name: h.default for h in self.arguments if not h.required}
 
     def buffers(self, hyper: Mapping[str, Any]) -> Tuple[str, ...]:
         """Every buffer this optimizer reads and writes with these hyperparameters."""
-        values = {**self.defaults(), **hyper}
         return self.state + tuple(
-            a for a, option in self.optional_state.items() if values.get(option)
+            a
+            for a, option in self.optional_state.items()
+            if hyper.get(option, self._defaults.get(option))
         )
 
     def signature(self) -> inspect.Signature:
@@ -157,9 +163,16 @@ class Declaration:
     def check(self, hyper: Mapping[str, Any]) -> None:
         """Raise the TypeError or ValueError the function would raise for these
         hyperparameters: a call on empty lists, which validates them and updates nothing."""
-        empty = {a.name: [] for a in self.arrays}
         step = {"step": 1} if self.takes_step and "step" not in hyper else {}
-        getattr(_core, self.name)(**empty, **hyper, **step)
+        self._kernel(**self._empty_arrays, **hyper, **step)
+
+    @cached_property
+    def _empty_arrays(self) -> Dict[str, list]:
+        return {a.name: [] for a in self.arrays}
+
+    @cached_property
+    def _kernel(self):
+        return getattr(_core, self.name)
 
 
 DECLARATIONS: Dict[str, Declaration] = {

@@ -16,6 +16,7 @@ it computes bit for bit.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict
 
 from . import reference
@@ -37,13 +38,13 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
     ``collections.namedtuple`` generate theirs. A wrapper taking ``*args, **kwargs`` would
     repack them on every call, which costs as much as a small kernel."""
     signature = declaration.signature()
-    renamed = {a.name for a in declaration.arrays if a.old_name}
+    renamed = {a.name: a.old_name for a in declaration.arrays if a.old_name}
     defaults = {
         f"_default_{p.name}": p.default
         for p in signature.parameters.values()
         if p.default is not p.empty
     }
-    header, passed, star = [], [], False
+    header, passed, star, body = [], [], False, []
     for p in signature.parameters.values():
         if p.kind is p.KEYWORD_ONLY and not star:
             header.append("*")
@@ -53,12 +54,26 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
         else:
             header.append(p.name if p.default is p.empty else f"{p.name}=_default_{p.name}")
         passed.append(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}")
-    if renamed:  # old keywords go on to the binding, which maps them and warns
-        header.append("**old_keywords")
-        passed.append("**old_keywords")
+    for new, old in renamed.items():  # hidden from the signature; warns where it is used
+        header.append(f"{old}=_UNSET")
+        body.append(
+            f"    if {old} is not _UNSET:\n"
+            f"        {new} = _renamed({declaration.function_name!r}, {old!r}, "
+            f"{new!r}, {old}, {new})\n"
+        )
     name = declaration.function_name
-    source = f"def {name}({', '.join(header)}):\n    return _kernel({', '.join(passed)})\n"
-    namespace = {"_kernel": getattr(_core, declaration.name), **defaults}
+    source = (
+        f"def {name}({', '.join(header)}):\n"
+        + "".join(body)
+        + f"    return _kernel({', '.join(passed)})\n"
+    )
+    namespace = {
+        "__name__": __name__,
+        "_kernel": getattr(_core, declaration.name),
+        "_UNSET": _UNSET,
+        "_renamed": _renamed,
+        **defaults,
+    }
     exec(source, namespace)  # noqa: S102  (source built from the declaration's names)
     update = namespace[name]
     update.__signature__ = signature
@@ -68,6 +83,21 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
     twin = getattr(reference, name)
     update.__doc__ = f"{twin.__doc__.rstrip()}\n\n{_indent(declaration.args_doc())}\n"
     return update
+
+
+_UNSET = object()
+
+
+def _renamed(function: str, old: str, new: str, value, current):
+    """The array passed by its old keyword, with a DeprecationWarning at the caller's line."""
+    if current is not None:
+        raise TypeError(f"{function}() got {new} and its old keyword {old}: pass only {new}")
+    warnings.warn(
+        f"{function}(): the keyword {old} is deprecated; use {new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return value
 
 
 def _indent(text: str) -> str:

@@ -25,7 +25,18 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 
@@ -51,6 +62,15 @@ Params = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[
 Grads = Union[Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]]]
 
 _REGISTRY: Dict[str, type] = {}
+
+
+class _Plan(NamedTuple):
+    """A group's kernel call: the declaration, its hyperparameters, and its buffers as
+    (array name, state key)."""
+
+    declaration: Declaration
+    hyper: Dict[str, Any]
+    arrays: Tuple[Tuple[str, str], ...]
 
 
 _REFERENCE = contextvars.ContextVar("fusedopt_reference_kernels", default=False)
@@ -127,6 +147,7 @@ class Optimizer:
         self._params: Dict[str, np.ndarray] = {}  # name -> array, in order
         self._frozen: set = set()
         self.state: Dict[str, Dict[str, Any]] = {}
+        self._plans: Dict[int, Tuple[Tuple[Any, ...], _Plan]] = {}  # id(group) -> its plan
         for group in self._groups(params):
             self.add_param_group(group)
         if not self._params:
@@ -177,13 +198,28 @@ class Optimizer:
         self.param_groups.append(full)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
-        """Raise TypeError/ValueError for an invalid hyperparameter of the group: those only
-        this class has by ``_check_group``, the kernel's by the kernel's own rules."""
+        """Raise TypeError/ValueError for an invalid hyperparameter of the group."""
+        self._plan(group)
+
+    def _plan(self, group: Dict[str, Any]) -> _Plan:
+        """The group's kernel call, validated: hyperparameters only this class has by
+        ``_check_group``, the kernel's by the kernel's own rules. Kept until the group's
+        hyperparameters change, so a step validates only what changed."""
+        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == values:
+            return cached[1]
         betas = group.get("betas")
         if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
             raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
         self._check_group(group)
-        self._declaration(group).check(self._kernel_arguments(group))
+        declaration = self._declaration(group)
+        hyper = self._kernel_arguments(group)
+        declaration.check(hyper)
+        arrays = tuple((b, self.state_names.get(b, b)) for b in declaration.buffers(hyper))
+        plan = _Plan(declaration, hyper, arrays)
+        self._plans[id(group)] = (values, plan)
+        return plan
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Validate the hyperparameters of the group that the kernel does not take."""
@@ -279,8 +315,7 @@ class Optimizer:
         ``max_grad_norm``, the gradients are first clipped in place to that global L2 norm.
         """
         aligned = self._align(grads)
-        for group in self.param_groups:
-            self._validate_group(group)
+        plans = [self._plan(group) for group in self.param_groups]  # all valid before any call
         active = [(name, g) for name, g in aligned.items() if g is not None]
         if self.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
@@ -291,10 +326,10 @@ class Optimizer:
                 return False
         if self.max_grad_norm is not None and active:
             clip_grad_norm_([g for _, g in active], self.max_grad_norm)
-        for group in self.param_groups:
+        for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
                 continue
-            buffers = self._buffers(group)
+            buffers = [key for _, key in plan.arrays]
             calls: Dict[Tuple[Any, ...], List[str]] = {}
             for name, p in zip(group["names"], group["params"]):
                 g = aligned[name]
@@ -308,7 +343,7 @@ class Optimizer:
                 calls.setdefault(key, []).append(name)
             for (_, step, extra), names in calls.items():
                 self._update(
-                    group,
+                    plan,
                     [self._params[n] for n in names],
                     [aligned[n] for n in names],
                     {b: [self.state[n][b] for n in names] for b in buffers},
@@ -327,22 +362,9 @@ class Optimizer:
         share one fused call; passed to _update as ``extra``."""
         return None
 
-    def _buffers(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        """The state keys of the buffers the kernel reads and writes with these
-        hyperparameters."""
-        declaration = self._declaration(group)
-        return tuple(
-            self.state_names.get(b, b) for b in declaration.buffers(self._kernel_arguments(group))
-        )
-
-    def _function(self, group: Dict[str, Any]):
-        name = self._declaration(group).function_name
-        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
-        return getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
-
     def _update(
         self,
-        group: Dict[str, Any],
+        plan: _Plan,
         params: List[np.ndarray],
         grads: List[np.ndarray],
         buffers: Dict[str, List[np.ndarray]],
@@ -350,12 +372,12 @@ class Optimizer:
         extra: Any,
     ) -> None:
         """One fused call for tensors that share dtype and step count."""
-        declaration = self._declaration(group)
-        hyper = self._kernel_arguments(group)
-        arrays = {b: buffers[self.state_names.get(b, b)] for b in declaration.buffers(hyper)}
-        if declaration.takes_step:
-            hyper["step"] = step
-        self._function(group)(params, grads, **arrays, **hyper)
+        arrays = {name: buffers[key] for name, key in plan.arrays}
+        hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
+        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        name = plan.declaration.function_name
+        function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
+        function(params, grads, **arrays, **hyper)
 
     # ------------------------------------------------------------------ state
 
@@ -442,6 +464,7 @@ class Optimizer:
             new_state[name] = entry
         frozen = set(self._known(sd.get("frozen", [])))
         self.param_groups, self.state, self._frozen = new_groups, new_state, frozen
+        self._plans.clear()
         self.skipped_steps = int(sd.get("skipped_steps", 0))
         self.max_grad_norm = sd.get("max_grad_norm", self.max_grad_norm)
         self.skip_if_nonfinite = bool(sd.get("skip_if_nonfinite", self.skip_if_nonfinite))
@@ -577,11 +600,11 @@ class SGD(Optimizer):
     def _call_key(self, group, state):
         return "momentum_buffer" not in state  # this step creates the buffer
 
-    def _update(self, group, params, grads, buffers, step, first_momentum_step):
+    def _update(self, plan, params, grads, buffers, step, first_momentum_step):
         # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.
-        if first_momentum_step:
-            group = dict(group, dampening=0.0)
-        super()._update(group, params, grads, buffers, step, None)
+        if first_momentum_step and plan.declaration.name == "momentum":
+            plan = plan._replace(hyper={**plan.hyper, "dampening": 0.0})
+        super()._update(plan, params, grads, buffers, step, None)
 
 
 class Momentum(Optimizer):

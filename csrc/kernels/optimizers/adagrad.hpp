@@ -15,11 +15,11 @@ struct Adagrad : NoCrossRule {
   static constexpr const char* summary =
       "s += g^2; param -= lr/(1+(t-1) lr_decay) g / (sqrt(s) + eps)";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("sum_sq",
-              "sum of squared gradients s (start at initial_accumulator_value, "
-              "usually 0)"),
+      param_array(),
+      grad_array(),
+      state("sum_sq",
+            "sum of squared gradients s (start at initial_accumulator_value, "
+            "usually 0)"),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

@@ -17,11 +17,11 @@ struct Adam : NoCrossRule {
       "m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; "
       "param -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("exp_avg", "first moment m (start at zero)"),
-      updated("exp_avg_sq", "second moment v (start at zero)"),
-      updated("max_exp_avg_sq", "running maximum of v (start at zero)").used_with("amsgrad"),
+      param_array(),
+      grad_array(),
+      state("exp_avg", "first moment m (start at zero)"),
+      state("exp_avg_sq", "second moment v (start at zero)"),
+      state("max_exp_avg_sq", "running maximum of v (start at zero)").used_with("amsgrad"),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

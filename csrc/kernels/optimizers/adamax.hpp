@@ -16,10 +16,10 @@ struct Adamax : NoCrossRule {
   static constexpr const char* summary =
       "m = b1 m + (1-b1) g; u = max(b2 u, |g| + eps); param -= lr/(1-b1^t) m / u";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("exp_avg", "first moment m (start at zero)"),
-      updated("exp_inf", "exponentially weighted infinity norm u (start at zero)"),
+      param_array(),
+      grad_array(),
+      state("exp_avg", "first moment m (start at zero)"),
+      state("exp_inf", "exponentially weighted infinity norm u (start at zero)"),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

@@ -14,9 +14,9 @@ struct Lion : NoCrossRule {
   static constexpr const char* summary =
       "param *= 1 - lr wd; param -= lr sign(b1 m + (1-b1) g); m = b2 m + (1-b2) g";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("exp_avg", "momentum m (start at zero)"),
+      param_array(),
+      grad_array(),
+      state("exp_avg", "momentum m (start at zero)"),
   };
   static constexpr std::array hyperparameters{
       hp::lr(1e-4),

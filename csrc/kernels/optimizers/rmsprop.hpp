@@ -16,13 +16,11 @@ struct Rmsprop : NoCrossRule {
       "s = a s + (1-a) g^2; d = sqrt(s - gbar^2) + eps if centered else sqrt(s) + eps; "
       "param -= lr b with b = mu b + g/d if momentum else param -= lr g/d";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("square_avg", "running average of squared gradients s"),
-      updated("momentum_buffer", "momentum buffer b")
-          .used_with("momentum")
-          .formerly("momentum_buf"),
-      updated("grad_avg", "running average of gradients gbar").used_with("centered"),
+      param_array(),
+      grad_array(),
+      state("square_avg", "running average of squared gradients s"),
+      state("momentum_buffer", "momentum buffer b").used_with("momentum").formerly("momentum_buf"),
+      state("grad_avg", "running average of gradients gbar").used_with("centered"),
   };
   static constexpr std::array hyperparameters{
       hp::lr(1e-2),

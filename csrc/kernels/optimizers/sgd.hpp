@@ -14,8 +14,8 @@ struct Sgd : NoCrossRule {
   static constexpr const char* name = "sgd";
   static constexpr const char* summary = "param -= lr g";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
+      param_array(),
+      grad_array(),
   };
   static constexpr std::array hyperparameters{
       hp::lr(),
@@ -31,9 +31,9 @@ struct Momentum {
   static constexpr const char* summary =
       "b = mu b + (1-tau) g; param -= lr (g + mu b if nesterov else b)";
   static constexpr std::array arrays{
-      updated("param", "parameters"),
-      read_only("grad", "gradients"),
-      updated("momentum_buffer", "momentum buffer b (start at zero)").formerly("buf"),
+      param_array(),
+      grad_array(),
+      state("momentum_buffer", "momentum buffer b (start at zero)").formerly("buf"),
   };
   static constexpr std::array hyperparameters{
       hp::lr(),
