@@ -254,7 +254,7 @@ py::dict declaration_data(const char* name, const char* summary, const Descripto
     entry["required"] = h.required;
     if (h.required) {
       entry["default"] = py::none();
-    } else if (h.kind == Kind::flag || h.kind == Kind::fixed) {
+    } else if (h.kind == Kind::flag) {
       entry["default"] = py::bool_(h.default_value != 0.0);
     } else {
       entry["default"] = h.default_value;

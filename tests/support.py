@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Dict, Mapping
 
 import numpy as np
@@ -79,3 +80,16 @@ def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> Non
             continue
         assert a.dtype == b.dtype, f"{context}: {label} dtype {a.dtype} != {b.dtype}"
         np.testing.assert_array_equal(a, b, err_msg=f"{context}: {label}", strict=True)
+
+
+def invalid_values(h) -> list:
+    """Values outside a real hyperparameter's declared range (``fusedopt._declarations``'s
+    HyperArg): NaN, the open or just-outside ends, and the infinities it excludes."""
+    values = [math.nan, -math.inf]
+    values.append(h.low if h.low_open else h.low - 0.1)
+    if math.isinf(h.high):
+        values.append(math.inf)  # [low, inf): infinity itself is refused
+    else:
+        values.append(h.high if h.high_open else h.high + 0.1)
+        values.append(math.inf)
+    return values

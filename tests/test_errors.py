@@ -7,13 +7,17 @@ copy taken before the call.
 
 from __future__ import annotations
 
-import inspect
-import math
-
 import ml_dtypes
 import numpy as np
 import pytest
-from support import all_options, assert_identical, call, copy_arrays, make_arrays
+from support import (
+    all_options,
+    assert_identical,
+    call,
+    copy_arrays,
+    invalid_values,
+    make_arrays,
+)
 
 from fusedopt.registry import OPTIMIZERS
 
@@ -182,30 +186,28 @@ def test_overlapping_memory(name):
     call(spec.fused, spec, shared, hyper)
 
 
-NAN, INF = math.nan, math.inf
-# Values every hyperparameter of that name must refuse, with the start of the message.
-BAD_HYPER = {
-    "lr": ([-1.0, NAN, INF, -INF], "Invalid learning rate"),
-    "eps": ([0.0, -1e-8, NAN, INF], "Invalid epsilon value"),
-    "beta1": ([1.0, -0.1, NAN, 1.5], "Invalid beta parameter at index 0"),
-    "beta2": ([1.0, -0.1, NAN], "Invalid beta parameter at index 1"),
-    "weight_decay": ([-0.1, NAN, INF], "Invalid weight_decay value"),
-    "momentum": ([-0.1, NAN, INF], "Invalid momentum value"),
-    "dampening": ([-0.1, 1.1, NAN], "Invalid dampening value"),
-    "alpha": ([-0.1, 1.1, NAN], "Invalid alpha value"),
-    "lr_decay": ([-0.1, NAN, INF], "Invalid lr_decay value"),
-    "step": ([0, -1], "Invalid step"),
-}
+# Values each real hyperparameter must refuse, derived from its declared range, with the
+# start of the message; and the step's.
+HYPER_CASES = [
+    (name, h.name, value, f"Invalid {h.label}")
+    for name, spec in OPTIMIZERS.items()
+    for h in spec.declaration.arguments
+    if h.kind == "real"
+    for value in invalid_values(h)
+] + [
+    (name, "step", value, "Invalid step")
+    for name, spec in OPTIMIZERS.items()
+    if spec.takes_step
+    for value in (0, -1)
+]
 BAD_HYPER_TYPES = {"lr": ["0.1", None, True, 1j], "step": [1.0, 2.5, "3", True, None]}
 
-HYPER_CASES = [
-    (name, param, value, message)
-    for name, spec in OPTIMIZERS.items()
-    for param in inspect.signature(spec.fused).parameters
-    if param in BAD_HYPER
-    for value in BAD_HYPER[param][0]
-    for message in [BAD_HYPER[param][1]]
-]
+
+def test_every_real_hyperparameter_has_invalid_cases():
+    named = {(name, param) for name, param, _, _ in HYPER_CASES}
+    for name, spec in OPTIMIZERS.items():
+        for h in spec.declaration.arguments:
+            assert h.kind != "real" or (name, h.name) in named, (name, h.name)
 
 
 @pytest.mark.parametrize("name, param, value, message", HYPER_CASES)
@@ -215,9 +217,8 @@ def test_bad_hyperparameter(name, param, value, message):
     if param == "step":
         assert_rejected(spec, arrays, hyper, ValueError, message, step=value)
         return
+    # hyperparameters are checked before any array: an invalid momentum is reported as such
     hyper = {**hyper, param: value}
-    if param == "momentum" and "momentum_buf" in arrays and not value > 0:
-        arrays.pop("momentum_buf")  # an invalid momentum must be reported as such
     assert_rejected(spec, arrays, hyper, ValueError, f"^{message}")
 
 
@@ -324,6 +325,8 @@ def test_the_binding_rejects_unknown_and_missing_hyperparameters():
         _core.sgd(p, g, grad=g, lr=0.1)
     with pytest.raises(TypeError, match="^sgd_\\(\\) takes at most 2 positional arguments"):
         _core.sgd(p, g, g, lr=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'skip_if_nonfinite'"):
+        _core.scale([p, g], factor=2.0, skip_if_nonfinite=True)  # no grad to scan
     with pytest.raises(ValueError, match="^Invalid step: 9223372036854775808 \\(at most"):
         _core.adam(p, g, p.copy(), p.copy(), step=2**63, lr=0.1)
     np.testing.assert_array_equal(p, before, strict=True)
@@ -345,3 +348,5 @@ def test_classes_check_hyperparameters_with_the_functions_rules():
             cls([p], **kwargs)
     with pytest.raises(TypeError, match="^learning rate must be a real number, got str$"):
         optim.Adam([p], lr="0.1")
+    with pytest.raises(ValueError, match="^AdamW always decouples weight decay"):
+        optim.AdamW([{"params": [p], "decoupled_weight_decay": False}])

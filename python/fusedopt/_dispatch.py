@@ -48,6 +48,8 @@ def _load() -> str:
                 f"FUSEDOPT_SIMD={forced}: this CPU or build cannot run it "
                 f"(it can run: {', '.join(levels)})"
             )
+    if not levels:
+        raise ImportError(f"fusedopt: no kernel library beside {core.__file__}: reinstall fusedopt")
     level = forced or levels[0]
     lib = _loaded[level] = ctypes.CDLL(str(library(level)))
     core._use_kernels(ctypes.cast(lib.fusedopt_kernel_table, ctypes.c_void_p).value)

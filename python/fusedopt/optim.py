@@ -670,6 +670,12 @@ class AdamW(Adam):
 
     kernel = "adamw"
 
+    def _check_group(self, group):
+        if not group.get("decoupled_weight_decay", True):
+            raise ValueError(
+                "AdamW always decouples weight decay: use Adam for decoupled_weight_decay=False"
+            )
+
     def __init__(
         self,
         params: Params,

@@ -1,9 +1,10 @@
 r"""The executable specification: every update rule in plain NumPy, as written in the literature.
 
 Each function has the signature of its fused twin in :mod:`fusedopt` (a test checks that they
-agree with the kernel's declaration) and updates its arrays in place, one tensor or a list of
-tensors. It does no validation. The fused kernels compute the same operations in the same order
-(see the comment atop each ``csrc/kernels/optimizers/*.hpp``), so they agree bit for bit. Bias
+agree with the kernel's declaration; only the fused twin still takes a renamed buffer's old,
+deprecated keyword) and updates its arrays in place, one tensor or a list of tensors. It does
+no validation. The fused kernels compute the same operations in the same order (see the comment
+atop each ``csrc/kernels/optimizers/*.hpp``), so they agree bit for bit. Bias
 corrections and learning-rate factors are Python floats (double); NumPy applies them to float32
 arrays as float32.
 

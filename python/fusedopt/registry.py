@@ -27,8 +27,8 @@ def _varied(h) -> Any:
 def cases(declaration: Declaration) -> Tuple[Dict[str, Any], ...]:
     """Hyperparameter sets that take every branch: the defaults; every flag and option on,
     each alone; every real changed; and every real changed with every flag flipped. Required
-    reals are 0.1 unless changed; a set its declaration rejects (Nesterov with dampening) is
-    left out."""
+    reals are 0.1 unless changed. A set that a rule across hyperparameters refuses (Nesterov
+    with dampening) is repaired by giving reals back their defaults, one at a time."""
     args = [h for h in declaration.arguments if h.kind != "step"]
     base = {h.name: 0.1 for h in args if h.required}
     options = set(declaration.optional_state.values())
@@ -39,15 +39,25 @@ def cases(declaration: Declaration) -> Tuple[Dict[str, Any], ...]:
     reals = {h.name: _varied(h) for h in args if h.kind == "real"}
     found.append(reals)
     found.append({h.name: _varied(h) for h in args})
-    valid = []
+    valid: List[Dict[str, Any]] = []
     for hyper in found:
-        try:
-            declaration.check(hyper)
-        except ValueError:
-            continue
-        if hyper not in valid:
+        hyper = _repaired(declaration, hyper, args)
+        if hyper is not None and hyper not in valid:
             valid.append(hyper)
     return tuple(valid)
+
+
+def _repaired(declaration: Declaration, hyper: Dict[str, Any], args) -> Any:
+    """``hyper``, or with the fewest reals back at their defaults that the declaration
+    accepts; None if none does."""
+    for h in [None] + [h for h in args if h.kind == "real" and not h.required]:
+        candidate = dict(hyper) if h is None else {k: v for k, v in hyper.items() if k != h.name}
+        try:
+            declaration.check(candidate)
+        except ValueError:
+            continue
+        return candidate
+    return None
 
 
 @dataclass(frozen=True)
