@@ -89,15 +89,21 @@ def test_threadpoolctl_limits_apply():
     assert fusedopt.get_num_threads() == default
 
 
-def test_roofline_probe_moves_memory_but_changes_nothing():
-    """The benchmark's implementations share arrays with the probe: it must leave finite
-    values as they are (it adds 0 * grad)."""
+@pytest.mark.parametrize("buffers", range(5))
+def test_roofline_probe_moves_memory_but_changes_nothing(buffers):
+    """The benchmark's implementations share arrays with the probe: with any number of
+    buffers it must leave finite values as they are (it adds 0 * grad), and it writes the
+    param and every buffer it is given (a NaN grad makes 0 * grad NaN)."""
     from fusedopt import _core
 
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        arrays = [rng.standard_normal(5000).astype(dtype) for _ in range(4)]
+        arrays = [rng.standard_normal(5000).astype(dtype) for _ in range(2 + buffers)]
         before = [a.copy() for a in arrays]
-        _core.roofline(arrays[0], arrays[1], arrays[2], arrays[3], None, None)
+        absent = [None] * (4 - buffers)
+        _core.roofline(*arrays, *absent)
         for a, b in zip(arrays, before):
             np.testing.assert_array_equal(a, b, strict=True)
+        arrays[1][7] = np.nan
+        _core.roofline(*arrays, *absent)
+        assert [bool(np.isnan(a[7])) for a in arrays] == [True] * len(arrays)
