@@ -32,7 +32,6 @@ using fusedopt::DType;
 using fusedopt::Hyperparameter;
 using fusedopt::Index;
 using fusedopt::Kind;
-using fusedopt::Storage;
 using fusedopt::TensorSet;
 using fusedopt::Value;
 
@@ -445,21 +444,73 @@ bool same_dtype(const py::dtype& a, const py::dtype& b) {
   return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
 }
 
+// The NumPy dtype of each DType; bfloat16's is ml_dtypes', None where ml_dtypes is missing.
+const std::array<py::object, fusedopt::kDTypeCount>& numpy_dtypes() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<
+      std::array<py::object, fusedopt::kDTypeCount>>
+      dtypes;
+  return dtypes
+      .call_once_and_store_result([] {
+        std::array<py::object, fusedopt::kDTypeCount> d;
+        d[static_cast<std::size_t>(DType::float32)] = py::dtype::of<float>();
+        d[static_cast<std::size_t>(DType::float64)] = py::dtype::of<double>();
+        d[static_cast<std::size_t>(DType::float16)] = py::dtype("float16");
+        try {
+          d[static_cast<std::size_t>(DType::bfloat16)] =
+              py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+        } catch (py::error_already_set&) {  // without ml_dtypes no array is bfloat16
+          d[static_cast<std::size_t>(DType::bfloat16)] = py::none();
+        }
+        return d;
+      })
+      .get_stored();
+}
+
 py::dtype numpy_dtype(DType dtype) {
-  return dtype == DType::float64 ? py::dtype::of<double>() : py::dtype::of<float>();
+  return py::reinterpret_borrow<py::dtype>(numpy_dtypes()[static_cast<std::size_t>(dtype)]);
+}
+
+const char* dtype_text(DType dtype) {
+  switch (dtype) {
+    case DType::float32: return "float32";
+    case DType::float64: return "float64";
+    case DType::bfloat16: return "bfloat16";
+    case DType::float16: return "float16";
+  }
+  return "";
 }
 
 std::optional<DType> dtype_of(const py::dtype& dtype) {
-  for (const DType d : {DType::float32, DType::float64}) {
-    if (same_dtype(dtype, numpy_dtype(d))) return d;
+  const auto& dtypes = numpy_dtypes();
+  for (std::size_t d = 0; d < dtypes.size(); ++d) {
+    if (!dtypes[d].is_none() && same_dtype(dtype, py::reinterpret_borrow<py::dtype>(dtypes[d]))) {
+      return static_cast<DType>(d);
+    }
   }
   return std::nullopt;
+}
+
+// "float32 or bfloat16": the dtypes the rows allow for `part` with a `param` param (every
+// param dtype of any row where `param` is nothing).
+std::string allowed_dtypes(fusedopt::Part part, std::optional<DType> param) {
+  std::vector<DType> allowed;
+  for (const fusedopt::StorageRow& row : fusedopt::kStorageRows) {
+    if (param && row.param != *param) continue;
+    const DType d = row.of(part);
+    if (std::find(allowed.begin(), allowed.end(), d) == allowed.end()) allowed.push_back(d);
+  }
+  std::string text;
+  for (std::size_t i = 0; i < allowed.size(); ++i) {
+    text += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ");
+    text += dtype_text(allowed[i]);
+  }
+  return text;
 }
 
 // The checked arrays of one call: a pointer per (tensor, role), nullptr where an optional role
 // is absent, each tensor's first element in the concatenation of all, and their storage.
 struct Checked {
-  Storage storage = fusedopt::kFloat32;
+  std::size_t storage = 0;  // the call's row of fusedopt::kStorageRows
   DType grad_dtype = DType::float32;
   std::size_t roles = 0;
   std::vector<py::object> held;  // the arrays of list calls that release the GIL
@@ -504,17 +555,17 @@ std::optional<std::pair<std::size_t, std::size_t>> find_overlap(std::vector<Exte
 // Checks one array against its tensor's param (`ref`, or nullptr when it is the param) and the
 // call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
 // the caller's array. `dtype_owner` names the array the call's dtype comes from.
+template <typename Expected>
 void check_array(const Label& label, py::handle obj, const py::array* ref, const py::dtype& dtype,
-                 const std::string& dtype_owner, bool written) {
+                 const Expected& expected, bool written) {
   if (!py::isinstance<py::array>(obj)) {
     throw py::type_error(label.str() + ": expected a numpy.ndarray, got " + type_name(obj));
   }
   const auto arr = py::reinterpret_borrow<py::array>(obj);
   if (!same_dtype(arr.dtype(), dtype)) {
-    const bool other_tensor = label.index > 0;
-    throw py::type_error(label.str() + ": expected dtype " + dtype_name(dtype) + " like " +
-                         dtype_owner + ", got " + dtype_name(arr.dtype()) +
-                         (other_tensor ? " (one call takes one dtype)" : ""));
+    throw py::type_error(label.str() + ": expected dtype " + expected() + ", got " +
+                         dtype_name(arr.dtype()) +
+                         (label.index > 0 ? " (one call takes one dtype)" : ""));
   }
   const bool c_order = (arr.flags() & py::array::c_style) != 0;
   const bool f_order = (arr.flags() & py::array::f_style) != 0;
@@ -608,7 +659,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
 
   // The call's row of the table: the first whose dtypes are those of the first tensor's arrays
   // (its param's at least). Every array of every tensor must then have its part's dtype.
-  Storage storage = fusedopt::kFloat32;
+  std::size_t storage = 0;
   if (count > 0) {
     auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
       const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
@@ -619,17 +670,18 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     bool param_known = false, matched = false;
     for (std::size_t row = 0; row < fusedopt::kStorageCount && !matched; ++row) {
       if (param_dtype != fusedopt::kStorageRows[row].param) continue;
-      if (!param_known) storage = static_cast<Storage>(row);  // for the messages, if none fits
+      if (!param_known) storage = row;  // for the messages, if none fits
       param_known = true;
       matched = true;
       for (std::size_t r = 1; r < n_roles; ++r) {
         const std::optional<DType> dtype = dtype_at(r);
         if (dtype && dtype != fusedopt::kStorageRows[row].of(roles[r].part)) matched = false;
       }
-      if (matched) storage = static_cast<Storage>(row);
+      if (matched) storage = row;
     }
     if (!param_known) {
-      throw py::type_error(label(0, 0).str() + ": expected dtype float32 or float64, got " +
+      throw py::type_error(label(0, 0).str() + ": expected dtype " +
+                           allowed_dtypes(roles[0].part, std::nullopt) + ", got " +
                            dtype_name(py::reinterpret_borrow<py::array>(item(param, 0)).dtype()));
     }
   }
@@ -643,10 +695,13 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   checked.starts.assign(count + 1, 0);
   std::vector<Extent> extents;
   extents.reserve(count * n_roles);
-  const std::string dtype_owner = label(0, 0).str();
   for (std::size_t i = 0; i < count; ++i) {
-    check_array(label(0, i), item(param, i), nullptr, numpy_dtype(row.param), dtype_owner,
-                roles[0].written);
+    // messages: "float64 like param[0] (one call takes one dtype)", "float32 like param",
+    // "bfloat16 or float32 for a bfloat16 param"
+    check_array(
+        label(0, i), item(param, i), nullptr, numpy_dtype(row.param),
+        [&] { return std::string(dtype_text(row.param)) + " like " + label(0, 0).str(); },
+        roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
     checked.starts[i + 1] = checked.starts[i] + static_cast<Index>(p.size());
     for (std::size_t r = 0; r < n_roles; ++r) {
@@ -654,8 +709,30 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       const py::handle obj = item(args[r], i);
       if (r > 0) {
         const DType expected = row.of(roles[r].part);
-        check_array(label(r, i), obj, &p, numpy_dtype(expected),
-                    expected == row.param ? "param" : "its part for this param", roles[r].written);
+        check_array(
+            label(r, i), obj, &p, numpy_dtype(expected),
+            [&]() -> std::string {
+              if (i > 0) {
+                return std::string(dtype_text(expected)) + " like " + label(r, 0).str();
+              }
+              const std::string allowed = allowed_dtypes(roles[r].part, row.param);
+              const std::optional<DType> actual =
+                  dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
+              const bool combination =
+                  actual && allowed_dtypes(roles[r].part, row.param).find(dtype_text(*actual)) !=
+                                std::string::npos;
+              if (combination) {  // allowed alone, not with the call's other arrays
+                for (std::size_t q = 1; q < r; ++q) {
+                  if (present[q] && roles[q].part == roles[r].part) {
+                    return std::string(dtype_text(expected)) + " like " + roles[q].name;
+                  }
+                }
+                return std::string(dtype_text(expected)) + " with the call's other arrays";
+              }
+              if (allowed == dtype_text(row.param)) return allowed + " like param";
+              return allowed + " for a " + dtype_text(row.param) + " param";
+            },
+            roles[r].written);
       }
       const auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
@@ -875,6 +952,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &threads_for_kernels);
   m.def("set_num_threads", [](int threads) { num_threads.store(threads); });
   m.attr("CHUNK") = fusedopt::kChunk;
+  py::list rows;  // (param, grad, state) dtype names of every storage row
+  for (const fusedopt::StorageRow& row : fusedopt::kStorageRows) {
+    rows.append(py::make_tuple(dtype_text(row.param), dtype_text(row.grad), dtype_text(row.state)));
+  }
+  m.attr("STORAGE_ROWS") = py::tuple(rows);
   m.def("get_parallel_min", [] { return parallel_min.load(); });
   m.def("set_parallel_min", [](Index n) { parallel_min.store(n); });
   m.attr("__version__") = FUSEDOPT_VERSION;

@@ -3,6 +3,7 @@
 // stand in for another's). The binding loads the best library the CPU runs and calls
 // fusedopt_kernel_table().
 #include <Eigen/Core>
+#include <utility>
 
 #include "kernels/table.hpp"
 
@@ -44,18 +45,25 @@ void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin
   });
 }
 
+// Every storage row's update of one kernel.
+template <typename Decl, std::size_t... Rows>
+std::array<UpdateFn, kStorageCount> rows_of(std::index_sequence<Rows...>) {
+  return {&update<Decl, typename RowTypes<Rows>::type>...};
+}
+
 template <typename... Decls>
 KernelTable make_table(List<Decls...>) {
   static_assert((well_formed<Decls>() && ...), "a declaration is malformed: see well_formed");
-  using F32 = StorageTypes<kFloat32>::type;
-  using F64 = StorageTypes<kFloat64>::type;
-  return KernelTable{kTableVersion,
-                     kFingerprint,
-                     FUSEDOPT_SIMD_LEVEL,
-                     Eigen::SimdInstructionSetsInUse(),
-                     {{&update<Decls, F32>, &update<Decls, F64>}...},
-                     {&nonfinite<float>, &nonfinite<double>},
-                     {&sums_of_squares<float>, &sums_of_squares<double>}};
+  using AllRows = std::make_index_sequence<kStorageCount>;
+  return KernelTable{
+      kTableVersion,
+      kFingerprint,
+      FUSEDOPT_SIMD_LEVEL,
+      Eigen::SimdInstructionSetsInUse(),
+      {rows_of<Decls>(AllRows{})...},
+      {&nonfinite<float>, &nonfinite<double>, &nonfinite<Eigen::bfloat16>, &nonfinite<Eigen::half>},
+      {&sums_of_squares<float>, &sums_of_squares<double>, &sums_of_squares<Eigen::bfloat16>,
+       &sums_of_squares<Eigen::half>}};
 }
 
 }  // namespace

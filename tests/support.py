@@ -93,3 +93,25 @@ def invalid_values(h) -> list:
         values.append(h.high if h.high_open else h.high + 0.1)
         values.append(math.inf)
     return values
+
+
+def accepted_dtypes(spec: OptimizerSpec, arrays: Arrays) -> bool:
+    """Whether the dtypes of `arrays` (one tensor) are a storage row of the kernels: the param's,
+    the grad's and one dtype for every state buffer."""
+    from fusedopt import _core
+
+    states = {
+        np.dtype(a).name if isinstance(a, type) else a.dtype.name
+        for role, a in arrays.items()
+        if role not in ("param", "grad")
+    }
+    if len(states) > 1:
+        return False
+    for param, grad, state in _core.STORAGE_ROWS:
+        if (
+            arrays["param"].dtype.name == param
+            and arrays["grad"].dtype.name == grad
+            and (not states or states == {state})
+        ):
+            return True
+    return False

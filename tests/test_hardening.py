@@ -6,6 +6,7 @@ import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import ml_dtypes
 import numpy as np
 import pytest
 from support import all_options, assert_identical, call, copy_arrays, make_arrays, new_grad
@@ -31,7 +32,9 @@ def restore_threads():
 # ---------------------------------------------------------------- all_finite
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "dtype", DTYPES + [ml_dtypes.bfloat16, np.float16], ids=lambda d: np.dtype(d).name
+)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_all_finite_finds_every_position(dtype, threads, restore_threads):
     fusedopt.set_num_threads(threads)
@@ -66,8 +69,10 @@ def test_all_finite_rejects_bad_input():
         fusedopt.all_finite(1.0)
     with pytest.raises(TypeError, match=r"arrays\[1\]: expected dtype float32"):
         fusedopt.all_finite([np.ones(3, np.float32), np.ones(3, np.float64)])
-    with pytest.raises(TypeError, match="arrays: expected dtype float32 or float64"):
-        fusedopt.all_finite(np.ones(3, np.float16))
+    with pytest.raises(
+        TypeError, match="^arrays: expected dtype float32, float64, bfloat16 or float16, got int32"
+    ):
+        fusedopt.all_finite(np.ones(3, np.int32))
     with pytest.raises(ValueError, match="arrays: expected a C- or F-contiguous"):
         fusedopt.all_finite(np.ones(6)[::2])
 

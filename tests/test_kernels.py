@@ -9,6 +9,7 @@ difference means the formula, its order of operations or its rounding changed.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 from support import all_options, assert_identical, call, copy_arrays, make_arrays, new_grad
@@ -40,6 +41,13 @@ SHAPES = {
     "empty list": [],
 }
 DTYPES = [np.float32, np.float64]
+LOW = ("bfloat16", "float16")
+DTYPE_OF = {
+    "float32": np.float32,
+    "float64": np.float64,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float16": np.float16,
+}
 STEPS = 3
 
 CASES = [
@@ -115,3 +123,122 @@ def test_set_num_threads(restore_threads):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="threads"):
             fusedopt.set_num_threads(bad)
+
+
+# ---------------------------------------------------------------- low-precision storage
+
+LOW_ROWS = [row for row in _core.STORAGE_ROWS if len(set(row)) > 1 or row[0] in LOW]
+LOW_SHAPES = ["0", "17", "chunk+1", "33x65 F", "list"]
+
+
+def as_row(arrays, row):
+    """`arrays` (float32, one tensor or lists) stored as the row says: param, grad, state."""
+    param, grad, state = (DTYPE_OF[name] for name in row)
+
+    def cast(role, a):
+        dtype = param if role == "param" else grad if role == "grad" else state
+        return a.astype(dtype, order="K")
+
+    return {
+        role: [cast(role, a) for a in value] if isinstance(value, list) else cast(role, value)
+        for role, value in arrays.items()
+    }
+
+
+@pytest.mark.parametrize("shape_id", LOW_SHAPES)
+@pytest.mark.parametrize("row", LOW_ROWS, ids="-".join)
+@pytest.mark.parametrize(("spec", "hyper"), CASES)
+def test_low_precision_is_the_float32_formula_rounded_once(spec, hyper, row, shape_id):
+    """Every array is loaded and converted to float32, the float32 formula runs as it does for
+    float32 arrays, and each result is rounded once, to nearest even, when it is stored. So the
+    fused result is bit-identical to the float32 reference run on the upcast arrays and then
+    rounded; and fusedopt.reference's own low-precision path agrees."""
+    rng = np.random.default_rng([len(shape_id), sum(map(len, row))])
+    shape, order = shape_and_order(SHAPES[shape_id])
+    fused = as_row(make_arrays(spec, hyper, shape, np.float32, rng, order), row)
+    reference = copy_arrays(fused)
+    for step in range(1, STEPS + 1):
+        new_grad(fused, rng)
+        fused = as_row(fused, row)  # the new grad in the row's grad dtype
+        reference["grad"] = copy_arrays({"g": fused["grad"]})["g"]
+        upcast = as_row(copy_arrays(reference), ("float32",) * 3)
+        expected = as_row(copy_arrays(upcast), ("float32",) * 3)
+        call(spec.reference, spec, expected, hyper, step)
+        expected = as_row(expected, row)  # rounded once
+        assert call(spec.fused, spec, fused, hyper, step) is True
+        assert call(spec.reference, spec, reference, hyper, step) is True
+        assert_identical(fused, expected, f"{spec.name} {hyper} {row} step {step}")
+        assert_identical(reference, expected, f"reference {spec.name} {hyper} {row} {step}")
+
+
+@pytest.mark.parametrize(
+    "row", [("bfloat16", "bfloat16", "bfloat16"), ("float16", "float32", "float32")], ids="-".join
+)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_low_precision_thread_count_does_not_change_results(name, row, restore_threads):
+    spec = OPTIMIZERS[name]
+    hyper = {**spec.cases[-1], **all_options(spec)}
+    shapes = [(3 * PARALLEL_MIN + 11,), (CHUNK * 5 + 1,), (7,)]
+    results = {}
+    for threads in (1, 2, 3):
+        fusedopt.set_num_threads(threads)
+        rng = np.random.default_rng(1)
+        arrays = as_row(make_arrays(spec, hyper, shapes, np.float32, rng), row)
+        for step in range(1, STEPS + 1):
+            new_grad(arrays, rng)
+            arrays = as_row(arrays, row)
+            call(spec.fused, spec, arrays, hyper, step)
+        results[threads] = arrays
+    for threads, arrays in results.items():
+        assert_identical(arrays, results[1], f"{threads} threads vs 1")
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "message"),
+    [
+        (
+            ("float16", "float16", "float16"),
+            "^exp_avg: expected dtype float32 for a float16 param, got float16$",
+        ),
+        (
+            ("float32", "float64", "float32"),
+            "^grad: expected dtype float32 like param, got float64$",
+        ),
+        (
+            ("float32", "bfloat16", "float32"),
+            "^grad: expected dtype float32 like param, got bfloat16$",
+        ),
+        (
+            ("bfloat16", "float64", "float32"),
+            "^grad: expected dtype bfloat16 or float32 for a bfloat16 param, got float64$",
+        ),
+        (
+            ("float64", "float64", "bfloat16"),
+            "^exp_avg: expected dtype float64 like param, got bfloat16$",
+        ),
+        (
+            ("int32", "float32", "float32"),
+            "^param: expected dtype float32, float64, bfloat16 or float16, got int32$",
+        ),
+    ],
+)
+def test_storage_combinations_without_a_row_are_refused(dtypes, message):
+    """Float16 state, float64 grads for a float32 param and the like raise a TypeError that
+    says what the param's dtype allows, and change nothing."""
+    param, grad, state = (DTYPE_OF.get(d, np.int32) for d in dtypes)
+    arrays = [np.ones(4, param), np.ones(4, grad), np.zeros(4, state), np.zeros(4, state)]
+    before = [a.copy() for a in arrays]
+    with pytest.raises(TypeError, match=message):
+        fusedopt.adam_(*arrays, step=1)
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a, b, strict=True)
+    mixed = [
+        np.ones(4, np.float32),
+        np.ones(4, np.float32),
+        np.zeros(4, np.float32),
+        np.zeros(4, ml_dtypes.bfloat16),
+    ]
+    with pytest.raises(
+        TypeError, match="^exp_avg_sq: expected dtype float32 like exp_avg, got bfloat16$"
+    ):
+        fusedopt.adam_(*mixed, step=1)  # one dtype for every state buffer

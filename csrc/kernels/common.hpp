@@ -2,6 +2,7 @@
 // optimizers share, and the walk over (tensor, chunk) pieces. Pure C++, no Python.
 #pragma once
 
+#include <Eigen/Core>  // Eigen::bfloat16, Eigen::half: conversions that round to nearest even
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -19,16 +20,19 @@ using Index = std::ptrdiff_t;
 inline constexpr Index kChunk = 2048;
 
 // How a kernel's arrays are stored and what its arithmetic runs in. A kernel loads each element
-// with load<Compute>, runs its formula in Compute and rounds once with store. Today every array
-// is stored in the compute type, so both are plain copies; a storage such as bfloat16 adds
-// an overload of each, not a new kernel.
-template <typename T>
-struct Uniform {
-  using Compute = T;
-  using Param = T;
-  using Grad = T;
-  using State = T;
+// with load<Compute>, runs its formula in Compute and rounds once with store: so a low-precision
+// array gives exactly the compute type's result, rounded. Conversions to bfloat16 and float16
+// are Eigen's, which round to nearest even (ties to even, NaN stays NaN), as ml_dtypes and
+// NumPy round.
+template <typename C, typename P, typename G, typename S>
+struct Storage {
+  using Compute = C;
+  using Param = P;
+  using Grad = G;
+  using State = S;
 };
+template <typename T>
+using Uniform = Storage<T, T, T, T>;
 
 template <typename Compute, typename Stored>
 inline Compute load(Stored x) {

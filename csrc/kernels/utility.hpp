@@ -12,8 +12,6 @@ namespace fusedopt {
 
 template <typename T>
 using ConstVec = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
-template <typename T>
-using Vec = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 
 // Whether x[0..n) holds a NaN or an infinity. x * 0 is 0 for every finite x and NaN otherwise,
 // and a sum with a NaN in it is NaN: Eigen's vectorized reduction does it in one pass, where a
@@ -65,12 +63,15 @@ struct Scale : NoCrossRule {
 template <typename Types>
 struct ScaleKernel {
   using T = typename Types::Compute;
+  using P = typename Types::Param;
 
   template <typename Decl>
   explicit ScaleKernel(const Values<Decl>& h) : factor(T(h.real("factor"))) {}
 
   void operator()(void* const* a, Index offset, Index n) const {
-    Vec<T>(role<T>(a, 0, offset), n) *= factor;
+    P* __restrict x = role<P>(a, 0, offset);
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) store(x[i], load<T>(x[i]) * factor);
   }
 
   T factor;
@@ -100,6 +101,9 @@ struct Roofline : NoCrossRule {
 template <typename Types>
 struct RooflineKernel {
   using T = typename Types::Compute;
+  using P = typename Types::Param;
+  using G = typename Types::Grad;
+  using S = typename Types::State;
 
   template <typename Decl>
   explicit RooflineKernel(const Values<Decl>&) {}
@@ -108,25 +112,26 @@ struct RooflineKernel {
     with_flags(
         [&](auto b1, auto b2, auto b3, auto b4) {
           run<b1.value, b2.value, b3.value, b4.value>(
-              n, role<T>(a, 0, offset), role<const T>(a, 1, offset), role<T>(a, 2, offset),
-              role<T>(a, 3, offset), role<T>(a, 4, offset), role<T>(a, 5, offset));
+              n, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
+              role<S>(a, 3, offset), role<S>(a, 4, offset), role<S>(a, 5, offset));
         },
         a[2] != nullptr, a[3] != nullptr, a[4] != nullptr, a[5] != nullptr);
   }
 
   // One pass over all arrays, as the optimizer kernels stream them: a probe that swept each
-  // array on its own would be slower than the kernels it bounds.
+  // array on its own would be slower than the kernels it bounds. Each element is loaded and
+  // stored like the kernels' (a low-precision value converts there and back exactly).
   template <bool has1, bool has2, bool has3, bool has4>
-  void run(Index n, T* __restrict param, const T* __restrict grad, T* __restrict b1,
-           T* __restrict b2, T* __restrict b3, T* __restrict b4) const {
+  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict b1,
+           S* __restrict b2, S* __restrict b3, S* __restrict b4) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      const T zero = T(0) * grad[i];
-      param[i] += zero;
-      if constexpr (has1) b1[i] += zero;
-      if constexpr (has2) b2[i] += zero;
-      if constexpr (has3) b3[i] += zero;
-      if constexpr (has4) b4[i] += zero;
+      const T zero = T(0) * load<T>(grad[i]);
+      store(param[i], load<T>(param[i]) + zero);
+      if constexpr (has1) store(b1[i], load<T>(b1[i]) + zero);
+      if constexpr (has2) store(b2[i], load<T>(b2[i]) + zero);
+      if constexpr (has3) store(b3[i], load<T>(b3[i]) + zero);
+      if constexpr (has4) store(b4[i], load<T>(b4[i]) + zero);
     }
   }
 };

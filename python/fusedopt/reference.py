@@ -1,5 +1,9 @@
 r"""The executable specification: every update rule in plain NumPy, as written in the literature.
 
+Arrays stored in bfloat16 or float16 (in any combination the fused functions take) are
+converted to float32 (float64 for a float64 param), the formula runs there, and what it writes
+is rounded once, to nearest even: the semantics of the kernels.
+
 Each function has the signature of its fused twin in :mod:`fusedopt` (a test checks that they
 agree with the kernel's declaration; only the fused twin still takes a renamed buffer's old,
 deprecated keyword) and updates its arrays in place, one tensor or a list of tensors. It does
@@ -34,7 +38,7 @@ def _for_each_tensor(update):
         if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
             return False
         if isinstance(param, np.ndarray):
-            update(param, grad, *arrays, **hyper)
+            _in_compute_type(update, param, grad, arrays, hyper)
             return True
         arrays = (grad,) + arrays
         count = len(param)
@@ -42,11 +46,12 @@ def _for_each_tensor(update):
         buffers = {k: v for k, v in hyper.items() if isinstance(v, (list, tuple))}
         scalars = {k: v for k, v in hyper.items() if k not in buffers}
         for i in range(count):
-            update(
+            _in_compute_type(
+                update,
                 param[i],
-                *(a[i] for a in per_tensor),
-                **{k: v[i] for k, v in buffers.items()},
-                **scalars,
+                per_tensor[0][i],
+                [a[i] for a in per_tensor[1:]],
+                {**{k: v[i] for k, v in buffers.items()}, **scalars},
             )
         return True
 
@@ -54,6 +59,27 @@ def _for_each_tensor(update):
     skip = inspect.Parameter("skip_if_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False)
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), skip])
     return wrapper
+
+
+def _in_compute_type(update, param, grad, arrays, hyper):
+    """Runs a one-tensor update as the kernels do with low-precision storage: every array is
+    converted to the compute type (float64 for a float64 param, float32 otherwise), the formula
+    runs there, and every array it writes is rounded once, to nearest even, on the way back."""
+    compute = np.float64 if param.dtype == np.float64 else np.float32
+    buffers = {k: v for k, v in hyper.items() if isinstance(v, np.ndarray)}
+    stored = [param, *(a for a in arrays if a is not None), *buffers.values()]
+    if grad.dtype == compute and all(a.dtype == compute for a in stored):
+        update(param, grad, *arrays, **hyper)
+        return
+    up = {id(a): a.astype(compute) for a in stored}
+    update(
+        up[id(param)],
+        grad.astype(compute),
+        *(None if a is None else up[id(a)] for a in arrays),
+        **{k: up[id(v)] if isinstance(v, np.ndarray) else v for k, v in hyper.items()},
+    )
+    for a in stored:
+        a[...] = up[id(a)].astype(a.dtype)
 
 
 def _gradient(grad, param, weight_decay, maximize):
