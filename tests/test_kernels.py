@@ -242,3 +242,23 @@ def test_storage_combinations_without_a_row_are_refused(dtypes, message):
         TypeError, match="^exp_avg_sq: expected dtype float32 like exp_avg, got bfloat16$"
     ):
         fusedopt.adam_(*mixed, step=1)  # one dtype for every state buffer
+
+
+def test_norm_and_clipping_take_low_precision_grads():
+    """global_norm accumulates the upcast values in double; clip_grad_norm_ scales each
+    bfloat16 or float16 grad in float32 and rounds once."""
+    rng = np.random.default_rng(0)
+    grads = [
+        rng.standard_normal(3000).astype(ml_dtypes.bfloat16),
+        rng.standard_normal(CHUNK + 5).astype(np.float16),
+        rng.standard_normal(7),
+    ]
+    exact = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    np.testing.assert_allclose(fusedopt.global_norm(grads), exact, rtol=1e-12)
+    expected = [g.copy() for g in grads]
+    total = fusedopt.clip_grad_norm_(grads, 1.0)
+    coef = 1.0 / (total + 1e-6)
+    for g, e in zip(grads, expected):
+        compute = np.float64 if e.dtype == np.float64 else np.float32
+        rounded = (e.astype(compute) * compute(coef)).astype(e.dtype)
+        np.testing.assert_array_equal(g, rounded, strict=True)
