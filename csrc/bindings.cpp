@@ -175,7 +175,8 @@ struct Descriptor {
   std::size_t hyper_count;
   std::size_t kernel;
   const char* (*invalid)(const Value*);
-  bool has_grad;                          // role 1 is a grad: skip_if_nonfinite applies
+  bool has_grad;           // role 1 is a grad: skip_if_nonfinite and stochastic rounding apply
+  std::size_t step_index;  // of the "step" hyperparameter, or kNone
   std::vector<PyObject*> array_keywords;  // interned
   std::vector<PyObject*> hyper_keywords;
   std::vector<std::size_t> option_of;  // per array: index of its used_when hyperparameter
@@ -206,11 +207,15 @@ Descriptor describe(std::size_t kernel, const char* suffix) {
                kernel,
                &invalid_values<Decl>,
                fusedopt::has_grad<Decl>(),
+               kNone,
                {},
                {},
                {}};
   for (const ArrayDecl& a : Decl::arrays) d.array_keywords.push_back(intern(a.name));
-  for (const Hyperparameter& h : Decl::hyperparameters) d.hyper_keywords.push_back(intern(h.name));
+  for (const Hyperparameter& h : Decl::hyperparameters) {
+    if (h.kind == Kind::step) d.step_index = d.hyper_keywords.size();
+    d.hyper_keywords.push_back(intern(h.name));
+  }
   for (const ArrayDecl& a : Decl::arrays) {
     std::size_t option = kNone;
     for (std::size_t i = 0; a.used_when != nullptr && i < d.hyper_count; ++i) {
@@ -333,6 +338,22 @@ std::int64_t parse_step(PyObject* value) {
   return step;
 }
 
+// The seed of stochastic rounding: an integer in [0, 2**64).
+std::uint64_t parse_seed(PyObject* value) {
+  if (PyBool_Check(value)) throw py::type_error("seed must be an integer, got bool");
+  const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(value));
+  if (!index) {
+    PyErr_Clear();
+    throw py::type_error("seed must be an integer, got " + type_name(value));
+  }
+  const unsigned long long seed = PyLong_AsUnsignedLongLong(index.ptr());
+  if (seed == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error("Invalid seed: " + str_of(index.ptr()) + " (an integer in [0, 2**64))");
+  }
+  return seed;
+}
+
 bool parse_flag(PyObject* value) {
   const int truth = PyObject_IsTrue(value);
   if (truth < 0) throw py::error_already_set();
@@ -342,12 +363,20 @@ bool parse_flag(PyObject* value) {
 // Where a keyword goes: a hyperparameter, an array, or skip_if_nonfinite, which every kernel
 // with a grad takes. (A renamed array's old keyword is mapped, with its warning, in Python.)
 struct Slot {
-  enum { hyper, array, skip } what;
+  enum { hyper, array, skip, stochastic, seed } what;
   std::size_t index;
 };
 
 PyObject* skip_keyword() {
   static PyObject* const keyword = intern("skip_if_nonfinite");
+  return keyword;
+}
+PyObject* stochastic_keyword() {
+  static PyObject* const keyword = intern("stochastic_rounding");
+  return keyword;
+}
+PyObject* seed_keyword() {
+  static PyObject* const keyword = intern("seed");
   return keyword;
 }
 
@@ -367,6 +396,8 @@ std::optional<Slot> find_slot(const Descriptor& d, PyObject* keyword) {
       if (same(d.array_keywords[i])) return Slot{Slot::array, i};
     }
     if (d.has_grad && same(skip_keyword())) return Slot{Slot::skip, 0};
+    if (d.has_grad && same(stochastic_keyword())) return Slot{Slot::stochastic, 0};
+    if (d.has_grad && same(seed_keyword())) return Slot{Slot::seed, 0};
   }
   if (PyErr_Occurred()) throw py::error_already_set();
   return std::nullopt;
@@ -378,6 +409,8 @@ struct Arguments {
   std::array<Value, kMaxHyper> values{};
   std::array<PyObject*, kMaxHyper> given{};  // the caller's objects, for messages
   bool skip_if_nonfinite = false;
+  bool stochastic_rounding = false;
+  std::uint64_t seed = 0;
 
   bool option_on(const Descriptor& d, std::size_t array) const {
     const std::size_t option = d.option_of[array];
@@ -405,6 +438,10 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
     }
     if (slot->what == Slot::skip) {
       a.skip_if_nonfinite = parse_flag(value);
+    } else if (slot->what == Slot::stochastic) {
+      a.stochastic_rounding = parse_flag(value);
+    } else if (slot->what == Slot::seed) {
+      a.seed = parse_seed(value);
     } else if (slot->what == Slot::array) {
       if (a.arrays[slot->index] != nullptr) {
         throw py::type_error(d.function + "() got multiple values for argument '" +
@@ -779,12 +816,21 @@ bool any_nonfinite(const TensorSet& set, std::size_t r, DType dtype, int threads
 bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const TensorSet set = checked.set();
   const fusedopt::UpdateFn update = table().update[d.kernel][checked.storage];
+  const fusedopt::StorageRow& row = fusedopt::kStorageRows[checked.storage];
+  if (a.stochastic_rounding && (row.param == DType::float16 || row.state == DType::float16)) {
+    throw py::value_error(
+        "stochastic_rounding=True: float16 arrays are rounded to nearest only; stochastic "
+        "rounding is for bfloat16");
+  }
+  const fusedopt::RoundingRequest rounding{
+      a.stochastic_rounding, a.seed,
+      d.step_index == kNone ? 0 : static_cast<std::uint64_t>(a.values[d.step_index].count)};
   const int threads = threads_for_call(set.total());
   const ReleaseGilIfWorthIt release(set.total());
   if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.grad_dtype, threads)) return false;
   const Value* values = a.values.data();
   split_across_threads(set, threads,
-                       [&](Index begin, Index end) { update(values, set, begin, end); });
+                       [&](Index begin, Index end) { update(values, rounding, set, begin, end); });
   return true;
 }
 

@@ -11,10 +11,14 @@ namespace fusedopt {
 namespace {
 
 template <typename Decl, typename Types>
-void update(const Value* hyper, const TensorSet& set, Index begin, Index end) {
+void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set, Index begin,
+            Index end) {
   const typename Decl::template Kernel<Types> kernel{Values<Decl>(hyper)};
   walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
-    kernel(set.arrays(t), offset, n);
+    const Rounding rounding{request.stochastic,
+                            tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
+                            offset};
+    kernel(set.arrays(t), offset, n, rounding);
     return true;
   });
 }

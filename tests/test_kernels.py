@@ -262,3 +262,87 @@ def test_norm_and_clipping_take_low_precision_grads():
         compute = np.float64 if e.dtype == np.float64 else np.float32
         rounded = (e.astype(compute) * compute(coef)).astype(e.dtype)
         np.testing.assert_array_equal(g, rounded, strict=True)
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+SR_ROWS = [row for row in _core.STORAGE_ROWS if "bfloat16" in (row[0], row[2])]
+
+
+@pytest.mark.parametrize("shape_id", ["17", "chunk+1", "33x65 F", "list"])
+@pytest.mark.parametrize("row", SR_ROWS, ids="-".join)
+@pytest.mark.parametrize(("spec", "hyper"), CASES)
+def test_stochastic_rounding_matches_reference(spec, hyper, row, shape_id):
+    """The kernels' random bits and rounding are those of fusedopt.reference's independent
+    NumPy implementation, bit for bit, for every bfloat16 array they write."""
+    rng = np.random.default_rng([len(shape_id), 7])
+    shape, order = shape_and_order(SHAPES[shape_id])
+    fused = as_row(make_arrays(spec, hyper, shape, np.float32, rng, order), row)
+    reference = copy_arrays(fused)
+    sr = {**hyper, "stochastic_rounding": True, "seed": 2**64 - 1 - len(shape_id)}
+    for step in range(1, STEPS + 1):
+        new_grad(fused, rng)
+        fused = as_row(fused, row)
+        reference["grad"] = copy_arrays({"g": fused["grad"]})["g"]
+        seeded = sr if spec.takes_step else {**sr, "seed": sr["seed"] - step}
+        call(spec.fused, spec, fused, seeded, step)
+        call(spec.reference, spec, reference, seeded, step)
+        assert_identical(fused, reference, f"{spec.name} {hyper} {row} step {step}")
+
+
+def test_stochastic_rounding_is_unbiased():
+    """bfloat16 params at 1.0, updates of 1e-4 per step, far below half an ulp (2**-9 below 1):
+    round to nearest never moves them; stochastic rounding's mean after 200 steps is
+    1 - 200e-4 = 0.98, within 5 standard errors of the mean (about 1e-4 for 1e5 params)."""
+    n, steps = 100_000, 200
+    nearest = np.ones(n, ml_dtypes.bfloat16)
+    stochastic = np.ones(n, ml_dtypes.bfloat16)
+    grad = np.full(n, 1e-4, np.float32)
+    for step in range(steps):
+        fusedopt.sgd_(nearest, grad, lr=1.0)
+        fusedopt.sgd_(stochastic, grad, lr=1.0, stochastic_rounding=True, seed=step)
+    assert np.all(nearest == 1.0)
+    mean = float(stochastic.astype(np.float64).mean())
+    spread = float(stochastic.astype(np.float64).std()) / np.sqrt(n)
+    assert abs(mean - 0.98) < 5 * spread, (mean, spread)
+    assert spread > 0  # the params really spread: not a constant shift
+
+
+def sr_run(threads, seed, step=3):
+    fusedopt.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    shapes = [(3 * PARALLEL_MIN + 11,), (CHUNK * 5 + 1,), (7,)]
+    arrays = [
+        [rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in shapes] for _ in range(2)
+    ] + [[np.zeros(s, ml_dtypes.bfloat16) for s in shapes] for _ in range(2)]
+    fusedopt.adam_(*arrays, step=step, lr=1e-3, stochastic_rounding=True, seed=seed)
+    return arrays
+
+
+def test_stochastic_rounding_is_reproducible_and_seeded(restore_threads):
+    """The bits are a pure function of (seed, step, tensor, element): the same for every thread
+    count and run; another seed or step gives other bits."""
+    first = sr_run(1, seed=5)
+    for threads in (1, 2, 3):
+        again = sr_run(threads, seed=5)
+        for a, b in zip(first, again):
+            for x, y in zip(a, b):
+                assert x.tobytes() == y.tobytes(), threads
+    for other in (sr_run(2, seed=6), sr_run(2, seed=5, step=4)):
+        assert first[0][0].tobytes() != other[0][0].tobytes()
+
+
+def test_stochastic_rounding_arguments():
+    p, g = np.ones(4, np.float16), np.ones(4, np.float16)
+    state = [np.zeros(4, np.float32), np.zeros(4, np.float32)]
+    with pytest.raises(ValueError, match="^stochastic_rounding=True: float16 arrays are rounded"):
+        fusedopt.adam_(p, g, *state, step=1, stochastic_rounding=True)
+    b = np.ones(4, ml_dtypes.bfloat16)
+    for bad, error in [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="seed"):
+            fusedopt.sgd_(b, b.copy(), lr=0.1, stochastic_rounding=True, seed=bad)
+    assert np.all(p == 1) and np.all(b == 1)
+    # float32 and float64 arrays are stored exactly: the flag changes nothing there
+    f = np.ones(4, np.float32)
+    fusedopt.sgd_(f, np.ones(4, np.float32), lr=0.1, stochastic_rounding=True, seed=1)
+    np.testing.assert_array_equal(f, np.float32(1) - np.float32(0.1), strict=False)

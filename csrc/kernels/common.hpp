@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "declaration.hpp"
@@ -38,9 +39,121 @@ template <typename Compute, typename Stored>
 inline Compute load(Stored x) {
   return static_cast<Compute>(x);
 }
+// bfloat16 to float32 is exact: its 16 bits are the float's high half. Written as a shift so
+// that it vectorizes.
+template <typename Compute>
+inline Compute load(Eigen::bfloat16 x) {
+  const std::uint32_t u = static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(x))
+                          << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return static_cast<Compute>(f);
+}
 template <typename Stored, typename Compute>
 inline void store(Stored& to, Compute x) {
   to = static_cast<Stored>(x);
+}
+
+// float32 to bfloat16, to nearest even: the result of Eigen's (and so ml_dtypes') conversion,
+// written branch-free so that it vectorizes at every SIMD level. A NaN becomes the quiet NaN
+// of its sign.
+inline std::uint16_t bfloat16_bits(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const std::uint32_t nan = ((u >> 16) & 0x8000U) | 0x7FC0U;
+  const std::uint32_t nearest = (u + 0x7FFFU + ((u >> 16) & 1U)) >> 16;
+  return static_cast<std::uint16_t>(x != x ? nan : nearest);
+}
+template <typename Compute>
+inline void store(Eigen::bfloat16& to, Compute x) {
+  to = Eigen::numext::bit_cast<Eigen::bfloat16>(bfloat16_bits(static_cast<float>(x)));
+}
+
+// Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
+// by SplitMix64's output function (Steele et al. 2014); per element, two 32-bit hashes of the
+// key and the element's index by MurmurHash3's finalizer, 16 bits for each array written (32-bit
+// arithmetic, so that it vectorizes on every SIMD level). The bits of an element are a pure
+// function of (seed, step, tensor, element index): the same for every thread count and
+// chunking, and reproducible. fusedopt.reference computes the same.
+inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+inline std::uint32_t fmix32(std::uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6BU;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35U;
+  return h ^ (h >> 16);
+}
+// The 32 random bits of element `index` for array slots 0-1 (half 0) or 2-3 (half 1).
+inline std::uint32_t element_bits(std::uint64_t key, std::uint64_t index, int half) {
+  const auto k0 = static_cast<std::uint32_t>(key), k1 = static_cast<std::uint32_t>(key >> 32);
+  const std::uint32_t c =
+      static_cast<std::uint32_t>(index) + static_cast<std::uint32_t>(index >> 32) * 0x27D4EB2FU;
+  const std::uint32_t h = fmix32((c ^ k0) * 0x9E3779B1U + k1);
+  return half == 0 ? h : fmix32(h ^ k1 ^ 0x5BD1E995U);
+}
+inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+inline std::uint64_t splitmix(std::uint64_t x) { return mix64(x + kGolden); }
+
+// How a call rounds what it stores: to nearest even, or stochastically with the call's seed
+// and step. `key` is the tensor's (splitmix of seed, step and tensor index); `first` the
+// chunk's first element in the tensor.
+struct Rounding {
+  bool stochastic = false;
+  std::uint64_t key = 0;
+  Index first = 0;
+};
+
+inline std::uint64_t tensor_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor) {
+  return splitmix(splitmix(splitmix(seed) ^ step) ^ tensor);
+}
+
+// x rounded to bfloat16 up or down with probability by its distance: `bits` (16 random bits)
+// added below the kept bits, then truncated. Unbiased: the expected result is x. NaN becomes
+// the quiet NaN of its sign, as rounding to nearest gives it. Branch-free, so it vectorizes.
+inline Eigen::bfloat16 stochastic_bfloat16(float x, std::uint32_t bits) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const std::uint32_t nan = ((u >> 16) & 0x8000U) | 0x7FC0U;
+  const auto kept = static_cast<std::uint16_t>(x != x ? nan : (u + bits) >> 16);
+  return Eigen::numext::bit_cast<Eigen::bfloat16>(kept);
+}
+
+// Stores `x` into `to`, element i of the chunk, array slot `slot` (the param 0, the state
+// buffers 1, 2, 3): rounded to nearest even, or, with Stochastic and a bfloat16 array,
+// stochastically with the slot's 16 of element i's random bits.
+template <bool Stochastic>
+struct Rounder {
+  const Rounding& rounding;
+
+  template <typename Stored, typename Compute>
+  void operator()(Index i, int slot, Stored& to, Compute x) const {
+    if constexpr (Stochastic && std::is_same_v<Stored, Eigen::bfloat16>) {
+      const std::uint32_t bits =
+          element_bits(rounding.key, static_cast<std::uint64_t>(rounding.first + i), slot / 2);
+      to = stochastic_bfloat16(static_cast<float>(x), (bits >> (16 * (slot % 2))) & 0xFFFFU);
+    } else {
+      store(to, x);
+    }
+  }
+};
+
+// Calls fn(Rounder<stochastic>{rounding}); the stochastic variant is compiled only for
+// storage types that write bfloat16 (for others it would be the same code).
+template <typename Types, typename Fn>
+void with_rounding(const Rounding& rounding, const Fn& fn) {
+  constexpr bool writes_bfloat16 = std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
+                                   std::is_same_v<typename Types::State, Eigen::bfloat16>;
+  if constexpr (writes_bfloat16) {
+    if (rounding.stochastic) {
+      fn(Rounder<true>{rounding});
+      return;
+    }
+  }
+  fn(Rounder<false>{rounding});
 }
 
 // Role r of a chunk that starts at `offset`, typed; nullptr for an absent optional array.

@@ -72,9 +72,18 @@ struct RowTypes {
                        typename CType<r.state>::type>;
 };
 
+// How a call rounds: stochastically or not, with which seed, at which step (0 for an optimizer
+// without one).
+struct RoundingRequest {
+  bool stochastic;
+  std::uint64_t seed;
+  std::uint64_t step;
+};
+
 // Updates the chunks of `set` from global position `begin` to `end` (chunk starts); `hyper` holds
 // the call's values in the order of its declaration's hyperparameters.
-using UpdateFn = void (*)(const Value* hyper, const TensorSet& set, Index begin, Index end);
+using UpdateFn = void (*)(const Value* hyper, const RoundingRequest& rounding, const TensorSet& set,
+                          Index begin, Index end);
 // Whether role `r` holds a NaN or an infinity in that range; stops early once `found` is set.
 using ScanFn = bool (*)(const TensorSet& set, std::size_t r, Index begin, Index end,
                         std::atomic<bool>& found);
@@ -122,7 +131,7 @@ constexpr std::uint64_t fingerprint(List<Decls...>) {
   return h;
 }
 
-inline constexpr int kTableVersion = 3;
+inline constexpr int kTableVersion = 4;
 inline constexpr std::size_t kKernelCount = Length<Kernels>::value;
 inline constexpr std::uint64_t kFingerprint = fingerprint(Kernels{});
 

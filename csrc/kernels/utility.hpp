@@ -68,7 +68,7 @@ struct ScaleKernel {
   template <typename Decl>
   explicit ScaleKernel(const Values<Decl>& h) : factor(T(h.real("factor"))) {}
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding&) const {
     P* __restrict x = role<P>(a, 0, offset);
 #pragma omp simd
     for (Index i = 0; i < n; ++i) store(x[i], load<T>(x[i]) * factor);
@@ -108,7 +108,7 @@ struct RooflineKernel {
   template <typename Decl>
   explicit RooflineKernel(const Values<Decl>&) {}
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding&) const {
     with_flags(
         [&](auto b1, auto b2, auto b3, auto b4) {
           run<b1.value, b2.value, b3.value, b4.value>(

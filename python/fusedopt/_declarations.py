@@ -131,6 +131,8 @@ class Declaration:
             for h in self.arguments
         ]
         params.append(P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False, annotation=bool))
+        params.append(P("stochastic_rounding", P.KEYWORD_ONLY, default=False, annotation=bool))
+        params.append(P("seed", P.KEYWORD_ONLY, default=0, annotation=int))
         return inspect.Signature(params, return_annotation=bool)
 
     def args_doc(self) -> str:
@@ -152,6 +154,15 @@ class Declaration:
             lines.append(f"    {h.name}: {h.help}{f' ({extra})' if extra else ''}.")
         lines.append(
             "    skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing."
+        )
+        lines.append(
+            "    stochastic_rounding: round what is stored in bfloat16 up or down at random, "
+            "with the probabilities that make it unbiased, instead of to nearest even."
+        )
+        lines.append(
+            "    seed: the random stream of stochastic rounding, an integer in [0, 2**64); the "
+            "bits are a function of (seed, step, tensor, element). Without a step argument, "
+            "pass a new seed each step."
         )
         lines += [
             "",

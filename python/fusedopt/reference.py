@@ -22,6 +22,7 @@ import functools
 import inspect
 import math
 
+import ml_dtypes
 import numpy as np
 
 __all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "momentum_", "rmsprop_", "sgd_"]
@@ -29,16 +30,28 @@ __all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "momentum_", "rmsp
 
 def _for_each_tensor(update):
     """Lets a one-tensor update take lists of arrays too (then every array argument is a list),
-    and skip the whole step when asked to and a gradient is not finite. Returns whether the
-    step was applied."""
+    skip the whole step when asked to and a gradient is not finite, and store low-precision
+    arrays as the kernels do (see :func:`_in_compute_type`). Returns whether the step was
+    applied."""
+    signature = inspect.signature(update)
+    # the buffers in the order of the kernel's arrays (slot 1, 2, ...; the param is slot 0)
+    buffers_in_order = [
+        p.name
+        for p in signature.parameters.values()
+        if (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("param", "grad"))
+        or (p.kind is p.KEYWORD_ONLY and p.default is None)
+    ]
 
     @functools.wraps(update)
-    def wrapper(param, grad, *arrays, skip_if_nonfinite=False, **hyper):
+    def wrapper(
+        param, grad, *arrays, skip_if_nonfinite=False, stochastic_rounding=False, seed=0, **hyper
+    ):
         grads = [grad] if isinstance(grad, np.ndarray) else grad
         if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
             return False
+        rounding = (stochastic_rounding, seed, hyper.get("step", 0))
         if isinstance(param, np.ndarray):
-            _in_compute_type(update, param, grad, arrays, hyper)
+            _in_compute_type(update, param, grad, arrays, hyper, buffers_in_order, rounding, 0)
             return True
         arrays = (grad,) + arrays
         count = len(param)
@@ -52,34 +65,104 @@ def _for_each_tensor(update):
                 per_tensor[0][i],
                 [a[i] for a in per_tensor[1:]],
                 {**{k: v[i] for k, v in buffers.items()}, **scalars},
+                buffers_in_order,
+                rounding,
+                i,
             )
         return True
 
-    signature = inspect.signature(update)
-    skip = inspect.Parameter("skip_if_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False)
-    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), skip])
+    P = inspect.Parameter
+    extra = [
+        P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False),
+        P("stochastic_rounding", P.KEYWORD_ONLY, default=False),
+        P("seed", P.KEYWORD_ONLY, default=0),
+    ]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     return wrapper
 
 
-def _in_compute_type(update, param, grad, arrays, hyper):
+def _in_compute_type(update, param, grad, arrays, hyper, buffers_in_order, rounding, tensor):
     """Runs a one-tensor update as the kernels do with low-precision storage: every array is
     converted to the compute type (float64 for a float64 param, float32 otherwise), the formula
-    runs there, and every array it writes is rounded once, to nearest even, on the way back."""
+    runs there, and every array it writes is rounded once on the way back: to nearest even, or
+    with ``stochastic_rounding`` at random for bfloat16 (:func:`_stochastic_bfloat16`)."""
     compute = np.float64 if param.dtype == np.float64 else np.float32
     buffers = {k: v for k, v in hyper.items() if isinstance(v, np.ndarray)}
-    stored = [param, *(a for a in arrays if a is not None), *buffers.values()]
-    if grad.dtype == compute and all(a.dtype == compute for a in stored):
+    named = {"param": param, **dict(zip(buffers_in_order, arrays)), **buffers}
+    stored = {name: a for name, a in named.items() if a is not None}
+    if grad.dtype == compute and all(a.dtype == compute for a in stored.values()):
         update(param, grad, *arrays, **hyper)
         return
-    up = {id(a): a.astype(compute) for a in stored}
+    up = {name: a.astype(compute) for name, a in stored.items()}
     update(
-        up[id(param)],
+        up["param"],
         grad.astype(compute),
-        *(None if a is None else up[id(a)] for a in arrays),
-        **{k: up[id(v)] if isinstance(v, np.ndarray) else v for k, v in hyper.items()},
+        *(up.get(name) for name in buffers_in_order[: len(arrays)]),
+        **{k: up[k] if isinstance(v, np.ndarray) else v for k, v in hyper.items()},
     )
-    for a in stored:
-        a[...] = up[id(a)].astype(a.dtype)
+    stochastic, seed, step = rounding
+    key = _tensor_key(seed, step, tensor)
+    for name, a in stored.items():
+        if stochastic and a.dtype == _BFLOAT16:
+            slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
+            a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
+        else:
+            a[...] = up[name].astype(a.dtype)
+
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z):
+    """SplitMix64's output function, on Python ints or uint64 arrays (which wrap)."""
+    if isinstance(z, int):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        return z ^ (z >> 31)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _tensor_key(seed, step, tensor):
+    def splitmix(x):
+        return _mix64((x + _GOLDEN) & _MASK)
+
+    return splitmix(splitmix(splitmix(seed) ^ step) ^ tensor)
+
+
+def _fmix32(h):
+    """MurmurHash3's finalizer on uint32 arrays (which wrap)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _element_bits(key, size, half):
+    """The kernels' 32 random bits of elements 0 .. size-1 of a tensor, for array slots 0-1
+    (half 0) or 2-3 (half 1)."""
+    k0, k1 = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
+    index = np.arange(size, dtype=np.uint64)
+    c = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32) + (index >> np.uint64(32)).astype(
+        np.uint32
+    ) * np.uint32(0x27D4EB2F)
+    h = _fmix32((c ^ k0) * np.uint32(0x9E3779B1) + k1)
+    return h if half == 0 else _fmix32(h ^ k1 ^ np.uint32(0x5BD1E995))
+
+
+def _stochastic_bfloat16(x, key, slot):
+    """``x`` (float32, in memory order) rounded to bfloat16 at random, without bias: 16 random
+    bits, the element's for this array (``slot``), are added below the 16 bits kept, then
+    truncated. The bits are those of the kernels. NaN rounds to nearest."""
+    bits = (_element_bits(key, x.size, slot // 2) >> np.uint32(16 * (slot % 2))) & np.uint32(0xFFFF)
+    rounded = ((x.view(np.uint32) + bits) >> np.uint32(16)).astype(np.uint16).view(_BFLOAT16)
+    nan = np.isnan(x)
+    rounded[nan] = x[nan].astype(_BFLOAT16)
+    return rounded
 
 
 def _gradient(grad, param, weight_decay, maximize):
@@ -213,6 +296,8 @@ def adamw_(
     max_exp_avg_sq=None,
     maximize=False,
     skip_if_nonfinite=False,
+    stochastic_rounding=False,
+    seed=0,
 ):
     r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
 
@@ -241,6 +326,8 @@ def adamw_(
         max_exp_avg_sq=max_exp_avg_sq,
         maximize=maximize,
         skip_if_nonfinite=skip_if_nonfinite,
+        stochastic_rounding=stochastic_rounding,
+        seed=seed,
     )
 
 

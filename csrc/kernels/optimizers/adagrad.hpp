@@ -52,24 +52,29 @@ struct AdagradKernel {
         eps(T(h.real("eps"))),
         maximize(h.flag("maximize")) {}
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max, auto l2) {
-          run<max.value, l2.value>(n, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                   role<S>(a, 2, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            with_rounding<Types>(rounding, [&](const auto& out) {
+              run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                                       role<S>(a, 2, offset));
+            });
+          });
         },
         maximize, weight_decay != T(0));
   }
 
-  template <bool max, bool l2>
-  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict sum_sq) const {
+  template <bool max, bool l2, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict sum_sq) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T s = load<T>(sum_sq[i]) + g * g;
-      store(sum_sq[i], s);
-      store(param[i], p - clr * g / (std::sqrt(s) + eps));
+      out(i, 1, sum_sq[i], s);
+      out(i, 0, param[i], p - clr * g / (std::sqrt(s) + eps));
     }
   }
 

@@ -84,34 +84,37 @@ struct AdamKernel {
   // One pass, all arrays streamed together: more memory parallelism per core than one sweep
   // per statement, the reference's operations in its order. param * 1 is exact, so decay is
   // applied whether decoupled or not.
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max, auto has_l2, auto ams) {
-          run<max.value, has_l2.value, ams.value>(
-              n, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
-              role<S>(a, 3, offset), role<S>(a, 4, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            run<max.value, has_l2.value, ams.value>(
+                n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
+                role<S>(a, 3, offset), role<S>(a, 4, offset));
+          });
         },
         maximize, l2 != T(0), a[4] != nullptr);
   }
 
-  template <bool max, bool has_l2, bool amsgrad>
-  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
-           S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq) const {
+  template <bool max, bool has_l2, bool amsgrad, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict exp_avg, S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, has_l2>(load<T>(grad[i]), p, l2);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
       const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
-      store(exp_avg[i], m);
-      store(exp_avg_sq[i], v);
+      out(i, 1, exp_avg[i], m);
+      out(i, 2, exp_avg_sq[i], v);
       T v_hat = v;
       if constexpr (amsgrad) {
         const T old = load<T>(max_exp_avg_sq[i]);
         v_hat = old != old ? old : (v != v ? v : (old > v ? old : v));  // numpy.maximum
-        store(max_exp_avg_sq[i], v_hat);
+        out(i, 3, max_exp_avg_sq[i], v_hat);
       }
-      store(param[i], p * decay - step_size * m / (std::sqrt(v_hat) / bias_correction2_sqrt + eps));
+      out(i, 0, param[i],
+          p * decay - step_size * m / (std::sqrt(v_hat) / bias_correction2_sqrt + eps));
     }
   }
 

@@ -59,18 +59,22 @@ struct AdamaxKernel {
     maximize = h.flag("maximize");
   }
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max, auto l2) {
-          run<max.value, l2.value>(n, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                   role<S>(a, 2, offset), role<S>(a, 3, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            with_rounding<Types>(rounding, [&](const auto& out) {
+              run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                                       role<S>(a, 2, offset), role<S>(a, 3, offset));
+            });
+          });
         },
         maximize, weight_decay != T(0));
   }
 
-  template <bool max, bool l2>
-  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
-           S* __restrict exp_inf) const {
+  template <bool max, bool l2, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict exp_avg, S* __restrict exp_inf) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
@@ -82,9 +86,9 @@ struct AdamaxKernel {
       const T u = decayed != decayed       ? decayed
                   : magnitude != magnitude ? magnitude
                                            : (decayed > magnitude ? decayed : magnitude);
-      store(exp_avg[i], m);
-      store(exp_inf[i], u);
-      store(param[i], p - step_size * m / u);
+      out(i, 1, exp_avg[i], m);
+      out(i, 2, exp_inf[i], u);
+      out(i, 0, param[i], p - step_size * m / u);
     }
   }
 

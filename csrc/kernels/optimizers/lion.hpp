@@ -56,17 +56,22 @@ struct LionKernel {
     maximize = h.flag("maximize");
   }
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max) {
-          run<max.value>(n, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                         role<S>(a, 2, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            with_rounding<Types>(rounding, [&](const auto& out) {
+              run<max.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                             role<S>(a, 2, offset));
+            });
+          });
         },
         maximize);
   }
 
-  template <bool max>
-  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict exp_avg) const {
+  template <bool max, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict exp_avg) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T g = effective_grad<max, false>(load<T>(grad[i]), T(0), T(0));
@@ -75,8 +80,8 @@ struct LionKernel {
       // numpy.sign, branch-free: (c > 0) - (c < 0) is +0 for either zero; NaN stays NaN
       const T sign = c != c ? c : static_cast<T>(c > T(0)) - static_cast<T>(c < T(0));
       // param * 1 is exact: no weight decay is the same as decay = 1
-      store(param[i], load<T>(param[i]) * decay - lr * sign);
-      store(exp_avg[i], beta2 * m + one_minus_beta2 * g);
+      out(i, 0, param[i], load<T>(param[i]) * decay - lr * sign);
+      out(i, 1, exp_avg[i], beta2 * m + one_minus_beta2 * g);
     }
   }
 

@@ -67,39 +67,41 @@ struct RmspropKernel {
     maximize = h.flag("maximize");
   }
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max, auto l2, auto mom, auto cent) {
-          run<max.value, l2.value, mom.value, cent.value>(
-              n, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
-              role<S>(a, 3, offset), role<S>(a, 4, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            run<max.value, l2.value, mom.value, cent.value>(
+                n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
+                role<S>(a, 3, offset), role<S>(a, 4, offset));
+          });
         },
         maximize, weight_decay != T(0), a[3] != nullptr, a[4] != nullptr);
   }
 
-  template <bool max, bool l2, bool with_momentum, bool centered>
-  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict square_avg,
-           S* __restrict momentum_buffer, S* __restrict grad_avg) const {
+  template <bool max, bool l2, bool with_momentum, bool centered, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict square_avg, S* __restrict momentum_buffer, S* __restrict grad_avg) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T s = alpha * load<T>(square_avg[i]) + one_minus_alpha * g * g;
-      store(square_avg[i], s);
+      out(i, 1, square_avg[i], s);
       T denom;
       if constexpr (centered) {
         const T ga = alpha * load<T>(grad_avg[i]) + one_minus_alpha * g;
-        store(grad_avg[i], ga);
+        out(i, 3, grad_avg[i], ga);
         denom = std::sqrt(s - ga * ga) + eps;
       } else {
         denom = std::sqrt(s) + eps;
       }
       if constexpr (with_momentum) {
         const T b = momentum * load<T>(momentum_buffer[i]) + g / denom;
-        store(momentum_buffer[i], b);
-        store(param[i], p - lr * b);
+        out(i, 2, momentum_buffer[i], b);
+        out(i, 0, param[i], p - lr * b);
       } else {
-        store(param[i], p - lr * g / denom);
+        out(i, 0, param[i], p - lr * g / denom);
       }
     }
   }

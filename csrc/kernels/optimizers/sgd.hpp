@@ -71,20 +71,24 @@ struct SgdKernel {
         weight_decay(T(h.real("weight_decay"))),
         maximize(h.flag("maximize")) {}
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max, auto l2) {
-          run<max.value, l2.value>(n, role<P>(a, 0, offset), role<const G>(a, 1, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            with_rounding<Types>(rounding, [&](const auto& out) {
+              run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset));
+            });
+          });
         },
         maximize, weight_decay != T(0));
   }
 
-  template <bool max, bool l2>
-  void run(Index n, P* __restrict param, const G* __restrict grad) const {
+  template <bool max, bool l2, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      store(param[i], p - lr * effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay));
+      out(i, 0, param[i], p - lr * effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay));
     }
   }
 
@@ -114,27 +118,33 @@ struct MomentumKernel {
         nesterov(h.flag("nesterov")),
         maximize(h.flag("maximize")) {}
 
-  void operator()(void* const* a, Index offset, Index n) const {
+  void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
         [&](auto max, auto l2, auto nest) {
-          run<max.value, l2.value, nest.value>(n, role<P>(a, 0, offset),
-                                               role<const G>(a, 1, offset), role<S>(a, 2, offset));
+          with_rounding<Types>(rounding, [&](const auto& out) {
+            with_rounding<Types>(rounding, [&](const auto& out) {
+              run<max.value, l2.value, nest.value>(n, out, role<P>(a, 0, offset),
+                                                   role<const G>(a, 1, offset),
+                                                   role<S>(a, 2, offset));
+            });
+          });
         },
         maximize, weight_decay != T(0), nesterov);
   }
 
-  template <bool max, bool l2, bool nest>
-  void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict buf) const {
+  template <bool max, bool l2, bool nest, typename Out>
+  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict buf) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T b = momentum * load<T>(buf[i]) + one_minus_dampening * g;
-      store(buf[i], b);
+      out(i, 1, buf[i], b);
       if constexpr (nest) {
-        store(param[i], p - lr * (g + momentum * b));
+        out(i, 0, param[i], p - lr * (g + momentum * b));
       } else {
-        store(param[i], p - lr * b);
+        out(i, 0, param[i], p - lr * b);
       }
     }
   }
