@@ -56,10 +56,8 @@ struct AdagradKernel {
     with_flags(
         [&](auto max, auto l2) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            with_rounding<Types>(rounding, [&](const auto& out) {
-              run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                       role<S>(a, 2, offset));
-            });
+            run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                                     role<S>(a, 2, offset));
           });
         },
         maximize, weight_decay != T(0));

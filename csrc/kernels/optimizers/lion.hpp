@@ -60,10 +60,8 @@ struct LionKernel {
     with_flags(
         [&](auto max) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            with_rounding<Types>(rounding, [&](const auto& out) {
-              run<max.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                             role<S>(a, 2, offset));
-            });
+            run<max.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                           role<S>(a, 2, offset));
           });
         },
         maximize);

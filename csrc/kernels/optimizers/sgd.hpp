@@ -75,9 +75,7 @@ struct SgdKernel {
     with_flags(
         [&](auto max, auto l2) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            with_rounding<Types>(rounding, [&](const auto& out) {
-              run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset));
-            });
+            run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset));
           });
         },
         maximize, weight_decay != T(0));
@@ -122,11 +120,8 @@ struct MomentumKernel {
     with_flags(
         [&](auto max, auto l2, auto nest) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            with_rounding<Types>(rounding, [&](const auto& out) {
-              run<max.value, l2.value, nest.value>(n, out, role<P>(a, 0, offset),
-                                                   role<const G>(a, 1, offset),
-                                                   role<S>(a, 2, offset));
-            });
+            run<max.value, l2.value, nest.value>(
+                n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset));
           });
         },
         maximize, weight_decay != T(0), nesterov);
