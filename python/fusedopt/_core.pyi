@@ -15,6 +15,7 @@ COMPILER: str
 OPENMP: Optional[int]
 CHUNK: int
 OPTIMIZERS: dict[str, dict[str, Any]]
+STORAGE_ROWS: tuple[tuple[str, str, str], ...]  # (param, grad, state) dtype names
 
 def __getattr__(name: str) -> Any: ...  # the optimizer functions
 def all_finite(arrays: _Arrays, /) -> bool: ...

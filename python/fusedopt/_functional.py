@@ -3,10 +3,14 @@
 Every function updates its arrays in place in one fused pass and returns ``True`` (or ``False``
 when ``skip_if_nonfinite`` skipped the step). Each array argument is either one
 ``numpy.ndarray`` (one tensor) or a list of them (many tensors in one call: one parallel region
-over all of them). Within a tensor every array has the param's dtype (float32 or float64), shape
-and memory layout (C- or F-contiguous), and the arrays that are written must be writeable; one
-call takes one dtype. Anything else raises ``TypeError`` or ``ValueError`` before any array is
-touched: an array that would need a copy is an error, never a silent no-op.
+over all of them). Within a tensor every array has the param's shape and memory layout (C- or
+F-contiguous), and the arrays that are written must be writeable. The dtypes of param, grad and
+state are one of the kernels' storage rows (``_core.STORAGE_ROWS``: float32, float64, and
+bfloat16 or float16 params with float32 or low-precision grads and state), the same for every
+tensor of a call; low-precision arrays are computed in float32 and rounded once on store, to
+nearest even or, with ``stochastic_rounding``, at random without bias. Anything else raises
+``TypeError`` or ``ValueError`` before any array is touched: an array that would need a copy
+is an error, never a silent no-op.
 
 Nothing here is written per optimizer: each function is the binding's kernel function with the
 signature derived from its declaration (``csrc/kernels/optimizers/*.hpp``, exported as
@@ -27,7 +31,8 @@ __all__ = ["Arrays", "FUNCTIONS", "all_finite"]
 
 
 def all_finite(arrays: Arrays) -> bool:
-    """Whether every element of ``arrays`` (one array or a list, float32 or float64, one dtype)
+    """Whether every element of ``arrays`` (one array or a list, of one floating dtype: float32,
+    float64, bfloat16 or float16)
     is finite: one fused, parallel pass that stops at the first NaN or infinity."""
     return _core.all_finite(arrays)
 
