@@ -527,19 +527,24 @@ std::optional<DType> dtype_of(const py::dtype& dtype) {
   return std::nullopt;
 }
 
-// "float32 or bfloat16": the dtypes the rows allow for `part` with a `param` param (every
-// param dtype of any row where `param` is nothing).
-std::string allowed_dtypes(fusedopt::Part part, std::optional<DType> param) {
+// The dtypes the rows allow for `part` with a `param` param (every param dtype of any row where
+// `param` is nothing), in the rows' order.
+std::vector<DType> allowed_dtypes(fusedopt::Part part, std::optional<DType> param) {
   std::vector<DType> allowed;
   for (const fusedopt::StorageRow& row : fusedopt::kStorageRows) {
     if (param && row.param != *param) continue;
     const DType d = row.of(part);
     if (std::find(allowed.begin(), allowed.end(), d) == allowed.end()) allowed.push_back(d);
   }
+  return allowed;
+}
+
+// "float32 or bfloat16".
+std::string dtypes_text(const std::vector<DType>& dtypes) {
   std::string text;
-  for (std::size_t i = 0; i < allowed.size(); ++i) {
-    text += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ");
-    text += dtype_text(allowed[i]);
+  for (std::size_t i = 0; i < dtypes.size(); ++i) {
+    text += (i == 0 ? "" : i + 1 == dtypes.size() ? " or " : ", ");
+    text += dtype_text(dtypes[i]);
   }
   return text;
 }
@@ -718,7 +723,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     }
     if (!param_known) {
       throw py::type_error(label(0, 0).str() + ": expected dtype " +
-                           allowed_dtypes(roles[0].part, std::nullopt) + ", got " +
+                           dtypes_text(allowed_dtypes(roles[0].part, std::nullopt)) + ", got " +
                            dtype_name(py::reinterpret_borrow<py::array>(item(param, 0)).dtype()));
     }
   }
@@ -752,13 +757,11 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
               if (i > 0) {
                 return std::string(dtype_text(expected)) + " like " + label(r, 0).str();
               }
-              const std::string allowed = allowed_dtypes(roles[r].part, row.param);
+              const std::vector<DType> allowed = allowed_dtypes(roles[r].part, row.param);
               const std::optional<DType> actual =
                   dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
-              const bool combination =
-                  actual && allowed_dtypes(roles[r].part, row.param).find(dtype_text(*actual)) !=
-                                std::string::npos;
-              if (combination) {  // allowed alone, not with the call's other arrays
+              if (actual && std::find(allowed.begin(), allowed.end(), *actual) != allowed.end()) {
+                // allowed alone, not with the call's other arrays
                 for (std::size_t q = 1; q < r; ++q) {
                   if (present[q] && roles[q].part == roles[r].part) {
                     return std::string(dtype_text(expected)) + " like " + roles[q].name;
@@ -766,8 +769,9 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                 }
                 return std::string(dtype_text(expected)) + " with the call's other arrays";
               }
-              if (allowed == dtype_text(row.param)) return allowed + " like param";
-              return allowed + " for a " + dtype_text(row.param) + " param";
+              if (allowed == std::vector<DType>{row.param})
+                return dtypes_text(allowed) + " like param";
+              return dtypes_text(allowed) + " for a " + dtype_text(row.param) + " param";
             },
             roles[r].written);
       }

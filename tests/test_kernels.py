@@ -212,6 +212,10 @@ def test_low_precision_thread_count_does_not_change_results(name, row, restore_t
             ("bfloat16", "float64", "float32"),
             "^grad: expected dtype bfloat16 or float32 for a bfloat16 param, got float64$",
         ),
+        (  # "float16" is in "bfloat16": the allowed dtypes are compared as dtypes, not text
+            ("bfloat16", "bfloat16", "float16"),
+            "^exp_avg: expected dtype float32 or bfloat16 for a bfloat16 param, got float16$",
+        ),
         (
             ("float64", "float64", "bfloat16"),
             "^exp_avg: expected dtype float64 like param, got bfloat16$",

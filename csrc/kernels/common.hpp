@@ -54,19 +54,23 @@ inline void store(Stored& to, Compute x) {
   to = static_cast<Stored>(x);
 }
 
-// float32 to bfloat16, to nearest even: the result of Eigen's (and so ml_dtypes') conversion,
-// written branch-free so that it vectorizes at every SIMD level. A NaN becomes the quiet NaN
-// of its sign.
-inline std::uint16_t bfloat16_bits(float x) {
+// x rounded to bfloat16: its high 16 bits after below(its bits) is added to the low 16. A NaN
+// becomes the quiet NaN of its sign, as in Eigen's and so ml_dtypes' conversion. Branch-free,
+// so that it vectorizes at every SIMD level.
+template <typename Below>
+inline Eigen::bfloat16 round_to_bfloat16(float x, const Below& below) {
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   const std::uint32_t nan = ((u >> 16) & 0x8000U) | 0x7FC0U;
-  const std::uint32_t nearest = (u + 0x7FFFU + ((u >> 16) & 1U)) >> 16;
-  return static_cast<std::uint16_t>(x != x ? nan : nearest);
+  const auto kept = static_cast<std::uint16_t>(x != x ? nan : (u + below(u)) >> 16);
+  return Eigen::numext::bit_cast<Eigen::bfloat16>(kept);
 }
+
+// To nearest, ties to even: Eigen's (and so ml_dtypes') result.
 template <typename Compute>
 inline void store(Eigen::bfloat16& to, Compute x) {
-  to = Eigen::numext::bit_cast<Eigen::bfloat16>(bfloat16_bits(static_cast<float>(x)));
+  to = round_to_bfloat16(static_cast<float>(x),
+                         [](std::uint32_t u) { return 0x7FFFU + ((u >> 16) & 1U); });
 }
 
 // Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
@@ -112,14 +116,9 @@ inline std::uint64_t tensor_key(std::uint64_t seed, std::uint64_t step, std::uin
 }
 
 // x rounded to bfloat16 up or down with probability by its distance: `bits` (16 random bits)
-// added below the kept bits, then truncated. Unbiased: the expected result is x. NaN becomes
-// the quiet NaN of its sign, as rounding to nearest gives it. Branch-free, so it vectorizes.
+// added below the kept bits, then truncated. Unbiased: the expected result is x.
 inline Eigen::bfloat16 stochastic_bfloat16(float x, std::uint32_t bits) {
-  std::uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const std::uint32_t nan = ((u >> 16) & 0x8000U) | 0x7FC0U;
-  const auto kept = static_cast<std::uint16_t>(x != x ? nan : (u + bits) >> 16);
-  return Eigen::numext::bit_cast<Eigen::bfloat16>(kept);
+  return round_to_bfloat16(x, [bits](std::uint32_t) { return bits; });
 }
 
 // Stores `x` into `to`, element i of the chunk, array slot `slot` (the param 0, the state
