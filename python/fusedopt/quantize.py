@@ -1,0 +1,257 @@
+r"""8-bit block-quantized optimizer state: the exact NumPy codec.
+
+A state array of :math:`n` elements, flattened in its memory order, is cut into blocks of
+``BLOCK = 256`` consecutive elements (the last may be shorter). Each block stores one float32
+scale :math:`2^E` and one byte per element: block floating point with a shared power-of-two
+exponent per block, as in the OCP Microscaling formats. Each byte is a tiny float with
+:math:`M = 3` mantissa bits and IEEE-style inf/NaN codes, relative to the block's scale:
+
+- signed (``int8`` codes): bit 7 is the sign, bits 0..6 the magnitude field :math:`q`, with
+  :math:`EB = 4` exponent bits (E4M3);
+- unsigned (``uint8`` codes, for states that are never negative such as Adam's ``exp_avg_sq``):
+  bits 0..7 are :math:`q`, with :math:`EB = 5` exponent bits (E5M3).
+
+With :math:`F_{\max} = 2^{EB} - 1` and :math:`F = F_{\max} - 1` (14 or 30), the field
+:math:`q = 8f + m` (:math:`0 \le m < 8`) has the value
+
+.. math::
+
+    v(q) = \begin{cases}
+        m \cdot 2^{-F-2} & f = 0 \text{ (subnormal)} \\
+        (1 + m/8) \cdot 2^{f-F} & 1 \le f \le F \\
+        \infty \;(m = 0), \ \mathrm{NaN} \;(m \ne 0) & f = F_{\max}
+    \end{cases}
+
+and a code decodes to :math:`\pm v(q) \cdot 2^E`, one float32 multiply rounded to nearest even
+(no flush to zero). The largest finite magnitude is :math:`v = 1.875`.
+
+Encoding a block takes :math:`a`, the largest finite :math:`|x|` in it, rounds it to 3 mantissa
+bits (nearest even) and sets :math:`E` to the exponent of the result, clamped to
+:math:`[-126, 127]`; each :math:`x \cdot 2^{-E}` is then rounded to nearest even to a code
+(saturating at 1.875 only when :math:`E` is clamped at 127). NaN stays NaN and :math:`\pm\infty`
+stays :math:`\pm\infty`; the unsigned format stores every negative value (``-inf`` included) as 0.
+Every finite :math:`x` round-trips within half a step of its grid:
+
+.. math::
+
+    |\hat x - x| \le \begin{cases}
+        2^{-4} \, |x| & |x| \ge 2^{1-F+E} \\
+        2^{-F-3+E} & |x| < 2^{1-F+E}
+    \end{cases}
+
+Decoded values are exactly representable, so ``encode(decode(encode(x)))`` equals
+``encode(x)``. This module is the specification of the C++ codec, which agrees with it bit for
+bit; it depends on NumPy only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+
+__all__ = ["BLOCK", "QuantizedState", "decode", "encode"]
+
+Shape = Union[int, Sequence[int]]
+
+BLOCK = 256
+"""Elements per block: element ``i`` of a tensor (in memory order) has scale ``i // BLOCK``."""
+
+_M = 3  # mantissa bits of every code
+_ROUND = (1 << (23 - _M - 1)) - 1  # 0x7FFFF: rounds float32 bits to 3 mantissa bits with the lsb
+_TWO23 = np.float32(2.0**23)
+_TWO23_BITS = 0x4B000000
+
+
+class _Format:
+    """The constants of one code format."""
+
+    def __init__(self, signed: bool) -> None:
+        self.signed = signed
+        self.dtype = np.dtype(np.int8 if signed else np.uint8)
+        eb = 4 if signed else 5
+        self.fmax = (1 << eb) - 1
+        self.f = self.fmax - 1
+        self.q_inf = self.fmax << _M
+        self.q_nan = self.q_inf | 4
+        self.q_max = self.q_inf - 1
+        self.min_normal = np.float32(2.0 ** (1 - self.f))
+        self.to_subnormal_steps = np.float32(2.0 ** (self.f + 2))
+        self.lut = self._value_table()
+
+    def _value_table(self) -> np.ndarray:
+        """Decoded value of each of the 256 codes at scale 1, from the bit layout."""
+        q = np.arange(256, dtype=np.uint32)
+        if self.signed:
+            q = q & 0x7F
+        f, m = q >> _M, q & 7
+        subnormal = m.astype(np.float32) * np.float32(2.0 ** (1 - self.f - _M))
+        normal_bits = ((f.astype(np.int64) - self.f + 127) << 23) | (m.astype(np.int64) << 20)
+        normal = np.where(f >= 1, normal_bits, 0).astype(np.uint32).view(np.float32)
+        special = np.where(m == 0, np.float32(np.inf), np.float32(np.nan)).astype(np.float32)
+        value = np.where(f == 0, subnormal, np.where(f == self.fmax, special, normal))
+        value = value.astype(np.float32)
+        if self.signed:
+            value = np.where(np.arange(256) >= 0x80, -value, value)  # 0x80 -> -0.0
+        return value
+
+
+_SIGNED = _Format(True)
+_UNSIGNED = _Format(False)
+
+
+def _format_of(codes: np.ndarray) -> _Format:
+    return _SIGNED if codes.dtype == np.int8 else _UNSIGNED
+
+
+def _memory_order(a: np.ndarray) -> str:
+    """'F' for a Fortran-ordered array, else 'C' (what ``reshape(-1, order="A")`` reads)."""
+    return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+
+
+def _num_blocks(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+def _check_array(name: str, a: object, dtypes: tuple[type, ...]) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in [np.dtype(d) for d in dtypes]:
+        allowed = " or ".join(np.dtype(d).name for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}, got {a.dtype}")
+    return a
+
+
+def _check_codes_scales(codes: object, scales: object) -> tuple[np.ndarray, np.ndarray]:
+    codes = _check_array("codes", codes, (np.int8, np.uint8))
+    scales = _check_array("scales", scales, (np.float32,))
+    if not (codes.flags.c_contiguous or codes.flags.f_contiguous):
+        raise ValueError("codes must be C- or F-contiguous")
+    if scales.ndim != 1:
+        raise ValueError(f"scales must be 1-D, got shape {scales.shape}")
+    if scales.size != _num_blocks(codes.size):
+        raise ValueError(
+            f"scales must have ceil(codes.size / {BLOCK}) = {_num_blocks(codes.size)} "
+            f"elements, got {scales.size}"
+        )
+    return codes, scales
+
+
+def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes a float32 array; returns ``(codes, scales)``.
+
+    ``codes`` has the shape and memory layout (C or F) of ``x``, dtype int8 if ``signed`` else
+    uint8; ``scales`` is float32 of length ``ceil(x.size / BLOCK)``, each a power of two. Blocks
+    follow the memory order of ``x`` (a non-contiguous ``x`` is read in C order).
+    """
+    x = _check_array("x", x, (np.float32,))
+    fmt = _SIGNED if signed else _UNSIGNED
+    order = _memory_order(x)
+    flat = x.reshape(-1, order=order)
+    n = flat.size
+    blocks = np.zeros((_num_blocks(n), BLOCK), np.float32)  # zero padding leaves the max alone
+    blocks.reshape(-1)[:n] = flat
+
+    # The scale: 2**E, E the exponent of the block's largest finite |x| rounded to 3 bits.
+    amax = np.where(np.isfinite(blocks), np.abs(blocks), np.float32(0)).max(axis=1)
+    u = amax.view(np.uint32).astype(np.int64)
+    exponent = np.clip(((u + _ROUND + ((u >> 20) & 1)) >> 23) - 127, -126, 127)
+    scales = ((exponent + 127) << 23).astype(np.uint32).view(np.float32)
+    # 2**-127 is a float32 subnormal, so the float64 power converts exactly.
+    inverse = np.ldexp(1.0, -exponent).astype(np.float32)
+
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        a = np.abs(blocks * inverse[:, None])
+        u = a.view(np.uint32).astype(np.int64)
+        q_normal = ((u + _ROUND + ((u >> 20) & 1)) >> 20) - ((127 - fmt.f) << _M)
+        # Adding 2**23 rounds t to an integer (nearest even); its low mantissa bits are q.
+        t = a * fmt.to_subnormal_steps
+        q_subnormal = (t + _TWO23).view(np.uint32).astype(np.int64) - _TWO23_BITS
+        q = np.where(a >= fmt.min_normal, q_normal, q_subnormal)
+    q = np.minimum(q, fmt.q_max)
+    q = np.where(np.isinf(blocks), fmt.q_inf, q)
+    q = np.where(np.isnan(blocks), fmt.q_nan, q)
+    if signed:
+        q = q | (np.signbit(blocks).astype(np.int64) << 7)
+    else:
+        q = np.where(blocks < 0, 0, q)
+
+    codes = q.reshape(-1)[:n].astype(np.uint8).view(fmt.dtype)
+    return codes.reshape(x.shape, order=order), scales
+
+
+def decode(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Decodes ``codes`` (int8: signed format, uint8: unsigned) with their blocks' ``scales``.
+
+    Returns float32 in the shape and memory layout of ``codes``: each element is the code's
+    value times its block's scale, one float32 multiply rounded to nearest even.
+    """
+    codes, scales = _check_codes_scales(codes, scales)
+    order = _memory_order(codes)
+    flat = codes.reshape(-1, order=order).view(np.uint8)
+    values = _format_of(codes).lut[flat]
+    with np.errstate(under="ignore", invalid="ignore"):
+        out = values * np.repeat(scales, BLOCK)[: flat.size]
+    return out.reshape(codes.shape, order=order)
+
+
+class QuantizedState:
+    """An array of 8-bit codes and their per-block scales (see :mod:`fusedopt.quantize`).
+
+    ``codes`` is int8 (signed format) or uint8 (unsigned format), any shape, C- or
+    F-contiguous; ``scales`` is 1-D float32 with one power of two per ``BLOCK`` elements of
+    ``codes`` in memory order. The arrays are held, not copied.
+    """
+
+    __slots__ = ("codes", "scales")
+
+    codes: np.ndarray
+    scales: np.ndarray
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray) -> None:
+        self.codes, self.scales = _check_codes_scales(codes, scales)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def size(self) -> int:
+        return self.codes.size
+
+    @property
+    def signed(self) -> bool:
+        return self.codes.dtype == np.int8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes and scales together."""
+        return self.codes.nbytes + self.scales.nbytes
+
+    def __repr__(self) -> str:
+        order = _memory_order(self.codes)
+        return (
+            f"QuantizedState(shape={self.shape}, signed={self.signed}, order={order!r}, "
+            f"blocks={self.scales.size}, nbytes={self.nbytes})"
+        )
+
+    def dequantize(self) -> np.ndarray:
+        """The decoded float32 array, in the shape and memory layout of ``codes``."""
+        return decode(self.codes, self.scales)
+
+    def copy(self) -> QuantizedState:
+        return type(self)(self.codes.copy(order="K"), self.scales.copy())
+
+    @classmethod
+    def zeros(cls, shape: Shape, signed: bool, order: str = "C") -> QuantizedState:
+        """All zeros, with the scales that encoding zeros gives (``2**-126``)."""
+        if order not in ("C", "F"):
+            raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+        codes = np.zeros(shape, np.int8 if signed else np.uint8, order=order)
+        scales = np.full(_num_blocks(codes.size), 2.0**-126, np.float32)
+        return cls(codes, scales)
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, signed: bool) -> QuantizedState:
+        """Encodes the float32 array ``x`` (see :func:`encode`)."""
+        return cls(*encode(x, signed))

@@ -1,0 +1,405 @@
+"""The NumPy codec of 8-bit block-quantized state (fusedopt.quantize) against its spec: the
+value table of every code, hand-computed encodings, the round-trip error bound (and that it is
+tight), special values, memory order and the QuantizedState container."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fusedopt.quantize import BLOCK, QuantizedState, decode, encode
+
+FLT_MAX = float(np.finfo(np.float32).max)
+SIZES = [0, 1, 255, 256, 257, 1000, 2048 + 3]
+
+
+def F_of(signed):
+    return 14 if signed else 30
+
+
+def spec_value(code, signed):
+    """A code's value at scale 1, written out from the spec's formulas."""
+    fmax = 15 if signed else 31
+    F = fmax - 1
+    q = code & 0x7F if signed else code
+    f, m = q >> 3, q & 7
+    if f == 0:
+        v = math.ldexp(m, 1 - F - 3)
+    elif f < fmax:
+        v = math.ldexp(1 + m / 8, f - F)
+    else:
+        v = math.inf if m == 0 else math.nan
+    return -v if signed and code & 0x80 else v
+
+
+def f32(values):
+    return np.array(values, dtype=np.float32)
+
+
+def bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+def block_exponents(scales):
+    """E of every scale 2**E, after checking that each is a (normal float32) power of two."""
+    b = bits(scales)
+    assert np.all(b & 0x807FFFFF == 0), "a scale is not a positive power of two"
+    e = (b >> 23).astype(np.int64) - 127
+    assert np.all((e >= -126) & (e <= 127))
+    np.testing.assert_array_equal(np.ldexp(1.0, e), scales.astype(np.float64))
+    return e
+
+
+def assert_roundtrip(x, signed):
+    """Checks codes, scales and the decoded values of x against the spec; returns err / bound
+    of every finite element it bounds, for the normal and the subnormal range."""
+    codes, scales = encode(x, signed)
+    assert codes.dtype == (np.int8 if signed else np.uint8)
+    assert codes.shape == x.shape
+    if x.ndim > 1 and not x.flags.c_contiguous:
+        assert codes.flags.f_contiguous
+    else:
+        assert codes.flags.c_contiguous
+    assert scales.dtype == np.float32 and scales.shape == (-(-x.size // BLOCK),)
+    e = np.repeat(block_exponents(scales), BLOCK)[: x.size]
+
+    y = decode(codes, scales)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    xs = x.reshape(-1, order="A").astype(np.float64)
+    ys = y.reshape(-1, order="A").astype(np.float64)
+
+    assert np.all(np.isnan(ys[np.isnan(xs)]))
+    negative = (xs < 0) & ~np.isnan(xs)
+    if signed:
+        inf = np.isinf(xs)
+        np.testing.assert_array_equal(ys[inf], xs[inf])
+        bounded = np.isfinite(xs)
+    else:
+        assert np.all(bits(y.reshape(-1, order="A"))[negative] == 0)  # +0.0
+        np.testing.assert_array_equal(ys[xs == np.inf], np.inf)
+        bounded = np.isfinite(xs) & ~negative
+
+    F = F_of(signed)
+    xb, yb, eb = xs[bounded], ys[bounded], e[bounded]
+    normal = np.abs(xb) >= np.ldexp(1.0, 1 - F + eb)
+    bound = np.where(normal, np.abs(xb) * 2.0**-4, np.ldexp(1.0, 1 - F - 4 + eb))
+    error = np.abs(yb - xb)
+    worst = np.argmax(error - bound) if error.size else None
+    assert np.all(error <= bound), (xb[worst], yb[worst], eb[worst], bound[worst])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(bound > 0, error / bound, 0.0)
+
+    # decoded values are exactly representable: encoding them again changes nothing (except
+    # where an unsigned block's negatives, decoded as 0, set its scale)
+    if signed or not negative.any():
+        codes2, scales2 = encode(y, signed)
+        np.testing.assert_array_equal(codes2, codes)
+        np.testing.assert_array_equal(bits(scales2), bits(scales))
+    return ratio[normal], ratio[~normal]
+
+
+def distributions(rng, n):
+    sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    per_block = np.repeat(10.0 ** rng.integers(-30, 30, -(-n // BLOCK)), BLOCK)[:n]
+    return {
+        "normal": rng.standard_normal(n),
+        "lognormal": sign * np.exp(rng.uniform(-80, 80, n)),
+        "block_magnitudes": rng.standard_normal(n) * per_block,
+        "positive": rng.random(n) ** 4 * 1e-6,
+        "constant": np.full(n, 0.3),
+        "zeros": np.zeros(n),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the value table
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("exponent", [0, -20, 5, -126, 127])
+def test_every_code_decodes_to_the_spec_value(signed, exponent):
+    codes = np.arange(256).astype(np.uint8).view(np.int8 if signed else np.uint8)
+    scales = f32([2.0**exponent])
+    got = decode(codes, scales)
+    # v * 2**E is exact in float64; one rounding to float32 (nearest even, no flush to zero)
+    expected = f32([spec_value(c, signed) * 2.0**exponent for c in range(256)])
+    nan = np.isnan(expected)
+    assert nan.sum() == (14 if signed else 7)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(bits(got)[~nan], bits(expected)[~nan])
+
+
+def test_value_table_landmarks():
+    one, fmax, inf, nan = 14 << 3, (14 << 3) | 7, 15 << 3, (15 << 3) | 4
+    signed = decode(np.array([one, fmax, inf, nan, 1, 8], np.uint8).view(np.int8), f32([1.0]))
+    np.testing.assert_array_equal(signed[:3], [1.0, 1.875, np.inf])
+    assert np.isnan(signed[3])
+    np.testing.assert_array_equal(signed[4:], [2.0**-16, 2.0**-13])
+    unsigned = decode(np.array([240, 247, 248, 252, 1, 8], np.uint8), f32([1.0]))
+    np.testing.assert_array_equal(unsigned[:3], [1.0, 1.875, np.inf])
+    assert np.isnan(unsigned[3])
+    np.testing.assert_array_equal(unsigned[4:], [2.0**-32, 2.0**-29])
+
+
+def test_signed_0x80_decodes_to_negative_zero():
+    y = decode(np.array([-128, 0], np.int8), f32([4.0]))
+    assert bits(y).tolist() == [0x80000000, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# encodings worked out by hand from the spec
+
+S = 2.0**-16  # the signed subnormal step at scale 1
+U = 2.0**-32  # the unsigned one
+NAN = float("nan")
+NEG_NAN = -NAN
+GOLDEN = [
+    # signed: x, codes (as uint8), E
+    (True, [1.0], [112], 0),
+    (True, [3.0], [116], 1),
+    (True, [1.9375], [112], 1),  # max rounds (tie, to even) up to 2: E = 1, 0.96875 -> 1.0
+    (True, [1.8125], [118], 0),  # tie, to even: m = 6
+    (
+        True,
+        [1.0, 0.5 * S, 1.5 * S, 2.5 * S, 3.5 * S, 7.5 * S, 2.0**-13],
+        [112, 0, 2, 2, 4, 8, 8],
+        0,
+    ),
+    (True, [-1.0, -2.5 * S], [0x80 | 112, 0x80 | 2], 0),
+    (True, [NAN, NEG_NAN, np.inf, -np.inf, -0.0, 0.0], [0x7C, 0xFC, 0x78, 0xF8, 0x80, 0], -126),
+    (True, [FLT_MAX, -FLT_MAX, 1.0], [119, 0x80 | 119, 0], 127),  # saturates
+    (True, [2.0**-149], [0], -126),
+    (True, [np.inf, 3.0, NAN], [0x78, 116, 0x7C], 1),  # the max is over finite elements
+    # unsigned
+    (False, [1.0], [240], 0),
+    (False, [3.0], [244], 1),
+    (False, [1.0, 0.5 * U, 2.5 * U, 3.5 * U, 7.5 * U, 2.0**-29], [240, 0, 2, 4, 8, 8], 0),
+    # negatives saturate at 0 but count in the block's max (so decoding and encoding again
+    # would change the scale)
+    (False, [-1.0, 0.5], [0, 232], 0),
+    (False, [NAN, NEG_NAN, np.inf, -np.inf, -0.0, 0.0], [252, 252, 248, 0, 0, 0], -126),
+    (False, [FLT_MAX], [247], 127),
+    (False, [2.0**-149], [56], -126),
+]
+
+
+@pytest.mark.parametrize("signed, x, expected, exponent", GOLDEN)
+def test_hand_computed_encodings(signed, x, expected, exponent):
+    x = f32(x)
+    assert np.signbit(f32([NEG_NAN, -0.0])).all()  # the inputs keep their signs
+    codes, scales = encode(x, signed)
+    assert codes.view(np.uint8).tolist() == expected
+    assert bits(scales).tolist() == [(exponent + 127) << 23]
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize(
+    "name", ["normal", "lognormal", "block_magnitudes", "positive", "constant", "zeros"]
+)
+def test_roundtrip_within_bound(signed, name):
+    rng = np.random.default_rng([7, signed, len(name)])
+    for n in SIZES:
+        assert_roundtrip(distributions(rng, n)[name].astype(np.float32), signed)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_bound_is_tight(signed):
+    # magnitudes 2**-40 .. 2**2: both ranges well populated in every block
+    rng = np.random.default_rng(11)
+    n = 1 << 16
+    x = (rng.choice([-1.0, 1.0], n) * 2.0 ** rng.uniform(-40, 2, n)).astype(np.float32)
+    if not signed:
+        x = np.abs(x)
+    normal, subnormal = assert_roundtrip(x, signed)
+    assert normal.size > 10_000 and subnormal.size > 10_000
+    # 0.9 of the bound would be violated in both ranges
+    assert normal.max() > 0.9 and subnormal.max() > 0.9
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_zero_block_and_outlier_block(signed):
+    rng = np.random.default_rng(3)
+    small = np.abs(rng.standard_normal(3 * BLOCK)) * 1e-3
+    small[BLOCK : 2 * BLOCK] = 0.0
+    small[2 * BLOCK + 17] = 1e30
+    x = small.astype(np.float32)
+    assert_roundtrip(x, signed)
+    codes, scales = encode(x, signed)
+    e = block_exponents(scales)
+    assert e[1] == -126 and not codes[BLOCK : 2 * BLOCK].any()
+    assert e[2] == math.frexp(float(x[2 * BLOCK + 17]))[1] - 1  # 1e30 = 1.26 * 2**99
+    y = decode(codes, scales)
+    assert not np.delete(y[2 * BLOCK :], 17).any()  # everything else in the block is lost
+    if signed:  # a block of -0.0 keeps its signs
+        codes, scales = encode(-np.zeros(BLOCK, np.float32), True)
+        assert (codes == -128).all() and np.signbit(decode(codes, scales)).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nan_and_inf(signed):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(3 * BLOCK).astype(np.float32)
+    where = rng.choice(x.size, 60, replace=False)
+    x[where[:20]] = np.nan
+    x[where[20:40]] = np.inf
+    x[where[40:]] = -np.inf
+    x[2 * BLOCK :] = np.where(rng.random(BLOCK) < 0.5, np.inf, np.nan)  # nothing finite
+    ratio_normal, _ = assert_roundtrip(x, signed)
+    assert ratio_normal.size > (400 if signed else 200)
+    _, scales = encode(x, signed)
+    assert block_exponents(scales)[2] == -126
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_float32_subnormal_inputs(signed):
+    rng = np.random.default_rng(9)
+    k = rng.integers(0, 1 << 23, 4 * BLOCK).astype(np.uint32)
+    x = (k | (rng.integers(0, 2, k.size).astype(np.uint32) << 31)).view(np.float32)
+    x[:BLOCK] = np.abs(x[:BLOCK]) * np.float32(2.0**-10)  # tinier still
+    assert_roundtrip(x, signed)
+    assert (block_exponents(encode(x, signed)[1]) == -126).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_near_flt_max(signed):
+    top = np.nextafter(np.float32(FLT_MAX), np.float32(0))
+    x = f32([FLT_MAX, top, 1.9375 * 2.0**127, 1.90625 * 2.0**127, 1.875 * 2.0**127, 2.0**127])
+    x = np.concatenate([x, -x, f32([1.0, 1e-30, 0.0])])
+    ratio, _ = assert_roundtrip(x, signed)
+    codes, scales = encode(x, signed)
+    assert block_exponents(scales).tolist() == [127]
+    q_max = 119 if signed else 247
+    assert codes.view(np.uint8)[:5].tolist() == [q_max] * 5  # saturated, not inf
+    assert ratio.max() > 0.99  # FLT_MAX -> 1.875 * 2**127 is just inside the bound
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_idempotent(signed):
+    rng = np.random.default_rng(13)
+    for x in distributions(rng, 3 * BLOCK + 5).values():
+        x = x.astype(np.float32)
+        x[::97] = np.nan
+        x[1::101] = -np.inf
+        if not signed:  # see assert_roundtrip
+            x = np.abs(x)
+        codes, scales = encode(x, signed)
+        again = encode(decode(codes, scales), signed)
+        np.testing.assert_array_equal(again[0], codes)
+        np.testing.assert_array_equal(bits(again[1]), bits(scales))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory order and shapes
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fortran_order_follows_memory(signed):
+    rng = np.random.default_rng(17)
+    # rows of very different magnitudes, so that the blocks' contents depend on the order
+    x = np.asfortranarray(rng.standard_normal((37, 50)) * 10.0 ** np.arange(-18, 19)[:, None])
+    x = x.astype(np.float32, order="F")
+    assert x.flags.f_contiguous and not x.flags.c_contiguous
+    codes, scales = encode(x, signed)
+    assert codes.flags.f_contiguous and codes.shape == x.shape
+    codes_t, scales_t = encode(x.T, signed)  # the same memory, in C order
+    assert codes_t.flags.c_contiguous
+    np.testing.assert_array_equal(codes.T, codes_t)
+    np.testing.assert_array_equal(bits(scales), bits(scales_t))
+    assert not np.array_equal(scales, encode(np.ascontiguousarray(x), signed)[1])
+    y = decode(codes, scales)
+    assert y.flags.f_contiguous
+    np.testing.assert_array_equal(bits(y.T), bits(decode(codes_t, scales_t)))
+    assert_roundtrip(x, signed)
+
+
+def test_shapes():
+    for shape in [(), (0,), (3, 0), (2, 3, 100), (1, 300)]:
+        x = np.ones(shape, np.float32)
+        codes, scales = encode(x, True)
+        assert codes.shape == shape and scales.size == -(-x.size // BLOCK)
+        np.testing.assert_array_equal(decode(codes, scales), x)
+    # a non-contiguous array is read in C order
+    x = np.arange(1000, dtype=np.float32).reshape(20, 50)[:, ::2]
+    codes, scales = encode(x, False)
+    np.testing.assert_array_equal(codes, encode(np.ascontiguousarray(x), False)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and QuantizedState
+
+
+def test_encode_decode_refuse_bad_arguments():
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        encode(np.zeros(3), True)
+    with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
+        encode([1.0], True)
+    with pytest.raises(TypeError, match="codes must have dtype int8 or uint8"):
+        decode(np.zeros(3, np.int16), f32([1.0]))
+    with pytest.raises(TypeError, match="scales must have dtype float32"):
+        decode(np.zeros(3, np.int8), np.ones(1))
+    with pytest.raises(ValueError, match="scales must be 1-D"):
+        decode(np.zeros(3, np.int8), np.ones((1, 1), np.float32))
+    with pytest.raises(ValueError, match=r"scales must have ceil\(codes.size / 256\) = 2"):
+        decode(np.zeros(257, np.int8), f32([1.0]))
+    with pytest.raises(ValueError, match="codes must be C- or F-contiguous"):
+        decode(np.zeros((4, 4), np.int8)[:, ::2], f32([1.0]))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantized_state(signed):
+    rng = np.random.default_rng(19)
+    x = np.asfortranarray(rng.standard_normal((30, 20)).astype(np.float32))
+    state = QuantizedState.from_array(x, signed)
+    codes, scales = encode(x, signed)
+    np.testing.assert_array_equal(state.codes, codes)
+    np.testing.assert_array_equal(state.scales, scales)
+    assert state.shape == (30, 20) and state.size == 600 and state.signed is signed
+    assert state.nbytes == 600 + 3 * 4
+    assert repr(state) == (
+        f"QuantizedState(shape=(30, 20), signed={signed}, order='F', blocks=3, nbytes=612)"
+    )
+    y = state.dequantize()
+    assert y.flags.f_contiguous
+    np.testing.assert_array_equal(y, decode(codes, scales))
+
+    clone = state.copy()
+    assert clone.codes.flags.f_contiguous
+    clone.codes[0, 0] += 1
+    clone.scales[0] = 2.0
+    np.testing.assert_array_equal(state.codes, codes)
+    np.testing.assert_array_equal(state.scales, scales)
+
+    assert not hasattr(state, "__dict__")
+    with pytest.raises(AttributeError):
+        state.other = 1
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_zeros_is_encoded_zeros(signed, order):
+    state = QuantizedState.zeros((300, 3), signed, order=order)
+    encoded = QuantizedState.from_array(np.zeros((300, 3), np.float32, order=order), signed)
+    assert state.codes.dtype == encoded.codes.dtype
+    assert state.codes.flags.f_contiguous == (order == "F")
+    np.testing.assert_array_equal(state.codes, encoded.codes)
+    np.testing.assert_array_equal(bits(state.scales), bits(encoded.scales))
+    assert QuantizedState.zeros(5, signed).shape == (5,)
+
+
+def test_quantized_state_validates():
+    with pytest.raises(TypeError, match="codes must be a numpy.ndarray"):
+        QuantizedState([0], f32([1.0]))
+    with pytest.raises(TypeError, match="codes must have dtype"):
+        QuantizedState(np.zeros(3, np.float32), f32([1.0]))
+    with pytest.raises(TypeError, match="scales must be a numpy.ndarray"):
+        QuantizedState(np.zeros(3, np.int8), [1.0])
+    with pytest.raises(ValueError, match="scales must have"):
+        QuantizedState(np.zeros(3, np.int8), f32([1.0, 1.0]))
+    with pytest.raises(ValueError, match="order must be 'C' or 'F'"):
+        QuantizedState.zeros(3, True, order="K")
