@@ -24,6 +24,7 @@
 #include <pthread.h>
 #endif
 
+#include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
 
 namespace py = pybind11;
@@ -363,7 +364,7 @@ bool parse_flag(PyObject* value) {
 // Where a keyword goes: a hyperparameter, an array, or skip_if_nonfinite, which every kernel
 // with a grad takes. (A renamed array's old keyword is mapped, with its warning, in Python.)
 struct Slot {
-  enum { hyper, array, skip, stochastic, seed } what;
+  enum { hyper, array, skip, stochastic, seed, master } what;
   std::size_t index;
 };
 
@@ -377,6 +378,10 @@ PyObject* stochastic_keyword() {
 }
 PyObject* seed_keyword() {
   static PyObject* const keyword = intern("seed");
+  return keyword;
+}
+PyObject* master_keyword() {
+  static PyObject* const keyword = intern("master");
   return keyword;
 }
 
@@ -398,6 +403,7 @@ std::optional<Slot> find_slot(const Descriptor& d, PyObject* keyword) {
     if (d.has_grad && same(skip_keyword())) return Slot{Slot::skip, 0};
     if (d.has_grad && same(stochastic_keyword())) return Slot{Slot::stochastic, 0};
     if (d.has_grad && same(seed_keyword())) return Slot{Slot::seed, 0};
+    if (d.has_grad && same(master_keyword())) return Slot{Slot::master, 0};
   }
   if (PyErr_Occurred()) throw py::error_already_set();
   return std::nullopt;
@@ -411,6 +417,7 @@ struct Arguments {
   bool skip_if_nonfinite = false;
   bool stochastic_rounding = false;
   std::uint64_t seed = 0;
+  PyObject* master = nullptr;  // float32 master weights of a low-precision param, or nullptr
 
   bool option_on(const Descriptor& d, std::size_t array) const {
     const std::size_t option = d.option_of[array];
@@ -442,6 +449,8 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
       a.stochastic_rounding = parse_flag(value);
     } else if (slot->what == Slot::seed) {
       a.seed = parse_seed(value);
+    } else if (slot->what == Slot::master) {
+      a.master = value == Py_None ? nullptr : value;
     } else if (slot->what == Slot::array) {
       if (a.arrays[slot->index] != nullptr) {
         throw py::type_error(d.function + "() got multiple values for argument '" +
@@ -481,14 +490,17 @@ bool same_dtype(const py::dtype& a, const py::dtype& b) {
   return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
 }
 
-// The NumPy dtype of each DType; bfloat16's is ml_dtypes', None where ml_dtypes is missing.
-const std::array<py::object, fusedopt::kDTypeCount>& numpy_dtypes() {
-  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<
-      std::array<py::object, fusedopt::kDTypeCount>>
+// bfloat16's NumPy dtype is ml_dtypes', None where ml_dtypes is missing.
+constexpr std::size_t kDTypeCount = fusedopt::kFloatCount + 1;
+
+// The NumPy dtype of each DType (int8: that of a quantized state's signed codes).
+const std::array<py::object, kDTypeCount>& numpy_dtypes() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<std::array<py::object, kDTypeCount>>
       dtypes;
   return dtypes
       .call_once_and_store_result([] {
-        std::array<py::object, fusedopt::kDTypeCount> d;
+        std::array<py::object, kDTypeCount> d;
+        d[static_cast<std::size_t>(DType::int8)] = py::dtype("int8");
         d[static_cast<std::size_t>(DType::float32)] = py::dtype::of<float>();
         d[static_cast<std::size_t>(DType::float64)] = py::dtype::of<double>();
         d[static_cast<std::size_t>(DType::float16)] = py::dtype("float16");
@@ -513,6 +525,7 @@ const char* dtype_text(DType dtype) {
     case DType::float64: return "float64";
     case DType::bfloat16: return "bfloat16";
     case DType::float16: return "float16";
+    case DType::int8: return "int8";
   }
   return "";
 }
@@ -549,14 +562,31 @@ std::string dtypes_text(const std::vector<DType>& dtypes) {
   return text;
 }
 
+// fusedopt.quantize.QuantizedState: an int8 state's codes and scales.
+bool is_quantized(py::handle obj) {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> type;
+  const py::object& quantized =
+      type.call_once_and_store_result([] {
+            return py::module_::import("fusedopt.quantize").attr("QuantizedState");
+          })
+          .get_stored();
+  const int is = PyObject_IsInstance(obj.ptr(), quantized.ptr());
+  if (is < 0) throw py::error_already_set();
+  return is == 1;
+}
+
 // The checked arrays of one call: a pointer per (tensor, role), nullptr where an optional role
-// is absent, each tensor's first element in the concatenation of all, and their storage.
+// is absent, each tensor's first element in the concatenation of all, and their storage. With
+// masters, role 0 is the float32 master and the param follows the declared roles.
 struct Checked {
   std::size_t storage = 0;  // the call's row of fusedopt::kStorageRows
   DType grad_dtype = DType::float32;
+  DType param_copy = DType::float32;  // the param's dtype where role 0 holds its masters
+  std::uint32_t unsigned_codes = 0;   // bit r: role r's int8 state has uint8 codes
   std::size_t roles = 0;
   std::vector<py::object> held;  // the arrays of list calls that release the GIL
   std::vector<void*> data;       // tensor t, role r at t * roles + r
+  std::vector<void*> scales;     // likewise, the scales of int8 states (else nullptr)
   std::vector<Index> starts;     // tensors + 1 entries
 
   TensorSet set() const { return {data.data(), starts.data(), starts.size() - 1, roles}; }
@@ -684,7 +714,8 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       throw py::type_error(name + ": expected " +
                            (single ? "a numpy.ndarray" : "a list of numpy.ndarray") + ", got None");
     }
-    if (single && !py::isinstance<py::array>(arg)) {
+    if (single && !py::isinstance<py::array>(arg) &&
+        !(roles[r].part == fusedopt::Part::state && is_quantized(arg))) {
       throw py::type_error(name + ": expected a numpy.ndarray like param, got " + type_name(arg));
     }
     if (!single) {
@@ -698,17 +729,40 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       }
     }
   }
+  const py::handle master = a.master == nullptr ? py::handle() : py::handle(a.master);
+  if (master) {
+    if (single ? !py::isinstance<py::array>(master) : !is_list(master)) {
+      throw py::type_error(std::string("master: expected ") +
+                           (single ? "a numpy.ndarray like param" : "a list of arrays like param") +
+                           ", got " + type_name(master));
+    }
+    if (!single && static_cast<std::size_t>(py::len(master)) != count) {
+      throw py::value_error("master: expected " + std::to_string(count) +
+                            " arrays like param, got " + std::to_string(py::len(master)));
+    }
+  }
 
   // The call's row of the table: the first whose dtypes are those of the first tensor's arrays
   // (its param's at least). Every array of every tensor must then have its part's dtype.
   std::size_t storage = 0;
+  DType checked_copy = DType::float32;
   if (count > 0) {
     auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
       const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
+      if (obj && r > 0 && is_quantized(obj)) return DType::int8;
       if (!obj || !py::isinstance<py::array>(obj)) return std::nullopt;
       return dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
     };
-    const std::optional<DType> param_dtype = dtype_at(0);
+    std::optional<DType> param_dtype = dtype_at(0);
+    if (master) {  // the masters' row: a float32 param
+      if (param_dtype != DType::bfloat16 && param_dtype != DType::float16) {
+        throw py::type_error(
+            "master: float32 master weights are for a bfloat16 or float16 param, got a " +
+            dtype_name(py::reinterpret_borrow<py::array>(item(param, 0)).dtype()) + " param");
+      }
+      checked_copy = *param_dtype;
+      param_dtype = DType::float32;
+    }
     bool param_known = false, matched = false;
     for (std::size_t row = 0; row < fusedopt::kStorageCount && !matched; ++row) {
       if (param_dtype != fusedopt::kStorageRows[row].param) continue;
@@ -729,26 +783,113 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   }
   const fusedopt::StorageRow& row = fusedopt::kStorageRows[storage];
 
+  const DType param_dtype = master ? checked_copy : row.param;
+
   Checked checked;
   checked.storage = storage;
   checked.grad_dtype = row.grad;
-  checked.roles = n_roles;
-  checked.data.assign(count * n_roles, nullptr);
+  checked.param_copy = checked_copy;
+  checked.roles = n_roles + (master ? 1 : 0);
+  const std::size_t roles_per_tensor = checked.roles;
+  checked.data.assign(count * roles_per_tensor, nullptr);
+  if (row.state == DType::int8) checked.scales.assign(count * roles_per_tensor, nullptr);
   checked.starts.assign(count + 1, 0);
   std::vector<Extent> extents;
-  extents.reserve(count * n_roles);
+  extents.reserve(count * roles_per_tensor * 2);
+  auto add_extent = [&](const py::array& arr, std::size_t slot, bool written) {
+    if (arr.nbytes() > 0) {
+      const char* begin = static_cast<const char*>(arr.data());
+      extents.push_back({begin, begin + arr.nbytes(), slot, written});
+    }
+  };
+  std::optional<bool> codes_unsigned[kMaxArrays];
   for (std::size_t i = 0; i < count; ++i) {
     // messages: "float64 like param[0] (one call takes one dtype)", "float32 like param",
     // "bfloat16 or float32 for a bfloat16 param"
     check_array(
-        label(0, i), item(param, i), nullptr, numpy_dtype(row.param),
-        [&] { return std::string(dtype_text(row.param)) + " like " + label(0, 0).str(); },
+        label(0, i), item(param, i), nullptr, numpy_dtype(param_dtype),
+        [&] { return std::string(dtype_text(param_dtype)) + " like " + label(0, 0).str(); },
         roles[0].written);
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
     checked.starts[i + 1] = checked.starts[i] + static_cast<Index>(p.size());
+    if (master) {
+      const py::handle obj = single ? master : py::handle(PySequence_Fast_GET_ITEM(master.ptr(), i));
+      const Label where{"master", single ? -1 : static_cast<py::ssize_t>(i)};
+      check_array(
+          where, obj, &p, numpy_dtype(DType::float32), [] { return std::string("float32"); },
+          true);
+      const auto m = py::reinterpret_borrow<py::array>(obj);
+      checked.data[i * roles_per_tensor] = const_cast<void*>(m.data());
+      checked.data[i * roles_per_tensor + n_roles] = const_cast<void*>(p.data());
+      add_extent(m, i * roles_per_tensor + n_roles, true);
+    }
     for (std::size_t r = 0; r < n_roles; ++r) {
       if (!present[r]) continue;
       const py::handle obj = item(args[r], i);
+      if (row.state == DType::int8 && roles[r].part == fusedopt::Part::state) {
+        const Label where = label(r, i);
+        const std::size_t slot = i * roles_per_tensor + r;
+        if (!is_quantized(obj)) {
+          throw py::type_error(
+              where.str() +
+              ": expected a fusedopt.quantize.QuantizedState (8-bit codes and float32 scales) "
+              "like the call's other states, got " +
+              (py::isinstance<py::array>(obj)
+                   ? "an array of dtype " +
+                         dtype_name(py::reinterpret_borrow<py::array>(obj).dtype())
+                   : type_name(obj)));
+        }
+        const py::object codes = obj.attr("codes"), scales = obj.attr("scales");
+        const std::string codes_name = where.str() + ".codes";
+        if (!py::isinstance<py::array>(codes)) {
+          throw py::type_error(codes_name + ": expected a numpy.ndarray, got " +
+                               type_name(codes));
+        }
+        const py::dtype codes_dtype = py::reinterpret_borrow<py::array>(codes).dtype();
+        const bool is_uint8 = same_dtype(codes_dtype, py::dtype("uint8"));
+        if (is_uint8 && !roles[r].nonnegative) {
+          throw py::type_error(codes_name + ": uint8 (unsigned) codes are only for a state that "
+                                            "is never negative; " +
+                               roles[r].name + " takes int8 codes");
+        }
+        if (!is_uint8 && !same_dtype(codes_dtype, py::dtype("int8"))) {
+          throw py::type_error(codes_name + ": expected dtype int8" +
+                               (roles[r].nonnegative ? std::string(" or uint8") : "") + ", got " +
+                               dtype_name(codes_dtype));
+        }
+        if (codes_unsigned[r] && *codes_unsigned[r] != is_uint8) {
+          throw py::type_error(codes_name + ": expected dtype " +
+                               (*codes_unsigned[r] ? "uint8" : "int8") + " like " +
+                               label(r, 0).str() + ".codes (one call takes one dtype)");
+        }
+        codes_unsigned[r] = is_uint8;
+        const std::string codes_role = std::string(roles[r].name) + ".codes";
+        check_array(
+            Label{codes_role.c_str(), where.index}, codes, &p, codes_dtype,
+            [&] { return dtype_name(codes_dtype); }, true);
+        const Index blocks = (static_cast<Index>(p.size()) + fusedopt::kBlock - 1) /
+                             fusedopt::kBlock;
+        if (!py::isinstance<py::array>(scales)) {
+          throw py::type_error(where.str() + ".scales: expected a numpy.ndarray, got " +
+                               type_name(scales));
+        }
+        const auto sc = py::reinterpret_borrow<py::array>(scales);
+        if (!same_dtype(sc.dtype(), numpy_dtype(DType::float32)) || sc.ndim() != 1 ||
+            sc.size() != blocks || (sc.flags() & py::array::c_style) == 0) {
+          throw py::value_error(where.str() + ".scales: expected a contiguous float32 array of " +
+                                std::to_string(blocks) + " (one per " +
+                                std::to_string(fusedopt::kBlock) + " elements), got " +
+                                dtype_name(sc.dtype()) + " of shape " + shape_str(sc));
+        }
+        if (!sc.writeable()) throw py::value_error(where.str() + ".scales: array is read-only");
+        const auto c = py::reinterpret_borrow<py::array>(codes);
+        checked.data[slot] = const_cast<void*>(c.data());
+        checked.scales[slot] = const_cast<void*>(sc.data());
+        add_extent(c, slot, true);
+        add_extent(sc, slot, true);
+        if (is_uint8) checked.unsigned_codes |= 1U << r;
+        continue;
+      }
       if (r > 0) {
         const DType expected = row.of(roles[r].part);
         check_array(
@@ -777,28 +918,34 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       }
       const auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
-      void* data = const_cast<void*>(arr.data());
-      checked.data[i * n_roles + r] = data;
-      if (arr.nbytes() > 0) {
-        const char* begin = static_cast<const char*>(data);
-        extents.push_back({begin, begin + arr.nbytes(), i * n_roles + r, roles[r].written});
+      if (!(master && r == 0)) {
+        checked.data[i * roles_per_tensor + r] = const_cast<void*>(arr.data());
       }
+      add_extent(arr, i * roles_per_tensor + r, roles[r].written);
     }
   }
   // While the GIL is released another thread could empty a list and free its arrays: the
   // call holds references to them then. A single array is held by the caller's frame.
   if (!single && checked.starts.back() >= parallel_min.load(std::memory_order_relaxed)) {
-    checked.held.reserve(count * n_roles);
+    checked.held.reserve(count * (n_roles + 1));
     for (std::size_t r = 0; r < n_roles; ++r) {
       for (std::size_t i = 0; present[r] && i < count; ++i) {
         checked.held.push_back(py::reinterpret_borrow<py::object>(item(args[r], i)));
       }
     }
+    for (std::size_t i = 0; master && i < count; ++i) {
+      checked.held.push_back(
+          py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(master.ptr(), i)));
+    }
   }
   if (const auto overlap = find_overlap(extents)) {
     const auto [first, second] = *overlap;
-    throw py::value_error(label(first % n_roles, first / n_roles).str() + " and " +
-                          label(second % n_roles, second / n_roles).str() +
+    auto name = [&](std::size_t slot) {
+      const std::size_t r = slot % roles_per_tensor, i = slot / roles_per_tensor;
+      return r == n_roles ? Label{"master", single ? -1 : static_cast<py::ssize_t>(i)}.str()
+                          : label(r, i).str();
+    };
+    throw py::value_error(name(first) + " and " + name(second) +
                           " share memory; an array that is updated in place must not overlap "
                           "any other argument");
   }
@@ -821,20 +968,23 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const TensorSet set = checked.set();
   const fusedopt::UpdateFn update = table().update[d.kernel][checked.storage];
   const fusedopt::StorageRow& row = fusedopt::kStorageRows[checked.storage];
-  if (a.stochastic_rounding && (row.param == DType::float16 || row.state == DType::float16)) {
+  if (a.stochastic_rounding && (row.param == DType::float16 || row.state == DType::float16 ||
+                                checked.param_copy == DType::float16)) {
     throw py::value_error(
         "stochastic_rounding=True: float16 arrays are rounded to nearest only; stochastic "
         "rounding is for bfloat16");
   }
   const fusedopt::RoundingRequest rounding{
       a.stochastic_rounding, a.seed,
-      d.step_index == kNone ? 0 : static_cast<std::uint64_t>(a.values[d.step_index].count)};
+      d.step_index == kNone ? 0 : static_cast<std::uint64_t>(a.values[d.step_index].count),
+      checked.param_copy, checked.unsigned_codes};
+  void* const* scales = checked.scales.empty() ? nullptr : checked.scales.data();
   const int threads = threads_for_call(set.total());
   const ReleaseGilIfWorthIt release(set.total());
   if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.grad_dtype, threads)) return false;
   const Value* values = a.values.data();
   split_across_threads(set, threads,
-                       [&](Index begin, Index end) { update(values, rounding, set, begin, end); });
+                       [&](Index begin, Index end) { update(values, rounding, set, scales, begin, end); });
   return true;
 }
 

@@ -5,20 +5,83 @@
 #include <Eigen/Core>
 #include <utility>
 
+#include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
 
 namespace fusedopt {
 namespace {
 
-template <typename Decl, typename Types>
-void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set, Index begin,
-            Index end) {
+// The float32 masters of a chunk (role 0, just updated) rounded into the param's copy.
+template <typename Out>
+void copy_masters(Index n, const Out& out, const float* master, DType copy, void* to) {
+  if (copy == DType::bfloat16) {
+    auto* param = static_cast<Eigen::bfloat16*>(to);
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
+  } else {
+    auto* param = static_cast<Eigen::half*>(to);
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
+  }
+}
+
+// Runs the kernel chunk by chunk. For an int8 row each quantized state is decoded into a float32
+// chunk on the stack first and encoded back after; with masters the rounded copy is written
+// while the chunk is still in cache. Both only for the rows where they can occur.
+template <typename Decl, typename Types, bool quantized>
+void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
+            void* const* scales, Index begin, Index end) {
   const typename Decl::template Kernel<Types> kernel{Values<Decl>(hyper)};
+  constexpr bool masters = std::is_same_v<typename Types::Param, float>;
+  constexpr std::size_t roles = Decl::arrays.size();
+  [[maybe_unused]] std::array<std::array<float, quantized ? kChunk : 1>, roles> staged;
   walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
     const Rounding rounding{request.stochastic,
                             tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
                             offset};
-    kernel(set.arrays(t), offset, n, rounding);
+    void* const* arrays = set.arrays(t);
+    if constexpr (quantized) {
+      std::array<void*, roles> at{};  // the chunk's arrays, staged where quantized
+      for (std::size_t r = 0; r < roles; ++r) {
+        if (arrays[r] == nullptr) continue;
+        if (scales[t * set.roles + r] == nullptr) {
+          const Part part = Decl::arrays[r].part;
+          at[r] = static_cast<char*>(arrays[r]) +
+                  offset * static_cast<Index>(part == Part::param  ? sizeof(typename Types::Param)
+                                              : part == Part::grad ? sizeof(typename Types::Grad)
+                                                                   : sizeof(float));
+          continue;
+        }
+        decode_chunk((request.unsigned_codes >> r & 1U) == 0,
+                     static_cast<const std::uint8_t*>(arrays[r]) + offset,
+                     static_cast<const float*>(scales[t * set.roles + r]) + offset / kBlock, n,
+                     staged[r].data());
+        at[r] = staged[r].data();
+      }
+      kernel(at.data(), 0, n, rounding);
+      for (std::size_t r = 0; r < roles; ++r) {
+        if (arrays[r] == nullptr || scales[t * set.roles + r] == nullptr) continue;
+        encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
+                     static_cast<std::uint8_t*>(arrays[r]) + offset,
+                     static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock);
+      }
+    } else {
+      kernel(arrays, offset, n, rounding);
+    }
+    if constexpr (masters) {
+      if (request.param_copy != DType::float32) {
+        with_rounding<Storage<float, Eigen::bfloat16, float, float>>(
+            rounding, [&](const auto& out) {
+              copy_masters(n, out, static_cast<const float*>(arrays[0]) + offset,
+                           request.param_copy,
+                           request.param_copy == DType::bfloat16
+                               ? static_cast<void*>(static_cast<Eigen::bfloat16*>(arrays[roles]) +
+                                                    offset)
+                               : static_cast<void*>(static_cast<Eigen::half*>(arrays[roles]) +
+                                                    offset));
+            });
+      }
+    }
     return true;
   });
 }
@@ -52,7 +115,8 @@ void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin
 // Every storage row's update of one kernel.
 template <typename Decl, std::size_t... Rows>
 std::array<UpdateFn, kStorageCount> rows_of(std::index_sequence<Rows...>) {
-  return {&update<Decl, typename RowTypes<Rows>::type>...};
+  return {&update<Decl, typename RowTypes<Rows>::type,
+                  kStorageRows[Rows].state == DType::int8>...};
 }
 
 template <typename... Decls>

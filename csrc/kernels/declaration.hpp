@@ -19,7 +19,8 @@ enum class Part { param, grad, state };
 
 // One array argument. `used_when` names the option that uses it: the buffer is required
 // exactly when that hyperparameter is true or nonzero, and ignored otherwise. `old_name` is a
-// keyword that still works, with a DeprecationWarning.
+// keyword that still works, with a DeprecationWarning. A `nonnegative` state is never below zero
+// (second moments, sums of squares): its int8 form may use unsigned codes, which have more range.
 struct ArrayDecl {
   const char* name;
   Part part;
@@ -28,6 +29,7 @@ struct ArrayDecl {
   bool optional = false;
   const char* used_when = nullptr;
   const char* old_name = nullptr;
+  bool nonnegative = false;
 
   constexpr ArrayDecl used_with(const char* option) const {
     ArrayDecl a = *this;
@@ -43,6 +45,11 @@ struct ArrayDecl {
   constexpr ArrayDecl may_be_absent() const {
     ArrayDecl a = *this;
     a.optional = true;
+    return a;
+  }
+  constexpr ArrayDecl never_negative() const {
+    ArrayDecl a = *this;
+    a.nonnegative = true;
     return a;
   }
 };

@@ -18,9 +18,11 @@ namespace fusedopt {
 // Every kernel the table holds, in this order: the optimizers, then the helpers.
 using Kernels = Concat<Optimizers, Helpers>::type;
 
-// Element types of arrays: what the binding matches NumPy dtypes against.
-enum class DType { float32, float64, bfloat16, float16 };
-inline constexpr std::size_t kDTypeCount = 4;
+// Element types of arrays: what the binding matches NumPy dtypes against. int8 is a state
+// stored block-quantized (quantize.hpp): int8 or uint8 codes and a float32 scale per block,
+// computed in float32. The floating types come first: kFloatCount of them.
+enum class DType { float32, float64, bfloat16, float16, int8 };
+inline constexpr std::size_t kFloatCount = 4;
 
 template <DType>
 struct CType;
@@ -40,11 +42,17 @@ template <>
 struct CType<DType::float16> {
   using type = Eigen::half;
 };
+template <>
+struct CType<DType::int8> {  // decoded per chunk into float32 before the kernel runs
+  using type = float;
+};
 
 // The storage combinations a kernel is built for, each a row of the table: the dtype of the
 // param, of the grad and of every state buffer. The arithmetic runs in float64 for a float64
 // param and in float32 otherwise. The binding finds a call's row from its arrays' dtypes; a
-// combination without a row is an error that lists what the param's dtype allows.
+// combination without a row is an error that lists what the param's dtype allows. A call with
+// float32 master weights runs the row of a float32 param (the master) and writes the rounded
+// master to the bfloat16 or float16 param in the same pass.
 struct StorageRow {
   DType param, grad, state;
 
@@ -62,6 +70,16 @@ inline constexpr StorageRow kStorageRows[] = {
     {DType::bfloat16, DType::float32, DType::bfloat16},
     {DType::float16, DType::float16, DType::float32},
     {DType::float16, DType::float32, DType::float32},
+    {DType::float32, DType::bfloat16, DType::float32},
+    {DType::float32, DType::bfloat16, DType::bfloat16},
+    {DType::float32, DType::float16, DType::float32},
+    {DType::float32, DType::float32, DType::int8},
+    {DType::float32, DType::bfloat16, DType::int8},
+    {DType::float32, DType::float16, DType::int8},
+    {DType::bfloat16, DType::bfloat16, DType::int8},
+    {DType::bfloat16, DType::float32, DType::int8},
+    {DType::float16, DType::float16, DType::int8},
+    {DType::float16, DType::float32, DType::int8},
 };
 inline constexpr std::size_t kStorageCount = sizeof(kStorageRows) / sizeof(kStorageRows[0]);
 template <std::size_t row>
@@ -73,17 +91,22 @@ struct RowTypes {
 };
 
 // How a call rounds: stochastically or not, with which seed, at which step (0 for an optimizer
-// without one).
+// without one); whether the param role holds float32 masters whose rounded copy goes to the
+// extra role after the declared ones (param_copy bfloat16 or float16; float32 for none); which
+// roles are int8 states with uint8 (unsigned) codes.
 struct RoundingRequest {
   bool stochastic;
   std::uint64_t seed;
   std::uint64_t step;
+  DType param_copy = DType::float32;
+  std::uint32_t unsigned_codes = 0;  // bit r for role r
 };
 
 // Updates the chunks of `set` from global position `begin` to `end` (chunk starts); `hyper` holds
-// the call's values in the order of its declaration's hyperparameters.
+// the call's values in the order of its declaration's hyperparameters. For an int8 row, `scales`
+// holds each quantized role's scales (same layout as set.data).
 using UpdateFn = void (*)(const Value* hyper, const RoundingRequest& rounding, const TensorSet& set,
-                          Index begin, Index end);
+                          void* const* scales, Index begin, Index end);
 // Whether role `r` holds a NaN or an infinity in that range; stops early once `found` is set.
 using ScanFn = bool (*)(const TensorSet& set, std::size_t r, Index begin, Index end,
                         std::atomic<bool>& found);
@@ -112,7 +135,8 @@ template <typename Decl>
 constexpr std::uint64_t fingerprint(std::uint64_t h) {
   h = hash(h, Decl::name);
   for (const auto& a : Decl::arrays) {
-    h = hash(hash(h, a.name), static_cast<std::uint64_t>(a.part) * 4 + a.written * 2 + a.optional);
+    h = hash(hash(h, a.name), static_cast<std::uint64_t>(a.part) * 8 + a.written * 4 +
+                                  a.optional * 2 + a.nonnegative);
   }
   for (const auto& p : Decl::hyperparameters) {
     h = hash(hash(h, p.name), static_cast<std::uint64_t>(p.kind));
@@ -124,14 +148,14 @@ constexpr std::uint64_t fingerprint(List<Decls...>) {
   std::uint64_t h = 14695981039346656037ULL;
   ((h = fingerprint<Decls>(h)), ...);
   for (const StorageRow& row : kStorageRows) {
-    h = hash(h, static_cast<std::uint64_t>(row.param) * 16 +
-                    static_cast<std::uint64_t>(row.grad) * 4 +
+    h = hash(h, static_cast<std::uint64_t>(row.param) * 64 +
+                    static_cast<std::uint64_t>(row.grad) * 8 +
                     static_cast<std::uint64_t>(row.state));
   }
   return h;
 }
 
-inline constexpr int kTableVersion = 4;
+inline constexpr int kTableVersion = 5;
 inline constexpr std::size_t kKernelCount = Length<Kernels>::value;
 inline constexpr std::uint64_t kFingerprint = fingerprint(Kernels{});
 
@@ -141,8 +165,8 @@ struct KernelTable {
   const char* level;          // "baseline", "avx2", ...
   const char* instructions;   // Eigen's SimdInstructionSetsInUse() at that level
   std::array<std::array<UpdateFn, kStorageCount>, kKernelCount> update;
-  std::array<ScanFn, kDTypeCount> nonfinite;  // by DType
-  std::array<SumFn, kDTypeCount> sum_squares;
+  std::array<ScanFn, kFloatCount> nonfinite;  // by DType
+  std::array<SumFn, kFloatCount> sum_squares;
 };
 
 }  // namespace fusedopt

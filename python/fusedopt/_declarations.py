@@ -133,6 +133,7 @@ class Declaration:
         params.append(P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False, annotation=bool))
         params.append(P("stochastic_rounding", P.KEYWORD_ONLY, default=False, annotation=bool))
         params.append(P("seed", P.KEYWORD_ONLY, default=0, annotation=int))
+        params.append(P("master", P.KEYWORD_ONLY, default=None, annotation=Optional[Arrays]))
         return inspect.Signature(params, return_annotation=bool)
 
     def args_doc(self) -> str:
@@ -163,6 +164,10 @@ class Declaration:
             "    seed: the random stream of stochastic rounding, an integer in [0, 2**64); the "
             "bits are a function of (seed, step, tensor, element). Without a step argument, "
             "pass a new seed each step."
+        )
+        lines.append(
+            "    master: float32 master weights of a bfloat16 or float16 param, updated in "
+            "place: the update runs on them and the param is written as the master rounded."
         )
         lines += [
             "",

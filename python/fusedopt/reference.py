@@ -2,7 +2,10 @@ r"""The executable specification: every update rule in plain NumPy, as written i
 
 Arrays stored in bfloat16 or float16 (in any combination the fused functions take) are
 converted to float32 (float64 for a float64 param), the formula runs there, and what it writes
-is rounded once, to nearest even: the semantics of the kernels.
+is rounded once, to nearest even: the semantics of the kernels. A state given as a
+:class:`fusedopt.quantize.QuantizedState` is decoded to float32 and encoded back after the
+formula; with ``master=`` float32 master weights the formula runs on the master and the param
+becomes the master rounded.
 
 Each function has the signature of its fused twin in :mod:`fusedopt` (a test checks that they
 agree with the kernel's declaration; only the fused twin still takes a renamed buffer's old,
@@ -25,6 +28,8 @@ import math
 import ml_dtypes
 import numpy as np
 
+from .quantize import QuantizedState, encode
+
 __all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "momentum_", "rmsprop_", "sgd_"]
 
 
@@ -44,14 +49,23 @@ def _for_each_tensor(update):
 
     @functools.wraps(update)
     def wrapper(
-        param, grad, *arrays, skip_if_nonfinite=False, stochastic_rounding=False, seed=0, **hyper
+        param,
+        grad,
+        *arrays,
+        skip_if_nonfinite=False,
+        stochastic_rounding=False,
+        seed=0,
+        master=None,
+        **hyper,
     ):
         grads = [grad] if isinstance(grad, np.ndarray) else grad
         if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
             return False
         rounding = (stochastic_rounding, seed, hyper.get("step", 0))
         if isinstance(param, np.ndarray):
-            _in_compute_type(update, param, grad, arrays, hyper, buffers_in_order, rounding, 0)
+            _in_compute_type(
+                update, param, grad, arrays, hyper, buffers_in_order, rounding, 0, master
+            )
             return True
         arrays = (grad,) + arrays
         count = len(param)
@@ -68,6 +82,7 @@ def _for_each_tensor(update):
                 buffers_in_order,
                 rounding,
                 i,
+                None if master is None else master[i],
             )
         return True
 
@@ -76,24 +91,40 @@ def _for_each_tensor(update):
         P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False),
         P("stochastic_rounding", P.KEYWORD_ONLY, default=False),
         P("seed", P.KEYWORD_ONLY, default=0),
+        P("master", P.KEYWORD_ONLY, default=None),
     ]
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     return wrapper
 
 
-def _in_compute_type(update, param, grad, arrays, hyper, buffers_in_order, rounding, tensor):
+def _in_compute_type(
+    update, param, grad, arrays, hyper, buffers_in_order, rounding, tensor, master=None
+):
     """Runs a one-tensor update as the kernels do with low-precision storage: every array is
     converted to the compute type (float64 for a float64 param, float32 otherwise), the formula
     runs there, and every array it writes is rounded once on the way back: to nearest even, or
-    with ``stochastic_rounding`` at random for bfloat16 (:func:`_stochastic_bfloat16`)."""
+    with ``stochastic_rounding`` at random for bfloat16 (:func:`_stochastic_bfloat16`). A
+    quantized state is decoded and encoded again; with a ``master`` the formula runs on it and
+    the param is the master rounded, as the param would be."""
     compute = np.float64 if param.dtype == np.float64 else np.float32
-    buffers = {k: v for k, v in hyper.items() if isinstance(v, np.ndarray)}
-    named = {"param": param, **dict(zip(buffers_in_order, arrays)), **buffers}
+    buffers = {k: v for k, v in hyper.items() if isinstance(v, (np.ndarray, QuantizedState))}
+    named = {
+        "param": param if master is None else master,
+        **dict(zip(buffers_in_order, arrays)),
+        **buffers,
+    }
     stored = {name: a for name, a in named.items() if a is not None}
-    if grad.dtype == compute and all(a.dtype == compute for a in stored.values()):
+    if (
+        master is None
+        and grad.dtype == compute
+        and all(isinstance(a, np.ndarray) and a.dtype == compute for a in stored.values())
+    ):
         update(param, grad, *arrays, **hyper)
         return
-    up = {name: a.astype(compute) for name, a in stored.items()}
+    up = {
+        name: a.dequantize() if isinstance(a, QuantizedState) else a.astype(compute)
+        for name, a in stored.items()
+    }
     update(
         up["param"],
         grad.astype(compute),
@@ -102,8 +133,13 @@ def _in_compute_type(update, param, grad, arrays, hyper, buffers_in_order, round
     )
     stochastic, seed, step = rounding
     key = _tensor_key(seed, step, tensor)
+    if master is not None:
+        stored["master"], stored["param"] = stored["param"], param
+        up["master"] = up["param"]
     for name, a in stored.items():
-        if stochastic and a.dtype == _BFLOAT16:
+        if isinstance(a, QuantizedState):
+            a.codes[...], a.scales[...] = encode(up[name], signed=a.signed)
+        elif stochastic and a.dtype == _BFLOAT16:
             slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
             a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
         else:
@@ -294,6 +330,7 @@ def adamw_(
     skip_if_nonfinite=False,
     stochastic_rounding=False,
     seed=0,
+    master=None,
 ):
     r"""AdamW (Loshchilov & Hutter 2019): :func:`adam_` with decoupled weight decay, in place.
 
@@ -324,6 +361,7 @@ def adamw_(
         skip_if_nonfinite=skip_if_nonfinite,
         stochastic_rounding=stochastic_rounding,
         seed=seed,
+        master=master,
     )
 
 

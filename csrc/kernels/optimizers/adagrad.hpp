@@ -19,7 +19,8 @@ struct Adagrad : NoCrossRule {
       grad_array(),
       state("sum_sq",
             "sum of squared gradients s (start at initial_accumulator_value, "
-            "usually 0)"),
+            "usually 0)")
+          .never_negative(),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

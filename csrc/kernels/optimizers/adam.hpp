@@ -20,8 +20,10 @@ struct Adam : NoCrossRule {
       param_array(),
       grad_array(),
       state("exp_avg", "first moment m (start at zero)"),
-      state("exp_avg_sq", "second moment v (start at zero)"),
-      state("max_exp_avg_sq", "running maximum of v (start at zero)").used_with("amsgrad"),
+      state("exp_avg_sq", "second moment v (start at zero)").never_negative(),
+      state("max_exp_avg_sq", "running maximum of v (start at zero)")
+          .used_with("amsgrad")
+          .never_negative(),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

@@ -19,7 +19,7 @@ struct Adamax : NoCrossRule {
       param_array(),
       grad_array(),
       state("exp_avg", "first moment m (start at zero)"),
-      state("exp_inf", "exponentially weighted infinity norm u (start at zero)"),
+      state("exp_inf", "exponentially weighted infinity norm u (start at zero)").never_negative(),
   };
   static constexpr std::array hyperparameters{
       hp::step(),

@@ -18,7 +18,7 @@ struct Rmsprop : NoCrossRule {
   static constexpr std::array arrays{
       param_array(),
       grad_array(),
-      state("square_avg", "running average of squared gradients s"),
+      state("square_avg", "running average of squared gradients s").never_negative(),
       state("momentum_buffer", "momentum buffer b").used_with("momentum").formerly("momentum_buf"),
       state("grad_avg", "running average of gradients gbar").used_with("centered"),
   };

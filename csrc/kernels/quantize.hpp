@@ -1,0 +1,130 @@
+// 8-bit block-quantized state: block floating point with one power-of-two scale per block of
+// kBlock elements (as in the OCP Microscaling formats) and 8-bit minifloat codes relative to it,
+// three mantissa bits each. Signed states (int8 codes) are E4M3 with a sign bit; states that are
+// never negative (uint8 codes) are E5M3, whose 30 binades cover second moments, which span the
+// square of the gradients' range. IEEE-style codes keep inf and NaN, so a non-finite state
+// propagates as in float32. fusedopt/quantize.py is the same codec in NumPy, bit for bit, and
+// states the format and its error bound. Pure C++, no Python.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common.hpp"
+
+namespace fusedopt {
+
+inline constexpr Index kBlock = 256;
+static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
+
+inline float float_of(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline std::uint32_t bits_of(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// The code's layout: 3 mantissa bits below an exponent field of 4 (signed) or 5 (unsigned) bits,
+// whose top value is inf (mantissa 0) or NaN. Field f >= 1 of top normal field F is
+// (1 + m/8) 2^(f-F); f = 0 is subnormal, m 2^(-2-F).
+template <bool Signed>
+struct Minifloat {
+  static constexpr std::uint32_t kExponentMax = Signed ? 15 : 31;  // inf and NaN
+  static constexpr std::uint32_t kTop = kExponentMax - 1;           // F: values up to 1.875
+  static constexpr std::uint32_t kInf = kExponentMax << 3;
+  static constexpr std::uint32_t kNaN = kInf | 4;
+  static constexpr std::uint32_t kMaxFinite = kInf - 1;
+  using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
+};
+
+// out[i] = value(codes[i]) * scale over one block.
+template <bool Signed>
+inline void decode_block(const std::uint8_t* __restrict codes, float scale, Index n,
+                         float* __restrict out) {
+  using F = Minifloat<Signed>;
+  const float subnormal_step = float_of((127U - F::kTop - 2U) << 23);
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) {
+    const std::uint32_t code = codes[i];
+    const std::uint32_t q = Signed ? code & 0x7FU : code;
+    const std::uint32_t f = q >> 3, m = q & 7U;
+    const float normal = float_of(((f + 127U - F::kTop) << 23) | (m << 20));
+    const float special = m == 0 ? float_of(0x7F800000U) : float_of(0x7FC00000U);
+    float v = f == 0 ? static_cast<float>(m) * subnormal_step
+                     : (f == F::kExponentMax ? special : normal);
+    if constexpr (Signed) v = float_of(bits_of(v) | ((code & 0x80U) << 24));
+    out[i] = v * scale;
+  }
+}
+
+// Codes of one block and its scale: the largest finite magnitude rounded to 3 mantissa bits sets
+// the exponent E; each element is x 2^-E (exact) rounded to nearest even on its float bits.
+template <bool Signed>
+inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes) {
+  using F = Minifloat<Signed>;
+  float largest = 0.0F;
+#pragma omp simd reduction(max : largest)
+  for (Index i = 0; i < n; ++i) {
+    const float a = float_of(bits_of(in[i]) & 0x7FFFFFFFU);
+    const float finite = a < float_of(0x7F800000U) ? a : 0.0F;  // NaN compares false
+    largest = finite > largest ? finite : largest;
+  }
+  const std::uint32_t u = bits_of(largest);
+  std::int32_t exponent = static_cast<std::int32_t>((u + 0x7FFFFU + ((u >> 20) & 1U)) >> 23) - 127;
+  exponent = exponent < -126 ? -126 : (exponent > 127 ? 127 : exponent);
+  const float scale = float_of(static_cast<std::uint32_t>(exponent + 127) << 23);
+  // 2^-E: a normal float for E >= -126 up to 2^126, and the subnormal 2^-127 for E = 127
+  const float inverse = exponent == 127 ? float_of(0x00400000U)
+                                        : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
+  const float smallest_normal = float_of((128U - F::kTop) << 23);  // 2^(1-F)
+  const float to_steps = float_of((127U + F::kTop + 2U) << 23);    // 2^(F+2)
+  const float round_integer = 8388608.0F;                          // 2^23
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) {
+    const float x = in[i];
+    const float a = float_of(bits_of(x * inverse) & 0x7FFFFFFFU);
+    const std::uint32_t ua = bits_of(a);
+    const std::uint32_t normal =
+        ((ua + 0x7FFFFU + ((ua >> 20) & 1U)) >> 20) - ((127U - F::kTop) << 3);
+    const std::uint32_t subnormal = bits_of(a * to_steps + round_integer) - bits_of(round_integer);
+    std::uint32_t q = a < smallest_normal ? subnormal : normal;
+    q = q > F::kMaxFinite ? F::kMaxFinite : q;
+    q = a == float_of(0x7F800000U) ? F::kInf : q;
+    q = x != x ? F::kNaN : q;
+    const std::uint32_t negative = bits_of(x) >> 31;
+    if constexpr (Signed) {
+      codes[i] = static_cast<std::uint8_t>((negative << 7) | q);
+    } else {
+      codes[i] = static_cast<std::uint8_t>(negative != 0 && x == x ? 0U : q);
+    }
+  }
+  return scale;
+}
+
+// A chunk of a quantized state: decoded into `out`, then encoded back from it. `first` is the
+// chunk's first element in its tensor, a multiple of kBlock.
+inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float* scales, Index n,
+                         float* out) {
+  for (Index b = 0; b * kBlock < n; ++b) {
+    const Index at = b * kBlock, count = std::min(kBlock, n - at);
+    if (is_signed) {
+      decode_block<true>(codes + at, scales[b], count, out + at);
+    } else {
+      decode_block<false>(codes + at, scales[b], count, out + at);
+    }
+  }
+}
+inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
+                         float* scales) {
+  for (Index b = 0; b * kBlock < n; ++b) {
+    const Index at = b * kBlock, count = std::min(kBlock, n - at);
+    scales[b] = is_signed ? encode_block<true>(in + at, count, codes + at)
+                          : encode_block<false>(in + at, count, codes + at);
+  }
+}
+
+}  // namespace fusedopt
