@@ -249,6 +249,7 @@ py::dict declaration_data(const char* name, const char* summary, const Descripto
     entry["optional"] = a.optional;
     entry["used_when"] = a.used_when == nullptr ? py::object(py::none()) : py::str(a.used_when);
     entry["old_name"] = a.old_name == nullptr ? py::object(py::none()) : py::str(a.old_name);
+    entry["nonnegative"] = a.nonnegative;
     arrays.append(entry);
   }
   for (std::size_t i = 0; i < d.hyper_count; ++i) {
@@ -558,6 +559,7 @@ std::string dtypes_text(const std::vector<DType>& dtypes) {
   for (std::size_t i = 0; i < dtypes.size(); ++i) {
     text += (i == 0 ? "" : i + 1 == dtypes.size() ? " or " : ", ");
     text += dtype_text(dtypes[i]);
+    if (dtypes[i] == DType::int8) text += " (a fusedopt.quantize.QuantizedState)";
   }
   return text;
 }

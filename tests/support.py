@@ -61,13 +61,20 @@ def copy_arrays(arrays: Arrays) -> Arrays:
 
 
 def flat(arrays: Arrays):
-    """(label, array) for every array, lists flattened."""
+    """(label, array) for every array, lists flattened, quantized states as codes and scales."""
+    from fusedopt.quantize import QuantizedState
+
     for role, value in arrays.items():
-        if isinstance(value, list):
-            for i, a in enumerate(value):
-                yield f"{role}[{i}]", a
-        else:
-            yield role, value
+        for label, a in (
+            [(f"{role}[{i}]", a) for i, a in enumerate(value)]
+            if isinstance(value, list)
+            else [(role, value)]
+        ):
+            if isinstance(a, QuantizedState):
+                yield f"{label}.codes", a.codes
+                yield f"{label}.scales", a.scales
+            else:
+                yield label, a
 
 
 def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> None:

@@ -16,6 +16,7 @@ from support import all_options, assert_identical, call, copy_arrays, make_array
 
 import fusedopt
 from fusedopt import _core
+from fusedopt.quantize import QuantizedState
 from fusedopt.registry import OPTIMIZERS
 
 CHUNK, PARALLEL_MIN = _core.CHUNK, _core.get_parallel_min()
@@ -131,12 +132,29 @@ LOW_ROWS = [row for row in _core.STORAGE_ROWS if len(set(row)) > 1 or row[0] in 
 LOW_SHAPES = ["0", "17", "chunk+1", "33x65 F", "list"]
 
 
+# States that are never negative: their int8 form has uint8 codes, the others int8 codes.
+UNSIGNED = {name for spec in OPTIMIZERS.values() for name in spec.declaration.nonnegative_state}
+
+
 def as_row(arrays, row):
-    """`arrays` (float32, one tensor or lists) stored as the row says: param, grad, state."""
-    param, grad, state = (DTYPE_OF[name] for name in row)
+    """`arrays` (float32, one tensor or lists; a state may be quantized) stored as the row says:
+    param, grad, state; "int8" states quantized, with uint8 codes where never negative."""
+    param, grad, state = (DTYPE_OF.get(name) for name in row)
 
     def cast(role, a):
-        dtype = param if role == "param" else grad if role == "grad" else state
+        if isinstance(a, QuantizedState):
+            a = a.dequantize()
+        if role not in ("param", "grad", "master") and state is None:  # int8
+            return QuantizedState.from_array(a.astype(np.float32), signed=role not in UNSIGNED)
+        dtype = (
+            np.float32
+            if role == "master"
+            else param
+            if role == "param"
+            else grad
+            if role == "grad"
+            else state
+        )
         return a.astype(dtype, order="K")
 
     return {
@@ -198,15 +216,16 @@ def test_low_precision_thread_count_does_not_change_results(name, row, restore_t
     [
         (
             ("float16", "float16", "float16"),
-            "^exp_avg: expected dtype float32 for a float16 param, got float16$",
+            r"^exp_avg: expected dtype float32 or int8 \(a fusedopt.quantize.QuantizedState\) for a "
+            "float16 param, got float16$",
         ),
         (
             ("float32", "float64", "float32"),
-            "^grad: expected dtype float32 like param, got float64$",
+            "^grad: expected dtype float32, bfloat16 or float16 for a float32 param, got float64$",
         ),
         (
-            ("float32", "bfloat16", "float32"),
-            "^grad: expected dtype float32 like param, got bfloat16$",
+            ("float32", "float16", "bfloat16"),
+            "^grad: expected dtype float32 with the call's other arrays, got float16$",
         ),
         (
             ("bfloat16", "float64", "float32"),
@@ -214,11 +233,17 @@ def test_low_precision_thread_count_does_not_change_results(name, row, restore_t
         ),
         (  # "float16" is in "bfloat16": the allowed dtypes are compared as dtypes, not text
             ("bfloat16", "bfloat16", "float16"),
-            "^exp_avg: expected dtype float32 or bfloat16 for a bfloat16 param, got float16$",
+            r"^exp_avg: expected dtype float32, bfloat16 or int8 \(a fusedopt.quantize.QuantizedState\) "
+            "for a bfloat16 param, got float16$",
         ),
         (
             ("float64", "float64", "bfloat16"),
             "^exp_avg: expected dtype float64 like param, got bfloat16$",
+        ),
+        (
+            ("float32", "float32", "int8"),
+            r"^exp_avg: expected a fusedopt.quantize.QuantizedState \(8-bit codes and float32 "
+            r"scales\) like the call's other states, got an array of dtype int8$",
         ),
         (
             ("int32", "float32", "float32"),
@@ -229,7 +254,7 @@ def test_low_precision_thread_count_does_not_change_results(name, row, restore_t
 def test_storage_combinations_without_a_row_are_refused(dtypes, message):
     """Float16 state, float64 grads for a float32 param and the like raise a TypeError that
     says what the param's dtype allows, and change nothing."""
-    param, grad, state = (DTYPE_OF.get(d, np.int32) for d in dtypes)
+    param, grad, state = (DTYPE_OF.get(d, np.dtype(d)) for d in dtypes)
     arrays = [np.ones(4, param), np.ones(4, grad), np.zeros(4, state), np.zeros(4, state)]
     before = [a.copy() for a in arrays]
     with pytest.raises(TypeError, match=message):
@@ -350,3 +375,52 @@ def test_stochastic_rounding_arguments():
     f = np.ones(4, np.float32)
     fusedopt.sgd_(f, np.ones(4, np.float32), lr=0.1, stochastic_rounding=True, seed=1)
     np.testing.assert_array_equal(f, np.float32(1) - np.float32(0.1), strict=False)
+
+
+# ---------------------------------------------------------------- master weights
+
+MASTER_ROWS = [
+    (copy, row)
+    for copy in LOW
+    for row in _core.STORAGE_ROWS
+    if row[0] == "float32" and row[1] in ("float32", copy) and row[2] != "float64"
+]
+
+
+@pytest.mark.parametrize("shape_id", ["17", "chunk+1", "33x65 F", "list"])
+@pytest.mark.parametrize(("copy", "row"), MASTER_ROWS, ids=lambda x: "-".join(x))
+@pytest.mark.parametrize(("spec", "hyper"), CASES)
+def test_master_weights_are_the_float32_formula_with_the_param_rounded(
+    spec, hyper, copy, row, shape_id
+):
+    """With float32 masters of a low-precision param, the update is the float32 formula on the
+    master (grad and state upcast as for any row) and the param is the updated master rounded
+    to nearest even: the param's old value is never read."""
+    rng = np.random.default_rng([len(shape_id), len(copy), sum(map(len, row))])
+    shape, order = shape_and_order(SHAPES[shape_id])
+    fused = as_row(make_arrays(spec, hyper, shape, np.float32, rng, order), row)
+    fused["master"] = fused["param"]
+    fused = as_row(fused, (copy, *row[1:]))
+    if isinstance(fused["param"], list):  # garbage in the params: only the masters count
+        fused["param"] = [np.full_like(p, 7) for p in fused["param"]]
+    else:
+        fused["param"] = np.full_like(fused["param"], 7)
+    reference = copy_arrays(fused)
+    for step in range(1, STEPS + 1):
+        new_grad(fused, rng)
+        fused = as_row(fused, (copy, *row[1:]))
+        reference["grad"] = copy_arrays({"g": fused["grad"]})["g"]
+        on_master = as_row({k: v for k, v in copy_arrays(fused).items() if k != "param"}, row)
+        on_master["param"] = on_master.pop("master")
+        expected = as_row(copy_arrays(on_master), ("float32",) * 3)
+        call(spec.reference, spec, expected, hyper, step)
+        expected = as_row(expected, row)  # the state rounded once
+        expected["master"] = expected.pop("param")
+        expected["param"] = as_row({"param": expected["master"]}, (copy, copy, copy))["param"]
+        masters = {"master": fused["master"]}
+        assert call(spec.fused, spec, fused, {**hyper, **masters}, step) is True
+        assert call(spec.reference, spec, reference, {**hyper, "master": reference["master"]}, step)
+        names = sorted(expected)
+        expected = {k: expected[k] for k in names}
+        assert_identical({k: fused[k] for k in names}, expected, f"{spec.name} {row} {step}")
+        assert_identical({k: reference[k] for k in names}, expected, f"reference {step}")

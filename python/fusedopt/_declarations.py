@@ -29,6 +29,8 @@ class ArrayArg:
     """The option (a hyperparameter) that uses this buffer: required exactly when it is on."""
     old_name: Optional[str]
     """A keyword that still works, with a DeprecationWarning."""
+    nonnegative: bool = False
+    """A state that is never negative: its int8 form may have uint8 (unsigned) codes."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class Declaration:
     def state(self) -> Tuple[str, ...]:
         """Buffers every call reads and writes, positional after ``grad``."""
         return tuple(a.name for a in self.arrays[2:] if not a.optional)
+
+    @cached_property
+    def nonnegative_state(self) -> Tuple[str, ...]:
+        """State buffers that are never negative: their int8 form has uint8 codes."""
+        return tuple(a.name for a in self.arrays[2:] if a.nonnegative)
 
     @cached_property
     def optional_state(self) -> Dict[str, str]:
