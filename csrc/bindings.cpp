@@ -568,9 +568,8 @@ std::string dtypes_text(const std::vector<DType>& dtypes) {
 bool is_quantized(py::handle obj) {
   PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> type;
   const py::object& quantized =
-      type.call_once_and_store_result([] {
-            return py::module_::import("fusedopt.quantize").attr("QuantizedState");
-          })
+      type.call_once_and_store_result(
+              [] { return py::module_::import("fusedopt.quantize").attr("QuantizedState"); })
           .get_stored();
   const int is = PyObject_IsInstance(obj.ptr(), quantized.ptr());
   if (is < 0) throw py::error_already_set();
@@ -815,11 +814,11 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     const auto p = py::reinterpret_borrow<py::array>(item(param, i));
     checked.starts[i + 1] = checked.starts[i] + static_cast<Index>(p.size());
     if (master) {
-      const py::handle obj = single ? master : py::handle(PySequence_Fast_GET_ITEM(master.ptr(), i));
+      const py::handle obj =
+          single ? master : py::handle(PySequence_Fast_GET_ITEM(master.ptr(), i));
       const Label where{"master", single ? -1 : static_cast<py::ssize_t>(i)};
       check_array(
-          where, obj, &p, numpy_dtype(DType::float32), [] { return std::string("float32"); },
-          true);
+          where, obj, &p, numpy_dtype(DType::float32), [] { return std::string("float32"); }, true);
       const auto m = py::reinterpret_borrow<py::array>(obj);
       checked.data[i * roles_per_tensor] = const_cast<void*>(m.data());
       checked.data[i * roles_per_tensor + n_roles] = const_cast<void*>(p.data());
@@ -844,14 +843,14 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
         const py::object codes = obj.attr("codes"), scales = obj.attr("scales");
         const std::string codes_name = where.str() + ".codes";
         if (!py::isinstance<py::array>(codes)) {
-          throw py::type_error(codes_name + ": expected a numpy.ndarray, got " +
-                               type_name(codes));
+          throw py::type_error(codes_name + ": expected a numpy.ndarray, got " + type_name(codes));
         }
         const py::dtype codes_dtype = py::reinterpret_borrow<py::array>(codes).dtype();
         const bool is_uint8 = same_dtype(codes_dtype, py::dtype("uint8"));
         if (is_uint8 && !roles[r].nonnegative) {
-          throw py::type_error(codes_name + ": uint8 (unsigned) codes are only for a state that "
-                                            "is never negative; " +
+          throw py::type_error(codes_name +
+                               ": uint8 (unsigned) codes are only for a state that "
+                               "is never negative; " +
                                roles[r].name + " takes int8 codes");
         }
         if (!is_uint8 && !same_dtype(codes_dtype, py::dtype("int8"))) {
@@ -869,8 +868,8 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
         check_array(
             Label{codes_role.c_str(), where.index}, codes, &p, codes_dtype,
             [&] { return dtype_name(codes_dtype); }, true);
-        const Index blocks = (static_cast<Index>(p.size()) + fusedopt::kBlock - 1) /
-                             fusedopt::kBlock;
+        const Index blocks =
+            (static_cast<Index>(p.size()) + fusedopt::kBlock - 1) / fusedopt::kBlock;
         if (!py::isinstance<py::array>(scales)) {
           throw py::type_error(where.str() + ".scales: expected a numpy.ndarray, got " +
                                type_name(scales));
@@ -985,8 +984,9 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const ReleaseGilIfWorthIt release(set.total());
   if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.grad_dtype, threads)) return false;
   const Value* values = a.values.data();
-  split_across_threads(set, threads,
-                       [&](Index begin, Index end) { update(values, rounding, set, scales, begin, end); });
+  split_across_threads(set, threads, [&](Index begin, Index end) {
+    update(values, rounding, set, scales, begin, end);
+  });
   return true;
 }
 

@@ -72,13 +72,11 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       if (request.param_copy != DType::float32) {
         with_rounding<Storage<float, Eigen::bfloat16, float, float>>(
             rounding, [&](const auto& out) {
-              copy_masters(n, out, static_cast<const float*>(arrays[0]) + offset,
-                           request.param_copy,
-                           request.param_copy == DType::bfloat16
-                               ? static_cast<void*>(static_cast<Eigen::bfloat16*>(arrays[roles]) +
-                                                    offset)
-                               : static_cast<void*>(static_cast<Eigen::half*>(arrays[roles]) +
-                                                    offset));
+              copy_masters(
+                  n, out, static_cast<const float*>(arrays[0]) + offset, request.param_copy,
+                  request.param_copy == DType::bfloat16
+                      ? static_cast<void*>(static_cast<Eigen::bfloat16*>(arrays[roles]) + offset)
+                      : static_cast<void*>(static_cast<Eigen::half*>(arrays[roles]) + offset));
             });
       }
     }
@@ -115,8 +113,7 @@ void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin
 // Every storage row's update of one kernel.
 template <typename Decl, std::size_t... Rows>
 std::array<UpdateFn, kStorageCount> rows_of(std::index_sequence<Rows...>) {
-  return {&update<Decl, typename RowTypes<Rows>::type,
-                  kStorageRows[Rows].state == DType::int8>...};
+  return {&update<Decl, typename RowTypes<Rows>::type, kStorageRows[Rows].state == DType::int8>...};
 }
 
 template <typename... Decls>

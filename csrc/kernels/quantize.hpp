@@ -34,7 +34,7 @@ inline std::uint32_t bits_of(float f) {
 template <bool Signed>
 struct Minifloat {
   static constexpr std::uint32_t kExponentMax = Signed ? 15 : 31;  // inf and NaN
-  static constexpr std::uint32_t kTop = kExponentMax - 1;           // F: values up to 1.875
+  static constexpr std::uint32_t kTop = kExponentMax - 1;          // F: values up to 1.875
   static constexpr std::uint32_t kInf = kExponentMax << 3;
   static constexpr std::uint32_t kNaN = kInf | 4;
   static constexpr std::uint32_t kMaxFinite = kInf - 1;
@@ -54,8 +54,8 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
     const std::uint32_t f = q >> 3, m = q & 7U;
     const float normal = float_of(((f + 127U - F::kTop) << 23) | (m << 20));
     const float special = m == 0 ? float_of(0x7F800000U) : float_of(0x7FC00000U);
-    float v = f == 0 ? static_cast<float>(m) * subnormal_step
-                     : (f == F::kExponentMax ? special : normal);
+    float v =
+        f == 0 ? static_cast<float>(m) * subnormal_step : (f == F::kExponentMax ? special : normal);
     if constexpr (Signed) v = float_of(bits_of(v) | ((code & 0x80U) << 24));
     out[i] = v * scale;
   }
@@ -78,8 +78,9 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   exponent = exponent < -126 ? -126 : (exponent > 127 ? 127 : exponent);
   const float scale = float_of(static_cast<std::uint32_t>(exponent + 127) << 23);
   // 2^-E: a normal float for E >= -126 up to 2^126, and the subnormal 2^-127 for E = 127
-  const float inverse = exponent == 127 ? float_of(0x00400000U)
-                                        : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
+  const float inverse = exponent == 127
+                            ? float_of(0x00400000U)
+                            : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
   const float smallest_normal = float_of((128U - F::kTop) << 23);  // 2^(1-F)
   const float to_steps = float_of((127U + F::kTop + 2U) << 23);    // 2^(F+2)
   const float round_integer = 8388608.0F;                          // 2^23

@@ -12,9 +12,13 @@ dict key, or ``"<group>.<index>"`` for lists. ``step(grads)`` takes gradients al
 parameters (a list in the same order, or a dict by name); a None gradient skips that parameter
 and its state. One step issues one fused multi-tensor call per (group, dtype, step count).
 
-State is allocated lazily, in the parameter's dtype. ``state_dict()`` / ``load_state_dict()``
-and ``save(path)`` / ``Optimizer.load(path, params)`` round-trip exactly: resuming from a
-checkpoint reproduces an uninterrupted run bit for bit.
+Parameters are float32, float64, bfloat16 (``ml_dtypes.bfloat16``) or float16; gradients have
+the parameter's dtype, or float32 for a low-precision parameter (bfloat16 or float16 for a
+float32 one). State is allocated lazily: in float32 (float64 for float64 parameters), or as
+``state_dtype`` says, with float32 master weights for low-precision parameters when
+``master_weights`` is on. ``state_dict()`` / ``load_state_dict()`` and ``save(path)`` /
+``Optimizer.load(path, params)`` round-trip exactly: resuming from a checkpoint reproduces an
+uninterrupted run bit for bit, quantized state and the stochastic-rounding stream included.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ from typing import (
     Union,
 )
 
+import ml_dtypes
 import numpy as np
 
 from . import _functional, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
+from ._dispatch import core as _core
+from .quantize import QuantizedState
 
 __all__ = [
     "SGD",
@@ -57,7 +64,7 @@ __all__ = [
     "reference_kernels",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: low-precision arrays and quantized state; 1 still loads
 Params = Union[Sequence[np.ndarray], Mapping[str, np.ndarray], Sequence[Mapping[str, Any]]]
 Grads = Union[Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]]]
 
@@ -89,11 +96,60 @@ def reference_kernels():
         _REFERENCE.reset(token)
 
 
+_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+_LOW_PRECISION = ("bfloat16", "float16")
+_ROWS = frozenset(_core.STORAGE_ROWS)  # (param, grad, state) dtype names the kernels take
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _dtype_name(dtype: np.dtype) -> Optional[str]:
+    """The name of one of the parameter dtypes (native byte order only), else None."""
+    return next((n for n, d in _DTYPES.items() if dtype == d and dtype.isnative), None)
+
+
+def _state_dtype(value: Any) -> Optional[str]:
+    """``state_dtype`` as a name: None, "float32", "bfloat16" or "int8", from a name or dtype."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            dtype = np.dtype(value)
+        except TypeError:
+            dtype = None
+        name = "int8" if dtype == np.int8 else (_dtype_name(dtype) if dtype is not None else None)
+    if name not in ("float32", "bfloat16", "int8"):
+        raise ValueError(
+            f"state_dtype: expected None, 'float32', 'bfloat16' or 'int8', got {value!r}"
+        )
+    return name
+
+
+class _Storage(NamedTuple):
+    """How a parameter is stored and updated: the dtype the kernel's param has (float32 for
+    masters), the state's dtype ("int8": quantized), the gradient dtypes it takes, and whether
+    it has float32 master weights."""
+
+    param: str
+    state: str
+    grads: Tuple[str, ...]
+    master: bool
+
+
 def _check_param(name: str, p: Any) -> np.ndarray:
     if not isinstance(p, np.ndarray):
         raise TypeError(f"parameter {name!r}: expected a numpy.ndarray, got {type(p).__name__}")
-    if p.dtype not in (np.float32, np.float64) or not p.dtype.isnative:
-        raise TypeError(f"parameter {name!r}: expected dtype float32 or float64, got {p.dtype}")
+    if _dtype_name(p.dtype) is None:
+        raise TypeError(
+            f"parameter {name!r}: expected dtype float32, float64, bfloat16 or float16, "
+            f"got {p.dtype}"
+        )
     if not (p.flags.c_contiguous or p.flags.f_contiguous):
         raise ValueError(f"parameter {name!r}: expected a C- or F-contiguous array")
     if not p.flags.writeable:
@@ -119,7 +175,17 @@ class Optimizer:
       in ``skipped_steps``;
     - ``impl``: ``"reference"`` computes with :mod:`fusedopt.reference` instead of the fused
       kernels (bit-identical, slower), ``"fused"`` with the kernels, and None (the default)
-      follows :func:`reference_kernels`.
+      follows :func:`reference_kernels`;
+    - ``state_dtype``: None (float32, float64 for float64 parameters), ``"float32"``,
+      ``"bfloat16"`` or ``"int8"`` (8-bit block-quantized, :mod:`fusedopt.quantize`: int8
+      codes, uint8 for state that is never negative), or the NumPy dtype; float64 parameters
+      keep float64 state;
+    - ``master_weights``: keep float32 master weights of bfloat16 and float16 parameters in the
+      state (``state[name]["master"]``): the update runs on them and writes the parameter as
+      the master rounded, in the same pass; other parameters are unaffected;
+    - ``stochastic_rounding``: round what is stored in bfloat16 (parameters, state) at random,
+      without bias, instead of to nearest even; ``seed`` (an integer in [0, 2**64)) fixes its
+      random stream, a function of (seed, step, the tensor's place in its fused call, element).
     """
 
     kernel: str = ""
@@ -133,12 +199,25 @@ class Optimizer:
         max_grad_norm: Optional[float] = None,
         skip_if_nonfinite: bool = False,
         impl: Optional[str] = None,
+        state_dtype: Any = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ):
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         if impl not in (None, "fused", "reference"):
             raise ValueError(f"impl: expected None, 'fused' or 'reference', got {impl!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"Invalid seed: {seed} (an integer in [0, 2**64))")
         self.impl = impl
+        self.state_dtype = _state_dtype(state_dtype)
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.seed = int(seed)
+        self._storage: Dict[str, _Storage] = {}
         self.defaults = dict(defaults, frozen=False)
         self.max_grad_norm = max_grad_norm
         self.skip_if_nonfinite = bool(skip_if_nonfinite)
@@ -185,17 +264,49 @@ class Optimizer:
         else:
             arrays = list(params)
             names = list(group.get("names") or [f"{index}.{i}" for i in range(len(arrays))])
+        storage = {}
         for name, p in zip(names, arrays):
             _check_param(name, p)
-            if name in self._params:
+            if name in self._params or name in storage:
                 raise ValueError(f"parameter {name!r} appears in more than one group")
             if any(p is q for q in self._params.values()):
                 raise ValueError(f"parameter {name!r} is the same array as another parameter")
+            storage[name] = self._storage_of(name, p)
+        for name, p in zip(names, arrays):
             self._params[name] = p
+        self._storage.update(storage)
         full = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
         full["params"], full["names"] = arrays, names
         self._validate_group(full)
         self.param_groups.append(full)
+
+    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+        """How parameter ``name`` is stored, from the options and the kernels' storage rows."""
+        dtype = _dtype_name(p.dtype)
+        master = self.master_weights and dtype in _LOW_PRECISION
+        param = "float32" if master else dtype
+        state = "float64" if dtype == "float64" else self.state_dtype or "float32"
+        if dtype == "float64" and self.state_dtype not in (None, "float64"):
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r}: parameter {name!r} is float64, whose state "
+                "is float64"
+            )
+        if self.stochastic_rounding and dtype == "float16":
+            raise ValueError(
+                f"stochastic_rounding=True: parameter {name!r} is float16, which is rounded to "
+                "nearest only; stochastic rounding is for bfloat16"
+            )
+        grads = tuple(g for pr, g, st in _core.STORAGE_ROWS if pr == param and st == state)
+        if master:  # the param's dtype or float32, as without masters
+            grads = tuple(g for g in grads if g in (dtype, "float32"))
+        else:
+            grads = tuple(g for g in grads if (dtype, g, state) in _ROWS)
+        if not grads:
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r}: no kernel takes a {dtype} parameter "
+                f"({name!r}) with {state} state"
+            )
+        return _Storage(param, state, grads, master)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         """Raise TypeError/ValueError for an invalid hyperparameter of the group."""
@@ -291,9 +402,11 @@ class Optimizer:
                     f"gradient of {name!r}: expected a numpy.ndarray or None, "
                     f"got {type(g).__name__}"
                 )
-            if g.dtype != p.dtype or g.shape != p.shape:
+            allowed = self._storage[name].grads
+            if _dtype_name(g.dtype) not in allowed or g.shape != p.shape:
+                expected = " or ".join(dict.fromkeys([str(p.dtype), *allowed]))
                 raise ValueError(
-                    f"gradient of {name!r}: expected {p.dtype} {p.shape} like the "
+                    f"gradient of {name!r}: expected {expected} {p.shape} like the "
                     f"parameter, got {g.dtype} {g.shape}"
                 )
             same_layout = (g.flags.c_contiguous and p.flags.c_contiguous) or (
@@ -336,17 +449,24 @@ class Optimizer:
                 if g is None or name in self._frozen:
                     continue
                 state = self.state.setdefault(name, {"step": 0})
-                key = (p.dtype.str, state["step"] + 1, self._call_key(group, state))
-                for b in buffers:  # lazily, in the parameter's dtype and layout
+                key = (p.dtype.str, g.dtype.str, state["step"] + 1, self._call_key(group, state))
+                storage = self._storage[name]
+                for array, b in plan.arrays:  # lazily, in the parameter's layout
                     if b not in state:
-                        state[b] = np.full_like(p, self._init_buffer(group, b))
+                        state[b] = self._new_buffer(group, plan, array, b, p, storage.state)
+                if storage.master and "master" not in state:
+                    state["master"] = p.astype(np.float32, order="K")
                 calls.setdefault(key, []).append(name)
-            for (_, step, extra), names in calls.items():
+            for (_, _, step, extra), names in calls.items():
+                masters = self._storage[names[0]].master
                 self._update(
                     plan,
                     [self._params[n] for n in names],
                     [aligned[n] for n in names],
-                    {b: [self.state[n][b] for n in names] for b in buffers},
+                    {
+                        b: [self.state[n][b] for n in names]
+                        for b in buffers + (["master"] if masters else [])
+                    },
                     step,
                     extra,
                 )
@@ -356,6 +476,17 @@ class Optimizer:
 
     def _init_buffer(self, group: Dict[str, Any], buffer: str) -> float:
         return 0.0
+
+    def _new_buffer(self, group, plan: _Plan, array: str, key: str, p: np.ndarray, dtype: str):
+        """A state buffer of ``p`` at its initial value: an array of ``dtype`` in ``p``'s layout,
+        or for "int8" quantized, with uint8 codes if the kernel declares it never negative."""
+        value = self._init_buffer(group, key)
+        if dtype != "int8":
+            return np.full_like(p, value, dtype=_DTYPES[dtype])
+        start = np.full_like(p, value, dtype=np.float32)
+        return QuantizedState.from_array(
+            start, signed=array not in plan.declaration.nonnegative_state
+        )
 
     def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
         """What else, read before this step creates any buffer, must be equal for tensors to
@@ -371,9 +502,17 @@ class Optimizer:
         step: int,
         extra: Any,
     ) -> None:
-        """One fused call for tensors that share dtype and step count."""
+        """One fused call for tensors that share dtypes and step count."""
         arrays = {name: buffers[key] for name, key in plan.arrays}
+        if "master" in buffers:
+            arrays["master"] = buffers["master"]
         hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
+        if self.stochastic_rounding:
+            # without a step argument the kernel's bits depend on the seed alone: one per step
+            seed = self.seed
+            if not plan.declaration.takes_step:
+                seed = (seed * _GOLDEN + step) % 2**64
+            hyper = {**hyper, "stochastic_rounding": True, "seed": seed}
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         name = plan.declaration.function_name
         function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
@@ -388,7 +527,10 @@ class Optimizer:
             for g in self.param_groups
         ]
         state = {
-            name: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            name: {
+                k: (v.copy() if isinstance(v, (np.ndarray, QuantizedState)) else v)
+                for k, v in s.items()
+            }
             for name, s in self.state.items()
         }
         return {
@@ -400,17 +542,33 @@ class Optimizer:
             "skipped_steps": self.skipped_steps,
             "max_grad_norm": self.max_grad_norm,
             "skip_if_nonfinite": self.skip_if_nonfinite,
+            **self._storage_options(),
+        }
+
+    def _storage_options(self) -> Dict[str, Any]:
+        return {
+            "state_dtype": self.state_dtype,
+            "master_weights": self.master_weights,
+            "stochastic_rounding": self.stochastic_rounding,
+            "seed": self.seed,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state_dict(); checks everything first and raises ValueError on any
         mismatch, leaving the optimizer unchanged."""
         sd = state_dict
-        if sd.get("format_version") != FORMAT_VERSION:
+        if sd.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(
                 f"unsupported checkpoint format {sd.get('format_version')!r} "
-                f"(this fusedopt reads {FORMAT_VERSION})"
+                f"(this fusedopt reads 1 to {FORMAT_VERSION})"
             )
+        saved_options = {k: sd.get(k, v) for k, v in Optimizer._DEFAULT_OPTIONS.items()}
+        for key, value in saved_options.items():
+            if key in ("state_dtype", "master_weights") and value != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint has {key}={value!r}, this optimizer {getattr(self, key)!r}: "
+                    "build it with the checkpoint's (Optimizer.load does)"
+                )
         if sd.get("optimizer") != type(self).__name__:
             raise ValueError(
                 f"checkpoint of a {sd.get('optimizer')} optimizer, this is a {type(self).__name__}"
@@ -441,6 +599,8 @@ class Optimizer:
             if name not in self._params:
                 raise ValueError(f"checkpoint has state for unknown parameter {name!r}")
             p = self._params[name]
+            storage = self._storage[name]
+            order = "F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C"
             entry = {}
             for key, value in s.items():
                 if key == "step":
@@ -448,17 +608,27 @@ class Optimizer:
                         raise ValueError(f"state of {name!r}: invalid step {value!r}")
                     entry[key] = int(value)
                     continue
+                if key == "master" and not storage.master:
+                    raise ValueError(f"state of {name!r}: master weights, but it has none")
+                if storage.state == "int8" and key != "master":
+                    if not isinstance(value, QuantizedState) or value.shape != p.shape:
+                        raise ValueError(
+                            f"state {key!r} of {name!r}: expected a QuantizedState of shape "
+                            f"{p.shape}, got {type(value).__name__} "
+                            f"{getattr(value, 'shape', '')}"
+                        )
+                    entry[key] = QuantizedState(
+                        np.array(value.codes, order=order, copy=True), value.scales.copy()
+                    )
+                    continue
+                dtype = "float32" if key == "master" else storage.state
                 value = np.asarray(value)
-                if value.dtype != p.dtype or value.shape != p.shape:
+                if value.dtype != _DTYPES[dtype] or value.shape != p.shape:
                     raise ValueError(
-                        f"state {key!r} of {name!r}: expected {p.dtype} {p.shape} "
+                        f"state {key!r} of {name!r}: expected {dtype} {p.shape} "
                         f"like the parameter, got {value.dtype} {value.shape}"
                     )
-                entry[key] = np.array(
-                    value,
-                    order="F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C",
-                    copy=True,
-                )
+                entry[key] = np.array(value, order=order, copy=True)
             if "step" not in entry:
                 raise ValueError(f"state of {name!r}: missing step")
             new_state[name] = entry
@@ -468,6 +638,15 @@ class Optimizer:
         self.skipped_steps = int(sd.get("skipped_steps", 0))
         self.max_grad_norm = sd.get("max_grad_norm", self.max_grad_norm)
         self.skip_if_nonfinite = bool(sd.get("skip_if_nonfinite", self.skip_if_nonfinite))
+        self.stochastic_rounding = bool(saved_options["stochastic_rounding"])
+        self.seed = int(saved_options["seed"])
+
+    _DEFAULT_OPTIONS = {
+        "state_dtype": None,
+        "master_weights": False,
+        "stochastic_rounding": False,
+        "seed": 0,
+    }
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the state to an .npz file atomically: a temporary file in the same folder,
@@ -476,9 +655,15 @@ class Optimizer:
         arrays = {}
         for i, s in enumerate(sd["state"].values()):
             for key, value in list(s.items()):
-                if isinstance(value, np.ndarray):
-                    arrays[f"state.{i}.{key}"] = value
-                    s[key] = f"state.{i}.{key}"
+                at = f"state.{i}.{key}"
+                if isinstance(value, QuantizedState):
+                    arrays[f"{at}.codes"], arrays[f"{at}.scales"] = value.codes, value.scales
+                    s[key] = {"codes": f"{at}.codes", "scales": f"{at}.scales"}
+                elif isinstance(value, np.ndarray):
+                    # .npy has no bfloat16: its bits are stored as uint16, its name beside
+                    dtype = _dtype_name(value.dtype)
+                    arrays[at] = value.view(np.uint16) if dtype == "bfloat16" else value
+                    s[key] = {"array": at, "dtype": dtype}
         arrays["meta"] = np.array(json.dumps(sd))
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
@@ -502,8 +687,12 @@ class Optimizer:
                 sd = json.loads(str(data["meta"]))
                 for s in sd["state"].values():
                     for key, value in s.items():
-                        if isinstance(value, str):
+                        if isinstance(value, str):  # format 1: the array's name
                             s[key] = data[value]
+                        elif isinstance(value, dict) and "codes" in value:
+                            s[key] = QuantizedState(data[value["codes"]], data[value["scales"]])
+                        elif isinstance(value, dict):
+                            s[key] = data[value["array"]].view(_DTYPES[value["dtype"]])
         except Exception as e:  # OSError, zipfile.BadZipFile, EOFError, ... of a bad file
             raise ValueError(f"{os.fspath(path)}: not a complete fusedopt checkpoint ({e})") from e
         return sd
@@ -521,7 +710,8 @@ class Optimizer:
             raise ValueError(
                 f"{os.fspath(path)} holds a {sd.get('optimizer')} optimizer, not a {cls.__name__}"
             )
-        opt = kind(params)
+        options = {k: sd.get(k, v) for k, v in Optimizer._DEFAULT_OPTIONS.items()}
+        opt = kind(params, **options)
         opt.load_state_dict(sd)
         return opt
 

@@ -129,7 +129,9 @@ def _in_compute_type(
         up["param"],
         grad.astype(compute),
         *(up.get(name) for name in buffers_in_order[: len(arrays)]),
-        **{k: up[k] if isinstance(v, (np.ndarray, QuantizedState)) else v for k, v in hyper.items()},
+        **{
+            k: up[k] if isinstance(v, (np.ndarray, QuantizedState)) else v for k, v in hyper.items()
+        },
     )
     stochastic, seed, step = rounding
     key = _tensor_key(seed, step, tensor)

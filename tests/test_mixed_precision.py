@@ -1,0 +1,228 @@
+"""Optimizer classes with low-precision parameters, bfloat16 or int8 state, float32 master weights
+and stochastic rounding: fused against reference kernels bit for bit, checkpoints that resume bit
+for bit, old checkpoints, and refused options."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fusedopt import optim
+from fusedopt.quantize import QuantizedState
+
+BF16, F16 = ml_dtypes.bfloat16, np.float16
+SHAPES = {"w1": (40, 70), "b1": (70,), "w2": (70, 3), "b2": (3,), "scale": ()}
+# name: (param dtype, grad dtype, options)
+STORAGE = {
+    "bfloat16": (BF16, BF16, {}),
+    "bfloat16-sr": (BF16, BF16, dict(stochastic_rounding=True, seed=3)),
+    "bfloat16-state": (np.float32, np.float32, dict(state_dtype="bfloat16")),
+    "bfloat16-all-sr": (BF16, BF16, dict(state_dtype=BF16, stochastic_rounding=True, seed=9)),
+    "int8-state": (np.float32, np.float32, dict(state_dtype="int8")),
+    "masters": (BF16, np.float32, dict(master_weights=True)),
+    "masters-bf16-grads": (BF16, BF16, dict(master_weights=True, state_dtype="bfloat16")),
+    "masters-int8-sr": (
+        BF16,
+        np.float32,
+        dict(master_weights=True, state_dtype=np.int8, stochastic_rounding=True, seed=2**64 - 1),
+    ),
+    "float16-masters": (F16, F16, dict(master_weights=True)),
+    "float16-int8": (F16, np.float32, dict(state_dtype="int8")),
+}
+CLASSES = {
+    "SGD": (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    "SGD-plain": (optim.SGD, dict(lr=0.05)),
+    "Momentum": (optim.Momentum, dict(lr=0.05)),
+    "Adam": (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    "AdamW": (optim.AdamW, dict(lr=0.01)),
+    "Adamax": (optim.Adamax, dict(lr=0.01)),
+    "Adagrad": (optim.Adagrad, dict(lr=0.05, initial_accumulator_value=0.1)),
+    "RMSprop": (optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+    "Lion": (optim.Lion, dict(lr=1e-3, weight_decay=0.1)),
+}
+
+
+def model(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: np.asarray(rng.standard_normal(s), dtype) for n, s in SHAPES.items()}
+
+
+def grads(params, dtype, rng):
+    return {n: np.asarray(rng.standard_normal(p.shape), dtype) for n, p in params.items()}
+
+
+def groups(params, lr):
+    return [
+        {"params": {k: params[k] for k in ("w1", "b1")}},
+        {"params": {k: params[k] for k in ("w2", "b2", "scale")}, "lr": lr / 2},
+    ]
+
+
+def train(cls, hyper, options, params, grad_dtype, steps, rng, opt=None):
+    if opt is None:
+        opt = cls(groups(params, hyper["lr"]), **hyper, **options)
+    for t in range(steps):
+        g = grads(params, grad_dtype, rng)
+        if t % 3 == 1:
+            g["b1"] = None  # a call without one tensor: the others' bits must not depend on it
+        opt.step(g)
+    return opt
+
+
+def state_arrays(opt):
+    for name, state in sorted(opt.state.items()):
+        for key, value in sorted(state.items()):
+            if isinstance(value, QuantizedState):
+                yield f"{name}.{key}.codes", value.codes
+                yield f"{name}.{key}.scales", value.scales
+            elif isinstance(value, np.ndarray):
+                yield f"{name}.{key}", value
+
+
+def assert_same(a, b):
+    for (name, x), (other, y) in zip(state_arrays(a), state_arrays(b), strict=True):
+        assert name == other
+        np.testing.assert_array_equal(x, y, err_msg=name, strict=True)
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_fused_class_equals_reference_class(cls_name, storage):
+    """Every class with every storage option computes, on the fused kernels, exactly what it
+    computes on fusedopt.reference: params, state, masters and quantized codes and scales."""
+    cls, hyper = CLASSES[cls_name]
+    param_dtype, grad_dtype, options = STORAGE[storage]
+    fused = model(param_dtype)
+    opt = train(cls, hyper, options, fused, grad_dtype, 5, np.random.default_rng(1))
+    expected = model(param_dtype)
+    with optim.reference_kernels():
+        ref = train(cls, hyper, options, expected, grad_dtype, 5, np.random.default_rng(1))
+    for name in fused:
+        np.testing.assert_array_equal(fused[name], expected[name], err_msg=name, strict=True)
+        assert fused[name].dtype == param_dtype
+    assert_same(opt, ref)
+    state = opt.state["w1"]
+    if options.get("master_weights"):
+        assert state["master"].dtype == np.float32
+        rounded = state["master"].astype(param_dtype)
+        if options.get("stochastic_rounding"):  # rounded up or down, not always to nearest
+            assert 0 < np.mean(fused["w1"] != rounded) < 0.9
+        else:
+            np.testing.assert_array_equal(fused["w1"], rounded)
+    if options.get("state_dtype") is not None and cls_name != "SGD-plain":
+        stored = next(v for k, v in state.items() if k not in ("step", "master"))
+        if options["state_dtype"] in ("int8", np.int8):
+            assert isinstance(stored, QuantizedState)
+        else:
+            assert stored.dtype == BF16
+
+
+@pytest.mark.parametrize("storage", ["bfloat16-all-sr", "int8-state", "masters-int8-sr"])
+@pytest.mark.parametrize("cls_name", ["SGD", "Adam", "Adagrad", "Lion"])
+def test_checkpoint_resume_is_bit_exact(cls_name, storage, tmp_path):
+    """Saved after 4 steps and loaded by Optimizer.load into the saved params, the run goes on
+    exactly as the uninterrupted one: masters, quantized state and the stochastic-rounding
+    stream included."""
+    cls, hyper = CLASSES[cls_name]
+    param_dtype, grad_dtype, options = STORAGE[storage]
+    params = model(param_dtype)
+    rng = np.random.default_rng(5)
+    opt = train(cls, hyper, options, params, grad_dtype, 4, rng)
+    opt.save(tmp_path / "ckpt.npz")
+    saved = {n: p.copy() for n, p in params.items()}
+    rng_state = rng.bit_generator.state
+    train(cls, hyper, options, params, grad_dtype, 4, rng, opt)
+
+    resumed = optim.Optimizer.load(tmp_path / "ckpt.npz", groups(saved, hyper["lr"]))
+    assert (resumed.state_dtype, resumed.master_weights, resumed.seed) == (
+        opt.state_dtype,
+        opt.master_weights,
+        opt.seed,
+    )
+    rng.bit_generator.state = rng_state
+    train(cls, hyper, options, saved, grad_dtype, 4, rng, resumed)
+    for name in params:
+        np.testing.assert_array_equal(saved[name], params[name], err_msg=name, strict=True)
+    assert_same(resumed, opt)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """A checkpoint of format 1 (float arrays stored under their names) loads."""
+    params = model(np.float32)
+    opt = optim.Adam(params, lr=0.01)
+    train(optim.Adam, dict(lr=0.01), {}, params, np.float32, 2, np.random.default_rng(0), opt)
+    sd = opt.state_dict()
+    arrays = {}
+    for i, state in enumerate(sd["state"].values()):
+        for key, value in list(state.items()):
+            if isinstance(value, np.ndarray):
+                arrays[f"state.{i}.{key}"], state[key] = value, f"state.{i}.{key}"
+    meta = {k: v for k, v in sd.items() if k not in optim.Optimizer._DEFAULT_OPTIONS}
+    meta["format_version"] = 1
+    np.savez(tmp_path / "v1.npz", meta=np.array(json.dumps(meta)), **arrays)
+    loaded = optim.Optimizer.load(tmp_path / "v1.npz", {n: p.copy() for n, p in params.items()})
+    assert_same(loaded, opt)
+
+
+def test_bad_options_are_refused():
+    f32, f64 = model(np.float32), model(np.float64)
+    with pytest.raises(ValueError, match="state_dtype: expected None, 'float32', 'bfloat16' or"):
+        optim.Adam(f32, state_dtype="float16")
+    with pytest.raises(ValueError, match="state_dtype: expected"):
+        optim.Adam(f32, state_dtype=np.uint8)
+    with pytest.raises(ValueError, match="parameter 'w1' is float64, whose state is float64"):
+        optim.Adam(f64, state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="parameter 'w1' is float16, which is rounded to nearest"):
+        optim.Adam(model(F16), stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"Invalid seed: -1"):
+        optim.Adam(f32, seed=-1)
+    with pytest.raises(TypeError, match="seed must be an integer, got float"):
+        optim.Adam(f32, seed=1.0)
+    with pytest.raises(TypeError, match="expected dtype float32, float64, bfloat16 or float16"):
+        optim.Adam([np.zeros(3, np.int8)])
+
+
+def test_bad_gradients_and_checkpoints_change_nothing(tmp_path):
+    params = model(BF16)
+    opt = optim.Adam(params, master_weights=True, state_dtype="int8")
+    opt.step(grads(params, np.float32, np.random.default_rng(0)))
+    before = {n: p.copy() for n, p in params.items()}
+    state_before = list(state_arrays(opt))
+    for dtype in (np.float64, F16):
+        bad = grads(params, np.float32, np.random.default_rng(1))
+        bad["b2"] = bad["b2"].astype(dtype)
+        with pytest.raises(ValueError, match=r"gradient of 'b2': expected bfloat16 or float32"):
+            opt.step(bad)
+    for name in params:
+        np.testing.assert_array_equal(params[name], before[name], strict=True)
+    for (_, a), (_, b) in zip(state_arrays(opt), state_before):
+        np.testing.assert_array_equal(a, b, strict=True)
+    opt.save(tmp_path / "ckpt.npz")
+    other = optim.Adam(model(BF16), master_weights=True)
+    with pytest.raises(ValueError, match="checkpoint has state_dtype='int8', this optimizer None"):
+        other.load_checkpoint(tmp_path / "ckpt.npz")
+    plain = optim.Adam(model(BF16), state_dtype="int8")
+    with pytest.raises(ValueError, match="checkpoint has master_weights=True"):
+        plain.load_checkpoint(tmp_path / "ckpt.npz")
+
+
+def test_stochastic_rounding_moves_bfloat16_params_that_nearest_rounding_freezes():
+    """Updates far below half an ulp: round to nearest never moves bfloat16 params, stochastic
+    rounding moves them by the right amount on average; masters move them too."""
+    results = {}
+    for name, options in {
+        "nearest": {},
+        "stochastic": dict(stochastic_rounding=True),
+        "masters": dict(master_weights=True),
+    }.items():
+        params = {"w": np.ones(20000, BF16)}
+        opt = optim.SGD(params, lr=1e-4, **options)
+        for _ in range(100):
+            opt.step({"w": np.ones(20000, np.float32)})
+        results[name] = float(params["w"].astype(np.float64).mean())
+    assert results["nearest"] == 1.0
+    assert abs(results["stochastic"] - 0.99) < 5e-4
+    assert abs(results["masters"] - 0.99) < 2**-8  # the master rounded: within half an ulp
