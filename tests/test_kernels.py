@@ -216,8 +216,8 @@ def test_low_precision_thread_count_does_not_change_results(name, row, restore_t
     [
         (
             ("float16", "float16", "float16"),
-            r"^exp_avg: expected dtype float32 or int8 \(a fusedopt.quantize.QuantizedState\) for a "
-            "float16 param, got float16$",
+            r"^exp_avg: expected dtype float32 or int8 \(a fusedopt.quantize.QuantizedState\) "
+            "for a float16 param, got float16$",
         ),
         (
             ("float32", "float64", "float32"),
@@ -233,8 +233,8 @@ def test_low_precision_thread_count_does_not_change_results(name, row, restore_t
         ),
         (  # "float16" is in "bfloat16": the allowed dtypes are compared as dtypes, not text
             ("bfloat16", "bfloat16", "float16"),
-            r"^exp_avg: expected dtype float32, bfloat16 or int8 \(a fusedopt.quantize.QuantizedState\) "
-            "for a bfloat16 param, got float16$",
+            r"^exp_avg: expected dtype float32, bfloat16 or int8 "
+            r"\(a fusedopt.quantize.QuantizedState\) for a bfloat16 param, got float16$",
         ),
         (
             ("float64", "float64", "bfloat16"),
