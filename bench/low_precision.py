@@ -1,5 +1,6 @@
-"""Adam at 1e7 elements in every storage row, to nearest and with stochastic rounding, against
-float32 and torch's fused Adam in float32 and bfloat16: medians of interleaved calls.
+"""Adam at 1e7 elements in every storage row (int8 state, float32 masters of bfloat16 params
+included), to nearest and with stochastic rounding, against float32 and torch's fused Adam in
+float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element.
 
     python bench/low_precision.py [--n 1e7] [--calls 9]      # FUSEDOPT_SIMD picks the level
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import ml_dtypes
 import numpy as np
 
 import fusedopt
 from fusedopt import _core
+from fusedopt.quantize import BLOCK, QuantizedState
 
 DTYPES = {
     "float32": np.float32,
@@ -26,6 +29,21 @@ DTYPES = {
 }
 
 
+def state_array(dtype: str, n: int, signed: bool):
+    if dtype == "int8":
+        return QuantizedState.zeros((n,), signed=signed)
+    return np.zeros(n, DTYPES[dtype])
+
+
+def bytes_per_element(param: str, grad: str, state: str, master: Optional[str]) -> float:
+    """Adam's memory traffic per element: the param (or master) read and written (with a
+    master, the low-precision param only written), the grad read, two states read and written
+    (int8: a code and a 256th of a float32 scale each way)."""
+    size = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1 + 4 / BLOCK}
+    moved = size[grad] + 2 * 2 * size[state]
+    return moved + (2 * 4 + size[master] if master else 2 * size[param])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=float, default=1e7)
@@ -33,24 +51,32 @@ def main() -> None:
     args = parser.parse_args()
     n = int(args.n)
     rng = np.random.default_rng(0)
-    steps = {}
-    for row in _core.STORAGE_ROWS:
-        if row[0] == "float64":
-            continue
-        param, grad, state = (DTYPES[d] for d in row)
+    steps, traffic = {}, {}
+    # (param, grad, state, master): every row, and masters of bfloat16 params
+    configs = [(*row, None) for row in _core.STORAGE_ROWS if row[0] != "float64"]
+    configs += [
+        ("bfloat16", grad, state, "float32")
+        for grad in ("bfloat16", "float32")
+        for state in ("float32", "bfloat16", "int8")
+        if ("float32", grad, state) in _core.STORAGE_ROWS
+    ]
+    for param, grad, state, master in configs:
         for stochastic in (False, True):
-            if stochastic and "bfloat16" not in (row[0], row[2]):
+            if stochastic and "bfloat16" not in (param, state):
                 continue
             arrays = [
-                rng.standard_normal(n).astype(param),
-                rng.standard_normal(n).astype(grad),
-                np.zeros(n, state),
-                np.zeros(n, state),
+                rng.standard_normal(n).astype(DTYPES[param]),
+                rng.standard_normal(n).astype(DTYPES[grad]),
+                state_array(state, n, signed=True),
+                state_array(state, n, signed=False),
             ]
-            name = "/".join(row) + (" stochastic" if stochastic else "")
-            steps[name] = lambda step, a=arrays, sr=stochastic: fusedopt.adam_(
-                *a, step=step, lr=1e-4, stochastic_rounding=sr, seed=step
+            extra = {"master": arrays[0].astype(np.float32)} if master else {}
+            name = f"{param}/{grad}/{state}" + (" + master" if master else "")
+            name += " stochastic" if stochastic else ""
+            steps[name] = lambda step, a=arrays, sr=stochastic, kw=extra: fusedopt.adam_(
+                *a, step=step, lr=1e-4, stochastic_rounding=sr, seed=step, **kw
             )
+            traffic[name] = bytes_per_element(param, grad, state, master)
     try:
         import torch
     except ImportError:
@@ -60,7 +86,9 @@ def main() -> None:
             p = torch.randn(n, dtype=dtype, requires_grad=True)
             p.grad = torch.randn(n, dtype=dtype)
             opt = torch.optim.Adam([p], lr=1e-4, fused=True)
-            steps[f"torch fused {str(dtype)[6:]}"] = lambda step, o=opt: o.step()
+            name = f"torch fused {str(dtype)[6:]}"
+            steps[name] = lambda step, o=opt: o.step()
+            traffic[name] = 7 * (4 if dtype == torch.float32 else 2)
     times = {name: [] for name in steps}
     for step in range(1, args.calls + 1):
         for name, fn in steps.items():
@@ -69,16 +97,24 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["float32/float32/float32"]
+    torch_f32 = medians.get("torch fused float32")
     torch_bf16 = medians.get("torch fused bfloat16")
     print(
         f"fusedopt {fusedopt.__version__}, SIMD level {_core.simd_level()}, "
         f"{fusedopt.get_num_threads()} threads, Adam, n = {n:,}, median of {args.calls}"
     )
-    print("| storage (param/grad/state) | median | vs fusedopt float32 | vs torch fused bf16 |")
-    print("|---|---|---|---|")
+    print(
+        "| storage (param/grad/state) | B/element | median | GB/s | vs fusedopt float32 "
+        "| vs torch fused f32 | vs torch fused bf16 |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, t in medians.items():
-        versus = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
-        print(f"| {name} | {t * 1e3:.2f} ms | {t / base:.2f}x | {versus} |")
+        f32 = f"{t / torch_f32:.2f}x" if torch_f32 else "–"
+        bf16 = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
+        print(
+            f"| {name} | {traffic[name]:.1f} | {t * 1e3:.2f} ms | "
+            f"{traffic[name] * n / t / 1e9:.1f} | {t / base:.2f}x | {f32} | {bf16} |"
+        )
 
 
 if __name__ == "__main__":

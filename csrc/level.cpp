@@ -63,7 +63,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         if (arrays[r] == nullptr || scales[t * set.roles + r] == nullptr) continue;
         encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
                      static_cast<std::uint8_t*>(arrays[r]) + offset,
-                     static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock);
+                     static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock, rounding,
+                     static_cast<int>(r) - 1);  // the array slot of role r
       }
     } else {
       kernel(arrays, offset, n, rounding);

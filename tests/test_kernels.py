@@ -16,6 +16,7 @@ from support import all_options, assert_identical, call, copy_arrays, make_array
 
 import fusedopt
 from fusedopt import _core
+from fusedopt import quantize, reference
 from fusedopt.quantize import QuantizedState
 from fusedopt.registry import OPTIMIZERS
 
@@ -136,16 +137,26 @@ LOW_SHAPES = ["0", "17", "chunk+1", "33x65 F", "list"]
 UNSIGNED = {name for spec in OPTIMIZERS.values() for name in spec.declaration.nonnegative_state}
 
 
-def as_row(arrays, row):
+def as_row(arrays, row, stored_by=None):
     """`arrays` (float32, one tensor or lists; a state may be quantized) stored as the row says:
-    param, grad, state; "int8" states quantized, with uint8 codes where never negative."""
+    param, grad, state; "int8" states quantized, with uint8 codes where never negative: to
+    nearest, or with ``stored_by=(spec, step)`` as the kernels store them at that step
+    (stochastically, with the bits of seed 0, the step, the tensor, the element and the state's
+    array slot)."""
     param, grad, state = (DTYPE_OF.get(name) for name in row)
 
-    def cast(role, a):
+    def cast(role, a, tensor):
         if isinstance(a, QuantizedState):
             a = a.dequantize()
         if role not in ("param", "grad", "master") and state is None:  # int8
-            return QuantizedState.from_array(a.astype(np.float32), signed=role not in UNSIGNED)
+            x, signed = a.astype(np.float32), role not in UNSIGNED
+            if stored_by is None:
+                return QuantizedState.from_array(x, signed=signed)
+            spec, step = stored_by
+            slot = [a.name for a in spec.declaration.arrays].index(role) - 1
+            key = reference._tensor_key(0, step if spec.takes_step else 0, tensor)
+            bits = reference._element_bits(key, x.size, slot // 2) >> np.uint32(16 * (slot % 2))
+            return QuantizedState(*quantize.encode(x, signed, bits & np.uint32(0xFFFF)))
         dtype = (
             np.float32
             if role == "master"
@@ -158,7 +169,9 @@ def as_row(arrays, row):
         return a.astype(dtype, order="K")
 
     return {
-        role: [cast(role, a) for a in value] if isinstance(value, list) else cast(role, value)
+        role: [cast(role, a, i) for i, a in enumerate(value)]
+        if isinstance(value, list)
+        else cast(role, value, 0)
         for role, value in arrays.items()
     }
 
@@ -182,7 +195,7 @@ def test_low_precision_is_the_float32_formula_rounded_once(spec, hyper, row, sha
         upcast = as_row(copy_arrays(reference), ("float32",) * 3)
         expected = as_row(copy_arrays(upcast), ("float32",) * 3)
         call(spec.reference, spec, expected, hyper, step)
-        expected = as_row(expected, row)  # rounded once
+        expected = as_row(expected, row, stored_by=(spec, step))  # rounded once
         assert call(spec.fused, spec, fused, hyper, step) is True
         assert call(spec.reference, spec, reference, hyper, step) is True
         assert_identical(fused, expected, f"{spec.name} {hyper} {row} step {step}")
@@ -414,7 +427,7 @@ def test_master_weights_are_the_float32_formula_with_the_param_rounded(
         on_master["param"] = on_master.pop("master")
         expected = as_row(copy_arrays(on_master), ("float32",) * 3)
         call(spec.reference, spec, expected, hyper, step)
-        expected = as_row(expected, row)  # the state rounded once
+        expected = as_row(expected, row, stored_by=(spec, step))  # the state rounded once
         expected["master"] = expected.pop("param")
         expected["param"] = as_row({"param": expected["master"]}, (copy, copy, copy))["param"]
         masters = {"master": fused["master"]}

@@ -41,6 +41,10 @@ struct Minifloat {
   using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
 };
 
+// All-ones where `condition` holds: the loops below select with masks, not branches or
+// ternaries, so that GCC vectorizes them at every SIMD level.
+inline std::uint32_t mask(bool condition) { return 0U - static_cast<std::uint32_t>(condition); }
+
 // out[i] = value(codes[i]) * scale over one block.
 template <bool Signed>
 inline void decode_block(const std::uint8_t* __restrict codes, float scale, Index n,
@@ -52,55 +56,64 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
     const std::uint32_t code = codes[i];
     const std::uint32_t q = Signed ? code & 0x7FU : code;
     const std::uint32_t f = q >> 3, m = q & 7U;
-    const float normal = float_of(((f + 127U - F::kTop) << 23) | (m << 20));
-    const float special = m == 0 ? float_of(0x7F800000U) : float_of(0x7FC00000U);
-    float v =
-        f == 0 ? static_cast<float>(m) * subnormal_step : (f == F::kExponentMax ? special : normal);
-    if constexpr (Signed) v = float_of(bits_of(v) | ((code & 0x80U) << 24));
-    out[i] = v * scale;
+    const std::uint32_t normal = ((f + 127U - F::kTop) << 23) | (m << 20);
+    const std::uint32_t subnormal =
+        bits_of(static_cast<float>(static_cast<std::int32_t>(m)) * subnormal_step);
+    const std::uint32_t special = 0x7F800000U | (mask(m != 0) & 0x00400000U);
+    const std::uint32_t is_subnormal = mask(f == 0), is_special = mask(f == F::kExponentMax);
+    std::uint32_t v = (normal & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) |
+                      (special & is_special);
+    if constexpr (Signed) v |= (code & 0x80U) << 24;
+    out[i] = float_of(v) * scale;
   }
 }
 
 // Codes of one block and its scale: the largest finite magnitude rounded to 3 mantissa bits sets
-// the exponent E; each element is x 2^-E (exact) rounded to nearest even on its float bits.
+// the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits, with
+// 16 random bits added below the 3 kept (element `first + i` of the tensor, array slot `slot`;
+// see quantize.py for why never to nearest).
 template <bool Signed>
-inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes) {
+inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes,
+                          std::uint64_t key, Index first, int slot) {
   using F = Minifloat<Signed>;
-  float largest = 0.0F;
+  std::uint32_t largest = 0;  // bits of the largest finite magnitude: they order as the values
 #pragma omp simd reduction(max : largest)
   for (Index i = 0; i < n; ++i) {
-    const float a = float_of(bits_of(in[i]) & 0x7FFFFFFFU);
-    const float finite = a < float_of(0x7F800000U) ? a : 0.0F;  // NaN compares false
+    const std::uint32_t a = bits_of(in[i]) & 0x7FFFFFFFU;
+    const std::uint32_t finite = a & mask(a < 0x7F800000U);
     largest = finite > largest ? finite : largest;
   }
-  const std::uint32_t u = bits_of(largest);
-  std::int32_t exponent = static_cast<std::int32_t>((u + 0x7FFFFU + ((u >> 20) & 1U)) >> 23) - 127;
+  std::int32_t exponent =
+      static_cast<std::int32_t>((largest + 0x7FFFFU + ((largest >> 20) & 1U)) >> 23) - 127;
   exponent = exponent < -126 ? -126 : (exponent > 127 ? 127 : exponent);
   const float scale = float_of(static_cast<std::uint32_t>(exponent + 127) << 23);
   // 2^-E: a normal float for E >= -126 up to 2^126, and the subnormal 2^-127 for E = 127
-  const float inverse = exponent == 127
-                            ? float_of(0x00400000U)
-                            : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
-  const float smallest_normal = float_of((128U - F::kTop) << 23);  // 2^(1-F)
-  const float to_steps = float_of((127U + F::kTop + 2U) << 23);    // 2^(F+2)
-  const float round_integer = 8388608.0F;                          // 2^23
+  const float inverse = exponent == 127 ? float_of(0x00400000U)
+                                        : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
+  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
+  const float to_steps = float_of((127U + F::kTop + 2U) << 23);  // 2^(F+2)
+  const float random_step = float_of(111U << 23);                // 2^-16
+  const int half = slot / 2, shift = 16 * (slot % 2);
 #pragma omp simd
   for (Index i = 0; i < n; ++i) {
-    const float x = in[i];
-    const float a = float_of(bits_of(x * inverse) & 0x7FFFFFFFU);
-    const std::uint32_t ua = bits_of(a);
-    const std::uint32_t normal =
-        ((ua + 0x7FFFFU + ((ua >> 20) & 1U)) >> 20) - ((127U - F::kTop) << 3);
-    const std::uint32_t subnormal = bits_of(a * to_steps + round_integer) - bits_of(round_integer);
-    std::uint32_t q = a < smallest_normal ? subnormal : normal;
-    q = q > F::kMaxFinite ? F::kMaxFinite : q;
-    q = a == float_of(0x7F800000U) ? F::kInf : q;
-    q = x != x ? F::kNaN : q;
-    const std::uint32_t negative = bits_of(x) >> 31;
+    const std::uint32_t random =
+        (element_bits(key, static_cast<std::uint64_t>(first + i), half) >> shift) & 0xFFFFU;
+    const std::uint32_t x = bits_of(in[i]);
+    const std::uint32_t a = bits_of(in[i] * inverse) & 0x7FFFFFFFU;
+    const std::uint32_t normal = ((a + (random << 4)) >> 20) - ((127U - F::kTop) << 3);
+    const float below = static_cast<float>(static_cast<std::int32_t>(random)) * random_step;
+    const float steps = float_of(a) * to_steps + below;  // < 8 where it is used
+    const auto subnormal =
+        static_cast<std::uint32_t>(static_cast<std::int32_t>(steps < 16.0F ? steps : 16.0F));
+    const std::uint32_t is_small = mask(a < smallest_normal);
+    std::uint32_t q = (subnormal & is_small) | (normal & ~is_small);
+    q = q < F::kMaxFinite ? q : F::kMaxFinite;
+    const std::uint32_t is_inf = mask(a == 0x7F800000U), is_nan = mask(a > 0x7F800000U);
+    q = (q & ~(is_inf | is_nan)) | (F::kInf & is_inf) | (F::kNaN & is_nan);
     if constexpr (Signed) {
-      codes[i] = static_cast<std::uint8_t>((negative << 7) | q);
+      codes[i] = static_cast<std::uint8_t>(((x >> 31) << 7) | q);
     } else {
-      codes[i] = static_cast<std::uint8_t>(negative != 0 && x == x ? 0U : q);
+      codes[i] = static_cast<std::uint8_t>(q & ~(mask((x >> 31) != 0) & ~is_nan));
     }
   }
   return scale;
@@ -120,11 +133,13 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
   }
 }
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
-                         float* scales) {
+                         float* scales, const Rounding& rounding, int slot) {
   for (Index b = 0; b * kBlock < n; ++b) {
     const Index at = b * kBlock, count = std::min(kBlock, n - at);
-    scales[b] = is_signed ? encode_block<true>(in + at, count, codes + at)
-                          : encode_block<false>(in + at, count, codes + at);
+    const Index first = rounding.first + at;
+    scales[b] = is_signed
+                    ? encode_block<true>(in + at, count, codes + at, rounding.key, first, slot)
+                    : encode_block<false>(in + at, count, codes + at, rounding.key, first, slot);
   }
 }
 

@@ -46,7 +46,7 @@ bit; it depends on NumPy only.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -137,12 +137,21 @@ def _check_codes_scales(codes: object, scales: object) -> tuple[np.ndarray, np.n
     return codes, scales
 
 
-def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    x: np.ndarray, signed: bool, random_bits: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Encodes a float32 array; returns ``(codes, scales)``.
 
     ``codes`` has the shape and memory layout (C or F) of ``x``, dtype int8 if ``signed`` else
     uint8; ``scales`` is float32 of length ``ceil(x.size / BLOCK)``, each a power of two. Blocks
     follow the memory order of ``x`` (a non-contiguous ``x`` is read in C order).
+
+    Rounds to nearest even, or with ``random_bits`` (16 random bits per element, uint32, in
+    memory order) stochastically: the bits are added below the 3 mantissa bits kept (the top 16
+    of the 20 dropped), then truncated, so that the expected code is x up to 2**-16 of a step.
+    The kernels round quantized state this way: with 3 mantissa bits, an exponential moving
+    average whose steps (1 - beta of it) are below half a step never moves when rounded to
+    nearest.
     """
     x = _check_array("x", x, (np.float32,))
     fmt = _SIGNED if signed else _UNSIGNED
@@ -163,10 +172,19 @@ def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         a = np.abs(blocks * inverse[:, None])
         u = a.view(np.uint32).astype(np.int64)
-        q_normal = ((u + _ROUND + ((u >> 20) & 1)) >> 20) - ((127 - fmt.f) << _M)
-        # Adding 2**23 rounds t to an integer (nearest even); its low mantissa bits are q.
         t = a * fmt.to_subnormal_steps
-        q_subnormal = (t + _TWO23).view(np.uint32).astype(np.int64) - _TWO23_BITS
+        if random_bits is None:
+            q_normal = ((u + _ROUND + ((u >> 20) & 1)) >> 20) - ((127 - fmt.f) << _M)
+            # Adding 2**23 rounds t to an integer (nearest even); its low mantissa bits are q.
+            q_subnormal = (t + _TWO23).view(np.uint32).astype(np.int64) - _TWO23_BITS
+        else:
+            r = np.zeros(blocks.size, np.int64)
+            r[:n] = np.asarray(random_bits, np.int64).reshape(-1) & 0xFFFF
+            r = r.reshape(blocks.shape)
+            q_normal = ((u + (r << 4)) >> 20) - ((127 - fmt.f) << _M)
+            # t + r 2**-16 in float32, truncated: floor with probability by the distance
+            below = r.astype(np.float32) * np.float32(2.0**-16)
+            q_subnormal = (t + below).astype(np.int64)
         q = np.where(a >= fmt.min_normal, q_normal, q_subnormal)
     q = np.minimum(q, fmt.q_max)
     q = np.where(np.isinf(blocks), fmt.q_inf, q)

@@ -139,8 +139,10 @@ def _in_compute_type(
         stored["master"], stored["param"] = stored["param"], param
         up["master"] = up["param"]
     for name, a in stored.items():
-        if isinstance(a, QuantizedState):
-            a.codes[...], a.scales[...] = encode(up[name], signed=a.signed)
+        if isinstance(a, QuantizedState):  # always stochastically: see quantize.encode
+            slot = 1 + buffers_in_order.index(name)
+            bits = (_element_bits(key, a.size, slot // 2) >> np.uint32(16 * (slot % 2))) & 0xFFFF
+            a.codes[...], a.scales[...] = encode(up[name], signed=a.signed, random_bits=bits)
         elif stochastic and a.dtype == _BFLOAT16:
             slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
             a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
@@ -446,7 +448,7 @@ def rmsprop_(
         s_t &= \alpha\, s_{t-1} + (1 - \alpha)\, g_t^2 \\
         \bar g_t &= \alpha\, \bar g_{t-1} + (1 - \alpha)\, g_t
             \quad\text{(centered only)} \\
-        d_t &= \sqrt{s_t - \bar g_t^2} + \epsilon \ \text{ if centered, else }
+        d_t &= \sqrt{\max(s_t - \bar g_t^2, 0)} + \epsilon \ \text{ if centered, else }
             \sqrt{s_t} + \epsilon \\
         b_t &= \mu\, b_{t-1} + g_t / d_t, \quad \theta_t = \theta_{t-1} - \gamma\, b_t
             \quad\text{if } \mu > 0 \\
@@ -458,13 +460,15 @@ def rmsprop_(
 
     Note:
         :math:`\epsilon` is added outside the square root, as in ``torch.optim.RMSprop``;
-        TensorFlow adds it inside.
+        TensorFlow adds it inside. :math:`s_t \ge \bar g_t^2` holds exactly but not always
+        after rounding: the max with 0 keeps a NaN out where torch would give one.
     """
     g = _gradient(grad, param, weight_decay, maximize)
     square_avg[...] = alpha * square_avg + (1 - alpha) * g * g
     if centered:
         grad_avg[...] = alpha * grad_avg + (1 - alpha) * g
-        denom = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+        # s >= gbar^2 exactly, not always after rounding (low-precision or quantized state)
+        denom = np.sqrt(np.maximum(square_avg - grad_avg * grad_avg, 0)) + eps
     else:
         denom = np.sqrt(square_avg) + eps
     if momentum:

@@ -42,7 +42,7 @@ struct Rmsprop : NoCrossRule {
 //   square_avg = alpha * square_avg + (1 - alpha) * g * g
 //   if centered:
 //       grad_avg = alpha * grad_avg + (1 - alpha) * g
-//       denom = sqrt(square_avg - grad_avg * grad_avg) + eps
+//       denom = sqrt(maximum(square_avg - grad_avg * grad_avg, 0)) + eps
 //   else: denom = sqrt(square_avg) + eps
 //   if momentum:
 //       momentum_buffer = momentum * momentum_buffer + g / denom
@@ -92,7 +92,10 @@ struct RmspropKernel {
       if constexpr (centered) {
         const T ga = alpha * load<T>(grad_avg[i]) + one_minus_alpha * g;
         out(i, 3, grad_avg[i], ga);
-        denom = std::sqrt(s - ga * ga) + eps;
+        // s >= ga^2 holds exactly (Jensen), not after rounding: low-precision or quantized
+        // state, or float32 rounding, can make the difference negative, whose sqrt is NaN.
+        const T variance = s - ga * ga;
+        denom = std::sqrt(variance < T(0) ? T(0) : variance) + eps;  // numpy.maximum(x, 0)
       } else {
         denom = std::sqrt(s) + eps;
       }
