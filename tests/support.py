@@ -61,16 +61,15 @@ def copy_arrays(arrays: Arrays) -> Arrays:
 
 
 def flat(arrays: Arrays):
-    """(label, array) for every array, lists flattened, quantized states as codes and scales."""
-    from fusedopt.quantize import QuantizedState
-
+    """(label, array) for every array, lists flattened, quantized states (and any object that
+    holds codes and scales, as a bad argument may) as codes and scales."""
     for role, value in arrays.items():
         for label, a in (
             [(f"{role}[{i}]", a) for i, a in enumerate(value)]
             if isinstance(value, list)
             else [(role, value)]
         ):
-            if isinstance(a, QuantizedState):
+            if hasattr(a, "codes") and hasattr(a, "scales"):
                 yield f"{label}.codes", a.codes
                 yield f"{label}.scales", a.scales
             else:
