@@ -157,10 +157,11 @@ std::string dtype_name(const py::dtype& dtype) { return py::str(dtype).cast<std:
 // string only when a message needs it, so a valid call allocates no strings.
 struct Label {
   const char* role;
-  py::ssize_t index;  // -1 in a single-array call
+  py::ssize_t index;      // -1 in a single-array call
+  const char* part = "";  // ".codes" or ".scales" of a quantized state
 
   std::string str() const {
-    return index < 0 ? role : std::string(role) + "[" + std::to_string(index) + "]";
+    return (index < 0 ? role : std::string(role) + "[" + std::to_string(index) + "]") + part;
   }
 };
 
@@ -599,12 +600,13 @@ struct Extent {
   const char* end;
   std::size_t slot;
   bool written;
+  const char* part = "";  // of a quantized state: ".codes" or ".scales"
 };
 
 // No array that is written may share a byte with any other array of the call: the kernel reads
-// and writes chunk by chunk, so aliasing would silently give wrong results. Returns the slots
-// of an overlapping pair, or nothing. Extents stay small so that sorting a long list is cheap.
-std::optional<std::pair<std::size_t, std::size_t>> find_overlap(std::vector<Extent>& extents) {
+// and writes chunk by chunk, so aliasing would silently give wrong results. Returns an
+// overlapping pair, or nothing. Extents stay small so that sorting a long list is cheap.
+std::optional<std::pair<Extent, Extent>> find_overlap(std::vector<Extent>& extents) {
   std::sort(extents.begin(), extents.end(),
             [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
   const Extent* furthest = nullptr;          // of all extents so far, the one ending last
@@ -616,7 +618,7 @@ std::optional<std::pair<std::size_t, std::size_t>> find_overlap(std::vector<Exte
     } else if (e.written && furthest != nullptr && e.begin < furthest->end) {
       hit = furthest;
     }
-    if (hit != nullptr) return std::make_pair(hit->slot, e.slot);
+    if (hit != nullptr) return std::make_pair(*hit, e);
     if (furthest == nullptr || e.end > furthest->end) furthest = &e;
     if (e.written && (furthest_written == nullptr || e.end > furthest_written->end)) {
       furthest_written = &e;
@@ -750,7 +752,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   if (count > 0) {
     auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
       const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
-      if (obj && r > 0 && is_quantized(obj)) return DType::int8;
+      if (obj && roles[r].part == fusedopt::Part::state && is_quantized(obj)) return DType::int8;
       if (!obj || !py::isinstance<py::array>(obj)) return std::nullopt;
       return dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
     };
@@ -797,10 +799,11 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   checked.starts.assign(count + 1, 0);
   std::vector<Extent> extents;
   extents.reserve(count * roles_per_tensor * 2);
-  auto add_extent = [&](const py::array& arr, std::size_t slot, bool written) {
+  auto add_extent = [&](const py::array& arr, std::size_t slot, bool written,
+                        const char* part = "") {
     if (arr.nbytes() > 0) {
       const char* begin = static_cast<const char*>(arr.data());
-      extents.push_back({begin, begin + arr.nbytes(), slot, written});
+      extents.push_back({begin, begin + arr.nbytes(), slot, written, part});
     }
   };
   std::optional<bool> codes_unsigned[kMaxArrays];
@@ -840,82 +843,95 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                          dtype_name(py::reinterpret_borrow<py::array>(obj).dtype())
                    : type_name(obj)));
         }
-        const py::object codes = obj.attr("codes"), scales = obj.attr("scales");
-        const std::string codes_name = where.str() + ".codes";
+        // held for the call: the attributes may hold the only references
+        const py::object codes = py::getattr(obj, "codes", py::none());
+        const py::object scales = py::getattr(obj, "scales", py::none());
+        checked.held.push_back(codes);
+        checked.held.push_back(scales);
+        const Label codes_label{roles[r].name, where.index, ".codes"};
+        const Label scales_label{roles[r].name, where.index, ".scales"};
         if (!py::isinstance<py::array>(codes)) {
-          throw py::type_error(codes_name + ": expected a numpy.ndarray, got " + type_name(codes));
+          throw py::type_error(codes_label.str() + ": expected a numpy.ndarray, got " +
+                               type_name(codes));
         }
         const py::dtype codes_dtype = py::reinterpret_borrow<py::array>(codes).dtype();
         const bool is_uint8 = same_dtype(codes_dtype, py::dtype("uint8"));
         if (is_uint8 && !roles[r].nonnegative) {
-          throw py::type_error(codes_name +
-                               ": uint8 (unsigned) codes are only for a state that "
-                               "is never negative; " +
+          throw py::type_error(codes_label.str() +
+                               ": uint8 (unsigned) codes are only for a state that is never "
+                               "negative; " +
                                roles[r].name + " takes int8 codes");
         }
         if (!is_uint8 && !same_dtype(codes_dtype, py::dtype("int8"))) {
-          throw py::type_error(codes_name + ": expected dtype int8" +
+          throw py::type_error(codes_label.str() + ": expected dtype int8" +
                                (roles[r].nonnegative ? std::string(" or uint8") : "") + ", got " +
                                dtype_name(codes_dtype));
         }
         if (codes_unsigned[r] && *codes_unsigned[r] != is_uint8) {
-          throw py::type_error(codes_name + ": expected dtype " +
-                               (*codes_unsigned[r] ? "uint8" : "int8") + " like " +
-                               label(r, 0).str() + ".codes (one call takes one dtype)");
+          throw py::type_error(
+              codes_label.str() + ": expected dtype " + (*codes_unsigned[r] ? "uint8" : "int8") +
+              " like " + Label{roles[r].name, 0, ".codes"}.str() + " (one call takes one dtype)");
         }
         codes_unsigned[r] = is_uint8;
-        const std::string codes_role = std::string(roles[r].name) + ".codes";
         check_array(
-            Label{codes_role.c_str(), where.index}, codes, &p, codes_dtype,
-            [&] { return dtype_name(codes_dtype); }, true);
+            codes_label, codes, &p, codes_dtype, [&] { return dtype_name(codes_dtype); }, true);
         const Index blocks =
             (static_cast<Index>(p.size()) + fusedopt::kBlock - 1) / fusedopt::kBlock;
         if (!py::isinstance<py::array>(scales)) {
-          throw py::type_error(where.str() + ".scales: expected a numpy.ndarray, got " +
+          throw py::type_error(scales_label.str() + ": expected a numpy.ndarray, got " +
                                type_name(scales));
         }
         const auto sc = py::reinterpret_borrow<py::array>(scales);
-        if (!same_dtype(sc.dtype(), numpy_dtype(DType::float32)) || sc.ndim() != 1 ||
-            sc.size() != blocks || (sc.flags() & py::array::c_style) == 0) {
-          throw py::value_error(where.str() + ".scales: expected a contiguous float32 array of " +
-                                std::to_string(blocks) + " (one per " +
-                                std::to_string(fusedopt::kBlock) + " elements), got " +
-                                dtype_name(sc.dtype()) + " of shape " + shape_str(sc));
+        const std::string expected_scales = "float32 of shape (" + std::to_string(blocks) +
+                                            ",) (one per " + std::to_string(fusedopt::kBlock) +
+                                            " elements)";
+        if (!same_dtype(sc.dtype(), numpy_dtype(DType::float32))) {
+          throw py::type_error(scales_label.str() + ": expected " + expected_scales + ", got " +
+                               dtype_name(sc.dtype()));
         }
-        if (!sc.writeable()) throw py::value_error(where.str() + ".scales: array is read-only");
+        if (sc.ndim() != 1 || sc.size() != blocks) {
+          throw py::value_error(scales_label.str() + ": expected " + expected_scales +
+                                ", got shape " + shape_str(sc));
+        }
+        if ((sc.flags() & py::array::c_style) == 0) {
+          throw py::value_error(scales_label.str() +
+                                ": expected a contiguous array, got a strided view (it cannot "
+                                "be updated in place without a copy)");
+        }
+        if (!sc.writeable()) throw py::value_error(scales_label.str() + ": array is read-only");
         const auto c = py::reinterpret_borrow<py::array>(codes);
         checked.data[slot] = const_cast<void*>(c.data());
         checked.scales[slot] = const_cast<void*>(sc.data());
-        add_extent(c, slot, true);
-        add_extent(sc, slot, true);
+        add_extent(c, slot, true, ".codes");
+        add_extent(sc, slot, true, ".scales");
         if (is_uint8) checked.unsigned_codes |= 1U << r;
         continue;
       }
       if (r > 0) {
         const DType expected = row.of(roles[r].part);
-        check_array(
-            label(r, i), obj, &p, numpy_dtype(expected),
-            [&]() -> std::string {
-              if (i > 0) {
-                return std::string(dtype_text(expected)) + " like " + label(r, 0).str();
+        auto expected_text = [&]() -> std::string {
+          if (i > 0) return std::string(dtype_text(expected)) + " like " + label(r, 0).str();
+          const std::vector<DType> allowed = allowed_dtypes(roles[r].part, row.param);
+          const std::optional<DType> actual =
+              is_quantized(obj) ? std::optional<DType>(DType::int8)
+                                : dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
+          if (actual && std::find(allowed.begin(), allowed.end(), *actual) != allowed.end()) {
+            // allowed alone, not with the call's other arrays
+            for (std::size_t q = 1; q < r; ++q) {
+              if (present[q] && roles[q].part == roles[r].part) {
+                return std::string(dtype_text(expected)) + " like " + roles[q].name;
               }
-              const std::vector<DType> allowed = allowed_dtypes(roles[r].part, row.param);
-              const std::optional<DType> actual =
-                  dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
-              if (actual && std::find(allowed.begin(), allowed.end(), *actual) != allowed.end()) {
-                // allowed alone, not with the call's other arrays
-                for (std::size_t q = 1; q < r; ++q) {
-                  if (present[q] && roles[q].part == roles[r].part) {
-                    return std::string(dtype_text(expected)) + " like " + roles[q].name;
-                  }
-                }
-                return std::string(dtype_text(expected)) + " with the call's other arrays";
-              }
-              if (allowed == std::vector<DType>{row.param})
-                return dtypes_text(allowed) + " like param";
-              return dtypes_text(allowed) + " for a " + dtype_text(row.param) + " param";
-            },
-            roles[r].written);
+            }
+            return std::string(dtype_text(expected)) + " with the call's other arrays";
+          }
+          if (allowed == std::vector<DType>{row.param}) return dtypes_text(allowed) + " like param";
+          return dtypes_text(allowed) + " for a " + dtype_text(row.param) + " param";
+        };
+        if (is_quantized(obj)) {
+          throw py::type_error(label(r, i).str() + ": expected dtype " + expected_text() +
+                               ", got a fusedopt.quantize.QuantizedState");
+        }
+        check_array(label(r, i), obj, &p, numpy_dtype(expected), expected_text, roles[r].written);
       }
       const auto arr = py::reinterpret_borrow<py::array>(obj);
       // Read-only arrays (a grad) are only read; the kernels take them as const.
@@ -941,10 +957,10 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   }
   if (const auto overlap = find_overlap(extents)) {
     const auto [first, second] = *overlap;
-    auto name = [&](std::size_t slot) {
-      const std::size_t r = slot % roles_per_tensor, i = slot / roles_per_tensor;
-      return r == n_roles ? Label{"master", single ? -1 : static_cast<py::ssize_t>(i)}.str()
-                          : label(r, i).str();
+    auto name = [&](const Extent& e) {
+      const std::size_t r = e.slot % roles_per_tensor, i = e.slot / roles_per_tensor;
+      const auto index = single ? py::ssize_t{-1} : static_cast<py::ssize_t>(i);
+      return Label{r == n_roles ? "master" : roles[r].name, index, e.part}.str();
     };
     throw py::value_error(name(first) + " and " + name(second) +
                           " share memory; an array that is updated in place must not overlap "

@@ -15,8 +15,7 @@ import pytest
 from support import all_options, assert_identical, call, copy_arrays, make_arrays, new_grad
 
 import fusedopt
-from fusedopt import _core
-from fusedopt import quantize, reference
+from fusedopt import _core, quantize, reference
 from fusedopt.quantize import QuantizedState
 from fusedopt.registry import OPTIMIZERS
 

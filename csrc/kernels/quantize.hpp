@@ -88,8 +88,9 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   exponent = exponent < -126 ? -126 : (exponent > 127 ? 127 : exponent);
   const float scale = float_of(static_cast<std::uint32_t>(exponent + 127) << 23);
   // 2^-E: a normal float for E >= -126 up to 2^126, and the subnormal 2^-127 for E = 127
-  const float inverse = exponent == 127 ? float_of(0x00400000U)
-                                        : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
+  const float inverse = exponent == 127
+                            ? float_of(0x00400000U)
+                            : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
   const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
   const float to_steps = float_of((127U + F::kTop + 2U) << 23);  // 2^(F+2)
   const float random_step = float_of(111U << 23);                // 2^-16
