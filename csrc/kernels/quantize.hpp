@@ -17,12 +17,12 @@ namespace fusedopt {
 inline constexpr Index kBlock = 256;
 static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
 
-inline float float_of(std::uint32_t u) {
+FUSEDOPT_INLINE float float_of(std::uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-inline std::uint32_t bits_of(float f) {
+FUSEDOPT_INLINE std::uint32_t bits_of(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
@@ -43,7 +43,7 @@ struct Minifloat {
 
 // All-ones where `condition` holds: the loops below select with masks, not branches or
 // ternaries, so that GCC vectorizes them at every SIMD level.
-inline std::uint32_t mask(bool condition) { return 0U - static_cast<std::uint32_t>(condition); }
+FUSEDOPT_INLINE std::uint32_t mask(bool condition) { return 0U - static_cast<std::uint32_t>(condition); }
 
 // out[i] = value(codes[i]) * scale over one block.
 template <bool Signed>
