@@ -6,14 +6,16 @@
 
 Two NumPy MLPs (ReLU, softmax cross-entropy, backprop by hand) are trained with the same
 optimizer (fusedopt.optim.AdamW, lr 1e-3 on a cosine decay), seeds, data order and
-hyperparameters under six storage settings:
+hyperparameters under seven storage settings:
 
 1. float32: float32 params and state;
 2. bfloat16 (nearest): bfloat16 params and state, rounded to nearest even;
 3. bfloat16 + stochastic rounding: the same, with bfloat16 stores rounded stochastically;
 4. bfloat16 + float32 masters: bfloat16 params, float32 master weights and state;
-5. bfloat16 state: float32 params, bfloat16 state;
-6. int8 state: float32 params, 8-bit block-quantized state (fusedopt.quantize).
+5. bfloat16 state: float32 params, bfloat16 state, rounded to nearest even;
+6. bfloat16 state + stochastic rounding: the same, rounded stochastically;
+7. int8 state: float32 params, 8-bit block-quantized state (fusedopt.quantize), whose codes
+   are always rounded stochastically.
 
 Model A is a 64-128-128-10 MLP on scikit-learn's digits; model B a 128-256-256-256-16 MLP
 on a synthetic 16-class problem (sklearn.datasets.make_classification). With bfloat16
@@ -28,9 +30,10 @@ Round to nearest stagnates: an AdamW update is about lr in size, and once the de
 below half a bfloat16 ulp of a weight (2**-9 relative), the rounded weight does not move.
 Stochastic rounding keeps the expected update; float32 masters accumulate it. State rounded to
 nearest loses small updates too: Adam's second moment changes by about 1 - beta2 = 0.1 % a
-step, under a rounding step of bfloat16 (up to 0.8 %) or of the int8 codes (up to 12 %), so it
-drifts (up in bfloat16: smaller steps; it lags low in int8: larger steps). The script measures
-that drift on Gaussian gradients as well. Nothing is downloaded: the digits ship with
+step, under a rounding step of bfloat16 (up to 0.8 %) or of the int8 codes (up to 12 %), so
+rounded to nearest it drifts (up in bfloat16: smaller steps; int8 codes rounded to nearest lag
+low, which is why fusedopt rounds them stochastically). The script measures that drift on
+Gaussian gradients as well. Nothing is downloaded: the digits ship with
 scikit-learn and model B's data is generated.
 """
 
@@ -64,6 +67,10 @@ SETTINGS: dict[str, tuple[np.dtype, dict[str, Any]]] = {
     ),
     "bfloat16 + float32 masters": (BF16, dict(master_weights=True)),
     "bfloat16 state": (F32, dict(state_dtype="bfloat16")),
+    "bfloat16 state + stochastic rounding": (
+        F32,
+        dict(state_dtype="bfloat16", stochastic_rounding=True),
+    ),
     "int8 state": (F32, dict(state_dtype="int8")),
 }
 

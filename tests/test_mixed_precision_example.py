@@ -21,10 +21,17 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "mixed_precision.py"
 # bfloat16 + stochastic rounding    0.0708  0.9847  0.905       | 1.2746  0.4157  0.738
 # bfloat16 + float32 masters        0.0712  0.9833  0.913       | 1.2741  0.4160  0.715
 # bfloat16 state                    0.0717  0.9833  0.000       | 1.2740  0.4160  0.000
-# int8 state                        0.0602  0.9847  0.001       | 1.2023  0.4245  0.000
+# bfloat16 state + stochastic       0.0711  0.9833  0.001       | 1.2731  0.4175  0.000
+# int8 state                        0.0704  0.9861  0.001       | 1.2693  0.4173  0.000
 # Adam's v_hat / E[g^2] after 500 steps: float32 0.998, bfloat16 1.018, bfloat16 stochastic
-# 0.998, int8 0.378 (int8 codes lose beta2's small updates: v lags, steps are larger).
-CLOSE = ("bfloat16 + stochastic rounding", "bfloat16 + float32 masters", "bfloat16 state")
+# 0.998, int8 0.997 (int8 codes are rounded stochastically; to nearest they lagged at 0.378).
+CLOSE = (
+    "bfloat16 + stochastic rounding",
+    "bfloat16 + float32 masters",
+    "bfloat16 state",
+    "bfloat16 state + stochastic rounding",
+    "int8 state",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +50,6 @@ def test_storage_settings(results, model):
     for setting in CLOSE:  # measured within 0.7 % of float32's loss and 0.002 of its accuracy
         assert abs(r[setting]["loss"] / f32["loss"] - 1) < 0.03, (setting, r[setting]["loss"])
         assert r[setting]["accuracy"] >= f32["accuracy"] - 0.01, setting
-    # int8 state: no worse than float32 (measured 6-15 % lower loss, from the v drift above)
-    assert r["int8 state"]["loss"] < 1.05 * f32["loss"], r["int8 state"]["loss"]
-    assert r["int8 state"]["accuracy"] >= f32["accuracy"] - 0.01
     # round to nearest stagnates: higher loss (measured 1.9x and 1.3x) and almost every bf16
     # weight frozen over the last epoch, clearly more than with stochastic rounding
     nearest, stochastic = r["bfloat16 (nearest)"], r["bfloat16 + stochastic rounding"]
@@ -54,11 +58,12 @@ def test_storage_settings(results, model):
     assert stochastic["unchanged"] < nearest["unchanged"] - 0.05
     assert f32["unchanged"] < 0.01  # float32 weights all still move
     # bytes per parameter element, counted from the arrays
-    assert [(s["param bytes"], s["state bytes"]) for s in r.values()][:5] == [
+    assert [(s["param bytes"], s["state bytes"]) for s in r.values()][:6] == [
         (4, 8),
         (2, 4),
         (2, 4),
         (2, 12),
+        (4, 4),
         (4, 4),
     ]
     assert r["int8 state"]["param bytes"] == 4 and 2 < r["int8 state"]["state bytes"] < 2.1
@@ -73,12 +78,12 @@ def test_second_moment_drift(results):
     drift = results[0]["drift"]
     assert abs(drift["float32"] - 1) < 0.02, drift
     assert abs(drift["bfloat16, stochastic rounding"] - 1) < 0.02, drift
-    assert drift["int8"] < 0.6, drift
+    assert abs(drift["int8"] - 1) < 0.02, drift
 
 
 def test_outputs(results):
     r, out = results
     text = (out / "mixed_precision.md").read_text()
-    assert text.count("| A: digits") == 6 and text.count("| B: synthetic") == 6
+    assert text.count("| A: digits") == 7 and text.count("| B: synthetic") == 7
     assert "| int8 state |" in r["table"]
     assert (out / "mixed_precision.png").stat().st_size > 10_000

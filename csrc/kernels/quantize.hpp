@@ -43,7 +43,9 @@ struct Minifloat {
 
 // All-ones where `condition` holds: the loops below select with masks, not branches or
 // ternaries, so that GCC vectorizes them at every SIMD level.
-FUSEDOPT_INLINE std::uint32_t mask(bool condition) { return 0U - static_cast<std::uint32_t>(condition); }
+FUSEDOPT_INLINE std::uint32_t mask(bool condition) {
+  return 0U - static_cast<std::uint32_t>(condition);
+}
 
 // out[i] = value(codes[i]) * scale over one block.
 template <bool Signed>
@@ -68,9 +70,9 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
   }
 }
 
-// Codes of one block and its scale: the largest finite magnitude rounded to 3 mantissa bits sets
-// the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits, with
-// 16 random bits added below the 3 kept (element `first + i` of the tensor, array slot `slot`;
+// Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
+// sets the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits,
+// with 16 random bits added below the 3 kept (element `first + i` of the tensor, array slot `slot`;
 // see quantize.py for why never to nearest).
 template <bool Signed>
 inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes,
@@ -83,8 +85,9 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
     const std::uint32_t finite = a & mask(a < 0x7F800000U);
     largest = finite > largest ? finite : largest;
   }
-  std::int32_t exponent =
-      static_cast<std::int32_t>((largest + 0x7FFFFU + ((largest >> 20) & 1U)) >> 23) - 127;
+  // rounded up to 3 mantissa bits: every element's code fits, however it is rounded (a
+  // saturated maximum would bias stochastic rounding down)
+  std::int32_t exponent = static_cast<std::int32_t>((largest + 0xFFFFFU) >> 23) - 127;
   exponent = exponent < -126 ? -126 : (exponent > 127 ? 127 : exponent);
   const float scale = float_of(static_cast<std::uint32_t>(exponent + 127) << 23);
   // 2^-E: a normal float for E >= -126 up to 2^126, and the subnormal 2^-127 for E = 127

@@ -25,8 +25,10 @@ With :math:`F_{\max} = 2^{EB} - 1` and :math:`F = F_{\max} - 1` (14 or 30), the 
 and a code decodes to :math:`\pm v(q) \cdot 2^E`, one float32 multiply rounded to nearest even
 (no flush to zero). The largest finite magnitude is :math:`v = 1.875`.
 
-Encoding a block takes :math:`a`, the largest finite :math:`|x|` in it, rounds it to 3 mantissa
-bits (nearest even) and sets :math:`E` to the exponent of the result, clamped to
+Encoding a block takes :math:`a`, the largest finite :math:`|x|` in it, rounds it up to 3
+mantissa bits (so that every element's code, however rounded, fits without saturating: a
+saturated maximum would bias stochastic rounding down) and sets :math:`E` to the exponent of
+the result, clamped to
 :math:`[-126, 127]`; each :math:`x \cdot 2^{-E}` is then rounded to nearest even to a code
 (saturating at 1.875 only when :math:`E` is clamped at 127). NaN stays NaN and :math:`\pm\infty`
 stays :math:`\pm\infty`; the unsigned format stores every negative value (``-inf`` included) as 0.
@@ -58,6 +60,7 @@ BLOCK = 256
 """Elements per block: element ``i`` of a tensor (in memory order) has scale ``i // BLOCK``."""
 
 _M = 3  # mantissa bits of every code
+_ROUND_UP = (1 << (23 - _M)) - 1  # 0xFFFFF: rounds float32 bits up to 3 mantissa bits
 _ROUND = (1 << (23 - _M - 1)) - 1  # 0x7FFFF: rounds float32 bits to 3 mantissa bits with the lsb
 _TWO23 = np.float32(2.0**23)
 _TWO23_BITS = 0x4B000000
@@ -161,10 +164,10 @@ def encode(
     blocks = np.zeros((_num_blocks(n), BLOCK), np.float32)  # zero padding leaves the max alone
     blocks.reshape(-1)[:n] = flat
 
-    # The scale: 2**E, E the exponent of the block's largest finite |x| rounded to 3 bits.
+    # The scale: 2**E, E the exponent of the block's largest finite |x| rounded up to 3 bits.
     amax = np.where(np.isfinite(blocks), np.abs(blocks), np.float32(0)).max(axis=1)
     u = amax.view(np.uint32).astype(np.int64)
-    exponent = np.clip(((u + _ROUND + ((u >> 20) & 1)) >> 23) - 127, -126, 127)
+    exponent = np.clip(((u + _ROUND_UP) >> 23) - 127, -126, 127)
     scales = ((exponent + 127) << 23).astype(np.uint32).view(np.float32)
     # 2**-127 is a float32 subnormal, so the float64 power converts exactly.
     inverse = np.ldexp(1.0, -exponent).astype(np.float32)
