@@ -177,3 +177,22 @@ def test_old_buffer_keywords_still_work_with_a_warning(function, old, new, hyper
         fn(expected[0], grad, *expected[2].values(), **{new: expected[3]}, **hyper)
     np.testing.assert_array_equal(param, expected[0], strict=True)
     np.testing.assert_array_equal(buffer, expected[3], strict=True)
+
+
+def test_readme_storage_table_is_the_kernels_rows():
+    """The README's table of dtypes (param, grad, state) lists exactly the kernels' rows."""
+    from fusedopt import _core
+
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "| param | grad | state |")
+    listed = set()
+    for line in lines[start + 2 :]:
+        if not line.strip().startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        param, grad, state = (
+            [w.strip("`") for w in cell.replace(",", " or").split(" or ")] for cell in cells
+        )
+        param = [p.split(" ")[0] for p in param]
+        listed |= {(p, g, s) for p in param for g in grad for s in state}
+    assert listed == set(_core.STORAGE_ROWS)

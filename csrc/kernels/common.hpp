@@ -65,6 +65,23 @@ FUSEDOPT_INLINE void store(Stored& to, Compute x) {
   to = static_cast<Stored>(x);
 }
 
+// float16 through the compiler's _Float16 where the level has F16C: GCC then converts eight or
+// sixteen lanes at once (vcvtph2ps, vcvtps2ph, to nearest even as Eigen and NumPy round), where
+// Eigen's conversion is one element at a time.
+#if defined(__F16C__) && defined(__FLT16_MAX__)
+template <typename Compute>
+FUSEDOPT_INLINE Compute load(Eigen::half x) {
+  _Float16 h;
+  std::memcpy(&h, &x, sizeof h);
+  return static_cast<Compute>(static_cast<float>(h));
+}
+template <typename Compute>
+FUSEDOPT_INLINE void store(Eigen::half& to, Compute x) {
+  const auto h = static_cast<_Float16>(static_cast<float>(x));
+  std::memcpy(&to, &h, sizeof h);
+}
+#endif
+
 // x rounded to bfloat16: its high 16 bits after below(its bits) is added to the low 16. A NaN
 // becomes the quiet NaN of its sign, as in Eigen's and so ml_dtypes' conversion. Branch-free,
 // so that it vectorizes at every SIMD level.
