@@ -3,8 +3,9 @@
 Each update function (``adam_``, ``sgd_``, ...: every name in ``__all__`` that ends in ``_``)
 updates the parameters and optimizer state in one fused, multi-threaded pass in C++, for one
 array or a whole list of them. :mod:`fusedopt.reference` holds the same formulas in plain
-NumPy; :mod:`fusedopt.optim` has optimizer classes with ``torch.optim``'s conventions and
-:mod:`fusedopt.schedules` learning-rate schedules.
+NumPy; :mod:`fusedopt.optim` has optimizer classes with ``torch.optim``'s conventions,
+:mod:`fusedopt.schedules` learning-rate schedules and :mod:`fusedopt.quantize` the 8-bit
+block-quantized optimizer state (:class:`~fusedopt.quantize.QuantizedState`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ._functional import all_finite
 # The update functions, one per kernel declaration: adam_, sgd_, ...
 globals().update(_functional.FUNCTIONS)
 
-from . import optim, reference, schedules  # noqa: E402  (optim uses the functions above)
+from . import optim, quantize, reference, schedules  # noqa: E402  (optim uses the above)
 
 __version__: str = _core.__version__
 
@@ -33,6 +34,7 @@ __all__ = [
     "get_num_threads",
     "global_norm",
     "optim",
+    "quantize",
     "reference",
     "schedules",
     "set_num_threads",

@@ -178,8 +178,8 @@ class Optimizer:
       follows :func:`reference_kernels`;
     - ``state_dtype``: None (float32, float64 for float64 parameters), ``"float32"``,
       ``"bfloat16"`` or ``"int8"`` (8-bit block-quantized, :mod:`fusedopt.quantize`: int8
-      codes, uint8 for state that is never negative), or the NumPy dtype; float64 parameters
-      keep float64 state;
+      codes, uint8 for state that is never negative, always rounded stochastically with
+      ``seed``), or the NumPy dtype; float64 parameters keep float64 state;
     - ``master_weights``: keep float32 master weights of bfloat16 and float16 parameters in the
       state (``state[name]["master"]``): the update runs on them and writes the parameter as
       the master rounded, in the same pass; other parameters are unaffected;
@@ -507,12 +507,14 @@ class Optimizer:
         if "master" in buffers:
             arrays["master"] = buffers["master"]
         hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
+        # The random bits of stochastic rounding and of int8 state: without a step argument
+        # the kernel's bits depend on the seed alone, so each step gets its own.
+        seed = self.seed
+        if not plan.declaration.takes_step:
+            seed = (seed * _GOLDEN + step) % 2**64
+        hyper = {**hyper, "seed": seed}
         if self.stochastic_rounding:
-            # without a step argument the kernel's bits depend on the seed alone: one per step
-            seed = self.seed
-            if not plan.declaration.takes_step:
-                seed = (seed * _GOLDEN + step) % 2**64
-            hyper = {**hyper, "stochastic_rounding": True, "seed": seed}
+            hyper["stochastic_rounding"] = True
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         name = plan.declaration.function_name
         function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
