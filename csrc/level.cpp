@@ -35,6 +35,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   constexpr bool masters = std::is_same_v<typename Types::Param, float>;
   constexpr std::size_t roles = Decl::arrays.size();
   [[maybe_unused]] std::array<std::array<float, quantized ? kChunk : 1>, roles> staged;
+  // the random bits of the chunk's elements, both halves, computed once for every state
+  [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
   walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
     const Rounding rounding{request.stochastic,
                             tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
@@ -59,12 +61,26 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         at[r] = staged[r].data();
       }
       kernel(at.data(), 0, n, rounding);
+      bool needs_second_half = false;  // slots 2 and up (roles 3 and up)
+      for (std::size_t r = 3; r < roles; ++r) {
+        needs_second_half |= arrays[r] != nullptr && scales[t * set.roles + r] != nullptr;
+      }
+      std::uint32_t* const first_half = random[0].data();
+      std::uint32_t* const other_half = random[1].data();
+#pragma omp simd
+      for (Index i = 0; i < n; ++i) {
+        first_half[i] = element_bits(rounding.key, static_cast<std::uint64_t>(offset + i), 0);
+      }
+      if (needs_second_half) {
+#pragma omp simd
+        for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i], rounding.key);
+      }
       for (std::size_t r = 0; r < roles; ++r) {
         if (arrays[r] == nullptr || scales[t * set.roles + r] == nullptr) continue;
         encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
                      static_cast<std::uint8_t*>(arrays[r]) + offset,
-                     static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock, rounding,
-                     static_cast<int>(r) - 1);  // the array slot of role r
+                     static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
+                     r < 3 ? first_half : other_half, 16 * static_cast<int>((r - 1) % 2));
       }
     } else {
       kernel(arrays, offset, n, rounding);

@@ -115,13 +115,17 @@ FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
   h *= 0xC2B2AE35U;
   return h ^ (h >> 16);
 }
-// The 32 random bits of element `index` for array slots 0-1 (half 0) or 2-3 (half 1).
+// The 32 random bits of element `index` for array slots 0-1 (half 0) or 2-3 (half 1); half 1
+// is a further hash of half 0 (second_half), which a loop that needs both computes once.
+FUSEDOPT_INLINE std::uint32_t second_half(std::uint32_t half0, std::uint64_t key) {
+  return fmix32(half0 ^ static_cast<std::uint32_t>(key >> 32) ^ 0x5BD1E995U);
+}
 FUSEDOPT_INLINE std::uint32_t element_bits(std::uint64_t key, std::uint64_t index, int half) {
   const auto k0 = static_cast<std::uint32_t>(key), k1 = static_cast<std::uint32_t>(key >> 32);
   const std::uint32_t c =
       static_cast<std::uint32_t>(index) + static_cast<std::uint32_t>(index >> 32) * 0x27D4EB2FU;
   const std::uint32_t h = fmix32((c ^ k0) * 0x9E3779B1U + k1);
-  return half == 0 ? h : fmix32(h ^ k1 ^ 0x5BD1E995U);
+  return half == 0 ? h : second_half(h, key);
 }
 inline std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

@@ -72,11 +72,11 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
 
 // Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
 // sets the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits,
-// with 16 random bits added below the 3 kept (element `first + i` of the tensor, array slot `slot`;
-// see quantize.py for why never to nearest).
+// with 16 random bits, (random_bits[i] >> shift) & 0xFFFF, added below the 3 kept (see
+// quantize.py for why never to nearest).
 template <bool Signed>
 inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes,
-                          std::uint64_t key, Index first, int slot) {
+                          const std::uint32_t* __restrict random_bits, int shift) {
   using F = Minifloat<Signed>;
   std::uint32_t largest = 0;  // bits of the largest finite magnitude: they order as the values
 #pragma omp simd reduction(max : largest)
@@ -97,11 +97,9 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
   const float to_steps = float_of((127U + F::kTop + 2U) << 23);  // 2^(F+2)
   const float random_step = float_of(111U << 23);                // 2^-16
-  const int half = slot / 2, shift = 16 * (slot % 2);
 #pragma omp simd
   for (Index i = 0; i < n; ++i) {
-    const std::uint32_t random =
-        (element_bits(key, static_cast<std::uint64_t>(first + i), half) >> shift) & 0xFFFFU;
+    const std::uint32_t random = (random_bits[i] >> shift) & 0xFFFFU;
     const std::uint32_t x = bits_of(in[i]);
     const std::uint32_t a = bits_of(in[i] * inverse) & 0x7FFFFFFFU;
     const std::uint32_t normal = ((a + (random << 4)) >> 20) - ((127U - F::kTop) << 3);
@@ -136,14 +134,13 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
     }
   }
 }
+// `random` holds the chunk's element_bits of the array slot's half; `shift` picks its 16.
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
-                         float* scales, const Rounding& rounding, int slot) {
+                         float* scales, const std::uint32_t* random, int shift) {
   for (Index b = 0; b * kBlock < n; ++b) {
     const Index at = b * kBlock, count = std::min(kBlock, n - at);
-    const Index first = rounding.first + at;
-    scales[b] = is_signed
-                    ? encode_block<true>(in + at, count, codes + at, rounding.key, first, slot)
-                    : encode_block<false>(in + at, count, codes + at, rounding.key, first, slot);
+    scales[b] = is_signed ? encode_block<true>(in + at, count, codes + at, random + at, shift)
+                          : encode_block<false>(in + at, count, codes + at, random + at, shift);
   }
 }
 
