@@ -71,14 +71,17 @@ FUSEDOPT_INLINE void store(Stored& to, Compute x) {
 #if defined(__F16C__) && defined(__FLT16_MAX__)
 template <typename Compute>
 FUSEDOPT_INLINE Compute load(Eigen::half x) {
+  const auto bits = Eigen::numext::bit_cast<std::uint16_t>(x);
   _Float16 h;
-  std::memcpy(&h, &x, sizeof h);
+  std::memcpy(&h, &bits, sizeof h);
   return static_cast<Compute>(static_cast<float>(h));
 }
 template <typename Compute>
 FUSEDOPT_INLINE void store(Eigen::half& to, Compute x) {
   const auto h = static_cast<_Float16>(static_cast<float>(x));
-  std::memcpy(&to, &h, sizeof h);
+  std::uint16_t bits;
+  std::memcpy(&bits, &h, sizeof bits);
+  to = Eigen::numext::bit_cast<Eigen::half>(bits);
 }
 #endif
 
