@@ -752,7 +752,10 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   if (count > 0) {
     auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
       const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
-      if (obj && roles[r].part == fusedopt::Part::state && is_quantized(obj)) return DType::int8;
+      if (obj && roles[r].part == fusedopt::Part::state && !py::isinstance<py::array>(obj) &&
+          is_quantized(obj)) {
+        return DType::int8;
+      }
       if (!obj || !py::isinstance<py::array>(obj)) return std::nullopt;
       return dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
     };
@@ -927,7 +930,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
           if (allowed == std::vector<DType>{row.param}) return dtypes_text(allowed) + " like param";
           return dtypes_text(allowed) + " for a " + dtype_text(row.param) + " param";
         };
-        if (is_quantized(obj)) {
+        if (!py::isinstance<py::array>(obj) && is_quantized(obj)) {
           throw py::type_error(label(r, i).str() + ": expected dtype " + expected_text() +
                                ", got a fusedopt.quantize.QuantizedState");
         }
