@@ -19,22 +19,40 @@ void copy_masters(Index n, const Out& out, const float* master, DType copy, void
 #pragma omp simd
     for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
   } else {
+#if FUSEDOPT_F16C
+    floats_to_halves(master, n, static_cast<Eigen::half*>(to));
+#else
     auto* param = static_cast<Eigen::half*>(to);
 #pragma omp simd
     for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
+#endif
   }
 }
 
-// Runs the kernel chunk by chunk. For an int8 row each quantized state is decoded into a float32
-// chunk on the stack first and encoded back after; with masters the rounded copy is written
-// while the chunk is still in cache. Both only for the rows where they can occur.
+// float16 arrays are staged as float32 chunks where the level converts them in blocks (F16C).
+template <typename T>
+inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::half>;
+template <typename T>
+using StagedAs = std::conditional_t<kStagesHalf<T>, float, T>;
+
+// Runs the kernel chunk by chunk. Some arrays are staged: a float32 copy of the chunk on the
+// stack, which the float32 kernel updates and which is written back after. Each quantized state
+// is decoded into one and encoded back (the rows' types say float32 state); float16 params and
+// grads are converted in blocks. With masters the rounded copy is written while the chunk is
+// still in cache. All only for the rows where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
             void* const* scales, Index begin, Index end) {
-  const typename Decl::template Kernel<Types> kernel{Values<Decl>(hyper)};
-  constexpr bool masters = std::is_same_v<typename Types::Param, float>;
+  using P = typename Types::Param;
+  using G = typename Types::Grad;
+  using S = typename Types::State;
+  constexpr bool halves = kStagesHalf<P> || kStagesHalf<G>;
+  constexpr bool staging = quantized || halves;
+  using Staged = Storage<typename Types::Compute, StagedAs<P>, StagedAs<G>, S>;
+  const typename Decl::template Kernel<Staged> kernel{Values<Decl>(hyper)};
+  constexpr bool masters = std::is_same_v<P, float>;
   constexpr std::size_t roles = Decl::arrays.size();
-  [[maybe_unused]] std::array<std::array<float, quantized ? kChunk : 1>, roles> staged;
+  [[maybe_unused]] std::array<std::array<float, staging ? kChunk : 1>, roles> staged;
   // the random bits of the chunk's elements, both halves, computed once for every state
   [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
   walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
@@ -42,45 +60,61 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
                             tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
                             offset};
     void* const* arrays = set.arrays(t);
-    if constexpr (quantized) {
-      std::array<void*, roles> at{};  // the chunk's arrays, staged where quantized
+    if constexpr (staging) {
+      const auto quantized_role = [&](std::size_t r) {
+        return quantized && scales[t * set.roles + r] != nullptr;
+      };
+      const auto half_role = [&](std::size_t r) {
+        const Part part = Decl::arrays[r].part;
+        return (part == Part::param && kStagesHalf<P>) || (part == Part::grad && kStagesHalf<G>);
+      };
+      std::array<void*, roles> at{};  // the chunk's arrays, staged or in place
       for (std::size_t r = 0; r < roles; ++r) {
         if (arrays[r] == nullptr) continue;
-        if (scales[t * set.roles + r] == nullptr) {
-          const Part part = Decl::arrays[r].part;
+        const Part part = Decl::arrays[r].part;
+        if (half_role(r)) {
+          halves_to_floats(static_cast<const Eigen::half*>(arrays[r]) + offset, n,
+                           staged[r].data());
+          at[r] = staged[r].data();
+        } else if (quantized_role(r)) {
+          decode_chunk((request.unsigned_codes >> r & 1U) == 0,
+                       static_cast<const std::uint8_t*>(arrays[r]) + offset,
+                       static_cast<const float*>(scales[t * set.roles + r]) + offset / kBlock, n,
+                       staged[r].data());
+          at[r] = staged[r].data();
+        } else {
           at[r] = static_cast<char*>(arrays[r]) +
-                  offset * static_cast<Index>(part == Part::param  ? sizeof(typename Types::Param)
-                                              : part == Part::grad ? sizeof(typename Types::Grad)
-                                                                   : sizeof(float));
-          continue;
+                  offset * static_cast<Index>(part == Part::param  ? sizeof(P)
+                                              : part == Part::grad ? sizeof(G)
+                                                                   : sizeof(S));
         }
-        decode_chunk((request.unsigned_codes >> r & 1U) == 0,
-                     static_cast<const std::uint8_t*>(arrays[r]) + offset,
-                     static_cast<const float*>(scales[t * set.roles + r]) + offset / kBlock, n,
-                     staged[r].data());
-        at[r] = staged[r].data();
       }
       kernel(at.data(), 0, n, rounding);
-      bool needs_second_half = false;  // slots 2 and up (roles 3 and up)
-      for (std::size_t r = 3; r < roles; ++r) {
-        needs_second_half |= arrays[r] != nullptr && scales[t * set.roles + r] != nullptr;
+      if constexpr (kStagesHalf<P>) {
+        floats_to_halves(staged[0].data(), n, static_cast<Eigen::half*>(arrays[0]) + offset);
       }
-      std::uint32_t* const first_half = random[0].data();
-      std::uint32_t* const other_half = random[1].data();
+      if constexpr (quantized) {
+        bool needs_second_half = false;  // slots 2 and up (roles 3 and up)
+        for (std::size_t r = 3; r < roles; ++r) {
+          needs_second_half |= arrays[r] != nullptr && quantized_role(r);
+        }
+        std::uint32_t* const first_half = random[0].data();
+        std::uint32_t* const other_half = random[1].data();
 #pragma omp simd
-      for (Index i = 0; i < n; ++i) {
-        first_half[i] = element_bits(rounding.key, static_cast<std::uint64_t>(offset + i), 0);
-      }
-      if (needs_second_half) {
+        for (Index i = 0; i < n; ++i) {
+          first_half[i] = element_bits(rounding.key, static_cast<std::uint64_t>(offset + i), 0);
+        }
+        if (needs_second_half) {
 #pragma omp simd
-        for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i], rounding.key);
-      }
-      for (std::size_t r = 0; r < roles; ++r) {
-        if (arrays[r] == nullptr || scales[t * set.roles + r] == nullptr) continue;
-        encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
-                     static_cast<std::uint8_t*>(arrays[r]) + offset,
-                     static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
-                     r < 3 ? first_half : other_half, 16 * static_cast<int>((r - 1) % 2));
+          for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i], rounding.key);
+        }
+        for (std::size_t r = 0; r < roles; ++r) {
+          if (arrays[r] == nullptr || !quantized_role(r)) continue;
+          encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
+                       static_cast<std::uint8_t*>(arrays[r]) + offset,
+                       static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
+                       r < 3 ? first_half : other_half, 16 * static_cast<int>((r - 1) % 2));
+        }
       }
     } else {
       kernel(arrays, offset, n, rounding);

@@ -307,6 +307,45 @@ def test_norm_and_clipping_take_low_precision_grads():
         np.testing.assert_array_equal(g, rounded, strict=True)
 
 
+# float16 bit patterns that the conversions treat apart: NaNs with payloads (signaling, quiet,
+# negative), the infinities, subnormals, the smallest normal, the largest finite and ones.
+FLOAT16_SPECIALS = np.array(
+    [0x7C01, 0x7E01, 0xFD00, 0x7C00, 0xFC00, 0x0001, 0x8001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF]
+    + [0x3C00, 0xBC00, 0x0000, 0x8000],
+    np.uint16,
+).view(np.float16)
+
+
+@pytest.mark.parametrize(
+    "row", [row for row in _core.STORAGE_ROWS if "float16" in row], ids="-".join
+)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_float16_special_values_convert_as_numpy_does(name, row):
+    """Special float16 values in the blocks of eight that F16C converts and in the tails that
+    integer arithmetic converts: bit for bit the reference's results, NaN payloads included."""
+    spec = OPTIMIZERS[name]
+    hyper = spec.cases[0]
+    rng = np.random.default_rng(7)
+    specials = np.tile(FLOAT16_SPECIALS, 3)  # 45: the last one in the tail after 6 blocks
+    arrays = as_row(make_arrays(spec, hyper, (len(specials) + 4,), np.float32, rng), row)
+    for role in ("param", "grad"):
+        if arrays[role].dtype == np.float16:
+            arrays[role][4:] = specials
+    expected = copy_arrays(arrays)
+    with np.errstate(all="ignore"):
+        call(spec.fused, spec, arrays, hyper, 1)
+        call(spec.reference, spec, expected, hyper, 1)
+    for role, value in arrays.items():
+        pairs = (
+            [(value.codes, expected[role].codes), (value.scales, expected[role].scales)]
+            if isinstance(value, QuantizedState)
+            else [(value, expected[role])]
+        )
+        for actual, wanted in pairs:
+            bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[actual.dtype.itemsize]
+            np.testing.assert_array_equal(actual.view(bits), wanted.view(bits), err_msg=role)
+
+
 # ---------------------------------------------------------------- stochastic rounding
 
 SR_ROWS = [row for row in _core.STORAGE_ROWS if "bfloat16" in (row[0], row[2])]

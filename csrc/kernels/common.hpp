@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
+#include <immintrin.h>
+#endif
 
 #include "declaration.hpp"
 
@@ -65,23 +68,95 @@ FUSEDOPT_INLINE void store(Stored& to, Compute x) {
   to = static_cast<Stored>(x);
 }
 
-// float16 through the compiler's _Float16 where the level has F16C: GCC then converts eight or
-// sixteen lanes at once (vcvtph2ps, vcvtps2ph, to nearest even as Eigen and NumPy round), where
-// Eigen's conversion is one element at a time.
-#if defined(__F16C__) && defined(__FLT16_MAX__)
+// float16 by integer arithmetic, branch-free, so that it vectorizes at every SIMD level (GCC
+// has no vector type for _Float16 without AVX512-FP16, so F16C's one-element conversions were
+// all it emitted). Bit for bit NumPy's conversions: to nearest even, NaN payloads kept.
+FUSEDOPT_INLINE std::uint32_t float_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+FUSEDOPT_INLINE float bits_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// Loops select with such masks, not branches or ternaries, so that GCC vectorizes them at every
+// SIMD level.
+FUSEDOPT_INLINE std::uint32_t all_ones_if(bool condition) {
+  return 0U - static_cast<std::uint32_t>(condition);
+}
+FUSEDOPT_INLINE float half_to_float(std::uint16_t h) {
+  const std::uint32_t shifted = (h & 0x7FFFU) << 13;  // exponent and mantissa in float's place
+  const std::uint32_t normal = shifted + ((127U - 15U) << 23);
+  // a subnormal as the normal with the smallest exponent, less that power of two (exact)
+  const std::uint32_t subnormal =
+      float_bits(bits_float(shifted + (113U << 23)) - bits_float(113U << 23));
+  const std::uint32_t special = shifted | 0x7F800000U;  // inf, or NaN with its payload
+  const std::uint32_t is_subnormal = all_ones_if(shifted < (1U << 23));
+  const std::uint32_t is_special = all_ones_if(shifted >= (31U << 23));
+  const std::uint32_t bits =
+      (normal & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) | (special & is_special);
+  return bits_float(bits | (static_cast<std::uint32_t>(h & 0x8000U) << 16));
+}
+FUSEDOPT_INLINE std::uint16_t float_to_half(float x) {
+  const std::uint32_t u = float_bits(x), a = u & 0x7FFFFFFFU;
+  // rounded at bit 13 to nearest even and rebiased; a carry into the exponent, or up to inf,
+  // is the right result
+  const std::uint32_t normal = (a + 0xFFFU + ((a >> 13) & 1U) - ((127U - 15U) << 23)) >> 13;
+  // below the smallest normal, adding 0.5 makes the FPU round at the subnormal step 2^-24
+  const std::uint32_t subnormal = float_bits(bits_float(a) + 0.5F) - float_bits(0.5F);
+  const std::uint32_t payload = (a >> 13) & 0x3FFU;
+  const std::uint32_t nan = 0x7C00U | payload | (all_ones_if(payload == 0) & 1U);  // stays NaN
+  const std::uint32_t is_subnormal = all_ones_if(a < (113U << 23));
+  const std::uint32_t is_large = all_ones_if(a >= (143U << 23));  // rounds to inf at least
+  const std::uint32_t is_nan = all_ones_if(a > 0x7F800000U);
+  std::uint32_t h =
+      (normal & ~(is_subnormal | is_large)) | (subnormal & is_subnormal) | (0x7C00U & is_large);
+  h = (h & ~is_nan) | (nan & is_nan);
+  return static_cast<std::uint16_t>(h | ((u >> 16) & 0x8000U));
+}
 template <typename Compute>
 FUSEDOPT_INLINE Compute load(Eigen::half x) {
-  const auto bits = Eigen::numext::bit_cast<std::uint16_t>(x);
-  _Float16 h;
-  std::memcpy(&h, &bits, sizeof h);
-  return static_cast<Compute>(static_cast<float>(h));
+  return static_cast<Compute>(half_to_float(Eigen::numext::bit_cast<std::uint16_t>(x)));
 }
 template <typename Compute>
 FUSEDOPT_INLINE void store(Eigen::half& to, Compute x) {
-  const auto h = static_cast<_Float16>(static_cast<float>(x));
-  std::uint16_t bits;
-  std::memcpy(&bits, &h, sizeof bits);
-  to = Eigen::numext::bit_cast<Eigen::half>(bits);
+  to = Eigen::numext::bit_cast<Eigen::half>(float_to_half(static_cast<float>(x)));
+}
+
+// Whole chunks of float16: through F16C, eight elements an instruction, where the level has it
+// (the kernels' loops then run on float32 copies: cheaper than the integer conversions above).
+// F16C quiets a signaling NaN where NumPy keeps it, which no result can show: every stored
+// value comes out of the formula's arithmetic, which quiets NaNs itself.
+#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
+#define FUSEDOPT_F16C 1
+inline void halves_to_floats(const Eigen::half* in, Index n, float* out) {
+  Index i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) out[i] = load<float>(in[i]);
+}
+inline void floats_to_halves(const float* in, Index n, Eigen::half* out) {
+  Index i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(
+        reinterpret_cast<__m128i*>(out + i),
+        _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) store(out[i], in[i]);
+}
+#else
+#define FUSEDOPT_F16C 0
+inline void halves_to_floats(const Eigen::half* in, Index n, float* out) {
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) out[i] = load<float>(in[i]);
+}
+inline void floats_to_halves(const float* in, Index n, Eigen::half* out) {
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) store(out[i], in[i]);
 }
 #endif
 

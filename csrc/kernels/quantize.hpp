@@ -8,7 +8,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "common.hpp"
 
@@ -16,17 +15,6 @@ namespace fusedopt {
 
 inline constexpr Index kBlock = 256;
 static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
-
-FUSEDOPT_INLINE float float_of(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-FUSEDOPT_INLINE std::uint32_t bits_of(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 // The code's layout: 3 mantissa bits below an exponent field of 4 (signed) or 5 (unsigned) bits,
 // whose top value is inf (mantissa 0) or NaN. Field f >= 1 of top normal field F is
@@ -41,18 +29,12 @@ struct Minifloat {
   using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
 };
 
-// All-ones where `condition` holds: the loops below select with masks, not branches or
-// ternaries, so that GCC vectorizes them at every SIMD level.
-FUSEDOPT_INLINE std::uint32_t mask(bool condition) {
-  return 0U - static_cast<std::uint32_t>(condition);
-}
-
 // out[i] = value(codes[i]) * scale over one block.
 template <bool Signed>
 inline void decode_block(const std::uint8_t* __restrict codes, float scale, Index n,
                          float* __restrict out) {
   using F = Minifloat<Signed>;
-  const float subnormal_step = float_of((127U - F::kTop - 2U) << 23);
+  const float subnormal_step = bits_float((127U - F::kTop - 2U) << 23);
 #pragma omp simd
   for (Index i = 0; i < n; ++i) {
     const std::uint32_t code = codes[i];
@@ -60,13 +42,14 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
     const std::uint32_t f = q >> 3, m = q & 7U;
     const std::uint32_t normal = ((f + 127U - F::kTop) << 23) | (m << 20);
     const std::uint32_t subnormal =
-        bits_of(static_cast<float>(static_cast<std::int32_t>(m)) * subnormal_step);
-    const std::uint32_t special = 0x7F800000U | (mask(m != 0) & 0x00400000U);
-    const std::uint32_t is_subnormal = mask(f == 0), is_special = mask(f == F::kExponentMax);
+        float_bits(static_cast<float>(static_cast<std::int32_t>(m)) * subnormal_step);
+    const std::uint32_t special = 0x7F800000U | (all_ones_if(m != 0) & 0x00400000U);
+    const std::uint32_t is_subnormal = all_ones_if(f == 0),
+                        is_special = all_ones_if(f == F::kExponentMax);
     std::uint32_t v = (normal & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) |
                       (special & is_special);
     if constexpr (Signed) v |= (code & 0x80U) << 24;
-    out[i] = float_of(v) * scale;
+    out[i] = bits_float(v) * scale;
   }
 }
 
@@ -81,41 +64,42 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   std::uint32_t largest = 0;  // bits of the largest finite magnitude: they order as the values
 #pragma omp simd reduction(max : largest)
   for (Index i = 0; i < n; ++i) {
-    const std::uint32_t a = bits_of(in[i]) & 0x7FFFFFFFU;
-    const std::uint32_t finite = a & mask(a < 0x7F800000U);
+    const std::uint32_t a = float_bits(in[i]) & 0x7FFFFFFFU;
+    const std::uint32_t finite = a & all_ones_if(a < 0x7F800000U);
     largest = finite > largest ? finite : largest;
   }
   // rounded up to 3 mantissa bits: every element's code fits, however it is rounded (a
   // saturated maximum would bias stochastic rounding down)
   std::int32_t exponent = static_cast<std::int32_t>((largest + 0xFFFFFU) >> 23) - 127;
   exponent = exponent < -126 ? -126 : (exponent > 127 ? 127 : exponent);
-  const float scale = float_of(static_cast<std::uint32_t>(exponent + 127) << 23);
+  const float scale = bits_float(static_cast<std::uint32_t>(exponent + 127) << 23);
   // 2^-E: a normal float for E >= -126 up to 2^126, and the subnormal 2^-127 for E = 127
   const float inverse = exponent == 127
-                            ? float_of(0x00400000U)
-                            : float_of(static_cast<std::uint32_t>(127 - exponent) << 23);
-  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
-  const float to_steps = float_of((127U + F::kTop + 2U) << 23);  // 2^(F+2)
-  const float random_step = float_of(111U << 23);                // 2^-16
+                            ? bits_float(0x00400000U)
+                            : bits_float(static_cast<std::uint32_t>(127 - exponent) << 23);
+  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;    // bits of 2^(1-F)
+  const float to_steps = bits_float((127U + F::kTop + 2U) << 23);  // 2^(F+2)
+  const float random_step = bits_float(111U << 23);                // 2^-16
 #pragma omp simd
   for (Index i = 0; i < n; ++i) {
     const std::uint32_t random = (random_bits[i] >> shift) & 0xFFFFU;
-    const std::uint32_t x = bits_of(in[i]);
-    const std::uint32_t a = bits_of(in[i] * inverse) & 0x7FFFFFFFU;
+    const std::uint32_t x = float_bits(in[i]);
+    const std::uint32_t a = float_bits(in[i] * inverse) & 0x7FFFFFFFU;
     const std::uint32_t normal = ((a + (random << 4)) >> 20) - ((127U - F::kTop) << 3);
     const float below = static_cast<float>(static_cast<std::int32_t>(random)) * random_step;
-    const float steps = float_of(a) * to_steps + below;  // < 8 where it is used
+    const float steps = bits_float(a) * to_steps + below;  // < 8 where it is used
     const auto subnormal =
         static_cast<std::uint32_t>(static_cast<std::int32_t>(steps < 16.0F ? steps : 16.0F));
-    const std::uint32_t is_small = mask(a < smallest_normal);
+    const std::uint32_t is_small = all_ones_if(a < smallest_normal);
     std::uint32_t q = (subnormal & is_small) | (normal & ~is_small);
     q = q < F::kMaxFinite ? q : F::kMaxFinite;
-    const std::uint32_t is_inf = mask(a == 0x7F800000U), is_nan = mask(a > 0x7F800000U);
+    const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U),
+                        is_nan = all_ones_if(a > 0x7F800000U);
     q = (q & ~(is_inf | is_nan)) | (F::kInf & is_inf) | (F::kNaN & is_nan);
     if constexpr (Signed) {
       codes[i] = static_cast<std::uint8_t>(((x >> 31) << 7) | q);
     } else {
-      codes[i] = static_cast<std::uint8_t>(q & ~(mask((x >> 31) != 0) & ~is_nan));
+      codes[i] = static_cast<std::uint8_t>(q & ~(all_ones_if((x >> 31) != 0) & ~is_nan));
     }
   }
   return scale;
