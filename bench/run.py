@@ -58,19 +58,24 @@ TORCH_CLASSES = {
     "adam": "Adam",
     "adamw": "AdamW",
     "adamax": "Adamax",
+    "nadam": "NAdam",
+    "radam": "RAdam",
     "adagrad": "Adagrad",
     "rmsprop": "RMSprop",
 }
-# The implementations each has on CPU (torch 2.13): Adamax and RMSprop take no fused=.
+# The implementations each has on CPU (torch 2.13): Adamax, NAdam, RAdam and RMSprop take no
+# fused=.
 TORCH_MODES = {
-    name: ("loop", "foreach") if name in ("adamax", "rmsprop") else ("loop", "foreach", "fused")
+    name: ("loop", "foreach")
+    if name in ("adamax", "nadam", "radam", "rmsprop")
+    else ("loop", "foreach", "fused")
     for name in TORCH_CLASSES
 }
 
 
 def torch_kwargs(name, hyper):
     h = dict(hyper)
-    if name in ("adam", "adamw", "adamax"):
+    if name in ("adam", "adamw", "adamax", "nadam", "radam"):
         h["betas"] = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
     return h
 

@@ -68,11 +68,15 @@ def shape_and_order(value):
 @pytest.mark.parametrize("shape_id", SHAPES)
 @pytest.mark.parametrize(("spec", "hyper"), CASES)
 def test_matches_reference(spec, hyper, shape_id, dtype):
+    check_matches_reference(spec, hyper, shape_id, dtype, range(1, STEPS + 1))
+
+
+def check_matches_reference(spec, hyper, shape_id, dtype, steps):
     rng = np.random.default_rng([len(shape_id), STEPS])
     shape, order = shape_and_order(SHAPES[shape_id])
     fused = make_arrays(spec, hyper, shape, dtype, rng, order)
     expected = copy_arrays(fused)
-    for step in range(1, STEPS + 1):
+    for step in steps:
         new_grad(fused, rng)
         expected["grad"] = copy_arrays({"g": fused["grad"]})["g"]
         assert call(spec.fused, spec, fused, hyper, step) is True
@@ -185,11 +189,15 @@ def test_low_precision_is_the_float32_formula_rounded_once(spec, hyper, row, sha
     float32 arrays, and each result is rounded once, to nearest even, when it is stored. So the
     fused result is bit-identical to the float32 reference run on the upcast arrays and then
     rounded; and fusedopt.reference's own low-precision path agrees."""
+    check_rounded_once(spec, hyper, row, shape_id, range(1, STEPS + 1))
+
+
+def check_rounded_once(spec, hyper, row, shape_id, steps):
     rng = np.random.default_rng([len(shape_id), sum(map(len, row))])
     shape, order = shape_and_order(SHAPES[shape_id])
     fused = as_row(make_arrays(spec, hyper, shape, np.float32, rng, order), row)
     reference = copy_arrays(fused)
-    for step in range(1, STEPS + 1):
+    for step in steps:
         new_grad(fused, rng)
         fused = as_row(fused, row)  # the new grad in the row's grad dtype
         reference["grad"] = copy_arrays({"g": fused["grad"]})["g"]
@@ -201,6 +209,48 @@ def test_low_precision_is_the_float32_formula_rounded_once(spec, hyper, row, sha
         assert call(spec.reference, spec, reference, hyper, step) is True
         assert_identical(fused, expected, f"{spec.name} {hyper} {row} step {step}")
         assert_identical(reference, expected, f"reference {spec.name} {hyper} {row} {step}")
+
+
+# Formulas whose branch or scalars change after the first steps, with steps on both sides:
+# RAdam is rectified from t = 6 (beta2 = 0.999), and NAdam's product of momentum coefficients
+# stops mattering below 2**-54, at t = 48 by default.
+LATER_STEPS = {"radam": range(4, 9), "nadam": (47, 48, 49, 500)}
+
+
+@pytest.mark.parametrize("shape_id", LOW_SHAPES)
+@pytest.mark.parametrize("row", [("float32",) * 3, ("float64",) * 3, *LOW_ROWS], ids="-".join)
+@pytest.mark.parametrize("name", LATER_STEPS)
+def test_later_steps_match_reference_in_every_row(name, row, shape_id):
+    spec = OPTIMIZERS[name]
+    for hyper in spec.cases:
+        if row[0] == row[1] == row[2] and row[0] not in LOW:
+            check_matches_reference(spec, hyper, shape_id, DTYPE_OF[row[0]], LATER_STEPS[name])
+        else:
+            check_rounded_once(spec, hyper, row, shape_id, LATER_STEPS[name])
+
+
+def test_nadam_shortcuts_keep_torchs_product():
+    """fusedopt.reference._nadam_mu_product (and its C++ twin) stops multiplying below 2**-54
+    and once mu_i is beta1: the terms 1 - prod and 1 - prod * mu_(t+1) are then exactly those
+    of the plain running product torch keeps, or within rounding of it."""
+
+    def plain(beta1, psi, step):
+        product = 1.0
+        for i in range(1, step + 1):
+            product *= beta1 * (1 - 0.5 * 0.96 ** (i * psi))
+        return product
+
+    for beta1, psi in [(0.9, 4e-3), (0.45, 2e-3), (0.999, 4e-3), (0.0, 4e-3), (0.9, 0.0)]:
+        for step in (1, 2, 30, 47, 48, 49, 300, 2000):
+            mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi))
+            short, full = reference._nadam_mu_product(beta1, psi, step), plain(beta1, psi, step)
+            assert (1 - short, 1 - short * mu_next) == (1 - full, 1 - full * mu_next)
+    for beta1, psi in [(0.99, 40.0), (0.999, 2.0)]:  # mu_i is beta1 from i = 23, 450
+        for step in (22, 23, 24, 600, 3000):
+            mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi))
+            short, full = reference._nadam_mu_product(beta1, psi, step), plain(beta1, psi, step)
+            assert 1 - short == pytest.approx(1 - full, rel=1e-13, abs=0)
+            assert 1 - short * mu_next == pytest.approx(1 - full * mu_next, rel=1e-13, abs=0)
 
 
 @pytest.mark.parametrize(

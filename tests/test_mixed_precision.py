@@ -39,6 +39,8 @@ CLASSES = {
     "Adam": (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
     "AdamW": (optim.AdamW, dict(lr=0.01)),
     "Adamax": (optim.Adamax, dict(lr=0.01)),
+    "NAdam": (optim.NAdam, dict(lr=0.01, weight_decay=0.1)),
+    "RAdam": (optim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     "Adagrad": (optim.Adagrad, dict(lr=0.05, initial_accumulator_value=0.1)),
     "RMSprop": (optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
     "Lion": (optim.Lion, dict(lr=1e-3, weight_decay=0.1)),
@@ -92,14 +94,15 @@ def assert_same(a, b):
 @pytest.mark.parametrize("cls_name", CLASSES)
 def test_fused_class_equals_reference_class(cls_name, storage):
     """Every class with every storage option computes, on the fused kernels, exactly what it
-    computes on fusedopt.reference: params, state, masters and quantized codes and scales."""
+    computes on fusedopt.reference: params, state, masters and quantized codes and scales.
+    7 steps: RAdam's rectified step starts at 6."""
     cls, hyper = CLASSES[cls_name]
     param_dtype, grad_dtype, options = STORAGE[storage]
     fused = model(param_dtype)
-    opt = train(cls, hyper, options, fused, grad_dtype, 5, np.random.default_rng(1))
+    opt = train(cls, hyper, options, fused, grad_dtype, 7, np.random.default_rng(1))
     expected = model(param_dtype)
     with optim.reference_kernels():
-        ref = train(cls, hyper, options, expected, grad_dtype, 5, np.random.default_rng(1))
+        ref = train(cls, hyper, options, expected, grad_dtype, 7, np.random.default_rng(1))
     for name in fused:
         np.testing.assert_array_equal(fused[name], expected[name], err_msg=name, strict=True)
         assert fused[name].dtype == param_dtype
@@ -121,7 +124,7 @@ def test_fused_class_equals_reference_class(cls_name, storage):
 
 
 @pytest.mark.parametrize("storage", ["bfloat16-all-sr", "int8-state", "masters-int8-sr"])
-@pytest.mark.parametrize("cls_name", ["SGD", "Adam", "Adagrad", "Lion"])
+@pytest.mark.parametrize("cls_name", ["SGD", "Adam", "NAdam", "RAdam", "Adagrad", "Lion"])
 def test_checkpoint_resume_is_bit_exact(cls_name, storage, tmp_path):
     """Saved after 4 steps and loaded by Optimizer.load into the saved params, the run goes on
     exactly as the uninterrupted one: masters, quantized state and the stochastic-rounding

@@ -71,6 +71,18 @@ EXTRA = {
         dict(lr=0.01, alpha=0.9, weight_decay=0.1, maximize=True),
     ],
     optim.Lion: [dict(lr=1e-3), dict(lr=1e-3, betas=(0.8, 0.9), weight_decay=0.5)],
+    optim.NAdam: [
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        dict(lr=0.01, betas=(0.95, 0.99), momentum_decay=0.1),
+        dict(lr=0.01, betas=(0.99, 0.9), momentum_decay=40.0),  # mu_t = beta1 from t = 23
+    ],
+    optim.RAdam: [
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        dict(lr=0.01, betas=(0.8, 0.9)),  # rectified from step 6
+        dict(lr=0.01, betas=(0.9, 0.6)),  # rho_inf = 4: never rectified
+    ],
 }
 CLASSES = {
     cls.__name__: (cls, generated_cases(cls) + EXTRA.get(cls, []))
@@ -155,9 +167,19 @@ TORCH_CASES = [
 ]
 
 
+@pytest.fixture
+def torch_float64():
+    """torch.optim.NAdam keeps its running product of momentum coefficients (mu_product) in a
+    tensor of the default dtype: in float32 its steps are off by about 1e-7 relative."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
 @pytest.mark.parametrize("cls, hyper", TORCH_CASES)
-def test_class_matches_torch(cls, hyper):
+def test_class_matches_torch(cls, hyper, torch_float64):
     """50 steps with random gradients in float64: parameter deltas equal torch.optim's (with
     foreach=False) to rtol 1e-9. Not bit for bit: torch rounds some steps differently (e.g.
     addcdiv computes value * (a / b), the reference (value * a) / b)."""
@@ -183,6 +205,64 @@ def test_class_matches_torch(cls, hyper):
             atol=1e-12,
             err_msg=n,
         )
+
+
+STEPWISE_TORCH_CASES = [
+    (cls, hyper)
+    for cls in (optim.NAdam, optim.RAdam)
+    for hyper in [
+        dict(),
+        dict(weight_decay=0.1),
+        dict(weight_decay=0.1, decoupled_weight_decay=True),
+        dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, maximize=True),
+    ]
+] + [(optim.NAdam, dict(momentum_decay=40.0, betas=(0.99, 0.9)))]
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
+@pytest.mark.parametrize("cls, hyper", STEPWISE_TORCH_CASES)
+def test_nadam_and_radam_match_torch_at_every_step(cls, hyper, torch_float64):
+    """In float64, after every one of 100 steps, the parameter deltas and both moments equal
+    torch.optim's to rtol 1e-9: RAdam's steps on both sides of its threshold rho_t > 5 (the
+    rectified step starts at t = 6), NAdam's once its product of momentum coefficients is
+    below 2**-54 (about t = 47 by default) and, with momentum_decay=40, once mu_t is beta1."""
+    params = model(np.float64)
+    initial = copy(params)
+    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
+    topt = getattr(torch.optim, cls.__name__)(tparams, foreach=False, **hyper)
+    opt = cls(params, **hyper)
+    rng = np.random.default_rng(3)
+    for step in range(1, 101):
+        grads = grads_for(params, rng)
+        for p, n in zip(tparams, SHAPES):
+            p.grad = torch.tensor(grads[n])
+        topt.step()
+        opt.step(grads)
+        for p, n in zip(tparams, SHAPES):
+            context = f"{n} step {step}"
+            delta, expected = params[n] - initial[n], p.detach().numpy() - initial[n]
+            np.testing.assert_allclose(delta, expected, rtol=1e-9, atol=1e-12, err_msg=context)
+            for key in ("exp_avg", "exp_avg_sq"):
+                expected = topt.state[p][key].numpy()
+                np.testing.assert_allclose(
+                    opt.state[n][key], expected, rtol=1e-9, atol=1e-12, err_msg=context
+                )
+
+
+def test_radam_rectifies_from_step_6():
+    """Before the rectification (rho_t <= 5) RAdam's step is momentum SGD with bias correction
+    and eps plays no part; from step 6 (beta2 = 0.999) it does."""
+    a, b = model(), model()
+    small, large = optim.RAdam(a, eps=1e-8), optim.RAdam(b, eps=1.0)
+    rng = np.random.default_rng(4)
+    for step in range(1, 8):
+        grads = grads_for(a, rng)
+        small.step(grads)
+        large.step(grads)
+        if step <= 5:
+            assert_same(a, b, f"step {step}")
+        else:
+            assert all(not np.array_equal(a[n], b[n]) for n in SHAPES), step
 
 
 def test_one_fused_call_per_group_dtype_and_step(monkeypatch):
@@ -485,7 +565,7 @@ def test_clip_grad_norm_matches_torch():
 
 
 def test_every_class_is_covered():
-    assert "Adamax" in CLASSES
+    assert {"Adamax", "NAdam", "RAdam"} <= set(CLASSES)
     for name, (_, hypers) in CLASSES.items():
         assert len(hypers) >= 3, name
     if torch is not None:
@@ -494,6 +574,8 @@ def test_every_class_is_covered():
             "Adam",
             "AdamW",
             "Adamax",
+            "NAdam",
+            "RAdam",
             "Adagrad",
             "RMSprop",
         }

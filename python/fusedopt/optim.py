@@ -59,7 +59,9 @@ __all__ = [
     "Adamax",
     "Lion",
     "Momentum",
+    "NAdam",
     "Optimizer",
+    "RAdam",
     "RMSprop",
     "reference_kernels",
 ]
@@ -895,6 +897,50 @@ class Adamax(Optimizer):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(params, _arguments(locals()), **options)
+
+
+class NAdam(Optimizer):
+    """NAdam (Dozat 2016), as ``torch.optim.NAdam``: :func:`fusedopt.nadam_`, with torch's
+    momentum schedule (``momentum_decay``) and decoupled (NAdamW) weight decay as an option.
+    The product of the momentum coefficients, which torch keeps in the state as
+    ``mu_product``, is a function of the step here: the state is ``exp_avg`` and
+    ``exp_avg_sq``."""
+
+    kernel = "nadam"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 2e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(params, _arguments(locals()), **options)
+
+
+class RAdam(Optimizer):
+    """RAdam (Liu et al. 2020), as ``torch.optim.RAdam``: :func:`fusedopt.radam_`, rectified
+    Adam steps once the SMA length exceeds 5, and decoupled weight decay as an option."""
+
+    kernel = "radam"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
         **options: Any,
     ):

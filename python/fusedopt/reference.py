@@ -30,7 +30,18 @@ import numpy as np
 
 from .quantize import QuantizedState, encode
 
-__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "momentum_", "rmsprop_", "sgd_"]
+__all__ = [
+    "adagrad_",
+    "adam_",
+    "adamax_",
+    "adamw_",
+    "lion_",
+    "momentum_",
+    "nadam_",
+    "radam_",
+    "rmsprop_",
+    "sgd_",
+]
 
 
 def _for_each_tensor(update):
@@ -403,6 +414,143 @@ def adamax_(
     exp_avg[...] = beta1 * exp_avg + (1 - beta1) * g
     exp_inf[...] = np.maximum(beta2 * exp_inf, np.abs(g) + eps)
     param -= lr / (1 - beta1**step) * exp_avg / exp_inf
+
+
+def _nadam_mu_product(beta1, momentum_decay, step):
+    r""":math:`\prod_{i=1}^t \mu_i`, multiplied in this order as ``torch.optim.NAdam``
+    accumulates its state ``mu_product``, with two shortcuts that bound the loop: below
+    :math:`2^{-54}` the product no longer matters (:math:`1 - \prod` rounds to 1 whatever
+    follows), and once :math:`\mu_i = \beta_1` exactly (:math:`0.96^{i\psi} < 2^{-53}`) it stays
+    so, and the rest is one power."""
+    product = 1.0
+    for i in range(1, step + 1):
+        factor = 1 - 0.5 * 0.96 ** (i * momentum_decay)
+        if factor == 1:
+            return product * beta1 ** (step - i + 1)
+        product *= beta1 * factor
+        if product <= 2.0**-54:
+            return product
+    return product
+
+
+@_for_each_tensor
+def nadam_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=2e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum_decay=4e-3,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
+    r"""NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), in place, with the
+    momentum schedule of ``torch.optim.NAdam``; NAdamW as an option.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        \mu_t &= \beta_1 \left(1 - \tfrac12\, 0.96^{t\psi}\right) \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \theta_t &= \theta_{t-1} - \gamma\,
+            \frac{\frac{1 - \mu_t}{1 - \prod_{i=1}^{t} \mu_i}\, g_t
+                + \frac{\mu_{t+1}}{1 - \prod_{i=1}^{t+1} \mu_i}\, m_t}
+            {\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`v` = ``exp_avg_sq``,
+    :math:`t` = ``step``, :math:`\psi` = ``momentum_decay``, :math:`\lambda` =
+    ``weight_decay``. With ``decoupled_weight_decay`` (NAdamW) the L2 term is dropped from
+    :math:`g_t` and :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` comes first.
+
+    Note:
+        ``torch.optim.NAdam`` keeps :math:`\prod \mu_i` as state, multiplied by :math:`\mu_t`
+        at each step. Here it is a function of ``step``, computed in double each call by
+        multiplying :math:`\mu_1, \mu_2, \ldots` in the same order (see
+        ``_nadam_mu_product``): no extra buffer, and the same product as torch's when torch
+        keeps it in float64. torch keeps it in a float32 tensor unless the default dtype is
+        float64, which moves its steps by about 1e-7 relative.
+    """
+    g = -grad if maximize else grad
+    if decoupled_weight_decay:
+        param *= 1 - lr * weight_decay
+    elif weight_decay:
+        g = g + weight_decay * param
+    exp_avg[...] = beta1 * exp_avg + (1 - beta1) * g
+    exp_avg_sq[...] = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = _nadam_mu_product(beta1, momentum_decay, step)
+    grad_step = lr * (1 - mu) / (1 - mu_product)
+    avg_step = lr * mu_next / (1 - mu_product * mu_next)
+    denom = np.sqrt(exp_avg_sq / (1 - beta2**step)) + eps
+    param -= (grad_step * g + avg_step * exp_avg) / denom
+
+
+@_for_each_tensor
+def radam_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
+    r"""RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond"), in
+    place, as ``torch.optim.RAdam``; decoupled weight decay as an option.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+            \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+        r_t &= \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\,\rho_\infty}
+            {(\rho_\infty - 4)(\rho_\infty - 2)\,\rho_t}} \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t} \begin{cases}
+            r_t \sqrt{1 - \beta_2^t}\, \dfrac{m_t}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\
+            m_t & \text{otherwise} \end{cases}
+
+    with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`v` = ``exp_avg_sq``,
+    :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``. With ``decoupled_weight_decay``
+    the L2 term is dropped from :math:`g_t` and
+    :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` comes first.
+
+    Note:
+        The branch depends on the step only: with the default :math:`\beta_2 = 0.999`, steps
+        1 to 5 are momentum SGD with bias correction and the rectified step starts at 6; with
+        :math:`\beta_2 \le 2/3` (:math:`\rho_\infty \le 5`) it never does. The test
+        :math:`\rho_t > 5` is torch's; the paper's Algorithm 2 has :math:`\rho_t > 4`.
+    """
+    g = -grad if maximize else grad
+    if decoupled_weight_decay:
+        param *= 1 - lr * weight_decay
+    elif weight_decay:
+        g = g + weight_decay * param
+    exp_avg[...] = beta1 * exp_avg + (1 - beta1) * g
+    exp_avg_sq[...] = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = rho_inf - 2 * step * beta2**step / bias_correction2
+    if rho > 5:
+        rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        step_size = lr * rect * math.sqrt(bias_correction2) / bias_correction1
+        param -= step_size * exp_avg / (np.sqrt(exp_avg_sq) + eps)
+    else:
+        param -= lr / bias_correction1 * exp_avg
 
 
 @_for_each_tensor
