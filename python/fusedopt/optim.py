@@ -655,33 +655,7 @@ class Optimizer:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the state to an .npz file atomically: a temporary file in the same folder,
         flushed to disk, then renamed over ``path``; a crash never leaves a partial file."""
-        sd = self.state_dict()
-        arrays = {}
-        for i, s in enumerate(sd["state"].values()):
-            for key, value in list(s.items()):
-                at = f"state.{i}.{key}"
-                if isinstance(value, QuantizedState):
-                    arrays[f"{at}.codes"], arrays[f"{at}.scales"] = value.codes, value.scales
-                    s[key] = {"codes": f"{at}.codes", "scales": f"{at}.scales"}
-                elif isinstance(value, np.ndarray):
-                    # .npy has no bfloat16: its bits are stored as uint16, its name beside
-                    dtype = _dtype_name(value.dtype)
-                    arrays[at] = value.view(np.uint16) if dtype == "bfloat16" else value
-                    s[key] = {"array": at, "dtype": dtype}
-        arrays["meta"] = np.array(json.dumps(sd))
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fusedopt-", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _write_checkpoint(self.state_dict(), path)
 
     @staticmethod
     def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -731,6 +705,37 @@ class Optimizer:
             for g in self.param_groups
         )
         return f"{type(self).__name__}([{groups}])"
+
+
+def _write_checkpoint(sd: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
+    """Write a state_dict to an .npz file atomically (see ``Optimizer.save``); its state
+    entries are rewritten to name the arrays."""
+    arrays = {}
+    for i, s in enumerate(sd["state"].values()):
+        for key, value in list(s.items()):
+            at = f"state.{i}.{key}"
+            if isinstance(value, QuantizedState):
+                arrays[f"{at}.codes"], arrays[f"{at}.scales"] = value.codes, value.scales
+                s[key] = {"codes": f"{at}.codes", "scales": f"{at}.scales"}
+            elif isinstance(value, np.ndarray):
+                # .npy has no bfloat16: its bits are stored as uint16, its name beside
+                dtype = _dtype_name(value.dtype)
+                arrays[at] = value.view(np.uint16) if dtype == "bfloat16" else value
+                s[key] = {"array": at, "dtype": dtype}
+    arrays["meta"] = np.array(json.dumps(sd))
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fusedopt-", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _arguments(arguments: Dict[str, Any]) -> Dict[str, Any]:

@@ -46,7 +46,11 @@ class LRScheduler(_Schedule):
     """Base class: ``lr(step, base_lr)`` gives a group's learning rate at a step."""
 
     def __init__(self, optimizer: Optimizer):
-        if not isinstance(optimizer, Optimizer):
+        # or what has its param_groups and defaults: a distributed.ZeroRedundancyOptimizer
+        if not isinstance(optimizer, Optimizer) and not (
+            isinstance(getattr(optimizer, "param_groups", None), list)
+            and isinstance(getattr(optimizer, "defaults", None), dict)
+        ):
             raise TypeError(f"expected a fusedopt.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]

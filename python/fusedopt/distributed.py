@@ -1,0 +1,904 @@
+"""Data-parallel training over MPI: gradient averaging and a ZeRO-1 sharded optimizer.
+
+>>> from mpi4py import MPI
+>>> from fusedopt import distributed, optim
+>>> opt = distributed.ZeroRedundancyOptimizer(params, optim.AdamW, MPI.COMM_WORLD, lr=1e-3)
+>>> for x, y in my_share_of_each_batch:
+...     opt.step(backward(params, x, y))   # averaged over the ranks; params identical after
+
+Run with ``mpiexec -n 4 python -m mpi4py train.py``: ``-m mpi4py`` aborts the whole job when
+one rank raises outside of fusedopt's calls, where the others would wait for it forever.
+
+Built on mpi4py (``pip install "fusedopt[distributed]"``, which brings the MPICH wheel), imported
+on first use: this module imports without it. Arrays travel with mpi4py's buffer methods
+(``Allreduce``, ``Reduce_scatter``, ``Allgatherv``, ``Gatherv``), never pickled.
+
+- :func:`allreduce_mean_` averages a list of gradients in place, in buckets.
+- :class:`ZeroRedundancyOptimizer` (ZeRO stage 1, Rajbhandari et al. 2020) keeps on each rank
+  the optimizer state, float32 masters included, of an even 1/N slice of the flattened
+  parameters: it reduce-scatters the gradients, steps its slice with one fused call of any
+  :mod:`fusedopt.optim` class and all-gathers the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import sys
+import tempfile
+import traceback
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+
+import numpy as np
+
+from . import _functional, optim
+from ._dispatch import core as _core
+from .optim import _GOLDEN, Grads, Optimizer, Params, _dtype_name
+from .quantize import BLOCK, QuantizedState
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "ZeroRedundancyOptimizer", "allreduce_mean_"]
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+"""Bucket size of :func:`allreduce_mean_`: torch DDP's 25 MiB."""
+
+SHARDS_FORMAT = "fusedopt-zero-shards"
+SHARDS_VERSION = 1
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError(
+            "fusedopt.distributed needs mpi4py and an MPI library: "
+            'pip install "fusedopt[distributed]"'
+        ) from e
+    return MPI
+
+
+def _world(comm: Any) -> Any:
+    return _mpi().COMM_WORLD if comm is None else comm
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A contiguous array as a 1-D view in memory order (element i has int8 scale i // BLOCK)."""
+    return a.reshape(-1, order="A")
+
+
+def _order(a: np.ndarray) -> str:
+    return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+
+
+def _wire(a: np.ndarray) -> np.ndarray:
+    """``a`` as MPI moves it: 2-byte floats (no MPI type) as their bits."""
+    return a.view(np.uint16) if _dtype_name(a.dtype) in ("bfloat16", "float16") else a
+
+
+def _reduce_dtype(dtype: np.dtype) -> np.dtype:
+    """What gradients of a ``dtype`` are summed in: float64 for float64, else float32 (MPI has
+    no bfloat16, and summing float16 overflows)."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------- errors on some ranks
+
+
+def _agree(comm: Any, error: Optional[BaseException], what: str) -> None:
+    """Collective: raise on every rank if ``error`` is set on any. The failing rank re-raises its
+    own exception; the others raise RuntimeError naming it, so no rank waits for another."""
+    messages = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"{what} failed on rank {rank} of {comm.Get_size()}: {message}")
+
+
+def _abort(comm: Any, what: str) -> None:
+    """After communication began, one rank's exception would leave the others waiting forever
+    in the next collective: print it and abort the job."""
+    sys.stderr.write(
+        f"fusedopt.distributed: rank {comm.Get_rank()} of {comm.Get_size()} raised in {what}; "
+        "aborting the MPI job so that no rank waits for it forever:\n" + traceback.format_exc()
+    )
+    sys.stderr.flush()
+    comm.Abort(1)
+
+
+# --------------------------------------------------------------------- gradient averaging
+
+
+def allreduce_mean_(
+    grads: Union[Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]]],
+    comm: Any = None,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
+    """Average gradient arrays in place over the ranks of ``comm`` (MPI.COMM_WORLD by default).
+
+    The arrays (a list, or a dict's values; None entries are skipped) are packed in order into
+    buckets of at most ``bucket_bytes``, one ``Allreduce`` each (a tensor larger than a bucket
+    spans several), and unpacked divided by the number of ranks. float64 gradients are summed in
+    float64, the others in float32, and bfloat16/float16 results rounded to nearest once. Every
+    rank must pass arrays of the same shapes and dtypes in the same order; the results are the
+    same bits on every rank.
+    """
+    comm = _world(comm)
+    if isinstance(grads, Mapping):
+        grads = list(grads.values())
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 8:
+        raise ValueError(f"bucket_bytes must be an integer >= 8, got {bucket_bytes!r}")
+    by_dtype: Dict[np.dtype, List[np.ndarray]] = {}
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if not isinstance(g, np.ndarray):
+            raise TypeError(f"grads[{i}]: expected a numpy.ndarray or None, got {type(g).__name__}")
+        if _dtype_name(g.dtype) is None:
+            raise TypeError(
+                f"grads[{i}]: expected dtype float32, float64, bfloat16 or float16, got {g.dtype}"
+            )
+        if not (g.flags.c_contiguous or g.flags.f_contiguous) or not g.flags.writeable:
+            raise ValueError(f"grads[{i}]: expected a writeable C- or F-contiguous array")
+        by_dtype.setdefault(_reduce_dtype(g.dtype), []).append(_flat(g))
+    for dtype in sorted(by_dtype, key=str):
+        _allreduce_mean_buckets(
+            comm, by_dtype[dtype], dtype, max(1, bucket_bytes // dtype.itemsize)
+        )
+
+
+def _allreduce_mean_buckets(comm: Any, flats: List[np.ndarray], dtype: np.dtype, capacity: int):
+    """Average 1-D arrays in place through buckets of ``capacity`` elements of ``dtype``."""
+    MPI, size = _mpi(), comm.Get_size()
+    bucket = np.empty(min(capacity, sum(f.size for f in flats)), dtype)
+    pending: List[Tuple[np.ndarray, int, int, int]] = []  # (array, from, to, bucket offset)
+    used = 0
+
+    def flush() -> None:
+        comm.Allreduce(MPI.IN_PLACE, bucket[:used], op=MPI.SUM)
+        np.divide(bucket[:used], size, out=bucket[:used])
+        for flat, lo, hi, at in pending:
+            flat[lo:hi] = bucket[at : at + hi - lo]
+        pending.clear()
+
+    for flat in flats:
+        lo = 0
+        while lo < flat.size:
+            n = min(flat.size - lo, capacity - used)
+            bucket[used : used + n] = flat[lo : lo + n]
+            pending.append((flat, lo, lo + n, used))
+            used, lo = used + n, lo + n
+            if used == capacity:
+                flush()
+                used = 0
+    if used:
+        flush()
+
+
+# --------------------------------------------------------------------- the sharded layout
+
+
+def shard_bounds(sizes: Sequence[int], world: int) -> List[int]:
+    """Where ``world`` ranks split a flat space of tensors of ``sizes`` elements: rank r holds
+    ``[bounds[r], bounds[r + 1])``. Each cut is the even one, r/N of the total, moved down to the
+    start of a block of ``BLOCK`` elements of the tensor it falls in (an int8 scale never spans
+    two ranks), so no rank holds more than 1/N of the elements plus one block."""
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+    total = starts[-1]
+    bounds = [0]
+    for r in range(1, world):
+        target = r * total // world
+        t = int(np.searchsorted(starts, target, side="right")) - 1
+        t = min(t, len(sizes) - 1) if sizes else 0
+        cut = starts[t] + (target - starts[t]) // BLOCK * BLOCK if sizes else 0
+        bounds.append(max(cut, bounds[-1]))
+    bounds.append(total)
+    return bounds
+
+
+class _Space:
+    """The parameters of one dtype as one flat space, cut into ranks' slices; one buffer for
+    the gradients' reduce-scatter and the parameters' all-gather."""
+
+    def __init__(self, dtype: np.dtype, names: List[str], sizes: List[int], world: int, rank: int):
+        self.dtype = dtype
+        self.names = names
+        self.sizes = sizes
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()[:-1]
+        self.total = int(sum(sizes))
+        self.bounds = shard_bounds(sizes, world)
+        self.counts = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+        self.lo, self.hi = self.bounds[rank], self.bounds[rank + 1]
+        self.reduce_dtype = _reduce_dtype(dtype)
+        raw = np.empty(self.total * self.reduce_dtype.itemsize, np.uint8)
+        self.grads = raw.view(self.reduce_dtype)  # the whole model's gradients, then ...
+        self.params = raw[: self.total * dtype.itemsize].view(dtype)  # ... its parameters
+        self.shard_grads = np.empty(self.hi - self.lo, self.reduce_dtype)
+
+    def pieces(self, bounds: Optional[Sequence[int]] = None, rank: int = 0) -> Dict[str, Tuple]:
+        """name -> (lo, hi): the part of each tensor (in its memory order) that ``rank`` holds
+        under ``bounds`` (this rank under this layout by default); (0, 0) for none."""
+        a, b = (self.lo, self.hi) if bounds is None else (bounds[rank], bounds[rank + 1])
+        out = {}
+        for name, start, size in zip(self.names, self.starts, self.sizes):
+            lo, hi = max(a - start, 0), min(b - start, size)
+            out[name] = (lo, hi) if lo < hi else (0, 0)
+        return out
+
+
+def _local_seed(seed: int, rank: int) -> int:
+    """Each rank's stream of random bits (stochastic rounding, int8 codes): rank 0 keeps the
+    seed, so one rank computes what one process does."""
+    return (seed + rank * _GOLDEN) % 2**64
+
+
+def _state_bytes(state: Mapping[str, Mapping[str, Any]]) -> int:
+    total = 0
+    for entry in state.values():
+        for value in entry.values():
+            if isinstance(value, QuantizedState):
+                total += value.codes.nbytes + value.scales.nbytes
+            elif isinstance(value, np.ndarray):
+                total += value.nbytes
+    return total
+
+
+def _slice_entry(parts: List[Tuple[int, int, Mapping[str, Any]]], lo: int, hi: int, order: str):
+    """The state entry of elements [lo, hi) of a tensor from entries of parts [s_lo, s_hi) of it
+    (flattened in memory order ``order``); bounds are block-aligned, so int8 scales split too."""
+    out: Dict[str, Any] = {"step": parts[0][2]["step"]}
+    for key, first in parts[0][2].items():
+        if key == "step":
+            continue
+        chunks, scales = [], []
+        for s_lo, s_hi, entry in parts:
+            a, b = max(lo, s_lo), min(hi, s_hi)
+            if a >= b:
+                continue
+            value = entry[key]
+            if isinstance(value, QuantizedState):
+                chunks.append(np.ravel(value.codes, order=order)[a - s_lo : b - s_lo])
+                scales.append(value.scales[(a - s_lo) // BLOCK : -(-(b - s_lo) // BLOCK)])
+            else:
+                chunks.append(np.ravel(np.asarray(value), order=order)[a - s_lo : b - s_lo])
+        if isinstance(first, QuantizedState):
+            codes = np.concatenate(chunks) if chunks else first.codes.reshape(-1)[:0]
+            out[key] = QuantizedState(
+                codes, np.concatenate(scales) if scales else np.empty(0, np.float32)
+            )
+        else:
+            out[key] = np.concatenate(chunks) if chunks else np.asarray(first).reshape(-1)[:0]
+    return out
+
+
+def _write_json(path: str, data: Any) -> None:
+    """Atomically: a temporary file in the same folder, flushed to disk, renamed over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fusedopt-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Signature(NamedTuple):
+    optimizer: str
+    params: List[Tuple[str, Tuple[int, ...], str, str, int]]  # name, shape, dtype, order, group
+    groups: List[str]  # each group's hyperparameters, repr'd
+
+
+# --------------------------------------------------------------------- ZeRO-1
+
+
+class ZeroRedundancyOptimizer:
+    """ZeRO stage 1 over MPI: the optimizer state of 1/N of the parameters on each rank.
+
+    ``ZeroRedundancyOptimizer(params, optim.AdamW, comm, lr=1e-3, ...)`` takes what
+    ``optimizer_class(params, ...)`` takes (hyperparameters, parameter groups, ``state_dtype``,
+    ``master_weights``, ``max_grad_norm`` ...). Every rank passes the same parameters (names,
+    shapes, dtypes, order, groups), with the same values: this is checked at construction.
+
+    The parameters of each dtype form one flat space (each tensor in memory order) cut into N
+    even slices, tensors split wherever a cut falls, at a multiple of ``BLOCK`` = 256 elements
+    into the tensor, so no rank holds more than 1/N of the state plus one block per dtype.
+    :attr:`optim` is the local ``optimizer_class`` over this rank's slices, 1-D views named as
+    the full parameters (empty where it holds none of one).
+
+    ``step(grads)``, collective, with this rank's gradients:
+
+    1. packs them into the dtype's flat buffer (float32, float64 for float64 parameters) and
+       ``Reduce_scatter``\\ s it: each rank gets the sum of its slice, divided by N;
+    2. applies ``skip_if_nonfinite`` and ``max_grad_norm`` to the global gradient (one
+       ``Allreduce`` of a flag or of a sum of squares);
+    3. steps its slice with one fused call of :attr:`optim` per (group, dtype);
+    4. ``Allgatherv``\\ s the slices into the same buffer and copies them into the parameters,
+       which are then the same bits on every rank.
+
+    Apart from the order in which MPI sums the gradients, the result is what ``optimizer_class``
+    computes in one process on the averaged gradients, bit for bit for every element (the
+    kernels are element-wise) except where random bits enter: stochastic rounding and int8 codes
+    draw a different stream per rank (see :func:`_local_seed`), equally unbiased.
+
+    Checkpoints: ``consolidate_state_dict(to)`` then ``state_dict()`` on rank ``to`` give the
+    state dict of one ``optimizer_class`` over the full parameters: it loads into a plain
+    optimizer, and ``load_state_dict`` takes it at any world size. ``save``/``load`` write and
+    read it as one file; ``save_shards``/``load_shards`` write one file per rank in parallel and
+    reshard on load.
+
+    An error on some ranks only (a bad gradient, a bad hyperparameter) raises on every rank
+    before anything changed. An exception after communication began aborts the job with its
+    traceback, since the other ranks would otherwise wait for this one forever.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        optimizer_class: Type[Optimizer] = optim.AdamW,
+        comm: Any = None,
+        **kwargs: Any,
+    ):
+        self.comm = comm = _world(comm)
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+        self.optimizer_class = optimizer_class
+        error: Optional[BaseException] = None
+        signature = None
+        try:
+            if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
+                raise TypeError(
+                    "optimizer_class: expected a fusedopt.optim.Optimizer subclass, got "
+                    f"{optimizer_class!r}"
+                )
+            # The full optimizer allocates no state (it is lazy): it holds the groups, options
+            # and checks, and gives consolidated checkpoints their format.
+            self._full = optimizer_class(params, **kwargs)
+            signature = self._signature()
+        except Exception as e:
+            error = e
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        signatures = comm.allgather((signature, message))
+        if error is not None:
+            raise error
+        for rank, (_, message) in enumerate(signatures):
+            if message is not None:
+                raise RuntimeError(f"ZeroRedundancyOptimizer() failed on rank {rank}: {message}")
+        self._check_signatures([sig for sig, _ in signatures])
+
+        full = self._full
+        by_dtype: Dict[np.dtype, List[str]] = {}
+        for name, p in full._params.items():
+            by_dtype.setdefault(p.dtype, []).append(name)
+        self._spaces = [
+            _Space(d, names, [full._params[n].size for n in names], self.world_size, self.rank)
+            for d, names in by_dtype.items()
+        ]
+        self._space_of: Dict[str, _Space] = {}
+        self._piece: Dict[str, Tuple[int, int]] = {}  # name -> this rank's (lo, hi) of it
+        self._start: Dict[str, int] = {}  # name -> its offset in its space
+        self._shard_param: Dict[str, np.ndarray] = {}
+        self._shard_grad: Dict[str, np.ndarray] = {}
+        for space in self._spaces:
+            for (name, (lo, hi)), start in zip(space.pieces().items(), space.starts):
+                at = start + lo - space.lo if hi > lo else 0
+                self._space_of[name], self._piece[name] = space, (lo, hi)
+                self._start[name] = start
+                self._shard_param[name] = space.params[space.lo + at : space.lo + at + hi - lo]
+                self._shard_grad[name] = space.shard_grads[at : at + hi - lo]
+        groups = [
+            {**self._hyper(g), "params": {n: self._shard_param[n] for n in g["names"]}}
+            for g in full.param_groups
+        ]
+        self.optim: Optimizer = optimizer_class(groups, **self._local_options(full.seed))
+        self._consolidated: Optional[Dict[str, Any]] = None
+        self._consolidated_to: Optional[int] = None
+
+    # ----------------------------------------------------------------- construction helpers
+
+    @staticmethod
+    def _hyper(group: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in group.items() if k not in ("params", "names")}
+
+    def _local_options(self, seed: int) -> Dict[str, Any]:
+        full = self._full
+        return dict(
+            impl=full.impl,
+            state_dtype=full.state_dtype,
+            master_weights=full.master_weights,
+            stochastic_rounding=full.stochastic_rounding,
+            seed=_local_seed(seed, self.rank),
+        )
+
+    def _signature(self) -> _Signature:
+        full = self._full
+        params = []
+        for i, group in enumerate(full.param_groups):
+            for name, p in zip(group["names"], group["params"]):
+                params.append((name, tuple(p.shape), str(p.dtype), _order(p), i))
+        groups = [repr(sorted(self._hyper(g).items())) for g in full.param_groups]
+        return _Signature(type(full).__name__, params, groups)
+
+    def _check_signatures(self, signatures: List[_Signature]) -> None:
+        first = signatures[0]
+        for rank, sig in enumerate(signatures[1:], 1):
+            if sig == first:
+                continue
+            if sig.optimizer != first.optimizer:
+                detail = f"optimizer {first.optimizer} on rank 0, {sig.optimizer} on rank {rank}"
+            elif len(sig.params) != len(first.params):
+                detail = (
+                    f"{len(first.params)} parameters on rank 0, {len(sig.params)} on rank {rank}"
+                )
+            elif sig.params != first.params:
+                i = next(i for i, (a, b) in enumerate(zip(first.params, sig.params)) if a != b)
+
+                def show(p):
+                    return f"{p[0]!r} {p[2]} {p[1]} ({p[3]} order, group {p[4]})"
+
+                detail = (
+                    f"parameter {i} is {show(first.params[i])} on rank 0, "
+                    f"{show(sig.params[i])} on rank {rank}"
+                )
+            else:
+                i = next(i for i, (a, b) in enumerate(zip(first.groups, sig.groups)) if a != b)
+                detail = f"group {i}'s hyperparameters: {first.groups[i]} on rank 0, "
+                detail += f"{sig.groups[i]} on rank {rank}"
+            raise ValueError(
+                "ZeroRedundancyOptimizer: every rank must pass the same parameters (names, "
+                f"shapes, dtypes, order, groups) and hyperparameters: {detail}"
+            )
+
+    # ----------------------------------------------------------------- what the full one has
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The full parameter groups; change hyperparameters here (schedules do), the same on
+        every rank: each step passes them to :attr:`optim`."""
+        return self._full.param_groups
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return self._full.defaults
+
+    @property
+    def names(self) -> List[str]:
+        return self._full.names
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._full.skipped_steps
+
+    def freeze(self, names: Any) -> None:
+        """Stop updating these parameters (on every rank alike); their state is kept."""
+        self._full.freeze(names)
+
+    def unfreeze(self, names: Any) -> None:
+        self._full.unfreeze(names)
+
+    def reset_state(self, names: Optional[Any] = None) -> None:
+        """Forget the state of these parameters, or of all (on every rank alike)."""
+        self.optim.reset_state(
+            self._full._known(
+                self._full._params
+                if names is None
+                else [names]
+                if isinstance(names, str)
+                else names
+            )
+        )
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: moments, masters, int8 codes and scales."""
+        return _state_bytes(self.optim.state)
+
+    def _sync(self) -> None:
+        """The full groups' hyperparameters and frozen set, validated, into the local one."""
+        for full_group, local_group in zip(self._full.param_groups, self.optim.param_groups):
+            self._full._plan(full_group)
+            local_group.update(self._hyper(full_group))
+        self.optim._frozen = set(self._full._frozen)
+
+    # ----------------------------------------------------------------- the step
+
+    def step(self, grads: Grads) -> bool:
+        """Collective: average the gradients over the ranks and update every parameter that has
+        one and is not frozen (``grads`` as for ``optimizer_class.step``; None for a parameter
+        must be None on every rank). Returns False where ``skip_if_nonfinite`` skipped the step
+        on every rank, True otherwise."""
+        comm = self.comm
+        error, aligned, active = None, {}, np.zeros(0, bool)
+        try:
+            aligned = self._full._align(grads)
+            self._sync()
+            active = np.array([g is not None for g in aligned.values()], bool)
+        except Exception as e:
+            error = e
+        # one small Allreduce: did any rank fail, and is each gradient None everywhere or nowhere?
+        flags = np.zeros(1 + 2 * len(self._full._params), np.uint8)
+        flags[0] = error is not None
+        if error is None:
+            flags[1 : 1 + active.size], flags[1 + active.size :] = active, ~active
+        comm.Allreduce(_mpi().IN_PLACE, flags, op=_mpi().MAX)
+        if flags[0]:
+            _agree(comm, error, "ZeroRedundancyOptimizer.step()")
+        n = len(self._full._params)
+        mixed = flags[1 : 1 + n] & flags[1 + n :]
+        if mixed.any():
+            names = [name for name, m in zip(self._full._params, mixed) if m]
+            raise ValueError(
+                f"gradients of {names} are None on some ranks and not on others: "
+                "every rank must pass the same None gradients"
+            )
+        self._consolidated = None
+        try:
+            return self._step(aligned)
+        except BaseException:
+            if self.world_size == 1:
+                raise
+            _abort(comm, "ZeroRedundancyOptimizer.step()")
+            raise
+
+    def _step(self, aligned: Dict[str, Optional[np.ndarray]]) -> bool:
+        MPI, comm, full = _mpi(), self.comm, self._full
+        for space in self._spaces:
+            for name, start, size in zip(space.names, space.starts, space.sizes):
+                g = aligned[name]
+                if g is None:
+                    space.grads[start : start + size] = 0
+                else:
+                    space.grads[start : start + size] = _flat(g)
+            comm.Reduce_scatter(
+                space.grads[: space.total], space.shard_grads, space.counts, MPI.SUM
+            )
+            if self.world_size > 1:
+                np.divide(space.shard_grads, self.world_size, out=space.shard_grads)
+        shard_grads = [s.shard_grads for s in self._spaces]
+        if full.skip_if_nonfinite:
+            finite = np.array(all(_functional.all_finite([g]) for g in shard_grads))
+            comm.Allreduce(MPI.IN_PLACE, finite, op=MPI.LAND)
+            if not finite:
+                full.skipped_steps += 1
+                return False
+        if full.max_grad_norm is not None:
+            squares = np.array([sum(_core.sum_squares([g]) for g in shard_grads)], np.float64)
+            comm.Allreduce(MPI.IN_PLACE, squares, op=MPI.SUM)
+            coef = full.max_grad_norm / (math.sqrt(squares[0]) + 1e-6)  # as clip_grad_norm_
+            if coef < 1.0:
+                for g in shard_grads:
+                    _core.scale([g], factor=coef)
+        updated = [
+            name
+            for group in full.param_groups
+            if not group["frozen"]
+            for name in group["names"]
+            if aligned[name] is not None and name not in full._frozen
+        ]
+        for name in updated:
+            lo, hi = self._piece[name]
+            self._shard_param[name][...] = _flat(full._params[name])[lo:hi]
+        self.optim.step(
+            {n: (self._shard_grad[n] if aligned[n] is not None else None) for n in aligned}
+        )
+        for space in self._spaces:
+            wire = _wire(space.params)
+            recv = [wire, (space.counts, space.bounds[:-1]), _mpi_type(wire.dtype)]
+            comm.Allgatherv(MPI.IN_PLACE, recv)
+        for name in updated:
+            start, p = self._start[name], full._params[name]
+            _flat(p)[...] = self._space_of[name].params[start : start + p.size]
+        return True
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective: gather the state of every rank's slices on rank ``to``, where
+        :meth:`state_dict` then returns the full checkpoint (one ``Gatherv`` per dtype and
+        state buffer)."""
+        comm, local = self.comm, self.optim.state
+        if not isinstance(to, int) or not 0 <= to < self.world_size:
+            raise ValueError(f"to: expected a rank in [0, {self.world_size}), got {to!r}")
+        layout = [
+            (name, entry.get("step"), sorted((k, _kind(v)) for k, v in entry.items()))
+            for name, entry in local.items()
+        ]
+        layouts = comm.allgather(sorted(layout, key=lambda x: x[0]))
+        if any(x != layouts[0] for x in layouts):
+            raise RuntimeError(
+                "consolidate_state_dict: the ranks' states differ in which parameters have "
+                "state, their step counts or buffers: were steps taken on some ranks only?"
+            )
+        state: Dict[str, Dict[str, Any]] = {n: {"step": local[n]["step"]} for n in local}
+        for space in self._spaces:
+            keys = sorted({k for n in space.names if n in local for k in local[n] if k != "step"})
+            for key in keys:
+                names = [n for n in space.names if n in local and key in local[n]]
+                quantized = isinstance(local[names[0]][key], QuantizedState)
+                parts = [local[n][key] for n in names]
+                codes = [p.codes if quantized else p for p in parts]
+                full = self._gather(space, names, codes, lambda lo, hi: hi - lo, to)
+                if quantized:
+                    scales = self._gather(
+                        space,
+                        names,
+                        [p.scales for p in parts],
+                        lambda lo, hi: -(-(hi - lo) // BLOCK),
+                        to,
+                    )
+                if self.rank != to:
+                    continue
+                at = scale_at = 0
+                for name in names:
+                    p = self._full._params[name]
+                    value = full[at : at + p.size].reshape(p.shape, order=_order(p))
+                    at += p.size
+                    if quantized:
+                        blocks = -(-p.size // BLOCK)
+                        value = QuantizedState(value, scales[scale_at : scale_at + blocks])
+                        scale_at += blocks
+                    state[name][key] = value
+        if self.rank == to:
+            order = {n: i for i, n in enumerate(self._full._params)}
+            self._consolidated = dict(sorted(state.items(), key=lambda kv: order[kv[0]]))
+            self._consolidated_to = to
+        else:
+            self._consolidated, self._consolidated_to = None, to
+
+    def _gather(self, space: _Space, names, arrays, count, to: int) -> Optional[np.ndarray]:
+        """Gatherv of the concatenated local ``arrays`` of ``names`` on rank ``to``: what every
+        rank sends, in rank order, which is the full tensors concatenated in order."""
+        send = np.concatenate([a.reshape(-1) for a in arrays])
+        counts = []
+        for rank in range(self.world_size):
+            pieces = space.pieces(space.bounds, rank)
+            counts.append(sum(count(*pieces[n]) for n in names))
+        recv = np.empty(sum(counts), send.dtype) if self.rank == to else None
+        wire = _wire(send)
+        mpi_type = _mpi_type(wire.dtype)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        target = [_wire(recv), (counts, displs), mpi_type] if recv is not None else None
+        self.comm.Gatherv([wire, mpi_type], target, root=to)
+        return recv
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The checkpoint gathered by the last :meth:`consolidate_state_dict` to this rank: what
+        ``optimizer_class.state_dict()`` gives in one process, for the full parameters."""
+        if self._consolidated is None:
+            raise RuntimeError(
+                "state_dict(): the state was not consolidated on this rank since the last step; "
+                f"call consolidate_state_dict(to={self.rank}) on every rank first"
+            )
+        full = self._full
+        full.state = {}
+        sd = full.state_dict()
+        sd["state"] = self._consolidated
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Collective: load a full checkpoint (``state_dict()`` of this class or of
+        ``optimizer_class``, saved at any world size), each rank taking its slices. Every rank
+        passes the same one; a mismatch raises on every rank and changes nothing."""
+        error = None
+        try:
+            state = state_dict.get("state", {})
+            parts: Dict[str, List[Tuple[int, int, Mapping[str, Any]]]] = {}
+            for name, entry in state.items():
+                p = self._full._params.get(name)
+                if p is None:
+                    raise ValueError(f"checkpoint has state for unknown parameter {name!r}")
+                for key, value in entry.items():
+                    if key != "step" and getattr(value, "shape", None) != p.shape:
+                        raise ValueError(
+                            f"state {key!r} of {name!r}: expected shape {p.shape} like the "
+                            f"parameter, got {getattr(value, 'shape', type(value).__name__)}"
+                        )
+                parts[name] = [(0, p.size, entry)]
+            self._load(state_dict, parts)
+        except Exception as e:
+            error = e
+        _agree(self.comm, error, "load_state_dict()")
+
+    def _load(self, sd: Mapping[str, Any], parts: Mapping[str, List[Tuple]]) -> None:
+        """Load this rank's slices of a checkpoint whose tensors' states come in ``parts``:
+        name -> [(lo, hi, entry of elements [lo, hi))], checked by the local optimizer, then
+        by the full one (which keeps no state)."""
+        state = {}
+        for name, tensor_parts in parts.items():
+            lo, hi = self._piece[name]
+            order = _order(self._full._params[name])
+            state[name] = _slice_entry(list(tensor_parts), lo, hi, order)
+        seed = int(sd.get("seed", 0))
+        local_sd = {
+            **sd,
+            "state": state,
+            "skipped_steps": 0,
+            "max_grad_norm": None,
+            "skip_if_nonfinite": False,
+            "seed": _local_seed(seed, self.rank),
+        }
+        if sd.get("optimizer") != type(self._full).__name__:
+            raise ValueError(
+                f"checkpoint of a {sd.get('optimizer')} optimizer, this is a "
+                f"{type(self._full).__name__}"
+            )
+        before = self._full.state_dict()  # it keeps no state: cheap
+        self._full.load_state_dict({**sd, "state": {}})
+        try:
+            self.optim.load_state_dict(local_sd)
+        except BaseException:
+            self._full.load_state_dict(before)
+            raise
+        self._consolidated = None
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Collective: consolidate on rank 0, which writes the full checkpoint atomically
+        (``optimizer_class``'s format: ``Optimizer.load`` reads it too)."""
+        self.consolidate_state_dict(to=0)
+        error = None
+        if self.rank == 0:
+            try:
+                sd = self.state_dict()
+                sd = {**sd, "state": {n: dict(s) for n, s in sd["state"].items()}}
+                optim._write_checkpoint(sd, path)
+            except Exception as e:
+                error = e
+        self._consolidated = None
+        _agree(self.comm, error, "save()")
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Collective: every rank reads the full checkpoint at ``path`` and takes its slices."""
+        error, sd = None, {}
+        try:
+            sd = Optimizer.read_checkpoint(path)
+        except Exception as e:
+            error = e
+        _agree(self.comm, error, "load_checkpoint()")
+        self.load_state_dict(sd)
+
+    @classmethod
+    def load(
+        cls, path: Union[str, os.PathLike], params: Params, comm: Any = None
+    ) -> "ZeroRedundancyOptimizer":
+        """Collective: a new optimizer of the saved class, options and hyperparameters over
+        ``params``, from a full checkpoint saved at any world size."""
+        comm = _world(comm)
+        error, sd = None, {}
+        try:
+            sd = Optimizer.read_checkpoint(path)
+            kind = optim._REGISTRY.get(sd.get("optimizer"))
+            if kind is None:
+                raise ValueError(f"{os.fspath(path)} holds an unknown optimizer")
+        except Exception as e:
+            error = e
+        _agree(comm, error, "ZeroRedundancyOptimizer.load()")
+        options = {k: sd.get(k, v) for k, v in Optimizer._DEFAULT_OPTIONS.items()}
+        opt = cls(params, kind, comm, **options)
+        opt.load_state_dict(sd)
+        return opt
+
+    def save_shards(self, path: Union[str, os.PathLike]) -> None:
+        """Collective: each rank writes its own state to ``<path>.<id>.rank<r>.npz`` at the same
+        time (atomically, as ``Optimizer.save``), then rank 0 writes the manifest ``path``
+        (JSON, atomically) that names them and removes the files of the manifest it replaced.
+        A crash at any point leaves the previous checkpoint whole. :meth:`load_shards` reads it
+        at any world size."""
+        comm, path = self.comm, os.fspath(path)
+        token = comm.bcast(secrets.token_hex(6) if self.rank == 0 else None, root=0)
+        files = [f"{os.path.basename(path)}.{token}.rank{r}.npz" for r in range(self.world_size)]
+        folder = os.path.dirname(os.path.abspath(path))
+        error = None
+        try:
+            self.optim.save(os.path.join(folder, files[self.rank]))
+        except Exception as e:
+            error = e
+        _agree(comm, error, "save_shards()")
+        if self.rank == 0:
+            try:
+                old = []
+                if os.path.exists(path):
+                    with open(path) as f:
+                        old = json.load(f).get("files", [])
+                self._full.state = {}
+                _write_json(
+                    path,
+                    {
+                        "format": SHARDS_FORMAT,
+                        "version": SHARDS_VERSION,
+                        "world_size": self.world_size,
+                        "files": files,
+                        "spaces": [
+                            {
+                                "dtype": str(s.dtype),
+                                "names": s.names,
+                                "sizes": s.sizes,
+                                "bounds": s.bounds,
+                            }
+                            for s in self._spaces
+                        ],
+                        "optimizer_state": self._full.state_dict(),
+                    },
+                )
+                for name in set(old) - set(files):
+                    with _suppress_missing():
+                        os.unlink(os.path.join(folder, name))
+            except Exception as e:
+                error = e
+        _agree(comm, error, "save_shards()")
+
+    def load_shards(self, path: Union[str, os.PathLike]) -> None:
+        """Collective: load a checkpoint written by :meth:`save_shards` at any world size; each
+        rank reads only the shard files that overlap its slices."""
+        error = None
+        try:
+            path = os.fspath(path)
+            with open(path) as f:
+                manifest = json.load(f)
+            if manifest.get("format") != SHARDS_FORMAT or manifest.get("version") != SHARDS_VERSION:
+                raise ValueError(f"{path}: not a {SHARDS_FORMAT} manifest version {SHARDS_VERSION}")
+            folder = os.path.dirname(os.path.abspath(path))
+            saved = {tuple(s["names"]): s for s in manifest["spaces"]}
+            parts: Dict[str, List[Tuple[int, int, Mapping[str, Any]]]] = {}
+            shards: Dict[int, Dict[str, Any]] = {}
+            for space in self._spaces:
+                s = saved.get(tuple(space.names))
+                if s is None or s["sizes"] != space.sizes or s["dtype"] != str(space.dtype):
+                    raise ValueError(
+                        f"{path}: saved for other parameters than these {space.dtype} ones "
+                        f"({space.names})"
+                    )
+                bounds = s["bounds"]
+                mine = [
+                    r
+                    for r in range(len(bounds) - 1)
+                    if bounds[r] < space.hi and space.lo < bounds[r + 1]
+                ]
+                # every shard has an entry, maybe empty, for each parameter with state: its step
+                for rank in mine or [0]:
+                    if rank not in shards:
+                        shard_path = os.path.join(folder, manifest["files"][rank])
+                        shards[rank] = Optimizer.read_checkpoint(shard_path)["state"]
+                    pieces = space.pieces(bounds, rank)
+                    for name in space.names:
+                        if name in shards[rank]:
+                            lo, hi = pieces[name]
+                            parts.setdefault(name, []).append((lo, hi, shards[rank][name]))
+            self._load(manifest["optimizer_state"], parts)
+        except Exception as e:
+            error = e
+        _agree(self.comm, error, "load_shards()")
+
+    def __repr__(self) -> str:
+        return (
+            f"ZeroRedundancyOptimizer(rank {self.rank} of {self.world_size}, "
+            f"{self.state_bytes()} B of state here, optim={self.optim!r})"
+        )
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, QuantizedState):
+        return f"int8:{value.codes.dtype}"
+    if isinstance(value, np.ndarray):
+        return str(value.dtype)
+    return type(value).__name__
+
+
+def _mpi_type(dtype: np.dtype) -> Any:
+    from mpi4py.util.dtlib import from_numpy_dtype
+
+    return from_numpy_dtype(dtype)
+
+
+class _suppress_missing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, FileNotFoundError)

@@ -1,0 +1,595 @@
+"""Checks of fusedopt.distributed run inside MPI jobs; tests/test_distributed.py launches them.
+
+    mpiexec -n N python tests/mpi_checks.py checks OUT   # every check in CASES, one job
+    mpiexec -n 2 python tests/mpi_checks.py abort OUT    # a rank raises inside step()
+
+Each check runs on every rank; rank 0 writes OUT/results-N.json: check -> None if it passed on
+every rank, else the failing ranks' tracebacks. One job per world size: mpiexec takes a second
+to start. Models are small (a few thousand elements), so the job runs in seconds.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import hashlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from fusedopt import distributed, optim, schedules
+from fusedopt.quantize import BLOCK, QuantizedState
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# name, shape, order: tensors split across ranks at block boundaries, one F-ordered, a 0-d one
+SPEC = [
+    ("W1", (64, 40), "C"),
+    ("b1", (40,), "C"),
+    ("W2", (40, 30), "F"),
+    ("b2", (30,), "C"),
+    ("s", (), "C"),
+    ("W3", (30, 10), "C"),
+]
+STEPS = 4
+# class, hyperparameters: every optimizer, with the options that add state
+OPTIMIZERS = [
+    (optim.SGD, dict(lr=0.05)),
+    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (optim.Momentum, dict(lr=0.05, beta=0.9)),
+    (optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (optim.Adamax, dict(lr=1e-2)),
+    (optim.NAdam, dict(lr=1e-2)),
+    (optim.RAdam, dict(lr=1e-2)),
+    (optim.Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+    (optim.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True)),
+    (optim.Lion, dict(lr=1e-3, weight_decay=0.1)),
+]
+
+
+def model(dtype=np.float32, spec=SPEC, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        name: np.asarray(rng.standard_normal(shape), order=order).astype(dtype, order="K")
+        for name, shape, order in spec
+    }
+
+
+def groups(params):
+    """Two groups with their own learning rates: the weights and the rest."""
+    weights = {n: p for n, p in params.items() if n.startswith("W")}
+    rest = {n: p for n, p in params.items() if not n.startswith("W")}
+    return [{"params": weights}, {"params": rest, "lr": 3e-3}]
+
+
+def rank_grads(params, step, rank, world, dtype=None):
+    """Rank ``rank``'s gradients at ``step``: g + (rank - (N-1)/2) h, whose mean over the ranks
+    is g at every world size."""
+    out = {}
+    for i, (name, p) in enumerate(params.items()):
+        g = np.random.default_rng([step, i, 0]).standard_normal(p.shape)
+        h = np.random.default_rng([step, i, 1]).standard_normal(p.shape)
+        v = g + (rank - (world - 1) / 2) * h
+        order = "F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C"
+        out[name] = np.asarray(v, order=order).astype(dtype or p.dtype, order="K")
+    return out
+
+
+def mean_grads(params, step, world, dtype=None):
+    """The gradients averaged over the ranks, as a single process would use them."""
+    all_grads = [rank_grads(params, step, r, world, dtype) for r in range(world)]
+    out = {}
+    for name in params:
+        g = np.mean([a[name].astype(np.float64) for a in all_grads], axis=0)
+        like = all_grads[0][name]
+        order = "F" if like.flags.f_contiguous and not like.flags.c_contiguous else "C"
+        out[name] = np.asarray(g, order=order).astype(like.dtype, order="K")
+    return out
+
+
+def copy(params):
+    return {n: p.copy(order="K") for n, p in params.items()}
+
+
+def digest(params):
+    h = hashlib.sha256()
+    for p in params.values():
+        h.update(np.ascontiguousarray(p).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def same_on_every_rank(comm, params):
+    digests = comm.allgather(digest(params))
+    assert len(set(digests)) == 1, f"params differ across ranks: {digests}"
+
+
+def on_every_rank(comm, check, *args, **kwargs):
+    """Run a check that only some ranks can make (on their data), then raise on every rank if
+    it failed on any: a rank leaving a case early would leave the others waiting."""
+    try:
+        check(*args, **kwargs)
+        error = None
+    except Exception:
+        error = traceback.format_exc()
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        raise AssertionError(errors[0])
+
+
+def assert_state_close(got, want, rtol, atol=0.0):
+    """Two state_dicts: same structure, arrays close (int8 codes and scales exactly)."""
+    assert [g["names"] for g in got["param_groups"]] == [g["names"] for g in want["param_groups"]]
+    assert set(got["state"]) == set(want["state"]), (set(got["state"]), set(want["state"]))
+    for name, entry in want["state"].items():
+        mine = got["state"][name]
+        assert set(mine) == set(entry), (name, set(mine), set(entry))
+        for key, value in entry.items():
+            other = mine[key]
+            if key == "step":
+                assert other == value, (name, other, value)
+            elif isinstance(value, QuantizedState):
+                assert isinstance(other, QuantizedState), (name, key)
+                assert other.codes.dtype == value.codes.dtype and other.shape == value.shape
+                assert other.scales.shape == value.scales.shape, (name, key)
+            else:
+                assert other.dtype == value.dtype and other.shape == value.shape, (name, key)
+                np.testing.assert_allclose(
+                    other.astype(np.float64),
+                    value.astype(np.float64),
+                    rtol=rtol,
+                    atol=atol,
+                    err_msg=f"state {key!r} of {name!r}",
+                )
+
+
+def run_pair(comm, cls, hyper, dtype, steps=STEPS, grad_dtype=None, **options):
+    """The same training with ZeroRedundancyOptimizer on the ranks' gradients and with one
+    optimizer on their mean: a step with a frozen parameter, a None gradient and a schedule."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    params = model(dtype)
+    ref_params = copy(params)
+    zero = distributed.ZeroRedundancyOptimizer(groups(params), cls, comm, **hyper, **options)
+    ref = cls(groups(ref_params), **hyper, **options)
+    zsched = schedules.StepLR(zero, step_size=2, gamma=0.5)
+    rsched = schedules.StepLR(ref, step_size=2, gamma=0.5)
+    for step in range(1, steps + 1):
+        grads = rank_grads(params, step, rank, world, grad_dtype)
+        mean = mean_grads(params, step, world, grad_dtype)
+        if step == 2:
+            grads["b1"] = mean["b1"] = None
+            zero.freeze("W3")
+            ref.freeze("W3")
+        if step == 3:
+            zero.unfreeze("W3")
+            ref.unfreeze("W3")
+        zero.step(grads)
+        ref.step(mean)
+        zsched.step()
+        rsched.step()
+    same_on_every_rank(comm, params)
+    zero.consolidate_state_dict(to=world - 1)
+    sd = zero.state_dict() if rank == world - 1 else None
+    return params, ref_params, sd, ref, zero
+
+
+def check_float64_state(sd, ref, cls, hyper):
+    if sd is not None:
+        assert_state_close(sd, ref.state_dict(), rtol=1e-12, atol=1e-14)
+        cls(groups(model(np.float64)), **hyper).load_state_dict(sd)  # loads as it is
+
+
+def check_every_optimizer_float64(comm):
+    for cls, hyper in OPTIMIZERS:
+        for clip in (None, 1.0):
+            params, ref_params, sd, ref, _ = run_pair(
+                comm, cls, hyper, np.float64, max_grad_norm=clip
+            )
+            for name in params:
+                np.testing.assert_allclose(
+                    params[name],
+                    ref_params[name],
+                    rtol=1e-12,
+                    atol=1e-14,
+                    err_msg=f"{cls.__name__} {name}",
+                )
+            on_every_rank(comm, check_float64_state, sd, ref, cls, hyper)
+
+
+def check_every_optimizer_float32(comm):
+    for cls, hyper in OPTIMIZERS:
+        params, ref_params, sd, ref, _ = run_pair(
+            comm, cls, hyper, np.float32, skip_if_nonfinite=True
+        )
+        for name in params:
+            np.testing.assert_allclose(
+                params[name],
+                ref_params[name],
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{cls.__name__} {name}",
+            )
+        if sd is not None:
+            on_every_rank(comm, assert_state_close, sd, ref.state_dict(), rtol=1e-5, atol=1e-6)
+        else:
+            on_every_rank(comm, lambda: None)
+
+
+def check_skip_nonfinite(comm):
+    """A NaN on one rank only skips the step on every rank, as one process skips it."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    params = model()
+    before = copy(params)
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm, skip_if_nonfinite=True)
+    grads = rank_grads(params, 1, rank, world)
+    if rank == world - 1:
+        grads["W2"][3, 4] = np.nan
+    assert zero.step(grads) is False and zero.skipped_steps == 1
+    assert all(np.array_equal(params[n], before[n]) for n in params)
+    assert zero.step(rank_grads(params, 1, rank, world)) is True
+
+
+def check_two_dtypes(comm):
+    """float32 and float64 parameters in one model: one flat space each."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    params, ref_params = model(np.float32), model(np.float32)
+    params["W2"], ref_params["W2"] = (model(np.float64)["W2"] for _ in range(2))
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.AdamW, comm, lr=1e-2)
+    ref = optim.AdamW(ref_params, lr=1e-2)
+    for step in range(1, STEPS + 1):
+        zero.step(rank_grads(params, step, rank, world))
+        ref.step(mean_grads(params, step, world))
+    same_on_every_rank(comm, params)
+    for name in params:
+        rtol = 1e-12 if params[name].dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(params[name], ref_params[name], rtol=rtol, atol=1e-6)
+
+
+def check_masters_bfloat16(comm):
+    """bfloat16 parameters with float32 masters, rounded to nearest: deterministic, so the
+    masters match one process's; the parameters are the masters rounded."""
+    params, ref_params, sd, ref, _ = run_pair(
+        comm, optim.AdamW, dict(lr=1e-2), BF16, grad_dtype=np.float32, master_weights=True
+    )
+    for name in params:
+        a, b = params[name].astype(np.float32), ref_params[name].astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-6, err_msg=name)
+    if sd is not None:
+        on_every_rank(comm, assert_state_close, sd, ref.state_dict(), rtol=1e-5, atol=1e-6)
+    else:
+        on_every_rank(comm, lambda: None)
+
+
+def check_int8_state(comm):
+    """int8 state (bfloat16 params with masters, stochastic rounding; float32 params): on one
+    rank the same bits as one process; on more, a different random stream, so close."""
+    world = comm.Get_size()
+    for dtype, options in [
+        (BF16, dict(master_weights=True, stochastic_rounding=True)),
+        (np.float32, {}),
+        (BF16, dict(stochastic_rounding=True)),
+    ]:
+        params, ref_params, sd, ref, zero = run_pair(
+            comm, optim.AdamW, dict(lr=1e-2), dtype, state_dtype="int8", seed=7, **options
+        )
+        for name in params:
+            a, b = params[name].astype(np.float32), ref_params[name].astype(np.float32)
+            if world == 1:
+                assert np.array_equal(a, b), name
+            else:  # a few stochastic roundings of lr-sized updates apart, not a misplaced one
+                np.testing.assert_allclose(a, b, rtol=0, atol=0.05, err_msg=name)
+        on_every_rank(comm, check_int8_sd, sd, ref, dtype, options, world)
+
+
+def check_int8_sd(sd, ref, dtype, options, world):
+    if sd is None:
+        return
+    # one rank: the same bits; more: other random bits, so the masters are only close
+    tolerance = dict(rtol=0, atol=0) if world == 1 else dict(rtol=0.02, atol=5e-3)
+    assert_state_close(sd, ref.state_dict(), **tolerance)
+    if world == 1:
+        want = ref.state_dict()["state"]
+        for name, entry in sd["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, QuantizedState):
+                    assert np.array_equal(value.codes, want[name][key].codes)
+                    assert np.array_equal(value.scales, want[name][key].scales)
+    fresh = optim.AdamW(groups(model(dtype)), lr=1e-2, state_dtype="int8", **options)
+    fresh.load_state_dict(sd)
+    assert fresh.seed == 7
+
+
+def check_memory_balance(comm):
+    """The largest rank holds at most 1/N of the state plus one block (plus a block's scales)."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    spec = [
+        ("a", (3000,), "C"),
+        ("b", (5000,), "C"),
+        ("c", (700,), "C"),
+        ("d", (1,), "C"),
+        ("e", (2049,), "C"),
+    ]
+    for dtype, options, per_element in [
+        (np.float32, {}, 8),
+        (BF16, dict(master_weights=True, state_dtype="int8"), 6),
+    ]:
+        params = model(dtype, spec)
+        ref_params = copy(params)
+        zero = distributed.ZeroRedundancyOptimizer(params, optim.AdamW, comm, **options)
+        ref = optim.AdamW(ref_params, **options)
+        grads = rank_grads(params, 1, rank, world, np.float32)
+        zero.step(grads)
+        ref.step(grads)
+        full = distributed._state_bytes(ref.state)
+        sizes = comm.allgather(zero.state_bytes())
+        bound = full / world + BLOCK * per_element + 2 * 4
+        assert max(sizes) <= bound, (sizes, full, bound)
+        assert sum(sizes) == full, (sizes, full)
+
+
+def check_errors(comm):
+    rank, world = comm.Get_rank(), comm.Get_size()
+    # parameters that differ across ranks: names, shapes, order
+    if world > 1:
+        for change, words in [
+            (lambda p: {("X" if n == "b2" else n): v for n, v in p.items()}, "'X'"),
+            (lambda p: {**p, "b1": np.zeros(41, np.float32)}, "(41,)"),
+            (lambda p: dict(reversed(list(p.items()))), "parameter 0"),
+            (lambda p: {n: v.astype(np.float64) for n, v in p.items()}, "float64"),
+        ]:
+            params = model()
+            if rank == 1:
+                params = change(params)
+            try:
+                distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm)
+            except ValueError as e:
+                assert "every rank must pass the same parameters" in str(e), e
+                assert "rank 1" in str(e) and words in str(e), e
+            else:
+                raise AssertionError("mismatched parameters were not detected")
+        params = model()
+        try:  # a different hyperparameter
+            distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm, lr=0.1 * (rank + 1))
+        except ValueError as e:
+            assert "hyperparameters" in str(e), e
+        else:
+            raise AssertionError("mismatched hyperparameters were not detected")
+    # a bad gradient, a bad hyperparameter, None gradients on some ranks only: every rank
+    # raises, nothing changes
+    params = model()
+    before = copy(params)
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm)
+    last = world - 1
+    grads = rank_grads(params, 1, rank, world)
+    bad = dict(grads, W1=np.zeros((3, 3), np.float32)) if rank == last else grads
+    expect(comm, lambda: zero.step(bad), ValueError, "gradient of 'W1'", last)
+    zero.param_groups[0]["lr"] = -1.0 if rank == last else 1e-3
+    expect(comm, lambda: zero.step(grads), ValueError, "Invalid learning rate", last)
+    zero.param_groups[0]["lr"] = 1e-3
+    if world > 1:
+        nones = dict(grads, b2=None) if rank == last else grads
+        try:
+            zero.step(nones)
+        except ValueError as e:
+            assert "['b2'] are None on some ranks" in str(e), e
+        else:
+            raise AssertionError("None gradients on some ranks were not detected")
+    assert all(np.array_equal(params[n], before[n]) for n in params)
+    assert zero.optim.state == {}
+    try:
+        zero.state_dict()
+    except RuntimeError as e:
+        assert "consolidate_state_dict" in str(e)
+    else:
+        raise AssertionError("state_dict() without consolidation")
+    assert zero.step(grads) is True
+
+
+def expect(comm, call, kind, words, failing):
+    """``call`` raises on every rank: ``kind`` on the failing one, RuntimeError naming it on
+    the others."""
+    rank = comm.Get_rank()
+    try:
+        call()
+    except Exception as e:
+        if rank == failing:
+            assert isinstance(e, kind) and words in str(e), repr(e)
+        else:
+            assert isinstance(e, RuntimeError), repr(e)
+            assert f"failed on rank {failing}" in str(e) and words in str(e), e
+    else:
+        raise AssertionError(f"no error on rank {rank}")
+
+
+def check_allreduce_mean(comm):
+    rank, world = comm.Get_rank(), comm.Get_size()
+    rng = np.random.default_rng(0)
+    shapes = [
+        ((100,), np.float32, "C"),
+        ((7, 3), np.float64, "C"),
+        ((300,), BF16, "C"),
+        ((5, 4), np.float32, "F"),
+        ((), np.float16, "C"),
+    ]
+    base = [np.asarray(rng.standard_normal(s), order=o).astype(d, order="K") for s, d, o in shapes]
+
+    def mine(r):
+        return [np.asarray(b.astype(np.float64) * (r + 1)).astype(b.dtype, order="K") for b in base]
+
+    for bucket in (8, 64, distributed.DEFAULT_BUCKET_BYTES):
+        grads = mine(rank)
+        grads.insert(2, None)
+        distributed.allreduce_mean_(grads, comm, bucket_bytes=bucket)
+        assert grads[2] is None
+        grads = [g for g in grads if g is not None]
+        digests = comm.allgather([digest({"g": g}) for g in grads])
+        assert all(d == digests[0] for d in digests), "allreduce_mean_ differs across ranks"
+        for g, b in zip(grads, base):
+            want = np.mean(
+                [
+                    m.astype(np.float64)
+                    for m in [mine(r)[base_index(base, b)] for r in range(world)]
+                ],
+                axis=0,
+            )
+            rtol = {np.dtype(np.float64): 1e-14, np.dtype(np.float32): 1e-6}.get(g.dtype, 2**-7)
+            np.testing.assert_allclose(g.astype(np.float64), want, rtol=rtol, atol=1e-3 * rtol)
+            assert g.flags.f_contiguous == b.flags.f_contiguous or g.ndim < 2
+
+
+def base_index(base, b):
+    return next(i for i, x in enumerate(base) if x is b)
+
+
+def check_save(comm, out: Path):
+    """At N = 2: 3 steps, checkpoints (one file and shards), 3 more steps: the uninterrupted
+    run that check_resume continues at other world sizes."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    for label, dtype, options in CHECKPOINTS:
+        params = model(dtype)
+        zero = distributed.ZeroRedundancyOptimizer(
+            groups(params), optim.AdamW, comm, lr=1e-2, seed=3, **options
+        )
+        for step in range(1, 7):
+            if step == 4:
+                zero.save(out / f"{label}.npz")
+                zero.save_shards(out / f"{label}-shards.json")
+                if label == "float64":  # a second save replaces the first's shard files
+                    first = sorted(p.name for p in out.glob(f"{label}-shards.json.*"))
+                    zero.save_shards(out / f"{label}-shards.json")
+                    second = sorted(p.name for p in out.glob(f"{label}-shards.json.*"))
+                    assert len(first) == len(second) == world and not set(first) & set(second)
+                if rank == 0:
+                    np.savez(out / f"{label}-params.npz", **bits(params))
+            zero.step(rank_grads(params, step, rank, world, grad_dtype(dtype)))
+        if rank == 0:
+            np.savez(out / f"{label}-final.npz", **bits(params))
+
+
+CHECKPOINTS = [
+    ("float64", np.float64, {}),
+    ("int8", BF16, dict(master_weights=True, state_dtype="int8", stochastic_rounding=True)),
+]
+
+
+def grad_dtype(dtype):
+    return np.float32 if dtype == BF16 else None
+
+
+def bits(params):
+    return {n: (p.view(np.uint16) if p.dtype == BF16 else p) for n, p in params.items()}
+
+
+def unbits(data, dtype):
+    return {n: (data[n].view(BF16) if dtype == BF16 else data[n]) for n, _, _ in SPEC}
+
+
+def check_resume(comm, out: Path):
+    """Resume N = 2's checkpoints here, from the file and from the shards (the same state),
+    and continue like the uninterrupted run."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    for label, dtype, options in CHECKPOINTS:
+        params = unbits(np.load(out / f"{label}-params.npz"), dtype)
+        shards_params = copy(params)
+        zero = distributed.ZeroRedundancyOptimizer.load(out / f"{label}.npz", groups(params), comm)
+        other = distributed.ZeroRedundancyOptimizer(
+            groups(shards_params), optim.AdamW, comm, **options
+        )
+        other.load_shards(out / f"{label}-shards.json")
+        assert_state_close(other.optim.state_dict(), zero.optim.state_dict(), rtol=0)
+        for name, entry in zero.optim.state.items():
+            for key, value in entry.items():
+                if isinstance(value, QuantizedState):
+                    assert np.array_equal(value.codes, other.optim.state[name][key].codes)
+        assert other.param_groups[1]["lr"] == 3e-3 and zero.optim.seed == other.optim.seed
+        for step in range(4, 7):
+            zero.step(rank_grads(params, step, rank, world, grad_dtype(dtype)))
+            other.step(rank_grads(shards_params, step, rank, world, grad_dtype(dtype)))
+        same_on_every_rank(comm, params)
+        assert digest(params) == digest(shards_params)
+        final = unbits(np.load(out / f"{label}-final.npz"), dtype)
+        for name in params:
+            a, b = params[name].astype(np.float64), final[name].astype(np.float64)
+            if label == "float64":
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+            else:  # another world size draws other random bits
+                np.testing.assert_allclose(a, b, rtol=0.02, atol=5e-3, err_msg=name)
+        if world == 1:  # a plain optimizer resumes the same checkpoint to the same bits
+            plain_params = unbits(np.load(out / f"{label}-params.npz"), dtype)
+            plain = optim.Optimizer.load(out / f"{label}.npz", groups(plain_params))
+            for step in range(4, 7):
+                plain.step(rank_grads(plain_params, step, 0, 1, grad_dtype(dtype)))
+            assert digest(plain_params) == digest(params), label
+
+
+CASES = {
+    "every_optimizer_float64": check_every_optimizer_float64,
+    "every_optimizer_float32": check_every_optimizer_float32,
+    "skip_nonfinite": check_skip_nonfinite,
+    "two_dtypes": check_two_dtypes,
+    "masters_bfloat16": check_masters_bfloat16,
+    "int8_state": check_int8_state,
+    "memory_balance": check_memory_balance,
+    "errors": check_errors,
+    "allreduce_mean": check_allreduce_mean,
+}
+CHECKPOINT_CASES = {"save": (check_save, [2]), "resume": (check_resume, [1, 3])}
+
+
+def run_checks(comm, out: Path) -> None:
+    world = comm.Get_size()
+    cases = dict(CASES)
+    cases.update({n: c for n, (c, sizes) in CHECKPOINT_CASES.items() if world in sizes})
+    results = {}
+    for name, check in cases.items():
+        try:
+            check(comm, out) if name in CHECKPOINT_CASES else check(comm)
+            error = None
+        except Exception:
+            error = traceback.format_exc()
+        errors = comm.gather(error, root=0)
+        results[name] = [f"rank {r}: {e}" for r, e in enumerate(errors or []) if e] or None
+    if comm.Get_rank() == 0:
+        (out / f"results-{world}.json").write_text(json.dumps(results, indent=1))
+
+
+def run_abort(comm, out: Path) -> None:
+    """Rank 1 raises inside the second step, after the gradients' reduce-scatter."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    params = model()
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm)
+    zero.step(rank_grads(params, 1, rank, world))
+    if rank == 1:
+
+        def planted(grads):
+            raise RuntimeError("planted failure")
+
+        zero.optim.step = planted
+    zero.step(rank_grads(params, 2, rank, world))
+    comm.Barrier()
+    (out / f"not-aborted-{rank}").write_text("")
+
+
+def run_uncaught(comm, out: Path) -> None:
+    """Rank 1 raises in its own code while rank 0 is in step(): under ``python -m mpi4py``
+    the job ends."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    params = model()
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm)
+    if rank == 1:
+        raise RuntimeError("planted failure in the training loop")
+    zero.step(rank_grads(params, 1, rank, world))
+    (out / f"not-aborted-{rank}").write_text("")
+
+
+if __name__ == "__main__":
+    from mpi4py import MPI
+
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    # a hang shows where each rank waits, before the launcher's timeout kills the job
+    faulthandler.dump_traceback_later(float(os.environ.get("MPI_CHECKS_TIMEOUT", 240)), exit=True)
+    os.makedirs(out, exist_ok=True)
+    {"checks": run_checks, "abort": run_abort, "uncaught": run_uncaught}[mode](MPI.COMM_WORLD, out)
