@@ -439,6 +439,19 @@ def check_allreduce_mean(comm):
             np.testing.assert_allclose(g.astype(np.float64), want, rtol=rtol, atol=1e-3 * rtol)
             assert g.flags.f_contiguous == b.flags.f_contiguous or g.ndim < 2
 
+    last = world - 1
+    grads = mine(rank)
+    extra = [*grads, np.zeros(3, np.float32)] if rank == last else grads
+    try:
+        distributed.allreduce_mean_(extra, comm)
+    except ValueError as e:
+        assert world > 1 and "different numbers of gradient elements" in str(e), e
+    else:
+        assert world == 1, "different gradients were not detected"
+    bad = [*grads, "x"] if rank == last else grads
+    expect(comm, lambda: distributed.allreduce_mean_(bad, comm), TypeError, "grads[5]", last)
+    assert all(np.array_equal(g, m) for g, m in zip(grads, mine(rank)))
+
 
 def base_index(base, b):
     return next(i for i, x in enumerate(base) if x is b)

@@ -91,3 +91,34 @@ def test_rank_raising_outside_step_ends_the_job_under_mpi4py(tmp_path):
     assert job.returncode != 0
     assert "planted failure in the training loop" in job.stderr
     assert not list(tmp_path.glob("not-aborted-*"))
+
+
+def test_data_parallel_example(tmp_path):
+    """examples/data_parallel.py, 3 epochs on 2 ranks: float64 curves equal one process's to
+    rounding, state split in two."""
+    pytest.importorskip("sklearn", reason="scikit-learn not installed: the example is not run")
+    pytest.importorskip("matplotlib", reason="matplotlib not installed: the example is not run")
+    example = Path(__file__).parent.parent / "examples" / "data_parallel.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        MPIEXEC,
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "mpi4py",
+        str(example),
+        "--epochs",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    job = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert job.returncode == 0, job.stdout + job.stderr
+    table = (tmp_path / "data_parallel.md").read_text()
+    float64 = next(line for line in table.splitlines() if line.startswith("| float64 |"))
+    cells = [c.strip() for c in float64.split("|")[1:-1]]
+    state, per_rank, ratio, gaps = int(cells[1]), cells[2].split(" / "), float(cells[3]), cells[4]
+    assert len(per_rank) == 2 and sum(map(int, per_rank)) == state and ratio <= 1.0
+    assert all(float(g) < 1e-12 for g in gaps.split(" / ")), gaps
+    assert (tmp_path / "data_parallel.png").stat().st_size > 10_000

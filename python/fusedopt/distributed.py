@@ -124,9 +124,33 @@ def allreduce_mean_(
     spans several), and unpacked divided by the number of ranks. float64 gradients are summed in
     float64, the others in float32, and bfloat16/float16 results rounded to nearest once. Every
     rank must pass arrays of the same shapes and dtypes in the same order; the results are the
-    same bits on every rank.
+    same bits on every rank. A bad argument on one rank, or a different number of elements,
+    raises on every rank (one small ``Allreduce`` checks) and changes nothing.
     """
     comm = _world(comm)
+    MPI = _mpi()
+    error, by_dtype = None, {}
+    try:
+        by_dtype = _bucket_dtypes(grads, bucket_bytes)
+    except Exception as e:
+        error = e
+    # one tiny Allreduce: did any rank fail, and do all pass as many elements of each dtype?
+    counts = [sum(f.size for f in by_dtype.get(np.dtype(d), [])) for d in (np.float32, np.float64)]
+    flags = np.array([error is not None, *counts, *(-c for c in counts)], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+    if flags[0]:
+        _agree(comm, error, "allreduce_mean_()")
+    if any(flags[1:3] != -flags[3:]):
+        raise ValueError(
+            "allreduce_mean_: the ranks pass different numbers of gradient elements (float32 "
+            "and lower, float64): every rank must pass the same shapes and dtypes"
+        )
+    for dtype, flats in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+        _allreduce_mean_buckets(comm, flats, dtype, max(1, bucket_bytes // dtype.itemsize))
+
+
+def _bucket_dtypes(grads: Any, bucket_bytes: Any) -> Dict[np.dtype, List[np.ndarray]]:
+    """The gradients checked, as 1-D views grouped by the dtype they are summed in."""
     if isinstance(grads, Mapping):
         grads = list(grads.values())
     if isinstance(grads, np.ndarray):
@@ -146,10 +170,7 @@ def allreduce_mean_(
         if not (g.flags.c_contiguous or g.flags.f_contiguous) or not g.flags.writeable:
             raise ValueError(f"grads[{i}]: expected a writeable C- or F-contiguous array")
         by_dtype.setdefault(_reduce_dtype(g.dtype), []).append(_flat(g))
-    for dtype in sorted(by_dtype, key=str):
-        _allreduce_mean_buckets(
-            comm, by_dtype[dtype], dtype, max(1, bucket_bytes // dtype.itemsize)
-        )
+    return by_dtype
 
 
 def _allreduce_mean_buckets(comm: Any, flats: List[np.ndarray], dtype: np.dtype, capacity: int):
