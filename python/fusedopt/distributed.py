@@ -22,6 +22,7 @@ on first use: this module imports without it. Arrays travel with mpi4py's buffer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -440,7 +441,6 @@ class ZeroRedundancyOptimizer:
         ]
         self.optim: Optimizer = optimizer_class(groups, **self._local_options(full.seed))
         self._consolidated: Optional[Dict[str, Any]] = None
-        self._consolidated_to: Optional[int] = None
 
     # ----------------------------------------------------------------- construction helpers
 
@@ -683,12 +683,10 @@ class ZeroRedundancyOptimizer:
                         value = QuantizedState(value, scales[scale_at : scale_at + blocks])
                         scale_at += blocks
                     state[name][key] = value
+        self._consolidated = None
         if self.rank == to:
             order = {n: i for i, n in enumerate(self._full._params)}
             self._consolidated = dict(sorted(state.items(), key=lambda kv: order[kv[0]]))
-            self._consolidated_to = to
-        else:
-            self._consolidated, self._consolidated_to = None, to
 
     def _gather(self, space: _Space, names, arrays, count, to: int) -> Optional[np.ndarray]:
         """Gatherv of the concatenated local ``arrays`` of ``names`` on rank ``to``: what every
@@ -865,7 +863,7 @@ class ZeroRedundancyOptimizer:
                     },
                 )
                 for name in set(old) - set(files):
-                    with _suppress_missing():
+                    with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(folder, name))
             except Exception as e:
                 error = e
@@ -932,11 +930,3 @@ def _mpi_type(dtype: np.dtype) -> Any:
     from mpi4py.util.dtlib import from_numpy_dtype
 
     return from_numpy_dtype(dtype)
-
-
-class _suppress_missing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, FileNotFoundError)
