@@ -53,8 +53,7 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
     const std::uint32_t is_special = all_ones_if(q >= F::kInf);
     const std::uint32_t normal = (q << 20) + ((127U - F::kTop) << 23);
     // field 0 read as field 1, less that binade's implicit leading 2^(1-F): exact
-    const std::uint32_t subnormal =
-        float_bits(bits_float(normal + (1U << 23)) - smallest_normal);
+    const std::uint32_t subnormal = float_bits(bits_float(normal + (1U << 23)) - smallest_normal);
     const std::uint32_t special = 0x7F800000U | (all_ones_if(q != F::kInf) & 0x00400000U);
     std::uint32_t v = (normal & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) |
                       (special & is_special);
