@@ -37,16 +37,18 @@ def results(example, tmp_path_factory):
 
 
 def test_every_sampler_finds_a_good_configuration(results):
-    # Measured with --quick (16 trials, seed 0): grid 0.000, random 0.000, tpe 0.000.
+    # Measured with --quick (16 trials, sampler seed 0), grid / random / TPE: validation
+    # accuracy 0.953 / 0.954 / 0.946, test accuracy 0.978 / 0.972 / 0.972, ROC-AUC 0.9954 /
+    # 0.9961 / 0.9969. The bounds leave room for BLAS rounding on other machines.
     for name, r in results[0]["samplers"].items():
-        assert max(r["pruned"]["best"]) >= 0.90, (name, r["pruned"]["best"])
+        assert max(r["pruned"]["best"]) >= 0.92, (name, r["pruned"]["best"])
         assert r["best"]["reproduced"], name  # retrained: the same accuracy, bit for bit
-        assert r["best"]["test"]["accuracy"] >= 0.85, (name, r["best"]["test"])
-        assert r["best"]["test"]["roc_auc"] >= 0.95, (name, r["best"]["test"])
+        assert r["best"]["test"]["accuracy"] >= 0.93, (name, r["best"]["test"])
+        assert r["best"]["test"]["roc_auc"] >= 0.98, (name, r["best"]["test"])
 
 
 def test_pruning_stops_trials_and_saves_epochs(results):
-    samplers = results[0]["samplers"]
+    samplers = results[0]["samplers"]  # measured: 11, 6 and 4 of 16 trials pruned
     assert sum(r["pruned"]["pruned"] for r in samplers.values()) >= 1
     for name, r in samplers.items():
         assert r["full"]["pruned"] == 0, name
