@@ -1,10 +1,11 @@
 """Adam at 1e7 elements in every storage row (int8 state, float32 masters of bfloat16 params
 included), to nearest and with stochastic rounding, against float32 and torch's fused Adam in
-float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element.
+float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element and
+the row's probe (the same arrays read and written, converted and quantized the same way, with
+no formula: the time the storage alone costs).
 
     python bench/low_precision.py [--n 1e7] [--calls 9]      # FUSEDOPT_SIMD picks the level
-
-Until bench/run.py has rows per storage type, this is the measurement of issue 10's targets.
+    python bench/run.py --storage                             # the same
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ def bytes_per_element(param: str, grad: str, state: str, master: Optional[str]) 
     return moved + (2 * 4 + size[master] if master else 2 * size[param])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=float, default=1e7)
     parser.add_argument("--calls", type=int, default=9)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n = int(args.n)
     rng = np.random.default_rng(0)
-    steps, traffic = {}, {}
+    steps, traffic, probes = {}, {}, {}
     # (param, grad, state, master): every row, and masters of bfloat16 params
     configs = [(*row, None) for row in _core.STORAGE_ROWS if row[0] != "float64"]
     configs += [
@@ -77,6 +78,10 @@ def main() -> None:
                 *a, step=step, lr=1e-4, stochastic_rounding=sr, seed=step, **kw
             )
             traffic[name] = bytes_per_element(param, grad, state, master)
+            if not master and not stochastic:
+                # the roofline declares no state never negative: int8 codes for both buffers
+                buffers = [state_array(state, n, signed=True) for _ in range(2)]
+                probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(*a, None, None)
     try:
         import torch
     except ImportError:
@@ -89,13 +94,15 @@ def main() -> None:
             name = f"torch fused {str(dtype)[6:]}"
             steps[name] = lambda step, o=opt: o.step()
             traffic[name] = 7 * (4 if dtype == torch.float32 else 2)
-    times = {name: [] for name in steps}
+    calls = {**steps, **{f"probe {name}": fn for name, fn in probes.items()}}
+    times = {name: [] for name in calls}
     for step in range(1, args.calls + 1):
-        for name, fn in steps.items():
+        for name, fn in calls.items():
             start = time.perf_counter()
             fn(step)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    probe_of = {name: medians.pop(f"probe {name}") for name in probes}
     base = medians["float32/float32/float32"]
     torch_f32 = medians.get("torch fused float32")
     torch_bf16 = medians.get("torch fused bfloat16")
@@ -104,16 +111,18 @@ def main() -> None:
         f"{fusedopt.get_num_threads()} threads, Adam, n = {n:,}, median of {args.calls}"
     )
     print(
-        "| storage (param/grad/state) | B/element | median | GB/s | vs fusedopt float32 "
-        "| vs torch fused f32 | vs torch fused bf16 |"
+        "| storage (param/grad/state) | B/element | median | GB/s | probe | % of probe "
+        "| vs fusedopt float32 | vs torch fused f32 | vs torch fused bf16 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, t in medians.items():
         f32 = f"{t / torch_f32:.2f}x" if torch_f32 else "–"
         bf16 = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
+        probe = probe_of.get(name)
+        against = f"{probe * 1e3:.2f} ms | {100 * probe / t:.0f} %" if probe else "– | –"
         print(
             f"| {name} | {traffic[name]:.1f} | {t * 1e3:.2f} ms | "
-            f"{traffic[name] * n / t / 1e9:.1f} | {t / base:.2f}x | {f32} | {bf16} |"
+            f"{traffic[name] * n / t / 1e9:.1f} | {against} | {t / base:.2f}x | {f32} | {bf16} |"
         )
 
 

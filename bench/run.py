@@ -3,6 +3,8 @@
     python bench/run.py --quick        # per optimizer, float32, 1e3/1e5/1e6/1e7 elements (< 1 min)
     python bench/run.py                # 1e2 ... 1e8 elements, float32 and float64
     python bench/run.py --threshold    # measure where a parallel region starts to pay off
+    python bench/run.py --storage      # Adam in every storage row (bfloat16, float16, int8 state,
+                                       # masters, stochastic rounding): bench/low_precision.py
 
 Every figure is the median of many timed calls, each on a fresh set of arrays taken in turn
 from a pool larger than the last-level cache (so small sizes are not flattered by a warm cache),
@@ -626,9 +628,20 @@ def main(argv=None) -> int:
         nargs="+",
         help="kernel thread counts (default: all cores; full run: 1 and all)",
     )
+    parser.add_argument(
+        "--storage",
+        action="store_true",
+        help="Adam at 1e7 elements in every storage row, against its probe and torch "
+        "(bench/low_precision.py)",
+    )
     parser.add_argument("--budget", type=float, help="seconds of timing per figure")
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/<mode>.json)")
     args = parser.parse_args(argv)
+    if args.storage:
+        import low_precision
+
+        low_precision.main([])
+        return 0
 
     rng = np.random.default_rng(0)
     mode = "threshold" if args.threshold else "quick" if args.quick else "full"

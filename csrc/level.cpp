@@ -100,9 +100,10 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         }
         std::uint32_t* const first_half = random[0].data();
         std::uint32_t* const other_half = random[1].data();
+        const std::uint32_t first = counter_of(static_cast<std::uint64_t>(offset));
 #pragma omp simd
         for (Index i = 0; i < n; ++i) {
-          first_half[i] = element_bits(rounding.key, static_cast<std::uint64_t>(offset + i), 0);
+          first_half[i] = counter_bits(rounding.key, first + static_cast<std::uint32_t>(i));
         }
         if (needs_second_half) {
 #pragma omp simd

@@ -632,3 +632,52 @@ def test_reference_kernels_is_local_to_its_thread(monkeypatch):
         assert calls == []
         opt.step(grads)
     assert calls == [threading.current_thread().name]
+
+
+def hyperparameters(opt):
+    return [{k: v for k, v in g.items() if k not in ("params", "names")} for g in opt.param_groups]
+
+
+def test_from_config_builds_every_class():
+    """A flat dict, as a hyperparameter search samples it, builds the same optimizer as the
+    class: any case of the name, beta1/beta2 for betas (a missing one the default), options
+    passed through."""
+    for name, (cls, hypers) in CLASSES.items():
+        for hyper in hypers:
+            flat = dict(hyper)
+            if "betas" in flat:
+                flat["beta1"], flat["beta2"] = flat.pop("betas")
+            expected = hyperparameters(cls(model(), **hyper))
+            for spelled in (name, name.lower(), name.upper(), cls):
+                built = optim.from_config(spelled, model(), **flat)
+                assert type(built) is cls
+                assert hyperparameters(built) == expected, (spelled, hyper)
+    lion = optim.from_config("lion", model(), beta2=0.95)
+    assert lion.param_groups[0]["betas"] == (0.9, 0.95)
+    adam = optim.from_config("Adam", model(), lr=0.1, betas=(0.8, 0.9), impl="reference")
+    assert adam.param_groups[0]["betas"] == (0.8, 0.9) and adam.impl == "reference"
+    sgd = optim.from_config("SGD", model(), lr=0.1, momentum=0.9, max_grad_norm=1.0, seed=3)
+    assert sgd.max_grad_norm == 1.0 and sgd.seed == 3
+
+
+def test_from_config_errors_name_what_is_accepted():
+    with pytest.raises(
+        ValueError,
+        match=r"unknown optimizer 'adamm' \(did you mean Adam\?\): "
+        r"expected one of .*AdamW.*SGD",
+    ):
+        optim.from_config("adamm", model())
+    with pytest.raises(ValueError, match="unknown optimizer 'Optimizer'"):
+        optim.from_config(optim.Optimizer, model())
+    with pytest.raises(
+        TypeError,
+        match=r"^Lion does not take 'momentum': its hyperparameters are lr, betas \(or beta1, "
+        r"beta2\), weight_decay, maximize; the options max_grad_norm, .*seed$",
+    ):
+        optim.from_config("Lion", model(), lr=1e-3, momentum=0.9)
+    with pytest.raises(TypeError, match="^Momentum does not take 'beta1', 'beta2'"):
+        optim.from_config("Momentum", model(), beta1=0.9, beta2=0.99)
+    with pytest.raises(TypeError, match="^Adam: give betas or beta1/beta2, not both"):
+        optim.from_config("Adam", model(), betas=(0.9, 0.99), beta1=0.8)
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):  # the class's own check
+        optim.from_config("RMSprop", model(), lr=-1.0)

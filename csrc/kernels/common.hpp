@@ -198,11 +198,20 @@ FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
 FUSEDOPT_INLINE std::uint32_t second_half(std::uint32_t half0, std::uint64_t key) {
   return fmix32(half0 ^ static_cast<std::uint32_t>(key >> 32) ^ 0x5BD1E995U);
 }
-FUSEDOPT_INLINE std::uint32_t element_bits(std::uint64_t key, std::uint64_t index, int half) {
+// An element's 64-bit index folded to the 32-bit counter that is hashed. Within a chunk the high
+// half is constant (chunks start at multiples of kChunk, which divides 2^32), so a loop folds
+// its chunk's first index once and adds i in 32-bit lanes.
+FUSEDOPT_INLINE std::uint32_t counter_of(std::uint64_t index) {
+  return static_cast<std::uint32_t>(index) + static_cast<std::uint32_t>(index >> 32) * 0x27D4EB2FU;
+}
+static_assert((std::uint64_t{1} << 32) % static_cast<std::uint64_t>(kChunk) == 0,
+              "a chunk never spans a multiple of 2^32");
+FUSEDOPT_INLINE std::uint32_t counter_bits(std::uint64_t key, std::uint32_t counter) {
   const auto k0 = static_cast<std::uint32_t>(key), k1 = static_cast<std::uint32_t>(key >> 32);
-  const std::uint32_t c =
-      static_cast<std::uint32_t>(index) + static_cast<std::uint32_t>(index >> 32) * 0x27D4EB2FU;
-  const std::uint32_t h = fmix32((c ^ k0) * 0x9E3779B1U + k1);
+  return fmix32((counter ^ k0) * 0x9E3779B1U + k1);
+}
+FUSEDOPT_INLINE std::uint32_t element_bits(std::uint64_t key, std::uint64_t index, int half) {
+  const std::uint32_t h = counter_bits(key, counter_of(index));
   return half == 0 ? h : second_half(h, key);
 }
 inline std::uint64_t mix64(std::uint64_t z) {
@@ -236,18 +245,22 @@ FUSEDOPT_INLINE Eigen::bfloat16 stochastic_bfloat16(float x, std::uint32_t bits)
 // stochastically with the slot's 16 of element i's random bits.
 template <bool Stochastic>
 struct Rounder {
-  const Rounding& rounding;
+  explicit Rounder(const Rounding& r)
+      : key(r.key), first(counter_of(static_cast<std::uint64_t>(r.first))) {}
 
   template <typename Stored, typename Compute>
   FUSEDOPT_INLINE void operator()(Index i, int slot, Stored& to, Compute x) const {
     if constexpr (Stochastic && std::is_same_v<Stored, Eigen::bfloat16>) {
-      const std::uint32_t bits =
-          element_bits(rounding.key, static_cast<std::uint64_t>(rounding.first + i), slot / 2);
+      std::uint32_t bits = counter_bits(key, first + static_cast<std::uint32_t>(i));
+      if (slot >= 2) bits = second_half(bits, key);
       to = stochastic_bfloat16(static_cast<float>(x), (bits >> (16 * (slot % 2))) & 0xFFFFU);
     } else {
       store(to, x);
     }
   }
+
+  std::uint64_t key;
+  std::uint32_t first;  // the chunk's first counter
 };
 
 // Calls fn(Rounder<stochastic>{rounding}); the stochastic variant is compiled only for
@@ -258,11 +271,11 @@ void with_rounding(const Rounding& rounding, const Fn& fn) {
                                    std::is_same_v<typename Types::State, Eigen::bfloat16>;
   if constexpr (writes_bfloat16) {
     if (rounding.stochastic) {
-      fn(Rounder<true>{rounding});
+      fn(Rounder<true>(rounding));
       return;
     }
   }
-  fn(Rounder<false>{rounding});
+  fn(Rounder<false>(rounding));
 }
 
 // Role r of a chunk that starts at `offset`, typed; nullptr for an absent optional array.

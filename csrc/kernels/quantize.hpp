@@ -29,23 +29,32 @@ struct Minifloat {
   using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
 };
 
+// The codes of a block widened to 32 bits first: with 8-bit lanes in the loop GCC vectorizes
+// 64 elements at a time and spills the widened values.
+template <typename Code>
+FUSEDOPT_INLINE void widen(const Code* __restrict codes, Index n, std::uint32_t* __restrict wide) {
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) wide[i] = codes[i];
+}
+
 // out[i] = value(codes[i]) * scale over one block.
 template <bool Signed>
 inline void decode_block(const std::uint8_t* __restrict codes, float scale, Index n,
                          float* __restrict out) {
   using F = Minifloat<Signed>;
-  const float subnormal_step = bits_float((127U - F::kTop - 2U) << 23);
+  alignas(64) std::uint32_t wide[kBlock];
+  widen(codes, n, wide);
+  const float smallest_normal = bits_float((128U - F::kTop) << 23);  // 2^(1-F)
 #pragma omp simd
   for (Index i = 0; i < n; ++i) {
-    const std::uint32_t code = codes[i];
+    const std::uint32_t code = wide[i];
     const std::uint32_t q = Signed ? code & 0x7FU : code;
-    const std::uint32_t f = q >> 3, m = q & 7U;
-    const std::uint32_t normal = ((f + 127U - F::kTop) << 23) | (m << 20);
-    const std::uint32_t subnormal =
-        float_bits(static_cast<float>(static_cast<std::int32_t>(m)) * subnormal_step);
-    const std::uint32_t special = 0x7F800000U | (all_ones_if(m != 0) & 0x00400000U);
-    const std::uint32_t is_subnormal = all_ones_if(f == 0),
-                        is_special = all_ones_if(f == F::kExponentMax);
+    const std::uint32_t is_subnormal = all_ones_if(q < 8U);
+    const std::uint32_t is_special = all_ones_if(q >= F::kInf);
+    const std::uint32_t normal = (q << 20) + ((127U - F::kTop) << 23);
+    // field 0 read as field 1, less that binade's implicit leading 2^(1-F): exact
+    const std::uint32_t subnormal = float_bits(bits_float(normal + (1U << 23)) - smallest_normal);
+    const std::uint32_t special = 0x7F800000U | (all_ones_if(q != F::kInf) & 0x00400000U);
     std::uint32_t v = (normal & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) |
                       (special & is_special);
     if constexpr (Signed) v |= (code & 0x80U) << 24;
@@ -56,7 +65,9 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
 // Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
 // sets the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits,
 // with 16 random bits, (random_bits[i] >> shift) & 0xFFFF, added below the 3 kept (see
-// quantize.py for why never to nearest).
+// quantize.py for why never to nearest). Below the smallest normal code, 2^(1-F) is added first
+// (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
+// bits, as for normal codes.
 template <bool Signed>
 inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes,
                           const std::uint32_t* __restrict random_bits, int shift) {
@@ -77,31 +88,29 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   const float inverse = exponent == 127
                             ? bits_float(0x00400000U)
                             : bits_float(static_cast<std::uint32_t>(127 - exponent) << 23);
-  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;    // bits of 2^(1-F)
-  const float to_steps = bits_float((127U + F::kTop + 2U) << 23);  // 2^(F+2)
-  const float random_step = bits_float(111U << 23);                // 2^-16
+  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
+  alignas(64) std::uint32_t wide[kBlock];
 #pragma omp simd
   for (Index i = 0; i < n; ++i) {
     const std::uint32_t random = (random_bits[i] >> shift) & 0xFFFFU;
     const std::uint32_t x = float_bits(in[i]);
     const std::uint32_t a = float_bits(in[i] * inverse) & 0x7FFFFFFFU;
-    const std::uint32_t normal = ((a + (random << 4)) >> 20) - ((127U - F::kTop) << 3);
-    const float below = static_cast<float>(static_cast<std::int32_t>(random)) * random_step;
-    const float steps = bits_float(a) * to_steps + below;  // < 8 where it is used
-    const auto subnormal =
-        static_cast<std::uint32_t>(static_cast<std::int32_t>(steps < 16.0F ? steps : 16.0F));
     const std::uint32_t is_small = all_ones_if(a < smallest_normal);
-    std::uint32_t q = (subnormal & is_small) | (normal & ~is_small);
+    const std::uint32_t shifted =
+        (float_bits(bits_float(a) + bits_float(smallest_normal)) & is_small) | (a & ~is_small);
+    std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - (is_small & 8U);
     q = q < F::kMaxFinite ? q : F::kMaxFinite;
-    const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U),
-                        is_nan = all_ones_if(a > 0x7F800000U);
+    const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U);
+    const std::uint32_t is_nan = all_ones_if(a > 0x7F800000U);
     q = (q & ~(is_inf | is_nan)) | (F::kInf & is_inf) | (F::kNaN & is_nan);
     if constexpr (Signed) {
-      codes[i] = static_cast<std::uint8_t>(((x >> 31) << 7) | q);
+      wide[i] = ((x >> 31) << 7) | q;
     } else {
-      codes[i] = static_cast<std::uint8_t>(q & ~(all_ones_if((x >> 31) != 0) & ~is_nan));
+      wide[i] = q & ~(all_ones_if((x >> 31) != 0) & ~is_nan);
     }
   }
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) codes[i] = static_cast<std::uint8_t>(wide[i]);
   return scale;
 }
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
+import inspect
 import json
 import math
 import os
@@ -63,6 +65,7 @@ __all__ = [
     "Optimizer",
     "RAdam",
     "RMSprop",
+    "from_config",
     "reference_kernels",
 ]
 
@@ -1016,3 +1019,67 @@ class Lion(Optimizer):
         **options: Any,
     ):
         super().__init__(params, _arguments(locals()), **options)
+
+
+_OPTIONS = (
+    "max_grad_norm",
+    "skip_if_nonfinite",
+    "impl",
+    "state_dtype",
+    "master_weights",
+    "stochastic_rounding",
+    "seed",
+)
+
+
+def from_config(name: Union[str, type], params: Params, **hyperparameters: Any) -> Optimizer:
+    """The optimizer class called ``name`` over ``params``, built from a flat dict of
+    hyperparameters such as a hyperparameter search samples.
+
+    ``name`` is a class name in any case (``"adamw"``, ``"AdamW"``) or an :class:`Optimizer`
+    subclass. Samplers draw scalars, so ``beta1`` and ``beta2`` may stand for ``betas`` (a
+    missing one keeps the class's default). The options every optimizer takes
+    (``max_grad_norm``, ``state_dtype``, ``impl``, ...) pass through.
+
+    An unknown name raises ValueError listing the classes; a hyperparameter the class does not
+    take raises TypeError listing the ones it does, before anything is built.
+
+    >>> opt = from_config("AdamW", params, lr=3e-4, beta1=0.9, beta2=0.98, weight_decay=0.1)
+    """
+    if isinstance(name, type) and issubclass(name, Optimizer) and name is not Optimizer:
+        cls = name
+    else:
+        by_lower = {k.lower(): v for k, v in _REGISTRY.items()}
+        cls = by_lower.get(name.lower()) if isinstance(name, str) else None
+        if cls is None:
+            label = getattr(name, "__name__", name)
+            close = difflib.get_close_matches(str(label).lower(), by_lower, n=1)
+            hint = f" (did you mean {by_lower[close[0]].__name__}?)" if close else ""
+            raise ValueError(
+                f"unknown optimizer {label!r}{hint}: expected one of {', '.join(sorted(_REGISTRY))}"
+            )
+    signature = inspect.signature(cls.__init__)
+    own = [
+        p.name
+        for p in signature.parameters.values()
+        if p.name not in ("self", "params") and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    hyper = dict(hyperparameters)
+    split = {k: hyper.pop(k) for k in ("beta1", "beta2") if k in hyper}
+    if split and "betas" in own:
+        if "betas" in hyper:
+            raise TypeError(f"{cls.__name__}: give betas or beta1/beta2, not both")
+        betas = list(signature.parameters["betas"].default)
+        for i, key in enumerate(("beta1", "beta2")):
+            betas[i] = split.get(key, betas[i])
+        hyper["betas"] = tuple(betas)
+    else:
+        hyper.update(split)  # reported below as unknown
+    unknown = sorted(set(hyper) - set(own) - set(_OPTIONS))
+    if unknown:
+        accepted = ["betas (or beta1, beta2)" if k == "betas" else k for k in own]
+        raise TypeError(
+            f"{cls.__name__} does not take {', '.join(map(repr, unknown))}: its hyperparameters "
+            f"are {', '.join(accepted)}; the options {', '.join(_OPTIONS)}"
+        )
+    return cls(params, **hyper)

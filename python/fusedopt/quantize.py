@@ -175,8 +175,8 @@ def encode(
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         a = np.abs(blocks * inverse[:, None])
         u = a.view(np.uint32).astype(np.int64)
-        t = a * fmt.to_subnormal_steps
         if random_bits is None:
+            t = a * fmt.to_subnormal_steps
             q_normal = ((u + _ROUND + ((u >> 20) & 1)) >> 20) - ((127 - fmt.f) << _M)
             # Adding 2**23 rounds t to an integer (nearest even); its low mantissa bits are q.
             q_subnormal = (t + _TWO23).view(np.uint32).astype(np.int64) - _TWO23_BITS
@@ -185,9 +185,10 @@ def encode(
             r[:n] = np.asarray(random_bits, np.int64).reshape(-1) & 0xFFFF
             r = r.reshape(blocks.shape)
             q_normal = ((u + (r << 4)) >> 20) - ((127 - fmt.f) << _M)
-            # t + r 2**-16 in float32, truncated: floor with probability by the distance
-            below = r.astype(np.float32) * np.float32(2.0**-16)
-            q_subnormal = (t + below).astype(np.int64)
+            # The smallest normal added in float32 (rounding 20 bits below a step) puts the
+            # subnormal steps in the top mantissa bits; then as for normal codes.
+            shifted = (a + fmt.min_normal).view(np.uint32).astype(np.int64)
+            q_subnormal = ((shifted + (r << 4)) >> 20) - ((128 - fmt.f) << _M)
         q = np.where(a >= fmt.min_normal, q_normal, q_subnormal)
     q = np.minimum(q, fmt.q_max)
     q = np.where(np.isinf(blocks), fmt.q_inf, q)
