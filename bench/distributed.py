@@ -1,5 +1,5 @@
-"""Data parallel (all-reduce) against ZeRO-1 (reduce-scatter + all-gather) with fusedopt.distributed:
-measured step times at N = 1, 2, 4 ranks on this machine, bytes per step against the theory,
+"""Data parallel (all-reduce) against ZeRO-1 (reduce-scatter + all-gather) with
+fusedopt.distributed: measured step times at N = 1, 2, 4 ranks on this machine, bytes per step against the theory,
 and a model of the step at N = 8-64 nodes from the measured kernel and copy bandwidths and a
 stated network bandwidth.
 
@@ -156,7 +156,8 @@ def table(jobs: list, models: list, args) -> str:
         f"{NETWORK_GBPS} Gb/s per node (stated), {1e6 * LATENCY_S:.0f} µs per message; the "
         f"optimizer step at this machine's measured {one['kernel_GBps']:.1f} GB/s "
         f"({ADAMW_BYTES} B per element, {one['threads']} threads) and copies at "
-        f"{one['copy_GBps']:.1f} GB/s (best of {args.steps} calls: the machine is shared). Both move the same bytes; ZeRO-1 steps 1/N of the "
+        f"{one['copy_GBps']:.1f} GB/s (best of {args.steps} calls: the machine is shared). "
+        "Both move the same bytes; ZeRO-1 steps 1/N of the "
         "elements and keeps 1/N of the state, and holds a float32 buffer of every parameter.",
         "",
         "| nodes | sent GB/node | DDP s (comm + step + copies) | ZeRO-1 s | ZeRO-1 / DDP "
