@@ -1,7 +1,7 @@
 """Data parallel (all-reduce) against ZeRO-1 (reduce-scatter + all-gather) with
 fusedopt.distributed: measured step times at N = 1, 2, 4 ranks on this machine, bytes per step
-against the theory, and a model of the step at N = 8-64 nodes from the measured kernel and copy bandwidths and a
-stated network bandwidth.
+against the theory, and a model of the step at N = 8-64 nodes from the measured kernel and copy
+bandwidths and a stated network bandwidth.
 
     pip install ".[distributed]" && python bench/distributed.py [--elements 4e6] [--steps 15]
 
