@@ -538,6 +538,145 @@ def check_resume(comm, out: Path):
             assert digest(plain_params) == digest(params), label
 
 
+def expect_all(comm, call, kind, words):
+    """``call`` raises ``kind`` with ``words`` on every rank alike."""
+    try:
+        call()
+    except kind as e:
+        assert words in str(e), e
+    else:
+        raise AssertionError(f"no {kind.__name__} on rank {comm.Get_rank()}")
+
+
+def check_agreement(comm):
+    """What one rank alone does differently raises on every rank and changes nothing, where it
+    would hang or silently corrupt the parameters."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    last = world - 1
+    if world > 1:
+        # options that add an Allreduce on some ranks only, or change the local optimizer
+        for option in [
+            dict(max_grad_norm=1.0),
+            dict(skip_if_nonfinite=True),
+            dict(seed=7),
+            dict(stochastic_rounding=True),
+        ]:
+            mine = option if rank == last else {}
+            expect_all(
+                comm,
+                lambda m=mine: distributed.ZeroRedundancyOptimizer(model(), optim.Adam, comm, **m),
+                ValueError,
+                "options",
+            )
+        # parameter values
+        params = model()
+        if rank == last:
+            params["b2"][3] += 1
+        expect_all(
+            comm,
+            lambda: distributed.ZeroRedundancyOptimizer(params, optim.Adam, comm),
+            ValueError,
+            "values of parameter 'b2' differ",
+        )
+    params = model()
+    zero = distributed.ZeroRedundancyOptimizer(groups(params), optim.Adam, comm, lr=1e-2)
+    zero.step(rank_grads(params, 1, rank, world))
+    before, state = copy(params), zero.optim.state_dict()
+    grads = rank_grads(params, 2, rank, world)
+    if world > 1:
+        # a parameter frozen on one rank only, a schedule stepped on one rank only, clipping
+        # switched on on one rank only
+        if rank == last:
+            zero.freeze("W2")
+        expect_all(comm, lambda: zero.step(grads), ValueError, "['W2'] are frozen on some")
+        zero.unfreeze("W2")
+        zero.param_groups[1]["lr"] = 1e-3 if rank == last else 3e-3
+        expect_all(comm, lambda: zero.step(grads), ValueError, "hyperparameters of groups [1]")
+        zero.param_groups[1]["lr"] = 3e-3
+        zero._full.max_grad_norm = 1.0 if rank == last else None
+        expect_all(comm, lambda: zero.step(grads), ValueError, "max_grad_norm")
+        zero._full.max_grad_norm = None
+        assert all(np.array_equal(params[n], before[n]) for n in params)
+        assert_state_close(zero.optim.state_dict(), state, rtol=0)
+        # consolidate_state_dict to different ranks, or to a bad one on one rank only
+        expect_all(comm, lambda: zero.consolidate_state_dict(to=rank), ValueError, "different")
+        to = world if rank == last else 0
+        expect(comm, lambda: zero.consolidate_state_dict(to=to), ValueError, "to:", last)
+        # allreduce_mean_ with another memory order on one rank
+        g = np.arange(12.0).reshape(3, 4)
+        g = np.asfortranarray(g) if rank == last else g
+        expect_all(comm, lambda: distributed.allreduce_mean_([g], comm), ValueError, "orders")
+    # every rank alike: frozen parameters keep their values
+    zero.freeze("W2")
+    assert zero.step(grads) is True
+    assert np.array_equal(params["W2"], before["W2"])
+    assert not np.array_equal(params["W1"], before["W1"])
+    same_on_every_rank(comm, params)
+
+
+def check_checkpoint_safety(comm, out: Path):
+    """state_dict() copies; a load failing on one rank changes no rank; save_shards removes only
+    its own shard files; load_shards names the first mismatching parameter."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    last = world - 1
+    folder = out / f"safety-{world}"
+    if rank == 0:
+        folder.mkdir(exist_ok=True)
+    comm.Barrier()
+    params = model()
+    zero = distributed.ZeroRedundancyOptimizer(groups(params), optim.Adam, comm, lr=1e-2)
+    zero.step(rank_grads(params, 1, rank, world))
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        sd = zero.state_dict()
+        sd["state"]["W1"]["exp_avg"][...] = 123.0
+        assert not (zero.state_dict()["state"]["W1"]["exp_avg"] == 123.0).any()
+    zero.reset_state("b1")
+    expect_all(comm, zero.state_dict, RuntimeError, "consolidate_state_dict")
+    zero.consolidate_state_dict(to=0)
+    zero.freeze("b1")
+    expect_all(comm, zero.state_dict, RuntimeError, "consolidate_state_dict")
+    zero.unfreeze("b1")
+    zero.consolidate_state_dict(to=0)
+    sd = comm.bcast(zero.state_dict() if rank == 0 else None, root=0)
+    # a checkpoint with other hyperparameters, broken on the last rank only: nothing changes
+    state = zero.optim.state_dict()
+    changed = {**sd, "param_groups": [dict(g, lr=0.5) for g in sd["param_groups"]]}
+    if rank == last:
+        changed = {**changed, "optimizer": "SGD"}
+    expect(comm, lambda: zero.load_state_dict(changed), ValueError, "SGD", last)
+    assert zero.param_groups[0]["lr"] == 1e-2 and zero.optim.param_groups[0]["lr"] == 1e-2
+    assert_state_close(zero.optim.state_dict(), state, rtol=0)
+    # save_shards: the old manifest names a file outside the folder and a stranger
+    path = folder / "ckpt.json"
+    zero.save_shards(path)
+    victim, stranger = out / f"victim-{world}.txt", folder / "notes.txt"
+    if rank == 0:
+        victim.write_text("keep")
+        stranger.write_text("keep")
+        manifest = json.loads(path.read_text())
+        manifest["files"] += [f"../{victim.name}", stranger.name]
+        path.write_text(json.dumps(manifest))
+        first = set(manifest["files"][:world])
+    comm.Barrier()
+    zero.save_shards(path)
+    if rank == 0:
+        assert victim.exists() and stranger.exists()
+        assert not any((folder / name).exists() for name in first)
+        assert len(list(folder.glob("ckpt.json.*.npz"))) == world
+    comm.Barrier()
+    # load_shards into other shapes or orders of the same sizes
+    for change, words in [
+        ({"W1": ((40, 64), "C")}, "'W1': saved with shape [64, 40], here [40, 64]"),
+        ({"W2": ((40, 30), "C")}, "'W2': saved with order 'F', here 'C'"),
+    ]:
+        spec = [(n, *change.get(n, (s, o))) for n, s, o in SPEC]
+        other = distributed.ZeroRedundancyOptimizer(
+            groups(model(spec=spec)), optim.Adam, comm, lr=1e-2
+        )
+        expect_all(comm, lambda other=other: other.load_shards(path), Exception, words)
+
+
 CASES = {
     "every_optimizer_float64": check_every_optimizer_float64,
     "every_optimizer_float32": check_every_optimizer_float32,
@@ -548,8 +687,13 @@ CASES = {
     "memory_balance": check_memory_balance,
     "errors": check_errors,
     "allreduce_mean": check_allreduce_mean,
+    "agreement": check_agreement,
 }
-CHECKPOINT_CASES = {"save": (check_save, [2]), "resume": (check_resume, [1, 3])}
+CHECKPOINT_CASES = {
+    "save": (check_save, [2]),
+    "resume": (check_resume, [1, 3]),
+    "checkpoint_safety": (check_checkpoint_safety, [1, 2, 3, 4]),
+}
 
 
 def run_checks(comm, out: Path) -> None:

@@ -23,14 +23,30 @@ on first use: this module imports without it. Arrays travel with mpi4py's buffer
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import tempfile
 import traceback
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+import zlib
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 import numpy as np
 
@@ -39,7 +55,7 @@ from ._dispatch import core as _core
 from .optim import _GOLDEN, Grads, Optimizer, Params, _dtype_name
 from .quantize import BLOCK, QuantizedState
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "ZeroRedundancyOptimizer", "allreduce_mean_"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "ZeroRedundancyOptimizer", "allreduce_mean_", "shard_bounds"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 """Bucket size of :func:`allreduce_mean_`: torch DDP's 25 MiB."""
@@ -75,6 +91,11 @@ def _order(a: np.ndarray) -> str:
 def _wire(a: np.ndarray) -> np.ndarray:
     """``a`` as MPI moves it: 2-byte floats (no MPI type) as their bits."""
     return a.view(np.uint16) if _dtype_name(a.dtype) in ("bfloat16", "float16") else a
+
+
+def _digest(text: str) -> int:
+    """A 62-bit hash of ``text``: compared across ranks as ``d`` and ``-d`` in one MAX Allreduce."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
 def _reduce_dtype(dtype: np.dtype) -> np.dtype:
@@ -124,36 +145,48 @@ def allreduce_mean_(
     buckets of at most ``bucket_bytes``, one ``Allreduce`` each (a tensor larger than a bucket
     spans several), and unpacked divided by the number of ranks. float64 gradients are summed in
     float64, the others in float32, and bfloat16/float16 results rounded to nearest once. Every
-    rank must pass arrays of the same shapes and dtypes in the same order; the results are the
-    same bits on every rank. A bad argument on one rank, or a different number of elements,
-    raises on every rank (one small ``Allreduce`` checks) and changes nothing.
+    rank must pass arrays of the same shapes, dtypes and memory layouts (C or F order) in the
+    same order; the results are the same bits on every rank. A bad argument on one rank, or a
+    different number of elements or layout, raises on every rank (one small ``Allreduce``
+    checks) and changes nothing. An exception once the buckets travel aborts the job.
     """
     comm = _world(comm)
     MPI = _mpi()
-    error, by_dtype = None, {}
+    error, by_dtype, layout = None, {}, 0
     try:
-        by_dtype = _bucket_dtypes(grads, bucket_bytes)
+        by_dtype, layout = _bucket_dtypes(grads, bucket_bytes)
     except Exception as e:
         error = e
-    # one tiny Allreduce: did any rank fail, and do all pass as many elements of each dtype?
+    # one tiny Allreduce: did any rank fail, do all pass as many elements of each dtype, and
+    # the same shapes, dtypes and orders (a digest, equal where its max is minus max of -d)?
     counts = [sum(f.size for f in by_dtype.get(np.dtype(d), [])) for d in (np.float32, np.float64)]
-    flags = np.array([error is not None, *counts, *(-c for c in counts)], np.int64)
+    flags = np.array([error is not None, *counts, *(-c for c in counts), layout, -layout], np.int64)
     comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
     if flags[0]:
         _agree(comm, error, "allreduce_mean_()")
-    if any(flags[1:3] != -flags[3:]):
+    if any(flags[1:3] != -flags[3:5]):
         raise ValueError(
             "allreduce_mean_: the ranks pass different numbers of gradient elements (float32 "
             "and lower, float64): every rank must pass the same shapes and dtypes"
         )
+    if flags[5] != -flags[6]:
+        raise ValueError(
+            "allreduce_mean_: the ranks pass gradients of different shapes, dtypes or memory "
+            "orders: every rank must pass the same ones in the same order"
+        )
     if comm.Get_size() == 1:
         return  # the mean of one
-    for dtype, flats in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-        _allreduce_mean_buckets(comm, flats, dtype, max(1, bucket_bytes // dtype.itemsize))
+    try:
+        for dtype, flats in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+            _allreduce_mean_buckets(comm, flats, dtype, max(1, bucket_bytes // dtype.itemsize))
+    except BaseException:
+        _abort(comm, "allreduce_mean_()")
+        raise
 
 
-def _bucket_dtypes(grads: Any, bucket_bytes: Any) -> Dict[np.dtype, List[np.ndarray]]:
-    """The gradients checked, as 1-D views grouped by the dtype they are summed in."""
+def _bucket_dtypes(grads: Any, bucket_bytes: Any) -> Tuple[Dict[np.dtype, List[np.ndarray]], int]:
+    """The gradients checked, as 1-D views grouped by the dtype they are summed in, and a digest
+    of their shapes, dtypes and orders."""
     if isinstance(grads, Mapping):
         grads = list(grads.values())
     if isinstance(grads, np.ndarray):
@@ -161,8 +194,10 @@ def _bucket_dtypes(grads: Any, bucket_bytes: Any) -> Dict[np.dtype, List[np.ndar
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 8:
         raise ValueError(f"bucket_bytes must be an integer >= 8, got {bucket_bytes!r}")
     by_dtype: Dict[np.dtype, List[np.ndarray]] = {}
+    layout = []
     for i, g in enumerate(grads):
         if g is None:
+            layout.append(None)
             continue
         if not isinstance(g, np.ndarray):
             raise TypeError(f"grads[{i}]: expected a numpy.ndarray or None, got {type(g).__name__}")
@@ -173,10 +208,13 @@ def _bucket_dtypes(grads: Any, bucket_bytes: Any) -> Dict[np.dtype, List[np.ndar
         if not (g.flags.c_contiguous or g.flags.f_contiguous) or not g.flags.writeable:
             raise ValueError(f"grads[{i}]: expected a writeable C- or F-contiguous array")
         by_dtype.setdefault(_reduce_dtype(g.dtype), []).append(_flat(g))
-    return by_dtype
+        layout.append((g.shape, str(g.dtype), _order(g) if g.ndim > 1 else "C"))
+    return by_dtype, _digest(repr(layout))
 
 
-def _allreduce_mean_buckets(comm: Any, flats: List[np.ndarray], dtype: np.dtype, capacity: int):
+def _allreduce_mean_buckets(
+    comm: Any, flats: List[np.ndarray], dtype: np.dtype, capacity: int
+) -> None:
     """Average 1-D arrays in place through buckets of ``capacity`` elements of ``dtype``."""
     MPI, size = _mpi(), comm.Get_size()
     bucket = np.empty(min(capacity, sum(f.size for f in flats)), dtype)
@@ -255,9 +293,8 @@ class _Space:
         # name -> [(lo, hi, at)]: elements [lo, hi) of the tensor are at [at, at + hi - lo)
         self.segments: Dict[str, List[Tuple[int, int, int]]] = {n: [] for n in names}
         for r in range(world):
-            for name, (lo, hi) in self.pieces(self.bounds, r).items():
+            for (name, (lo, hi)), start in zip(self.pieces(self.bounds, r).items(), self.starts):
                 if hi > lo:
-                    start = self.starts[self.names.index(name)]
                     self.segments[name].append(
                         (lo, hi, r * self.width + start + lo - self.bounds[r])
                     )
@@ -290,7 +327,9 @@ def _state_bytes(state: Mapping[str, Mapping[str, Any]]) -> int:
     return total
 
 
-def _slice_entry(parts: List[Tuple[int, int, Mapping[str, Any]]], lo: int, hi: int, order: str):
+def _slice_entry(
+    parts: List[Tuple[int, int, Mapping[str, Any]]], lo: int, hi: int, order: str
+) -> Dict[str, Any]:
     """The state entry of elements [lo, hi) of a tensor from entries of parts [s_lo, s_hi) of it
     (flattened in memory order ``order``); bounds are block-aligned, so int8 scales split too."""
     out: Dict[str, Any] = {"step": parts[0][2]["step"]}
@@ -338,6 +377,12 @@ class _Signature(NamedTuple):
     optimizer: str
     params: List[Tuple[str, Tuple[int, ...], str, str, int]]  # name, shape, dtype, order, group
     groups: List[str]  # each group's hyperparameters, repr'd
+    options: str  # max_grad_norm, skip_if_nonfinite and the local optimizer's options, repr'd
+    values: List[int]  # a CRC-32 of each parameter's bytes
+
+
+def _value_digest(p: np.ndarray) -> int:
+    return zlib.crc32(_flat(p).view(np.uint8))
 
 
 # --------------------------------------------------------------------- ZeRO-1
@@ -349,7 +394,9 @@ class ZeroRedundancyOptimizer:
     ``ZeroRedundancyOptimizer(params, optim.AdamW, comm, lr=1e-3, ...)`` takes what
     ``optimizer_class(params, ...)`` takes (hyperparameters, parameter groups, ``state_dtype``,
     ``master_weights``, ``max_grad_norm`` ...). Every rank passes the same parameters (names,
-    shapes, dtypes, order, groups), with the same values: this is checked at construction.
+    shapes, dtypes, order, groups) with the same values (e.g. broadcast from rank 0 first), and
+    the same hyperparameters and options: construction checks all of these (the values by a
+    CRC-32 of their bytes) and raises ValueError on every rank on a mismatch.
 
     The parameters of each dtype form one flat space (each tensor in memory order) cut into N
     even slices, tensors split wherever a cut falls, at a multiple of ``BLOCK`` = 256 elements
@@ -389,7 +436,7 @@ class ZeroRedundancyOptimizer:
         optimizer_class: Type[Optimizer] = optim.AdamW,
         comm: Any = None,
         **kwargs: Any,
-    ):
+    ) -> None:
         self.comm = comm = _world(comm)
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self.optimizer_class = optimizer_class
@@ -448,6 +495,20 @@ class ZeroRedundancyOptimizer:
     def _hyper(group: Mapping[str, Any]) -> Dict[str, Any]:
         return {k: v for k, v in group.items() if k not in ("params", "names")}
 
+    def _options(self) -> Dict[str, Any]:
+        """The options that must agree across ranks: a rank alone clipping or skipping would
+        make an extra Allreduce (a hang), the others change the local optimizer."""
+        full = self._full
+        return dict(
+            max_grad_norm=full.max_grad_norm,
+            skip_if_nonfinite=full.skip_if_nonfinite,
+            impl=full.impl,
+            state_dtype=full.state_dtype,
+            master_weights=full.master_weights,
+            stochastic_rounding=full.stochastic_rounding,
+            seed=full.seed,
+        )
+
     def _local_options(self, seed: int) -> Dict[str, Any]:
         full = self._full
         return dict(
@@ -460,12 +521,14 @@ class ZeroRedundancyOptimizer:
 
     def _signature(self) -> _Signature:
         full = self._full
-        params = []
+        params, values = [], []
         for i, group in enumerate(full.param_groups):
             for name, p in zip(group["names"], group["params"]):
                 params.append((name, tuple(p.shape), str(p.dtype), _order(p), i))
+                values.append(_value_digest(p))
         groups = [repr(sorted(self._hyper(g).items())) for g in full.param_groups]
-        return _Signature(type(full).__name__, params, groups)
+        options = repr(sorted(self._options().items()))
+        return _Signature(type(full).__name__, params, groups, options, values)
 
     def _check_signatures(self, signatures: List[_Signature]) -> None:
         first = signatures[0]
@@ -488,13 +551,21 @@ class ZeroRedundancyOptimizer:
                     f"parameter {i} is {show(first.params[i])} on rank 0, "
                     f"{show(sig.params[i])} on rank {rank}"
                 )
-            else:
+            elif sig.groups != first.groups:
                 i = next(i for i, (a, b) in enumerate(zip(first.groups, sig.groups)) if a != b)
                 detail = f"group {i}'s hyperparameters: {first.groups[i]} on rank 0, "
                 detail += f"{sig.groups[i]} on rank {rank}"
+            elif sig.options != first.options:
+                detail = f"options {first.options} on rank 0, {sig.options} on rank {rank}"
+            else:
+                i = next(i for i, (a, b) in enumerate(zip(first.values, sig.values)) if a != b)
+                detail = (
+                    f"the values of parameter {first.params[i][0]!r} differ between rank 0 and "
+                    f"rank {rank} (broadcast them from one rank first)"
+                )
             raise ValueError(
                 "ZeroRedundancyOptimizer: every rank must pass the same parameters (names, "
-                f"shapes, dtypes, order, groups) and hyperparameters: {detail}"
+                f"shapes, dtypes, order, groups, values), hyperparameters and options: {detail}"
             )
 
     # ----------------------------------------------------------------- what the full one has
@@ -507,25 +578,33 @@ class ZeroRedundancyOptimizer:
 
     @property
     def defaults(self) -> Dict[str, Any]:
+        """The default hyperparameters of the full optimizer's groups."""
         return self._full.defaults
 
     @property
     def names(self) -> List[str]:
+        """The full parameters' names, in order."""
         return self._full.names
 
     @property
     def skipped_steps(self) -> int:
+        """How many steps ``skip_if_nonfinite`` skipped (the same count on every rank)."""
         return self._full.skipped_steps
 
-    def freeze(self, names: Any) -> None:
-        """Stop updating these parameters (on every rank alike); their state is kept."""
+    def freeze(self, names: Union[str, Iterable[str]]) -> None:
+        """Stop updating these parameters (on every rank alike: the next step checks); their
+        state is kept."""
         self._full.freeze(names)
+        self._consolidated = None
 
-    def unfreeze(self, names: Any) -> None:
+    def unfreeze(self, names: Union[str, Iterable[str]]) -> None:
+        """Resume updating these parameters (on every rank alike) from their kept state."""
         self._full.unfreeze(names)
+        self._consolidated = None
 
-    def reset_state(self, names: Optional[Any] = None) -> None:
+    def reset_state(self, names: Optional[Union[str, Iterable[str]]] = None) -> None:
         """Forget the state of these parameters, or of all (on every rank alike)."""
+        self._consolidated = None
         self.optim.reset_state(
             self._full._known(
                 self._full._params
@@ -554,29 +633,45 @@ class ZeroRedundancyOptimizer:
         one and is not frozen (``grads`` as for ``optimizer_class.step``; None for a parameter
         must be None on every rank). Returns False where ``skip_if_nonfinite`` skipped the step
         on every rank, True otherwise."""
-        comm = self.comm
-        error, aligned, active = None, {}, np.zeros(0, bool)
+        comm, full = self.comm, self._full
+        n, n_groups = len(full._params), len(full.param_groups)
+        error, aligned = None, {}
+        # per parameter: has a gradient, is frozen; per group (and the options): a digest of
+        # its hyperparameters. Each as x and -x, in one MAX Allreduce: equal on every rank where
+        # max(x) == -max(-x). A rank alone frozen or on another learning rate would corrupt
+        # the parameters silently; one alone clipping or skipping would hang.
+        local = np.zeros(2 * n + n_groups + 1, np.int64)
         try:
-            aligned = self._full._align(grads)
+            aligned = full._align(grads)
             self._sync()
-            active = np.array([g is not None for g in aligned.values()], bool)
+            local[:n] = [g is not None for g in aligned.values()]
+            local[n : 2 * n] = [name in full._frozen for name in full._params]
+            local[2 * n : -1] = [
+                _digest(repr(sorted(self._hyper(g).items()))) for g in full.param_groups
+            ]
+            local[-1] = _digest(repr((full.max_grad_norm, full.skip_if_nonfinite)))
         except Exception as e:
             error = e
-        # one small Allreduce: did any rank fail, and is each gradient None everywhere or nowhere?
-        flags = np.zeros(1 + 2 * len(self._full._params), np.uint8)
-        flags[0] = error is not None
-        if error is None:
-            flags[1 : 1 + active.size], flags[1 + active.size :] = active, ~active
+        flags = np.concatenate([[error is not None], local, -local])
         comm.Allreduce(_mpi().IN_PLACE, flags, op=_mpi().MAX)
         if flags[0]:
             _agree(comm, error, "ZeroRedundancyOptimizer.step()")
-        n = len(self._full._params)
-        mixed = flags[1 : 1 + n] & flags[1 + n :]
+        mixed = flags[1 : 1 + local.size] != -flags[1 + local.size :]
         if mixed.any():
-            names = [name for name, m in zip(self._full._params, mixed) if m]
+            names = list(full._params)
+            nones = [name for name, m in zip(names, mixed[:n]) if m]
+            frozen = [name for name, m in zip(names, mixed[n : 2 * n]) if m]
+            groups = [i for i, m in enumerate(mixed[2 * n : -1]) if m]
+            problems = [
+                f"gradients of {nones} are None on some ranks only" if nones else "",
+                f"{frozen} are frozen on some ranks only" if frozen else "",
+                f"the hyperparameters of groups {groups} differ across ranks" if groups else "",
+                "max_grad_norm or skip_if_nonfinite differs across ranks" if mixed[-1] else "",
+            ]
             raise ValueError(
-                f"gradients of {names} are None on some ranks and not on others: "
-                "every rank must pass the same None gradients"
+                f"ZeroRedundancyOptimizer.step(): {'; '.join(filter(None, problems))}. Every "
+                "rank must pass the same None gradients, and freeze and set hyperparameters "
+                "(schedules) and options alike; nothing changed"
             )
         self._consolidated = None
         try:
@@ -640,20 +735,48 @@ class ZeroRedundancyOptimizer:
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective: gather the state of every rank's slices on rank ``to``, where
         :meth:`state_dict` then returns the full checkpoint (one ``Gatherv`` per dtype and
-        state buffer)."""
+        state buffer). Every rank passes the same ``to``; else every rank raises."""
         comm, local = self.comm, self.optim.state
-        if not isinstance(to, int) or not 0 <= to < self.world_size:
-            raise ValueError(f"to: expected a rank in [0, {self.world_size}), got {to!r}")
+        error = None
+        if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < self.world_size:
+            error = ValueError(f"to: expected a rank in [0, {self.world_size}), got {to!r}")
         layout = [
             (name, entry.get("step"), sorted((k, _kind(v)) for k, v in entry.items()))
             for name, entry in local.items()
         ]
-        layouts = comm.allgather(sorted(layout, key=lambda x: x[0]))
-        if any(x != layouts[0] for x in layouts):
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        agreed = comm.allgather((message, repr(to), sorted(layout, key=lambda x: x[0])))
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, (m, _, _) in enumerate(agreed) if m is not None]
+        if failed:
+            raise RuntimeError(
+                f"consolidate_state_dict() failed on rank {failed[0][0]}: {failed[0][1]}"
+            )
+        if any(t != agreed[0][1] for _, t, _ in agreed):
+            raise ValueError(
+                "consolidate_state_dict: the ranks pass different ranks `to`: "
+                + ", ".join(f"{t} on rank {r}" for r, (_, t, _) in enumerate(agreed))
+            )
+        if any(x != agreed[0][2] for _, _, x in agreed):
             raise RuntimeError(
                 "consolidate_state_dict: the ranks' states differ in which parameters have "
                 "state, their step counts or buffers: were steps taken on some ranks only?"
             )
+        self._consolidated = None
+        try:
+            state = self._consolidate(to)
+        except BaseException:
+            if self.world_size == 1:
+                raise
+            _abort(comm, "ZeroRedundancyOptimizer.consolidate_state_dict()")
+            raise
+        if self.rank == to:
+            order = {n: i for i, n in enumerate(self._full._params)}
+            self._consolidated = dict(sorted(state.items(), key=lambda kv: order[kv[0]]))
+
+    def _consolidate(self, to: int) -> Dict[str, Dict[str, Any]]:
+        local = self.optim.state
         state: Dict[str, Dict[str, Any]] = {n: {"step": local[n]["step"]} for n in local}
         for space in self._spaces:
             keys = sorted({k for n in space.names if n in local for k in local[n] if k != "step"})
@@ -683,12 +806,16 @@ class ZeroRedundancyOptimizer:
                         value = QuantizedState(value, scales[scale_at : scale_at + blocks])
                         scale_at += blocks
                     state[name][key] = value
-        self._consolidated = None
-        if self.rank == to:
-            order = {n: i for i, n in enumerate(self._full._params)}
-            self._consolidated = dict(sorted(state.items(), key=lambda kv: order[kv[0]]))
+        return state
 
-    def _gather(self, space: _Space, names, arrays, count, to: int) -> Optional[np.ndarray]:
+    def _gather(
+        self,
+        space: _Space,
+        names: List[str],
+        arrays: List[np.ndarray],
+        count: Callable[[int, int], int],
+        to: int,
+    ) -> Optional[np.ndarray]:
         """Gatherv of the concatenated local ``arrays`` of ``names`` on rank ``to``: what every
         rank sends, in rank order, which is the full tensors concatenated in order."""
         send = np.concatenate([a.reshape(-1) for a in arrays])
@@ -706,26 +833,33 @@ class ZeroRedundancyOptimizer:
 
     def state_dict(self) -> Dict[str, Any]:
         """The checkpoint gathered by the last :meth:`consolidate_state_dict` to this rank: what
-        ``optimizer_class.state_dict()`` gives in one process, for the full parameters."""
+        ``optimizer_class.state_dict()`` gives in one process, for the full parameters (copies
+        of the arrays, as it gives)."""
         if self._consolidated is None:
             raise RuntimeError(
-                "state_dict(): the state was not consolidated on this rank since the last step; "
-                f"call consolidate_state_dict(to={self.rank}) on every rank first"
+                "state_dict(): the state was not consolidated on this rank since the last change "
+                f"(step, load, reset_state, freeze); call consolidate_state_dict(to={self.rank}) "
+                "on every rank first"
             )
         full = self._full
         full.state = {}
         sd = full.state_dict()
-        sd["state"] = self._consolidated
+        sd["state"] = {
+            name: {
+                k: (v.copy() if isinstance(v, (np.ndarray, QuantizedState)) else v)
+                for k, v in entry.items()
+            }
+            for name, entry in self._consolidated.items()
+        }
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Collective: load a full checkpoint (``state_dict()`` of this class or of
         ``optimizer_class``, saved at any world size), each rank taking its slices. Every rank
         passes the same one; a mismatch raises on every rank and changes nothing."""
-        error = None
+        error, parts = None, {}
         try:
             state = state_dict.get("state", {})
-            parts: Dict[str, List[Tuple[int, int, Mapping[str, Any]]]] = {}
             for name, entry in state.items():
                 p = self._full._params.get(name)
                 if p is None:
@@ -737,42 +871,77 @@ class ZeroRedundancyOptimizer:
                             f"parameter, got {getattr(value, 'shape', type(value).__name__)}"
                         )
                 parts[name] = [(0, p.size, entry)]
-            self._load(state_dict, parts)
         except Exception as e:
             error = e
-        _agree(self.comm, error, "load_state_dict()")
+        self._load(state_dict, parts, error, "load_state_dict()")
 
-    def _load(self, sd: Mapping[str, Any], parts: Mapping[str, List[Tuple]]) -> None:
-        """Load this rank's slices of a checkpoint whose tensors' states come in ``parts``:
-        name -> [(lo, hi, entry of elements [lo, hi))], checked by the local optimizer, then
-        by the full one (which keeps no state)."""
-        state = {}
-        for name, tensor_parts in parts.items():
-            lo, hi = self._piece[name]
-            order = _order(self._full._params[name])
-            state[name] = _slice_entry(list(tensor_parts), lo, hi, order)
-        seed = int(sd.get("seed", 0))
-        local_sd = {
-            **sd,
-            "state": state,
-            "skipped_steps": 0,
-            "max_grad_norm": None,
-            "skip_if_nonfinite": False,
-            "seed": _local_seed(seed, self.rank),
-        }
+    def _load(
+        self,
+        sd: Mapping[str, Any],
+        parts: Mapping[str, List[Tuple[int, int, Mapping[str, Any]]]],
+        error: Optional[BaseException],
+        what: str,
+    ) -> None:
+        """Collective: load this rank's slices of a checkpoint whose tensors' states come in
+        ``parts``: name -> [(lo, hi, entry of elements [lo, hi))]. Every rank slices and checks
+        first (the local state on a scratch optimizer), all agree, then all commit: a failure
+        on any rank changes nothing on every rank."""
+        full, local_sd = self._full, None
+        before = full.state_dict()  # it keeps no state: cheap
+        if error is None:
+            try:
+                local_sd = self._local_state_dict(sd, parts)
+                full.load_state_dict({**sd, "state": {}})
+                try:
+                    groups = [
+                        {**self._hyper(g), "params": dict(zip(g["names"], g["params"]))}
+                        for g in self.optim.param_groups
+                    ]
+                    scratch = self.optimizer_class(groups, **self._local_options(full.seed))
+                    scratch.load_state_dict(local_sd)
+                    del scratch
+                except BaseException:
+                    full.load_state_dict(before)
+                    raise
+            except Exception as e:
+                error = e
+        try:
+            _agree(self.comm, error, what)
+        except BaseException:
+            if error is None:  # another rank failed: undo what this one checked
+                full.load_state_dict(before)
+            raise
+        try:
+            self.optim.load_state_dict(local_sd)
+        except BaseException:
+            if self.world_size == 1:
+                full.load_state_dict(before)
+                raise
+            _abort(self.comm, f"ZeroRedundancyOptimizer.{what}")
+            raise
+        self._consolidated = None
+
+    def _local_state_dict(
+        self, sd: Mapping[str, Any], parts: Mapping[str, List[Tuple[int, int, Mapping[str, Any]]]]
+    ) -> Dict[str, Any]:
         if sd.get("optimizer") != type(self._full).__name__:
             raise ValueError(
                 f"checkpoint of a {sd.get('optimizer')} optimizer, this is a "
                 f"{type(self._full).__name__}"
             )
-        before = self._full.state_dict()  # it keeps no state: cheap
-        self._full.load_state_dict({**sd, "state": {}})
-        try:
-            self.optim.load_state_dict(local_sd)
-        except BaseException:
-            self._full.load_state_dict(before)
-            raise
-        self._consolidated = None
+        state = {}
+        for name, tensor_parts in parts.items():
+            lo, hi = self._piece[name]
+            order = _order(self._full._params[name])
+            state[name] = _slice_entry(list(tensor_parts), lo, hi, order)
+        return {
+            **sd,
+            "state": state,
+            "skipped_steps": 0,
+            "max_grad_norm": None,
+            "skip_if_nonfinite": False,
+            "seed": _local_seed(int(sd.get("seed", 0)), self.rank),
+        }
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Collective: consolidate on rank 0, which writes the full checkpoint atomically
@@ -781,9 +950,7 @@ class ZeroRedundancyOptimizer:
         error = None
         if self.rank == 0:
             try:
-                sd = self.state_dict()
-                sd = {**sd, "state": {n: dict(s) for n, s in sd["state"].items()}}
-                optim._write_checkpoint(sd, path)
+                optim._write_checkpoint(self.state_dict(), path)
             except Exception as e:
                 error = e
         self._consolidated = None
@@ -842,6 +1009,15 @@ class ZeroRedundancyOptimizer:
                 if os.path.exists(path):
                     with open(path) as f:
                         old = json.load(f).get("files", [])
+                # remove only this checkpoint's own shard files, whatever the manifest says
+                mine = re.compile(
+                    re.escape(os.path.basename(path)) + r"\.[0-9a-f]+\.rank[0-9]+\.npz"
+                )
+                old = [
+                    n
+                    for n in old
+                    if isinstance(n, str) and mine.fullmatch(n) and "/" not in n and os.sep not in n
+                ]
                 self._full.state = {}
                 _write_json(
                     path,
@@ -855,6 +1031,8 @@ class ZeroRedundancyOptimizer:
                                 "dtype": str(s.dtype),
                                 "names": s.names,
                                 "sizes": s.sizes,
+                                "shapes": [list(self._full._params[n].shape) for n in s.names],
+                                "orders": [_order(self._full._params[n]) for n in s.names],
                                 "bounds": s.bounds,
                             }
                             for s in self._spaces
@@ -872,7 +1050,8 @@ class ZeroRedundancyOptimizer:
     def load_shards(self, path: Union[str, os.PathLike]) -> None:
         """Collective: load a checkpoint written by :meth:`save_shards` at any world size; each
         rank reads only the shard files that overlap its slices."""
-        error = None
+        error, manifest = None, {}
+        parts: Dict[str, List[Tuple[int, int, Mapping[str, Any]]]] = {}
         try:
             path = os.fspath(path)
             with open(path) as f:
@@ -880,16 +1059,16 @@ class ZeroRedundancyOptimizer:
             if manifest.get("format") != SHARDS_FORMAT or manifest.get("version") != SHARDS_VERSION:
                 raise ValueError(f"{path}: not a {SHARDS_FORMAT} manifest version {SHARDS_VERSION}")
             folder = os.path.dirname(os.path.abspath(path))
-            saved = {tuple(s["names"]): s for s in manifest["spaces"]}
-            parts: Dict[str, List[Tuple[int, int, Mapping[str, Any]]]] = {}
+            saved = {s["dtype"]: s for s in manifest["spaces"]}
+            if sorted(saved) != sorted(str(s.dtype) for s in self._spaces):
+                raise ValueError(
+                    f"{path}: saved for parameters of dtypes {sorted(saved)}, these are of "
+                    f"{sorted(str(s.dtype) for s in self._spaces)}"
+                )
             shards: Dict[int, Dict[str, Any]] = {}
             for space in self._spaces:
-                s = saved.get(tuple(space.names))
-                if s is None or s["sizes"] != space.sizes or s["dtype"] != str(space.dtype):
-                    raise ValueError(
-                        f"{path}: saved for other parameters than these {space.dtype} ones "
-                        f"({space.names})"
-                    )
+                s = saved[str(space.dtype)]
+                self._check_saved_space(path, s, space)
                 bounds = s["bounds"]
                 mine = [
                     r
@@ -906,10 +1085,31 @@ class ZeroRedundancyOptimizer:
                         if name in shards[rank]:
                             lo, hi = pieces[name]
                             parts.setdefault(name, []).append((lo, hi, shards[rank][name]))
-            self._load(manifest["optimizer_state"], parts)
         except Exception as e:
             error = e
-        _agree(self.comm, error, "load_shards()")
+        self._load(manifest.get("optimizer_state", {}), parts, error, "load_shards()")
+
+    def _check_saved_space(self, path: str, saved: Mapping[str, Any], space: _Space) -> None:
+        """The first parameter of ``space`` whose name, size, shape or order differs from the
+        manifest's (shapes and orders where it has them)."""
+        names, n = saved["names"], len(space.names)
+        shapes = saved.get("shapes") or [None] * len(names)
+        orders = saved.get("orders") or [None] * len(names)
+        rows = list(zip(names, saved["sizes"], shapes, orders))
+        for i, name in enumerate(space.names):
+            p = self._full._params[name]
+            here = (name, p.size, list(p.shape), _order(p))
+            if i >= len(rows):
+                raise ValueError(f"{path}: {name!r} ({space.dtype}) was not saved")
+            there = rows[i]
+            for what, a, b in zip(("name", "size", "shape", "order"), there, here):
+                if a is not None and a != b:
+                    raise ValueError(
+                        f"{path}: {space.dtype} parameter {i} {name!r}: saved with {what} "
+                        f"{a!r}, here {b!r}"
+                    )
+        if len(rows) > n:
+            raise ValueError(f"{path}: saved {space.dtype} parameter {rows[n][0]!r} is not here")
 
     def __repr__(self) -> str:
         return (
