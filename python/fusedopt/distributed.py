@@ -31,6 +31,7 @@ import re
 import secrets
 import sys
 import tempfile
+import time
 import traceback
 import zlib
 from typing import (
@@ -127,6 +128,7 @@ def _abort(comm: Any, what: str) -> None:
         "aborting the MPI job so that no rank waits for it forever:\n" + traceback.format_exc()
     )
     sys.stderr.flush()
+    time.sleep(1.0)  # MPI_Abort kills the launcher's forwarding too: let it pass the message on
     comm.Abort(1)
 
 
