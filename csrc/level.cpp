@@ -19,13 +19,7 @@ void copy_masters(Index n, const Out& out, const float* master, DType copy, void
 #pragma omp simd
     for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
   } else {
-#if FUSEDOPT_F16C
-    floats_to_halves(master, n, static_cast<Eigen::half*>(to));
-#else
-    auto* param = static_cast<Eigen::half*>(to);
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
-#endif
+    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // to nearest: no SR for float16
   }
 }
 
