@@ -18,6 +18,7 @@ figure).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -73,12 +74,30 @@ TORCH_MODES = {
     else ("loop", "foreach", "fused")
     for name in TORCH_CLASSES
 }
+# Peers outside torch.optim, as (module, class): torch optimizers that take foreach= as torch's
+# do (the schedulefree package's memory-efficient classes; train() is called before timing).
+PEER_CLASSES = {
+    "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree"),
+    "schedulefree_sgd": ("schedulefree", "SGDScheduleFree"),
+}
+TORCH_MODES.update({name: ("loop", "foreach") for name in PEER_CLASSES})
+
+
+def torch_class(name):
+    """The torch optimizer class compared with registry entry ``name`` (ImportError if its
+    package is missing)."""
+    if name in PEER_CLASSES:
+        module, cls = PEER_CLASSES[name]
+        return getattr(importlib.import_module(module), cls)
+    return getattr(torch.optim, TORCH_CLASSES[name])
 
 
 def torch_kwargs(name, hyper):
     h = dict(hyper)
-    if name in ("adam", "adamw", "adamax", "nadam", "radam"):
+    if name in ("adam", "adamw", "adamax", "nadam", "radam", "schedulefree_adamw"):
         h["betas"] = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
+    for running in ("lr_max", "weight_sum"):  # schedulefree keeps these in its groups
+        h.pop(running, None)
     return h
 
 
@@ -99,9 +118,9 @@ def torch_step(mode):
             "foreach": dict(foreach=True),
             "fused": dict(fused=True),
         }[mode]
-        opt = getattr(torch.optim, TORCH_CLASSES[spec.name])(
-            tensors, **torch_kwargs(spec.name, hyper), **flags
-        )
+        opt = torch_class(spec.name)(tensors, **torch_kwargs(spec.name, hyper), **flags)
+        if hasattr(opt, "train"):  # schedulefree: steps only in train mode
+            opt.train()
         return lambda step: opt.step()
 
     return prepare
@@ -120,11 +139,12 @@ def torch_supports(mode):
                 "foreach": dict(foreach=True),
                 "fused": dict(fused=True),
             }[mode]
-            getattr(torch.optim, TORCH_CLASSES[spec.name])(
-                [t], **torch_kwargs(spec.name, hyper), **flags
-            ).step()
+            opt = torch_class(spec.name)([t], **torch_kwargs(spec.name, hyper), **flags)
+            if hasattr(opt, "train"):
+                opt.train()
+            opt.step()
             return True
-        except (RuntimeError, TypeError, ValueError):
+        except (ImportError, RuntimeError, TypeError, ValueError):
             return False
 
     return check

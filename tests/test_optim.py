@@ -83,6 +83,11 @@ EXTRA = {
         dict(lr=0.01, betas=(0.8, 0.9)),  # rectified from step 6
         dict(lr=0.01, betas=(0.9, 0.6)),  # rho_inf = 4: never rectified
     ],
+    optim.ScheduleFreeAdamW: [
+        dict(lr=0.01, warmup_steps=5, weight_decay=0.1),
+        dict(lr=0.01, betas=(0.8, 0.99), r=1.0, weight_lr_power=0.0),
+    ],
+    optim.ScheduleFreeSGD: [dict(lr=0.05, warmup_steps=5, weight_decay=0.1, momentum=0.5)],
 }
 CLASSES = {
     cls.__name__: (cls, generated_cases(cls) + EXTRA.get(cls, []))

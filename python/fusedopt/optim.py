@@ -65,6 +65,8 @@ __all__ = [
     "Optimizer",
     "RAdam",
     "RMSprop",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "from_config",
     "reference_kernels",
 ]
@@ -1016,6 +1018,168 @@ class Lion(Optimizer):
         betas: Tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(params, _arguments(locals()), **options)
+
+
+class _ScheduleFree(Optimizer):
+    r"""Schedule-Free optimizers (Defazio et al. 2024) with the ``schedulefree`` package's
+    conventions. The parameters hold :math:`y` (where gradients are taken) in train mode and
+    the average :math:`x` (the weights to evaluate and to keep) in eval mode: call
+    :meth:`eval` before evaluating or saving the model's weights and :meth:`train` before
+    the next step. Switching is one element-wise pass over the parameters and ``z``,
+    :math:`\theta \leftarrow \theta + w (z - \theta)` with :math:`w = 1 - 1/\beta` (to eval) or
+    :math:`1 - \beta` (to train). Unlike ``schedulefree``'s classes, a new optimizer starts in
+    train mode (at the start :math:`x = y = z`, so no switch is due).
+
+    Each group keeps ``k`` (its steps so far), ``lr_max`` and ``weight_sum`` (the running
+    maximum of the warmed-up learning rate and sum of the averaging weights) and
+    ``train_mode``, as ``schedulefree``'s groups do; they are in :meth:`state_dict` and the
+    checkpoints. As there, a group's step count, warmup and averaging weights count every
+    step of the optimizer, whether or not a parameter had a gradient. The state of a parameter
+    is ``z`` (started at the parameter's value) and, for AdamW, ``exp_avg_sq``.
+    """
+
+    #: the group's entry that is the interpolation weight beta of y = (1 - beta) z + beta x
+    beta_name = ""
+
+    def __init__(self, params: Params, defaults: Dict[str, Any], **options: Any):
+        defaults = dict(defaults, k=0, lr_max=0.0, weight_sum=0.0, train_mode=True)
+        super().__init__(params, defaults, **options)
+
+    def _beta(self, group: Dict[str, Any]) -> float:
+        value = group[self.beta_name]
+        return value[0] if isinstance(value, tuple) else value
+
+    def _check_group(self, group):
+        k = group["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"Invalid k: {k!r} (the group's step count, an integer >= 0)")
+        if not isinstance(group["train_mode"], (bool, np.bool_)):
+            raise TypeError(f"train_mode must be a bool, got {type(group['train_mode']).__name__}")
+
+    def _new_buffer(self, group, plan, array, key, p, dtype):
+        if key != "z":
+            return super()._new_buffer(group, plan, array, key, p, dtype)
+        # z starts at x = y = the parameter (its float32 master, where it has one, is p)
+        if dtype != "int8":
+            return p.astype(_DTYPES[dtype], order="K")
+        return QuantizedState.from_array(p.astype(np.float32, order="K"), signed=True)
+
+    def _call_key(self, group, state):
+        return group["k"] + 1  # the kernel's step is the group's, as in schedulefree
+
+    def _update(self, plan, params, grads, buffers, step, group_step):
+        super()._update(plan, params, grads, buffers, group_step, None)
+
+    def step(self, grads: Grads) -> bool:
+        """One Schedule-Free step (see :meth:`Optimizer.step`); in eval mode a RuntimeError
+        (call :meth:`train` first), as ``schedulefree`` raises."""
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() in eval mode: call .train() before stepping "
+                "(the parameters hold the average x in eval mode)"
+            )
+        if not super().step(grads):
+            return False
+        for group in self.param_groups:
+            if group["frozen"]:
+                continue
+            hyper = self._kernel_arguments(group)
+            group["k"] += 1
+            _, group["lr_max"], group["weight_sum"], _ = reference.schedulefree_averaging(
+                group["k"],
+                hyper["lr"],
+                warmup_steps=hyper["warmup_steps"],
+                r=hyper["r"],
+                weight_lr_power=hyper["weight_lr_power"],
+                lr_max=hyper["lr_max"],
+                weight_sum=hyper["weight_sum"],
+            )
+        return True
+
+    def train(self) -> None:
+        """Switch the parameters to :math:`y`, where gradients are taken (no-op in train mode)."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Switch the parameters to the average :math:`x`, the weights to evaluate and keep
+        (no-op in eval mode)."""
+        self._switch(False)
+
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            beta = self._beta(group)
+            weight = 1 - beta if to_train else 1 - 1 / beta
+            for name, p in zip(group["names"], group["params"]):
+                state = self.state.get(name, {})
+                if "z" in state:
+                    _lerp_(p, state["z"], weight, state.get("master"))
+            group["train_mode"] = to_train
+
+
+_REGISTRY.pop("_ScheduleFree")  # a base, not an optimizer from_config builds
+
+
+def _lerp_(param: np.ndarray, z: Any, weight: float, master: Optional[np.ndarray]) -> None:
+    """param <- param + weight * (z - param), computed as the kernels compute (float32, float64
+    for float64) and rounded once on store; with a master, on the master and the param is the
+    master rounded."""
+    target = param if master is None else master
+    compute = np.float64 if target.dtype == np.float64 else np.float32
+    zs = z.dequantize() if isinstance(z, QuantizedState) else z.astype(compute)
+    x = target.astype(compute)
+    x += weight * (zs - x)
+    target[...] = x
+    if master is not None:
+        param[...] = master
+
+
+class ScheduleFreeAdamW(_ScheduleFree):
+    """Schedule-Free AdamW (Defazio et al. 2024), as ``schedulefree.AdamWScheduleFree``:
+    :func:`fusedopt.schedulefree_adamw_`, with linear warmup over ``warmup_steps``, polynomial
+    weighting ``r`` and ``weight_lr_power``; :meth:`train` and :meth:`eval` switch the
+    parameters between :math:`y` and the average :math:`x` (see ``_ScheduleFree``)."""
+
+    kernel = "schedulefree_adamw"
+    beta_name = "betas"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 0.0025,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        **options: Any,
+    ):
+        super().__init__(params, _arguments(locals()), **options)
+
+
+class ScheduleFreeSGD(_ScheduleFree):
+    """Schedule-Free SGD (Defazio et al. 2024), as ``schedulefree.SGDScheduleFree``:
+    :func:`fusedopt.schedulefree_sgd_`, ``momentum`` in (0, 1) being the interpolation
+    between :math:`z` and the average :math:`x`; warmup and weighting as
+    :class:`ScheduleFreeAdamW`."""
+
+    kernel = "schedulefree_sgd"
+    beta_name = "momentum"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
         **options: Any,
     ):
         super().__init__(params, _arguments(locals()), **options)

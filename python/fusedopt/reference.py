@@ -40,6 +40,9 @@ __all__ = [
     "nadam_",
     "radam_",
     "rmsprop_",
+    "schedulefree_adamw_",
+    "schedulefree_averaging",
+    "schedulefree_sgd_",
     "sgd_",
 ]
 
@@ -649,3 +652,134 @@ def lion_(
     c = beta1 * exp_avg + (1 - beta1) * g
     param -= lr * np.sign(c)
     exp_avg[...] = beta2 * exp_avg + (1 - beta2) * g
+
+
+def schedulefree_averaging(
+    step, lr, *, warmup_steps=0, r=0.0, weight_lr_power=2.0, lr_max=0.0, weight_sum=0.0
+):
+    r"""The scalars of step ``step`` of Schedule-Free (Defazio et al. 2024), in double, in the
+    order of the ``schedulefree`` package: returns ``(lr_t, lr_max, weight_sum, ckp1)``, the
+    warmed-up learning rate, the running maximum and sum through this step, and the averaging
+    weight :math:`c_{t}` of this step.
+
+    .. math::
+        \gamma_t &= \gamma \min(1, t / T_{\text{warmup}}) \\
+        \gamma_{\max} &\leftarrow \max(\gamma_{\max}, \gamma_t) \\
+        w_t &= t^r \gamma_{\max}^{p}, \qquad W \leftarrow W + w_t, \qquad c_t = w_t / W
+
+    with :math:`p` = ``weight_lr_power`` and :math:`c_t = 0` when :math:`W = 0`. ``lr_max`` and
+    ``weight_sum`` are the values from before this step (0 at step 1), as the update functions
+    take them: a caller of :func:`fusedopt.schedulefree_adamw_` or
+    :func:`fusedopt.schedulefree_sgd_` passes them and then keeps the returned ones for the
+    next step (the classes do this for each parameter group).
+    """
+    k = step - 1
+    lr = lr * ((k + 1) / warmup_steps if k < warmup_steps else 1.0)
+    lr_max = max(lr, lr_max)
+    weight = (k + 1) ** r * lr_max**weight_lr_power
+    weight_sum = weight_sum + weight
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return lr, lr_max, weight_sum, ckp1
+
+
+def _schedulefree_update(param, u, z, lr, ckp1, beta, weight_decay):
+    """The update Schedule-Free AdamW and SGD share, from the (normalized) gradient ``u``."""
+    if weight_decay:
+        u = u + weight_decay * param
+    new_z = z - lr * u
+    param[...] = param + ckp1 * (z - param) + lr * (beta * (1 - ckp1) - 1) * u
+    z[...] = new_z
+
+
+@_for_each_tensor
+def schedulefree_adamw_(
+    param,
+    grad,
+    z,
+    exp_avg_sq,
+    *,
+    step,
+    lr=0.0025,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    warmup_steps=0.0,
+    r=0.0,
+    weight_lr_power=2.0,
+    lr_max=0.0,
+    weight_sum=0.0,
+):
+    r"""Schedule-Free AdamW (Defazio et al. 2024, "The Road Less Scheduled"), in place, as
+    ``schedulefree.AdamWScheduleFree``: the param holds :math:`y_t`, where the gradient is taken.
+
+    .. math::
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        u_t &= \frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon} + \lambda\, y_{t-1} \\
+        z_t &= z_{t-1} - \gamma_t\, u_t \\
+        x_t &= (1 - c_t)\, x_{t-1} + c_t\, z_t \\
+        y_t &= (1 - \beta_1)\, z_t + \beta_1 x_t
+             = y_{t-1} + c_t (z_{t-1} - y_{t-1}) + \gamma_t (\beta_1 (1 - c_t) - 1)\, u_t
+
+    with :math:`g_t` the gradient at :math:`y_{t-1}`, :math:`v` = ``exp_avg_sq``,
+    :math:`\lambda` = ``weight_decay`` (taken at :math:`y`), and the warmed-up learning rate
+    :math:`\gamma_t` and averaging weight :math:`c_t` of :func:`schedulefree_averaging` from
+    ``step``, ``lr``, ``warmup_steps``, ``r``, ``weight_lr_power``, ``lr_max`` and
+    ``weight_sum``. The average :math:`x_t` (the weights to evaluate) is not stored: it is
+    :math:`x = y + (1 - 1/\beta_1)(z - y)`. Start ``z`` at the param's value and ``exp_avg_sq``
+    at zero.
+    """
+    lr, _, _, ckp1 = schedulefree_averaging(
+        step,
+        lr,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        lr_max=lr_max,
+        weight_sum=weight_sum,
+    )
+    exp_avg_sq[...] = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    u = grad / (np.sqrt(exp_avg_sq / (1 - beta2**step)) + eps)
+    _schedulefree_update(param, u, z, lr, ckp1, beta1, weight_decay)
+
+
+@_for_each_tensor
+def schedulefree_sgd_(
+    param,
+    grad,
+    z,
+    *,
+    step,
+    lr=1.0,
+    momentum=0.9,
+    weight_decay=0.0,
+    warmup_steps=0.0,
+    r=0.0,
+    weight_lr_power=2.0,
+    lr_max=0.0,
+    weight_sum=0.0,
+):
+    r"""Schedule-Free SGD (Defazio et al. 2024, "The Road Less Scheduled"), in place, as
+    ``schedulefree.SGDScheduleFree``: the param holds :math:`y_t`, where the gradient is taken.
+
+    .. math::
+        u_t &= g_t + \lambda\, y_{t-1} \\
+        z_t &= z_{t-1} - \gamma_t\, u_t \\
+        x_t &= (1 - c_t)\, x_{t-1} + c_t\, z_t \\
+        y_t &= (1 - \mu)\, z_t + \mu\, x_t
+             = y_{t-1} + c_t (z_{t-1} - y_{t-1}) + \gamma_t (\mu (1 - c_t) - 1)\, u_t
+
+    with :math:`\mu` = ``momentum`` in (0, 1), :math:`\lambda` = ``weight_decay`` (taken at
+    :math:`y`), and :math:`\gamma_t`, :math:`c_t` as in :func:`schedulefree_adamw_`. The
+    average is :math:`x = y + (1 - 1/\mu)(z - y)`. Start ``z`` at the param's value.
+    """
+    lr, _, _, ckp1 = schedulefree_averaging(
+        step,
+        lr,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        lr_max=lr_max,
+        weight_sum=weight_sum,
+    )
+    _schedulefree_update(param, grad, z, lr, ckp1, momentum, weight_decay)

@@ -1,0 +1,231 @@
+"""Schedule-Free AdamW and SGD: against the `schedulefree` package's classes in float64 (train and
+eval mode, warmup, polynomial weighting, learning-rate changes), the group scalars and their
+checkpoints, and the train()/eval() switch. The kernels against fusedopt.reference, in every
+storage row, are covered by the declaration-driven tests (test_kernels.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import optim, reference
+
+torch = pytest.importorskip("torch", reason="torch not installed: schedulefree comparison skipped")
+schedulefree = pytest.importorskip(
+    "schedulefree", reason="schedulefree not installed: comparison skipped"
+)
+
+SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "scale": ()}
+
+
+def model(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: np.asarray(rng.standard_normal(s), dtype) for n, s in SHAPES.items()}
+
+
+def groups_of(params, lr):
+    return [
+        {"params": {k: params[k] for k in ("w1", "b1")}},
+        {"params": {k: params[k] for k in ("w2", "b2", "scale")}, "lr": lr / 2},
+    ]
+
+
+def torch_groups(tparams, lr):
+    return [
+        {"params": [tparams[k] for k in ("w1", "b1")]},
+        {"params": [tparams[k] for k in ("w2", "b2", "scale")], "lr": lr / 2},
+    ]
+
+
+PEERS = {
+    "AdamW": (optim.ScheduleFreeAdamW, "AdamWScheduleFreeReference", "AdamWScheduleFree"),
+    "SGD": (optim.ScheduleFreeSGD, "SGDScheduleFreeReference", "SGDScheduleFree"),
+}
+CASES = [
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01, warmup_steps=10, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, warmup_steps=7, r=0.5)),
+    ("AdamW", dict(lr=0.01, warmup_steps=5, weight_lr_power=0.0, weight_decay=0.05)),
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, warmup_steps=10, weight_decay=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.6, warmup_steps=4, r=1.0, weight_lr_power=1.0)),
+]
+STEPS = 60
+EVAL_AT = {5, 12, 30, 59}  # steps after which both switch to eval, compare x, and back
+
+
+@pytest.mark.parametrize("peer", ["reference", "memory-efficient"])
+@pytest.mark.parametrize("kind, hyper", CASES, ids=lambda c: str(c))
+def test_matches_schedulefree(kind, hyper, peer):
+    """60 steps in float64 with warmup, two groups (the second at half the lr) and an lr
+    change at step 40: after every step the parameters (y) equal schedulefree's to rtol 1e-9,
+    and at four points both switch to eval mode, the parameters (x) are compared, and both
+    switch back. Also the groups' running lr_max and weight_sum."""
+    cls, reference_name, efficient_name = PEERS[kind]
+    params = model()
+    tparams = {n: torch.tensor(p.copy(), requires_grad=True) for n, p in params.items()}
+    lr = hyper["lr"]
+    opt = cls(groups_of(params, lr), **hyper)
+    peer_cls = getattr(schedulefree, reference_name if peer == "reference" else efficient_name)
+    extra = {} if peer == "reference" else {"foreach": False}
+    topt = peer_cls(torch_groups(tparams, lr), **hyper, **extra)
+    topt.train()
+    rng = np.random.default_rng(5)
+    for step in range(1, STEPS + 1):
+        if step == 40:
+            opt.param_groups[0]["lr"] = topt.param_groups[0]["lr"] = lr * 3
+        grads = {n: rng.standard_normal(p.shape) for n, p in params.items()}
+        for n, p in tparams.items():
+            p.grad = torch.tensor(grads[n])
+        topt.step()
+        opt.step(grads)
+        modes = ["train", "eval"] if step in EVAL_AT else ["train"]
+        for mode in modes:
+            if mode == "eval":
+                topt.eval()
+                opt.eval()
+            for n, p in tparams.items():
+                np.testing.assert_allclose(
+                    params[n],
+                    p.detach().numpy(),
+                    rtol=1e-9,
+                    atol=1e-12,
+                    err_msg=f"{n} step {step} {mode}",
+                )
+            if mode == "eval":
+                topt.train()
+                opt.train()
+        for group, tgroup in zip(opt.param_groups, topt.param_groups):
+            assert group["k"] == tgroup["k"] == step
+            assert group["lr_max"] == pytest.approx(tgroup["lr_max"], rel=1e-15)
+            assert group["weight_sum"] == pytest.approx(tgroup["weight_sum"], rel=1e-12)
+
+
+def test_averaging_scalars_are_schedulefrees():
+    """schedulefree_averaging, the kernels' scalars, gives schedulefree's warmed-up lr and
+    running sums exactly (same operations in double), through warmup and an lr change."""
+    p = torch.zeros(3, requires_grad=True)
+    topt = schedulefree.SGDScheduleFreeReference([p], lr=0.3, warmup_steps=6, r=0.7)
+    lr_max = weight_sum = 0.0
+    for step in range(1, 20):
+        if step == 10:
+            topt.param_groups[0]["lr"] = 0.1
+        p.grad = torch.ones(3)
+        topt.step()
+        group = topt.param_groups[0]
+        lr, lr_max, weight_sum, _ = reference.schedulefree_averaging(
+            step, group["lr"], warmup_steps=6, r=0.7, lr_max=lr_max, weight_sum=weight_sum
+        )
+        assert (lr, lr_max, weight_sum) == (
+            group["scheduled_lr"],
+            group["lr_max"],
+            group["weight_sum"],
+        )
+
+
+def test_functional_loop_equals_the_class():
+    """The documented loop over the function, advancing lr_max and weight_sum with
+    schedulefree_averaging, computes what the class computes, bit for bit."""
+    hyper = dict(lr=0.01, warmup_steps=3, weight_decay=0.1)
+    params = model()
+    opt = optim.ScheduleFreeAdamW([params["w1"]], **hyper)
+    w = model()["w1"]
+    z, v = w.copy(), np.zeros_like(w)
+    lr_max = weight_sum = 0.0
+    rng = np.random.default_rng(2)
+    for step in range(1, 12):
+        g = rng.standard_normal(w.shape)
+        opt.step([g])
+        fusedopt.schedulefree_adamw_(
+            w, g, z, v, step=step, lr_max=lr_max, weight_sum=weight_sum, **hyper
+        )
+        _, lr_max, weight_sum, _ = reference.schedulefree_averaging(
+            step, 0.01, warmup_steps=3, lr_max=lr_max, weight_sum=weight_sum
+        )
+        np.testing.assert_array_equal(params["w1"], w)
+        np.testing.assert_array_equal(opt.state["0.0"]["z"], z)
+
+
+@pytest.mark.parametrize("cls", [optim.ScheduleFreeAdamW, optim.ScheduleFreeSGD])
+def test_eval_then_train_restores_y(cls):
+    """eval() writes x = y + (1 - 1/beta)(z - y) and train() y back, to rounding (float64);
+    both are no-ops when already in that mode; step() in eval mode raises."""
+    params = model()
+    opt = cls(params, lr=0.01)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        opt.step({n: rng.standard_normal(p.shape) for n, p in params.items()})
+    y = {n: p.copy() for n, p in params.items()}
+    opt.train()
+    for n in params:
+        np.testing.assert_array_equal(params[n], y[n])
+    opt.eval()
+    opt.eval()
+    beta = opt.param_groups[0]["betas"][0] if "betas" in opt.defaults else 0.9
+    for n in params:
+        z = opt.state[n]["z"]
+        np.testing.assert_allclose(params[n], y[n] + (1 - 1 / beta) * (z - y[n]), rtol=1e-13)
+    with pytest.raises(RuntimeError, match=r"eval mode: call \.train\(\)"):
+        opt.step({n: np.zeros_like(p) for n, p in params.items()})
+    opt.train()
+    for n in params:
+        np.testing.assert_allclose(params[n], y[n], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("cls", [optim.ScheduleFreeAdamW, optim.ScheduleFreeSGD])
+def test_checkpoint_resume_is_bit_exact(cls, mode, tmp_path):
+    """The group scalars (k, lr_max, weight_sum, train_mode) are in the checkpoint: saved after
+    4 steps (in either mode, the parameters saved with it) and loaded into a fresh optimizer,
+    the run goes on exactly as the uninterrupted one."""
+    hyper = dict(lr=0.05, warmup_steps=6, r=0.5, weight_decay=0.01)
+    rng = np.random.default_rng(3)
+    grads = [{n: rng.standard_normal(s) for n, s in SHAPES.items()} for _ in range(9)]
+    params = model()
+    opt = cls(groups_of(params, 0.05), **hyper)
+    for g in grads[:4]:
+        opt.step(g)
+    if mode == "eval":
+        opt.eval()
+    opt.save(tmp_path / "ckpt.npz")
+    saved = {n: p.copy() for n, p in params.items()}
+    opt.train()
+    for g in grads[4:]:
+        opt.step(g)
+    resumed = optim.Optimizer.load(tmp_path / "ckpt.npz", groups_of(saved, 0.05))
+    assert type(resumed) is cls
+    assert resumed.param_groups[0]["train_mode"] == (mode == "train")
+    resumed.train()
+    for g in grads[4:]:
+        resumed.step(g)
+    for n in params:
+        np.testing.assert_array_equal(saved[n], params[n], err_msg=n)
+    assert [g["weight_sum"] for g in resumed.param_groups] == [
+        g["weight_sum"] for g in opt.param_groups
+    ]
+
+
+def test_group_scalars_are_validated():
+    params = model()
+    with pytest.raises(ValueError, match="Invalid momentum value: 1.0"):
+        optim.ScheduleFreeSGD(params, momentum=1.0)
+    with pytest.raises(ValueError, match="Invalid warmup_steps value: -1"):
+        optim.ScheduleFreeAdamW(params, warmup_steps=-1)
+    opt = optim.ScheduleFreeAdamW(params)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["k"] = -2
+    with pytest.raises(ValueError, match="Invalid k: -2"):
+        opt.load_state_dict(sd)
+    sd["param_groups"][0]["k"] = 0
+    sd["param_groups"][0]["weight_sum"] = -1.0
+    with pytest.raises(ValueError, match="Invalid weight_sum value: -1.0"):
+        opt.load_state_dict(sd)
+
+
+def test_from_config_names():
+    params = model()
+    assert type(optim.from_config("schedulefreeadamw", params)) is optim.ScheduleFreeAdamW
+    assert type(optim.from_config("ScheduleFreeSGD", model(), momentum=0.8)) is (
+        optim.ScheduleFreeSGD
+    )
