@@ -35,6 +35,7 @@ __all__ = [
     "adam_",
     "adamax_",
     "adamw_",
+    "lamb_",
     "lion_",
     "momentum_",
     "nadam_",
@@ -783,3 +784,80 @@ def schedulefree_sgd_(
         weight_sum=weight_sum,
     )
     _schedulefree_update(param, grad, z, lr, ckp1, momentum, weight_decay)
+
+
+_CHUNK = 2048  # the kernels' chunk (fusedopt._core.CHUNK)
+
+
+def _sum_squares(x):
+    """Sum of squares in double, in the fixed order of the kernels' reductions
+    (``csrc/kernels/utility.hpp``, ``fusedopt.global_norm``): per chunk of 2048 elements in
+    memory order, eight sequential sums over ``i % 8`` combined pairwise, chunks added in order.
+    The same bits for every thread count and SIMD level."""
+    flat = np.asarray(x, np.float64).ravel(order="K")
+    total = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        lanes = [chunk[k::8] * chunk[k::8] for k in range(8)]
+        acc = [float(np.cumsum(lane)[-1]) if lane.size else 0.0 for lane in lanes]
+        total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    return total
+
+
+@_for_each_tensor
+def lamb_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-6,
+    weight_decay=0.0,
+    decoupled_weight_decay=True,
+    clamp=10.0,
+    maximize=False,
+):
+    r"""LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"), in place, as
+    ``pytorch_optimizer.Lamb`` (4.1) computes it with its defaults: a per-tensor trust ratio
+    :math:`\min(\lVert\theta\rVert, c) / (\lVert u\rVert + \epsilon)` on an Adam direction.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \theta' &= \theta_{t-1}(1 - \gamma\lambda) \text{ (decoupled) or } \theta_{t-1} \\
+        u_t &= \frac{m_t}{\sqrt{v_t} + \epsilon} \;(+\, \lambda\theta' \text{ if not decoupled}) \\
+        r_t &= \begin{cases} \dfrac{\min(\lVert\theta'\rVert, c)}{\lVert u_t\rVert + \epsilon}
+            & \lVert\theta'\rVert \ne 0,\ \lVert u_t\rVert \ne 0 \\ 1 & \text{otherwise}
+            \end{cases} \\
+        \theta_t &= \theta' - \frac{\gamma}{1 - \beta_1^t}\, r_t\, u_t
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``, :math:`c` = ``clamp``,
+    norms over the whole tensor (each tensor of a list has its own :math:`r_t`), summed in
+    double in the kernels' fixed order (``_sum_squares``).
+
+    Note:
+        The variant is ``pytorch_optimizer.Lamb``'s, the CPU LAMB most users compare with: the
+        step is divided by the first moment's bias correction only, and :math:`v` is not
+        corrected; decoupled weight decay (its default) shrinks :math:`\theta` before the norms
+        and is not part of :math:`u`; the weight norm is clamped at 10. The paper's Algorithm 2
+        instead corrects both moments and puts :math:`\lambda\theta` inside :math:`u`
+        (``decoupled_weight_decay=False`` and ``clamp=inf`` come closest). The fused kernel
+        is still to be written: two passes over a list of tensors, norms then update.
+    """
+    g = -grad if maximize else grad
+    exp_avg[...] = beta1 * exp_avg + (1 - beta1) * g
+    exp_avg_sq[...] = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    if decoupled_weight_decay and weight_decay:
+        param *= 1 - weight_decay * lr
+    update = exp_avg / (np.sqrt(exp_avg_sq) + eps)
+    if not decoupled_weight_decay and weight_decay:
+        update = update + weight_decay * param
+    weight_norm = min(math.sqrt(_sum_squares(param)), clamp)
+    update_norm = math.sqrt(_sum_squares(update))
+    trust = 1.0 if weight_norm == 0 or update_norm == 0 else weight_norm / (update_norm + eps)
+    param -= lr / (1 - beta1**step) * trust * update
