@@ -47,7 +47,7 @@ from typing import (
 import ml_dtypes
 import numpy as np
 
-from . import _functional, reference
+from . import _functional, _matrix, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
@@ -61,6 +61,7 @@ __all__ = [
     "Adamax",
     "Lion",
     "Momentum",
+    "Muon",
     "NAdam",
     "Optimizer",
     "RAdam",
@@ -493,6 +494,10 @@ class Optimizer:
             start, signed=array not in plan.declaration.nonnegative_state
         )
 
+    def _state_shape(self, key: str, p: np.ndarray) -> Tuple[int, ...]:
+        """The shape of state ``key`` of parameter ``p`` (the parameter's, unless factored)."""
+        return p.shape
+
     def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
         """What else, read before this step creates any buffer, must be equal for tensors to
         share one fused call; passed to _update as ``extra``."""
@@ -630,10 +635,12 @@ class Optimizer:
                     continue
                 dtype = "float32" if key == "master" else storage.state
                 value = np.asarray(value)
-                if value.dtype != _DTYPES[dtype] or value.shape != p.shape:
+                shape = self._state_shape(key, p)
+                if value.dtype != _DTYPES[dtype] or value.shape != shape:
                     raise ValueError(
-                        f"state {key!r} of {name!r}: expected {dtype} {p.shape} "
-                        f"like the parameter, got {value.dtype} {value.shape}"
+                        f"state {key!r} of {name!r}: expected {dtype} {shape}"
+                        f"{' like the parameter' if shape == p.shape else ''}, "
+                        f"got {value.dtype} {value.shape}"
                     )
                 entry[key] = np.array(value, order=order, copy=True)
             if "step" not in entry:
@@ -1019,6 +1026,93 @@ class Lion(Optimizer):
         **options: Any,
     ):
         super().__init__(params, _arguments(locals()), **options)
+
+
+class Muon(Optimizer):
+    r"""Muon (Jordan et al. 2024), as ``torch.optim.Muon``: :func:`fusedopt.muon_`, for the 2-D
+    weights of hidden layers. Momentum with a Nesterov-style average, the update
+    orthogonalized by ``ns_steps`` Newton-Schulz steps (in float32, float64 for float64
+    params, with Eigen's matrix products on all threads; torch runs them in bfloat16), then
+    decoupled weight decay and a step scaled by ``adjust_lr_fn``. State: ``momentum_buffer``.
+
+    Muon is for hidden layers' matrices only: a parameter that is not 2-D raises ValueError.
+    Optimize embeddings, output heads, biases and gains with AdamW, in an optimizer of their
+    own, as Muon's authors do::
+
+        hidden = {n: p for n, p in params.items() if p.ndim == 2 and n not in ("embed", "head")}
+        other = {n: p for n, p in params.items() if n not in hidden}
+        muon = optim.Muon(hidden, lr=0.02, weight_decay=0.01)
+        adamw = optim.AdamW(other, lr=3e-4, weight_decay=0.01)
+        ...
+        muon.step({n: grads[n] for n in hidden})
+        adamw.step({n: grads[n] for n in other})
+
+    Options: ``state_dtype`` None, "float32" or "bfloat16" (the momentum buffer), ``impl``,
+    ``max_grad_norm`` and ``skip_if_nonfinite`` as for every optimizer; ``master_weights``,
+    ``stochastic_rounding`` and int8 state are not taken (ValueError).
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Tuple[float, float, float] = reference.MUON_NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: Optional[str] = None,
+        **options: Any,
+    ):
+        hyper = _arguments(locals())
+        hyper["ns_coefficients"] = tuple(ns_coefficients)
+        for option in ("master_weights", "stochastic_rounding"):
+            if options.get(option):
+                raise ValueError(f"Muon does not take {option}=True")
+        if _state_dtype(options.get("state_dtype")) == "int8":
+            raise ValueError("Muon does not take state_dtype='int8': use 'float32' or 'bfloat16'")
+        super().__init__(params, hyper, **options)
+
+    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+        if p.ndim != 2:
+            raise ValueError(
+                f"Muon only supports 2-D parameters: {name!r} has shape {p.shape}; optimize it "
+                "with e.g. AdamW in another optimizer or parameter group"
+            )
+        dtype = _dtype_name(p.dtype)
+        state = "float64" if dtype == "float64" else self.state_dtype or "float32"
+        if dtype == "float64" and self.state_dtype not in (None, "float64"):
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r}: parameter {name!r} is float64, whose state "
+                "is float64"
+            )
+        return _Storage(dtype, state, tuple(dict.fromkeys((dtype, "float32"))), False)
+
+    def _plan(self, group: Dict[str, Any]) -> _Plan:
+        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        hyper = {k: group[k] for k in self.defaults if k != "frozen"}
+        _matrix._check_hyper(
+            hyper["lr"],
+            hyper["weight_decay"],
+            hyper["momentum"],
+            hyper["nesterov"],
+            hyper["ns_coefficients"],
+            hyper["eps"],
+            hyper["ns_steps"],
+            hyper["adjust_lr_fn"],
+        )
+        plan = _Plan(None, hyper, (("momentum_buffer", "momentum_buffer"),))
+        self._plans[id(group)] = (values, plan)
+        return plan
+
+    def _update(self, plan, params, grads, buffers, step, extra) -> None:
+        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        function = reference.muon_ if reference_impl else _matrix.muon_
+        function(params, grads, buffers["momentum_buffer"], **plan.hyper)
 
 
 _OPTIONS = (

@@ -37,6 +37,7 @@ __all__ = [
     "adamw_",
     "lion_",
     "momentum_",
+    "muon_",
     "nadam_",
     "radam_",
     "rmsprop_",
@@ -649,3 +650,115 @@ def lion_(
     c = beta1 * exp_avg + (1 - beta1) * g
     param -= lr * np.sign(c)
     exp_avg[...] = beta2 * exp_avg + (1 - beta2) * g
+
+
+# ---------------------------------------------------------------------- matrix optimizers
+
+_CHUNK = 2048  # the kernels' chunk (fusedopt._core.CHUNK): the norm's partial sums
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def _sum_squares(x):
+    r""":math:`\sum x^2` in double, in the kernels' order (``csrc/kernels/utility.hpp``): over
+    the array in memory order, per chunk of 2048 elements eight running sums over ``i % 8``
+    combined pairwise, then the chunks' sums added in order. Bit-identical to the kernels'."""
+    flat = x.ravel(order="K").astype(np.float64)
+    total = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        lanes = np.zeros(-(-chunk.size // 8) * 8)
+        lanes[: chunk.size] = chunk * chunk
+        a = np.add.accumulate(lanes.reshape(-1, 8), axis=0)[-1]  # sequential, lane by lane
+        total += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    return total
+
+
+def _lerp(start, end, weight, compute):
+    """``torch.lerp(start, end, weight)`` as torch writes it for one element: two formulas that
+    are exact at weight 0 and 1 respectively; the weights in double, applied in ``compute``."""
+    if abs(weight) < 0.5:
+        return start + compute(weight) * (end - start)
+    return end - (end - start) * compute(1 - weight)
+
+
+def muon_adjusted_lr(lr, adjust_lr_fn, shape):
+    r"""The learning rate of a ``shape`` (A x B) matrix, as ``torch.optim.Muon`` adjusts it:
+    ``"original"`` (or None, Keller Jordan's) :math:`\gamma\sqrt{\max(1, A/B)}`;
+    ``"match_rms_adamw"`` (Moonshot's) :math:`0.2\,\gamma\sqrt{\max(A, B)}`."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    return lr * (0.2 * math.sqrt(max(rows, cols)))  # torch's order
+
+
+def newton_schulz(x, coefficients=MUON_NS_COEFFICIENTS, steps=5, eps=1e-7):
+    r"""The Newton-Schulz quintic iteration of Muon on a 2-D array ``x`` in its own dtype:
+    ``x`` (transposed if it has more rows than columns) divided by
+    :math:`\max(\lVert x\rVert_F, \epsilon)`, then ``steps`` times
+    :math:`A = XX^T,\ B = bA + cA^2,\ X \leftarrow aX + BX`; returned in ``x``'s shape. The
+    norm is :func:`_sum_squares` in double, rounded to ``x``'s dtype."""
+    compute = x.dtype.type
+    scale = max(compute(math.sqrt(_sum_squares(x))), compute(eps))
+    u = x / scale
+    transposed = u.shape[0] > u.shape[1]
+    X = u.T if transposed else u
+    a, b, c = coefficients
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+def muon_(
+    param,
+    grad,
+    momentum_buffer,
+    *,
+    lr=1e-3,
+    weight_decay=0.1,
+    momentum=0.95,
+    nesterov=True,
+    ns_coefficients=MUON_NS_COEFFICIENTS,
+    eps=1e-7,
+    ns_steps=5,
+    adjust_lr_fn=None,
+    skip_if_nonfinite=False,
+):
+    r"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), in
+    place, as ``torch.optim.Muon``, for 2-D parameters (one matrix or a list of them).
+
+    .. math::
+        B_t &= \mu B_{t-1} + (1 - \mu)\, g_t \\
+        \tilde B_t &= \begin{cases} (1 - \mu)\, g_t + \mu B_t & \text{nesterov} \\
+            B_t & \text{otherwise} \end{cases} \\
+        X_0 &= \tilde B_t / \max(\lVert \tilde B_t \rVert_F, \epsilon), \qquad
+            X_{k+1} = a X_k + (b X_k X_k^T + c (X_k X_k^T)^2) X_k \\
+        \theta_t &= \theta_{t-1}(1 - \gamma\lambda) - \gamma' X_K
+
+    with :math:`B` = ``momentum_buffer``, :math:`\mu` = ``momentum``, :math:`(a, b, c)` =
+    ``ns_coefficients``, :math:`K` = ``ns_steps``, :math:`\gamma` = ``lr``, :math:`\lambda` =
+    ``weight_decay`` and :math:`\gamma'` = :func:`muon_adjusted_lr` (``adjust_lr_fn``). The
+    iteration runs on :math:`X^T` when the matrix has more rows than columns, so that
+    :math:`XX^T` is the smaller Gram matrix. The moving averages are ``torch.lerp``'s
+    formulas (:func:`_lerp`).
+
+    Everything runs in float32 (float64 for float64 parameters): bfloat16 and float16 arrays are
+    converted, and what is written is rounded once. ``torch.optim.Muon`` runs the iteration in
+    bfloat16.
+    """
+    if isinstance(param, np.ndarray):
+        param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
+    if skip_if_nonfinite and not all(np.isfinite(g.astype(np.float64)).all() for g in grad):
+        return False
+    for p, g, buf in zip(param, grad, momentum_buffer):
+        compute = np.float64 if p.dtype == np.float64 else np.float32
+        g = g.astype(compute)
+        m = _lerp(buf.astype(compute), g, 1 - momentum, compute)
+        buf[...] = m.astype(buf.dtype)
+        u = _lerp(g, m, momentum, compute) if nesterov else m
+        update = newton_schulz(u, ns_coefficients, ns_steps, eps)
+        step = muon_adjusted_lr(lr, adjust_lr_fn, p.shape)
+        decay = compute(1 - lr * weight_decay)
+        p[...] = (p.astype(compute) * decay - compute(step) * update).astype(p.dtype)
+    return True
