@@ -55,6 +55,7 @@ from .quantize import QuantizedState
 
 __all__ = [
     "SGD",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -1113,6 +1114,100 @@ class Muon(Optimizer):
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         function = reference.muon_ if reference_impl else _matrix.muon_
         function(params, grads, buffers["momentum_buffer"], **plan.hyper)
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor (Shazeer & Stern 2018), as ``torch.optim.Adafactor`` (torch 2.13's variant):
+    :func:`fusedopt.adafactor_`. The second moment of a parameter of 2 or more dimensions is
+    factored over its last two: ``row_var`` and ``col_var`` (torch's shapes), about 0 bytes of
+    state per element for large matrices (4 (rows + cols) / (rows cols) in float32); vectors keep
+    a full ``variance`` (4 bytes per element). The step size is relative to the parameter's RMS
+    and the update is clipped to RMS ``d``. ``foreach`` is accepted for torch's signature and
+    has no effect: every step is fused.
+
+    Options: ``impl``, ``max_grad_norm`` and ``skip_if_nonfinite`` as for every optimizer; the
+    moments are float32 (float64 for float64 parameters): ``state_dtype`` other than None or
+    "float32", ``master_weights`` and ``stochastic_rounding`` are not taken (ValueError).
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: Tuple[Optional[float], float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        hyper = _arguments(locals())
+        hyper["eps"] = tuple(eps)
+        for option in ("master_weights", "stochastic_rounding"):
+            if options.get(option):
+                raise ValueError(f"Adafactor does not take {option}=True")
+        if _state_dtype(options.get("state_dtype")) not in (None, "float32"):
+            raise ValueError("Adafactor keeps float32 moments: state_dtype must be None or float32")
+        self._names_of: Dict[int, str] = {}
+        super().__init__(params, hyper, **options)
+
+    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+        dtype = _dtype_name(p.dtype)
+        if p.ndim >= 2 and not p.flags.c_contiguous:
+            raise ValueError(f"Adafactor: parameter {name!r} must be C-contiguous")
+        state = "float64" if dtype == "float64" else "float32"
+        return _Storage(dtype, state, tuple(dict.fromkeys((dtype, "float32"))), False)
+
+    def add_param_group(self, group: Dict[str, Any]) -> None:
+        super().add_param_group(group)
+        added = self.param_groups[-1]
+        self._names_of.update({id(p): n for n, p in zip(added["names"], added["params"])})
+
+    def _state_shape(self, key: str, p: np.ndarray) -> Tuple[int, ...]:
+        return _matrix.adafactor_state_shapes(p.shape).get(key, p.shape)
+
+    def _plan(self, group: Dict[str, Any]) -> _Plan:
+        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        hyper = {k: group[k] for k in self.defaults if k not in ("frozen", "foreach")}
+        _matrix._check_adafactor_hyper(
+            1,
+            hyper["lr"],
+            hyper["beta2_decay"],
+            tuple(hyper["eps"]) if isinstance(hyper["eps"], list) else hyper["eps"],
+            hyper["d"],
+            hyper["weight_decay"],
+            hyper["maximize"],
+        )
+        plan = _Plan(None, hyper, ())
+        self._plans[id(group)] = (values, plan)
+        return plan
+
+    def _update(self, plan, params, grads, buffers, step, extra) -> None:
+        states = []
+        for p in params:
+            state = self.state[self._names_of[id(p)]]
+            for key, shape in _matrix.adafactor_state_shapes(p.shape).items():
+                if key not in state:
+                    state[key] = np.zeros(
+                        shape, np.float64 if p.dtype == np.float64 else np.float32
+                    )
+            states.append(state)
+        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        function = reference.adafactor_ if reference_impl else _matrix.adafactor_
+        function(
+            params,
+            grads,
+            [s.get("row_var") for s in states],
+            [s.get("col_var") for s in states],
+            [s.get("variance") for s in states],
+            step=step,
+            **plan.hyper,
+        )
 
 
 _OPTIONS = (

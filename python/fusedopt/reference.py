@@ -31,6 +31,7 @@ import numpy as np
 from .quantize import QuantizedState, encode
 
 __all__ = [
+    "adafactor_",
     "adagrad_",
     "adam_",
     "adamax_",
@@ -761,4 +762,89 @@ def muon_(
         step = muon_adjusted_lr(lr, adjust_lr_fn, p.shape)
         decay = compute(1 - lr * weight_decay)
         p[...] = (p.astype(compute) * decay - compute(step) * update).astype(p.dtype)
+    return True
+
+
+def _lane_sums_of_squares(x):
+    r""":math:`\sum_j x_{ij}^2` of each row of ``x`` (last axis) in double, in the kernels'
+    order (``sum_squares`` of ``csrc/kernels/utility.hpp`` over the whole row)."""
+    x = x.astype(np.float64)
+    cols = x.shape[-1]
+    lanes = np.zeros(x.shape[:-1] + (-(-cols // 8) * 8,))
+    lanes[..., :cols] = x * x
+    lanes = lanes.reshape(x.shape[:-1] + (-1, 8))
+    a = np.moveaxis(np.add.accumulate(lanes, axis=-2)[..., -1, :], -1, 0)
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+
+def adafactor_(
+    param,
+    grad,
+    row_var,
+    col_var,
+    variance,
+    *,
+    step,
+    lr=1e-2,
+    beta2_decay=-0.8,
+    eps=(None, 1e-3),
+    d=1.0,
+    weight_decay=0.0,
+    maximize=False,
+):
+    r"""Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+    Memory Cost"), in place, as ``torch.optim.Adafactor`` (torch 2.13's variant): factored
+    second moments over the last two dimensions of every parameter of 2 or more, a full one
+    for vectors, a relative step size and update clipping.
+
+    .. math::
+        \beta_{2,t} &= 1 - t^{c}, \qquad \rho_t = \min(\gamma, 1/\sqrt t), \qquad
+            \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\, \rho_t \\
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        R_t &= \beta_{2,t} R_{t-1} + (1 - \beta_{2,t})\, \mathrm{mean}_j(g_t^2), \qquad
+            C_t = \beta_{2,t} C_{t-1} + (1 - \beta_{2,t})\, \mathrm{mean}_i(g_t^2) \\
+        \hat V_t &= R_t C_t / \max(\mathrm{mean}_i R_t, \epsilon_1)
+            \quad (\text{vectors: } V_t = \beta_{2,t} V_{t-1} + (1 - \beta_{2,t})\, g_t^2) \\
+        U_t &= g_t / \sqrt{\max(\hat V_t, \epsilon_1^2)}, \qquad
+            \theta_t = \theta_{t-1} - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U_t) / d)}\, U_t
+
+    with :math:`\gamma` = ``lr``, :math:`c` = ``beta2_decay``, :math:`(\epsilon_1,
+    \epsilon_2)` = ``eps`` (:math:`\epsilon_1` None: the param dtype's machine epsilon),
+    :math:`\lambda` = ``weight_decay``, :math:`t` = ``step``; :math:`R` = ``row_var`` (the
+    param's shape with a last dimension of 1), :math:`C` = ``col_var`` (a second-to-last
+    dimension of 1), :math:`V` = ``variance`` (vectors and scalars; the others are None). The
+    moments are ``torch.lerp``'s formulas (:func:`_lerp`). Every mean and norm is a sum in
+    double, in the kernels' order; the moments are float32 (float64 for float64 params).
+    """
+    if isinstance(param, np.ndarray):
+        param, grad, row_var, col_var, variance = [param], [grad], [row_var], [col_var], [variance]
+    eps1, eps2 = eps
+    weight = step**beta2_decay
+    rho = min(lr, 1 / step**0.5)
+    for p, g, r, c, v in zip(param, grad, row_var, col_var, variance):
+        if p.size == 0:
+            continue
+        compute = np.float64 if p.dtype == np.float64 else np.float32
+        e1 = float(ml_dtypes.finfo(p.dtype).eps) if eps1 is None else eps1
+        g = g.astype(compute)
+        if maximize:
+            g = -g
+        alpha = max(eps2, math.sqrt(_sum_squares(p)) / math.sqrt(p.size)) * rho
+        if p.ndim >= 2:
+            rows, cols = p.shape[-2:]
+            row_mean = (_lane_sums_of_squares(g) / cols).astype(compute)[..., None]
+            col_squares = np.add.accumulate(g.astype(np.float64) ** 2, axis=-2)[..., -1:, :]
+            col_mean = (col_squares / rows).astype(compute)
+            r[...] = _lerp(r, row_mean, weight, compute)
+            c[...] = _lerp(c, col_mean, weight, compute)
+            row_total = np.add.accumulate(r.astype(np.float64), axis=-2)[..., -1:, :]
+            denom = np.maximum((row_total / rows).astype(compute), compute(e1))
+            estimate = r * c / denom
+        else:
+            v[...] = _lerp(v, g * g, weight, compute)
+            estimate = v
+        u = g / np.sqrt(np.maximum(estimate, compute(e1 * e1)))
+        clip = max(1.0, math.sqrt(_sum_squares(u)) / (math.sqrt(p.size) * d))
+        decay = compute(1 - lr * weight_decay)
+        p[...] = (p.astype(compute) * decay - compute(alpha / clip) * u).astype(p.dtype)
     return True
