@@ -19,6 +19,7 @@ from ._clip import clip_grad_norm_, global_norm
 from ._dispatch import LEVEL as _LEVEL
 from ._dispatch import core as _core
 from ._functional import all_finite
+from ._matrix import adafactor_, muon_
 
 # The update functions, one per kernel declaration: adam_, sgd_, ...
 globals().update(_functional.FUNCTIONS)
@@ -29,10 +30,12 @@ __version__: str = _core.__version__
 
 __all__ = [
     "__version__",
+    "adafactor_",
     "all_finite",
     "clip_grad_norm_",
     "get_num_threads",
     "global_norm",
+    "muon_",
     "optim",
     "quantize",
     "reference",

@@ -47,7 +47,7 @@ from typing import (
 import ml_dtypes
 import numpy as np
 
-from . import _functional, reference
+from . import _functional, _matrix, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
@@ -55,12 +55,14 @@ from .quantize import QuantizedState
 
 __all__ = [
     "SGD",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
     "Lion",
     "Momentum",
+    "Muon",
     "NAdam",
     "Optimizer",
     "RAdam",
@@ -495,6 +497,10 @@ class Optimizer:
             start, signed=array not in plan.declaration.nonnegative_state
         )
 
+    def _state_shape(self, key: str, p: np.ndarray) -> Tuple[int, ...]:
+        """The shape of state ``key`` of parameter ``p`` (the parameter's, unless factored)."""
+        return p.shape
+
     def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
         """What else, read before this step creates any buffer, must be equal for tensors to
         share one fused call; passed to _update as ``extra``."""
@@ -632,10 +638,12 @@ class Optimizer:
                     continue
                 dtype = "float32" if key == "master" else storage.state
                 value = np.asarray(value)
-                if value.dtype != _DTYPES[dtype] or value.shape != p.shape:
+                shape = self._state_shape(key, p)
+                if value.dtype != _DTYPES[dtype] or value.shape != shape:
                     raise ValueError(
-                        f"state {key!r} of {name!r}: expected {dtype} {p.shape} "
-                        f"like the parameter, got {value.dtype} {value.shape}"
+                        f"state {key!r} of {name!r}: expected {dtype} {shape}"
+                        f"{' like the parameter' if shape == p.shape else ''}, "
+                        f"got {value.dtype} {value.shape}"
                     )
                 entry[key] = np.array(value, order=order, copy=True)
             if "step" not in entry:
@@ -1183,6 +1191,187 @@ class ScheduleFreeSGD(_ScheduleFree):
         **options: Any,
     ):
         super().__init__(params, _arguments(locals()), **options)
+
+
+class Muon(Optimizer):
+    r"""Muon (Jordan et al. 2024), as ``torch.optim.Muon``: :func:`fusedopt.muon_`, for the 2-D
+    weights of hidden layers. Momentum with a Nesterov-style average, the update
+    orthogonalized by ``ns_steps`` Newton-Schulz steps (in float32, float64 for float64
+    params, with Eigen's matrix products on all threads; torch runs them in bfloat16), then
+    decoupled weight decay and a step scaled by ``adjust_lr_fn``. State: ``momentum_buffer``.
+
+    Muon is for hidden layers' matrices only: a parameter that is not 2-D raises ValueError.
+    Optimize embeddings, output heads, biases and gains with AdamW, in an optimizer of their
+    own, as Muon's authors do::
+
+        hidden = {n: p for n, p in params.items() if p.ndim == 2 and n not in ("embed", "head")}
+        other = {n: p for n, p in params.items() if n not in hidden}
+        muon = optim.Muon(hidden, lr=0.02, weight_decay=0.01)
+        adamw = optim.AdamW(other, lr=3e-4, weight_decay=0.01)
+        ...
+        muon.step({n: grads[n] for n in hidden})
+        adamw.step({n: grads[n] for n in other})
+
+    Options: ``state_dtype`` None, "float32" or "bfloat16" (the momentum buffer), ``impl``,
+    ``max_grad_norm`` and ``skip_if_nonfinite`` as for every optimizer; ``master_weights``,
+    ``stochastic_rounding`` and int8 state are not taken (ValueError).
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Tuple[float, float, float] = reference.MUON_NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: Optional[str] = None,
+        **options: Any,
+    ):
+        hyper = _arguments(locals())
+        hyper["ns_coefficients"] = tuple(ns_coefficients)
+        for option in ("master_weights", "stochastic_rounding"):
+            if options.get(option):
+                raise ValueError(f"Muon does not take {option}=True")
+        if _state_dtype(options.get("state_dtype")) == "int8":
+            raise ValueError("Muon does not take state_dtype='int8': use 'float32' or 'bfloat16'")
+        super().__init__(params, hyper, **options)
+
+    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+        if p.ndim != 2:
+            raise ValueError(
+                f"Muon only supports 2-D parameters: {name!r} has shape {p.shape}; optimize it "
+                "with e.g. AdamW in another optimizer or parameter group"
+            )
+        dtype = _dtype_name(p.dtype)
+        state = "float64" if dtype == "float64" else self.state_dtype or "float32"
+        if dtype == "float64" and self.state_dtype not in (None, "float64"):
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r}: parameter {name!r} is float64, whose state "
+                "is float64"
+            )
+        return _Storage(dtype, state, tuple(dict.fromkeys((dtype, "float32"))), False)
+
+    def _plan(self, group: Dict[str, Any]) -> _Plan:
+        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        hyper = {k: group[k] for k in self.defaults if k != "frozen"}
+        _matrix._check_hyper(
+            hyper["lr"],
+            hyper["weight_decay"],
+            hyper["momentum"],
+            hyper["nesterov"],
+            hyper["ns_coefficients"],
+            hyper["eps"],
+            hyper["ns_steps"],
+            hyper["adjust_lr_fn"],
+        )
+        plan = _Plan(None, hyper, (("momentum_buffer", "momentum_buffer"),))
+        self._plans[id(group)] = (values, plan)
+        return plan
+
+    def _update(self, plan, params, grads, buffers, step, extra) -> None:
+        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        function = reference.muon_ if reference_impl else _matrix.muon_
+        function(params, grads, buffers["momentum_buffer"], **plan.hyper)
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor (Shazeer & Stern 2018), as ``torch.optim.Adafactor`` (torch 2.13's variant):
+    :func:`fusedopt.adafactor_`. The second moment of a parameter of 2 or more dimensions is
+    factored over its last two: ``row_var`` and ``col_var`` (torch's shapes), about 0 bytes of
+    state per element for large matrices (4 (rows + cols) / (rows cols) in float32); vectors keep
+    a full ``variance`` (4 bytes per element). The step size is relative to the parameter's RMS
+    and the update is clipped to RMS ``d``. ``foreach`` is accepted for torch's signature and
+    has no effect: every step is fused.
+
+    Options: ``impl``, ``max_grad_norm`` and ``skip_if_nonfinite`` as for every optimizer; the
+    moments are float32 (float64 for float64 parameters): ``state_dtype`` other than None or
+    "float32", ``master_weights`` and ``stochastic_rounding`` are not taken (ValueError).
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: Tuple[Optional[float], float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        hyper = _arguments(locals())
+        hyper["eps"] = tuple(eps)
+        for option in ("master_weights", "stochastic_rounding"):
+            if options.get(option):
+                raise ValueError(f"Adafactor does not take {option}=True")
+        if _state_dtype(options.get("state_dtype")) not in (None, "float32"):
+            raise ValueError("Adafactor keeps float32 moments: state_dtype must be None or float32")
+        self._names_of: Dict[int, str] = {}
+        super().__init__(params, hyper, **options)
+
+    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+        dtype = _dtype_name(p.dtype)
+        if p.ndim >= 2 and not p.flags.c_contiguous:
+            raise ValueError(f"Adafactor: parameter {name!r} must be C-contiguous")
+        state = "float64" if dtype == "float64" else "float32"
+        return _Storage(dtype, state, tuple(dict.fromkeys((dtype, "float32"))), False)
+
+    def add_param_group(self, group: Dict[str, Any]) -> None:
+        super().add_param_group(group)
+        added = self.param_groups[-1]
+        self._names_of.update({id(p): n for n, p in zip(added["names"], added["params"])})
+
+    def _state_shape(self, key: str, p: np.ndarray) -> Tuple[int, ...]:
+        return _matrix.adafactor_state_shapes(p.shape).get(key, p.shape)
+
+    def _plan(self, group: Dict[str, Any]) -> _Plan:
+        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        hyper = {k: group[k] for k in self.defaults if k not in ("frozen", "foreach")}
+        _matrix._check_adafactor_hyper(
+            1,
+            hyper["lr"],
+            hyper["beta2_decay"],
+            tuple(hyper["eps"]) if isinstance(hyper["eps"], list) else hyper["eps"],
+            hyper["d"],
+            hyper["weight_decay"],
+            hyper["maximize"],
+        )
+        plan = _Plan(None, hyper, ())
+        self._plans[id(group)] = (values, plan)
+        return plan
+
+    def _update(self, plan, params, grads, buffers, step, extra) -> None:
+        states = []
+        for p in params:
+            state = self.state[self._names_of[id(p)]]
+            for key, shape in _matrix.adafactor_state_shapes(p.shape).items():
+                if key not in state:
+                    state[key] = np.zeros(
+                        shape, np.float64 if p.dtype == np.float64 else np.float32
+                    )
+            states.append(state)
+        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        function = reference.adafactor_ if reference_impl else _matrix.adafactor_
+        function(
+            params,
+            grads,
+            [s.get("row_var") for s in states],
+            [s.get("col_var") for s in states],
+            [s.get("variance") for s in states],
+            step=step,
+            **plan.hyper,
+        )
 
 
 _OPTIONS = (

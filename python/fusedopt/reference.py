@@ -31,6 +31,7 @@ import numpy as np
 from .quantize import QuantizedState, encode
 
 __all__ = [
+    "adafactor_",
     "adagrad_",
     "adam_",
     "adamax_",
@@ -38,6 +39,7 @@ __all__ = [
     "lamb_",
     "lion_",
     "momentum_",
+    "muon_",
     "nadam_",
     "radam_",
     "rmsprop_",
@@ -861,3 +863,200 @@ def lamb_(
     update_norm = math.sqrt(_sum_squares(update))
     trust = 1.0 if weight_norm == 0 or update_norm == 0 else weight_norm / (update_norm + eps)
     param -= lr / (1 - beta1**step) * trust * update
+
+
+# ---------------------------------------------------------------------- matrix optimizers
+
+_CHUNK = 2048  # the kernels' chunk (fusedopt._core.CHUNK): the norm's partial sums
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def _sum_squares(x):
+    r""":math:`\sum x^2` in double, in the kernels' order (``csrc/kernels/utility.hpp``): over
+    the array in memory order, per chunk of 2048 elements eight running sums over ``i % 8``
+    combined pairwise, then the chunks' sums added in order. Bit-identical to the kernels'."""
+    flat = x.ravel(order="K").astype(np.float64)
+    total = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        lanes = np.zeros(-(-chunk.size // 8) * 8)
+        lanes[: chunk.size] = chunk * chunk
+        a = np.add.accumulate(lanes.reshape(-1, 8), axis=0)[-1]  # sequential, lane by lane
+        total += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    return total
+
+
+def _lerp(start, end, weight, compute):
+    """``torch.lerp(start, end, weight)`` as torch writes it for one element: two formulas that
+    are exact at weight 0 and 1 respectively; the weights in double, applied in ``compute``."""
+    if abs(weight) < 0.5:
+        return start + compute(weight) * (end - start)
+    return end - (end - start) * compute(1 - weight)
+
+
+def muon_adjusted_lr(lr, adjust_lr_fn, shape):
+    r"""The learning rate of a ``shape`` (A x B) matrix, as ``torch.optim.Muon`` adjusts it:
+    ``"original"`` (or None, Keller Jordan's) :math:`\gamma\sqrt{\max(1, A/B)}`;
+    ``"match_rms_adamw"`` (Moonshot's) :math:`0.2\,\gamma\sqrt{\max(A, B)}`."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    return lr * (0.2 * math.sqrt(max(rows, cols)))  # torch's order
+
+
+def newton_schulz(x, coefficients=MUON_NS_COEFFICIENTS, steps=5, eps=1e-7):
+    r"""The Newton-Schulz quintic iteration of Muon on a 2-D array ``x`` in its own dtype:
+    ``x`` (transposed if it has more rows than columns) divided by
+    :math:`\max(\lVert x\rVert_F, \epsilon)`, then ``steps`` times
+    :math:`A = XX^T,\ B = bA + cA^2,\ X \leftarrow aX + BX`; returned in ``x``'s shape. The
+    norm is :func:`_sum_squares` in double, rounded to ``x``'s dtype."""
+    compute = x.dtype.type
+    scale = max(compute(math.sqrt(_sum_squares(x))), compute(eps))
+    u = x / scale
+    transposed = u.shape[0] > u.shape[1]
+    X = u.T if transposed else u
+    a, b, c = coefficients
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+def muon_(
+    param,
+    grad,
+    momentum_buffer,
+    *,
+    lr=1e-3,
+    weight_decay=0.1,
+    momentum=0.95,
+    nesterov=True,
+    ns_coefficients=MUON_NS_COEFFICIENTS,
+    eps=1e-7,
+    ns_steps=5,
+    adjust_lr_fn=None,
+    skip_if_nonfinite=False,
+):
+    r"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), in
+    place, as ``torch.optim.Muon``, for 2-D parameters (one matrix or a list of them).
+
+    .. math::
+        B_t &= \mu B_{t-1} + (1 - \mu)\, g_t \\
+        \tilde B_t &= \begin{cases} (1 - \mu)\, g_t + \mu B_t & \text{nesterov} \\
+            B_t & \text{otherwise} \end{cases} \\
+        X_0 &= \tilde B_t / \max(\lVert \tilde B_t \rVert_F, \epsilon), \qquad
+            X_{k+1} = a X_k + (b X_k X_k^T + c (X_k X_k^T)^2) X_k \\
+        \theta_t &= \theta_{t-1}(1 - \gamma\lambda) - \gamma' X_K
+
+    with :math:`B` = ``momentum_buffer``, :math:`\mu` = ``momentum``, :math:`(a, b, c)` =
+    ``ns_coefficients``, :math:`K` = ``ns_steps``, :math:`\gamma` = ``lr``, :math:`\lambda` =
+    ``weight_decay`` and :math:`\gamma'` = :func:`muon_adjusted_lr` (``adjust_lr_fn``). The
+    iteration runs on :math:`X^T` when the matrix has more rows than columns, so that
+    :math:`XX^T` is the smaller Gram matrix. The moving averages are ``torch.lerp``'s
+    formulas (:func:`_lerp`).
+
+    Everything runs in float32 (float64 for float64 parameters): bfloat16 and float16 arrays are
+    converted, and what is written is rounded once. ``torch.optim.Muon`` runs the iteration in
+    bfloat16.
+    """
+    if isinstance(param, np.ndarray):
+        param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
+    if skip_if_nonfinite and not all(np.isfinite(g.astype(np.float64)).all() for g in grad):
+        return False
+    for p, g, buf in zip(param, grad, momentum_buffer):
+        compute = np.float64 if p.dtype == np.float64 else np.float32
+        g = g.astype(compute)
+        m = _lerp(buf.astype(compute), g, 1 - momentum, compute)
+        buf[...] = m.astype(buf.dtype)
+        u = _lerp(g, m, momentum, compute) if nesterov else m
+        update = newton_schulz(u, ns_coefficients, ns_steps, eps)
+        step = muon_adjusted_lr(lr, adjust_lr_fn, p.shape)
+        decay = compute(1 - lr * weight_decay)
+        p[...] = (p.astype(compute) * decay - compute(step) * update).astype(p.dtype)
+    return True
+
+
+def _lane_sums_of_squares(x):
+    r""":math:`\sum_j x_{ij}^2` of each row of ``x`` (last axis) in double, in the kernels'
+    order (``sum_squares`` of ``csrc/kernels/utility.hpp`` over the whole row)."""
+    x = x.astype(np.float64)
+    cols = x.shape[-1]
+    lanes = np.zeros(x.shape[:-1] + (-(-cols // 8) * 8,))
+    lanes[..., :cols] = x * x
+    lanes = lanes.reshape(x.shape[:-1] + (-1, 8))
+    a = np.moveaxis(np.add.accumulate(lanes, axis=-2)[..., -1, :], -1, 0)
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+
+def adafactor_(
+    param,
+    grad,
+    row_var,
+    col_var,
+    variance,
+    *,
+    step,
+    lr=1e-2,
+    beta2_decay=-0.8,
+    eps=(None, 1e-3),
+    d=1.0,
+    weight_decay=0.0,
+    maximize=False,
+):
+    r"""Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+    Memory Cost"), in place, as ``torch.optim.Adafactor`` (torch 2.13's variant): factored
+    second moments over the last two dimensions of every parameter of 2 or more, a full one
+    for vectors, a relative step size and update clipping.
+
+    .. math::
+        \beta_{2,t} &= 1 - t^{c}, \qquad \rho_t = \min(\gamma, 1/\sqrt t), \qquad
+            \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\, \rho_t \\
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        R_t &= \beta_{2,t} R_{t-1} + (1 - \beta_{2,t})\, \mathrm{mean}_j(g_t^2), \qquad
+            C_t = \beta_{2,t} C_{t-1} + (1 - \beta_{2,t})\, \mathrm{mean}_i(g_t^2) \\
+        \hat V_t &= R_t C_t / \max(\mathrm{mean}_i R_t, \epsilon_1)
+            \quad (\text{vectors: } V_t = \beta_{2,t} V_{t-1} + (1 - \beta_{2,t})\, g_t^2) \\
+        U_t &= g_t / \sqrt{\max(\hat V_t, \epsilon_1^2)}, \qquad
+            \theta_t = \theta_{t-1} - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U_t) / d)}\, U_t
+
+    with :math:`\gamma` = ``lr``, :math:`c` = ``beta2_decay``, :math:`(\epsilon_1,
+    \epsilon_2)` = ``eps`` (:math:`\epsilon_1` None: the param dtype's machine epsilon),
+    :math:`\lambda` = ``weight_decay``, :math:`t` = ``step``; :math:`R` = ``row_var`` (the
+    param's shape with a last dimension of 1), :math:`C` = ``col_var`` (a second-to-last
+    dimension of 1), :math:`V` = ``variance`` (vectors and scalars; the others are None). The
+    moments are ``torch.lerp``'s formulas (:func:`_lerp`). Every mean and norm is a sum in
+    double, in the kernels' order; the moments are float32 (float64 for float64 params).
+    """
+    if isinstance(param, np.ndarray):
+        param, grad, row_var, col_var, variance = [param], [grad], [row_var], [col_var], [variance]
+    eps1, eps2 = eps
+    weight = step**beta2_decay
+    rho = min(lr, 1 / step**0.5)
+    for p, g, r, c, v in zip(param, grad, row_var, col_var, variance):
+        if p.size == 0:
+            continue
+        compute = np.float64 if p.dtype == np.float64 else np.float32
+        e1 = float(ml_dtypes.finfo(p.dtype).eps) if eps1 is None else eps1
+        g = g.astype(compute)
+        if maximize:
+            g = -g
+        alpha = max(eps2, math.sqrt(_sum_squares(p)) / math.sqrt(p.size)) * rho
+        if p.ndim >= 2:
+            rows, cols = p.shape[-2:]
+            row_mean = (_lane_sums_of_squares(g) / cols).astype(compute)[..., None]
+            col_squares = np.add.accumulate(g.astype(np.float64) ** 2, axis=-2)[..., -1:, :]
+            col_mean = (col_squares / rows).astype(compute)
+            r[...] = _lerp(r, row_mean, weight, compute)
+            c[...] = _lerp(c, col_mean, weight, compute)
+            row_total = np.add.accumulate(r.astype(np.float64), axis=-2)[..., -1:, :]
+            denom = np.maximum((row_total / rows).astype(compute), compute(e1))
+            estimate = r * c / denom
+        else:
+            v[...] = _lerp(v, g * g, weight, compute)
+            estimate = v
+        u = g / np.sqrt(np.maximum(estimate, compute(e1 * e1)))
+        clip = max(1.0, math.sqrt(_sum_squares(u)) / (math.sqrt(p.size) * d))
+        decay = compute(1 - lr * weight_decay)
+        p[...] = (p.astype(compute) * decay - compute(alpha / clip) * u).astype(p.dtype)
+    return True

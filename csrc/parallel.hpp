@@ -1,0 +1,53 @@
+// Threads for the matrix and reduction code of the level libraries (matrix.cpp, factored.cpp):
+// the only code there that opens OpenMP parallel regions. The element-wise kernels get their
+// threads from the binding.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
+
+#include "kernels/common.hpp"
+
+namespace fusedopt::parallel {
+
+// libgomp cannot open a parallel region in a child forked after the parent opened one (see
+// bindings.cpp): such a child runs these loops on its calling thread.
+inline std::atomic<bool> opened_region{false};
+inline std::atomic<bool> serial_after_fork{false};
+inline void after_fork_in_child() {
+  if (opened_region.load()) serial_after_fork.store(true);
+}
+
+inline int team_size(int requested, Index work_items) {
+#if !defined(_WIN32)
+  static const int registered = pthread_atfork(nullptr, nullptr, after_fork_in_child);
+  (void)registered;
+#endif
+  if (requested <= 1 || work_items <= 1 || serial_after_fork.load()) return 1;
+  opened_region.store(true);
+  return static_cast<int>(std::min<Index>(requested, work_items));
+}
+
+// Runs body(i) for i in [0, count) on up to `threads` threads. Callers make every result
+// independent of which thread runs which i.
+template <typename Body>
+void parallel_for(Index count, int threads, const Body& body) {
+  const int team = team_size(threads, count);
+#ifdef _OPENMP
+  if (team > 1) {
+#pragma omp parallel for schedule(dynamic) num_threads(team)
+    for (Index i = 0; i < count; ++i) body(i);
+    return;
+  }
+#endif
+  for (Index i = 0; i < count; ++i) body(i);
+}
+
+}  // namespace fusedopt::parallel

@@ -1,0 +1,478 @@
+"""The fused optimizers whose update is not one element-wise pass: ``muon_`` (matrix products)
+and ``adafactor_`` (row, column and global reductions between passes).
+
+They have no element-wise declaration: ``csrc/matrix.cpp`` and ``csrc/factored.cpp`` are
+compiled into every SIMD level's kernel library beside the element-wise kernels, and this module
+validates a call and hands the loaded level's function its pointers through ctypes (which
+releases the GIL for the call). Nothing is written before every argument has been checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import ml_dtypes
+import numpy as np
+from numpy.lib.array_utils import byte_bounds
+
+from . import _dispatch, reference
+from ._dispatch import core as _core
+
+__all__ = ["adafactor_", "muon_"]
+
+Matrices = Union[np.ndarray, Sequence[np.ndarray]]
+
+_CODES = {
+    np.dtype(np.float32): 0,
+    np.dtype(np.float64): 1,
+    np.dtype(ml_dtypes.bfloat16): 2,
+    np.dtype(np.float16): 3,
+}
+_NAMES = {0: "float32", 1: "float64", 2: "bfloat16", 3: "float16"}
+
+
+class _MuonCall(ctypes.Structure):
+    """``MuonCall`` of csrc/matrix.cpp, field for field."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("momentum_buffer", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("c_order", ctypes.c_int32),
+        ("param_dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("state_dtype", ctypes.c_int32),
+        ("decay", ctypes.c_double),
+        ("step", ctypes.c_double),
+        ("momentum", ctypes.c_double),
+        ("a", ctypes.c_double),
+        ("b", ctypes.c_double),
+        ("c", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("nesterov", ctypes.c_int32),
+        ("ns_steps", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
+class _AdafactorCall(ctypes.Structure):
+    """``AdafactorCall`` of csrc/factored.cpp, field for field."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("row_var", ctypes.c_void_p),
+        ("col_var", ctypes.c_void_p),
+        ("variance", ctypes.c_void_p),
+        ("batch", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("factored", ctypes.c_int32),
+        ("param_dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("decay", ctypes.c_double),
+        ("rho", ctypes.c_double),
+        ("weight", ctypes.c_double),
+        ("eps1", ctypes.c_double),
+        ("eps2", ctypes.c_double),
+        ("d", ctypes.c_double),
+        ("maximize", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
+def _level_function(name: str, call: type):
+    try:
+        function = getattr(_dispatch._loaded[_dispatch.LEVEL], name)
+    except AttributeError:
+        raise ImportError(
+            f"fusedopt: the kernel library of level {_dispatch.LEVEL} has no {name} (built "
+            "from older sources than the binding): reinstall fusedopt"
+        ) from None
+    function.argtypes = [ctypes.POINTER(call)]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MUON = _level_function("fusedopt_muon_step", _MuonCall)
+_ADAFACTOR = _level_function("fusedopt_adafactor_step", _AdafactorCall)
+
+
+def _real(name: str, value, low: float = 0.0, high: float = math.inf, fn: str = "muon_") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        bounds = f">= {low:g}" if high == math.inf else f"<= {high:g}"
+        raise ValueError(f"{fn}: invalid {name}: {value} (a finite number {bounds})")
+    return value
+
+
+def _check_hyper(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust):
+    lr, weight_decay = _real("lr", lr), _real("weight_decay", weight_decay)
+    momentum, eps = _real("momentum", momentum), _real("eps", eps)
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise TypeError(f"muon_: nesterov must be a bool, got {type(nesterov).__name__}")
+    if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
+        raise ValueError(
+            f"muon_: ns_coefficients must be a tuple of 3 numbers (a, b, c), "
+            f"got {ns_coefficients!r}"
+        )
+    coefficients = tuple(_real("ns_coefficients", c, -math.inf) for c in ns_coefficients)
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral):
+        raise TypeError(f"muon_: ns_steps must be an integer, got {type(ns_steps).__name__}")
+    if not 0 <= ns_steps < 100:
+        raise ValueError(f"muon_: invalid ns_steps: {ns_steps} (an integer in [0, 100))")
+    if adjust not in (None, "original", "match_rms_adamw"):
+        raise ValueError(
+            f"muon_: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust!r}"
+        )
+    return lr, weight_decay, momentum, bool(nesterov), coefficients, eps, int(ns_steps)
+
+
+def _as_list(name: str, value) -> List[np.ndarray]:
+    values = [value] if isinstance(value, np.ndarray) else value
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"muon_: {name} must be a numpy.ndarray or a list of them, got {type(value).__name__}"
+        )
+    for i, a in enumerate(values):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"muon_: {name}[{i}] must be a numpy.ndarray, got {type(a).__name__}")
+    return list(values)
+
+
+def _check_tensor(i: int, p: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[int, int, int]:
+    at = f"tensor {i}: " if i >= 0 else ""
+    if p.ndim != 2:
+        raise ValueError(
+            f"muon_: {at}Muon updates 2-D matrices only, got a param of shape {p.shape}; "
+            "optimize other parameters (biases, gains, embeddings) with e.g. adamw_"
+        )
+    pc = _CODES.get(p.dtype) if p.dtype.isnative else None
+    if pc is None:
+        raise TypeError(
+            f"muon_: {at}param must be float32, float64, bfloat16 or float16, got {p.dtype}"
+        )
+    grads = (1,) if pc == 1 else tuple(dict.fromkeys((pc, 0)))
+    states = (1,) if pc == 1 else (0, 2)
+    for name, a, allowed in (("grad", g, grads), ("momentum_buffer", b, states)):
+        code = _CODES.get(a.dtype) if a.dtype.isnative else None
+        if code not in allowed:
+            expected = " or ".join(_NAMES[c] for c in allowed)
+            raise TypeError(
+                f"muon_: {at}{name} must be {expected} for a {p.dtype} param, got {a.dtype}"
+            )
+        if a.shape != p.shape:
+            raise ValueError(f"muon_: {at}{name} has shape {a.shape}, expected {p.shape}")
+    c_order = p.flags.c_contiguous
+    for name, a in (("param", p), ("grad", g), ("momentum_buffer", b)):
+        if not (a.flags.c_contiguous if c_order else a.flags.f_contiguous):
+            raise ValueError(
+                f"muon_: {at}{name} must be contiguous in the param's memory order "
+                f"({'C' if c_order else 'Fortran'})"
+            )
+    for name, a in (("param", p), ("momentum_buffer", b)):
+        if not a.flags.writeable:
+            raise ValueError(f"muon_: {at}{name} is read-only")
+    if np.may_share_memory(p, g) or np.may_share_memory(p, b) or np.may_share_memory(g, b):
+        raise ValueError(f"muon_: {at}param, grad and momentum_buffer must not overlap")
+    return pc, _CODES[g.dtype], _CODES[b.dtype]
+
+
+def _check_no_overlap(fn: str, tensors) -> None:
+    """No written array of one tensor (every one but the grad, the second) overlaps an array of
+    another: a sweep over their byte extents."""
+    extents = []
+    for t, arrays in enumerate(tensors):
+        for role, a in enumerate(arrays):
+            if a is not None and a.size:
+                low, high = byte_bounds(a)
+                extents.append((low, high, t, role != 1))
+    extents.sort()
+    active: list = []
+    for low, high, t, written in extents:
+        active = [e for e in active if e[1] > low]
+        for _, _, u, other_written in active:
+            if u != t and (written or other_written):
+                raise ValueError(
+                    f"{fn}: arrays of tensors {u} and {t} overlap: every tensor's param and "
+                    "state must be its own"
+                )
+        active.append((low, high, t, written))
+
+
+def muon_(
+    param: Matrices,
+    grad: Matrices,
+    momentum_buffer: Matrices,
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: Tuple[float, float, float] = reference.MUON_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: Optional[str] = None,
+    skip_if_nonfinite: bool = False,
+) -> bool:
+    checked = _check_hyper(
+        lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn
+    )
+    lr, weight_decay, momentum, nesterov, (a, b, c), eps, ns_steps = checked
+    one = isinstance(param, np.ndarray)
+    params = _as_list("param", param)
+    grads = _as_list("grad", grad)
+    buffers = _as_list("momentum_buffer", momentum_buffer)
+    if not len(params) == len(grads) == len(buffers):
+        raise ValueError(
+            f"muon_: param, grad and momentum_buffer must be lists of one length, got "
+            f"{len(params)}, {len(grads)} and {len(buffers)}"
+        )
+    codes = [
+        _check_tensor(-1 if one else i, p, g, m)
+        for i, (p, g, m) in enumerate(zip(params, grads, buffers))
+    ]
+    _check_no_overlap("muon_", list(zip(params, grads, buffers)))
+    if skip_if_nonfinite and not all(_core.all_finite(g) for g in grads if g.size):
+        return False
+    threads = _core.get_num_threads()
+    for p, g, m, (pc, gc, sc) in zip(params, grads, buffers, codes):
+        if p.size == 0:
+            continue
+        call = _MuonCall(
+            p.ctypes.data,
+            g.ctypes.data,
+            m.ctypes.data,
+            p.shape[0],
+            p.shape[1],
+            int(p.flags.c_contiguous),
+            pc,
+            gc,
+            sc,
+            1 - lr * weight_decay,
+            reference.muon_adjusted_lr(lr, adjust_lr_fn, p.shape),
+            momentum,
+            a,
+            b,
+            c,
+            eps,
+            int(nesterov),
+            ns_steps,
+            threads if p.size >= _core.get_parallel_min() else 1,
+        )
+        if _MUON(ctypes.byref(call)) != 0:  # unreachable: the dtypes were checked above
+            raise RuntimeError("muon_: the kernel library has no such storage combination")
+    return True
+
+
+muon_.__doc__ = f"""{reference.muon_.__doc__.rstrip()}
+
+    The fused step: one call per matrix, its element-wise passes and every matrix product on
+    all the kernels' threads (:func:`fusedopt.set_num_threads`), with Eigen's GEMM compiled
+    for the loaded SIMD level; bit-identical for every thread count. The momentum buffer and
+    the norm agree with :func:`fusedopt.reference.muon_` bit for bit, the products to
+    rounding (their summation order is Eigen's, not NumPy's BLAS's).
+
+    Args:
+        param: a 2-D array or a list of them (float32, float64, bfloat16 or float16; C- or
+            Fortran-contiguous), updated in place.
+        grad: the gradients, in the param's dtype or float32 (float64 for float64), read only.
+        momentum_buffer: the moving average of the gradients (start at zero), float32 or
+            bfloat16 (float64 for float64), updated in place.
+        lr: learning rate (>= 0; default 1e-3).
+        weight_decay: decoupled weight decay (>= 0; default 0.1).
+        momentum: the moving average's factor (>= 0; default 0.95).
+        nesterov: use the Nesterov-style average (default True).
+        ns_coefficients: the quintic's (a, b, c) (default (3.4445, -4.7750, 2.0315)).
+        eps: lower bound of the Frobenius norm that scales the update (>= 0; default 1e-7).
+        ns_steps: Newton-Schulz steps, in [0, 100) (default 5).
+        adjust_lr_fn: None or "original" (lr * sqrt(max(1, rows/cols))) or "match_rms_adamw"
+            (0.2 lr sqrt(max(rows, cols))).
+        skip_if_nonfinite: do nothing and return False if a grad holds a NaN or an infinity.
+
+    Returns:
+        True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
+"""
+
+
+def _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize):
+    fn = "adafactor_"
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{fn}: step must be an integer, got {type(step).__name__}")
+    if not 1 <= step < 2**63:
+        raise ValueError(f"{fn}: invalid step: {step} (the count of steps, from 1)")
+    lr = _real("lr", lr, fn=fn)
+    beta2_decay = _real("beta2_decay", beta2_decay, -math.inf, 0.0, fn=fn)
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"{fn}: eps must be a pair (eps1 or None, eps2), got {eps!r}")
+    eps1 = None if eps[0] is None else _real("eps[0]", eps[0], fn=fn)
+    eps2 = _real("eps[1]", eps[1], fn=fn)
+    d = _real("d", d, 1.0, fn=fn)
+    weight_decay = _real("weight_decay", weight_decay, fn=fn)
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise TypeError(f"{fn}: maximize must be a bool, got {type(maximize).__name__}")
+    return int(step), lr, beta2_decay, eps1, eps2, d, weight_decay, bool(maximize)
+
+
+def adafactor_state_shapes(shape: Tuple[int, ...]) -> dict:
+    """The state of a param of ``shape``, as torch.optim.Adafactor keeps it: ``row_var`` (the
+    last dimension 1) and ``col_var`` (the second-to-last 1) for 2 or more dimensions, else
+    ``variance`` (the param's shape)."""
+    if len(shape) >= 2:
+        return {"row_var": shape[:-1] + (1,), "col_var": shape[:-2] + (1, shape[-1])}
+    return {"variance": tuple(shape)}
+
+
+def _check_adafactor_tensor(i, p, g, r, c, v):
+    at = f"tensor {i}: " if i >= 0 else ""
+    pc = _CODES.get(p.dtype) if p.dtype.isnative else None
+    if pc is None:
+        raise TypeError(
+            f"adafactor_: {at}param must be float32, float64, bfloat16 or float16, got {p.dtype}"
+        )
+    grads = (1,) if pc == 1 else tuple(dict.fromkeys((pc, 0)))
+    code = _CODES.get(g.dtype) if isinstance(g, np.ndarray) and g.dtype.isnative else None
+    if code not in grads:
+        expected = " or ".join(_NAMES[c] for c in grads)
+        got = g.dtype if isinstance(g, np.ndarray) else type(g).__name__
+        raise TypeError(f"adafactor_: {at}grad must be {expected} for a {p.dtype} param, got {got}")
+    if g.shape != p.shape:
+        raise ValueError(f"adafactor_: {at}grad has shape {g.shape}, expected {p.shape}")
+    state = np.dtype(np.float64 if pc == 1 else np.float32)
+    shapes = adafactor_state_shapes(p.shape)
+    given = {"row_var": r, "col_var": c, "variance": v}
+    for name, a in given.items():
+        if name not in shapes:
+            if a is not None:
+                raise ValueError(
+                    f"adafactor_: {at}{name} must be None for a param of {p.ndim} dimensions"
+                )
+            continue
+        if not isinstance(a, np.ndarray):
+            raise TypeError(
+                f"adafactor_: {at}{name} must be a {state} numpy.ndarray, got {type(a).__name__}"
+            )
+        if a.dtype != state or a.shape != shapes[name]:
+            raise ValueError(
+                f"adafactor_: {at}{name} must be {state} {shapes[name]}, got {a.dtype} {a.shape}"
+            )
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            raise ValueError(f"adafactor_: {at}{name} must be C-contiguous and writeable")
+    if not (p.flags.c_contiguous and g.flags.c_contiguous):
+        raise ValueError(f"adafactor_: {at}param and grad must be C-contiguous")
+    if not p.flags.writeable:
+        raise ValueError(f"adafactor_: {at}param is read-only")
+    arrays = [p, g] + [a for a in (r, c, v) if a is not None]
+    for k, x in enumerate(arrays):
+        for y in arrays[k + 1 :]:
+            if np.may_share_memory(x, y):
+                raise ValueError(f"adafactor_: {at}param, grad and the state must not overlap")
+    return pc, _CODES[g.dtype]
+
+
+def adafactor_(
+    param: Matrices,
+    grad: Matrices,
+    row_var,
+    col_var,
+    variance,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: Tuple[Optional[float], float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> bool:
+    checked = _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize)
+    step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = checked
+    one = isinstance(param, np.ndarray)
+    params = _as_list("param", param)
+    if one:
+        grads, rows, cols, variances = [grad], [row_var], [col_var], [variance]
+    else:
+        lists = []
+        for name, value in (
+            ("grad", grad),
+            ("row_var", row_var),
+            ("col_var", col_var),
+            ("variance", variance),
+        ):
+            if not isinstance(value, (list, tuple)) or len(value) != len(params):
+                raise ValueError(
+                    f"adafactor_: {name} must be a list of {len(params)} entries like param "
+                    "(None where a tensor has no such state)"
+                )
+            lists.append(list(value))
+        grads, rows, cols, variances = lists
+    codes = [
+        _check_adafactor_tensor(-1 if one else i, *arrays)
+        for i, arrays in enumerate(zip(params, grads, rows, cols, variances))
+    ]
+    _check_no_overlap("adafactor_", list(zip(params, grads, rows, cols, variances)))
+    threads = _core.get_num_threads()
+    weight = float(step) ** beta2_decay
+    rho = min(lr, 1 / float(step) ** 0.5)
+    for p, g, r, c, v, (pc, gc) in zip(params, grads, rows, cols, variances, codes):
+        if p.size == 0:
+            continue
+        factored = p.ndim >= 2
+        e1 = float(ml_dtypes.finfo(p.dtype).eps) if eps1 is None else eps1
+        call = _AdafactorCall(
+            p.ctypes.data,
+            g.ctypes.data,
+            r.ctypes.data if factored else None,
+            c.ctypes.data if factored else None,
+            None if factored else v.ctypes.data,
+            int(np.prod(p.shape[:-2])) if factored else 1,
+            p.shape[-2] if factored else 1,
+            p.shape[-1] if factored else p.size,
+            int(factored),
+            pc,
+            gc,
+            1 - lr * weight_decay,
+            rho,
+            weight,
+            e1,
+            eps2,
+            d,
+            int(maximize),
+            threads if p.size >= _core.get_parallel_min() else 1,
+        )
+        if _ADAFACTOR(ctypes.byref(call)) != 0:  # unreachable: the dtypes were checked above
+            raise RuntimeError("adafactor_: the kernel library has no such storage combination")
+    return True
+
+
+adafactor_.__doc__ = f"""{reference.adafactor_.__doc__.rstrip()}
+
+    The fused step: per tensor three parallel passes (reductions, the update's norm, the
+    update), every sum in double in an order fixed by the shape: bit-identical to
+    :func:`fusedopt.reference.adafactor_` and for every thread count.
+
+    Args:
+        param: an array or a list of them (float32, float64, bfloat16 or float16;
+            C-contiguous), updated in place.
+        grad: the gradients, in the param's dtype or float32 (float64 for float64).
+        row_var, col_var: the factored moments of a param of 2 or more dimensions (float32,
+            float64 for float64; shapes from :func:`adafactor_state_shapes`), else None.
+        variance: the second moment of a vector or scalar param, else None.
+        step: the count of steps including this one (from 1).
+        lr: the relative step size's bound (>= 0; default 1e-2).
+        beta2_decay: c in beta2_t = 1 - t^c (<= 0; default -0.8).
+        eps: (eps1 or None for the param dtype's machine epsilon, eps2) (default (None, 1e-3)).
+        d: the update clipping threshold (>= 1; default 1).
+        weight_decay: decoupled weight decay (>= 0; default 0).
+        maximize: ascend instead (default False).
+
+    Returns:
+        True.
+"""

@@ -1,0 +1,399 @@
+"""Muon: fusedopt.muon_ against fusedopt.reference.muon_, optim.Muon against torch.optim.Muon,
+errors, thread counts and checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+from unittest import mock
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import optim, reference
+
+try:
+    import torch
+except ImportError:  # the torch comparisons skip
+    torch = None
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# (param, grad, momentum_buffer) dtypes: every combination muon_ takes.
+ROWS = [
+    (np.float32, np.float32, np.float32),
+    (np.float64, np.float64, np.float64),
+    (np.float32, np.float32, BF16),
+    (BF16, BF16, np.float32),
+    (BF16, np.float32, BF16),
+    (np.float16, np.float16, np.float32),
+    (np.float16, np.float32, BF16),
+]
+ROW_IDS = ["-".join(np.dtype(d).name for d in row) for row in ROWS]
+# Around the GEMM tiles (128 x 256 outputs) and the norm's chunks (2048 elements); wide and
+# tall (transposed) matrices; 1 x 1.
+SHAPES = [(1, 1), (3, 5), (5, 3), (64, 48), (130, 300), (300, 130), (257, 129)]
+
+
+def arrays(shape, row, order, rng):
+    p, g, b = (
+        np.asarray(rng.standard_normal(shape), dtype=d, order=order)
+        for d in (row[0], row[1], row[2])
+    )
+    return p, g, b
+
+
+def copies(*arrays):
+    return tuple(a.copy(order="K") for a in arrays)
+
+
+def run(function, p, g, b, steps, rng, **hyper):
+    for _ in range(steps):
+        g[...] = rng.standard_normal(g.shape).astype(g.dtype)
+        function(p, g, b, **hyper)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_without_newton_schulz_is_bit_exact(row, shape, order, nesterov):
+    """With ns_steps=0 the step is element-wise passes and the Frobenius norm, which the
+    reference computes in the kernels' order: the fused result is bit-identical in every
+    storage row, after several steps (the buffer feeds back)."""
+    hyper = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, ns_steps=0)
+    fused = arrays(shape, row, order, np.random.default_rng(1))
+    expected = copies(*fused)
+    run(fusedopt.muon_, *fused, 3, np.random.default_rng(2), **hyper)
+    run(reference.muon_, *expected, 3, np.random.default_rng(2), **hyper)
+    for a, e, name in zip(fused, expected, ("param", "grad", "momentum_buffer")):
+        np.testing.assert_array_equal(a, e, err_msg=name, strict=True)
+
+
+def orthogonalized(shape, dtype, rng, order="C"):
+    """The update O of one step from a zero param and buffer (param = -lr O), fused and
+    reference, and O from the same input in float64."""
+    g = np.asarray(rng.standard_normal(shape), dtype=dtype, order=order)
+    results = []
+    for function in (fusedopt.muon_, reference.muon_):
+        p, b = np.zeros(shape, dtype, order=order), np.zeros(shape, dtype, order=order)
+        function(p, g, b, lr=1.0, weight_decay=0.0)
+        results.append(-p.astype(np.float64) / reference.muon_adjusted_lr(1.0, None, shape))
+    # the reference's input to the iteration, in float64: (1 - mu) g + mu (1 - mu) g
+    u = reference._lerp(g, 0.05 * g, 0.95, dtype)
+    exact = reference.newton_schulz(u.astype(np.float64))
+    return results[0], results[1], exact
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (130, 300), (300, 130), (512, 512)], ids=str)
+def test_float32_newton_schulz_is_as_accurate_as_numpys(shape):
+    """The products are Eigen's GEMM, whose summation order differs from NumPy's BLAS: not bit
+    for bit. Both are float32 GEMMs (relative error about sqrt(k) 2^-24 per product, k the inner
+    size), amplified by the iteration (its slope at 0 is a = 3.4445, five times), so neither
+    is closer to the exact iteration by more than a small factor. The test: measured against
+    the iteration in float64 from the same input, the fused error is within 3x NumPy's, and
+    both are below 1e-4 of the update's largest entry (measured: a few 1e-6 at these sizes)."""
+    fused, ref, exact = orthogonalized(shape, np.float32, np.random.default_rng(0))
+    scale = np.abs(exact).max()
+    fused_error = np.abs(fused - exact).max() / scale
+    ref_error = np.abs(ref - exact).max() / scale
+    assert fused_error <= 3 * ref_error + 1e-7, (fused_error, ref_error)
+    assert max(fused_error, ref_error) < 1e-4
+    assert not np.array_equal(fused, exact)  # float32 results, not float64
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (130, 300), (300, 130)], ids=str)
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_float64_matches_reference(shape, order):
+    """In float64 the iteration agrees with NumPy's to 1e-12 relative (different summation
+    orders; the iteration amplifies each product's 1e-16 by at most a few hundred)."""
+    fused, ref, exact = orthogonalized(shape, np.float64, np.random.default_rng(0), order)
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_allclose(fused, exact, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_matches_reference_in_every_row(row, shape, order):
+    """Five steps with the default hyperparameters, each from the same arrays (the fused
+    ones): the momentum buffer is bit for bit the reference's (element-wise, no product
+    involved); the params agree to the products' float32 rounding (see above: 1e-4 of the
+    update lr' |O| at most), and in low precision to one unit in the last place (a product's
+    last bits can move a rounding to its neighbour). A rounding that differs stays in the
+    param, so the steps are compared one at a time, not as two diverging runs."""
+    lr = 0.02
+    fused = arrays(shape, row, order, np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    for step in range(5):
+        fused[1][...] = rng.standard_normal(shape).astype(row[1])
+        expected = copies(*fused)
+        fusedopt.muon_(*fused, lr=lr)
+        reference.muon_(*expected, lr=lr)
+        np.testing.assert_array_equal(fused[2], expected[2], strict=True)
+        p, e = fused[0].astype(np.float64), expected[0].astype(np.float64)
+        step_size = reference.muon_adjusted_lr(lr, None, shape)  # |O| <= about 1.2
+        if row[0] in (np.float32, np.float64):
+            relative = 1e-4 if row[0] == np.float32 else 1e-12
+            bound = relative * step_size + np.spacing(np.abs(e).astype(row[0]))
+        else:  # one unit in the last place of the larger of the two
+            bound = np.spacing(np.maximum(np.abs(p), np.abs(e)).astype(row[0])).astype(float)
+        assert np.all(np.abs(p - e) <= bound), (step, np.abs(p - e).max())
+
+
+@pytest.mark.parametrize("shape", [(300, 520), (129, 257)], ids=str)
+def test_bit_identical_for_every_thread_count(shape):
+    """Each product runs in fixed tiles, the norm in fixed chunks: the threads only decide
+    who computes which."""
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            fusedopt.set_num_threads(threads)
+            p, g, b = arrays(shape, ROWS[0], "C", np.random.default_rng(5))
+            run(fusedopt.muon_, p, g, b, 2, np.random.default_rng(6))
+            results.append((p, b))
+    finally:
+        fusedopt.set_num_threads(None)
+    for p, b in results[1:]:
+        np.testing.assert_array_equal(p, results[0][0])
+        np.testing.assert_array_equal(b, results[0][1])
+
+
+def test_sum_squares_is_the_kernels_order():
+    """reference._sum_squares: per chunk, eight lanes summed in sequence, combined pairwise,
+    chunks in order; here against a plain loop (and a different order would differ)."""
+    x = np.random.default_rng(0).standard_normal(2048 * 2 + 13) * 1e3
+    total = 0.0
+    for start in range(0, x.size, 2048):
+        acc = [0.0] * 8
+        for i, v in enumerate(x[start : start + 2048]):
+            acc[i % 8] += v * v
+        total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    assert reference._sum_squares(x) == total
+    assert fusedopt._core.CHUNK == reference._CHUNK
+
+
+def test_lists_equal_one_call_per_tensor():
+    rng = np.random.default_rng(3)
+    shapes = [(6, 5), (5, 9), (40, 3)]
+    one = [arrays(s, ROWS[0], "C", rng) for s in shapes]
+    many = [copies(*t) for t in one]
+    for t in one:
+        fusedopt.muon_(*t, lr=0.1)
+    assert fusedopt.muon_(*(list(x) for x in zip(*many)), lr=0.1) is True
+    for t, m in zip(one, many):
+        for a, b in zip(t, m):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_skip_if_nonfinite_changes_nothing():
+    p, g, b = arrays((4, 6), ROWS[0], "C", np.random.default_rng(0))
+    g[1, 2] = np.nan
+    before = copies(p, g, b)
+    assert fusedopt.muon_(p, g, b, skip_if_nonfinite=True) is False
+    assert reference.muon_(p, g, b, skip_if_nonfinite=True) is False
+    for a, e in zip((p, g, b), before):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_zero_gradient_gives_zero_update():
+    """||U|| = 0: eps keeps the division finite and the update is 0 (weight decay only)."""
+    p = np.ones((3, 4), np.float32)
+    fusedopt.muon_(p, np.zeros_like(p), np.zeros_like(p), lr=0.1, weight_decay=0.5)
+    np.testing.assert_array_equal(p, np.float32(1 - 0.1 * 0.5))
+
+
+def test_adjusted_lr_is_torchs():
+    assert reference.muon_adjusted_lr(0.1, None, (8, 2)) == 0.1 * 2
+    assert reference.muon_adjusted_lr(0.1, "original", (2, 8)) == 0.1
+    assert reference.muon_adjusted_lr(0.1, "match_rms_adamw", (2, 9)) == pytest.approx(0.06)
+    if torch is not None:
+        from torch.optim._muon import _adjust_lr
+
+        for fn in (None, "original", "match_rms_adamw"):
+            for shape in ((8, 2), (2, 8), (5, 5)):
+                assert reference.muon_adjusted_lr(0.1, fn, shape) == _adjust_lr(
+                    0.1, fn, torch.Size(shape)
+                )
+
+
+# ------------------------------------------------------------------ errors
+
+
+def bad_calls():
+    p, g, b = (np.zeros((4, 3), np.float32) for _ in range(3))
+    yield "2-D", (np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)), {}
+    yield "2-D", (np.zeros((2, 2, 2)),) * 1 + (np.zeros((2, 2, 2)), np.zeros((2, 2, 2))), {}
+    yield "param must be", (p.astype(np.int32), g, b), {}
+    yield "grad must be float32", (p, g.astype(np.float64), b), {}
+    yield "momentum_buffer must be float32 or bfloat16", (p, g, b.astype(np.float16)), {}
+    yield "momentum_buffer has shape", (p, g, np.zeros((3, 4), np.float32)), {}
+    yield "memory order", (p, np.asfortranarray(g), b), {}
+    yield "must not overlap", (p, p, b), {}
+    yield "ns_steps", (p, g, b), dict(ns_steps=100)
+    yield "ns_steps must be an integer", (p, g, b), dict(ns_steps=2.0)
+    yield "adjust_lr_fn", (p, g, b), dict(adjust_lr_fn="rms")
+    yield "ns_coefficients", (p, g, b), dict(ns_coefficients=(1.0, 2.0))
+    yield "invalid lr", (p, g, b), dict(lr=-1.0)
+    yield "invalid momentum", (p, g, b), dict(momentum=float("nan"))
+    yield "nesterov must be a bool", (p, g, b), dict(nesterov=1)
+    yield "lists of one length", ([p], [g, g], [b]), {}
+    yield "tensors 0 and 1 overlap", ([p, np.zeros((4, 3), np.float32)], [g, g], [b, b]), {}
+
+
+@pytest.mark.parametrize("match, args, hyper", list(bad_calls()))
+def test_bad_calls_raise_and_change_nothing(match, args, hyper):
+    flat = [a for x in args for a in (x if isinstance(x, list) else [x])]
+    before = [a.copy() for a in flat]
+    with pytest.raises((TypeError, ValueError), match=match):
+        fusedopt.muon_(*args, **hyper)
+    for a, e in zip(flat, before):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_read_only_param_raises():
+    p, g, b = (np.zeros((4, 3), np.float32) for _ in range(3))
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match="param is read-only"):
+        fusedopt.muon_(p, g, b)
+
+
+def test_class_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="Muon only supports 2-D parameters: 'b'"):
+        optim.Muon({"w": np.zeros((3, 3)), "b": np.zeros(3)})
+    for options in (
+        dict(master_weights=True),
+        dict(stochastic_rounding=True),
+        dict(state_dtype="int8"),
+    ):
+        with pytest.raises(ValueError, match="Muon does not take"):
+            optim.Muon([np.zeros((3, 3), np.float32)], **options)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        optim.Muon([np.zeros((3, 3))], adjust_lr_fn="other")
+
+
+# ------------------------------------------------------------------ the class
+
+
+def model(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(dtype) for n, s in SHAPES_MODEL.items()}
+
+
+SHAPES_MODEL = {"w1": (6, 5), "w2": (5, 8), "w3": (32, 16)}
+
+
+def test_class_signature_is_torchs():
+    if torch is None:
+        pytest.skip("torch not installed")
+    ours = inspect.signature(optim.Muon).parameters
+    theirs = inspect.signature(torch.optim.Muon).parameters
+    for name, p in theirs.items():
+        if name != "params":
+            assert ours[name].default == p.default, name
+    assert [n for n in ours if n != "options"] == list(theirs)
+
+
+def bfloat16_free_torch():
+    """torch 2.13's Newton-Schulz casts the update to bfloat16 (``grad.bfloat16()``). With
+    that cast patched to a copy in the input's dtype, torch's own code runs in float64."""
+    import torch.optim._muon as muon_module
+
+    assert "grad.bfloat16()" in inspect.getsource(muon_module._zeropower_via_newtonschulz)
+    return mock.patch.object(torch.Tensor, "bfloat16", lambda self: self.clone())
+
+
+TORCH_CASES = [
+    dict(),
+    dict(lr=0.02, weight_decay=0.01),
+    dict(lr=0.02, nesterov=False),
+    dict(lr=0.02, momentum=0.3),  # lerp's other formulas
+    dict(lr=0.01, adjust_lr_fn="match_rms_adamw", weight_decay=0.0),
+    dict(lr=0.01, ns_steps=3, ns_coefficients=(2.0, -1.5, 0.5), eps=1e-3),
+]
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
+@pytest.mark.parametrize("hyper", TORCH_CASES, ids=str)
+def test_class_matches_torch_in_float64(hyper):
+    """50 steps in float64: params and momentum buffers equal torch.optim.Muon's to rtol 1e-9
+    after every step, torch's iteration kept in float64 (see bfloat16_free_torch)."""
+    params = model()
+    tparams = [torch.tensor(params[n].copy(), requires_grad=True) for n in SHAPES_MODEL]
+    topt = torch.optim.Muon(tparams, **hyper)
+    opt = optim.Muon(params, **hyper)
+    rng = np.random.default_rng(3)
+    with bfloat16_free_torch():
+        for step in range(50):
+            grads = {n: rng.standard_normal(s) for n, s in SHAPES_MODEL.items()}
+            for p, n in zip(tparams, SHAPES_MODEL):
+                p.grad = torch.tensor(grads[n])
+            topt.step()
+            opt.step(grads)
+            for p, n in zip(tparams, SHAPES_MODEL):
+                context = f"{n} step {step}"
+                np.testing.assert_allclose(
+                    params[n], p.detach().numpy(), rtol=1e-9, atol=1e-12, err_msg=context
+                )
+                np.testing.assert_allclose(
+                    opt.state[n]["momentum_buffer"],
+                    topt.state[p]["momentum_buffer"].numpy(),
+                    rtol=1e-9,
+                    atol=1e-12,
+                    err_msg=context,
+                )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_class_fused_and_reference(dtype):
+    fused, expected = model(dtype), model(dtype)
+    opts = [optim.Muon(fused, lr=0.02), optim.Muon(expected, lr=0.02, impl="reference")]
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        grads = {n: rng.standard_normal(s).astype(dtype) for n, s in SHAPES_MODEL.items()}
+        for opt in opts:
+            opt.step(grads)
+    for n in SHAPES_MODEL:
+        np.testing.assert_array_equal(
+            opts[0].state[n]["momentum_buffer"], opts[1].state[n]["momentum_buffer"]
+        )
+        np.testing.assert_allclose(
+            fused[n].astype(np.float64), expected[n].astype(np.float64), rtol=1e-2, atol=1e-4
+        )
+
+
+def test_two_param_groups_with_adamw(tmp_path):
+    """The recommended pairing: Muon for hidden matrices, AdamW for the rest; from_config
+    builds it by name; checkpoints resume bit for bit."""
+    params = {**model(np.float32), "bias": np.zeros(8, np.float32)}
+    hidden = {n: p for n, p in params.items() if p.ndim == 2}
+    other = {n: p for n, p in params.items() if n not in hidden}
+    muon = optim.from_config("muon", hidden, lr=0.02, momentum=0.9)
+    adamw = optim.AdamW(other, lr=1e-3)
+    assert isinstance(muon, optim.Muon) and muon.param_groups[0]["momentum"] == 0.9
+    rng = np.random.default_rng(0)
+
+    def step(grads):
+        muon.step({n: grads[n] for n in hidden})
+        adamw.step({n: grads[n] for n in other})
+
+    def grads():
+        return {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in params.items()}
+
+    for _ in range(3):
+        step(grads())
+    muon.save(tmp_path / "muon.npz")
+    saved = {n: p.copy() for n, p in hidden.items()}
+    later = [grads() for _ in range(2)]
+    for g in later:
+        muon.step({n: g[n] for n in hidden})
+    resumed_params = {n: p.copy() for n, p in saved.items()}
+    resumed = optim.Optimizer.load(tmp_path / "muon.npz", resumed_params)
+    assert isinstance(resumed, optim.Muon)
+    for g in later:
+        resumed.step({n: g[n] for n in hidden})
+    for n in hidden:
+        np.testing.assert_array_equal(resumed_params[n], hidden[n])
+        np.testing.assert_array_equal(
+            resumed.state[n]["momentum_buffer"], muon.state[n]["momentum_buffer"]
+        )
