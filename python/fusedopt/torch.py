@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -98,6 +99,7 @@ _TORCH_DTYPES = {
 }
 _FROM_NAME = {name: dtype for dtype, name in _TORCH_DTYPES.items()}
 _data_ptr = torch.Tensor.data_ptr
+_layout = operator.attrgetter("dtype", "shape", "strides")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -166,10 +168,21 @@ class _Call:
     their views, their state's views, and their ``step`` tensors (views of ``steps``); the
     gradients' dtype and per parameter their expected (shape, strides)."""
 
-    __slots__ = ("index", "params", "buffers", "steps", "extra", "grad_dtype", "convert", "layouts")
+    __slots__ = (
+        "index",
+        "everyone",
+        "params",
+        "buffers",
+        "steps",
+        "extra",
+        "grad_dtype",
+        "convert",
+        "layouts",
+    )
 
-    def __init__(self, index, params, buffers, steps, extra, grad_dtype):
+    def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
         self.index: List[int] = index
+        self.everyone = everyone  # the group's every parameter, in order
         self.params: List[np.ndarray] = params
         self.buffers: Dict[str, list] = buffers
         self.steps: np.ndarray = steps
@@ -181,7 +194,10 @@ class _Call:
         )
         self.convert = _numpy if grad_dtype == torch.bfloat16 else torch.Tensor.numpy
         size = self.grad_dtype.itemsize
-        self.layouts = [(v.shape, tuple(s // v.itemsize * size for s in v.strides)) for v in params]
+        self.layouts = [
+            (self.grad_dtype, v.shape, tuple(s // v.itemsize * size for s in v.strides))
+            for v in params
+        ]
 
 
 class _Group:
@@ -275,8 +291,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    @torch._dynamo.disable
-    @torch.no_grad()
+    @torch._dynamo.disable  # NumPy and the kernels: nothing for dynamo to trace
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One fused update of every parameter that has a gradient; returns the closure's
         loss (None without a closure).
@@ -328,20 +343,17 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _grad_views(self, entry: _Group, call: _Call, grads: list) -> List[np.ndarray]:
-        """The gradients of a call as NumPy views of their memory. The usual case costs a
-        conversion and three comparisons; anything else takes the checked path."""
-        views = []
-        convert, dtype = call.convert, call.grad_dtype
-        for i, layout in zip(call.index, call.layouts):
-            g = grads[i]
-            try:
-                v = convert(g)
-            except (RuntimeError, TypeError):
-                v = None
-            if v is None or v.dtype != dtype or (v.shape, v.strides) != layout:
-                v = self._checked_grad(entry, call, i, g)
-            views.append(v)
-        return views
+        """The gradients of a call as NumPy views of their memory. The usual case is two
+        loops in C: the conversions, and the comparison of each view's (dtype, shape,
+        strides) with the parameter's; anything else takes the checked path."""
+        chosen = grads if call.everyone else [grads[i] for i in call.index]
+        try:
+            views = list(map(call.convert, chosen))
+        except (RuntimeError, TypeError):
+            views = None
+        if views is not None and list(map(_layout, views)) == call.layouts:
+            return views
+        return [self._checked_grad(entry, call, i, grads[i]) for i in call.index]
 
     def _checked_grad(self, entry: _Group, call: _Call, i: int, g: torch.Tensor) -> np.ndarray:
         """The view of a gradient that the fast path did not take, or a clear error."""
@@ -351,6 +363,8 @@ class Optimizer(torch.optim.Optimizer):
         v = _numpy(g)
         if v.dtype != call.grad_dtype:
             raise _Rebuild
+        if not v.flags.c_contiguous:  # torch's contiguity and NumPy's differ in corner cases
+            raise ValueError(f"{what}: expected a contiguous tensor, got strides {g.stride()}")
         return v
 
     def _index(self, group: Dict[str, Any]) -> int:
@@ -383,7 +397,8 @@ class Optimizer(torch.optim.Optimizer):
             for j, p in enumerate(params):
                 self.state[p]["step"] = steps[j]
             views = [_numpy(p.detach()) for p in params]
-            calls.append(_Call(index, views, buffers, steps.numpy(), extra, g_dtype))
+            everyone = index == list(range(len(group["params"])))
+            calls.append(_Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype))
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
 
     def _buffer(self, group, plan, array: str, key: str, p: torch.Tensor) -> Any:
