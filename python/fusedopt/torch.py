@@ -614,3 +614,127 @@ CLASSES: Dict[str, type] = _classes()
 """The adapters by name: one per :mod:`fusedopt.optim` class."""
 globals().update(CLASSES)
 __all__ += sorted(CLASSES)
+
+
+class CPUOffload:
+    r"""The ZeRO-Offload pattern: the model's parameters and gradients stay where the model
+    is (bfloat16 on an accelerator, say), the optimizer's state and float32 master weights
+    live in host memory, and the step runs there with fusedopt.
+
+    >>> model = model.to("cuda", torch.bfloat16)
+    >>> offload = fusedopt.torch.CPUOffload(model.parameters(), fusedopt.torch.AdamW, lr=1e-3)
+    >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(offload.optimizer, T_max=1000)
+    >>> for x, y in data:
+    ...     loss = loss_fn(model(x), y)
+    ...     loss.backward()
+    ...     offload.step()          # grads to host, fused step, params back
+    ...     offload.zero_grad()
+    ...     sched.step()
+
+    Each step copies every gradient into a host buffer (pinned, with non-blocking copies,
+    when the parameter is on a CUDA device and ``pin_memory`` is not False), waits for the
+    copies, runs ``optimizer_class``'s fused step on host copies of the parameters, and copies
+    the updated parameters back. Parameters already on the CPU are updated where they are,
+    with no copy (``copy=True`` forces the host copies, for tests). Low-precision parameters
+    get ``master_weights=True`` unless told otherwise, so the update runs on float32 masters.
+
+    ``optimizer`` is the host optimizer (a :class:`fusedopt.torch.Optimizer`): give it to the
+    schedulers; ``state_dict``/``load_state_dict`` are its.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        optimizer_class: Optional[type] = None,
+        *,
+        pin_memory: Optional[bool] = None,
+        copy: bool = False,
+        **kwargs: Any,
+    ):
+        optimizer_class = optimizer_class or CLASSES["AdamW"]
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.params: List[torch.Tensor] = []
+        self._host: List[torch.Tensor] = []
+        self._grads: List[Optional[torch.Tensor]] = []
+        self._device = False  # whether any parameter lives off the host
+        host_groups = []
+        for group in groups:
+            tensors = group["params"]
+            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+            hosts = []
+            for p in tensors:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"params: expected tensors, got {type(p).__name__}")
+                if p.device.type == "cpu" and not copy:
+                    host = p
+                else:
+                    pin = (p.device.type == "cuda") if pin_memory is None else pin_memory
+                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+                    host.copy_(p.detach())
+                    self._device = True
+                self.params.append(p)
+                self._host.append(host)
+                self._grads.append(None)
+                hosts.append(host)
+            host_groups.append({**group, "params": hosts})
+        low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
+        kwargs.setdefault("master_weights", low)
+        self.optimizer = optimizer_class(host_groups, **kwargs)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Copy the gradients to the host, step there, copy the parameters back; returns the
+        closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        synchronize = False
+        for i, (p, host) in enumerate(zip(self.params, self._host)):
+            if host is p:
+                continue
+            if p.grad is None:
+                host.grad = None
+                continue
+            buffer = self._grads[i]
+            if buffer is None or buffer.dtype != p.grad.dtype:
+                buffer = self._grads[i] = torch.empty(
+                    p.shape, dtype=p.grad.dtype, pin_memory=host.is_pinned()
+                )
+            buffer.copy_(p.grad, non_blocking=host.is_pinned())
+            synchronize |= p.device.type == "cuda"
+            host.grad = buffer
+        if synchronize:
+            torch.cuda.synchronize()
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, host in zip(self.params, self._host):
+                if host is not p and host.grad is not None:
+                    p.copy_(host, non_blocking=host.is_pinned())
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The model's gradients (the host buffers are kept for the next step)."""
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
+__all__.append("CPUOffload")
