@@ -493,3 +493,33 @@ def test_cpu_offload_example_trains():
         ["--steps", "20", "--d", "32", "--layers", "1", "--lr", "3e-3", "--device", "cpu"]
     )
     assert result["last_loss"] < 0.5 * result["first_loss"]
+
+
+def test_persistent_gradients_reused_without_holding_their_memory():
+    """Gradients that persist between steps (zero_grad(set_to_none=False)) are viewed once;
+    a gradient whose storage was replaced is seen; the optimizer holds no reference that
+    would keep a gradient alive after zero_grad()."""
+    import gc
+    import weakref
+
+    a, b = _params(torch.float32), _params(torch.float32)
+    opt = ft.Adam(a, lr=0.01)
+    ref = _torch_loop("Adam", b, lr=0.01)
+    for t in range(8):
+        for params, o in ((a, opt), (b, ref)):
+            o.zero_grad(set_to_none=False)
+            for p, g in zip(params, _grads(t, torch.float32)):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            if t == 5:
+                params[0].grad.data = params[0].grad.data.clone()  # new memory, same tensor
+            o.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert opt._groups[id(opt.param_groups[0])].calls[0].kept is not None
+    grad = weakref.ref(a[0].grad)
+    opt.zero_grad()
+    gc.collect()
+    assert grad() is None

@@ -53,8 +53,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import operator
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ml_dtypes
@@ -100,6 +102,28 @@ _TORCH_DTYPES = {
 _FROM_NAME = {name: dtype for dtype, name in _TORCH_DTYPES.items()}
 _data_ptr = torch.Tensor.data_ptr
 _layout = operator.attrgetter("dtype", "shape", "strides")
+_call = operator.methodcaller("__call__")
+_grad = operator.attrgetter("grad")
+
+
+class _Memory:
+    """Memory NumPy may view without owning it (a weakly referenced gradient's)."""
+
+    __slots__ = ("__array_interface__",)
+
+
+def _unowned(v: np.ndarray) -> np.ndarray:
+    """A view of ``v``'s memory that holds no reference to its owner."""
+    if v.size == 0:
+        return v
+    memory = _Memory()
+    memory.__array_interface__ = {
+        "data": (v.ctypes.data, False),
+        "shape": (v.nbytes,),
+        "typestr": "|u1",
+        "version": 3,
+    }
+    return np.asarray(memory).view(v.dtype).reshape(v.shape)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -178,11 +202,15 @@ class _Call:
         "grad_dtype",
         "convert",
         "layouts",
+        "last",
+        "kept",
     )
 
     def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
         self.index: List[int] = index
         self.everyone = everyone  # the group's every parameter, in order
+        self.last: Optional[list] = None  # weak references to the last step's gradients
+        self.kept: Optional[tuple] = None  # (weak references, views, data_ptrs) kept
         self.params: List[np.ndarray] = params
         self.buffers: Dict[str, list] = buffers
         self.steps: np.ndarray = steps
@@ -312,8 +340,8 @@ class Optimizer(torch.optim.Optimizer):
                 entry = self._groups[id(group)] = _Group(group, {})
             plan = fused._plan(self._hyper(group, entry.hyper))
             params = group["params"]
-            grads = [p.grad for p in params]
-            mask = [g is not None for g in grads]
+            grads = list(map(_grad, params))
+            mask = list(map(operator.is_not, grads, itertools.repeat(None)))
             ptrs = list(map(_data_ptr, params))
             if mask != entry.mask or ptrs != entry.ptrs or entry.calls is None:
                 self._build(entry, plan, grads, mask, ptrs)
@@ -347,13 +375,27 @@ class Optimizer(torch.optim.Optimizer):
         loops in C: the conversions, and the comparison of each view's (dtype, shape,
         strides) with the parameter's; anything else takes the checked path."""
         chosen = grads if call.everyone else [grads[i] for i in call.index]
+        kept = call.kept
+        if (
+            kept is not None
+            and all(map(operator.is_, chosen, map(_call, kept[0])))
+            and list(map(_data_ptr, chosen)) == kept[2]
+        ):
+            return kept[1]  # the same gradient tensors, on the same memory, as last step
         try:
             views = list(map(call.convert, chosen))
         except (RuntimeError, TypeError):
             views = None
-        if views is not None and list(map(_layout, views)) == call.layouts:
-            return views
-        return [self._checked_grad(entry, call, i, grads[i]) for i in call.index]
+        if views is None or list(map(_layout, views)) != call.layouts:
+            views = [self._checked_grad(entry, call, i, grads[i]) for i in call.index]
+        refs = list(map(weakref.ref, chosen))
+        if call.last is not None and all(map(operator.is_, chosen, map(_call, call.last))):
+            # Persistent gradients (zero_grad(set_to_none=False), accumulation): keep views
+            # that do not own the tensors, so that a later zero_grad() still frees them;
+            # they are used only while the same tensors, alive, have the same data_ptr.
+            call.kept = (refs, list(map(_unowned, views)), list(map(_data_ptr, chosen)))
+        call.last = refs
+        return views
 
     def _checked_grad(self, entry: _Group, call: _Call, i: int, g: torch.Tensor) -> np.ndarray:
         """The view of a gradient that the fast path did not take, or a clear error."""
