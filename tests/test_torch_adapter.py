@@ -225,8 +225,8 @@ def test_state_dict_interchange_with_torch(float64_default):
 
 @pytest.mark.parametrize("name", [n for n in sorted(ft.CLASSES) if hasattr(torch.optim, n)])
 def test_every_class_round_trips_with_torch(name, float64_default):
-    """Each adapter's state_dict loads into torch's class (NAdam with its mu_product) and the
-    run continues as torch's uninterrupted one."""
+    """Each adapter's state_dict loads into torch's class (NAdam with its mu_product), and
+    torch's into the adapter, and the run continues as torch's uninterrupted one."""
     kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
     ref_params = _params()
     ref = _torch_loop(name, ref_params, **kwargs)
@@ -238,6 +238,14 @@ def test_every_class_round_trips_with_torch(name, float64_default):
     switched.load_state_dict(opt.state_dict())
     _run(switched, a, 4, 4)
     for x, y in zip(a, ref_params):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
+    b = _params()  # and back: torch for 4 steps, then the adapter
+    theirs = _torch_loop(name, b, **kwargs)
+    _run(theirs, b, 4)
+    ours = ft.CLASSES[name](b, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    _run(ours, b, 4, 4)
+    for x, y in zip(b, ref_params):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
 
 
@@ -321,6 +329,17 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
     assert torch.equal(p, before) and not opt.state[p].get("exp_avg", torch.zeros(1)).any()
+
+
+def test_requires_grad_false_with_a_gradient_is_updated_as_torch_does():
+    """torch.optim updates a tensor that has a .grad whatever its requires_grad: so does the
+    adapter."""
+    a, b = torch.ones(3), torch.ones(3)
+    opt, ref = ft.SGD([a], lr=0.5), _torch_loop("SGD", [b], lr=0.5)
+    for p, o in ((a, opt), (b, ref)):
+        p.grad = torch.full((3,), 2.0)
+        o.step()
+    assert torch.equal(a, b) and torch.equal(a, torch.zeros(3))
 
 
 STORAGE = [
