@@ -1,6 +1,7 @@
 """fusedopt.torch.Adam against torch.optim.Adam(fused=True) on a transformer-shaped model of 240
 tensors (24 blocks of 10: qkv, out projection, two MLP matrices, their biases, a LayerNorm), at
-d = 64 (1.2 M parameters) and d = 256 (19 M), float32 and all-bfloat16, in one run.
+d = 64 (1.2 M parameters) and d = 256 (19 M), float32 and all-bfloat16, in one run; d = 1 (552
+parameters) measures what the adapter adds to a step.
 
 Each row times, in interleaved blocks of steps (so that a shared machine's drift hits every
 implementation alike), the median step of:
@@ -12,7 +13,7 @@ implementation alike), the median step of:
 - ``list call``: ``fusedopt.adam_`` on the cached NumPy views, the floor the adapter adds to.
 The adapter's overhead per step is its time less the list call's.
 
-    python bench/torch_adapter.py [--blocks 15] [--steps 20] [--d 64 256]
+    python bench/torch_adapter.py [--blocks 15] [--steps 20] [--d 1 64 256] [--threads N]
 Results: bench/results/torch_adapter.{json,md}.
 """
 
@@ -131,9 +132,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--d", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--d", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--out", default=os.path.join(HERE, "results", "torch_adapter"))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads of torch and of fusedopt alike"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        fusedopt.set_num_threads(args.threads)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for d in args.d:
@@ -166,6 +173,7 @@ def main(argv=None) -> None:
             "fusedopt_threads": fusedopt.get_num_threads(),
             "fusedopt_level": fusedopt._LEVEL,
         },
+        "load_average": os.getloadavg(),
         "blocks": args.blocks,
         "steps_per_block": args.steps,
         "rows": rows,
