@@ -542,3 +542,34 @@ def test_persistent_gradients_reused_without_holding_their_memory():
     opt.zero_grad()
     gc.collect()
     assert grad() is None
+
+
+def test_skip_if_nonfinite_and_max_grad_norm():
+    """skip_if_nonfinite: a step with a NaN gradient changes nothing and is counted (the
+    closure's loss still returned); max_grad_norm: as torch's clip_grad_norm_ then the step;
+    an invalid group added later is refused and not kept."""
+    a = _params(torch.float32)
+    before = [p.detach().clone() for p in a]
+    opt = ft.Adam(a, lr=0.1, skip_if_nonfinite=True)
+    for p, g in zip(a, _grads(0, torch.float32)):
+        p.grad = g
+    a[1].grad[0] = float("nan")
+    assert opt.step(lambda: 7.0) == 7.0
+    assert opt.skipped_steps == 1 and all(torch.equal(x, y) for x, y in zip(a, before))
+    assert "fusedopt" in opt.state_dict() and opt.state_dict()["fusedopt"]["skipped_steps"] == 1
+
+    a, b = _params(torch.float32), _params(torch.float32)
+    opt = ft.Adam(a, lr=0.1, max_grad_norm=0.5)
+    ref = _torch_loop("Adam", b, lr=0.1)
+    for t in range(3):
+        for params in (a, b):
+            for p, g in zip(params, _grads(t, torch.float32)):
+                p.grad = g
+        torch.nn.utils.clip_grad_norm_(b, 0.5, foreach=False)
+        opt.step()
+        ref.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0})
+    assert len(opt.param_groups) == 1

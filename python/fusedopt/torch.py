@@ -269,8 +269,8 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(params, torch.Tensor):
             params = list(params)
         if self.torch_class is not None:
-            # torch's own checks, with torch's errors, on copies of the groups (torch fills
-            # in their defaults); the instance is dropped
+            # torch's own checks, with torch's errors, on stand-ins of the tensors in copies
+            # of the groups (torch fills in their defaults); the instance is dropped
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.torch_class(_stand_ins(params), **arguments)
@@ -304,7 +304,11 @@ class Optimizer(torch.optim.Optimizer):
             checked.append((p, self._fused._storage_of(what, _numpy(p.detach()))))
         super().add_param_group(param_group)
         added = self.param_groups[-1]
-        self._fused._plan(self._hyper(added, {}))  # fusedopt's validation of the group
+        try:
+            self._fused._plan(self._hyper(added, {}))  # fusedopt's validation of the group
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
         for p, storage in checked:
             self._storage[p] = storage
 
