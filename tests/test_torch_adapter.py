@@ -447,8 +447,22 @@ def _train_mlp(make, dtype, steps=200):
     return torch.tensor(losses, dtype=torch.float64)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread: its pool's hand-offs dominate steps this small, and on a loaded
+    machine they stretch a second's training to a minute."""
+    import fusedopt
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    fusedopt.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    fusedopt.set_num_threads(None)
+
+
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_mlp_loss_curve_matches_torch_fused_adamw(dtype, rtol):
+def test_mlp_loss_curve_matches_torch_fused_adamw(dtype, rtol, one_thread):
     """A real model trained with torch.optim.AdamW(fused=True) and fusedopt.torch.AdamW: the
     same loss curve over 200 steps (the loss falls from 1.36 to 0.025).
 
@@ -573,3 +587,20 @@ def test_skip_if_nonfinite_and_max_grad_norm():
     with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0})
     assert len(opt.param_groups) == 1
+
+
+def test_adagrad_state_created_at_construction_as_torch():
+    """torch's Adagrad creates its state at construction (and its step reads it for every
+    parameter with a gradient): the adapter's too, so torch loads its state_dict even for a
+    parameter that has not had a gradient yet."""
+    a = _params(torch.float32)
+    opt = ft.Adagrad(a, lr=0.1, initial_accumulator_value=0.5)
+    assert all(torch.equal(opt.state[p]["sum"], torch.full_like(p, 0.5)) for p in a)
+    for p, g in zip(a[1:], _grads(0, torch.float32)[1:]):
+        p.grad = g
+    opt.step()
+    theirs = _torch_loop("Adagrad", a, lr=0.1, initial_accumulator_value=0.5)
+    theirs.load_state_dict(opt.state_dict())
+    a[0].grad = torch.ones_like(a[0])
+    theirs.step()
+    assert float(theirs.state[a[0]]["step"]) == 1.0

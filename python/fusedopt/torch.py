@@ -273,7 +273,10 @@ class Optimizer(torch.optim.Optimizer):
             # of the groups (torch fills in their defaults); the instance is dropped
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.torch_class(_stand_ins(params), **arguments)
+                checked = self.torch_class(_stand_ins(params), **arguments)
+            eager = bool(checked.state)  # torch's Adagrad creates its state at construction
+        else:
+            eager = False
         hyper = {k: _plain(v) for k, v in arguments.items() if k not in _TORCH_ONLY}
         # fusedopt's checks of the hyperparameters and options, on a stand-in parameter; the
         # instance's storage logic, group plans and fused update are what steps reuse
@@ -286,6 +289,13 @@ class Optimizer(torch.optim.Optimizer):
         # decoupled_weight_decay), as the fusedopt class fixes it too
         fixed = {k: v for k, v in self._fused.defaults.items() if k != "frozen"}
         super().__init__(params, {**fixed, **arguments})
+        if eager:  # as torch's class, so that its state_dict has every parameter's state
+            for group in self.param_groups:
+                plan = self._fused._plan(self._hyper(group, {}))
+                for p in group["params"]:
+                    for array, key in plan.arrays:
+                        self._buffer(group, plan, array, key, p)
+                    self.state[p]["step"] = torch.zeros((), dtype=_scalar_dtype())
 
     # ------------------------------------------------------------------ parameters
 
