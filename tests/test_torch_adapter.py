@@ -604,3 +604,22 @@ def test_adagrad_state_created_at_construction_as_torch():
     a[0].grad = torch.ones_like(a[0])
     theirs.step()
     assert float(theirs.state[a[0]]["step"]) == 1.0
+
+
+def test_deepcopy_and_pickle_continue_identically():
+    """copy.deepcopy and pickle (torch.save of the optimizer) keep the fusedopt class and the
+    options; the copies step as the original does."""
+    import pickle
+
+    a = _params(torch.float32)
+    opt = ft.AdamW(a, lr=0.01, amsgrad=True, seed=4)
+    _run(opt, a, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        params = [p for g in clone.param_groups for p in g["params"]]
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(params, a))
+        _run(clone, params, 2, 2)
+        expected = [p.detach().clone().requires_grad_() for p in a]
+        ref = ft.AdamW(expected, lr=0.01, amsgrad=True, seed=4)
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+        _run(ref, expected, 2, 2)
+        assert all(torch.equal(p, q) for p, q in zip(params, expected))

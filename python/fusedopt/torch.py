@@ -51,6 +51,7 @@ in place and are replaced through ``load_state_dict``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -481,6 +482,15 @@ class Optimizer(torch.optim.Optimizer):
         return _numpy(state["master"])
 
     # ------------------------------------------------------------------ state
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Everything but the cached views (rebuilt at the next step): torch's keeps only
+        ``defaults``, ``state`` and ``param_groups``, which would lose the fusedopt class."""
+        state = dict(self.__dict__)
+        state["_groups"] = {}
+        fused = state["_fused"] = copy.copy(self._fused)
+        fused._plans = {}  # validated plans, which hold the kernels: made again when needed
+        return state
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's ``state_dict`` (the state tensors themselves, not copies, as torch's), with
