@@ -664,15 +664,30 @@ def _init_with_signature(signature: inspect.Signature) -> Callable[..., None]:
     return __init__
 
 
+# The fusedopt.optim classes adapted: the element-wise ones, whose state buffers have their
+# parameter's shape and which step through optim.Optimizer's generic step (what the adapter's
+# calls, views and torch-layout state assume). Classes with factored state, their own step or
+# parameters of one rank only need more than this generic adapter.
+ELEMENTWISE = (
+    "SGD",
+    "Momentum",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Adagrad",
+    "RMSprop",
+    "Lion",
+)
+
+
 def _classes() -> Dict[str, type]:
     found = {}
     for name in _optim.__all__:
         fused_class = getattr(_optim, name)
-        if not (isinstance(fused_class, type) and issubclass(fused_class, _optim.Optimizer)):
-            continue
-        if fused_class is _optim.Optimizer:
-            continue
-        found[name] = _adapter(name, fused_class, getattr(torch.optim, name, None))
+        if name in ELEMENTWISE:
+            found[name] = _adapter(name, fused_class, getattr(torch.optim, name, None))
     return found
 
 
