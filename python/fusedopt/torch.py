@@ -1,0 +1,821 @@
+r"""Drop-in ``torch.optim`` optimizers for CPU tensors, running fusedopt's fused kernels on the
+tensors' own memory.
+
+>>> import fusedopt.torch
+>>> opt = fusedopt.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
+>>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)   # unchanged
+
+Each class is a :class:`torch.optim.Optimizer` with the name, signature, defaults and
+``param_groups`` of its ``torch.optim`` namesake (``Lion`` and ``Momentum``, which torch lacks,
+take :mod:`fusedopt.optim`'s), so schedulers, ``zero_grad``, ``add_param_group``, closures,
+the step hooks and ``state_dict`` work as with torch. Its update rule is that of the
+:mod:`fusedopt.optim` class of the same name (the rule in LaTeX is in each function's
+docstring, e.g. :func:`fusedopt.adamw_`); the hyperparameters are validated by that class and,
+at construction, by torch's own class, so bad arguments raise torch's errors.
+
+**Zero-copy.** Parameters and state are viewed as NumPy arrays once (``Tensor.numpy()``;
+bfloat16 through its int16 bits and ``ml_dtypes.bfloat16``) and the views are kept: a step
+converts only the gradients, then issues one fused multi-tensor call per (group, dtype, step
+count): for a usual model, one call per group. The kernels write the tensors' memory in place;
+nothing the size of the model is allocated by a step.
+
+**State** is torch tensors in torch's layout: ``state[p]["exp_avg"]``, ``"exp_avg_sq"``,
+``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``, ... and
+``"step"`` as a 0-d float32 tensor (float64 when torch's default dtype is float64), so a
+``state_dict()`` loads into the ``torch.optim`` class and the other way round, and training
+continues as if it had not switched. The ``step`` tensors of the parameters of one fused call
+are views into one small tensor, which the step advances with one operation. Fields torch has
+no equivalent of:
+
+- ``state[p]["master"]``: the float32 master weights (``master_weights=True``);
+- ``state[p]["<buffer>.codes"]`` (int8 or uint8) and ``"<buffer>.scales"`` (float32, one per
+  256 elements) in place of ``"<buffer>"`` with ``state_dtype="int8"``
+  (:class:`fusedopt.quantize.QuantizedState`); torch's classes cannot load these;
+- ``state[p]["step"]`` for SGD and Momentum (torch's SGD keeps none): the stochastic-rounding
+  stream's step;
+- ``state_dict()["fusedopt"]``: the storage options and the seed, and the count of skipped
+  steps. ``NAdam``'s ``state_dict()`` adds torch's ``mu_product`` (computed from the step as
+  torch accumulates it); the kernel derives it from the step and ignores a loaded one.
+
+Options beyond torch's (keyword-only, as in :class:`fusedopt.optim.Optimizer`):
+``master_weights``, ``state_dtype``, ``stochastic_rounding``, ``seed``, ``max_grad_norm``,
+``skip_if_nonfinite``, ``impl``. torch's ``foreach`` and ``fused`` are accepted and change
+nothing (the step is always one fused CPU call); ``capturable`` and ``differentiable`` must be
+False.
+
+Tensors must be dense, real (float32, float64, bfloat16, float16), contiguous and on the CPU:
+anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Replacing a
+parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
+in place and are replaced through ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import itertools
+import operator
+import warnings
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+try:
+    import torch
+except ImportError as error:  # pragma: no cover - exercised only without torch
+    raise ImportError("fusedopt.torch needs PyTorch: pip install 'fusedopt[torch]'") from error
+
+from . import optim as _optim
+from ._clip import clip_grad_norm_
+from ._functional import all_finite
+from .quantize import QuantizedState
+
+__all__ = ["CLASSES", "Optimizer"]  # and one class per fusedopt.optim class, below
+
+# torch's keywords with no fusedopt counterpart: the values accepted. The step is always one
+# fused call on CPU memory, so foreach and fused change nothing; CUDA graphs (capturable) and
+# autograd through the step (differentiable) are not supported.
+_TORCH_ONLY = {
+    "foreach": (None, False, True),
+    "fused": (None, False, True),
+    "capturable": (False,),
+    "differentiable": (False,),
+}
+# fusedopt's options beyond the hyperparameters, keyword-only after torch's arguments
+_OPTIONS = {
+    "master_weights": False,
+    "state_dtype": None,
+    "stochastic_rounding": False,
+    "seed": 0,
+    "max_grad_norm": None,
+    "skip_if_nonfinite": False,
+    "impl": None,
+}
+_TORCH_DTYPES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+_FROM_NAME = {name: dtype for dtype, name in _TORCH_DTYPES.items()}
+_data_ptr = torch.Tensor.data_ptr
+_layout = operator.attrgetter("dtype", "shape", "strides")
+_call = operator.methodcaller("__call__")
+_grad = operator.attrgetter("grad")
+
+
+class _Memory:
+    """Memory NumPy may view without owning it (a weakly referenced gradient's)."""
+
+    __slots__ = ("__array_interface__",)
+
+
+def _unowned(v: np.ndarray) -> np.ndarray:
+    """A view of ``v``'s memory that holds no reference to its owner."""
+    if v.size == 0:
+        return v
+    memory = _Memory()
+    memory.__array_interface__ = {
+        "data": (v.ctypes.data, False),
+        "shape": (v.nbytes,),
+        "typestr": "|u1",
+        "version": 3,
+    }
+    return np.asarray(memory).view(v.dtype).reshape(v.shape)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (no copy); bfloat16 through its int16 bits."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _scalar_dtype() -> torch.dtype:
+    """torch's dtype for ``state["step"]`` (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as the kernels take it: tensors (torch allows lr and betas as
+    tensors) as Python numbers, pairs as tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _check_tensor(what: str, t: Any) -> None:
+    """TypeError/ValueError unless ``t`` is a tensor fusedopt can update in place."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: sparse tensors ({t.layout}) are not supported")
+    if t.is_complex():
+        raise TypeError(f"{what}: complex tensors ({t.dtype}) are not supported")
+    if t.dtype not in _TORCH_DTYPES:
+        raise TypeError(
+            f"{what}: expected dtype float32, float64, bfloat16 or float16, got {t.dtype}"
+        )
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"{what}: on {t.device}; fusedopt.torch updates CPU tensors (for a model on an "
+            "accelerator, keep the optimizer on the host: fusedopt.torch.CPUOffload)"
+        )
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{what}: expected a contiguous tensor, got strides {t.stride()} for shape "
+            f"{tuple(t.shape)} (it cannot be updated in place without a copy)"
+        )
+
+
+def _check_grad(what: str, g: torch.Tensor, p: torch.Tensor, storage: Any) -> None:
+    if isinstance(g, torch.Tensor) and g.requires_grad:
+        raise ValueError(f"{what}: requires grad (a graph through the gradient)")
+    _check_tensor(what, g)
+    if _TORCH_DTYPES[g.dtype] not in storage.grads or g.shape != p.shape:
+        raise ValueError(
+            f"{what}: expected {' or '.join(storage.grads)} {tuple(p.shape)} like the "
+            f"parameter, got {g.dtype} {tuple(g.shape)}"
+        )
+
+
+class _Rebuild(Exception):
+    """Raised within a step when a gradient's dtype differs from its call's."""
+
+
+class _Call:
+    """One fused call of a group: the parameters that share dtypes and step count, with
+    their views, their state's views, and their ``step`` tensors (views of ``steps``); the
+    gradients' dtype and per parameter their expected (shape, strides)."""
+
+    __slots__ = (
+        "index",
+        "everyone",
+        "params",
+        "buffers",
+        "steps",
+        "extra",
+        "grad_dtype",
+        "convert",
+        "layouts",
+        "last",
+        "kept",
+    )
+
+    def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
+        self.index: List[int] = index
+        self.everyone = everyone  # the group's every parameter, in order
+        self.last: Optional[list] = None  # weak references to the last step's gradients
+        self.kept: Optional[tuple] = None  # (weak references, views, data_ptrs) kept
+        self.params: List[np.ndarray] = params
+        self.buffers: Dict[str, list] = buffers
+        self.steps: np.ndarray = steps
+        self.extra: Any = extra
+        self.grad_dtype = (
+            np.dtype(ml_dtypes.bfloat16)
+            if grad_dtype == torch.bfloat16
+            else (np.dtype(_TORCH_DTYPES[grad_dtype]))
+        )
+        self.convert = _numpy if grad_dtype == torch.bfloat16 else torch.Tensor.numpy
+        size = self.grad_dtype.itemsize
+        self.layouts = [
+            (self.grad_dtype, v.shape, tuple(s // v.itemsize * size for s in v.strides))
+            for v in params
+        ]
+
+
+class _Group:
+    """What a parameter group's step reuses: the fusedopt group of its hyperparameters, the
+    data pointers and gradient pattern its calls were built for, and the calls."""
+
+    __slots__ = ("group", "hyper", "ptrs", "mask", "calls")
+
+    def __init__(self, group, hyper):
+        self.group = group
+        self.hyper = hyper
+        self.ptrs: Optional[list] = None
+        self.mask: Optional[list] = None
+        self.calls: Optional[List[_Call]] = None  # None: to be built at the next step
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base of the adapters: a ``torch.optim.Optimizer`` whose step is a
+    :mod:`fusedopt.optim` class's fused step on the tensors' memory.
+
+    A subclass names ``fused_class`` (its :mod:`fusedopt.optim` class) and ``torch_class``
+    (torch's class of the same name, or None); :func:`_adapter` builds every one from these.
+    """
+
+    fused_class: type = _optim.Optimizer
+    torch_class: Optional[type] = None
+    _signature: inspect.Signature
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any):
+        bound = self._signature.bind(self, params, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"], arguments["params"]
+        options = {k: arguments.pop(k) for k in _OPTIONS}
+        for key, allowed in _TORCH_ONLY.items():
+            if key in arguments and arguments[key] not in allowed:
+                raise ValueError(
+                    f"{type(self).__name__}: {key}={arguments[key]!r} is not supported "
+                    f"(fusedopt.torch takes {' or '.join(map(repr, allowed))})"
+                )
+        if not isinstance(params, torch.Tensor):
+            params = list(params)
+        if self.torch_class is not None:
+            # torch's own checks, with torch's errors, on stand-ins of the tensors in copies
+            # of the groups (torch fills in their defaults); the instance is dropped
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                checked = self.torch_class(_stand_ins(params), **arguments)
+            eager = bool(checked.state)  # torch's Adagrad creates its state at construction
+        else:
+            eager = False
+        hyper = {k: _plain(v) for k, v in arguments.items() if k not in _TORCH_ONLY}
+        # fusedopt's checks of the hyperparameters and options, on a stand-in parameter; the
+        # instance's storage logic, group plans and fused update are what steps reuse
+        self._fused = self.fused_class([np.zeros(1, np.float32)], **hyper, **options)
+        self._fused_keys = tuple(k for k in self._fused.defaults if k != "frozen")
+        self._groups: Dict[int, _Group] = {}
+        self._storage: Dict[torch.Tensor, Any] = {}
+        self.skipped_steps = 0
+        # the group keys torch's class has: its arguments, and what it fixes (AdamW's
+        # decoupled_weight_decay), as the fusedopt class fixes it too
+        fixed = {k: v for k, v in self._fused.defaults.items() if k != "frozen"}
+        super().__init__(params, {**fixed, **arguments})
+        if eager:  # as torch's class, so that its state_dict has every parameter's state
+            for group in self.param_groups:
+                plan = self._fused._plan(self._hyper(group, {}))
+                for p in group["params"]:
+                    for array, key in plan.arrays:
+                        self._buffer(group, plan, array, key, p)
+                    self.state[p]["step"] = torch.zeros((), dtype=_scalar_dtype())
+
+    # ------------------------------------------------------------------ parameters
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, after checking that fusedopt can update every tensor
+        in place and every hyperparameter is valid for the kernel."""
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        index = len(self.param_groups)
+        checked = []
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, param)
+            what = f"parameter {i} of group {index}"
+            _check_tensor(what, p)
+            checked.append((p, self._fused._storage_of(what, _numpy(p.detach()))))
+        super().add_param_group(param_group)
+        added = self.param_groups[-1]
+        try:
+            self._fused._plan(self._hyper(added, {}))  # fusedopt's validation of the group
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        for p, storage in checked:
+            self._storage[p] = storage
+
+    def _hyper(self, group: Dict[str, Any], into: Dict[str, Any]) -> Dict[str, Any]:
+        """The fusedopt group of a torch group's hyperparameters (updated in place, so that
+        fusedopt's plan cache, keyed by the dict, holds)."""
+        defaults = self._fused.defaults
+        for key in self._fused_keys:
+            into[key] = _plain(group.get(key, defaults[key]))
+        into.setdefault("frozen", False)
+        return into
+
+    # ------------------------------------------------------------------ the step
+
+    @torch._dynamo.disable  # NumPy and the kernels: nothing for dynamo to trace
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One fused update of every parameter that has a gradient; returns the closure's
+        loss (None without a closure).
+
+        With ``skip_if_nonfinite``, a step whose gradients hold a NaN or an infinity changes
+        nothing and is counted in ``skipped_steps``; with ``max_grad_norm`` the gradients are
+        first clipped in place to that global L2 norm.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fused = self._fused
+        work = []  # every group is checked and converted before anything is written
+        for group in self.param_groups:
+            entry = self._groups.get(id(group))
+            if entry is None or entry.group is not group:
+                entry = self._groups[id(group)] = _Group(group, {})
+            plan = fused._plan(self._hyper(group, entry.hyper))
+            params = group["params"]
+            grads = list(map(_grad, params))
+            mask = list(map(operator.is_not, grads, itertools.repeat(None)))
+            ptrs = list(map(_data_ptr, params))
+            if mask != entry.mask or ptrs != entry.ptrs or entry.calls is None:
+                self._build(entry, plan, grads, mask, ptrs)
+            try:
+                calls = [(c, self._grad_views(entry, c, grads)) for c in entry.calls]
+            except _Rebuild:  # a gradient's dtype changed: regroup the calls
+                self._build(entry, plan, grads, mask, ptrs)
+                calls = [(c, self._grad_views(entry, c, grads)) for c in entry.calls]
+            work.append((entry, plan, calls))
+        views = [v for _, _, calls in work for _, vs in calls for v in vs]
+        if fused.skip_if_nonfinite:
+            by_dtype: Dict[Any, List[np.ndarray]] = {}
+            for v in views:
+                by_dtype.setdefault(v.dtype, []).append(v)
+            if not all(map(all_finite, by_dtype.values())):
+                self.skipped_steps += 1
+                return loss
+        if fused.max_grad_norm is not None and views:
+            clip_grad_norm_(views, fused.max_grad_norm)
+        for entry, plan, calls in work:
+            for c, grad_views in calls:
+                step = int(c.steps[0]) + 1
+                fused._update(plan, c.params, grad_views, c.buffers, step, c.extra)
+                c.steps += 1
+                if c.extra:  # SGD's first momentum step: the next ones are ordinary
+                    entry.calls = None
+        return loss
+
+    def _grad_views(self, entry: _Group, call: _Call, grads: list) -> List[np.ndarray]:
+        """The gradients of a call as NumPy views of their memory. The usual case is two
+        loops in C: the conversions, and the comparison of each view's (dtype, shape,
+        strides) with the parameter's; anything else takes the checked path."""
+        chosen = grads if call.everyone else [grads[i] for i in call.index]
+        kept = call.kept
+        if (
+            kept is not None
+            and all(map(operator.is_, chosen, map(_call, kept[0])))
+            and list(map(_data_ptr, chosen)) == kept[2]
+        ):
+            return kept[1]  # the same gradient tensors, on the same memory, as last step
+        try:
+            views = list(map(call.convert, chosen))
+        except (RuntimeError, TypeError):
+            views = None
+        if views is None or list(map(_layout, views)) != call.layouts:
+            views = [self._checked_grad(entry, call, i, grads[i]) for i in call.index]
+        refs = list(map(weakref.ref, chosen))
+        if call.last is not None and all(map(operator.is_, chosen, map(_call, call.last))):
+            # Persistent gradients (zero_grad(set_to_none=False), accumulation): keep views
+            # that do not own the tensors, so that a later zero_grad() still frees them;
+            # they are used only while the same tensors, alive, have the same data_ptr.
+            call.kept = (refs, list(map(_unowned, views)), list(map(_data_ptr, chosen)))
+        call.last = refs
+        return views
+
+    def _checked_grad(self, entry: _Group, call: _Call, i: int, g: torch.Tensor) -> np.ndarray:
+        """The view of a gradient that the fast path did not take, or a clear error."""
+        p = entry.group["params"][i]
+        what = f"gradient of parameter {i} of group {self._index(entry.group)}"
+        _check_grad(what, g, p, self._storage[p])
+        v = _numpy(g)
+        if v.dtype != call.grad_dtype:
+            raise _Rebuild
+        if not v.flags.c_contiguous:  # torch's contiguity and NumPy's differ in corner cases
+            raise ValueError(f"{what}: expected a contiguous tensor, got strides {g.stride()}")
+        return v
+
+    def _index(self, group: Dict[str, Any]) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
+
+    def _build(self, entry: _Group, plan, grads: list, mask: list, ptrs: list) -> None:
+        """The group's fused calls: its parameters with a gradient, by (dtypes, step, extra),
+        with their state created on first use and viewed once."""
+        group, fused = entry.group, self._fused
+        keys: Dict[Tuple[Any, ...], List[int]] = {}
+        for i, (p, g) in enumerate(zip(group["params"], grads)):
+            if g is None:
+                continue
+            what = f"parameter {i} of group {self._index(group)}"
+            _check_tensor(what, p)  # p.data may have been replaced since
+            self._storage[p] = fused._storage_of(what, _numpy(p.detach()))
+            _check_grad(f"gradient of {what}", g, p, self._storage[p])
+            state = self.state[p]
+            step = int(state["step"]) if "step" in state else 0
+            keys.setdefault((p.dtype, g.dtype, step, fused._call_key(group, state)), []).append(i)
+        calls = []
+        for (_, g_dtype, step, extra), index in keys.items():
+            params = [group["params"][i] for i in index]
+            steps = torch.full((len(index),), float(step), dtype=_scalar_dtype())
+            buffers: Dict[str, list] = {}
+            for array, key in plan.arrays:
+                buffers[key] = [self._buffer(group, plan, array, key, p) for p in params]
+            if self._storage[params[0]].master:
+                buffers["master"] = [self._master(p) for p in params]
+            for j, p in enumerate(params):
+                self.state[p]["step"] = steps[j]
+            views = [_numpy(p.detach()) for p in params]
+            everyone = index == list(range(len(group["params"])))
+            calls.append(_Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype))
+        entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
+
+    def _buffer(self, group, plan, array: str, key: str, p: torch.Tensor) -> Any:
+        """The NumPy view (or QuantizedState of views) of state buffer ``key`` of ``p``,
+        created at its initial value if it does not exist."""
+        state, storage = self.state[p], self._storage[p]
+        if storage.state == "int8":
+            codes, scales = f"{key}.codes", f"{key}.scales"
+            if codes not in state:
+                start = self._fused._new_buffer(group, plan, array, key, _numpy(p.detach()), "int8")
+                state[codes] = torch.from_numpy(start.codes)
+                state[scales] = torch.from_numpy(start.scales)
+            return QuantizedState(state[codes].numpy(), state[scales].numpy())
+        if key not in state:
+            value = self._fused._init_buffer(group, key)
+            state[key] = torch.full_like(p, value, dtype=_FROM_NAME[storage.state])
+        _check_tensor(f"state {key!r}", state[key])
+        return _numpy(state[key])
+
+    def _master(self, p: torch.Tensor) -> np.ndarray:
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = p.detach().to(torch.float32, copy=True)
+        return _numpy(state["master"])
+
+    # ------------------------------------------------------------------ state
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Everything but the cached views (rebuilt at the next step): torch's keeps only
+        ``defaults``, ``state`` and ``param_groups``, which would lose the fusedopt class."""
+        state = dict(self.__dict__)
+        state["_groups"] = {}
+        fused = state["_fused"] = copy.copy(self._fused)
+        fused._plans = {}  # validated plans, which hold the kernels: made again when needed
+        return state
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's ``state_dict`` (the state tensors themselves, not copies, as torch's), with
+        fusedopt's options under ``"fusedopt"``."""
+        sd = super().state_dict()
+        if self.fused_class.kernel == "nadam":  # torch's NAdam keeps the product in its state
+            by_id = {i: g for g in sd["param_groups"] for i in g["params"]}
+            sd["state"] = {
+                i: dict(s, mu_product=_mu_product(s["step"], by_id[i])) if "step" in s else s
+                for i, s in sd["state"].items()
+            }
+        sd["fusedopt"] = {
+            **self._fused._storage_options(),
+            "skipped_steps": self.skipped_steps,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` (from this class or torch's), then the state in the
+        dtypes this optimizer keeps (torch casts floating state to the parameter's dtype,
+        which would round float32 masters and state of bfloat16 parameters), as copies."""
+        options = state_dict.get("fusedopt", {})
+        for key in ("state_dtype", "master_weights"):
+            if key in options and options[key] != getattr(self._fused, key):
+                raise ValueError(
+                    f"checkpoint has {key}={options[key]!r}, this optimizer "
+                    f"{getattr(self._fused, key)!r}"
+                )
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_param = dict(zip(saved_ids, params))
+        for saved_id, saved in state_dict["state"].items():
+            p = by_param[saved_id]
+            self.state[p] = self._layout(p, saved)
+        if "seed" in options:
+            self._fused.seed = int(options["seed"])
+            self._fused.stochastic_rounding = bool(options["stochastic_rounding"])
+        self.skipped_steps = int(options.get("skipped_steps", 0))
+        self._groups.clear()
+
+    def _layout(self, p: torch.Tensor, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """A loaded state entry as this optimizer keeps it: copies, in its dtypes."""
+        storage = self._storage[p]
+        entry: Dict[str, Any] = {}
+        for key, value in saved.items():
+            if value is None or key == "mu_product":
+                continue  # torch's SGD may keep None; NAdam's product is derived from step
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            if key == "step":
+                entry[key] = value.detach().to(_scalar_dtype(), copy=True).reshape(())
+                continue
+            if key.endswith(".codes") or key.endswith(".scales"):
+                dtype = value.dtype
+            elif key == "master":
+                dtype = torch.float32
+            else:
+                if storage.state == "int8":
+                    raise ValueError(
+                        f"state {key!r}: this optimizer keeps int8 state ({key}.codes, "
+                        f"{key}.scales), the checkpoint {value.dtype}"
+                    )
+                dtype = _FROM_NAME[storage.state]
+            if key.endswith(".scales"):
+                entry[key] = value.detach().to("cpu", dtype, copy=True).contiguous()
+                continue
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"state {key!r}: expected shape {tuple(p.shape)}, got {tuple(value.shape)}"
+                )
+            entry[key] = value.detach().to("cpu", dtype, copy=True).contiguous()
+        if "step" not in entry and entry:
+            entry["step"] = torch.zeros((), dtype=_scalar_dtype())
+        return entry
+
+
+def _mu_product(step: torch.Tensor, group: Dict[str, Any]) -> torch.Tensor:
+    """torch.optim.NAdam's ``mu_product`` after ``step`` steps: the product of the momentum
+    coefficients, accumulated as torch does in its scalar dtype."""
+    return _mu_products(
+        int(step),
+        float(_plain(group["betas"])[0]),
+        float(group["momentum_decay"]),
+        step.dtype,
+    ).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _mu_products(step: int, beta1: float, momentum_decay: float, dtype) -> torch.Tensor:
+    product = torch.ones((), dtype=dtype)
+    for t in range(1, step + 1):
+        product *= beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
+    return product
+
+
+def _stand_ins(params: Any) -> Any:
+    """``params`` with each tensor replaced by an empty one of its dtype and device (the same
+    one for the same tensor), for torch's checks: torch's Adagrad, for one, allocates its
+    state at construction."""
+    if isinstance(params, torch.Tensor):
+        return params
+    memo: Dict[int, torch.Tensor] = {}
+
+    def stand_in(p: Any) -> Any:
+        if isinstance(p, tuple) and len(p) == 2:
+            return (p[0], stand_in(p[1]))
+        if not isinstance(p, torch.Tensor):
+            return p
+        if id(p) not in memo:
+            memo[id(p)] = torch.empty(0, dtype=p.dtype, device=p.device)
+        return memo[id(p)]
+
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            group = dict(item)
+            inner = group.get("params")
+            if isinstance(inner, torch.Tensor):
+                group["params"] = stand_in(inner)
+            elif inner is not None:
+                group["params"] = [stand_in(p) for p in inner]
+            out.append(group)
+        else:
+            out.append(stand_in(item))
+    return out
+
+
+def _adapter(name: str, fused_class: type, torch_class: Optional[type]) -> type:
+    """The adapter of ``fused_class``: torch's signature where torch has the class (its
+    hyperparameters come from torch's signature, and :mod:`fusedopt.optim`'s classes take
+    torch's names), else the fusedopt class's; fusedopt's options keyword-only after them."""
+    source = torch_class.__init__ if torch_class is not None else fused_class.__init__
+    P = inspect.Parameter
+    parameters = [
+        p
+        for p in inspect.signature(source).parameters.values()
+        if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY, P.POSITIONAL_ONLY)
+    ]
+    parameters += [P(k, P.KEYWORD_ONLY, default=v) for k, v in _OPTIONS.items()]
+    signature = inspect.Signature(parameters)
+    rule = f":func:`fusedopt.{fused_class.kernel}_`"
+    doc = (
+        f"{name} on CPU tensors with fusedopt's fused kernel ({rule}; "
+        f":class:`fusedopt.optim.{name}`), a drop-in for "
+        + (f"``torch.optim.{name}``" if torch_class is not None else "a torch.optim optimizer")
+        + ".\n\n"
+        + inspect.cleandoc(fused_class.__doc__ or "")
+        + "\n\nSee :mod:`fusedopt.torch` for the state layout and the options."
+    )
+    cls = type(
+        name,
+        (Optimizer,),
+        {
+            "fused_class": fused_class,
+            "torch_class": torch_class,
+            "_signature": signature,
+            "__doc__": doc,
+            "__module__": __name__,
+        },
+    )
+    cls.__init__ = _init_with_signature(signature)
+    return cls
+
+
+def _init_with_signature(signature: inspect.Signature) -> Callable[..., None]:
+    def __init__(self, params, *args, **kwargs):
+        Optimizer.__init__(self, params, *args, **kwargs)
+
+    __init__.__signature__ = signature
+    return __init__
+
+
+# The fusedopt.optim classes adapted: the element-wise ones, whose state buffers have their
+# parameter's shape and which step through optim.Optimizer's generic step (what the adapter's
+# calls, views and torch-layout state assume). Classes with factored state, their own step or
+# parameters of one rank only need more than this generic adapter.
+ELEMENTWISE = (
+    "SGD",
+    "Momentum",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Adagrad",
+    "RMSprop",
+    "Lion",
+)
+
+
+def _classes() -> Dict[str, type]:
+    found = {}
+    for name in _optim.__all__:
+        fused_class = getattr(_optim, name)
+        if name in ELEMENTWISE:
+            found[name] = _adapter(name, fused_class, getattr(torch.optim, name, None))
+    return found
+
+
+CLASSES: Dict[str, type] = _classes()
+"""The adapters by name: one per :mod:`fusedopt.optim` class."""
+globals().update(CLASSES)
+__all__ += sorted(CLASSES)
+
+
+class CPUOffload:
+    r"""The ZeRO-Offload pattern: the model's parameters and gradients stay where the model
+    is (bfloat16 on an accelerator, say), the optimizer's state and float32 master weights
+    live in host memory, and the step runs there with fusedopt.
+
+    >>> model = model.to("cuda", torch.bfloat16)
+    >>> offload = fusedopt.torch.CPUOffload(model.parameters(), fusedopt.torch.AdamW, lr=1e-3)
+    >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(offload.optimizer, T_max=1000)
+    >>> for x, y in data:
+    ...     loss = loss_fn(model(x), y)
+    ...     loss.backward()
+    ...     offload.step()          # grads to host, fused step, params back
+    ...     offload.zero_grad()
+    ...     sched.step()
+
+    Each step copies every gradient into a host buffer (pinned, with non-blocking copies,
+    when the parameter is on a CUDA device and ``pin_memory`` is not False), waits for the
+    copies, runs ``optimizer_class``'s fused step on host copies of the parameters, and copies
+    the updated parameters back. Parameters already on the CPU are updated where they are,
+    with no copy (``copy=True`` forces the host copies, for tests). Low-precision parameters
+    get ``master_weights=True`` unless told otherwise, so the update runs on float32 masters.
+
+    ``optimizer`` is the host optimizer (a :class:`fusedopt.torch.Optimizer`): give it to the
+    schedulers; ``state_dict``/``load_state_dict`` are its.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        optimizer_class: Optional[type] = None,
+        *,
+        pin_memory: Optional[bool] = None,
+        copy: bool = False,
+        **kwargs: Any,
+    ):
+        optimizer_class = optimizer_class or CLASSES["AdamW"]
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.params: List[torch.Tensor] = []
+        self._host: List[torch.Tensor] = []
+        self._grads: List[Optional[torch.Tensor]] = []
+        self._device = False  # whether any parameter lives off the host
+        host_groups = []
+        for group in groups:
+            tensors = group["params"]
+            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+            hosts = []
+            for p in tensors:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"params: expected tensors, got {type(p).__name__}")
+                if p.device.type == "cpu" and not copy:
+                    host = p
+                else:
+                    pin = (p.device.type == "cuda") if pin_memory is None else pin_memory
+                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+                    host.copy_(p.detach())
+                    self._device = True
+                self.params.append(p)
+                self._host.append(host)
+                self._grads.append(None)
+                hosts.append(host)
+            host_groups.append({**group, "params": hosts})
+        low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
+        kwargs.setdefault("master_weights", low)
+        self.optimizer = optimizer_class(host_groups, **kwargs)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Copy the gradients to the host, step there, copy the parameters back; returns the
+        closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        synchronize = False
+        for i, (p, host) in enumerate(zip(self.params, self._host)):
+            if host is p:
+                continue
+            if p.grad is None:
+                host.grad = None
+                continue
+            buffer = self._grads[i]
+            if buffer is None or buffer.dtype != p.grad.dtype:
+                buffer = self._grads[i] = torch.empty(
+                    p.shape, dtype=p.grad.dtype, pin_memory=host.is_pinned()
+                )
+            buffer.copy_(p.grad, non_blocking=host.is_pinned())
+            synchronize |= p.device.type == "cuda"
+            host.grad = buffer
+        if synchronize:
+            torch.cuda.synchronize()
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, host in zip(self.params, self._host):
+                if host is not p and host.grad is not None:
+                    p.copy_(host, non_blocking=host.is_pinned())
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The model's gradients (the host buffers are kept for the next step)."""
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
+__all__.append("CPUOffload")
