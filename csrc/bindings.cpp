@@ -1190,5 +1190,6 @@ PYBIND11_MODULE(_core, m) {
 #else
   m.attr("OPENMP") = py::none();
 #endif
+  m.attr("THREADS") = FUSEDOPT_THREADS;  // how CMake built the threads (FUSEDOPT_OPENMP)
   m.def("cpu_supports", &cpu_supports);
 }
