@@ -23,6 +23,10 @@
 #if !defined(_WIN32)
 #include <pthread.h>
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 #include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
@@ -1141,6 +1145,8 @@ py::dict cpu_supports() {
   levels["avx512"] = avx2 && __builtin_cpu_supports("avx512f") &&
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512dq");
+#elif defined(__aarch64__) && defined(__linux__)
+  levels["sve"] = (getauxval(AT_HWCAP) & HWCAP_SVE) != 0;  // and the kernel enabled it
 #endif
   return levels;
 }
@@ -1190,5 +1196,6 @@ PYBIND11_MODULE(_core, m) {
 #else
   m.attr("OPENMP") = py::none();
 #endif
+  m.attr("THREADS") = FUSEDOPT_THREADS;  // how CMake built the threads (FUSEDOPT_OPENMP)
   m.def("cpu_supports", &cpu_supports);
 }

@@ -216,6 +216,9 @@ def step_in_child(queue):
     queue.put([a.tobytes() for a in arrays["param"]])
 
 
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork() on this platform"
+)
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_after_parallel_region_does_not_hang():
     """GNU libgomp hangs a forked child that opens a parallel region after the parent did;

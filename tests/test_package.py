@@ -78,7 +78,19 @@ def test_show_config():
 def test_omp_num_threads_is_honoured():
     result = run_python("import fusedopt; print(fusedopt.get_num_threads())", OMP_NUM_THREADS="3")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "3"
+    assert result.stdout.strip() == ("3" if _core.OPENMP else "1")  # serial build: one thread
+
+
+def test_build_reports_its_threads():
+    """show_config says whether the build has OpenMP threads or is serial (FUSEDOPT_OPENMP)."""
+    out = io.StringIO()
+    fusedopt.show_config(file=out)
+    assert f"({_core.THREADS})" in out.getvalue()
+    if _core.OPENMP:
+        assert _core.THREADS.startswith("OpenMP "), _core.THREADS
+    else:
+        assert _core.THREADS.startswith("serial: "), _core.THREADS
+        assert fusedopt.get_num_threads() == 1
 
 
 def test_threadpoolctl_limits_apply():

@@ -47,13 +47,15 @@ __all__ += sorted(_functional.FUNCTIONS)
 
 
 def get_num_threads() -> int:
-    """Number of threads the kernels use (by default OpenMP's, which honours OMP_NUM_THREADS)."""
+    """Number of threads the kernels use (by default OpenMP's, which honours OMP_NUM_THREADS).
+    Always 1 in a serial build (one without OpenMP: see :func:`show_config`)."""
     return _core.get_num_threads()
 
 
 def set_num_threads(threads: int | None) -> None:
     """Set the number of threads the kernels use, for every Python thread; None restores the
-    default. Results are bit-identical for every thread count."""
+    default. Results are bit-identical for every thread count. A serial build (without OpenMP)
+    checks ``threads`` and runs on one thread whatever it is."""
     if threads is None:
         _core.set_num_threads(0)
         return
@@ -71,7 +73,7 @@ def show_config(file=None) -> None:
         f"FUSEDOPT_SIMD forces one)",
         f"  SIMD instructions: {_core.simd_instructions()}",
         f"  threads:           {get_num_threads()}",
-        f"  OpenMP:            {_core.OPENMP}",
+        f"  OpenMP:            {_core.OPENMP or 'none'} ({_core.THREADS})",
         f"  Eigen:             {_core.EIGEN_VERSION}",
         f"  compiler:          {_core.COMPILER}",
         f"  numpy:             {np.__version__}",

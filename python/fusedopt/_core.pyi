@@ -12,7 +12,8 @@ _Arrays = Union[np.ndarray, Sequence[np.ndarray]]
 __version__: str
 EIGEN_VERSION: str
 COMPILER: str
-OPENMP: Optional[int]
+OPENMP: Optional[int]  # _OPENMP's date (yyyymm), None in a serial build
+THREADS: str  # how the build got its threads: "OpenMP 4.5" or "serial (...)"
 CHUNK: int
 OPTIMIZERS: dict[str, dict[str, Any]]
 STORAGE_ROWS: tuple[tuple[str, str, str], ...]  # (param, grad, state) dtype names

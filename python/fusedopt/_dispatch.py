@@ -1,10 +1,11 @@
 """Loads the kernels built for the best SIMD level this CPU supports into the binding.
 
 The binding ``_core`` is built once; the kernels are built once per level, each into a library of
-its own (``_kernels_baseline``, and on x86-64 ``_kernels_avx2`` and ``_kernels_avx512``). The
-binding says which levels this CPU runs; the best one built is loaded with ctypes and its table
-of kernels handed to the binding. ``FUSEDOPT_SIMD=baseline|avx2|avx512`` forces a level. Every
-level computes bit-identical results.
+its own (``_kernels_baseline``; on x86-64 ``_kernels_avx2`` and ``_kernels_avx512``; on aarch64
+Linux ``_kernels_sve``). The binding says which levels this CPU runs; the best one built is
+loaded with ctypes and its table of kernels handed to the binding.
+``FUSEDOPT_SIMD=baseline|avx2|avx512|sve`` forces a level. Every level computes bit-identical
+results.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Dict, Optional
 
 from . import _core as core
 
-LEVELS = ("avx512", "avx2", "baseline")  # best first
+LEVELS = ("avx512", "avx2", "sve", "baseline")  # best first (sve: aarch64 Linux)
 _HERE = Path(core.__file__).parent  # beside the binding (editable installs keep them apart)
 _loaded: Dict[str, ctypes.CDLL] = {}  # kept for the life of the process
 
