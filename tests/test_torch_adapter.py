@@ -4,7 +4,9 @@ mixed precision against fusedopt.optim, and torch.compile."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import tracemalloc
 
 import ml_dtypes
@@ -16,27 +18,53 @@ common_optimizers = pytest.importorskip(
     "torch.testing._internal.common_optimizers",
     reason="torch's optim_db needs expecttest (the test extra)",
 )
+from test_muon import bfloat16_free_torch  # noqa: E402
+
 import fusedopt.torch as ft  # noqa: E402
 from fusedopt import optim  # noqa: E402
 
 SHAPES = [(5, 3), (7,), (), (2, 3, 4), (300,)]
+MATRICES = [(5, 3), (3, 7), (1, 1), (16, 16), (40, 9)]  # Muon takes 2-D parameters only
 BOTH = [
     info
     for info in common_optimizers.optim_db
     if info.optim_cls.__name__ in ft.CLASSES
     and info.optim_cls is getattr(torch.optim, info.optim_cls.__name__, None)
 ]
+
+
+def _float64_inputs(info):
+    """optim_db's CPU inputs made under float64 as the default dtype, as the tests run: a
+    tensor lr is then float64 (torch's Muon computes 1 - lr * weight_decay in the lr's dtype)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return info.optim_inputs_func(device="cpu", dtype=torch.float64)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 INPUTS = [
     pytest.param(info.optim_cls.__name__, oi.kwargs, id=f"{info.optim_cls.__name__}-{oi.desc}")
     for info in BOTH
-    for oi in info.optim_inputs_func(device="cpu", dtype=torch.float64)
+    for oi in _float64_inputs(info)
 ]
-ERRORS = [
-    pytest.param(
-        info.optim_cls.__name__, ei, id=f"{info.optim_cls.__name__}-{ei.optimizer_error_input.desc}"
-    )
+_ERROR_INPUTS = [
+    (info.optim_cls.__name__, ei)
     for info in BOTH
     for ei in info.optim_error_inputs_func(device="cpu", dtype=torch.float64)
+]
+ERRORS = [
+    pytest.param(name, ei, id=f"{name}-{ei.optimizer_error_input.desc}")
+    for name, ei in _ERROR_INPUTS
+    if ei.error_on == common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR
+]
+# torch raises these at the first step (complex parameters: RuntimeError); fusedopt.torch
+# checks every tensor when it is added, so the same inputs fail at construction (TypeError)
+STEP_ERRORS = [
+    pytest.param(name, ei, id=f"{name}-{ei.optimizer_error_input.desc}")
+    for name, ei in _ERROR_INPUTS
+    if ei.error_on == common_optimizers.OptimizerErrorEnum.STEP_ERROR
 ]
 
 
@@ -49,49 +77,67 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def _params(dtype=torch.float64, seed=0):
+def _params(dtype=torch.float64, seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in SHAPES]
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
 
 
-def _grads(step, dtype=torch.float64):
+def _grads(step, dtype=torch.float64, shapes=SHAPES):
     g = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
 
 
 def _run(opt, params, steps, start=0):
+    shapes = [tuple(p.shape) for p in params]
     for t in range(start, start + steps):
-        for p, g in zip(params, _grads(t, params[0].dtype)):
+        for p, g in zip(params, _grads(t, params[0].dtype, shapes)):
             p.grad = g.clone()
         opt.step()
 
 
+def _shapes(name):
+    return MATRICES if name == "Muon" else SHAPES
+
+
+def _float64_torch(name):
+    """torch's Muon casts its Newton-Schulz iteration to bfloat16: patched to keep float64
+    (tests/test_muon.py's bfloat16_free_torch), so that torch's own code runs in float64."""
+    return bfloat16_free_torch() if name == "Muon" else contextlib.nullcontext()
+
+
 def _torch_loop(name, params, **kwargs):
-    """torch's for-loop implementation."""
+    """torch's for-loop implementation (foreach=False where the class has foreach)."""
     kwargs = {k: v for k, v in kwargs.items() if k not in ("foreach", "fused")}
-    return getattr(torch.optim, name)(params, foreach=False, **kwargs)
+    cls = getattr(torch.optim, name)
+    if "foreach" in inspect.signature(cls).parameters:
+        kwargs["foreach"] = False
+    return cls(params, **kwargs)
 
 
 def test_optim_db_is_covered():
     """Every optimizer both libraries have is driven, with every CPU input."""
     names = sorted({info.optim_cls.__name__ for info in BOTH})
     assert names == sorted(n for n in ft.CLASSES if hasattr(torch.optim, n))
-    assert len(INPUTS) >= 50 and len(ERRORS) >= 60
+    assert len(INPUTS) >= 64 and len(ERRORS) >= 85 and len(STEP_ERRORS) >= 2
 
 
 @pytest.mark.parametrize("name, kwargs", INPUTS)
 def test_matches_torch_on_optim_db_inputs(name, kwargs, float64_default):
     """float64, 8 steps: parameters and every state buffer equal torch's for-loop
     implementation to rtol 1e-9 after every step."""
-    ours, theirs = _params(), _params()
+    ours, theirs = _params(shapes=_shapes(name)), _params(shapes=_shapes(name))
     opt = ft.CLASSES[name](ours, **copy.deepcopy(kwargs))
     ref = _torch_loop(name, theirs, **copy.deepcopy(kwargs))
     for t in range(8):
         _run(opt, ours, 1, t)
-        _run(ref, theirs, 1, t)
+        with _float64_torch(name):
+            _run(ref, theirs, 1, t)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
     for a, b in zip(ours, theirs):
+        # torch's layout: the same keys (SGD's "step" is the stochastic-rounding stream's)
+        extra = {"step"} if name == "SGD" else set()
+        assert set(opt.state[a]) == set(ref.state[b]) - {"mu_product"} | extra
         for key, value in ref.state[b].items():
             if key == "mu_product":
                 continue
@@ -112,13 +158,21 @@ def test_construction_errors_as_torch(name, error_input):
             ft.CLASSES[name](params, **oi.kwargs)
 
 
+@pytest.mark.parametrize("name, error_input", STEP_ERRORS)
+def test_step_error_inputs_fail_at_construction(name, error_input):
+    """optim_db's step errors (complex parameters) are caught when the parameters are added,
+    before any step, with a TypeError that names the parameter."""
+    oi = error_input.optimizer_error_input
+    assert oi.params is not None and any(p.is_complex() for p in oi.params)
+    with pytest.raises(TypeError, match="parameter 0 of group 0: complex tensors"):
+        ft.CLASSES[name](oi.params, **oi.kwargs)
+
+
 @pytest.mark.parametrize("name", sorted(ft.CLASSES))
 def test_signature_and_groups_as_torch(name):
     """torch's signature and param_group keys; fusedopt's options keyword-only after."""
-    import inspect
-
     ours = inspect.signature(ft.CLASSES[name])
-    params = [torch.zeros(3, requires_grad=True)]
+    params = [torch.zeros(3, 3, requires_grad=True)]
     opt = ft.CLASSES[name](params)
     torch_cls = getattr(torch.optim, name, None)
     if torch_cls is not None:
@@ -228,25 +282,27 @@ def test_every_class_round_trips_with_torch(name, float64_default):
     """Each adapter's state_dict loads into torch's class (NAdam with its mu_product), and
     torch's into the adapter, and the run continues as torch's uninterrupted one."""
     kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
-    ref_params = _params()
-    ref = _torch_loop(name, ref_params, **kwargs)
-    _run(ref, ref_params, 8)
-    a = _params()
-    opt = ft.CLASSES[name](a, **kwargs)
-    _run(opt, a, 4)
-    switched = _torch_loop(name, a, **kwargs)
-    switched.load_state_dict(opt.state_dict())
-    _run(switched, a, 4, 4)
-    for x, y in zip(a, ref_params):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
-    b = _params()  # and back: torch for 4 steps, then the adapter
-    theirs = _torch_loop(name, b, **kwargs)
-    _run(theirs, b, 4)
-    ours = ft.CLASSES[name](b, **kwargs)
-    ours.load_state_dict(theirs.state_dict())
-    _run(ours, b, 4, 4)
-    for x, y in zip(b, ref_params):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
+    shapes = _shapes(name)
+    with _float64_torch(name):
+        ref_params = _params(shapes=shapes)
+        ref = _torch_loop(name, ref_params, **kwargs)
+        _run(ref, ref_params, 8)
+        a = _params(shapes=shapes)
+        opt = ft.CLASSES[name](a, **kwargs)
+        _run(opt, a, 4)
+        switched = _torch_loop(name, a, **kwargs)
+        switched.load_state_dict(opt.state_dict())
+        _run(switched, a, 4, 4)
+        for x, y in zip(a, ref_params):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
+        b = _params(shapes=shapes)  # and back: torch for 4 steps, then the adapter
+        theirs = _torch_loop(name, b, **kwargs)
+        _run(theirs, b, 4)
+        ours = ft.CLASSES[name](b, **kwargs)
+        ours.load_state_dict(theirs.state_dict())
+        _run(ours, b, 4, 4)
+        for x, y in zip(b, ref_params):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
 
 
 def test_scheduler_closure_hooks_zero_grad():
@@ -623,3 +679,39 @@ def test_deepcopy_and_pickle_continue_identically():
         ref.load_state_dict(copy.deepcopy(opt.state_dict()))
         _run(ref, expected, 2, 2)
         assert all(torch.equal(p, q) for p, q in zip(params, expected))
+
+
+def test_muon_refuses_parameters_that_are_not_2d_as_torch():
+    """torch's ValueError at construction; fusedopt's also in add_param_group, which torch's
+    Muon does not check (its step would fail later)."""
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        ft.Muon([torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)])
+    opt = ft.Muon([torch.zeros(3, 3, requires_grad=True)])
+    with pytest.raises(ValueError, match="Muon only supports 2-D parameters"):
+        opt.add_param_group({"params": [torch.zeros(2, 2, 2, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matrix_adapters_match_the_numpy_classes_bit_for_bit(name, dtype):
+    """The adapters step the tensors' memory as fusedopt.optim's classes step arrays: the same
+    bits for parameters and state (bfloat16 through its int16 view), and in torch's layout."""
+    shapes = MATRICES if name == "Muon" else SHAPES
+    params = _params(dtype, shapes=shapes)
+    arrays = {str(i): ft._numpy(p.detach()).copy() for i, p in enumerate(params)}
+    opt = ft.CLASSES[name](params, lr=0.01, weight_decay=0.05)
+    ref = getattr(optim, name)(arrays, lr=0.01, weight_decay=0.05)
+    for t in range(3):
+        grads = _grads(t, dtype, shapes)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        ref.step({str(i): ft._numpy(g) for i, g in enumerate(grads)})
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(ft._numpy(p.detach()), arrays[str(i)])
+        state = {k: v for k, v in opt.state[p].items() if k != "step"}
+        assert state.keys() == {k for k in ref.state[str(i)] if k != "step"}
+        for key, value in state.items():
+            assert tuple(value.shape) == ref.state[str(i)][key].shape
+            np.testing.assert_array_equal(ft._numpy(value), ref.state[str(i)][key])

@@ -20,12 +20,13 @@ count): for a usual model, one call per group. The kernels write the tensors' me
 nothing the size of the model is allocated by a step.
 
 **State** is torch tensors in torch's layout: ``state[p]["exp_avg"]``, ``"exp_avg_sq"``,
-``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``, ... and
-``"step"`` as a 0-d float32 tensor (float64 when torch's default dtype is float64), so a
-``state_dict()`` loads into the ``torch.optim`` class and the other way round, and training
-continues as if it had not switched. The ``step`` tensors of the parameters of one fused call
-are views into one small tensor, which the step advances with one operation. Fields torch has
-no equivalent of:
+``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``,
+``"row_var"``/``"col_var"``/``"variance"`` (Adafactor), ... and ``"step"`` (not for Muon, whose
+torch class keeps none) as a 0-d float32 tensor (float64 when torch's default
+dtype is float64), so a ``state_dict()`` loads into the ``torch.optim`` class and the other way
+round, and training continues as if it had not switched. The ``step`` tensors of the parameters of
+one fused call are views into one small tensor, which the step advances with one operation. Fields
+torch has no equivalent of:
 
 - ``state[p]["master"]``: the float32 master weights (``master_weights=True``);
 - ``state[p]["<buffer>.codes"]`` (int8 or uint8) and ``"<buffer>.scales"`` (float32, one per
@@ -68,6 +69,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without torch
     raise ImportError("fusedopt.torch needs PyTorch: pip install 'fusedopt[torch]'") from error
 
+from . import _matrix, reference
 from . import optim as _optim
 from ._clip import clip_grad_norm_
 from ._functional import all_finite
@@ -254,6 +256,16 @@ class Optimizer(torch.optim.Optimizer):
     fused_class: type = _optim.Optimizer
     torch_class: Optional[type] = None
     _signature: inspect.Signature
+    #: the shape of the stand-in parameter the fusedopt instance is built on
+    _probe_shape: Tuple[int, ...] = (1,)
+    #: whether torch's checks need stand-ins of the parameters' shapes (Muon: 2-D only)
+    _shaped_stand_ins = False
+    #: whether the state has torch's ``"step"`` (torch's Muon keeps none)
+    _keeps_step = True
+    #: group entries beyond the hyperparameters, at their start (Schedule-Free's k, ...)
+    _group_defaults: Dict[str, Any] = {}
+    #: arguments of the peer's signature after the fusedopt class's (Schedule-Free's foreach)
+    _extra_parameters: Tuple[inspect.Parameter, ...] = ()
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
         bound = self._signature.bind(self, params, *args, **kwargs)
@@ -274,14 +286,15 @@ class Optimizer(torch.optim.Optimizer):
             # of the groups (torch fills in their defaults); the instance is dropped
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                checked = self.torch_class(_stand_ins(params), **arguments)
+                checked = self.torch_class(_stand_ins(params, self._shaped_stand_ins), **arguments)
             eager = bool(checked.state)  # torch's Adagrad creates its state at construction
         else:
             eager = False
         hyper = {k: _plain(v) for k, v in arguments.items() if k not in _TORCH_ONLY}
         # fusedopt's checks of the hyperparameters and options, on a stand-in parameter; the
         # instance's storage logic, group plans and fused update are what steps reuse
-        self._fused = self.fused_class([np.zeros(1, np.float32)], **hyper, **options)
+        probe = np.zeros(self._probe_shape, np.float32)
+        self._fused = self.fused_class([probe], **hyper, **options)
         self._fused_keys = tuple(k for k in self._fused.defaults if k != "frozen")
         self._groups: Dict[int, _Group] = {}
         self._storage: Dict[torch.Tensor, Any] = {}
@@ -289,7 +302,7 @@ class Optimizer(torch.optim.Optimizer):
         # the group keys torch's class has: its arguments, and what it fixes (AdamW's
         # decoupled_weight_decay), as the fusedopt class fixes it too
         fixed = {k: v for k, v in self._fused.defaults.items() if k != "frozen"}
-        super().__init__(params, {**fixed, **arguments})
+        super().__init__(params, {**fixed, **self._group_defaults, **arguments})
         if eager:  # as torch's class, so that its state_dict has every parameter's state
             for group in self.param_groups:
                 plan = self._fused._plan(self._hyper(group, {}))
@@ -378,8 +391,8 @@ class Optimizer(torch.optim.Optimizer):
             clip_grad_norm_(views, fused.max_grad_norm)
         for entry, plan, calls in work:
             for c, grad_views in calls:
-                step = int(c.steps[0]) + 1
-                fused._update(plan, c.params, grad_views, c.buffers, step, c.extra)
+                step = self._call_step(entry, c)
+                self._update(plan, c.params, grad_views, c.buffers, step, c.extra)
                 c.steps += 1
                 if c.extra:  # SGD's first momentum step: the next ones are ordinary
                     entry.calls = None
@@ -441,22 +454,50 @@ class Optimizer(torch.optim.Optimizer):
             _check_grad(f"gradient of {what}", g, p, self._storage[p])
             state = self.state[p]
             step = int(state["step"]) if "step" in state else 0
-            keys.setdefault((p.dtype, g.dtype, step, fused._call_key(group, state)), []).append(i)
+            keys.setdefault((p.dtype, g.dtype, step, self._call_key(group, state)), []).append(i)
         calls = []
         for (_, g_dtype, step, extra), index in keys.items():
             params = [group["params"][i] for i in index]
             steps = torch.full((len(index),), float(step), dtype=_scalar_dtype())
-            buffers: Dict[str, list] = {}
-            for array, key in plan.arrays:
-                buffers[key] = [self._buffer(group, plan, array, key, p) for p in params]
-            if self._storage[params[0]].master:
-                buffers["master"] = [self._master(p) for p in params]
-            for j, p in enumerate(params):
-                self.state[p]["step"] = steps[j]
+            buffers = self._call_buffers(group, plan, params)
+            if self._keeps_step:
+                for j, p in enumerate(params):
+                    self.state[p]["step"] = steps[j]
             views = [_numpy(p.detach()) for p in params]
             everyone = index == list(range(len(group["params"])))
             calls.append(_Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype))
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
+
+    def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
+        """The state views of a fused call's parameters, by state key."""
+        buffers: Dict[str, list] = {}
+        for array, key in plan.arrays:
+            buffers[key] = [self._buffer(group, plan, array, key, p) for p in params]
+        if self._storage[params[0]].master:
+            buffers["master"] = [self._master(p) for p in params]
+        return buffers
+
+    def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
+        """What else must be equal for parameters to share a fused call (the fusedopt
+        class's rule); truthy: the calls are regrouped after the step."""
+        return self._fused._call_key(group, state)
+
+    def _call_step(self, entry: _Group, call: _Call) -> int:
+        """The step count a call's update takes: its parameters' steps so far, plus one."""
+        return int(call.steps[0]) + 1
+
+    def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
+        """One fused call (the fusedopt class's)."""
+        self._fused._update(plan, params, grads, buffers, step, extra)
+
+    def _reference_impl(self) -> bool:
+        """Whether the fusedopt instance computes with fusedopt.reference."""
+        impl = self._fused.impl
+        return impl == "reference" or (impl is None and _optim._REFERENCE.get())
+
+    def _state_shape(self, key: str, p: torch.Tensor) -> Tuple[int, ...]:
+        """The shape of state ``key`` of ``p``: the parameter's, unless factored."""
+        return tuple(p.shape)
 
     def _buffer(self, group, plan, array: str, key: str, p: torch.Tensor) -> Any:
         """The NumPy view (or QuantizedState of views) of state buffer ``key`` of ``p``,
@@ -542,7 +583,8 @@ class Optimizer(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value)
             if key == "step":
-                entry[key] = value.detach().to(_scalar_dtype(), copy=True).reshape(())
+                if self._keeps_step:
+                    entry[key] = value.detach().to(_scalar_dtype(), copy=True).reshape(())
                 continue
             if key.endswith(".codes") or key.endswith(".scales"):
                 dtype = value.dtype
@@ -558,12 +600,13 @@ class Optimizer(torch.optim.Optimizer):
             if key.endswith(".scales"):
                 entry[key] = value.detach().to("cpu", dtype, copy=True).contiguous()
                 continue
-            if value.shape != p.shape:
+            expected = self._state_shape(key, p)
+            if tuple(value.shape) != expected:
                 raise ValueError(
-                    f"state {key!r}: expected shape {tuple(p.shape)}, got {tuple(value.shape)}"
+                    f"state {key!r}: expected shape {expected}, got {tuple(value.shape)}"
                 )
             entry[key] = value.detach().to("cpu", dtype, copy=True).contiguous()
-        if "step" not in entry and entry:
+        if "step" not in entry and entry and self._keeps_step:
             entry["step"] = torch.zeros((), dtype=_scalar_dtype())
         return entry
 
@@ -587,10 +630,11 @@ def _mu_products(step: int, beta1: float, momentum_decay: float, dtype) -> torch
     return product
 
 
-def _stand_ins(params: Any) -> Any:
+def _stand_ins(params: Any, shaped: bool = False) -> Any:
     """``params`` with each tensor replaced by an empty one of its dtype and device (the same
     one for the same tensor), for torch's checks: torch's Adagrad, for one, allocates its
-    state at construction."""
+    state at construction. ``shaped``: of the tensor's shape instead, one element broadcast
+    (for torch's Muon, which checks the parameters' dimensions)."""
     if isinstance(params, torch.Tensor):
         return params
     memo: Dict[int, torch.Tensor] = {}
@@ -601,7 +645,11 @@ def _stand_ins(params: Any) -> Any:
         if not isinstance(p, torch.Tensor):
             return p
         if id(p) not in memo:
-            memo[id(p)] = torch.empty(0, dtype=p.dtype, device=p.device)
+            memo[id(p)] = (
+                torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape)
+                if shaped
+                else torch.empty(0, dtype=p.dtype, device=p.device)
+            )
         return memo[id(p)]
 
     out = []
@@ -619,7 +667,9 @@ def _stand_ins(params: Any) -> Any:
     return out
 
 
-def _adapter(name: str, fused_class: type, torch_class: Optional[type]) -> type:
+def _adapter(
+    name: str, fused_class: type, torch_class: Optional[type], base: type = Optimizer
+) -> type:
     """The adapter of ``fused_class``: torch's signature where torch has the class (its
     hyperparameters come from torch's signature, and :mod:`fusedopt.optim`'s classes take
     torch's names), else the fusedopt class's; fusedopt's options keyword-only after them."""
@@ -630,20 +680,22 @@ def _adapter(name: str, fused_class: type, torch_class: Optional[type]) -> type:
         for p in inspect.signature(source).parameters.values()
         if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY, P.POSITIONAL_ONLY)
     ]
+    parameters += list(base._extra_parameters)
     parameters += [P(k, P.KEYWORD_ONLY, default=v) for k, v in _OPTIONS.items()]
     signature = inspect.Signature(parameters)
-    rule = f":func:`fusedopt.{fused_class.kernel}_`"
+    rule = f":func:`fusedopt.{fused_class.kernel or name.lower()}_`"
     doc = (
         f"{name} on CPU tensors with fusedopt's fused kernel ({rule}; "
         f":class:`fusedopt.optim.{name}`), a drop-in for "
         + (f"``torch.optim.{name}``" if torch_class is not None else "a torch.optim optimizer")
         + ".\n\n"
         + inspect.cleandoc(fused_class.__doc__ or "")
+        + ("\n\n" + inspect.cleandoc(base.__doc__) if base is not Optimizer else "")
         + "\n\nSee :mod:`fusedopt.torch` for the state layout and the options."
     )
     cls = type(
         name,
-        (Optimizer,),
+        (base,),
         {
             "fused_class": fused_class,
             "torch_class": torch_class,
@@ -667,7 +719,7 @@ def _init_with_signature(signature: inspect.Signature) -> Callable[..., None]:
 # The fusedopt.optim classes adapted: the element-wise ones, whose state buffers have their
 # parameter's shape and which step through optim.Optimizer's generic step (what the adapter's
 # calls, views and torch-layout state assume). Classes with factored state, their own step or
-# parameters of one rank only need more than this generic adapter.
+# parameters of one rank only have an adapter base of their own (MATRIX, SCHEDULE_FREE below).
 ELEMENTWISE = (
     "SGD",
     "Momentum",
@@ -682,12 +734,64 @@ ELEMENTWISE = (
 )
 
 
+class _MuonAdapter(Optimizer):
+    """As torch's Muon: every parameter must be 2-D (ValueError otherwise, at construction
+    and in ``add_param_group``); the state is ``momentum_buffer`` only, no ``"step"``."""
+
+    _probe_shape = (1, 1)
+    _shaped_stand_ins = True
+    _keeps_step = False
+
+
+class _AdafactorAdapter(Optimizer):
+    """State as torch's Adafactor: ``"step"``, and ``row_var`` (the last dimension 1) and
+    ``col_var`` (the second-to-last 1) for parameters of 2 or more dimensions, else
+    ``variance`` (the parameter's shape); float32 for bfloat16 and float16 parameters, where
+    torch keeps the gradient's dtype (a checkpoint's are converted on loading)."""
+
+    def _state_shape(self, key: str, p: torch.Tensor) -> Tuple[int, ...]:
+        return tuple(_matrix.adafactor_state_shapes(tuple(p.shape)).get(key, p.shape))
+
+    def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
+        buffers: Dict[str, list] = {"row_var": [], "col_var": [], "variance": []}
+        for p in params:
+            state, dtype = self.state[p], _FROM_NAME[self._storage[p].state]
+            shapes = _matrix.adafactor_state_shapes(tuple(p.shape))
+            for key, views in buffers.items():
+                if key not in shapes:
+                    views.append(None)
+                    continue
+                if key not in state:
+                    state[key] = torch.zeros(shapes[key], dtype=dtype)
+                _check_tensor(f"state {key!r}", state[key])
+                views.append(_numpy(state[key]))
+        return buffers
+
+    def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
+        function = reference.adafactor_ if self._reference_impl() else _matrix.adafactor_
+        function(
+            params,
+            grads,
+            buffers["row_var"],
+            buffers["col_var"],
+            buffers["variance"],
+            step=step,
+            **plan.hyper,
+        )
+
+
+# The adapted classes whose state or update is not element-wise, by their adapter's base.
+MATRIX = {"Muon": _MuonAdapter, "Adafactor": _AdafactorAdapter}
+SCHEDULE_FREE: Dict[str, type] = {}
+
+
 def _classes() -> Dict[str, type]:
     found = {}
     for name in _optim.__all__:
         fused_class = getattr(_optim, name)
-        if name in ELEMENTWISE:
-            found[name] = _adapter(name, fused_class, getattr(torch.optim, name, None))
+        base = {**MATRIX, **SCHEDULE_FREE}.get(name, Optimizer)
+        if name in ELEMENTWISE or base is not Optimizer:
+            found[name] = _adapter(name, fused_class, getattr(torch.optim, name, None), base)
     return found
 
 
