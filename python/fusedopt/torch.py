@@ -7,7 +7,9 @@ tensors' own memory.
 
 Each class is a :class:`torch.optim.Optimizer` with the name, signature, defaults and
 ``param_groups`` of its ``torch.optim`` namesake (``Lion`` and ``Momentum``, which torch lacks,
-take :mod:`fusedopt.optim`'s), so schedulers, ``zero_grad``, ``add_param_group``, closures,
+take :mod:`fusedopt.optim`'s; ``ScheduleFreeAdamW`` and ``ScheduleFreeSGD`` the ``schedulefree``
+package's ``AdamWScheduleFree`` and ``SGDScheduleFree``, names they also have here), so
+schedulers, ``zero_grad``, ``add_param_group``, closures,
 the step hooks and ``state_dict`` work as with torch. Its update rule is that of the
 :mod:`fusedopt.optim` class of the same name (the rule in LaTeX is in each function's
 docstring, e.g. :func:`fusedopt.adamw_`); the hyperparameters are validated by that class and,
@@ -21,8 +23,8 @@ nothing the size of the model is allocated by a step.
 
 **State** is torch tensors in torch's layout: ``state[p]["exp_avg"]``, ``"exp_avg_sq"``,
 ``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``,
-``"row_var"``/``"col_var"``/``"variance"`` (Adafactor), ... and ``"step"`` (not for Muon, whose
-torch class keeps none) as a 0-d float32 tensor (float64 when torch's default
+``"row_var"``/``"col_var"``/``"variance"`` (Adafactor), ... and ``"step"`` (not for Muon and
+Schedule-Free, whose torch classes keep none) as a 0-d float32 tensor (float64 when torch's default
 dtype is float64), so a ``state_dict()`` loads into the ``torch.optim`` class and the other way
 round, and training continues as if it had not switched. The ``step`` tensors of the parameters of
 one fused call are views into one small tensor, which the step advances with one operation. Fields
@@ -780,9 +782,115 @@ class _AdafactorAdapter(Optimizer):
         )
 
 
+class _ScheduleFreeAdapter(Optimizer):
+    r"""As the ``schedulefree`` package's torch classes (``AdamWScheduleFree``,
+    ``SGDScheduleFree``, also importable under these names): their signature with
+    ``foreach`` (accepted, no effect), and their group entries ``k``, ``train_mode``,
+    ``lr_max`` (-1 at the start), ``weight_sum`` and ``scheduled_lr``, so that a
+    ``state_dict`` loads into theirs and the other way round. A new optimizer is in eval mode,
+    as theirs: call :meth:`train` before the first step (a step in eval mode raises
+    RuntimeError) and :meth:`eval` before evaluating or saving the weights. The state is ``z``
+    (and ``exp_avg_sq`` for AdamW), no ``"step"``: the step count is the group's ``k``."""
+
+    _keeps_step = False
+    _group_defaults = {
+        "k": 0,
+        "train_mode": False,
+        "weight_sum": 0.0,
+        "lr_max": -1.0,
+        "scheduled_lr": 0.0,
+    }
+    _extra_parameters = (
+        inspect.Parameter(
+            "foreach",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=hasattr(torch, "_foreach_mul_"),
+        ),
+    )
+
+    def _hyper(self, group: Dict[str, Any], into: Dict[str, Any]) -> Dict[str, Any]:
+        super()._hyper(group, into)
+        into["lr_max"] = max(into["lr_max"], 0.0)  # schedulefree starts at -1: max(lr, .)
+        return into
+
+    def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
+        return None  # every parameter steps with the group's count: one call per dtype
+
+    def _call_step(self, entry: _Group, call: _Call) -> int:
+        return int(entry.group["k"]) + 1
+
+    def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
+        self._fused._update(plan, params, grads, buffers, step, step)
+
+    def _buffer(self, group, plan, array: str, key: str, p: torch.Tensor) -> Any:
+        storage = self._storage[p]
+        if key == "z" and "z" not in self.state[p] and storage.state != "int8":
+            self.state[p]["z"] = p.detach().to(_FROM_NAME[storage.state], copy=True)
+        return super()._buffer(group, plan, array, key, p)
+
+    @torch._dynamo.disable
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One Schedule-Free step of every parameter with a gradient; every group's ``k``,
+        ``lr_max``, ``weight_sum`` and ``scheduled_lr`` advance as ``schedulefree``'s do.
+        Returns the closure's loss."""
+        if not all(group["train_mode"] for group in self.param_groups):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() in eval mode: call .train() before stepping "
+                "(the parameters hold the average x in eval mode)"
+            )
+        skipped = self.skipped_steps
+        loss = super().step(closure)
+        if self.skipped_steps != skipped:
+            return loss
+        for group in self.param_groups:
+            k = int(group["k"]) + 1
+            lr, lr_max, weight_sum, _ = reference.schedulefree_averaging(
+                k,
+                _plain(group["lr"]),
+                warmup_steps=group["warmup_steps"],
+                r=group["r"],
+                weight_lr_power=group["weight_lr_power"],
+                lr_max=group["lr_max"],
+                weight_sum=group["weight_sum"],
+            )
+            group.update(k=k, lr_max=lr_max, weight_sum=weight_sum, scheduled_lr=lr)
+        return loss
+
+    @torch.no_grad()
+    def train(self) -> None:
+        r"""Switch the parameters to :math:`y`, where gradients are taken:
+        :math:`\theta \leftarrow \theta + (1 - \beta)(z - \theta)` (no-op in train mode)."""
+        self._switch(True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        r"""Switch the parameters to the average :math:`x`, the weights to evaluate and keep:
+        :math:`\theta \leftarrow \theta + (1 - 1/\beta)(z - \theta)` (no-op in eval mode)."""
+        self._switch(False)
+
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if bool(group["train_mode"]) == to_train:
+                continue
+            beta = _plain(group[self._fused.beta_name])
+            beta = beta[0] if isinstance(beta, tuple) else beta
+            weight = 1 - beta if to_train else 1 - 1 / beta
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "z" in state:
+                    z = _numpy(state["z"])
+                elif "z.codes" in state:
+                    z = QuantizedState(state["z.codes"].numpy(), state["z.scales"].numpy())
+                else:
+                    continue
+                master = _numpy(state["master"]) if "master" in state else None
+                _optim._lerp_(_numpy(p.detach()), z, weight, master)
+            group["train_mode"] = to_train
+
+
 # The adapted classes whose state or update is not element-wise, by their adapter's base.
 MATRIX = {"Muon": _MuonAdapter, "Adafactor": _AdafactorAdapter}
-SCHEDULE_FREE: Dict[str, type] = {}
+SCHEDULE_FREE = {"ScheduleFreeAdamW": _ScheduleFreeAdapter, "ScheduleFreeSGD": _ScheduleFreeAdapter}
 
 
 def _classes() -> Dict[str, type]:
@@ -799,6 +907,10 @@ CLASSES: Dict[str, type] = _classes()
 """The adapters by name: one per :mod:`fusedopt.optim` class."""
 globals().update(CLASSES)
 __all__ += sorted(CLASSES)
+# the schedulefree package's names, for a drop-in import
+AdamWScheduleFree = CLASSES["ScheduleFreeAdamW"]
+SGDScheduleFree = CLASSES["ScheduleFreeSGD"]
+__all__ += ["AdamWScheduleFree", "SGDScheduleFree"]
 
 
 class CPUOffload:
