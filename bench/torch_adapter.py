@@ -9,11 +9,19 @@ implementation alike), the median step of:
 - ``fusedopt.torch``: ``fusedopt.torch.Adam``, gradients persisting between steps
   (``zero_grad(set_to_none=False)`` or gradient accumulation);
 - ``fusedopt.torch, new grads``: the same with new gradient tensors every step, as after
-  ``zero_grad()`` (set_to_none=True, torch's default): every gradient is converted;
+  ``zero_grad()`` (set_to_none=True, torch's default): every gradient is converted. The
+  tensors are three sets of aliases of one gradient memory, cycled, so that no set is seen at
+  two steps running (as after ``zero_grad()``; two alternating sets would let the adapter
+  reuse one set's views) and the memory traffic is that of the other rows;
 - ``list call``: ``fusedopt.adam_`` on the cached NumPy views, the floor the adapter adds to.
-The adapter's overhead per step is its time less the list call's.
+The adapter's overhead per step is its time less the list call's. With ``--breakdown``, two
+more rows time parts of the new-gradients step alone (same interleaved blocks):
+- ``new grads: views``: the adapter's conversion of the 240 new gradients to checked NumPy
+  views (``Optimizer._grad_views``: ``Tensor.numpy()``, the layout check, weak references);
+- ``new grads: Tensor.numpy``: the ``Tensor.numpy()`` calls alone.
 
     python bench/torch_adapter.py [--blocks 15] [--steps 20] [--d 1 64 256] [--threads N]
+                                  [--breakdown]
 Results: bench/results/torch_adapter.{json,md}.
 """
 
@@ -47,7 +55,7 @@ def model(d: int, dtype: torch.dtype, seed: int = 0):
     return params, grads
 
 
-def implementations(d: int, dtype: torch.dtype):
+def implementations(d: int, dtype: torch.dtype, breakdown: bool = False):
     """name -> a function doing one step, each on its own copy of the model."""
     out = {}
     params, grads = model(d, dtype)
@@ -83,21 +91,34 @@ def implementations(d: int, dtype: torch.dtype):
     out["list call"] = list_call
 
     params, grads = model(d, dtype)
-    spare = [g.clone() for g in grads]
     opt2 = ft.Adam(params, lr=1e-3, **options)
-    sets = [grads, spare]
+    sets = [grads] + [[g.detach() for g in grads] for _ in range(2)]  # new tensor objects
     flip = [0]
 
     def new_grads(params=params, opt=opt2, sets=sets, flip=flip):
-        # zero_grad() then backward: the step sees new gradient tensors (here alternating
-        # between two sets, assigned outside the timed region would need a hook; assigning
-        # 240 references costs about 10 us, included)
-        flip[0] ^= 1
+        # zero_grad() then backward: the step sees new gradient tensors (here the next of
+        # three sets of aliases; assigning 240 references is timed too, and subtracted)
+        flip[0] = (flip[0] + 1) % len(sets)
         for p, g in zip(params, sets[flip[0]]):
             p.grad = g
         opt.step()
 
     out["fusedopt.torch, new grads"] = new_grads
+    if breakdown:
+        new_grads()  # state and calls made
+        entry2 = next(iter(opt2._groups.values()))
+        call2 = entry2.calls[0]
+
+        def views(sets=sets, flip=flip, opt=opt2, entry=entry2, call=call2):
+            flip[0] = (flip[0] + 1) % len(sets)
+            opt._grad_views(entry, call, sets[flip[0]])
+
+        def conversions(sets=sets, flip=flip, convert=call2.convert):
+            flip[0] = (flip[0] + 1) % len(sets)
+            list(map(convert, sets[flip[0]]))
+
+        out["new grads: views"] = views
+        out["new grads: Tensor.numpy"] = conversions
     return out
 
 
@@ -111,8 +132,8 @@ def assign_cost(d: int, dtype: torch.dtype, repeats: int = 200) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def measure(d: int, dtype: torch.dtype, blocks: int, steps: int):
-    impls = implementations(d, dtype)
+def measure(d: int, dtype: torch.dtype, blocks: int, steps: int, breakdown: bool = False):
+    impls = implementations(d, dtype, breakdown)
     for f in impls.values():  # warm up
         for _ in range(3):
             f()
@@ -137,6 +158,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="threads of torch and of fusedopt alike"
     )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time the new gradients' conversion"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,7 +168,7 @@ def main(argv=None) -> None:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for d in args.d:
-            med, times = measure(d, dtype, args.blocks, args.steps)
+            med, times = measure(d, dtype, args.blocks, args.steps, args.breakdown)
             n = sum(torch.Size(s).numel() for s in shapes(d))
             base = med["torch fused"]
             row = {

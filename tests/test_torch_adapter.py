@@ -614,6 +614,26 @@ def test_persistent_gradients_reused_without_holding_their_memory():
     assert grad() is None
 
 
+def test_two_alternating_gradient_sets_do_not_rebuild_the_kept_views(monkeypatch):
+    """Kept views of one persistent set of gradients stay in use when another set alternates
+    with it (double-buffered gradients): they are made once, not every other step, and the
+    updates are torch's."""
+    made = []
+    unowned = ft._unowned
+    monkeypatch.setattr(ft, "_unowned", lambda v: made.append(v) or unowned(v))
+    a, b = _params(torch.float32), _params(torch.float32)
+    opt, ref = ft.Adam(a, lr=0.01), _torch_loop("Adam", b, lr=0.01)
+    sets = {id(params): [_grads(s, torch.float32) for s in range(2)] for params in (a, b)}
+    for which in [0, 0, 1, 0, 1, 0, 1, 0]:
+        for params, o in ((a, opt), (b, ref)):
+            for p, g in zip(params, sets[id(params)][which]):
+                p.grad = g
+            o.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert len(made) == len(a)  # set 0's views, once
+
+
 def test_skip_if_nonfinite_and_max_grad_norm():
     """skip_if_nonfinite: a step with a NaN gradient changes nothing and is counted (the
     closure's loss still returned); max_grad_norm: as torch's clip_grad_norm_ then the step;

@@ -349,7 +349,6 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    @torch._dynamo.disable  # NumPy and the kernels: nothing for dynamo to trace
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One fused update of every parameter that has a gradient; returns the closure's
         loss (None without a closure).
@@ -358,6 +357,14 @@ class Optimizer(torch.optim.Optimizer):
         nothing and is counted in ``skipped_steps``; with ``max_grad_norm`` the gradients are
         first clipped in place to that global L2 norm.
         """
+        # Within torch.compile the step runs outside dynamo (NumPy and the kernels: nothing
+        # to trace). Eagerly it is called directly: dynamo.disable's wrapper costs about as
+        # much as converting 80 gradients, at every step.
+        if torch.compiler.is_compiling():
+            return _untraced_step(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -411,7 +418,11 @@ class Optimizer(torch.optim.Optimizer):
             and all(map(operator.is_, chosen, map(_call, kept[0])))
             and list(map(_data_ptr, chosen)) == kept[2]
         ):
-            return kept[1]  # the same gradient tensors, on the same memory, as last step
+            # the same gradient tensors, on the same memory, as when kept; they are the last
+            # step's now (else two alternating sets of gradients would rebuild the kept views
+            # every other step)
+            call.last = kept[0]
+            return kept[1]
         try:
             views = list(map(call.convert, chosen))
         except (RuntimeError, TypeError):
@@ -611,6 +622,11 @@ class Optimizer(torch.optim.Optimizer):
         if "step" not in entry and entry and self._keeps_step:
             entry["step"] = torch.zeros((), dtype=_scalar_dtype())
         return entry
+
+
+@torch._dynamo.disable
+def _untraced_step(optimizer: Optimizer, closure: Optional[Callable[[], Any]]) -> Any:
+    return optimizer._step(closure)
 
 
 def _mu_product(step: torch.Tensor, group: Dict[str, Any]) -> torch.Tensor:
@@ -828,8 +844,7 @@ class _ScheduleFreeAdapter(Optimizer):
             self.state[p]["z"] = p.detach().to(_FROM_NAME[storage.state], copy=True)
         return super()._buffer(group, plan, array, key, p)
 
-    @torch._dynamo.disable
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
         """One Schedule-Free step of every parameter with a gradient; every group's ``k``,
         ``lr_max``, ``weight_sum`` and ``scheduled_lr`` advance as ``schedulefree``'s do.
         Returns the closure's loss."""
@@ -839,7 +854,7 @@ class _ScheduleFreeAdapter(Optimizer):
                 "(the parameters hold the average x in eval mode)"
             )
         skipped = self.skipped_steps
-        loss = super().step(closure)
+        loss = super()._step(closure)
         if self.skipped_steps != skipped:
             return loss
         for group in self.param_groups:
