@@ -268,6 +268,8 @@ class Optimizer(torch.optim.Optimizer):
     _group_defaults: Dict[str, Any] = {}
     #: arguments of the peer's signature after the fusedopt class's (Schedule-Free's foreach)
     _extra_parameters: Tuple[inspect.Parameter, ...] = ()
+    #: the class each adapter is a drop-in for, where torch has none (for the docstrings)
+    _peers: Dict[str, str] = {}
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
         bound = self._signature.bind(self, params, *args, **kwargs)
@@ -705,7 +707,11 @@ def _adapter(
     doc = (
         f"{name} on CPU tensors with fusedopt's fused kernel ({rule}; "
         f":class:`fusedopt.optim.{name}`), a drop-in for "
-        + (f"``torch.optim.{name}``" if torch_class is not None else "a torch.optim optimizer")
+        + (
+            f"``torch.optim.{name}``"
+            if torch_class is not None
+            else base._peers.get(name, "a torch.optim optimizer")
+        )
         + ".\n\n"
         + inspect.cleandoc(fused_class.__doc__ or "")
         + ("\n\n" + inspect.cleandoc(base.__doc__) if base is not Optimizer else "")
@@ -809,6 +815,10 @@ class _ScheduleFreeAdapter(Optimizer):
     (and ``exp_avg_sq`` for AdamW), no ``"step"``: the step count is the group's ``k``."""
 
     _keeps_step = False
+    _peers = {
+        "ScheduleFreeAdamW": "``schedulefree.AdamWScheduleFree``",
+        "ScheduleFreeSGD": "``schedulefree.SGDScheduleFree``",
+    }
     _group_defaults = {
         "k": 0,
         "train_mode": False,
