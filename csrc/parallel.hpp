@@ -39,13 +39,15 @@ inline int team_size(int requested, Index work_items) {
 // independent of which thread runs which i.
 template <typename Body>
 void parallel_for(Index count, int threads, const Body& body) {
-  const int team = team_size(threads, count);
 #ifdef _OPENMP
+  const int team = team_size(threads, count);
   if (team > 1) {
 #pragma omp parallel for schedule(dynamic) num_threads(team)
     for (Index i = 0; i < count; ++i) body(i);
     return;
   }
+#else
+  (void)threads;  // a serial build: one thread
 #endif
   for (Index i = 0; i < count; ++i) body(i);
 }
