@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict
 import numpy as np
 from numba import njit, prange
 
+from fusedopt.reference import _nadam_mu_product
+
 
 @njit(parallel=True, cache=True)
 def _sgd(param, grad, lr, l2, maximize):
@@ -142,6 +144,63 @@ def _lion(
         c = beta1 * m + one_minus_beta1 * g
         param[i] = p - lr * np.sign(c)
         exp_avg[i] = beta2 * m + one_minus_beta2 * g
+
+
+@njit(parallel=True, cache=True)
+def _nadam(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    decay,
+    l2,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    grad_step,
+    avg_step,
+    bias_correction2,
+    maximize,
+):
+    for i in prange(param.size):
+        p = param[i] * decay
+        g = -grad[i] if maximize else grad[i]
+        g = g + l2 * p if l2 != 0 else g
+        m = beta1 * exp_avg[i] + one_minus_beta1 * g
+        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        param[i] = p - (grad_step * g + avg_step * m) / (math.sqrt(v / bias_correction2) + eps)
+
+
+@njit(parallel=True, cache=True)
+def _radam(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    decay,
+    l2,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    step_size,
+    rectified,
+    maximize,
+):
+    for i in prange(param.size):
+        p = param[i] * decay
+        g = -grad[i] if maximize else grad[i]
+        g = g + l2 * p if l2 != 0 else g
+        m = beta1 * exp_avg[i] + one_minus_beta1 * g
+        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        param[i] = p - (step_size * m / (math.sqrt(v) + eps) if rectified else step_size * m)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -350,6 +409,89 @@ def lion_(
     )
 
 
+def nadam_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=2e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum_decay=4e-3,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
+    t = param.dtype.type
+    mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = _nadam_mu_product(beta1, momentum_decay, step)
+    _nadam(
+        _flat(param),
+        _flat(grad),
+        _flat(exp_avg),
+        _flat(exp_avg_sq),
+        t(1 - lr * weight_decay if decoupled_weight_decay else 1.0),
+        t(0.0 if decoupled_weight_decay else weight_decay),
+        t(beta1),
+        t(1 - beta1),
+        t(beta2),
+        t(1 - beta2),
+        t(eps),
+        t(lr * (1 - mu) / (1 - mu_product)),
+        t(lr * mu_next / (1 - mu_product * mu_next)),
+        t(1 - beta2**step),
+        maximize,
+    )
+
+
+def radam_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
+    t = param.dtype.type
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = rho_inf - 2 * step * beta2**step / bias_correction2
+    rectified = rho > 5
+    if rectified:
+        rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        step_size = lr * rect * math.sqrt(bias_correction2) / bias_correction1
+    else:
+        step_size = lr / bias_correction1
+    _radam(
+        _flat(param),
+        _flat(grad),
+        _flat(exp_avg),
+        _flat(exp_avg_sq),
+        t(1 - lr * weight_decay if decoupled_weight_decay else 1.0),
+        t(0.0 if decoupled_weight_decay else weight_decay),
+        t(beta1),
+        t(1 - beta1),
+        t(beta2),
+        t(1 - beta2),
+        t(eps),
+        t(step_size),
+        rectified,
+        maximize,
+    )
+
+
 TWINS: Dict[str, Callable[..., Any]] = {
     "sgd": sgd_,
     "momentum": momentum_,
@@ -359,6 +501,8 @@ TWINS: Dict[str, Callable[..., Any]] = {
     "adagrad": adagrad_,
     "rmsprop": rmsprop_,
     "lion": lion_,
+    "nadam": nadam_,
+    "radam": radam_,
 }
 
 

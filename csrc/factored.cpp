@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "export.hpp"
 #include "kernels/common.hpp"
 #include "kernels/utility.hpp"
 #include "parallel.hpp"
@@ -115,6 +116,9 @@ void adafactor_step(const AdafactorCall& call) {
   // u of elements [begin, begin + n) into out, a row's run at a time (vectorized); the
   // variance updated on the first pass
   const auto update = [&](Index begin, Index n, bool first, T* out) {
+    // locals, not captures: a captured T is read through a pointer that a store to out may
+    // alias, which stops the loops below from being vectorized
+    const T s = sign, floor = eps1_squared;
     if (factored) {
       Index b = begin / matrix, i = begin % matrix / cols, j = begin % cols;
       for (Index k = 0; k < n;) {
@@ -127,7 +131,7 @@ void adafactor_step(const AdafactorCall& call) {
 #pragma omp simd
         for (Index x = 0; x < run; ++x) {
           const T v = r * c[x] / denominator;
-          u[x] = sign * load<T>(g[x]) / std::sqrt(std::max(v, eps1_squared));
+          u[x] = s * load<T>(g[x]) / std::sqrt(std::max(v, floor));
         }
         k += run;
         j = 0;
@@ -139,18 +143,24 @@ void adafactor_step(const AdafactorCall& call) {
     } else if (first) {
       const G* const g = grad + begin;
       T* const v = variance + begin;
+      // lerp's two formulas (see lerp), chosen once: a branch on w in the loop would stop it
+      // being vectorized
+      const bool near_start = std::abs(call.weight) < 0.5;
+      const T w = T(call.weight), one_minus_w = T(1.0 - call.weight);
 #pragma omp simd
       for (Index x = 0; x < n; ++x) {
-        const T gx = sign * load<T>(g[x]);
-        v[x] = lerp(v[x], gx * gx, call.weight);
-        out[x] = gx / std::sqrt(std::max(v[x], eps1_squared));
+        const T gx = s * load<T>(g[x]);
+        const T start = v[x], end = gx * gx, difference = end - start;
+        const T averaged = near_start ? start + w * difference : end - difference * one_minus_w;
+        v[x] = averaged;
+        out[x] = gx / std::sqrt(std::max(averaged, floor));
       }
     } else {
       const G* const g = grad + begin;
       const T* const v = variance + begin;
 #pragma omp simd
       for (Index x = 0; x < n; ++x) {
-        out[x] = sign * load<T>(g[x]) / std::sqrt(std::max(v[x], eps1_squared));
+        out[x] = s * load<T>(g[x]) / std::sqrt(std::max(v[x], floor));
       }
     }
   };
@@ -192,12 +202,6 @@ int dispatch(const AdafactorCall& call) {
 
 }  // namespace
 }  // namespace fusedopt
-
-#if defined(_WIN32)
-#define FUSEDOPT_EXPORT __declspec(dllexport)
-#else
-#define FUSEDOPT_EXPORT __attribute__((visibility("default")))
-#endif
 
 // Returns 0 on success, 1 for a storage combination this library was not built for. The
 // moments are float32 (float64 for a float64 param).

@@ -5,6 +5,7 @@
 #include <Eigen/Core>
 #include <utility>
 
+#include "export.hpp"
 #include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
 
@@ -179,12 +180,6 @@ KernelTable make_table(List<Decls...>) {
 
 }  // namespace
 }  // namespace fusedopt
-
-#if defined(_WIN32)
-#define FUSEDOPT_EXPORT __declspec(dllexport)
-#else
-#define FUSEDOPT_EXPORT __attribute__((visibility("default")))
-#endif
 
 extern "C" FUSEDOPT_EXPORT const fusedopt::KernelTable* fusedopt_kernel_table() {
   static const fusedopt::KernelTable table = fusedopt::make_table(fusedopt::Kernels{});

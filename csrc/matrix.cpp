@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "export.hpp"
 #include "kernels/common.hpp"
 #include "kernels/utility.hpp"
 #include "parallel.hpp"
@@ -177,12 +178,6 @@ bool dispatch_low(const MuonCall& call) {
 
 }  // namespace
 }  // namespace fusedopt
-
-#if defined(_WIN32)
-#define FUSEDOPT_EXPORT __declspec(dllexport)
-#else
-#define FUSEDOPT_EXPORT __attribute__((visibility("default")))
-#endif
 
 // Returns 0 on success, 1 for a storage combination this library was not built for.
 extern "C" FUSEDOPT_EXPORT int fusedopt_muon_step(const fusedopt::MuonCall* call) {
