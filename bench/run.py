@@ -3,6 +3,8 @@
     python bench/run.py --quick        # per optimizer, float32, 1e3/1e5/1e6/1e7 elements (< 1 min)
     python bench/run.py                # 1e2 ... 1e8 elements, float32 and float64
     python bench/run.py --threshold    # measure where a parallel region starts to pay off
+    python bench/run.py --table        # the README's table of every optimizer: 1e3 ... 1e7, all
+                                       # peers, bench/results/optimizers.md
     python bench/run.py --storage      # Adam in every storage row (bfloat16, float16, int8 state,
                                        # masters, stochastic rounding): bench/low_precision.py
 
@@ -188,8 +190,27 @@ IMPLEMENTATIONS = {
     "torch-fused": (torch_supports("fused"), torch_step("fused")),
     "numba": (numba_supports, numba_step),
 }
-POOL_BYTES = 256 << 20  # rotate through at least this much memory: 8x this machine's L3
-MAX_POOL = 4096
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (0 where the OS does not say): sysconf on Linux, else sysfs."""
+    sizes = []
+    for key in ("SC_LEVEL4_CACHE_SIZE", "SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            sizes.append(int(os.sysconf(key)))
+        except (ValueError, OSError):
+            pass
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = index.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=0)
+
+
+# Rotate through at least this much memory, so that no call finds its arrays in a cache: four
+# times the last-level cache (some server CPUs have hundreds of MiB of L3), and at least 256 MiB.
+POOL_BYTES = max(256 << 20, 4 * last_level_cache_bytes())
+MAX_POOL = 4096  # small sizes: call overhead, not the cache, decides
 
 
 def machine() -> dict:
@@ -231,6 +252,8 @@ def machine() -> dict:
         "simd_level": _core.simd_level(),
         "threads": fusedopt.get_num_threads(),
         "parallel_min": _core.get_parallel_min(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "pool_bytes": POOL_BYTES,
     }
 
 
@@ -584,6 +607,47 @@ def print_row(row, implementations):
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+TORCH_PEERS = ("torch-loop", "torch-foreach", "torch-fused")
+
+
+def optimizers_table(rows) -> str:
+    """The README's table of the element-wise optimizers from `run`'s rows (float32, one thread
+    count): state and bytes per element, the 1e7 figures against the probe, torch's three
+    implementations and NumPy, and the worst ratio to torch's fastest over the sizes measured."""
+    big = max(r["n"] for r in rows)
+    lines = [
+        f"| optimizer | state B/elem | moved B/elem | time at {big:.0e} | GB/s | of probe | "
+        "vs torch loop | vs foreach | vs fused | vs NumPy | vs numba | "
+        "vs torch's fastest, worst size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(row, impl):  # > 1: fusedopt is faster
+        return f"{row[impl]['median_s'] / row['fusedopt']['median_s']:.2f}x" if impl in row else "–"
+
+    for name in dict.fromkeys(r["optimizer"] for r in rows):
+        mine = [r for r in rows if r["optimizer"] == name]
+        row = next(r for r in mine if r["n"] == big)
+        spec = OPTIMIZERS[name]
+        state = len(spec.buffers(row["hyper"])) * np.dtype(row["dtype"]).itemsize
+        worst = [
+            (min(r[i]["median_s"] for i in TORCH_PEERS if i in r) / r["fusedopt"]["median_s"], r)
+            for r in mine
+            if any(i in r for i in TORCH_PEERS)
+        ]
+        worst_cell = (
+            "{:.2f}x at {:.0e}".format(*min((w, r["n"]) for w, r in worst)) if worst else "–"
+        )
+        lines.append(
+            f"| {name} | {state} | {row['bytes_per_element']} | "
+            f"{fmt_time(row['fusedopt']['median_s'])} | {row['fusedopt']['gb_per_s']:.1f} | "
+            f"{row['of_roofline']:.0%} | {ratio(row, 'torch-loop')} | "
+            f"{ratio(row, 'torch-foreach')} | {ratio(row, 'torch-fused')} | "
+            f"{row['speedup']:.1f}x | {ratio(row, 'numba')} | {worst_cell} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def threshold(rng, budget_s, gap_s):
     """Adam, float32: serial vs parallel at sizes around the threshold; the smallest size from
     which parallel is faster at every larger size measured."""
@@ -630,6 +694,12 @@ def main(argv=None) -> int:
         help="measure the size from which a parallel region pays off",
     )
     parser.add_argument(
+        "--table",
+        action="store_true",
+        help="every optimizer, float32, all threads, 1e3 ... 1e7 against every peer: the "
+        "README's table (bench/results/optimizers.md)",
+    )
+    parser.add_argument(
         "--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=list(OPTIMIZERS)
     )
     parser.add_argument(
@@ -664,7 +734,15 @@ def main(argv=None) -> int:
         return 0
 
     rng = np.random.default_rng(0)
-    mode = "threshold" if args.threshold else "quick" if args.quick else "full"
+    mode = (
+        "threshold"
+        if args.threshold
+        else "table"
+        if args.table
+        else "quick"
+        if args.quick
+        else "full"
+    )
     result = {
         "mode": mode,
         "machine": machine(),
@@ -674,13 +752,19 @@ def main(argv=None) -> int:
         f"fusedopt {fusedopt.__version__}, {result['machine']['cpu']}, "
         f"{result['machine']['threads']} threads, numpy {np.__version__}\n"
     )
-    out = args.out or Path(__file__).parent / "results" / f"{mode}.json"
+    out = args.out or Path(__file__).parent / "results" / (
+        "optimizers.json" if args.table else f"{mode}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.threshold:
         set_threads(args.threads[0] if args.threads else None)
         result["threshold"] = threshold(rng, args.budget or 0.2, args.gap)
     else:
-        if args.quick:
+        if args.table:
+            sizes, dtypes, budget = [1e3, 1e4, 1e5, 1e6, 1e7], ["float32"], 0.25
+            implementations = list(IMPLEMENTATIONS)
+            thread_counts = args.threads[:1] if args.threads else [None]
+        elif args.quick:
             sizes, dtypes, budget = [1e3, 1e5, 1e6, 1e7], ["float32"], 0.25
             implementations = ["fusedopt", "numpy", "roofline", "torch-fused"]
             thread_counts = args.threads or [None]
@@ -704,7 +788,16 @@ def main(argv=None) -> int:
                 args.optimizers, sizes, args.dtypes or dtypes, impls, args.budget or budget, rng
             )
         set_threads(None)
-        if not args.quick:
+        if args.table:
+            table = optimizers_table(result["rows"])
+            (out.with_suffix(".md")).write_text(
+                f"`python bench/run.py --table` ({time.strftime('%Y-%m-%d')}): "
+                f"{result['machine']['cpu']}, {result['machine']['simd_level']}, "
+                f"{result['machine']['threads']} threads, load average "
+                f"{os.getloadavg()[0]:.1f}; float32, medians\n\n" + table
+            )
+            print("\n" + table)
+        elif not args.quick:
             result["many_tensors"] = many_tensors([64, 256], args.budget or budget, rng)
             result["memory"] = memory(10**7, rng)
             try:
