@@ -55,7 +55,7 @@ def _adam(
     one_minus_beta2,
     eps,
     step_size,
-    bias_correction2_sqrt,
+    inverse_bias_correction2_sqrt,
     maximize,
 ):
     for i in prange(param.size):
@@ -69,7 +69,7 @@ def _adam(
         if amsgrad:
             v = max(max_exp_avg_sq[i], v)
             max_exp_avg_sq[i] = v
-        param[i] = p - step_size * m / (math.sqrt(v) / bias_correction2_sqrt + eps)
+        param[i] = p - step_size * m / (math.sqrt(v) * inverse_bias_correction2_sqrt + eps)
 
 
 @njit(parallel=True, cache=True)
@@ -274,7 +274,7 @@ def adam_(
         t(1 - beta2),
         t(eps),
         t(lr / (1 - beta1**step)),
-        t(math.sqrt(1 - beta2**step)),
+        t(1 / math.sqrt(1 - beta2**step)),
         maximize,
     )
 

@@ -303,7 +303,7 @@ def adam_(
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
         v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
         \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
-            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+            \frac{m_t}{\sqrt{v_t} \cdot \left(1 / \sqrt{1 - \beta_2^t}\right) + \epsilon}
 
     with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`v` = ``exp_avg_sq``,
     :math:`t` = ``step``, :math:`\lambda` = ``weight_decay``. With ``decoupled_weight_decay``
@@ -315,7 +315,11 @@ def adam_(
     Note:
         :math:`\epsilon` is added after the bias correction of :math:`\sqrt{v_t}`, as in the
         paper and ``torch.optim.Adam``; TensorFlow's Adam adds it before (its
-        :math:`\hat\epsilon`).
+        :math:`\hat\epsilon`). The correction multiplies by :math:`1 / \sqrt{1 - \beta_2^t}`,
+        computed in double and rounded once to the arrays' precision, as DeepSpeed's CPU Adam
+        does, where ``torch.optim.Adam`` divides by :math:`\sqrt{1 - \beta_2^t}`: one division
+        per element instead of two, and results that differ from torch's by the rounding of
+        that product.
     """
     g = -grad if maximize else grad
     if decoupled_weight_decay:
@@ -329,7 +333,7 @@ def adam_(
         v = max_exp_avg_sq
     else:
         v = exp_avg_sq
-    denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps
+    denom = np.sqrt(v) * (1 / math.sqrt(1 - beta2**step)) + eps
     param -= lr / (1 - beta1**step) * exp_avg / denom
 
 
@@ -360,7 +364,7 @@ def adamw_(
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
         v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
         \theta_t &= \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
-            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+            \frac{m_t}{\sqrt{v_t} \cdot \left(1 / \sqrt{1 - \beta_2^t}\right) + \epsilon}
 
     ``weight_decay`` defaults to ``1e-2`` as in ``torch.optim.AdamW``.
     """

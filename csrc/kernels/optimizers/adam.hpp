@@ -15,7 +15,7 @@ struct Adam : NoCrossRule {
   static constexpr const char* name = "adam";
   static constexpr const char* summary =
       "m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; "
-      "param -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)";
+      "param -= lr/(1-b1^t) m / (sqrt(v) (1/sqrt(1-b2^t)) + eps)";
   static constexpr std::array arrays{
       param_array(),
       grad_array(),
@@ -56,7 +56,10 @@ struct AdamW : Adam {
 //   exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
 //   if amsgrad: max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq); v = max_exp_avg_sq
 //   else: v = exp_avg_sq
-//   denom = sqrt(v) / sqrt(1 - beta2**step) + eps
+//   denom = sqrt(v) * (1 / sqrt(1 - beta2**step)) + eps
+// The bias correction is a multiplication by its reciprocal, computed in double and rounded
+// once (as DeepSpeed's CPU Adam does): one division per element instead of two. Division
+// and square root share one unit, which bounds the step where memory does not.
 //   param -= lr / (1 - beta1**step) * exp_avg / denom
 template <typename Types>
 struct AdamKernel {
@@ -80,7 +83,7 @@ struct AdamKernel {
     one_minus_beta2 = T(1.0 - b2);
     eps = T(h.real("eps"));
     step_size = T(lr / (1.0 - std::pow(b1, step)));
-    bias_correction2_sqrt = T(std::sqrt(1.0 - std::pow(b2, step)));
+    inverse_bias_correction2_sqrt = T(1.0 / std::sqrt(1.0 - std::pow(b2, step)));
   }
 
   // One pass, all arrays streamed together: more memory parallelism per core than one sweep
@@ -116,12 +119,12 @@ struct AdamKernel {
         out(i, 3, max_exp_avg_sq[i], v_hat);
       }
       out(i, 0, param[i],
-          p * decay - step_size * m / (std::sqrt(v_hat) / bias_correction2_sqrt + eps));
+          p * decay - step_size * m / (std::sqrt(v_hat) * inverse_bias_correction2_sqrt + eps));
     }
   }
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
-      bias_correction2_sqrt;
+      inverse_bias_correction2_sqrt;
   bool maximize;
 };
 
