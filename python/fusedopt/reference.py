@@ -844,6 +844,8 @@ def lamb_(
     weight_norm = min(math.sqrt(_sum_squares(param)), clamp)
     update_norm = math.sqrt(_sum_squares(update))
     trust = 1.0 if weight_norm == 0 or update_norm == 0 else weight_norm / (update_norm + eps)
+    if math.isnan(trust):  # the canonical NaN: a sum's NaN payload depends on its order
+        trust = math.nan
     param -= lr / (1 - beta1**step) * trust * update
 
 

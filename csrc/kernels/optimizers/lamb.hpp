@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../common.hpp"
 #include "../utility.hpp"
@@ -121,28 +122,33 @@ struct LambKernel {
   T scale(const double* tensor_sums) const {
     const double weight_norm = std::min(std::sqrt(tensor_sums[0]), clamp);
     const double update_norm = std::sqrt(tensor_sums[1]);
-    const double trust =
+    double trust =
         weight_norm == 0.0 || update_norm == 0.0 ? 1.0 : weight_norm / (update_norm + eps_double);
+    // Which NaN a sum ends with depends on the order of its additions, which the compiler may
+    // change: a NaN ratio is the canonical NaN, as in the reference.
+    if (std::isnan(trust)) trust = std::numeric_limits<double>::quiet_NaN();
     return T(step_size * trust);
   }
 
   // Pass 2: the same m, v and u again, stored with the param. param * 1 is exact, so decay is
-  // applied whether decoupled or not.
+  // applied whether decoupled or not. A NaN factor (a NaN in the tensor) makes every param
+  // NaN; the reference's factor * u is then the factor's NaN, where a product whose operands
+  // the compiler may swap could give u's: so it is written as param' - factor.
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding,
                   const double* tensor_sums) const {
     const T factor = scale(tensor_sums);
     with_flags(
-        [&](auto max, auto has_l2) {
+        [&](auto max, auto has_l2, auto nan_factor) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, has_l2.value>(n, out, factor, role<P>(a, 0, offset),
-                                         role<const G>(a, 1, offset), role<S>(a, 2, offset),
-                                         role<S>(a, 3, offset));
+            run<max.value, has_l2.value && !nan_factor.value, nan_factor.value>(
+                n, out, factor, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                role<S>(a, 2, offset), role<S>(a, 3, offset));
           });
         },
-        maximize, l2 != T(0));
+        maximize, l2 != T(0), factor != factor);
   }
 
-  template <bool max, bool has_l2, typename Out>
+  template <bool max, bool has_l2, bool nan_factor, typename Out>
   void run(Index n, const Out& out, T factor, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
@@ -155,7 +161,11 @@ struct LambKernel {
       if constexpr (has_l2) r = r + l2 * p;
       out(i, 1, exp_avg[i], m);
       out(i, 2, exp_avg_sq[i], v);
-      out(i, 0, param[i], p - factor * r);
+      if constexpr (nan_factor) {
+        out(i, 0, param[i], p - factor);
+      } else {
+        out(i, 0, param[i], p - factor * r);
+      }
     }
   }
 
