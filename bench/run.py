@@ -50,9 +50,13 @@ except ImportError:  # likewise numba's
 
 def roofline_probe(spec, hyper, arrays):
     """The roofline probe with this optimizer's traffic: param and its buffers read and
-    written, grad read, no arithmetic to speak of."""
+    written, grad read, no arithmetic to speak of. A two-pass kernel (LAMB) first reads them
+    all once more: a sum of squares over them stands for its first pass."""
     buffers = [arrays[b] for b in spec.buffers(hyper)]
     args = [arrays["param"], arrays["grad"], *buffers, *[None] * (4 - len(buffers))]
+    if spec.declaration.passes == 2:
+        read = [arrays["param"], arrays["grad"], *buffers]
+        return lambda step: (_core.sum_squares(read), _core.roofline(*args))
     return lambda step: _core.roofline(*args)
 
 
@@ -81,6 +85,7 @@ TORCH_MODES = {
 PEER_CLASSES = {
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree"),
     "schedulefree_sgd": ("schedulefree", "SGDScheduleFree"),
+    "lamb": ("pytorch_optimizer", "Lamb"),
 }
 TORCH_MODES.update({name: ("loop", "foreach") for name in PEER_CLASSES})
 
@@ -96,8 +101,11 @@ def torch_class(name):
 
 def torch_kwargs(name, hyper):
     h = dict(hyper)
-    if name in ("adam", "adamw", "adamax", "nadam", "radam", "schedulefree_adamw"):
+    if name in ("adam", "adamw", "adamax", "nadam", "radam", "schedulefree_adamw", "lamb"):
         h["betas"] = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
+    if name == "lamb":  # pytorch_optimizer's name; its clamp is a class attribute, 10
+        h["weight_decouple"] = h.pop("decoupled_weight_decay", True)
+        h.pop("clamp", None)
     for running in ("lr_max", "weight_sum"):  # schedulefree keeps these in its groups
         h.pop(running, None)
     return h
@@ -724,6 +732,12 @@ def main(argv=None) -> int:
         help="Adam at 1e7 elements in every storage row, against its probe and torch "
         "(bench/low_precision.py)",
     )
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=list(IMPLEMENTATIONS),
+        help="the implementations timed (default: the mode's)",
+    )
     parser.add_argument("--budget", type=float, help="seconds of timing per figure")
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/<mode>.json)")
     args = parser.parse_args(argv)
@@ -774,6 +788,7 @@ def main(argv=None) -> int:
             implementations = list(IMPLEMENTATIONS)
             thread_counts = args.threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
         sizes = [int(s) for s in (args.sizes or sizes)]
+        implementations = args.implementations or implementations
         result["rows"] = []
         for threads in thread_counts:
             set_threads(threads)

@@ -186,6 +186,7 @@ struct Descriptor {
   std::vector<PyObject*> array_keywords;  // interned
   std::vector<PyObject*> hyper_keywords;
   std::vector<std::size_t> option_of;  // per array: index of its used_when hyperparameter
+  std::size_t sums;  // doubles per chunk of a two-pass kernel's first pass (kSums); 0 for others
 };
 
 constexpr std::size_t kMaxArrays = 8;
@@ -216,7 +217,8 @@ Descriptor describe(std::size_t kernel, const char* suffix) {
                kNone,
                {},
                {},
-               {}};
+               {},
+               fusedopt::kSums<Decl>};
   for (const ArrayDecl& a : Decl::arrays) d.array_keywords.push_back(intern(a.name));
   for (const Hyperparameter& h : Decl::hyperparameters) {
     if (h.kind == Kind::step) d.step_index = d.hyper_keywords.size();
@@ -283,6 +285,7 @@ py::dict declaration_data(const char* name, const char* summary, const Descripto
   data["summary"] = summary;
   data["arrays"] = py::tuple(arrays);
   data["hyperparameters"] = py::tuple(hyper);
+  data["passes"] = d.sums > 0 ? 2 : 1;
   return data;
 }
 
@@ -986,6 +989,38 @@ bool any_nonfinite(const TensorSet& set, std::size_t r, DType dtype, int threads
   return found.load();
 }
 
+// Where each tensor's chunks start in the list of all chunks of `set`: first_chunk[t] (tensors + 1
+// entries, the last the count), for reductions that keep one partial result per chunk.
+std::vector<Index> first_chunks(const TensorSet& set) {
+  std::vector<Index> first_chunk(set.tensors + 1, 0);
+  for (std::size_t t = 0; t < set.tensors; ++t) {
+    const Index size = set.starts[t + 1] - set.starts[t];
+    first_chunk[t + 1] = first_chunk[t] + (size + fusedopt::kChunk - 1) / fusedopt::kChunk;
+  }
+  return first_chunk;
+}
+
+// The first pass of a two-pass kernel: its d.sums sums per tensor, each the chunks' partial sums
+// added in chunk order from zero, so the same bits for any thread count.
+std::vector<double> tensor_sums(const Descriptor& d, const Checked& checked, const TensorSet& set,
+                                const fusedopt::RoundingRequest& rounding, const Value* values,
+                                void* const* scales, int threads) {
+  const std::vector<Index> first_chunk = first_chunks(set);
+  std::vector<double> partial(static_cast<std::size_t>(first_chunk.back()) * d.sums);
+  const fusedopt::ReduceFn reduce = table().reduce[d.kernel][checked.storage];
+  split_across_threads(set, threads, [&](Index begin, Index end) {
+    reduce(values, rounding, set, scales, first_chunk.data(), begin, end, partial.data());
+  });
+  std::vector<double> sums(set.tensors * d.sums, 0.0);
+  for (std::size_t t = 0; t < set.tensors; ++t) {
+    for (auto c = static_cast<std::size_t>(first_chunk[t]);
+         c < static_cast<std::size_t>(first_chunk[t + 1]); ++c) {
+      for (std::size_t k = 0; k < d.sums; ++k) sums[t * d.sums + k] += partial[c * d.sums + k];
+    }
+  }
+  return sums;
+}
+
 // Runs the kernel over the checked arrays and returns true, or, with skip_if_nonfinite, returns
 // false without writing anything when any grad (role 1) holds a NaN or an infinity.
 bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
@@ -1007,8 +1042,11 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const ReleaseGilIfWorthIt release(set.total());
   if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.grad_dtype, threads)) return false;
   const Value* values = a.values.data();
+  const std::vector<double> sums =
+      d.sums > 0 ? tensor_sums(d, checked, set, rounding, values, scales, threads)
+                 : std::vector<double>();
   split_across_threads(set, threads, [&](Index begin, Index end) {
-    update(values, rounding, set, scales, begin, end);
+    update(values, rounding, set, scales, begin, end, sums.empty() ? nullptr : sums.data());
   });
   return true;
 }
@@ -1098,11 +1136,7 @@ bool all_finite(const py::args& args) {
 double sum_squares(const py::args& args) {
   const Checked checked = one_role(args);
   const TensorSet set = checked.set();
-  std::vector<Index> first_chunk(set.tensors + 1, 0);
-  for (std::size_t t = 0; t < set.tensors; ++t) {
-    const Index size = set.starts[t + 1] - set.starts[t];
-    first_chunk[t + 1] = first_chunk[t] + (size + fusedopt::kChunk - 1) / fusedopt::kChunk;
-  }
+  const std::vector<Index> first_chunk = first_chunks(set);
   std::vector<double> partial(static_cast<std::size_t>(first_chunk.back()));
   const fusedopt::SumFn sum =
       table().sum_squares[static_cast<std::size_t>(fusedopt::kStorageRows[checked.storage].param)];

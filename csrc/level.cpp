@@ -30,6 +30,40 @@ inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::ha
 template <typename T>
 using StagedAs = std::conditional_t<kStagesHalf<T>, float, T>;
 
+// The arrays of chunk (t, offset, n) as the kernel takes them: each float16 param or grad
+// converted and each quantized state decoded into its float32 copy in `staged`, the others in
+// place. Shared by the update and a two-pass kernel's first pass, which must see the same values.
+template <typename Decl, typename Types, bool quantized, typename Staged>
+std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, const TensorSet& set,
+                                             void* const* scales, std::size_t t, Index offset,
+                                             Index n, Staged& staged) {
+  using P = typename Types::Param;
+  using G = typename Types::Grad;
+  using S = typename Types::State;
+  void* const* arrays = set.arrays(t);
+  std::array<void*, Decl::arrays.size()> at{};
+  for (std::size_t r = 0; r < at.size(); ++r) {
+    if (arrays[r] == nullptr) continue;
+    const Part part = Decl::arrays[r].part;
+    if ((part == Part::param && kStagesHalf<P>) || (part == Part::grad && kStagesHalf<G>)) {
+      halves_to_floats(static_cast<const Eigen::half*>(arrays[r]) + offset, n, staged[r].data());
+      at[r] = staged[r].data();
+    } else if (quantized && scales[t * set.roles + r] != nullptr) {
+      decode_chunk((request.unsigned_codes >> r & 1U) == 0,
+                   static_cast<const std::uint8_t*>(arrays[r]) + offset,
+                   static_cast<const float*>(scales[t * set.roles + r]) + offset / kBlock, n,
+                   staged[r].data());
+      at[r] = staged[r].data();
+    } else {
+      at[r] = static_cast<char*>(arrays[r]) +
+              offset * static_cast<Index>(part == Part::param  ? sizeof(P)
+                                          : part == Part::grad ? sizeof(G)
+                                                               : sizeof(S));
+    }
+  }
+  return at;
+}
+
 // Runs the kernel chunk by chunk. Some arrays are staged: a float32 copy of the chunk on the
 // stack, which the float32 kernel updates and which is written back after. Each quantized state
 // is decoded into one and encoded back (the rows' types say float32 state); float16 params and
@@ -37,7 +71,7 @@ using StagedAs = std::conditional_t<kStagesHalf<T>, float, T>;
 // still in cache. All only for the rows where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
-            void* const* scales, Index begin, Index end) {
+            void* const* scales, Index begin, Index end, const double* tensor_sums) {
   using P = typename Types::Param;
   using G = typename Types::Grad;
   using S = typename Types::State;
@@ -50,6 +84,16 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   [[maybe_unused]] std::array<std::array<float, staging ? kChunk : 1>, roles> staged;
   // the random bits of the chunk's elements, both halves, computed once for every state
   [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
+  const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
+                              std::size_t t) {
+    if constexpr (kSums<Decl> > 0) {
+      kernel(at, at_offset, n, rounding, tensor_sums + t * kSums<Decl>);
+    } else {
+      (void)t;
+      (void)tensor_sums;
+      kernel(at, at_offset, n, rounding);
+    }
+  };
   walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
     const Rounding rounding{request.stochastic,
                             tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
@@ -59,32 +103,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       const auto quantized_role = [&](std::size_t r) {
         return quantized && scales[t * set.roles + r] != nullptr;
       };
-      const auto half_role = [&](std::size_t r) {
-        const Part part = Decl::arrays[r].part;
-        return (part == Part::param && kStagesHalf<P>) || (part == Part::grad && kStagesHalf<G>);
-      };
-      std::array<void*, roles> at{};  // the chunk's arrays, staged or in place
-      for (std::size_t r = 0; r < roles; ++r) {
-        if (arrays[r] == nullptr) continue;
-        const Part part = Decl::arrays[r].part;
-        if (half_role(r)) {
-          halves_to_floats(static_cast<const Eigen::half*>(arrays[r]) + offset, n,
-                           staged[r].data());
-          at[r] = staged[r].data();
-        } else if (quantized_role(r)) {
-          decode_chunk((request.unsigned_codes >> r & 1U) == 0,
-                       static_cast<const std::uint8_t*>(arrays[r]) + offset,
-                       static_cast<const float*>(scales[t * set.roles + r]) + offset / kBlock, n,
-                       staged[r].data());
-          at[r] = staged[r].data();
-        } else {
-          at[r] = static_cast<char*>(arrays[r]) +
-                  offset * static_cast<Index>(part == Part::param  ? sizeof(P)
-                                              : part == Part::grad ? sizeof(G)
-                                                                   : sizeof(S));
-        }
-      }
-      kernel(at.data(), 0, n, rounding);
+      const auto at = stage<Decl, Types, quantized>(request, set, scales, t, offset, n, staged);
+      run_kernel(at.data(), 0, n, rounding, t);
       if constexpr (kStagesHalf<P>) {
         floats_to_halves(staged[0].data(), n, static_cast<Eigen::half*>(arrays[0]) + offset);
       }
@@ -113,7 +133,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         }
       }
     } else {
-      kernel(arrays, offset, n, rounding);
+      run_kernel(arrays, offset, n, rounding, t);
     }
     if constexpr (masters) {
       if (request.param_copy != DType::float32) {
@@ -126,6 +146,30 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
                       : static_cast<void*>(static_cast<Eigen::half*>(arrays[roles]) + offset));
             });
       }
+    }
+    return true;
+  });
+}
+
+// The first pass of a two-pass kernel: its sums of every chunk from `begin` to `end`, the chunk
+// staged as the update stages it. Reads only.
+template <typename Decl, typename Types, bool quantized>
+void reduce(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
+            void* const* scales, const Index* first_chunk, Index begin, Index end,
+            double* partial) {
+  using P = typename Types::Param;
+  using G = typename Types::Grad;
+  constexpr bool staging = quantized || kStagesHalf<P> || kStagesHalf<G>;
+  using Staged = Storage<typename Types::Compute, StagedAs<P>, StagedAs<G>, typename Types::State>;
+  const typename Decl::template Kernel<Staged> kernel{Values<Decl>(hyper)};
+  [[maybe_unused]] std::array<std::array<float, staging ? kChunk : 1>, Decl::arrays.size()> staged;
+  walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
+    double* sums = partial + (first_chunk[t] + offset / kChunk) * static_cast<Index>(kSums<Decl>);
+    if constexpr (staging) {
+      const auto at = stage<Decl, Types, quantized>(request, set, scales, t, offset, n, staged);
+      kernel.reduce(at.data(), 0, n, sums);
+    } else {
+      kernel.reduce(set.arrays(t), offset, n, sums);
     }
     return true;
   });
@@ -163,6 +207,17 @@ std::array<UpdateFn, kStorageCount> rows_of(std::index_sequence<Rows...>) {
   return {&update<Decl, typename RowTypes<Rows>::type, kStorageRows[Rows].state == DType::int8>...};
 }
 
+// Every storage row's first pass of a two-pass kernel; nullptr for the others.
+template <typename Decl, std::size_t... Rows>
+std::array<ReduceFn, kStorageCount> reduce_rows_of(std::index_sequence<Rows...>) {
+  if constexpr (kSums<Decl> > 0) {
+    return {
+        &reduce<Decl, typename RowTypes<Rows>::type, kStorageRows[Rows].state == DType::int8>...};
+  } else {
+    return {};
+  }
+}
+
 template <typename... Decls>
 KernelTable make_table(List<Decls...>) {
   static_assert((well_formed<Decls>() && ...), "a declaration is malformed: see well_formed");
@@ -173,6 +228,7 @@ KernelTable make_table(List<Decls...>) {
       FUSEDOPT_SIMD_LEVEL,
       Eigen::SimdInstructionSetsInUse(),
       {rows_of<Decls>(AllRows{})...},
+      {reduce_rows_of<Decls>(AllRows{})...},
       {&nonfinite<float>, &nonfinite<double>, &nonfinite<Eigen::bfloat16>, &nonfinite<Eigen::half>},
       {&sums_of_squares<float>, &sums_of_squares<double>, &sums_of_squares<Eigen::bfloat16>,
        &sums_of_squares<Eigen::half>}};

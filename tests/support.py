@@ -94,7 +94,8 @@ def invalid_values(h) -> list:
     values = [math.nan, -math.inf]
     values.append(h.low if h.low_open else h.low - 0.1)
     if math.isinf(h.high):
-        values.append(math.inf)  # [low, inf): infinity itself is refused
+        if h.high_open:
+            values.append(math.inf)  # [low, inf): infinity itself is refused
     else:
         values.append(h.high if h.high_open else h.high + 0.1)
         values.append(math.inf)

@@ -44,6 +44,7 @@ CLASSES = {
     "Adagrad": (optim.Adagrad, dict(lr=0.05, initial_accumulator_value=0.1)),
     "RMSprop": (optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
     "Lion": (optim.Lion, dict(lr=1e-3, weight_decay=0.1)),
+    "LAMB": (optim.LAMB, dict(lr=0.01, weight_decay=0.1)),
     "ScheduleFreeAdamW": (optim.ScheduleFreeAdamW, dict(lr=0.01, warmup_steps=3, weight_decay=0.1)),
     "ScheduleFreeSGD": (optim.ScheduleFreeSGD, dict(lr=0.05, warmup_steps=3, r=0.5)),
 }
@@ -127,7 +128,8 @@ def test_fused_class_equals_reference_class(cls_name, storage):
 
 @pytest.mark.parametrize("storage", ["bfloat16-all-sr", "int8-state", "masters-int8-sr"])
 @pytest.mark.parametrize(
-    "cls_name", ["SGD", "Adam", "NAdam", "RAdam", "Adagrad", "Lion", "ScheduleFreeAdamW"]
+    "cls_name",
+    ["SGD", "Adam", "NAdam", "RAdam", "Adagrad", "Lion", "LAMB", "ScheduleFreeAdamW"],
 )
 def test_checkpoint_resume_is_bit_exact(cls_name, storage, tmp_path):
     """Saved after 4 steps and loaded by Optimizer.load into the saved params, the run goes on

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fusedopt {
 
@@ -237,6 +238,18 @@ constexpr bool well_formed() {
   }
   return true;
 }
+
+// A kernel whose update needs reductions over whole tensors first (LAMB's norms) declares
+// `static constexpr std::size_t sums`: the doubles its first pass reduces each chunk to. The
+// binding adds them per tensor in chunk order, so they are bit-identical for any thread count,
+// and passes each tensor's totals to the second pass, the update. 0 for one-pass kernels.
+template <typename Decl, typename = void>
+struct SumsOf : std::integral_constant<std::size_t, 0> {};
+template <typename Decl>
+struct SumsOf<Decl, std::void_t<decltype(Decl::sums)>>
+    : std::integral_constant<std::size_t, Decl::sums> {};
+template <typename Decl>
+inline constexpr std::size_t kSums = SumsOf<Decl>::value;
 
 // Whether role 1 is a grad, which skip_if_nonfinite scans.
 template <typename Decl>

@@ -104,9 +104,16 @@ struct RoundingRequest {
 
 // Updates the chunks of `set` from global position `begin` to `end` (chunk starts); `hyper` holds
 // the call's values in the order of its declaration's hyperparameters. For an int8 row, `scales`
-// holds each quantized role's scales (same layout as set.data).
+// holds each quantized role's scales (same layout as set.data). `tensor_sums` holds a two-pass
+// kernel's per-tensor totals of its first pass (kSums<Decl> per tensor; nullptr for others).
 using UpdateFn = void (*)(const Value* hyper, const RoundingRequest& rounding, const TensorSet& set,
-                          void* const* scales, Index begin, Index end);
+                          void* const* scales, Index begin, Index end, const double* tensor_sums);
+// The first pass of a two-pass kernel (kSums<Decl> > 0), read only: its sums of each chunk of
+// that range into partial[(first_chunk[t] + offset / kChunk) * kSums<Decl> + k]; nullptr for a
+// one-pass kernel.
+using ReduceFn = void (*)(const Value* hyper, const RoundingRequest& rounding, const TensorSet& set,
+                          void* const* scales, const Index* first_chunk, Index begin, Index end,
+                          double* partial);
 // Whether role `r` holds a NaN or an infinity in that range; stops early once `found` is set.
 using ScanFn = bool (*)(const TensorSet& set, std::size_t r, Index begin, Index end,
                         std::atomic<bool>& found);
@@ -141,7 +148,7 @@ constexpr std::uint64_t fingerprint(std::uint64_t h) {
   for (const auto& p : Decl::hyperparameters) {
     h = hash(hash(h, p.name), static_cast<std::uint64_t>(p.kind));
   }
-  return h;
+  return hash(h, static_cast<std::uint64_t>(kSums<Decl>));
 }
 template <typename... Decls>
 constexpr std::uint64_t fingerprint(List<Decls...>) {
@@ -155,7 +162,7 @@ constexpr std::uint64_t fingerprint(List<Decls...>) {
   return h;
 }
 
-inline constexpr int kTableVersion = 5;
+inline constexpr int kTableVersion = 6;
 inline constexpr std::size_t kKernelCount = Length<Kernels>::value;
 inline constexpr std::uint64_t kFingerprint = fingerprint(Kernels{});
 
@@ -165,6 +172,7 @@ struct KernelTable {
   const char* level;          // "baseline", "avx2", ...
   const char* instructions;   // Eigen's SimdInstructionSetsInUse() at that level
   std::array<std::array<UpdateFn, kStorageCount>, kKernelCount> update;
+  std::array<std::array<ReduceFn, kStorageCount>, kKernelCount> reduce;
   std::array<ScanFn, kFloatCount> nonfinite;  // by DType
   std::array<SumFn, kFloatCount> sum_squares;
 };

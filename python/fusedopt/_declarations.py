@@ -70,6 +70,9 @@ class Declaration:
     summary: str
     arrays: Tuple[ArrayArg, ...]
     hyperparameters: Tuple[HyperArg, ...]
+    passes: int = 1
+    """2 for a kernel that reduces over whole tensors before it updates (LAMB's norms): a first,
+    read-only pass over every array it reads, then the update."""
 
     @property
     def function_name(self) -> str:
@@ -204,6 +207,7 @@ DECLARATIONS: Dict[str, Declaration] = {
         summary=data["summary"],
         arrays=tuple(ArrayArg(**a) for a in data["arrays"]),
         hyperparameters=tuple(HyperArg(**h) for h in data["hyperparameters"]),
+        passes=data["passes"],
     )
     for name, data in _core.OPTIMIZERS.items()
 }

@@ -60,6 +60,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "LAMB",
     "Lion",
     "Momentum",
     "Muon",
@@ -1025,6 +1026,31 @@ class Lion(Optimizer):
         lr: float = 1e-4,
         betas: Tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        maximize: bool = False,
+        **options: Any,
+    ):
+        super().__init__(params, _arguments(locals()), **options)
+
+
+class LAMB(Optimizer):
+    """LAMB (You et al. 2020), as ``pytorch_optimizer.Lamb`` with its defaults:
+    :func:`fusedopt.lamb_`, Adam directions scaled per tensor by the trust ratio
+    ``min(||param||, clamp) / (||update|| + eps)``; decoupled weight decay by default, an L2
+    term in the update with ``decoupled_weight_decay=False``. Each group is one fused call of
+    two passes (the norms of every tensor, then the update); the state is ``exp_avg`` and
+    ``exp_avg_sq`` (``pytorch_optimizer``'s names)."""
+
+    kernel = "lamb"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        clamp: float = 10.0,
         maximize: bool = False,
         **options: Any,
     ):

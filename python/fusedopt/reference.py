@@ -792,24 +792,6 @@ def schedulefree_sgd_(
     _schedulefree_update(param, grad, z, lr, ckp1, momentum, weight_decay)
 
 
-_CHUNK = 2048  # the kernels' chunk (fusedopt._core.CHUNK)
-
-
-def _sum_squares(x):
-    """Sum of squares in double, in the fixed order of the kernels' reductions
-    (``csrc/kernels/utility.hpp``, ``fusedopt.global_norm``): per chunk of 2048 elements in
-    memory order, eight sequential sums over ``i % 8`` combined pairwise, chunks added in order.
-    The same bits for every thread count and SIMD level."""
-    flat = np.asarray(x, np.float64).ravel(order="K")
-    total = 0.0
-    for start in range(0, flat.size, _CHUNK):
-        chunk = flat[start : start + _CHUNK]
-        lanes = [chunk[k::8] * chunk[k::8] for k in range(8)]
-        acc = [float(np.cumsum(lane)[-1]) if lane.size else 0.0 for lane in lanes]
-        total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-    return total
-
-
 @_for_each_tensor
 def lamb_(
     param,
@@ -853,7 +835,7 @@ def lamb_(
         and is not part of :math:`u`; the weight norm is clamped at 10. The paper's Algorithm 2
         instead corrects both moments and puts :math:`\lambda\theta` inside :math:`u`
         (``decoupled_weight_decay=False`` and ``clamp=inf`` come closest). The fused kernel
-        is still to be written: two passes over a list of tensors, norms then update.
+        makes two passes over a list of tensors: the norms, then the update.
     """
     g = -grad if maximize else grad
     exp_avg[...] = beta1 * exp_avg + (1 - beta1) * g
@@ -866,6 +848,8 @@ def lamb_(
     weight_norm = min(math.sqrt(_sum_squares(param)), clamp)
     update_norm = math.sqrt(_sum_squares(update))
     trust = 1.0 if weight_norm == 0 or update_norm == 0 else weight_norm / (update_norm + eps)
+    if math.isnan(trust):  # the canonical NaN: a sum's NaN payload depends on its order
+        trust = math.nan
     param -= lr / (1 - beta1**step) * trust * update
 
 

@@ -109,8 +109,11 @@ class OptimizerSpec:
 
     def bytes_per_element(self, itemsize: int, hyper: Mapping[str, Any]) -> int:
         """Memory traffic of one step: param read and written, grad read, each buffer
-        read and written."""
-        return itemsize * (3 + 2 * len(self.buffers(hyper)))
+        read and written; a two-pass kernel reads param, grad and each buffer once more
+        first."""
+        buffers = len(self.buffers(hyper))
+        first_pass = 2 + buffers if self.declaration.passes == 2 else 0
+        return itemsize * (3 + 2 * buffers + first_pass)
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {

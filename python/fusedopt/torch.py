@@ -269,7 +269,7 @@ class Optimizer(torch.optim.Optimizer):
     #: arguments of the peer's signature after the fusedopt class's (Schedule-Free's foreach)
     _extra_parameters: Tuple[inspect.Parameter, ...] = ()
     #: the class each adapter is a drop-in for, where torch has none (for the docstrings)
-    _peers: Dict[str, str] = {}
+    _peers: Dict[str, str] = {"LAMB": "``pytorch_optimizer.Lamb``"}
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
         bound = self._signature.bind(self, params, *args, **kwargs)
@@ -755,6 +755,7 @@ ELEMENTWISE = (
     "Adagrad",
     "RMSprop",
     "Lion",
+    "LAMB",
 )
 
 
