@@ -52,9 +52,7 @@ def test_float32_tensor_lr_follows_a_scheduler_as_torch(name):
     hyper = HYPER.get(name, {})
     ours_params, their_params = _params(), _params()
     ours = getattr(ft, name)(ours_params, lr=torch.tensor(0.01), **hyper)
-    theirs = getattr(torch.optim, name)(
-        their_params, lr=torch.tensor(0.01), foreach=False, **hyper
-    )
+    theirs = getattr(torch.optim, name)(their_params, lr=torch.tensor(0.01), foreach=False, **hyper)
     for opt, params in ((ours, ours_params), (theirs, their_params)):
         _run(opt, params, 12, torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5))
     lr = ours.param_groups[0]["lr"]
