@@ -750,6 +750,12 @@ py::object borrow(const py::list& objects, const py::list& like, const py::dtype
   b.owners = py::reinterpret_steal<py::list>(PySequence_List(objects.ptr()));
   if (!b.owners) throw py::error_already_set();
   b.dtype = *kind;
+  b.data.reserve(objects.size());
+  b.nbytes.reserve(objects.size());
+  b.first_dim.reserve(objects.size() + 1);
+  b.f_order.reserve(objects.size());
+  py::object method;  // the objects' type's data_ptr, looked up once per type (not per object)
+  PyTypeObject* method_of = nullptr;
   for (std::size_t i = 0; i < objects.size(); ++i) {
     const py::handle shape_of = PyList_GET_ITEM(like.ptr(), static_cast<Py_ssize_t>(i));
     if (!py::isinstance<py::array>(shape_of)) {
@@ -757,8 +763,15 @@ py::object borrow(const py::list& objects, const py::list& like, const py::dtype
                            "]: expected a numpy.ndarray, got " + type_name(shape_of));
     }
     const auto arr = py::reinterpret_borrow<py::array>(shape_of);
-    const auto address = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(
-        PyList_GET_ITEM(b.owners.ptr(), static_cast<Py_ssize_t>(i)), data_ptr_keyword()));
+    PyObject* owner = PyList_GET_ITEM(b.owners.ptr(), static_cast<Py_ssize_t>(i));
+    if (Py_TYPE(owner) != method_of) {
+      method = py::reinterpret_steal<py::object>(
+          PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(owner)), data_ptr_keyword()));
+      if (!method) throw py::error_already_set();
+      method_of = Py_TYPE(owner);
+    }
+    const auto address =
+        py::reinterpret_steal<py::object>(PyObject_Vectorcall(method.ptr(), &owner, 1, nullptr));
     if (!address) throw py::error_already_set();
     const void* data = PyLong_AsVoidPtr(address.ptr());
     if (data == nullptr && PyErr_Occurred()) throw py::error_already_set();

@@ -16,10 +16,14 @@ docstring, e.g. :func:`fusedopt.adamw_`); the hyperparameters are validated by t
 at construction, by torch's own class, so bad arguments raise torch's errors.
 
 **Zero-copy.** Parameters and state are viewed as NumPy arrays once (``Tensor.numpy()``;
-bfloat16 through its int16 bits and ``ml_dtypes.bfloat16``) and the views are kept: a step
-converts only the gradients, then issues one fused multi-tensor call per (group, dtype, step
-count): for a usual model, one call per group. The kernels write the tensors' memory in place;
-nothing the size of the model is allocated by a step.
+bfloat16 through its int16 bits and ``ml_dtypes.bfloat16``) and the views are kept. A step
+issues one fused multi-tensor call per (group, dtype, step count): for a usual model, one call
+per group. New gradients (after ``zero_grad()``) are not converted: one C++ pass of torch's own
+tensor check (``TensorGuards``, as torch.compile guards its graphs' inputs) passes a call's
+gradients, and their memory is lent to the kernel as it is; gradients that persist between
+steps are viewed once; anything else takes a checked path that raises a clear error. The
+kernels write the tensors' memory in place; nothing the size of the model is allocated by a
+step.
 
 **State** is torch tensors in torch's layout: ``state[p]["exp_avg"]``, ``"exp_avg_sq"``,
 ``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``,
