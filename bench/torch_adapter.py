@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -227,6 +228,7 @@ def main(argv=None) -> None:
             "fusedopt_level": fusedopt._LEVEL,
         },
         "load_average": os.getloadavg(),
+        "command": " ".join(["python", "bench/torch_adapter.py", *(argv or sys.argv[1:])]),
         "blocks": args.blocks,
         "steps_per_block": args.steps,
         "rows": rows,
@@ -244,6 +246,10 @@ def markdown(result) -> str:
         "# fusedopt.torch.Adam vs torch.optim.Adam(fused=True), 240 tensors",
         "",
         f"{result['machine']}",
+        "",
+        f"`{result['command']}`; load average at the end {result['load_average']}."
+        if "command" in result
+        else "",
         "",
         f"Medians of {result['blocks']} interleaved blocks of {result['steps_per_block']} steps; "
         "ratio to torch fused in brackets. bfloat16: params and grads bfloat16; fusedopt with "
