@@ -9,15 +9,23 @@ implementation alike), the median step of:
 - ``fusedopt.torch``: ``fusedopt.torch.Adam``, gradients persisting between steps
   (``zero_grad(set_to_none=False)`` or gradient accumulation);
 - ``fusedopt.torch, new grads``: the same with new gradient tensors every step, as after
-  ``zero_grad()`` (set_to_none=True, torch's default): every gradient is converted. The
-  tensors are three sets of aliases of one gradient memory, cycled, so that no set is seen at
-  two steps running (as after ``zero_grad()``; two alternating sets would let the adapter
-  reuse one set's views) and the memory traffic is that of the other rows;
+  ``zero_grad()`` (set_to_none=True, torch's default): torch's guard checks every gradient and
+  their memory is lent to the kernel (``_core._borrow``). The tensors are three sets of
+  aliases of one gradient memory, cycled, so that no set is seen at two steps running (as
+  after ``zero_grad()``; two alternating sets would let the adapter reuse one set's views)
+  and the memory traffic is that of the other rows;
 - ``list call``: ``fusedopt.adam_`` on the cached NumPy views, the floor the adapter adds to.
-The adapter's overhead per step is its time less the list call's. With ``--breakdown``, two
-more rows time parts of the new-gradients step alone (same interleaved blocks):
-- ``new grads: views``: the adapter's conversion of the 240 new gradients to checked NumPy
-  views (``Optimizer._grad_views``: ``Tensor.numpy()``, the layout check, weak references);
+The adapter's overhead per step is its time less the list call's. With ``--breakdown``, more
+rows time the new-gradients step without lending and its parts alone (same interleaved
+blocks):
+- ``new grads, NumPy views``: the new-gradients step with lending off, every gradient
+  converted to a NumPy view (the path before lending, and still that of the options that
+  need views: skip_if_nonfinite, max_grad_norm, the reference implementation);
+- ``new grads: borrowed``: the adapter's check and lending of the 240 new gradients
+  (``Optimizer._grad_views`` with ``borrow``: torch's guard, ``_core._borrow``, weak
+  references);
+- ``new grads: views``: their conversion to checked NumPy views instead (``Tensor.numpy()``,
+  the layout check, weak references);
 - ``new grads: Tensor.numpy``: the ``Tensor.numpy()`` calls alone.
 
     python bench/torch_adapter.py [--blocks 15] [--steps 20] [--d 1 64 256] [--threads N]
@@ -32,6 +40,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -105,9 +114,27 @@ def implementations(d: int, dtype: torch.dtype, breakdown: bool = False):
 
     out["fusedopt.torch, new grads"] = new_grads
     if breakdown:
+        params3, _ = model(d, dtype)
+        opt3 = ft.Adam(params3, lr=1e-3, **options)
+        opt3._borrows = False  # every new gradient viewed through Tensor.numpy()
+        flip3 = [0]
+
+        def new_grads_views(params=params3, opt=opt3, sets=sets, flip=flip3):
+            flip[0] = (flip[0] + 1) % len(sets)
+            for p, g in zip(params, sets[flip[0]]):
+                p.grad = g
+            opt.step()
+
+        out["new grads, NumPy views"] = new_grads_views
         new_grads()  # state and calls made
         entry2 = next(iter(opt2._groups.values()))
         call2 = entry2.calls[0]
+
+        def borrowed(sets=sets, flip=flip, opt=opt2, entry=entry2, call=call2):
+            flip[0] = (flip[0] + 1) % len(sets)
+            opt._grad_views(entry, call, sets[flip[0]], True)
+
+        out["new grads: borrowed"] = borrowed
 
         def views(sets=sets, flip=flip, opt=opt2, entry=entry2, call=call2):
             flip[0] = (flip[0] + 1) % len(sets)
@@ -145,7 +172,10 @@ def measure(d: int, dtype: torch.dtype, blocks: int, steps: int, breakdown: bool
                 f()
             times[name].append((time.perf_counter() - t0) / steps)
     med = {name: statistics.median(v) for name, v in times.items()}
-    med["fusedopt.torch, new grads"] -= assign_cost(d, dtype)
+    assign = assign_cost(d, dtype)
+    med["fusedopt.torch, new grads"] -= assign
+    if "new grads, NumPy views" in med:
+        med["new grads, NumPy views"] -= assign
     return med, times
 
 
@@ -198,6 +228,7 @@ def main(argv=None) -> None:
             "fusedopt_level": fusedopt._LEVEL,
         },
         "load_average": os.getloadavg(),
+        "command": " ".join(["python", "bench/torch_adapter.py", *(argv or sys.argv[1:])]),
         "blocks": args.blocks,
         "steps_per_block": args.steps,
         "rows": rows,
@@ -215,6 +246,10 @@ def markdown(result) -> str:
         "# fusedopt.torch.Adam vs torch.optim.Adam(fused=True), 240 tensors",
         "",
         f"{result['machine']}",
+        "",
+        f"`{result['command']}`; load average at the end {result['load_average']}."
+        if "command" in result
+        else "",
         "",
         f"Medians of {result['blocks']} interleaved blocks of {result['steps_per_block']} steps; "
         "ratio to torch fused in brackets. bfloat16: params and grads bfloat16; fusedopt with "

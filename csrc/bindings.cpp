@@ -146,14 +146,16 @@ std::string type_name(py::handle obj) {
 
 std::string str_of(PyObject* value) { return py::str(value).cast<std::string>(); }
 
-std::string shape_str(const py::array& a) {
+std::string shape_str(py::ssize_t ndim, const py::ssize_t* shape) {
   std::string s = "(";
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-    s += std::to_string(a.shape(d));
-    if (a.ndim() == 1 || d + 1 < a.ndim()) s += d + 1 < a.ndim() ? ", " : ",";
+  for (py::ssize_t d = 0; d < ndim; ++d) {
+    s += std::to_string(shape[d]);
+    if (ndim == 1 || d + 1 < ndim) s += d + 1 < ndim ? ", " : ",";
   }
   return s + ")";
 }
+
+std::string shape_str(const py::array& a) { return shape_str(a.ndim(), a.shape()); }
 
 std::string dtype_name(const py::dtype& dtype) { return py::str(dtype).cast<std::string>(); }
 
@@ -634,47 +636,160 @@ std::optional<std::pair<Extent, Extent>> find_overlap(std::vector<Extent>& exten
   return std::nullopt;
 }
 
+// What the checks read of one argument of a call: a NumPy array's dtype, shape and flags, or
+// those of a tensor's borrowed memory.
+struct ArrayFacts {
+  py::dtype dtype;
+  py::ssize_t ndim;
+  const py::ssize_t* shape;
+  bool c_order;
+  bool f_order;
+  bool writeable;
+};
+
+ArrayFacts facts_of(const py::array& arr) {
+  return {arr.dtype(),
+          arr.ndim(),
+          arr.shape(),
+          (arr.flags() & py::array::c_style) != 0,
+          (arr.flags() & py::array::f_style) != 0,
+          arr.writeable()};
+}
+
 // Checks one array against its tensor's param (`ref`, or nullptr when it is the param) and the
 // call's dtype, so that nothing is ever converted or copied: a copy would be updated instead of
 // the caller's array. `dtype_owner` names the array the call's dtype comes from.
+template <typename Expected>
+void check_facts(const Label& label, const ArrayFacts& arr, const py::array* ref,
+                 const py::dtype& dtype, const Expected& expected, bool written) {
+  if (!same_dtype(arr.dtype, dtype)) {
+    throw py::type_error(label.str() + ": expected dtype " + expected() + ", got " +
+                         dtype_name(arr.dtype) +
+                         (label.index > 0 ? " (one call takes one dtype)" : ""));
+  }
+  if (!arr.c_order && !arr.f_order) {
+    throw py::value_error(label.str() +
+                          ": expected a C- or F-contiguous array, got a strided view "
+                          "(it cannot be updated in place without a copy)");
+  }
+  if (ref != nullptr) {
+    bool same_shape = arr.ndim == ref->ndim();
+    for (py::ssize_t d = 0; same_shape && d < arr.ndim; ++d) {
+      same_shape = arr.shape[d] == ref->shape(d);
+    }
+    if (!same_shape) {
+      throw py::value_error(label.str() + ": expected shape " + shape_str(*ref) +
+                            " like param, got " + shape_str(arr.ndim, arr.shape));
+    }
+    const bool ref_c = (ref->flags() & py::array::c_style) != 0;
+    if (!(ref_c ? arr.c_order : arr.f_order)) {
+      throw py::value_error(label.str() + ": expected the memory layout of param (" +
+                            (ref_c ? "C" : "F") + "-contiguous), got " + (arr.c_order ? "C" : "F") +
+                            "-contiguous");
+    }
+  }
+  if (written && !arr.writeable) {
+    throw py::value_error(label.str() + ": array is read-only");
+  }
+}
+
 template <typename Expected>
 void check_array(const Label& label, py::handle obj, const py::array* ref, const py::dtype& dtype,
                  const Expected& expected, bool written) {
   if (!py::isinstance<py::array>(obj)) {
     throw py::type_error(label.str() + ": expected a numpy.ndarray, got " + type_name(obj));
   }
-  const auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!same_dtype(arr.dtype(), dtype)) {
-    throw py::type_error(label.str() + ": expected dtype " + expected() + ", got " +
-                         dtype_name(arr.dtype()) +
-                         (label.index > 0 ? " (one call takes one dtype)" : ""));
+  check_facts(label, facts_of(py::reinterpret_borrow<py::array>(obj)), ref, dtype, expected,
+              written);
+}
+
+// ------------------------------------------------------------------ borrowed memory
+
+// Memory of another library's objects (fusedopt.torch: new gradient tensors) lent to one list
+// call, in place of a list of arrays, for an argument the kernel only reads: no NumPy array is
+// made per tensor. _borrow makes it from objects whose data_ptr() is the address of their
+// elements, laid out as C-contiguous arrays of `dtype` with the shapes of the arrays `like` (the
+// call's params): the caller has checked that (fusedopt.torch with torch's own check of the
+// tensors' kind, dtype, sizes and strides). The call then checks it as it checks an array: its
+// row's dtype, its param's shape and layout, that it is not written, that nothing overlaps it.
+struct Borrowed {
+  py::list owners;  // the objects, held while the memory is lent
+  DType dtype = DType::float32;
+  std::vector<const void*> data;          // per tensor
+  std::vector<py::ssize_t> nbytes;        // per tensor
+  std::vector<py::ssize_t> dims;          // every tensor's shape, in turn
+  std::vector<std::size_t> first_dim{0};  // tensor i's shape: dims[first_dim[i], first_dim[i + 1])
+  std::vector<char> f_order;              // whether NumPy would flag it F-contiguous too
+
+  ArrayFacts facts(std::size_t i) const {
+    const auto ndim = static_cast<py::ssize_t>(first_dim[i + 1] - first_dim[i]);
+    return {numpy_dtype(dtype), ndim, dims.data() + first_dim[i], true, f_order[i] != 0, false};
   }
-  const bool c_order = (arr.flags() & py::array::c_style) != 0;
-  const bool f_order = (arr.flags() & py::array::f_style) != 0;
-  if (!c_order && !f_order) {
-    throw py::value_error(label.str() +
-                          ": expected a C- or F-contiguous array, got a strided view "
-                          "(it cannot be updated in place without a copy)");
+};
+
+// The Borrowed lent for an argument, or nullptr.
+const Borrowed* borrowed_of(py::handle obj) {
+  return py::isinstance<Borrowed>(obj) ? &obj.cast<const Borrowed&>() : nullptr;
+}
+
+PyObject* data_ptr_keyword() {
+  static PyObject* const keyword = intern("data_ptr");
+  return keyword;
+}
+
+// _borrow(objects, like, dtype): the memory of each object (its data_ptr()) as `dtype` shaped
+// like the array of `like` at its index, or None if an object with elements to read reports
+// address 0 (a tensor without storage).
+py::object borrow(const py::list& objects, const py::list& like, const py::dtype& dtype) {
+  if (objects.size() != like.size()) {
+    throw py::value_error("_borrow: expected an array in like per object, got " +
+                          std::to_string(like.size()) + " for " + std::to_string(objects.size()));
   }
-  if (ref != nullptr) {
-    bool same_shape = arr.ndim() == ref->ndim();
-    for (py::ssize_t d = 0; same_shape && d < arr.ndim(); ++d) {
-      same_shape = arr.shape(d) == ref->shape(d);
+  const std::optional<DType> kind = dtype_of(dtype);
+  if (!kind || *kind == DType::int8) {
+    throw py::type_error("_borrow: expected a floating dtype, got " + dtype_name(dtype));
+  }
+  Borrowed b;
+  b.owners = py::reinterpret_steal<py::list>(PySequence_List(objects.ptr()));
+  if (!b.owners) throw py::error_already_set();
+  b.dtype = *kind;
+  b.data.reserve(objects.size());
+  b.nbytes.reserve(objects.size());
+  b.first_dim.reserve(objects.size() + 1);
+  b.f_order.reserve(objects.size());
+  py::object method;  // the objects' type's data_ptr, looked up once per type (not per object)
+  PyTypeObject* method_of = nullptr;
+  for (std::size_t i = 0; i < objects.size(); ++i) {
+    const py::handle shape_of = PyList_GET_ITEM(like.ptr(), static_cast<Py_ssize_t>(i));
+    if (!py::isinstance<py::array>(shape_of)) {
+      throw py::type_error("_borrow: like[" + std::to_string(i) +
+                           "]: expected a numpy.ndarray, got " + type_name(shape_of));
     }
-    if (!same_shape) {
-      throw py::value_error(label.str() + ": expected shape " + shape_str(*ref) +
-                            " like param, got " + shape_str(arr));
+    const auto arr = py::reinterpret_borrow<py::array>(shape_of);
+    PyObject* owner = PyList_GET_ITEM(b.owners.ptr(), static_cast<Py_ssize_t>(i));
+    if (Py_TYPE(owner) != method_of) {
+      method = py::reinterpret_steal<py::object>(
+          PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(owner)), data_ptr_keyword()));
+      if (!method) throw py::error_already_set();
+      method_of = Py_TYPE(owner);
     }
-    const bool ref_c = (ref->flags() & py::array::c_style) != 0;
-    if (!(ref_c ? c_order : f_order)) {
-      throw py::value_error(label.str() + ": expected the memory layout of param (" +
-                            (ref_c ? "C" : "F") + "-contiguous), got " + (c_order ? "C" : "F") +
-                            "-contiguous");
+    const auto address =
+        py::reinterpret_steal<py::object>(PyObject_Vectorcall(method.ptr(), &owner, 1, nullptr));
+    if (!address) throw py::error_already_set();
+    const void* data = PyLong_AsVoidPtr(address.ptr());
+    if (data == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    if (data == nullptr && arr.size() > 0) return py::none();
+    b.data.push_back(data);
+    b.nbytes.push_back(arr.size() * dtype.itemsize());
+    py::ssize_t wide = 0;  // dimensions of more than one element
+    for (py::ssize_t d = 0; d < arr.ndim(); ++d) {
+      b.dims.push_back(arr.shape(d));
+      wide += arr.shape(d) > 1 ? 1 : 0;
     }
+    b.first_dim.push_back(b.dims.size());
+    b.f_order.push_back(wide <= 1 || arr.size() == 0 ? 1 : 0);
   }
-  if (written && !arr.writeable()) {
-    throw py::value_error(label.str() + ": array is read-only");
-  }
+  return py::cast(std::move(b));
 }
 
 // Validates the arrays of a call before anything is written. An argument is one array (then all
@@ -703,6 +818,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   }
 
   std::array<bool, kMaxArrays> present{};
+  std::array<const Borrowed*, kMaxArrays> borrowed{};  // where memory is lent, not arrays
   for (std::size_t r = 0; r < n_roles; ++r) {
     const py::handle arg = args[r] == nullptr ? py::handle(Py_None) : py::handle(args[r]);
     const std::string name = roles[r].name;
@@ -729,13 +845,21 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       throw py::type_error(name + ": expected a numpy.ndarray like param, got " + type_name(arg));
     }
     if (!single) {
-      if (!is_list(arg)) {
+      borrowed[r] = borrowed_of(arg);
+      if (borrowed[r] != nullptr && roles[r].written) {
+        throw py::type_error(name +
+                             ": is updated in place: expected a list of arrays, got "
+                             "borrowed memory (lent only to be read)");
+      }
+      if (!is_list(arg) && borrowed[r] == nullptr) {
         throw py::type_error(name + ": expected a list of arrays like param, got " +
                              type_name(arg));
       }
-      if (static_cast<std::size_t>(py::len(arg)) != count) {
+      const std::size_t given = borrowed[r] != nullptr ? borrowed[r]->data.size()
+                                                       : static_cast<std::size_t>(py::len(arg));
+      if (given != count) {
         throw py::value_error(name + ": expected " + std::to_string(count) +
-                              " arrays like param, got " + std::to_string(py::len(arg)));
+                              " arrays like param, got " + std::to_string(given));
       }
     }
   }
@@ -758,6 +882,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   DType checked_copy = DType::float32;
   if (count > 0) {
     auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
+      if (borrowed[r] != nullptr) return borrowed[r]->dtype;
       const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
       if (obj && roles[r].part == fusedopt::Part::state && !py::isinstance<py::array>(obj) &&
           is_quantized(obj)) {
@@ -839,8 +964,9 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     }
     for (std::size_t r = 0; r < n_roles; ++r) {
       if (!present[r]) continue;
-      const py::handle obj = item(args[r], i);
-      if (row.state == DType::int8 && roles[r].part == fusedopt::Part::state) {
+      const Borrowed* const lent = borrowed[r];
+      const py::handle obj = lent != nullptr ? py::handle() : item(args[r], i);
+      if (lent == nullptr && row.state == DType::int8 && roles[r].part == fusedopt::Part::state) {
         const Label where = label(r, i);
         const std::size_t slot = i * roles_per_tensor + r;
         if (!is_quantized(obj)) {
@@ -923,8 +1049,9 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
           if (i > 0) return std::string(dtype_text(expected)) + " like " + label(r, 0).str();
           const std::vector<DType> allowed = allowed_dtypes(roles[r].part, row.param);
           const std::optional<DType> actual =
-              is_quantized(obj) ? std::optional<DType>(DType::int8)
-                                : dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
+              lent != nullptr     ? std::optional<DType>(lent->dtype)
+              : is_quantized(obj) ? std::optional<DType>(DType::int8)
+                                  : dtype_of(py::reinterpret_borrow<py::array>(obj).dtype());
           if (actual && std::find(allowed.begin(), allowed.end(), *actual) != allowed.end()) {
             // allowed alone, not with the call's other arrays
             for (std::size_t q = 1; q < r; ++q) {
@@ -937,6 +1064,16 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
           if (allowed == std::vector<DType>{row.param}) return dtypes_text(allowed) + " like param";
           return dtypes_text(allowed) + " for a " + dtype_text(row.param) + " param";
         };
+        if (lent != nullptr) {
+          check_facts(label(r, i), lent->facts(i), &p, numpy_dtype(expected), expected_text,
+                      roles[r].written);
+          const char* begin = static_cast<const char*>(lent->data[i]);
+          checked.data[i * roles_per_tensor + r] = const_cast<char*>(begin);
+          if (lent->nbytes[i] > 0) {
+            extents.push_back({begin, begin + lent->nbytes[i], i * roles_per_tensor + r, false});
+          }
+          continue;
+        }
         if (!py::isinstance<py::array>(obj) && is_quantized(obj)) {
           throw py::type_error(label(r, i).str() + ": expected dtype " + expected_text() +
                                ", got a fusedopt.quantize.QuantizedState");
@@ -956,6 +1093,10 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   if (!single && checked.starts.back() >= parallel_min.load(std::memory_order_relaxed)) {
     checked.held.reserve(count * (n_roles + 1));
     for (std::size_t r = 0; r < n_roles; ++r) {
+      if (borrowed[r] != nullptr) {  // it holds its owners
+        checked.held.push_back(py::reinterpret_borrow<py::object>(args[r]));
+        continue;
+      }
       for (std::size_t i = 0; present[r] && i < count; ++i) {
         checked.held.push_back(py::reinterpret_borrow<py::object>(item(args[r], i)));
       }
@@ -1204,6 +1345,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("sum_squares", &sum_squares);
   m.def("_use_kernels", &use_kernels);
   m.def("_thread_ranges", &thread_ranges);
+  py::class_<Borrowed>(m, "Borrowed",
+                       "Memory of objects lent to one list call as a read-only argument "
+                       "(fusedopt.torch's new gradients); made by _borrow only.");
+  m.def("_borrow", &borrow, py::arg("objects"), py::arg("like"), py::arg("dtype"));
   m.def("simd_level", [] { return std::string(table().level); });
   m.def("simd_instructions", [] { return std::string(table().instructions); });
 #if !defined(_WIN32)

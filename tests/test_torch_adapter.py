@@ -735,3 +735,238 @@ def test_matrix_adapters_match_the_numpy_classes_bit_for_bit(name, dtype):
         for key, value in state.items():
             assert tuple(value.shape) == ref.state[str(i)][key].shape
             np.testing.assert_array_equal(ft._numpy(value), ref.state[str(i)][key])
+
+
+# ------------------------------------------------------------------ new gradients, lent
+
+
+def _bits(opt, params):
+    """Every byte of the parameters and of their state, as copies."""
+    return [ft._numpy(p.detach()).tobytes() for p in params] + [
+        ft._numpy(v).tobytes()
+        for p in params
+        for _, v in sorted(opt.state.get(p, {}).items())
+        if isinstance(v, torch.Tensor)
+    ]
+
+
+def _lending_and_viewing(name, dtype, options=None, shapes=SHAPES):
+    """Two optimizers on equal parameters in two groups: one lends new gradients' memory to
+    the kernel (the default), the other views every gradient through Tensor.numpy()."""
+    pairs = []
+    for borrows in (True, False):
+        params = _params(dtype, shapes=shapes)
+        opt = ft.CLASSES[name](
+            [{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], **(options or {})
+        )
+        if hasattr(opt, "train"):
+            opt.train()
+        assert opt._borrows, name
+        opt._borrows = borrows
+        pairs.append((opt, params))
+    return pairs
+
+
+LENT = [
+    ("Adam", torch.float32, {}),
+    ("AdamW", torch.float32, dict(amsgrad=True, weight_decay=0.1)),
+    ("SGD", torch.float32, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("NAdam", torch.float64, dict(decoupled_weight_decay=True, weight_decay=0.1)),
+    ("RMSprop", torch.float32, dict(momentum=0.5, centered=True)),
+    ("Adagrad", torch.float32, {}),
+    ("Lion", torch.bfloat16, dict(state_dtype="bfloat16", stochastic_rounding=True, seed=2)),
+    ("AdamW", torch.bfloat16, dict(master_weights=True)),
+    ("Adam", torch.float16, dict(master_weights=True)),
+    ("ScheduleFreeAdamW", torch.float32, dict(warmup_steps=2)),
+]
+
+
+@pytest.mark.parametrize(("name", "dtype", "options"), LENT, ids=lambda x: str(x))
+def test_new_gradients_lent_equal_the_views_bit_for_bit(name, dtype, options, monkeypatch):
+    """New gradient tensors at every step (as after zero_grad()): lent to the kernel, through
+    torch's guard and _core._borrow, with no Tensor.numpy(), they give the bits the NumPy views
+    give, parameters and every state buffer, step after step; a step without a gradient for
+    one parameter, and SGD's first momentum step, regroup the calls as before."""
+    borrowed = []
+    borrow = ft._core._borrow
+    monkeypatch.setattr(ft._core, "_borrow", lambda *a: borrowed.append(len(a[0])) or borrow(*a))
+    (lending, a), (viewing, b) = _lending_and_viewing(name, dtype, options)
+    for t in range(6):
+        grads = _grads(t, dtype)
+        for params in (a, b):
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if (t == 3 and i == 1) else g.clone()
+        lending.step()
+        viewing.step()
+        assert _bits(lending, a) == _bits(viewing, b), t
+    assert sum(borrowed) == 6 * len(a) - 1  # every gradient of every step, lent
+
+
+def test_a_step_with_new_gradients_makes_no_numpy_array_of_them(monkeypatch):
+    """After the first step (which views the parameters and state once), steps with new
+    gradients never call Tensor.numpy(): their memory goes to the kernel as it is."""
+    params = _params(torch.float32)
+    opt = ft.Adam(params, lr=0.01)
+    _run(opt, params, 1)
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("Tensor.numpy() called")
+
+    before = _bits(opt, params)
+    monkeypatch.setattr(torch.Tensor, "numpy", refused)
+    _run(opt, params, 3, 1)
+    monkeypatch.undo()
+    assert _bits(opt, params) != before
+
+
+def _bad_gradients():
+    """name -> a function setting a gradient of p, a (3, 4) float32 parameter, that the
+    kernel must not read where it is."""
+
+    def other_dtype(p):
+        if hasattr(p, "grad_dtype"):
+            p.grad_dtype = None  # torch 2.9 on refuses a gradient of another dtype unless told
+        p.grad = torch.randn(3, 4, dtype=torch.float64)
+
+    def other_shape(p):
+        p.grad = torch.randn(3, 4)
+        p.grad.data = torch.randn(4, 3)  # 12 elements, as the parameter's
+
+    def other_size(p):
+        p.grad = torch.randn(3, 4)
+        p.grad.data = torch.randn(5)
+
+    return {
+        "float64": other_dtype,
+        "transposed": lambda p: setattr(p, "grad", torch.randn(4, 3).t()),
+        "strided": lambda p: setattr(p, "grad", torch.randn(3, 8)[:, ::2]),
+        "shape (4, 3)": other_shape,
+        "size 5": other_size,
+        "sparse": lambda p: setattr(
+            p, "grad", torch.sparse_coo_tensor([[0], [1]], [1.0], (3, 4), check_invariants=True)
+        ),
+        "requires grad": lambda p: setattr(p, "grad", torch.randn(3, 4, requires_grad=True)),
+        "negative view": lambda p: setattr(p, "grad", torch.randn(3, 4)._neg_view()),
+        "zero tensor": lambda p: setattr(p, "grad", torch._efficientzerotensor((3, 4))),
+        "the parameter's memory": lambda p: setattr(p, "grad", p.detach()),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_gradients()))
+def test_a_gradient_not_lent_gets_the_same_error_arrays_untouched(case):
+    """A gradient of another dtype, shape, size or layout, sparse, requiring grad, a negative
+    or zero view, or the parameter's own memory: torch's guard refuses it (or the kernel's
+    overlap check), and the step raises the error the NumPy views raise, naming the
+    parameter, with every parameter and state byte as it was. (The overlap is found by the
+    kernel's call, so a gradient on its parameter's memory is put in the step's first call:
+    in a later call, the earlier calls would have run, with views as lent.)"""
+    shapes = [(5,), (3, 4), (7,)]
+    bad = 0 if case == "the parameter's memory" else 1
+    shapes[bad], shapes[1] = shapes[1], shapes[bad]  # (3, 4), the bad one's
+    errors = []
+    for borrows in (True, False):
+        params = _params(torch.float32, shapes=shapes)
+        opt = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+        opt._borrows = borrows
+        _run(opt, params, 2)
+        before = _bits(opt, params)
+        for p, g in zip(params, _grads(9, torch.float32, shapes)):
+            p.grad = g
+        _bad_gradients()[case](params[bad])
+        with pytest.raises((TypeError, ValueError, RuntimeError)) as raised:
+            opt.step()
+        assert _bits(opt, params) == before
+        errors.append((type(raised.value), str(raised.value)))
+    assert errors[0] == errors[1]
+    if case not in ("zero tensor", "negative view"):  # torch's own numpy() errors
+        assert f"parameter 0 of group {bad}" in errors[0][1] or "grad[0]" in errors[0][1]
+
+
+def test_gradients_the_guard_refuses_but_the_views_take_are_updated_as_before():
+    """Gradients torch's guard does not pass but NumPy views take (a Parameter as gradient,
+    one tensor as two parameters' gradients) and one it passes with an odd stride on a
+    dimension of one element: the same bits either way."""
+    shapes = [(1, 3), (4,), (4,)]
+    (lending, a), (viewing, b) = _lending_and_viewing("Adam", torch.float32, {}, shapes)
+    for t in range(3):
+        for params in (a, b):
+            shared = torch.randn(4, generator=torch.Generator().manual_seed(t))
+            params[0].grad = torch.empty_strided((1, 3), (7, 1)).copy_(torch.ones(1, 3) * t)
+            params[1].grad = torch.nn.Parameter(shared.clone(), requires_grad=False)
+            params[2].grad = shared
+        lending.step()
+        viewing.step()
+        assert _bits(lending, a) == _bits(viewing, b)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_nested_tensor_never_reaches_the_guard():
+    """torch's guard reads a strided nested tensor's strides, which throw in C++ and would
+    abort the process: the adapter refuses it first, with torch's error from the checked
+    path."""
+    params = _params(torch.float32, shapes=[(3, 4), (4,)])
+    opt = ft.Adam(params, lr=0.1)
+    _run(opt, params, 1)
+    entry = next(iter(opt._groups.values()))
+    nested = torch.nested.nested_tensor([torch.randn(4) for _ in range(3)])
+    with pytest.raises(RuntimeError):
+        opt._grad_views(entry, entry.calls[0], [nested, torch.randn(4)], True)
+
+
+def test_lent_memory_is_checked_by_the_binding_as_arrays_are():
+    """_core._borrow's memory, in a kernel call: its dtype must be the call's grad dtype, its
+    shapes the params', one per param; it is refused for an argument that is written and in
+    a single-array call; its bytes join the overlap check; memory at address 0 (a zero
+    tensor's) is not lent. Every array is untouched after each refusal."""
+    import fusedopt
+
+    core = ft._core
+    params = [np.random.rand(3, 4).astype(np.float32), np.random.rand(5).astype(np.float32)]
+    m, v = [np.zeros_like(x) for x in params], [np.zeros_like(x) for x in params]
+    grads = [torch.randn(3, 4), torch.randn(5)]
+    lent = core._borrow(grads, params, np.dtype(np.float32))
+    as_float64 = core._borrow(grads, params, np.dtype(np.float64))
+    aliases = core._borrow([torch.from_numpy(x) for x in params], params, np.dtype(np.float32))
+    arrays = [x.copy() for x in params + m + v]
+    refusals = [
+        (TypeError, "grad\\[0\\]: expected dtype float32", (params, as_float64, m, v)),
+        (ValueError, "grad\\[0\\]: expected shape \\(5,\\) like param, got \\(3, 4\\)",
+         (params[::-1], lent, m[::-1], v[::-1])),
+        (ValueError, "grad: expected 1 arrays like param, got 2", (params[:1], lent, m[:1], v[:1])),
+        (TypeError, "exp_avg: is updated in place", (params, lent, lent, v)),
+        (TypeError, "grad: expected a numpy.ndarray like param", (params[0], lent, m[0], v[0])),
+        (ValueError, "param\\[\\d\\] and grad\\[\\d\\] share memory", (params, aliases, m, v)),
+    ]  # fmt: skip
+    for error, message, args in refusals:
+        with pytest.raises(error, match=message):
+            fusedopt.adam_(*args, step=1, lr=0.1)
+        assert all(np.array_equal(x, y) for x, y in zip(params + m + v, arrays))
+    zero = torch._efficientzerotensor(5)
+    assert core._borrow([zero], params[1:], np.dtype(np.float32)) is None
+    with pytest.raises(ValueError, match="an array in like per object"):
+        core._borrow(grads, params[:1], np.dtype(np.float32))
+    with pytest.raises(TypeError, match="floating dtype"):
+        core._borrow(grads, params, np.dtype(np.int32))
+    with pytest.raises(TypeError):
+        core.Borrowed()
+    expected = [x.copy() for x in params]
+    fusedopt.adam_(expected, [g.numpy() for g in grads], [x.copy() for x in m],
+                   [x.copy() for x in v], step=1, lr=0.1)  # fmt: skip
+    fusedopt.adam_(params, lent, m, v, step=1, lr=0.1)
+    assert all(np.array_equal(x, y) for x, y in zip(params, expected))
+
+
+def test_only_updates_that_pass_gradients_to_a_kernel_lend():
+    """Lending is for the adapters whose update hands the gradients to a fused kernel as they
+    are: not Muon's or Adafactor's (NumPy work on the views), nor an adapter or fusedopt class
+    that overrides the update. torch has the guard it needs (else views, at today's cost)."""
+    assert ft._TensorGuards is not None
+    p = [torch.zeros(3, 3, requires_grad=True)]
+    assert all(ft.CLASSES[n](p)._borrows for n in ft.ELEMENTWISE + ("ScheduleFreeSGD",))
+    assert not ft.Muon(p)._borrows and not ft.Adafactor(p)._borrows
+
+    class Custom(ft.Adam):
+        def _update(self, plan, params, grads, buffers, step, extra):
+            super()._update(plan, params, list(grads), buffers, step, extra)
+
+    assert not Custom(p)._borrows

@@ -16,10 +16,14 @@ docstring, e.g. :func:`fusedopt.adamw_`); the hyperparameters are validated by t
 at construction, by torch's own class, so bad arguments raise torch's errors.
 
 **Zero-copy.** Parameters and state are viewed as NumPy arrays once (``Tensor.numpy()``;
-bfloat16 through its int16 bits and ``ml_dtypes.bfloat16``) and the views are kept: a step
-converts only the gradients, then issues one fused multi-tensor call per (group, dtype, step
-count): for a usual model, one call per group. The kernels write the tensors' memory in place;
-nothing the size of the model is allocated by a step.
+bfloat16 through its int16 bits and ``ml_dtypes.bfloat16``) and the views are kept. A step
+issues one fused multi-tensor call per (group, dtype, step count): for a usual model, one call
+per group. New gradients (after ``zero_grad()``) are not converted: one C++ pass of torch's own
+tensor check (``TensorGuards``, as torch.compile guards its graphs' inputs) passes a call's
+gradients, and their memory is lent to the kernel as it is; gradients that persist between
+steps are viewed once; anything else takes a checked path that raises a clear error. The
+kernels write the tensors' memory in place; nothing the size of the model is allocated by a
+step.
 
 **State** is torch tensors in torch's layout: ``state[p]["exp_avg"]``, ``"exp_avg_sq"``,
 ``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``,
@@ -74,6 +78,7 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
 from . import _matrix, reference
 from . import optim as _optim
 from ._clip import clip_grad_norm_
+from ._dispatch import core as _core
 from ._functional import all_finite
 from .quantize import QuantizedState
 
@@ -109,6 +114,11 @@ _data_ptr = torch.Tensor.data_ptr
 _layout = operator.attrgetter("dtype", "shape", "strides")
 _call = operator.methodcaller("__call__")
 _grad = operator.attrgetter("grad")
+_is_nested = operator.attrgetter("is_nested")
+try:  # torch's C++ check of many tensors at once, the one torch.compile guards its graphs with
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - a torch without it: new gradients are viewed instead
+    _TensorGuards = None
 
 
 class _Memory:
@@ -209,6 +219,7 @@ class _Call:
         "layouts",
         "last",
         "kept",
+        "guard",
     )
 
     def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
@@ -231,6 +242,36 @@ class _Call:
             (self.grad_dtype, v.shape, tuple(s // v.itemsize * size for s in v.strides))
             for v in params
         ]
+        self.guard = _gradient_guard(grad_dtype, params)
+
+
+def _gradient_guard(dtype: torch.dtype, params: List[np.ndarray]) -> Any:
+    """torch's check that tensors are gradients a call's kernel may read where they are (its
+    ``TensorGuards``, which torch.compile guards its graphs' inputs with): one C++ pass over
+    them all, cheaper than one ``Tensor.numpy()``. A tensor passes if it is a plain
+    ``torch.Tensor`` (no subclass) with the dispatch keys of a dense CPU tensor (not sparse,
+    mkldnn, quantized, meta, a negative, conjugate or zero view, a functorch or functional
+    wrapper, ...), ``dtype``, not requiring grad, its parameter's shape, C-contiguous (strides
+    checked where a dimension has more than one element), and no other tensor of the call.
+    None where torch has no such check: gradients are viewed instead."""
+    if _TensorGuards is None:
+        return None
+    examples = {n: torch.empty((0,) * n, dtype=dtype) for n in {v.ndim for v in params}}
+    strides = []
+    for v in params:
+        expected, step = [], 1
+        for n in reversed(v.shape):
+            expected.append(step if n != 1 and v.size else None)
+            step *= n
+        strides.append(expected[::-1])
+    try:
+        return _TensorGuards(
+            *(examples[v.ndim] for v in params),
+            dynamic_dims_sizes=[list(v.shape) for v in params],
+            dynamic_dims_strides=strides,
+        )
+    except (TypeError, RuntimeError):  # pragma: no cover - another torch's signature
+        return None
 
 
 class _Group:
@@ -299,6 +340,13 @@ class Optimizer(torch.optim.Optimizer):
         # instance's storage logic, group plans and fused update are what steps reuse
         probe = np.zeros(self._probe_shape, np.float32)
         self._fused = self.fused_class([probe], **hyper, **options)
+        # whether a step may lend new gradients' memory to the kernel (_grad_views): where the
+        # update hands the gradients to a fused kernel as they are
+        self._borrows = (
+            _TensorGuards is not None
+            and type(self)._update in _PASS_THROUGH
+            and type(self._fused)._update in _PASS_THROUGH
+        )
         self._fused_keys = tuple(k for k in self._fused.defaults if k != "frozen")
         self._groups: Dict[int, _Group] = {}
         self._storage: Dict[torch.Tensor, Any] = {}
@@ -372,6 +420,13 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fused = self._fused
+        # new gradients are lent to the kernels, unless an option needs them as NumPy views
+        borrow = (
+            self._borrows
+            and not fused.skip_if_nonfinite
+            and fused.max_grad_norm is None
+            and not self._reference_impl()
+        )
         work = []  # every group is checked and converted before anything is written
         for group in self.param_groups:
             entry = self._groups.get(id(group))
@@ -385,12 +440,12 @@ class Optimizer(torch.optim.Optimizer):
             if mask != entry.mask or ptrs != entry.ptrs or entry.calls is None:
                 self._build(entry, plan, grads, mask, ptrs)
             try:
-                calls = [(c, self._grad_views(entry, c, grads)) for c in entry.calls]
+                calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
             except _Rebuild:  # a gradient's dtype changed: regroup the calls
                 self._build(entry, plan, grads, mask, ptrs)
-                calls = [(c, self._grad_views(entry, c, grads)) for c in entry.calls]
+                calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
             work.append((entry, plan, calls))
-        views = [v for _, _, calls in work for _, vs in calls for v in vs]
+        views = [] if borrow else [v for _, _, calls in work for _, vs in calls for v in vs]
         if fused.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
             for v in views:
@@ -409,10 +464,14 @@ class Optimizer(torch.optim.Optimizer):
                     entry.calls = None
         return loss
 
-    def _grad_views(self, entry: _Group, call: _Call, grads: list) -> List[np.ndarray]:
-        """The gradients of a call as NumPy views of their memory. The usual case is two
-        loops in C: the conversions, and the comparison of each view's (dtype, shape,
-        strides) with the parameter's; anything else takes the checked path."""
+    def _grad_views(self, entry: _Group, call: _Call, grads: list, borrow: bool = False) -> Any:
+        """The gradients of a call as its kernel takes them. Gradients that persist between
+        steps: the views kept of them. New ones, with ``borrow``: their memory, lent to the
+        kernel as it is (``_core._borrow``: no array made per gradient) once torch's check of
+        the call's gradients (``call.guard``) passed them all. Else NumPy views of their
+        memory, in two loops in C: the conversions, and the comparison of each view's (dtype,
+        shape, strides) with the parameter's; anything else takes the checked path, which
+        raises the clear errors."""
         chosen = grads if call.everyone else [grads[i] for i in call.index]
         kept = call.kept
         if (
@@ -425,18 +484,27 @@ class Optimizer(torch.optim.Optimizer):
             # every other step)
             call.last = kept[0]
             return kept[1]
-        try:
-            views = list(map(call.convert, chosen))
-        except (RuntimeError, TypeError):
-            views = None
-        if views is None or list(map(_layout, views)) != call.layouts:
-            views = [self._checked_grad(entry, call, i, grads[i]) for i in call.index]
+        views = None
+        if borrow and call.guard is not None:
+            # no torch function mode answers for the tensors here; a nested tensor, whose
+            # strides throw in C++, never reaches the guard (it would abort the process)
+            with torch._C.DisableTorchFunction():
+                if not any(map(_is_nested, chosen)) and call.guard.check(*chosen):
+                    views = _core._borrow(chosen, call.params, call.grad_dtype)
+        if views is None:
+            try:
+                views = list(map(call.convert, chosen))
+            except (RuntimeError, TypeError):
+                views = None
+            if views is None or list(map(_layout, views)) != call.layouts:
+                views = [self._checked_grad(entry, call, i, grads[i]) for i in call.index]
         refs = list(map(weakref.ref, chosen))
         if call.last is not None and all(map(operator.is_, chosen, map(_call, call.last))):
             # Persistent gradients (zero_grad(set_to_none=False), accumulation): keep views
             # that do not own the tensors, so that a later zero_grad() still frees them;
             # they are used only while the same tensors, alive, have the same data_ptr.
-            call.kept = (refs, list(map(_unowned, views)), list(map(_data_ptr, chosen)))
+            arrays = views if isinstance(views, list) else list(map(call.convert, chosen))
+            call.kept = (refs, list(map(_unowned, arrays)), list(map(_data_ptr, chosen)))
         call.last = refs
         return views
 
@@ -913,6 +981,20 @@ class _ScheduleFreeAdapter(Optimizer):
                 _optim._lerp_(_numpy(p.detach()), z, weight, master)
             group["train_mode"] = to_train
 
+
+# The updates that hand the gradients to a fused kernel as they are: a step of an adapter whose
+# update and whose fusedopt class's update are both here may lend new gradients' memory to the
+# kernel instead of NumPy views. Any other (Muon's and Adafactor's NumPy work, an override) gets
+# views.
+_PASS_THROUGH = frozenset(
+    {
+        Optimizer._update,
+        _ScheduleFreeAdapter._update,
+        _optim.Optimizer._update,
+        _optim.SGD._update,
+        _optim._ScheduleFree._update,
+    }
+)
 
 # The adapted classes whose state or update is not element-wise, by their adapter's base.
 MATRIX = {"Muon": _MuonAdapter, "Adafactor": _AdafactorAdapter}
