@@ -760,11 +760,29 @@ ELEMENTWISE = (
 
 class _MuonAdapter(Optimizer):
     """As torch's Muon: every parameter must be 2-D (ValueError otherwise, at construction
-    and in ``add_param_group``); the state is ``momentum_buffer`` only, no ``"step"``."""
+    and in ``add_param_group``); the state is ``momentum_buffer`` only, no ``"step"``, unless
+    stochastic rounding or int8 state needs one for its random stream (as SGD's)."""
 
     _probe_shape = (1, 1)
     _shaped_stand_ins = True
-    _keeps_step = False
+
+    @property
+    def _keeps_step(self) -> bool:  # type: ignore[override]
+        fused = self._fused
+        return fused.stochastic_rounding or fused.state_dtype == "int8"
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As the base's, with the checkpoint's stochastic-rounding option in force while the
+        state is laid out: whether it keeps its ``"step"`` depends on it."""
+        fused, before = self._fused, self._fused.stochastic_rounding
+        fused.stochastic_rounding = bool(
+            state_dict.get("fusedopt", {}).get("stochastic_rounding", before)
+        )
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            fused.stochastic_rounding = before
+            raise
 
 
 class _AdafactorAdapter(Optimizer):
@@ -778,10 +796,14 @@ class _AdafactorAdapter(Optimizer):
 
     def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
         buffers: Dict[str, list] = {"row_var": [], "col_var": [], "variance": []}
+        if self._storage[params[0]].master:
+            buffers["master"] = [self._master(p) for p in params]
         for p in params:
             state, dtype = self.state[p], _FROM_NAME[self._storage[p].state]
             shapes = _matrix.adafactor_state_shapes(tuple(p.shape))
             for key, views in buffers.items():
+                if key == "master":
+                    continue
                 if key not in shapes:
                     views.append(None)
                     continue
@@ -792,16 +814,7 @@ class _AdafactorAdapter(Optimizer):
         return buffers
 
     def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
-        function = reference.adafactor_ if self._reference_impl() else _matrix.adafactor_
-        function(
-            params,
-            grads,
-            buffers["row_var"],
-            buffers["col_var"],
-            buffers["variance"],
-            step=step,
-            **plan.hyper,
-        )
+        self._fused._step_factored(plan, params, grads, buffers, buffers.get("master"), step)
 
 
 class _ScheduleFreeAdapter(Optimizer):
