@@ -181,18 +181,18 @@ void muon_step(const MuonCall& call) {
                          : newton_schulz<T, Eigen::ColMajor>(U, next.data(), m, n, call);
   const T decay = T(call.decay), step = T(call.step);
   parallel_for(chunks, call.threads, [&](Index k) {
-    const Index begin = k * kChunk, n = std::min(kChunk, size - begin);
+    const Index begin = k * kChunk, count = std::min(kChunk, size - begin);
     const Rounding rounding{call.stochastic != 0, key, begin};
     P* const p = param + begin;
     const T* const o = O + begin;
     with_rounding<Types>(rounding, [&](const auto& out) {
       const T d = decay, s = step;  // locals: captures would be reloaded after each store
 #pragma omp simd
-      for (Index i = 0; i < n; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * o[i]);
+      for (Index i = 0; i < count; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * o[i]);
     });
     if constexpr (std::is_same_v<P, float>) {
       if (call.param_copy != nullptr) {
-        store_param_copy(rounding, n, p, call.copy_dtype == 2,
+        store_param_copy(rounding, count, p, call.copy_dtype == 2,
                          static_cast<char*>(call.param_copy) + begin * 2);  // 2-byte elements
       }
     }
