@@ -34,8 +34,8 @@ torch has no equivalent of:
 - ``state[p]["<buffer>.codes"]`` (int8 or uint8) and ``"<buffer>.scales"`` (float32, one per
   256 elements) in place of ``"<buffer>"`` with ``state_dtype="int8"``
   (:class:`fusedopt.quantize.QuantizedState`); torch's classes cannot load these;
-- ``state[p]["step"]`` for SGD and Momentum (torch's SGD keeps none): the stochastic-rounding
-  stream's step;
+- ``state[p]["step"]`` for SGD and Momentum (torch's SGD keeps none), and for Muon with
+  stochastic rounding or int8 state: the stochastic-rounding stream's step;
 - ``state_dict()["fusedopt"]``: the storage options and the seed, and the count of skipped
   steps. ``NAdam``'s ``state_dict()`` adds torch's ``mu_product`` (computed from the step as
   torch accumulates it); the kernel derives it from the step and ignores a loaded one.
@@ -796,14 +796,10 @@ class _AdafactorAdapter(Optimizer):
 
     def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
         buffers: Dict[str, list] = {"row_var": [], "col_var": [], "variance": []}
-        if self._storage[params[0]].master:
-            buffers["master"] = [self._master(p) for p in params]
         for p in params:
             state, dtype = self.state[p], _FROM_NAME[self._storage[p].state]
             shapes = _matrix.adafactor_state_shapes(tuple(p.shape))
             for key, views in buffers.items():
-                if key == "master":
-                    continue
                 if key not in shapes:
                     views.append(None)
                     continue
@@ -811,6 +807,8 @@ class _AdafactorAdapter(Optimizer):
                     state[key] = torch.zeros(shapes[key], dtype=dtype)
                 _check_tensor(f"state {key!r}", state[key])
                 views.append(_numpy(state[key]))
+        if self._storage[params[0]].master:
+            buffers["master"] = [self._master(p) for p in params]
         return buffers
 
     def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
