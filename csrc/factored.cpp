@@ -9,7 +9,11 @@
 //      u = g / sqrt(max(v, eps1^2))), and ||u||^2 in fixed chunks;
 //   C. param = param (1 - lr wd) - alpha / max(1, ||u|| / (sqrt(n) d)) u, u recomputed.
 // Every sum is in double, in an order fixed by the shape alone: bit-identical for every thread
-// count, and equal to fusedopt.reference.adafactor_, which sums in the same orders.
+// count, and equal to fusedopt.reference.adafactor_, which sums in the same orders. With float32
+// masters `param` is the master (its norm, its update) and the low-precision param its copy,
+// written rounded in pass C; a bfloat16 param is rounded to nearest even or stochastically, with
+// the element-wise kernels' random bits of (seed, step, tensor, element) (slot 0). The moments
+// are float32: factored they are about 0 bytes per element, so narrower ones would save nothing.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -43,6 +47,10 @@ struct AdafactorCall {
   double eps1, eps2, d;
   std::int32_t maximize;
   std::int32_t threads;
+  void* param_copy;         // with float32 masters in param: the low-precision param, else null
+  std::int32_t copy_dtype;  // param_copy's: 2 bfloat16, 3 float16
+  std::int32_t stochastic;  // round a bfloat16 param stochastically
+  std::uint64_t seed, step, tensor;  // the random bits' key: tensor_key(seed, step, tensor)
 };
 
 // torch's lerp(start, end, w) for one element (see matrix.cpp).
@@ -178,13 +186,24 @@ void adafactor_step(const AdafactorCall& call) {
   const double denominator = std::max(1.0, std::sqrt(update_squares) / (numel_root * call.d));
   const T step = T(alpha / denominator), decay = T(call.decay);
   // C: the param
+  const std::uint64_t key = tensor_key(call.seed, call.step, call.tensor);
   parallel_for(chunks, call.threads, [&](Index k) {
     T u[kChunk];
     const Index begin = k * kChunk, n = std::min(kChunk, size - begin);
     update(begin, n, false, u);
     P* const p = param + begin;
+    const Rounding rounding{call.stochastic != 0, key, begin};
+    with_rounding<Storage<T, P, G, T>>(rounding, [&](const auto& out) {
+      const T d = decay, s = step;  // locals: captures would be reloaded after each store
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) store(p[i], load<T>(p[i]) * decay - step * u[i]);
+      for (Index i = 0; i < n; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * u[i]);
+    });
+    if constexpr (std::is_same_v<P, float>) {
+      if (call.param_copy != nullptr) {
+        store_param_copy(rounding, n, p, call.copy_dtype == 2,
+                         static_cast<char*>(call.param_copy) + begin * 2);  // 2-byte elements
+      }
+    }
   });
 }
 
@@ -200,6 +219,17 @@ int dispatch(const AdafactorCall& call) {
   return 0;
 }
 
+// float32 masters of a bfloat16 or float16 param: the grad in the param's dtype or float32.
+int dispatch_masters(const AdafactorCall& call) {
+  if (call.grad_dtype != 0 && call.grad_dtype != call.copy_dtype) return 1;
+  switch (call.grad_dtype) {
+    case 0: adafactor_step<float, float, float>(call); return 0;
+    case 2: adafactor_step<float, float, Eigen::bfloat16>(call); return 0;
+    case 3: adafactor_step<float, float, Eigen::half>(call); return 0;
+    default: return 1;
+  }
+}
+
 }  // namespace
 }  // namespace fusedopt
 
@@ -207,6 +237,7 @@ int dispatch(const AdafactorCall& call) {
 // moments are float32 (float64 for a float64 param).
 extern "C" FUSEDOPT_EXPORT int fusedopt_adafactor_step(const fusedopt::AdafactorCall* call) {
   using namespace fusedopt;
+  if (call->param_copy != nullptr) return call->param_dtype == 0 ? dispatch_masters(*call) : 1;
   switch (call->param_dtype) {
     case 0: return dispatch<float>(*call);
     case 1:

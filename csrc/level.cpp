@@ -12,18 +12,6 @@
 namespace fusedopt {
 namespace {
 
-// The float32 masters of a chunk (role 0, just updated) rounded into the param's copy.
-template <typename Out>
-void copy_masters(Index n, const Out& out, const float* master, DType copy, void* to) {
-  if (copy == DType::bfloat16) {
-    auto* param = static_cast<Eigen::bfloat16*>(to);
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
-  } else {
-    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // to nearest: no SR for float16
-  }
-}
-
 // float16 arrays are staged as float32 chunks where the level converts them in blocks (F16C).
 template <typename T>
 inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::half>;
@@ -115,11 +103,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         }
         std::uint32_t* const first_half = random[0].data();
         std::uint32_t* const other_half = random[1].data();
-        const std::uint32_t first = counter_of(static_cast<std::uint64_t>(offset));
-#pragma omp simd
-        for (Index i = 0; i < n; ++i) {
-          first_half[i] = counter_bits(rounding.key, first + static_cast<std::uint32_t>(i));
-        }
+        chunk_bits(rounding.key, offset, n, first_half);
         if (needs_second_half) {
 #pragma omp simd
           for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i], rounding.key);
@@ -137,14 +121,9 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
     }
     if constexpr (masters) {
       if (request.param_copy != DType::float32) {
-        with_rounding<Storage<float, Eigen::bfloat16, float, float>>(
-            rounding, [&](const auto& out) {
-              copy_masters(
-                  n, out, static_cast<const float*>(arrays[0]) + offset, request.param_copy,
-                  request.param_copy == DType::bfloat16
-                      ? static_cast<void*>(static_cast<Eigen::bfloat16*>(arrays[roles]) + offset)
-                      : static_cast<void*>(static_cast<Eigen::half*>(arrays[roles]) + offset));
-            });
+        const bool to_bfloat16 = request.param_copy == DType::bfloat16;
+        store_param_copy(rounding, n, static_cast<const float*>(arrays[0]) + offset, to_bfloat16,
+                         static_cast<char*>(arrays[roles]) + offset * 2);  // 2 bytes either way
       }
     }
     return true;

@@ -11,6 +11,11 @@
 //   2. X = U (transposed if rows > cols) / max(||U||_F, eps), then ns_steps Newton-Schulz steps
 //      A = X X^T; B = b A + c A A; X = a X + B X, with Eigen's products in T;
 //   3. element-wise: param = param * (1 - lr wd) - adjusted_lr * X, rounded once on store.
+// Storage as for the element-wise kernels (common.hpp): with float32 masters `param` is the
+// master and the low-precision param its copy, written rounded in pass 3; an int8 momentum
+// buffer (signed codes, quantize.hpp) is decoded per chunk in pass 1 and encoded back; what is
+// stored in bfloat16 is rounded to nearest even or stochastically, with the random bits of
+// (seed, tensor, element) of the element-wise kernels (param slot 0, the buffer slot 1).
 // The Frobenius norm is a sum of squares in double over fixed chunks (utility.hpp), and every
 // product is computed in fixed tiles, each by one thread with Eigen's single-threaded GEMM:
 // results are bit-identical for every thread count. fusedopt.reference.muon_ computes the same
@@ -25,6 +30,7 @@
 
 #include "export.hpp"
 #include "kernels/common.hpp"
+#include "kernels/quantize.hpp"
 #include "kernels/utility.hpp"
 #include "parallel.hpp"
 
@@ -40,15 +46,22 @@ struct MuonCall {
   void* momentum_buffer;
   std::int64_t rows, cols;
   std::int32_t c_order;  // 1: C order, 0: Fortran order (every array alike)
-  std::int32_t param_dtype, grad_dtype, state_dtype;  // 0 float32, 1 float64, 2 bfloat16, 3 float16
-  double decay;                                       // 1 - lr * weight_decay
-  double step;                                        // the adjusted learning rate
-  double momentum;                                    // mu
-  double a, b, c;                                     // Newton-Schulz coefficients
-  double eps;                                         // lower bound of the norm
+  // 0 float32, 1 float64, 2 bfloat16, 3 float16; state 4: int8 codes with float32 `scales`
+  std::int32_t param_dtype, grad_dtype, state_dtype;
+  double decay;     // 1 - lr * weight_decay
+  double step;      // the adjusted learning rate
+  double momentum;  // mu
+  double a, b, c;   // Newton-Schulz coefficients
+  double eps;       // lower bound of the norm
   std::int32_t nesterov;
   std::int32_t ns_steps;
   std::int32_t threads;
+  void* param_copy;         // with float32 masters in param: the low-precision param, else null
+  std::int32_t copy_dtype;  // param_copy's: 2 bfloat16, 3 float16
+  std::int32_t stochastic;  // round what is stored in bfloat16 stochastically
+  void* scales;             // an int8 momentum buffer's block scales, else null
+  std::uint64_t seed;       // the random bits' key: tensor_key(seed, 0, tensor)
+  std::uint64_t tensor;     // the tensor's place in its call
 };
 
 // Tiles of a product's result, fixed by its shape alone. 128 x 256 outputs: every tile is a
@@ -99,6 +112,7 @@ T* newton_schulz(T* x, T* next, Index m, Index n, const MuonCall& call) {
 
 template <typename T, typename P, typename G, typename S>
 void muon_step(const MuonCall& call) {
+  using Types = Storage<T, P, G, S>;
   Eigen::setNbThreads(1);  // the tiles are the parallelism: no nested teams inside a product
   const Index size = call.rows * call.cols;
   const Index chunks = (size + kChunk - 1) / kChunk;
@@ -106,7 +120,7 @@ void muon_step(const MuonCall& call) {
   std::vector<double> partial(static_cast<std::size_t>(chunks));
   P* const param = static_cast<P*>(call.param);
   const G* const grad = static_cast<const G*>(call.grad);
-  S* const buf = static_cast<S*>(call.momentum_buffer);
+  const std::uint64_t key = tensor_key(call.seed, 0, call.tensor);
   // torch's lerp(start, end, w): start + w (end - start) for |w| < 0.5, else
   // end - (end - start) (1 - w); the weights in double, once per call.
   const double w = 1.0 - call.momentum;
@@ -115,14 +129,38 @@ void muon_step(const MuonCall& call) {
   const T to_buf = T(call.momentum), to_buf_rest = T(1.0 - call.momentum);
   const bool nesterov = call.nesterov != 0;
   T* const U = u.data();
+  // n elements from `begin`: the buffer (b, slot 1) and U
+  const auto momentum = [&](Index begin, Index n, const auto& out, auto* b) {
+    const G* const g_at = grad + begin;
+    T* const u_at = U + begin;
+    for (Index i = 0; i < n; ++i) {
+      const T g = load<T>(g_at[i]);
+      const T old = load<T>(b[i]);
+      const T m = small_w ? old + to_grad * (g - old) : g - (g - old) * to_grad_rest;
+      out(i, 1, b[i], m);
+      u_at[i] = !nesterov ? m : small_mu ? g + to_buf * (m - g) : m - (m - g) * to_buf_rest;
+    }
+  };
   parallel_for(chunks, call.threads, [&](Index k) {
     const Index begin = k * kChunk, n = std::min(kChunk, size - begin);
-    for (Index i = begin; i < begin + n; ++i) {
-      const T g = load<T>(grad[i]);
-      const T old = load<T>(buf[i]);
-      const T m = small_w ? old + to_grad * (g - old) : g - (g - old) * to_grad_rest;
-      store(buf[i], m);
-      U[i] = !nesterov ? m : small_mu ? g + to_buf * (m - g) : m - (m - g) * to_buf_rest;
+    const Rounding rounding{call.stochastic != 0, key, begin};
+    bool done = false;
+    if constexpr (std::is_same_v<S, float>) {
+      if (call.scales != nullptr) {  // int8: staged as float32, encoded back with random bits
+        alignas(64) float staged[kChunk];
+        alignas(64) std::uint32_t bits[kChunk];
+        auto* const codes = static_cast<std::uint8_t*>(call.momentum_buffer) + begin;
+        float* const scales = static_cast<float*>(call.scales) + begin / kBlock;
+        decode_chunk(true, codes, scales, n, staged);
+        momentum(begin, n, Rounder<false>(rounding), staged);
+        chunk_bits(key, begin, n, bits);
+        encode_chunk(true, staged, n, codes, scales, bits, 16);  // slot 1: the high 16 bits
+        done = true;
+      }
+    }
+    if (!done) {
+      S* const b = static_cast<S*>(call.momentum_buffer) + begin;
+      with_rounding<Types>(rounding, [&](const auto& out) { momentum(begin, n, out, b); });
     }
     partial[static_cast<std::size_t>(k)] = sum_squares(n, U + begin);
   });
@@ -143,9 +181,21 @@ void muon_step(const MuonCall& call) {
                          : newton_schulz<T, Eigen::ColMajor>(U, next.data(), m, n, call);
   const T decay = T(call.decay), step = T(call.step);
   parallel_for(chunks, call.threads, [&](Index k) {
-    const Index begin = k * kChunk, end = std::min(size, begin + kChunk);
+    const Index begin = k * kChunk, count = std::min(kChunk, size - begin);
+    const Rounding rounding{call.stochastic != 0, key, begin};
+    P* const p = param + begin;
+    const T* const o = O + begin;
+    with_rounding<Types>(rounding, [&](const auto& out) {
+      const T d = decay, s = step;  // locals: captures would be reloaded after each store
 #pragma omp simd
-    for (Index i = begin; i < end; ++i) store(param[i], load<T>(param[i]) * decay - step * O[i]);
+      for (Index i = 0; i < count; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * o[i]);
+    });
+    if constexpr (std::is_same_v<P, float>) {
+      if (call.param_copy != nullptr) {
+        store_param_copy(rounding, count, p, call.copy_dtype == 2,
+                         static_cast<char*>(call.param_copy) + begin * 2);  // 2-byte elements
+      }
+    }
   });
 }
 
@@ -155,25 +205,35 @@ using BF16 = Eigen::bfloat16;
 using F16 = Eigen::half;
 
 // The storage combinations fusedopt/_matrix.py accepts: float64 alone; otherwise the grad in the
-// param's dtype or float32, the momentum buffer in float32 or bfloat16.
+// param's dtype (with masters: the low-precision copy's) or float32, the momentum buffer in
+// float32, bfloat16 or int8 (computed as float32).
+template <typename P, typename G>
+bool dispatch_state(const MuonCall& call) {
+  if ((call.state_dtype == 4) != (call.scales != nullptr)) return false;
+  switch (call.state_dtype) {
+    case 0:
+    case 4: muon_step<float, P, G, F32>(call); return true;
+    case 2: muon_step<float, P, G, BF16>(call); return true;
+    default: return false;
+  }
+}
+
 template <typename P>
 bool dispatch_low(const MuonCall& call) {
-  if ((call.grad_dtype != 0 && call.grad_dtype != call.param_dtype) ||
-      (call.state_dtype != 0 && call.state_dtype != 2)) {
-    return false;
+  if (call.grad_dtype == 0) return dispatch_state<P, F32>(call);
+  if (call.grad_dtype == call.param_dtype) return dispatch_state<P, P>(call);
+  return false;
+}
+
+bool dispatch_masters(const MuonCall& call) {
+  if (call.param_copy == nullptr) return dispatch_low<F32>(call);
+  if (call.grad_dtype != 0 && call.grad_dtype != call.copy_dtype) return false;
+  switch (call.grad_dtype) {
+    case 0: return dispatch_state<F32, F32>(call);
+    case 2: return dispatch_state<F32, BF16>(call);
+    case 3: return dispatch_state<F32, F16>(call);
+    default: return false;
   }
-  const bool grad_float = call.grad_dtype == 0, state_float = call.state_dtype == 0;
-  if (!grad_float && !std::is_same_v<P, float>) {
-    if (state_float)
-      muon_step<float, P, P, F32>(call);
-    else
-      muon_step<float, P, P, BF16>(call);
-  } else if (state_float) {
-    muon_step<float, P, F32, F32>(call);
-  } else {
-    muon_step<float, P, F32, BF16>(call);
-  }
-  return true;
 }
 
 }  // namespace
@@ -182,8 +242,9 @@ bool dispatch_low(const MuonCall& call) {
 // Returns 0 on success, 1 for a storage combination this library was not built for.
 extern "C" FUSEDOPT_EXPORT int fusedopt_muon_step(const fusedopt::MuonCall* call) {
   using namespace fusedopt;
+  if (call->param_copy != nullptr && call->param_dtype != 0) return 1;
   switch (call->param_dtype) {
-    case 0: return dispatch_low<F32>(*call) ? 0 : 1;
+    case 0: return dispatch_masters(*call) ? 0 : 1;
     case 1:
       if (call->grad_dtype != 1 || call->state_dtype != 1) return 1;
       muon_step<double, F64, F64, F64>(*call);

@@ -398,6 +398,71 @@ def test_requires_grad_false_with_a_gradient_is_updated_as_torch_does():
     assert torch.equal(a, b) and torch.equal(a, torch.zeros(3))
 
 
+MATRIX_STORAGE = [
+    ("Muon", dict(master_weights=True)),
+    ("Muon", dict(master_weights=True, stochastic_rounding=True, seed=3)),
+    ("Muon", dict(state_dtype="bfloat16", stochastic_rounding=True, seed=4)),
+    ("Muon", dict(state_dtype="int8", stochastic_rounding=True, seed=5)),
+    ("Muon", dict(master_weights=True, state_dtype="int8")),
+    ("Adafactor", dict(master_weights=True)),
+    ("Adafactor", dict(master_weights=True, stochastic_rounding=True, seed=6)),
+    ("Adafactor", dict(stochastic_rounding=True, seed=2**64 - 1)),
+]
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    MATRIX_STORAGE,
+    ids=[f"{n}-" + ",".join(f"{k}={v}" for k, v in o.items()) for n, o in MATRIX_STORAGE],
+)
+def test_matrix_adapters_with_storage_options(name, options):
+    """bfloat16 parameters with masters, stochastic rounding and int8 state: the same bits as
+    fusedopt.optim's class (masters, codes and scales included); a state_dict taken mid-run
+    resumes bit for bit (Muon keeps a "step" for the random stream only with these options)."""
+    shapes = MATRICES if name == "Muon" else SHAPES
+    params = _params(torch.bfloat16, shapes=shapes)
+    arrays = {str(i): ft._numpy(p.detach()).copy() for i, p in enumerate(params)}
+    opt = ft.CLASSES[name](params, lr=0.01, weight_decay=0.05, **options)
+    ref = getattr(optim, name)(arrays, lr=0.01, weight_decay=0.05, **options)
+    grads = [_grads(t, torch.bfloat16, shapes) for t in range(5)]
+    for t in range(3):
+        for p, g in zip(params, grads[t]):
+            p.grad = g
+        opt.step()
+        ref.step({str(i): ft._numpy(g) for i, g in enumerate(grads[t])})
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(ft._numpy(p.detach()), arrays[str(i)], strict=True)
+        state, expected = opt.state[p], ref.state[str(i)]
+        if name == "Muon":  # torch's Muon keeps no step: only the random stream needs one
+            needs_step = options.get("stochastic_rounding") or options.get("state_dtype") == "int8"
+            assert ("step" in state) == bool(needs_step)
+        if options.get("master_weights"):
+            assert state["master"].dtype == torch.float32
+        for key, value in state.items():
+            if key == "step":
+                continue
+            buffer, _, part = key.partition(".")
+            wanted = getattr(expected[buffer], part) if part else expected[key]
+            np.testing.assert_array_equal(ft._numpy(value), wanted, err_msg=key, strict=True)
+    saved = [p.detach().clone().requires_grad_() for p in params]
+    sd = copy.deepcopy(opt.state_dict())
+    for t in range(3, 5):
+        for p, g in zip(params, grads[t]):
+            p.grad = g
+        opt.step()
+    resumed = ft.CLASSES[name](saved, lr=0.01, weight_decay=0.05, **options)
+    resumed.load_state_dict(sd)
+    for t in range(3, 5):
+        for p, g in zip(saved, grads[t]):
+            p.grad = g
+        resumed.step()
+    for p, q in zip(params, saved):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        assert opt.state[p].keys() == resumed.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(resumed.state[q][key], value), key
+
+
 STORAGE = [
     dict(),
     dict(master_weights=True),

@@ -278,6 +278,31 @@ void with_rounding(const Rounding& rounding, const Fn& fn) {
   fn(Rounder<false>(rounding));
 }
 
+// The random bits (half 0) of a chunk's n elements, the first at `offset` in its tensor: what
+// the int8 codec rounds a quantized state's chunk with.
+inline void chunk_bits(std::uint64_t key, Index offset, Index n, std::uint32_t* out) {
+  const std::uint32_t first = counter_of(static_cast<std::uint64_t>(offset));
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) out[i] = counter_bits(key, first + static_cast<std::uint32_t>(i));
+}
+
+// The float32 masters of a chunk (just updated) rounded into their param, the low-precision copy
+// `to` (bfloat16 if to_bfloat16, else float16), as the param itself would be stored: slot 0's
+// random bits with stochastic rounding (bfloat16 only), else to nearest even. Every kernel with
+// masters writes its params so, while the chunk is still in cache.
+inline void store_param_copy(const Rounding& rounding, Index n, const float* master,
+                             bool to_bfloat16, void* to) {
+  if (to_bfloat16) {
+    auto* param = static_cast<Eigen::bfloat16*>(to);
+    with_rounding<Storage<float, Eigen::bfloat16, float, float>>(rounding, [&](const auto& out) {
+#pragma omp simd
+      for (Index i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
+    });
+  } else {
+    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // to nearest: no SR for float16
+  }
+}
+
 // Role r of a chunk that starts at `offset`, typed; nullptr for an absent optional array.
 template <typename Stored>
 inline Stored* role(void* const* arrays, std::size_t r, Index offset) {

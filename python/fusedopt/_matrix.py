@@ -20,6 +20,7 @@ from numpy.lib.array_utils import byte_bounds
 
 from . import _dispatch, reference
 from ._dispatch import core as _core
+from .quantize import BLOCK, QuantizedState
 
 __all__ = ["adafactor_", "muon_"]
 
@@ -31,7 +32,8 @@ _CODES = {
     np.dtype(ml_dtypes.bfloat16): 2,
     np.dtype(np.float16): 3,
 }
-_NAMES = {0: "float32", 1: "float64", 2: "bfloat16", 3: "float16"}
+_NAMES = {0: "float32", 1: "float64", 2: "bfloat16", 3: "float16", 4: "int8"}
+_INT8 = 4  # a momentum buffer given as a QuantizedState (int8 codes and float32 scales)
 
 
 class _MuonCall(ctypes.Structure):
@@ -57,6 +59,12 @@ class _MuonCall(ctypes.Structure):
         ("nesterov", ctypes.c_int32),
         ("ns_steps", ctypes.c_int32),
         ("threads", ctypes.c_int32),
+        ("param_copy", ctypes.c_void_p),
+        ("copy_dtype", ctypes.c_int32),
+        ("stochastic", ctypes.c_int32),
+        ("scales", ctypes.c_void_p),
+        ("seed", ctypes.c_uint64),
+        ("tensor", ctypes.c_uint64),
     ]
 
 
@@ -83,6 +91,12 @@ class _AdafactorCall(ctypes.Structure):
         ("d", ctypes.c_double),
         ("maximize", ctypes.c_int32),
         ("threads", ctypes.c_int32),
+        ("param_copy", ctypes.c_void_p),
+        ("copy_dtype", ctypes.c_int32),
+        ("stochastic", ctypes.c_int32),
+        ("seed", ctypes.c_uint64),
+        ("step", ctypes.c_uint64),
+        ("tensor", ctypes.c_uint64),
     ]
 
 
@@ -135,19 +149,125 @@ def _check_hyper(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_
     return lr, weight_decay, momentum, bool(nesterov), coefficients, eps, int(ns_steps)
 
 
-def _as_list(name: str, value) -> List[np.ndarray]:
-    values = [value] if isinstance(value, np.ndarray) else value
+def _as_list(name: str, value, quantized: bool = False) -> List[np.ndarray]:
+    """One array or a list of them as a list; ``quantized``: QuantizedStates count as arrays."""
+    kinds = (np.ndarray, QuantizedState) if quantized else np.ndarray
+    values = [value] if isinstance(value, kinds) else value
     if not isinstance(values, (list, tuple)):
         raise TypeError(
             f"muon_: {name} must be a numpy.ndarray or a list of them, got {type(value).__name__}"
         )
     for i, a in enumerate(values):
-        if not isinstance(a, np.ndarray):
+        if not isinstance(a, kinds):
             raise TypeError(f"muon_: {name}[{i}] must be a numpy.ndarray, got {type(a).__name__}")
     return list(values)
 
 
-def _check_tensor(i: int, p: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[int, int, int]:
+def _check_storage(fn: str, stochastic_rounding, seed) -> Tuple[bool, int]:
+    """``stochastic_rounding`` (truthy, as the element-wise functions read it) and ``seed``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{fn}: seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{fn}: invalid seed: {seed} (an integer in [0, 2**64))")
+    return bool(stochastic_rounding), int(seed)
+
+
+def _as_masters(fn: str, master, one: bool, count: int) -> list:
+    """``master`` as one entry per tensor (None without masters)."""
+    if master is None:
+        return [None] * count
+    if one:
+        if not isinstance(master, np.ndarray):
+            raise TypeError(
+                f"{fn}: master must be a numpy.ndarray like param, got {type(master).__name__}"
+            )
+        return [master]
+    if not isinstance(master, (list, tuple)) or len(master) != count:
+        raise ValueError(f"{fn}: master must be a list of {count} arrays like param")
+    for i, m in enumerate(master):
+        if not isinstance(m, np.ndarray):
+            raise TypeError(f"{fn}: master[{i}] must be a numpy.ndarray, got {type(m).__name__}")
+    return list(master)
+
+
+def _check_master(fn: str, at: str, p: np.ndarray, m: np.ndarray, c_order: bool) -> None:
+    """float32 masters of a bfloat16 or float16 param: its shape and memory order, writeable."""
+    if p.dtype not in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+        raise TypeError(
+            f"{fn}: {at}master: float32 master weights are for a bfloat16 or float16 param, "
+            f"got a {p.dtype} param"
+        )
+    if m.dtype != np.float32 or not m.dtype.isnative:
+        raise TypeError(f"{fn}: {at}master must be float32, got {m.dtype}")
+    if m.shape != p.shape:
+        raise ValueError(f"{fn}: {at}master has shape {m.shape}, expected {p.shape}")
+    if not (m.flags.c_contiguous if c_order else m.flags.f_contiguous):
+        raise ValueError(
+            f"{fn}: {at}master must be contiguous in the param's memory order "
+            f"({'C' if c_order else 'Fortran'})"
+        )
+    if not m.flags.writeable:
+        raise ValueError(f"{fn}: {at}master is read-only")
+
+
+def _check_rounding(fn: str, at: str, stochastic: bool, p: np.ndarray) -> None:
+    if stochastic and p.dtype == np.float16:
+        raise ValueError(
+            f"{fn}: {at}stochastic_rounding=True: float16 arrays are rounded to nearest only; "
+            "stochastic rounding is for bfloat16"
+        )
+
+
+def _check_quantized(at: str, p: np.ndarray, q: QuantizedState, c_order: bool) -> None:
+    """An int8 momentum buffer: signed codes like the param, the scales of its blocks."""
+    name = f"muon_: {at}momentum_buffer"
+    codes, scales = q.codes, q.scales
+    if not isinstance(codes, np.ndarray) or not isinstance(scales, np.ndarray):
+        raise TypeError(f"{name}: codes and scales must be numpy.ndarrays")
+    if codes.dtype != np.int8:
+        raise TypeError(
+            f"{name}.codes must be int8 (the signed format: the momentum has a sign), "
+            f"got {codes.dtype}"
+        )
+    if codes.shape != p.shape:
+        raise ValueError(f"{name}.codes has shape {codes.shape}, expected {p.shape}")
+    if not (codes.flags.c_contiguous if c_order else codes.flags.f_contiguous):
+        raise ValueError(
+            f"{name}.codes must be contiguous in the param's memory order "
+            f"({'C' if c_order else 'Fortran'})"
+        )
+    blocks = -(-p.size // BLOCK)
+    if scales.dtype != np.float32 or scales.shape != (blocks,):
+        raise ValueError(
+            f"{name}.scales must be float32 of shape ({blocks},) (one per {BLOCK} elements), "
+            f"got {scales.dtype} {scales.shape}"
+        )
+    if not scales.flags.c_contiguous:
+        raise ValueError(f"{name}.scales must be contiguous")
+    for part, a in (("codes", codes), ("scales", scales)):
+        if not a.flags.writeable:
+            raise ValueError(f"{name}.{part} is read-only")
+
+
+def _arrays(x) -> List[np.ndarray]:
+    """The arrays an argument holds: a QuantizedState's codes and scales, or none for None."""
+    if isinstance(x, QuantizedState):
+        return [x.codes, x.scales]
+    return [] if x is None else [x]
+
+
+def _check_own_overlap(fn: str, at: str, named) -> None:
+    """No two of a tensor's arrays, (name, argument) pairs, share memory."""
+    arrays = [(name, a) for name, x in named for a in _arrays(x)]
+    for k, (name, x) in enumerate(arrays):
+        for other, y in arrays[k + 1 :]:
+            if np.may_share_memory(x, y):
+                raise ValueError(f"{fn}: {at}{name} and {other} share memory: must not overlap")
+
+
+def _check_tensor(
+    i: int, p: np.ndarray, g: np.ndarray, b, master: Optional[np.ndarray], stochastic: bool
+) -> Tuple[int, int, int]:
     at = f"tensor {i}: " if i >= 0 else ""
     if p.ndim != 2:
         raise ValueError(
@@ -160,40 +280,53 @@ def _check_tensor(i: int, p: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[
             f"muon_: {at}param must be float32, float64, bfloat16 or float16, got {p.dtype}"
         )
     grads = (1,) if pc == 1 else tuple(dict.fromkeys((pc, 0)))
-    states = (1,) if pc == 1 else (0, 2)
+    states = (1,) if pc == 1 else (0, 2, _INT8)
+    c_order = p.flags.c_contiguous
     for name, a, allowed in (("grad", g, grads), ("momentum_buffer", b, states)):
-        code = _CODES.get(a.dtype) if a.dtype.isnative else None
+        if isinstance(a, QuantizedState) and name == "momentum_buffer" and pc != 1:
+            _check_quantized(at, p, a, c_order)
+            continue
+        code = _CODES.get(a.dtype) if isinstance(a, np.ndarray) and a.dtype.isnative else None
         if code not in allowed:
             expected = " or ".join(_NAMES[c] for c in allowed)
+            if _INT8 in allowed:
+                expected += " (a fusedopt.quantize.QuantizedState)"
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
             raise TypeError(
-                f"muon_: {at}{name} must be {expected} for a {p.dtype} param, got {a.dtype}"
+                f"muon_: {at}{name} must be {expected} for a {p.dtype} param, got {got}"
             )
         if a.shape != p.shape:
             raise ValueError(f"muon_: {at}{name} has shape {a.shape}, expected {p.shape}")
-    c_order = p.flags.c_contiguous
     for name, a in (("param", p), ("grad", g), ("momentum_buffer", b)):
-        if not (a.flags.c_contiguous if c_order else a.flags.f_contiguous):
+        if isinstance(a, np.ndarray) and not (
+            a.flags.c_contiguous if c_order else a.flags.f_contiguous
+        ):
             raise ValueError(
                 f"muon_: {at}{name} must be contiguous in the param's memory order "
                 f"({'C' if c_order else 'Fortran'})"
             )
     for name, a in (("param", p), ("momentum_buffer", b)):
-        if not a.flags.writeable:
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
             raise ValueError(f"muon_: {at}{name} is read-only")
-    if np.may_share_memory(p, g) or np.may_share_memory(p, b) or np.may_share_memory(g, b):
-        raise ValueError(f"muon_: {at}param, grad and momentum_buffer must not overlap")
-    return pc, _CODES[g.dtype], _CODES[b.dtype]
+    if master is not None:
+        _check_master("muon_", at, p, master, c_order)
+    _check_rounding("muon_", at, stochastic, p)
+    _check_own_overlap(
+        "muon_", at, (("param", p), ("grad", g), ("momentum_buffer", b), ("master", master))
+    )
+    return pc, _CODES[g.dtype], _INT8 if isinstance(b, QuantizedState) else _CODES[b.dtype]
 
 
 def _check_no_overlap(fn: str, tensors) -> None:
-    """No written array of one tensor (every one but the grad, the second) overlaps an array of
-    another: a sweep over their byte extents."""
+    """No written array of one tensor (every one but the grad, the second; a QuantizedState's
+    codes and scales) overlaps an array of another: a sweep over their byte extents."""
     extents = []
     for t, arrays in enumerate(tensors):
-        for role, a in enumerate(arrays):
-            if a is not None and a.size:
-                low, high = byte_bounds(a)
-                extents.append((low, high, t, role != 1))
+        for role, x in enumerate(arrays):
+            for a in _arrays(x):
+                if a.size:
+                    low, high = byte_bounds(a)
+                    extents.append((low, high, t, role != 1))
     extents.sort()
     active: list = []
     for low, high, t, written in extents:
@@ -210,7 +343,7 @@ def _check_no_overlap(fn: str, tensors) -> None:
 def muon_(
     param: Matrices,
     grad: Matrices,
-    momentum_buffer: Matrices,
+    momentum_buffer: Union[Matrices, QuantizedState, Sequence[QuantizedState]],
     *,
     lr: float = 1e-3,
     weight_decay: float = 0.1,
@@ -221,51 +354,63 @@ def muon_(
     ns_steps: int = 5,
     adjust_lr_fn: Optional[str] = None,
     skip_if_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    master: Optional[Matrices] = None,
 ) -> bool:
     checked = _check_hyper(
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn
     )
     lr, weight_decay, momentum, nesterov, (a, b, c), eps, ns_steps = checked
+    stochastic, seed = _check_storage("muon_", stochastic_rounding, seed)
     one = isinstance(param, np.ndarray)
     params = _as_list("param", param)
     grads = _as_list("grad", grad)
-    buffers = _as_list("momentum_buffer", momentum_buffer)
+    buffers = _as_list("momentum_buffer", momentum_buffer, quantized=True)
     if not len(params) == len(grads) == len(buffers):
         raise ValueError(
             f"muon_: param, grad and momentum_buffer must be lists of one length, got "
             f"{len(params)}, {len(grads)} and {len(buffers)}"
         )
+    masters = _as_masters("muon_", master, one, len(params))
     codes = [
-        _check_tensor(-1 if one else i, p, g, m)
-        for i, (p, g, m) in enumerate(zip(params, grads, buffers))
+        _check_tensor(-1 if one else i, p, g, m, w, stochastic)
+        for i, (p, g, m, w) in enumerate(zip(params, grads, buffers, masters))
     ]
-    _check_no_overlap("muon_", list(zip(params, grads, buffers)))
+    _check_no_overlap("muon_", list(zip(params, grads, buffers, masters)))
     if skip_if_nonfinite and not all(_core.all_finite(g) for g in grads if g.size):
         return False
     threads = _core.get_num_threads()
-    for p, g, m, (pc, gc, sc) in zip(params, grads, buffers, codes):
+    for t, (p, g, m, w, (pc, gc, sc)) in enumerate(zip(params, grads, buffers, masters, codes)):
         if p.size == 0:
             continue
+        quantized = isinstance(m, QuantizedState)
         call = _MuonCall(
-            p.ctypes.data,
-            g.ctypes.data,
-            m.ctypes.data,
-            p.shape[0],
-            p.shape[1],
-            int(p.flags.c_contiguous),
-            pc,
-            gc,
-            sc,
-            1 - lr * weight_decay,
-            reference.muon_adjusted_lr(lr, adjust_lr_fn, p.shape),
-            momentum,
-            a,
-            b,
-            c,
-            eps,
-            int(nesterov),
-            ns_steps,
-            threads if p.size >= _core.get_parallel_min() else 1,
+            param=(p if w is None else w).ctypes.data,
+            grad=g.ctypes.data,
+            momentum_buffer=(m.codes if quantized else m).ctypes.data,
+            rows=p.shape[0],
+            cols=p.shape[1],
+            c_order=int(p.flags.c_contiguous),
+            param_dtype=pc if w is None else 0,
+            grad_dtype=gc,
+            state_dtype=sc,
+            decay=1 - lr * weight_decay,
+            step=reference.muon_adjusted_lr(lr, adjust_lr_fn, p.shape),
+            momentum=momentum,
+            a=a,
+            b=b,
+            c=c,
+            eps=eps,
+            nesterov=int(nesterov),
+            ns_steps=ns_steps,
+            threads=threads if p.size >= _core.get_parallel_min() else 1,
+            param_copy=None if w is None else p.ctypes.data,
+            copy_dtype=0 if w is None else pc,
+            stochastic=int(stochastic),
+            scales=m.scales.ctypes.data if quantized else None,
+            seed=seed,
+            tensor=t,
         )
         if _MUON(ctypes.byref(call)) != 0:  # unreachable: the dtypes were checked above
             raise RuntimeError("muon_: the kernel library has no such storage combination")
@@ -284,8 +429,10 @@ muon_.__doc__ = f"""{reference.muon_.__doc__.rstrip()}
         param: a 2-D array or a list of them (float32, float64, bfloat16 or float16; C- or
             Fortran-contiguous), updated in place.
         grad: the gradients, in the param's dtype or float32 (float64 for float64), read only.
-        momentum_buffer: the moving average of the gradients (start at zero), float32 or
-            bfloat16 (float64 for float64), updated in place.
+        momentum_buffer: the moving average of the gradients (start at zero), float32,
+            bfloat16 or int8 (a :class:`fusedopt.quantize.QuantizedState` with int8 codes in
+            the param's memory order; always rounded stochastically, with ``seed``) (float64
+            for float64), updated in place.
         lr: learning rate (>= 0; default 1e-3).
         weight_decay: decoupled weight decay (>= 0; default 0.1).
         momentum: the moving average's factor (>= 0; default 0.95).
@@ -296,6 +443,15 @@ muon_.__doc__ = f"""{reference.muon_.__doc__.rstrip()}
         adjust_lr_fn: None or "original" (lr * sqrt(max(1, rows/cols))) or "match_rms_adamw"
             (0.2 lr sqrt(max(rows, cols))).
         skip_if_nonfinite: do nothing and return False if a grad holds a NaN or an infinity.
+        stochastic_rounding: round what is stored in bfloat16 (the param, its copy of a
+            master, the momentum buffer) up or down at random, without bias, instead of to
+            nearest even (float16 is rounded to nearest only: ValueError).
+        seed: the random stream of stochastic rounding and of an int8 buffer, an integer in
+            [0, 2**64); the bits are a function of (seed, tensor, element): pass a new seed
+            each step (:class:`fusedopt.optim.Muon` does).
+        master: float32 master weights of bfloat16 or float16 params (the param's shape and
+            memory order), updated in place: the step runs on them and the param is written
+            as the master rounded; the param's own value is not read.
 
     Returns:
         True if the step was applied; False if ``skip_if_nonfinite`` skipped it.
@@ -330,7 +486,7 @@ def adafactor_state_shapes(shape: Tuple[int, ...]) -> dict:
     return {"variance": tuple(shape)}
 
 
-def _check_adafactor_tensor(i, p, g, r, c, v):
+def _check_adafactor_tensor(i, p, g, r, c, v, master, stochastic):
     at = f"tensor {i}: " if i >= 0 else ""
     pc = _CODES.get(p.dtype) if p.dtype.isnative else None
     if pc is None:
@@ -369,11 +525,11 @@ def _check_adafactor_tensor(i, p, g, r, c, v):
         raise ValueError(f"adafactor_: {at}param and grad must be C-contiguous")
     if not p.flags.writeable:
         raise ValueError(f"adafactor_: {at}param is read-only")
-    arrays = [p, g] + [a for a in (r, c, v) if a is not None]
-    for k, x in enumerate(arrays):
-        for y in arrays[k + 1 :]:
-            if np.may_share_memory(x, y):
-                raise ValueError(f"adafactor_: {at}param, grad and the state must not overlap")
+    if master is not None:
+        _check_master("adafactor_", at, p, master, True)
+    _check_rounding("adafactor_", at, stochastic, p)
+    named = (("param", p), ("grad", g), ("row_var", r), ("col_var", c), ("variance", v))
+    _check_own_overlap("adafactor_", at, (*named, ("master", master)))
     return pc, _CODES[g.dtype]
 
 
@@ -391,9 +547,13 @@ def adafactor_(
     d: float = 1.0,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    master: Optional[Matrices] = None,
 ) -> bool:
     checked = _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize)
     step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = checked
+    stochastic, seed = _check_storage("adafactor_", stochastic_rounding, seed)
     one = isinstance(param, np.ndarray)
     params = _as_list("param", param)
     if one:
@@ -413,39 +573,48 @@ def adafactor_(
                 )
             lists.append(list(value))
         grads, rows, cols, variances = lists
+    masters = _as_masters("adafactor_", master, one, len(params))
+    tensors = list(zip(params, grads, rows, cols, variances, masters))
     codes = [
-        _check_adafactor_tensor(-1 if one else i, *arrays)
-        for i, arrays in enumerate(zip(params, grads, rows, cols, variances))
+        _check_adafactor_tensor(-1 if one else i, *arrays, stochastic)
+        for i, arrays in enumerate(tensors)
     ]
-    _check_no_overlap("adafactor_", list(zip(params, grads, rows, cols, variances)))
+    _check_no_overlap("adafactor_", tensors)
     threads = _core.get_num_threads()
     weight = float(step) ** beta2_decay
     rho = min(lr, 1 / float(step) ** 0.5)
-    for p, g, r, c, v, (pc, gc) in zip(params, grads, rows, cols, variances, codes):
+    for t, ((p, g, r, c, v, w), (pc, gc)) in enumerate(zip(tensors, codes)):
         if p.size == 0:
             continue
         factored = p.ndim >= 2
-        e1 = float(ml_dtypes.finfo(p.dtype).eps) if eps1 is None else eps1
+        # eps1's default: the machine epsilon of what the step updates (the master, if any)
+        e1 = float(ml_dtypes.finfo(p.dtype if w is None else w.dtype).eps) if eps1 is None else eps1
         call = _AdafactorCall(
-            p.ctypes.data,
-            g.ctypes.data,
-            r.ctypes.data if factored else None,
-            c.ctypes.data if factored else None,
-            None if factored else v.ctypes.data,
-            int(np.prod(p.shape[:-2])) if factored else 1,
-            p.shape[-2] if factored else 1,
-            p.shape[-1] if factored else p.size,
-            int(factored),
-            pc,
-            gc,
-            1 - lr * weight_decay,
-            rho,
-            weight,
-            e1,
-            eps2,
-            d,
-            int(maximize),
-            threads if p.size >= _core.get_parallel_min() else 1,
+            param=(p if w is None else w).ctypes.data,
+            grad=g.ctypes.data,
+            row_var=r.ctypes.data if factored else None,
+            col_var=c.ctypes.data if factored else None,
+            variance=None if factored else v.ctypes.data,
+            batch=int(np.prod(p.shape[:-2])) if factored else 1,
+            rows=p.shape[-2] if factored else 1,
+            cols=p.shape[-1] if factored else p.size,
+            factored=int(factored),
+            param_dtype=pc if w is None else 0,
+            grad_dtype=gc,
+            decay=1 - lr * weight_decay,
+            rho=rho,
+            weight=weight,
+            eps1=e1,
+            eps2=eps2,
+            d=d,
+            maximize=int(maximize),
+            threads=threads if p.size >= _core.get_parallel_min() else 1,
+            param_copy=None if w is None else p.ctypes.data,
+            copy_dtype=0 if w is None else pc,
+            stochastic=int(stochastic),
+            seed=seed,
+            step=step,
+            tensor=t,
         )
         if _ADAFACTOR(ctypes.byref(call)) != 0:  # unreachable: the dtypes were checked above
             raise RuntimeError("adafactor_: the kernel library has no such storage combination")
@@ -472,6 +641,17 @@ adafactor_.__doc__ = f"""{reference.adafactor_.__doc__.rstrip()}
         d: the update clipping threshold (>= 1; default 1).
         weight_decay: decoupled weight decay (>= 0; default 0).
         maximize: ascend instead (default False).
+        stochastic_rounding: round a bfloat16 param (or a master's bfloat16 copy) up or down at
+            random, without bias, instead of to nearest even (float16: ValueError).
+        seed: the random stream of stochastic rounding, an integer in [0, 2**64); the bits
+            are a function of (seed, step, tensor, element).
+        master: float32 master weights of bfloat16 or float16 params (the param's shape,
+            C-contiguous), updated in place: the step is the float32 step of the master (its
+            RMS, eps1's default float32 epsilon) and the param is written as the master
+            rounded; the param's own value is not read.
+
+    The moments stay float32: factored they take about 0 bytes per element, so bfloat16 or
+    8-bit moments would save nothing worth their rounding error.
 
     Returns:
         True.

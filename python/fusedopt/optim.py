@@ -290,11 +290,10 @@ class Optimizer:
         self._validate_group(full)
         self.param_groups.append(full)
 
-    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
-        """How parameter ``name`` is stored, from the options and the kernels' storage rows."""
-        dtype = _dtype_name(p.dtype)
+    def _master_and_state(self, name: str, dtype: str) -> Tuple[bool, str]:
+        """Whether parameter ``name`` of ``dtype`` gets masters, and its state's dtype, from the
+        options; ValueError for options that cannot apply to it."""
         master = self.master_weights and dtype in _LOW_PRECISION
-        param = "float32" if master else dtype
         state = "float64" if dtype == "float64" else self.state_dtype or "float32"
         if dtype == "float64" and self.state_dtype not in (None, "float64"):
             raise ValueError(
@@ -306,6 +305,13 @@ class Optimizer:
                 f"stochastic_rounding=True: parameter {name!r} is float16, which is rounded to "
                 "nearest only; stochastic rounding is for bfloat16"
             )
+        return master, state
+
+    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+        """How parameter ``name`` is stored, from the options and the kernels' storage rows."""
+        dtype = _dtype_name(p.dtype)
+        master, state = self._master_and_state(name, dtype)
+        param = "float32" if master else dtype
         grads = tuple(g for pr, g, st in _core.STORAGE_ROWS if pr == param and st == state)
         if master:  # the param's dtype or float32, as without masters
             grads = tuple(g for g in grads if g in (dtype, "float32"))
@@ -521,18 +527,21 @@ class Optimizer:
         if "master" in buffers:
             arrays["master"] = buffers["master"]
         hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
-        # The random bits of stochastic rounding and of int8 state: without a step argument
-        # the kernel's bits depend on the seed alone, so each step gets its own.
-        seed = self.seed
-        if not plan.declaration.takes_step:
-            seed = (seed * _GOLDEN + step) % 2**64
-        hyper = {**hyper, "seed": seed}
-        if self.stochastic_rounding:
-            hyper["stochastic_rounding"] = True
+        hyper = {**hyper, **self._rounding(step, plan.declaration.takes_step)}
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         name = plan.declaration.function_name
         function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
         function(params, grads, **arrays, **hyper)
+
+    def _rounding(self, step: int, takes_step: bool) -> Dict[str, Any]:
+        """The kernel's ``seed`` (and ``stochastic_rounding``) for a call at ``step``: the random
+        bits of stochastic rounding and of int8 state. Without a step argument the kernel's
+        bits depend on the seed alone, so each step gets its own."""
+        seed = self.seed if takes_step else (self.seed * _GOLDEN + step) % 2**64
+        options: Dict[str, Any] = {"seed": seed}
+        if self.stochastic_rounding:
+            options["stochastic_rounding"] = True
+        return options
 
     # ------------------------------------------------------------------ state
 
@@ -1238,9 +1247,11 @@ class Muon(Optimizer):
         muon.step({n: grads[n] for n in hidden})
         adamw.step({n: grads[n] for n in other})
 
-    Options: ``state_dtype`` None, "float32" or "bfloat16" (the momentum buffer), ``impl``,
-    ``max_grad_norm`` and ``skip_if_nonfinite`` as for every optimizer; ``master_weights``,
-    ``stochastic_rounding`` and int8 state are not taken (ValueError).
+    Options as for every optimizer: ``state_dtype`` (the momentum buffer: float32, bfloat16 or
+    int8, block-quantized with signed codes), ``master_weights`` (float32 masters of bfloat16
+    and float16 matrices: the step runs on them), ``stochastic_rounding`` and ``seed`` (the
+    kernel takes no step, so each step's seed is derived from ``seed`` and the step count),
+    ``impl``, ``max_grad_norm`` and ``skip_if_nonfinite``.
     """
 
     def __init__(
@@ -1258,11 +1269,6 @@ class Muon(Optimizer):
     ):
         hyper = _arguments(locals())
         hyper["ns_coefficients"] = tuple(ns_coefficients)
-        for option in ("master_weights", "stochastic_rounding"):
-            if options.get(option):
-                raise ValueError(f"Muon does not take {option}=True")
-        if _state_dtype(options.get("state_dtype")) == "int8":
-            raise ValueError("Muon does not take state_dtype='int8': use 'float32' or 'bfloat16'")
         super().__init__(params, hyper, **options)
 
     def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
@@ -1272,13 +1278,14 @@ class Muon(Optimizer):
                 "with e.g. AdamW in another optimizer or parameter group"
             )
         dtype = _dtype_name(p.dtype)
-        state = "float64" if dtype == "float64" else self.state_dtype or "float32"
-        if dtype == "float64" and self.state_dtype not in (None, "float64"):
-            raise ValueError(
-                f"state_dtype={self.state_dtype!r}: parameter {name!r} is float64, whose state "
-                "is float64"
-            )
-        return _Storage(dtype, state, tuple(dict.fromkeys((dtype, "float32"))), False)
+        master, state = self._master_and_state(name, dtype)
+        grads = tuple(dict.fromkeys((dtype, "float32")))
+        return _Storage("float32" if master else dtype, state, grads, master)
+
+    def _new_buffer(self, group, plan, array, key, p, dtype):
+        if dtype != "int8":
+            return super()._new_buffer(group, plan, array, key, p, dtype)
+        return QuantizedState.from_array(np.zeros_like(p, np.float32), signed=True)
 
     def _plan(self, group: Dict[str, Any]) -> _Plan:
         values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
@@ -1303,7 +1310,14 @@ class Muon(Optimizer):
     def _update(self, plan, params, grads, buffers, step, extra) -> None:
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         function = reference.muon_ if reference_impl else _matrix.muon_
-        function(params, grads, buffers["momentum_buffer"], **plan.hyper)
+        function(
+            params,
+            grads,
+            buffers["momentum_buffer"],
+            master=buffers.get("master"),
+            **plan.hyper,
+            **self._rounding(step, takes_step=False),
+        )
 
 
 class Adafactor(Optimizer):
@@ -1315,9 +1329,14 @@ class Adafactor(Optimizer):
     and the update is clipped to RMS ``d``. ``foreach`` is accepted for torch's signature and
     has no effect: every step is fused.
 
-    Options: ``impl``, ``max_grad_norm`` and ``skip_if_nonfinite`` as for every optimizer; the
-    moments are float32 (float64 for float64 parameters): ``state_dtype`` other than None or
-    "float32", ``master_weights`` and ``stochastic_rounding`` are not taken (ValueError).
+    Options as for every optimizer: ``master_weights`` (float32 masters of bfloat16 and
+    float16 parameters: the step is the float32 step of the master), ``stochastic_rounding``
+    and ``seed`` (for bfloat16 parameters), ``impl``, ``max_grad_norm`` and
+    ``skip_if_nonfinite``. The moments are float32 (float64 for float64 parameters), and
+    ``state_dtype`` other than None or "float32" is refused (ValueError): the factored moments
+    are about 0 bytes per element, so bfloat16 or int8 ones would save nothing but add
+    rounding error; only the full ``variance`` of vectors, small beside the matrices, could
+    shrink.
     """
 
     def __init__(
@@ -1335,11 +1354,11 @@ class Adafactor(Optimizer):
     ):
         hyper = _arguments(locals())
         hyper["eps"] = tuple(eps)
-        for option in ("master_weights", "stochastic_rounding"):
-            if options.get(option):
-                raise ValueError(f"Adafactor does not take {option}=True")
         if _state_dtype(options.get("state_dtype")) not in (None, "float32"):
-            raise ValueError("Adafactor keeps float32 moments: state_dtype must be None or float32")
+            raise ValueError(
+                "Adafactor keeps float32 moments: state_dtype must be None or float32 (factored, "
+                "they take about 0 bytes per element: narrower ones would save nothing)"
+            )
         self._names_of: Dict[int, str] = {}
         super().__init__(params, hyper, **options)
 
@@ -1347,8 +1366,9 @@ class Adafactor(Optimizer):
         dtype = _dtype_name(p.dtype)
         if p.ndim >= 2 and not p.flags.c_contiguous:
             raise ValueError(f"Adafactor: parameter {name!r} must be C-contiguous")
-        state = "float64" if dtype == "float64" else "float32"
-        return _Storage(dtype, state, tuple(dict.fromkeys((dtype, "float32"))), False)
+        master, state = self._master_and_state(name, dtype)
+        grads = tuple(dict.fromkeys((dtype, "float32")))
+        return _Storage("float32" if master else dtype, state, grads, master)
 
     def add_param_group(self, group: Dict[str, Any]) -> None:
         super().add_param_group(group)
@@ -1387,16 +1407,24 @@ class Adafactor(Optimizer):
                         shape, np.float64 if p.dtype == np.float64 else np.float32
                     )
             states.append(state)
+        moments = {k: [s.get(k) for s in states] for k in ("row_var", "col_var", "variance")}
+        self._step_factored(plan, params, grads, moments, buffers.get("master"), step)
+
+    def _step_factored(self, plan, params, grads, moments, masters, step) -> None:
+        """The fused (or reference) call on the moments' lists, by name (the torch adapter's
+        too, whose state is its own)."""
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         function = reference.adafactor_ if reference_impl else _matrix.adafactor_
         function(
             params,
             grads,
-            [s.get("row_var") for s in states],
-            [s.get("col_var") for s in states],
-            [s.get("variance") for s in states],
+            moments["row_var"],
+            moments["col_var"],
+            moments["variance"],
             step=step,
+            master=masters,
             **plan.hyper,
+            **self._rounding(step, takes_step=True),
         )
 
 

@@ -925,6 +925,9 @@ def muon_(
     ns_steps=5,
     adjust_lr_fn=None,
     skip_if_nonfinite=False,
+    stochastic_rounding=False,
+    seed=0,
+    master=None,
 ):
     r"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), in
     place, as ``torch.optim.Muon``, for 2-D parameters (one matrix or a list of them).
@@ -945,24 +948,47 @@ def muon_(
     formulas (:func:`_lerp`).
 
     Everything runs in float32 (float64 for float64 parameters): bfloat16 and float16 arrays are
-    converted, and what is written is rounded once. ``torch.optim.Muon`` runs the iteration in
-    bfloat16.
+    converted, and what is written is rounded once, as by the element-wise functions
+    (:func:`_in_compute_type`): with ``master`` the step runs on the float32 master and the
+    param is the master rounded; an int8 momentum buffer (a QuantizedState) is decoded and
+    encoded back; ``stochastic_rounding`` rounds the bfloat16 param (slot 0) and buffer (slot
+    1) with the random bits of (``seed``, step 0, tensor, element). ``torch.optim.Muon`` runs
+    the iteration in bfloat16.
     """
     if isinstance(param, np.ndarray):
         param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
+        master = None if master is None else [master]
     if skip_if_nonfinite and not all(np.isfinite(g.astype(np.float64)).all() for g in grad):
         return False
-    for p, g, buf in zip(param, grad, momentum_buffer):
-        compute = np.float64 if p.dtype == np.float64 else np.float32
-        g = g.astype(compute)
-        m = _lerp(buf.astype(compute), g, 1 - momentum, compute)
-        buf[...] = m.astype(buf.dtype)
-        u = _lerp(g, m, momentum, compute) if nesterov else m
-        update = newton_schulz(u, ns_coefficients, ns_steps, eps)
-        step = muon_adjusted_lr(lr, adjust_lr_fn, p.shape)
-        decay = compute(1 - lr * weight_decay)
-        p[...] = (p.astype(compute) * decay - compute(step) * update).astype(p.dtype)
+    hyper = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_coefficients=ns_coefficients,
+        eps=eps,
+        ns_steps=ns_steps,
+        adjust_lr_fn=adjust_lr_fn,
+    )
+    masters = [None] * len(param) if master is None else master
+    for t, (p, g, buf, m) in enumerate(zip(param, grad, momentum_buffer, masters)):
+        if p.size:
+            rounding = (stochastic_rounding, seed, 0)
+            _in_compute_type(_muon_tensor, p, g, [buf], hyper, ["momentum_buffer"], rounding, t, m)
     return True
+
+
+def _muon_tensor(
+    p, g, buf, *, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn
+):
+    """Muon's step of one matrix whose arrays are all in the compute type, in place."""
+    compute = p.dtype.type
+    m = _lerp(buf, g, 1 - momentum, compute)
+    buf[...] = m
+    u = _lerp(g, m, momentum, compute) if nesterov else m
+    update = newton_schulz(u, ns_coefficients, ns_steps, eps)
+    step = muon_adjusted_lr(lr, adjust_lr_fn, p.shape)
+    p[...] = p * compute(1 - lr * weight_decay) - compute(step) * update
 
 
 def _lane_sums_of_squares(x):
@@ -991,6 +1017,9 @@ def adafactor_(
     d=1.0,
     weight_decay=0.0,
     maximize=False,
+    stochastic_rounding=False,
+    seed=0,
+    master=None,
 ):
     r"""Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost"), in place, as ``torch.optim.Adafactor`` (torch 2.13's variant): factored
@@ -1015,36 +1044,56 @@ def adafactor_(
     dimension of 1), :math:`V` = ``variance`` (vectors and scalars; the others are None). The
     moments are ``torch.lerp``'s formulas (:func:`_lerp`). Every mean and norm is a sum in
     double, in the kernels' order; the moments are float32 (float64 for float64 params).
+
+    Low-precision params as in the element-wise functions (:func:`_in_compute_type`): with
+    ``master`` the step is the float32 step of the master (its RMS; :math:`\epsilon_1`'s
+    default is float32's) and the param is the master rounded; ``stochastic_rounding`` rounds a
+    bfloat16 param with the random bits of (``seed``, ``step``, tensor, element), slot 0.
     """
     if isinstance(param, np.ndarray):
         param, grad, row_var, col_var, variance = [param], [grad], [row_var], [col_var], [variance]
+        master = None if master is None else [master]
     eps1, eps2 = eps
-    weight = step**beta2_decay
-    rho = min(lr, 1 / step**0.5)
-    for p, g, r, c, v in zip(param, grad, row_var, col_var, variance):
+    hyper = dict(
+        weight=step**beta2_decay,
+        rho=min(lr, 1 / step**0.5),
+        eps2=eps2,
+        d=d,
+        decay=1 - lr * weight_decay,
+        maximize=maximize,
+    )
+    masters = [None] * len(param) if master is None else master
+    for t, (p, g, r, c, v, m) in enumerate(zip(param, grad, row_var, col_var, variance, masters)):
         if p.size == 0:
             continue
-        compute = np.float64 if p.dtype == np.float64 else np.float32
-        e1 = float(ml_dtypes.finfo(p.dtype).eps) if eps1 is None else eps1
-        g = g.astype(compute)
-        if maximize:
-            g = -g
-        alpha = max(eps2, math.sqrt(_sum_squares(p)) / math.sqrt(p.size)) * rho
-        if p.ndim >= 2:
-            rows, cols = p.shape[-2:]
-            row_mean = (_lane_sums_of_squares(g) / cols).astype(compute)[..., None]
-            col_squares = np.add.accumulate(g.astype(np.float64) ** 2, axis=-2)[..., -1:, :]
-            col_mean = (col_squares / rows).astype(compute)
-            r[...] = _lerp(r, row_mean, weight, compute)
-            c[...] = _lerp(c, col_mean, weight, compute)
-            row_total = np.add.accumulate(r.astype(np.float64), axis=-2)[..., -1:, :]
-            denom = np.maximum((row_total / rows).astype(compute), compute(e1))
-            estimate = r * c / denom
-        else:
-            v[...] = _lerp(v, g * g, weight, compute)
-            estimate = v
-        u = g / np.sqrt(np.maximum(estimate, compute(e1 * e1)))
-        clip = max(1.0, math.sqrt(_sum_squares(u)) / (math.sqrt(p.size) * d))
-        decay = compute(1 - lr * weight_decay)
-        p[...] = (p.astype(compute) * decay - compute(alpha / clip) * u).astype(p.dtype)
+        e1 = float(ml_dtypes.finfo((p if m is None else m).dtype).eps) if eps1 is None else eps1
+        rounding = (stochastic_rounding, seed, step)
+        names = ["row_var", "col_var", "variance"]
+        _in_compute_type(
+            _adafactor_tensor, p, g, [r, c, v], {**hyper, "eps1": e1}, names, rounding, t, m
+        )
     return True
+
+
+def _adafactor_tensor(p, g, r, c, v, *, weight, rho, eps1, eps2, d, decay, maximize):
+    """Adafactor's step of one tensor whose arrays are all in the compute type, in place."""
+    compute = p.dtype.type
+    if maximize:
+        g = -g
+    alpha = max(eps2, math.sqrt(_sum_squares(p)) / math.sqrt(p.size)) * rho
+    if p.ndim >= 2:
+        rows, cols = p.shape[-2:]
+        row_mean = (_lane_sums_of_squares(g) / cols).astype(compute)[..., None]
+        col_squares = np.add.accumulate(g.astype(np.float64) ** 2, axis=-2)[..., -1:, :]
+        col_mean = (col_squares / rows).astype(compute)
+        r[...] = _lerp(r, row_mean, weight, compute)
+        c[...] = _lerp(c, col_mean, weight, compute)
+        row_total = np.add.accumulate(r.astype(np.float64), axis=-2)[..., -1:, :]
+        denom = np.maximum((row_total / rows).astype(compute), compute(eps1))
+        estimate = r * c / denom
+    else:
+        v[...] = _lerp(v, g * g, weight, compute)
+        estimate = v
+    u = g / np.sqrt(np.maximum(estimate, compute(eps1 * eps1)))
+    clip = max(1.0, math.sqrt(_sum_squares(u)) / (math.sqrt(p.size) * d))
+    p[...] = p * compute(decay) - compute(alpha / clip) * u

@@ -38,8 +38,8 @@ torch has no equivalent of:
 - ``state[p]["<buffer>.codes"]`` (int8 or uint8) and ``"<buffer>.scales"`` (float32, one per
   256 elements) in place of ``"<buffer>"`` with ``state_dtype="int8"``
   (:class:`fusedopt.quantize.QuantizedState`); torch's classes cannot load these;
-- ``state[p]["step"]`` for SGD and Momentum (torch's SGD keeps none): the stochastic-rounding
-  stream's step;
+- ``state[p]["step"]`` for SGD and Momentum (torch's SGD keeps none), and for Muon with
+  stochastic rounding or int8 state: the stochastic-rounding stream's step;
 - ``state_dict()["fusedopt"]``: the storage options and the seed, and the count of skipped
   steps. ``NAdam``'s ``state_dict()`` adds torch's ``mu_product`` (computed from the step as
   torch accumulates it); the kernel derives it from the step and ignores a loaded one.
@@ -829,11 +829,29 @@ ELEMENTWISE = (
 
 class _MuonAdapter(Optimizer):
     """As torch's Muon: every parameter must be 2-D (ValueError otherwise, at construction
-    and in ``add_param_group``); the state is ``momentum_buffer`` only, no ``"step"``."""
+    and in ``add_param_group``); the state is ``momentum_buffer`` only, no ``"step"``, unless
+    stochastic rounding or int8 state needs one for its random stream (as SGD's)."""
 
     _probe_shape = (1, 1)
     _shaped_stand_ins = True
-    _keeps_step = False
+
+    @property
+    def _keeps_step(self) -> bool:  # type: ignore[override]
+        fused = self._fused
+        return fused.stochastic_rounding or fused.state_dtype == "int8"
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As the base's, with the checkpoint's stochastic-rounding option in force while the
+        state is laid out: whether it keeps its ``"step"`` depends on it."""
+        fused, before = self._fused, self._fused.stochastic_rounding
+        fused.stochastic_rounding = bool(
+            state_dict.get("fusedopt", {}).get("stochastic_rounding", before)
+        )
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            fused.stochastic_rounding = before
+            raise
 
 
 class _AdafactorAdapter(Optimizer):
@@ -858,19 +876,12 @@ class _AdafactorAdapter(Optimizer):
                     state[key] = torch.zeros(shapes[key], dtype=dtype)
                 _check_tensor(f"state {key!r}", state[key])
                 views.append(_numpy(state[key]))
+        if self._storage[params[0]].master:
+            buffers["master"] = [self._master(p) for p in params]
         return buffers
 
     def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
-        function = reference.adafactor_ if self._reference_impl() else _matrix.adafactor_
-        function(
-            params,
-            grads,
-            buffers["row_var"],
-            buffers["col_var"],
-            buffers["variance"],
-            step=step,
-            **plan.hyper,
-        )
+        self._fused._step_factored(plan, params, grads, buffers, buffers.get("master"), step)
 
 
 class _ScheduleFreeAdapter(Optimizer):
