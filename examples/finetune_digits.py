@@ -3,8 +3,8 @@
     pip install ".[examples]" && python examples/finetune_digits.py
 
 For each optimizer (GD, SGD, Momentum, Nesterov, Adagrad, RMSprop, Adam, AdamW, Lion, NAdam,
-RAdam, Adafactor, ScheduleFreeAdamW, ScheduleFreeSGD, and Muon for the hidden layers' weight
-matrices paired with AdamW for the biases and the head):
+RAdam, Adafactor, ScheduleFreeAdamW, ScheduleFreeSGD, LAMB, and Muon for the hidden layers'
+weight matrices paired with AdamW for the biases and the head):
 1. pretrain a 64-64-64-5 MLP (ReLU, softmax cross-entropy, backprop by hand) on digits 0-4 and
    save a checkpoint of the model and the optimizer(s);
 2. load it, replace the head, freeze the hidden layers and fine-tune the head on digits 5-9;
@@ -70,6 +70,7 @@ OPTIMIZERS = {
     "ScheduleFreeAdamW": (optim.ScheduleFreeAdamW, dict(lr=5e-3), False),
     "ScheduleFreeSGD": (optim.ScheduleFreeSGD, dict(lr=0.5), False),
     "Muon+AdamW": (muon_with_adamw, dict(lr=5e-3, adamw_lr=2e-3, weight_decay=1e-2), False),
+    "LAMB": (optim.LAMB, dict(lr=2e-3, weight_decay=1e-2), False),
 }
 SCHEDULE_FREE = (optim.ScheduleFreeAdamW, optim.ScheduleFreeSGD)
 # Runs with these optimizers agree with the reference to rounding, not bit for bit, so their
