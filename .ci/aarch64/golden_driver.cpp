@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
   const auto kernels = kernels_by_name(fusedopt::Kernels{});
   std::ifstream cases(dir + "/cases.txt");
   std::string line;
-  int passed = 0, failed = 0;
+  int passed = 0, failed = 0, two_pass = 0;
   while (std::getline(cases, line)) {
     std::istringstream fields(line);
     std::string id, name;
@@ -113,6 +113,12 @@ int main(int argc, char** argv) {
     const std::vector<char> input = read_file(dir + "/" + id + ".in");
     const std::vector<char> golden = read_file(dir + "/" + id + ".out");
     const fusedopt::RoundingRequest request{false, 0, static_cast<std::uint64_t>(step)};
+    if (table.reduce[kernel.index][row] != nullptr) {
+      // a two-pass kernel (LAMB): its per-tensor sums are added by the binding, which this
+      // driver does not link; the suite checks it on x86 at every level
+      ++two_pass;
+      continue;
+    }
     bool ok = input.size() == golden.size();
     for (int split = 0; split < 2 && ok; ++split) {
       std::vector<char> data = input;
@@ -134,11 +140,11 @@ int main(int argc, char** argv) {
       const fusedopt::TensorSet set{pointers.data(), starts.data(), tensors, roles};
       const fusedopt::UpdateFn update = table.update[kernel.index][row];
       if (split == 0) {
-        update(values.data(), request, set, nullptr, 0, set.total());
+        update(values.data(), request, set, nullptr, 0, set.total(), nullptr);
       } else {  // as two threads would: each from its chunk-aligned start
         const Index middle = fusedopt::thread_begin(set, 1, 2);
-        update(values.data(), request, set, nullptr, 0, middle);
-        update(values.data(), request, set, nullptr, middle, set.total());
+        update(values.data(), request, set, nullptr, 0, middle, nullptr);
+        update(values.data(), request, set, nullptr, middle, set.total(), nullptr);
       }
       if (data != golden) {
         std::size_t at = 0;
@@ -150,7 +156,9 @@ int main(int argc, char** argv) {
     }
     (ok ? passed : failed) += 1;
   }
-  std::printf("level %s (%s): %d cases bit-identical to fusedopt.reference, %d differ\n",
-              table.level, table.instructions, passed, failed);
+  std::printf(
+      "level %s (%s): %d cases bit-identical to fusedopt.reference, %d differ "
+      "(%d of two-pass kernels not run)\n",
+      table.level, table.instructions, passed, failed, two_pass);
   return failed == 0 && passed > 0 ? 0 : 1;
 }
