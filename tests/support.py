@@ -8,6 +8,7 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
+from fusedopt.quantize import QuantizedState
 from fusedopt.registry import OptimizerSpec
 
 Arrays = Dict[str, Any]  # role name -> one array, or a list of arrays (one per tensor)
@@ -122,3 +123,21 @@ def accepted_dtypes(spec: OptimizerSpec, arrays: Arrays) -> bool:
         ):
             return True
     return False
+
+
+def state_arrays(opt):
+    """(name, array) of every array in an optim class's state; int8 state as codes and scales."""
+    for name, state in sorted(opt.state.items()):
+        for key, value in sorted(state.items()):
+            if isinstance(value, QuantizedState):
+                yield f"{name}.{key}.codes", value.codes
+                yield f"{name}.{key}.scales", value.scales
+            elif isinstance(value, np.ndarray):
+                yield f"{name}.{key}", value
+
+
+def assert_same(a, b):
+    """Two optim classes' state is the same bits: arrays, masters, int8 codes and scales."""
+    for (name, x), (other, y) in zip(state_arrays(a), state_arrays(b), strict=True):
+        assert name == other
+        np.testing.assert_array_equal(x, y, err_msg=name, strict=True)

@@ -8,6 +8,7 @@ import inspect
 import ml_dtypes
 import numpy as np
 import pytest
+from support import assert_same
 
 import fusedopt
 from fusedopt import _matrix, optim, reference
@@ -417,13 +418,6 @@ CLASS_OPTIONS = {
 }
 
 
-def storage_state(opt):
-    for name, state in sorted(opt.state.items()):
-        for key, value in sorted(state.items()):
-            if isinstance(value, np.ndarray):
-                yield f"{name}.{key}", value
-
-
 @pytest.mark.parametrize("options", CLASS_OPTIONS, ids=str)
 def test_class_storage_options_fused_equals_reference(options):
     dtype, grad_dtype, opts = CLASS_OPTIONS[options]
@@ -437,9 +431,7 @@ def test_class_storage_options_fused_equals_reference(options):
         e.step(grads)
     for n in SHAPES_MODEL:
         np.testing.assert_array_equal(fused[n], expected[n], strict=True)
-    for (name, x), (other, y) in zip(storage_state(a), storage_state(e), strict=True):
-        assert name == other
-        np.testing.assert_array_equal(x, y, err_msg=name, strict=True)
+    assert_same(a, e)
     if opts.get("master_weights"):
         assert a.state["w1"]["master"].dtype == np.float32
 
@@ -470,9 +462,7 @@ def test_checkpoint_with_storage_options_resumes_bit_for_bit(options, tmp_path):
         resumed.step(g)
     for n in SHAPES_MODEL:
         np.testing.assert_array_equal(saved[n], params[n], strict=True)
-    for (name, x), (other, y) in zip(storage_state(resumed), storage_state(opt), strict=True):
-        assert name == other
-        np.testing.assert_array_equal(x, y, err_msg=name, strict=True)
+    assert_same(resumed, opt)
 
 
 def bad_storage_calls():

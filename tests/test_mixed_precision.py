@@ -9,6 +9,7 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
+from support import assert_same, state_arrays
 
 from fusedopt import optim
 from fusedopt.quantize import QuantizedState
@@ -75,22 +76,6 @@ def train(cls, hyper, options, params, grad_dtype, steps, rng, opt=None):
             g["b1"] = None  # a call without one tensor: the others' bits must not depend on it
         opt.step(g)
     return opt
-
-
-def state_arrays(opt):
-    for name, state in sorted(opt.state.items()):
-        for key, value in sorted(state.items()):
-            if isinstance(value, QuantizedState):
-                yield f"{name}.{key}.codes", value.codes
-                yield f"{name}.{key}.scales", value.scales
-            elif isinstance(value, np.ndarray):
-                yield f"{name}.{key}", value
-
-
-def assert_same(a, b):
-    for (name, x), (other, y) in zip(state_arrays(a), state_arrays(b), strict=True):
-        assert name == other
-        np.testing.assert_array_equal(x, y, err_msg=name, strict=True)
 
 
 @pytest.mark.parametrize("storage", STORAGE)
