@@ -1120,6 +1120,56 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   return checked;
 }
 
+// _byte_extents(items): the bytes of each NumPy array, [first, one past the last), as rows of an
+// (n, 2) int64 array ((0, 0) for an empty one); a Borrowed item gives a row per tensor it lends.
+// What the checks that span several calls sort to find memory shared (fusedopt/_overlap.py):
+// in C++ because reading an address in Python costs microseconds per array.
+py::array_t<std::int64_t> byte_extents(const py::list& items) {
+  py::ssize_t rows = 0;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const py::handle obj = items[i];
+    if (py::isinstance<py::array>(obj)) {  // first: the cheaper test
+      ++rows;
+    } else if (const Borrowed* lent = borrowed_of(obj)) {
+      rows += static_cast<py::ssize_t>(lent->data.size());
+    } else {
+      throw py::type_error("_byte_extents: expected numpy.ndarray or Borrowed items, got " +
+                           type_name(obj) + " at index " + std::to_string(i));
+    }
+  }
+  py::array_t<std::int64_t> out({rows, py::ssize_t{2}});
+  auto at = out.mutable_unchecked<2>();
+  const auto address = [](const void* p) {
+    return static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(p));
+  };
+  py::ssize_t row = 0;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const py::handle obj = items[i];
+    if (!py::isinstance<py::array>(obj)) {  // a Borrowed: contiguous, nbytes each
+      const Borrowed* lent = borrowed_of(obj);
+      for (std::size_t t = 0; t < lent->data.size(); ++t, ++row) {
+        const bool empty = lent->nbytes[t] == 0;
+        at(row, 0) = empty ? 0 : address(lent->data[t]);
+        at(row, 1) = empty ? 0 : address(lent->data[t]) + lent->nbytes[t];
+      }
+      continue;
+    }
+    const auto arr = py::reinterpret_borrow<py::array>(obj);
+    std::int64_t low = 0, high = 0;
+    if (arr.size() > 0) {
+      low = high = address(arr.data());
+      for (py::ssize_t d = 0; d < arr.ndim(); ++d) {
+        const auto span = static_cast<std::int64_t>((arr.shape(d) - 1) * arr.strides(d));
+        (span < 0 ? low : high) += span;
+      }
+      high += static_cast<std::int64_t>(arr.itemsize());
+    }
+    at(row, 0) = low;
+    at(row++, 1) = high;
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------ running the kernels
 
 bool any_nonfinite(const TensorSet& set, std::size_t r, DType dtype, int threads) {
@@ -1349,6 +1399,7 @@ PYBIND11_MODULE(_core, m) {
                        "Memory of objects lent to one list call as a read-only argument "
                        "(fusedopt.torch's new gradients); made by _borrow only.");
   m.def("_borrow", &borrow, py::arg("objects"), py::arg("like"), py::arg("dtype"));
+  m.def("_byte_extents", &byte_extents, py::arg("arrays"));
   m.def("simd_level", [] { return std::string(table().level); });
   m.def("simd_instructions", [] { return std::string(table().instructions); });
 #if !defined(_WIN32)

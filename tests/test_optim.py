@@ -468,6 +468,8 @@ def test_bad_steps_raise_before_any_update():
         ({**good, "b1": np.ones(5, np.float32)}, ValueError, "gradient of 'b1'"),
         ({**good, "b1": [1.0] * 5}, TypeError, "gradient of 'b1'"),
         ({**good, "b1": params["b1"]}, ValueError, "shares memory"),
+        # another call's parameter: refused before the first call writes it
+        ({**good, "b1": params["w1"][0]}, ValueError, "gradient 'b1' and parameter 'w1' share"),
         ([np.ones((6, 5))], ValueError, "expected 2 gradients"),
     ]:
         with pytest.raises(error, match=message):
@@ -477,6 +479,13 @@ def test_bad_steps_raise_before_any_update():
     with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.step(good)
     assert_same(params, before)
+    opt.param_groups[1]["lr"] = 1e-3
+    opt.step(good)
+    before, state = copy(params), opt.state["b1"]["exp_avg"].copy()
+    with pytest.raises(ValueError, match="gradient 'b1' and state 'exp_avg' of 'b1' share"):
+        opt.step({**good, "b1": opt.state["b1"]["exp_avg"]})  # the second call's own state
+    assert_same(params, before)
+    assert np.array_equal(opt.state["b1"]["exp_avg"], state)
 
 
 def test_bad_construction():

@@ -920,31 +920,52 @@ def _bad_gradients():
 @pytest.mark.parametrize("case", list(_bad_gradients()))
 def test_a_gradient_not_lent_gets_the_same_error_arrays_untouched(case):
     """A gradient of another dtype, shape, size or layout, sparse, requiring grad, a negative
-    or zero view, or the parameter's own memory: torch's guard refuses it (or the kernel's
-    overlap check), and the step raises the error the NumPy views raise, naming the
-    parameter, with every parameter and state byte as it was. (The overlap is found by the
-    kernel's call, so a gradient on its parameter's memory is put in the step's first call:
-    in a later call, the earlier calls would have run, with views as lent.)"""
-    shapes = [(5,), (3, 4), (7,)]
-    bad = 0 if case == "the parameter's memory" else 1
-    shapes[bad], shapes[1] = shapes[1], shapes[bad]  # (3, 4), the bad one's
-    errors = []
-    for borrows in (True, False):
-        params = _params(torch.float32, shapes=shapes)
-        opt = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
-        opt._borrows = borrows
-        _run(opt, params, 2)
-        before = _bits(opt, params)
-        for p, g in zip(params, _grads(9, torch.float32, shapes)):
-            p.grad = g
-        _bad_gradients()[case](params[bad])
-        with pytest.raises((TypeError, ValueError, RuntimeError)) as raised:
+    or zero view, or the parameter's own memory: torch's guard refuses it (or the overlap
+    check), and the step raises the error the NumPy views raise, naming the parameter, with
+    every parameter and state byte as it was. The step has two fused calls; a gradient on its
+    parameter's memory is tried in each, the second too: the step checks every call's
+    gradients before the first call runs."""
+    for bad in (0, 1) if case == "the parameter's memory" else (1,):
+        shapes = [(5,), (3, 4), (7,)]
+        shapes[bad], shapes[1] = shapes[1], shapes[bad]  # (3, 4), the bad one's
+        errors = []
+        for borrows in (True, False):
+            params = _params(torch.float32, shapes=shapes)
+            opt = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+            opt._borrows = borrows
+            _run(opt, params, 2)
+            before = _bits(opt, params)
+            for p, g in zip(params, _grads(9, torch.float32, shapes)):
+                p.grad = g
+            _bad_gradients()[case](params[bad])
+            with pytest.raises((TypeError, ValueError, RuntimeError)) as raised:
+                opt.step()
+            assert _bits(opt, params) == before
+            errors.append((type(raised.value), str(raised.value)))
+        assert errors[0] == errors[1]
+        if case not in ("zero tensor", "negative view"):  # torch's own numpy() errors
+            assert f"parameter 0 of group {bad}" in errors[0][1] or "grad[0]" in errors[0][1]
+
+
+def test_a_gradient_on_memory_another_call_writes_is_refused_before_any_call():
+    """A gradient on the memory of another group's parameter, or of its own state: refused
+    before anything is written (one fused call would otherwise write what a later one reads
+    as its gradient, or fail after the earlier calls wrote)."""
+    params = _params(torch.float32, shapes=[(12,), (3, 4)])
+    opt = ft.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    _run(opt, params, 2)
+    before = _bits(opt, params)
+    for alias, other in (
+        (lambda: params[0].detach().view(3, 4), "parameter 0 of group 0"),
+        (lambda: opt.state[params[1]]["exp_avg"], "state 'exp_avg' of parameter 0 of group 1"),
+    ):
+        params[0].grad = torch.ones(12)
+        params[1].grad = alias()
+        with pytest.raises(ValueError, match="share memory") as raised:
             opt.step()
         assert _bits(opt, params) == before
-        errors.append((type(raised.value), str(raised.value)))
-    assert errors[0] == errors[1]
-    if case not in ("zero tensor", "negative view"):  # torch's own numpy() errors
-        assert f"parameter 0 of group {bad}" in errors[0][1] or "grad[0]" in errors[0][1]
+        assert "gradient of parameter 0 of group 1" in str(raised.value)
+        assert other in str(raised.value)
 
 
 def test_gradients_the_guard_refuses_but_the_views_take_are_updated_as_before():

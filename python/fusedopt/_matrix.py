@@ -16,9 +16,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import ml_dtypes
 import numpy as np
-from numpy.lib.array_utils import byte_bounds
 
-from . import _dispatch, reference
+from . import _dispatch, _overlap, reference
 from ._dispatch import core as _core
 from .quantize import BLOCK, QuantizedState
 
@@ -249,16 +248,9 @@ def _check_quantized(at: str, p: np.ndarray, q: QuantizedState, c_order: bool) -
             raise ValueError(f"{name}.{part} is read-only")
 
 
-def _arrays(x) -> List[np.ndarray]:
-    """The arrays an argument holds: a QuantizedState's codes and scales, or none for None."""
-    if isinstance(x, QuantizedState):
-        return [x.codes, x.scales]
-    return [] if x is None else [x]
-
-
 def _check_own_overlap(fn: str, at: str, named) -> None:
     """No two of a tensor's arrays, (name, argument) pairs, share memory."""
-    arrays = [(name, a) for name, x in named for a in _arrays(x)]
+    arrays = [(name, a) for name, x in named for a in _overlap.arrays_of(x)]
     for k, (name, x) in enumerate(arrays):
         for other, y in arrays[k + 1 :]:
             if np.may_share_memory(x, y):
@@ -319,25 +311,21 @@ def _check_tensor(
 
 def _check_no_overlap(fn: str, tensors) -> None:
     """No written array of one tensor (every one but the grad, the second; a QuantizedState's
-    codes and scales) overlaps an array of another: a sweep over their byte extents."""
-    extents = []
-    for t, arrays in enumerate(tensors):
-        for role, x in enumerate(arrays):
-            for a in _arrays(x):
-                if a.size:
-                    low, high = byte_bounds(a)
-                    extents.append((low, high, t, role != 1))
-    extents.sort()
-    active: list = []
-    for low, high, t, written in extents:
-        active = [e for e in active if e[1] > low]
-        for _, _, u, other_written in active:
-            if u != t and (written or other_written):
-                raise ValueError(
-                    f"{fn}: arrays of tensors {u} and {t} overlap: every tensor's param and "
-                    "state must be its own"
-                )
-        active.append((low, high, t, written))
+    codes and scales) overlaps an array of another (each tensor's own were checked before)."""
+    arrays, written, owner = [], [], []
+    for t, args in enumerate(tensors):
+        for role, x in enumerate(args):
+            for a in _overlap.arrays_of(x):
+                arrays.append(a)
+                written.append(role != 1)
+                owner.append(t)
+    pair = _overlap.first_overlap(_overlap.byte_extents(arrays), written)
+    if pair is not None:
+        u, t = sorted(owner[i] for i in pair)
+        raise ValueError(
+            f"{fn}: arrays of tensors {u} and {t} overlap: every tensor's param and state must "
+            "be its own"
+        )
 
 
 def muon_(

@@ -47,7 +47,7 @@ from typing import (
 import ml_dtypes
 import numpy as np
 
-from . import _functional, _matrix, reference
+from . import _functional, _matrix, _overlap, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
@@ -455,11 +455,12 @@ class Optimizer:
                 return False
         if self.max_grad_norm is not None and active:
             clip_grad_norm_([g for _, g in active], self.max_grad_norm)
+        calls = []  # (plan, names, step, extra): all made, and checked, before any runs
         for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
                 continue
             buffers = [key for _, key in plan.arrays]
-            calls: Dict[Tuple[Any, ...], List[str]] = {}
+            keys: Dict[Tuple[Any, ...], List[str]] = {}
             for name, p in zip(group["names"], group["params"]):
                 g = aligned[name]
                 if g is None or name in self._frozen:
@@ -472,23 +473,55 @@ class Optimizer:
                         state[b] = self._new_buffer(group, plan, array, b, p, storage.state)
                 if storage.master and "master" not in state:
                     state["master"] = p.astype(np.float32, order="K")
-                calls.setdefault(key, []).append(name)
-            for (_, _, step, extra), names in calls.items():
-                masters = self._storage[names[0]].master
-                self._update(
-                    plan,
-                    [self._params[n] for n in names],
-                    [aligned[n] for n in names],
-                    {
-                        b: [self.state[n][b] for n in names]
-                        for b in buffers + (["master"] if masters else [])
-                    },
-                    step,
-                    extra,
-                )
-                for n in names:
-                    self.state[n]["step"] = step
+                keys.setdefault(key, []).append(name)
+            for (_, _, step, extra), names in keys.items():
+                masters = ["master"] if self._storage[names[0]].master else []
+                calls.append((plan, names, buffers + masters, step, extra))
+        if len(calls) > 1:
+            self._check_step_overlap(aligned, [(names, b) for _, names, b, *_ in calls])
+        for plan, names, buffers, step, extra in calls:
+            self._update(
+                plan,
+                [self._params[n] for n in names],
+                [aligned[n] for n in names],
+                {b: [self.state[n][b] for n in names] for b in buffers},
+                step,
+                extra,
+            )
+            for n in names:
+                self.state[n]["step"] = step
         return True
+
+    def _check_step_overlap(self, grads: Dict[str, Any], calls: List[tuple]) -> None:
+        """That no gradient shares memory with a parameter, state or master that a step of
+        several fused calls writes. Each call checks its own arrays, but only when it runs: a
+        later call's error would come after the earlier calls had written, and a gradient
+        written by an earlier call would be read changed."""
+        arrays: List[np.ndarray] = []
+        labels: List[Tuple[str, List[str], int]] = []  # (what, names, arrays per name)
+        for names, buffers in calls:
+            state = [self.state[n] for n in names]
+            columns = [("parameter", [self._params[n] for n in names])]
+            columns += [(f"state {b!r} of", [s[b] for s in state]) for b in buffers]
+            for what, xs in columns:
+                if isinstance(xs[0], QuantizedState):
+                    arrays += (a for x in xs for a in (x.codes, x.scales))
+                    labels.append((what, names, 2))
+                else:
+                    arrays += xs
+                    labels.append((what, names, 1))
+        gradients = [grads[n] for names, _ in calls for n in names]
+        arrays = gradients + arrays
+        labels.insert(0, ("gradient", [n for names, _ in calls for n in names], 1))
+        written = np.arange(len(arrays)) >= len(gradients)
+        pair = _overlap.first_overlap(_overlap.byte_extents(arrays), written)
+        if pair is not None:
+            flat = [(what, n) for what, names, k in labels for n in names for _ in range(k)]
+            (what, n), (other, m) = flat[pair[0]], flat[pair[1]]
+            raise ValueError(
+                f"{what} {n!r} and {other} {m!r} share memory; an array that a step writes "
+                "must not overlap any other"
+            )
 
     def _init_buffer(self, group: Dict[str, Any], buffer: str) -> float:
         return 0.0

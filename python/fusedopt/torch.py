@@ -75,7 +75,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without torch
     raise ImportError("fusedopt.torch needs PyTorch: pip install 'fusedopt[torch]'") from error
 
-from . import _matrix, reference
+from . import _matrix, _overlap, reference
 from . import optim as _optim
 from ._clip import clip_grad_norm_
 from ._dispatch import core as _core
@@ -444,8 +444,10 @@ class Optimizer(torch.optim.Optimizer):
             except _Rebuild:  # a gradient's dtype changed: regroup the calls
                 self._build(entry, plan, grads, mask, ptrs)
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
-            work.append((entry, plan, calls))
-        views = [] if borrow else [v for _, _, calls in work for _, vs in calls for v in vs]
+            work.append((entry, plan, calls, grads))
+        if sum(len(calls) for _, _, calls, _ in work) > 1:
+            self._check_step_overlap(work)
+        views = [] if borrow else [v for _, _, calls, _ in work for _, vs in calls for v in vs]
         if fused.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
             for v in views:
@@ -455,7 +457,7 @@ class Optimizer(torch.optim.Optimizer):
                 return loss
         if fused.max_grad_norm is not None and views:
             clip_grad_norm_(views, fused.max_grad_norm)
-        for entry, plan, calls in work:
+        for entry, plan, calls, _ in work:
             for c, grad_views in calls:
                 step = self._call_step(entry, c)
                 self._update(plan, c.params, grad_views, c.buffers, step, c.extra)
@@ -463,6 +465,45 @@ class Optimizer(torch.optim.Optimizer):
                 if c.extra:  # SGD's first momentum step: the next ones are ordinary
                     entry.calls = None
         return loss
+
+    def _check_step_overlap(self, work: list) -> None:
+        """That no gradient shares memory with a parameter, state or master that a step of
+        several fused calls writes. Each call checks its own arrays, but only when it runs: a
+        later call's error would come after the earlier calls had written, and a gradient
+        written by an earlier call would be read changed."""
+        gradients: List[Any] = []  # each call's views, or the Borrowed lending its memory
+        arrays: List[np.ndarray] = []
+        columns = []  # (what, group, parameter indices, arrays per parameter)
+        for entry, _, calls, _ in work:
+            group = self._index(entry.group)
+            for c, views in calls:
+                gradients += [views] if isinstance(views, _core.Borrowed) else views
+                arrays += c.params
+                columns.append(("parameter", group, c.index, 1))
+                for key, xs in c.buffers.items():
+                    k = 2 if isinstance(xs[0], QuantizedState) else 1
+                    arrays += (a for x in xs for a in (x.codes, x.scales)) if k == 2 else xs
+                    columns.append((f"state {key!r} of parameter", group, c.index, k))
+        extents = _overlap.byte_extents(gradients + arrays)
+        read = len(extents) - sum(len(index) * k for _, _, index, k in columns)
+        pair = _overlap.first_overlap(extents, np.arange(len(extents)) >= read)
+        if pair is not None:
+            labels = [
+                f"{what} {i} of group {group}"
+                for what, group, index, k in columns
+                for i in index
+                for _ in range(k)
+            ]
+            labels[:0] = [
+                f"gradient of parameter {i} of group {group}"
+                for what, group, index, _ in columns
+                if what == "parameter"
+                for i in index
+            ]
+            raise ValueError(
+                f"{labels[pair[0]]} and {labels[pair[1]]} share memory; an array that a step "
+                "writes must not overlap any other"
+            )
 
     def _grad_views(self, entry: _Group, call: _Call, grads: list, borrow: bool = False) -> Any:
         """The gradients of a call as its kernel takes them. Gradients that persist between
