@@ -403,3 +403,51 @@ def test_quantized_state_validates():
         QuantizedState(np.zeros(3, np.int8), f32([1.0, 1.0]))
     with pytest.raises(ValueError, match="order must be 'C' or 'F'"):
         QuantizedState.zeros(3, True, order="K")
+
+
+def _blocks_for_both_codec_paths(rng, signed):
+    """Blocks of a state that the C++ codec takes its fast loops for (every value normal at its
+    block's scale) and blocks it must not: a zero, a value just below the smallest normal code
+    and one exactly at it, subnormal codes, inf, NaN, a scale of 2^127, all negative."""
+    F = F_of(signed)
+    blocks = [np.abs(rng.standard_normal(BLOCK)) + 0.5 for _ in range(9)]
+    blocks[1][7] = 0.0
+    blocks[2][:] = 1.0
+    blocks[2][3] = math.ldexp(1.0, 1 - F)  # exactly the smallest normal: the fast loop
+    blocks[3][:] = 1.0
+    blocks[3][3] = np.nextafter(np.float32(math.ldexp(1.0, 1 - F)), np.float32(0))  # below
+    blocks[4][::5] = math.ldexp(1.0, -F - 1)  # subnormal codes
+    blocks[5][9] = np.inf
+    blocks[6][200] = np.nan
+    blocks[7] *= FLT_MAX / 4  # scale 2^127
+    blocks[8] = -blocks[8]  # unsigned codes store negatives as 0
+    x = np.concatenate(blocks).astype(np.float32)
+    if signed:
+        x[: 4 * BLOCK] *= np.where(rng.random(4 * BLOCK) < 0.5, -1, 1)
+    return x[: x.size - 3]  # a short last block
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_compiled_codec_matches_the_spec_on_its_fast_and_general_blocks(signed):
+    """The kernels decode and encode blocks of only normal codes by a shorter loop: through
+    Adam with beta1 = beta2 = 0.5 (m and v half the old state, half the new), every block of
+    both kinds gives the reference's bits, codes and scales."""
+    import fusedopt
+    from fusedopt import reference
+
+    rng = np.random.default_rng(11 if signed else 12)
+    old = _blocks_for_both_codec_paths(rng, signed)
+    grad = _blocks_for_both_codec_paths(rng, signed)[::-1].copy()
+    # the blocks in the state of their kind (m signed, v unsigned), the other one plain
+    crafted = encode(old, signed)
+    other = encode(np.abs(old), not signed)
+    runs = []
+    for update in (fusedopt.adam_, reference.adam_):
+        param = np.ones(old.size, np.float32)
+        states = [QuantizedState(c.copy(), s.copy()) for c, s in (crafted, other)]
+        m, v = states if signed else states[::-1]
+        with np.errstate(all="ignore"):
+            update(param, grad, m, v, lr=1e-3, beta1=0.5, beta2=0.5, step=3, seed=5)
+        runs.append([param, m.codes, m.scales, v.codes, v.scales])
+    for actual, expected in zip(*runs):
+        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)

@@ -37,29 +37,74 @@ FUSEDOPT_INLINE void widen(const Code* __restrict codes, Index n, std::uint32_t*
   for (Index i = 0; i < n; ++i) wide[i] = codes[i];
 }
 
-// out[i] = value(codes[i]) * scale over one block.
+// The bits of value(code) (scale 1). General: any code; else only normal ones (exponent field
+// neither 0 nor all ones), which skips the selects for subnormals, inf and NaN.
+template <bool Signed, bool General>
+FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
+  using F = Minifloat<Signed>;
+  const std::uint32_t q = Signed ? code & 0x7FU : code;
+  std::uint32_t v = (q << 20) + ((127U - F::kTop) << 23);  // a normal code's value
+  if constexpr (General) {
+    const float smallest_normal = bits_float((128U - F::kTop) << 23);  // 2^(1-F)
+    const std::uint32_t is_subnormal = all_ones_if(q < 8U);
+    const std::uint32_t is_special = all_ones_if(q >= F::kInf);
+    // field 0 read as field 1, less that binade's implicit leading 2^(1-F): exact
+    const std::uint32_t subnormal = float_bits(bits_float(v + (1U << 23)) - smallest_normal);
+    const std::uint32_t special = 0x7F800000U | (all_ones_if(q != F::kInf) & 0x00400000U);
+    v = (v & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) | (special & is_special);
+  }
+  if constexpr (Signed) v |= (code & 0x80U) << 24;
+  return v;
+}
+
+// out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes (checked
+// first, on the widened codes): they take the loop without the selects.
 template <bool Signed>
 inline void decode_block(const std::uint8_t* __restrict codes, float scale, Index n,
                          float* __restrict out) {
   using F = Minifloat<Signed>;
   alignas(64) std::uint32_t wide[kBlock];
   widen(codes, n, wide);
-  const float smallest_normal = bits_float((128U - F::kTop) << 23);  // 2^(1-F)
-#pragma omp simd
+  std::uint32_t low = 0xFFU, high = 0;
+#pragma omp simd reduction(min : low) reduction(max : high)
   for (Index i = 0; i < n; ++i) {
-    const std::uint32_t code = wide[i];
-    const std::uint32_t q = Signed ? code & 0x7FU : code;
-    const std::uint32_t is_subnormal = all_ones_if(q < 8U);
-    const std::uint32_t is_special = all_ones_if(q >= F::kInf);
-    const std::uint32_t normal = (q << 20) + ((127U - F::kTop) << 23);
-    // field 0 read as field 1, less that binade's implicit leading 2^(1-F): exact
-    const std::uint32_t subnormal = float_bits(bits_float(normal + (1U << 23)) - smallest_normal);
-    const std::uint32_t special = 0x7F800000U | (all_ones_if(q != F::kInf) & 0x00400000U);
-    std::uint32_t v = (normal & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) |
-                      (special & is_special);
-    if constexpr (Signed) v |= (code & 0x80U) << 24;
-    out[i] = bits_float(v) * scale;
+    const std::uint32_t q = Signed ? wide[i] & 0x7FU : wide[i];
+    low = q < low ? q : low;
+    high = q > high ? q : high;
   }
+  if (low >= 8U && high < F::kInf) {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, false>(wide[i])) * scale;
+  } else {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, true>(wide[i])) * scale;
+  }
+}
+
+// The code of x (x 2^-E, exactly, is `scaled`), rounded with 16 random bits. General: any x;
+// else x 2^-E must be finite and at least the smallest normal code, which skips the selects.
+template <bool Signed, bool General>
+FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t random) {
+  using F = Minifloat<Signed>;
+  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
+  const std::uint32_t a = float_bits(scaled) & 0x7FFFFFFFU;
+  std::uint32_t shifted = a, below_normal = 0, is_nan = 0;
+  if constexpr (General) {
+    const std::uint32_t is_small = all_ones_if(a < smallest_normal);
+    shifted =
+        (float_bits(bits_float(a) + bits_float(smallest_normal)) & is_small) | (a & ~is_small);
+    below_normal = is_small & 8U;
+  }
+  std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - below_normal;
+  q = q < F::kMaxFinite ? q : F::kMaxFinite;
+  if constexpr (General) {
+    const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U);
+    is_nan = all_ones_if(a > 0x7F800000U);
+    q = (q & ~(is_inf | is_nan)) | (F::kInf & is_inf) | (F::kNaN & is_nan);
+  }
+  const std::uint32_t sign = float_bits(x) >> 31;
+  if constexpr (Signed) return (sign << 7) | q;
+  return q & ~(all_ones_if(sign != 0) & ~is_nan);
 }
 
 // Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
@@ -67,17 +112,21 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Inde
 // with 16 random bits, (random_bits[i] >> shift) & 0xFFFF, added below the 3 kept (see
 // quantize.py for why never to nearest). Below the smallest normal code, 2^(1-F) is added first
 // (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
-// bits, as for normal codes.
+// bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
+// (the common case: found by the same first pass) takes the loop without those selects.
 template <bool Signed>
 inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes,
                           const std::uint32_t* __restrict random_bits, int shift) {
   using F = Minifloat<Signed>;
   std::uint32_t largest = 0;  // bits of the largest finite magnitude: they order as the values
-#pragma omp simd reduction(max : largest)
+  std::uint32_t highest = 0, lowest = 0xFFFFFFFFU;  // of all magnitudes' bits
+#pragma omp simd reduction(max : largest, highest) reduction(min : lowest)
   for (Index i = 0; i < n; ++i) {
     const std::uint32_t a = float_bits(in[i]) & 0x7FFFFFFFU;
     const std::uint32_t finite = a & all_ones_if(a < 0x7F800000U);
     largest = finite > largest ? finite : largest;
+    highest = a > highest ? a : highest;
+    lowest = a < lowest ? a : lowest;
   }
   // rounded up to 3 mantissa bits: every element's code fits, however it is rounded (a
   // saturated maximum would bias stochastic rounding down)
@@ -88,25 +137,20 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   const float inverse = exponent == 127
                             ? bits_float(0x00400000U)
                             : bits_float(static_cast<std::uint32_t>(127 - exponent) << 23);
-  const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
+  // every x 2^-E normal (exact) and at least 2^(1-F), the smallest normal code: |x| >= 2^(E+1-F)
+  const std::int32_t threshold = exponent + 1 - static_cast<std::int32_t>(F::kTop) + 127;
+  const bool all_normal = highest < 0x7F800000U && exponent < 127 && threshold >= 1 &&
+                          lowest >= static_cast<std::uint32_t>(threshold) << 23;
   alignas(64) std::uint32_t wide[kBlock];
+  if (all_normal) {
 #pragma omp simd
-  for (Index i = 0; i < n; ++i) {
-    const std::uint32_t random = (random_bits[i] >> shift) & 0xFFFFU;
-    const std::uint32_t x = float_bits(in[i]);
-    const std::uint32_t a = float_bits(in[i] * inverse) & 0x7FFFFFFFU;
-    const std::uint32_t is_small = all_ones_if(a < smallest_normal);
-    const std::uint32_t shifted =
-        (float_bits(bits_float(a) + bits_float(smallest_normal)) & is_small) | (a & ~is_small);
-    std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - (is_small & 8U);
-    q = q < F::kMaxFinite ? q : F::kMaxFinite;
-    const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U);
-    const std::uint32_t is_nan = all_ones_if(a > 0x7F800000U);
-    q = (q & ~(is_inf | is_nan)) | (F::kInf & is_inf) | (F::kNaN & is_nan);
-    if constexpr (Signed) {
-      wide[i] = ((x >> 31) << 7) | q;
-    } else {
-      wide[i] = q & ~(all_ones_if((x >> 31) != 0) & ~is_nan);
+    for (Index i = 0; i < n; ++i) {
+      wide[i] = encoded<Signed, false>(in[i], in[i] * inverse, (random_bits[i] >> shift) & 0xFFFFU);
+    }
+  } else {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse, (random_bits[i] >> shift) & 0xFFFFU);
     }
   }
 #pragma omp simd

@@ -101,20 +101,31 @@ struct LambKernel {
     sums[1] = sum_squares(n, u);
   }
 
+  // theta' (the param after decoupled decay), m, v and u of one element: what both passes
+  // compute, so that the sums of the first are of the values the second stores.
+  struct Element {
+    T theta, m, v, u;
+  };
+  template <bool max, bool has_l2>
+  FUSEDOPT_INLINE Element element(P param, G grad, S exp_avg, S exp_avg_sq) const {
+    const T p = load<T>(param) * decay;
+    const T g = max ? -load<T>(grad) : load<T>(grad);
+    const T m = beta1 * load<T>(exp_avg) + one_minus_beta1 * g;
+    const T v = beta2 * load<T>(exp_avg_sq) + one_minus_beta2 * g * g;
+    T u = m / (std::sqrt(v) + eps);
+    if constexpr (has_l2) u = u + l2 * p;
+    return {p, m, v, u};
+  }
+
   template <bool max, bool has_l2>
   void moments(Index n, const P* __restrict param, const G* __restrict grad,
                const S* __restrict exp_avg, const S* __restrict exp_avg_sq, T* __restrict theta,
                T* __restrict u) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]) * decay;
-      const T g = max ? -load<T>(grad[i]) : load<T>(grad[i]);
-      const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
-      const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
-      T r = m / (std::sqrt(v) + eps);
-      if constexpr (has_l2) r = r + l2 * p;
-      theta[i] = p;
-      u[i] = r;
+      const Element e = element<max, has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
+      theta[i] = e.theta;
+      u[i] = e.u;
     }
   }
 
@@ -153,18 +164,13 @@ struct LambKernel {
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]) * decay;
-      const T g = max ? -load<T>(grad[i]) : load<T>(grad[i]);
-      const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
-      const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
-      T r = m / (std::sqrt(v) + eps);
-      if constexpr (has_l2) r = r + l2 * p;
-      out(i, 1, exp_avg[i], m);
-      out(i, 2, exp_avg_sq[i], v);
+      const Element e = element<max, has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
+      out(i, 1, exp_avg[i], e.m);
+      out(i, 2, exp_avg_sq[i], e.v);
       if constexpr (nan_factor) {
-        out(i, 0, param[i], p - factor);
+        out(i, 0, param[i], e.theta - factor);
       } else {
-        out(i, 0, param[i], p - factor * r);
+        out(i, 0, param[i], e.theta - factor * e.u);
       }
     }
   }
