@@ -30,10 +30,16 @@ DTYPES = {
 }
 
 
-def state_array(dtype: str, n: int, signed: bool):
+def state_array(dtype: str, n: int, signed: bool, rng=None):
+    """A state buffer: zeros, as a step starts it, or with `rng` random values of a moment's
+    size (positive unless signed)."""
+    values = np.zeros(n, np.float32)
+    if rng is not None:
+        values = rng.standard_normal(n).astype(np.float32) * np.float32(1e-2)
+        values = values if signed else np.abs(values)
     if dtype == "int8":
-        return QuantizedState.zeros((n,), signed=signed)
-    return np.zeros(n, DTYPES[dtype])
+        return QuantizedState.from_array(values, signed=signed)
+    return values.astype(DTYPES[dtype])
 
 
 def bytes_per_element(param: str, grad: str, state: str, master: Optional[str]) -> float:
@@ -79,8 +85,10 @@ def main(argv=None) -> None:
             )
             traffic[name] = bytes_per_element(param, grad, state, master)
             if not master and not stochastic:
-                # the roofline declares no state never negative: int8 codes for both buffers
-                buffers = [state_array(state, n, signed=True) for _ in range(2)]
+                # the roofline declares no state never negative: int8 codes for both buffers;
+                # nonzero values, as a step's state is after its first step (a block of zeros
+                # takes the codec's general loops, the typical block its shorter ones)
+                buffers = [state_array(state, n, signed=True, rng=rng) for _ in range(2)]
                 probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(*a, None, None)
     try:
         import torch
