@@ -695,3 +695,43 @@ def test_from_config_errors_name_what_is_accepted():
         optim.from_config("Adam", model(), betas=(0.9, 0.99), beta1=0.8)
     with pytest.raises(ValueError, match="Invalid learning rate: -1"):  # the class's own check
         optim.from_config("RMSprop", model(), lr=-1.0)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in optim.__all__ if n[0].isupper() and n != "Optimizer")
+)
+def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
+    """A step of two groups (two fused calls, checked together for shared memory first), with
+    a 1-D parameter where the class takes one and int8 state where it can have it: the bits of
+    one optimizer per group, for every class."""
+    rng = np.random.default_rng(4)
+    shapes = (
+        {"w": (4, 5), "w2": (3, 3)} if name == "Muon" else {"w": (4, 5), "b": (7,), "w2": (3, 3)}
+    )
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    first, second = list(shapes)[:-1], list(shapes)[-1:]
+    int8 = {} if name == "Adafactor" else {"state_dtype": "int8"}  # Adafactor's stay float32
+    cls = getattr(optim, name)
+    together = {k: v.copy() for k, v in start.items()}
+    apart = {k: v.copy() for k, v in start.items()}
+    opt = cls(
+        [
+            {"params": {k: together[k] for k in first}},
+            {"params": {k: together[k] for k in second}, "lr": 0.02},
+        ],
+        **int8,
+    )
+    opts = [
+        cls({k: apart[k] for k in first}, **int8),
+        cls({k: apart[k] for k in second}, lr=0.02, **int8),
+    ]
+    for o in [opt, *opts]:
+        if hasattr(o, "train"):
+            o.train()
+    for _ in range(3):
+        grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        opt.step(grads)
+        opts[0].step({k: grads[k] for k in first})
+        opts[1].step({k: grads[k] for k in second})
+    for k in shapes:
+        assert together[k].tobytes() == apart[k].tobytes(), k

@@ -1056,3 +1056,32 @@ def test_only_updates_that_pass_gradients_to_a_kernel_lend():
             super()._update(plan, params, list(grads), buffers, step, extra)
 
     assert not Custom(p)._borrows
+
+
+@pytest.mark.parametrize("name", sorted(ft.CLASSES))
+def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
+    """A step of two groups (two fused calls, checked together for shared memory first), with
+    a 1-D parameter where the class takes one and int8 state where it can have it: the bits of
+    one optimizer per group, for every class."""
+    matrices = name == "Muon"
+    shapes = [(4, 5), (3, 3)] if matrices else [(4, 5), (7,), (3, 3)]
+    int8 = {} if name == "Adafactor" else {"state_dtype": "int8"}  # Adafactor's stay float32
+    together = _params(torch.float32, shapes=shapes)
+    apart = [p.detach().clone().requires_grad_() for p in together]
+    cls = ft.CLASSES[name]
+    split = len(shapes) - 1
+    opt = cls([{"params": together[:split]}, {"params": together[split:], "lr": 0.02}], **int8)
+    opts = [cls(apart[:split], **int8), cls(apart[split:], lr=0.02, **int8)]
+    for o in [opt, *opts]:
+        if hasattr(o, "train"):
+            o.train()
+    for t in range(3):
+        for params in (together, apart):
+            for p, g in zip(params, _grads(t, torch.float32, shapes)):
+                p.grad = g
+        opt.step()
+        for o in opts:
+            o.step()
+    assert [p.detach().numpy().tobytes() for p in together] == [
+        p.detach().numpy().tobytes() for p in apart
+    ]

@@ -22,6 +22,27 @@ def arrays_of(x: Any) -> List[np.ndarray]:
     return [] if x is None else [x]
 
 
+def add_column(
+    arrays: list, columns: list, label: Any, owners: Sequence[Any], xs: Sequence
+) -> None:
+    """Appends the arrays of `xs` (one argument per owner: an array, a QuantizedState or None)
+    to `arrays`, and to `columns` a (label, owners, arrays per owner) entry that names them
+    (see `names`). A column of plain arrays, the common case, is added whole."""
+    if any(x is None or isinstance(x, QuantizedState) for x in xs):
+        for owner, x in zip(owners, xs):
+            parts = arrays_of(x)
+            arrays += parts
+            columns.append((label, [owner], len(parts)))
+    else:
+        arrays += xs
+        columns.append((label, owners, 1))
+
+
+def names(columns: list) -> List[Tuple[Any, Any]]:
+    """(label, owner) of every array that add_column appended, in order."""
+    return [(label, owner) for label, owners, k in columns for owner in owners for _ in range(k)]
+
+
 def byte_extents(arrays: List[np.ndarray]) -> np.ndarray:
     """Each array's bytes as a row [first, one past the last) of an (n, 2) int64 array."""
     return _core._byte_extents(arrays)

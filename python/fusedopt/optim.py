@@ -455,7 +455,7 @@ class Optimizer:
                 return False
         if self.max_grad_norm is not None and active:
             clip_grad_norm_([g for _, g in active], self.max_grad_norm)
-        calls = []  # (plan, names, step, extra): all made, and checked, before any runs
+        calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
         for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
                 continue
@@ -497,27 +497,24 @@ class Optimizer:
         several fused calls writes. Each call checks its own arrays, but only when it runs: a
         later call's error would come after the earlier calls had written, and a gradient
         written by an earlier call would be read changed."""
+        gradients = [grads[n] for names, _ in calls for n in names]
         arrays: List[np.ndarray] = []
-        labels: List[Tuple[str, List[str], int]] = []  # (what, names, arrays per name)
+        columns: list = []
         for names, buffers in calls:
             state = [self.state[n] for n in names]
-            columns = [("parameter", [self._params[n] for n in names])]
-            columns += [(f"state {b!r} of", [s[b] for s in state]) for b in buffers]
-            for what, xs in columns:
-                if isinstance(xs[0], QuantizedState):
-                    arrays += (a for x in xs for a in (x.codes, x.scales))
-                    labels.append((what, names, 2))
-                else:
-                    arrays += xs
-                    labels.append((what, names, 1))
-        gradients = [grads[n] for names, _ in calls for n in names]
-        arrays = gradients + arrays
-        labels.insert(0, ("gradient", [n for names, _ in calls for n in names], 1))
-        written = np.arange(len(arrays)) >= len(gradients)
-        pair = _overlap.first_overlap(_overlap.byte_extents(arrays), written)
+            _overlap.add_column(
+                arrays, columns, "parameter", names, [self._params[n] for n in names]
+            )
+            for b in buffers:
+                _overlap.add_column(
+                    arrays, columns, f"state {b!r} of", names, [s[b] for s in state]
+                )
+        written = np.arange(len(gradients) + len(arrays)) >= len(gradients)
+        pair = _overlap.first_overlap(_overlap.byte_extents(gradients + arrays), written)
         if pair is not None:
-            flat = [(what, n) for what, names, k in labels for n in names for _ in range(k)]
-            (what, n), (other, m) = flat[pair[0]], flat[pair[1]]
+            labels = [("gradient", n) for names, _ in calls for n in names]
+            labels += _overlap.names(columns)
+            (what, n), (other, m) = labels[pair[0]], labels[pair[1]]
             raise ValueError(
                 f"{what} {n!r} and {other} {m!r} share memory; an array that a step writes "
                 "must not overlap any other"

@@ -444,10 +444,10 @@ class Optimizer(torch.optim.Optimizer):
             except _Rebuild:  # a gradient's dtype changed: regroup the calls
                 self._build(entry, plan, grads, mask, ptrs)
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
-            work.append((entry, plan, calls, grads))
-        if sum(len(calls) for _, _, calls, _ in work) > 1:
+            work.append((entry, plan, calls))
+        if sum(len(calls) for _, _, calls in work) > 1:
             self._check_step_overlap(work)
-        views = [] if borrow else [v for _, _, calls, _ in work for _, vs in calls for v in vs]
+        views = [] if borrow else [v for _, _, calls in work for _, vs in calls for v in vs]
         if fused.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
             for v in views:
@@ -457,7 +457,7 @@ class Optimizer(torch.optim.Optimizer):
                 return loss
         if fused.max_grad_norm is not None and views:
             clip_grad_norm_(views, fused.max_grad_norm)
-        for entry, plan, calls, _ in work:
+        for entry, plan, calls in work:
             for c, grad_views in calls:
                 step = self._call_step(entry, c)
                 self._update(plan, c.params, grad_views, c.buffers, step, c.extra)
@@ -472,34 +472,22 @@ class Optimizer(torch.optim.Optimizer):
         later call's error would come after the earlier calls had written, and a gradient
         written by an earlier call would be read changed."""
         gradients: List[Any] = []  # each call's views, or the Borrowed lending its memory
+        labels: List[str] = []  # theirs
         arrays: List[np.ndarray] = []
-        columns = []  # (what, group, parameter indices, arrays per parameter)
-        for entry, _, calls, _ in work:
+        columns: list = []
+        for entry, _, calls in work:
             group = self._index(entry.group)
             for c, views in calls:
                 gradients += [views] if isinstance(views, _core.Borrowed) else views
-                arrays += c.params
-                columns.append(("parameter", group, c.index, 1))
+                labels += [f"gradient of parameter {i} of group {group}" for i in c.index]
+                _overlap.add_column(arrays, columns, ("parameter", group), c.index, c.params)
                 for key, xs in c.buffers.items():
-                    k = 2 if isinstance(xs[0], QuantizedState) else 1
-                    arrays += (a for x in xs for a in (x.codes, x.scales)) if k == 2 else xs
-                    columns.append((f"state {key!r} of parameter", group, c.index, k))
+                    label = (f"state {key!r} of parameter", group)
+                    _overlap.add_column(arrays, columns, label, c.index, xs)
         extents = _overlap.byte_extents(gradients + arrays)
-        read = len(extents) - sum(len(index) * k for _, _, index, k in columns)
-        pair = _overlap.first_overlap(extents, np.arange(len(extents)) >= read)
+        pair = _overlap.first_overlap(extents, np.arange(len(extents)) >= len(labels))
         if pair is not None:
-            labels = [
-                f"{what} {i} of group {group}"
-                for what, group, index, k in columns
-                for i in index
-                for _ in range(k)
-            ]
-            labels[:0] = [
-                f"gradient of parameter {i} of group {group}"
-                for what, group, index, _ in columns
-                if what == "parameter"
-                for i in index
-            ]
+            labels += [f"{what} {i} of group {g}" for (what, g), i in _overlap.names(columns)]
             raise ValueError(
                 f"{labels[pair[0]]} and {labels[pair[1]]} share memory; an array that a step "
                 "writes must not overlap any other"
