@@ -735,3 +735,21 @@ def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
         opts[1].step({k: grads[k] for k in second})
     for k in shapes:
         assert together[k].tobytes() == apart[k].tobytes(), k
+
+
+def test_clipping_checks_gradients_against_written_memory_before_it_scales_them():
+    """max_grad_norm scales the gradients in place: one on another group's parameter, or on its
+    own state in a step of one call, is refused before clipping writes anything."""
+    w, b = np.full((4, 5), 100.0, np.float32), np.ones(5, np.float32)
+    opt = optim.Adam([{"params": {"w": w}}, {"params": {"b": b}}], max_grad_norm=1.0)
+    before = w.copy(), b.copy()
+    with pytest.raises(ValueError, match="gradient 'b' and parameter 'w' share memory"):
+        opt.step({"w": np.ones((4, 5), np.float32), "b": w[0]})
+    assert np.array_equal(w, before[0]) and np.array_equal(b, before[1])
+    single = optim.Adam({"b": b}, max_grad_norm=1.0)
+    single.step({"b": np.full(5, 3.0, np.float32)})
+    state = single.state["b"]["exp_avg"]
+    saved = state.copy(), b.copy()
+    with pytest.raises(ValueError, match="gradient 'b' and state 'exp_avg' of 'b' share memory"):
+        single.step({"b": state})
+    assert np.array_equal(state, saved[0]) and np.array_equal(b, saved[1])

@@ -429,9 +429,9 @@ def _blocks_for_both_codec_paths(rng, signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_the_compiled_codec_matches_the_spec_on_its_fast_and_general_blocks(signed):
-    """The kernels decode and encode blocks of only normal codes by a shorter loop: through
-    Adam with beta1 = beta2 = 0.5 (m and v half the old state, half the new), every block of
-    both kinds gives the reference's bits, codes and scales."""
+    """The kernels decode blocks of only normal codes by a shorter loop: through Adam with
+    beta1 = beta2 = 0.5 (m and v half the old state, half the new), state blocks of both kinds
+    give the reference's bits, codes and scales (the encoder's boundaries: the next test)."""
     import fusedopt
     from fusedopt import reference
 
@@ -451,3 +451,50 @@ def test_the_compiled_codec_matches_the_spec_on_its_fast_and_general_blocks(sign
         runs.append([param, m.codes, m.scales, v.codes, v.scales])
     for actual, expected in zip(*runs):
         np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+
+
+def _gradients_at_the_encoders_boundaries(rng):
+    """With zero state and beta1 = beta2 = 0 Adam encodes m = g and v = g * g: blocks of g
+    that put m or v exactly at the smallest normal code of its block's scale (the encoder's
+    shorter loop) or one float below it (the general loop), and others that are only normal
+    or hold a zero, inf or NaN."""
+    below = lambda x: np.nextafter(np.float32(x), np.float32(0))  # noqa: E731
+    blocks = [rng.standard_normal(BLOCK) + 3.0 for _ in range(8)]
+    # m: scale 2^0, smallest normal code 2^(1-14); v = g * g is then normal
+    blocks[1][:] = 1.0
+    blocks[1][5] = math.ldexp(1.0, -13)
+    blocks[2][:] = 1.0
+    blocks[2][5] = below(math.ldexp(1.0, -13))
+    # v: largest 1.5^2 = 2.25, scale 2^1, smallest normal code 2^(2-30) = (2^-14)^2
+    blocks[3][:] = 1.5
+    blocks[3][5] = math.ldexp(1.0, -14)
+    blocks[4][:] = 1.5
+    blocks[4][5] = below(math.ldexp(1.0, -14))
+    blocks[5][6] = 0.0
+    blocks[6][7] = np.inf
+    blocks[7][8] = np.nan
+    g = np.concatenate(blocks).astype(np.float32)
+    g[::3] *= -1
+    return g[: g.size - 5]
+
+
+def test_the_compiled_encoder_matches_the_spec_at_its_boundaries():
+    """Every block of m = g and v = g * g, at and just below the smallest normal code, from
+    the kernels' encoder: the reference's codes and scales, bit for bit."""
+    import fusedopt
+    from fusedopt import reference
+
+    g = _gradients_at_the_encoders_boundaries(np.random.default_rng(13))
+    runs = []
+    for update in (fusedopt.adam_, reference.adam_):
+        param = np.ones(g.size, np.float32)
+        m = QuantizedState.zeros(g.shape, signed=True)
+        v = QuantizedState.zeros(g.shape, signed=False)
+        with np.errstate(all="ignore"):
+            update(param, g, m, v, lr=1e-3, beta1=0.0, beta2=0.0, step=1, seed=9)
+        runs.append([param, m.codes, m.scales, v.codes, v.scales])
+    for actual, expected in zip(*runs):
+        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+    # the blocks are what they are meant to be: exactly at and below the boundary
+    _, m_scales = encode(g, True)
+    assert m_scales[1] == m_scales[2] == 1.0

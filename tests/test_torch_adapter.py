@@ -1085,3 +1085,16 @@ def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
     assert [p.detach().numpy().tobytes() for p in together] == [
         p.detach().numpy().tobytes() for p in apart
     ]
+
+
+def test_clipping_checks_gradients_against_written_memory_before_it_scales_them():
+    """max_grad_norm scales the gradients in place: one on its own state, in a step of one
+    call, is refused before clipping writes anything."""
+    params = _params(torch.float32, shapes=[(5,)])
+    opt = ft.Adam(params, lr=0.1, max_grad_norm=1.0)
+    _run(opt, params, 2)
+    before = _bits(opt, params)
+    params[0].grad = opt.state[params[0]]["exp_avg"]
+    with pytest.raises(ValueError, match="state 'exp_avg' of parameter 0 of group 0 share"):
+        opt.step()
+    assert _bits(opt, params) == before

@@ -453,8 +453,6 @@ class Optimizer:
             if not all(_functional.all_finite(gs) for gs in by_dtype.values()):
                 self.skipped_steps += 1
                 return False
-        if self.max_grad_norm is not None and active:
-            clip_grad_norm_([g for _, g in active], self.max_grad_norm)
         calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
         for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
@@ -477,8 +475,12 @@ class Optimizer:
             for (_, _, step, extra), names in keys.items():
                 masters = ["master"] if self._storage[names[0]].master else []
                 calls.append((plan, names, buffers + masters, step, extra))
-        if len(calls) > 1:
-            self._check_step_overlap(aligned, [(names, b) for _, names, b, *_ in calls])
+        clipping = self.max_grad_norm is not None and bool(active)
+        if len(calls) > 1 or clipping:
+            clipped = [name for name, _ in active] if clipping else []
+            self._check_step_overlap(aligned, [(names, b) for _, names, b, *_ in calls], clipped)
+        if clipping:
+            clip_grad_norm_([g for _, g in active], self.max_grad_norm)
         for plan, names, buffers, step, extra in calls:
             self._update(
                 plan,
@@ -492,12 +494,17 @@ class Optimizer:
                 self.state[n]["step"] = step
         return True
 
-    def _check_step_overlap(self, grads: Dict[str, Any], calls: List[tuple]) -> None:
+    def _check_step_overlap(
+        self, grads: Dict[str, Any], calls: List[tuple], clipped: List[str]
+    ) -> None:
         """That no gradient shares memory with a parameter, state or master that a step of
         several fused calls writes. Each call checks its own arrays, but only when it runs: a
         later call's error would come after the earlier calls had written, and a gradient
-        written by an earlier call would be read changed."""
-        gradients = [grads[n] for names, _ in calls for n in names]
+        written by an earlier call would be read changed. With clipping, the gradients it
+        scales in place (``clipped``, every one given) count as written too, even in a step of
+        one call."""
+        read = [] if clipped else [n for names, _ in calls for n in names]
+        gradients = [grads[n] for n in clipped or read]
         arrays: List[np.ndarray] = []
         columns: list = []
         for names, buffers in calls:
@@ -509,10 +516,10 @@ class Optimizer:
                 _overlap.add_column(
                     arrays, columns, f"state {b!r} of", names, [s[b] for s in state]
                 )
-        written = np.arange(len(gradients) + len(arrays)) >= len(gradients)
+        written = np.arange(len(gradients) + len(arrays)) >= len(read)
         pair = _overlap.first_overlap(_overlap.byte_extents(gradients + arrays), written)
         if pair is not None:
-            labels = [("gradient", n) for names, _ in calls for n in names]
+            labels = [("gradient", n) for n in clipped or read]
             labels += _overlap.names(columns)
             (what, n), (other, m) = labels[pair[0]], labels[pair[1]]
             raise ValueError(

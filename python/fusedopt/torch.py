@@ -445,8 +445,9 @@ class Optimizer(torch.optim.Optimizer):
                 self._build(entry, plan, grads, mask, ptrs)
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
             work.append((entry, plan, calls))
-        if sum(len(calls) for _, _, calls in work) > 1:
-            self._check_step_overlap(work)
+        clipping = fused.max_grad_norm is not None
+        if clipping or sum(len(calls) for _, _, calls in work) > 1:
+            self._check_step_overlap(work, clipping)
         views = [] if borrow else [v for _, _, calls in work for _, vs in calls for v in vs]
         if fused.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
@@ -466,28 +467,39 @@ class Optimizer(torch.optim.Optimizer):
                     entry.calls = None
         return loss
 
-    def _check_step_overlap(self, work: list) -> None:
+    def _check_step_overlap(self, work: list, clipping: bool) -> None:
         """That no gradient shares memory with a parameter, state or master that a step of
         several fused calls writes. Each call checks its own arrays, but only when it runs: a
         later call's error would come after the earlier calls had written, and a gradient
-        written by an earlier call would be read changed."""
+        written by an earlier call would be read changed. With clipping, the gradients, which
+        it scales in place, count as written too, even in a step of one call. The names are
+        made only for the error."""
         gradients: List[Any] = []  # each call's views, or the Borrowed lending its memory
-        labels: List[str] = []  # theirs
         arrays: List[np.ndarray] = []
         columns: list = []
         for entry, _, calls in work:
-            group = self._index(entry.group)
             for c, views in calls:
                 gradients += [views] if isinstance(views, _core.Borrowed) else views
-                labels += [f"gradient of parameter {i} of group {group}" for i in c.index]
-                _overlap.add_column(arrays, columns, ("parameter", group), c.index, c.params)
+                _overlap.add_column(arrays, columns, ("parameter", entry), c.index, c.params)
                 for key, xs in c.buffers.items():
-                    label = (f"state {key!r} of parameter", group)
+                    label = (f"state {key!r} of parameter", entry)
                     _overlap.add_column(arrays, columns, label, c.index, xs)
+        read = sum(len(c.index) for _, _, calls in work for c, _ in calls)
         extents = _overlap.byte_extents(gradients + arrays)
-        pair = _overlap.first_overlap(extents, np.arange(len(extents)) >= len(labels))
+        written = np.arange(len(extents)) >= (0 if clipping else read)
+        pair = _overlap.first_overlap(extents, written)
         if pair is not None:
-            labels += [f"{what} {i} of group {g}" for (what, g), i in _overlap.names(columns)]
+            groups = {id(entry): self._index(entry.group) for entry, _, _ in work}
+            labels = [
+                f"gradient of parameter {i} of group {groups[id(entry)]}"
+                for entry, _, calls in work
+                for c, _ in calls
+                for i in c.index
+            ]
+            labels += [
+                f"{what} {i} of group {groups[id(entry)]}"
+                for (what, entry), i in _overlap.names(columns)
+            ]
             raise ValueError(
                 f"{labels[pair[0]]} and {labels[pair[1]]} share memory; an array that a step "
                 "writes must not overlap any other"
