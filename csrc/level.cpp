@@ -106,7 +106,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         chunk_bits(rounding.key, offset, n, first_half);
         if (needs_second_half) {
 #pragma omp simd
-          for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i], rounding.key);
+          for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i]);
         }
         for (std::size_t r = 0; r < roles; ++r) {
           if (arrays[r] == nullptr || !quantized_role(r)) continue;

@@ -172,7 +172,8 @@ def as_row(arrays, row, stored_by=None):
             if role == "grad"
             else state
         )
-        return a.astype(dtype, order="K")
+        with np.errstate(over="ignore"):  # beyond float16's range is inf, as the kernels store
+            return a.astype(dtype, order="K")
 
     return {
         role: [cast(role, a, i) for i, a in enumerate(value)]
@@ -439,6 +440,36 @@ def test_stochastic_rounding_is_unbiased():
     spread = float(stochastic.astype(np.float64).std()) / np.sqrt(n)
     assert abs(mean - 0.98) < 5 * spread, (mean, spread)
     assert spread > 0  # the params really spread: not a constant shift
+
+
+def chi_square_z(cells, bins):
+    """How many standard deviations the chi-square statistic of `cells` (ints in [0, bins)),
+    against equal counts, lies above its mean (the normal approximation, bins large)."""
+    counts = np.bincount(cells, minlength=bins)
+    expected = len(cells) / bins
+    return (((counts - expected) ** 2 / expected).sum() - (bins - 1)) / np.sqrt(2 * (bins - 1))
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1])
+def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
+    """The 16 bits of each array slot (0-3) are uniform, and any two slots' bits are
+    independent, for consecutive elements: so every array's rounding is unbiased and no two
+    arrays round up together. The top 5 bits of two slots fill 1024 cells; slot 2 is half 0's
+    remix, and must not repeat any pattern of slots 0 and 1 even jointly (its top bits against
+    the top bits of both). A slot that reused another's bits, or a remix linear in them, fails."""
+    n = 1 << 21
+    key = reference._tensor_key(seed, 7, 3)
+    halves = [reference._element_bits(key, n, half).astype(np.int64) for half in (0, 1)]
+    slots = [halves[s // 2] >> (16 * (s % 2)) & 0xFFFF for s in range(4)]
+    top = [s >> 11 for s in slots]  # 5 bits
+    for s in range(4):
+        assert abs(chi_square_z(slots[s] >> 6, 1024)) < 6, s
+        assert abs(chi_square_z(slots[s] & 1023, 1024)) < 6, s
+        for t in range(s + 1, 4):
+            assert abs(chi_square_z(top[s] * 32 + top[t], 1024)) < 6, (s, t)
+        assert abs(chi_square_z(top[s][:-1] * 32 + top[s][1:], 1024)) < 6, s  # neighbours
+    joint = (slots[0] >> 13) * 64 + (slots[1] >> 13) * 8 + (slots[2] >> 13)
+    assert abs(chi_square_z(joint, 512)) < 6
 
 
 def sr_run(threads, seed, step=3):

@@ -164,7 +164,8 @@ def _in_compute_type(
             slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
             a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
         else:
-            a[...] = up[name].astype(a.dtype)
+            with np.errstate(over="ignore"):  # past float16's range is inf, as a kernel stores
+                a[...] = up[name].astype(a.dtype)
 
 
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -204,7 +205,11 @@ def _element_bits(key, size, half):
         np.uint32
     ) * np.uint32(0x27D4EB2F)
     h = _fmix32((c ^ k0) * np.uint32(0x9E3779B1) + k1)
-    return h if half == 0 else _fmix32(h ^ k1 ^ np.uint32(0x5BD1E995))
+    if half == 0:
+        return h
+    # Half 1: half 0's halves folded, one multiply, the product's halves swapped.
+    p = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
+    return (p << np.uint32(16)) | (p >> np.uint32(16))
 
 
 def _stochastic_bfloat16(x, key, slot):
