@@ -194,11 +194,12 @@ FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
   h *= 0xC2B2AE35U;
   return h ^ (h >> 16);
 }
-// Half 1 from half 0: its halves folded (xor) and multiplied by an odd constant, the product's
-// halves swapped. One multiply where a second fmix32 took two: the multiplies are most of what
-// the random bits cost. Slot 2's 16 bits are the product's high half, which depends on all 32
-// bits; slot 3's, the low half, are a bijection of slot 0's xor slot 1's. Each slot's bits are
-// uniform and pairwise independent of the others', so every rounding stays unbiased.
+// Half 1 from half 0: its halves folded (xor, which undoes fmix32's last shift) and multiplied
+// by an odd constant, the product's halves swapped. One multiply where a second fmix32 took two:
+// the multiplies are most of what the random bits cost. A bijection of half 0, so each slot's
+// 16 bits are uniform and every rounding unbiased. Slot 3's bits (the product's low half) are a
+// bijection of slot 0's xor slot 1's: independent of each. Slot 2's (the high half) depend on
+// all 32 bits, with no measurable dependence on slot 0's or 1's (tests/test_kernels.py).
 FUSEDOPT_INLINE std::uint32_t second_half(std::uint32_t half0) {
   const std::uint32_t p = (half0 ^ (half0 >> 16)) * 0x7FEB352DU;
   return (p << 16) | (p >> 16);

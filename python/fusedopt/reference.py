@@ -164,7 +164,9 @@ def _in_compute_type(
             slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
             a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
         else:
-            with np.errstate(over="ignore"):  # past float16's range is inf, as a kernel stores
+            with np.errstate(
+                over="ignore"
+            ):  # past float16's (or float32's) range: inf, as kernels store
                 a[...] = up[name].astype(a.dtype)
 
 
