@@ -573,8 +573,9 @@ def plot(rows, folder: Path):
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in names:
         points = [(r["n"], r["speedup"]) for r in rows if r["optimizer"] == name and "speedup" in r]
-        x, y = zip(*points)
-        ax.plot(x, y, "-o", ms=3, label=name)
+        if points:  # a run without NumPy has no speed-up
+            x, y = zip(*points)
+            ax.plot(x, y, "-o", ms=3, label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.axhline(1, color="grey", lw=0.8)
