@@ -161,8 +161,8 @@ def as_row(arrays, row, stored_by=None):
             spec, step = stored_by
             slot = [a.name for a in spec.declaration.arrays].index(role) - 1
             key = reference._tensor_key(0, step if spec.takes_step else 0, tensor)
-            bits = reference._element_bits(key, x.size, slot // 2) >> np.uint32(16 * (slot % 2))
-            return QuantizedState(*quantize.encode(x, signed, bits & np.uint32(0xFFFF)))
+            bits = reference._slot_bits(key, x.size, slot)
+            return QuantizedState(*quantize.encode(x, signed, bits))
         dtype = (
             np.float32
             if role == "master"
@@ -460,8 +460,7 @@ def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
     one-sided: counts more even than chance bias nothing."""
     n = 1 << 21
     key = reference._tensor_key(seed, 7, 3)
-    halves = [reference._element_bits(key, n, half).astype(np.int64) for half in (0, 1)]
-    slots = [halves[s // 2] >> (16 * (s % 2)) & 0xFFFF for s in range(4)]
+    slots = [reference._slot_bits(key, n, slot).astype(np.int64) for slot in range(4)]
     top, low = [s >> 11 for s in slots], [s & 31 for s in slots]  # 5 bits each
     for s in range(4):
         assert chi_square_z(slots[s] >> 6, 1024) < 6, s

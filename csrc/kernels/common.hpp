@@ -216,10 +216,6 @@ FUSEDOPT_INLINE std::uint32_t counter_bits(std::uint64_t key, std::uint32_t coun
   const auto k0 = static_cast<std::uint32_t>(key), k1 = static_cast<std::uint32_t>(key >> 32);
   return fmix32((counter ^ k0) * 0x9E3779B1U + k1);
 }
-FUSEDOPT_INLINE std::uint32_t element_bits(std::uint64_t key, std::uint64_t index, int half) {
-  const std::uint32_t h = counter_bits(key, counter_of(index));
-  return half == 0 ? h : second_half(h);
-}
 inline std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;

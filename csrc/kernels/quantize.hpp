@@ -171,7 +171,8 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
     }
   }
 }
-// `random` holds the chunk's element_bits of the array slot's half; `shift` picks its 16.
+// `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
+// second_half); `shift` picks its 16.
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
                          float* scales, const std::uint32_t* random, int shift) {
   for (Index b = 0; b * kBlock < n; ++b) {

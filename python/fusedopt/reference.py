@@ -158,15 +158,14 @@ def _in_compute_type(
     for name, a in stored.items():
         if isinstance(a, QuantizedState):  # always stochastically: see quantize.encode
             slot = 1 + buffers_in_order.index(name)
-            bits = (_element_bits(key, a.size, slot // 2) >> np.uint32(16 * (slot % 2))) & 0xFFFF
+            bits = _slot_bits(key, a.size, slot)
             a.codes[...], a.scales[...] = encode(up[name], signed=a.signed, random_bits=bits)
         elif stochastic and a.dtype == _BFLOAT16:
             slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
             a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
         else:
-            with np.errstate(
-                over="ignore"
-            ):  # past float16's (or float32's) range: inf, as kernels store
+            # Past float16's (or float32's) range is inf, as the kernels store it: no warning.
+            with np.errstate(over="ignore"):
                 a[...] = up[name].astype(a.dtype)
 
 
@@ -198,27 +197,27 @@ def _fmix32(h):
     return h ^ (h >> np.uint32(16))
 
 
-def _element_bits(key, size, half):
-    """The kernels' 32 random bits of elements 0 .. size-1 of a tensor, for array slots 0-1
-    (half 0) or 2-3 (half 1)."""
+def _slot_bits(key, size, slot):
+    """The kernels' 16 random bits (uint32) of elements 0 .. size-1 of a tensor for array
+    ``slot`` (the param 0, the states 1, 2, 3): the low or high half of 32 bits, half 0 for
+    slots 0-1, half 1 for slots 2-3."""
     k0, k1 = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
     index = np.arange(size, dtype=np.uint64)
     c = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32) + (index >> np.uint64(32)).astype(
         np.uint32
     ) * np.uint32(0x27D4EB2F)
     h = _fmix32((c ^ k0) * np.uint32(0x9E3779B1) + k1)
-    if half == 0:
-        return h
-    # Half 1: half 0's halves folded, one multiply, the product's halves swapped.
-    p = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
-    return (p << np.uint32(16)) | (p >> np.uint32(16))
+    if slot >= 2:  # half 1: half 0's halves folded, one multiply, the product's halves swapped
+        p = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
+        h = (p << np.uint32(16)) | (p >> np.uint32(16))
+    return (h >> np.uint32(16 * (slot % 2))) & np.uint32(0xFFFF)
 
 
 def _stochastic_bfloat16(x, key, slot):
     """``x`` (float32, in memory order) rounded to bfloat16 at random, without bias: 16 random
     bits, the element's for this array (``slot``), are added below the 16 bits kept, then
     truncated. The bits are those of the kernels. NaN rounds to nearest."""
-    bits = (_element_bits(key, x.size, slot // 2) >> np.uint32(16 * (slot % 2))) & np.uint32(0xFFFF)
+    bits = _slot_bits(key, x.size, slot)
     rounded = ((x.view(np.uint32) + bits) >> np.uint32(16)).astype(np.uint16).view(_BFLOAT16)
     nan = np.isnan(x)
     rounded[nan] = x[nan].astype(_BFLOAT16)
