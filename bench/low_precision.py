@@ -2,7 +2,9 @@
 included), to nearest and with stochastic rounding, against float32 and torch's fused Adam in
 float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element and
 the row's probe (the same arrays read and written, converted and quantized the same way, with
-no formula: the time the storage alone costs).
+no formula: the time the storage alone costs), and its time in cache (the same call on arrays
+that fit the threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes
+can go below).
 
     python bench/low_precision.py [--n 1e7] [--calls 9]      # FUSEDOPT_SIMD picks the level
     python bench/run.py --storage                             # the same
@@ -11,6 +13,7 @@ no formula: the time the storage alone costs).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Optional
@@ -48,7 +51,43 @@ def bytes_per_element(param: str, grad: str, state: str, master: Optional[str]) 
     (int8: a code and a 256th of a float32 scale each way)."""
     size = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1 + 4 / BLOCK}
     moved = size[grad] + 2 * 2 * size[state]
-    return moved + (2 * 4 + size[master] if master else 2 * size[param])
+    return moved + (2 * size[master] + size[param] if master else 2 * size[param])
+
+
+def l2_cache_bytes() -> int:
+    """One core's L2 cache (1 MiB where the OS does not say)."""
+    try:
+        size = int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
+    except (ValueError, OSError):
+        size = 0
+    return size if size > 0 else 1 << 20
+
+
+def in_cache_sizes(bytes_per_elem: float) -> tuple[int, int]:
+    """Two sizes whose arrays (each thread's share) fill at most half of its L2 cache, in
+    whole chunks of 2048 elements."""
+    threads = max(1, fusedopt.get_num_threads())
+    chunks = int(threads * l2_cache_bytes() / (2 * bytes_per_elem)) // 2048
+    return 2048 * max(2, chunks), 2048 * max(1, chunks // 2)
+
+
+def per_element_in_cache(calls: dict, rounds: int, repeats: int = 100) -> dict:
+    """Each row's marginal time per element with its arrays in cache: `calls[name]` is a pair
+    of (size, step) at two sizes, each step timed `repeats` times in a row (the arrays stay in
+    cache); the difference of the two times over the difference of the sizes drops what a call
+    costs whatever its size. Median of `rounds`, the rows interleaved."""
+    slopes = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, ((n1, step1), (n2, step2)) in calls.items():
+            elapsed = []
+            for step in (step1, step2):
+                step(1)  # into cache
+                start = time.perf_counter()
+                for i in range(repeats):
+                    step(i + 2)
+                elapsed.append((time.perf_counter() - start) / repeats)
+            slopes[name].append((elapsed[0] - elapsed[1]) / (n1 - n2))
+    return {name: statistics.median(s) for name, s in slopes.items()}
 
 
 def main(argv=None) -> None:
@@ -67,23 +106,32 @@ def main(argv=None) -> None:
         for state in ("float32", "bfloat16", "int8")
         if ("float32", grad, state) in _core.STORAGE_ROWS
     ]
+
+    def adam_row(param, grad, state, master, stochastic, size):
+        arrays = [
+            rng.standard_normal(size).astype(DTYPES[param]),
+            rng.standard_normal(size).astype(DTYPES[grad]),
+            state_array(state, size, signed=True),
+            state_array(state, size, signed=False),
+        ]
+        extra = {"master": arrays[0].astype(np.float32)} if master else {}
+        return arrays, lambda step: fusedopt.adam_(
+            *arrays, step=step, lr=1e-4, stochastic_rounding=stochastic, seed=step, **extra
+        )
+
+    in_cache = {}  # per row, (size, step) at two sizes whose arrays fit the L2 caches
     for param, grad, state, master in configs:
         for stochastic in (False, True):
             if stochastic and "bfloat16" not in (param, state):
                 continue
-            arrays = [
-                rng.standard_normal(n).astype(DTYPES[param]),
-                rng.standard_normal(n).astype(DTYPES[grad]),
-                state_array(state, n, signed=True),
-                state_array(state, n, signed=False),
-            ]
-            extra = {"master": arrays[0].astype(np.float32)} if master else {}
             name = f"{param}/{grad}/{state}" + (" + master" if master else "")
             name += " stochastic" if stochastic else ""
-            steps[name] = lambda step, a=arrays, sr=stochastic, kw=extra: fusedopt.adam_(
-                *a, step=step, lr=1e-4, stochastic_rounding=sr, seed=step, **kw
-            )
+            arrays, steps[name] = adam_row(param, grad, state, master, stochastic, n)
             traffic[name] = bytes_per_element(param, grad, state, master)
+            in_cache[name] = [
+                (size, adam_row(param, grad, state, master, stochastic, size)[1])
+                for size in in_cache_sizes(traffic[name])
+            ]
             if not master and not stochastic:
                 # the roofline declares no state never negative: int8 codes for both buffers;
                 # nonzero values, as a step's state is after its first step (a block of zeros
@@ -95,13 +143,20 @@ def main(argv=None) -> None:
     except ImportError:
         torch = None
     if torch is not None:
-        for dtype in (torch.float32, torch.bfloat16):
-            p = torch.randn(n, dtype=dtype, requires_grad=True)
-            p.grad = torch.randn(n, dtype=dtype)
+
+        def torch_adam(dtype, size):
+            p = torch.randn(size, dtype=dtype, requires_grad=True)
+            p.grad = torch.randn(size, dtype=dtype)
             opt = torch.optim.Adam([p], lr=1e-4, fused=True)
+            return lambda step: opt.step()
+
+        for dtype in (torch.float32, torch.bfloat16):
             name = f"torch fused {str(dtype)[6:]}"
-            steps[name] = lambda step, o=opt: o.step()
+            steps[name] = torch_adam(dtype, n)
             traffic[name] = 7 * (4 if dtype == torch.float32 else 2)
+            in_cache[name] = [
+                (size, torch_adam(dtype, size)) for size in in_cache_sizes(traffic[name])
+            ]
     calls = {**steps, **{f"probe {name}": fn for name, fn in probes.items()}}
     times = {name: [] for name in calls}
     for step in range(1, args.calls + 1):
@@ -110,19 +165,23 @@ def main(argv=None) -> None:
             fn(step)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    cached = {name: n * t for name, t in per_element_in_cache(in_cache, args.calls).items()}
     probe_of = {name: medians.pop(f"probe {name}") for name in probes}
     base = medians["float32/float32/float32"]
     torch_f32 = medians.get("torch fused float32")
     torch_bf16 = medians.get("torch fused bfloat16")
     print(
         f"fusedopt {fusedopt.__version__}, SIMD level {_core.simd_level()}, "
-        f"{fusedopt.get_num_threads()} threads, Adam, n = {n:,}, median of {args.calls}"
+        f"{fusedopt.get_num_threads()} threads, Adam, n = {n:,}, median of {args.calls}; "
+        f"in cache: the time per element with the arrays in L2 ({l2_cache_bytes() >> 10} KiB "
+        "a core), times n"
     )
     print(
         "| storage (param/grad/state) | B/element | median | GB/s | probe | % of probe "
-        "| vs fusedopt float32 | vs torch fused f32 | vs torch fused bf16 |"
+        "| vs fusedopt float32 | vs torch fused f32 | vs torch fused bf16 | in cache "
+        "| in cache vs fusedopt float32 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, t in medians.items():
         f32 = f"{t / torch_f32:.2f}x" if torch_f32 else "–"
         bf16 = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
@@ -130,7 +189,8 @@ def main(argv=None) -> None:
         against = f"{probe * 1e3:.2f} ms | {100 * probe / t:.0f} %" if probe else "– | –"
         print(
             f"| {name} | {traffic[name]:.1f} | {t * 1e3:.2f} ms | "
-            f"{traffic[name] * n / t / 1e9:.1f} | {against} | {t / base:.2f}x | {f32} | {bf16} |"
+            f"{traffic[name] * n / t / 1e9:.1f} | {against} | {t / base:.2f}x | {f32} | {bf16} | "
+            f"{cached[name] * 1e3:.2f} ms | {cached[name] / base:.2f}x |"
         )
 
 
