@@ -6,7 +6,7 @@
 
 Two NumPy MLPs (ReLU, softmax cross-entropy, backprop by hand) are trained with the same
 optimizer (fusedopt.optim.AdamW, lr 1e-3 on a cosine decay), seeds, data order and
-hyperparameters under seven storage settings:
+hyperparameters under eight storage settings:
 
 1. float32: float32 params and state;
 2. bfloat16 (nearest): bfloat16 params and state, rounded to nearest even;
@@ -15,7 +15,12 @@ hyperparameters under seven storage settings:
 5. bfloat16 state: float32 params, bfloat16 state, rounded to nearest even;
 6. bfloat16 state + stochastic rounding: the same, rounded stochastically;
 7. int8 state: float32 params, 8-bit block-quantized state (fusedopt.quantize), whose codes
-   are always rounded stochastically.
+   are always rounded stochastically;
+8. bfloat16 + Kahan compensation: bfloat16 params with a bfloat16 compensation buffer that
+   keeps what each rounding of the param lost (torch-optimi's alternative to float32 masters,
+   2 B per element instead of 4), float32 state. fusedopt has no kernel for it: this script
+   emulates it in NumPy around the float32 optimizer (KahanParams), to measure whether one is
+   worth having.
 
 Model A is a 64-128-128-10 MLP on scikit-learn's digits; model B a 128-256-256-256-16 MLP
 on a synthetic 16-class problem (sklearn.datasets.make_classification). With bfloat16
@@ -72,7 +77,38 @@ SETTINGS: dict[str, tuple[np.dtype, dict[str, Any]]] = {
         dict(state_dtype="bfloat16", stochastic_rounding=True),
     ),
     "int8 state": (F32, dict(state_dtype="int8")),
+    "bfloat16 + Kahan compensation": (BF16, dict(kahan=True)),
 }
+
+
+class KahanParams:
+    r"""bfloat16 params ``p`` with a bfloat16 Kahan compensation buffer ``c``, around a float32
+    optimizer (as torch-optimi does it), under fusedopt's storage rule (float32 arithmetic, one
+    rounding per stored array). Each step runs the optimizer on float32 copies of the params,
+    which gives the update :math:`d`, then
+
+    .. math::
+        y = c + d, \qquad p' = \mathrm{bf16}(p + y), \qquad c' = \mathrm{bf16}(y - (p' - p))
+
+    (:math:`p' - p` is exact in float32): ``c`` keeps what rounding the param lost, so updates
+    far below half an ulp add up in it until they move the param. NumPy, for this experiment."""
+
+    def __init__(self, params: dict[str, np.ndarray], **options: Any) -> None:
+        self.params = params
+        self.work = {k: v.astype(F32) for k, v in params.items()}
+        self.compensation = {k: np.zeros(v.shape, BF16) for k, v in params.items()}
+        self.optimizer = optim.AdamW(self.work, **options)
+
+    def step(self, grads: dict[str, np.ndarray]) -> None:
+        for k, p in self.params.items():
+            self.work[k][...] = p  # exact: bfloat16 to float32
+        self.optimizer.step(grads)
+        for k, p in self.params.items():
+            old = p.astype(F32)
+            y = self.compensation[k].astype(F32) + (self.work[k] - old)
+            new = (old + y).astype(BF16)
+            self.compensation[k][...] = (y - (new.astype(F32) - old)).astype(BF16)
+            p[...] = new
 
 
 class Task(NamedTuple):
@@ -186,11 +222,16 @@ def train(task: Task, setting: str, seed: int) -> dict[str, Any]:
     params = {
         k: v.astype(dtype) for k, v in init_mlp(np.random.default_rng(seed), task.sizes).items()
     }
-    opt = optim.AdamW(params, **HYPER, seed=seed, **options)
+    kahan = options.get("kahan", False)
+    opt: Any = (
+        KahanParams(params, **HYPER)
+        if kahan
+        else optim.AdamW(params, **HYPER, seed=seed, **options)
+    )
     x, y = task.train
     steps_per_epoch = -(-len(y) // task.batch)
     schedule = schedules.CosineAnnealingLR(
-        opt, T_max=task.epochs * steps_per_epoch, eta_min=ETA_MIN
+        opt.optimizer if kahan else opt, T_max=task.epochs * steps_per_epoch, eta_min=ETA_MIN
     )
     # A bfloat16 model computes with its stored weights, upcast; float32 ones are used as is.
     as_f32: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = (
@@ -222,7 +263,12 @@ def train(task: Task, setting: str, seed: int) -> dict[str, Any]:
         )
         for k in params
     ) / sum(p.size for p in params.values())
-    param_bytes, state_bytes = bytes_per_element(opt, params)
+    if kahan:  # the float32 state, and the compensation buffer
+        param_bytes, state_bytes = bytes_per_element(opt.optimizer, params)
+        elements = sum(p.size for p in params.values())
+        state_bytes += sum(c.nbytes for c in opt.compensation.values()) / elements
+    else:
+        param_bytes, state_bytes = bytes_per_element(opt, params)
     return {
         "curve": np.array(curve),
         "loss": softmax_loss(forward(weights, x)[1], y)[0],  # full training set, at the end
@@ -331,8 +377,10 @@ def table(results: dict[str, Any]) -> str:
         "Final train loss: on the whole training set after the last step, with the stored "
         "weights. Unchanged: fraction of stored parameter elements (bit for bit) that the last "
         "epoch did not change. State bytes: optimizer state arrays (moments, float32 masters, "
-        "int8 codes and per-256-element scales) per parameter element. s/run: wall seconds of "
-        "training per run (a shared machine: indicative only).",
+        "int8 codes and per-256-element scales, the Kahan compensation buffer) per parameter "
+        "element. s/run: wall seconds of "
+        "training per run (a shared machine: indicative only; the Kahan setting is emulated in "
+        "NumPy).",
         "",
         "Adam's bias-corrected second moment v_hat / E[g^2] after "
         f"{DRIFT_STEPS[results['quick']]} steps of Gaussian gradients (1 = unbiased):",

@@ -23,6 +23,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "mixed_precision.py"
 # bfloat16 state                    0.0717  0.9833  0.000       | 1.2740  0.4160  0.000
 # bfloat16 state + stochastic       0.0711  0.9833  0.001       | 1.2731  0.4175  0.000
 # int8 state                        0.0704  0.9861  0.001       | 1.2693  0.4173  0.000
+# bfloat16 + Kahan compensation     0.0714  0.9833  0.916       | 1.2741  0.4177  0.714
 # Adam's v_hat / E[g^2] after 500 steps: float32 0.998, bfloat16 1.018, bfloat16 stochastic
 # 0.998, int8 0.997 (int8 codes are rounded stochastically; to nearest they lagged at 0.378).
 CLOSE = (
@@ -31,16 +32,48 @@ CLOSE = (
     "bfloat16 state",
     "bfloat16 state + stochastic rounding",
     "int8 state",
+    "bfloat16 + Kahan compensation",
 )
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def example():
     spec = importlib.util.spec_from_file_location("mixed_precision", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(example, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed_precision")
     return example.run(quick=True, out=out), out
+
+
+def test_kahan_compensation_keeps_updates_below_half_an_ulp(example):
+    """AdamW's first steps move each weight by about lr = 1e-3, under half a bfloat16 ulp of
+    1.0 (2**-8): rounded to nearest the params stay at 1.0; with the compensation buffer they
+    move by the sum of the updates, as float32 weights do, to within one ulp."""
+    import ml_dtypes
+    import numpy as np
+
+    from fusedopt import optim
+
+    options = dict(lr=1e-3, weight_decay=0.0)
+    kahan = {"w": np.ones(1000, ml_dtypes.bfloat16)}
+    nearest = {"w": np.ones(1000, ml_dtypes.bfloat16)}
+    exact = {"w": np.ones(1000, np.float32)}
+    optimizers = [
+        example.KahanParams(kahan, **options),
+        optim.AdamW(nearest, **options),
+        optim.AdamW(exact, **options),
+    ]
+    for _ in range(100):
+        for opt in optimizers:
+            opt.step({"w": np.ones(1000, np.float32)})
+    assert np.all(nearest["w"] == 1)
+    assert np.all(np.abs(kahan["w"].astype(np.float32) - exact["w"]) <= 2.0**-8), exact["w"][0]
+    assert exact["w"][0] < 0.91  # the updates added up to about 0.1
 
 
 @pytest.mark.parametrize("model", ["A", "B"])
@@ -67,6 +100,8 @@ def test_storage_settings(results, model):
         (4, 4),
     ]
     assert r["int8 state"]["param bytes"] == 4 and 2 < r["int8 state"]["state bytes"] < 2.1
+    kahan = r["bfloat16 + Kahan compensation"]
+    assert (kahan["param bytes"], kahan["state bytes"]) == (2, 10)  # float32 state + bfloat16 c
 
 
 def test_nearest_costs_accuracy_on_b(results):
@@ -84,6 +119,6 @@ def test_second_moment_drift(results):
 def test_outputs(results):
     r, out = results
     text = (out / "mixed_precision.md").read_text()
-    assert text.count("| A: digits") == 7 and text.count("| B: synthetic") == 7
+    assert text.count("| A: digits") == 8 and text.count("| B: synthetic") == 8
     assert "| int8 state |" in r["table"]
     assert (out / "mixed_precision.png").stat().st_size > 10_000

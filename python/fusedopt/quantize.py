@@ -112,8 +112,8 @@ def _memory_order(a: np.ndarray) -> str:
     return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
 
 
-def _num_blocks(n: int) -> int:
-    return -(-n // BLOCK)
+def _num_blocks(n: int, block: int = BLOCK) -> int:
+    return -(-n // block)
 
 
 def _check_array(name: str, a: object, dtypes: tuple[type, ...]) -> np.ndarray:
@@ -156,12 +156,19 @@ def encode(
     average whose steps (1 - beta of it) are below half a step never moves when rounded to
     nearest.
     """
-    x = _check_array("x", x, (np.float32,))
+    return _encode(_check_array("x", x, (np.float32,)), signed, random_bits, BLOCK)
+
+
+def _encode(
+    x: np.ndarray, signed: bool, random_bits: Optional[np.ndarray], block: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """encode() with blocks of ``block`` elements: the kernels' format for BLOCK, other sizes
+    for experiments (bench/block_size.py)."""
     fmt = _SIGNED if signed else _UNSIGNED
     order = _memory_order(x)
     flat = x.reshape(-1, order=order)
     n = flat.size
-    blocks = np.zeros((_num_blocks(n), BLOCK), np.float32)  # zero padding leaves the max alone
+    blocks = np.zeros((_num_blocks(n, block), block), np.float32)  # zeros leave the max alone
     blocks.reshape(-1)[:n] = flat
 
     # The scale: 2**E, E the exponent of the block's largest finite |x| rounded up to 3 bits.
@@ -208,12 +215,16 @@ def decode(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     Returns float32 in the shape and memory layout of ``codes``: each element is the code's
     value times its block's scale, one float32 multiply rounded to nearest even.
     """
-    codes, scales = _check_codes_scales(codes, scales)
+    return _decode(*_check_codes_scales(codes, scales), BLOCK)
+
+
+def _decode(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """decode() of blocks of ``block`` elements (see _encode)."""
     order = _memory_order(codes)
     flat = codes.reshape(-1, order=order).view(np.uint8)
     values = _format_of(codes).lut[flat]
     with np.errstate(under="ignore", invalid="ignore"):
-        out = values * np.repeat(scales, BLOCK)[: flat.size]
+        out = values * np.repeat(scales, block)[: flat.size]
     return out.reshape(codes.shape, order=order)
 
 
