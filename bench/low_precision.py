@@ -13,9 +13,9 @@ can go below).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+from pathlib import Path
 from typing import Optional
 
 import ml_dtypes
@@ -54,24 +54,34 @@ def bytes_per_element(param: str, grad: str, state: str, master: Optional[str]) 
     return moved + (2 * size[master] + size[param] if master else 2 * size[param])
 
 
-def l2_cache_bytes() -> int:
-    """One core's L2 cache (1 MiB where the OS does not say)."""
-    try:
-        size = int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
-    except (ValueError, OSError):
-        size = 0
-    return size if size > 0 else 1 << 20
+def l2_cache_bytes() -> tuple[int, bool]:
+    """One core's L2 cache from Linux's sysfs, and whether it was found (else 512 KiB, the
+    smallest of current x86 server cores, is assumed)."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                text = (index / "size").read_text().strip()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                return int(text.rstrip("KM")) * scale, True
+        except (OSError, ValueError):
+            pass
+    return 512 << 10, False
 
 
 def in_cache_sizes(bytes_per_elem: float) -> tuple[int, int]:
-    """Two sizes whose arrays (each thread's share) fill at most half of its L2 cache, in
-    whole chunks of 2048 elements."""
+    """Two sizes for the in-cache slope: the larger's arrays fill at most half of each thread's
+    L2 cache, the smaller is about a quarter of it. Both are whole chunks of 2048 elements, the
+    same number per thread (a call lasts as long as its largest share), and at least the
+    size from which calls run on every thread (else the two would run different paths)."""
     threads = max(1, fusedopt.get_num_threads())
-    chunks = int(threads * l2_cache_bytes() / (2 * bytes_per_elem)) // 2048
-    return 2048 * max(2, chunks), 2048 * max(1, chunks // 2)
+    unit = 2048 * threads
+    smallest = -(-_core.get_parallel_min() // unit) * unit
+    large = int(threads * l2_cache_bytes()[0] / (2 * bytes_per_elem)) // unit * unit
+    small = max(smallest, large // 4 // unit * unit)
+    return max(large, 2 * small), small
 
 
-def per_element_in_cache(calls: dict, rounds: int, repeats: int = 100) -> dict:
+def per_element_in_cache(calls: dict, rounds: int, repeats: int = 200) -> dict:
     """Each row's marginal time per element with its arrays in cache: `calls[name]` is a pair
     of (size, step) at two sizes, each step timed `repeats` times in a row (the arrays stay in
     cache); the difference of the two times over the difference of the sizes drops what a call
@@ -166,6 +176,7 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     cached = {name: n * t for name, t in per_element_in_cache(in_cache, args.calls).items()}
+    l2, l2_found = l2_cache_bytes()
     probe_of = {name: medians.pop(f"probe {name}") for name in probes}
     base = medians["float32/float32/float32"]
     torch_f32 = medians.get("torch fused float32")
@@ -173,8 +184,8 @@ def main(argv=None) -> None:
     print(
         f"fusedopt {fusedopt.__version__}, SIMD level {_core.simd_level()}, "
         f"{fusedopt.get_num_threads()} threads, Adam, n = {n:,}, median of {args.calls}; "
-        f"in cache: the time per element with the arrays in L2 ({l2_cache_bytes() >> 10} KiB "
-        "a core), times n"
+        f"in cache: the time per element with the arrays in L2 ({l2 >> 10} KiB a core"
+        f"{'' if l2_found else ', assumed'}), times n"
     )
     print(
         "| storage (param/grad/state) | B/element | median | GB/s | probe | % of probe "

@@ -90,8 +90,9 @@ class KahanParams:
     .. math::
         y = c + d, \qquad p' = \mathrm{bf16}(p + y), \qquad c' = \mathrm{bf16}(y - (p' - p))
 
-    (:math:`p' - p` is exact in float32): ``c`` keeps what rounding the param lost, so updates
-    far below half an ulp add up in it until they move the param. NumPy, for this experiment."""
+    (:math:`p' - p` is exact in float32 unless the step moves the param's exponent by more
+    than 16): ``c`` keeps what rounding the param lost, so updates far below half an ulp add
+    up in it until they move the param. NumPy, for this experiment."""
 
     def __init__(self, params: dict[str, np.ndarray], **options: Any) -> None:
         self.params = params
