@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import fusedopt
-from fusedopt import optim, quantize, schedules
+from fusedopt import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -41,31 +41,20 @@ def load_example():
 
 
 def snapshots(example, epochs: int, at: tuple[int, ...]) -> dict[int, dict]:
-    """Model B trained in float32 as examples/mixed_precision.py trains it (seed 0); the step
-    count and a copy of every tensor's exp_avg and exp_avg_sq after each epoch in ``at``."""
-    task = example.synthetic_task(epochs=epochs, n_train=10000, width=256)
-    params = example.init_mlp(np.random.default_rng(0), task.sizes)
-    opt = optim.AdamW(params, **example.HYPER)
-    x, y = task.train
-    steps_per_epoch = -(-len(y) // task.batch)
-    schedule = schedules.CosineAnnealingLR(
-        opt, T_max=epochs * steps_per_epoch, eta_min=example.ETA_MIN
-    )
-    order_rng = np.random.default_rng(1000)
-    out, step = {}, 0
-    for epoch in range(1, epochs + 1):
-        order = order_rng.permutation(len(y))
-        for first in range(0, len(y), task.batch):
-            index = order[first : first + task.batch]
-            opt.step(example.loss_and_grads(params, x[index], y[index])[1])
-            schedule.step()
-            step += 1
+    """Model B trained in float32 by examples/mixed_precision.py (seed 0); the step count and a
+    copy of every tensor's exp_avg and exp_avg_sq after each epoch in ``at``."""
+    out = {}
+
+    def capture(epoch, opt):
         if epoch in at:
             out[epoch] = {
-                "step": step,
+                "step": next(iter(opt.state.values()))["step"],
                 "m": {k: s["exp_avg"].copy() for k, s in opt.state.items()},
                 "v": {k: s["exp_avg_sq"].copy() for k, s in opt.state.items()},
             }
+
+    task = example.synthetic_task(epochs=epochs, n_train=10000, width=256)
+    example.train(task, "float32", 0, after_epoch=capture)
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Optional
 
 import ml_dtypes
@@ -55,17 +54,12 @@ def bytes_per_element(param: str, grad: str, state: str, master: Optional[str]) 
 
 
 def l2_cache_bytes() -> tuple[int, bool]:
-    """One core's L2 cache from Linux's sysfs, and whether it was found (else 512 KiB, the
-    smallest of current x86 server cores, is assumed)."""
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if (index / "level").read_text().strip() == "2":
-                text = (index / "size").read_text().strip()
-                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                return int(text.rstrip("KM")) * scale, True
-        except (OSError, ValueError):
-            pass
-    return 512 << 10, False
+    """One core's L2 cache, and whether the OS said (else 512 KiB, the smallest of current x86
+    server cores, is assumed)."""
+    from run import cpu_caches  # bench/run.py, which imports this module only when it runs it
+
+    sizes = [size for level, size in cpu_caches() if level == 2]
+    return (sizes[0], True) if sizes else (512 << 10, False)
 
 
 def in_cache_sizes(bytes_per_elem: float) -> tuple[int, int]:

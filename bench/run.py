@@ -200,19 +200,31 @@ IMPLEMENTATIONS = {
 }
 
 
+def cpu_caches() -> list[tuple[int, int]]:
+    """(level, bytes) of each of the first CPU's caches, as Linux's sysfs lists them (none
+    elsewhere)."""
+    caches = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            caches.append((level, int(text.rstrip("KM")) * scale))
+        except (OSError, ValueError):
+            pass
+    return caches
+
+
 def last_level_cache_bytes() -> int:
-    """The largest CPU cache (0 where the OS does not say): sysconf on Linux, else sysfs."""
+    """The largest CPU cache (0 where the OS does not say): sysconf where it has the entries,
+    else sysfs."""
     sizes = []
     for key in ("SC_LEVEL4_CACHE_SIZE", "SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
         try:
             sizes.append(int(os.sysconf(key)))
         except (ValueError, OSError):
             pass
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = index.read_text().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-        sizes.append(int(text.rstrip("KM")) * scale)
-    return max(sizes, default=0)
+    return max(sizes + [size for _, size in cpu_caches()], default=0)
 
 
 # Rotate through at least this much memory, so that no call finds its arrays in a cache: four

@@ -47,7 +47,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import ml_dtypes
 import numpy as np
@@ -99,6 +99,13 @@ class KahanParams:
         self.work = {k: v.astype(F32) for k, v in params.items()}
         self.compensation = {k: np.zeros(v.shape, BF16) for k, v in params.items()}
         self.optimizer = optim.AdamW(self.work, **options)
+
+    @property
+    def state(self) -> dict[str, dict[str, Any]]:
+        """The optimizer's state per param, with its compensation buffer."""
+        return {
+            k: {**s, "compensation": self.compensation[k]} for k, s in self.optimizer.state.items()
+        }
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
         for k, p in self.params.items():
@@ -208,7 +215,7 @@ def loss_and_grads(
     return loss, grads
 
 
-def bytes_per_element(opt: optim.Optimizer, params: dict[str, np.ndarray]) -> tuple[float, float]:
+def bytes_per_element(opt: Any, params: dict[str, np.ndarray]) -> tuple[float, float]:
     """(param bytes, optimizer state bytes) per parameter element, counted from the arrays:
     state buffers, masters, quantized codes and their per-block scales."""
     elements = sum(p.size for p in params.values())
@@ -216,9 +223,15 @@ def bytes_per_element(opt: optim.Optimizer, params: dict[str, np.ndarray]) -> tu
     return sum(p.nbytes for p in params.values()) / elements, state / elements
 
 
-def train(task: Task, setting: str, seed: int) -> dict[str, Any]:
+def train(
+    task: Task,
+    setting: str,
+    seed: int,
+    after_epoch: Optional[Callable[[int, Any], None]] = None,
+) -> dict[str, Any]:
     """Train one model under one storage setting; the seed fixes the initial weights, the data
-    order and the stochastic-rounding stream, identically for every setting."""
+    order and the stochastic-rounding stream, identically for every setting. ``after_epoch``,
+    if given, is called with the epoch (from 1) and the optimizer after each epoch."""
     dtype, options = SETTINGS[setting]
     params = {
         k: v.astype(dtype) for k, v in init_mlp(np.random.default_rng(seed), task.sizes).items()
@@ -253,6 +266,8 @@ def train(task: Task, setting: str, seed: int) -> dict[str, Any]:
             schedule.step()
             losses.append(loss)
         curve.append(float(np.mean(losses)))
+        if after_epoch is not None:
+            after_epoch(epoch + 1, opt)
     seconds = time.perf_counter() - start
     weights = as_f32(params)
     # bitwise comparison of the stored weights (the biases are a small part)
@@ -264,12 +279,7 @@ def train(task: Task, setting: str, seed: int) -> dict[str, Any]:
         )
         for k in params
     ) / sum(p.size for p in params.values())
-    if kahan:  # the float32 state, and the compensation buffer
-        param_bytes, state_bytes = bytes_per_element(opt.optimizer, params)
-        elements = sum(p.size for p in params.values())
-        state_bytes += sum(c.nbytes for c in opt.compensation.values()) / elements
-    else:
-        param_bytes, state_bytes = bytes_per_element(opt, params)
+    param_bytes, state_bytes = bytes_per_element(opt, params)
     return {
         "curve": np.array(curve),
         "loss": softmax_loss(forward(weights, x)[1], y)[0],  # full training set, at the end
@@ -379,9 +389,8 @@ def table(results: dict[str, Any]) -> str:
         "weights. Unchanged: fraction of stored parameter elements (bit for bit) that the last "
         "epoch did not change. State bytes: optimizer state arrays (moments, float32 masters, "
         "int8 codes and per-256-element scales, the Kahan compensation buffer) per parameter "
-        "element. s/run: wall seconds of "
-        "training per run (a shared machine: indicative only; the Kahan setting is emulated in "
-        "NumPy).",
+        "element. s/run: wall seconds of training per run (a shared machine: indicative only; "
+        "the Kahan setting is emulated in NumPy).",
         "",
         "Adam's bias-corrected second moment v_hat / E[g^2] after "
         f"{DRIFT_STEPS[results['quick']]} steps of Gaussian gradients (1 = unbiased):",
