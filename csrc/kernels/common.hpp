@@ -165,11 +165,10 @@ inline void floats_to_halves(const float* in, Index n, Eigen::half* out) {
 // so that it vectorizes at every SIMD level.
 template <typename Below>
 FUSEDOPT_INLINE Eigen::bfloat16 round_to_bfloat16(float x, const Below& below) {
-  std::uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const std::uint32_t nan = ((u >> 16) & 0x8000U) | 0x7FC0U;
-  const auto kept = static_cast<std::uint16_t>(x != x ? nan : (u + below(u)) >> 16);
-  return Eigen::numext::bit_cast<Eigen::bfloat16>(kept);
+  const std::uint32_t u = float_bits(x);
+  const std::uint32_t nan = (u & 0x80000000U) | 0x7FC00000U;
+  const std::uint32_t rounded = x != x ? nan : u + below(u);
+  return Eigen::numext::bit_cast<Eigen::bfloat16>(static_cast<std::uint16_t>(rounded >> 16));
 }
 
 // To nearest, ties to even: Eigen's (and so ml_dtypes') result.

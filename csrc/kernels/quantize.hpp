@@ -29,14 +29,6 @@ struct Minifloat {
   using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
 };
 
-// The codes of a block widened to 32 bits first: with 8-bit lanes in the loop GCC vectorizes
-// 64 elements at a time and spills the widened values.
-template <typename Code>
-FUSEDOPT_INLINE void widen(const Code* __restrict codes, Index n, std::uint32_t* __restrict wide) {
-#pragma omp simd
-  for (Index i = 0; i < n; ++i) wide[i] = codes[i];
-}
-
 // The bits of value(code) (scale 1). General: any code; else only normal ones (exponent field
 // neither 0 nor all ones), which skips the selects for subnormals, inf and NaN.
 template <bool Signed, bool General>
@@ -57,22 +49,24 @@ FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
   return v;
 }
 
-// out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes (checked
-// first, on the widened codes): they take the loop without the selects.
-template <bool Signed>
-inline void decode_block(const std::uint8_t* __restrict codes, float scale, Index n,
+// out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes: they take
+// the loop without the selects. The codes are widened to 32 bits first, in the pass that checks
+// them (decoded from 8-bit lanes, GCC vectorizes 64 elements at a time and spills).
+template <bool Signed, typename Count>
+inline void decode_block(const std::uint8_t* __restrict codes, float scale, Count n,
                          float* __restrict out) {
   using F = Minifloat<Signed>;
   alignas(64) std::uint32_t wide[kBlock];
-  widen(codes, n, wide);
-  std::uint32_t low = 0xFFU, high = 0;
-#pragma omp simd reduction(min : low) reduction(max : high)
+  // q - 8 wraps for subnormal codes (q < 8): its maximum is below kInf - 8 only if all are normal
+  std::uint32_t highest = 0;
+#pragma omp simd reduction(max : highest)
   for (Index i = 0; i < n; ++i) {
-    const std::uint32_t q = Signed ? wide[i] & 0x7FU : wide[i];
-    low = q < low ? q : low;
-    high = q > high ? q : high;
+    const std::uint32_t code = codes[i];
+    wide[i] = code;
+    const std::uint32_t above_subnormal = (Signed ? code & 0x7FU : code) - 8U;
+    highest = above_subnormal > highest ? above_subnormal : highest;
   }
-  if (low >= 8U && high < F::kInf) {
+  if (highest < F::kInf - 8U) {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, false>(wide[i])) * scale;
   } else {
@@ -114,19 +108,27 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
 // (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
 // bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
 // (the common case: found by the same first pass) takes the loop without those selects.
-template <bool Signed>
-inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __restrict codes,
+template <bool Signed, typename Count>
+inline float encode_block(const float* __restrict in, Count n, std::uint8_t* __restrict codes,
                           const std::uint32_t* __restrict random_bits, int shift) {
   using F = Minifloat<Signed>;
-  std::uint32_t largest = 0;  // bits of the largest finite magnitude: they order as the values
-  std::uint32_t highest = 0, lowest = 0xFFFFFFFFU;  // of all magnitudes' bits
-#pragma omp simd reduction(max : largest, highest) reduction(min : lowest)
+  // the bits of magnitudes order as their values
+  std::uint32_t highest = 0, lowest = 0xFFFFFFFFU;
+#pragma omp simd reduction(max : highest) reduction(min : lowest)
   for (Index i = 0; i < n; ++i) {
     const std::uint32_t a = float_bits(in[i]) & 0x7FFFFFFFU;
-    const std::uint32_t finite = a & all_ones_if(a < 0x7F800000U);
-    largest = finite > largest ? finite : largest;
     highest = a > highest ? a : highest;
     lowest = a < lowest ? a : lowest;
+  }
+  std::uint32_t largest = highest;  // the largest finite magnitude: a second pass only past inf
+  if (highest >= 0x7F800000U) {
+    largest = 0;
+#pragma omp simd reduction(max : largest)
+    for (Index i = 0; i < n; ++i) {
+      const std::uint32_t a = float_bits(in[i]) & 0x7FFFFFFFU;
+      const std::uint32_t finite = a & all_ones_if(a < 0x7F800000U);
+      largest = finite > largest ? finite : largest;
+    }
   }
   // rounded up to 3 mantissa bits: every element's code fits, however it is rounded (a
   // saturated maximum would bias stochastic rounding down)
@@ -158,28 +160,36 @@ inline float encode_block(const float* __restrict in, Index n, std::uint8_t* __r
   return scale;
 }
 
-// A chunk of a quantized state: decoded into `out`, then encoded back from it. `first` is the
-// chunk's first element in its tensor, a multiple of kBlock.
+// Calls fn(b, count) for each block b of a chunk of n elements, each whole block's count the
+// constant kBlock: its loops then have a known trip count, without remainder loops.
+template <typename Fn>
+FUSEDOPT_INLINE void for_each_block(Index n, const Fn& fn) {
+  Index b = 0;
+  for (; (b + 1) * kBlock <= n; ++b) fn(b, std::integral_constant<Index, kBlock>{});
+  if (b * kBlock < n) fn(b, n - b * kBlock);
+}
+
+// A chunk of a quantized state: decoded into `out`, then encoded back from it. The chunk starts
+// at a multiple of kBlock in its tensor.
 inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float* scales, Index n,
                          float* out) {
-  for (Index b = 0; b * kBlock < n; ++b) {
-    const Index at = b * kBlock, count = std::min(kBlock, n - at);
+  for_each_block(n, [&](Index b, auto count) {
     if (is_signed) {
-      decode_block<true>(codes + at, scales[b], count, out + at);
+      decode_block<true>(codes + b * kBlock, scales[b], count, out + b * kBlock);
     } else {
-      decode_block<false>(codes + at, scales[b], count, out + at);
+      decode_block<false>(codes + b * kBlock, scales[b], count, out + b * kBlock);
     }
-  }
+  });
 }
 // `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
 // second_half); `shift` picks its 16.
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
                          float* scales, const std::uint32_t* random, int shift) {
-  for (Index b = 0; b * kBlock < n; ++b) {
-    const Index at = b * kBlock, count = std::min(kBlock, n - at);
+  for_each_block(n, [&](Index b, auto count) {
+    const Index at = b * kBlock;
     scales[b] = is_signed ? encode_block<true>(in + at, count, codes + at, random + at, shift)
                           : encode_block<false>(in + at, count, codes + at, random + at, shift);
-  }
+  });
 }
 
 }  // namespace fusedopt
