@@ -243,3 +243,43 @@ def test_int8_state_of_an_optimizer_without_a_step_follows_float32():
         )
     ratio = runs["int8"].sum() / runs[None].sum()
     assert abs(ratio - 1) < 0.02, ratio
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_bfloat16_stores_of_nan_and_inf_keep_ml_dtypes_bits(stochastic):
+    """A NaN stored as bfloat16 is the quiet NaN of its sign, 0x7FC0 or 0xFFC0, whatever its
+    payload, as ml_dtypes rounds it; infs, zeros and ties to nearest keep its bits too. Seen
+    through the masters' param copy, compared with the master after the step (so that the
+    formula's own NaNs are not in question). assert_array_equal ignores NaN bits: the bits
+    are compared."""
+    import fusedopt
+
+    special = np.array(
+        [0x7F800001, 0xFF800001, 0x7FC12345, 0xFFFFFFFF, 0x7FBFFFFF, 0x7F800000, 0xFF800000]
+        + [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x3F808000, 0x3F818000, 0x7F7FFFFF],
+        np.uint32,
+    ).view(np.float32)
+    rng = np.random.default_rng(8)
+    master = rng.standard_normal(301).astype(np.float32)
+    master[::21][: special.size] = special  # in the vector loops and in the tail
+    master[-special.size :] = special
+    state = [np.zeros_like(master) for _ in range(2)]
+    grad = np.zeros_like(master)  # zero step: the master keeps its value
+    with np.errstate(all="ignore"):
+        param = master.astype(BF16)
+        fusedopt.adam_(
+            param,
+            grad,
+            *state,
+            master=master,
+            step=1,
+            lr=0.0,
+            stochastic_rounding=stochastic,
+            seed=3,
+        )
+        expected = master.astype(BF16).view(np.uint16)
+    nonfinite = ~np.isfinite(master)
+    np.testing.assert_array_equal(param.view(np.uint16)[nonfinite], expected[nonfinite])
+    assert set(param.view(np.uint16)[np.isnan(master)]) == {0x7FC0, 0xFFC0}
+    if not stochastic:
+        np.testing.assert_array_equal(param.view(np.uint16), expected)

@@ -453,6 +453,41 @@ def test_the_compiled_codec_matches_the_spec_on_its_fast_and_general_blocks(sign
         np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_compiled_decoder_takes_its_general_loop_for_every_code_that_needs_it(signed):
+    """Block c holds code c (0 ... 255) among random normal codes below the largest, so that
+    code c alone decides which loop decodes the block; a short last block has code 7, the
+    largest subnormal, in its tail. Through Adam (beta1 = beta2 = 0.5) the kernels give the
+    reference's bits: a decoder that took the loop without selects for any subnormal, inf or
+    NaN code would not."""
+    import fusedopt
+    from fusedopt import reference
+
+    rng = np.random.default_rng(14 if signed else 15)
+    top = (15 if signed else 31) << 3  # the inf code; normal codes are 8 ... top - 1
+    codes = rng.integers(8, top - 1, (257, BLOCK), dtype=np.uint8)
+    if signed:
+        codes |= rng.choice(np.array([0, 0x80], np.uint8), codes.shape)
+    codes[:256, 100] = np.arange(256, dtype=np.uint8)
+    codes[256, 200] = 7
+    codes = codes.reshape(-1)[: 256 * BLOCK + 201].view(np.int8 if signed else np.uint8)
+    scales = np.ldexp(1.0, rng.integers(-20, 4, 257)).astype(np.float32)
+    n = codes.size
+    grad = np.zeros(n, np.float32)  # m and v halved exactly: a wrong decode shows in every bit
+    other = encode(np.abs(rng.standard_normal(n)).astype(np.float32) * 1e-3, not signed)
+    runs = []
+    for update in (fusedopt.adam_, reference.adam_):
+        param = np.ones(n, np.float32)
+        crafted = QuantizedState(codes.copy(), scales.copy())
+        plain = QuantizedState(other[0].copy(), other[1].copy())
+        m, v = (crafted, plain) if signed else (plain, crafted)
+        with np.errstate(all="ignore"):
+            update(param, grad, m, v, lr=1e-3, beta1=0.5, beta2=0.5, step=3, seed=6)
+        runs.append([param, m.codes, m.scales, v.codes, v.scales])
+    for actual, expected in zip(*runs):
+        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+
+
 def _gradients_at_the_encoders_boundaries(rng):
     """With zero state and beta1 = beta2 = 0 Adam encodes m = g and v = g * g: blocks of g
     that put m or v exactly at the smallest normal code of its block's scale (the encoder's

@@ -51,11 +51,13 @@ FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
 
 // out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes: they take
 // the loop without the selects. The codes are widened to 32 bits first, in the pass that checks
-// them (decoded from 8-bit lanes, GCC vectorizes 64 elements at a time and spills).
+// them (a loop over the 8-bit codes themselves makes GCC vectorize 64 elements at a time and
+// spill). Count is Index, or kBlock as a std::integral_constant for a whole block.
 template <bool Signed, typename Count>
-inline void decode_block(const std::uint8_t* __restrict codes, float scale, Count n,
+inline void decode_block(const std::uint8_t* __restrict codes, float scale, Count count,
                          float* __restrict out) {
   using F = Minifloat<Signed>;
+  const Index n = count;  // a constant for whole blocks; an omp simd loop's bound must be integral
   alignas(64) std::uint32_t wide[kBlock];
   // q - 8 wraps for subnormal codes (q < 8): its maximum is below kInf - 8 only if all are normal
   std::uint32_t highest = 0;
@@ -63,8 +65,8 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
   for (Index i = 0; i < n; ++i) {
     const std::uint32_t code = codes[i];
     wide[i] = code;
-    const std::uint32_t above_subnormal = (Signed ? code & 0x7FU : code) - 8U;
-    highest = above_subnormal > highest ? above_subnormal : highest;
+    const std::uint32_t q_less_8 = (Signed ? code & 0x7FU : code) - 8U;
+    highest = q_less_8 > highest ? q_less_8 : highest;
   }
   if (highest < F::kInf - 8U) {
 #pragma omp simd
@@ -109,9 +111,10 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
 // bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
 // (the common case: found by the same first pass) takes the loop without those selects.
 template <bool Signed, typename Count>
-inline float encode_block(const float* __restrict in, Count n, std::uint8_t* __restrict codes,
+inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
                           const std::uint32_t* __restrict random_bits, int shift) {
   using F = Minifloat<Signed>;
+  const Index n = count;
   // the bits of magnitudes order as their values
   std::uint32_t highest = 0, lowest = 0xFFFFFFFFU;
 #pragma omp simd reduction(max : highest) reduction(min : lowest)
@@ -120,7 +123,8 @@ inline float encode_block(const float* __restrict in, Count n, std::uint8_t* __r
     highest = a > highest ? a : highest;
     lowest = a < lowest ? a : lowest;
   }
-  std::uint32_t largest = highest;  // the largest finite magnitude: a second pass only past inf
+  // the largest finite magnitude: a second pass only for blocks holding inf or NaN
+  std::uint32_t largest = highest;
   if (highest >= 0x7F800000U) {
     largest = 0;
 #pragma omp simd reduction(max : largest)
