@@ -137,10 +137,13 @@ def main(argv=None) -> None:
                 for size in in_cache_sizes(traffic[name])
             ]
             if not master and not stochastic:
-                # the roofline declares no state never negative: int8 codes for both buffers;
+                # Adam's kinds of int8 codes: signed for the first buffer, unsigned for the
+                # second (the roofline declares it never negative, as Adam its second moment);
                 # nonzero values, as a step's state is after its first step (a block of zeros
                 # takes the codec's general loops, the typical block its shorter ones)
-                buffers = [state_array(state, n, signed=True, rng=rng) for _ in range(2)]
+                buffers = [
+                    state_array(state, n, signed=signed, rng=rng) for signed in (True, False)
+                ]
                 probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(*a, None, None)
     try:
         import torch

@@ -89,7 +89,8 @@ struct Roofline : NoCrossRule {
       param_array(),
       grad_array(),
       state("buffer1", "a buffer").may_be_absent(),
-      state("buffer2", "a buffer").may_be_absent(),
+      // as Adam's second moment, so that an int8 probe decodes and encodes Adam's kinds of codes
+      state("buffer2", "a buffer").may_be_absent().never_negative(),
       state("buffer3", "a buffer").may_be_absent(),
       state("buffer4", "a buffer").may_be_absent(),
   };
