@@ -196,7 +196,7 @@ void adafactor_step(const AdafactorCall& call) {
     with_rounding<Storage<T, P, G, T>>(rounding, [&](const auto& out) {
       const T d = decay, s = step;  // locals: captures would be reloaded after each store
 #pragma omp simd
-      for (Index i = 0; i < n; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * u[i]);
+      for (ChunkIndex i = 0; i < n; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * u[i]);
     });
     if constexpr (std::is_same_v<P, float>) {
       if (call.param_copy != nullptr) {

@@ -133,7 +133,7 @@ void muon_step(const MuonCall& call) {
   const auto momentum = [&](Index begin, Index n, const auto& out, auto* b) {
     const G* const g_at = grad + begin;
     T* const u_at = U + begin;
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T g = load<T>(g_at[i]);
       const T old = load<T>(b[i]);
       const T m = small_w ? old + to_grad * (g - old) : g - (g - old) * to_grad_rest;
@@ -188,7 +188,7 @@ void muon_step(const MuonCall& call) {
     with_rounding<Types>(rounding, [&](const auto& out) {
       const T d = decay, s = step;  // locals: captures would be reloaded after each store
 #pragma omp simd
-      for (Index i = 0; i < count; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * o[i]);
+      for (ChunkIndex i = 0; i < count; ++i) out(i, 0, p[i], load<T>(p[i]) * d - s * o[i]);
     });
     if constexpr (std::is_same_v<P, float>) {
       if (call.param_copy != nullptr) {

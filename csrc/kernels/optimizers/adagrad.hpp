@@ -68,7 +68,7 @@ struct AdagradKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict sum_sq) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T s = load<T>(sum_sq[i]) + g * g;

@@ -74,7 +74,7 @@ struct AdamaxKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_inf) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;

@@ -163,7 +163,7 @@ struct LambKernel {
   void run(Index n, const Out& out, T factor, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const Element e = element<max, has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
       out(i, 1, exp_avg[i], e.m);
       out(i, 2, exp_avg_sq[i], e.v);

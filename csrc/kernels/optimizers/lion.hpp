@@ -71,7 +71,7 @@ struct LionKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T g = effective_grad<max, false>(load<T>(grad[i]), T(0), T(0));
       const T m = load<T>(exp_avg[i]);
       const T c = beta1 * m + one_minus_beta1 * g;

@@ -118,7 +118,7 @@ struct NAdamKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, has_l2>(load<T>(grad[i]), p, l2);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;

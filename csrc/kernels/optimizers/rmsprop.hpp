@@ -83,7 +83,7 @@ struct RmspropKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict square_avg, S* __restrict momentum_buffer, S* __restrict grad_avg) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T s = alpha * load<T>(square_avg[i]) + one_minus_alpha * g * g;

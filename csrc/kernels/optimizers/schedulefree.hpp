@@ -164,7 +164,7 @@ struct ScheduleFreeAdamWKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad, S* __restrict z_,
            S* __restrict exp_avg_sq) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T y = load<T>(param[i]), g = load<T>(grad[i]), z = load<T>(z_[i]);
       const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
       T u = g / (std::sqrt(v / bias_correction2) + eps);
@@ -207,7 +207,7 @@ struct ScheduleFreeSGDKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict z_) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T y = load<T>(param[i]), z = load<T>(z_[i]);
       T u = load<T>(grad[i]);
       if constexpr (has_wd) u = u + s.weight_decay * y;

@@ -84,7 +84,7 @@ struct SgdKernel {
   template <bool max, bool l2, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       out(i, 0, param[i], p - lr * effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay));
     }
@@ -131,7 +131,7 @@ struct MomentumKernel {
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict buf) const {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
       const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
       const T b = momentum * load<T>(buf[i]) + one_minus_dampening * g;
