@@ -1,9 +1,10 @@
 // What a bfloat16 load and store cost per element on this core, in L1, by the instructions that
 // do them: the order-keeping ones GCC emits for the kernels' loops (vpmovzxwd and vpslld to
 // widen, a mask, vpackusdw and vpermq to narrow: the widening and the vpermq cross 128-bit
-// lanes) against in-lane ones, which keep elements in order only in pairs (the even element of
-// a 32-bit word in its low half, the odd one in its high half). A kernel could use the second
-// only if every array of its loop were read and written in that order.
+// lanes) against in-lane ones, which reorder the elements: unpacking with zero puts elements
+// 0-3 and 8-11 of 16 in the first vector, and 32-bit words of two elements put the even ones in
+// the first vector and the odd ones in the second. A kernel could use those only if every array
+// of its loop were read and written in the same order.
 //
 //   g++ -O2 -mavx2 -o /tmp/bfloat16_widen bench/bfloat16_widen.cpp && /tmp/bfloat16_widen
 //
@@ -60,28 +61,42 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// ns per element of widening alone (summed into eight accumulators, so that no chain of adds
-// bounds it), best of nine.
+// ns per element of widening, each result added into one of eight sums held in registers (one
+// add per widened vector, no chain of adds long enough to bound it), best of nine.
 template <Kind kind>
 double widen_time(const std::uint16_t* in) {
   double best = 1e9;
   for (int run = 0; run < 9; ++run) {
     const auto start = std::chrono::steady_clock::now();
-    __m256 sum[8];
-    for (auto& s : sum) s = _mm256_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+    const auto add = [](__m256& sum, __m256i bits) {
+      sum = _mm256_add_ps(sum, _mm256_castsi256_ps(bits));
+    };
     for (int r = 0; r < kRepeats; ++r) {
       for (int i = 0; i < kCount; i += 64) {
-        for (int k = 0; k < 4; ++k) {
-          __m256i first, second;
-          widen<kind>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i + 16 * k)), first,
-                      second);
-          sum[2 * k] = _mm256_add_ps(sum[2 * k], _mm256_castsi256_ps(first));
-          sum[2 * k + 1] = _mm256_add_ps(sum[2 * k + 1], _mm256_castsi256_ps(second));
-        }
+        __m256i first, second;
+        widen<kind>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i)), first, second);
+        add(s0, first);
+        add(s1, second);
+        widen<kind>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i + 16)), first,
+                    second);
+        add(s2, first);
+        add(s3, second);
+        widen<kind>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i + 32)), first,
+                    second);
+        add(s4, first);
+        add(s5, second);
+        widen<kind>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i + 48)), first,
+                    second);
+        add(s6, first);
+        add(s7, second);
       }
     }
     best = std::min(best, seconds_since(start) / kRepeats / kCount * 1e9);
-    volatile float sink = _mm256_cvtss_f32(_mm256_add_ps(sum[0], sum[7]));
+    // every sum is used, so no widening is dead code
+    const __m256 total = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)),
+                                       _mm256_add_ps(_mm256_add_ps(s4, s5), _mm256_add_ps(s6, s7)));
+    volatile float sink = _mm256_cvtss_f32(total);
     (void)sink;
   }
   return best;

@@ -36,7 +36,7 @@ inline constexpr Index kChunk = 2048;
 // The index of a loop over one chunk, where it rounds what it stores (Rounder): 32 bits, since
 // the stochastic rounding's counter is a 32-bit function of it. GCC computes that function of
 // a 64-bit loop index in 64-bit lanes and narrows it with lane-crossing shuffles, spilling
-// registers besides: a third more cycles for the loop of a bfloat16 Adam (llvm-mca).
+// registers besides (bench/results/low_precision.md has what that cost).
 using ChunkIndex = std::int32_t;
 static_assert(kChunk <= INT32_MAX, "a chunk's index fits ChunkIndex");
 
