@@ -1,0 +1,187 @@
+// Would reading bfloat16 arrays as 32-bit words make the all-bfloat16 Adam step much cheaper?
+// The kernels' loops load a bfloat16 with an order-keeping widening that crosses 128-bit lanes,
+// and store it with a pack and a permute (bench/bfloat16_widen.cpp). Read as 32-bit words, a
+// chunk's even elements are the words shifted left by 16 and its odd ones the words masked:
+// in-lane, one instruction each. This runs Adam's own kernel (csrc/kernels) over one chunk in
+// L1 three ways, and checks that all give the same bits:
+//   - as the library does (bfloat16 arrays);
+//   - as two passes over the words, even elements then odd ones: the kernel instantiated with
+//     word-half storage types, each store merged into its word (the random bits' counter is the
+//     element's index, 2 k + half, so the stochastic bits are the library's);
+//   - float32, for scale.
+// One thread, ns per element, median of 9 alternations.
+//
+//   g++ -std=c++17 -O3 -fno-math-errno -ffp-contract=off -fopenmp-simd -mavx2 -mfma -mbmi2 \
+//     -mf16c -Icsrc -I"$(python -c 'import cmeel, os; print(os.path.join(cmeel.__path__[0] + \
+//     ".prefix", "include", "eigen3"))')" bench/bfloat16_words.cpp -o /tmp/bfloat16_words
+//   /tmp/bfloat16_words
+//
+// Figures: bench/results/low_precision.md.
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels/optimizers/adam.hpp"
+
+namespace fusedopt {
+
+// Half 0 (even elements: the low 16 bits) or 1 (odd: the high 16) of a 32-bit word.
+template <int Half>
+struct WordHalf {
+  std::uint32_t word;
+};
+template <typename Compute, int Half>
+FUSEDOPT_INLINE Compute load(WordHalf<Half> x) {
+  return bits_float(Half == 0 ? x.word << 16 : x.word & 0xFFFF0000U);
+}
+
+// The library's rounding (round_to_bfloat16 with Rounder's bits), its 16 bits merged into the
+// word. `first` is the chunk's first counter plus Half.
+template <bool Stochastic>
+struct WordRounder {
+  std::uint64_t key;
+  std::uint32_t first;
+
+  template <int Half, typename Compute>
+  FUSEDOPT_INLINE void operator()(ChunkIndex k, int slot, WordHalf<Half>& to, Compute x) const {
+    const float f = static_cast<float>(x);
+    std::uint32_t below;
+    if constexpr (Stochastic) {
+      std::uint32_t bits = counter_bits(key, first + 2U * static_cast<std::uint32_t>(k));
+      if (slot >= 2) bits = second_half(bits);
+      below = (bits >> (16 * (slot % 2))) & 0xFFFFU;
+    } else {
+      below = 0x7FFFU + ((float_bits(f) >> 16) & 1U);
+    }
+    const std::uint32_t rounded = Eigen::numext::bit_cast<std::uint16_t>(
+        round_to_bfloat16(f, [below](std::uint32_t) { return below; }));
+    to.word = Half == 0 ? (to.word & 0xFFFF0000U) | rounded : (to.word & 0xFFFFU) | (rounded << 16);
+  }
+};
+
+}  // namespace fusedopt
+
+namespace {
+
+using namespace fusedopt;
+using bfloat16 = Eigen::bfloat16;
+constexpr Index kCount = kChunk;  // 4 arrays of 4 KiB: in L1
+constexpr int kRepeats = 20000;
+constexpr std::uint64_t kKey = 1234;
+
+template <typename T>
+std::vector<T> normal(float scale, bool magnitude, std::mt19937& generator) {
+  std::normal_distribution<float> distribution;
+  std::vector<T> out(kCount);
+  for (auto& x : out) {
+    const float f = distribution(generator) * scale;
+    x = T(magnitude ? std::fabs(f) : f);
+  }
+  return out;
+}
+
+template <typename T>
+struct Arrays {
+  std::vector<T> param, grad, exp_avg, exp_avg_sq;
+  explicit Arrays(std::mt19937& generator)
+      : param(normal<T>(1, false, generator)),
+        grad(normal<T>(1, false, generator)),
+        exp_avg(normal<T>(0.01f, false, generator)),
+        exp_avg_sq(normal<T>(0.01f, true, generator)) {}
+  std::array<void*, 5> pointers() {
+    return {param.data(), grad.data(), exp_avg.data(), exp_avg_sq.data(), nullptr};
+  }
+};
+
+template <int Half>
+WordHalf<Half>* words(std::vector<bfloat16>& x) {
+  static_assert(sizeof(WordHalf<Half>) == 2 * sizeof(bfloat16));
+  return reinterpret_cast<WordHalf<Half>*>(x.data());
+}
+
+// Two passes, even elements then odd, with Adam's kernel over kCount / 2 words.
+template <bool Stochastic, typename Values>
+void word_step(const Values& values, Arrays<bfloat16>& a) {
+  const AdamKernel<Storage<float, WordHalf<0>, WordHalf<0>, WordHalf<0>>> even(values);
+  const AdamKernel<Storage<float, WordHalf<1>, WordHalf<1>, WordHalf<1>>> odd(values);
+  even.template run<false, false, false>(kCount / 2, WordRounder<Stochastic>{kKey, 0},
+                                         words<0>(a.param), words<0>(a.grad), words<0>(a.exp_avg),
+                                         words<0>(a.exp_avg_sq), nullptr);
+  odd.template run<false, false, false>(kCount / 2, WordRounder<Stochastic>{kKey, 1},
+                                        words<1>(a.param), words<1>(a.grad), words<1>(a.exp_avg),
+                                        words<1>(a.exp_avg_sq), nullptr);
+}
+
+std::uint64_t checksum(const Arrays<bfloat16>& a) {
+  std::uint64_t sum = 0;
+  for (const auto* x : {&a.param, &a.exp_avg, &a.exp_avg_sq}) {
+    for (const bfloat16 y : *x) sum = sum * 31 + Eigen::numext::bit_cast<std::uint16_t>(y);
+  }
+  return sum;
+}
+
+template <typename Step>
+double ns_per_element(const Step& step) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < kRepeats; ++r) step();
+  const std::chrono::duration<double, std::nano> elapsed = std::chrono::steady_clock::now() - start;
+  return elapsed.count() / (static_cast<double>(kRepeats) * kCount);
+}
+
+}  // namespace
+
+int main() {
+  Value raw[9] = {};
+  raw[0].count = 10;  // step
+  raw[1].number = 1e-3;
+  raw[2].number = 0.9;
+  raw[3].number = 0.999;
+  raw[4].number = 1e-8;
+  const Values<Adam> values(raw);
+  const AdamKernel<Uniform<float>> float32_kernel(values);
+  const AdamKernel<Storage<float, bfloat16, bfloat16, bfloat16>> bfloat16_kernel(values);
+  const Rounding nearest{}, stochastic{true, kKey, 0};
+
+  std::mt19937 generator(1);
+  Arrays<float> float32(generator);
+  Arrays<bfloat16> library(generator);
+  Arrays<bfloat16> word_view = library;
+
+  // the same bits, to nearest and stochastically, over a few steps
+  for (int r = 0; r < 3; ++r) {
+    bfloat16_kernel(library.pointers().data(), 0, kCount, r % 2 ? stochastic : nearest);
+    if (r % 2) {
+      word_step<true>(values, word_view);
+    } else {
+      word_step<false>(values, word_view);
+    }
+  }
+  if (checksum(library) != checksum(word_view)) {
+    std::printf("!! the word view computes other bits than the library\n");
+    return 1;
+  }
+
+  const char* names[] = {"float32", "bfloat16, to nearest (library)",
+                         "bfloat16, to nearest (words)", "bfloat16, stochastic (library)",
+                         "bfloat16, stochastic (words)"};
+  std::vector<double> times[5];
+  for (int alternation = 0; alternation < 9; ++alternation) {
+    times[0].push_back(
+        ns_per_element([&] { float32_kernel(float32.pointers().data(), 0, kCount, nearest); }));
+    times[1].push_back(
+        ns_per_element([&] { bfloat16_kernel(library.pointers().data(), 0, kCount, nearest); }));
+    times[2].push_back(ns_per_element([&] { word_step<false>(values, word_view); }));
+    times[3].push_back(
+        ns_per_element([&] { bfloat16_kernel(library.pointers().data(), 0, kCount, stochastic); }));
+    times[4].push_back(ns_per_element([&] { word_step<true>(values, word_view); }));
+  }
+  std::printf("Adam, one chunk of %td elements in L1, one thread, median of 9 (same bits: yes)\n",
+              kCount);
+  for (int i = 0; i < 5; ++i) {
+    std::sort(times[i].begin(), times[i].end());
+    std::printf("%-32s %.3f ns/element\n", names[i], times[i][4]);
+  }
+}
