@@ -45,7 +45,7 @@ def run_python(code: str, **env):
         capture_output=True,
         text=True,
         env={**os.environ, **env},
-        timeout=60,
+        timeout=300,  # a hang detector: generous on a loaded machine (sanitizers, CI jobs)
     )
 
 
