@@ -39,26 +39,18 @@ FUSEDOPT_INLINE Compute load(WordHalf<Half> x) {
   return bits_float(Half == 0 ? x.word << 16 : x.word & 0xFFFF0000U);
 }
 
-// The library's rounding (round_to_bfloat16 with Rounder's bits), its 16 bits merged into the
-// word. `first` is the chunk's first counter plus Half.
+// The library's own rounding (Rounder) into a bfloat16, whose 16 bits are then merged into the
+// word. Element k of a pass is element 2 k + Half of the chunk: the rounder's first counter is
+// Half, and it is called with 2 k, so the random bits are the library's.
 template <bool Stochastic>
 struct WordRounder {
-  std::uint64_t key;
-  std::uint32_t first;
+  Rounder<Stochastic> rounder;
 
   template <int Half, typename Compute>
   FUSEDOPT_INLINE void operator()(ChunkIndex k, int slot, WordHalf<Half>& to, Compute x) const {
-    const float f = static_cast<float>(x);
-    std::uint32_t below;
-    if constexpr (Stochastic) {
-      std::uint32_t bits = counter_bits(key, first + 2U * static_cast<std::uint32_t>(k));
-      if (slot >= 2) bits = second_half(bits);
-      below = (bits >> (16 * (slot % 2))) & 0xFFFFU;
-    } else {
-      below = 0x7FFFU + ((float_bits(f) >> 16) & 1U);
-    }
-    const std::uint32_t rounded = Eigen::numext::bit_cast<std::uint16_t>(
-        round_to_bfloat16(f, [below](std::uint32_t) { return below; }));
+    Eigen::bfloat16 stored;
+    rounder(2 * k, slot, stored, x);
+    const std::uint32_t rounded = Eigen::numext::bit_cast<std::uint16_t>(stored);
     to.word = Half == 0 ? (to.word & 0xFFFF0000U) | rounded : (to.word & 0xFFFFU) | (rounded << 16);
   }
 };
@@ -109,12 +101,12 @@ using OddKernel = AdamKernel<Storage<float, WordHalf<1>, WordHalf<1>, WordHalf<1
 // Two passes, even elements then odd, with Adam's kernel over kCount / 2 words.
 template <bool Stochastic>
 void word_step(const EvenKernel& even, const OddKernel& odd, Arrays<bfloat16>& a) {
-  even.template run<false, false, false>(kCount / 2, WordRounder<Stochastic>{kKey, 0},
-                                         words<0>(a.param), words<0>(a.grad), words<0>(a.exp_avg),
-                                         words<0>(a.exp_avg_sq), nullptr);
-  odd.template run<false, false, false>(kCount / 2, WordRounder<Stochastic>{kKey, 1},
-                                        words<1>(a.param), words<1>(a.grad), words<1>(a.exp_avg),
-                                        words<1>(a.exp_avg_sq), nullptr);
+  even.template run<false, false, false>(
+      kCount / 2, WordRounder<Stochastic>{Rounder<Stochastic>(Rounding{Stochastic, kKey, 0})},
+      words<0>(a.param), words<0>(a.grad), words<0>(a.exp_avg), words<0>(a.exp_avg_sq), nullptr);
+  odd.template run<false, false, false>(
+      kCount / 2, WordRounder<Stochastic>{Rounder<Stochastic>(Rounding{Stochastic, kKey, 1})},
+      words<1>(a.param), words<1>(a.grad), words<1>(a.exp_avg), words<1>(a.exp_avg_sq), nullptr);
 }
 
 std::uint64_t checksum(const Arrays<bfloat16>& a) {
