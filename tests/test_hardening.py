@@ -235,6 +235,6 @@ def test_fork_after_parallel_region_does_not_hang():
     except Exception:
         child.kill()
         pytest.fail("the forked child hung")
-    child.join(timeout=60)
+    child.join(timeout=300)
     assert child.exitcode == 0
     assert result == [a.tobytes() for a in expected["param"]]
