@@ -101,10 +101,10 @@ using OddKernel = AdamKernel<Storage<float, WordHalf<1>, WordHalf<1>, WordHalf<1
 // Two passes, even elements then odd, with Adam's kernel over kCount / 2 words.
 template <bool Stochastic>
 void word_step(const EvenKernel& even, const OddKernel& odd, Arrays<bfloat16>& a) {
-  even.template run<false, false, false>(
+  even.template run<false, false>(
       kCount / 2, WordRounder<Stochastic>{Rounder<Stochastic>(Rounding{Stochastic, kKey, 0})},
       words<0>(a.param), words<0>(a.grad), words<0>(a.exp_avg), words<0>(a.exp_avg_sq), nullptr);
-  odd.template run<false, false, false>(
+  odd.template run<false, false>(
       kCount / 2, WordRounder<Stochastic>{Rounder<Stochastic>(Rounding{Stochastic, kKey, 1})},
       words<1>(a.param), words<1>(a.grad), words<1>(a.exp_avg), words<1>(a.exp_avg_sq), nullptr);
 }

@@ -368,15 +368,24 @@ FLOAT16_SPECIALS = np.array(
 ).view(np.float16)
 
 
+def takes_maximize(name: str) -> bool:
+    return "maximize" in {h.name for h in OPTIMIZERS[name].declaration.arguments}
+
+
 @pytest.mark.parametrize(
     "row", [row for row in _core.STORAGE_ROWS if "float16" in row], ids="-".join
 )
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_float16_special_values_convert_as_numpy_does(name, row):
+@pytest.mark.parametrize(
+    "name, maximize",
+    [(name, False) for name in OPTIMIZERS]
+    + [(name, True) for name in OPTIMIZERS if takes_maximize(name)],
+)
+def test_float16_special_values_convert_as_numpy_does(name, maximize, row):
     """Special float16 values in the blocks of eight that F16C converts and in the tails that
-    integer arithmetic converts: bit for bit the reference's results, NaN payloads included."""
+    integer arithmetic converts: bit for bit the reference's results, NaN payloads included,
+    and with maximize the signs that its negation gives them."""
     spec = OPTIMIZERS[name]
-    hyper = spec.cases[0]
+    hyper = {**spec.cases[0], "maximize": True} if maximize else spec.cases[0]
     rng = np.random.default_rng(7)
     specials = np.tile(FLOAT16_SPECIALS, 3)  # 45: the last one in the tail after 6 blocks
     arrays = as_row(make_arrays(spec, hyper, (len(specials) + 4,), np.float32, rng), row)

@@ -333,11 +333,32 @@ void with_flags(const Fn& fn, bool first, Flags... rest) {
   }
 }
 
+// -x if maximizing, else x: the sign bit xor-ed with a mask, which flips a NaN's sign as unary
+// minus and the reference's -grad do (a multiplication by -1 would keep it). A runtime mask, not
+// a with_flags flag: one xor per vector even when not maximizing, for half the loop
+// instantiations of every kernel with the option (level.cpp dominates a build's time).
+template <typename T>
+struct Negation {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "T is float or double");
+  using Bits = std::conditional_t<std::is_same_v<T, float>, std::uint32_t, std::uint64_t>;
+
+  explicit Negation(bool maximize) : mask(maximize ? Bits{1} << (8 * sizeof(T) - 1) : Bits{0}) {}
+  FUSEDOPT_INLINE T operator()(T x) const {
+    Bits u;
+    std::memcpy(&u, &x, sizeof u);
+    u ^= mask;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+  }
+
+  Bits mask;
+};
+
 // The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param
 // only with an L2 term, as the reference (0 * inf would be NaN).
-template <bool maximize, bool has_l2, typename T>
-FUSEDOPT_INLINE T effective_grad(T grad, T param, T l2) {
-  const T g = maximize ? -grad : grad;
+template <bool has_l2, typename T>
+FUSEDOPT_INLINE T effective_grad(const Negation<T>& maximize, T grad, T param, T l2) {
+  const T g = maximize(grad);
   if constexpr (has_l2) return g + l2 * param;
   return g;
 }

@@ -55,22 +55,22 @@ struct AdagradKernel {
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto l2) {
+        [&](auto l2) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                     role<S>(a, 2, offset));
+            run<l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                          role<S>(a, 2, offset));
           });
         },
-        maximize, weight_decay != T(0));
+        weight_decay != T(0));
   }
 
-  template <bool max, bool l2, typename Out>
+  template <bool l2, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict sum_sq) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
+      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
       const T s = load<T>(sum_sq[i]) + g * g;
       out(i, 1, sum_sq[i], s);
       out(i, 0, param[i], p - clr * g / (std::sqrt(s) + eps));
@@ -78,7 +78,7 @@ struct AdagradKernel {
   }
 
   T clr, weight_decay, eps;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::adagrad {

@@ -74,7 +74,7 @@ struct AdamKernel {
     const double wd = h.real("weight_decay");
     const auto step = static_cast<double>(h.step());
     const bool decoupled = h.flag("decoupled_weight_decay");
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
     l2 = T(decoupled ? 0.0 : wd);
     beta1 = T(b1);
@@ -91,23 +91,23 @@ struct AdamKernel {
   // applied whether decoupled or not.
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto has_l2, auto ams) {
+        [&](auto has_l2, auto ams) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, has_l2.value, ams.value>(
-                n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
-                role<S>(a, 3, offset), role<S>(a, 4, offset));
+            run<has_l2.value, ams.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                                         role<S>(a, 2, offset), role<S>(a, 3, offset),
+                                         role<S>(a, 4, offset));
           });
         },
-        maximize, l2 != T(0), a[4] != nullptr);
+        l2 != T(0), a[4] != nullptr);
   }
 
-  template <bool max, bool has_l2, bool amsgrad, typename Out>
+  template <bool has_l2, bool amsgrad, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, has_l2>(load<T>(grad[i]), p, l2);
+      const T g = effective_grad<has_l2>(maximize, load<T>(grad[i]), p, l2);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
       const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
       out(i, 1, exp_avg[i], m);
@@ -125,7 +125,7 @@ struct AdamKernel {
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
       inverse_bias_correction2_sqrt;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::adam {

@@ -56,27 +56,27 @@ struct AdamaxKernel {
     eps = T(h.real("eps"));
     weight_decay = T(h.real("weight_decay"));
     step_size = T(h.real("lr") / (1.0 - std::pow(b1, static_cast<double>(h.step()))));
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
   }
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto l2) {
+        [&](auto l2) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                     role<S>(a, 2, offset), role<S>(a, 3, offset));
+            run<l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                          role<S>(a, 2, offset), role<S>(a, 3, offset));
           });
         },
-        maximize, weight_decay != T(0));
+        weight_decay != T(0));
   }
 
-  template <bool max, bool l2, typename Out>
+  template <bool l2, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_inf) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
+      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
       const T decayed = beta2 * load<T>(exp_inf[i]);
       const T magnitude = std::abs(g) + eps;
@@ -91,7 +91,7 @@ struct AdamaxKernel {
   }
 
   T beta1, one_minus_beta1, beta2, eps, weight_decay, step_size;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::adamax {

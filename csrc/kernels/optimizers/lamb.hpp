@@ -71,7 +71,7 @@ struct LambKernel {
     const double lr = h.real("lr"), b1 = h.real("beta1"), b2 = h.real("beta2");
     const double wd = h.real("weight_decay");
     const bool decoupled = h.flag("decoupled_weight_decay");
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - wd * lr : 1.0);
     l2 = T(decoupled ? 0.0 : wd);
     beta1 = T(b1);
@@ -91,12 +91,11 @@ struct LambKernel {
     alignas(64) T theta[kChunk];
     alignas(64) T u[kChunk];
     with_flags(
-        [&](auto max, auto has_l2) {
-          moments<max.value, has_l2.value>(n, role<const P>(a, 0, offset),
-                                           role<const G>(a, 1, offset), role<const S>(a, 2, offset),
-                                           role<const S>(a, 3, offset), theta, u);
+        [&](auto has_l2) {
+          moments<has_l2.value>(n, role<const P>(a, 0, offset), role<const G>(a, 1, offset),
+                                role<const S>(a, 2, offset), role<const S>(a, 3, offset), theta, u);
         },
-        maximize, l2 != T(0));
+        l2 != T(0));
     sums[0] = sum_squares(n, theta);
     sums[1] = sum_squares(n, u);
   }
@@ -106,10 +105,10 @@ struct LambKernel {
   struct Element {
     T theta, m, v, u;
   };
-  template <bool max, bool has_l2>
+  template <bool has_l2>
   FUSEDOPT_INLINE Element element(P param, G grad, S exp_avg, S exp_avg_sq) const {
     const T p = load<T>(param) * decay;
-    const T g = max ? -load<T>(grad) : load<T>(grad);
+    const T g = maximize(load<T>(grad));
     const T m = beta1 * load<T>(exp_avg) + one_minus_beta1 * g;
     const T v = beta2 * load<T>(exp_avg_sq) + one_minus_beta2 * g * g;
     T u = m / (std::sqrt(v) + eps);
@@ -117,13 +116,13 @@ struct LambKernel {
     return {p, m, v, u};
   }
 
-  template <bool max, bool has_l2>
+  template <bool has_l2>
   void moments(Index n, const P* __restrict param, const G* __restrict grad,
                const S* __restrict exp_avg, const S* __restrict exp_avg_sq, T* __restrict theta,
                T* __restrict u) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      const Element e = element<max, has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
+      const Element e = element<has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
       theta[i] = e.theta;
       u[i] = e.u;
     }
@@ -149,22 +148,22 @@ struct LambKernel {
                   const double* tensor_sums) const {
     const T factor = scale(tensor_sums);
     with_flags(
-        [&](auto max, auto has_l2, auto nan_factor) {
+        [&](auto has_l2, auto nan_factor) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, has_l2.value && !nan_factor.value, nan_factor.value>(
+            run<has_l2.value && !nan_factor.value, nan_factor.value>(
                 n, out, factor, role<P>(a, 0, offset), role<const G>(a, 1, offset),
                 role<S>(a, 2, offset), role<S>(a, 3, offset));
           });
         },
-        maximize, l2 != T(0), factor != factor);
+        l2 != T(0), factor != factor);
   }
 
-  template <bool max, bool has_l2, bool nan_factor, typename Out>
+  template <bool has_l2, bool nan_factor, typename Out>
   void run(Index n, const Out& out, T factor, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
-      const Element e = element<max, has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
+      const Element e = element<has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
       out(i, 1, exp_avg[i], e.m);
       out(i, 2, exp_avg_sq[i], e.v);
       if constexpr (nan_factor) {
@@ -177,7 +176,7 @@ struct LambKernel {
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
   double eps_double, clamp, step_size;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::lamb {

@@ -53,26 +53,21 @@ struct LionKernel {
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(b2);
     one_minus_beta2 = T(1.0 - b2);
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
   }
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
-    with_flags(
-        [&](auto max) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                           role<S>(a, 2, offset));
-          });
-        },
-        maximize);
+    with_rounding<Types>(rounding, [&](const auto& out) {
+      run(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset));
+    });
   }
 
-  template <bool max, typename Out>
+  template <typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
-      const T g = effective_grad<max, false>(load<T>(grad[i]), T(0), T(0));
+      const T g = effective_grad<false>(maximize, load<T>(grad[i]), T(0), T(0));
       const T m = load<T>(exp_avg[i]);
       const T c = beta1 * m + one_minus_beta1 * g;
       // numpy.sign, branch-free: (c > 0) - (c < 0) is +0 for either zero; NaN stays NaN
@@ -84,7 +79,7 @@ struct LionKernel {
   }
 
   T lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::lion {

@@ -87,7 +87,7 @@ struct NAdamKernel {
     // as an unsigned sum: step may be 2**63 - 1
     const auto step_next = static_cast<double>(static_cast<std::uint64_t>(t) + 1U);
     const bool decoupled = h.flag("decoupled_weight_decay");
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
     l2 = T(decoupled ? 0.0 : wd);
     beta1 = T(b1);
@@ -105,22 +105,22 @@ struct NAdamKernel {
   // param * 1 is exact, so decay is applied whether decoupled or not (as in Adam).
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto has_l2) {
+        [&](auto has_l2) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, has_l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                         role<S>(a, 2, offset), role<S>(a, 3, offset));
+            run<has_l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                              role<S>(a, 2, offset), role<S>(a, 3, offset));
           });
         },
-        maximize, l2 != T(0));
+        l2 != T(0));
   }
 
-  template <bool max, bool has_l2, typename Out>
+  template <bool has_l2, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, has_l2>(load<T>(grad[i]), p, l2);
+      const T g = effective_grad<has_l2>(maximize, load<T>(grad[i]), p, l2);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
       const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
       out(i, 1, exp_avg[i], m);
@@ -132,7 +132,7 @@ struct NAdamKernel {
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, grad_step, avg_step,
       bias_correction2;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::nadam {

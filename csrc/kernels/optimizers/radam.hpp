@@ -61,7 +61,7 @@ struct RAdamKernel {
     const double wd = h.real("weight_decay");
     const auto step = static_cast<double>(h.step());
     const bool decoupled = h.flag("decoupled_weight_decay");
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
     l2 = T(decoupled ? 0.0 : wd);
     beta1 = T(b1);
@@ -87,23 +87,23 @@ struct RAdamKernel {
   // param * 1 is exact, so decay is applied whether decoupled or not (as in Adam).
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto has_l2, auto rect) {
+        [&](auto has_l2, auto rect) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, has_l2.value, rect.value>(n, out, role<P>(a, 0, offset),
-                                                     role<const G>(a, 1, offset),
-                                                     role<S>(a, 2, offset), role<S>(a, 3, offset));
+            run<has_l2.value, rect.value>(n, out, role<P>(a, 0, offset),
+                                          role<const G>(a, 1, offset), role<S>(a, 2, offset),
+                                          role<S>(a, 3, offset));
           });
         },
-        maximize, l2 != T(0), rectified);
+        l2 != T(0), rectified);
   }
 
-  template <bool max, bool has_l2, bool rect, typename Out>
+  template <bool has_l2, bool rect, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, has_l2>(load<T>(grad[i]), p, l2);
+      const T g = effective_grad<has_l2>(maximize, load<T>(grad[i]), p, l2);
       const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
       const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
       out(i, 1, exp_avg[i], m);
@@ -117,7 +117,8 @@ struct RAdamKernel {
   }
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size;
-  bool maximize, rectified;
+  Negation<T> maximize{false};
+  bool rectified;
 };
 
 namespace header::radam {

@@ -64,28 +64,28 @@ struct RmspropKernel {
     eps = T(h.real("eps"));
     weight_decay = T(h.real("weight_decay"));
     momentum = T(h.real("momentum"));
-    maximize = h.flag("maximize");
+    maximize = Negation<T>(h.flag("maximize"));
   }
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto l2, auto mom, auto cent) {
+        [&](auto l2, auto mom, auto cent) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, l2.value, mom.value, cent.value>(
-                n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
-                role<S>(a, 3, offset), role<S>(a, 4, offset));
+            run<l2.value, mom.value, cent.value>(n, out, role<P>(a, 0, offset),
+                                                 role<const G>(a, 1, offset), role<S>(a, 2, offset),
+                                                 role<S>(a, 3, offset), role<S>(a, 4, offset));
           });
         },
-        maximize, weight_decay != T(0), a[3] != nullptr, a[4] != nullptr);
+        weight_decay != T(0), a[3] != nullptr, a[4] != nullptr);
   }
 
-  template <bool max, bool l2, bool with_momentum, bool centered, typename Out>
+  template <bool l2, bool with_momentum, bool centered, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict square_avg, S* __restrict momentum_buffer, S* __restrict grad_avg) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
+      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
       const T s = alpha * load<T>(square_avg[i]) + one_minus_alpha * g * g;
       out(i, 1, square_avg[i], s);
       T denom;
@@ -110,7 +110,7 @@ struct RmspropKernel {
   }
 
   T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 namespace header::rmsprop {

@@ -73,25 +73,25 @@ struct SgdKernel {
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto l2) {
+        [&](auto l2) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset));
+            run<l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset));
           });
         },
-        maximize, weight_decay != T(0));
+        weight_decay != T(0));
   }
 
-  template <bool max, bool l2, typename Out>
+  template <bool l2, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      out(i, 0, param[i], p - lr * effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay));
+      out(i, 0, param[i], p - lr * effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay));
     }
   }
 
   T lr, weight_decay;
-  bool maximize;
+  Negation<T> maximize{false};
 };
 
 // Matches fusedopt.reference.momentum_:
@@ -118,22 +118,22 @@ struct MomentumKernel {
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     with_flags(
-        [&](auto max, auto l2, auto nest) {
+        [&](auto l2, auto nest) {
           with_rounding<Types>(rounding, [&](const auto& out) {
-            run<max.value, l2.value, nest.value>(
-                n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset));
+            run<l2.value, nest.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
+                                      role<S>(a, 2, offset));
           });
         },
-        maximize, weight_decay != T(0), nesterov);
+        weight_decay != T(0), nesterov);
   }
 
-  template <bool max, bool l2, bool nest, typename Out>
+  template <bool l2, bool nest, typename Out>
   void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
            S* __restrict buf) const {
 #pragma omp simd
     for (ChunkIndex i = 0; i < n; ++i) {
       const T p = load<T>(param[i]);
-      const T g = effective_grad<max, l2>(load<T>(grad[i]), p, weight_decay);
+      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
       const T b = momentum * load<T>(buf[i]) + one_minus_dampening * g;
       out(i, 1, buf[i], b);
       if constexpr (nest) {
@@ -145,7 +145,8 @@ struct MomentumKernel {
   }
 
   T lr, momentum, one_minus_dampening, weight_decay;
-  bool nesterov, maximize;
+  bool nesterov;
+  Negation<T> maximize{false};
 };
 
 namespace header::sgd {
