@@ -180,18 +180,39 @@ void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin
   });
 }
 
+template <typename Decl>
+constexpr bool has_part(Part part) {
+  for (const ArrayDecl& a : Decl::arrays) {
+    if (a.part == part) return true;
+  }
+  return false;
+}
+
+// Row `row`'s types as a declaration sees them: without a grad or state array, that part's type
+// is the param's, so rows that differ only in a part the declaration lacks share one
+// instantiation (plain SGD and the helpers would compile the same loops for every row).
+template <typename Decl, std::size_t row>
+struct DeclRow {
+  using Row = typename RowTypes<row>::type;
+  using P = typename Row::Param;
+  using type = Storage<typename Row::Compute, P,
+                       std::conditional_t<has_part<Decl>(Part::grad), typename Row::Grad, P>,
+                       std::conditional_t<has_part<Decl>(Part::state), typename Row::State, P>>;
+  static constexpr bool quantized =
+      has_part<Decl>(Part::state) && kStorageRows[row].state == DType::int8;
+};
+
 // Every storage row's update of one kernel.
 template <typename Decl, std::size_t... Rows>
 std::array<UpdateFn, kStorageCount> rows_of(std::index_sequence<Rows...>) {
-  return {&update<Decl, typename RowTypes<Rows>::type, kStorageRows[Rows].state == DType::int8>...};
+  return {&update<Decl, typename DeclRow<Decl, Rows>::type, DeclRow<Decl, Rows>::quantized>...};
 }
 
 // Every storage row's first pass of a two-pass kernel; nullptr for the others.
 template <typename Decl, std::size_t... Rows>
 std::array<ReduceFn, kStorageCount> reduce_rows_of(std::index_sequence<Rows...>) {
   if constexpr (kSums<Decl> > 0) {
-    return {
-        &reduce<Decl, typename RowTypes<Rows>::type, kStorageRows[Rows].state == DType::int8>...};
+    return {&reduce<Decl, typename DeclRow<Decl, Rows>::type, DeclRow<Decl, Rows>::quantized>...};
   } else {
     return {};
   }

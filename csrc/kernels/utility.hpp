@@ -4,6 +4,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <array>
 #include <cmath>
 
 #include "common.hpp"
@@ -109,30 +110,39 @@ struct RooflineKernel {
   template <typename Decl>
   explicit RooflineKernel(const Values<Decl>&) {}
 
+  // The buffers present, in order: each takes the same pass, so a loop per count of them is
+  // enough (five, where one per subset of the four would be sixteen).
   void operator()(void* const* a, Index offset, Index n, const Rounding&) const {
-    with_flags(
-        [&](auto b1, auto b2, auto b3, auto b4) {
-          run<b1.value, b2.value, b3.value, b4.value>(
-              n, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset),
-              role<S>(a, 3, offset), role<S>(a, 4, offset), role<S>(a, 5, offset));
-        },
-        a[2] != nullptr, a[3] != nullptr, a[4] != nullptr, a[5] != nullptr);
+    std::array<S*, 4> b{};
+    std::size_t count = 0;
+    for (std::size_t r = 2; r < 6; ++r) {
+      if (a[r] != nullptr) b[count++] = role<S>(a, r, offset);
+    }
+    P* param = role<P>(a, 0, offset);
+    const G* grad = role<const G>(a, 1, offset);
+    switch (count) {
+      case 0: return run<0>(n, param, grad, b[0], b[1], b[2], b[3]);
+      case 1: return run<1>(n, param, grad, b[0], b[1], b[2], b[3]);
+      case 2: return run<2>(n, param, grad, b[0], b[1], b[2], b[3]);
+      case 3: return run<3>(n, param, grad, b[0], b[1], b[2], b[3]);
+      default: return run<4>(n, param, grad, b[0], b[1], b[2], b[3]);
+    }
   }
 
   // One pass over all arrays, as the optimizer kernels stream them: a probe that swept each
   // array on its own would be slower than the kernels it bounds. Each element is loaded and
   // stored like the kernels' (a low-precision value converts there and back exactly).
-  template <bool has1, bool has2, bool has3, bool has4>
+  template <std::size_t buffers>
   void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict b1,
            S* __restrict b2, S* __restrict b3, S* __restrict b4) const {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       const T zero = T(0) * load<T>(grad[i]);
       store(param[i], load<T>(param[i]) + zero);
-      if constexpr (has1) store(b1[i], load<T>(b1[i]) + zero);
-      if constexpr (has2) store(b2[i], load<T>(b2[i]) + zero);
-      if constexpr (has3) store(b3[i], load<T>(b3[i]) + zero);
-      if constexpr (has4) store(b4[i], load<T>(b4[i]) + zero);
+      if constexpr (buffers >= 1) store(b1[i], load<T>(b1[i]) + zero);
+      if constexpr (buffers >= 2) store(b2[i], load<T>(b2[i]) + zero);
+      if constexpr (buffers >= 3) store(b3[i], load<T>(b3[i]) + zero);
+      if constexpr (buffers >= 4) store(b4[i], load<T>(b4[i]) + zero);
     }
   }
 };
