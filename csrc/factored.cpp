@@ -71,6 +71,9 @@ void adafactor_step(const AdafactorCall& call) {
   T* const variance = static_cast<T*>(call.variance);
   const bool factored = call.factored != 0;
   const T eps1 = T(call.eps1), eps1_squared = T(call.eps1 * call.eps1);
+  // the gradient negated before anything else, as the reference does: its squares' NaNs too
+  const Negation<T> maximize(call.maximize != 0);
+  const Negation<double> negate_sums(call.maximize != 0);
   std::vector<double> partial(static_cast<std::size_t>(chunks));
 
   // A: the param's norm, and the factored moments
@@ -86,7 +89,7 @@ void adafactor_step(const AdafactorCall& call) {
     std::vector<double> row_sums(static_cast<std::size_t>(call.batch * rows));
     std::vector<double> col_sums(static_cast<std::size_t>(call.batch * cols), 0.0);
     parallel_for(call.batch * rows, call.threads, [&](Index r) {
-      row_sums[static_cast<std::size_t>(r)] = sum_squares(cols, grad + r * cols);
+      row_sums[static_cast<std::size_t>(r)] = sum_squares(cols, grad + r * cols, negate_sums);
     });
     constexpr Index kColumns = 256;
     const Index col_blocks = (cols + kColumns - 1) / kColumns;
@@ -98,7 +101,7 @@ void adafactor_step(const AdafactorCall& call) {
         const G* const row = grad + b * matrix + i * cols;
 #pragma omp simd
         for (Index j = j0; j < j1; ++j) {
-          const double v = static_cast<double>(load<T>(row[j]));
+          const double v = negate_sums(static_cast<double>(load<T>(row[j])));
           sums[j] += v * v;
         }
       }
@@ -120,13 +123,13 @@ void adafactor_step(const AdafactorCall& call) {
           std::max(T(row_total / static_cast<double>(rows)), eps1);
     }
   }
-  const T sign = call.maximize != 0 ? T(-1) : T(1);
   // u of elements [begin, begin + n) into out, a row's run at a time (vectorized); the
   // variance updated on the first pass
   const auto update = [&](Index begin, Index n, bool first, T* out) {
     // locals, not captures: a captured T is read through a pointer that a store to out may
     // alias, which stops the loops below from being vectorized
-    const T s = sign, floor = eps1_squared;
+    const Negation<T> negate = maximize;
+    const T floor = eps1_squared;
     if (factored) {
       Index b = begin / matrix, i = begin % matrix / cols, j = begin % cols;
       for (Index k = 0; k < n;) {
@@ -139,7 +142,7 @@ void adafactor_step(const AdafactorCall& call) {
 #pragma omp simd
         for (Index x = 0; x < run; ++x) {
           const T v = r * c[x] / denominator;
-          u[x] = s * load<T>(g[x]) / std::sqrt(std::max(v, floor));
+          u[x] = negate(load<T>(g[x])) / std::sqrt(std::max(v, floor));
         }
         k += run;
         j = 0;
@@ -157,7 +160,7 @@ void adafactor_step(const AdafactorCall& call) {
       const T w = T(call.weight), one_minus_w = T(1.0 - call.weight);
 #pragma omp simd
       for (Index x = 0; x < n; ++x) {
-        const T gx = s * load<T>(g[x]);
+        const T gx = negate(load<T>(g[x]));
         const T start = v[x], end = gx * gx, difference = end - start;
         const T averaged = near_start ? start + w * difference : end - difference * one_minus_w;
         v[x] = averaged;
@@ -168,7 +171,7 @@ void adafactor_step(const AdafactorCall& call) {
       const T* const v = variance + begin;
 #pragma omp simd
       for (Index x = 0; x < n; ++x) {
-        out[x] = s * load<T>(g[x]) / std::sqrt(std::max(v[x], floor));
+        out[x] = negate(load<T>(g[x])) / std::sqrt(std::max(v[x], floor));
       }
     }
   };

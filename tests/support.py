@@ -6,6 +6,7 @@ import copy
 import math
 from typing import Any, Dict, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from fusedopt.quantize import QuantizedState
@@ -78,7 +79,10 @@ def flat(arrays: Arrays):
 
 
 def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> None:
-    """Bit for bit: same dtype, same values, NaN in the same places."""
+    """Bit for bit but for NaN payloads: same dtype, same values, NaN in the same places, and
+    the same sign bits, of zeros and NaNs too (assert_array_equal takes -0.0 for 0.0 and any
+    NaN for any other). Payloads are not compared: which of two NaN operands an operation
+    returns depends on the order a compiler gives them."""
     actual, expected = list(flat(actual)), list(flat(expected))
     assert [label for label, _ in actual] == [label for label, _ in expected], context
     for (label, a), (_, b) in zip(actual, expected):
@@ -87,6 +91,12 @@ def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> Non
             continue
         assert a.dtype == b.dtype, f"{context}: {label} dtype {a.dtype} != {b.dtype}"
         np.testing.assert_array_equal(a, b, err_msg=f"{context}: {label}", strict=True)
+        if a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16:
+            differ = np.flatnonzero(np.signbit(a) != np.signbit(b))
+            assert differ.size == 0, (
+                f"{context}: {label} sign bits differ at {differ.size} elements, first "
+                f"{differ[0]}: {a.flat[differ[0]]!r} != {b.flat[differ[0]]!r}"
+            )
 
 
 def invalid_values(h) -> list:

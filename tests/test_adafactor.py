@@ -72,6 +72,31 @@ def test_matches_reference_bit_for_bit(row, shape, hyper):
             np.testing.assert_array_equal(moments[key], expected[key], err_msg=key, strict=True)
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("shape", [(3000,), (17, 300)], ids=str)
+def test_nan_gradient_propagates_with_the_reference_sign(shape, maximize):
+    """A NaN in the gradient propagates as in the reference, negated with maximize as it is
+    negated: the same values and the same sign bits. One NaN, and no infinity (whose
+    differences make NaNs of their own sign): where two NaNs of opposite signs meet in a
+    sum, which one survives depends on the order the compiler gives the operands."""
+    rng = np.random.default_rng(4)
+    p, moments = tensor(shape, ROWS[0], rng)
+    q, expected = p.copy(), {k: None if v is None else v.copy() for k, v in moments.items()}
+    for step in (1, 2):
+        g = rng.standard_normal(shape).astype(np.float32)
+        if step == 1:
+            g.reshape(-1)[2100] = np.nan
+        with np.errstate(all="ignore"):
+            fusedopt.adafactor_(p, g, *moments.values(), step=step, maximize=maximize)
+            reference.adafactor_(q, g, *expected.values(), step=step, maximize=maximize)
+    for name, actual, wanted in [("param", p, q)] + [
+        (k, moments[k], expected[k]) for k in moments if moments[k] is not None
+    ]:
+        assert np.isnan(actual).any(), name
+        np.testing.assert_array_equal(actual, wanted, err_msg=name, strict=True)
+        np.testing.assert_array_equal(np.signbit(actual), np.signbit(wanted), err_msg=name)
+
+
 def test_lists_equal_one_call_per_tensor():
     rng = np.random.default_rng(0)
     tensors = [tensor(s, ROWS[0], rng) for s in [(4, 5), (6,), (2, 3, 4)]]

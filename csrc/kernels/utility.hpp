@@ -25,19 +25,21 @@ bool has_nonfinite(Index n, const T* x) {
 // Sum of squares of x[0..n) in double, in an order fixed by n alone: eight running sums over
 // i % 8, combined pairwise. It depends neither on the data's alignment nor on which thread
 // runs it, so a norm built from per-chunk sums is bit-identical for any thread count. (Eigen's
-// reduction order depends on the packet size, so it would differ between SIMD levels.)
+// reduction order depends on the packet size, so it would differ between SIMD levels.) With
+// `negate`, of -x: the same squares, but a NaN's sign is that of the negated gradient's square,
+// as in a reference that negates the gradient first (maximize).
 template <typename T>
-double sum_squares(Index n, const T* x) {
+double sum_squares(Index n, const T* x, const Negation<double>& negate = Negation<double>(false)) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   Index i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int k = 0; k < 8; ++k) {
-      const double v = static_cast<double>(x[i + k]);
+      const double v = negate(static_cast<double>(x[i + k]));
       acc[k] += v * v;
     }
   }
   for (int k = 0; i < n; ++i, ++k) {
-    const double v = static_cast<double>(x[i]);
+    const double v = negate(static_cast<double>(x[i]));
     acc[k] += v * v;
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
