@@ -188,16 +188,16 @@ constexpr bool has_part(Part part) {
   return false;
 }
 
-// Row `row`'s types as a declaration sees them: without a grad or state array, that part's type
-// is the param's, so rows that differ only in a part the declaration lacks share one
-// instantiation (plain SGD and the helpers would compile the same loops for every row).
+// Row `row`'s types as a declaration sees them: a part it has no array for takes the compute
+// type, so rows that differ only there share one instantiation (plain SGD and Scale would
+// compile the same loops for every row).
 template <typename Decl, std::size_t row>
 struct DeclRow {
   using Row = typename RowTypes<row>::type;
-  using P = typename Row::Param;
-  using type = Storage<typename Row::Compute, P,
-                       std::conditional_t<has_part<Decl>(Part::grad), typename Row::Grad, P>,
-                       std::conditional_t<has_part<Decl>(Part::state), typename Row::State, P>>;
+  using C = typename Row::Compute;
+  using type = Storage<C, typename Row::Param,
+                       std::conditional_t<has_part<Decl>(Part::grad), typename Row::Grad, C>,
+                       std::conditional_t<has_part<Decl>(Part::state), typename Row::State, C>>;
   static constexpr bool quantized =
       has_part<Decl>(Part::state) && kStorageRows[row].state == DType::int8;
 };

@@ -90,13 +90,19 @@ def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> Non
             assert type(a) is type(b) and a == b, f"{context}: {label}"
             continue
         assert a.dtype == b.dtype, f"{context}: {label} dtype {a.dtype} != {b.dtype}"
-        np.testing.assert_array_equal(a, b, err_msg=f"{context}: {label}", strict=True)
-        if a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16:
-            differ = np.flatnonzero(np.signbit(a) != np.signbit(b))
-            assert differ.size == 0, (
-                f"{context}: {label} sign bits differ at {differ.size} elements, first "
-                f"{differ[0]}: {a.flat[differ[0]]!r} != {b.flat[differ[0]]!r}"
-            )
+        assert_same_bits(a, b, f"{context}: {label}")
+
+
+def assert_same_bits(a: np.ndarray, b: np.ndarray, label: str = "") -> None:
+    """Same shape, dtype and values, NaN in the same places, and for floats (bfloat16 too)
+    the same sign bits, of zeros and NaNs: what assert_array_equal leaves out."""
+    np.testing.assert_array_equal(a, b, err_msg=label, strict=True)
+    if a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16:
+        differ = np.flatnonzero(np.signbit(a) != np.signbit(b))
+        assert differ.size == 0, (
+            f"{label}: sign bits differ at {differ.size} elements, first "
+            f"{differ[0]}: {a.flat[differ[0]]!r} != {b.flat[differ[0]]!r}"
+        )
 
 
 def invalid_values(h) -> list:
@@ -150,4 +156,4 @@ def assert_same(a, b):
     """Two optim classes' state is the same bits: arrays, masters, int8 codes and scales."""
     for (name, x), (other, y) in zip(state_arrays(a), state_arrays(b), strict=True):
         assert name == other
-        np.testing.assert_array_equal(x, y, err_msg=name, strict=True)
+        assert_same_bits(x, y, name)

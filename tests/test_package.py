@@ -119,5 +119,5 @@ def test_roofline_probe_moves_memory_but_changes_nothing(present):
             np.testing.assert_array_equal(a, b, strict=True)
         arrays[1][7] = np.nan
         _core.roofline(*arrays[:2], *buffers)
-        written = [any(a is g for g in given) for a in arrays]
-        assert [bool(np.isnan(a[7])) for a in arrays] == written
+        has_nan = [any(a is g for g in given) for a in arrays]  # the grad and what is written
+        assert [bool(np.isnan(a[7])) for a in arrays] == has_nan

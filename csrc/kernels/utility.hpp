@@ -26,8 +26,8 @@ bool has_nonfinite(Index n, const T* x) {
 // i % 8, combined pairwise. It depends neither on the data's alignment nor on which thread
 // runs it, so a norm built from per-chunk sums is bit-identical for any thread count. (Eigen's
 // reduction order depends on the packet size, so it would differ between SIMD levels.) With
-// `negate`, of -x: the same squares, but a NaN's sign is that of the negated gradient's square,
-// as in a reference that negates the gradient first (maximize).
+// `negate` (maximize), the squares of -x, whose NaNs take -x's sign, as where the reference
+// negates first.
 template <typename T>
 double sum_squares(Index n, const T* x, const Negation<double>& negate = Negation<double>(false)) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};

@@ -856,7 +856,13 @@ def lamb_(
     trust = 1.0 if weight_norm == 0 or update_norm == 0 else weight_norm / (update_norm + eps)
     if math.isnan(trust):  # the canonical NaN: a sum's NaN payload depends on its order
         trust = math.nan
-    param -= lr / (1 - beta1**step) * trust * update
+    factor = lr / (1 - beta1**step) * trust
+    if math.isnan(factor):
+        # every param NaN: its own NaN, else the factor's, as the kernel's param - factor; a
+        # product with update could keep either NaN, by NumPy's build and the array's length
+        param -= factor
+    else:
+        param -= factor * update
 
 
 # ---------------------------------------------------------------------- matrix optimizers

@@ -142,8 +142,8 @@ struct LambKernel {
 
   // Pass 2: the same m, v and u again, stored with the param. param * 1 is exact, so decay is
   // applied whether decoupled or not. A NaN factor (a NaN in the tensor) makes every param
-  // NaN; the reference's factor * u is then the factor's NaN, where a product whose operands
-  // the compiler may swap could give u's: so it is written as param' - factor.
+  // NaN, written as param' - factor (as the reference writes it): factor * u could keep u's
+  // NaN or the factor's, by the order of its operands.
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding,
                   const double* tensor_sums) const {
     const T factor = scale(tensor_sums);
