@@ -9,7 +9,7 @@ from unittest import mock
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_same
+from support import assert_same, assert_same_bits
 
 import fusedopt
 from fusedopt import optim, reference
@@ -444,10 +444,10 @@ def copied(x):
 
 def assert_bits(a, e, name):
     if isinstance(a, QuantizedState):
-        np.testing.assert_array_equal(a.codes, e.codes, err_msg=name, strict=True)
-        np.testing.assert_array_equal(a.scales, e.scales, err_msg=name, strict=True)
+        assert_same_bits(a.codes, e.codes, name)
+        assert_same_bits(a.scales, e.scales, name)
     elif a is not None:
-        np.testing.assert_array_equal(a, e, err_msg=name, strict=True)
+        assert_same_bits(a, e, name)
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
