@@ -37,7 +37,7 @@ def state_array(dtype: str, n: int, signed: bool, rng=None):
     size (positive unless signed)."""
     values = np.zeros(n, np.float32)
     if rng is not None:
-        values = rng.standard_normal(n).astype(np.float32) * np.float32(1e-2)
+        values = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2)
         values = values if signed else np.abs(values)
     if dtype == "int8":
         return QuantizedState.from_array(values, signed=signed)
@@ -113,8 +113,8 @@ def main(argv=None) -> None:
 
     def adam_row(param, grad, state, master, stochastic, size):
         arrays = [
-            rng.standard_normal(size).astype(DTYPES[param]),
-            rng.standard_normal(size).astype(DTYPES[grad]),
+            rng.standard_normal(size, dtype=np.float32).astype(DTYPES[param]),
+            rng.standard_normal(size, dtype=np.float32).astype(DTYPES[grad]),
             state_array(state, size, signed=True),
             state_array(state, size, signed=False),
         ]
