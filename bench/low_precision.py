@@ -32,12 +32,12 @@ DTYPES = {
 }
 
 
-def state_array(dtype: str, n: int, signed: bool, rng=None):
-    """A state buffer: zeros, as a step starts it, or with `rng` random values of a moment's
-    size (positive unless signed)."""
+def state_array(dtype: str, n: int, signed: bool, normal=None):
+    """A state buffer: zeros, as a step starts it, or `normal` (float32 standard normal values)
+    scaled to a moment's size (positive unless signed)."""
     values = np.zeros(n, np.float32)
-    if rng is not None:
-        values = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2)
+    if normal is not None:
+        values = normal * np.float32(1e-2)
         values = values if signed else np.abs(values)
     if dtype == "int8":
         return QuantizedState.from_array(values, signed=signed)
@@ -101,6 +101,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     n = int(args.n)
     rng = np.random.default_rng(0)
+    drawn = {}
+
+    def normal(size: int, which: str) -> np.ndarray:
+        """Standard normal float32 values, drawn once per size and use: every row copies the
+        same ones (drawing them per row took most of a run at 5e7 elements)."""
+        if (size, which) not in drawn:
+            drawn[size, which] = rng.standard_normal(size, dtype=np.float32)
+        return drawn[size, which]
+
     steps, traffic, probes = {}, {}, {}
     # (param, grad, state, master): every row, and masters of bfloat16 params
     configs = [(*row, None) for row in _core.STORAGE_ROWS if row[0] != "float64"]
@@ -113,8 +122,8 @@ def main(argv=None) -> None:
 
     def adam_row(param, grad, state, master, stochastic, size):
         arrays = [
-            rng.standard_normal(size, dtype=np.float32).astype(DTYPES[param]),
-            rng.standard_normal(size, dtype=np.float32).astype(DTYPES[grad]),
+            normal(size, "param").astype(DTYPES[param]),
+            normal(size, "grad").astype(DTYPES[grad]),
             state_array(state, size, signed=True),
             state_array(state, size, signed=False),
         ]
@@ -142,7 +151,8 @@ def main(argv=None) -> None:
                 # nonzero values, as a step's state is after its first step (a block of zeros
                 # takes the codec's general loops, the typical block its shorter ones)
                 buffers = [
-                    state_array(state, n, signed=signed, rng=rng) for signed in (True, False)
+                    state_array(state, n, signed=signed, normal=normal(n, "state"))
+                    for signed in (True, False)
                 ]
                 probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(*a, None, None)
     try:
