@@ -9,7 +9,7 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_same, state_arrays
+from support import assert_same, assert_same_bits, state_arrays
 
 from fusedopt import optim
 from fusedopt.quantize import QuantizedState
@@ -92,7 +92,7 @@ def test_fused_class_equals_reference_class(cls_name, storage):
     with optim.reference_kernels():
         ref = train(cls, hyper, options, expected, grad_dtype, 7, np.random.default_rng(1))
     for name in fused:
-        np.testing.assert_array_equal(fused[name], expected[name], err_msg=name, strict=True)
+        assert_same_bits(fused[name], expected[name], name)
         assert fused[name].dtype == param_dtype
     assert_same(opt, ref)
     state = opt.state["w1"]
@@ -102,7 +102,7 @@ def test_fused_class_equals_reference_class(cls_name, storage):
         if options.get("stochastic_rounding"):  # rounded up or down, not always to nearest
             assert 0 < np.mean(fused["w1"] != rounded) < 0.9
         else:
-            np.testing.assert_array_equal(fused["w1"], rounded)
+            assert_same_bits(fused["w1"], rounded)
     if options.get("state_dtype") is not None and cls_name != "SGD-plain":
         stored = next(v for k, v in state.items() if k not in ("step", "master"))
         if options["state_dtype"] in ("int8", np.int8):
@@ -139,7 +139,7 @@ def test_checkpoint_resume_is_bit_exact(cls_name, storage, tmp_path):
     rng.bit_generator.state = rng_state
     train(cls, hyper, options, saved, grad_dtype, 4, rng, resumed)
     for name in params:
-        np.testing.assert_array_equal(saved[name], params[name], err_msg=name, strict=True)
+        assert_same_bits(saved[name], params[name], name)
     assert_same(resumed, opt)
 
 
@@ -191,9 +191,9 @@ def test_bad_gradients_and_checkpoints_change_nothing(tmp_path):
         with pytest.raises(ValueError, match=r"gradient of 'b2': expected bfloat16 or float32"):
             opt.step(bad)
     for name in params:
-        np.testing.assert_array_equal(params[name], before[name], strict=True)
+        assert_same_bits(params[name], before[name])
     for (_, a), (_, b) in zip(state_arrays(opt), state_before):
-        np.testing.assert_array_equal(a, b, strict=True)
+        assert_same_bits(a, b)
     opt.save(tmp_path / "ckpt.npz")
     other = optim.Adam(model(BF16), master_weights=True)
     with pytest.raises(ValueError, match="checkpoint has state_dtype='int8', this optimizer None"):

@@ -69,7 +69,7 @@ def test_without_newton_schulz_is_bit_exact(row, shape, order, nesterov):
     run(fusedopt.muon_, *fused, 3, np.random.default_rng(2), **hyper)
     run(reference.muon_, *expected, 3, np.random.default_rng(2), **hyper)
     for a, e, name in zip(fused, expected, ("param", "grad", "momentum_buffer")):
-        np.testing.assert_array_equal(a, e, err_msg=name, strict=True)
+        assert_same_bits(a, e, name)
 
 
 def orthogonalized(shape, dtype, rng, order="C"):
@@ -132,7 +132,7 @@ def test_matches_reference_in_every_row(row, shape, order):
         expected = copies(*fused)
         fusedopt.muon_(*fused, lr=lr)
         reference.muon_(*expected, lr=lr)
-        np.testing.assert_array_equal(fused[2], expected[2], strict=True)
+        assert_same_bits(fused[2], expected[2])
         p, e = fused[0].astype(np.float64), expected[0].astype(np.float64)
         step_size = reference.muon_adjusted_lr(lr, None, shape)  # |O| <= about 1.2
         if row[0] in (np.float32, np.float64):
@@ -157,8 +157,8 @@ def test_bit_identical_for_every_thread_count(shape):
     finally:
         fusedopt.set_num_threads(None)
     for p, b in results[1:]:
-        np.testing.assert_array_equal(p, results[0][0])
-        np.testing.assert_array_equal(b, results[0][1])
+        assert_same_bits(p, results[0][0])
+        assert_same_bits(b, results[0][1])
 
 
 def test_sum_squares_is_the_kernels_order():
@@ -185,7 +185,7 @@ def test_lists_equal_one_call_per_tensor():
     assert fusedopt.muon_(*(list(x) for x in zip(*many)), lr=0.1) is True
     for t, m in zip(one, many):
         for a, b in zip(t, m):
-            np.testing.assert_array_equal(a, b)
+            assert_same_bits(a, b)
 
 
 def test_skip_if_nonfinite_changes_nothing():
@@ -195,14 +195,14 @@ def test_skip_if_nonfinite_changes_nothing():
     assert fusedopt.muon_(p, g, b, skip_if_nonfinite=True) is False
     assert reference.muon_(p, g, b, skip_if_nonfinite=True) is False
     for a, e in zip((p, g, b), before):
-        np.testing.assert_array_equal(a, e)
+        assert_same_bits(a, e)
 
 
 def test_zero_gradient_gives_zero_update():
     """||U|| = 0: eps keeps the division finite and the update is 0 (weight decay only)."""
     p = np.ones((3, 4), np.float32)
     fusedopt.muon_(p, np.zeros_like(p), np.zeros_like(p), lr=0.1, weight_decay=0.5)
-    np.testing.assert_array_equal(p, np.float32(1 - 0.1 * 0.5))
+    assert_same_bits(p, np.full(p.shape, np.float32(1 - 0.1 * 0.5)))
 
 
 def test_adjusted_lr_is_torchs():
@@ -250,7 +250,7 @@ def test_bad_calls_raise_and_change_nothing(match, args, hyper):
     with pytest.raises((TypeError, ValueError), match=match):
         fusedopt.muon_(*args, **hyper)
     for a, e in zip(flat, before):
-        np.testing.assert_array_equal(a, e)
+        assert_same_bits(a, e)
 
 
 def test_read_only_param_raises():
@@ -353,9 +353,7 @@ def test_class_fused_and_reference(dtype):
         for opt in opts:
             opt.step(grads)
     for n in SHAPES_MODEL:
-        np.testing.assert_array_equal(
-            opts[0].state[n]["momentum_buffer"], opts[1].state[n]["momentum_buffer"]
-        )
+        assert_same_bits(opts[0].state[n]["momentum_buffer"], opts[1].state[n]["momentum_buffer"])
         np.testing.assert_allclose(
             fused[n].astype(np.float64), expected[n].astype(np.float64), rtol=1e-2, atol=1e-4
         )
@@ -392,10 +390,8 @@ def test_two_param_groups_with_adamw(tmp_path):
     for g in later:
         resumed.step({n: g[n] for n in hidden})
     for n in hidden:
-        np.testing.assert_array_equal(resumed_params[n], hidden[n])
-        np.testing.assert_array_equal(
-            resumed.state[n]["momentum_buffer"], muon.state[n]["momentum_buffer"]
-        )
+        assert_same_bits(resumed_params[n], hidden[n])
+        assert_same_bits(resumed.state[n]["momentum_buffer"], muon.state[n]["momentum_buffer"])
 
 
 # ------------------------------------------------------------------ storage options
@@ -473,7 +469,7 @@ def test_storage_options_are_bit_exact_without_newton_schulz(case, shape, order)
         if case[4] and case[0] == BF16:  # up or down, not always to nearest
             assert rounded.size < 100 or 0 < np.mean(fused[0] != rounded) < 0.9
         else:
-            np.testing.assert_array_equal(fused[0], rounded)
+            assert_same_bits(fused[0], rounded)
 
 
 @pytest.mark.parametrize(
@@ -490,10 +486,10 @@ def test_masters_are_the_float32_step_of_the_master(case):
     q, c = copied(m), copied(b)
     fusedopt.muon_(p, g, b, master=m, lr=0.02, stochastic_rounding=sr, seed=1)
     fusedopt.muon_(q, g.astype(np.float32), c, lr=0.02, stochastic_rounding=sr, seed=1)
-    np.testing.assert_array_equal(m, q)
+    assert_same_bits(m, q)
     assert_bits(b, c, "momentum_buffer")
     if not sr:
-        np.testing.assert_array_equal(p, q.astype(p_dtype))
+        assert_same_bits(p, q.astype(p_dtype))
 
 
 def sr_matrices(threads, seed):
@@ -602,7 +598,7 @@ def test_class_storage_options_fused_and_reference(options):
         a.step(grads)
         e.step(grads)
     for n in SHAPES_MODEL:
-        np.testing.assert_array_equal(fused[n], expected[n], strict=True)
+        assert_same_bits(fused[n], expected[n])
     assert_same(a, e)
     if opts.get("master_weights"):
         assert a.state["w1"]["master"].dtype == np.float32
@@ -634,7 +630,7 @@ def test_checkpoint_with_storage_options_resumes_bit_for_bit(options, tmp_path):
     for g in grads[3:]:
         resumed.step(g)
     for n in SHAPES_MODEL:
-        np.testing.assert_array_equal(saved[n], params[n], strict=True)
+        assert_same_bits(saved[n], params[n])
     assert_same(resumed, opt)
 
 
@@ -735,4 +731,4 @@ def test_bad_storage_arguments_raise_and_change_nothing(error, match, args, opti
     with pytest.raises(error, match=match):
         fusedopt.muon_(*args, lr=0.1, **options)
     for a, e in zip(flat, before):
-        np.testing.assert_array_equal(a, e, strict=True)
+        assert_same_bits(a, e)

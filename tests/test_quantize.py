@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from support import assert_same_bits
 
 from fusedopt.quantize import BLOCK, QuantizedState, decode, encode
 
@@ -48,7 +49,7 @@ def block_exponents(scales):
     assert np.all(b & 0x807FFFFF == 0), "a scale is not a positive power of two"
     e = (b >> 23).astype(np.int64) - 127
     assert np.all((e >= -126) & (e <= 127))
-    np.testing.assert_array_equal(np.ldexp(1.0, e), scales.astype(np.float64))
+    assert_same_bits(np.ldexp(1.0, e), scales.astype(np.float64))
     return e
 
 
@@ -74,11 +75,12 @@ def assert_roundtrip(x, signed):
     negative = (xs < 0) & ~np.isnan(xs)
     if signed:
         inf = np.isinf(xs)
-        np.testing.assert_array_equal(ys[inf], xs[inf])
+        assert_same_bits(ys[inf], xs[inf])
         bounded = np.isfinite(xs)
     else:
         assert np.all(bits(y.reshape(-1, order="A"))[negative] == 0)  # +0.0
-        np.testing.assert_array_equal(ys[xs == np.inf], np.inf)
+        inf = xs == np.inf
+        assert_same_bits(ys[inf], xs[inf])
         bounded = np.isfinite(xs) & ~negative
 
     F = F_of(signed)
@@ -132,13 +134,13 @@ def test_every_code_decodes_to_the_spec_value(signed, exponent):
 def test_value_table_landmarks():
     one, fmax, inf, nan = 14 << 3, (14 << 3) | 7, 15 << 3, (15 << 3) | 4
     signed = decode(np.array([one, fmax, inf, nan, 1, 8], np.uint8).view(np.int8), f32([1.0]))
-    np.testing.assert_array_equal(signed[:3], [1.0, 1.875, np.inf])
+    assert_same_bits(signed[:3], f32([1.0, 1.875, np.inf]))
     assert np.isnan(signed[3])
-    np.testing.assert_array_equal(signed[4:], [2.0**-16, 2.0**-13])
+    assert_same_bits(signed[4:], f32([2.0**-16, 2.0**-13]))
     unsigned = decode(np.array([240, 247, 248, 252, 1, 8], np.uint8), f32([1.0]))
-    np.testing.assert_array_equal(unsigned[:3], [1.0, 1.875, np.inf])
+    assert_same_bits(unsigned[:3], f32([1.0, 1.875, np.inf]))
     assert np.isnan(unsigned[3])
-    np.testing.assert_array_equal(unsigned[4:], [2.0**-32, 2.0**-29])
+    assert_same_bits(unsigned[4:], f32([2.0**-32, 2.0**-29]))
 
 
 def test_signed_0x80_decodes_to_negative_zero():
@@ -323,7 +325,7 @@ def test_shapes():
         x = np.ones(shape, np.float32)
         codes, scales = encode(x, True)
         assert codes.shape == shape and scales.size == -(-x.size // BLOCK)
-        np.testing.assert_array_equal(decode(codes, scales), x)
+        assert_same_bits(decode(codes, scales), x)
     # a non-contiguous array is read in C order
     x = np.arange(1000, dtype=np.float32).reshape(20, 50)[:, ::2]
     codes, scales = encode(x, False)
@@ -357,8 +359,8 @@ def test_quantized_state(signed):
     x = np.asfortranarray(rng.standard_normal((30, 20)).astype(np.float32))
     state = QuantizedState.from_array(x, signed)
     codes, scales = encode(x, signed)
-    np.testing.assert_array_equal(state.codes, codes)
-    np.testing.assert_array_equal(state.scales, scales)
+    assert_same_bits(state.codes, codes)
+    assert_same_bits(state.scales, scales)
     assert state.shape == (30, 20) and state.size == 600 and state.signed is signed
     assert state.nbytes == 600 + 3 * 4
     assert repr(state) == (
@@ -366,14 +368,14 @@ def test_quantized_state(signed):
     )
     y = state.dequantize()
     assert y.flags.f_contiguous
-    np.testing.assert_array_equal(y, decode(codes, scales))
+    assert_same_bits(y, decode(codes, scales))
 
     clone = state.copy()
     assert clone.codes.flags.f_contiguous
     clone.codes[0, 0] += 1
     clone.scales[0] = 2.0
-    np.testing.assert_array_equal(state.codes, codes)
-    np.testing.assert_array_equal(state.scales, scales)
+    assert_same_bits(state.codes, codes)
+    assert_same_bits(state.scales, scales)
 
     assert not hasattr(state, "__dict__")
     with pytest.raises(AttributeError):

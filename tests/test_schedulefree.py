@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import assert_same_bits
 
 import fusedopt
 from fusedopt import optim, reference
@@ -143,8 +144,8 @@ def test_functional_loop_equals_the_class():
         _, lr_max, weight_sum, _ = reference.schedulefree_averaging(
             step, 0.01, warmup_steps=3, lr_max=lr_max, weight_sum=weight_sum
         )
-        np.testing.assert_array_equal(params["w1"], w)
-        np.testing.assert_array_equal(opt.state["0.0"]["z"], z)
+        assert_same_bits(params["w1"], w)
+        assert_same_bits(opt.state["0.0"]["z"], z)
 
 
 @pytest.mark.parametrize("cls", [optim.ScheduleFreeAdamW, optim.ScheduleFreeSGD])
@@ -159,7 +160,7 @@ def test_eval_then_train_restores_y(cls):
     y = {n: p.copy() for n, p in params.items()}
     opt.train()
     for n in params:
-        np.testing.assert_array_equal(params[n], y[n])
+        assert_same_bits(params[n], y[n])
     opt.eval()
     opt.eval()
     beta = opt.param_groups[0]["betas"][0] if "betas" in opt.defaults else 0.9
@@ -200,7 +201,7 @@ def test_checkpoint_resume_is_bit_exact(cls, mode, tmp_path):
     for g in grads[4:]:
         resumed.step(g)
     for n in params:
-        np.testing.assert_array_equal(saved[n], params[n], err_msg=n)
+        assert_same_bits(saved[n], params[n], n)
     assert [g["weight_sum"] for g in resumed.param_groups] == [
         g["weight_sum"] for g in opt.param_groups
     ]

@@ -13,6 +13,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
+from support import assert_same_bits
 
 torch = pytest.importorskip("torch", reason="torch not installed: fusedopt.torch skipped")
 try:
@@ -449,7 +450,7 @@ def test_matrix_adapters_with_storage_options(name, options):
         opt.step()
         ref.step({str(i): ft._numpy(g) for i, g in enumerate(grads[t])})
     for i, p in enumerate(params):
-        np.testing.assert_array_equal(ft._numpy(p.detach()), arrays[str(i)], strict=True)
+        assert_same_bits(ft._numpy(p.detach()), arrays[str(i)])
         state, expected = opt.state[p], ref.state[str(i)]
         if name == "Muon":  # torch's Muon keeps no step: only the random stream needs one
             needs_step = options.get("stochastic_rounding") or options.get("state_dtype") == "int8"
@@ -461,7 +462,7 @@ def test_matrix_adapters_with_storage_options(name, options):
                 continue
             buffer, _, part = key.partition(".")
             wanted = getattr(expected[buffer], part) if part else expected[key]
-            np.testing.assert_array_equal(ft._numpy(value), wanted, err_msg=key, strict=True)
+            assert_same_bits(ft._numpy(value), wanted, key)
     saved = [p.detach().clone().requires_grad_() for p in params]
     sd = copy.deepcopy(opt.state_dict())
     for t in range(3, 5):
@@ -843,12 +844,12 @@ def test_matrix_adapters_match_the_numpy_classes_bit_for_bit(name, dtype):
         opt.step()
         ref.step({str(i): ft._numpy(g) for i, g in enumerate(grads)})
     for i, p in enumerate(params):
-        np.testing.assert_array_equal(ft._numpy(p.detach()), arrays[str(i)])
+        assert_same_bits(ft._numpy(p.detach()), arrays[str(i)])
         state = {k: v for k, v in opt.state[p].items() if k != "step"}
         assert state.keys() == {k for k in ref.state[str(i)] if k != "step"}
         for key, value in state.items():
             assert tuple(value.shape) == ref.state[str(i)][key].shape
-            np.testing.assert_array_equal(ft._numpy(value), ref.state[str(i)][key])
+            assert_same_bits(ft._numpy(value), ref.state[str(i)][key])
 
 
 # ------------------------------------------------------------------ new gradients, lent
@@ -1073,7 +1074,8 @@ def test_lent_memory_is_checked_by_the_binding_as_arrays_are():
     for error, message, args in refusals:
         with pytest.raises(error, match=message):
             fusedopt.adam_(*args, step=1, lr=0.1)
-        assert all(np.array_equal(x, y) for x, y in zip(params + m + v, arrays))
+        for x, y in zip(params + m + v, arrays):
+            assert_same_bits(x, y)
     zero = torch._efficientzerotensor(5)
     assert core._borrow([zero], params[1:], np.dtype(np.float32)) is None
     with pytest.raises(ValueError, match="an array in like per object"):
@@ -1086,7 +1088,8 @@ def test_lent_memory_is_checked_by_the_binding_as_arrays_are():
     fusedopt.adam_(expected, [g.numpy() for g in grads], [x.copy() for x in m],
                    [x.copy() for x in v], step=1, lr=0.1)  # fmt: skip
     fusedopt.adam_(params, lent, m, v, step=1, lr=0.1)
-    assert all(np.array_equal(x, y) for x, y in zip(params, expected))
+    for x, y in zip(params, expected):
+        assert_same_bits(x, y)
 
 
 def test_only_updates_that_pass_gradients_to_a_kernel_lend():
