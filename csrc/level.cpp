@@ -113,7 +113,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
           encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
                        static_cast<std::uint8_t*>(arrays[r]) + offset,
                        static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
-                       r < 3 ? first_half : other_half, 16 * static_cast<int>((r - 1) % 2));
+                       r < 3 ? first_half : other_half, (r - 1) % 2 == 1);
         }
       }
     } else {

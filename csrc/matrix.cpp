@@ -154,7 +154,7 @@ void muon_step(const MuonCall& call) {
         decode_chunk(true, codes, scales, n, staged);
         momentum(begin, n, Rounder<false>(rounding), staged);
         chunk_bits(key, begin, n, bits);
-        encode_chunk(true, staged, n, codes, scales, bits, 16);  // slot 1: the high 16 bits
+        encode_chunk(true, staged, n, codes, scales, bits, true);  // slot 1: the high 16 bits
         done = true;
       }
     }

@@ -92,8 +92,10 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
     below_normal = is_small & 8U;
   }
   std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - below_normal;
-  q = q < F::kMaxFinite ? q : F::kMaxFinite;
   if constexpr (General) {
+    // else q <= kMaxFinite: x 2^-E <= 1.875, the largest code, as E is the largest finite
+    // magnitude's exponent rounded up to 3 mantissa bits, and rounding stops at the next code
+    q = q < F::kMaxFinite ? q : F::kMaxFinite;
     const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U);
     is_nan = all_ones_if(a > 0x7F800000U);
     q = (q & ~(is_inf | is_nan)) | (F::kInf & is_inf) | (F::kNaN & is_nan);
@@ -105,14 +107,14 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
 
 // Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
 // sets the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits,
-// with 16 random bits, (random_bits[i] >> shift) & 0xFFFF, added below the 3 kept (see
+// with 16 random bits, (random_bits[i] >> Shift) & 0xFFFF, added below the 3 kept (see
 // quantize.py for why never to nearest). Below the smallest normal code, 2^(1-F) is added first
 // (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
 // bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
 // (the common case: found by the same first pass) takes the loop without those selects.
-template <bool Signed, typename Count>
+template <bool Signed, int Shift, typename Count>
 inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
-                          const std::uint32_t* __restrict random_bits, int shift) {
+                          const std::uint32_t* __restrict random_bits) {
   using F = Minifloat<Signed>;
   const Index n = count;
   // the bits of magnitudes order as their values
@@ -151,12 +153,12 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
   if (all_normal) {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, false>(in[i], in[i] * inverse, (random_bits[i] >> shift) & 0xFFFFU);
+      wide[i] = encoded<Signed, false>(in[i], in[i] * inverse, (random_bits[i] >> Shift) & 0xFFFFU);
     }
   } else {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse, (random_bits[i] >> shift) & 0xFFFFU);
+      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse, (random_bits[i] >> Shift) & 0xFFFFU);
     }
   }
 #pragma omp simd
@@ -186,13 +188,23 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
   });
 }
 // `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
-// second_half); `shift` picks its 16.
+// second_half); `high_half` picks its 16 (a constant in the loops: fewer instructions than a
+// shift by a variable count).
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
-                         float* scales, const std::uint32_t* random, int shift) {
+                         float* scales, const std::uint32_t* random, bool high_half) {
   for_each_block(n, [&](Index b, auto count) {
     const Index at = b * kBlock;
-    scales[b] = is_signed ? encode_block<true>(in + at, count, codes + at, random + at, shift)
-                          : encode_block<false>(in + at, count, codes + at, random + at, shift);
+    const auto block = [&](auto is_signed_, auto shift) {
+      return encode_block<decltype(is_signed_)::value, decltype(shift)::value>(
+          in + at, count, codes + at, random + at);
+    };
+    using Low = std::integral_constant<int, 0>;
+    using High = std::integral_constant<int, 16>;
+    if (is_signed) {
+      scales[b] = high_half ? block(std::true_type{}, High{}) : block(std::true_type{}, Low{});
+    } else {
+      scales[b] = high_half ? block(std::false_type{}, High{}) : block(std::false_type{}, Low{});
+    }
   });
 }
 
