@@ -5,11 +5,10 @@
 // take the codec's loops for normal values, as in training. Built with the kernel libraries'
 // flags, at a level's SIMD flags:
 //
-//   EIGEN=$(python -c "import cmeel, pathlib;
-//       print(pathlib.Path(cmeel.__file__).parent.parent / 'cmeel.prefix/include/eigen3')")
-//   g++ -std=c++17 -O3 -fno-math-errno -ffp-contract=off -fopenmp-simd
-//       -mavx2 -mfma -mbmi2 -mf16c -Icsrc/kernels -isystem $EIGEN
-//       -o /tmp/int8_codec bench/int8_codec.cpp && /tmp/int8_codec
+//   eigen=$(python -c "import cmeel; print(cmeel.__path__[0] + '.prefix/include/eigen3')")
+//   flags="-std=c++17 -O3 -fno-math-errno -ffp-contract=off -fopenmp-simd -mavx2 -mfma -mf16c"
+//   g++ $flags -mbmi2 -Icsrc/kernels -I"$eigen" bench/int8_codec.cpp -o /tmp/int8_codec
+//   /tmp/int8_codec
 //
 // With a name (decode_signed, decode_unsigned, encode_signed, encode_unsigned, random_bits,
 // none) it runs only that, 1000 times, for an instruction count:
