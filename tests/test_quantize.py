@@ -493,10 +493,13 @@ def test_the_compiled_decoder_takes_its_general_loop_for_every_code_that_needs_i
 def _gradients_at_the_encoders_boundaries(rng):
     """With zero state and beta1 = beta2 = 0 Adam encodes m = g and v = g * g: blocks of g
     that put m or v exactly at the smallest normal code of its block's scale (the encoder's
-    shorter loop) or one float below it (the general loop), and others that are only normal
-    or hold a zero, inf or NaN."""
+    shorter loop) or one float below it (the general loop); blocks whose largest m or v is
+    at the largest code, 1.875 times the scale, or a float below it (stochastic rounding may
+    reach that code, never pass it: the shorter loop does not clamp), or a float above it
+    (the next scale); and others that are only normal or hold a zero, inf or NaN."""
     below = lambda x: np.nextafter(np.float32(x), np.float32(0))  # noqa: E731
-    blocks = [rng.standard_normal(BLOCK) + 3.0 for _ in range(8)]
+    above = lambda x: np.nextafter(np.float32(x), np.float32(np.inf))  # noqa: E731
+    blocks = [rng.standard_normal(BLOCK) + 3.0 for _ in range(13)]
     # m: scale 2^0, smallest normal code 2^(1-14); v = g * g is then normal
     blocks[1][:] = 1.0
     blocks[1][5] = math.ldexp(1.0, -13)
@@ -507,9 +510,20 @@ def _gradients_at_the_encoders_boundaries(rng):
     blocks[3][5] = math.ldexp(1.0, -14)
     blocks[4][:] = 1.5
     blocks[4][5] = below(math.ldexp(1.0, -14))
-    blocks[5][6] = 0.0
-    blocks[6][7] = np.inf
-    blocks[7][8] = np.nan
+    # the largest code: m at, below and above 1.875 (every element, so that many random bits
+    # round it); v = g * g at 1.875 - 2^-22 (0x6FFFFE: the nearest float32 square below
+    # 1.875, none is exact) and 1.875 + 2^-23 (0x700001); the last at a scale of 2^-8
+    blocks[5][:] = 1.875
+    blocks[6][:] = below(1.875)
+    blocks[7][:] = 1.875
+    blocks[7][9] = above(1.875)
+    blocks[8][:] = 1.3693063259124756
+    blocks[9][:] = 1.3693063259124756
+    blocks[9][9] = 1.3693064451217651
+    blocks[9] *= 2.0**-4
+    blocks[10][6] = 0.0
+    blocks[11][7] = np.inf
+    blocks[12][8] = np.nan
     g = np.concatenate(blocks).astype(np.float32)
     g[::3] *= -1
     return g[: g.size - 5]
@@ -535,3 +549,7 @@ def test_the_compiled_encoder_matches_the_spec_at_its_boundaries():
     # the blocks are what they are meant to be: exactly at and below the boundary
     _, m_scales = encode(g, True)
     assert m_scales[1] == m_scales[2] == 1.0
+    assert m_scales[5] == m_scales[6] == 1.0 and m_scales[7] == 2.0
+    v = g.astype(np.float32) * g.astype(np.float32)
+    assert np.abs(v[8 * BLOCK : 9 * BLOCK]).max().view(np.uint32) == 0x3FEFFFFE
+    assert np.abs(v[9 * BLOCK : 10 * BLOCK]).max().view(np.uint32) == 0x3FF00001 - (8 << 23)

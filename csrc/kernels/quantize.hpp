@@ -93,8 +93,9 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
   }
   std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - below_normal;
   if constexpr (General) {
-    // else q <= kMaxFinite: x 2^-E <= 1.875, the largest code, as E is the largest finite
-    // magnitude's exponent rounded up to 3 mantissa bits, and rounding stops at the next code
+    // else q <= kMaxFinite: x 2^-E <= 1.875, the largest code, as E is the largest magnitude's
+    // exponent rounded up to 3 mantissa bits, and under 2^20 added below the kept bits of a
+    // value at most 1.875 cannot carry past it
     q = q < F::kMaxFinite ? q : F::kMaxFinite;
     const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U);
     is_nan = all_ones_if(a > 0x7F800000U);
@@ -107,15 +108,17 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
 
 // Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
 // sets the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits,
-// with 16 random bits, (random_bits[i] >> Shift) & 0xFFFF, added below the 3 kept (see
+// with 16 random bits, the low or high half of random_bits[i], added below the 3 kept (see
 // quantize.py for why never to nearest). Below the smallest normal code, 2^(1-F) is added first
 // (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
 // bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
-// (the common case: found by the same first pass) takes the loop without those selects.
-template <bool Signed, int Shift, typename Count>
+// (the common case: found by the same first pass) takes the loop without those selects and
+// without the clamp to the largest code.
+template <bool Signed, bool HighHalf, typename Count>
 inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
                           const std::uint32_t* __restrict random_bits) {
   using F = Minifloat<Signed>;
+  constexpr int kShift = HighHalf ? 16 : 0;  // a constant: no shift count in a register
   const Index n = count;
   // the bits of magnitudes order as their values
   std::uint32_t highest = 0, lowest = 0xFFFFFFFFU;
@@ -153,12 +156,13 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
   if (all_normal) {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, false>(in[i], in[i] * inverse, (random_bits[i] >> Shift) & 0xFFFFU);
+      wide[i] =
+          encoded<Signed, false>(in[i], in[i] * inverse, (random_bits[i] >> kShift) & 0xFFFFU);
     }
   } else {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse, (random_bits[i] >> Shift) & 0xFFFFU);
+      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse, (random_bits[i] >> kShift) & 0xFFFFU);
     }
   }
 #pragma omp simd
@@ -188,24 +192,18 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
   });
 }
 // `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
-// second_half); `high_half` picks its 16 (a constant in the loops: fewer instructions than a
-// shift by a variable count).
+// second_half); `high_half` picks its 16.
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
                          float* scales, const std::uint32_t* random, bool high_half) {
-  for_each_block(n, [&](Index b, auto count) {
-    const Index at = b * kBlock;
-    const auto block = [&](auto is_signed_, auto shift) {
-      return encode_block<decltype(is_signed_)::value, decltype(shift)::value>(
-          in + at, count, codes + at, random + at);
-    };
-    using Low = std::integral_constant<int, 0>;
-    using High = std::integral_constant<int, 16>;
-    if (is_signed) {
-      scales[b] = high_half ? block(std::true_type{}, High{}) : block(std::true_type{}, Low{});
-    } else {
-      scales[b] = high_half ? block(std::false_type{}, High{}) : block(std::false_type{}, Low{});
-    }
-  });
+  with_flags(
+      [&](auto signed_codes, auto high) {
+        for_each_block(n, [&](Index b, auto count) {
+          const Index at = b * kBlock;
+          scales[b] = encode_block<decltype(signed_codes)::value, decltype(high)::value>(
+              in + at, count, codes + at, random + at);
+        });
+      },
+      is_signed, high_half);
 }
 
 }  // namespace fusedopt
