@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -30,7 +29,6 @@
 
 namespace {
 
-using fusedopt::Index;
 using fusedopt::kBlock;
 using fusedopt::kChunk;
 
@@ -53,6 +51,8 @@ int main(int argc, char** argv) {
     unsigned_chunk.values[i] = signed_chunk.values[i] * signed_chunk.values[i];
     bits[i] = static_cast<std::uint32_t>(generator());
   }
+  // signed codes round with the random bits' low half, unsigned with the high, as Adam's first
+  // and second moments do
   const auto encode = [&](Chunk& c, bool is_signed) {
     fusedopt::encode_chunk(is_signed, c.values.data(), kChunk, c.codes.data(), c.scales.data(),
                            bits.data(), !is_signed);

@@ -304,7 +304,8 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
             if isinstance(value, np.ndarray):
                 assert_same_bits(resumed.state[n][key], value, f"{n}.{key}")
             else:  # the step count
-                assert resumed.state[n][key] == value, f"{n}.{key}"
+                got = resumed.state[n][key]
+                assert type(got) is type(value) and got == value, f"{n}.{key}"
 
 
 # ------------------------------------------------------------------ storage options

@@ -218,7 +218,7 @@ def test_zero_copy_and_no_allocation():
     model_bytes = sum(p.numel() * 4 for p in params)
     tracemalloc.start()
     with warnings.catch_warnings():
-        # torch 2.11 warns of profiling cycles where no schedule makes any (pytorch#180387)
+        # torch 2.11 warns of profiling cycles where no schedule makes any (fixed by pytorch#180387)
         warnings.filterwarnings("ignore", "Warning: Profiler clears events", UserWarning)
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
