@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from support import assert_same_bits
+from support import assert_identical, assert_same_bits
 
 from fusedopt import distributed, optim, schedules
 from fusedopt.quantize import BLOCK, QuantizedState
@@ -229,8 +229,7 @@ def check_skip_nonfinite(comm):
     if rank == world - 1:
         grads["W2"][3, 4] = np.nan
     assert zero.step(grads) is False and zero.skipped_steps == 1
-    for n in params:
-        assert_same_bits(params[n], before[n], n)
+    assert_identical(params, before)
     assert zero.step(rank_grads(params, 1, rank, world)) is True
 
 
@@ -295,10 +294,7 @@ def check_int8_sd(sd, ref, dtype, options, world):
     if world == 1:
         want = ref.state_dict()["state"]
         for name, entry in sd["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, QuantizedState):
-                    assert_same_bits(value.codes, want[name][key].codes, f"{name}.{key}")
-                    assert_same_bits(value.scales, want[name][key].scales, f"{name}.{key}")
+            assert_identical(entry, want[name], name)  # int8 codes and scales, masters, step
     fresh = optim.AdamW(groups(model(dtype)), lr=1e-2, state_dtype="int8", **options)
     fresh.load_state_dict(sd)
     assert fresh.seed == 7
@@ -379,8 +375,7 @@ def check_errors(comm):
             assert "['b2'] are None on some ranks" in str(e), e
         else:
             raise AssertionError("None gradients on some ranks were not detected")
-    for n in params:
-        assert_same_bits(params[n], before[n], n)
+    assert_identical(params, before)
     assert zero.optim.state == {}
     try:
         zero.state_dict()
@@ -453,10 +448,7 @@ def check_allreduce_mean(comm):
         assert world == 1, "different gradients were not detected"
     bad = [*grads, "x"] if rank == last else grads
     expect(comm, lambda: distributed.allreduce_mean_(bad, comm), TypeError, "grads[5]", last)
-    expected = mine(rank)
-    assert len(grads) == len(expected)
-    for g, m in zip(grads, expected):
-        assert_same_bits(g, m)
+    assert_identical({"grads": grads}, {"grads": mine(rank)})
 
 
 def base_index(base, b):
@@ -602,8 +594,7 @@ def check_agreement(comm):
         zero._full.max_grad_norm = 1.0 if rank == last else None
         expect_all(comm, lambda: zero.step(grads), ValueError, "max_grad_norm")
         zero._full.max_grad_norm = None
-        for n in params:
-            assert_same_bits(params[n], before[n], n)
+        assert_identical(params, before)
         assert_state_close(zero.optim.state_dict(), state, rtol=0)
         # consolidate_state_dict to different ranks, or to a bad one on one rank only
         expect_all(comm, lambda: zero.consolidate_state_dict(to=rank), ValueError, "different")

@@ -8,7 +8,7 @@ import inspect
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_same, assert_same_bits
+from support import assert_identical, assert_same, assert_same_bits
 
 import fusedopt
 from fusedopt import _matrix, optim, reference
@@ -300,12 +300,7 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
         resumed.step(g)
     for n in SHAPES_MODEL:
         assert_same_bits(saved[n], params[n])
-        for key, value in opt.state[n].items():
-            if isinstance(value, np.ndarray):
-                assert_same_bits(resumed.state[n][key], value, f"{n}.{key}")
-            else:  # the step count
-                got = resumed.state[n][key]
-                assert type(got) is type(value) and got == value, f"{n}.{key}"
+        assert_identical(resumed.state[n], opt.state[n], n)  # arrays and the step count
 
 
 # ------------------------------------------------------------------ storage options

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import assert_same_bits
+from support import assert_identical, assert_same_bits
 
 import fusedopt
 from fusedopt import _functional, optim
@@ -117,8 +117,7 @@ def copy(params):
 
 
 def assert_same(a, b, context=""):
-    for name in a:
-        assert_same_bits(a[name], b[name], f"{context} {name}")
+    assert_identical(a, b, context)
 
 
 def run(cls, hyper, params, steps, seed=1, schedule=None, freeze=None, none_every=0):
@@ -366,12 +365,7 @@ def test_checkpoint_resume_is_bit_exact(cls, hyper, tmp_path):
         opt2.step(grads_for(resumed, rng))
     assert_same(resumed, params)
     for name in opt.state:
-        for key, value in opt.state[name].items():
-            if isinstance(value, np.ndarray):
-                assert_same_bits(opt2.state[name][key], value, f"{name}.{key}")
-            else:  # the step count
-                got = opt2.state[name][key]
-                assert type(got) is type(value) and got == value, f"{name}.{key}"
+        assert_identical(opt2.state[name], opt.state[name], name)  # arrays and the step count
 
 
 def test_state_dict_round_trip_and_hyperparameters():
