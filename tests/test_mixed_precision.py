@@ -283,3 +283,173 @@ def test_bfloat16_stores_of_nan_and_inf_keep_ml_dtypes_bits(stochastic):
     assert set(param.view(np.uint16)[np.isnan(master)]) == {0x7FC0, 0xFFC0}
     if not stochastic:
         np.testing.assert_array_equal(param.view(np.uint16), expected)
+
+
+def test_int8_state_loads_into_the_other_memory_order():
+    """int8 blocks follow memory order: state saved for a C-ordered parameter and loaded into
+    an F-ordered one (or back) is decoded and encoded again in the new order, to nearest, not
+    read with another block's scale. In the same order it loads bit for bit."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((40, 30)).astype(np.float32)}
+    opt = optim.AdamW(params, state_dtype="int8")
+    # rows of very different magnitudes, so that C and F blocks get different scales
+    g = rng.standard_normal((40, 30)) * 10.0 ** np.linspace(-4, 2, 40)[:, None]
+    opt.step({"w": g.astype(np.float32)})
+    sd = opt.state_dict()
+    same = optim.AdamW({"w": params["w"].copy()}, state_dtype="int8")
+    same.load_state_dict(sd)
+    assert_same(same, opt)
+    for order in ("F", "C"):  # C-saved state into an F parameter, then that back into C
+        other = optim.AdamW({"w": np.array(params["w"], order=order)}, state_dtype="int8")
+        other.load_state_dict(sd)
+        for key in ("exp_avg", "exp_avg_sq"):
+            saved, loaded = sd["state"]["w"][key], other.state["w"][key]
+            want = QuantizedState.from_array(
+                np.array(saved.dequantize(), order=order), saved.signed
+            )
+            assert loaded.codes.flags[f"{order}_CONTIGUOUS"], (order, key)
+            assert_same_bits(loaded.codes, want.codes, f"{order} {key}")
+            assert_same_bits(loaded.scales, want.scales, f"{order} {key}")
+            # every element within half a code step of its new block: 2**-4 relative for a
+            # normal code, half the subnormal step (2**-16 or 2**-32 of the scale) below
+            block = np.arange(40 * 30).reshape(40, 30, order=order) // 256
+            subnormal_step = loaded.scales[block] * 2.0 ** (-16 if saved.signed else -32)
+            exact, got = saved.dequantize(), loaded.dequantize()
+            bound = np.maximum(2.0**-4 * np.abs(exact), subnormal_step / 2)
+            assert np.all(np.abs(got - exact) <= bound), (order, key)
+            if order == "F":  # F blocks span rows of all magnitudes: small ones round away
+                assert np.count_nonzero(got != exact) > 0, key
+        sd = other.state_dict()
+    other.step({"w": np.array(g, np.float32)})  # and it trains on
+
+
+@pytest.mark.parametrize("cls", [optim.Muon, optim.Adafactor])
+def test_matrix_optimizers_refuse_float32_grads_of_float64_params_before_any_call(cls):
+    """A step of several fused calls checks every gradient first: a float64 parameter's
+    float32 gradient, which its kernel refuses, must not be found after another call wrote."""
+    params = {"a": np.ones((16, 24), BF16), "b": np.ones((16, 24))}
+    opt = cls(params, lr=1e-2)
+    before = {n: p.copy() for n, p in params.items()}
+    with pytest.raises(ValueError, match=r"gradient of 'b': expected float64 \(16, 24\)"):
+        opt.step({n: np.ones((16, 24), np.float32) for n in params})
+    for name in params:
+        assert_same_bits(params[name], before[name], name)
+    assert opt.state == {}
+
+
+def test_a_parameter_made_read_only_fails_the_step_before_any_call():
+    params = {"a": np.ones((5, 30), BF16), "b": np.ones((5, 30), np.float32)}
+    opt = optim.AdamW(params, lr=1e-2)  # two fused calls: bfloat16 and float32
+    g = {n: np.ones((5, 30), np.float32) for n in params}
+    opt.step(g)
+    params["b"].flags.writeable = False
+    before = {n: p.copy() for n, p in params.items()}
+    state_before = list(state_arrays(opt))
+    with pytest.raises(ValueError, match="parameter 'b': array is read-only"):
+        opt.step(g)
+    for name in params:
+        assert_same_bits(params[name], before[name], name)
+    for (_, a), (_, b) in zip(state_arrays(opt), state_before):
+        assert_same_bits(a, b)
+    assert [s["step"] for s in opt.state.values()] == [1, 1]
+
+
+def test_load_state_dict_checks_the_options_and_int8_state_it_restores():
+    src = optim.AdamW({"a": np.ones((5, 300), BF16)}, stochastic_rounding=True, seed=5)
+    src.step({"a": np.ones((5, 300), BF16)})
+    half = optim.AdamW({"a": np.ones((5, 300), F16)})
+    with pytest.raises(ValueError, match="stochastic_rounding=True: parameter 'a' is float16"):
+        half.load_state_dict(src.state_dict())
+    assert (half.stochastic_rounding, half.seed, half.state) == (False, 0, {})
+
+    dst = optim.AdamW({"a": np.ones((5, 300), BF16)})
+    for key, value, error, message in [
+        ("seed", -5, ValueError, "Invalid seed: -5"),
+        ("seed", 2**70, ValueError, "Invalid seed"),
+        ("seed", "x", TypeError, "seed must be an integer, got str"),
+        ("stochastic_rounding", "no", TypeError, "stochastic_rounding must be True or False"),
+        ("max_grad_norm", -1.0, ValueError, "Invalid max_grad_norm"),
+        ("skip_if_nonfinite", None, TypeError, "skip_if_nonfinite must be True or False"),
+    ]:
+        sd = src.state_dict()
+        sd[key] = value
+        with pytest.raises(error, match=message):
+            dst.load_state_dict(sd)
+        assert (dst.stochastic_rounding, dst.seed, dst.max_grad_norm, dst.state) == (
+            False,
+            0,
+            None,
+            {},
+        )
+
+    params = model(np.float32)
+    q8 = optim.Adam(params, state_dtype="int8")
+    q8.step(grads(params, np.float32, np.random.default_rng(0)))
+    good = q8.state_dict()
+
+    def flipped(state):  # the same values with the other codes' signedness
+        return QuantizedState.from_array(state.dequantize(), not state.signed)
+
+    def scaled(state, value):
+        scales = state.scales.copy()
+        scales[0] = value
+        return QuantizedState(state.codes.copy(), scales)
+
+    fresh = optim.Adam(model(np.float32), state_dtype="int8")
+    for key, make, message in [
+        ("exp_avg", flipped, "'exp_avg' of 'w1': expected a QuantizedState with int8 codes"),
+        ("exp_avg_sq", flipped, "'exp_avg_sq' of 'w1': expected a QuantizedState with uint8"),
+        ("exp_avg", lambda s: scaled(s, 3.0), "scales must be powers of two"),
+        ("exp_avg", lambda s: scaled(s, np.inf), "scales must be powers of two"),
+        ("exp_avg_sq", lambda s: scaled(s, 0.0), "scales must be powers of two"),
+    ]:
+        sd = q8.state_dict()
+        sd["state"]["w1"][key] = make(good["state"]["w1"][key])
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict(sd)
+        assert fresh.state == {}
+
+
+def test_load_state_dict_takes_the_checkpoints_options_and_keeps_those_it_lacks():
+    """As torch.optim's hyperparameters: the checkpoint's options replace the constructor's;
+    an option the checkpoint does not hold (format 1 has none) is kept, not reset."""
+    params = model(BF16)
+    plain = optim.AdamW(params)
+    plain.step(grads(params, BF16, np.random.default_rng(0)))
+    sd = plain.state_dict()
+    opt = optim.AdamW(model(BF16), stochastic_rounding=True, seed=7, max_grad_norm=1.0)
+    opt.load_state_dict(sd)
+    assert (opt.stochastic_rounding, opt.seed, opt.max_grad_norm) == (False, 0, None)
+    for key in ("stochastic_rounding", "seed", "max_grad_norm"):
+        del sd[key]
+    opt = optim.AdamW(model(BF16), stochastic_rounding=True, seed=7, max_grad_norm=1.0)
+    opt.load_state_dict(sd)
+    assert (opt.stochastic_rounding, opt.seed, opt.max_grad_norm) == (True, 7, 1.0)
+
+
+@pytest.mark.parametrize(
+    "saved, loaded", [(None, "float32"), ("float32", None), (None, np.float32)]
+)
+def test_state_dtype_none_and_float32_are_one_option_on_load(saved, loaded):
+    params = model(np.float32)
+    opt = optim.Adam(params, state_dtype=saved)
+    opt.step(grads(params, np.float32, np.random.default_rng(0)))
+    other = optim.Adam(model(np.float32), state_dtype=loaded)
+    other.load_state_dict(opt.state_dict())
+    assert_same(other, opt)
+
+
+def test_gradient_errors_name_only_the_dtypes_allowed():
+    opt = optim.AdamW({"a": np.ones((5, 300), F16)}, master_weights=True, state_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"gradient of 'a': expected float32 \(5, 300\) like"):
+        opt.step({"a": np.ones((5, 300), F16)})
+    opt = optim.AdamW({"a": np.ones((5, 300), BF16)}, master_weights=True)
+    with pytest.raises(ValueError, match=r"expected bfloat16 or float32 \(5, 300\) like"):
+        opt.step({"a": np.ones((5, 300), F16)})
+
+
+@pytest.mark.parametrize("option", ["master_weights", "stochastic_rounding"])
+@pytest.mark.parametrize("value", ["no", None, 1.0])
+def test_storage_flags_must_be_booleans(option, value):
+    with pytest.raises(TypeError, match=f"{option} must be True or False"):
+        optim.AdamW(model(BF16), **{option: value})

@@ -14,8 +14,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._dispatch import core as _core
+from .quantize import QuantizedState  # imports NumPy only: no cycle
 
 Arrays = Union[np.ndarray, Sequence[np.ndarray]]
+States = Union[np.ndarray, QuantizedState, Sequence[Union[np.ndarray, QuantizedState]]]
+"""A state buffer: an array, or an int8 state as a ``QuantizedState`` (one, or a list)."""
 _ANNOTATIONS = {"real": float, "step": int, "flag": bool}
 
 
@@ -98,6 +101,13 @@ class Declaration:
         return tuple(a.name for a in self.arrays[2:] if a.nonnegative)
 
     @cached_property
+    def quantizable(self) -> Tuple[str, ...]:
+        """Buffers that may be a ``QuantizedState`` (int8 state): the binding's state part,
+        every array the kernel writes but the param (the first; the grad, second, is read
+        only), required and optional alike. ``master=`` never is."""
+        return tuple(a.name for a in self.arrays[1:] if a.written)
+
+    @cached_property
     def optional_state(self) -> Dict[str, str]:
         """Keyword-only buffers, each needed when the named hyperparameter is truthy."""
         return {a.name: a.used_when for a in self.arrays if a.used_when}
@@ -121,13 +131,14 @@ class Declaration:
         """The public function's signature: the required arrays positional, optional buffers
         and hyperparameters keyword-only, then ``skip_if_nonfinite``."""
         P = inspect.Parameter
+        kind = {a.name: States if a.name in self.quantizable else Arrays for a in self.arrays}
         params = [
-            P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=Arrays)
+            P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=kind[a.name])
             for a in self.arrays
             if not a.optional
         ]
         params += [
-            P(a.name, P.KEYWORD_ONLY, default=None, annotation=Optional[Arrays])
+            P(a.name, P.KEYWORD_ONLY, default=None, annotation=Optional[kind[a.name]])
             for a in self.arrays
             if a.optional
         ]
@@ -152,7 +163,14 @@ class Declaration:
         for a in self.arrays:
             how = "updated in place" if a.written else "read only"
             when = f"; required when ``{a.used_when}`` is on" if a.used_when else ""
-            lines.append(f"    {a.name}: {a.help}, {how}{when}.")
+            dtypes = (
+                "; float32, bfloat16, or int8 as a ``fusedopt.quantize.QuantizedState`` "
+                f"({'int8 or uint8' if a.nonnegative else 'int8'} codes), as param and grad "
+                "allow (float64 for float64)"
+                if a.name in self.quantizable
+                else ""
+            )
+            lines.append(f"    {a.name}: {a.help}, {how}{when}{dtypes}.")
         for h in self.arguments:
             extra = ", ".join(
                 x
@@ -171,9 +189,10 @@ class Declaration:
             "with the probabilities that make it unbiased, instead of to nearest even."
         )
         lines.append(
-            "    seed: the random stream of stochastic rounding, an integer in [0, 2**64); the "
-            "bits are a function of (seed, step, tensor, element). Without a step argument, "
-            "pass a new seed each step."
+            "    seed: the random stream of stochastic rounding and of int8 state (whose codes "
+            "are always rounded stochastically), an integer in [0, 2**64); the bits are a "
+            "function of (seed, step, tensor, element). Without a step argument, pass a new "
+            "seed each call, for either."
         )
         lines.append(
             "    master: float32 master weights of a bfloat16 or float16 param, updated in "

@@ -47,11 +47,11 @@ from typing import (
 import ml_dtypes
 import numpy as np
 
-from . import _functional, _matrix, _overlap, reference
+from . import _functional, _matrix, _overlap, quantize, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
-from .quantize import QuantizedState
+from .quantize import QuantizedState, _memory_order
 
 __all__ = [
     "SGD",
@@ -167,6 +167,45 @@ def _check_param(name: str, p: Any) -> np.ndarray:
     return p
 
 
+def _check_max_grad_norm(value: Any) -> None:
+    if value is not None and not (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and value > 0
+        and math.isfinite(value)
+    ):
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (None or a finite number > 0)")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"Invalid seed: {seed} (an integer in [0, 2**64))")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_rounding(name: str, dtype: Optional[str], stochastic_rounding: bool) -> None:
+    if stochastic_rounding and dtype == "float16":
+        raise ValueError(
+            f"stochastic_rounding=True: parameter {name!r} is float16, which is rounded to "
+            "nearest only; stochastic rounding is for bfloat16"
+        )
+
+
+def _check_scales(where: str, scales: np.ndarray) -> None:
+    """That int8 state's scales are what the encoder writes: powers of two from 2**-126 to
+    2**127 (positive, normal, no mantissa bits)."""
+    bits = scales.view(np.uint32)
+    exponent = bits >> 23
+    if np.any((bits & 0x7FFFFF) != 0) or np.any((exponent < 1) | (exponent > 254)):
+        raise ValueError(f"{where}: scales must be powers of two in [2**-126, 2**127]")
+
+
 class Optimizer:
     """Base class: parameter groups, lazy state, freezing, checkpoints, and the generic step.
 
@@ -214,14 +253,12 @@ class Optimizer:
         stochastic_rounding: bool = False,
         seed: int = 0,
     ):
-        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
+        _check_max_grad_norm(max_grad_norm)
         if impl not in (None, "fused", "reference"):
             raise ValueError(f"impl: expected None, 'fused' or 'reference', got {impl!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"Invalid seed: {seed} (an integer in [0, 2**64))")
+        _check_seed(seed)
+        _check_flag("master_weights", master_weights)
+        _check_flag("stochastic_rounding", stochastic_rounding)
         self.impl = impl
         self.state_dtype = _state_dtype(state_dtype)
         self.master_weights = bool(master_weights)
@@ -300,11 +337,7 @@ class Optimizer:
                 f"state_dtype={self.state_dtype!r}: parameter {name!r} is float64, whose state "
                 "is float64"
             )
-        if self.stochastic_rounding and dtype == "float16":
-            raise ValueError(
-                f"stochastic_rounding=True: parameter {name!r} is float16, which is rounded to "
-                "nearest only; stochastic rounding is for bfloat16"
-            )
+        _check_rounding(name, dtype, self.stochastic_rounding)
         return master, state
 
     def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
@@ -420,7 +453,7 @@ class Optimizer:
                 )
             allowed = self._storage[name].grads
             if _dtype_name(g.dtype) not in allowed or g.shape != p.shape:
-                expected = " or ".join(dict.fromkeys([str(p.dtype), *allowed]))
+                expected = " or ".join(sorted(allowed, key=lambda d: d != _dtype_name(p.dtype)))
                 raise ValueError(
                     f"gradient of {name!r}: expected {expected} {p.shape} like the "
                     f"parameter, got {g.dtype} {g.shape}"
@@ -434,6 +467,8 @@ class Optimizer:
                 )
             if np.may_share_memory(g, p):
                 raise ValueError(f"gradient of {name!r} shares memory with the parameter")
+            if not p.flags.writeable:  # made read-only since it was added
+                raise ValueError(f"parameter {name!r}: array is read-only")
         return aligned
 
     def step(self, grads: Grads) -> bool:
@@ -537,9 +572,11 @@ class Optimizer:
         if dtype != "int8":
             return np.full_like(p, value, dtype=_DTYPES[dtype])
         start = np.full_like(p, value, dtype=np.float32)
-        return QuantizedState.from_array(
-            start, signed=array not in plan.declaration.nonnegative_state
-        )
+        return QuantizedState.from_array(start, signed=self._signed_codes(plan, array))
+
+    def _signed_codes(self, plan: _Plan, array: str) -> bool:
+        """Whether the int8 form of state ``array`` has signed codes: unless never negative."""
+        return array not in plan.declaration.nonnegative_state
 
     def _state_shape(self, key: str, p: np.ndarray) -> Tuple[int, ...]:
         """The shape of state ``key`` of parameter ``p`` (the parameter's, unless factored)."""
@@ -616,21 +653,43 @@ class Optimizer:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a state_dict(); checks everything first and raises ValueError on any
-        mismatch, leaving the optimizer unchanged."""
+        """Restore a state_dict(); checks everything first and raises ValueError (TypeError for
+        an option of the wrong type) on any mismatch, leaving the optimizer unchanged.
+
+        As in torch.optim, what the checkpoint holds replaces what this optimizer was built
+        with: the groups' hyperparameters, ``max_grad_norm``, ``skip_if_nonfinite``,
+        ``stochastic_rounding`` and ``seed`` (an option the checkpoint lacks is kept).
+        ``state_dtype`` and ``master_weights`` must match the checkpoint's. int8 state loads
+        bit for bit into a parameter of the memory layout (C or F order) it was saved with;
+        into the other one, its blocks (which follow memory order) are decoded and encoded
+        again in the parameter's, rounded to nearest."""
         sd = state_dict
         if sd.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(
                 f"unsupported checkpoint format {sd.get('format_version')!r} "
                 f"(this fusedopt reads 1 to {FORMAT_VERSION})"
             )
-        saved_options = {k: sd.get(k, v) for k, v in Optimizer._DEFAULT_OPTIONS.items()}
-        for key, value in saved_options.items():
-            if key in ("state_dtype", "master_weights") and value != getattr(self, key):
+        for key in ("state_dtype", "master_weights"):
+            saved, mine = sd.get(key, Optimizer._DEFAULT_OPTIONS[key]), getattr(self, key)
+            if key == "state_dtype":  # None and "float32" are one option
+                differ = (saved or "float32") != (mine or "float32")
+            else:
+                differ = saved != mine
+            if differ:
                 raise ValueError(
-                    f"checkpoint has {key}={value!r}, this optimizer {getattr(self, key)!r}: "
+                    f"checkpoint has {key}={saved!r}, this optimizer {mine!r}: "
                     "build it with the checkpoint's (Optimizer.load does)"
                 )
+        stochastic_rounding = sd.get("stochastic_rounding", self.stochastic_rounding)
+        seed = sd.get("seed", self.seed)
+        max_grad_norm = sd.get("max_grad_norm", self.max_grad_norm)
+        skip_if_nonfinite = sd.get("skip_if_nonfinite", self.skip_if_nonfinite)
+        _check_flag("stochastic_rounding", stochastic_rounding)
+        _check_flag("skip_if_nonfinite", skip_if_nonfinite)
+        _check_seed(seed)
+        _check_max_grad_norm(max_grad_norm)
+        for name, p in self._params.items():
+            _check_rounding(name, _dtype_name(p.dtype), stochastic_rounding)
         if sd.get("optimizer") != type(self).__name__:
             raise ValueError(
                 f"checkpoint of a {sd.get('optimizer')} optimizer, this is a {type(self).__name__}"
@@ -656,6 +715,12 @@ class Optimizer:
             )
             self._validate_group(group)
             new_groups.append(group)
+        # the state buffers whose int8 form must have signed codes, by parameter
+        signed: Dict[str, set] = {}
+        for group in new_groups:
+            plan = self._plan(group)
+            keys = {k for a, k in plan.arrays if self._signed_codes(plan, a)}
+            signed.update({n: keys for n in group["names"]})
         new_state = {}
         for name, s in sd["state"].items():
             if name not in self._params:
@@ -679,9 +744,14 @@ class Optimizer:
                             f"{p.shape}, got {type(value).__name__} "
                             f"{getattr(value, 'shape', '')}"
                         )
-                    entry[key] = QuantizedState(
-                        np.array(value.codes, order=order, copy=True), value.scales.copy()
-                    )
+                    if value.signed != (key in signed[name]):  # as _new_buffer makes them
+                        want, got = ("int8", "uint8") if key in signed[name] else ("uint8", "int8")
+                        raise ValueError(
+                            f"state {key!r} of {name!r}: expected a QuantizedState with {want} "
+                            f"codes, got {got} codes"
+                        )
+                    _check_scales(f"state {key!r} of {name!r}", value.scales)
+                    entry[key] = _quantized_in_order(value, order)
                     continue
                 dtype = "float32" if key == "master" else storage.state
                 value = np.asarray(value)
@@ -700,10 +770,10 @@ class Optimizer:
         self.param_groups, self.state, self._frozen = new_groups, new_state, frozen
         self._plans.clear()
         self.skipped_steps = int(sd.get("skipped_steps", 0))
-        self.max_grad_norm = sd.get("max_grad_norm", self.max_grad_norm)
-        self.skip_if_nonfinite = bool(sd.get("skip_if_nonfinite", self.skip_if_nonfinite))
-        self.stochastic_rounding = bool(saved_options["stochastic_rounding"])
-        self.seed = int(saved_options["seed"])
+        self.max_grad_norm = max_grad_norm
+        self.skip_if_nonfinite = bool(skip_if_nonfinite)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.seed = int(seed)
 
     _DEFAULT_OPTIONS = {
         "state_dtype": None,
@@ -765,6 +835,17 @@ class Optimizer:
             for g in self.param_groups
         )
         return f"{type(self).__name__}([{groups}])"
+
+
+def _quantized_in_order(state: QuantizedState, order: str) -> QuantizedState:
+    """A copy of ``state`` with its codes in memory order ``order``: bit for bit if its blocks
+    already follow that order, else decoded and encoded again (to nearest), since a block holds
+    other elements in the other order."""
+    codes = state.codes
+    if (codes.flags.c_contiguous and codes.flags.f_contiguous) or _memory_order(codes) == order:
+        return state.copy()
+    values = np.asarray(state.dequantize(), order=order)
+    return QuantizedState(*quantize.encode(values, state.signed))
 
 
 def _write_checkpoint(sd: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
@@ -1265,6 +1346,12 @@ class ScheduleFreeSGD(_ScheduleFree):
         super().__init__(params, _arguments(locals()), **options)
 
 
+def _matrix_grads(dtype: str) -> Tuple[str, ...]:
+    """The gradient dtypes muon_ and adafactor_ take for a ``dtype`` parameter: its own, and
+    float32 for float32 and low-precision ones (float64 parameters take float64 only)."""
+    return (dtype,) if dtype in ("float32", "float64") else (dtype, "float32")
+
+
 class Muon(Optimizer):
     r"""Muon (Jordan et al. 2024), as ``torch.optim.Muon``: :func:`fusedopt.muon_`, for the 2-D
     weights of hidden layers. Momentum with a Nesterov-style average, the update
@@ -1316,13 +1403,11 @@ class Muon(Optimizer):
             )
         dtype = _dtype_name(p.dtype)
         master, state = self._master_and_state(name, dtype)
-        grads = tuple(dict.fromkeys((dtype, "float32")))
+        grads = _matrix_grads(dtype)
         return _Storage("float32" if master else dtype, state, grads, master)
 
-    def _new_buffer(self, group, plan, array, key, p, dtype):
-        if dtype != "int8":
-            return super()._new_buffer(group, plan, array, key, p, dtype)
-        return QuantizedState.from_array(np.zeros_like(p, np.float32), signed=True)
+    def _signed_codes(self, plan, array):
+        return True  # the momentum buffer
 
     def _plan(self, group: Dict[str, Any]) -> _Plan:
         values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
@@ -1404,7 +1489,7 @@ class Adafactor(Optimizer):
         if p.ndim >= 2 and not p.flags.c_contiguous:
             raise ValueError(f"Adafactor: parameter {name!r} must be C-contiguous")
         master, state = self._master_and_state(name, dtype)
-        grads = tuple(dict.fromkeys((dtype, "float32")))
+        grads = _matrix_grads(dtype)
         return _Storage("float32" if master else dtype, state, grads, master)
 
     def add_param_group(self, group: Dict[str, Any]) -> None:
