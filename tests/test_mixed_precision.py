@@ -453,3 +453,17 @@ def test_gradient_errors_name_only_the_dtypes_allowed():
 def test_storage_flags_must_be_booleans(option, value):
     with pytest.raises(TypeError, match=f"{option} must be True or False"):
         optim.AdamW(model(BF16), **{option: value})
+
+
+def test_state_dtype_takes_torch_dtypes():
+    """fusedopt.torch's users name dtypes as torch does."""
+    torch = pytest.importorskip("torch")
+    for given, name in [
+        (torch.bfloat16, "bfloat16"),
+        (torch.int8, "int8"),
+        (torch.float32, "float32"),
+    ]:
+        assert optim.AdamW(model(np.float32), state_dtype=given).state_dtype == name
+    for bad in (torch.float16, torch.uint8):
+        with pytest.raises(ValueError, match=f"state_dtype: expected None.*got {bad}"):
+            optim.AdamW(model(np.float32), state_dtype=bad)

@@ -123,11 +123,14 @@ def _dtype_name(dtype: np.dtype) -> Optional[str]:
 
 
 def _state_dtype(value: Any) -> Optional[str]:
-    """``state_dtype`` as a name: None, "float32", "bfloat16" or "int8", from a name or dtype."""
+    """``state_dtype`` as a name: None, "float32", "bfloat16" or "int8", from a name, a NumPy
+    dtype or a torch dtype."""
     if value is None:
         return None
     if isinstance(value, str):
         name = value
+    elif type(value).__module__ == "torch" and str(value).startswith("torch."):
+        name = str(value)[len("torch.") :]  # torch.bfloat16, ... for fusedopt.torch's users
     else:
         try:
             dtype = np.dtype(value)
