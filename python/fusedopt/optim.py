@@ -231,7 +231,7 @@ class Optimizer:
     - ``state_dtype``: None (float32, float64 for float64 parameters), ``"float32"``,
       ``"bfloat16"`` or ``"int8"`` (8-bit block-quantized, :mod:`fusedopt.quantize`: int8
       codes, uint8 for state that is never negative, always rounded stochastically with
-      ``seed``), or the NumPy dtype; float64 parameters keep float64 state;
+      ``seed``), or the NumPy or torch dtype; float64 parameters keep float64 state;
     - ``master_weights``: keep float32 master weights of bfloat16 and float16 parameters in the
       state (``state[name]["master"]``): the update runs on them and writes the parameter as
       the master rounded, in the same pass; other parameters are unaffected;
