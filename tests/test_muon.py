@@ -19,6 +19,9 @@ try:
     import torch
 except ImportError:  # the torch comparisons skip
     torch = None
+# torch.optim.Muon (and torch.optim._muon) came with torch 2.9: before, the comparisons skip.
+TORCH_MUON = torch is not None and hasattr(torch.optim, "Muon")
+NO_TORCH_MUON = "torch.optim.Muon needs torch 2.9: torch.optim comparison skipped"
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # (param, grad, momentum_buffer) dtypes: every combination muon_ takes.
@@ -209,7 +212,7 @@ def test_adjusted_lr_is_torchs():
     assert reference.muon_adjusted_lr(0.1, None, (8, 2)) == 0.1 * 2
     assert reference.muon_adjusted_lr(0.1, "original", (2, 8)) == 0.1
     assert reference.muon_adjusted_lr(0.1, "match_rms_adamw", (2, 9)) == pytest.approx(0.06)
-    if torch is not None:
+    if TORCH_MUON:
         from torch.optim._muon import _adjust_lr
 
         for fn in (None, "original", "match_rms_adamw"):
@@ -282,9 +285,8 @@ def model(dtype=np.float64, seed=0):
 SHAPES_MODEL = {"w1": (6, 5), "w2": (5, 8), "w3": (32, 16)}
 
 
+@pytest.mark.skipif(not TORCH_MUON, reason=NO_TORCH_MUON)
 def test_class_signature_is_torchs():
-    if torch is None:
-        pytest.skip("torch not installed")
     ours = inspect.signature(optim.Muon).parameters
     theirs = inspect.signature(torch.optim.Muon).parameters
     for name, p in theirs.items():
@@ -312,7 +314,7 @@ TORCH_CASES = [
 ]
 
 
-@pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
+@pytest.mark.skipif(not TORCH_MUON, reason=NO_TORCH_MUON)
 @pytest.mark.parametrize("hyper", TORCH_CASES, ids=str)
 def test_class_matches_torch_in_float64(hyper):
     """50 steps in float64: params and momentum buffers equal torch.optim.Muon's to rtol 1e-9

@@ -141,11 +141,34 @@ def _unowned(v: np.ndarray) -> np.ndarray:
     return np.asarray(memory).view(v.dtype).reshape(v.shape)
 
 
+def _numpy_refuses_zero_tensors() -> bool:
+    """Whether ``Tensor.numpy()`` refuses a ZeroTensor (a zero view, with no memory). torch
+    2.8 does not: its array is over memory the tensor does not have."""
+    try:
+        torch._efficientzerotensor((1,)).numpy()
+    except RuntimeError:
+        return True
+    except AttributeError:  # pragma: no cover - a torch without ZeroTensors
+        return True
+    return False
+
+
+if _numpy_refuses_zero_tensors():
+    _tensor_numpy = torch.Tensor.numpy
+else:
+
+    def _tensor_numpy(t: torch.Tensor) -> np.ndarray:
+        """``Tensor.numpy()``, refusing a ZeroTensor as later torch does."""
+        if t._is_zerotensor():
+            raise RuntimeError("Cannot convert a ZeroTensor to numpy: it has no memory to view")
+        return t.numpy()
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (no copy); bfloat16 through its int16 bits."""
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+        return _tensor_numpy(t.view(torch.int16)).view(ml_dtypes.bfloat16)
+    return _tensor_numpy(t)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -236,7 +259,7 @@ class _Call:
             if grad_dtype == torch.bfloat16
             else (np.dtype(_TORCH_DTYPES[grad_dtype]))
         )
-        self.convert = _numpy if grad_dtype == torch.bfloat16 else torch.Tensor.numpy
+        self.convert = _numpy if grad_dtype == torch.bfloat16 else _tensor_numpy
         size = self.grad_dtype.itemsize
         self.layouts = [
             (self.grad_dtype, v.shape, tuple(s // v.itemsize * size for s in v.strides))
