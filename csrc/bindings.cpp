@@ -350,6 +350,13 @@ std::int64_t parse_step(PyObject* value) {
   return step;
 }
 
+// Why a kernel without a step needs a seed where it draws random bits (fusedopt.reference says
+// the same).
+constexpr const char* kSeedNeeded =
+    "seed is required: with no step argument, the random bits of stochastic rounding and of int8 "
+    "state are a function of the seed alone, so pass a new one each call (e.g. the step count; "
+    "the fusedopt.optim classes do)";
+
 // The seed of stochastic rounding: an integer in [0, 2**64).
 std::uint64_t parse_seed(PyObject* value) {
   if (PyBool_Check(value)) throw py::type_error("seed must be an integer, got bool");
@@ -428,6 +435,7 @@ struct Arguments {
   bool skip_if_nonfinite = false;
   bool stochastic_rounding = false;
   std::uint64_t seed = 0;
+  bool seed_given = false;     // not None
   PyObject* master = nullptr;  // float32 master weights of a low-precision param, or nullptr
 
   bool option_on(const Descriptor& d, std::size_t array) const {
@@ -459,7 +467,8 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
     } else if (slot->what == Slot::stochastic) {
       a.stochastic_rounding = parse_flag(value);
     } else if (slot->what == Slot::seed) {
-      a.seed = parse_seed(value);
+      a.seed_given = value != Py_None;
+      if (a.seed_given) a.seed = parse_seed(value);
     } else if (slot->what == Slot::master) {
       a.master = value == Py_None ? nullptr : value;
     } else if (slot->what == Slot::array) {
@@ -1223,6 +1232,15 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
     throw py::value_error(
         "stochastic_rounding=True: float16 arrays are rounded to nearest only; stochastic "
         "rounding is for bfloat16");
+  }
+  // Without a step the random bits are a function of the seed alone: a default one would draw
+  // the same bits every call, and stochastic rounding would not average out over steps.
+  const bool draws_random_bits =
+      row.state == DType::int8 ||
+      (a.stochastic_rounding && (row.param == DType::bfloat16 || row.state == DType::bfloat16 ||
+                                 checked.param_copy == DType::bfloat16));
+  if (d.step_index == kNone && draws_random_bits && !a.seed_given) {
+    throw py::type_error(d.function + "(): " + kSeedNeeded);
   }
   const fusedopt::RoundingRequest rounding{
       a.stochastic_rounding, a.seed,

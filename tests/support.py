@@ -55,6 +55,11 @@ def new_grad(arrays: Arrays, rng) -> None:
 
 
 def call(fn, spec: OptimizerSpec, arrays: Arrays, hyper: Mapping[str, Any], step: int = 1):
+    """``fn`` on ``arrays`` at ``step``. A kernel without a step gets seed 0 unless ``hyper``
+    names one (it needs one where it draws random bits): the expected values of stochastic
+    stores are computed with the bits of seed 0."""
+    if not spec.takes_step and "seed" not in hyper:
+        hyper = {**hyper, "seed": 0}
     return spec.call(fn, arrays, hyper, step)
 
 

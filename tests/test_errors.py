@@ -7,6 +7,7 @@ copy taken before the call.
 
 from __future__ import annotations
 
+import inspect
 import re
 import types
 import typing
@@ -492,6 +493,34 @@ def test_the_arguments_broken_below_are_valid(name, form):
         if role != "grad":
             now, then = flat({role: arrays[role]}), flat({role: before[role]})
             assert any(a.tobytes() != b.tobytes() for (_, a), (_, b) in zip(now, then)), role
+
+
+STEPLESS = [name for name in GRAD_OPTIMIZERS if not OPTIMIZERS[name].takes_step]
+
+
+@pytest.mark.parametrize("form", ["bfloat16 masters, stochastic", "int8 state", "int8 state, list"])
+@pytest.mark.parametrize("name", STEPLESS)
+def test_a_kernel_without_a_step_needs_a_seed_to_draw_random_bits(name, form):
+    """Without a step the random bits are a function of the seed alone: a default seed would
+    draw the same bits every call, so a call that draws any refuses to run without one, as the
+    reference does; what draws none runs without one."""
+    spec = OPTIMIZERS[name]
+    assert inspect.signature(spec.fused).parameters["seed"].default is None
+    build, keywords = NEW_FORMS[form]
+    arrays, hyper = new_arguments(spec, **build)
+    if build.get("quantized") and not spec.buffers(hyper):  # SGD without momentum: no state
+        assert call_fused(spec, arrays, hyper, seed=None, **keywords) is True
+        return
+    match = f"^{spec.declaration.function_name}\\(\\): seed is required: with no step argument"
+    assert_rejected(spec, arrays, hyper, TypeError, match, seed=None, **keywords)
+    masters = {"master": arrays["master"]} if "master" in arrays else {}
+    others = {role: value for role, value in arrays.items() if role != "master"}
+    with pytest.raises(TypeError, match=match):
+        spec.call(spec.reference, others, {**hyper, **masters, **keywords, "seed": None})
+    assert call_fused(spec, arrays, hyper, seed=12, **keywords) is True
+    plain, hyper = new_arguments(spec)  # float32: stochastic rounding draws no bits
+    assert call_fused(spec, plain, hyper, seed=None, stochastic_rounding=True) is True
+    assert spec.call(spec.reference, plain, {**hyper, "seed": None}) is True
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

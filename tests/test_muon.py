@@ -734,3 +734,22 @@ def test_bad_storage_arguments_raise_and_change_nothing(error, match, args, opti
         fusedopt.muon_(*args, lr=0.1, **options)
     for a, e in zip(flat, before):
         assert_same_bits(a, e)
+
+
+@pytest.mark.parametrize("fn", [fusedopt.muon_, reference.muon_], ids=["fused", "reference"])
+def test_muon_needs_a_seed_to_draw_random_bits(fn):
+    """muon_ has no step: its random bits are a function of the seed alone, so a call that
+    draws any (stochastic rounding of bfloat16, an int8 buffer) needs one; others do not."""
+    rng = np.random.default_rng(0)
+    param = rng.standard_normal((8, 12)).astype(BF16)
+    grad = rng.standard_normal((8, 12)).astype(np.float32)
+    for buffer, options in [
+        (np.zeros((8, 12), np.float32), dict(stochastic_rounding=True)),
+        (QuantizedState.zeros((8, 12), signed=True), {}),
+    ]:
+        before = param.copy()
+        with pytest.raises(TypeError, match=r"^muon_\(\): seed is required: with no step"):
+            fn(param, grad, buffer, lr=0.01, **options)
+        assert_same_bits(param, before)
+        assert fn(param, grad, buffer, lr=0.01, seed=4, **options) is True
+    assert fn(param, grad, np.zeros((8, 12), np.float32), lr=0.01) is True  # to nearest

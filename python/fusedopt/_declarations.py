@@ -153,7 +153,9 @@ class Declaration:
         ]
         params.append(P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False, annotation=bool))
         params.append(P("stochastic_rounding", P.KEYWORD_ONLY, default=False, annotation=bool))
-        params.append(P("seed", P.KEYWORD_ONLY, default=0, annotation=int))
+        # without a step, a call that draws random bits needs a seed (None: not given)
+        seed = (0, int) if self.takes_step else (None, Optional[int])
+        params.append(P("seed", P.KEYWORD_ONLY, default=seed[0], annotation=seed[1]))
         params.append(P("master", P.KEYWORD_ONLY, default=None, annotation=Optional[Arrays]))
         return inspect.Signature(params, return_annotation=bool)
 
@@ -191,8 +193,13 @@ class Declaration:
         lines.append(
             "    seed: the random stream of stochastic rounding and of int8 state (whose codes "
             "are always rounded stochastically), an integer in [0, 2**64); the bits are a "
-            "function of (seed, step, tensor, element). Without a step argument, pass a new "
-            "seed each call, for either."
+            "function of (seed, step, tensor, element)"
+            + (
+                "."
+                if self.takes_step
+                else "; with no step argument, of the seed alone: required where random bits are "
+                "drawn (a TypeError without it), a new one each call."
+            )
         )
         lines.append(
             "    master: float32 master weights of a bfloat16 or float16 param, updated in "

@@ -162,8 +162,13 @@ def _as_list(name: str, value, quantized: bool = False) -> List[np.ndarray]:
     return list(values)
 
 
-def _check_storage(fn: str, stochastic_rounding, seed) -> Tuple[bool, int]:
-    """``stochastic_rounding`` (truthy, as the element-wise functions read it) and ``seed``."""
+def _check_storage(
+    fn: str, stochastic_rounding, seed, optional: bool = False
+) -> Tuple[bool, Optional[int]]:
+    """``stochastic_rounding`` (truthy, as the element-wise functions read it) and ``seed``
+    (None if ``optional`` and not given)."""
+    if optional and seed is None:
+        return bool(stochastic_rounding), None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{fn}: seed must be an integer, got {type(seed).__name__}")
     if not 0 <= seed < 2**64:
@@ -343,14 +348,14 @@ def muon_(
     adjust_lr_fn: Optional[str] = None,
     skip_if_nonfinite: bool = False,
     stochastic_rounding: bool = False,
-    seed: int = 0,
+    seed: Optional[int] = None,
     master: Optional[Matrices] = None,
 ) -> bool:
     checked = _check_hyper(
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn
     )
     lr, weight_decay, momentum, nesterov, (a, b, c), eps, ns_steps = checked
-    stochastic, seed = _check_storage("muon_", stochastic_rounding, seed)
+    stochastic, seed = _check_storage("muon_", stochastic_rounding, seed, optional=True)
     one = isinstance(param, np.ndarray)
     params = _as_list("param", param)
     grads = _as_list("grad", grad)
@@ -366,6 +371,7 @@ def muon_(
         for i, (p, g, m, w) in enumerate(zip(params, grads, buffers, masters))
     ]
     _check_no_overlap("muon_", list(zip(params, grads, buffers, masters)))
+    seed = reference._seed("muon_", seed, False, stochastic, [params, buffers])
     if skip_if_nonfinite and not all(_core.all_finite(g) for g in grads if g.size):
         return False
     threads = _core.get_num_threads()
@@ -435,8 +441,9 @@ muon_.__doc__ = f"""{reference.muon_.__doc__.rstrip()}
             master, the momentum buffer) up or down at random, without bias, instead of to
             nearest even (float16 is rounded to nearest only: ValueError).
         seed: the random stream of stochastic rounding and of an int8 buffer, an integer in
-            [0, 2**64); the bits are a function of (seed, tensor, element): pass a new seed
-            each step (:class:`fusedopt.optim.Muon` does).
+            [0, 2**64); the bits are a function of (seed, tensor, element): required where
+            random bits are drawn (TypeError without it), a new one each step
+            (:class:`fusedopt.optim.Muon` does).
         master: float32 master weights of bfloat16 or float16 params (the param's shape and
             memory order), updated in place: the step runs on them and the param is written
             as the master rounded; the param's own value is not read.

@@ -50,12 +50,43 @@ __all__ = [
 ]
 
 
+SEED_NEEDED = (
+    "seed is required: with no step argument, the random bits of stochastic rounding and of int8 "
+    "state are a function of the seed alone, so pass a new one each call (e.g. the step count; "
+    "the fusedopt.optim classes do)"
+)
+
+
+def _draws_random_bits(stochastic_rounding, arrays):
+    """Whether a call stores int8 state or, stochastically, a bfloat16 array: ``arrays`` are
+    the param and the state buffers, each an array, a QuantizedState, a list of them or None."""
+    tensors = [
+        t for a in arrays if a is not None for t in (a if isinstance(a, (list, tuple)) else [a])
+    ]
+    return any(
+        isinstance(t, QuantizedState)
+        or (stochastic_rounding and getattr(t, "dtype", None) == _BFLOAT16)
+        for t in tensors
+    )
+
+
+def _seed(function, seed, takes_step, stochastic_rounding, arrays):
+    """The call's seed: 0 for None, which a call without a step that draws random bits refuses,
+    as the kernels do."""
+    if seed is not None:
+        return seed
+    if not takes_step and _draws_random_bits(stochastic_rounding, arrays):
+        raise TypeError(f"{function}(): {SEED_NEEDED}")
+    return 0
+
+
 def _for_each_tensor(update):
     """Lets a one-tensor update take lists of arrays too (then every array argument is a list),
     skip the whole step when asked to and a gradient is not finite, and store low-precision
     arrays as the kernels do (see :func:`_in_compute_type`). Returns whether the step was
     applied."""
     signature = inspect.signature(update)
+    takes_step = "step" in signature.parameters
     # the buffers in the order of the kernel's arrays (slot 1, 2, ...; the param is slot 0)
     buffers_in_order = [
         p.name
@@ -71,10 +102,13 @@ def _for_each_tensor(update):
         *arrays,
         skip_if_nonfinite=False,
         stochastic_rounding=False,
-        seed=0,
+        seed=None,
         master=None,
         **hyper,
     ):
+        optional = [v for v in hyper.values() if isinstance(v, (np.ndarray, QuantizedState, list))]
+        arrays_stored = [param, *arrays, *optional]
+        seed = _seed(update.__name__, seed, takes_step, stochastic_rounding, arrays_stored)
         grads = [grad] if isinstance(grad, np.ndarray) else grad
         if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
             return False
@@ -107,7 +141,7 @@ def _for_each_tensor(update):
     extra = [
         P("skip_if_nonfinite", P.KEYWORD_ONLY, default=False),
         P("stochastic_rounding", P.KEYWORD_ONLY, default=False),
-        P("seed", P.KEYWORD_ONLY, default=0),
+        P("seed", P.KEYWORD_ONLY, default=0 if takes_step else None),
         P("master", P.KEYWORD_ONLY, default=None),
     ]
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
@@ -938,7 +972,7 @@ def muon_(
     adjust_lr_fn=None,
     skip_if_nonfinite=False,
     stochastic_rounding=False,
-    seed=0,
+    seed=None,
     master=None,
 ):
     r"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), in
@@ -964,12 +998,14 @@ def muon_(
     (:func:`_in_compute_type`): with ``master`` the step runs on the float32 master and the
     param is the master rounded; an int8 momentum buffer (a QuantizedState) is decoded and
     encoded back; ``stochastic_rounding`` rounds the bfloat16 param (slot 0) and buffer (slot
-    1) with the random bits of (``seed``, step 0, tensor, element). ``torch.optim.Muon`` runs
-    the iteration in bfloat16.
+    1) with the random bits of (``seed``, step 0, tensor, element): ``seed`` is required where
+    random bits are drawn, a new one each call. ``torch.optim.Muon`` runs the iteration in
+    bfloat16.
     """
     if isinstance(param, np.ndarray):
         param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
         master = None if master is None else [master]
+    seed = _seed("muon_", seed, False, stochastic_rounding, [param, momentum_buffer])
     if skip_if_nonfinite and not all(np.isfinite(g.astype(np.float64)).all() for g in grad):
         return False
     hyper = dict(
