@@ -1161,3 +1161,24 @@ def test_clipping_checks_gradients_against_written_memory_before_it_scales_them(
     with pytest.raises(ValueError, match="state 'exp_avg' of parameter 0 of group 0 share"):
         opt.step()
     assert _bits(opt, params) == before
+
+
+def test_load_state_dict_checks_the_options_it_restores_first():
+    """A checkpoint whose seed is invalid, or whose stochastic rounding cannot apply to this
+    optimizer's float16 params, is refused before any state or hyperparameter changes."""
+    p = torch.nn.Parameter(torch.ones(300, dtype=torch.bfloat16))
+    p.grad = torch.ones(300, dtype=torch.bfloat16)
+    src = ft.AdamW([p], lr=1e-2, stochastic_rounding=True, seed=3)
+    src.step()
+    half = torch.nn.Parameter(torch.ones(300, dtype=torch.float16))
+    dst = ft.AdamW([half], lr=0.5)
+    with pytest.raises(ValueError, match="parameter 0 of group 0' is float16"):
+        dst.load_state_dict(copy.deepcopy(src.state_dict()))
+    assert len(dst.state) == 0 and dst.param_groups[0]["lr"] == 0.5
+    for seed, error in [(-1, ValueError), (2**64, ValueError), ("x", TypeError)]:
+        sd = copy.deepcopy(src.state_dict())
+        sd["fusedopt"]["seed"] = seed
+        other = ft.AdamW([torch.nn.Parameter(torch.ones(300, dtype=torch.bfloat16))], lr=0.5)
+        with pytest.raises(error, match="seed"):
+            other.load_state_dict(sd)
+        assert len(other.state) == 0 and other.param_groups[0]["lr"] == 0.5

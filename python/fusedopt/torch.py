@@ -707,6 +707,15 @@ class Optimizer(torch.optim.Optimizer):
                     f"checkpoint has {key}={options[key]!r}, this optimizer "
                     f"{getattr(self._fused, key)!r}"
                 )
+        # the options it restores, checked before anything changes
+        stochastic_rounding = options.get("stochastic_rounding", self._fused.stochastic_rounding)
+        _optim._check_flag("stochastic_rounding", stochastic_rounding)
+        _optim._check_seed(options.get("seed", self._fused.seed))
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                what = f"parameter {i} of group {index}"
+                dtype = "float16" if p.dtype == torch.float16 else None
+                _optim._check_rounding(what, dtype, stochastic_rounding)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
