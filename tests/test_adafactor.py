@@ -532,7 +532,7 @@ def bad_storage_calls():
         (np.zeros((4, 3), np.float16), g, r, c, None),
         dict(stochastic_rounding=True),
     )
-    yield ValueError, "invalid seed: -1", (p, g, r, c, None), dict(seed=-1)
+    yield ValueError, "Invalid seed: -1", (p, g, r, c, None), dict(seed=-1)
     yield TypeError, "seed must be an integer, got str", (p, g, r, c, None), dict(seed="1")
     yield (
         ValueError,

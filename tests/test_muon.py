@@ -682,8 +682,8 @@ def bad_storage_calls():
         (np.zeros(shape, np.float16), g, b),
         dict(stochastic_rounding=True),
     )  # noqa: E501
-    yield ValueError, "invalid seed: -1", (p, g, b), dict(seed=-1)
-    yield ValueError, "invalid seed", (p, g, b), dict(seed=2**64)
+    yield ValueError, "Invalid seed: -1", (p, g, b), dict(seed=-1)
+    yield ValueError, "Invalid seed", (p, g, b), dict(seed=2**64)
     yield TypeError, "seed must be an integer, got float", (p, g, b), dict(seed=1.0)
     yield (
         TypeError,

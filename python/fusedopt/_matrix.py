@@ -172,7 +172,7 @@ def _check_storage(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{fn}: seed must be an integer, got {type(seed).__name__}")
     if not 0 <= seed < 2**64:
-        raise ValueError(f"{fn}: invalid seed: {seed} (an integer in [0, 2**64))")
+        raise ValueError(f"{fn}: Invalid seed: {seed} (an integer in [0, 2**64))")
     return bool(stochastic_rounding), int(seed)
 
 
