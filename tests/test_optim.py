@@ -754,3 +754,20 @@ def test_clipping_checks_gradients_against_written_memory_before_it_scales_them(
         single.step({"b": state})
     assert_same_bits(state, saved[0])
     assert_same_bits(b, saved[1])
+
+
+@pytest.mark.parametrize("cls", sorted(set(optim._REGISTRY.values()), key=lambda c: c.__name__))
+def test_class_signatures_list_the_options_every_optimizer_takes(cls):
+    """help() and editors show state_dtype, master_weights, ... with the defaults the class
+    passes on to Optimizer, and the signature binds as the constructor does."""
+    if cls.__name__.startswith("_"):
+        pytest.skip("not public")
+    base = inspect.signature(optim.Optimizer.__init__).parameters
+    options = [n for n, p in base.items() if p.kind is p.KEYWORD_ONLY]
+    params = inspect.signature(cls).parameters
+    for name in options:
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == base[name].default, name
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    opt = cls([np.zeros((4, 4), np.float32)], seed=7, state_dtype=None)
+    assert opt.seed == 7

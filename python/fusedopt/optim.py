@@ -829,6 +829,22 @@ class Optimizer:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _REGISTRY[cls.__name__] = cls
+        # The options a class passes on as **options, in its signature: help() and editors
+        # list them with their defaults and types.
+        own = inspect.signature(cls.__init__)
+        if any(p.kind is p.VAR_KEYWORD for p in own.parameters.values()):
+            params = [
+                p
+                for p in own.parameters.values()
+                if p.kind is not p.VAR_KEYWORD and p.name != "self"
+            ]
+            names = {p.name for p in params}
+            options = [
+                p
+                for p in inspect.signature(Optimizer.__init__).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.name not in names
+            ]
+            cls.__signature__ = own.replace(parameters=params + options)
 
     def __repr__(self) -> str:
         groups = ", ".join(
