@@ -1182,3 +1182,63 @@ def test_load_state_dict_checks_the_options_it_restores_first():
         with pytest.raises(error, match="seed"):
             other.load_state_dict(sd)
         assert len(other.state) == 0 and other.param_groups[0]["lr"] == 0.5
+
+
+def test_groups_given_as_generators_keep_their_parameters():
+    """module.parameters() inside group dicts, at construction and in add_param_group, as
+    torch.optim takes them (a generator is read once)."""
+    m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2))
+    opt = ft.SGD([{"params": m[0].parameters()}, {"params": m[1].parameters(), "lr": 0.02}], lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    opt = ft.SGD(m[0].parameters(), lr=0.1)
+    opt.add_param_group({"params": m[1].parameters(), "lr": 0.02})
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    before = [p.detach().clone() for p in m.parameters()]
+    m(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(m.parameters(), before))
+
+
+def test_a_refused_load_state_dict_changes_nothing():
+    """State that this optimizer cannot keep (bfloat16 for int8, a wrong shape) is refused
+    before torch's load replaces the groups' hyperparameters or any state."""
+    params = [torch.nn.Parameter(torch.randn(300, dtype=torch.bfloat16)) for _ in range(2)]
+    theirs = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.05)
+    for p in theirs.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    theirs.step()
+    ours = ft.AdamW(params, lr=0.01, state_dtype="int8")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match="this optimizer keeps int8 state"):
+        ours.load_state_dict(theirs.state_dict())
+    wrong = copy.deepcopy(before)
+    wrong["state"][1]["exp_avg.codes"] = torch.zeros(3, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"expected shape \(300,\), got \(3,\)"):
+        ours.load_state_dict(wrong)
+    after = ours.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, state in before["state"].items():
+        assert after["state"][i].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(after["state"][i][key], value), (i, key)
+
+
+def test_a_step_bumps_the_parameters_autograd_version():
+    """A graph that saved a parameter before a step and is used after it raises, as with
+    torch's in-place updates, instead of silently using the new values."""
+    for opt_class, options in [(ft.SGD, {}), (ft.AdamW, dict(master_weights=True))]:
+        lin = torch.nn.Linear(3, 3).to(torch.bfloat16 if options else torch.float32)
+        opt = opt_class(lin.parameters(), lr=0.5, **options)
+        x = torch.randn(2, 3, dtype=lin.weight.dtype, requires_grad=True)
+        lin(x).sum().backward()
+        version = lin.weight._version
+        opt.step()
+        assert lin.weight._version > version
+        saved = (lin(x) ** 2).sum()
+        lin(x).sum().backward()
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(saved, x)

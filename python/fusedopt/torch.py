@@ -53,7 +53,12 @@ False.
 Tensors must be dense, real (float32, float64, bfloat16, float16), contiguous and on the CPU:
 anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Replacing a
 parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
-in place and are replaced through ``load_state_dict``.
+in place and are replaced through ``load_state_dict``. With ``master_weights`` the update runs
+on the float32 masters (``state[p]["master"]``) and writes the parameter from them: a change
+made to the parameter alone (in place, ``p.data = ...``, a model's ``load_state_dict``) is
+overwritten at the next step; change the master too, or load the optimizer's state as well.
+A step bumps each updated parameter's autograd version, as torch's in-place updates do, so
+that a graph built before it and used after it raises instead of using the new values.
 """
 
 from __future__ import annotations
@@ -243,11 +248,13 @@ class _Call:
         "last",
         "kept",
         "guard",
+        "tensors",
     )
 
     def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
         self.index: List[int] = index
         self.everyone = everyone  # the group's every parameter, in order
+        self.tensors: List[torch.Tensor] = []  # the call's parameters (set by _build)
         self.last: Optional[list] = None  # weak references to the last step's gradients
         self.kept: Optional[tuple] = None  # (weak references, views, data_ptrs) kept
         self.params: List[np.ndarray] = params
@@ -348,7 +355,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"(fusedopt.torch takes {' or '.join(map(repr, allowed))})"
                 )
         if not isinstance(params, torch.Tensor):
-            params = list(params)
+            params = [_listed(item) for item in params]
         if self.torch_class is not None:
             # torch's own checks, with torch's errors, on stand-ins of the tensors in copies
             # of the groups (torch fills in their defaults); the instance is dropped
@@ -391,9 +398,11 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, after checking that fusedopt can update every tensor
         in place and every hyperparameter is valid for the kernel."""
-        group = dict(param_group)
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        else:  # a generator is read once: torch's add_param_group stores the list too
+            params = param_group["params"] = list(params)
         index = len(self.param_groups)
         checked = []
         for i, p in enumerate(params):
@@ -485,6 +494,7 @@ class Optimizer(torch.optim.Optimizer):
             for c, grad_views in calls:
                 step = self._call_step(entry, c)
                 self._update(plan, c.params, grad_views, c.buffers, step, c.extra)
+                _increment_version(c.tensors)  # as an in-place update by torch would
                 c.steps += 1
                 if c.extra:  # SGD's first momentum step: the next ones are ordinary
                     entry.calls = None
@@ -612,7 +622,9 @@ class Optimizer(torch.optim.Optimizer):
                     self.state[p]["step"] = steps[j]
             views = [_numpy(p.detach()) for p in params]
             everyone = index == list(range(len(group["params"])))
-            calls.append(_Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype))
+            call = _Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype)
+            call.tensors = params
+            calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
 
     def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
@@ -716,13 +728,27 @@ class Optimizer(torch.optim.Optimizer):
                 what = f"parameter {i} of group {index}"
                 dtype = "float16" if p.dtype == torch.float16 else None
                 _optim._check_rounding(what, dtype, stochastic_rounding)
+        # the state as this optimizer keeps it, checked before torch's load changes anything
+        # (torch's own checks of the groups come first in it: a mismatch raises there)
+        saved_groups = state_dict["param_groups"]
+        layouts: Dict[torch.Tensor, Dict[str, Any]] = {}
+        if len(saved_groups) == len(self.param_groups) and all(
+            len(s["params"]) == len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            saved_ids = [i for g in saved_groups for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            by_param = dict(zip(saved_ids, params))
+            for saved_id, saved in state_dict["state"].items():
+                if saved_id not in by_param:
+                    raise ValueError(
+                        f"checkpoint has state for parameter id {saved_id!r}, which none of "
+                        "its param_groups lists"
+                    )
+                p = by_param[saved_id]
+                layouts[p] = self._layout(p, saved)
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        by_param = dict(zip(saved_ids, params))
-        for saved_id, saved in state_dict["state"].items():
-            p = by_param[saved_id]
-            self.state[p] = self._layout(p, saved)
+        for p, entry in layouts.items():
+            self.state[p] = entry
         if "seed" in options:
             self._fused.seed = int(options["seed"])
             self._fused.stochastic_rounding = bool(options["stochastic_rounding"])
@@ -789,6 +815,35 @@ def _mu_products(step: int, beta1: float, momentum_decay: float, dtype) -> torch
     for t in range(1, step + 1):
         product *= beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
     return product
+
+
+def _increments_lists() -> bool:
+    """Whether torch.autograd.graph.increment_version takes a list (later torch) or only one
+    tensor."""
+    try:
+        torch.autograd.graph.increment_version([torch.zeros(1)])
+    except (TypeError, AttributeError):
+        return False
+    return True
+
+
+if _increments_lists():
+    _increment_version = torch.autograd.graph.increment_version
+else:
+
+    def _increment_version(tensors: List[torch.Tensor]) -> None:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def _listed(item: Any) -> Any:
+    """A group dict with its params (an iterable such as ``module.parameters()``) as a list,
+    since both torch's checks and the optimizer read them; anything else as it is."""
+    if isinstance(item, dict):
+        inner = item.get("params")
+        if inner is not None and not isinstance(inner, (torch.Tensor, list)):
+            item["params"] = list(inner)
+    return item
 
 
 def _stand_ins(params: Any, shaped: bool = False) -> Any:
