@@ -9,6 +9,7 @@ import copy
 import inspect
 import tracemalloc
 import warnings
+from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -1242,3 +1243,24 @@ def test_a_step_bumps_the_parameters_autograd_version():
         opt.step()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.grad(saved, x)
+
+
+@pytest.mark.parametrize("name", sorted(ft.CLASSES))
+def test_steps_reuse_their_fused_calls(name):
+    """A step rebuilds its calls (the tensors' views, checks and grouping) only when something
+    changed: not at every step (SGD without momentum did, 25 times slower at 200 tensors)."""
+    shape = (8, 8) if name == "Muon" else (100,)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.ones(shape)
+    for hyper in [{}, dict(momentum=0.9)] if name == "SGD" else [{}]:
+        opt = ft.CLASSES[name](params, lr=0.01, **hyper)
+        if hasattr(opt, "train"):  # Schedule-Free steps in train mode
+            opt.train()
+        opt.step()
+        opt.step()  # SGD's first momentum step regroups once
+        cls = type(opt)
+        with mock.patch.object(cls, "_build", autospec=True, side_effect=cls._build) as build:
+            for _ in range(3):
+                opt.step()
+        assert build.call_count == 0, hyper

@@ -957,7 +957,9 @@ class SGD(Optimizer):
         momentum.check({h.name: group[h.name] for h in momentum.arguments})
 
     def _call_key(self, group, state):
-        return "momentum_buffer" not in state  # this step creates the buffer
+        # this step creates the buffer (never without momentum: fusedopt.torch rebuilds its
+        # calls after a first momentum step)
+        return group["momentum"] != 0 and "momentum_buffer" not in state
 
     def _update(self, plan, params, grads, buffers, step, first_momentum_step):
         # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.
