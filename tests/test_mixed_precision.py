@@ -467,3 +467,45 @@ def test_state_dtype_takes_torch_dtypes():
     for bad in (torch.float16, torch.uint8):
         with pytest.raises(ValueError, match=f"state_dtype: expected None.*got {bad}"):
             optim.AdamW(model(np.float32), state_dtype=bad)
+
+
+def test_int8_state_of_a_buffer_no_longer_used_still_loads():
+    """SGD's momentum turned off after it made its int8 buffer: the buffer stays in the state
+    and the checkpoint loads (its codes are not checked against a plan that lacks it)."""
+    g = {"w": np.ones(300, np.float32)}
+    opt = optim.SGD({"w": np.ones(300, np.float32)}, lr=0.1, momentum=0.9, state_dtype="int8")
+    opt.step(g)
+    opt.param_groups[0]["momentum"] = 0.0
+    opt.step(g)
+    other = optim.SGD({"w": np.ones(300, np.float32)}, lr=0.1, momentum=0.9, state_dtype="int8")
+    other.load_state_dict(opt.state_dict())
+    assert_same(other, opt)
+
+
+def test_subclass_signatures_are_their_own():
+    """A subclass that takes no **options keeps its own signature, not its parent's with the
+    options added."""
+    import inspect
+
+    class Mine(optim.AdamW):
+        def __init__(self, params, foo=1):
+            super().__init__(params)
+
+    assert list(inspect.signature(Mine).parameters) == ["params", "foo"]
+
+    class Forwarding(optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    assert list(inspect.signature(Forwarding).parameters) == ["args", "kwargs"]
+
+
+def test_max_grad_norm_takes_numbers_and_skip_if_nonfinite_a_boolean():
+    torch = pytest.importorskip("torch")
+    for value in (1, 0.5, np.float32(2.0), np.array(1.0), torch.tensor(1.0)):
+        assert optim.AdamW(model(np.float32), max_grad_norm=value).max_grad_norm is value
+    for value in (0, -1.0, np.inf, "1", True, np.ones(2)):
+        with pytest.raises(ValueError, match="Invalid max_grad_norm"):
+            optim.AdamW(model(np.float32), max_grad_norm=value)
+    with pytest.raises(TypeError, match="skip_if_nonfinite must be True or False"):
+        optim.AdamW(model(np.float32), skip_if_nonfinite="no")

@@ -1264,3 +1264,64 @@ def test_steps_reuse_their_fused_calls(name):
             for _ in range(3):
                 opt.step()
         assert build.call_count == 0, hyper
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_a_state_buffer_turned_on_mid_run_is_created(name):
+    """Momentum set in a group after some steps: the step's calls are rebuilt with the new
+    buffer, and SGD then matches torch's (torch's RMSprop cannot do this at all)."""
+    p = torch.nn.Parameter(torch.ones(10))
+    q = torch.nn.Parameter(torch.ones(10))
+    ours = ft.CLASSES[name]([p], lr=0.1)
+    theirs = torch.optim.SGD([q], lr=0.1) if name == "SGD" else None
+    for i in range(4):
+        if i == 2:
+            ours.param_groups[0]["momentum"] = 0.9
+            if theirs is not None:
+                theirs.param_groups[0]["momentum"] = 0.9
+        p.grad = torch.full((10,), float(i + 1))
+        ours.step()
+        if theirs is not None:
+            q.grad = torch.full((10,), float(i + 1))
+            theirs.step()
+    assert "momentum_buffer" in ours.state[p]
+    if theirs is not None:
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_a_set_of_parameters_in_a_group_is_refused_as_by_torch():
+    a, b = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
+    with pytest.raises(TypeError, match="ordered collections"):
+        ft.SGD([{"params": {a, b}}], lr=0.1)
+    opt = ft.SGD([a], lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {b}})
+    assert len(opt.param_groups) == 1
+
+
+def test_load_state_dict_checks_int8_codes_and_scales_first():
+    params = [torch.nn.Parameter(torch.randn(300)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    src = ft.AdamW(params, lr=0.01, state_dtype="int8")
+    src.step()
+    good = copy.deepcopy(src.state_dict())
+    for key, value, message in [
+        ("exp_avg.scales", lambda v: torch.full_like(v, 3.0), "scales must be powers of two"),
+        ("exp_avg.codes", lambda v: v.view(torch.uint8), "expected int8 codes, got torch.uint8"),
+        ("exp_avg_sq.codes", lambda v: v.view(torch.int8), "expected uint8 codes, got torch.int8"),
+    ]:
+        sd = copy.deepcopy(good)
+        sd["state"][1][key] = value(sd["state"][1][key])
+        dst = ft.AdamW(
+            [torch.nn.Parameter(torch.randn(300)) for _ in range(2)], lr=0.5, state_dtype="int8"
+        )
+        with pytest.raises(ValueError, match=message):
+            dst.load_state_dict(sd)
+        assert len(dst.state) == 0 and dst.param_groups[0]["lr"] == 0.5
+    sd = copy.deepcopy(good)
+    del sd["fusedopt"]["stochastic_rounding"]  # a seed alone: kept options, no KeyError
+    sd["fusedopt"]["seed"] = 11
+    dst = ft.AdamW(params, lr=0.5, state_dtype="int8", stochastic_rounding=True)
+    dst.load_state_dict(sd)
+    assert (dst._fused.seed, dst._fused.stochastic_rounding) == (11, True)

@@ -171,12 +171,13 @@ def _check_param(name: str, p: Any) -> np.ndarray:
 
 
 def _check_max_grad_norm(value: Any) -> None:
-    if value is not None and not (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and value > 0
-        and math.isfinite(value)
-    ):
+    if value is None:
+        return
+    try:
+        valid = not isinstance(value, (bool, str)) and value > 0 and math.isfinite(value)
+    except (TypeError, ValueError):  # not a number (a 0-d array or tensor is one)
+        valid = False
+    if not valid:
         raise ValueError(f"Invalid max_grad_norm: {value!r} (None or a finite number > 0)")
 
 
@@ -262,6 +263,7 @@ class Optimizer:
         _check_seed(seed)
         _check_flag("master_weights", master_weights)
         _check_flag("stochastic_rounding", stochastic_rounding)
+        _check_flag("skip_if_nonfinite", skip_if_nonfinite)
         self.impl = impl
         self.state_dtype = _state_dtype(state_dtype)
         self.master_weights = bool(master_weights)
@@ -718,11 +720,12 @@ class Optimizer:
             )
             self._validate_group(group)
             new_groups.append(group)
-        # the state buffers whose int8 form must have signed codes, by parameter
-        signed: Dict[str, set] = {}
+        # whether the int8 form of each of the plan's state buffers has signed codes, by
+        # parameter (a buffer the plan does not use, kept from an earlier step, is not checked)
+        signed: Dict[str, Dict[str, bool]] = {}
         for group in new_groups:
             plan = self._plan(group)
-            keys = {k for a, k in plan.arrays if self._signed_codes(plan, a)}
+            keys = {k: self._signed_codes(plan, a) for a, k in plan.arrays}
             signed.update({n: keys for n in group["names"]})
         new_state = {}
         for name, s in sd["state"].items():
@@ -747,8 +750,9 @@ class Optimizer:
                             f"{p.shape}, got {type(value).__name__} "
                             f"{getattr(value, 'shape', '')}"
                         )
-                    if value.signed != (key in signed[name]):  # as _new_buffer makes them
-                        want, got = ("int8", "uint8") if key in signed[name] else ("uint8", "int8")
+                    want_signed = signed[name].get(key, value.signed)  # as _new_buffer makes them
+                    if value.signed != want_signed:
+                        want, got = ("int8", "uint8") if want_signed else ("uint8", "int8")
                         raise ValueError(
                             f"state {key!r} of {name!r}: expected a QuantizedState with {want} "
                             f"codes, got {got} codes"
@@ -832,7 +836,10 @@ class Optimizer:
         # The options a class passes on as **options, in its signature: help() and editors
         # list them with their defaults and types.
         own = inspect.signature(cls.__init__)
-        if any(p.kind is p.VAR_KEYWORD for p in own.parameters.values()):
+        kinds = {p.kind for p in own.parameters.values()}
+        if inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD not in kinds:
+            cls.__signature__ = None  # its own, not a parent's rewritten one
+        else:
             params = [
                 p
                 for p in own.parameters.values()

@@ -308,7 +308,7 @@ class _Group:
     """What a parameter group's step reuses: the fusedopt group of its hyperparameters, the
     data pointers and gradient pattern its calls were built for, and the calls."""
 
-    __slots__ = ("group", "hyper", "ptrs", "mask", "calls")
+    __slots__ = ("group", "hyper", "ptrs", "mask", "calls", "kernel")
 
     def __init__(self, group, hyper):
         self.group = group
@@ -316,6 +316,9 @@ class _Group:
         self.ptrs: Optional[list] = None
         self.mask: Optional[list] = None
         self.calls: Optional[List[_Call]] = None  # None: to be built at the next step
+        # the kernel and state arrays the calls were built for: a hyperparameter that changes
+        # them (momentum turned on, amsgrad, ...) rebuilds the calls; a new lr does not
+        self.kernel: Any = None
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -398,11 +401,9 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, after checking that fusedopt can update every tensor
         in place and every hyperparameter is valid for the kernel."""
+        _listed(param_group)  # a generator is read once: torch stores a list too
         params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        else:  # a generator is read once: torch's add_param_group stores the list too
-            params = param_group["params"] = list(params)
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
         index = len(self.param_groups)
         checked = []
         for i, p in enumerate(params):
@@ -469,7 +470,13 @@ class Optimizer(torch.optim.Optimizer):
             grads = list(map(_grad, params))
             mask = list(map(operator.is_not, grads, itertools.repeat(None)))
             ptrs = list(map(_data_ptr, params))
-            if mask != entry.mask or ptrs != entry.ptrs or entry.calls is None:
+            kernel = (plan.declaration, plan.arrays)
+            if (
+                mask != entry.mask
+                or ptrs != entry.ptrs
+                or entry.calls is None
+                or (kernel != entry.kernel)
+            ):
                 self._build(entry, plan, grads, mask, ptrs)
             try:
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
@@ -626,6 +633,7 @@ class Optimizer(torch.optim.Optimizer):
             call.tensors = params
             calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
+        entry.kernel = (plan.declaration, plan.arrays)
 
     def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
         """The state views of a fused call's parameters, by state key."""
@@ -738,6 +746,11 @@ class Optimizer(torch.optim.Optimizer):
             saved_ids = [i for g in saved_groups for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
             by_param = dict(zip(saved_ids, params))
+            signed: Dict[torch.Tensor, Dict[str, bool]] = {p: {} for p in params}
+            for group in self.param_groups if self._fused.state_dtype == "int8" else ():
+                plan = self._fused._plan(self._hyper(group, {}))
+                keys = {k: self._fused._signed_codes(plan, a) for a, k in plan.arrays}
+                signed.update({p: keys for p in group["params"]})
             for saved_id, saved in state_dict["state"].items():
                 if saved_id not in by_param:
                     raise ValueError(
@@ -745,18 +758,21 @@ class Optimizer(torch.optim.Optimizer):
                         "its param_groups lists"
                     )
                 p = by_param[saved_id]
-                layouts[p] = self._layout(p, saved)
+                layouts[p] = self._layout(p, saved, signed[p])
         super().load_state_dict(state_dict)
         for p, entry in layouts.items():
             self.state[p] = entry
-        if "seed" in options:
-            self._fused.seed = int(options["seed"])
-            self._fused.stochastic_rounding = bool(options["stochastic_rounding"])
+        self._fused.seed = int(options.get("seed", self._fused.seed))
+        self._fused.stochastic_rounding = bool(stochastic_rounding)
         self.skipped_steps = int(options.get("skipped_steps", 0))
         self._groups.clear()
 
-    def _layout(self, p: torch.Tensor, saved: Dict[str, Any]) -> Dict[str, Any]:
-        """A loaded state entry as this optimizer keeps it: copies, in its dtypes."""
+    def _layout(
+        self, p: torch.Tensor, saved: Dict[str, Any], signed_codes: Dict[str, bool]
+    ) -> Dict[str, Any]:
+        """A loaded state entry as this optimizer keeps it: copies, in its dtypes.
+        ``signed_codes``: whether the int8 form of each state buffer of ``p``'s plan has
+        signed codes."""
         storage = self._storage[p]
         entry: Dict[str, Any] = {}
         for key, value in saved.items():
@@ -780,8 +796,19 @@ class Optimizer(torch.optim.Optimizer):
                     )
                 dtype = _FROM_NAME[storage.state]
             if key.endswith(".scales"):
-                entry[key] = value.detach().to("cpu", dtype, copy=True).contiguous()
+                scales = value.detach().to("cpu", copy=True).contiguous()
+                if scales.dtype != torch.float32 or scales.dim() != 1:
+                    raise ValueError(f"state {key!r}: expected 1-D float32 scales")
+                _optim._check_scales(f"state {key!r}", scales.numpy())
+                entry[key] = scales
                 continue
+            if key.endswith(".codes"):
+                signed = signed_codes.get(key[: -len(".codes")])
+                if signed is not None and dtype != (torch.int8 if signed else torch.uint8):
+                    raise ValueError(
+                        f"state {key!r}: expected {'int8' if signed else 'uint8'} codes, got "
+                        f"{dtype}"
+                    )
             expected = self._state_shape(key, p)
             if tuple(value.shape) != expected:
                 raise ValueError(
@@ -837,11 +864,12 @@ else:
 
 
 def _listed(item: Any) -> Any:
-    """A group dict with its params (an iterable such as ``module.parameters()``) as a list,
-    since both torch's checks and the optimizer read them; anything else as it is."""
+    """A group dict with its params as a list where they are an iterator (such as
+    ``module.parameters()``), since both torch's checks and the optimizer read them; anything
+    else as it is."""
     if isinstance(item, dict):
         inner = item.get("params")
-        if inner is not None and not isinstance(inner, (torch.Tensor, list)):
+        if inner is not None and iter(inner) is inner:  # an iterator; torch refuses a set
             item["params"] = list(inner)
     return item
 
