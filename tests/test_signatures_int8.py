@@ -13,10 +13,12 @@ import typing
 
 import numpy as np
 import pytest
+from support import all_options, make_arrays
 
 import fusedopt
 from fusedopt._declarations import DECLARATIONS
 from fusedopt.quantize import QuantizedState
+from fusedopt.registry import OPTIMIZERS
 
 NAMES = sorted(DECLARATIONS)
 SHAPE = (4, 8)
@@ -30,27 +32,18 @@ def mentions(annotation, target) -> bool:
 
 
 def call_arguments(name: str, quantized, listed: bool = False):
-    """Keyword arguments for a call that uses every array of the declaration: the state
-    buffers named in ``quantized`` as QuantizedState (signed unless never negative), the others
-    float32; each a one-tensor list when ``listed``."""
-    d = DECLARATIONS[name]
-    kwargs = {}
-    for h in d.arguments:
-        if h.kind == "step":
-            kwargs[h.name] = 1
-        elif h.required:
-            kwargs[h.name] = 0.01
-    for a in d.arrays:
-        if a.used_when:
-            option = next(h for h in d.arguments if h.name == a.used_when)
-            kwargs[option.name] = True if option.kind == "flag" else 0.5
-    for i, a in enumerate(d.arrays):
+    """Keyword arguments for a call that uses every array of the declaration (support's
+    arrays, every option on): the state buffers named in ``quantized`` as QuantizedState
+    (signed unless never negative); a one-tensor list each when ``listed``."""
+    spec = OPTIMIZERS[name]
+    hyper = {**spec.cases[0], **all_options(spec)}
+    shape = [SHAPE] if listed else SHAPE
+    arrays = make_arrays(spec, hyper, shape, np.float32, np.random.default_rng(0))
+    for a in spec.declaration.arrays:
         if a.name in quantized:
-            x = QuantizedState.zeros(SHAPE, signed=not a.nonnegative)
-        else:
-            x = np.full(SHAPE, 0.5 if i < 2 else 0.0, np.float32)
-        kwargs[a.name] = [x] if listed else x
-    return kwargs
+            state = QuantizedState.zeros(SHAPE, signed=not a.nonnegative)
+            arrays[a.name] = [state] if listed else state
+    return {**hyper, **arrays, **({"step": 1} if spec.takes_step else {})}
 
 
 def accepts_quantized(name: str):
