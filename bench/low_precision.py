@@ -154,7 +154,10 @@ def main(argv=None) -> None:
                     state_array(state, n, signed=signed, normal=normal(n, "state"))
                     for signed in (True, False)
                 ]
-                probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(*a, None, None)
+                # a kernel without a step: a new seed each call, as its callers must pass
+                probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(
+                    *a, None, None, seed=step
+                )
     try:
         import torch
     except ImportError:
