@@ -222,6 +222,39 @@ def test_stochastic_rounding_moves_bfloat16_params_that_nearest_rounding_freezes
     assert abs(results["masters"] - 0.99) < 2**-8  # the master rounded: within half an ulp
 
 
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (optim.AdamW, dict(stochastic_rounding=True)),
+        (optim.AdamW, dict(state_dtype="int8")),
+        (optim.RMSprop, dict(stochastic_rounding=True, state_dtype="bfloat16")),  # no step
+        (optim.Muon, dict(stochastic_rounding=True)),
+        (optim.Adafactor, dict(stochastic_rounding=True)),
+    ],
+)
+def test_no_two_parameters_share_random_bits(cls, options):
+    """Equal bfloat16 parameters with equal gradients, each first in a fused call of its own
+    (two groups, and a float32 one beside them in the first): what is rounded at random differs
+    between them, as the kernel's key of (seed, step, place in the call, element) alone would
+    not make it."""
+    rng = np.random.default_rng(5)
+    start = rng.standard_normal((64, 64)).astype(BF16)
+    params = {"a": start.copy(), "f": start.astype(np.float32), "b": start.copy()}
+    opt = cls(
+        [{"params": {"a": params["a"], "f": params["f"]}}, {"params": {"b": params["b"]}}],
+        lr=0.01,
+        **options,
+    )
+    grad = rng.standard_normal((64, 64)).astype(np.float32)
+    for _ in range(3):
+        opt.step({"a": grad.astype(BF16), "f": grad, "b": grad.astype(BF16)})
+    a, b = opt.state["a"], opt.state["b"]
+    if options.get("state_dtype") == "int8":
+        assert a["exp_avg"].codes.tobytes() != b["exp_avg"].codes.tobytes()
+        return
+    assert params["a"].tobytes() != params["b"].tobytes()
+
+
 def test_int8_state_of_an_optimizer_without_a_step_follows_float32():
     """RMSprop's kernel takes no step, so its random bits depend on the seed alone: the class
     gives every step its own seed, or each element would round with the same bits every step

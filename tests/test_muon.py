@@ -265,7 +265,7 @@ def test_read_only_param_raises():
 
 
 def test_class_rejects_what_it_cannot_do():
-    with pytest.raises(ValueError, match="Muon only supports 2-D parameters: 'b'"):
+    with pytest.raises(ValueError, match="2-D parameters: parameter 'b' has shape"):
         optim.Muon({"w": np.zeros((3, 3)), "b": np.zeros(3)})
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         optim.Muon([np.zeros((3, 3))], adjust_lr_fn="other")

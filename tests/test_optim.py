@@ -474,6 +474,11 @@ def test_bad_steps_raise_before_any_update():
         with pytest.raises(error, match=message):
             opt.step(grads)
         assert_same(params, before)
+        assert opt.state == {}  # no state made for a step that did not run
+    one = optim.Adam({"w1": params["w1"]}, amsgrad=True)  # one call: the kernel refuses it
+    with pytest.raises(ValueError, match="share"):
+        one.step({"w1": params["w1"]})
+    assert one.state == {}
     opt.param_groups[1]["lr"] = -1.0
     with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.step(good)
@@ -702,7 +707,8 @@ def test_from_config_errors_name_what_is_accepted():
 def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
     """A step of two groups (two fused calls, checked together for shared memory first), with
     a 1-D parameter where the class takes one and int8 state where it can have it: the bits of
-    one optimizer per group, for every class."""
+    one optimizer per group, for every class, the second seeded as its call is (by the place of
+    its first parameter)."""
     rng = np.random.default_rng(4)
     shapes = (
         {"w": (4, 5), "w2": (3, 3)} if name == "Muon" else {"w": (4, 5), "b": (7,), "w2": (3, 3)}
@@ -722,7 +728,7 @@ def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
     )
     opts = [
         cls({k: apart[k] for k in first}, **int8),
-        cls({k: apart[k] for k in second}, lr=0.02, **int8),
+        cls({k: apart[k] for k in second}, lr=0.02, seed=optim._call_seed(0, len(first)), **int8),
     ]
     for o in [opt, *opts]:
         if hasattr(o, "train"):

@@ -511,13 +511,18 @@ STORAGE = [
 )
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
 def test_bfloat16_matches_numpy_class_bit_for_bit(name, options):
-    """bfloat16 parameters with every storage option: the same bits as fusedopt.optim's class
-    on the same arrays (the adapter reuses its storage rules, seeds and calls)."""
+    """bfloat16 parameters with every storage option, in two groups: the same bits as
+    fusedopt.optim's class on the same arrays (the adapter reuses its storage rules, seeds and
+    calls, and seeds each call by its first parameter's place as the class does)."""
     hyper = {"momentum": 0.9} if name == "SGD" else {}
     tparams = [p.detach().to(torch.bfloat16).requires_grad_() for p in _params(torch.float32)]
     arrays = [p.detach().view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16) for p in tparams]
-    opt = ft.CLASSES[name](tparams, lr=1e-2, **hyper, **options)
-    ref = getattr(optim, name)(arrays, lr=1e-2, **hyper, **options)
+    opt = ft.CLASSES[name](
+        [{"params": tparams[:2]}, {"params": tparams[2:]}], lr=1e-2, **hyper, **options
+    )
+    ref = getattr(optim, name)(
+        [{"params": arrays[:2]}, {"params": arrays[2:]}], lr=1e-2, **hyper, **options
+    )
     for t in range(5):
         grads = [g.to(torch.bfloat16) for g in _grads(t, torch.float32)]
         for p, g in zip(tparams, grads):
@@ -531,7 +536,9 @@ def test_bfloat16_matches_numpy_class_bit_for_bit(name, options):
     if options.get("state_dtype") == "int8" and name != "SGD":
         assert "exp_avg.codes" in opt.state[tparams[0]]
     sd = copy.deepcopy(opt.state_dict())
-    again = ft.CLASSES[name](tparams, lr=1e-2, **hyper, **options)
+    again = ft.CLASSES[name](
+        [{"params": tparams[:2]}, {"params": tparams[2:]}], lr=1e-2, **hyper, **options
+    )
     again.load_state_dict(sd)  # masters and state keep their dtypes (torch would cast them)
     for p in tparams:
         for key, value in opt.state[p].items():
@@ -841,9 +848,22 @@ def test_muon_refuses_parameters_that_are_not_2d_as_torch():
     with pytest.raises(ValueError, match=match):
         ft.Muon([torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)])
     opt = ft.Muon([torch.zeros(3, 3, requires_grad=True)])
-    with pytest.raises(ValueError, match="Muon only supports 2-D parameters"):
+    with pytest.raises(ValueError, match="2-D parameters: parameter 0 of group 1 has shape"):
         opt.add_param_group({"params": [torch.zeros(2, 2, 2, requires_grad=True)]})
     assert len(opt.param_groups) == 1
+
+
+def test_storage_errors_name_the_parameter_once():
+    """The fusedopt class's storage errors, raised for the adapter: the parameter named as the
+    adapter names it, not quoted inside the class's own wording (on load too: see
+    test_load_state_dict_checks_the_options_it_restores_first)."""
+    half = torch.zeros(3, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"=True: parameter 0 of group 0 is float16, which"):
+        ft.AdamW([half], stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"=True: parameter 0 of group 1 is float16, which"):
+        ft.AdamW([torch.zeros(3, requires_grad=True)], stochastic_rounding=True).add_param_group(
+            {"params": [half]}
+        )
 
 
 @pytest.mark.parametrize("name", ["Adafactor", "Muon"])
@@ -1116,8 +1136,8 @@ def test_only_updates_that_pass_gradients_to_a_kernel_lend():
     assert not ft.Muon(p)._borrows and not ft.Adafactor(p)._borrows
 
     class Custom(ft.Adam):
-        def _update(self, plan, params, grads, buffers, step, extra):
-            super()._update(plan, params, list(grads), buffers, step, extra)
+        def _update(self, plan, params, grads, buffers, step, extra, first):
+            super()._update(plan, params, list(grads), buffers, step, extra, first)
 
     assert not Custom(p)._borrows
 
@@ -1126,7 +1146,8 @@ def test_only_updates_that_pass_gradients_to_a_kernel_lend():
 def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
     """A step of two groups (two fused calls, checked together for shared memory first), with
     a 1-D parameter where the class takes one and int8 state where it can have it: the bits of
-    one optimizer per group, for every class."""
+    one optimizer per group, for every class, the second seeded as its call is (by the place of
+    its first parameter)."""
     matrices = name == "Muon"
     shapes = [(4, 5), (3, 3)] if matrices else [(4, 5), (7,), (3, 3)]
     int8 = {} if name == "Adafactor" else {"state_dtype": "int8"}  # Adafactor's stay float32
@@ -1135,7 +1156,8 @@ def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
     cls = ft.CLASSES[name]
     split = len(shapes) - 1
     opt = cls([{"params": together[:split]}, {"params": together[split:], "lr": 0.02}], **int8)
-    opts = [cls(apart[:split], **int8), cls(apart[split:], lr=0.02, **int8)]
+    seed = optim._call_seed(0, split)
+    opts = [cls(apart[:split], **int8), cls(apart[split:], lr=0.02, seed=seed, **int8)]
     for o in [opt, *opts]:
         if hasattr(o, "train"):
             o.train()
@@ -1173,7 +1195,7 @@ def test_load_state_dict_checks_the_options_it_restores_first():
     src.step()
     half = torch.nn.Parameter(torch.ones(300, dtype=torch.float16))
     dst = ft.AdamW([half], lr=0.5)
-    with pytest.raises(ValueError, match="parameter 0 of group 0' is float16"):
+    with pytest.raises(ValueError, match="=True: parameter 0 of group 0 is float16"):
         dst.load_state_dict(copy.deepcopy(src.state_dict()))
     assert len(dst.state) == 0 and dst.param_groups[0]["lr"] == 0.5
     for seed, error in [(-1, ValueError), (2**64, ValueError), ("x", TypeError)]:

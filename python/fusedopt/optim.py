@@ -181,6 +181,13 @@ def _check_max_grad_norm(value: Any) -> None:
         raise ValueError(f"Invalid max_grad_norm: {value!r} (None or a finite number > 0)")
 
 
+def _call_seed(seed: int, first: int) -> int:
+    """The seed of a fused call whose first tensor is parameter number ``first`` of an
+    optimizer seeded ``seed``: ``seed`` itself for the first parameter's call, so that an
+    optimizer of one call draws the bits of the function called with its seed."""
+    return reference._mix64(seed ^ reference._mix64(first)) if first else seed
+
+
 def _check_seed(seed: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
@@ -193,10 +200,11 @@ def _check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_rounding(name: str, dtype: Optional[str], stochastic_rounding: bool) -> None:
+def _check_rounding(what: str, dtype: Optional[str], stochastic_rounding: bool) -> None:
+    """``what``: the parameter as an error names it (``parameter 'w'``)."""
     if stochastic_rounding and dtype == "float16":
         raise ValueError(
-            f"stochastic_rounding=True: parameter {name!r} is float16, which is rounded to "
+            f"stochastic_rounding=True: {what} is float16, which is rounded to "
             "nearest only; stochastic rounding is for bfloat16"
         )
 
@@ -238,7 +246,8 @@ class Optimizer:
       the master rounded, in the same pass; other parameters are unaffected;
     - ``stochastic_rounding``: round what is stored in bfloat16 (parameters, state) at random,
       without bias, instead of to nearest even; ``seed`` (an integer in [0, 2**64)) fixes its
-      random stream, a function of (seed, step, the tensor's place in its fused call, element).
+      random stream, a function of (seed, step, the parameter's place among the optimizer's
+      parameters, element): no two parameters share random bits, whatever calls they share.
     """
 
     kernel: str = ""
@@ -276,6 +285,7 @@ class Optimizer:
         self.skipped_steps = 0
         self.param_groups: List[Dict[str, Any]] = []
         self._params: Dict[str, np.ndarray] = {}  # name -> array, in order
+        self._position: Dict[str, int] = {}  # name -> its place in _params
         self._frozen: set = set()
         self.state: Dict[str, Dict[str, Any]] = {}
         self._plans: Dict[int, Tuple[Tuple[Any, ...], _Plan]] = {}  # id(group) -> its plan
@@ -323,8 +333,9 @@ class Optimizer:
                 raise ValueError(f"parameter {name!r} appears in more than one group")
             if any(p is q for q in self._params.values()):
                 raise ValueError(f"parameter {name!r} is the same array as another parameter")
-            storage[name] = self._storage_of(name, p)
+            storage[name] = self._storage_of(f"parameter {name!r}", p)
         for name, p in zip(names, arrays):
+            self._position[name] = len(self._params)
             self._params[name] = p
         self._storage.update(storage)
         full = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
@@ -332,23 +343,23 @@ class Optimizer:
         self._validate_group(full)
         self.param_groups.append(full)
 
-    def _master_and_state(self, name: str, dtype: str) -> Tuple[bool, str]:
-        """Whether parameter ``name`` of ``dtype`` gets masters, and its state's dtype, from the
-        options; ValueError for options that cannot apply to it."""
+    def _master_and_state(self, what: str, dtype: str) -> Tuple[bool, str]:
+        """Whether parameter ``what`` (as errors name it) of ``dtype`` gets masters, and its
+        state's dtype, from the options; ValueError for options that cannot apply to it."""
         master = self.master_weights and dtype in _LOW_PRECISION
         state = "float64" if dtype == "float64" else self.state_dtype or "float32"
         if dtype == "float64" and self.state_dtype not in (None, "float64"):
             raise ValueError(
-                f"state_dtype={self.state_dtype!r}: parameter {name!r} is float64, whose state "
-                "is float64"
+                f"state_dtype={self.state_dtype!r}: {what} is float64, whose state is float64"
             )
-        _check_rounding(name, dtype, self.stochastic_rounding)
+        _check_rounding(what, dtype, self.stochastic_rounding)
         return master, state
 
-    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
-        """How parameter ``name`` is stored, from the options and the kernels' storage rows."""
+    def _storage_of(self, what: str, p: np.ndarray) -> _Storage:
+        """How parameter ``what`` (as errors name it: ``parameter 'w'``) is stored, from the
+        options and the kernels' storage rows."""
         dtype = _dtype_name(p.dtype)
-        master, state = self._master_and_state(name, dtype)
+        master, state = self._master_and_state(what, dtype)
         param = "float32" if master else dtype
         grads = tuple(g for pr, g, st in _core.STORAGE_ROWS if pr == param and st == state)
         if master:  # the param's dtype or float32, as without masters
@@ -357,8 +368,8 @@ class Optimizer:
             grads = tuple(g for g in grads if (dtype, g, state) in _ROWS)
         if not grads:
             raise ValueError(
-                f"state_dtype={self.state_dtype!r}: no kernel takes a {dtype} parameter "
-                f"({name!r}) with {state} state"
+                f"state_dtype={self.state_dtype!r}: no kernel takes {what}, {dtype}, with "
+                f"{state} state"
             )
         return _Storage(param, state, grads, master)
 
@@ -494,6 +505,7 @@ class Optimizer:
                 self.skipped_steps += 1
                 return False
         calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
+        added: List[Tuple[str, Optional[str]]] = []  # new state (name, key; None: the entry)
         for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
                 continue
@@ -503,35 +515,49 @@ class Optimizer:
                 g = aligned[name]
                 if g is None or name in self._frozen:
                     continue
-                state = self.state.setdefault(name, {"step": 0})
+                if name not in self.state:
+                    self.state[name] = {"step": 0}
+                    added.append((name, None))
+                state = self.state[name]
                 key = (p.dtype.str, g.dtype.str, state["step"] + 1, self._call_key(group, state))
                 storage = self._storage[name]
                 for array, b in plan.arrays:  # lazily, in the parameter's layout
                     if b not in state:
                         state[b] = self._new_buffer(group, plan, array, b, p, storage.state)
+                        added.append((name, b))
                 if storage.master and "master" not in state:
                     state["master"] = p.astype(np.float32, order="K")
+                    added.append((name, "master"))
                 keys.setdefault(key, []).append(name)
             for (_, _, step, extra), names in keys.items():
                 masters = ["master"] if self._storage[names[0]].master else []
                 calls.append((plan, names, buffers + masters, step, extra))
         clipping = self.max_grad_norm is not None and bool(active)
-        if len(calls) > 1 or clipping:
-            clipped = [name for name, _ in active] if clipping else []
-            self._check_step_overlap(aligned, [(names, b) for _, names, b, *_ in calls], clipped)
-        if clipping:
-            clip_grad_norm_([g for _, g in active], self.max_grad_norm)
-        for plan, names, buffers, step, extra in calls:
-            self._update(
-                plan,
-                [self._params[n] for n in names],
-                [aligned[n] for n in names],
-                {b: [self.state[n][b] for n in names] for b in buffers},
-                step,
-                extra,
-            )
-            for n in names:
-                self.state[n]["step"] = step
+        ran = 0
+        try:
+            if len(calls) > 1 or clipping:
+                clipped = [name for name, _ in active] if clipping else []
+                written = [(names, b) for _, names, b, *_ in calls]
+                self._check_step_overlap(aligned, written, clipped)
+            if clipping:
+                clip_grad_norm_([g for _, g in active], self.max_grad_norm)
+            for plan, names, buffers, step, extra in calls:
+                self._update(
+                    plan,
+                    [self._params[n] for n in names],
+                    [aligned[n] for n in names],
+                    {b: [self.state[n][b] for n in names] for b in buffers},
+                    step,
+                    extra,
+                    self._position[names[0]],
+                )
+                ran += 1
+                for n in names:
+                    self.state[n]["step"] = step
+        except (TypeError, ValueError):
+            if not ran:  # refused before any call wrote: the state is left as it was found
+                self._forget(added)
+            raise
         return True
 
     def _check_step_overlap(
@@ -592,6 +618,14 @@ class Optimizer:
         share one fused call; passed to _update as ``extra``."""
         return None
 
+    def _forget(self, added: List[Tuple[str, Optional[str]]]) -> None:
+        """Remove the state a refused step created: (name, key), or (name, None) for the entry."""
+        for name, key in reversed(added):
+            if key is None:
+                del self.state[name]
+            else:
+                del self.state[name][key]
+
     def _update(
         self,
         plan: _Plan,
@@ -600,23 +634,30 @@ class Optimizer:
         buffers: Dict[str, List[np.ndarray]],
         step: int,
         extra: Any,
+        first: int,
     ) -> None:
-        """One fused call for tensors that share dtypes and step count."""
+        """One fused call for tensors that share dtypes and step count; ``first`` is the place
+        of its first tensor among the optimizer's parameters (see :meth:`_rounding`)."""
         arrays = {name: buffers[key] for name, key in plan.arrays}
         if "master" in buffers:
             arrays["master"] = buffers["master"]
         hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
-        hyper = {**hyper, **self._rounding(step, plan.declaration.takes_step)}
+        hyper = {**hyper, **self._rounding(step, plan.declaration.takes_step, first)}
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         name = plan.declaration.function_name
         function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
         function(params, grads, **arrays, **hyper)
 
-    def _rounding(self, step: int, takes_step: bool) -> Dict[str, Any]:
-        """The kernel's ``seed`` (and ``stochastic_rounding``) for a call at ``step``: the random
-        bits of stochastic rounding and of int8 state. Without a step argument the kernel's
-        bits depend on the seed alone, so each step gets its own."""
-        seed = self.seed if takes_step else (self.seed * _GOLDEN + step) % 2**64
+    def _rounding(self, step: int, takes_step: bool, first: int) -> Dict[str, Any]:
+        """The kernel's ``seed`` (and ``stochastic_rounding``) for a call at ``step`` whose first
+        tensor is parameter number ``first``: the random bits of stochastic rounding and of int8
+        state. The kernel keys its bits by (seed, step, place in the call, element), so each
+        call mixes ``first`` into the seed: the first tensors of two calls would share bits
+        otherwise. Without a step argument the bits depend on the seed alone, so each step
+        gets its own too."""
+        seed = _call_seed(self.seed, first)
+        if not takes_step:
+            seed = (seed * _GOLDEN + step) % 2**64
         options: Dict[str, Any] = {"seed": seed}
         if self.stochastic_rounding:
             options["stochastic_rounding"] = True
@@ -694,7 +735,7 @@ class Optimizer:
         _check_seed(seed)
         _check_max_grad_norm(max_grad_norm)
         for name, p in self._params.items():
-            _check_rounding(name, _dtype_name(p.dtype), stochastic_rounding)
+            _check_rounding(f"parameter {name!r}", _dtype_name(p.dtype), stochastic_rounding)
         if sd.get("optimizer") != type(self).__name__:
             raise ValueError(
                 f"checkpoint of a {sd.get('optimizer')} optimizer, this is a {type(self).__name__}"
@@ -968,11 +1009,11 @@ class SGD(Optimizer):
         # calls after a first momentum step)
         return group["momentum"] != 0 and "momentum_buffer" not in state
 
-    def _update(self, plan, params, grads, buffers, step, first_momentum_step):
+    def _update(self, plan, params, grads, buffers, step, first_momentum_step, first):
         # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.
         if first_momentum_step and plan.declaration.name == "momentum":
             plan = plan._replace(hyper={**plan.hyper, "dampening": 0.0})
-        super()._update(plan, params, grads, buffers, step, None)
+        super()._update(plan, params, grads, buffers, step, None, first)
 
 
 class Momentum(Optimizer):
@@ -1259,8 +1300,8 @@ class _ScheduleFree(Optimizer):
     def _call_key(self, group, state):
         return group["k"] + 1  # the kernel's step is the group's, as in schedulefree
 
-    def _update(self, plan, params, grads, buffers, step, group_step):
-        super()._update(plan, params, grads, buffers, group_step, None)
+    def _update(self, plan, params, grads, buffers, step, group_step, first):
+        super()._update(plan, params, grads, buffers, group_step, None, first)
 
     def step(self, grads: Grads) -> bool:
         """One Schedule-Free step (see :meth:`Optimizer.step`); in eval mode a RuntimeError
@@ -1423,14 +1464,14 @@ class Muon(Optimizer):
         hyper["ns_coefficients"] = tuple(ns_coefficients)
         super().__init__(params, hyper, **options)
 
-    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+    def _storage_of(self, what: str, p: np.ndarray) -> _Storage:
         if p.ndim != 2:
             raise ValueError(
-                f"Muon only supports 2-D parameters: {name!r} has shape {p.shape}; optimize it "
+                f"Muon only supports 2-D parameters: {what} has shape {p.shape}; optimize it "
                 "with e.g. AdamW in another optimizer or parameter group"
             )
         dtype = _dtype_name(p.dtype)
-        master, state = self._master_and_state(name, dtype)
+        master, state = self._master_and_state(what, dtype)
         grads = _matrix_grads(dtype)
         return _Storage("float32" if master else dtype, state, grads, master)
 
@@ -1457,7 +1498,7 @@ class Muon(Optimizer):
         self._plans[id(group)] = (values, plan)
         return plan
 
-    def _update(self, plan, params, grads, buffers, step, extra) -> None:
+    def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         function = reference.muon_ if reference_impl else _matrix.muon_
         function(
@@ -1466,7 +1507,7 @@ class Muon(Optimizer):
             buffers["momentum_buffer"],
             master=buffers.get("master"),
             **plan.hyper,
-            **self._rounding(step, takes_step=False),
+            **self._rounding(step, False, first),
         )
 
 
@@ -1512,11 +1553,11 @@ class Adafactor(Optimizer):
         self._names_of: Dict[int, str] = {}
         super().__init__(params, hyper, **options)
 
-    def _storage_of(self, name: str, p: np.ndarray) -> _Storage:
+    def _storage_of(self, what: str, p: np.ndarray) -> _Storage:
         dtype = _dtype_name(p.dtype)
         if p.ndim >= 2 and not p.flags.c_contiguous:
-            raise ValueError(f"Adafactor: parameter {name!r} must be C-contiguous")
-        master, state = self._master_and_state(name, dtype)
+            raise ValueError(f"Adafactor: {what} must be C-contiguous")
+        master, state = self._master_and_state(what, dtype)
         grads = _matrix_grads(dtype)
         return _Storage("float32" if master else dtype, state, grads, master)
 
@@ -1547,7 +1588,7 @@ class Adafactor(Optimizer):
         self._plans[id(group)] = (values, plan)
         return plan
 
-    def _update(self, plan, params, grads, buffers, step, extra) -> None:
+    def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
         states = []
         for p in params:
             state = self.state[self._names_of[id(p)]]
@@ -1558,9 +1599,9 @@ class Adafactor(Optimizer):
                     )
             states.append(state)
         moments = {k: [s.get(k) for s in states] for k in ("row_var", "col_var", "variance")}
-        self._step_factored(plan, params, grads, moments, buffers.get("master"), step)
+        self._step_factored(plan, params, grads, moments, buffers.get("master"), step, first)
 
-    def _step_factored(self, plan, params, grads, moments, masters, step) -> None:
+    def _step_factored(self, plan, params, grads, moments, masters, step, first) -> None:
         """The fused (or reference) call on the moments' lists, by name (the torch adapter's
         too, whose state is its own)."""
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
@@ -1574,7 +1615,7 @@ class Adafactor(Optimizer):
             step=step,
             master=masters,
             **plan.hyper,
-            **self._rounding(step, takes_step=True),
+            **self._rounding(step, True, first),
         )
 
 

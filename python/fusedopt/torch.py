@@ -249,12 +249,15 @@ class _Call:
         "kept",
         "guard",
         "tensors",
+        "first",
     )
 
     def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
         self.index: List[int] = index
         self.everyone = everyone  # the group's every parameter, in order
         self.tensors: List[torch.Tensor] = []  # the call's parameters (set by _build)
+        # the first parameter's place among the optimizer's (set by _build; seeds its bits)
+        self.first = 0
         self.last: Optional[list] = None  # weak references to the last step's gradients
         self.kept: Optional[tuple] = None  # (weak references, views, data_ptrs) kept
         self.params: List[np.ndarray] = params
@@ -500,7 +503,7 @@ class Optimizer(torch.optim.Optimizer):
         for entry, plan, calls in work:
             for c, grad_views in calls:
                 step = self._call_step(entry, c)
-                self._update(plan, c.params, grad_views, c.buffers, step, c.extra)
+                self._update(plan, c.params, grad_views, c.buffers, step, c.extra, c.first)
                 _increment_version(c.tensors)  # as an in-place update by torch would
                 c.steps += 1
                 if c.extra:  # SGD's first momentum step: the next ones are ordinary
@@ -620,6 +623,7 @@ class Optimizer(torch.optim.Optimizer):
             step = int(state["step"]) if "step" in state else 0
             keys.setdefault((p.dtype, g.dtype, step, self._call_key(group, state)), []).append(i)
         calls = []
+        offset = sum(len(g["params"]) for g in self.param_groups[: self._index(group)])
         for (_, g_dtype, step, extra), index in keys.items():
             params = [group["params"][i] for i in index]
             steps = torch.full((len(index),), float(step), dtype=_scalar_dtype())
@@ -630,7 +634,7 @@ class Optimizer(torch.optim.Optimizer):
             views = [_numpy(p.detach()) for p in params]
             everyone = index == list(range(len(group["params"])))
             call = _Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype)
-            call.tensors = params
+            call.tensors, call.first = params, offset + index[0]
             calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
         entry.kernel = (plan.declaration, plan.arrays)
@@ -653,9 +657,9 @@ class Optimizer(torch.optim.Optimizer):
         """The step count a call's update takes: its parameters' steps so far, plus one."""
         return int(call.steps[0]) + 1
 
-    def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
+    def _update(self, plan, params, grads, buffers, step: int, extra: Any, first: int) -> None:
         """One fused call (the fusedopt class's)."""
-        self._fused._update(plan, params, grads, buffers, step, extra)
+        self._fused._update(plan, params, grads, buffers, step, extra, first)
 
     def _reference_impl(self) -> bool:
         """Whether the fusedopt instance computes with fusedopt.reference."""
@@ -1036,8 +1040,9 @@ class _AdafactorAdapter(Optimizer):
             buffers["master"] = [self._master(p) for p in params]
         return buffers
 
-    def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
-        self._fused._step_factored(plan, params, grads, buffers, buffers.get("master"), step)
+    def _update(self, plan, params, grads, buffers, step: int, extra: Any, first: int) -> None:
+        masters = buffers.get("master")
+        self._fused._step_factored(plan, params, grads, buffers, masters, step, first)
 
 
 class _ScheduleFreeAdapter(Optimizer):
@@ -1081,8 +1086,8 @@ class _ScheduleFreeAdapter(Optimizer):
     def _call_step(self, entry: _Group, call: _Call) -> int:
         return int(entry.group["k"]) + 1
 
-    def _update(self, plan, params, grads, buffers, step: int, extra: Any) -> None:
-        self._fused._update(plan, params, grads, buffers, step, step)
+    def _update(self, plan, params, grads, buffers, step: int, extra: Any, first: int) -> None:
+        self._fused._update(plan, params, grads, buffers, step, step, first)
 
     def _buffer(self, group, plan, array: str, key: str, p: torch.Tensor) -> Any:
         storage = self._storage[p]
