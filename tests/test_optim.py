@@ -475,10 +475,16 @@ def test_bad_steps_raise_before_any_update():
             opt.step(grads)
         assert_same(params, before)
         assert opt.state == {}  # no state made for a step that did not run
-    one = optim.Adam({"w1": params["w1"]}, amsgrad=True)  # one call: the kernel refuses it
-    with pytest.raises(ValueError, match="share"):
-        one.step({"w1": params["w1"]})
-    assert one.state == {}
+    one = optim.Adam({"w1": params["w1"].copy()}, amsgrad=True)  # one call: the kernel refuses it
+    one.step({"w1": good["w1"]})
+    with pytest.raises(ValueError, match="gradient 'w1' and state 'max_exp_avg_sq' of 'w1' sh"):
+        one.step({"w1": one.state["w1"]["max_exp_avg_sq"]})  # named as the step names arrays
+    w = np.ones((6, 5))
+    fresh = optim.Adam({"a": w[:2], "b": w[1:3]})  # parameters that overlap: one call
+    with pytest.raises(ValueError, match="parameter 'a' and parameter 'b' share memory"):
+        fresh.step({"a": np.ones((2, 5)), "b": np.ones((2, 5))})
+    assert fresh.state == {}
+    assert np.all(w == 1)
     opt.param_groups[1]["lr"] = -1.0
     with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.step(good)

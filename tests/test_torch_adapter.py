@@ -1173,6 +1173,38 @@ def test_two_groups_give_the_bits_of_one_optimizer_per_group(name):
     ]
 
 
+def test_a_refused_or_skipped_step_creates_no_state_and_names_the_arrays():
+    """A step refused before any call writes (by the step's check of several calls, or by a
+    lone call's kernel, whose error is given the step's names), or skipped for a NaN, leaves
+    no state behind; the next good step then runs as the first."""
+    p, q = _params(torch.float32, shapes=[(5,), (4,)])
+    opt = ft.Adam([{"params": [p]}, {"params": [q]}], lr=0.1, amsgrad=True)
+    p.grad, q.grad = torch.ones(5), p.detach()[:4]
+    with pytest.raises(ValueError, match="of group 1 and parameter 0 of group 0 share"):
+        opt.step()
+    assert len(opt.state) == 0
+    lone = ft.Adam([p], lr=0.1, amsgrad=True)
+    p.grad = p.detach()
+    with pytest.raises(ValueError, match="gradient of parameter 0 of group 0 and parameter 0"):
+        lone.step()
+    assert len(lone.state) == 0
+    p.grad = torch.ones(5)
+    lone.step()
+    p.grad = lone.state[p]["max_exp_avg_sq"]
+    with pytest.raises(ValueError, match="state 'max_exp_avg_sq' of parameter 0 of group 0"):
+        lone.step()
+    assert lone.state[p]["step"] == 1
+    skipping = ft.Adam([q], lr=0.1, skip_if_nonfinite=True)
+    q.grad = torch.full((4,), float("nan"))
+    skipping.step()
+    assert len(skipping.state) == 0 and skipping.skipped_steps == 1
+    start, r = q.detach().clone(), q.detach().clone().requires_grad_()
+    q.grad = r.grad = torch.ones(4)
+    skipping.step()
+    ft.Adam([r], lr=0.1).step()
+    assert torch.equal(q.detach(), r.detach()) and not torch.equal(q.detach(), start)
+
+
 def test_clipping_checks_gradients_against_written_memory_before_it_scales_them():
     """max_grad_norm scales the gradients in place: one on its own state, in a step of one
     call, is refused before clipping writes anything."""

@@ -33,6 +33,7 @@ import os
 import tempfile
 from typing import (
     Any,
+    Callable,
     Dict,
     Iterable,
     List,
@@ -533,11 +534,12 @@ class Optimizer:
                 masters = ["master"] if self._storage[names[0]].master else []
                 calls.append((plan, names, buffers + masters, step, extra))
         clipping = self.max_grad_norm is not None and bool(active)
+        written = [(names, b) for _, names, b, *_ in calls]
+        checked = len(calls) > 1 or clipping
         ran = 0
         try:
-            if len(calls) > 1 or clipping:
+            if checked:
                 clipped = [name for name, _ in active] if clipping else []
-                written = [(names, b) for _, names, b, *_ in calls]
                 self._check_step_overlap(aligned, written, clipped)
             if clipping:
                 clip_grad_norm_([g for _, g in active], self.max_grad_norm)
@@ -554,11 +556,25 @@ class Optimizer:
                 ran += 1
                 for n in names:
                     self.state[n]["step"] = step
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as error:
             if not ran:  # refused before any call wrote: the state is left as it was found
-                self._forget(added)
+                try:
+                    if isinstance(error, ValueError) and not checked:
+                        self._relabel(lambda: self._check_step_overlap(aligned, written, []))
+                finally:
+                    self._forget(added)
             raise
         return True
+
+    @staticmethod
+    def _relabel(check: Callable[[], None]) -> None:
+        """After a lone call's kernel refused its arrays, which it names by place in the call
+        (``param[0] and grad[0] share memory``): the step's own overlap check, which names
+        them by parameter, raises instead where it finds the same overlap."""
+        try:
+            check()
+        except ValueError as labelled:
+            raise labelled from None
 
     def _check_step_overlap(
         self, grads: Dict[str, Any], calls: List[tuple], clipped: List[str]

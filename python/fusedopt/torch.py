@@ -463,6 +463,18 @@ class Optimizer(torch.optim.Optimizer):
             and fused.max_grad_norm is None
             and not self._reference_impl()
         )
+        # the state this step creates (see _build), removed again if the step is refused or
+        # skipped before a call writes: emptied once one has
+        created: List[Tuple[torch.Tensor, Optional[set]]] = []
+        try:
+            self._run_step(borrow, created)
+        except BaseException:
+            self._forget(created)
+            raise
+        return loss
+
+    def _run_step(self, borrow: bool, created: list) -> None:
+        fused = self._fused
         work = []  # every group is checked and converted before anything is written
         for group in self.param_groups:
             entry = self._groups.get(id(group))
@@ -480,15 +492,16 @@ class Optimizer(torch.optim.Optimizer):
                 or entry.calls is None
                 or (kernel != entry.kernel)
             ):
-                self._build(entry, plan, grads, mask, ptrs)
+                self._build(entry, plan, grads, mask, ptrs, created)
             try:
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
             except _Rebuild:  # a gradient's dtype changed: regroup the calls
-                self._build(entry, plan, grads, mask, ptrs)
+                self._build(entry, plan, grads, mask, ptrs, created)
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
             work.append((entry, plan, calls))
         clipping = fused.max_grad_norm is not None
-        if clipping or sum(len(calls) for _, _, calls in work) > 1:
+        checked = clipping or sum(len(calls) for _, _, calls in work) > 1
+        if checked:
             self._check_step_overlap(work, clipping)
         views = [] if borrow else [v for _, _, calls in work for _, vs in calls for v in vs]
         if fused.skip_if_nonfinite:
@@ -497,18 +510,39 @@ class Optimizer(torch.optim.Optimizer):
                 by_dtype.setdefault(v.dtype, []).append(v)
             if not all(map(all_finite, by_dtype.values())):
                 self.skipped_steps += 1
-                return loss
+                self._forget(created)
+                return
         if fused.max_grad_norm is not None and views:
             clip_grad_norm_(views, fused.max_grad_norm)
         for entry, plan, calls in work:
             for c, grad_views in calls:
                 step = self._call_step(entry, c)
-                self._update(plan, c.params, grad_views, c.buffers, step, c.extra, c.first)
+                try:
+                    self._update(plan, c.params, grad_views, c.buffers, step, c.extra, c.first)
+                except ValueError:
+                    if not checked:  # a lone call: name the arrays the kernel refused
+                        fused._relabel(lambda: self._check_step_overlap(work, False))
+                    raise
+                created.clear()  # written: kept whatever follows
                 _increment_version(c.tensors)  # as an in-place update by torch would
                 c.steps += 1
                 if c.extra:  # SGD's first momentum step: the next ones are ordinary
                     entry.calls = None
-        return loss
+
+    def _forget(self, created: List[Tuple[torch.Tensor, Optional[set]]]) -> None:
+        """Remove the state a step created before it was refused or skipped: the keys each
+        parameter's state lacked, or its entry; calls viewing it are built again."""
+        if not created:
+            return
+        for p, keys in reversed(created):
+            if keys is None:
+                self.state.pop(p, None)
+            else:
+                for key in set(self.state[p]) - keys:
+                    del self.state[p][key]
+        created.clear()
+        for entry in self._groups.values():
+            entry.calls = None
 
     def _check_step_overlap(self, work: list, clipping: bool) -> None:
         """That no gradient shares memory with a parameter, state or master that a step of
@@ -607,14 +641,16 @@ class Optimizer(torch.optim.Optimizer):
     def _index(self, group: Dict[str, Any]) -> int:
         return next(i for i, g in enumerate(self.param_groups) if g is group)
 
-    def _build(self, entry: _Group, plan, grads: list, mask: list, ptrs: list) -> None:
+    def _build(self, entry: _Group, plan, grads: list, mask: list, ptrs: list, created) -> None:
         """The group's fused calls: its parameters with a gradient, by (dtypes, step, extra),
-        with their state created on first use and viewed once."""
+        with their state created on first use and viewed once. ``created`` gets (parameter,
+        the keys its state had, or None for no entry) for each, before its state is touched."""
         group, fused = entry.group, self._fused
         keys: Dict[Tuple[Any, ...], List[int]] = {}
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
                 continue
+            created.append((p, set(self.state[p]) if p in self.state else None))
             what = f"parameter {i} of group {self._index(group)}"
             _check_tensor(what, p)  # p.data may have been replaced since
             self._storage[p] = fused._storage_of(what, _numpy(p.detach()))
