@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     in_cache = {}  # per row, (size, step) at two sizes whose arrays fit the L2 caches
     for param, grad, state, master in configs:
         for stochastic in (False, True):
-            if stochastic and "bfloat16" not in (param, state):
+            if stochastic and "bfloat16" not in (param, state) and param != "float16":
                 continue
             name = f"{param}/{grad}/{state}" + (" + master" if master else "")
             name += " stochastic" if stochastic else ""

@@ -1227,18 +1227,13 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
   const TensorSet set = checked.set();
   const fusedopt::UpdateFn update = table().update[d.kernel][checked.storage];
   const fusedopt::StorageRow& row = fusedopt::kStorageRows[checked.storage];
-  if (a.stochastic_rounding && (row.param == DType::float16 || row.state == DType::float16 ||
-                                checked.param_copy == DType::float16)) {
-    throw py::value_error(
-        "stochastic_rounding=True: float16 arrays are rounded to nearest only; stochastic "
-        "rounding is for bfloat16");
-  }
   // Without a step the random bits are a function of the seed alone: a default one would draw
   // the same bits every call, and stochastic rounding would not average out over steps.
   const bool draws_random_bits =
       row.state == DType::int8 ||
-      (a.stochastic_rounding && (row.param == DType::bfloat16 || row.state == DType::bfloat16 ||
-                                 checked.param_copy == DType::bfloat16));
+      (a.stochastic_rounding &&
+       (row.param == DType::bfloat16 || row.param == DType::float16 ||
+        row.state == DType::bfloat16 || checked.param_copy != DType::float32));
   if (d.step_index == kNone && draws_random_bits && !a.seed_given) {
     throw py::type_error(d.function + "(): " + kSeedNeeded);
   }

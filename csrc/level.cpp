@@ -94,7 +94,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       const auto at = stage<Decl, Types, quantized>(request, set, scales, t, offset, n, staged);
       run_kernel(at.data(), 0, n, rounding, t);
       if constexpr (kStagesHalf<P>) {
-        floats_to_halves(staged[0].data(), n, static_cast<Eigen::half*>(arrays[0]) + offset);
+        store_param_copy(rounding, n, staged[0].data(), false,
+                         static_cast<Eigen::half*>(arrays[0]) + offset);
       }
       if constexpr (quantized) {
         bool needs_second_half = false;  // slots 2 and up (roles 3 and up)

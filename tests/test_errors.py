@@ -474,6 +474,7 @@ NEW_FORMS = {
     "bfloat16 masters": (dict(master="bfloat16"), {}),
     "bfloat16 masters, stochastic": (dict(master="bfloat16"), dict(stochastic_rounding=True)),
     "float16 masters": (dict(master="float16"), {}),
+    "float16 masters, stochastic": (dict(master="float16"), dict(stochastic_rounding=True)),
     "int8 state": (dict(quantized=True), {}),
     "int8 state, float16 masters": (dict(quantized=True, master="float16"), {}),
     "int8 state, list": (dict(quantized=True, shape=LIST_SHAPES), {}),
@@ -499,7 +500,15 @@ def test_the_arguments_broken_below_are_valid(name, form):
 STEPLESS = [name for name in GRAD_OPTIMIZERS if not OPTIMIZERS[name].takes_step]
 
 
-@pytest.mark.parametrize("form", ["bfloat16 masters, stochastic", "int8 state", "int8 state, list"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "bfloat16 masters, stochastic",
+        "float16 masters, stochastic",
+        "int8 state",
+        "int8 state, list",
+    ],
+)
 @pytest.mark.parametrize("name", STEPLESS)
 def test_a_kernel_without_a_step_needs_a_seed_to_draw_random_bits(name, form):
     """Without a step the random bits are a function of the seed alone: a default seed would
@@ -681,24 +690,6 @@ def test_bad_master_lists(name):
         hyper,
         ValueError,
         "^master: expected 0 arrays like param, got 1$",
-    )
-
-
-@pytest.mark.parametrize("shape", [SHAPE, LIST_SHAPES], ids=["single", "list"])
-@pytest.mark.parametrize("quantized", [False, True], ids=["float32 state", "int8 state"])
-@pytest.mark.parametrize("name", GRAD_OPTIMIZERS)
-def test_stochastic_rounding_of_a_float16_param_with_masters(name, quantized, shape):
-    spec = OPTIMIZERS[name]
-    arrays, hyper = new_arguments(spec, master="float16", quantized=quantized, shape=shape)
-    assert_rejected(
-        spec,
-        arrays,
-        hyper,
-        ValueError,
-        "^stochastic_rounding=True: float16 arrays are rounded to nearest only; stochastic "
-        "rounding is for bfloat16$",
-        stochastic_rounding=True,
-        seed=7,
     )
 
 

@@ -417,7 +417,9 @@ def test_float16_special_values_convert_as_numpy_does(name, maximize, row):
 
 # ---------------------------------------------------------------- stochastic rounding
 
-SR_ROWS = [row for row in _core.STORAGE_ROWS if "bfloat16" in (row[0], row[2])]
+SR_ROWS = [
+    row for row in _core.STORAGE_ROWS if row[0] in ("bfloat16", "float16") or row[2] == "bfloat16"
+]
 
 
 @pytest.mark.parametrize("shape_id", ["17", "chunk+1", "33x65 F", "list"])
@@ -425,7 +427,7 @@ SR_ROWS = [row for row in _core.STORAGE_ROWS if "bfloat16" in (row[0], row[2])]
 @pytest.mark.parametrize(("spec", "hyper"), CASES)
 def test_stochastic_rounding_matches_reference(spec, hyper, row, shape_id):
     """The kernels' random bits and rounding are those of fusedopt.reference's independent
-    NumPy implementation, bit for bit, for every bfloat16 array they write."""
+    NumPy implementation, bit for bit, for every bfloat16 and float16 array they write."""
     rng = np.random.default_rng([len(shape_id), 7])
     shape, order = shape_and_order(SHAPES[shape_id])
     fused = as_row(make_arrays(spec, hyper, shape, np.float32, rng, order), row)
@@ -441,22 +443,49 @@ def test_stochastic_rounding_matches_reference(spec, hyper, row, shape_id):
         assert_identical(fused, reference, f"{spec.name} {hyper} {row} step {step}")
 
 
-def test_stochastic_rounding_is_unbiased():
-    """bfloat16 params at 1.0, updates of 1e-4 per step, far below half an ulp (2**-9 below 1):
-    round to nearest never moves them; stochastic rounding's mean after 200 steps is
-    1 - 200e-4 = 0.98, within 5 standard errors of the mean (about 1e-4 for 1e5 params)."""
+@pytest.mark.parametrize(
+    "dtype, start, update",
+    [
+        (ml_dtypes.bfloat16, 1.0, 1e-4),  # half an ulp below 1: 2**-9
+        (np.float16, 1.0, 1e-4),  # 2**-12
+        (np.float16, -1e-6, -1e-9),  # a subnormal: 2**-25
+        (np.float16, 6.1e-5, -1e-9),  # the largest subnormals, crossing to the normals
+        (np.float16, -60000.0, 10.0),  # near the largest float16: 16
+    ],
+)
+def test_stochastic_rounding_is_unbiased(dtype, start, update):
+    """Low-precision params at `start`, updates far below half an ulp (in brackets): round to
+    nearest never moves them; stochastic rounding's mean after 200 steps is
+    start - 200 update, within 5 standard errors of the mean (1e5 params)."""
     n, steps = 100_000, 200
-    nearest = np.ones(n, ml_dtypes.bfloat16)
-    stochastic = np.ones(n, ml_dtypes.bfloat16)
-    grad = np.full(n, 1e-4, np.float32)
+    nearest = np.full(n, start, dtype)
+    stochastic = np.full(n, start, dtype)
+    grad = np.full(n, update, np.float32)
     for step in range(steps):
         fusedopt.sgd_(nearest, grad, lr=1.0)
         fusedopt.sgd_(stochastic, grad, lr=1.0, stochastic_rounding=True, seed=step)
-    assert np.all(nearest == 1.0)
-    mean = float(stochastic.astype(np.float64).mean())
-    spread = float(stochastic.astype(np.float64).std()) / np.sqrt(n)
-    assert abs(mean - 0.98) < 5 * spread, (mean, spread)
+    assert np.all(nearest == nearest[0]) and float(nearest[0]) == float(dtype(start))
+    values = stochastic.astype(np.float64)
+    expected = float(dtype(start)) - steps * update
+    mean = float(values.mean())
+    spread = float(values.std()) / np.sqrt(n)
+    assert abs(mean - expected) < 5 * spread, (mean, spread)
     assert spread > 0  # the params really spread: not a constant shift
+
+
+def test_stochastic_rounding_past_the_largest_float16_reaches_inf_as_often_as_it_should():
+    """65504 + 8 lies a quarter of the way from the largest float16 to 2**16, the next step up,
+    which is inf: a quarter of the elements become inf (within 5 standard errors); to nearest
+    none does (they round to inf from 65520)."""
+    n = 100_000
+    param = np.full(n, 65504, np.float16)
+    fusedopt.sgd_(param, np.full(n, -8, np.float32), lr=1.0, stochastic_rounding=True, seed=1)
+    share = float(np.mean(np.isposinf(param)))
+    assert abs(share - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n), share
+    assert np.all((param == 65504) | np.isposinf(param))
+    nearest = np.full(n, 65504, np.float16)
+    fusedopt.sgd_(nearest, np.full(n, -8, np.float32), lr=1.0)
+    assert np.all(nearest == 65504)
 
 
 def chi_square_z(cells, bins):
@@ -517,10 +546,9 @@ def test_stochastic_rounding_is_reproducible_and_seeded(restore_threads):
 
 
 def test_stochastic_rounding_arguments():
-    p, g = np.ones(4, np.float16), np.ones(4, np.float16)
-    state = [np.zeros(4, np.float32), np.zeros(4, np.float32)]
-    with pytest.raises(ValueError, match="^stochastic_rounding=True: float16 arrays are rounded"):
-        fusedopt.adam_(p, g, *state, step=1, stochastic_rounding=True)
+    p = np.ones(4, np.float16)
+    with pytest.raises(TypeError, match="^sgd_\\(\\): seed is required"):
+        fusedopt.sgd_(p, p.copy(), lr=0.1, stochastic_rounding=True)
     b = np.ones(4, ml_dtypes.bfloat16)
     for bad, error in [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError)]:
         with pytest.raises(error, match="seed"):

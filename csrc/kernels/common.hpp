@@ -247,9 +247,29 @@ FUSEDOPT_INLINE Eigen::bfloat16 stochastic_bfloat16(float x, std::uint32_t bits)
   return round_to_bfloat16(x, [bits](std::uint32_t) { return bits; });
 }
 
+// x rounded to float16 up or down with probability by its distance: the top 13 of `bits` (16
+// random bits) added below the 10 mantissa bits kept, then truncated, and the float16-exact
+// result converted. Below 2^-14 (float16's subnormals, a step of 2^-24) 2^-14 is added first, in
+// float32: the step then sits at bit 13, as for normal values, and what float32 rounds away in
+// that addition lies 13 bits below a step. Past the largest float16 the next step up is inf;
+// inf and NaN convert as to nearest.
+FUSEDOPT_INLINE Eigen::half stochastic_half(float x, std::uint32_t bits) {
+  const std::uint32_t u = float_bits(x), a = u & 0x7FFFFFFFU;
+  const float offset = bits_float(113U << 23);  // 2^-14, the smallest normal float16
+  const std::uint32_t is_small = all_ones_if(a < (113U << 23));
+  const std::uint32_t is_special = all_ones_if(a >= 0x7F800000U);
+  const std::uint32_t shifted = (float_bits(bits_float(a) + offset) & is_small) | (a & ~is_small);
+  const std::uint32_t kept = (shifted + (bits >> 3)) & ~0x1FFFU;
+  const std::uint32_t value =
+      (float_bits(bits_float(kept) - offset) & is_small) | (kept & ~is_small);
+  const std::uint32_t rounded = (value & ~is_special) | (a & is_special);
+  return Eigen::numext::bit_cast<Eigen::half>(
+      float_to_half(bits_float(rounded | (u & 0x80000000U))));
+}
+
 // Stores `x` into `to`, element i of the chunk, array slot `slot` (the param 0, the state
-// buffers 1, 2, 3): rounded to nearest even, or, with Stochastic and a bfloat16 array,
-// stochastically with the slot's 16 of element i's random bits.
+// buffers 1, 2, 3): rounded to nearest even, or, with Stochastic and a bfloat16 or float16
+// array, stochastically with the slot's 16 of element i's random bits.
 template <bool Stochastic>
 struct Rounder {
   explicit Rounder(const Rounding& r)
@@ -257,10 +277,16 @@ struct Rounder {
 
   template <typename Stored, typename Compute>
   FUSEDOPT_INLINE void operator()(ChunkIndex i, int slot, Stored& to, Compute x) const {
-    if constexpr (Stochastic && std::is_same_v<Stored, Eigen::bfloat16>) {
+    if constexpr (Stochastic && (std::is_same_v<Stored, Eigen::bfloat16> ||
+                                 std::is_same_v<Stored, Eigen::half>)) {
       std::uint32_t bits = counter_bits(key, first + static_cast<std::uint32_t>(i));
       if (slot >= 2) bits = second_half(bits);
-      to = stochastic_bfloat16(static_cast<float>(x), (bits >> (16 * (slot % 2))) & 0xFFFFU);
+      bits = (bits >> (16 * (slot % 2))) & 0xFFFFU;
+      if constexpr (std::is_same_v<Stored, Eigen::bfloat16>) {
+        to = stochastic_bfloat16(static_cast<float>(x), bits);
+      } else {
+        to = stochastic_half(static_cast<float>(x), bits);
+      }
     } else {
       store(to, x);
     }
@@ -271,12 +297,13 @@ struct Rounder {
 };
 
 // Calls fn(Rounder<stochastic>{rounding}); the stochastic variant is compiled only for
-// storage types that write bfloat16 (for others it would be the same code).
+// storage types that write bfloat16 or float16 (for others it would be the same code).
 template <typename Types, typename Fn>
 void with_rounding(const Rounding& rounding, const Fn& fn) {
-  constexpr bool writes_bfloat16 = std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
-                                   std::is_same_v<typename Types::State, Eigen::bfloat16>;
-  if constexpr (writes_bfloat16) {
+  constexpr bool writes_low_precision = std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
+                                        std::is_same_v<typename Types::Param, Eigen::half> ||
+                                        std::is_same_v<typename Types::State, Eigen::bfloat16>;
+  if constexpr (writes_low_precision) {
     if (rounding.stochastic) {
       fn(Rounder<true>(rounding));
       return;
@@ -295,20 +322,25 @@ inline void chunk_bits(std::uint64_t key, Index offset, Index n, std::uint32_t* 
   for (std::uint32_t i = 0; i < count; ++i) out[i] = counter_bits(key, first + i);
 }
 
-// The float32 masters of a chunk (just updated) rounded into their param, the low-precision copy
-// `to` (bfloat16 if to_bfloat16, else float16), as the param itself would be stored: slot 0's
-// random bits with stochastic rounding (bfloat16 only), else to nearest even. Every kernel with
-// masters writes its params so, while the chunk is still in cache.
+// A chunk's float32 values (just updated) rounded into the low-precision param `to` (bfloat16
+// if to_bfloat16, else float16), as a kernel stores its param: slot 0's random bits with
+// stochastic rounding, else to nearest even. Kernels with masters write their params so, while
+// the chunk is still in cache, and float16 params staged as float32 are written back so.
 inline void store_param_copy(const Rounding& rounding, Index n, const float* master,
                              bool to_bfloat16, void* to) {
-  if (to_bfloat16) {
-    auto* param = static_cast<Eigen::bfloat16*>(to);
-    with_rounding<Storage<float, Eigen::bfloat16, float, float>>(rounding, [&](const auto& out) {
+  const auto rounded = [&](auto* param) {
+    using P = std::remove_pointer_t<decltype(param)>;
+    with_rounding<Storage<float, P, float, float>>(rounding, [&](const auto& out) {
 #pragma omp simd
       for (ChunkIndex i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
     });
+  };
+  if (to_bfloat16) {
+    rounded(static_cast<Eigen::bfloat16*>(to));
+  } else if (rounding.stochastic) {
+    rounded(static_cast<Eigen::half*>(to));
   } else {
-    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // to nearest: no SR for float16
+    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // F16C where the level has it
   }
 }
 

@@ -187,8 +187,8 @@ class Declaration:
             "    skip_if_nonfinite: if any gradient holds a NaN or an infinity, change nothing."
         )
         lines.append(
-            "    stochastic_rounding: round what is stored in bfloat16 up or down at random, "
-            "with the probabilities that make it unbiased, instead of to nearest even."
+            "    stochastic_rounding: round what is stored in bfloat16 or float16 up or down at "
+            "random, with the probabilities that make it unbiased, instead of to nearest even."
         )
         lines.append(
             "    seed: the random stream of stochastic rounding and of int8 state (whose codes "

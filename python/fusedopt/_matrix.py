@@ -214,14 +214,6 @@ def _check_master(fn: str, at: str, p: np.ndarray, m: np.ndarray, c_order: bool)
         raise ValueError(f"{fn}: {at}master is read-only")
 
 
-def _check_rounding(fn: str, at: str, stochastic: bool, p: np.ndarray) -> None:
-    if stochastic and p.dtype == np.float16:
-        raise ValueError(
-            f"{fn}: {at}stochastic_rounding=True: float16 arrays are rounded to nearest only; "
-            "stochastic rounding is for bfloat16"
-        )
-
-
 def _check_quantized(at: str, p: np.ndarray, q: QuantizedState, c_order: bool) -> None:
     """An int8 momentum buffer: signed codes like the param, the scales of its blocks."""
     name = f"muon_: {at}momentum_buffer"
@@ -263,7 +255,7 @@ def _check_own_overlap(fn: str, at: str, named) -> None:
 
 
 def _check_tensor(
-    i: int, p: np.ndarray, g: np.ndarray, b, master: Optional[np.ndarray], stochastic: bool
+    i: int, p: np.ndarray, g: np.ndarray, b, master: Optional[np.ndarray]
 ) -> Tuple[int, int, int]:
     at = f"tensor {i}: " if i >= 0 else ""
     if p.ndim != 2:
@@ -307,7 +299,6 @@ def _check_tensor(
             raise ValueError(f"muon_: {at}{name} is read-only")
     if master is not None:
         _check_master("muon_", at, p, master, c_order)
-    _check_rounding("muon_", at, stochastic, p)
     _check_own_overlap(
         "muon_", at, (("param", p), ("grad", g), ("momentum_buffer", b), ("master", master))
     )
@@ -367,7 +358,7 @@ def muon_(
         )
     masters = _as_masters("muon_", master, one, len(params))
     codes = [
-        _check_tensor(-1 if one else i, p, g, m, w, stochastic)
+        _check_tensor(-1 if one else i, p, g, m, w)
         for i, (p, g, m, w) in enumerate(zip(params, grads, buffers, masters))
     ]
     _check_no_overlap("muon_", list(zip(params, grads, buffers, masters)))
@@ -437,9 +428,9 @@ muon_.__doc__ = f"""{reference.muon_.__doc__.rstrip()}
         adjust_lr_fn: None or "original" (lr * sqrt(max(1, rows/cols))) or "match_rms_adamw"
             (0.2 lr sqrt(max(rows, cols))).
         skip_if_nonfinite: do nothing and return False if a grad holds a NaN or an infinity.
-        stochastic_rounding: round what is stored in bfloat16 (the param, its copy of a
-            master, the momentum buffer) up or down at random, without bias, instead of to
-            nearest even (float16 is rounded to nearest only: ValueError).
+        stochastic_rounding: round what is stored in bfloat16 or float16 (the param, its
+            copy of a master, a bfloat16 momentum buffer) up or down at random, without bias,
+            instead of to nearest even.
         seed: the random stream of stochastic rounding and of an int8 buffer, an integer in
             [0, 2**64); the bits are a function of (seed, tensor, element): required where
             random bits are drawn (TypeError without it), a new one each step
@@ -481,7 +472,7 @@ def adafactor_state_shapes(shape: Tuple[int, ...]) -> dict:
     return {"variance": tuple(shape)}
 
 
-def _check_adafactor_tensor(i, p, g, r, c, v, master, stochastic):
+def _check_adafactor_tensor(i, p, g, r, c, v, master):
     at = f"tensor {i}: " if i >= 0 else ""
     pc = _CODES.get(p.dtype) if p.dtype.isnative else None
     if pc is None:
@@ -522,7 +513,6 @@ def _check_adafactor_tensor(i, p, g, r, c, v, master, stochastic):
         raise ValueError(f"adafactor_: {at}param is read-only")
     if master is not None:
         _check_master("adafactor_", at, p, master, True)
-    _check_rounding("adafactor_", at, stochastic, p)
     named = (("param", p), ("grad", g), ("row_var", r), ("col_var", c), ("variance", v))
     _check_own_overlap("adafactor_", at, (*named, ("master", master)))
     return pc, _CODES[g.dtype]
@@ -570,10 +560,7 @@ def adafactor_(
         grads, rows, cols, variances = lists
     masters = _as_masters("adafactor_", master, one, len(params))
     tensors = list(zip(params, grads, rows, cols, variances, masters))
-    codes = [
-        _check_adafactor_tensor(-1 if one else i, *arrays, stochastic)
-        for i, arrays in enumerate(tensors)
-    ]
+    codes = [_check_adafactor_tensor(-1 if one else i, *arrays) for i, arrays in enumerate(tensors)]
     _check_no_overlap("adafactor_", tensors)
     threads = _core.get_num_threads()
     weight = float(step) ** beta2_decay
@@ -636,8 +623,8 @@ adafactor_.__doc__ = f"""{reference.adafactor_.__doc__.rstrip()}
         d: the update clipping threshold (>= 1; default 1).
         weight_decay: decoupled weight decay (>= 0; default 0).
         maximize: ascend instead (default False).
-        stochastic_rounding: round a bfloat16 param (or a master's bfloat16 copy) up or down at
-            random, without bias, instead of to nearest even (float16: ValueError).
+        stochastic_rounding: round a bfloat16 or float16 param (or a master's copy) up or down
+            at random, without bias, instead of to nearest even.
         seed: the random stream of stochastic rounding, an integer in [0, 2**64); the bits
             are a function of (seed, step, tensor, element).
         master: float32 master weights of bfloat16 or float16 params (the param's shape,

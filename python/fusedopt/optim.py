@@ -201,15 +201,6 @@ def _check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_rounding(what: str, dtype: Optional[str], stochastic_rounding: bool) -> None:
-    """``what``: the parameter as an error names it (``parameter 'w'``)."""
-    if stochastic_rounding and dtype == "float16":
-        raise ValueError(
-            f"stochastic_rounding=True: {what} is float16, which is rounded to "
-            "nearest only; stochastic rounding is for bfloat16"
-        )
-
-
 def _check_scales(where: str, scales: np.ndarray) -> None:
     """That int8 state's scales are what the encoder writes: powers of two from 2**-126 to
     2**127 (positive, normal, no mantissa bits)."""
@@ -245,8 +236,8 @@ class Optimizer:
     - ``master_weights``: keep float32 master weights of bfloat16 and float16 parameters in the
       state (``state[name]["master"]``): the update runs on them and writes the parameter as
       the master rounded, in the same pass; other parameters are unaffected;
-    - ``stochastic_rounding``: round what is stored in bfloat16 (parameters, state) at random,
-      without bias, instead of to nearest even; ``seed`` (an integer in [0, 2**64)) fixes its
+    - ``stochastic_rounding``: round what is stored in bfloat16 or float16 (parameters,
+      bfloat16 state) at random, without bias, instead of to nearest even; ``seed`` (an integer in [0, 2**64)) fixes its
       random stream, a function of (seed, step, the parameter's place among the optimizer's
       parameters, element): no two parameters share random bits, whatever calls they share.
     """
@@ -353,7 +344,6 @@ class Optimizer:
             raise ValueError(
                 f"state_dtype={self.state_dtype!r}: {what} is float64, whose state is float64"
             )
-        _check_rounding(what, dtype, self.stochastic_rounding)
         return master, state
 
     def _storage_of(self, what: str, p: np.ndarray) -> _Storage:
@@ -750,8 +740,6 @@ class Optimizer:
         _check_flag("skip_if_nonfinite", skip_if_nonfinite)
         _check_seed(seed)
         _check_max_grad_norm(max_grad_norm)
-        for name, p in self._params.items():
-            _check_rounding(f"parameter {name!r}", _dtype_name(p.dtype), stochastic_rounding)
         if sd.get("optimizer") != type(self).__name__:
             raise ValueError(
                 f"checkpoint of a {sd.get('optimizer')} optimizer, this is a {type(self).__name__}"
@@ -1538,7 +1526,7 @@ class Adafactor(Optimizer):
 
     Options as for every optimizer: ``master_weights`` (float32 masters of bfloat16 and
     float16 parameters: the step is the float32 step of the master), ``stochastic_rounding``
-    and ``seed`` (for bfloat16 parameters), ``impl``, ``max_grad_norm`` and
+    and ``seed`` (for bfloat16 and float16 parameters), ``impl``, ``max_grad_norm`` and
     ``skip_if_nonfinite``. The moments are float32 (float64 for float64 parameters), and
     ``state_dtype`` other than None or "float32" is refused (ValueError): the factored moments
     are about 0 bytes per element, so bfloat16 or int8 ones would save nothing but add

@@ -58,14 +58,15 @@ SEED_NEEDED = (
 
 
 def _draws_random_bits(stochastic_rounding, arrays):
-    """Whether a call stores int8 state or, stochastically, a bfloat16 array: ``arrays`` are
-    the param and the state buffers, each an array, a QuantizedState, a list of them or None."""
+    """Whether a call stores int8 state or, stochastically, a bfloat16 or float16 array:
+    ``arrays`` are the param and the state buffers, each an array, a QuantizedState, a list of
+    them or None."""
     tensors = [
         t for a in arrays if a is not None for t in (a if isinstance(a, (list, tuple)) else [a])
     ]
     return any(
         isinstance(t, QuantizedState)
-        or (stochastic_rounding and getattr(t, "dtype", None) == _BFLOAT16)
+        or (stochastic_rounding and getattr(t, "dtype", None) in _STOCHASTIC)
         for t in tensors
     )
 
@@ -154,7 +155,7 @@ def _in_compute_type(
     """Runs a one-tensor update as the kernels do with low-precision storage: every array is
     converted to the compute type (float64 for a float64 param, float32 otherwise), the formula
     runs there, and every array it writes is rounded once on the way back: to nearest even, or
-    with ``stochastic_rounding`` at random for bfloat16 (:func:`_stochastic_bfloat16`). A
+    with ``stochastic_rounding`` at random for bfloat16 and float16 (:func:`_stochastic`). A
     quantized state is decoded and encoded again; with a ``master`` the formula runs on it and
     the param is the master rounded, as the param would be."""
     compute = np.float64 if param.dtype == np.float64 else np.float32
@@ -194,9 +195,9 @@ def _in_compute_type(
             slot = 1 + buffers_in_order.index(name)
             bits = _slot_bits(key, a.size, slot)
             a.codes[...], a.scales[...] = encode(up[name], signed=a.signed, random_bits=bits)
-        elif stochastic and a.dtype == _BFLOAT16:
+        elif stochastic and a.dtype in _STOCHASTIC:
             slot = 0 if name == "param" else 1 + buffers_in_order.index(name)
-            a.ravel(order="K")[...] = _stochastic_bfloat16(up[name].ravel(order="K"), key, slot)
+            a.ravel(order="K")[...] = _STOCHASTIC[a.dtype](up[name].ravel(order="K"), key, slot)
         else:
             # Past float16's (or float32's) range is inf, as the kernels store it: no warning.
             with np.errstate(over="ignore"):
@@ -256,6 +257,29 @@ def _stochastic_bfloat16(x, key, slot):
     nan = np.isnan(x)
     rounded[nan] = x[nan].astype(_BFLOAT16)
     return rounded
+
+
+def _stochastic_float16(x, key, slot):
+    """``x`` (float32, in memory order) rounded to float16 at random, without bias: the top 13
+    of the element's 16 random bits are added below the 10 mantissa bits kept, then truncated.
+    Below 2**-14, float16's smallest normal (its subnormals' step is 2**-24), 2**-14 is added
+    first in float32, which puts that step at the same bit, and taken away after (exact). Past
+    the largest float16 the step up is to inf; inf and NaN convert as to nearest. The bits are
+    those of the kernels."""
+    bits = _slot_bits(key, x.size, slot)
+    u = x.view(np.uint32)
+    a = u & np.uint32(0x7FFFFFFF)
+    small = a < np.uint32(113 << 23)
+    offset = np.float32(2.0**-14)
+    shifted = np.where(small, (a.view(np.float32) + offset).view(np.uint32), a)
+    kept = (shifted + (bits >> np.uint32(3))) & np.uint32(0xFFFFE000)
+    value = np.where(small, (kept.view(np.float32) - offset).view(np.uint32), kept)
+    rounded = np.where(a >= np.uint32(0x7F800000), a, value) | (u & np.uint32(0x80000000))
+    with np.errstate(over="ignore"):  # past float16's range is inf, as the kernels store it
+        return rounded.view(np.float32).astype(np.float16)
+
+
+_STOCHASTIC = {_BFLOAT16: _stochastic_bfloat16, np.dtype(np.float16): _stochastic_float16}
 
 
 def _gradient(grad, param, weight_decay, maximize):
@@ -997,8 +1021,8 @@ def muon_(
     converted, and what is written is rounded once, as by the element-wise functions
     (:func:`_in_compute_type`): with ``master`` the step runs on the float32 master and the
     param is the master rounded; an int8 momentum buffer (a QuantizedState) is decoded and
-    encoded back; ``stochastic_rounding`` rounds the bfloat16 param (slot 0) and buffer (slot
-    1) with the random bits of (``seed``, step 0, tensor, element): ``seed`` is required where
+    encoded back; ``stochastic_rounding`` rounds a bfloat16 or float16 param (slot 0) and a
+    bfloat16 buffer (slot 1) with the random bits of (``seed``, step 0, tensor, element): ``seed`` is required where
     random bits are drawn, a new one each call. ``torch.optim.Muon`` runs the iteration in
     bfloat16.
     """
@@ -1096,7 +1120,7 @@ def adafactor_(
     Low-precision params as in the element-wise functions (:func:`_in_compute_type`): with
     ``master`` the step is the float32 step of the master (its RMS; :math:`\epsilon_1`'s
     default is float32's) and the param is the master rounded; ``stochastic_rounding`` rounds a
-    bfloat16 param with the random bits of (``seed``, ``step``, tensor, element), slot 0.
+    bfloat16 or float16 param with the random bits of (``seed``, ``step``, tensor, element), slot 0.
     """
     if isinstance(param, np.ndarray):
         param, grad, row_var, col_var, variance = [param], [grad], [row_var], [col_var], [variance]

@@ -771,11 +771,6 @@ class Optimizer(torch.optim.Optimizer):
         stochastic_rounding = options.get("stochastic_rounding", self._fused.stochastic_rounding)
         _optim._check_flag("stochastic_rounding", stochastic_rounding)
         _optim._check_seed(options.get("seed", self._fused.seed))
-        for index, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                what = f"parameter {i} of group {index}"
-                dtype = "float16" if p.dtype == torch.float16 else None
-                _optim._check_rounding(what, dtype, stochastic_rounding)
         # the state as this optimizer keeps it, checked before torch's load changes anything
         # (torch's own checks of the groups come first in it: a mismatch raises there)
         saved_groups = state_dict["param_groups"]
