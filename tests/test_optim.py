@@ -7,6 +7,7 @@ import inspect
 import os
 import threading
 
+import ml_dtypes
 import numpy as np
 import pytest
 from support import assert_identical, assert_same_bits
@@ -479,6 +480,12 @@ def test_bad_steps_raise_before_any_update():
     one.step({"w1": good["w1"]})
     with pytest.raises(ValueError, match="gradient 'w1' and state 'max_exp_avg_sq' of 'w1' sh"):
         one.step({"w1": one.state["w1"]["max_exp_avg_sq"]})  # named as the step names arrays
+    strided = np.zeros(8)  # state that shares no element with the param: not an overlap
+    one = optim.Adam({"w": strided[2:4]})
+    one.step({"w": np.ones(2)})
+    one.state["w"]["exp_avg"] = strided[0:8:4]
+    with pytest.raises(ValueError, match=r"^exp_avg\[0\]: expected a C- or F-contiguous"):
+        one.step({"w": np.ones(2)})  # the kernel's own error, not renamed an overlap
     w = np.ones((6, 5))
     fresh = optim.Adam({"a": w[:2], "b": w[1:3]})  # parameters that overlap: one call
     with pytest.raises(ValueError, match="parameter 'a' and parameter 'b' share memory"):
@@ -496,6 +503,39 @@ def test_bad_steps_raise_before_any_update():
         opt.step({**good, "b1": opt.state["b1"]["exp_avg"]})  # the second call's own state
     assert_same(params, before)
     assert_same_bits(opt.state["b1"]["exp_avg"], state)
+
+
+def test_add_param_group_adds_the_whole_group_or_nothing():
+    """A group refused by add_param_group leaves no parameter behind (a list step still takes
+    one gradient per parameter, the name can be added again); a group added later steps, with
+    stochastic rounding, to the bits of the same group given at construction (its parameters
+    take the same places, which seed their random bits)."""
+    rng = np.random.default_rng(8)
+    start = {
+        k: rng.standard_normal(s).astype(ml_dtypes.bfloat16)
+        for k, s in (("w", (4, 5)), ("x", (7,)))
+    }
+    later = {k: v.copy() for k, v in start.items()}
+    opt = optim.AdamW({"w": later["w"]}, stochastic_rounding=True, seed=4)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": {"x": later["x"]}, "lr": -1.0})
+    assert len(opt.param_groups) == 1 and opt.names == ["w"]
+    opt.step([np.ones((4, 5), np.float32)])  # one gradient: x is not a parameter
+    later["w"][...] = start["w"]
+    opt = optim.AdamW({"w": later["w"]}, stochastic_rounding=True, seed=4)
+    opt.add_param_group({"params": {"x": later["x"]}, "lr": 0.02})
+    both = {k: v.copy() for k, v in start.items()}
+    ref = optim.AdamW(
+        [{"params": {"w": both["w"]}}, {"params": {"x": both["x"]}, "lr": 0.02}],
+        stochastic_rounding=True,
+        seed=4,
+    )
+    for _ in range(3):
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
+        opt.step(grads)
+        ref.step(grads)
+    for k in start:
+        assert later[k].tobytes() == both[k].tobytes(), k
 
 
 def test_bad_construction():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -238,12 +239,16 @@ class Optimizer:
       the master rounded, in the same pass; other parameters are unaffected;
     - ``stochastic_rounding``: round what is stored in bfloat16 or float16 (parameters,
       bfloat16 state) at random, without bias, instead of to nearest even; ``seed`` (an integer in [0, 2**64)) fixes its
-      random stream, a function of (seed, step, the parameter's place among the optimizer's
-      parameters, element): no two parameters share random bits, whatever calls they share.
+      random stream, a function of (seed, step, the place among the optimizer's parameters
+      of the first parameter of the fused call, the parameter's place in that call, element):
+      no two parameters share random bits in a step, whatever calls they fall in.
     """
 
     kernel: str = ""
     state_names: Mapping[str, str] = {}
+    #: whether a call's parameters share their step counts (the kernel's step); else the
+    #: kernel's step is the group's, from _call_key, and the counts only count
+    _steps_per_parameter = True
 
     def __init__(
         self,
@@ -326,13 +331,13 @@ class Optimizer:
             if any(p is q for q in self._params.values()):
                 raise ValueError(f"parameter {name!r} is the same array as another parameter")
             storage[name] = self._storage_of(f"parameter {name!r}", p)
+        full = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
+        full["params"], full["names"] = arrays, names
+        self._validate_group(full)  # before anything is added: a refused group leaves no trace
         for name, p in zip(names, arrays):
             self._position[name] = len(self._params)
             self._params[name] = p
         self._storage.update(storage)
-        full = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
-        full["params"], full["names"] = arrays, names
-        self._validate_group(full)
         self.param_groups.append(full)
 
     def _master_and_state(self, what: str, dtype: str) -> Tuple[bool, str]:
@@ -510,7 +515,8 @@ class Optimizer:
                     self.state[name] = {"step": 0}
                     added.append((name, None))
                 state = self.state[name]
-                key = (p.dtype.str, g.dtype.str, state["step"] + 1, self._call_key(group, state))
+                step = state["step"] + 1 if self._steps_per_parameter else None
+                key = (p.dtype.str, g.dtype.str, step, self._call_key(group, state))
                 storage = self._storage[name]
                 for array, b in plan.arrays:  # lazily, in the parameter's layout
                     if b not in state:
@@ -545,26 +551,29 @@ class Optimizer:
                 )
                 ran += 1
                 for n in names:
-                    self.state[n]["step"] = step
+                    self.state[n]["step"] += 1
         except (TypeError, ValueError) as error:
             if not ran:  # refused before any call wrote: the state is left as it was found
                 try:
                     if isinstance(error, ValueError) and not checked:
-                        self._relabel(lambda: self._check_step_overlap(aligned, written, []))
+                        check = functools.partial(self._check_step_overlap, aligned, written, [])
+                        self._relabel(error, check)
                 finally:
                     self._forget(added)
             raise
         return True
 
     @staticmethod
-    def _relabel(check: Callable[[], None]) -> None:
-        """After a lone call's kernel refused its arrays, which it names by place in the call
-        (``param[0] and grad[0] share memory``): the step's own overlap check, which names
-        them by parameter, raises instead where it finds the same overlap."""
+    def _relabel(error: ValueError, check: Callable[[], None]) -> None:
+        """After a lone call's kernel refused arrays that share memory, which it names by place
+        in the call (``param[0] and grad[0] share memory``): the step's own overlap check,
+        which names them by parameter, raises instead where it finds an overlap too."""
+        if "share memory" not in str(error):
+            return
         try:
             check()
         except ValueError as labelled:
-            raise labelled from None
+            raise labelled from error
 
     def _check_step_overlap(
         self, grads: Dict[str, Any], calls: List[tuple], clipped: List[str]
@@ -1277,6 +1286,7 @@ class _ScheduleFree(Optimizer):
 
     #: the group's entry that is the interpolation weight beta of y = (1 - beta) z + beta x
     beta_name = ""
+    _steps_per_parameter = False  # the kernel's step is the group's k, as in the torch adapter
 
     def __init__(self, params: Params, defaults: Dict[str, Any], **options: Any):
         defaults = dict(defaults, k=0, lr_max=0.0, weight_sum=0.0, train_mode=True)
@@ -1593,17 +1603,23 @@ class Adafactor(Optimizer):
         return plan
 
     def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
-        states = []
+        states, added = [], []
         for p in params:
-            state = self.state[self._names_of[id(p)]]
+            name = self._names_of[id(p)]
+            state = self.state[name]
             for key, shape in _matrix.adafactor_state_shapes(p.shape).items():
                 if key not in state:
                     state[key] = np.zeros(
                         shape, np.float64 if p.dtype == np.float64 else np.float32
                     )
+                    added.append((name, key))
             states.append(state)
         moments = {k: [s.get(k) for s in states] for k in ("row_var", "col_var", "variance")}
-        self._step_factored(plan, params, grads, moments, buffers.get("master"), step, first)
+        try:
+            self._step_factored(plan, params, grads, moments, buffers.get("master"), step, first)
+        except (TypeError, ValueError):  # refused before it wrote: the moments were not made
+            self._forget(added)
+            raise
 
     def _step_factored(self, plan, params, grads, moments, masters, step, first) -> None:
         """The fused (or reference) call on the moments' lists, by name (the torch adapter's

@@ -468,7 +468,7 @@ class Optimizer(torch.optim.Optimizer):
         created: List[Tuple[torch.Tensor, Optional[set]]] = []
         try:
             self._run_step(borrow, created)
-        except BaseException:
+        except (TypeError, ValueError):  # refusals: raised before a kernel writes
             self._forget(created)
             raise
         return loss
@@ -519,9 +519,9 @@ class Optimizer(torch.optim.Optimizer):
                 step = self._call_step(entry, c)
                 try:
                     self._update(plan, c.params, grad_views, c.buffers, step, c.extra, c.first)
-                except ValueError:
+                except ValueError as error:
                     if not checked:  # a lone call: name the arrays the kernel refused
-                        fused._relabel(lambda: self._check_step_overlap(work, False))
+                        fused._relabel(error, lambda: self._check_step_overlap(work, False))
                     raise
                 created.clear()  # written: kept whatever follows
                 _increment_version(c.tensors)  # as an in-place update by torch would
