@@ -247,13 +247,15 @@ FUSEDOPT_INLINE Eigen::bfloat16 stochastic_bfloat16(float x, std::uint32_t bits)
   return round_to_bfloat16(x, [bits](std::uint32_t) { return bits; });
 }
 
-// x rounded to float16 up or down with probability by its distance: the top 13 of `bits` (16
-// random bits) added below the 10 mantissa bits kept, then truncated, and the float16-exact
-// result converted. Below 2^-14 (float16's subnormals, a step of 2^-24) 2^-14 is added first, in
-// float32: the step then sits at bit 13, as for normal values, and what float32 rounds away in
-// that addition lies 13 bits below a step. Past the largest float16 the next step up is inf;
-// inf and NaN convert as to nearest.
-FUSEDOPT_INLINE Eigen::half stochastic_half(float x, std::uint32_t bits) {
+// x rounded up or down to float16's grid with probability by its distance, as a float32: the
+// top 13 of `bits` (16 random bits) added below the 10 mantissa bits kept, then truncated.
+// Below 2^-14 (float16's subnormals, a step of 2^-24) 2^-14 is added first, in float32: the step
+// then sits at bit 13, as for normal values, and what float32 rounds away in that addition lies
+// 13 bits below a step. The result converts to float16 exactly, to inf from 2^16 up (past the
+// largest float16 the next step up is inf), and inf and NaN as to nearest: any conversion to
+// nearest gives the stored float16, F16C's too (which quiets a signaling NaN: none reaches it,
+// see floats_to_halves).
+FUSEDOPT_INLINE float stochastic_half_grid(float x, std::uint32_t bits) {
   const std::uint32_t u = float_bits(x), a = u & 0x7FFFFFFFU;
   const float offset = bits_float(113U << 23);  // 2^-14, the smallest normal float16
   const std::uint32_t is_small = all_ones_if(a < (113U << 23));
@@ -263,8 +265,10 @@ FUSEDOPT_INLINE Eigen::half stochastic_half(float x, std::uint32_t bits) {
   const std::uint32_t value =
       (float_bits(bits_float(kept) - offset) & is_small) | (kept & ~is_small);
   const std::uint32_t rounded = (value & ~is_special) | (a & is_special);
-  return Eigen::numext::bit_cast<Eigen::half>(
-      float_to_half(bits_float(rounded | (u & 0x80000000U))));
+  return bits_float(rounded | (u & 0x80000000U));
+}
+FUSEDOPT_INLINE Eigen::half stochastic_half(float x, std::uint32_t bits) {
+  return Eigen::numext::bit_cast<Eigen::half>(float_to_half(stochastic_half_grid(x, bits)));
 }
 
 // Stores `x` into `to`, element i of the chunk, array slot `slot` (the param 0, the state
@@ -275,13 +279,18 @@ struct Rounder {
   explicit Rounder(const Rounding& r)
       : key(r.key), first(counter_of(static_cast<std::uint64_t>(r.first))) {}
 
+  // The 16 random bits of element i of the chunk for array slot `slot`.
+  FUSEDOPT_INLINE std::uint32_t bits(ChunkIndex i, int slot) const {
+    std::uint32_t all = counter_bits(key, first + static_cast<std::uint32_t>(i));
+    if (slot >= 2) all = second_half(all);
+    return (all >> (16 * (slot % 2))) & 0xFFFFU;
+  }
+
   template <typename Stored, typename Compute>
   FUSEDOPT_INLINE void operator()(ChunkIndex i, int slot, Stored& to, Compute x) const {
     if constexpr (Stochastic && (std::is_same_v<Stored, Eigen::bfloat16> ||
                                  std::is_same_v<Stored, Eigen::half>)) {
-      std::uint32_t bits = counter_bits(key, first + static_cast<std::uint32_t>(i));
-      if (slot >= 2) bits = second_half(bits);
-      bits = (bits >> (16 * (slot % 2))) & 0xFFFFU;
+      const std::uint32_t bits = this->bits(i, slot);
       if constexpr (std::is_same_v<Stored, Eigen::bfloat16>) {
         to = stochastic_bfloat16(static_cast<float>(x), bits);
       } else {
@@ -322,8 +331,8 @@ inline void chunk_bits(std::uint64_t key, Index offset, Index n, std::uint32_t* 
   for (std::uint32_t i = 0; i < count; ++i) out[i] = counter_bits(key, first + i);
 }
 
-// A chunk's float32 values (just updated) rounded into the low-precision param `to` (bfloat16
-// if to_bfloat16, else float16), as a kernel stores its param: slot 0's random bits with
+// A chunk's n <= kChunk float32 values (just updated) rounded into the low-precision param `to`
+// (bfloat16 if to_bfloat16, else float16), as a kernel stores its param: slot 0's random bits with
 // stochastic rounding, else to nearest even. Kernels with masters write their params so, while
 // the chunk is still in cache, and float16 params staged as float32 are written back so.
 inline void store_param_copy(const Rounding& rounding, Index n, const float* master,
@@ -338,7 +347,15 @@ inline void store_param_copy(const Rounding& rounding, Index n, const float* mas
   if (to_bfloat16) {
     rounded(static_cast<Eigen::bfloat16*>(to));
   } else if (rounding.stochastic) {
+#if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time
+    alignas(64) float grid[kChunk];
+    const Rounder<true> random(rounding);
+#pragma omp simd
+    for (ChunkIndex i = 0; i < n; ++i) grid[i] = stochastic_half_grid(master[i], random.bits(i, 0));
+    floats_to_halves(grid, n, static_cast<Eigen::half*>(to));
+#else
     rounded(static_cast<Eigen::half*>(to));
+#endif
   } else {
     floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // F16C where the level has it
   }

@@ -155,7 +155,8 @@ def _in_compute_type(
     """Runs a one-tensor update as the kernels do with low-precision storage: every array is
     converted to the compute type (float64 for a float64 param, float32 otherwise), the formula
     runs there, and every array it writes is rounded once on the way back: to nearest even, or
-    with ``stochastic_rounding`` at random for bfloat16 and float16 (:func:`_stochastic`). A
+    with ``stochastic_rounding`` at random for bfloat16 and float16 (:func:`_stochastic_bfloat16`,
+    :func:`_stochastic_float16`). A
     quantized state is decoded and encoded again; with a ``master`` the formula runs on it and
     the param is the master rounded, as the param would be."""
     compute = np.float64 if param.dtype == np.float64 else np.float32
@@ -271,12 +272,12 @@ def _stochastic_float16(x, key, slot):
     a = u & np.uint32(0x7FFFFFFF)
     small = a < np.uint32(113 << 23)
     offset = np.float32(2.0**-14)
-    shifted = np.where(small, (a.view(np.float32) + offset).view(np.uint32), a)
-    kept = (shifted + (bits >> np.uint32(3))) & np.uint32(0xFFFFE000)
-    value = np.where(small, (kept.view(np.float32) - offset).view(np.uint32), kept)
-    rounded = np.where(a >= np.uint32(0x7F800000), a, value) | (u & np.uint32(0x80000000))
-    with np.errstate(over="ignore"):  # past float16's range is inf, as the kernels store it
-        return rounded.view(np.float32).astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN and inf lanes are replaced below
+        shifted = np.where(small, (a.view(np.float32) + offset).view(np.uint32), a)
+        kept = (shifted + (bits >> np.uint32(3))) & np.uint32(0xFFFFE000)
+        value = np.where(small, (kept.view(np.float32) - offset).view(np.uint32), kept)
+        rounded = np.where(a >= np.uint32(0x7F800000), a, value) | (u & np.uint32(0x80000000))
+        return rounded.view(np.float32).astype(np.float16)  # past float16's range: inf
 
 
 _STOCHASTIC = {_BFLOAT16: _stochastic_bfloat16, np.dtype(np.float16): _stochastic_float16}
@@ -1022,8 +1023,8 @@ def muon_(
     (:func:`_in_compute_type`): with ``master`` the step runs on the float32 master and the
     param is the master rounded; an int8 momentum buffer (a QuantizedState) is decoded and
     encoded back; ``stochastic_rounding`` rounds a bfloat16 or float16 param (slot 0) and a
-    bfloat16 buffer (slot 1) with the random bits of (``seed``, step 0, tensor, element): ``seed`` is required where
-    random bits are drawn, a new one each call. ``torch.optim.Muon`` runs the iteration in
+    bfloat16 buffer (slot 1) with the random bits of (``seed``, step 0, tensor, element):
+    ``seed`` is required where random bits are drawn, a new one each call. ``torch.optim.Muon`` runs the iteration in
     bfloat16.
     """
     if isinstance(param, np.ndarray):
