@@ -239,9 +239,10 @@ class Optimizer:
       the master rounded, in the same pass; other parameters are unaffected;
     - ``stochastic_rounding``: round what is stored in bfloat16 or float16 (parameters,
       bfloat16 state) at random, without bias, instead of to nearest even; ``seed`` (an
-      integer in [0, 2**64)) fixes its random stream, a function of (seed, step, the place among the optimizer's parameters
-      of the first parameter of the fused call, the parameter's place in that call, element):
-      no two parameters share random bits in a step, whatever calls they fall in.
+      integer in [0, 2**64)) fixes its random stream, a function of (seed, step, the place
+      among the optimizer's parameters of the first parameter of the fused call, the
+      parameter's place in that call, element): no two parameters share random bits in a
+      step, whatever calls they fall in.
     """
 
     kernel: str = ""

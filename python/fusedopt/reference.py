@@ -1024,8 +1024,8 @@ def muon_(
     param is the master rounded; an int8 momentum buffer (a QuantizedState) is decoded and
     encoded back; ``stochastic_rounding`` rounds a bfloat16 or float16 param (slot 0) and a
     bfloat16 buffer (slot 1) with the random bits of (``seed``, step 0, tensor, element):
-    ``seed`` is required where random bits are drawn, a new one each call. ``torch.optim.Muon`` runs the iteration in
-    bfloat16.
+    ``seed`` is required where random bits are drawn, a new one each call.
+    ``torch.optim.Muon`` runs the iteration in bfloat16.
     """
     if isinstance(param, np.ndarray):
         param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
