@@ -546,6 +546,31 @@ def test_bfloat16_matches_numpy_class_bit_for_bit(name, options):
             assert torch.equal(again.state[p][key], value)
 
 
+@pytest.mark.parametrize(
+    "options", [dict(stochastic_rounding=True, seed=7), dict(master_weights=True, seed=8)]
+)
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "Muon", "Adafactor"])
+def test_float16_with_stochastic_rounding_matches_numpy_class_bit_for_bit(name, options):
+    """float16 parameters rounded stochastically (directly, or as masters' copies): the same
+    bits as fusedopt.optim's class on the same arrays, in two groups."""
+    options = {**options, "stochastic_rounding": True}
+    shapes = [(6, 5), (4, 7), (3, 3)] if name == "Muon" else [(6, 5), (7,), (300,)]
+    tparams = [p.detach().to(torch.float16).requires_grad_() for p in _params(shapes=shapes)]
+    arrays = [ft._numpy(p.detach()).copy() for p in tparams]
+    start = [a.copy() for a in arrays]
+    opt = ft.CLASSES[name]([{"params": tparams[:1]}, {"params": tparams[1:]}], **options)
+    ref = getattr(optim, name)([{"params": arrays[:1]}, {"params": arrays[1:]}], **options)
+    for t in range(3):
+        grads = [g.to(torch.float16) for g in _grads(t, shapes=shapes)]
+        for p, g in zip(tparams, grads):
+            p.grad = g
+        opt.step()
+        ref.step([ft._numpy(g) for g in grads])
+    for p, a in zip(tparams, arrays):
+        assert np.array_equal(p.detach().view(torch.int16).numpy(), a.view(np.int16))
+    assert all(not np.array_equal(a, b) for a, b in zip(arrays, start))  # they moved
+
+
 @pytest.mark.parametrize("name", ["AdamW", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Muon"])
 def test_a_parameter_without_a_gradient_keeps_the_bits_of_the_numpy_class(name):
     """Stochastic rounding after a step where one parameter had no gradient: its step count
