@@ -499,11 +499,13 @@ def chi_square_z(cells, bins):
 @pytest.mark.parametrize("seed", [0, 2**64 - 1])
 def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
     """The 16 bits of each array slot (0-3), for consecutive elements, are uniform: so every
-    array's rounding is unbiased. No slot's bits follow another's, nor a neighbour's: the top
+    array's rounding is unbiased. No slot's bits follow another's, in the same element or
+    one a power of two up to 4096 away (a matrix's next row, a block's next block): the top
     5 bits of one against the top or low 5 bits of another fill 1024 cells evenly; and slots
     2 and 3, remixed from slots 0 and 1, fill 512 cells evenly with them (top 3 bits each). A
-    remix that reuses bits, permutes them (a rotation) or xors them fails. Chi-square tests,
-    one-sided: counts more even than chance bias nothing."""
+    remix that reuses bits, permutes them (a rotation) or xors them fails, and so does a
+    hash of the counter without its Weyl multiply (dependent 256-8192 elements apart).
+    Chi-square tests, one-sided: counts more even than chance bias nothing."""
     n = 1 << 21
     key = reference._tensor_key(seed, 7, 3)
     slots = [reference._slot_bits(key, n, slot).astype(np.int64) for slot in range(4)]
@@ -511,11 +513,13 @@ def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
     for s in range(4):
         assert chi_square_z(slots[s] >> 6, 1024) < 6, s
         assert chi_square_z(slots[s] & 1023, 1024) < 6, s
-        assert chi_square_z(top[s][:-1] * 32 + top[s][1:], 1024) < 6, s  # neighbours
         for t in range(4):
             if t != s:
                 assert chi_square_z(top[s] * 32 + top[t], 1024) < 6, (s, t)
                 assert chi_square_z(top[s] * 32 + low[t], 1024) < 6, (s, t)
+            for lag in (1, 16, 256, 1024, 2048, 4096):
+                assert chi_square_z(top[s][:-lag] * 32 + top[t][lag:], 1024) < 6, (s, t, lag)
+                assert chi_square_z(top[s][:-lag] * 32 + low[t][lag:], 1024) < 6, (s, t, lag)
     for remixed in (2, 3):
         joint = (slots[0] >> 13) * 64 + (slots[1] >> 13) * 8 + (slots[remixed] >> 13)
         assert chi_square_z(joint, 512) < 6, remixed

@@ -186,32 +186,32 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 
 // Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
 // by SplitMix64's output function (Steele et al. 2014); per element, 32 bits for array slots 0-1
-// (half 0): a two-round xorshift-multiply hash (hash32) of the element's counter offset by the
-// key. Slots 2-3 (half 1) take a cheaper remix of those 32 bits (second_half). 16 bits for each
-// array written, in 32-bit arithmetic, so that it vectorizes on every SIMD level. The bits of an
+// (half 0): MurmurHash3's finalizer of a Weyl step of the key and the element's index. Slots 2-3
+// (half 1) take a cheaper remix of those 32 bits (folded_product). 16 bits for each array
+// written, in 32-bit arithmetic, so that it vectorizes on every SIMD level. The bits of an
 // element are a pure function of (seed, step, tensor, element index): the same for every thread
-// count and chunking, and reproducible. fusedopt.reference computes the same.
+// count and chunking, and reproducible. fusedopt.reference computes the same. Three multiplies
+// for half 0: the finalizer alone, or a lower-bias two-round hash alone, leaves the bits of
+// elements 256-8192 apart dependent (tests/test_kernels.py).
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-// The xorshift-multiply construction of Wellons' hash prospector, with the shifts and odd
-// constants TheIronBorn's search found of lowest avalanche bias (lower than MurmurHash3's
-// finalizer's); a bijection of the 32 bits. Two multiplies: they are most of what the random
-// bits cost.
-FUSEDOPT_INLINE std::uint32_t hash32(std::uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADU;
-  x ^= x >> 15;
-  x *= 0xD35A2D97U;
-  return x ^ (x >> 15);
+FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6BU;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35U;
+  return h ^ (h >> 16);
 }
-// Half 1 from half 0: its halves folded (xor) and multiplied by an odd constant. One multiply
-// where a second hash32 took two. A bijection of half 0, so each slot's 16 bits are uniform and
-// every rounding unbiased. Slot 2's bits (the product's high half) depend on all 32 bits, with
-// no measurable dependence on slot 0's or 1's (tests/test_kernels.py); slot 3's (the low half)
-// are a bijection of slot 0's xor slot 1's: independent of each. As one word, the halves are
-// swapped: slot 2 low, slot 3 high, as slots 0 and 1 lie in half 0.
+// Half 1 from half 0: its halves folded (xor, which undoes fmix32's last shift) and multiplied
+// by an odd constant. One multiply where a second fmix32 took two: the multiplies are most of
+// what the random bits cost. A bijection of half 0, so each slot's 16 bits are uniform and every
+// rounding unbiased. Slot 2's bits (the product's high half) depend on all 32 bits, with no
+// measurable dependence on slot 0's or 1's (tests/test_kernels.py); slot 3's (the low half) are
+// a bijection of slot 0's xor slot 1's: independent of each.
 FUSEDOPT_INLINE std::uint32_t folded_product(std::uint32_t half0) {
   return (half0 ^ (half0 >> 16)) * 0x7FEB352DU;
 }
+// Half 1 as one word, as the int8 codec takes it (csrc/level.cpp): the product's halves swapped,
+// so that slot 2 lies in the low half and slot 3 in the high, as slots 0 and 1 in half 0.
 FUSEDOPT_INLINE std::uint32_t second_half(std::uint32_t half0) {
   const std::uint32_t p = folded_product(half0);
   return (p << 16) | (p >> 16);
@@ -226,7 +226,7 @@ static_assert((std::uint64_t{1} << 32) % static_cast<std::uint64_t>(kChunk) == 0
               "a chunk never spans a multiple of 2^32");
 FUSEDOPT_INLINE std::uint32_t counter_bits(std::uint64_t key, std::uint32_t counter) {
   const auto k0 = static_cast<std::uint32_t>(key), k1 = static_cast<std::uint32_t>(key >> 32);
-  return hash32((counter ^ k0) + k1);
+  return fmix32((counter ^ k0) * 0x9E3779B1U + k1);
 }
 inline std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -286,8 +286,8 @@ struct Rounder {
   explicit Rounder(const Rounding& r)
       : key(r.key), first(counter_of(static_cast<std::uint64_t>(r.first))) {}
 
-  // The 16 random bits of element i of the chunk for array slot `slot`: second_half's taken
-  // from the product unswapped (one shift where the swap and a mask took two).
+  // The 16 random bits of element i of the chunk for array slot `slot`: half 1's taken from
+  // folded_product unswapped (slot 2 one shift, where second_half's swap and a mask took two).
   FUSEDOPT_INLINE std::uint32_t bits(ChunkIndex i, int slot) const {
     const std::uint32_t half0 = counter_bits(key, first + static_cast<std::uint32_t>(i));
     if (slot == 0) return half0 & 0xFFFFU;

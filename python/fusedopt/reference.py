@@ -224,13 +224,13 @@ def _tensor_key(seed, step, tensor):
     return splitmix(splitmix(splitmix(seed) ^ step) ^ tensor)
 
 
-def _hash32(h):
-    """A two-round xorshift-multiply hash (a bijection) on uint32 arrays (which wrap)."""
+def _fmix32(h):
+    """MurmurHash3's finalizer on uint32 arrays (which wrap)."""
     h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x21F0AAAD)
-    h = h ^ (h >> np.uint32(15))
-    h = h * np.uint32(0xD35A2D97)
-    return h ^ (h >> np.uint32(15))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
 def _slot_bits(key, size, slot):
@@ -242,7 +242,7 @@ def _slot_bits(key, size, slot):
     c = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32) + (index >> np.uint64(32)).astype(
         np.uint32
     ) * np.uint32(0x27D4EB2F)
-    h = _hash32((c ^ k0) + k1)
+    h = _fmix32((c ^ k0) * np.uint32(0x9E3779B1) + k1)
     if slot >= 2:  # half 1: half 0's halves folded, one multiply, the product's halves swapped
         p = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
         h = (p << np.uint32(16)) | (p >> np.uint32(16))
