@@ -499,12 +499,12 @@ def chi_square_z(cells, bins):
 @pytest.mark.parametrize("seed", [0, 2**64 - 1])
 def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
     """The 16 bits of each array slot (0-3), for consecutive elements, are uniform: so every
-    array's rounding is unbiased. No slot's bits follow another's, in the same element or
-    one a power of two up to 4096 away (a matrix's next row, a block's next block): the top
+    array's rounding is unbiased. No slot's bits follow another's, in the same element or one
+    1, 16, 256, 1024, 2048, 4096 or 8192 places on (a matrix's next row, the next chunk): the top
     5 bits of one against the top or low 5 bits of another fill 1024 cells evenly; and slots
     2 and 3, remixed from slots 0 and 1, fill 512 cells evenly with them (top 3 bits each). A
     remix that reuses bits, permutes them (a rotation) or xors them fails, and so does a
-    hash of the counter without its Weyl multiply (dependent 256-8192 elements apart).
+    hash of the counter without its Weyl multiply (dependent 16-8192 elements apart).
     Chi-square tests, one-sided: counts more even than chance bias nothing."""
     n = 1 << 21
     key = reference._tensor_key(seed, 7, 3)
@@ -517,7 +517,7 @@ def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
             if t != s:
                 assert chi_square_z(top[s] * 32 + top[t], 1024) < 6, (s, t)
                 assert chi_square_z(top[s] * 32 + low[t], 1024) < 6, (s, t)
-            for lag in (1, 16, 256, 1024, 2048, 4096):
+            for lag in (1, 16, 256, 1024, 2048, 4096, 8192):
                 assert chi_square_z(top[s][:-lag] * 32 + top[t][lag:], 1024) < 6, (s, t, lag)
                 assert chi_square_z(top[s][:-lag] * 32 + low[t][lag:], 1024) < 6, (s, t, lag)
     for remixed in (2, 3):

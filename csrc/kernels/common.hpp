@@ -191,8 +191,8 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 // written, in 32-bit arithmetic, so that it vectorizes on every SIMD level. The bits of an
 // element are a pure function of (seed, step, tensor, element index): the same for every thread
 // count and chunking, and reproducible. fusedopt.reference computes the same. Three multiplies
-// for half 0: the finalizer alone, or a lower-bias two-round hash alone, leaves the bits of
-// elements 256-8192 apart dependent (tests/test_kernels.py).
+// for half 0: the finalizer alone leaves neighbours' bits dependent, and a lower-bias two-round
+// hash alone those of elements 16-8192 apart (tests/test_kernels.py).
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
   h ^= h >> 16;
