@@ -24,24 +24,20 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <array>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <random>
 #include <vector>
 
-#include "kernels/optimizers/adam.hpp"
+#include "adam_chunk.hpp"
 
 namespace {
 
 using namespace fusedopt;
+using namespace fusedopt::bench;
 using bfloat16 = Eigen::bfloat16;
 using Kernel = AdamKernel<Storage<float, bfloat16, bfloat16, bfloat16>>;
-constexpr Index kCount = kChunk;
-constexpr int kRepeats = 20000;
 constexpr std::uint64_t kKey = 1234;
 
 __m512i broadcast(std::uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
@@ -166,26 +162,9 @@ __attribute__((noinline)) void library_step(const Kernel& k, void* const* arrays
   k(arrays, 0, kCount, rounding);
 }
 
-std::vector<bfloat16> normal(float scale, bool magnitude, std::mt19937& generator) {
-  std::normal_distribution<float> distribution;
-  std::vector<bfloat16> out(kCount);
-  for (auto& x : out) {
-    const float f = distribution(generator) * scale;
-    x = bfloat16(magnitude ? std::fabs(f) : f);
-  }
-  return out;
-}
-
-struct Arrays {
-  std::vector<bfloat16> param, grad, exp_avg, exp_avg_sq;
-  explicit Arrays(std::mt19937& generator)
-      : param(normal(1, false, generator)),
-        grad(normal(1, false, generator)),
-        exp_avg(normal(0.01f, false, generator)),
-        exp_avg_sq(normal(0.01f, true, generator)) {}
-  std::array<void*, 5> pointers() {
-    return {param.data(), grad.data(), exp_avg.data(), exp_avg_sq.data(), nullptr};
-  }
+// A chunk of Adam's arrays, and the intrinsics' view of them.
+struct Arrays : AdamArrays<bfloat16> {
+  using AdamArrays::AdamArrays;
   static std::uint16_t* words(std::vector<bfloat16>& x) {
     return reinterpret_cast<std::uint16_t*>(x.data());
   }
@@ -203,14 +182,6 @@ struct Arrays {
   }
 };
 
-template <typename Step>
-double ns_per_element(const Step& step) {
-  const auto start = std::chrono::steady_clock::now();
-  for (int r = 0; r < kRepeats; ++r) step();
-  const std::chrono::duration<double, std::nano> elapsed = std::chrono::steady_clock::now() - start;
-  return elapsed.count() / (static_cast<double>(kRepeats) * kCount);
-}
-
 }  // namespace
 
 int main() {
@@ -224,13 +195,7 @@ int main() {
     return 0;
   }
 #endif
-  Value raw[9] = {};
-  raw[0].count = 10;  // step
-  raw[1].number = 1e-3;
-  raw[2].number = 0.9;
-  raw[3].number = 0.999;
-  raw[4].number = 1e-8;
-  const Kernel kernel(Values<Adam>{raw});
+  const auto kernel = adam_kernel<Storage<float, bfloat16, bfloat16, bfloat16>>();
   // a key with both 32-bit halves nonzero, as the library's tensor keys have
   const Rounding nearest{}, stochastic{true, tensor_key(kKey, 10, 0), 4096};
 

@@ -18,13 +18,10 @@
 //
 // Figures: bench/results/low_precision.md.
 #include <algorithm>
-#include <array>
-#include <chrono>
 #include <cstdio>
-#include <random>
 #include <vector>
 
-#include "kernels/optimizers/adam.hpp"
+#include "adam_chunk.hpp"
 
 namespace fusedopt {
 
@@ -60,34 +57,9 @@ struct WordRounder {
 namespace {
 
 using namespace fusedopt;
+using namespace fusedopt::bench;
 using bfloat16 = Eigen::bfloat16;
-constexpr Index kCount = kChunk;  // 4 arrays of 4 KiB: in L1
-constexpr int kRepeats = 20000;
 constexpr std::uint64_t kKey = 1234;
-
-template <typename T>
-std::vector<T> normal(float scale, bool magnitude, std::mt19937& generator) {
-  std::normal_distribution<float> distribution;
-  std::vector<T> out(kCount);
-  for (auto& x : out) {
-    const float f = distribution(generator) * scale;
-    x = T(magnitude ? std::fabs(f) : f);
-  }
-  return out;
-}
-
-template <typename T>
-struct Arrays {
-  std::vector<T> param, grad, exp_avg, exp_avg_sq;
-  explicit Arrays(std::mt19937& generator)
-      : param(normal<T>(1, false, generator)),
-        grad(normal<T>(1, false, generator)),
-        exp_avg(normal<T>(0.01f, false, generator)),
-        exp_avg_sq(normal<T>(0.01f, true, generator)) {}
-  std::array<void*, 5> pointers() {
-    return {param.data(), grad.data(), exp_avg.data(), exp_avg_sq.data(), nullptr};
-  }
-};
 
 template <int Half>
 WordHalf<Half>* words(std::vector<bfloat16>& x) {
@@ -100,7 +72,7 @@ using OddKernel = AdamKernel<Storage<float, WordHalf<1>, WordHalf<1>, WordHalf<1
 
 // Two passes, even elements then odd, with Adam's kernel over kCount / 2 words.
 template <bool Stochastic>
-void word_step(const EvenKernel& even, const OddKernel& odd, Arrays<bfloat16>& a) {
+void word_step(const EvenKernel& even, const OddKernel& odd, AdamArrays<bfloat16>& a) {
   even.template run<false, false>(
       kCount / 2, WordRounder<Stochastic>{Rounder<Stochastic>(Rounding{Stochastic, kKey, 0})},
       words<0>(a.param), words<0>(a.grad), words<0>(a.exp_avg), words<0>(a.exp_avg_sq), nullptr);
@@ -109,7 +81,7 @@ void word_step(const EvenKernel& even, const OddKernel& odd, Arrays<bfloat16>& a
       words<1>(a.param), words<1>(a.grad), words<1>(a.exp_avg), words<1>(a.exp_avg_sq), nullptr);
 }
 
-std::uint64_t checksum(const Arrays<bfloat16>& a) {
+std::uint64_t checksum(const AdamArrays<bfloat16>& a) {
   std::uint64_t sum = 0;
   for (const auto* x : {&a.param, &a.exp_avg, &a.exp_avg_sq}) {
     for (const bfloat16 y : *x) sum = sum * 31 + Eigen::numext::bit_cast<std::uint16_t>(y);
@@ -117,34 +89,19 @@ std::uint64_t checksum(const Arrays<bfloat16>& a) {
   return sum;
 }
 
-template <typename Step>
-double ns_per_element(const Step& step) {
-  const auto start = std::chrono::steady_clock::now();
-  for (int r = 0; r < kRepeats; ++r) step();
-  const std::chrono::duration<double, std::nano> elapsed = std::chrono::steady_clock::now() - start;
-  return elapsed.count() / (static_cast<double>(kRepeats) * kCount);
-}
-
 }  // namespace
 
 int main() {
-  Value raw[9] = {};
-  raw[0].count = 10;  // step
-  raw[1].number = 1e-3;
-  raw[2].number = 0.9;
-  raw[3].number = 0.999;
-  raw[4].number = 1e-8;
-  const Values<Adam> values(raw);
-  const AdamKernel<Uniform<float>> float32_kernel(values);
-  const AdamKernel<Storage<float, bfloat16, bfloat16, bfloat16>> bfloat16_kernel(values);
-  const EvenKernel even(values);
-  const OddKernel odd(values);
+  const auto float32_kernel = adam_kernel<Uniform<float>>();
+  const auto bfloat16_kernel = adam_kernel<Storage<float, bfloat16, bfloat16, bfloat16>>();
+  const auto even = adam_kernel<Storage<float, WordHalf<0>, WordHalf<0>, WordHalf<0>>>();
+  const auto odd = adam_kernel<Storage<float, WordHalf<1>, WordHalf<1>, WordHalf<1>>>();
   const Rounding nearest{}, stochastic{true, kKey, 0};
 
   std::mt19937 generator(1);
-  Arrays<float> float32(generator);
-  Arrays<bfloat16> library(generator);
-  Arrays<bfloat16> word_view = library;
+  AdamArrays<float> float32(generator);
+  AdamArrays<bfloat16> library(generator);
+  AdamArrays<bfloat16> word_view = library;
 
   // the same bits, to nearest and stochastically, over a few steps
   for (int r = 0; r < 3; ++r) {
