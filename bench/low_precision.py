@@ -1,8 +1,9 @@
 """Adam at 1e7 elements in every storage row (int8 state, float32 masters of bfloat16 params
 included), to nearest and with stochastic rounding, against float32 and torch's fused Adam in
 float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element and
-the row's probe (the same arrays read and written, converted and quantized the same way, with
-no formula: the time the storage alone costs), and its time in cache (the same call on arrays
+the row's probe (the same arrays read and written, converted, quantized and rounded the same
+way, a master row's master and param copy included, with no formula: the time the storage alone
+costs), and its time in cache (the same call on arrays
 that fit the threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes
 can go below).
 
@@ -145,19 +146,21 @@ def main(argv=None) -> None:
                 (size, adam_row(param, grad, state, master, stochastic, size)[1])
                 for size in in_cache_sizes(traffic[name])
             ]
-            if not master and not stochastic:
-                # Adam's kinds of int8 codes: signed for the first buffer, unsigned for the
-                # second (the roofline declares it never negative, as Adam its second moment);
-                # nonzero values, as a step's state is after its first step (a block of zeros
-                # takes the codec's general loops, the typical block its shorter ones)
-                buffers = [
-                    state_array(state, n, signed=signed, normal=normal(n, "state"))
-                    for signed in (True, False)
-                ]
-                # a kernel without a step: a new seed each call, as its callers must pass
-                probes[name] = lambda step, a=arrays[:2] + buffers: _core.roofline(
-                    *a, None, None, seed=step
-                )
+            # Adam's kinds of int8 codes: signed for the first buffer, unsigned for the second
+            # (the roofline declares it never negative, as Adam its second moment); nonzero
+            # values, as a step's state is after its first step (a block of zeros takes the
+            # codec's general loops, the typical block its shorter ones). A master row's probe
+            # reads and writes the master and writes the param, as its step; a stochastic
+            # row's rounds with the same random bits.
+            buffers = [
+                state_array(state, n, signed=signed, normal=normal(n, "state"))
+                for signed in (True, False)
+            ]
+            # a kernel without a step: a new seed each call, as its callers must pass
+            extra = {"master": arrays[0].astype(np.float32)} if master else {}
+            probes[name] = lambda step, a=arrays[:2] + buffers, sr=stochastic, kw=extra: (
+                _core.roofline(*a, None, None, seed=step, stochastic_rounding=sr, **kw)
+            )
     try:
         import torch
     except ImportError:
