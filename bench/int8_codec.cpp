@@ -10,6 +10,9 @@
 //   g++ $flags -mbmi2 -Icsrc/kernels -I"$eigen" bench/int8_codec.cpp -o /tmp/int8_codec
 //   /tmp/int8_codec
 //
+// At the avx512 level (whose whole blocks take the codec's AVX-512 loops), add its flags:
+// -mavx512f -mavx512vl -mavx512bw -mavx512dq.
+//
 // With a name (decode_signed, decode_unsigned, encode_signed, encode_unsigned, random_bits,
 // none) it runs only that, 1000 times, for an instruction count:
 //   valgrind --tool=callgrind --callgrind-out-file=/dev/null /tmp/int8_codec encode_signed

@@ -8,13 +8,39 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.hpp"
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 namespace fusedopt {
 
 inline constexpr Index kBlock = 256;
 static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
+
+// Whole blocks of the common kind (every code normal) take AVX-512 loops where the level has
+// it: the same arithmetic, bit for bit, in an order GCC's vectorizer does not find (codes widened
+// and narrowed as they are loaded and stored, the block's checks one pass over 64-byte vectors).
+// Other blocks, and other levels, take the portable loops.
+#if defined(__AVX512BW__)
+#define FUSEDOPT_AVX512_CODEC 1
+#else
+#define FUSEDOPT_AVX512_CODEC 0
+#endif
+// GCC 12's AVX-512 intrinsics start from a self-initialized `undefined` vector, which its
+// -Wmaybe-uninitialized takes for a read of an uninitialized one wherever they are inlined
+// (GCC PR 105593, fixed in 12.3): silenced for this file's functions, not for its includers.
+#if FUSEDOPT_AVX512_CODEC && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FUSEDOPT_CODEC_PRAGMAS 1
+#endif
+template <typename Count>
+inline constexpr bool kWholeBlock = std::is_same_v<Count, std::integral_constant<Index, kBlock>>;
+static_assert(kBlock % 64 == 0, "a whole block is whole 64-byte vectors of codes");
 
 // The code's layout: 3 mantissa bits below an exponent field of 4 (signed) or 5 (unsigned) bits,
 // whose top value is inf (mantissa 0) or NaN. Field f >= 1 of top normal field F is
@@ -54,27 +80,72 @@ FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
 // many a vector as in 32-bit ones, and the decode widens them as it loads them: no 32-bit copy
 // is written and read back (bench/results/low_precision.md). Count is Index, or kBlock as a
 // std::integral_constant for a whole block.
+// Whether every code of a block is normal (exponent field neither 0 nor all ones): q - 8 wraps
+// for subnormal codes (q < 8), so its maximum is below kInf - 8 only if all are. The check runs
+// on the 8-bit codes in byte lanes, four times as many a vector as in 32-bit ones.
 template <bool Signed, typename Count>
-inline void decode_block(const std::uint8_t* __restrict codes, float scale, Count count,
-                         float* __restrict out) {
+FUSEDOPT_INLINE bool all_codes_normal(const std::uint8_t* __restrict codes, Count count) {
   using F = Minifloat<Signed>;
+#if FUSEDOPT_AVX512_CODEC
+  if constexpr (kWholeBlock<Count>) {
+    __mmask64 special = 0;
+    for (Index i = 0; i < kBlock; i += 64) {
+      __m512i q = _mm512_loadu_si512(codes + i);
+      if constexpr (Signed) q = _mm512_and_si512(q, _mm512_set1_epi8(0x7F));
+      special |= _mm512_cmpge_epu8_mask(_mm512_sub_epi8(q, _mm512_set1_epi8(8)),
+                                        _mm512_set1_epi8(static_cast<char>(F::kInf - 8U)));
+    }
+    return special == 0;
+  }
+#endif
   const Index n = count;  // a constant for whole blocks; an omp simd loop's bound must be integral
-  // q - 8 wraps for subnormal codes (q < 8): its maximum is below kInf - 8 only if all are normal
   std::uint8_t highest = 0;
 #pragma omp simd reduction(max : highest)
   for (Index i = 0; i < n; ++i) {
     const auto q_less_8 = static_cast<std::uint8_t>((Signed ? codes[i] & 0x7FU : codes[i]) - 8U);
     highest = q_less_8 > highest ? q_less_8 : highest;
   }
-  if (highest < F::kInf - 8U) {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, false>(codes[i])) * scale;
-    }
-  } else {
+  return highest < F::kInf - 8U;
+}
+
+// out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes: they take
+// the loop without the selects. The decode widens the codes as it loads them: no 32-bit copy is
+// written and read back (bench/results/low_precision.md). Count is Index, or kBlock as a
+// std::integral_constant for a whole block.
+template <bool Signed, typename Count>
+inline void decode_block(const std::uint8_t* __restrict codes, float scale, Count count,
+                         float* __restrict out) {
+  const Index n = count;
+  if (!all_codes_normal<Signed>(codes, count)) {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, true>(codes[i])) * scale;
+    return;
   }
+#if FUSEDOPT_AVX512_CODEC
+  if constexpr (kWholeBlock<Count>) {
+    // decoded_bits<Signed, false>: a signed code sign-extended and shifted has its sign at bit
+    // 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never carries
+    // into bit 31
+    using F = Minifloat<Signed>;
+    const __m512i bias = _mm512_set1_epi32(static_cast<int>((127U - F::kTop) << 23));
+    const __m512 scales = _mm512_set1_ps(scale);
+    for (Index i = 0; i < kBlock; i += 16) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
+      __m512i v;
+      if constexpr (Signed) {
+        v = _mm512_and_si512(_mm512_slli_epi32(_mm512_cvtepi8_epi32(c), 20),
+                             _mm512_set1_epi32(static_cast<int>(0x87FFFFFFU)));
+      } else {
+        v = _mm512_slli_epi32(_mm512_cvtepu8_epi32(c), 20);
+      }
+      _mm512_storeu_ps(out + i,
+                       _mm512_mul_ps(_mm512_castsi512_ps(_mm512_add_epi32(v, bias)), scales));
+    }
+    return;
+  }
+#endif
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, false>(codes[i])) * scale;
 }
 
 // The code of x (x 2^-E, exactly, is `scaled`), rounded with 16 random bits. General: any x;
@@ -106,6 +177,62 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
   return q & ~(all_ones_if(sign != 0) & ~is_nan);
 }
 
+// The largest and smallest bits of a block's magnitudes (|x| as uint32 orders as |x|).
+template <typename Count>
+FUSEDOPT_INLINE void magnitude_range(const float* __restrict in, Count count,
+                                     std::uint32_t& highest, std::uint32_t& lowest) {
+#if FUSEDOPT_AVX512_CODEC
+  if constexpr (kWholeBlock<Count>) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    __m512i high = _mm512_setzero_si512(), low = _mm512_set1_epi32(-1);
+    for (Index i = 0; i < kBlock; i += 16) {
+      const __m512i a = _mm512_and_si512(_mm512_loadu_si512(in + i), magnitude);
+      high = _mm512_max_epu32(high, a);
+      low = _mm512_min_epu32(low, a);
+    }
+    highest = _mm512_reduce_max_epu32(high);
+    lowest = _mm512_reduce_min_epu32(low);
+    return;
+  }
+#endif
+  const Index n = count;
+#pragma omp simd reduction(max : highest) reduction(min : lowest)
+  for (Index i = 0; i < n; ++i) {
+    const std::uint32_t a = float_bits(in[i]) & 0x7FFFFFFFU;
+    highest = a > highest ? a : highest;
+    lowest = a < lowest ? a : lowest;
+  }
+}
+
+#if FUSEDOPT_AVX512_CODEC
+// encoded<Signed, false> over a whole block, each code narrowed to 8 bits as it is stored.
+template <bool Signed, bool HighHalf>
+FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, float inverse,
+                                         std::uint8_t* __restrict codes,
+                                         const std::uint32_t* __restrict random_bits) {
+  using F = Minifloat<Signed>;
+  const __m512 inverses = _mm512_set1_ps(inverse);
+  const __m512i bias = _mm512_set1_epi32(static_cast<int>((127U - F::kTop) << 3));
+  for (Index i = 0; i < kBlock; i += 16) {
+    const __m512 x = _mm512_loadu_ps(in + i);
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(x, inverses)),
+                                       _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i bits = _mm512_loadu_si512(random_bits + i);
+    const __m512i random =
+        HighHalf ? _mm512_srli_epi32(bits, 16) : _mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF));
+    __m512i q = _mm512_sub_epi32(
+        _mm512_srli_epi32(_mm512_add_epi32(a, _mm512_slli_epi32(random, 4)), 20), bias);
+    const __m512i u = _mm512_castps_si512(x);
+    if constexpr (Signed) {  // the sign bit as the code's bit 7
+      q = _mm512_or_si512(q, _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80)));
+    } else {  // a negative value's code is 0
+      q = _mm512_andnot_si512(_mm512_srai_epi32(u, 31), q);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(q));
+  }
+}
+#endif
+
 // Codes of one block and its scale: the largest finite magnitude rounded up to 3 mantissa bits
 // sets the exponent E; each element is x 2^-E (exact) rounded stochastically on its float bits,
 // with 16 random bits, the low or high half of random_bits[i], added below the 3 kept (see
@@ -116,18 +243,11 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
 // without the clamp to the largest code.
 template <bool Signed, bool HighHalf, typename Count>
 inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
-                          const std::uint32_t* __restrict random_bits) {
+                          const std::uint32_t* __restrict random_bits, std::uint32_t highest,
+                          std::uint32_t lowest) {
   using F = Minifloat<Signed>;
   constexpr int kShift = HighHalf ? 16 : 0;  // a constant: no shift count in a register
   const Index n = count;
-  // the bits of magnitudes order as their values
-  std::uint32_t highest = 0, lowest = 0xFFFFFFFFU;
-#pragma omp simd reduction(max : highest) reduction(min : lowest)
-  for (Index i = 0; i < n; ++i) {
-    const std::uint32_t a = float_bits(in[i]) & 0x7FFFFFFFU;
-    highest = a > highest ? a : highest;
-    lowest = a < lowest ? a : lowest;
-  }
   // the largest finite magnitude: a second pass only for blocks holding inf or NaN
   std::uint32_t largest = highest;
   if (highest >= 0x7F800000U) {
@@ -154,6 +274,12 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
                           lowest >= static_cast<std::uint32_t>(threshold) << 23;
   alignas(64) std::uint32_t wide[kBlock];
   if (all_normal) {
+#if FUSEDOPT_AVX512_CODEC
+    if constexpr (kWholeBlock<Count>) {
+      encode_normal_block<Signed, HighHalf>(in, inverse, codes, random_bits);
+      return scale;
+    }
+#endif
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
       wide[i] =
@@ -197,13 +323,26 @@ inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t*
                          float* scales, const std::uint32_t* random, bool high_half) {
   with_flags(
       [&](auto signed_codes, auto high) {
+        // every block's range first: the reductions' latencies then overlap, where each
+        // block's encoding would otherwise wait for its own
+        std::uint32_t highest[kChunk / kBlock], lowest[kChunk / kBlock];
+        for_each_block(n, [&](Index b, auto count) {
+          highest[b] = 0;
+          lowest[b] = 0xFFFFFFFFU;
+          magnitude_range(in + b * kBlock, count, highest[b], lowest[b]);
+        });
         for_each_block(n, [&](Index b, auto count) {
           const Index at = b * kBlock;
           scales[b] = encode_block<decltype(signed_codes)::value, decltype(high)::value>(
-              in + at, count, codes + at, random + at);
+              in + at, count, codes + at, random + at, highest[b], lowest[b]);
         });
       },
       is_signed, high_half);
 }
+
+#if defined(FUSEDOPT_CODEC_PRAGMAS)
+#pragma GCC diagnostic pop
+#undef FUSEDOPT_CODEC_PRAGMAS
+#endif
 
 }  // namespace fusedopt
