@@ -12,6 +12,10 @@
 namespace fusedopt {
 namespace {
 
+// Elements per piece of a chunk where what the kernel computes is rounded after it (256 took
+// less time than 512 and the whole chunk: bench/results/low_precision.md).
+inline constexpr Index kPiece = 256;
+
 // float16 arrays are staged as float32 chunks where the level converts them in blocks (F16C).
 template <typename T>
 inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::half>;
@@ -55,8 +59,9 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
 // Runs the kernel chunk by chunk. Some arrays are staged: a float32 copy of the chunk on the
 // stack, which the float32 kernel updates and which is written back after. Each quantized state
 // is decoded into one and encoded back (the rows' types say float32 state); float16 params and
-// grads are converted in blocks. With masters the rounded copy is written while the chunk is
-// still in cache. All only for the rows where they can occur.
+// grads are converted in blocks. Where the param and state are bfloat16, the results to nearest
+// are too (at the avx512 level: StagedStores). With masters the rounded copy is written while the
+// piece is still in cache. All only for the rows where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
             void* const* scales, Index begin, Index end, const double* tensor_sums) {
@@ -72,6 +77,11 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   [[maybe_unused]] std::array<std::array<float, staging ? kChunk : 1>, roles> staged;
   // the random bits of the chunk's elements, both halves, computed once for every state
   [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
+  // results to nearest, as float32 per array slot, rounded into bfloat16 in blocks after the
+  // kernel (StagedStores)
+  constexpr bool stages_stores = kStagesBfloat16Stores<Staged>;
+  alignas(64) std::array<float, stages_stores ? (roles - 1) * kChunk : 1> stage_values;
+  BfloatStage bfloat16_stage{stage_values.data()};
   const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
                               std::size_t t) {
     if constexpr (kSums<Decl> > 0) {
@@ -83,16 +93,53 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
     }
   };
   walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
-    const Rounding rounding{request.stochastic,
-                            tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
-                            offset};
+    Rounding rounding{request.stochastic,
+                      tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
+                      offset};
+    if constexpr (stages_stores) {
+      if (!request.stochastic) rounding.stage = &bfloat16_stage;
+    }
     void* const* arrays = set.arrays(t);
+    // The kernel on the chunk's arrays (`where`, from where_offset). Piece by piece where results
+    // are rounded after it (bfloat16 results to nearest, staged; a master's param copy), each
+    // piece's right after it: rounding a whole chunk after the kernel would leave memory idle
+    // meanwhile, where pieces keep the hardware prefetchers' streams going
+    // (bench/results/low_precision.md).
+    const auto run = [&](void* const* where, Index where_offset) {
+      const bool stages = stages_stores && rounding.stage != nullptr;
+      const bool copies = masters && request.param_copy != DType::float32;
+      // one call of the kernel in the code: each call site would inline all its loops
+      const Index size = stages || copies ? kPiece : n;
+      for (Index first = 0; first < n; first += size) {
+        const Index count = std::min(size, n - first);
+        Rounding piece = rounding;
+        piece.first = rounding.first + first;
+        bfloat16_stage.used = false;
+        run_kernel(where, where_offset + first, count, piece, t);
+        if constexpr (stages_stores) {
+          for (std::size_t r = 0; r < roles && bfloat16_stage.used; ++r) {
+            // every array written (the param and the state) is bfloat16
+            if (!Decl::arrays[r].written || where[r] == nullptr) continue;
+            floats_to_bfloat16s(stage_values.data() + slot_of_role(r) * kChunk, count,
+                                static_cast<Eigen::bfloat16*>(where[r]) + where_offset + first);
+          }
+        }
+        if constexpr (masters) {
+          if (copies) {  // the master is never staged; the param copy's elements are 2 bytes
+            const Index at = offset + first;
+            store_param_copy(piece, count, static_cast<const float*>(arrays[0]) + at,
+                             request.param_copy == DType::bfloat16,
+                             static_cast<char*>(arrays[roles]) + at * 2);
+          }
+        }
+      }
+    };
     if constexpr (staging) {
       const auto quantized_role = [&](std::size_t r) {
         return quantized && scales[t * set.roles + r] != nullptr;
       };
       const auto at = stage<Decl, Types, quantized>(request, set, scales, t, offset, n, staged);
-      run_kernel(at.data(), 0, n, rounding, t);
+      run(at.data(), 0);
       if constexpr (kStagesHalf<P>) {
         store_param_copy(rounding, n, staged[0].data(), false,
                          static_cast<Eigen::half*>(arrays[0]) + offset);
@@ -118,14 +165,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         }
       }
     } else {
-      run_kernel(arrays, offset, n, rounding, t);
-    }
-    if constexpr (masters) {
-      if (request.param_copy != DType::float32) {
-        const bool to_bfloat16 = request.param_copy == DType::bfloat16;
-        store_param_copy(rounding, n, static_cast<const float*>(arrays[0]) + offset, to_bfloat16,
-                         static_cast<char*>(arrays[roles]) + offset * 2);  // 2 bytes either way
-      }
+      run(arrays, offset);
     }
     return true;
   });

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
+#if defined(__F16C__) || defined(__AVX512BW__) || (defined(_MSC_VER) && defined(__AVX2__))
 #include <immintrin.h>
 #endif
 
@@ -184,6 +184,70 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
                          [](std::uint32_t u) { return 0x7FFFU + ((u >> 16) & 1U); });
 }
 
+// Whole chunks of float32 rounded to nearest into bfloat16, bit for bit as store() rounds each.
+// Where the level has AVX-512, 32 at a time: with AVX512-BF16's vcvtne2ps2bf16 where the CPU has
+// it (asked once), else with round_to_bfloat16's integer arithmetic and one vpermt2w (GCC's
+// loops shift both halves and pack them). The instruction flushes subnormal inputs to zero and
+// keeps a NaN's payload: any 32 holding a NaN or a subnormal are rounded in software instead.
+// Kernels' bfloat16 results are rounded so at the avx512 level (kStagesBfloat16Stores).
+#if defined(__AVX512BW__)
+#define FUSEDOPT_STAGES_BFLOAT16_STORES 1
+namespace detail {
+// round_to_bfloat16's word to nearest even, of 16 floats: the bfloat16 in its high half.
+FUSEDOPT_INLINE __m512i bfloat16_nearest_words(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i kept_last = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), kept_last));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(rounded, nan, _mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN)),
+                              _mm512_set1_epi32(0x7FC00000));
+}
+// The 32 bfloat16 of in[0..32), rounded in software, stored at out.
+FUSEDOPT_INLINE void bfloat16_nearest_32(const float* in, Eigen::bfloat16* out) {
+  const __m512i odd_words =
+      _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                       25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  _mm512_storeu_si512(
+      out, _mm512_permutex2var_epi16(bfloat16_nearest_words(_mm512_loadu_ps(in)), odd_words,
+                                     bfloat16_nearest_words(_mm512_loadu_ps(in + 16))));
+}
+inline void floats_to_bfloat16s_software(const float* in, Index whole, Eigen::bfloat16* out) {
+  for (Index i = 0; i < whole; i += 32) bfloat16_nearest_32(in + i, out + i);
+}
+__attribute__((target("avx512bf16"))) inline void floats_to_bfloat16s_hardware(
+    const float* in, Index whole, Eigen::bfloat16* out) {
+  constexpr int kNaNOrSubnormal = 0x01 | 0x20 | 0x80;  // quiet NaN, subnormal, signaling NaN
+  for (Index i = 0; i < whole; i += 32) {
+    const __m512 lo = _mm512_loadu_ps(in + i), hi = _mm512_loadu_ps(in + i + 16);
+    if (_kortestz_mask16_u8(_mm512_fpclass_ps_mask(lo, kNaNOrSubnormal),
+                            _mm512_fpclass_ps_mask(hi, kNaNOrSubnormal))) {
+      _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    } else {
+      bfloat16_nearest_32(in + i, out + i);
+    }
+  }
+}
+}  // namespace detail
+
+inline void floats_to_bfloat16s(const float* in, Index n, Eigen::bfloat16* out) {
+  static const bool hardware = __builtin_cpu_supports("avx512bf16");
+  const Index whole = n / 32 * 32;
+  if (hardware) {
+    detail::floats_to_bfloat16s_hardware(in, whole, out);
+  } else {
+    detail::floats_to_bfloat16s_software(in, whole, out);
+  }
+  for (Index i = whole; i < n; ++i) store(out[i], in[i]);
+}
+#else
+#define FUSEDOPT_STAGES_BFLOAT16_STORES 0
+inline void floats_to_bfloat16s(const float* in, Index n, Eigen::bfloat16* out) {
+#pragma omp simd
+  for (Index i = 0; i < n; ++i) store(out[i], in[i]);
+}
+#endif
+
 // Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
 // by SplitMix64's output function (Steele et al. 2014); per element, 32 bits for array slots 0-1
 // (half 0): MurmurHash3's finalizer of a Weyl step of the key and the element's index. Slots 2-3
@@ -235,13 +299,23 @@ inline std::uint64_t mix64(std::uint64_t z) {
 }
 inline std::uint64_t splitmix(std::uint64_t x) { return mix64(x + kGolden); }
 
+// Where a kernel's bfloat16 results to nearest wait as float32 (array slot s's element i at
+// values[s * kChunk + i]) for the caller to round them in blocks (floats_to_bfloat16s); `used`
+// says whether the kernel did (with_rounding sets it).
+struct BfloatStage {
+  float* values;
+  bool used = false;
+};
+
 // How a call rounds what it stores: to nearest even, or stochastically with the call's seed
 // and step. `key` is the tensor's (splitmix of seed, step and tensor index); `first` the
-// chunk's first element in the tensor.
+// chunk's first element in the tensor; `stage`, if any, where bfloat16 results to nearest may
+// wait to be rounded in blocks.
 struct Rounding {
   bool stochastic = false;
   std::uint64_t key = 0;
   Index first = 0;
+  BfloatStage* stage = nullptr;
 };
 
 inline std::uint64_t tensor_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor) {
@@ -277,6 +351,10 @@ FUSEDOPT_INLINE float stochastic_half_grid(float x, std::uint32_t bits) {
 FUSEDOPT_INLINE Eigen::half stochastic_half(float x, std::uint32_t bits) {
   return Eigen::numext::bit_cast<Eigen::half>(float_to_half(stochastic_half_grid(x, bits)));
 }
+
+// The array slot of a kernel's role: the param (role 0) is slot 0, state role r (r >= 2, after
+// the grad) slot r - 1. Kernels store through slots; callers that stage a chunk map them back.
+constexpr std::size_t slot_of_role(std::size_t role) { return role == 0 ? 0 : role - 1; }
 
 // Stores `x` into `to`, element i of the chunk, array slot `slot` (the param 0, the state
 // buffers 1, 2, 3): rounded to nearest even, or, with Stochastic and a bfloat16 or float16
@@ -315,8 +393,36 @@ struct Rounder {
   std::uint32_t first;  // the chunk's first counter
 };
 
-// Calls fn(Rounder<stochastic>{rounding}); the stochastic variant is compiled only for
-// storage types that write bfloat16 or float16 (for others it would be the same code).
+// Stores each bfloat16 result as float32 in a BfloatStage, to be rounded to nearest by the
+// caller in blocks (floats_to_bfloat16s); others as store() does. So a kernel that takes it must
+// store every element of every bfloat16 array it writes through it, once, and not read it back.
+struct StagedStores {
+  explicit StagedStores(float* to) : values(to) {}
+
+  template <typename Stored, typename Compute>
+  FUSEDOPT_INLINE void operator()(ChunkIndex i, int slot, Stored& to, Compute x) const {
+    if constexpr (std::is_same_v<Stored, Eigen::bfloat16>) {
+      values[slot * kChunk + i] = static_cast<float>(x);
+    } else {
+      store(to, x);
+    }
+  }
+
+  float* values;
+};
+
+// The storage types whose results to nearest are staged (StagedStores) where the caller gives a
+// stage: at the avx512 level, bfloat16 params with bfloat16 state, so that every array the kernel
+// writes is bfloat16. Where it writes one bfloat16 array among float32 ones, the kernel's own
+// rounding took less time (bench/results/low_precision.md).
+template <typename Types>
+inline constexpr bool kStagesBfloat16Stores =
+    FUSEDOPT_STAGES_BFLOAT16_STORES && std::is_same_v<typename Types::Param, Eigen::bfloat16> &&
+    std::is_same_v<typename Types::State, Eigen::bfloat16>;
+
+// Calls fn(out) with the call's way to store: Rounder<stochastic>, or StagedStores for results to
+// nearest where the caller gave a stage. Each variant is compiled only for the storage types that
+// can use it (for others it would be the same code).
 template <typename Types, typename Fn>
 void with_rounding(const Rounding& rounding, const Fn& fn) {
   constexpr bool writes_low_precision = std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
@@ -325,6 +431,13 @@ void with_rounding(const Rounding& rounding, const Fn& fn) {
   if constexpr (writes_low_precision) {
     if (rounding.stochastic) {
       fn(Rounder<true>(rounding));
+      return;
+    }
+  }
+  if constexpr (kStagesBfloat16Stores<Types>) {
+    if (rounding.stage != nullptr) {
+      rounding.stage->used = true;
+      fn(StagedStores(rounding.stage->values));
       return;
     }
   }
@@ -355,7 +468,11 @@ inline void store_param_copy(const Rounding& rounding, Index n, const float* mas
     });
   };
   if (to_bfloat16) {
-    rounded(static_cast<Eigen::bfloat16*>(to));
+    if (rounding.stochastic) {
+      rounded(static_cast<Eigen::bfloat16*>(to));
+    } else {
+      floats_to_bfloat16s(master, n, static_cast<Eigen::bfloat16*>(to));
+    }
   } else if (rounding.stochastic) {
 #if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time
     alignas(64) float grid[kChunk];
