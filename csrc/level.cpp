@@ -12,10 +12,6 @@
 namespace fusedopt {
 namespace {
 
-// Elements per piece of a chunk where what the kernel computes is rounded after it (256 took
-// less time than 512 and the whole chunk: bench/results/low_precision.md).
-inline constexpr Index kPiece = 256;
-
 // float16 arrays are staged as float32 chunks where the level converts them in blocks (F16C).
 template <typename T>
 inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::half>;
@@ -61,7 +57,7 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
 // is decoded into one and encoded back (the rows' types say float32 state); float16 params and
 // grads are converted in blocks. Where the param and state are bfloat16, the results to nearest
 // are too (at the avx512 level: StagedStores). With masters the rounded copy is written while the
-// piece is still in cache. All only for the rows where they can occur.
+// chunk is still in cache. All only for the rows where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
             void* const* scales, Index begin, Index end, const double* tensor_sums) {
@@ -80,7 +76,10 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   // results to nearest, as float32 per array slot, rounded into bfloat16 in blocks after the
   // kernel (StagedStores)
   constexpr bool stages_stores = kStagesBfloat16Stores<Staged>;
-  alignas(64) std::array<float, stages_stores ? (roles - 1) * kChunk : 1> stage_values;
+  static_assert(!(stages_stores && staging), "a staged row's written arrays are its own");
+  static_assert(!stages_stores || roles < 2 || !Decl::arrays[1].written,
+                "role 1 (the grad) is no array slot: slot_of_role");
+  alignas(64) std::array<float, stages_stores ? (roles - 1) * kStagePiece : 1> stage_values;
   BfloatStage bfloat16_stage{stage_values.data()};
   const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
                               std::size_t t) {
@@ -100,16 +99,12 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       if (!request.stochastic) rounding.stage = &bfloat16_stage;
     }
     void* const* arrays = set.arrays(t);
-    // The kernel on the chunk's arrays (`where`, from where_offset). Piece by piece where results
-    // are rounded after it (bfloat16 results to nearest, staged; a master's param copy), each
-    // piece's right after it: rounding a whole chunk after the kernel would leave memory idle
-    // meanwhile, where pieces keep the hardware prefetchers' streams going
-    // (bench/results/low_precision.md).
+    // The kernel on the chunk's arrays (`where`, from where_offset). With a stage, piece by piece
+    // (kStagePiece), each piece's results rounded into their bfloat16 arrays right after it; the
+    // rest of the chunk at once if the kernel did not use it (the helpers, which store directly).
     const auto run = [&](void* const* where, Index where_offset) {
-      const bool stages = stages_stores && rounding.stage != nullptr;
-      const bool copies = masters && request.param_copy != DType::float32;
       // one call of the kernel in the code: each call site would inline all its loops
-      const Index size = stages || copies ? kPiece : n;
+      Index size = stages_stores && rounding.stage != nullptr ? kStagePiece : n;
       for (Index first = 0; first < n; first += size) {
         const Index count = std::min(size, n - first);
         Rounding piece = rounding;
@@ -117,19 +112,12 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         bfloat16_stage.used = false;
         run_kernel(where, where_offset + first, count, piece, t);
         if constexpr (stages_stores) {
+          if (!bfloat16_stage.used) size = n;
           for (std::size_t r = 0; r < roles && bfloat16_stage.used; ++r) {
             // every array written (the param and the state) is bfloat16
             if (!Decl::arrays[r].written || where[r] == nullptr) continue;
-            floats_to_bfloat16s(stage_values.data() + slot_of_role(r) * kChunk, count,
+            floats_to_bfloat16s(stage_values.data() + slot_of_role(r) * kStagePiece, count,
                                 static_cast<Eigen::bfloat16*>(where[r]) + where_offset + first);
-          }
-        }
-        if constexpr (masters) {
-          if (copies) {  // the master is never staged; the param copy's elements are 2 bytes
-            const Index at = offset + first;
-            store_param_copy(piece, count, static_cast<const float*>(arrays[0]) + at,
-                             request.param_copy == DType::bfloat16,
-                             static_cast<char*>(arrays[roles]) + at * 2);
           }
         }
       }
@@ -166,6 +154,13 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       }
     } else {
       run(arrays, offset);
+    }
+    if constexpr (masters) {
+      if (request.param_copy != DType::float32) {
+        const bool to_bfloat16 = request.param_copy == DType::bfloat16;
+        store_param_copy(rounding, n, static_cast<const float*>(arrays[0]) + offset, to_bfloat16,
+                         static_cast<char*>(arrays[roles]) + offset * 2);  // 2 bytes either way
+      }
     }
     return true;
   });

@@ -9,6 +9,10 @@ difference means the formula, its order of operations or its rounding changed.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -401,22 +405,32 @@ def takes_maximize(name: str) -> bool:
     + [(name, True) for name in OPTIMIZERS if takes_maximize(name)],
 )
 def test_special_low_precision_values_convert_as_the_reference_does(name, maximize, row):
-    """Special float16 and bfloat16 values in every low-precision array, in the blocks that the
-    kernels convert at once and in the tails they convert one by one, in a chunk's first block
-    and after whole blocks without them: bit for bit the reference's results, NaN payloads
-    included, and with maximize the signs that its negation gives them."""
+    """Special float16 and bfloat16 values in every low-precision array: in a chunk's first
+    blocks, in blocks of subnormal results without a NaN (which the hardware rounding would
+    flush), and at the end, in the tail converted one by one. Bit for bit the reference's
+    results, NaN payloads included, and with maximize the signs that its negation gives them."""
     spec = OPTIMIZERS[name]
     hyper = {**spec.cases[0], "maximize": True} if maximize else spec.cases[0]
     rng = np.random.default_rng(7)
-    size = 2048 + 77  # a whole chunk, then a tail after two blocks of 32
+    size = 2048 + 77  # a whole chunk, then two blocks of 32 and a tail (F16C's: 5)
     arrays = as_row(make_arrays(spec, hyper, (size,), np.float32, rng), row)
-    low = [v for v in arrays.values() if isinstance(v, np.ndarray) and v.dtype.name in SPECIALS]
-    for k, value in enumerate(low):
-        # 45, each array's 3k further on: no two arrays hold a NaN at one index (which of two
-        # NaNs an operation returns is the compiler's choice, as operands may commute)
-        specials = np.tile(SPECIALS[value.dtype.name], 3)
-        for start in (4 + 3 * k, size - specials.size - 12 + 3 * k):
-            value[start : start + specials.size] = specials
+    for role, value in arrays.items():
+        if not (isinstance(value, np.ndarray) and value.dtype.name in SPECIALS):
+            continue
+        specials = np.tile(SPECIALS[value.dtype.name], 3)  # 45
+        # the param and the grad at the same places (the last in the tail), the state after
+        # them: which of two different NaNs an operation returns is the compiler's choice, as
+        # it may commute operands
+        at = 0 if role in ("param", "grad") else specials.size
+        value[4 + at : 4 + at + specials.size] = specials
+        value[value.size - at - specials.size : value.size - at] = specials
+        # two blocks of subnormals, no NaN, where the gradient is zero: subnormal moments
+        largest = 0x007F if value.dtype.name == "bfloat16" else 0x03FF
+        bits = rng.integers(1, largest + 1, 64, dtype=np.uint16)
+        value[1024:1088] = (bits | (rng.integers(0, 2, 64, dtype=np.uint16) << 15)).view(
+            value.dtype
+        )
+    arrays["grad"][1024:1088] = 0
     expected = copy_arrays(arrays)
     with np.errstate(all="ignore"):
         call(spec.fused, spec, arrays, hyper, 1)
@@ -430,6 +444,35 @@ def test_special_low_precision_values_convert_as_the_reference_does(name, maximi
         for actual, wanted in pairs:
             bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[actual.dtype.itemsize]
             np.testing.assert_array_equal(actual.view(bits), wanted.view(bits), err_msg=role)
+
+
+def test_bfloat16_rounding_in_software_blocks_converts_as_the_reference_does():
+    """Where the CPU has AVX512-BF16, bfloat16 results to nearest are rounded by it, and only
+    blocks with a NaN or a subnormal in software: the special values' test again in a process
+    told not to use it (FUSEDOPT_AVX512BF16=0), so that the software path rounds every block."""
+    env = {**os.environ, "FUSEDOPT_AVX512BF16": "0"}
+    test = f"{__file__}::test_special_low_precision_values_convert_as_the_reference_does"
+    site = ["-S"] if sys.flags.no_site else []  # the same fusedopt as this process's
+    result = subprocess.run(
+        [
+            sys.executable,
+            *site,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "bfloat16",
+            test,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 
 # ---------------------------------------------------------------- stochastic rounding

@@ -75,11 +75,6 @@ FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
   return v;
 }
 
-// out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes: they take
-// the loop without the selects. The check runs on the 8-bit codes in byte lanes, four times as
-// many a vector as in 32-bit ones, and the decode widens them as it loads them: no 32-bit copy
-// is written and read back (bench/results/low_precision.md). Count is Index, or kBlock as a
-// std::integral_constant for a whole block.
 // Whether every code of a block is normal (exponent field neither 0 nor all ones): q - 8 wraps
 // for subnormal codes (q < 8), so its maximum is below kInf - 8 only if all are. The check runs
 // on the 8-bit codes in byte lanes, four times as many a vector as in 32-bit ones.
@@ -181,6 +176,8 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
 template <typename Count>
 FUSEDOPT_INLINE void magnitude_range(const float* __restrict in, Count count,
                                      std::uint32_t& highest, std::uint32_t& lowest) {
+  highest = 0;
+  lowest = 0xFFFFFFFFU;
 #if FUSEDOPT_AVX512_CODEC
   if constexpr (kWholeBlock<Count>) {
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
@@ -327,8 +324,6 @@ inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t*
         // block's encoding would otherwise wait for its own
         std::uint32_t highest[kChunk / kBlock], lowest[kChunk / kBlock];
         for_each_block(n, [&](Index b, auto count) {
-          highest[b] = 0;
-          lowest[b] = 0xFFFFFFFFU;
           magnitude_range(in + b * kBlock, count, highest[b], lowest[b]);
         });
         for_each_block(n, [&](Index b, auto count) {

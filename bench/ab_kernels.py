@@ -1,0 +1,108 @@
+"""Two builds of a kernel library (`_kernels_<level>.so`) in one process: Adam in the storage
+rows of `bench/low_precision.py`, each call made with one library and then the other on the same
+arrays (each first in every other alternation), so that both see the machine as it is then. On a
+shared machine whose memory speed swings from run to run, this separates a change from the noise
+that comparing two runs would mix in.
+
+    python bench/ab_kernels.py OLD.so NEW.so [--n 1e7] [--calls 11]
+
+Prints each row's median time with each library and the median (and the 3rd and 9th of 11) of
+the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
+pair finds them there: compare in cache (~1e4, ~1e5) or well above it (1e7), not in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+
+import ml_dtypes
+import numpy as np
+
+import fusedopt
+from fusedopt import _core
+
+BF16 = ml_dtypes.bfloat16
+# (param, grad, state, master, stochastic)
+ROWS = {
+    "float32/float32/float32": (np.float32, np.float32, np.float32, False, False),
+    "float32/float32/bfloat16": (np.float32, np.float32, BF16, False, False),
+    "float32/bfloat16/bfloat16": (np.float32, BF16, BF16, False, False),
+    "bfloat16/bfloat16/float32": (BF16, BF16, np.float32, False, False),
+    "bfloat16/float32/bfloat16": (BF16, np.float32, BF16, False, False),
+    "bfloat16/bfloat16/bfloat16": (BF16, BF16, BF16, False, False),
+    "bfloat16/bfloat16/bfloat16 + master": (BF16, BF16, BF16, True, False),
+    "bfloat16/bfloat16/float32 + master": (BF16, BF16, np.float32, True, False),
+    "bfloat16/bfloat16/bfloat16 stochastic": (BF16, BF16, BF16, False, True),
+    "bfloat16/bfloat16/bfloat16 + master stochastic": (BF16, BF16, BF16, True, True),
+    "float32/float32/int8": (np.float32, np.float32, "int8", False, False),
+}
+
+
+def adam_row(values, param, grad, state, master, stochastic):
+    """A step of Adam on copies of `values` stored as the row says."""
+    from fusedopt.quantize import QuantizedState
+
+    def state_array(signed):
+        moment = values * np.float32(1e-2)
+        moment = moment if signed else np.abs(moment)
+        if state == "int8":
+            return QuantizedState.from_array(moment, signed=signed)
+        return moment.astype(state)
+
+    arrays = [values.astype(param), values.astype(grad), state_array(True), state_array(False)]
+    extra = {"master": values.copy()} if master else {}
+    return lambda step: fusedopt.adam_(
+        *arrays, step=step, lr=1e-4, stochastic_rounding=stochastic, seed=step, **extra
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old")
+    parser.add_argument("new")
+    parser.add_argument("--n", type=float, default=1e7)
+    parser.add_argument("--calls", type=int, default=11)
+    args = parser.parse_args(argv)
+    libraries = {name: ctypes.CDLL(path) for name, path in (("old", args.old), ("new", args.new))}
+    tables = {
+        name: ctypes.cast(library.fusedopt_kernel_table, ctypes.c_void_p).value
+        for name, library in libraries.items()
+    }
+    values = np.random.default_rng(0).standard_normal(int(args.n)).astype(np.float32)
+    steps = {name: adam_row(values, *row) for name, row in ROWS.items()}
+    times = {(name, which): [] for name in steps for which in tables}
+    for step in range(1, args.calls + 1):
+        for name, fn in steps.items():
+            # each library first in every other alternation: the second call of a pair tends
+            # to be the faster
+            for which, table in list(tables.items())[:: 1 if step % 2 else -1]:
+                _core._use_kernels(table)
+                start = time.perf_counter()
+                fn(step)
+                times[name, which].append(time.perf_counter() - start)
+    print(
+        f"Adam, n = {int(args.n):,}, {fusedopt.get_num_threads()} threads, "
+        f"{args.calls} alternations; old {args.old}, new {args.new}"
+    )
+    print("| row | old | new | new/old: median (3rd-9th of 11) |")
+    print("|---|---|---|---|")
+    low, high = (args.calls * 2) // 11, (args.calls * 8) // 11
+
+    def duration(seconds: float) -> str:
+        return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} µs"
+
+    for name in steps:
+        old, new = times[name, "old"], times[name, "new"]
+        ratios = sorted(b / a for a, b in zip(old, new))
+        print(
+            f"| {name} | {duration(statistics.median(old))} | "
+            f"{duration(statistics.median(new))} | {statistics.median(ratios):.3f} "
+            f"({ratios[low]:.3f}-{ratios[high]:.3f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
