@@ -6,8 +6,8 @@ that comparing two runs would mix in.
 
     python bench/ab_kernels.py OLD.so NEW.so [--n 1e7] [--calls 11]
 
-Prints each row's median time with each library and the median (and the 3rd and 9th of 11) of
-the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
+Prints each row's median time with each library and the median (and the 2/11 and 8/11 quantiles)
+of the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
 pair finds them there: compare in cache (~1e4, ~1e5) or well above it (1e7), not in between.
 """
 
@@ -87,9 +87,9 @@ def main(argv=None) -> None:
         f"Adam, n = {int(args.n):,}, {fusedopt.get_num_threads()} threads, "
         f"{args.calls} alternations; old {args.old}, new {args.new}"
     )
-    print("| row | old | new | new/old: median (3rd-9th of 11) |")
-    print("|---|---|---|---|")
     low, high = (args.calls * 2) // 11, (args.calls * 8) // 11
+    print(f"| row | old | new | new/old: median ({low + 1}th-{high + 1}th of {args.calls}) |")
+    print("|---|---|---|---|")
 
     def duration(seconds: float) -> str:
         return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} µs"

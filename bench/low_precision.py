@@ -1,11 +1,11 @@
 """Adam at 1e7 elements in every storage row (int8 state, float32 masters of bfloat16 params
 included), to nearest and with stochastic rounding, against float32 and torch's fused Adam in
 float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element and
-the row's probe (the same arrays read and written, converted, quantized and rounded the same
-way, a master row's master and param copy included, with no formula: the time the storage alone
-costs), and its time in cache (the same call on arrays
-that fit the threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes
-can go below).
+the row's probe (the same arrays read and written, converted and quantized the same way, a
+master row's master and param copy included, with no formula: the time the storage alone
+costs; it rounds what it stores to nearest, one element at a time, so a stochastic row's probe
+is its row to nearest's), and its time in cache (the same call on arrays that fit the threads'
+L2 caches: the time the arithmetic alone costs, which no saving of bytes can go below).
 
     python bench/low_precision.py [--n 1e7] [--calls 9]      # FUSEDOPT_SIMD picks the level
     python bench/run.py --storage                             # the same
@@ -150,8 +150,8 @@ def main(argv=None) -> None:
             # (the roofline declares it never negative, as Adam its second moment); nonzero
             # values, as a step's state is after its first step (a block of zeros takes the
             # codec's general loops, the typical block its shorter ones). A master row's probe
-            # reads and writes the master and writes the param, as its step; a stochastic
-            # row's rounds with the same random bits.
+            # reads and writes the master and writes the param copy, as its step (rounded as
+            # the step rounds it); the probe's own stores round to nearest.
             buffers = [
                 state_array(state, n, signed=signed, normal=normal(n, "state"))
                 for signed in (True, False)

@@ -103,23 +103,26 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
     // (kStagePiece), each piece's results rounded into their bfloat16 arrays right after it; the
     // rest of the chunk at once if the kernel did not use it (the helpers, which store directly).
     const auto run = [&](void* const* where, Index where_offset) {
-      // one call of the kernel in the code: each call site would inline all its loops
-      Index size = stages_stores && rounding.stage != nullptr ? kStagePiece : n;
-      for (Index first = 0; first < n; first += size) {
-        const Index count = std::min(size, n - first);
-        Rounding piece = rounding;
-        piece.first = rounding.first + first;
-        bfloat16_stage.used = false;
-        run_kernel(where, where_offset + first, count, piece, t);
-        if constexpr (stages_stores) {
-          if (!bfloat16_stage.used) size = n;
+      if constexpr (stages_stores) {
+        // one call of the kernel in the code: each call site would inline all its loops
+        Index size = rounding.stage != nullptr ? kStagePiece : n;
+        for (Index first = 0; first < n;) {
+          const Index count = std::min(size, n - first);
+          Rounding piece = rounding;
+          piece.first = rounding.first + first;
+          bfloat16_stage.used = false;
+          run_kernel(where, where_offset + first, count, piece, t);
           for (std::size_t r = 0; r < roles && bfloat16_stage.used; ++r) {
             // every array written (the param and the state) is bfloat16
             if (!Decl::arrays[r].written || where[r] == nullptr) continue;
             floats_to_bfloat16s(stage_values.data() + slot_of_role(r) * kStagePiece, count,
                                 static_cast<Eigen::bfloat16*>(where[r]) + where_offset + first);
           }
+          first += count;
+          if (!bfloat16_stage.used) size = n;  // the rest at once
         }
+      } else {
+        run_kernel(where, where_offset, n, rounding, t);
       }
     };
     if constexpr (staging) {

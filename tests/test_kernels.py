@@ -446,6 +446,21 @@ def test_special_low_precision_values_convert_as_the_reference_does(name, maximi
             np.testing.assert_array_equal(actual.view(bits), wanted.view(bits), err_msg=role)
 
 
+@pytest.mark.parametrize(
+    "dtype", [np.float32, ml_dtypes.bfloat16, np.float16], ids=["float32", "bfloat16", "float16"]
+)
+def test_the_roofline_probe_touches_every_element(dtype):
+    """The probe adds 0 * grad to the param and each buffer: an infinite grad makes every
+    element NaN, in every chunk and piece (a probe that skipped some would time less work)."""
+    n = 2 * 2048 + 77
+    grad = np.full(n, np.inf, dtype)
+    state = np.float32 if dtype == np.float16 else dtype  # no float16 state
+    arrays = [np.ones(n, dtype), np.ones(n, state), np.ones(n, state)]
+    _core.roofline(arrays[0], grad, arrays[1], arrays[2], None, None)
+    for a in arrays:
+        assert np.isnan(a.astype(np.float32)).all()
+
+
 def test_bfloat16_rounding_in_software_blocks_converts_as_the_reference_does():
     """Where the CPU has AVX512-BF16, bfloat16 results to nearest are rounded by it, and only
     blocks with a NaN or a subnormal in software: the special values' test again in a process

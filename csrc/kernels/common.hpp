@@ -495,11 +495,9 @@ inline void store_param_copy(const Rounding& rounding, Index n, const float* mas
     });
   };
   if (to_bfloat16) {
-    if (rounding.stochastic) {
-      rounded(static_cast<Eigen::bfloat16*>(to));
-    } else {
-      floats_to_bfloat16s(master, n, static_cast<Eigen::bfloat16*>(to));
-    }
+    // not floats_to_bfloat16s: after a chunk, it took 4-9 % longer at 1e7 elements
+    // (bench/results/low_precision.md)
+    rounded(static_cast<Eigen::bfloat16*>(to));
   } else if (rounding.stochastic) {
 #if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time
     alignas(64) float grid[kChunk];
