@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         f"{args.calls} alternations; old {args.old}, new {args.new}"
     )
     low, high = (args.calls * 2) // 11, (args.calls * 8) // 11
-    print(f"| row | old | new | new/old: median ({low + 1}th-{high + 1}th of {args.calls}) |")
+    print(f"| row | old | new | new/old: median (quantiles 2/11-8/11 of {args.calls}) |")
     print("|---|---|---|---|")
 
     def duration(seconds: float) -> str:

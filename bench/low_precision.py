@@ -3,9 +3,10 @@ included), to nearest and with stochastic rounding, against float32 and torch's 
 float32 and bfloat16: medians of interleaved calls, with the bytes each moves per element and
 the row's probe (the same arrays read and written, converted and quantized the same way, a
 master row's master and param copy included, with no formula: the time the storage alone
-costs; it rounds what it stores to nearest, one element at a time, so a stochastic row's probe
-is its row to nearest's), and its time in cache (the same call on arrays that fit the threads'
-L2 caches: the time the arithmetic alone costs, which no saving of bytes can go below).
+costs; it rounds its own stores to nearest, one element at a time, so a stochastic row's probe
+rounds stochastically only a master's param copy, a float16 param written back from float32,
+and int8 codes, as the step does), and its time in cache (the same call on arrays that fit the
+threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes can go below).
 
     python bench/low_precision.py [--n 1e7] [--calls 9]      # FUSEDOPT_SIMD picks the level
     python bench/run.py --storage                             # the same

@@ -101,7 +101,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
     void* const* arrays = set.arrays(t);
     // The kernel on the chunk's arrays (`where`, from where_offset). With a stage, piece by piece
     // (kStagePiece), each piece's results rounded into their bfloat16 arrays right after it; the
-    // rest of the chunk at once if the kernel did not use it (the helpers, which store directly).
+    // rest of the chunk at once if the kernel did not use it (the roofline probe, which stores
+    // directly).
     const auto run = [&](void* const* where, Index where_offset) {
       if constexpr (stages_stores) {
         // one call of the kernel in the code: each call site would inline all its loops
