@@ -18,41 +18,43 @@ import ctypes
 import statistics
 import time
 
-import ml_dtypes
 import numpy as np
+from low_precision import DTYPES, state_array  # bench/, this script's folder
 
 import fusedopt
 from fusedopt import _core
 
-BF16 = ml_dtypes.bfloat16
-# (param, grad, state, master, stochastic)
+# (param, grad, state, master, stochastic), dtypes named as bench/low_precision.py names them
 ROWS = {
-    "float32/float32/float32": (np.float32, np.float32, np.float32, False, False),
-    "float32/float32/bfloat16": (np.float32, np.float32, BF16, False, False),
-    "float32/bfloat16/bfloat16": (np.float32, BF16, BF16, False, False),
-    "bfloat16/bfloat16/float32": (BF16, BF16, np.float32, False, False),
-    "bfloat16/float32/bfloat16": (BF16, np.float32, BF16, False, False),
-    "bfloat16/bfloat16/bfloat16": (BF16, BF16, BF16, False, False),
-    "bfloat16/bfloat16/bfloat16 + master": (BF16, BF16, BF16, True, False),
-    "bfloat16/bfloat16/float32 + master": (BF16, BF16, np.float32, True, False),
-    "bfloat16/bfloat16/bfloat16 stochastic": (BF16, BF16, BF16, False, True),
-    "bfloat16/bfloat16/bfloat16 + master stochastic": (BF16, BF16, BF16, True, True),
-    "float32/float32/int8": (np.float32, np.float32, "int8", False, False),
+    "float32/float32/float32": ("float32", "float32", "float32", False, False),
+    "float32/float32/bfloat16": ("float32", "float32", "bfloat16", False, False),
+    "float32/bfloat16/bfloat16": ("float32", "bfloat16", "bfloat16", False, False),
+    "bfloat16/bfloat16/float32": ("bfloat16", "bfloat16", "float32", False, False),
+    "bfloat16/float32/bfloat16": ("bfloat16", "float32", "bfloat16", False, False),
+    "bfloat16/bfloat16/bfloat16": ("bfloat16", "bfloat16", "bfloat16", False, False),
+    "bfloat16/bfloat16/bfloat16 + master": ("bfloat16", "bfloat16", "bfloat16", True, False),
+    "bfloat16/bfloat16/float32 + master": ("bfloat16", "bfloat16", "float32", True, False),
+    "bfloat16/bfloat16/bfloat16 stochastic": ("bfloat16", "bfloat16", "bfloat16", False, True),
+    "bfloat16/bfloat16/bfloat16 + master stochastic": (
+        "bfloat16",
+        "bfloat16",
+        "bfloat16",
+        True,
+        True,
+    ),
+    "float32/float32/int8": ("float32", "float32", "int8", False, False),
 }
 
 
 def adam_row(values, param, grad, state, master, stochastic):
-    """A step of Adam on copies of `values` stored as the row says."""
-    from fusedopt.quantize import QuantizedState
-
-    def state_array(signed):
-        moment = values * np.float32(1e-2)
-        moment = moment if signed else np.abs(moment)
-        if state == "int8":
-            return QuantizedState.from_array(moment, signed=signed)
-        return moment.astype(state)
-
-    arrays = [values.astype(param), values.astype(grad), state_array(True), state_array(False)]
+    """A step of Adam on copies of `values` stored as the row says (states as
+    bench/low_precision.py makes them, at a moment's scale)."""
+    arrays = [
+        values.astype(DTYPES[param]),
+        values.astype(DTYPES[grad]),
+        state_array(state, values.size, signed=True, normal=values),
+        state_array(state, values.size, signed=False, normal=values),
+    ]
     extra = {"master": values.copy()} if master else {}
     return lambda step: fusedopt.adam_(
         *arrays, step=step, lr=1e-4, stochastic_rounding=stochastic, seed=step, **extra
