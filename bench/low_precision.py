@@ -21,6 +21,7 @@ from typing import Optional
 
 import ml_dtypes
 import numpy as np
+from run import time_interleaved  # bench/, this script's folder
 
 import fusedopt
 from fusedopt import _core
@@ -182,12 +183,16 @@ def main(argv=None) -> None:
                 (size, torch_adam(dtype, size)) for size in in_cache_sizes(traffic[name])
             ]
     calls = {**steps, **{f"probe {name}": fn for name, fn in probes.items()}}
-    times = {name: [] for name in calls}
-    for step in range(1, args.calls + 1):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn(step)
-            times[name].append(time.perf_counter() - start)
+    # One timed call per row and round, each after an untimed one: the previous row's library
+    # (torch's OpenMP runtime or fusedopt's) may still be spinning its idle threads, which
+    # slowed the next call by a third or more on 2 cores.
+    times = time_interleaved(
+        {name: [fn] for name, fn in calls.items()},
+        budget_s=0.0,
+        min_calls=args.calls,
+        max_calls=args.calls,
+        blocks=args.calls,
+    )
     medians = {name: statistics.median(t) for name, t in times.items()}
     cached = {name: n * t for name, t in per_element_in_cache(in_cache, args.calls).items()}
     l2, l2_found = l2_cache_bytes()

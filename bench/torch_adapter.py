@@ -167,6 +167,7 @@ def measure(d: int, dtype: torch.dtype, blocks: int, steps: int, breakdown: bool
     times = {name: [] for name in impls}
     for _ in range(blocks):
         for name, f in impls.items():
+            f()  # untimed: the previous implementation's OpenMP threads may still be spinning
             t0 = time.perf_counter()
             for _ in range(steps):
                 f()

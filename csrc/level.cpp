@@ -137,9 +137,9 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
                          static_cast<Eigen::half*>(arrays[0]) + offset);
       }
       if constexpr (quantized) {
-        bool needs_second_half = false;  // slots 2 and up (roles 3 and up)
-        for (std::size_t r = 3; r < roles; ++r) {
-          needs_second_half |= arrays[r] != nullptr && quantized_role(r);
+        bool needs_second_half = false;  // slots 2 and 3
+        for (std::size_t r = 0; r < roles; ++r) {
+          needs_second_half |= arrays[r] != nullptr && quantized_role(r) && slot_of_role(r) >= 2;
         }
         std::uint32_t* const first_half = random[0].data();
         std::uint32_t* const other_half = random[1].data();
@@ -153,7 +153,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
           encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
                        static_cast<std::uint8_t*>(arrays[r]) + offset,
                        static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
-                       r < 3 ? first_half : other_half, (r - 1) % 2 == 1);
+                       slot_of_role(r) < 2 ? first_half : other_half, slot_of_role(r) % 2 == 1);
         }
       }
     } else {
