@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "export.hpp"
+#include "kernels/lanes.hpp"
 #include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
 
@@ -75,7 +76,10 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
   // results to nearest, as float32 per array slot, rounded into bfloat16 in blocks after the
   // kernel (StagedStores)
-  constexpr bool stages_stores = kStagesBfloat16Stores<Staged>;
+  // (a kernel on vector lanes stores its bfloat16 results itself)
+  constexpr bool stages_stores =
+      kStagesBfloat16Stores<Staged> &&
+      !(kVectorLanes<Staged> && kRunsOnLanes<std::remove_cv_t<decltype(kernel)>>);
   static_assert(!(stages_stores && staging), "a staged row's written arrays are its own");
   static_assert(!stages_stores || roles < 2 || !Decl::arrays[1].written,
                 "role 1 (the grad) is no array slot: slot_of_role");

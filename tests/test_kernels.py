@@ -390,8 +390,8 @@ SPECIALS = {
 }
 
 
-def takes_maximize(name: str) -> bool:
-    return "maximize" in {h.name for h in OPTIMIZERS[name].declaration.arguments}
+def takes_flag(name: str, flag: str) -> bool:
+    return flag in {h.name for h in OPTIMIZERS[name].declaration.arguments}
 
 
 @pytest.mark.parametrize(
@@ -400,17 +400,23 @@ def takes_maximize(name: str) -> bool:
     ids="-".join,
 )
 @pytest.mark.parametrize(
-    "name, maximize",
-    [(name, False) for name in OPTIMIZERS]
-    + [(name, True) for name in OPTIMIZERS if takes_maximize(name)],
+    "name, flag",
+    [(name, None) for name in OPTIMIZERS]
+    + [
+        (name, flag)
+        for name in OPTIMIZERS
+        for flag in ("maximize", "amsgrad")
+        if takes_flag(name, flag)
+    ],
 )
-def test_special_low_precision_values_convert_as_the_reference_does(name, maximize, row):
+def test_special_low_precision_values_convert_as_the_reference_does(name, flag, row):
     """Special float16 and bfloat16 values in every low-precision array: in a chunk's first
     blocks, in blocks of subnormal results without a NaN (which the hardware rounding would
     flush), and at the end, in the tail converted one by one. Bit for bit the reference's
-    results, NaN payloads included, and with maximize the signs that its negation gives them."""
+    results, NaN payloads included, with maximize the signs that its negation gives them, and
+    with amsgrad numpy.maximum's choice of NaN."""
     spec = OPTIMIZERS[name]
-    hyper = {**spec.cases[0], "maximize": True} if maximize else spec.cases[0]
+    hyper = {**spec.cases[0], flag: True} if flag else spec.cases[0]
     rng = np.random.default_rng(7)
     size = 2048 + 77  # a whole chunk, then two blocks of 32 and a tail (F16C's: 5)
     arrays = as_row(make_arrays(spec, hyper, (size,), np.float32, rng), row)
@@ -418,10 +424,12 @@ def test_special_low_precision_values_convert_as_the_reference_does(name, maximi
         if not (isinstance(value, np.ndarray) and value.dtype.name in SPECIALS):
             continue
         specials = np.tile(SPECIALS[value.dtype.name], 3)  # 45
-        # the param's (the last in the tail), the grad's and the state's apart: which of two
+        # the param's (the last in the tail), the grad's and each state's apart: which of two
         # different NaNs an operation returns (the grad's negated with maximize) is the
         # compiler's choice, as it may commute operands
-        at = {"param": 0, "grad": specials.size}.get(role, 2 * specials.size)
+        states = [r for r in arrays if r not in ("param", "grad", "master")]
+        place = {"param": 0, "grad": 1}
+        at = specials.size * (place[role] if role in place else 2 + states.index(role))
         value[4 + at : 4 + at + specials.size] = specials
         value[value.size - at - specials.size : value.size - at] = specials
         # two blocks of subnormals, no NaN, where the gradient is zero: subnormal moments

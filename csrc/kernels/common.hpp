@@ -24,10 +24,13 @@ using Index = std::ptrdiff_t;
 // budget runs out and outlines some (a call per element, seen as a 10x slower step).
 #if defined(__GNUC__)
 #define FUSEDOPT_INLINE inline __attribute__((always_inline))
+#define FUSEDOPT_INLINE_LAMBDA __attribute__((always_inline))
 #elif defined(_MSC_VER)
 #define FUSEDOPT_INLINE __forceinline
+#define FUSEDOPT_INLINE_LAMBDA
 #else
 #define FUSEDOPT_INLINE inline
+#define FUSEDOPT_INLINE_LAMBDA
 #endif
 
 // Elements per chunk: the unit in which threads split the work and reductions combine partial
@@ -451,7 +454,7 @@ inline constexpr bool kStagesBfloat16Stores =
 // nearest where the caller gave a stage. Each variant is compiled only for the storage types that
 // can use it (for others it would be the same code).
 template <typename Types, typename Fn>
-void with_rounding(const Rounding& rounding, const Fn& fn) {
+FUSEDOPT_INLINE void with_rounding(const Rounding& rounding, const Fn& fn) {
   constexpr bool writes_low_precision = std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
                                         std::is_same_v<typename Types::Param, Eigen::half> ||
                                         std::is_same_v<typename Types::State, Eigen::bfloat16>;
@@ -522,15 +525,17 @@ inline Stored* role(void* const* arrays, std::size_t r, Index offset) {
 // Calls fn(std::bool_constant<flag>...) with each runtime flag as a compile-time constant, so
 // that every kernel loop is branch-free: GCC vectorizes no loop with control flow in it.
 template <typename Fn>
-void with_flags(const Fn& fn) {
+FUSEDOPT_INLINE void with_flags(const Fn& fn) {
   fn();
 }
 template <typename Fn, typename... Flags>
-void with_flags(const Fn& fn, bool first, Flags... rest) {
+FUSEDOPT_INLINE void with_flags(const Fn& fn, bool first, Flags... rest) {
   if (first) {
-    with_flags([&](auto... flags) { fn(std::true_type{}, flags...); }, rest...);
+    with_flags([&](auto... flags) FUSEDOPT_INLINE_LAMBDA { fn(std::true_type{}, flags...); },
+               rest...);
   } else {
-    with_flags([&](auto... flags) { fn(std::false_type{}, flags...); }, rest...);
+    with_flags([&](auto... flags) FUSEDOPT_INLINE_LAMBDA { fn(std::false_type{}, flags...); },
+               rest...);
   }
 }
 

@@ -1,0 +1,272 @@
+// A kernel's formula written once over a lane, so that one text runs two ways: one element at a
+// time in an `omp simd` loop (GCC vectorizes it, at every level), or, at the avx512 level for the
+// rows that write bfloat16, 32 float32 elements at a time in AVX-512 registers. There loads widen
+// 16 bfloat16 with one instruction, one NaN test covers every array a lane writes, and stores pack
+// 32 results with one vpermt2w: GCC's loops spend a fifth of all-bfloat16 Adam's arithmetic on
+// those (bench/bfloat16_lanes.cpp). The arithmetic is the same, in the same order: the bits are.
+//
+// A kernel runs `for_each_lane<Types>(rounding, n, body)`, body(lane) reading element(s) with
+// lane.load(pointer) and writing them with lane.store(slot, pointer, value) (array slots as
+// Rounder's), each array written once and never read back, in arithmetic on the loaded values and
+// the kernel's constants (+, -, *, /, sqrt, effective_grad, numpy_maximum).
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "common.hpp"
+
+namespace fusedopt {
+
+// sqrt(x) in a formula: std::sqrt for a scalar, Floats32's for a vector lane.
+using std::sqrt;
+
+// Element i of a chunk, in the compute type T, as the omp simd loop's body.
+template <typename T, typename Out>
+struct ScalarLane {
+  template <typename Stored>
+  FUSEDOPT_INLINE T load(const Stored* p) const {
+    return fusedopt::load<T>(p[i]);
+  }
+  template <typename Stored, typename Value>
+  FUSEDOPT_INLINE void store(int slot, Stored* p, Value x) const {
+    out(i, slot, p[i], x);
+  }
+
+  const Out& out;
+  ChunkIndex i;
+};
+
+// numpy.maximum: the first NaN of a and b, else the larger (b where they are equal).
+template <typename T>
+FUSEDOPT_INLINE T numpy_maximum(T a, T b) {
+  return a != a ? a : (b != b ? b : (a > b ? a : b));
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__GNUC__)
+#define FUSEDOPT_VECTOR_LANES 1
+// GCC 12's AVX-512 intrinsics start from a self-initialized `undefined` vector, which its
+// -Wmaybe-uninitialized takes for a read of an uninitialized one wherever they are inlined (GCC
+// PR 105593, fixed in 12.3).
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+FUSEDOPT_INLINE __m512i splat(std::uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+
+// 32 float32 values, as two AVX-512 registers.
+struct Floats32 {
+  __m512 lo, hi;
+};
+#define FUSEDOPT_FLOATS32_OPERATOR(op, fn)                                      \
+  FUSEDOPT_INLINE Floats32 operator op(Floats32 a, Floats32 b) {                \
+    return {fn(a.lo, b.lo), fn(a.hi, b.hi)};                                    \
+  }                                                                             \
+  FUSEDOPT_INLINE Floats32 operator op(float a, Floats32 b) {                   \
+    const __m512 s = _mm512_set1_ps(a);                                         \
+    return {fn(s, b.lo), fn(s, b.hi)};                                          \
+  }                                                                             \
+  FUSEDOPT_INLINE Floats32 operator op(Floats32 a, float b) {                   \
+    const __m512 s = _mm512_set1_ps(b);                                         \
+    return {fn(a.lo, s), fn(a.hi, s)};                                          \
+  }
+FUSEDOPT_FLOATS32_OPERATOR(+, _mm512_add_ps)
+FUSEDOPT_FLOATS32_OPERATOR(-, _mm512_sub_ps)
+FUSEDOPT_FLOATS32_OPERATOR(*, _mm512_mul_ps)
+FUSEDOPT_FLOATS32_OPERATOR(/, _mm512_div_ps)
+#undef FUSEDOPT_FLOATS32_OPERATOR
+FUSEDOPT_INLINE Floats32 sqrt(Floats32 a) { return {_mm512_sqrt_ps(a.lo), _mm512_sqrt_ps(a.hi)}; }
+
+// vmaxps gives b unless a > b (so where either is NaN): a where a is NaN.
+FUSEDOPT_INLINE __m512 numpy_maximum(__m512 a, __m512 b) {
+  return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+}
+FUSEDOPT_INLINE Floats32 numpy_maximum(Floats32 a, Floats32 b) {
+  return {numpy_maximum(a.lo, b.lo), numpy_maximum(a.hi, b.hi)};
+}
+
+template <bool has_l2>
+FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats32 grad,
+                                        Floats32 param, float l2) {
+  const __m512i mask = splat(maximize.mask);
+  const Floats32 g{_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad.lo), mask)),
+                   _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad.hi), mask))};
+  if constexpr (has_l2) return g + l2 * param;
+  return g;
+}
+
+// Elements i .. i + 31 of a chunk. A bfloat16 store is made at once as if no value were NaN (its
+// bits plus the rounding's: round_to_bfloat16 but for NaN); finish() makes the lane's bfloat16
+// stores again, with NaN made the quiet NaN of its sign, if any value was. Stochastically, the
+// bits are Rounder's: half 0 of the 32 counters (counter_bits), half 1 folded from it.
+template <bool Stochastic>
+struct VectorLane {
+  FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
+    if constexpr (Stochastic) {
+      const __m512i counter =
+          _mm512_add_epi32(splat(first + static_cast<std::uint32_t>(at)),
+                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      half0[0] = counter_bits(key, counter);
+      half0[1] = counter_bits(key, _mm512_add_epi32(counter, splat(16)));
+    }
+  }
+
+  FUSEDOPT_INLINE Floats32 load(const float* p) const {
+    return {_mm512_loadu_ps(p + i), _mm512_loadu_ps(p + i + 16)};
+  }
+  // bfloat16 to float32 is exact: its bits in the high half
+  FUSEDOPT_INLINE Floats32 load(const Eigen::bfloat16* p) const {
+    return {widen(p + i), widen(p + i + 16)};
+  }
+  FUSEDOPT_INLINE void store(int, float* p, Floats32 x) const {
+    _mm512_storeu_ps(p + i, x.lo);
+    _mm512_storeu_ps(p + i + 16, x.hi);
+  }
+  FUSEDOPT_INLINE void store(int slot, Eigen::bfloat16* p, Floats32 x) {
+    nan |= _mm512_cmp_ps_mask(x.lo, x.hi, _CMP_UNORD_Q);
+    pending[count++] = {slot, p, x};
+    round_into(slot, p, x, false);
+  }
+  FUSEDOPT_INLINE void finish() const {
+    if (__builtin_expect(nan != 0, 0)) {
+      for (int s = 0; s < count; ++s) round_into(pending[s].slot, pending[s].to, pending[s].x, true);
+    }
+  }
+
+ private:
+  static FUSEDOPT_INLINE __m512 widen(const Eigen::bfloat16* p) {
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+  }
+  static FUSEDOPT_INLINE __m512i counter_bits(std::uint64_t key, __m512i counter) {
+    const __m512i weyl = _mm512_add_epi32(
+        _mm512_mullo_epi32(_mm512_xor_si512(counter, splat(static_cast<std::uint32_t>(key))),
+                           splat(0x9E3779B1U)),
+        splat(static_cast<std::uint32_t>(key >> 32)));
+    __m512i h = _mm512_xor_si512(weyl, _mm512_srli_epi32(weyl, 16));  // fmix32
+    h = _mm512_mullo_epi32(h, splat(0x85EBCA6BU));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, splat(0xC2B2AE35U));
+    return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  }
+  // What round_to_bfloat16 adds below the kept bits of x (16 of its lanes, `half` 0 or 1).
+  FUSEDOPT_INLINE __m512i below(int slot, int half, __m512 x) const {
+    if constexpr (Stochastic) {  // Rounder::bits
+      const __m512i h = half0[half];
+      if (slot == 0) return _mm512_and_si512(h, splat(0xFFFFU));
+      if (slot == 1) return _mm512_srli_epi32(h, 16);
+      const __m512i product =  // folded_product
+          _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)), splat(0x7FEB352DU));
+      return slot == 2 ? _mm512_srli_epi32(product, 16) : _mm512_and_si512(product, splat(0xFFFFU));
+    } else {  // to nearest even
+      (void)slot;
+      (void)half;
+      const __m512i u = _mm512_castps_si512(x);
+      return _mm512_add_epi32(splat(0x7FFFU), _mm512_and_si512(_mm512_srli_epi32(u, 16), splat(1)));
+    }
+  }
+  FUSEDOPT_INLINE __m512i rounded(int slot, int half, __m512 x, bool fix_nan) const {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i sum = _mm512_add_epi32(u, below(slot, half, x));
+    if (!fix_nan) return sum;
+    return _mm512_mask_or_epi32(sum, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                                _mm512_and_si512(u, splat(0x80000000U)), splat(0x7FC00000U));
+  }
+  FUSEDOPT_INLINE void round_into(int slot, Eigen::bfloat16* p, Floats32 x, bool fix_nan) const {
+    const __m512i high_words =
+        _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                         25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    _mm512_storeu_si512(p + i, _mm512_permutex2var_epi16(rounded(slot, 0, x.lo, fix_nan),
+                                                         high_words,
+                                                         rounded(slot, 1, x.hi, fix_nan)));
+  }
+
+  struct Pending {
+    int slot;
+    Eigen::bfloat16* to;
+    Floats32 x;
+  };
+  ChunkIndex i;
+  __m512i half0[2];
+  Pending pending[4];  // slots 0-3
+  int count = 0;
+  __mmask16 nan = 0;
+};
+
+template <typename T>
+inline constexpr bool kFloatOrBfloat16 =
+    std::is_same_v<T, float> || std::is_same_v<T, Eigen::bfloat16>;
+// The rows that run on vector lanes: float32 arithmetic on float32 and bfloat16 arrays, some
+// bfloat16 written (float32 rows gain nothing: GCC's loops already run them at full width).
+template <typename Types>
+inline constexpr bool kVectorLanes =
+    std::is_same_v<typename Types::Compute, float> && kFloatOrBfloat16<typename Types::Param> &&
+    kFloatOrBfloat16<typename Types::Grad> && kFloatOrBfloat16<typename Types::State> &&
+    (std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
+     std::is_same_v<typename Types::State, Eigen::bfloat16>);
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#else
+#define FUSEDOPT_VECTOR_LANES 0
+template <typename Types>
+inline constexpr bool kVectorLanes = false;
+#endif
+
+// Whether a kernel runs on for_each_lane (it says so with `static constexpr bool kLanes = true`):
+// then its vector rows store directly, and the caller gives them no stage (StagedStores).
+template <typename Kernel, typename = void>
+inline constexpr bool kRunsOnLanes = false;
+template <typename Kernel>
+inline constexpr bool kRunsOnLanes<Kernel, std::void_t<decltype(Kernel::kLanes)>> = Kernel::kLanes;
+
+// Runs body(lane) over a chunk's n elements, rounding as `rounding` says: on vector lanes where
+// the row takes them (then any stage is left unused), the rest, and every other row, in an omp
+// simd loop over ScalarLane.
+template <typename Types, typename Body>
+FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body& body) {
+  ChunkIndex done = 0;
+#if FUSEDOPT_VECTOR_LANES
+  if constexpr (kVectorLanes<Types>) {
+    const std::uint32_t first = counter_of(static_cast<std::uint64_t>(rounding.first));
+    const auto whole = static_cast<ChunkIndex>(n / 32 * 32);
+    const auto run = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
+      for (ChunkIndex i = 0; i < whole; i += 32) {
+        VectorLane<stochastic.value> lane(rounding.key, first, i);
+        body(lane);
+        lane.finish();
+      }
+    };
+    if (rounding.stochastic) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+    done = whole;
+    Rounding rest = rounding;
+    rest.stage = nullptr;
+    const auto count = static_cast<ChunkIndex>(n - whole);
+    with_rounding<Types>(rest, [&](const auto& out) FUSEDOPT_INLINE_LAMBDA {
+      using Out = std::decay_t<decltype(out)>;
+#pragma omp simd
+      for (ChunkIndex i = done; i < done + count; ++i) {
+        ScalarLane<typename Types::Compute, Out> lane{out, i};
+        body(lane);
+      }
+    });
+    return;
+  }
+#endif
+  with_rounding<Types>(rounding, [&](const auto& out) FUSEDOPT_INLINE_LAMBDA {
+    using Out = std::decay_t<decltype(out)>;
+    const auto count = static_cast<ChunkIndex>(n);
+#pragma omp simd
+    for (ChunkIndex i = done; i < count; ++i) {
+      ScalarLane<typename Types::Compute, Out> lane{out, i};
+      body(lane);
+    }
+  });
+}
+
+}  // namespace fusedopt
