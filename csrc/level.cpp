@@ -57,8 +57,9 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
 // stack, which the float32 kernel updates and which is written back after. Each quantized state
 // is decoded into one and encoded back (the rows' types say float32 state); float16 params and
 // grads are converted in blocks. Where the param and state are bfloat16, the results to nearest
-// are too (at the avx512 level: StagedStores). With masters the rounded copy is written while the
-// chunk is still in cache. All only for the rows where they can occur.
+// are too (at the avx512 level: StagedStores), unless the kernel runs on vector lanes. With
+// masters the rounded copy is written while the chunk is still in cache. All only for the rows
+// where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
             void* const* scales, Index begin, Index end, const double* tensor_sums) {

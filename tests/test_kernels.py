@@ -409,14 +409,17 @@ def takes_flag(name: str, flag: str) -> bool:
         if takes_flag(name, flag)
     ],
 )
-def test_special_low_precision_values_convert_as_the_reference_does(name, flag, row):
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_special_low_precision_values_convert_as_the_reference_does(name, flag, row, stochastic):
     """Special float16 and bfloat16 values in every low-precision array: in a chunk's first
     blocks, in blocks of subnormal results without a NaN (which the hardware rounding would
     flush), and at the end, in the tail converted one by one. Bit for bit the reference's
-    results, NaN payloads included, with maximize the signs that its negation gives them, and
-    with amsgrad numpy.maximum's choice of NaN."""
+    results, NaN payloads included, with maximize the signs that its negation gives them, with
+    amsgrad numpy.maximum's choice of NaN, and rounded to nearest or stochastically."""
     spec = OPTIMIZERS[name]
-    hyper = {**spec.cases[0], flag: True} if flag else spec.cases[0]
+    hyper = {**spec.cases[0], flag: True} if flag else dict(spec.cases[0])
+    if stochastic:
+        hyper.update(stochastic_rounding=True, seed=11)
     rng = np.random.default_rng(7)
     size = 2048 + 77  # a whole chunk, then two blocks of 32 and a tail (F16C's: 5)
     arrays = as_row(make_arrays(spec, hyper, (size,), np.float32, rng), row)

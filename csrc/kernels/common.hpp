@@ -444,7 +444,8 @@ struct StagedStores {
 // The storage types whose results to nearest are staged (StagedStores) where the caller gives a
 // stage: at the avx512 level, bfloat16 params with bfloat16 state, so that every array the kernel
 // writes is bfloat16. Where it writes bfloat16 params or state with float32 ones, the kernel's own
-// rounding took as long or less (bench/results/low_precision.md).
+// rounding took as long or less (bench/results/low_precision.md). Kernels on vector lanes
+// (lanes.hpp) round their stores themselves: the caller gives them no stage.
 template <typename Types>
 inline constexpr bool kStagesBfloat16Stores =
     FUSEDOPT_STAGES_BFLOAT16_STORES && std::is_same_v<typename Types::Param, Eigen::bfloat16> &&

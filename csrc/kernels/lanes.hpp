@@ -2,15 +2,18 @@
 // time in an `omp simd` loop (GCC vectorizes it, at every level), or, at the avx512 level for the
 // rows that write bfloat16, 32 float32 elements at a time in AVX-512 registers. There loads widen
 // 16 bfloat16 with one instruction, one NaN test covers every array a lane writes, and stores pack
-// 32 results with one vpermt2w: GCC's loops spend a fifth of all-bfloat16 Adam's arithmetic on
-// those (bench/bfloat16_lanes.cpp). The arithmetic is the same, in the same order: the bits are.
+// 32 results with one vpermt2w, where GCC's loops spent a fifth of all-bfloat16 Adam's arithmetic
+// on conversions (bench/bfloat16_avx512.cpp; bench/results/low_precision.md, "Vector lanes"). The
+// arithmetic is the same, in the same order: so are the bits.
 //
 // A kernel runs `for_each_lane<Types>(rounding, n, body)`, body(lane) reading element(s) with
 // lane.load(pointer) and writing them with lane.store(slot, pointer, value) (array slots as
 // Rounder's), each array written once and never read back, in arithmetic on the loaded values and
-// the kernel's constants (+, -, *, /, sqrt, effective_grad, numpy_maximum).
+// the kernel's constants (+, -, *, /, sqrt, effective_grad, numpy_maximum, numpy_sign,
+// zero_if_negative). A kernel says it runs so with `static constexpr bool kLanes = true`.
 #pragma once
 
+#include <cassert>
 #include <cmath>
 #include <type_traits>
 
@@ -42,6 +45,16 @@ template <typename T>
 FUSEDOPT_INLINE T numpy_maximum(T a, T b) {
   return a != a ? a : (b != b ? b : (a > b ? a : b));
 }
+// numpy.sign, branch-free: (x > 0) - (x < 0) is +0 for either zero; NaN stays NaN.
+template <typename T>
+FUSEDOPT_INLINE T numpy_sign(T x) {
+  return x != x ? x : static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
+}
+// 0 where x < 0, else x (NaN and -0 stay).
+template <typename T>
+FUSEDOPT_INLINE T zero_if_negative(T x) {
+  return x < T(0) ? T(0) : x;
+}
 
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__GNUC__)
 #define FUSEDOPT_VECTOR_LANES 1
@@ -59,17 +72,17 @@ FUSEDOPT_INLINE __m512i splat(std::uint32_t x) { return _mm512_set1_epi32(static
 struct Floats32 {
   __m512 lo, hi;
 };
-#define FUSEDOPT_FLOATS32_OPERATOR(op, fn)                                      \
-  FUSEDOPT_INLINE Floats32 operator op(Floats32 a, Floats32 b) {                \
-    return {fn(a.lo, b.lo), fn(a.hi, b.hi)};                                    \
-  }                                                                             \
-  FUSEDOPT_INLINE Floats32 operator op(float a, Floats32 b) {                   \
-    const __m512 s = _mm512_set1_ps(a);                                         \
-    return {fn(s, b.lo), fn(s, b.hi)};                                          \
-  }                                                                             \
-  FUSEDOPT_INLINE Floats32 operator op(Floats32 a, float b) {                   \
-    const __m512 s = _mm512_set1_ps(b);                                         \
-    return {fn(a.lo, s), fn(a.hi, s)};                                          \
+#define FUSEDOPT_FLOATS32_OPERATOR(op, fn)                       \
+  FUSEDOPT_INLINE Floats32 operator op(Floats32 a, Floats32 b) { \
+    return {fn(a.lo, b.lo), fn(a.hi, b.hi)};                     \
+  }                                                              \
+  FUSEDOPT_INLINE Floats32 operator op(float a, Floats32 b) {    \
+    const __m512 s = _mm512_set1_ps(a);                          \
+    return {fn(s, b.lo), fn(s, b.hi)};                           \
+  }                                                              \
+  FUSEDOPT_INLINE Floats32 operator op(Floats32 a, float b) {    \
+    const __m512 s = _mm512_set1_ps(b);                          \
+    return {fn(a.lo, s), fn(a.hi, s)};                           \
   }
 FUSEDOPT_FLOATS32_OPERATOR(+, _mm512_add_ps)
 FUSEDOPT_FLOATS32_OPERATOR(-, _mm512_sub_ps)
@@ -85,10 +98,25 @@ FUSEDOPT_INLINE __m512 numpy_maximum(__m512 a, __m512 b) {
 FUSEDOPT_INLINE Floats32 numpy_maximum(Floats32 a, Floats32 b) {
   return {numpy_maximum(a.lo, b.lo), numpy_maximum(a.hi, b.hi)};
 }
+FUSEDOPT_INLINE __m512 numpy_sign(__m512 x) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 sign =
+      _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), _mm512_set1_ps(1.0F));
+  sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.0F));
+  return _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+FUSEDOPT_INLINE Floats32 numpy_sign(Floats32 x) { return {numpy_sign(x.lo), numpy_sign(x.hi)}; }
+FUSEDOPT_INLINE __m512 zero_if_negative(__m512 x) {
+  return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ),
+                            _mm512_setzero_ps());
+}
+FUSEDOPT_INLINE Floats32 zero_if_negative(Floats32 x) {
+  return {zero_if_negative(x.lo), zero_if_negative(x.hi)};
+}
 
-template <bool has_l2>
-FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats32 grad,
-                                        Floats32 param, float l2) {
+template <bool has_l2, typename Param>
+FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats32 grad, Param param,
+                                        float l2) {
   const __m512i mask = splat(maximize.mask);
   const Floats32 g{_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad.lo), mask)),
                    _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad.hi), mask))};
@@ -124,13 +152,15 @@ struct VectorLane {
     _mm512_storeu_ps(p + i + 16, x.hi);
   }
   FUSEDOPT_INLINE void store(int slot, Eigen::bfloat16* p, Floats32 x) {
+    assert(count < 4 && "a kernel writes each of at most 4 arrays once");
     nan |= _mm512_cmp_ps_mask(x.lo, x.hi, _CMP_UNORD_Q);
     pending[count++] = {slot, p, x};
     round_into(slot, p, x, false);
   }
   FUSEDOPT_INLINE void finish() const {
     if (__builtin_expect(nan != 0, 0)) {
-      for (int s = 0; s < count; ++s) round_into(pending[s].slot, pending[s].to, pending[s].x, true);
+      for (int s = 0; s < count; ++s)
+        round_into(pending[s].slot, pending[s].to, pending[s].x, true);
     }
   }
 
@@ -177,9 +207,9 @@ struct VectorLane {
     const __m512i high_words =
         _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
                          25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    _mm512_storeu_si512(p + i, _mm512_permutex2var_epi16(rounded(slot, 0, x.lo, fix_nan),
-                                                         high_words,
-                                                         rounded(slot, 1, x.hi, fix_nan)));
+    _mm512_storeu_si512(p + i,
+                        _mm512_permutex2var_epi16(rounded(slot, 0, x.lo, fix_nan), high_words,
+                                                  rounded(slot, 1, x.hi, fix_nan)));
   }
 
   struct Pending {
@@ -226,12 +256,23 @@ inline constexpr bool kRunsOnLanes<Kernel, std::void_t<decltype(Kernel::kLanes)>
 // simd loop over ScalarLane.
 template <typename Types, typename Body>
 FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body& body) {
-  ChunkIndex done = 0;
+  // the omp simd loop over elements [first, count)
+  const auto elements = [&](const Rounding& how, ChunkIndex first,
+                            ChunkIndex count) FUSEDOPT_INLINE_LAMBDA {
+    with_rounding<Types>(how, [&](const auto& out) FUSEDOPT_INLINE_LAMBDA {
+      using Out = std::decay_t<decltype(out)>;
+#pragma omp simd
+      for (ChunkIndex i = first; i < count; ++i) {
+        ScalarLane<typename Types::Compute, Out> lane{out, i};
+        body(lane);
+      }
+    });
+  };
 #if FUSEDOPT_VECTOR_LANES
   if constexpr (kVectorLanes<Types>) {
     const std::uint32_t first = counter_of(static_cast<std::uint64_t>(rounding.first));
     const auto whole = static_cast<ChunkIndex>(n / 32 * 32);
-    const auto run = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
+    const auto lanes = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
       for (ChunkIndex i = 0; i < whole; i += 32) {
         VectorLane<stochastic.value> lane(rounding.key, first, i);
         body(lane);
@@ -239,34 +280,19 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
       }
     };
     if (rounding.stochastic) {
-      run(std::true_type{});
+      lanes(std::true_type{});
     } else {
-      run(std::false_type{});
+      lanes(std::false_type{});
     }
-    done = whole;
     Rounding rest = rounding;
     rest.stage = nullptr;
-    const auto count = static_cast<ChunkIndex>(n - whole);
-    with_rounding<Types>(rest, [&](const auto& out) FUSEDOPT_INLINE_LAMBDA {
-      using Out = std::decay_t<decltype(out)>;
-#pragma omp simd
-      for (ChunkIndex i = done; i < done + count; ++i) {
-        ScalarLane<typename Types::Compute, Out> lane{out, i};
-        body(lane);
-      }
-    });
-    return;
+    elements(rest, whole, static_cast<ChunkIndex>(n));
+  } else {
+    elements(rounding, 0, static_cast<ChunkIndex>(n));
   }
+#else
+  elements(rounding, 0, static_cast<ChunkIndex>(n));
 #endif
-  with_rounding<Types>(rounding, [&](const auto& out) FUSEDOPT_INLINE_LAMBDA {
-    using Out = std::decay_t<decltype(out)>;
-    const auto count = static_cast<ChunkIndex>(n);
-#pragma omp simd
-    for (ChunkIndex i = done; i < count; ++i) {
-      ScalarLane<typename Types::Compute, Out> lane{out, i};
-      body(lane);
-    }
-  });
 }
 
 }  // namespace fusedopt

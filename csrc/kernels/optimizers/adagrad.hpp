@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -53,28 +53,28 @@ struct AdagradKernel {
         eps(T(h.real("eps"))),
         maximize(h.flag("maximize")) {}
 
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const sum_sq = role<S>(a, 2, offset);
+    const AdagradKernel constants = *this;
     with_flags(
-        [&](auto l2) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                          role<S>(a, 2, offset));
+        [&](auto l2) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<l2.value>(lane, param, grad, sum_sq);
           });
         },
         weight_decay != T(0));
   }
 
-  template <bool l2, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict sum_sq) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
-      const T s = load<T>(sum_sq[i]) + g * g;
-      out(i, 1, sum_sq[i], s);
-      out(i, 0, param[i], p - clr * g / (std::sqrt(s) + eps));
-    }
+  template <bool l2, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* sum_sq) const {
+    const auto p = lane.load(param);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto s = lane.load(sum_sq) + g * g;
+    lane.store(1, sum_sq, s);
+    lane.store(0, param, p - clr * g / (sqrt(s) + eps));
   }
 
   T clr, weight_decay, eps;

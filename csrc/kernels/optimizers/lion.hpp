@@ -2,7 +2,7 @@
 // of an interpolated momentum, with decoupled weight decay.
 #pragma once
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -56,26 +56,25 @@ struct LionKernel {
     maximize = Negation<T>(h.flag("maximize"));
   }
 
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
-    with_rounding<Types>(rounding, [&](const auto& out) {
-      run(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset), role<S>(a, 2, offset));
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const exp_avg = role<S>(a, 2, offset);
+    const LionKernel constants = *this;
+    for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+      constants.step(lane, param, grad, exp_avg);
     });
   }
 
-  template <typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict exp_avg) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T g = effective_grad<false>(maximize, load<T>(grad[i]), T(0), T(0));
-      const T m = load<T>(exp_avg[i]);
-      const T c = beta1 * m + one_minus_beta1 * g;
-      // numpy.sign, branch-free: (c > 0) - (c < 0) is +0 for either zero; NaN stays NaN
-      const T sign = c != c ? c : static_cast<T>(c > T(0)) - static_cast<T>(c < T(0));
-      // param * 1 is exact: no weight decay is the same as decay = 1
-      out(i, 0, param[i], load<T>(param[i]) * decay - lr * sign);
-      out(i, 1, exp_avg[i], beta2 * m + one_minus_beta2 * g);
-    }
+  template <typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg) const {
+    const auto g = effective_grad<false>(maximize, lane.load(grad), T(0), T(0));
+    const auto m = lane.load(exp_avg);
+    const auto sign = numpy_sign(beta1 * m + one_minus_beta1 * g);
+    // param * 1 is exact: no weight decay is the same as decay = 1
+    lane.store(0, param, lane.load(param) * decay - lr * sign);
+    lane.store(1, exp_avg, beta2 * m + one_minus_beta2 * g);
   }
 
   T lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;

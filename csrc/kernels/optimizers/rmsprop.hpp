@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -67,45 +67,48 @@ struct RmspropKernel {
     maximize = Negation<T>(h.flag("maximize"));
   }
 
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const square_avg = role<S>(a, 2, offset);
+    S* const momentum_buffer = role<S>(a, 3, offset);
+    S* const grad_avg = role<S>(a, 4, offset);
+    const RmspropKernel constants = *this;
     with_flags(
-        [&](auto l2, auto mom, auto cent) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<l2.value, mom.value, cent.value>(n, out, role<P>(a, 0, offset),
-                                                 role<const G>(a, 1, offset), role<S>(a, 2, offset),
-                                                 role<S>(a, 3, offset), role<S>(a, 4, offset));
+        [&](auto l2, auto mom, auto cent) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<l2.value, mom.value, cent.value>(lane, param, grad, square_avg,
+                                                            momentum_buffer, grad_avg);
           });
         },
-        weight_decay != T(0), a[3] != nullptr, a[4] != nullptr);
+        weight_decay != T(0), momentum_buffer != nullptr, grad_avg != nullptr);
   }
 
-  template <bool l2, bool with_momentum, bool centered, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict square_avg, S* __restrict momentum_buffer, S* __restrict grad_avg) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
-      const T s = alpha * load<T>(square_avg[i]) + one_minus_alpha * g * g;
-      out(i, 1, square_avg[i], s);
-      T denom;
+  template <bool l2, bool with_momentum, bool centered, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* square_avg, S* momentum_buffer,
+                            S* grad_avg) const {
+    const auto p = lane.load(param);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto s = alpha * lane.load(square_avg) + one_minus_alpha * g * g;
+    lane.store(1, square_avg, s);
+    const auto denom = [&]() FUSEDOPT_INLINE_LAMBDA {
       if constexpr (centered) {
-        const T ga = alpha * load<T>(grad_avg[i]) + one_minus_alpha * g;
-        out(i, 3, grad_avg[i], ga);
+        const auto ga = alpha * lane.load(grad_avg) + one_minus_alpha * g;
+        lane.store(3, grad_avg, ga);
         // s >= ga^2 holds exactly (Jensen), not after rounding: low-precision or quantized
         // state, or float32 rounding, can make the difference negative, whose sqrt is NaN.
-        const T variance = s - ga * ga;
-        denom = std::sqrt(variance < T(0) ? T(0) : variance) + eps;  // numpy.maximum(x, 0)
+        return sqrt(zero_if_negative(s - ga * ga)) + eps;
       } else {
-        denom = std::sqrt(s) + eps;
+        return sqrt(s) + eps;
       }
-      if constexpr (with_momentum) {
-        const T b = momentum * load<T>(momentum_buffer[i]) + g / denom;
-        out(i, 2, momentum_buffer[i], b);
-        out(i, 0, param[i], p - lr * b);
-      } else {
-        out(i, 0, param[i], p - lr * g / denom);
-      }
+    }();
+    if constexpr (with_momentum) {
+      const auto b = momentum * lane.load(momentum_buffer) + g / denom;
+      lane.store(2, momentum_buffer, b);
+      lane.store(0, param, p - lr * b);
+    } else {
+      lane.store(0, param, p - lr * g / denom);
     }
   }
 

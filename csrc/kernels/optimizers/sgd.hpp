@@ -1,7 +1,7 @@
 // Plain SGD and SGD with momentum (Polyak 1964; Nesterov form as in Sutskever et al. 2013).
 #pragma once
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -71,23 +71,24 @@ struct SgdKernel {
         weight_decay(T(h.real("weight_decay"))),
         maximize(h.flag("maximize")) {}
 
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    const SgdKernel constants = *this;
     with_flags(
-        [&](auto l2) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset));
+        [&](auto l2) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<l2.value>(lane, param, grad);
           });
         },
         weight_decay != T(0));
   }
 
-  template <bool l2, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      out(i, 0, param[i], p - lr * effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay));
-    }
+  template <bool l2, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad) const {
+    const auto p = lane.load(param);
+    lane.store(0, param, p - lr * effective_grad<l2>(maximize, lane.load(grad), p, weight_decay));
   }
 
   T lr, weight_decay;
@@ -116,31 +117,31 @@ struct MomentumKernel {
         nesterov(h.flag("nesterov")),
         maximize(h.flag("maximize")) {}
 
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const buf = role<S>(a, 2, offset);
+    const MomentumKernel constants = *this;
     with_flags(
-        [&](auto l2, auto nest) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<l2.value, nest.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                                      role<S>(a, 2, offset));
+        [&](auto l2, auto nest) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<l2.value, nest.value>(lane, param, grad, buf);
           });
         },
         weight_decay != T(0), nesterov);
   }
 
-  template <bool l2, bool nest, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict buf) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
-      const T b = momentum * load<T>(buf[i]) + one_minus_dampening * g;
-      out(i, 1, buf[i], b);
-      if constexpr (nest) {
-        out(i, 0, param[i], p - lr * (g + momentum * b));
-      } else {
-        out(i, 0, param[i], p - lr * b);
-      }
+  template <bool l2, bool nest, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* buf) const {
+    const auto p = lane.load(param);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto b = momentum * lane.load(buf) + one_minus_dampening * g;
+    lane.store(1, buf, b);
+    if constexpr (nest) {
+      lane.store(0, param, p - lr * (g + momentum * b));
+    } else {
+      lane.store(0, param, p - lr * b);
     }
   }
 
