@@ -4,7 +4,10 @@ arrays (each first in every other alternation), so that both see the machine as 
 shared machine whose memory speed swings from run to run, this separates a change from the noise
 that comparing two runs would mix in.
 
-    python bench/ab_kernels.py OLD.so NEW.so [--n 1e7] [--calls 11]
+    python bench/ab_kernels.py OLD.so NEW.so [--n 1e7] [--calls 11] [--others]
+
+With --others, the rows are instead momentum, Lion, RMSprop and Adagrad, each with float32 and
+with bfloat16 params, grads and state (to nearest, and momentum, Lion and Adagrad stochastically).
 
 Prints each row's median time with each library and the median (and the 2/11 and 8/11 quantiles)
 of the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
@@ -61,12 +64,35 @@ def adam_row(values, param, grad, state, master, stochastic):
     )
 
 
+def other_rows(values) -> dict:
+    """Steps of optimizers other than Adam on copies of `values`, float32 and all-bfloat16."""
+
+    def row(fn, dtype, stochastic=False, **hyper):
+        arrays = [values.astype(DTYPES[dtype]) for _ in range(2)]
+        arrays.append(np.zeros(values.size, DTYPES[dtype]))
+        return lambda step: fn(*arrays, lr=1e-4, stochastic_rounding=stochastic, seed=step, **hyper)
+
+    rows = {}
+    for name, fn, hyper in (
+        ("momentum", fusedopt.momentum_, {"momentum": 0.9}),
+        ("lion", fusedopt.lion_, {}),
+        ("rmsprop", fusedopt.rmsprop_, {}),
+        ("adagrad", fusedopt.adagrad_, {"step": 1}),
+    ):
+        rows[f"{name} float32"] = row(fn, "float32", **hyper)
+        rows[f"{name} bfloat16"] = row(fn, "bfloat16", **hyper)
+        if name != "rmsprop":
+            rows[f"{name} bfloat16 stochastic"] = row(fn, "bfloat16", True, **hyper)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--n", type=float, default=1e7)
     parser.add_argument("--calls", type=int, default=11)
+    parser.add_argument("--others", action="store_true", help="momentum, Lion, RMSprop, Adagrad")
     args = parser.parse_args(argv)
     libraries = {name: ctypes.CDLL(path) for name, path in (("old", args.old), ("new", args.new))}
     tables = {
@@ -74,7 +100,10 @@ def main(argv=None) -> None:
         for name, library in libraries.items()
     }
     values = np.random.default_rng(0).standard_normal(int(args.n)).astype(np.float32)
-    steps = {name: adam_row(values, *row) for name, row in ROWS.items()}
+    if args.others:
+        steps = other_rows(values)
+    else:
+        steps = {name: adam_row(values, *row) for name, row in ROWS.items()}
     times = {(name, which): [] for name in steps for which in tables}
     for step in range(1, args.calls + 1):
         for name, fn in steps.items():
@@ -86,7 +115,8 @@ def main(argv=None) -> None:
                 fn(step)
                 times[name, which].append(time.perf_counter() - start)
     print(
-        f"Adam, n = {int(args.n):,}, {fusedopt.get_num_threads()} threads, "
+        f"{'Other optimizers' if args.others else 'Adam'}, n = {int(args.n):,}, "
+        f"{fusedopt.get_num_threads()} threads, "
         f"{args.calls} alternations; old {args.old}, new {args.new}"
     )
     low, high = (args.calls * 2) // 11, (args.calls * 8) // 11
