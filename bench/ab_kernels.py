@@ -6,8 +6,9 @@ that comparing two runs would mix in.
 
     python bench/ab_kernels.py OLD.so NEW.so [--n 1e7] [--calls 11] [--others]
 
-With --others, the rows are instead momentum, Lion, RMSprop and Adagrad, each with float32 and
-with bfloat16 params, grads and state (to nearest, and momentum, Lion and Adagrad stochastically).
+With --others, the rows are instead momentum, Lion, RMSprop, Adagrad, Adamax, NAdam and RAdam,
+each with float32 and with bfloat16 params, grads and state (to nearest, and all but RMSprop
+stochastically too).
 
 Prints each row's median time with each library and the median (and the 2/11 and 8/11 quantiles)
 of the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
@@ -69,7 +70,8 @@ def other_rows(values) -> dict:
 
     def row(fn, dtype, stochastic=False, **hyper):
         arrays = [values.astype(DTYPES[dtype]) for _ in range(2)]
-        arrays.append(np.zeros(values.size, DTYPES[dtype]))
+        states = 2 if fn in (fusedopt.adamax_, fusedopt.nadam_, fusedopt.radam_) else 1
+        arrays += [np.zeros(values.size, DTYPES[dtype]) for _ in range(states)]
         return lambda step: fn(*arrays, lr=1e-4, stochastic_rounding=stochastic, seed=step, **hyper)
 
     rows = {}
@@ -78,6 +80,9 @@ def other_rows(values) -> dict:
         ("lion", fusedopt.lion_, {}),
         ("rmsprop", fusedopt.rmsprop_, {}),
         ("adagrad", fusedopt.adagrad_, {"step": 1}),
+        ("adamax", fusedopt.adamax_, {"step": 1}),
+        ("nadam", fusedopt.nadam_, {"step": 1}),
+        ("radam", fusedopt.radam_, {"step": 10}),
     ):
         rows[f"{name} float32"] = row(fn, "float32", **hyper)
         rows[f"{name} bfloat16"] = row(fn, "bfloat16", **hyper)
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("new")
     parser.add_argument("--n", type=float, default=1e7)
     parser.add_argument("--calls", type=int, default=11)
-    parser.add_argument("--others", action="store_true", help="momentum, Lion, RMSprop, Adagrad")
+    parser.add_argument("--others", action="store_true", help="other optimizers than Adam")
     args = parser.parse_args(argv)
     libraries = {name: ctypes.CDLL(path) for name, path in (("old", args.old), ("new", args.new))}
     tables = {

@@ -9,7 +9,7 @@
 // A kernel runs `for_each_lane<Types>(rounding, n, body)`, body(lane) reading element(s) with
 // lane.load(pointer) and writing them with lane.store(slot, pointer, value) (array slots as
 // Rounder's), each array written once and never read back, in arithmetic on the loaded values and
-// the kernel's constants (+, -, *, /, sqrt, effective_grad, numpy_maximum, numpy_sign,
+// the kernel's constants (+, -, *, /, sqrt, abs, effective_grad, numpy_maximum, numpy_sign,
 // zero_if_negative). A kernel says it runs so with `static constexpr bool kLanes = true`.
 #pragma once
 
@@ -21,7 +21,8 @@
 
 namespace fusedopt {
 
-// sqrt(x) in a formula: std::sqrt for a scalar, Floats32's for a vector lane.
+// sqrt(x) and abs(x) in a formula: std's for a scalar, Floats32's for a vector lane.
+using std::abs;
 using std::sqrt;
 
 // Element i of a chunk, in the compute type T, as the omp simd loop's body.
@@ -90,6 +91,8 @@ FUSEDOPT_FLOATS32_OPERATOR(*, _mm512_mul_ps)
 FUSEDOPT_FLOATS32_OPERATOR(/, _mm512_div_ps)
 #undef FUSEDOPT_FLOATS32_OPERATOR
 FUSEDOPT_INLINE Floats32 sqrt(Floats32 a) { return {_mm512_sqrt_ps(a.lo), _mm512_sqrt_ps(a.hi)}; }
+// the sign bit cleared, as std::abs (NaN too)
+FUSEDOPT_INLINE Floats32 abs(Floats32 a) { return {_mm512_abs_ps(a.lo), _mm512_abs_ps(a.hi)}; }
 
 // vmaxps gives b unless a > b (so where either is NaN): a where a is NaN.
 FUSEDOPT_INLINE __m512 numpy_maximum(__m512 a, __m512 b) {

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -59,35 +59,31 @@ struct AdamaxKernel {
     maximize = Negation<T>(h.flag("maximize"));
   }
 
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const exp_avg = role<S>(a, 2, offset);
+    S* const exp_inf = role<S>(a, 3, offset);
+    const AdamaxKernel constants = *this;
     with_flags(
-        [&](auto l2) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                          role<S>(a, 2, offset), role<S>(a, 3, offset));
+        [&](auto l2) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<l2.value>(lane, param, grad, exp_avg, exp_inf);
           });
         },
         weight_decay != T(0));
   }
 
-  template <bool l2, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict exp_avg, S* __restrict exp_inf) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      const T g = effective_grad<l2>(maximize, load<T>(grad[i]), p, weight_decay);
-      const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
-      const T decayed = beta2 * load<T>(exp_inf[i]);
-      const T magnitude = std::abs(g) + eps;
-      // numpy.maximum: NaN if either is NaN
-      const T u = decayed != decayed       ? decayed
-                  : magnitude != magnitude ? magnitude
-                                           : (decayed > magnitude ? decayed : magnitude);
-      out(i, 1, exp_avg[i], m);
-      out(i, 2, exp_inf[i], u);
-      out(i, 0, param[i], p - step_size * m / u);
-    }
+  template <bool l2, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_inf) const {
+    const auto p = lane.load(param);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
+    const auto u = numpy_maximum(beta2 * lane.load(exp_inf), abs(g) + eps);
+    lane.store(1, exp_avg, m);
+    lane.store(2, exp_inf, u);
+    lane.store(0, param, p - step_size * m / u);
   }
 
   T beta1, one_minus_beta1, beta2, eps, weight_decay, step_size;

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -103,31 +103,32 @@ struct NAdamKernel {
   }
 
   // param * 1 is exact, so decay is applied whether decoupled or not (as in Adam).
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const exp_avg = role<S>(a, 2, offset);
+    S* const exp_avg_sq = role<S>(a, 3, offset);
+    const NAdamKernel constants = *this;
     with_flags(
-        [&](auto has_l2) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<has_l2.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                              role<S>(a, 2, offset), role<S>(a, 3, offset));
+        [&](auto has_l2) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<has_l2.value>(lane, param, grad, exp_avg, exp_avg_sq);
           });
         },
         l2 != T(0));
   }
 
-  template <bool has_l2, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      const T g = effective_grad<has_l2>(maximize, load<T>(grad[i]), p, l2);
-      const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
-      const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
-      out(i, 1, exp_avg[i], m);
-      out(i, 2, exp_avg_sq[i], v);
-      out(i, 0, param[i],
-          p * decay - (grad_step * g + avg_step * m) / (std::sqrt(v / bias_correction2) + eps));
-    }
+  template <bool has_l2, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_avg_sq) const {
+    const auto p = lane.load(param);
+    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2);
+    const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
+    const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
+    lane.store(1, exp_avg, m);
+    lane.store(2, exp_avg_sq, v);
+    lane.store(0, param,
+               p * decay - (grad_step * g + avg_step * m) / (sqrt(v / bias_correction2) + eps));
   }
 
   T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, grad_step, avg_step,

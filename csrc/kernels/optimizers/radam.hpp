@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -85,34 +85,34 @@ struct RAdamKernel {
   }
 
   // param * 1 is exact, so decay is applied whether decoupled or not (as in Adam).
+  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const exp_avg = role<S>(a, 2, offset);
+    S* const exp_avg_sq = role<S>(a, 3, offset);
+    const RAdamKernel constants = *this;
     with_flags(
-        [&](auto has_l2, auto rect) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<has_l2.value, rect.value>(n, out, role<P>(a, 0, offset),
-                                          role<const G>(a, 1, offset), role<S>(a, 2, offset),
-                                          role<S>(a, 3, offset));
+        [&](auto has_l2, auto rect) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<has_l2.value, rect.value>(lane, param, grad, exp_avg, exp_avg_sq);
           });
         },
         l2 != T(0), rectified);
   }
 
-  template <bool has_l2, bool rect, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T p = load<T>(param[i]);
-      const T g = effective_grad<has_l2>(maximize, load<T>(grad[i]), p, l2);
-      const T m = beta1 * load<T>(exp_avg[i]) + one_minus_beta1 * g;
-      const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
-      out(i, 1, exp_avg[i], m);
-      out(i, 2, exp_avg_sq[i], v);
-      if constexpr (rect) {
-        out(i, 0, param[i], p * decay - step_size * m / (std::sqrt(v) + eps));
-      } else {
-        out(i, 0, param[i], p * decay - step_size * m);
-      }
+  template <bool has_l2, bool rect, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_avg_sq) const {
+    const auto p = lane.load(param);
+    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2);
+    const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
+    const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
+    lane.store(1, exp_avg, m);
+    lane.store(2, exp_avg_sq, v);
+    if constexpr (rect) {
+      lane.store(0, param, p * decay - step_size * m / (sqrt(v) + eps));
+    } else {
+      lane.store(0, param, p * decay - step_size * m);
     }
   }
 
