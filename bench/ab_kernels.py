@@ -27,6 +27,7 @@ from low_precision import DTYPES, state_array  # bench/, this script's folder
 
 import fusedopt
 from fusedopt import _core
+from fusedopt.registry import OPTIMIZERS
 
 # (param, grad, state, master, stochastic), dtypes named as bench/low_precision.py names them
 ROWS = {
@@ -66,28 +67,30 @@ def adam_row(values, param, grad, state, master, stochastic):
 
 
 def other_rows(values) -> dict:
-    """Steps of optimizers other than Adam on copies of `values`, float32 and all-bfloat16."""
+    """Steps of optimizers other than Adam on copies of `values`, float32 and all-bfloat16, with
+    the arrays their registry entries take (the state zero)."""
 
-    def row(fn, dtype, stochastic=False, **hyper):
-        arrays = [values.astype(DTYPES[dtype]) for _ in range(2)]
-        states = 2 if fn in (fusedopt.adamax_, fusedopt.nadam_, fusedopt.radam_) else 1
-        arrays += [np.zeros(values.size, DTYPES[dtype]) for _ in range(states)]
-        return lambda step: fn(*arrays, lr=1e-4, stochastic_rounding=stochastic, seed=step, **hyper)
+    def row(spec, dtype, stochastic=False, **hyper):
+        arrays = {role: values.astype(DTYPES[dtype]) for role in ("param", "grad")}
+        arrays.update({b: np.zeros(values.size, DTYPES[dtype]) for b in spec.buffers(hyper)})
+        options = {"lr": 1e-4, "stochastic_rounding": stochastic, "seed": 1, **hyper}
+        return spec.bind(spec.fused, arrays, options)
 
     rows = {}
-    for name, fn, hyper in (
-        ("momentum", fusedopt.momentum_, {"momentum": 0.9}),
-        ("lion", fusedopt.lion_, {}),
-        ("rmsprop", fusedopt.rmsprop_, {}),
-        ("adagrad", fusedopt.adagrad_, {"step": 1}),
-        ("adamax", fusedopt.adamax_, {"step": 1}),
-        ("nadam", fusedopt.nadam_, {"step": 1}),
-        ("radam", fusedopt.radam_, {"step": 10}),
+    for name, hyper in (
+        ("momentum", {"momentum": 0.9}),
+        ("lion", {}),
+        ("rmsprop", {}),
+        ("adagrad", {}),
+        ("adamax", {}),
+        ("nadam", {}),
+        ("radam", {}),
     ):
-        rows[f"{name} float32"] = row(fn, "float32", **hyper)
-        rows[f"{name} bfloat16"] = row(fn, "bfloat16", **hyper)
+        spec = OPTIMIZERS[name]
+        rows[f"{name} float32"] = row(spec, "float32", **hyper)
+        rows[f"{name} bfloat16"] = row(spec, "bfloat16", **hyper)
         if name != "rmsprop":
-            rows[f"{name} bfloat16 stochastic"] = row(fn, "bfloat16", True, **hyper)
+            rows[f"{name} bfloat16 stochastic"] = row(spec, "bfloat16", True, **hyper)
     return rows
 
 

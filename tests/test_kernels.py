@@ -492,7 +492,7 @@ def test_bfloat16_rounding_in_software_blocks_converts_as_the_reference_does():
             "-p",
             "no:cacheprovider",
             "-k",
-            "bfloat16",
+            "bfloat16 and nearest",  # stochastic rounding never takes that path
             test,
         ],
         env=env,
