@@ -6,9 +6,9 @@ that comparing two runs would mix in.
 
     python bench/ab_kernels.py OLD.so NEW.so [--n 1e7] [--calls 11] [--others]
 
-With --others, the rows are instead momentum, Lion, RMSprop, Adagrad, Adamax, NAdam and RAdam,
-each with float32 and with bfloat16 params, grads and state (to nearest, and all but RMSprop
-stochastically too).
+With --others, the rows are instead momentum, Lion, RMSprop, Adagrad, Adamax, NAdam, RAdam, LAMB
+and the schedule-free AdamW and SGD, each with float32 and with bfloat16 params, grads and state
+(to nearest, and all but RMSprop stochastically too).
 
 Prints each row's median time with each library and the median (and the 2/11 and 8/11 quantiles)
 of the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
@@ -85,6 +85,9 @@ def other_rows(values) -> dict:
         ("adamax", {}),
         ("nadam", {}),
         ("radam", {}),
+        ("lamb", {}),
+        ("schedulefree_adamw", {}),
+        ("schedulefree_sgd", {}),
     ):
         spec = OPTIMIZERS[name]
         rows[f"{name} float32"] = row(spec, "float32", **hyper)

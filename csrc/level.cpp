@@ -56,10 +56,8 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
 // Runs the kernel chunk by chunk. Some arrays are staged: a float32 copy of the chunk on the
 // stack, which the float32 kernel updates and which is written back after. Each quantized state
 // is decoded into one and encoded back (the rows' types say float32 state); float16 params and
-// grads are converted in blocks. Where the param and state are bfloat16, the results to nearest
-// are too (at the avx512 level: StagedStores), unless the kernel runs on vector lanes. With
-// masters the rounded copy is written while the chunk is still in cache. All only for the rows
-// where they can occur.
+// grads are converted in blocks. With masters the rounded copy is written while the chunk is
+// still in cache. All only for the rows where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
             void* const* scales, Index begin, Index end, const double* tensor_sums) {
@@ -75,17 +73,6 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   [[maybe_unused]] std::array<std::array<float, staging ? kChunk : 1>, roles> staged;
   // the random bits of the chunk's elements, both halves, computed once for every state
   [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
-  // results to nearest, as float32 per array slot, rounded into bfloat16 in blocks after the
-  // kernel (StagedStores)
-  // (a kernel on vector lanes stores its bfloat16 results itself)
-  constexpr bool stages_stores =
-      kStagesBfloat16Stores<Staged> &&
-      !(kVectorLanes<Staged> && kRunsOnLanes<std::remove_cv_t<decltype(kernel)>>);
-  static_assert(!(stages_stores && staging), "a staged row's written arrays are its own");
-  static_assert(!stages_stores || roles < 2 || !Decl::arrays[1].written,
-                "role 1 (the grad) is no array slot: slot_of_role");
-  alignas(64) std::array<float, stages_stores ? (roles - 1) * kStagePiece : 1> stage_values;
-  BfloatStage bfloat16_stage{stage_values.data()};
   const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
                               std::size_t t) {
     if constexpr (kSums<Decl> > 0) {
@@ -100,43 +87,13 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
     Rounding rounding{request.stochastic,
                       tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
                       offset};
-    if constexpr (stages_stores) {
-      if (!request.stochastic) rounding.stage = &bfloat16_stage;
-    }
     void* const* arrays = set.arrays(t);
-    // The kernel on the chunk's arrays (`where`, from where_offset). With a stage, piece by piece
-    // (kStagePiece), each piece's results rounded into their bfloat16 arrays right after it; the
-    // rest of the chunk at once if the kernel did not use it (the roofline probe, which stores
-    // directly).
-    const auto run = [&](void* const* where, Index where_offset) {
-      if constexpr (stages_stores) {
-        // one call of the kernel in the code: each call site would inline all its loops
-        Index size = rounding.stage != nullptr ? kStagePiece : n;
-        for (Index first = 0; first < n;) {
-          const Index count = std::min(size, n - first);
-          Rounding piece = rounding;
-          piece.first = rounding.first + first;
-          bfloat16_stage.used = false;
-          run_kernel(where, where_offset + first, count, piece, t);
-          for (std::size_t r = 0; r < roles && bfloat16_stage.used; ++r) {
-            // every array written (the param and the state) is bfloat16
-            if (!Decl::arrays[r].written || where[r] == nullptr) continue;
-            floats_to_bfloat16s(stage_values.data() + slot_of_role(r) * kStagePiece, count,
-                                static_cast<Eigen::bfloat16*>(where[r]) + where_offset + first);
-          }
-          first += count;
-          if (!bfloat16_stage.used) size = n;  // the rest at once
-        }
-      } else {
-        run_kernel(where, where_offset, n, rounding, t);
-      }
-    };
     if constexpr (staging) {
       const auto quantized_role = [&](std::size_t r) {
         return quantized && scales[t * set.roles + r] != nullptr;
       };
       const auto at = stage<Decl, Types, quantized>(request, set, scales, t, offset, n, staged);
-      run(at.data(), 0);
+      run_kernel(at.data(), 0, n, rounding, t);
       if constexpr (kStagesHalf<P>) {
         store_param_copy(rounding, n, staged[0].data(), false,
                          static_cast<Eigen::half*>(arrays[0]) + offset);
@@ -162,7 +119,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         }
       }
     } else {
-      run(arrays, offset);
+      run_kernel(arrays, offset, n, rounding, t);
     }
     if constexpr (masters) {
       if (request.param_copy != DType::float32) {

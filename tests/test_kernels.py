@@ -9,10 +9,6 @@ difference means the formula, its order of operations or its rounding changed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -470,38 +466,6 @@ def test_the_roofline_probe_touches_every_element(dtype):
     _core.roofline(arrays[0], grad, arrays[1], arrays[2], None, None)
     for a in arrays:
         assert np.isnan(a.astype(np.float32)).all()
-
-
-@pytest.mark.skipif(
-    _core.simd_level() != "avx512", reason="bfloat16 stores are rounded in blocks at avx512 only"
-)
-def test_bfloat16_rounding_in_software_blocks_converts_as_the_reference_does():
-    """Where the CPU has AVX512-BF16, bfloat16 results to nearest are rounded by it, and only
-    blocks with a NaN or a subnormal in software: the special values' test again in a process
-    told not to use it (FUSEDOPT_AVX512BF16=0), so that the software path rounds every block."""
-    env = {**os.environ, "FUSEDOPT_AVX512BF16": "0"}
-    test = f"{__file__}::test_special_low_precision_values_convert_as_the_reference_does"
-    site = ["-S"] if sys.flags.no_site else []  # the same fusedopt as this process's
-    result = subprocess.run(
-        [
-            sys.executable,
-            *site,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "bfloat16 and nearest",  # stochastic rounding never takes that path
-            test,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
 
 
 # ---------------------------------------------------------------- stochastic rounding

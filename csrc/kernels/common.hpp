@@ -188,91 +188,6 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
                          [](std::uint32_t u) { return 0x7FFFU + ((u >> 16) & 1U); });
 }
 
-// Whole chunks of float32 rounded to nearest into bfloat16, bit for bit as store() rounds each.
-// Where the level has AVX-512, 32 at a time: with AVX512-BF16's vcvtne2ps2bf16 where the CPU has
-// it (asked once; FUSEDOPT_AVX512BF16=0 in the environment says no, for the tests), else with
-// round_to_bfloat16's integer arithmetic and one vpermt2w (GCC's loops shift both halves and pack
-// them). The instruction flushes subnormal inputs to zero and keeps a NaN's payload: any 32
-// holding a NaN or a subnormal are rounded in software instead. Kernels' results are rounded so
-// at the avx512 level where every array they write is bfloat16 (kStagesBfloat16Stores).
-#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__GNUC__)
-#define FUSEDOPT_STAGES_BFLOAT16_STORES 1
-// GCC 12's AVX-512 intrinsics start from a self-initialized `undefined` vector, which its
-// -Wmaybe-uninitialized takes for a read of an uninitialized one wherever they are inlined (GCC
-// PR 105593, fixed in 12.3).
-#if !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-namespace detail {
-// round_to_bfloat16's word to nearest even, of 16 floats: the bfloat16 in its high half.
-FUSEDOPT_INLINE __m512i bfloat16_nearest_words(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i kept_last = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), kept_last));
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_mask_or_epi32(rounded, nan, _mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN)),
-                              _mm512_set1_epi32(0x7FC00000));
-}
-// The 32 bfloat16 of in[0..32), rounded in software, stored at out.
-FUSEDOPT_INLINE void bfloat16_nearest_32(const float* in, Eigen::bfloat16* out) {
-  const __m512i odd_words =
-      _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
-                       25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  _mm512_storeu_si512(
-      out, _mm512_permutex2var_epi16(bfloat16_nearest_words(_mm512_loadu_ps(in)), odd_words,
-                                     bfloat16_nearest_words(_mm512_loadu_ps(in + 16))));
-}
-// Lanes of 16 floats that are NaN (quiet or signaling) or subnormal. vfpclassps takes subnormals
-// for zeros under MXCSR.DAZ: floats_to_bfloat16s then rounds in software. (A test of the bits
-// took 8 % longer over a whole all-bfloat16 step.)
-FUSEDOPT_INLINE __mmask16 nan_or_subnormal(__m512 x) {
-  return _mm512_fpclass_ps_mask(x, 0x01 | 0x20 | 0x80);
-}
-inline void floats_to_bfloat16s_software(const float* in, Index whole, Eigen::bfloat16* out) {
-  for (Index i = 0; i < whole; i += 32) bfloat16_nearest_32(in + i, out + i);
-}
-__attribute__((target("avx512bf16"))) inline void floats_to_bfloat16s_hardware(
-    const float* in, Index whole, Eigen::bfloat16* out) {
-  for (Index i = 0; i < whole; i += 32) {
-    const __m512 lo = _mm512_loadu_ps(in + i), hi = _mm512_loadu_ps(in + i + 16);
-    if ((nan_or_subnormal(lo) | nan_or_subnormal(hi)) == 0) {
-      _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-    } else {
-      bfloat16_nearest_32(in + i, out + i);
-    }
-  }
-}
-inline bool has_avx512_bfloat16() {
-  const char* allowed = std::getenv("FUSEDOPT_AVX512BF16");
-  return __builtin_cpu_supports("avx512bf16") && !(allowed != nullptr && allowed[0] == '0');
-}
-}  // namespace detail
-
-inline void floats_to_bfloat16s(const float* in, Index n, Eigen::bfloat16* out) {
-  static const bool hardware = detail::has_avx512_bfloat16();
-  const Index whole = n / 32 * 32;
-  constexpr unsigned kDenormalsAreZeros = 0x0040;  // MXCSR.DAZ
-  if (hardware && (_mm_getcsr() & kDenormalsAreZeros) == 0) {
-    detail::floats_to_bfloat16s_hardware(in, whole, out);
-  } else {
-    detail::floats_to_bfloat16s_software(in, whole, out);
-  }
-  for (Index i = whole; i < n; ++i) store(out[i], in[i]);
-}
-#if !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#else
-#define FUSEDOPT_STAGES_BFLOAT16_STORES 0
-inline void floats_to_bfloat16s(const float* in, Index n, Eigen::bfloat16* out) {
-#pragma omp simd
-  for (Index i = 0; i < n; ++i) store(out[i], in[i]);
-}
-#endif
-
 // Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
 // by SplitMix64's output function (Steele et al. 2014); per element, 32 bits for array slots 0-1
 // (half 0): MurmurHash3's finalizer of a Weyl step of the key and the element's index. Slots 2-3
@@ -324,27 +239,13 @@ inline std::uint64_t mix64(std::uint64_t z) {
 }
 inline std::uint64_t splitmix(std::uint64_t x) { return mix64(x + kGolden); }
 
-// Where a kernel's bfloat16 results to nearest wait as float32 (array slot s's element i at
-// values[s * kStagePiece + i]) for the caller to round them in blocks (floats_to_bfloat16s);
-// `used` says whether the kernel did (with_rounding sets it). A kernel given a stage runs on at
-// most kStagePiece elements: rounded after a whole chunk, memory would sit idle meanwhile
-// (1.1-1.4x the time at 1e7 elements), where pieces keep the hardware prefetchers' streams going;
-// 256 took less time than 512 (bench/results/low_precision.md).
-inline constexpr Index kStagePiece = 256;
-struct BfloatStage {
-  float* values;
-  bool used = false;
-};
-
 // How a call rounds what it stores: to nearest even, or stochastically with the call's seed
 // and step. `key` is the tensor's (splitmix of seed, step and tensor index); `first` the
-// chunk's first element in the tensor; `stage`, if any, where bfloat16 results to nearest may
-// wait to be rounded in blocks.
+// chunk's first element in the tensor.
 struct Rounding {
   bool stochastic = false;
   std::uint64_t key = 0;
   Index first = 0;
-  BfloatStage* stage = nullptr;
 };
 
 inline std::uint64_t tensor_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor) {
@@ -422,38 +323,9 @@ struct Rounder {
   std::uint32_t first;  // the chunk's first counter
 };
 
-// Stores each bfloat16 result as float32 in a BfloatStage, to be rounded to nearest by the
-// caller in blocks (floats_to_bfloat16s); others as store() does. So a kernel that takes it must
-// store every element of every bfloat16 array it writes through it, once, and not read it back
-// (as every kernel does: the suite compares each with the reference).
-struct StagedStores {
-  explicit StagedStores(float* to) : values(to) {}
-
-  template <typename Stored, typename Compute>
-  FUSEDOPT_INLINE void operator()(ChunkIndex i, int slot, Stored& to, Compute x) const {
-    if constexpr (std::is_same_v<Stored, Eigen::bfloat16>) {
-      values[slot * kStagePiece + i] = static_cast<float>(x);
-    } else {
-      store(to, x);
-    }
-  }
-
-  float* values;
-};
-
-// The storage types whose results to nearest are staged (StagedStores) where the caller gives a
-// stage: at the avx512 level, bfloat16 params with bfloat16 state, so that every array the kernel
-// writes is bfloat16. Where it writes bfloat16 params or state with float32 ones, the kernel's own
-// rounding took as long or less (bench/results/low_precision.md). Kernels on vector lanes
-// (lanes.hpp) round their stores themselves: the caller gives them no stage.
-template <typename Types>
-inline constexpr bool kStagesBfloat16Stores =
-    FUSEDOPT_STAGES_BFLOAT16_STORES && std::is_same_v<typename Types::Param, Eigen::bfloat16> &&
-    std::is_same_v<typename Types::State, Eigen::bfloat16>;
-
-// Calls fn(out) with the call's way to store: Rounder<stochastic>, or StagedStores for results to
-// nearest where the caller gave a stage. Each variant is compiled only for the storage types that
-// can use it (for others it would be the same code).
+// Calls fn(out) with the call's way to store: Rounder<stochastic>. The stochastic variant is
+// compiled only for the storage types that write low precision (for others it would be the same
+// code).
 template <typename Types, typename Fn>
 FUSEDOPT_INLINE void with_rounding(const Rounding& rounding, const Fn& fn) {
   constexpr bool writes_low_precision = std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
@@ -462,13 +334,6 @@ FUSEDOPT_INLINE void with_rounding(const Rounding& rounding, const Fn& fn) {
   if constexpr (writes_low_precision) {
     if (rounding.stochastic) {
       fn(Rounder<true>(rounding));
-      return;
-    }
-  }
-  if constexpr (kStagesBfloat16Stores<Types>) {
-    if (rounding.stage != nullptr) {
-      rounding.stage->used = true;
-      fn(StagedStores(rounding.stage->values));
       return;
     }
   }
@@ -499,8 +364,6 @@ inline void store_param_copy(const Rounding& rounding, Index n, const float* mas
     });
   };
   if (to_bfloat16) {
-    // not floats_to_bfloat16s: after a chunk, it took 4-9 % longer at 1e7 elements
-    // (bench/results/low_precision.md)
     rounded(static_cast<Eigen::bfloat16*>(to));
   } else if (rounding.stochastic) {
 #if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time

@@ -10,8 +10,8 @@
 // lane.load(pointer) and writing them with lane.store(slot, pointer, value) (array slots as
 // Rounder's), each array written once and never read back, in arithmetic on the loaded values and
 // the kernel's constants (+, -, *, /, sqrt, abs, effective_grad, numpy_maximum, numpy_sign,
-// zero_if_negative). A kernel says it runs so with `static constexpr bool kLanes = true`, and
-// calls step() on a local copy of itself: a lambda's loop would read the constants through
+// zero_if_negative). A kernel calls step() on a local copy of itself: a lambda's loop would
+// read the constants through
 // `this`, which its stores may alias (the omp simd loops had __restrict pointers), and reload
 // them at every element (float32 Adam at avx2 took 1.13x at 1e4).
 #pragma once
@@ -250,16 +250,8 @@ template <typename Types>
 inline constexpr bool kVectorLanes = false;
 #endif
 
-// Whether a kernel runs on for_each_lane (it says so with `static constexpr bool kLanes = true`):
-// then its vector rows store directly, and the caller gives them no stage (StagedStores).
-template <typename Kernel, typename = void>
-inline constexpr bool kRunsOnLanes = false;
-template <typename Kernel>
-inline constexpr bool kRunsOnLanes<Kernel, std::void_t<decltype(Kernel::kLanes)>> = Kernel::kLanes;
-
 // Runs body(lane) over a chunk's n elements, rounding as `rounding` says: on vector lanes where
-// the row takes them (then any stage is left unused), the rest, and every other row, in an omp
-// simd loop over ScalarLane.
+// the row takes them, the rest, and every other row, in an omp simd loop over ScalarLane.
 template <typename Types, typename Body>
 FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body& body) {
   // the omp simd loop over elements [first, count)
@@ -290,9 +282,7 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     } else {
       lanes(std::false_type{});
     }
-    Rounding rest = rounding;
-    rest.stage = nullptr;
-    elements(rest, whole, static_cast<ChunkIndex>(n));
+    elements(rounding, whole, static_cast<ChunkIndex>(n));
   } else {
     elements(rounding, 0, static_cast<ChunkIndex>(n));
   }

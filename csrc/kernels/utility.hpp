@@ -134,8 +134,7 @@ struct RooflineKernel {
   // One pass over all arrays, as the optimizer kernels stream them: a probe that swept each
   // array on its own would be slower than the kernels it bounds. Each element is loaded and
   // stored with the kernels' conversions (a low-precision value converts there and back
-  // exactly), to nearest and one at a time: not through a stage (StagedStores), nor with random
-  // bits.
+  // exactly), to nearest and one at a time, without random bits.
   template <std::size_t buffers>
   void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict b1,
            S* __restrict b2, S* __restrict b3, S* __restrict b4) const {

@@ -89,7 +89,6 @@ struct AdamKernel {
   // One pass, all arrays streamed together: more memory parallelism per core than one sweep
   // per statement, the reference's operations in its order. param * 1 is exact, so decay is
   // applied whether decoupled or not.
-  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
     const G* const grad = role<const G>(a, 1, offset);

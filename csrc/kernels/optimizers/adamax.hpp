@@ -59,7 +59,6 @@ struct AdamaxKernel {
     maximize = Negation<T>(h.flag("maximize"));
   }
 
-  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
     const G* const grad = role<const G>(a, 1, offset);

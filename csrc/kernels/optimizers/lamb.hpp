@@ -11,7 +11,7 @@
 #include <cmath>
 #include <limits>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 #include "../utility.hpp"
 
 namespace fusedopt {
@@ -90,42 +90,41 @@ struct LambKernel {
   void reduce(void* const* a, Index offset, Index n, double* sums) const {
     alignas(64) T theta[kChunk];
     alignas(64) T u[kChunk];
+    const P* const param = role<const P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    const S* const exp_avg = role<const S>(a, 2, offset);
+    const S* const exp_avg_sq = role<const S>(a, 3, offset);
+    const LambKernel constants = *this;
     with_flags(
-        [&](auto has_l2) {
-          moments<has_l2.value>(n, role<const P>(a, 0, offset), role<const G>(a, 1, offset),
-                                role<const S>(a, 2, offset), role<const S>(a, 3, offset), theta, u);
+        [&](auto has_l2) FUSEDOPT_INLINE_LAMBDA {
+          // only float32 (float64) stores: nothing is rounded
+          for_each_lane<Types>(Rounding{}, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            const auto e = constants.element<has_l2.value>(lane, param, grad, exp_avg, exp_avg_sq);
+            lane.store(0, theta, e.theta);
+            lane.store(1, u, e.u);
+          });
         },
         l2 != T(0));
     sums[0] = sum_squares(n, theta);
     sums[1] = sum_squares(n, u);
   }
 
-  // theta' (the param after decoupled decay), m, v and u of one element: what both passes
+  // theta' (the param after decoupled decay), m, v and u of one lane: what both passes
   // compute, so that the sums of the first are of the values the second stores.
+  template <typename V>
   struct Element {
-    T theta, m, v, u;
+    V theta, m, v, u;
   };
-  template <bool has_l2>
-  FUSEDOPT_INLINE Element element(P param, G grad, S exp_avg, S exp_avg_sq) const {
-    const T p = load<T>(param) * decay;
-    const T g = maximize(load<T>(grad));
-    const T m = beta1 * load<T>(exp_avg) + one_minus_beta1 * g;
-    const T v = beta2 * load<T>(exp_avg_sq) + one_minus_beta2 * g * g;
-    T u = m / (std::sqrt(v) + eps);
+  template <bool has_l2, typename Lane>
+  FUSEDOPT_INLINE auto element(Lane& lane, const P* param, const G* grad, const S* exp_avg,
+                               const S* exp_avg_sq) const {
+    const auto p = lane.load(param) * decay;
+    const auto g = effective_grad<false>(maximize, lane.load(grad), p, l2);
+    const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
+    const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
+    auto u = m / (sqrt(v) + eps);
     if constexpr (has_l2) u = u + l2 * p;
-    return {p, m, v, u};
-  }
-
-  template <bool has_l2>
-  void moments(Index n, const P* __restrict param, const G* __restrict grad,
-               const S* __restrict exp_avg, const S* __restrict exp_avg_sq, T* __restrict theta,
-               T* __restrict u) const {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      const Element e = element<has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
-      theta[i] = e.theta;
-      u[i] = e.u;
-    }
+    return Element<decltype(u)>{p, m, v, u};
   }
 
   // The factor of u in the update from a tensor's two sums (all its chunks', in order).
@@ -147,30 +146,31 @@ struct LambKernel {
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding,
                   const double* tensor_sums) const {
     const T factor = scale(tensor_sums);
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const exp_avg = role<S>(a, 2, offset);
+    S* const exp_avg_sq = role<S>(a, 3, offset);
+    const LambKernel constants = *this;
     with_flags(
-        [&](auto has_l2, auto nan_factor) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<has_l2.value && !nan_factor.value, nan_factor.value>(
-                n, out, factor, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                role<S>(a, 2, offset), role<S>(a, 3, offset));
+        [&](auto has_l2, auto nan_factor) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<has_l2.value && !nan_factor.value, nan_factor.value>(
+                lane, factor, param, grad, exp_avg, exp_avg_sq);
           });
         },
         l2 != T(0), factor != factor);
   }
 
-  template <bool has_l2, bool nan_factor, typename Out>
-  void run(Index n, const Out& out, T factor, P* __restrict param, const G* __restrict grad,
-           S* __restrict exp_avg, S* __restrict exp_avg_sq) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const Element e = element<has_l2>(param[i], grad[i], exp_avg[i], exp_avg_sq[i]);
-      out(i, 1, exp_avg[i], e.m);
-      out(i, 2, exp_avg_sq[i], e.v);
-      if constexpr (nan_factor) {
-        out(i, 0, param[i], e.theta - factor);
-      } else {
-        out(i, 0, param[i], e.theta - factor * e.u);
-      }
+  template <bool has_l2, bool nan_factor, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, T factor, P* param, const G* grad, S* exp_avg,
+                            S* exp_avg_sq) const {
+    const auto e = element<has_l2>(lane, param, grad, exp_avg, exp_avg_sq);
+    lane.store(1, exp_avg, e.m);
+    lane.store(2, exp_avg_sq, e.v);
+    if constexpr (nan_factor) {
+      lane.store(0, param, e.theta - factor);
+    } else {
+      lane.store(0, param, e.theta - factor * e.u);
     }
   }
 

@@ -56,7 +56,6 @@ struct LionKernel {
     maximize = Negation<T>(h.flag("maximize"));
   }
 
-  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
     const G* const grad = role<const G>(a, 1, offset);

@@ -103,7 +103,6 @@ struct NAdamKernel {
   }
 
   // param * 1 is exact, so decay is applied whether decoupled or not (as in Adam).
-  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
     const G* const grad = role<const G>(a, 1, offset);

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../common.hpp"
+#include "../lanes.hpp"
 
 namespace fusedopt {
 
@@ -150,29 +150,29 @@ struct ScheduleFreeAdamWKernel {
   }
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const z = role<S>(a, 2, offset);
+    S* const exp_avg_sq = role<S>(a, 3, offset);
+    const ScheduleFreeAdamWKernel constants = *this;
     with_flags(
-        [&](auto has_wd) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<has_wd.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                              role<S>(a, 2, offset), role<S>(a, 3, offset));
+        [&](auto has_wd) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<has_wd.value>(lane, param, grad, z, exp_avg_sq);
           });
         },
         s.weight_decay != T(0));
   }
 
-  template <bool has_wd, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad, S* __restrict z_,
-           S* __restrict exp_avg_sq) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T y = load<T>(param[i]), g = load<T>(grad[i]), z = load<T>(z_[i]);
-      const T v = beta2 * load<T>(exp_avg_sq[i]) + one_minus_beta2 * g * g;
-      T u = g / (std::sqrt(v / bias_correction2) + eps);
-      if constexpr (has_wd) u = u + s.weight_decay * y;
-      out(i, 1, z_[i], z - s.z_step * u);
-      out(i, 2, exp_avg_sq[i], v);
-      out(i, 0, param[i], y + s.ckp1 * (z - y) + s.y_step * u);
-    }
+  template <bool has_wd, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* z_, S* exp_avg_sq) const {
+    const auto y = lane.load(param), g = lane.load(grad), z = lane.load(z_);
+    const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
+    auto u = g / (sqrt(v / bias_correction2) + eps);
+    if constexpr (has_wd) u = u + s.weight_decay * y;
+    lane.store(1, z_, z - s.z_step * u);
+    lane.store(2, exp_avg_sq, v);
+    lane.store(0, param, y + s.ckp1 * (z - y) + s.y_step * u);
   }
 
   ScheduleFreeStep<T> s;
@@ -193,27 +193,26 @@ struct ScheduleFreeSGDKernel {
       : s(schedulefree_scalars(h), h.real("momentum"), h.real("weight_decay")) {}
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
+    P* const param = role<P>(a, 0, offset);
+    const G* const grad = role<const G>(a, 1, offset);
+    S* const z = role<S>(a, 2, offset);
+    const ScheduleFreeSGDKernel constants = *this;
     with_flags(
-        [&](auto has_wd) {
-          with_rounding<Types>(rounding, [&](const auto& out) {
-            run<has_wd.value>(n, out, role<P>(a, 0, offset), role<const G>(a, 1, offset),
-                              role<S>(a, 2, offset));
+        [&](auto has_wd) FUSEDOPT_INLINE_LAMBDA {
+          for_each_lane<Types>(rounding, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+            constants.step<has_wd.value>(lane, param, grad, z);
           });
         },
         s.weight_decay != T(0));
   }
 
-  template <bool has_wd, typename Out>
-  void run(Index n, const Out& out, P* __restrict param, const G* __restrict grad,
-           S* __restrict z_) const {
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) {
-      const T y = load<T>(param[i]), z = load<T>(z_[i]);
-      T u = load<T>(grad[i]);
-      if constexpr (has_wd) u = u + s.weight_decay * y;
-      out(i, 1, z_[i], z - s.z_step * u);
-      out(i, 0, param[i], y + s.ckp1 * (z - y) + s.y_step * u);
-    }
+  template <bool has_wd, typename Lane>
+  FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* z_) const {
+    const auto y = lane.load(param), z = lane.load(z_);
+    auto u = lane.load(grad);
+    if constexpr (has_wd) u = u + s.weight_decay * y;
+    lane.store(1, z_, z - s.z_step * u);
+    lane.store(0, param, y + s.ckp1 * (z - y) + s.y_step * u);
   }
 
   ScheduleFreeStep<T> s;

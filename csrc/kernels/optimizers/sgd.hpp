@@ -71,7 +71,6 @@ struct SgdKernel {
         weight_decay(T(h.real("weight_decay"))),
         maximize(h.flag("maximize")) {}
 
-  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
     const G* const grad = role<const G>(a, 1, offset);
@@ -117,7 +116,6 @@ struct MomentumKernel {
         nesterov(h.flag("nesterov")),
         maximize(h.flag("maximize")) {}
 
-  static constexpr bool kLanes = true;
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
     const G* const grad = role<const G>(a, 1, offset);
