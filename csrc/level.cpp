@@ -6,7 +6,6 @@
 #include <utility>
 
 #include "export.hpp"
-#include "kernels/lanes.hpp"
 #include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
 

@@ -369,9 +369,8 @@ def test_norm_and_clipping_take_low_precision_grads():
 
 # Bit patterns that the conversions treat apart: NaNs with payloads (signaling, quiet, negative),
 # the infinities, subnormals, the smallest normal, the largest finite and ones. float16's F16C
-# converts blocks of eight; bfloat16 results are rounded 32 at a time at the avx512 level, by
-# AVX512-BF16 where the CPU has it, which flushes subnormals and keeps NaN payloads unless the
-# library redoes such blocks in software.
+# converts blocks of eight; bfloat16 results are rounded 32 at a time at the avx512 level (vector
+# lanes, lanes.hpp), whose stores are redone with the NaN fix-up for a lane that holds a NaN.
 SPECIALS = {
     "float16": np.array(
         [0x7C01, 0x7E01, 0xFD00, 0x7C00, 0xFC00, 0x0001, 0x8001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF]
@@ -408,10 +407,10 @@ def takes_flag(name: str, flag: str) -> bool:
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 def test_special_low_precision_values_convert_as_the_reference_does(name, flag, row, stochastic):
     """Special float16 and bfloat16 values in every low-precision array: in a chunk's first
-    blocks, in blocks of subnormal results without a NaN (which the hardware rounding would
-    flush), and at the end, in the tail converted one by one. Bit for bit the reference's
-    results, NaN payloads included, with maximize the signs that its negation gives them, with
-    amsgrad numpy.maximum's choice of NaN, and rounded to nearest or stochastically."""
+    blocks, in blocks of subnormal results without a NaN (rounded by the vector lanes' integer
+    arithmetic, with no redo), and at the end, in the tail converted one by one. Bit for bit the
+    reference's results, NaN payloads included, with maximize the signs that its negation gives
+    them, with amsgrad numpy.maximum's choice of NaN, and rounded to nearest or stochastically."""
     spec = OPTIMIZERS[name]
     hyper = {**spec.cases[0], flag: True} if flag else dict(spec.cases[0])
     if stochastic:
@@ -454,11 +453,41 @@ def test_special_low_precision_values_convert_as_the_reference_does(name, flag, 
 
 
 @pytest.mark.parametrize(
+    "row", [row for row in _core.STORAGE_ROWS if row[2] != "int8"], ids="-".join
+)
+@pytest.mark.parametrize(
+    "name, flag, first, second",
+    [("adamax", None, "exp_inf", "grad"), ("adam", "amsgrad", "max_exp_avg_sq", "exp_avg_sq")],
+)
+def test_numpy_maximum_keeps_its_first_nan(name, flag, first, second, row):
+    """Where both operands of numpy.maximum are NaN it returns the first: Adamax's
+    beta2 * exp_inf against |g| + eps, AMSGrad's max_exp_avg_sq against v. Each NaN comes from
+    one array, of another sign and payload, so the one kept shows in the stored bits (a
+    low-precision NaN keeps its sign), in vector lanes and in the tail."""
+    spec = OPTIMIZERS[name]
+    hyper = {**spec.cases[0], flag: True} if flag else dict(spec.cases[0])
+    size = 2048 + 77
+    arrays = make_arrays(spec, hyper, (size,), np.float32, np.random.default_rng(5))
+    nan_at = np.arange(0, size, 3)
+    arrays[first][nan_at] = np.array(0xFFC00123, np.uint32).view(np.float32)
+    arrays[second][nan_at] = np.array(0x7FC00456, np.uint32).view(np.float32)
+    arrays = as_row(arrays, row)
+    expected = copy_arrays(arrays)
+    with np.errstate(all="ignore"):
+        call(spec.fused, spec, arrays, hyper, 1)
+        call(spec.reference, spec, expected, hyper, 1)
+    kept = expected[first].astype(np.float32)[nan_at]
+    assert np.isnan(kept).all() and np.signbit(kept).all()  # the first operand's NaN
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[arrays[first].dtype.itemsize]
+    np.testing.assert_array_equal(arrays[first].view(bits), expected[first].view(bits))
+
+
+@pytest.mark.parametrize(
     "dtype", [np.float32, ml_dtypes.bfloat16, np.float16], ids=["float32", "bfloat16", "float16"]
 )
 def test_the_roofline_probe_touches_every_element(dtype):
     """The probe adds 0 * grad to the param and each buffer: an infinite grad makes every
-    element NaN, in every chunk and piece (a probe that skipped some would time less work)."""
+    element NaN, in every chunk and its tail (a probe that skipped some would time less work)."""
     n = 2 * 2048 + 77
     grad = np.full(n, np.inf, dtype)
     state = np.float32 if dtype == np.float16 else dtype  # no float16 state

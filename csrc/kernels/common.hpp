@@ -6,10 +6,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
-#if defined(__F16C__) || defined(__AVX512BW__) || (defined(_MSC_VER) && defined(__AVX2__))
+#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
 #include <immintrin.h>
 #endif
 

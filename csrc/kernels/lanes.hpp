@@ -10,10 +10,9 @@
 // lane.load(pointer) and writing them with lane.store(slot, pointer, value) (array slots as
 // Rounder's), each array written once and never read back, in arithmetic on the loaded values and
 // the kernel's constants (+, -, *, /, sqrt, abs, effective_grad, numpy_maximum, numpy_sign,
-// zero_if_negative). A kernel calls step() on a local copy of itself: a lambda's loop would
-// read the constants through
-// `this`, which its stores may alias (the omp simd loops had __restrict pointers), and reload
-// them at every element (float32 Adam at avx2 took 1.13x at 1e4).
+// zero_if_negative). A kernel calls step() on a local copy of itself: a lambda's loop would read
+// the constants through `this`, which its stores may alias (the omp simd loops had __restrict
+// pointers), and reload them at every element (float32 Adam at avx2 took 1.13x at 1e4).
 #pragma once
 
 #include <cassert>
@@ -21,6 +20,9 @@
 #include <type_traits>
 
 #include "common.hpp"
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 namespace fusedopt {
 
@@ -44,10 +46,14 @@ struct ScalarLane {
   ChunkIndex i;
 };
 
-// numpy.maximum: the first NaN of a and b, else the larger (b where they are equal).
+// numpy.maximum: the first NaN of a and b, else the larger (b where they are equal). Three
+// selects in sequence: GCC if-converts them at every level, where the nested conditional was
+// control flow that kept the loop scalar at avx2.
 template <typename T>
 FUSEDOPT_INLINE T numpy_maximum(T a, T b) {
-  return a != a ? a : (b != b ? b : (a > b ? a : b));
+  const T larger = a > b ? a : b;  // b where either is NaN
+  const T b_if_nan = b != b ? b : larger;
+  return a != a ? a : b_if_nan;
 }
 // numpy.sign, branch-free: (x > 0) - (x < 0) is +0 for either zero; NaN stays NaN.
 template <typename T>
