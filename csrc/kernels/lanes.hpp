@@ -15,6 +15,7 @@
 // pointers), and reload them at every element (float32 Adam at avx2 took 1.13x at 1e4).
 #pragma once
 
+#include <array>
 #include <cassert>
 #include <cmath>
 #include <type_traits>
@@ -140,26 +141,39 @@ FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats3
 // bits plus the rounding's: round_to_bfloat16 but for NaN); finish() makes the lane's bfloat16
 // stores again, with NaN made the quiet NaN of its sign, if any value was. Stochastically, the
 // bits are Rounder's: half 0 of the 32 counters (counter_bits), half 1 folded from it.
-template <bool Stochastic>
+//
+// Unpacked (rows whose every array is bfloat16): the 32 elements lie in the two registers in the
+// order vpunpcklwd and vpunpckhwd widen 64 bytes into, so that a load is one load and two unpacks,
+// where in element order it takes two widening loads and two shifts. `lo` holds the low four
+// elements of each 16-byte quarter (0-3, 8-11, 16-19, 24-27), `hi` the high four. The arithmetic
+// is element by element; only the counters and the packing of stores see the order.
+template <bool Stochastic, bool Unpacked>
 struct VectorLane {
   FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
     if constexpr (Stochastic) {
-      const __m512i counter =
-          _mm512_add_epi32(splat(first + static_cast<std::uint32_t>(at)),
-                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      const __m512i counter = _mm512_add_epi32(splat(first + static_cast<std::uint32_t>(at)),
+                                               _mm512_loadu_si512(kPositions.data()));
       half0[0] = counter_bits(key, counter);
-      half0[1] = counter_bits(key, _mm512_add_epi32(counter, splat(16)));
+      half0[1] = counter_bits(key, _mm512_add_epi32(counter, splat(Unpacked ? 4 : 16)));
     }
   }
 
   FUSEDOPT_INLINE Floats32 load(const float* p) const {
+    static_assert(!Unpacked, "an unpacked row loads bfloat16 arrays only");
     return {_mm512_loadu_ps(p + i), _mm512_loadu_ps(p + i + 16)};
   }
   // bfloat16 to float32 is exact: its bits in the high half
   FUSEDOPT_INLINE Floats32 load(const Eigen::bfloat16* p) const {
-    return {widen(p + i), widen(p + i + 16)};
+    if constexpr (Unpacked) {
+      const __m512i words = _mm512_loadu_si512(p + i), zero = _mm512_setzero_si512();
+      return {_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, words)),
+              _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, words))};
+    } else {
+      return {widen(p + i), widen(p + i + 16)};
+    }
   }
   FUSEDOPT_INLINE void store(int, float* p, Floats32 x) const {
+    static_assert(!Unpacked, "an unpacked row stores bfloat16 arrays only");
     _mm512_storeu_ps(p + i, x.lo);
     _mm512_storeu_ps(p + i + 16, x.hi);
   }
@@ -177,6 +191,23 @@ struct VectorLane {
   }
 
  private:
+  // The element in each of lo's 16 positions (hi's: 16 more, or 4 more unpacked).
+  alignas(64) static constexpr std::array<std::uint32_t, 16> kPositions = [] {
+    std::array<std::uint32_t, 16> positions{};
+    for (std::uint32_t p = 0; p < 16; ++p) positions[p] = Unpacked ? p / 4 * 8 + p % 4 : p;
+    return positions;
+  }();
+  // The 16-bit word holding element e's bfloat16, the high half of its 32-bit lane, in
+  // vpermt2w's numbering of two registers (lo's words, then hi's).
+  alignas(64) static constexpr std::array<std::uint16_t, 32> kHighWords = [] {
+    std::array<std::uint16_t, 32> words{};
+    for (std::uint32_t e = 0; e < 32; ++e) {
+      const std::uint32_t lane = !Unpacked ? e : e % 8 / 4 * 16 + e / 8 * 4 + e % 4;
+      words[e] = static_cast<std::uint16_t>(2 * lane + 1);
+    }
+    return words;
+  }();
+
   static FUSEDOPT_INLINE __m512 widen(const Eigen::bfloat16* p) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
@@ -216,12 +247,9 @@ struct VectorLane {
                                 _mm512_and_si512(u, splat(0x80000000U)), splat(0x7FC00000U));
   }
   FUSEDOPT_INLINE void round_into(int slot, Eigen::bfloat16* p, Floats32 x, bool fix_nan) const {
-    const __m512i high_words =
-        _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
-                         25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    _mm512_storeu_si512(p + i,
-                        _mm512_permutex2var_epi16(rounded(slot, 0, x.lo, fix_nan), high_words,
-                                                  rounded(slot, 1, x.hi, fix_nan)));
+    _mm512_storeu_si512(p + i, _mm512_permutex2var_epi16(rounded(slot, 0, x.lo, fix_nan),
+                                                         _mm512_loadu_si512(kHighWords.data()),
+                                                         rounded(slot, 1, x.hi, fix_nan)));
   }
 
   struct Pending {
@@ -239,6 +267,11 @@ struct VectorLane {
 template <typename T>
 inline constexpr bool kFloatOrBfloat16 =
     std::is_same_v<T, float> || std::is_same_v<T, Eigen::bfloat16>;
+// The rows whose every array is bfloat16: their lanes are unpacked (VectorLane).
+template <typename Types>
+inline constexpr bool kBfloat16Only = std::is_same_v<typename Types::Param, Eigen::bfloat16> &&
+                                      std::is_same_v<typename Types::Grad, Eigen::bfloat16> &&
+                                      std::is_same_v<typename Types::State, Eigen::bfloat16>;
 // The rows that run on vector lanes: float32 arithmetic on float32 and bfloat16 arrays, some
 // bfloat16 written (float32 rows gain nothing: GCC's loops already run them at full width).
 template <typename Types>
@@ -258,7 +291,8 @@ inline constexpr bool kVectorLanes = false;
 
 // Runs body(lane) over a chunk's n elements, rounding as `rounding` says: on vector lanes where
 // the row takes them, the rest, and every other row, in an omp simd loop over ScalarLane.
-template <typename Types, typename Body>
+// InElementOrder: never unpacked lanes, for a body that stores float32 arrays in a bfloat16 row.
+template <typename Types, bool InElementOrder = false, typename Body>
 FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body& body) {
   // the omp simd loop over elements [first, count)
   const auto elements = [&](const Rounding& how, ChunkIndex first,
@@ -278,7 +312,8 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     const auto whole = static_cast<ChunkIndex>(n / 32 * 32);
     const auto lanes = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
       for (ChunkIndex i = 0; i < whole; i += 32) {
-        VectorLane<stochastic.value> lane(rounding.key, first, i);
+        VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder> lane(rounding.key,
+                                                                                   first, i);
         body(lane);
         lane.finish();
       }

@@ -97,8 +97,8 @@ struct LambKernel {
     const LambKernel constants = *this;
     with_flags(
         [&](auto has_l2) FUSEDOPT_INLINE_LAMBDA {
-          // only float32 (float64) stores: nothing is rounded
-          for_each_lane<Types>(Rounding{}, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
+          // only float32 (float64) stores, nothing rounded; in element order, as summed
+          for_each_lane<Types, true>(Rounding{}, n, [&](auto& lane) FUSEDOPT_INLINE_LAMBDA {
             const auto e = constants.element<has_l2.value>(lane, param, grad, exp_avg, exp_avg_sq);
             lane.store(0, theta, e.theta);
             lane.store(1, u, e.u);
