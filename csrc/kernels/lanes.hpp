@@ -309,11 +309,13 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
 #if FUSEDOPT_VECTOR_LANES
   if constexpr (kVectorLanes<Types>) {
     const std::uint32_t first = counter_of(static_cast<std::uint64_t>(rounding.first));
+    // a local: read through `rounding`, which the lanes' stores may alias, the key was loaded
+    // and broadcast again for every lane
+    const std::uint64_t key = rounding.key;
     const auto whole = static_cast<ChunkIndex>(n / 32 * 32);
     const auto lanes = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
       for (ChunkIndex i = 0; i < whole; i += 32) {
-        VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder> lane(rounding.key,
-                                                                                   first, i);
+        VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder> lane(key, first, i);
         body(lane);
         lane.finish();
       }
