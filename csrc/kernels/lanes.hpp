@@ -140,7 +140,8 @@ FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats3
 // Elements i .. i + 31 of a chunk. A bfloat16 store is made at once as if no value were NaN (its
 // bits plus the rounding's: round_to_bfloat16 but for NaN); finish() makes the lane's bfloat16
 // stores again, with NaN made the quiet NaN of its sign, if any value was. Stochastically, the
-// bits are Rounder's: half 0 of the 32 counters (counter_bits), half 1 folded from it.
+// bits are Rounder's: half 0 of the 32 counters (counter_bits), half 1 folded from it. (Below,
+// `half` is instead the register, lo or hi, whose 16 counters' bits are meant.)
 //
 // Unpacked (rows whose every array is bfloat16): the 32 elements lie in the two registers in the
 // order vpunpcklwd and vpunpckhwd widen 64 bytes into, so that a load is one load and two unpacks,
@@ -150,6 +151,7 @@ FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats3
 template <bool Stochastic, bool Unpacked>
 struct VectorLane {
   FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
+    static_assert(tables_agree(), "kPositions and kHighWords disagree");
     if constexpr (Stochastic) {
       const __m512i counter = _mm512_add_epi32(splat(first + static_cast<std::uint32_t>(at)),
                                                _mm512_loadu_si512(kPositions.data()));
@@ -207,6 +209,17 @@ struct VectorLane {
     }
     return words;
   }();
+  // The two tables agree: lo's position p holds element kPositions[p], hi's that element plus
+  // the offset the constructor's counters take, and each one's word is where the store looks.
+  static constexpr bool tables_agree() {
+    for (std::uint32_t p = 0; p < 16; ++p) {
+      if (kHighWords[kPositions[p]] != 2 * p + 1 ||
+          kHighWords[kPositions[p] + (Unpacked ? 4 : 16)] != 2 * (16 + p) + 1) {
+        return false;
+      }
+    }
+    return true;
+  }
 
   static FUSEDOPT_INLINE __m512 widen(const Eigen::bfloat16* p) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
