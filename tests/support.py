@@ -101,8 +101,11 @@ def assert_identical(actual: Arrays, expected: Arrays, context: str = "") -> Non
 def assert_same_bits(a: np.ndarray, b: np.ndarray, label: str = "") -> None:
     """Same shape, dtype and values, NaN in the same places, and for floats (bfloat16 too)
     the same sign bits, of zeros and NaNs: what assert_array_equal leaves out."""
+    assert a.dtype == b.dtype, f"{label}: dtype {a.dtype} != {b.dtype}"
+    if a.dtype == ml_dtypes.bfloat16:  # exact in float32, where NumPy knows bfloat16 NaN for NaN
+        a, b = a.astype(np.float32), b.astype(np.float32)
     np.testing.assert_array_equal(a, b, err_msg=label, strict=True)
-    if a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16:
+    if a.dtype.kind == "f":
         differ = np.flatnonzero(np.signbit(a) != np.signbit(b))
         assert differ.size == 0, (
             f"{label}: sign bits differ at {differ.size} elements, first "
