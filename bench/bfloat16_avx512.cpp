@@ -98,11 +98,11 @@ __attribute__((noinline)) void intrinsics_step(const Kernel& k, const Rounding& 
   const __m512 inverse_bc2 = _mm512_set1_ps(k.inverse_bias_correction2_sqrt);
   const __m512 decay = _mm512_set1_ps(k.decay);
   const Rounder<true> rounder(rounding);
-  const __m512i k0 = broadcast(static_cast<std::uint32_t>(rounder.key));
-  const __m512i k1 = broadcast(static_cast<std::uint32_t>(rounder.key >> 32));
-  __m512i counter =
-      _mm512_add_epi32(broadcast(rounder.first),
-                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i step = broadcast(16 * kWeylStep);
+  __m512i weyl = _mm512_add_epi32(  // the Weyl terms of 16 elements (Rounder::bits)
+      broadcast(rounder.start),
+      _mm512_mullo_epi32(broadcast(kWeylStep),
+                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
   for (Index i = 0; i < kCount; i += 32) {
     __m512 p_new[2], m_new[2], v_new[2];
     __m512i half0[2];
@@ -118,15 +118,13 @@ __attribute__((noinline)) void intrinsics_step(const Kernel& k, const Rounding& 
           _mm512_sub_ps(_mm512_mul_ps(p, decay), _mm512_div_ps(_mm512_mul_ps(step_size, m), denom));
       m_new[h] = m;
       v_new[h] = v;
-      if constexpr (Stochastic) {  // counter_bits
-        const __m512i weyl = _mm512_add_epi32(
-            _mm512_mullo_epi32(_mm512_xor_si512(counter, k0), broadcast(0x9E3779B1U)), k1);
+      if constexpr (Stochastic) {  // fmix32 of the Weyl terms
         __m512i x = _mm512_xor_si512(weyl, _mm512_srli_epi32(weyl, 16));
         x = _mm512_mullo_epi32(x, broadcast(0x85EBCA6BU));
         x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
         x = _mm512_mullo_epi32(x, broadcast(0xC2B2AE35U));
         half0[h] = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-        counter = _mm512_add_epi32(counter, broadcast(16));
+        weyl = _mm512_add_epi32(weyl, step);
       }
     }
     if constexpr (Stochastic) {

@@ -280,8 +280,14 @@ def check_int8_state(comm):
             a, b = params[name].astype(np.float32), ref_params[name].astype(np.float32)
             if world == 1:
                 assert_same_bits(a, b, name)
-            else:  # a few stochastic roundings of lr-sized updates apart, not a misplaced one
-                np.testing.assert_allclose(a, b, rtol=0, atol=0.05, err_msg=name)
+                continue
+            # Other random bits, not a misplaced shard: each step's stochastic rounding can land
+            # the two a bfloat16 ulp further apart, and their updates differ by under lr in all
+            # (other int8 codes). A flat 0.05 was 3.2 ulps at magnitudes 2-4: 15 % of seeds
+            # reached 4 there, with any hash of the random bits.
+            ulp = np.ldexp(np.float32(1), np.frexp(np.maximum(abs(a), abs(b)))[1] - 8)
+            bound = STEPS * (ulp if dtype == BF16 else 0) + 1e-2
+            assert np.all(np.abs(a - b) <= bound), (name, np.max(np.abs(a - b) / bound))
         on_every_rank(comm, check_int8_sd, sd, ref, dtype, options, world)
 
 

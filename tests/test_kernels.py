@@ -585,8 +585,10 @@ def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
     5 bits of one against the top or low 5 bits of another fill 1024 cells evenly; and slots
     2 and 3, remixed from slots 0 and 1, fill 512 cells evenly with them (top 3 bits each). A
     remix that reuses bits, permutes them (a rotation) or xors them fails, and so does a
-    hash of the counter without its Weyl multiply (dependent 16-8192 elements apart).
-    Chi-square tests, one-sided: counts more even than chance bias nothing."""
+    hash of the counter without its Weyl multiply (dependent 16-8192 elements apart). Nor
+    does one follow another at the same element in the next step or tensor, whose Weyl terms
+    differ from these by one constant. Chi-square tests, one-sided: counts more even than
+    chance bias nothing."""
     n = 1 << 21
     key = reference._tensor_key(seed, 7, 3)
     slots = [reference._slot_bits(key, n, slot).astype(np.int64) for slot in range(4)]
@@ -604,6 +606,13 @@ def test_random_bits_of_every_slot_are_uniform_and_pairwise_independent(seed):
     for remixed in (2, 3):
         joint = (slots[0] >> 13) * 64 + (slots[1] >> 13) * 8 + (slots[remixed] >> 13)
         assert chi_square_z(joint, 512) < 6, remixed
+    for step, tensor in [(8, 3), (7, 4)]:
+        other = reference._tensor_key(seed, step, tensor)
+        for t in range(4):
+            theirs = reference._slot_bits(other, n, t).astype(np.int64)
+            for s in range(4):
+                assert chi_square_z(top[s] * 32 + (theirs >> 11), 1024) < 6, (s, t, step, tensor)
+                assert chi_square_z(top[s] * 32 + (theirs & 31), 1024) < 6, (s, t, step, tensor)
 
 
 def sr_run(threads, seed, step=3):

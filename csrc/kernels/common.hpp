@@ -189,13 +189,14 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 
 // Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
 // by SplitMix64's output function (Steele et al. 2014); per element, 32 bits for array slots 0-1
-// (half 0): MurmurHash3's finalizer of a Weyl step of the key and the element's index. Slots 2-3
-// (half 1) take a cheaper remix of those 32 bits (folded_product). 16 bits for each array
-// written, in 32-bit arithmetic, so that it vectorizes on every SIMD level. The bits of an
-// element are a pure function of (seed, step, tensor, element index): the same for every thread
-// count and chunking, and reproducible. fusedopt.reference computes the same. Three multiplies
-// for half 0: the finalizer alone leaves neighbours' bits dependent, and a lower-bias two-round
-// hash alone those of elements 16-8192 apart (tests/test_kernels.py).
+// (half 0): MurmurHash3's finalizer of the element's term of a Weyl sequence that starts at the
+// key's low 32 bits, as SplitMix builds its outputs (weyl_term). Slots 2-3 (half 1) take a
+// cheaper remix of those 32 bits (folded_product). 16 bits for each array written, in 32-bit
+// arithmetic, so that it vectorizes on every SIMD level. The bits of an element are a pure
+// function of (seed, step, tensor, element index): the same for every thread count and
+// chunking, and reproducible. fusedopt.reference computes the same. The finalizer alone leaves
+// neighbours' bits dependent, and a lower-bias two-round hash alone those of elements 16-8192
+// apart (tests/test_kernels.py): the Weyl step's multiply is needed, and loops add it instead.
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
   h ^= h >> 16;
@@ -227,9 +228,12 @@ FUSEDOPT_INLINE std::uint32_t counter_of(std::uint64_t index) {
 }
 static_assert((std::uint64_t{1} << 32) % static_cast<std::uint64_t>(kChunk) == 0,
               "a chunk never spans a multiple of 2^32");
-FUSEDOPT_INLINE std::uint32_t counter_bits(std::uint64_t key, std::uint32_t counter) {
-  const auto k0 = static_cast<std::uint32_t>(key), k1 = static_cast<std::uint32_t>(key >> 32);
-  return fmix32((counter ^ k0) * 0x9E3779B1U + k1);
+// The Weyl sequence's step: 2^32 over the golden ratio, odd.
+inline constexpr std::uint32_t kWeylStep = 0x9E3779B1U;
+// The term that counter `counter` hashes: linear in the counter, so that a loop adds a constant
+// per element where a multiply was (the multiplies are most of what the random bits cost).
+FUSEDOPT_INLINE std::uint32_t weyl_term(std::uint64_t key, std::uint32_t counter) {
+  return static_cast<std::uint32_t>(key) + counter * kWeylStep;
 }
 inline std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -291,12 +295,12 @@ constexpr std::size_t slot_of_role(std::size_t role) { return role == 0 ? 0 : ro
 template <bool Stochastic>
 struct Rounder {
   explicit Rounder(const Rounding& r)
-      : key(r.key), first(counter_of(static_cast<std::uint64_t>(r.first))) {}
+      : start(weyl_term(r.key, counter_of(static_cast<std::uint64_t>(r.first)))) {}
 
   // The 16 random bits of element i of the chunk for array slot `slot`: half 1's taken from
   // folded_product unswapped (slot 2 one shift, where second_half's swap and a mask took two).
   FUSEDOPT_INLINE std::uint32_t bits(ChunkIndex i, int slot) const {
-    const std::uint32_t half0 = counter_bits(key, first + static_cast<std::uint32_t>(i));
+    const std::uint32_t half0 = fmix32(start + static_cast<std::uint32_t>(i) * kWeylStep);
     if (slot == 0) return half0 & 0xFFFFU;
     if (slot == 1) return half0 >> 16;
     const std::uint32_t p = folded_product(half0);
@@ -318,8 +322,7 @@ struct Rounder {
     }
   }
 
-  std::uint64_t key;
-  std::uint32_t first;  // the chunk's first counter
+  std::uint32_t start;  // the Weyl term of the chunk's first element
 };
 
 // Calls fn(out) with the call's way to store: Rounder<stochastic>. The stochastic variant is
@@ -342,11 +345,11 @@ FUSEDOPT_INLINE void with_rounding(const Rounding& rounding, const Fn& fn) {
 // The random bits (half 0) of a chunk's n elements, the first at `offset` in its tensor: what
 // the int8 codec rounds a quantized state's chunk with.
 inline void chunk_bits(std::uint64_t key, Index offset, Index n, std::uint32_t* out) {
-  const std::uint32_t first = counter_of(static_cast<std::uint64_t>(offset));
+  const std::uint32_t start = weyl_term(key, counter_of(static_cast<std::uint64_t>(offset)));
   // A 32-bit loop counter (n <= kChunk): a 64-bit one is computed in 64-bit lanes and narrowed.
   const auto count = static_cast<std::uint32_t>(n);
 #pragma omp simd
-  for (std::uint32_t i = 0; i < count; ++i) out[i] = counter_bits(key, first + i);
+  for (std::uint32_t i = 0; i < count; ++i) out[i] = fmix32(start + i * kWeylStep);
 }
 
 // A chunk's n <= kChunk float32 values (just updated) rounded into the low-precision param `to`

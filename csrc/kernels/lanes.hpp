@@ -140,7 +140,8 @@ FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats3
 // Elements i .. i + 31 of a chunk. A bfloat16 store is made at once as if no value were NaN (its
 // bits plus the rounding's: round_to_bfloat16 but for NaN); finish() makes the lane's bfloat16
 // stores again, with NaN made the quiet NaN of its sign, if any value was. Stochastically, the
-// bits are Rounder's: half 0 of the 32 counters (counter_bits), half 1 folded from it. (Below,
+// bits are Rounder's: half 0 of the 32 elements (fmix32 of their Weyl terms), half 1 folded from
+// it. (Below,
 // `half` is instead the register, lo or hi, whose 16 counters' bits are meant.)
 //
 // Unpacked (rows whose every array is bfloat16): the 32 elements lie in the two registers in the
@@ -152,11 +153,10 @@ template <bool Stochastic, bool Unpacked>
 struct VectorLane {
   FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
     static_assert(tables_agree(), "kPositions and kHighWords disagree");
-    if constexpr (Stochastic) {
-      const __m512i counter = _mm512_add_epi32(splat(first + static_cast<std::uint32_t>(at)),
-                                               _mm512_loadu_si512(kPositions.data()));
-      half0[0] = counter_bits(key, counter);
-      half0[1] = counter_bits(key, _mm512_add_epi32(counter, splat(Unpacked ? 4 : 16)));
+    if constexpr (Stochastic) {  // the lane's first Weyl term plus each position's offset
+      const __m512i start = splat(weyl_term(key, first + static_cast<std::uint32_t>(at)));
+      half0[0] = fmix32(_mm512_add_epi32(start, _mm512_loadu_si512(kWeylOffsets.data())));
+      half0[1] = fmix32(_mm512_add_epi32(start, _mm512_loadu_si512(kWeylOffsets.data() + 16)));
     }
   }
 
@@ -193,11 +193,21 @@ struct VectorLane {
   }
 
  private:
-  // The element in each of lo's 16 positions (hi's: 16 more, or 4 more unpacked).
+  // The element in each of lo's 16 positions; hi's is kHighOffset more.
+  static constexpr std::uint32_t kHighOffset = Unpacked ? 4 : 16;
   alignas(64) static constexpr std::array<std::uint32_t, 16> kPositions = [] {
     std::array<std::uint32_t, 16> positions{};
     for (std::uint32_t p = 0; p < 16; ++p) positions[p] = Unpacked ? p / 4 * 8 + p % 4 : p;
     return positions;
+  }();
+  // The Weyl offset of each position's element from the lane's first: lo's, then hi's.
+  alignas(64) static constexpr std::array<std::uint32_t, 32> kWeylOffsets = [] {
+    std::array<std::uint32_t, 32> offsets{};
+    for (std::uint32_t p = 0; p < 16; ++p) {
+      offsets[p] = kPositions[p] * kWeylStep;
+      offsets[16 + p] = (kPositions[p] + kHighOffset) * kWeylStep;
+    }
+    return offsets;
   }();
   // The 16-bit word holding element e's bfloat16, the high half of its 32-bit lane, in
   // vpermt2w's numbering of two registers (lo's words, then hi's).
@@ -214,7 +224,7 @@ struct VectorLane {
   static constexpr bool tables_agree() {
     for (std::uint32_t p = 0; p < 16; ++p) {
       if (kHighWords[kPositions[p]] != 2 * p + 1 ||
-          kHighWords[kPositions[p] + (Unpacked ? 4 : 16)] != 2 * (16 + p) + 1) {
+          kHighWords[kPositions[p] + kHighOffset] != 2 * (16 + p) + 1) {
         return false;
       }
     }
@@ -225,12 +235,8 @@ struct VectorLane {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
   }
-  static FUSEDOPT_INLINE __m512i counter_bits(std::uint64_t key, __m512i counter) {
-    const __m512i weyl = _mm512_add_epi32(
-        _mm512_mullo_epi32(_mm512_xor_si512(counter, splat(static_cast<std::uint32_t>(key))),
-                           splat(0x9E3779B1U)),
-        splat(static_cast<std::uint32_t>(key >> 32)));
-    __m512i h = _mm512_xor_si512(weyl, _mm512_srli_epi32(weyl, 16));  // fmix32
+  static FUSEDOPT_INLINE __m512i fmix32(__m512i weyl) {
+    __m512i h = _mm512_xor_si512(weyl, _mm512_srli_epi32(weyl, 16));
     h = _mm512_mullo_epi32(h, splat(0x85EBCA6BU));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
     h = _mm512_mullo_epi32(h, splat(0xC2B2AE35U));

@@ -237,12 +237,11 @@ def _slot_bits(key, size, slot):
     """The kernels' 16 random bits (uint32) of elements 0 .. size-1 of a tensor for array
     ``slot`` (the param 0, the states 1, 2, 3): the low or high half of 32 bits, half 0 for
     slots 0-1, half 1 for slots 2-3."""
-    k0, k1 = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
     index = np.arange(size, dtype=np.uint64)
     c = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32) + (index >> np.uint64(32)).astype(
         np.uint32
     ) * np.uint32(0x27D4EB2F)
-    h = _fmix32((c ^ k0) * np.uint32(0x9E3779B1) + k1)
+    h = _fmix32(np.uint32(key & 0xFFFFFFFF) + c * np.uint32(0x9E3779B1))  # a Weyl sequence's terms
     if slot >= 2:  # half 1: half 0's halves folded, one multiply, the product's halves swapped
         p = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
         h = (p << np.uint32(16)) | (p >> np.uint32(16))
