@@ -1,6 +1,7 @@
-// What the C++ drivers of Adam's kernel in bench/ (bfloat16_words.cpp, bfloat16_avx512.cpp)
-// share: the kernel at fixed hyperparameters, one chunk of its four arrays, the timing of a
-// step. Header-only, built with each driver (its build line is in the driver's comment).
+// What the C++ driver of Adam's kernel in bench/ (bfloat16_avx512.cpp) takes from here, and
+// future ones would share: the kernel at fixed hyperparameters, one chunk of its four arrays, the
+// timing of a step. Header-only, built with each driver (its build line is in the driver's
+// comment).
 #pragma once
 
 #include <array>

@@ -194,7 +194,7 @@ int main() {
   }
 #endif
   const auto kernel = adam_kernel<Storage<float, bfloat16, bfloat16, bfloat16>>();
-  // a key with both 32-bit halves nonzero, as the library's tensor keys have
+  // a tensor key as the library makes them (the random bits take its low 32 bits)
   const Rounding nearest{}, stochastic{true, tensor_key(kKey, 10, 0), 4096};
 
   std::mt19937 generator(1);

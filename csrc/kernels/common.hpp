@@ -196,7 +196,8 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 // function of (seed, step, tensor, element index): the same for every thread count and
 // chunking, and reproducible. fusedopt.reference computes the same. The finalizer alone leaves
 // neighbours' bits dependent, and a lower-bias two-round hash alone those of elements 16-8192
-// apart (tests/test_kernels.py): the Weyl step's multiply is needed, and loops add it instead.
+// apart (tests/test_kernels.py): the Weyl step's multiply is needed. The vector lanes,
+// for_each_lane's loops and chunk_bits add it instead; other loops multiply (Rounder::term).
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
   h ^= h >> 16;
@@ -297,29 +298,45 @@ struct Rounder {
   explicit Rounder(const Rounding& r)
       : start(weyl_term(r.key, counter_of(static_cast<std::uint64_t>(r.first)))) {}
 
-  // The 16 random bits of element i of the chunk for array slot `slot`: half 1's taken from
-  // folded_product unswapped (slot 2 one shift, where second_half's swap and a mask took two).
-  FUSEDOPT_INLINE std::uint32_t bits(ChunkIndex i, int slot) const {
-    const std::uint32_t half0 = fmix32(start + static_cast<std::uint32_t>(i) * kWeylStep);
+  // Element i's Weyl term. A loop that carries it from element to element instead (`linear`)
+  // saves the vectorizer a multiply per vector (for_each_lane's).
+  FUSEDOPT_INLINE std::uint32_t term(ChunkIndex i) const {
+    return start + static_cast<std::uint32_t>(i) * kWeylStep;
+  }
+  // The 16 random bits for array slot `slot` of the element with Weyl term `term`: half 1's
+  // taken from folded_product unswapped (slot 2 one shift, where second_half's swap and a mask
+  // took two).
+  static FUSEDOPT_INLINE std::uint32_t term_bits(std::uint32_t term, int slot) {
+    const std::uint32_t half0 = fmix32(term);
     if (slot == 0) return half0 & 0xFFFFU;
     if (slot == 1) return half0 >> 16;
     const std::uint32_t p = folded_product(half0);
     return slot == 2 ? p >> 16 : p & 0xFFFFU;
   }
+  FUSEDOPT_INLINE std::uint32_t bits(ChunkIndex i, int slot) const {
+    return term_bits(term(i), slot);
+  }
 
+  // x stored into `to`, element i of the chunk (Weyl term `term`), array slot `slot`.
   template <typename Stored, typename Compute>
-  FUSEDOPT_INLINE void operator()(ChunkIndex i, int slot, Stored& to, Compute x) const {
+  FUSEDOPT_INLINE void store_at(std::uint32_t term, int slot, Stored& to, Compute x) const {
     if constexpr (Stochastic && (std::is_same_v<Stored, Eigen::bfloat16> ||
                                  std::is_same_v<Stored, Eigen::half>)) {
-      const std::uint32_t bits = this->bits(i, slot);
+      const std::uint32_t bits = term_bits(term, slot);
       if constexpr (std::is_same_v<Stored, Eigen::bfloat16>) {
         to = stochastic_bfloat16(static_cast<float>(x), bits);
       } else {
         to = stochastic_half(static_cast<float>(x), bits);
       }
     } else {
+      (void)term;
+      (void)slot;
       store(to, x);
     }
+  }
+  template <typename Stored, typename Compute>
+  FUSEDOPT_INLINE void operator()(ChunkIndex i, int slot, Stored& to, Compute x) const {
+    store_at(term(i), slot, to, x);
   }
 
   std::uint32_t start;  // the Weyl term of the chunk's first element
@@ -345,11 +362,16 @@ FUSEDOPT_INLINE void with_rounding(const Rounding& rounding, const Fn& fn) {
 // The random bits (half 0) of a chunk's n elements, the first at `offset` in its tensor: what
 // the int8 codec rounds a quantized state's chunk with.
 inline void chunk_bits(std::uint64_t key, Index offset, Index n, std::uint32_t* out) {
-  const std::uint32_t start = weyl_term(key, counter_of(static_cast<std::uint64_t>(offset)));
+  // The term carried from element to element (linear): the vectorizer steps it by one add per
+  // vector, where start + i * kWeylStep kept a multiply.
+  std::uint32_t term = weyl_term(key, counter_of(static_cast<std::uint64_t>(offset)));
   // A 32-bit loop counter (n <= kChunk): a 64-bit one is computed in 64-bit lanes and narrowed.
   const auto count = static_cast<std::uint32_t>(n);
-#pragma omp simd
-  for (std::uint32_t i = 0; i < count; ++i) out[i] = fmix32(start + i * kWeylStep);
+#pragma omp simd linear(term : kWeylStep)
+  for (std::uint32_t i = 0; i < count; ++i) {
+    out[i] = fmix32(term);
+    term += kWeylStep;
+  }
 }
 
 // A chunk's n <= kChunk float32 values (just updated) rounded into the low-precision param `to`

@@ -31,7 +31,8 @@ namespace fusedopt {
 using std::abs;
 using std::sqrt;
 
-// Element i of a chunk, in the compute type T, as the omp simd loop's body.
+// Element i of a chunk, in the compute type T, as the omp simd loop's body; `term` its Weyl
+// term, which the loop carries (Rounder::term).
 template <typename T, typename Out>
 struct ScalarLane {
   template <typename Stored>
@@ -40,11 +41,12 @@ struct ScalarLane {
   }
   template <typename Stored, typename Value>
   FUSEDOPT_INLINE void store(int slot, Stored* p, Value x) const {
-    out(i, slot, p[i], x);
+    out.store_at(term, slot, p[i], x);
   }
 
   const Out& out;
   ChunkIndex i;
+  std::uint32_t term;
 };
 
 // numpy.maximum: the first NaN of a and b, else the larger (b where they are equal). Three
@@ -141,14 +143,13 @@ FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats3
 // bits plus the rounding's: round_to_bfloat16 but for NaN); finish() makes the lane's bfloat16
 // stores again, with NaN made the quiet NaN of its sign, if any value was. Stochastically, the
 // bits are Rounder's: half 0 of the 32 elements (fmix32 of their Weyl terms), half 1 folded from
-// it. (Below,
-// `half` is instead the register, lo or hi, whose 16 counters' bits are meant.)
+// it. (Below, `half` is instead the register, lo or hi, whose 16 elements' bits are meant.)
 //
 // Unpacked (rows whose every array is bfloat16): the 32 elements lie in the two registers in the
 // order vpunpcklwd and vpunpckhwd widen 64 bytes into, so that a load is one load and two unpacks,
 // where in element order it takes two widening loads and two shifts. `lo` holds the low four
 // elements of each 16-byte quarter (0-3, 8-11, 16-19, 24-27), `hi` the high four. The arithmetic
-// is element by element; only the counters and the packing of stores see the order.
+// is element by element; only the Weyl offsets and the packing of stores see the order.
 template <bool Stochastic, bool Unpacked>
 struct VectorLane {
   FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
@@ -219,8 +220,8 @@ struct VectorLane {
     }
     return words;
   }();
-  // The two tables agree: lo's position p holds element kPositions[p], hi's that element plus
-  // the offset the constructor's counters take, and each one's word is where the store looks.
+  // The tables agree: lo's position p holds element kPositions[p], hi's that element plus
+  // kHighOffset (as kWeylOffsets has them), and each one's word is where the store looks.
   static constexpr bool tables_agree() {
     for (std::uint32_t p = 0; p < 16; ++p) {
       if (kHighWords[kPositions[p]] != 2 * p + 1 ||
@@ -318,10 +319,12 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
                             ChunkIndex count) FUSEDOPT_INLINE_LAMBDA {
     with_rounding<Types>(how, [&](const auto& out) FUSEDOPT_INLINE_LAMBDA {
       using Out = std::decay_t<decltype(out)>;
-#pragma omp simd
+      std::uint32_t term = out.term(first);
+#pragma omp simd linear(term : kWeylStep)
       for (ChunkIndex i = first; i < count; ++i) {
-        ScalarLane<typename Types::Compute, Out> lane{out, i};
+        ScalarLane<typename Types::Compute, Out> lane{out, i, term};
         body(lane);
+        term += kWeylStep;
       }
     });
   };
