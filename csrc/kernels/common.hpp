@@ -197,7 +197,8 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 // chunking, and reproducible. fusedopt.reference computes the same. The finalizer alone leaves
 // neighbours' bits dependent, and a lower-bias two-round hash alone those of elements 16-8192
 // apart (tests/test_kernels.py): the Weyl step's multiply is needed. The vector lanes,
-// for_each_lane's loops and chunk_bits add it instead; other loops multiply (Rounder::term).
+// for_each_lane's loops, chunk_bits and store_param_copy add it instead; other loops multiply
+// (Rounder::term).
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
   h ^= h >> 16;
@@ -383,8 +384,12 @@ inline void store_param_copy(const Rounding& rounding, Index n, const float* mas
   const auto rounded = [&](auto* param) {
     using P = std::remove_pointer_t<decltype(param)>;
     with_rounding<Storage<float, P, float, float>>(rounding, [&](const auto& out) {
-#pragma omp simd
-      for (ChunkIndex i = 0; i < n; ++i) out(i, 0, param[i], master[i]);
+      std::uint32_t term = out.term(0);  // carried, as in for_each_lane
+#pragma omp simd linear(term : kWeylStep)
+      for (ChunkIndex i = 0; i < n; ++i) {
+        out.store_at(term, 0, param[i], master[i]);
+        term += kWeylStep;
+      }
     });
   };
   if (to_bfloat16) {
@@ -392,9 +397,12 @@ inline void store_param_copy(const Rounding& rounding, Index n, const float* mas
   } else if (rounding.stochastic) {
 #if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time
     alignas(64) float grid[kChunk];
-    const Rounder<true> random(rounding);
-#pragma omp simd
-    for (ChunkIndex i = 0; i < n; ++i) grid[i] = stochastic_half_grid(master[i], random.bits(i, 0));
+    std::uint32_t term = Rounder<true>(rounding).term(0);
+#pragma omp simd linear(term : kWeylStep)
+    for (ChunkIndex i = 0; i < n; ++i) {
+      grid[i] = stochastic_half_grid(master[i], Rounder<true>::term_bits(term, 0));
+      term += kWeylStep;
+    }
     floats_to_halves(grid, n, static_cast<Eigen::half*>(to));
 #else
     rounded(static_cast<Eigen::half*>(to));
