@@ -300,7 +300,7 @@ struct Rounder {
       : start(weyl_term(r.key, counter_of(static_cast<std::uint64_t>(r.first)))) {}
 
   // Element i's Weyl term. A loop that carries it from element to element instead (`linear`)
-  // saves the vectorizer a multiply per vector (for_each_lane's).
+  // saves the vectorizer a multiply per vector (for_each_lane's, store_param_copy's).
   FUSEDOPT_INLINE std::uint32_t term(ChunkIndex i) const {
     return start + static_cast<std::uint32_t>(i) * kWeylStep;
   }
