@@ -99,7 +99,7 @@ __attribute__((noinline)) void intrinsics_step(const Kernel& k, const Rounding& 
   const __m512 decay = _mm512_set1_ps(k.decay);
   const Rounder<true> rounder(rounding);
   const __m512i step = broadcast(16 * kWeylStep);
-  __m512i weyl = _mm512_add_epi32(  // the Weyl terms of 16 elements (Rounder::bits)
+  __m512i weyl = _mm512_add_epi32(  // the Weyl terms of 16 elements (Rounder::term)
       broadcast(rounder.start),
       _mm512_mullo_epi32(broadcast(kWeylStep),
                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));

@@ -314,9 +314,6 @@ struct Rounder {
     const std::uint32_t p = folded_product(half0);
     return slot == 2 ? p >> 16 : p & 0xFFFFU;
   }
-  FUSEDOPT_INLINE std::uint32_t bits(ChunkIndex i, int slot) const {
-    return term_bits(term(i), slot);
-  }
 
   // x stored into `to`, element i of the chunk (Weyl term `term`), array slot `slot`.
   template <typename Stored, typename Compute>

@@ -245,7 +245,7 @@ struct VectorLane {
   }
   // What round_to_bfloat16 adds below the kept bits of x (16 of its lanes, `half` 0 or 1).
   FUSEDOPT_INLINE __m512i below(int slot, int half, __m512 x) const {
-    if constexpr (Stochastic) {  // Rounder::bits
+    if constexpr (Stochastic) {  // Rounder::term_bits
       const __m512i h = half0[half];
       if (slot == 0) return _mm512_and_si512(h, splat(0xFFFFU));
       if (slot == 1) return _mm512_srli_epi32(h, 16);
