@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "export.hpp"
-#include "kernels/common.hpp"
+#include "kernels/lanes.hpp"  // store_param_copy (includes common.hpp)
 #include "kernels/utility.hpp"
 #include "parallel.hpp"
 

@@ -372,43 +372,6 @@ inline void chunk_bits(std::uint64_t key, Index offset, Index n, std::uint32_t* 
   }
 }
 
-// A chunk's n <= kChunk float32 values (just updated) rounded into the low-precision param `to`
-// (bfloat16 if to_bfloat16, else float16), as a kernel stores its param: slot 0's random bits with
-// stochastic rounding, else to nearest even. Kernels with masters write their params so, while
-// the chunk is still in cache, and float16 params staged as float32 are written back so.
-inline void store_param_copy(const Rounding& rounding, Index n, const float* master,
-                             bool to_bfloat16, void* to) {
-  const auto rounded = [&](auto* param) {
-    using P = std::remove_pointer_t<decltype(param)>;
-    with_rounding<Storage<float, P, float, float>>(rounding, [&](const auto& out) {
-      std::uint32_t term = out.term(0);  // carried, as in for_each_lane
-#pragma omp simd linear(term : kWeylStep)
-      for (ChunkIndex i = 0; i < n; ++i) {
-        out.store_at(term, 0, param[i], master[i]);
-        term += kWeylStep;
-      }
-    });
-  };
-  if (to_bfloat16) {
-    rounded(static_cast<Eigen::bfloat16*>(to));
-  } else if (rounding.stochastic) {
-#if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time
-    alignas(64) float grid[kChunk];
-    std::uint32_t term = Rounder<true>(rounding).term(0);
-#pragma omp simd linear(term : kWeylStep)
-    for (ChunkIndex i = 0; i < n; ++i) {
-      grid[i] = stochastic_half_grid(master[i], Rounder<true>::term_bits(term, 0));
-      term += kWeylStep;
-    }
-    floats_to_halves(grid, n, static_cast<Eigen::half*>(to));
-#else
-    rounded(static_cast<Eigen::half*>(to));
-#endif
-  } else {
-    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // F16C where the level has it
-  }
-}
-
 // Role r of a chunk that starts at `offset`, typed; nullptr for an absent optional array.
 template <typename Stored>
 inline Stored* role(void* const* arrays, std::size_t r, Index offset) {

@@ -356,4 +356,37 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
 #endif
 }
 
+// A chunk's n <= kChunk float32 values (just updated) rounded into the low-precision param `to`
+// (bfloat16 if to_bfloat16, else float16), as a kernel stores its param: slot 0's random bits with
+// stochastic rounding, else to nearest even. Kernels with masters write their params so, while
+// the chunk is still in cache, and float16 params staged as float32 are written back so.
+inline void store_param_copy(const Rounding& rounding, Index n, const float* master,
+                             bool to_bfloat16, void* to) {
+  // as a kernel's store of slot 0: on vector lanes for bfloat16 where the level has them
+  const auto rounded = [&](auto* param) {
+    using P = std::remove_pointer_t<decltype(param)>;
+    for_each_lane<Storage<float, P, float, float>>(
+        rounding, n,
+        [&](auto& lane) FUSEDOPT_INLINE_LAMBDA { lane.store(0, param, lane.load(master)); });
+  };
+  if (to_bfloat16) {
+    rounded(static_cast<Eigen::bfloat16*>(to));
+  } else if (rounding.stochastic) {
+#if FUSEDOPT_F16C  // onto float16's grid in float32, then converted by F16C, eight at a time
+    alignas(64) float grid[kChunk];
+    std::uint32_t term = Rounder<true>(rounding).term(0);
+#pragma omp simd linear(term : kWeylStep)
+    for (ChunkIndex i = 0; i < n; ++i) {
+      grid[i] = stochastic_half_grid(master[i], Rounder<true>::term_bits(term, 0));
+      term += kWeylStep;
+    }
+    floats_to_halves(grid, n, static_cast<Eigen::half*>(to));
+#else
+    rounded(static_cast<Eigen::half*>(to));
+#endif
+  } else {
+    floats_to_halves(master, n, static_cast<Eigen::half*>(to));  // F16C where the level has it
+  }
+}
+
 }  // namespace fusedopt
