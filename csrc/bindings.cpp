@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -373,7 +374,37 @@ std::uint64_t parse_seed(PyObject* value) {
   return seed;
 }
 
-bool parse_flag(PyObject* value) {
+// That an int8 state's scales are what the encoder writes, powers of two in [2**-126, 2**127]:
+// a NaN, infinite, zero or negative scale would decode to NaN or to values the format cannot
+// hold, and the step would write them with no error. One pass over n / kBlock floats.
+void check_scale_values(const std::string& label, const float* scales, Index blocks) {
+  std::uint32_t invalid = 0;
+  for (Index b = 0; b < blocks; ++b) {
+    std::uint32_t bits;
+    std::memcpy(&bits, scales + b, sizeof bits);
+    invalid |= (bits & 0x807FFFFFU) | static_cast<std::uint32_t>((bits >> 23) - 1U >= 254U);
+  }
+  if (invalid == 0) return;
+  Index b = 0;
+  while (std::isfinite(scales[b]) && scales[b] > 0.0F && std::ilogb(scales[b]) >= -126 &&
+         std::ldexp(1.0F, std::ilogb(scales[b])) == scales[b]) {
+    ++b;
+  }
+  throw py::value_error(label +
+                        ": scales must be powers of two in [2**-126, 2**127], as the "
+                        "encoder writes them; got " +
+                        str_of(py::float_(scales[b]).ptr()) + " at " + std::to_string(b));
+}
+
+// A flag: a bool or NumPy's bool, never another object's truth (the string "False" is true).
+bool parse_flag(const std::string& name, PyObject* value) {
+  static PyObject* const numpy_bool =
+      py::object(py::module_::import("numpy").attr("bool_")).release().ptr();
+  if (!PyBool_Check(value)) {
+    const int is_numpy_bool = PyObject_IsInstance(value, numpy_bool);
+    if (is_numpy_bool < 0) throw py::error_already_set();
+    if (is_numpy_bool == 0) throw py::type_error(name + " must be a bool, got " + type_name(value));
+  }
   const int truth = PyObject_IsTrue(value);
   if (truth < 0) throw py::error_already_set();
   return truth == 1;
@@ -463,9 +494,9 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
                            str_of(keyword) + "'");
     }
     if (slot->what == Slot::skip) {
-      a.skip_if_nonfinite = parse_flag(value);
+      a.skip_if_nonfinite = parse_flag("skip_if_nonfinite", value);
     } else if (slot->what == Slot::stochastic) {
-      a.stochastic_rounding = parse_flag(value);
+      a.stochastic_rounding = parse_flag("stochastic_rounding", value);
     } else if (slot->what == Slot::seed) {
       a.seed_given = value != Py_None;
       if (a.seed_given) a.seed = parse_seed(value);
@@ -483,7 +514,7 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
       switch (h.kind) {
         case Kind::real: v.number = parse_real(h, value); break;
         case Kind::step: v.count = parse_step(value); break;
-        case Kind::flag: v.number = parse_flag(value) ? 1.0 : 0.0; break;
+        case Kind::flag: v.number = parse_flag(h.name, value) ? 1.0 : 0.0; break;
         case Kind::fixed: break;  // never a keyword: find_slot skips them
       }
       a.given[slot->index] = value;
@@ -943,6 +974,12 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   checked.starts.assign(count + 1, 0);
   std::vector<Extent> extents;
   extents.reserve(count * roles_per_tensor * 2);
+  struct Scales {
+    std::string label;
+    const float* values;
+    Index count;
+  };
+  std::vector<Scales> scale_values;  // checked last: overlapping arrays are named first
   auto add_extent = [&](const py::array& arr, std::size_t slot, bool written,
                         const char* part = "") {
     if (arr.nbytes() > 0) {
@@ -1044,6 +1081,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                                 "be updated in place without a copy)");
         }
         if (!sc.writeable()) throw py::value_error(scales_label.str() + ": array is read-only");
+        scale_values.push_back({scales_label.str(), static_cast<const float*>(sc.data()), blocks});
         const auto c = py::reinterpret_borrow<py::array>(codes);
         checked.data[slot] = const_cast<void*>(c.data());
         checked.scales[slot] = const_cast<void*>(sc.data());
@@ -1125,6 +1163,9 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     throw py::value_error(name(first) + " and " + name(second) +
                           " share memory; an array that is updated in place must not overlap "
                           "any other argument");
+  }
+  for (const Scales& scales : scale_values) {
+    check_scale_values(scales.label, scales.values, scales.count);
   }
   return checked;
 }

@@ -1120,3 +1120,44 @@ def test_the_codes_and_scales_written_are_held_for_the_call():
     WatchedState.alive.clear()
     assert call_fused(spec, arrays, hyper) is True
     assert len(WatchedState.alive) == 6 and all(WatchedState.alive), WatchedState.alive
+
+
+@pytest.mark.parametrize(
+    "bad", [np.nan, np.inf, -np.inf, 0.0, -1.0, 3.0, 2.0**-127, 2.0**-149], ids=repr
+)
+@pytest.mark.parametrize("name", ["adam", "lion", "momentum"])
+def test_int8_scales_that_the_encoder_never_writes(name, bad):
+    """A scale that is not a power of two in [2**-126, 2**127] (NaN, inf, 0, negative, a
+    subnormal, 3) would decode to NaN or to values the codes cannot hold: refused, by its place,
+    before any array is written; in a list call too, where the bad scale is the last one."""
+    spec = OPTIMIZERS[name]
+    for shape, where in ((SHAPE, ""), (LIST_SHAPES, "[2]")):
+        arrays, hyper = new_arguments(spec, quantized=True, shape=shape)
+        role = roles(spec)[-1] if name != "momentum" else "momentum_buffer"
+        state = arrays[role] if where == "" else arrays[role][2]
+        state.scales[-1] = np.float32(bad)
+        match = (
+            f"^{re.escape(role + where)}.scales: scales must be powers of two in "
+            rf"\[2\*\*-126, 2\*\*127\], as the encoder writes them; got .* "
+            rf"at {state.scales.size - 1}$"
+        )
+        assert_rejected(spec, arrays, hyper, ValueError, match, context=f"shape {shape}")
+        before = copy_arrays(arrays)
+        with pytest.raises(ValueError, match="scales must be powers of two"):
+            spec.call(spec.reference, arrays, {**hyper, "seed": 1})
+        assert_identical(arrays, before, "arrays changed by the reference's rejected call")
+
+
+@pytest.mark.parametrize("keyword", ["stochastic_rounding", "skip_if_nonfinite", "amsgrad"])
+@pytest.mark.parametrize("value", ["False", "", 0, 1, None, np.float32(1.0)], ids=repr)
+def test_flags_are_bools_not_truthy_objects(keyword, value):
+    """A flag is a bool or NumPy's bool: the string "False" is true, so any other object is a
+    TypeError naming the flag, and nothing is written."""
+    spec = OPTIMIZERS["adam"]
+    arrays, hyper = new_arguments(spec, master="bfloat16")
+    hyper = {k: v for k, v in hyper.items() if k != keyword}
+    match = f"^{keyword} must be a bool, got {type(value).__name__}$"
+    assert_rejected(spec, arrays, hyper, TypeError, match, **{keyword: value})
+    for good in (np.bool_(True), False):
+        arrays, _ = new_arguments(spec, master="bfloat16")
+        assert call_fused(spec, arrays, hyper, **{keyword: good}) is True

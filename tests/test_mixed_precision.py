@@ -469,8 +469,11 @@ def test_state_dtype_none_and_float32_are_one_option_on_load(saved, loaded):
 
 def test_gradient_errors_name_only_the_dtypes_allowed():
     opt = optim.AdamW({"a": np.ones((5, 300), F16)}, master_weights=True, state_dtype="bfloat16")
-    with pytest.raises(ValueError, match=r"gradient of 'a': expected float32 \(5, 300\) like"):
-        opt.step({"a": np.ones((5, 300), F16)})
+    with pytest.raises(
+        ValueError, match=r"gradient of 'a': expected float16 or float32 \(5, 300\)"
+    ):
+        opt.step({"a": np.ones((5, 300), BF16)})
+    assert opt.step({"a": np.ones((5, 300), F16)})
     opt = optim.AdamW({"a": np.ones((5, 300), BF16)}, master_weights=True)
     with pytest.raises(ValueError, match=r"expected bfloat16 or float32 \(5, 300\) like"):
         opt.step({"a": np.ones((5, 300), F16)})
@@ -537,3 +540,64 @@ def test_max_grad_norm_takes_numbers_and_skip_if_nonfinite_a_boolean():
             optim.AdamW(model(np.float32), max_grad_norm=value)
     with pytest.raises(TypeError, match="skip_if_nonfinite must be True or False"):
         optim.AdamW(model(np.float32), skip_if_nonfinite="no")
+
+
+def test_a_step_count_that_cannot_grow_is_refused_before_anything_is_written():
+    """A checkpoint's step must leave room for the next (a kernel counts at most 2**63 - 1):
+    load_state_dict refuses more, and a step that finds one (set by hand) raises before it
+    clips the grads or updates another parameter."""
+    params = {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}
+    opt = optim.Adam(params, lr=0.1, max_grad_norm=0.5)
+    opt.step({k: np.ones(4, np.float32) for k in params})
+    sd = opt.state_dict()
+    sd["state"]["b"]["step"] = 2**63 - 1
+    with pytest.raises(ValueError, match=r"state of 'b': invalid step .*0 to 2\*\*63 - 2"):
+        opt.load_state_dict(sd)
+    opt.state["b"]["step"] = 2**63 - 1
+    before = {k: v.copy() for k, v in params.items()}
+    grads = {k: np.ones(4, np.float32) for k in params}
+    with pytest.raises(ValueError, match=r"state of 'b': step 9223372036854775807 cannot grow"):
+        opt.step(grads)
+    for k in params:
+        assert_same_bits(params[k], before[k])
+        assert_same_bits(grads[k], np.ones(4, np.float32))
+    assert opt.state["a"]["step"] == 1
+    opt.state["b"]["step"] = 2**63 - 2  # the last step a kernel counts
+    assert opt.step(grads)
+
+
+def test_a_checkpoint_without_the_masters_it_needs_is_refused():
+    """Rebuilt from the rounded param, a master would lose what rounding dropped: resuming
+    would not be bit-exact, so a low-precision param's missing master is an error."""
+    params = model(BF16)
+    opt = optim.AdamW(params, lr=1e-2, master_weights=True)
+    opt.step(grads(params, BF16, np.random.default_rng(1)))
+    sd = opt.state_dict()
+    name = next(iter(sd["state"]))
+    del sd["state"][name]["master"]
+    with pytest.raises(ValueError, match=f"state of {name!r}: missing its float32 master weights"):
+        optim.AdamW(model(BF16), lr=1e-2, master_weights=True).load_state_dict(sd)
+
+
+def test_numpy_scalar_hyperparameters_are_saved(tmp_path):
+    """Hyperparameters given as NumPy scalars, as the constructor takes them, are written to a
+    checkpoint as the numbers they hold, and a resumed run is bit-identical."""
+    params = model(BF16)
+    opt = optim.AdamW(
+        params,
+        lr=np.float32(1e-2),
+        betas=(np.float64(0.9), 0.999),
+        master_weights=True,
+        stochastic_rounding=np.bool_(True),
+        seed=np.uint64(7),
+    )
+    opt.step(grads(params, BF16, np.random.default_rng(1)))
+    opt.save(tmp_path / "c.npz")
+    resumed = {k: v.copy() for k, v in params.items()}
+    other = optim.AdamW.load(tmp_path / "c.npz", resumed)
+    g = grads(params, BF16, np.random.default_rng(2))
+    opt.step(g)
+    other.step(g)
+    assert_same(other, opt)
+    for k in params:
+        assert_same_bits(resumed[k], params[k], k)

@@ -243,6 +243,8 @@ def bad_calls():
     yield "invalid lr", (p, g, b), dict(lr=-1.0)
     yield "invalid momentum", (p, g, b), dict(momentum=float("nan"))
     yield "nesterov must be a bool", (p, g, b), dict(nesterov=1)
+    yield "stochastic_rounding must be a bool", (p, g, b), dict(stochastic_rounding="False")
+    yield "skip_if_nonfinite must be a bool", (p, g, b), dict(skip_if_nonfinite="no")
     yield "lists of one length", ([p], [g, g], [b]), {}
     yield "tensors 0 and 1 overlap", ([p, np.zeros((4, 3), np.float32)], [g, g], [b, b]), {}
 
@@ -254,6 +256,20 @@ def test_bad_calls_raise_and_change_nothing(match, args, hyper):
     with pytest.raises((TypeError, ValueError), match=match):
         fusedopt.muon_(*args, **hyper)
     for a, e in zip(flat, before):
+        assert_same_bits(a, e)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0, -1.0, 3.0], ids=repr)
+def test_int8_scales_that_the_encoder_never_writes(bad):
+    """A scale that is not a power of two in [2**-126, 2**127] would decode to NaN or to values
+    the codes cannot hold: refused before anything is written, as the element-wise kernels do."""
+    p, g = np.ones((4, 300), np.float32), np.ones((4, 300), np.float32)
+    b = QuantizedState.from_array(np.full((4, 300), 0.5, np.float32), signed=True)
+    b.scales[-1] = bad
+    before = [p.copy(), b.codes.copy(), b.scales.copy()]
+    with pytest.raises(ValueError, match=r"momentum_buffer: scales must be powers of two"):
+        fusedopt.muon_(p, g, b)
+    for a, e in zip([p, b.codes, b.scales], before):
         assert_same_bits(a, e)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _dispatch, _overlap, reference
 from ._dispatch import core as _core
-from .quantize import BLOCK, QuantizedState
+from .quantize import BLOCK, QuantizedState, _check_scales
 
 __all__ = ["adafactor_", "muon_"]
 
@@ -129,8 +129,7 @@ def _real(name: str, value, low: float = 0.0, high: float = math.inf, fn: str = 
 def _check_hyper(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust):
     lr, weight_decay = _real("lr", lr), _real("weight_decay", weight_decay)
     momentum, eps = _real("momentum", momentum), _real("eps", eps)
-    if not isinstance(nesterov, (bool, np.bool_)):
-        raise TypeError(f"muon_: nesterov must be a bool, got {type(nesterov).__name__}")
+    _check_flag("muon_", "nesterov", nesterov)
     if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
         raise ValueError(
             f"muon_: ns_coefficients must be a tuple of 3 numbers (a, b, c), "
@@ -162,11 +161,18 @@ def _as_list(name: str, value, quantized: bool = False) -> List[np.ndarray]:
     return list(values)
 
 
+def _check_flag(fn: str, name: str, value) -> None:
+    """A flag is a bool (or NumPy's), never another object's truth: "False" is true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+
+
 def _check_storage(
     fn: str, stochastic_rounding, seed, optional: bool = False
 ) -> Tuple[bool, Optional[int]]:
-    """``stochastic_rounding`` (truthy, as the element-wise functions read it) and ``seed``
+    """``stochastic_rounding`` (a bool, as the element-wise functions take it) and ``seed``
     (None if ``optional`` and not given)."""
+    _check_flag(fn, "stochastic_rounding", stochastic_rounding)
     if optional and seed is None:
         return bool(stochastic_rounding), None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -243,6 +249,7 @@ def _check_quantized(at: str, p: np.ndarray, q: QuantizedState, c_order: bool) -
     for part, a in (("codes", codes), ("scales", scales)):
         if not a.flags.writeable:
             raise ValueError(f"{name}.{part} is read-only")
+    _check_scales(name, scales)
 
 
 def _check_own_overlap(fn: str, at: str, named) -> None:
@@ -347,6 +354,7 @@ def muon_(
     )
     lr, weight_decay, momentum, nesterov, (a, b, c), eps, ns_steps = checked
     stochastic, seed = _check_storage("muon_", stochastic_rounding, seed, optional=True)
+    _check_flag("muon_", "skip_if_nonfinite", skip_if_nonfinite)
     one = isinstance(param, np.ndarray)
     params = _as_list("param", param)
     grads = _as_list("grad", grad)
@@ -458,8 +466,7 @@ def _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize
     eps2 = _real("eps[1]", eps[1], fn=fn)
     d = _real("d", d, 1.0, fn=fn)
     weight_decay = _real("weight_decay", weight_decay, fn=fn)
-    if not isinstance(maximize, (bool, np.bool_)):
-        raise TypeError(f"{fn}: maximize must be a bool, got {type(maximize).__name__}")
+    _check_flag(fn, "maximize", maximize)
     return int(step), lr, beta2_decay, eps1, eps2, d, weight_decay, bool(maximize)
 
 

@@ -53,7 +53,7 @@ from . import _functional, _matrix, _overlap, quantize, reference
 from ._clip import clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
-from .quantize import QuantizedState, _memory_order
+from .quantize import QuantizedState, _check_scales, _memory_order
 
 __all__ = [
     "SGD",
@@ -115,6 +115,8 @@ _DTYPES = {
     "float16": np.dtype(np.float16),
 }
 _LOW_PRECISION = ("bfloat16", "float16")
+# The most steps a parameter's state can have taken: the next is the kernels' largest, 2**63 - 1.
+_MAX_STEPS_TAKEN = 2**63 - 2
 _ROWS = frozenset(_core.STORAGE_ROWS)  # (param, grad, state) dtype names the kernels take
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -200,15 +202,6 @@ def _check_seed(seed: Any) -> None:
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_scales(where: str, scales: np.ndarray) -> None:
-    """That int8 state's scales are what the encoder writes: powers of two from 2**-126 to
-    2**127 (positive, normal, no mantissa bits)."""
-    bits = scales.view(np.uint32)
-    exponent = bits >> 23
-    if np.any((bits & 0x7FFFFF) != 0) or np.any((exponent < 1) | (exponent > 254)):
-        raise ValueError(f"{where}: scales must be powers of two in [2**-126, 2**127]")
 
 
 class Optimizer:
@@ -494,6 +487,12 @@ class Optimizer:
         aligned = self._align(grads)
         plans = [self._plan(group) for group in self.param_groups]  # all valid before any call
         active = [(name, g) for name, g in aligned.items() if g is not None]
+        for name, _ in active:  # refused before clipping writes the grads
+            if self.state.get(name, {}).get("step", 0) > _MAX_STEPS_TAKEN:
+                raise ValueError(
+                    f"state of {name!r}: step {self.state[name]['step']} cannot grow "
+                    f"(a kernel counts at most 2**63 - 1 steps)"
+                )
         if self.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
             for _, g in active:
@@ -792,8 +791,15 @@ class Optimizer:
             entry = {}
             for key, value in s.items():
                 if key == "step":
-                    if isinstance(value, bool) or int(value) != value or value < 0:
-                        raise ValueError(f"state of {name!r}: invalid step {value!r}")
+                    if (
+                        isinstance(value, bool)
+                        or int(value) != value
+                        or not 0 <= value <= _MAX_STEPS_TAKEN
+                    ):
+                        raise ValueError(
+                            f"state of {name!r}: invalid step {value!r} (the steps taken, "
+                            f"0 to 2**63 - 2)"
+                        )
                     entry[key] = int(value)
                     continue
                 if key == "master" and not storage.master:
@@ -827,6 +833,8 @@ class Optimizer:
                 entry[key] = np.array(value, order=order, copy=True)
             if "step" not in entry:
                 raise ValueError(f"state of {name!r}: missing step")
+            if storage.master and "master" not in entry:  # else rebuilt from the rounded param
+                raise ValueError(f"state of {name!r}: missing its float32 master weights")
             new_state[name] = entry
         frozen = set(self._known(sd.get("frozen", [])))
         self.param_groups, self.state, self._frozen = new_groups, new_state, frozen
@@ -929,6 +937,14 @@ def _quantized_in_order(state: QuantizedState, order: str) -> QuantizedState:
     return QuantizedState(*quantize.encode(values, state.signed))
 
 
+def _json_scalar(value: Any) -> Any:
+    """A NumPy scalar (a hyperparameter given as ``np.float32(1e-3)``, a ``np.uint64`` seed) as
+    the Python number it holds, for json.dumps."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _write_checkpoint(sd: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
     """Write a state_dict to an .npz file atomically (see ``Optimizer.save``); its state
     entries are rewritten to name the arrays."""
@@ -944,7 +960,7 @@ def _write_checkpoint(sd: Dict[str, Any], path: Union[str, os.PathLike]) -> None
                 dtype = _dtype_name(value.dtype)
                 arrays[at] = value.view(np.uint16) if dtype == "bfloat16" else value
                 s[key] = {"array": at, "dtype": dtype}
-    arrays["meta"] = np.array(json.dumps(sd))
+    arrays["meta"] = np.array(json.dumps(sd, default=_json_scalar))
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fusedopt-", suffix=".npz.tmp")

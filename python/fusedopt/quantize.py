@@ -288,3 +288,16 @@ class QuantizedState:
     def from_array(cls, x: np.ndarray, signed: bool) -> QuantizedState:
         """Encodes the float32 array ``x`` (see :func:`encode`)."""
         return cls(*encode(x, signed))
+
+
+def _check_scales(where: str, scales: np.ndarray) -> None:
+    """That int8 state's scales are what the encoder writes: powers of two from 2**-126 to
+    2**127 (positive, normal, no mantissa bits). Any other (NaN, inf, 0, negative) would decode
+    to NaN or to values the format cannot hold. The kernels' binding checks the same."""
+    bits = scales.view(np.uint32)
+    exponent = bits >> 23
+    if np.any((bits & 0x7FFFFF) != 0) or np.any((exponent < 1) | (exponent > 254)):
+        raise ValueError(
+            f"{where}: scales must be powers of two in [2**-126, 2**127], as the encoder "
+            "writes them"
+        )

@@ -28,7 +28,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from .quantize import QuantizedState, encode
+from .quantize import QuantizedState, _check_scales, encode
 
 __all__ = [
     "adafactor_",
@@ -57,17 +57,21 @@ SEED_NEEDED = (
 )
 
 
-def _draws_random_bits(stochastic_rounding, arrays):
-    """Whether a call stores int8 state or, stochastically, a bfloat16 or float16 array:
-    ``arrays`` are the param and the state buffers, each an array, a QuantizedState, a list of
-    them or None."""
-    tensors = [
+def _tensors(arrays):
+    """Each tensor's array of ``arrays``: each an array, a QuantizedState, a list of them or
+    None."""
+    return [
         t for a in arrays if a is not None for t in (a if isinstance(a, (list, tuple)) else [a])
     ]
+
+
+def _draws_random_bits(stochastic_rounding, arrays):
+    """Whether a call stores int8 state or, stochastically, a bfloat16 or float16 array:
+    ``arrays`` are the param and the state buffers (see _tensors)."""
     return any(
         isinstance(t, QuantizedState)
         or (stochastic_rounding and getattr(t, "dtype", None) in _STOCHASTIC)
-        for t in tensors
+        for t in _tensors(arrays)
     )
 
 
@@ -110,6 +114,9 @@ def _for_each_tensor(update):
         optional = [v for v in hyper.values() if isinstance(v, (np.ndarray, QuantizedState, list))]
         arrays_stored = [param, *arrays, *optional]
         seed = _seed(update.__name__, seed, takes_step, stochastic_rounding, arrays_stored)
+        for t in _tensors(arrays_stored):  # refused before any write, as the kernels refuse them
+            if isinstance(t, QuantizedState):
+                _check_scales(f"{update.__name__}()", t.scales)
         grads = [grad] if isinstance(grad, np.ndarray) else grad
         if skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
             return False
