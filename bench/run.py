@@ -1,6 +1,7 @@
 """Benchmark fusedopt against the pure-NumPy reference.
 
-    python bench/run.py --quick        # per optimizer, float32, 1e3/1e5/1e6/1e7 elements (< 1 min)
+    python bench/run.py --quick        # per optimizer, float32, 1e3/1e5/1e6/1e7 elements
+                                       # (about two minutes on 2 cores)
     python bench/run.py                # 1e2 ... 1e8 elements, float32 and float64
     python bench/run.py --threshold    # measure where a parallel region starts to pay off
     python bench/run.py --table        # the README's table of every optimizer: 1e3 ... 1e7, all

@@ -685,7 +685,12 @@ struct ArrayFacts {
   bool c_order;
   bool f_order;
   bool writeable;
+  bool aligned = true;
 };
+
+bool is_aligned(const py::array& arr) {
+  return (arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
+}
 
 ArrayFacts facts_of(const py::array& arr) {
   return {arr.dtype(),
@@ -693,7 +698,16 @@ ArrayFacts facts_of(const py::array& arr) {
           arr.shape(),
           (arr.flags() & py::array::c_style) != 0,
           (arr.flags() & py::array::f_style) != 0,
-          arr.writeable()};
+          arr.writeable(),
+          is_aligned(arr)};
+}
+
+// A view at an address that is not a multiple of its element size (np.frombuffer at an odd
+// offset): the kernels' typed loads and stores would be undefined behaviour in C++.
+std::string misaligned(const Label& label) {
+  return label.str() +
+         ": expected an array aligned to its element size, got a misaligned view (it cannot be "
+         "used in place without a copy)";
 }
 
 // Checks one array against its tensor's param (`ref`, or nullptr when it is the param) and the
@@ -712,6 +726,7 @@ void check_facts(const Label& label, const ArrayFacts& arr, const py::array* ref
                           ": expected a C- or F-contiguous array, got a strided view "
                           "(it cannot be updated in place without a copy)");
   }
+  if (!arr.aligned) throw py::value_error(misaligned(label));
   if (ref != nullptr) {
     bool same_shape = arr.ndim == ref->ndim();
     for (py::ssize_t d = 0; same_shape && d < arr.ndim; ++d) {
@@ -1080,6 +1095,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                                 ": expected a contiguous array, got a strided view (it cannot "
                                 "be updated in place without a copy)");
         }
+        if (!is_aligned(sc)) throw py::value_error(misaligned(scales_label));
         if (!sc.writeable()) throw py::value_error(scales_label.str() + ": array is read-only");
         scale_values.push_back({scales_label.str(), static_cast<const float*>(sc.data()), blocks});
         const auto c = py::reinterpret_borrow<py::array>(codes);

@@ -166,3 +166,13 @@ def assert_same(a, b):
     assert [name for name, _ in ours] == [name for name, _ in theirs]
     for (name, x), (_, y) in zip(ours, theirs):
         assert_same_bits(x, y, name)
+
+
+def misaligned(a):
+    """A copy of `a` one byte past an aligned address (np.frombuffer at an odd offset)."""
+    a = np.asarray(a)
+    backing = np.zeros(a.nbytes + a.itemsize, np.uint8)
+    view = backing[1 : 1 + a.nbytes].view(a.dtype).reshape(a.shape, order="A")
+    view[...] = a
+    assert not view.flags.aligned
+    return view

@@ -8,7 +8,7 @@ import inspect
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_identical, assert_same, assert_same_bits
+from support import assert_identical, assert_same, assert_same_bits, misaligned
 
 import fusedopt
 from fusedopt import _matrix, optim, reference
@@ -178,6 +178,7 @@ def bad_calls():
     yield "grad must be float32", (p, g.astype(np.float64), r, c, None), dict(step=1)
     yield "C-contiguous", (np.zeros((4, 3), np.float32, order="F"), g, r, c, None), dict(step=1)
     yield "must not overlap", (p, p, r, c, None), dict(step=1)
+    yield "row_var must be aligned", (p, g, misaligned(r), c, None), dict(step=1)
     yield "param must be", (p.astype(np.int64), g, r, c, None), dict(step=1)
 
 

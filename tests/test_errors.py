@@ -26,6 +26,7 @@ from support import (
     flat,
     invalid_values,
     make_arrays,
+    misaligned,
 )
 
 from fusedopt import reference
@@ -85,6 +86,7 @@ BAD_ARRAYS = [
     ("flattened", lambda a: a.reshape(-1).copy(), ValueError),
     ("strided view", lambda a: np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2], ValueError),
     ("F order", lambda a: np.asfortranarray(a), ValueError),
+    ("misaligned", misaligned, ValueError),
     ("nested list", lambda a: a.tolist(), TypeError),
     ("scalar", lambda a: 1.0, TypeError),
 ]
@@ -573,6 +575,12 @@ BAD_MASTERS = [
         ValueError,
         "^master: expected a C- or F-contiguous array, got a strided view",
     ),
+    (
+        "misaligned",
+        lambda m, a: misaligned(m),
+        ValueError,
+        "^master: expected an array aligned to its element size, got a misaligned view",
+    ),
     ("read-only", lambda m, a: read_only(m), ValueError, "^master: array is read-only$"),
     ("nested list", lambda m, a: m.tolist(), TypeError, NOT_AN_ARRAY.format("list")),
     ("list of one", lambda m, a: [m], TypeError, NOT_AN_ARRAY.format("list")),
@@ -792,6 +800,12 @@ BAD_STATES = [
         lambda q: unchecked(q.codes, q.scales[None, :].copy()),
         ValueError,
         r"^{role}\.scales: expected float32 of shape \(3,\) .*, got shape \(1, 3\)$",
+    ),
+    (
+        "scales misaligned",
+        lambda q: unchecked(q.codes, misaligned(q.scales)),
+        ValueError,
+        r"^{role}\.scales: expected an array aligned to its element size, got a misaligned view",
     ),
     (
         "scales strided view",

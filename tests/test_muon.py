@@ -10,7 +10,7 @@ from unittest import mock
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_same, assert_same_bits
+from support import assert_same, assert_same_bits, misaligned
 
 import fusedopt
 from fusedopt import optim, reference
@@ -235,6 +235,8 @@ def bad_calls():
     yield "momentum_buffer must be float32 or bfloat16", (p, g, b.astype(np.float16)), {}
     yield "momentum_buffer has shape", (p, g, np.zeros((3, 4), np.float32)), {}
     yield "memory order", (p, np.asfortranarray(g), b), {}
+    yield "grad must be aligned", (p, misaligned(g), b), {}
+    yield "momentum_buffer must be aligned", (p, g, misaligned(b)), {}
     yield "must not overlap", (p, p, b), {}
     yield "ns_steps", (p, g, b), dict(ns_steps=100)
     yield "ns_steps must be an integer", (p, g, b), dict(ns_steps=2.0)

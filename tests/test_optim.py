@@ -600,6 +600,42 @@ def test_global_norm_and_clipping():
         fusedopt.clip_grad_norm_(grads, -1.0)
 
 
+def read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [  # grads of two dtypes: one call each, the float16 one first (sorted by dtype)
+        ("read-only", r"^grads\[3\]: array is read-only$"),
+        ("strided", r"^grads\[3\]: expected a C- or F-contiguous array, got a strided view"),
+        ("overlapping", r"^grads\[1\] and grads\[3\] share memory; an array that is updated"),
+    ],
+)
+@pytest.mark.parametrize("dtypes", [(np.float16, np.float32), (np.float32, np.float32)])
+def test_clipping_names_a_gradient_it_cannot_scale_and_changes_none(case, match, dtypes):
+    """Whichever dtype's call would meet it, a gradient that cannot be scaled in place is
+    named by its place in the list (not in one dtype's call), before any gradient is scaled."""
+    first = np.full(8, 3.0, dtypes[0])
+    second = np.full(8, 4.0, np.float32)
+    bad = {
+        "read-only": read_only(np.full(8, 5.0, dtypes[1])),
+        "strided": np.full(16, 5.0, dtypes[1])[::2],
+        "overlapping": second[:4] if dtypes[1] == np.float32 else None,
+    }[case]
+    if bad is None:  # float16 cannot view float32 memory as its own grads do
+        bad = first.view(np.uint8)[:8].view(np.float16)
+        match = match.replace("grads\\[1\\]", "grads\\[0\\]")
+    grads = [first, second, None, bad]
+    before = [None if g is None else g.copy() for g in grads]
+    with pytest.raises(ValueError, match=match):
+        fusedopt.clip_grad_norm_(grads, 1.0)
+    for g, b in zip(grads, before):
+        if g is not None:
+            assert_same_bits(g, b)
+
+
 def test_global_norm_is_bit_identical_for_any_thread_count():
     rng = np.random.default_rng(11)
     grads = [rng.standard_normal(s).astype(np.float32) for s in [(300001,), (5,), (70000,)]]

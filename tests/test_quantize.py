@@ -283,17 +283,25 @@ def test_near_flt_max(signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_idempotent(signed):
+    """Decoded values are fixed points: encoding them again gives the same values. Not always
+    the same codes: a block whose largest value rounds down past a power of two (1.9, with
+    scale 2, decodes to 1.875) encodes again with half the scale, its codes one binade up."""
     rng = np.random.default_rng(13)
-    for x in distributions(rng, 3 * BLOCK + 5).values():
+    cases = list(distributions(rng, 3 * BLOCK + 5).values())
+    below_a_power_of_two = np.zeros(BLOCK, np.float32)
+    below_a_power_of_two[:2] = 1.9, 0.3
+    for x, poisoned in [(x, True) for x in cases] + [(below_a_power_of_two, False)]:
         x = x.astype(np.float32)
-        x[::97] = np.nan
-        x[1::101] = -np.inf
+        if poisoned:
+            x[::97] = np.nan
+            x[1::101] = -np.inf
         if not signed:  # see assert_roundtrip
             x = np.abs(x)
-        codes, scales = encode(x, signed)
-        again = encode(decode(codes, scales), signed)
-        np.testing.assert_array_equal(again[0], codes)
-        np.testing.assert_array_equal(bits(again[1]), bits(scales))
+        values = decode(*encode(x, signed))
+        assert_same_bits(decode(*encode(values, signed)), values)
+    codes, scales = encode(below_a_power_of_two, signed)
+    again = encode(decode(codes, scales), signed)
+    assert bits(again[1])[0] != bits(scales)[0]  # the case above does change its scale
 
 
 # ---------------------------------------------------------------------------------------------

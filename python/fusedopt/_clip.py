@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional, Sequence, Union
+import re
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _overlap
 from ._dispatch import core as _core
 
 __all__ = ["clip_grad_norm_", "global_norm"]
@@ -14,26 +17,69 @@ __all__ = ["clip_grad_norm_", "global_norm"]
 Grads = Union[np.ndarray, Sequence[Optional[np.ndarray]]]
 
 
-def _by_dtype(grads: Grads) -> List[List[np.ndarray]]:
+def _by_dtype(grads: Grads) -> List[Tuple[List[np.ndarray], List[int]]]:
     """Non-None gradients grouped by dtype, float32 first: one fused call each, added in a
-    fixed order."""
+    fixed order; with each group, its gradients' places in ``grads``."""
     if isinstance(grads, np.ndarray):
         grads = [grads]
-    groups: Dict[str, List[np.ndarray]] = {}
+    groups: Dict[str, Tuple[List[np.ndarray], List[int]]] = {}
     for i, g in enumerate(grads):
         if g is None:
             continue
         if not isinstance(g, np.ndarray):
             raise TypeError(f"grads[{i}]: expected a numpy.ndarray or None, got {type(g).__name__}")
-        groups.setdefault(g.dtype.str, []).append(g)
+        arrays, places = groups.setdefault(g.dtype.str, ([], []))
+        arrays.append(g)
+        places.append(i)
     return [groups[k] for k in sorted(groups)]
+
+
+@contextlib.contextmanager
+def _named_as_grads(places: List[int]) -> Iterator[None]:
+    """A fused call's errors name its arrays by place in the call (``arrays[1]``): renamed by
+    place in ``grads``."""
+    try:
+        yield
+    except ValueError as error:
+        message = re.sub(r"arrays\[(\d+)\]", lambda m: f"grads[{places[int(m[1])]}]", str(error))
+        raise ValueError(message) from None
+
+
+def _check_writable(grads: Grads) -> None:
+    """That every gradient can be scaled in place, named by its place in ``grads``: checked for
+    all of them before the first dtype's call writes (each call sees only its own dtype)."""
+    listed = [grads] if isinstance(grads, np.ndarray) else list(grads)
+    where = [(i, g) for i, g in enumerate(listed) if g is not None]
+    for i, g in where:
+        if not g.flags.writeable:
+            raise ValueError(f"grads[{i}]: array is read-only")
+        if not (g.flags.c_contiguous or g.flags.f_contiguous):
+            raise ValueError(
+                f"grads[{i}]: expected a C- or F-contiguous array, got a strided view (it cannot "
+                "be scaled in place without a copy)"
+            )
+    hit = _overlap.first_overlap(_overlap.byte_extents([g for _, g in where]), [True] * len(where))
+    if hit is not None:
+        first, second = (where[k][0] for k in hit)
+        raise ValueError(
+            f"grads[{first}] and grads[{second}] share memory; an array that is updated in "
+            "place must not overlap any other argument"
+        )
 
 
 def global_norm(grads: Grads) -> float:
     r"""The L2 norm of all gradients together, :math:`\sqrt{\sum_i \lVert g_i \rVert^2}`,
     accumulated in double in one fused parallel pass per dtype; bit-identical for every thread
     count. None entries are skipped."""
-    return math.sqrt(sum(_core.sum_squares(group) for group in _by_dtype(grads)))
+    return math.sqrt(_sum_squares(_by_dtype(grads)))
+
+
+def _sum_squares(groups: List[Tuple[List[np.ndarray], List[int]]]) -> float:
+    total = 0.0
+    for arrays, places in groups:
+        with _named_as_grads(places):
+            total += _core.sum_squares(arrays)
+    return total
 
 
 def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool = False) -> float:
@@ -45,18 +91,23 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
         g_i \leftarrow g_i \cdot \min\!\left(1, \frac{\text{max\_norm}}{n + 10^{-6}}\right)
 
     Returns the norm before clipping. With ``error_if_nonfinite`` a NaN or infinite norm
-    raises RuntimeError and leaves the gradients unchanged.
+    raises RuntimeError and leaves the gradients unchanged. A gradient that cannot be scaled in
+    place (read-only, strided, sharing memory with another) is a ValueError that names it, and
+    no gradient is changed.
     """
     if not (max_norm >= 0 and math.isfinite(max_norm)):
         raise ValueError(f"Invalid max_norm: {max_norm}")
     groups = _by_dtype(grads)
-    total = math.sqrt(sum(_core.sum_squares(group) for group in groups))
+    total = math.sqrt(_sum_squares(groups))
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(
             f"The total norm of the gradients is non-finite ({total}), so it cannot be clipped"
         )
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for group in groups:
-            _core.scale(group, factor=coef)
+        if len(groups) > 1:  # each call sees one dtype: all checked before the first writes
+            _check_writable(grads)
+        for arrays, places in groups:
+            with _named_as_grads(places):
+                _core.scale(arrays, factor=coef)
     return total

@@ -190,10 +190,18 @@ class Declaration:
             "    stochastic_rounding: round what is stored in bfloat16 or float16 up or down at "
             "random, with the probabilities that make it unbiased, instead of to nearest even."
         )
+        # the int8 clause and the state's slots only where the kernel has state
+        int8, slots = (
+            (
+                " and of int8 state (whose codes are always rounded stochastically)",
+                "array slot: the param 0, the state buffers 1, 2, 3 in the order listed here",
+            )
+            if self.quantizable
+            else ("", "array slot 0, the param's")
+        )
         lines.append(
-            "    seed: the random stream of stochastic rounding and of int8 state (whose codes "
-            "are always rounded stochastically), an integer in [0, 2**64); the bits are a "
-            "function of (seed, step, tensor, element)"
+            f"    seed: the random stream of stochastic rounding{int8}, an integer in "
+            f"[0, 2**64); the bits are a function of (seed, step, tensor, element, {slots})"
             + (
                 "."
                 if self.takes_step

@@ -252,9 +252,17 @@ def _check_quantized(at: str, p: np.ndarray, q: QuantizedState, c_order: bool) -
     _check_scales(name, scales)
 
 
-def _check_own_overlap(fn: str, at: str, named) -> None:
-    """No two of a tensor's arrays, (name, argument) pairs, share memory."""
+def _check_own_memory(fn: str, at: str, named) -> None:
+    """Each of a tensor's arrays, (name, argument) pairs, is aligned to its element size (the
+    kernels' typed loads of a misaligned view would be undefined behaviour), and no two share
+    memory."""
     arrays = [(name, a) for name, x in named for a in _overlap.arrays_of(x)]
+    for name, x in arrays:
+        if not x.flags.aligned:
+            part = "" if x is not getattr(dict(named)[name], "scales", None) else ".scales"
+            raise ValueError(
+                f"{fn}: {at}{name}{part} must be aligned to its element size, got a misaligned view"
+            )
     for k, (name, x) in enumerate(arrays):
         for other, y in arrays[k + 1 :]:
             if np.may_share_memory(x, y):
@@ -306,7 +314,7 @@ def _check_tensor(
             raise ValueError(f"muon_: {at}{name} is read-only")
     if master is not None:
         _check_master("muon_", at, p, master, c_order)
-    _check_own_overlap(
+    _check_own_memory(
         "muon_", at, (("param", p), ("grad", g), ("momentum_buffer", b), ("master", master))
     )
     return pc, _CODES[g.dtype], _INT8 if isinstance(b, QuantizedState) else _CODES[b.dtype]
@@ -521,16 +529,16 @@ def _check_adafactor_tensor(i, p, g, r, c, v, master):
     if master is not None:
         _check_master("adafactor_", at, p, master, True)
     named = (("param", p), ("grad", g), ("row_var", r), ("col_var", c), ("variance", v))
-    _check_own_overlap("adafactor_", at, (*named, ("master", master)))
+    _check_own_memory("adafactor_", at, (*named, ("master", master)))
     return pc, _CODES[g.dtype]
 
 
 def adafactor_(
     param: Matrices,
     grad: Matrices,
-    row_var,
-    col_var,
-    variance,
+    row_var: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
+    col_var: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
+    variance: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
     *,
     step: int,
     lr: float = 1e-2,
@@ -610,7 +618,9 @@ def adafactor_(
     return True
 
 
-adafactor_.__doc__ = f"""{reference.adafactor_.__doc__.rstrip()}
+# The reference's text, without its pointer to a private helper (the Args below say it).
+_ADAFACTOR_RULE = reference.adafactor_.__doc__.rstrip().replace(" (:func:`_in_compute_type`)", "")
+adafactor_.__doc__ = f"""{_ADAFACTOR_RULE}
 
     The fused step: per tensor three parallel passes (reductions, the update's norm, the
     update), every sum in double in an order fixed by the shape: bit-identical to
@@ -620,9 +630,13 @@ adafactor_.__doc__ = f"""{reference.adafactor_.__doc__.rstrip()}
         param: an array or a list of them (float32, float64, bfloat16 or float16;
             C-contiguous), updated in place.
         grad: the gradients, in the param's dtype or float32 (float64 for float64).
-        row_var, col_var: the factored moments of a param of 2 or more dimensions (float32,
-            float64 for float64; shapes from :func:`adafactor_state_shapes`), else None.
-        variance: the second moment of a vector or scalar param, else None.
+        row_var, col_var: the factored moments of a param of 2 or more dimensions, else None:
+            float32 (float64 for a float64 param), C-contiguous, updated in place; ``row_var``
+            has the param's shape with the last dimension 1 (``shape[:-1] + (1,)``),
+            ``col_var`` with the second-to-last 1 (``shape[:-2] + (1, shape[-1])``), as
+            ``torch.optim.Adafactor`` keeps them. With lists, one entry per tensor.
+        variance: the second moment of a vector or scalar param (the param's shape, float32,
+            float64 for float64, C-contiguous, updated in place), else None.
         step: the count of steps including this one (from 1).
         lr: the relative step size's bound (>= 0; default 1e-2).
         beta2_decay: c in beta2_t = 1 - t^c (<= 0; default -0.8).
@@ -633,7 +647,7 @@ adafactor_.__doc__ = f"""{reference.adafactor_.__doc__.rstrip()}
         stochastic_rounding: round a bfloat16 or float16 param (or a master's copy) up or down
             at random, without bias, instead of to nearest even.
         seed: the random stream of stochastic rounding, an integer in [0, 2**64); the bits
-            are a function of (seed, step, tensor, element).
+            are a function of (seed, step, tensor, element) and of array slot 0, the param's.
         master: float32 master weights of bfloat16 or float16 params (the param's shape,
             C-contiguous), updated in place: the step is the float32 step of the master (its
             RMS, eps1's default float32 epsilon) and the param is written as the master

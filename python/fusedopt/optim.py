@@ -215,27 +215,9 @@ class Optimizer:
     otherwise, ``_check_group`` to validate hyperparameters only it has, and ``_init_buffer``
     for a buffer that does not start at zero.
 
-    Options every optimizer takes as keywords:
-
-    - ``max_grad_norm``: clip the global gradient norm to this first (None: no clipping);
-    - ``skip_if_nonfinite``: skip a step whose gradients hold a NaN or an infinity, counting it
-      in ``skipped_steps``;
-    - ``impl``: ``"reference"`` computes with :mod:`fusedopt.reference` instead of the fused
-      kernels (bit-identical, slower), ``"fused"`` with the kernels, and None (the default)
-      follows :func:`reference_kernels`;
-    - ``state_dtype``: None (float32, float64 for float64 parameters), ``"float32"``,
-      ``"bfloat16"`` or ``"int8"`` (8-bit block-quantized, :mod:`fusedopt.quantize`: int8
-      codes, uint8 for state that is never negative, always rounded stochastically with
-      ``seed``), or the NumPy or torch dtype; float64 parameters keep float64 state;
-    - ``master_weights``: keep float32 master weights of bfloat16 and float16 parameters in the
-      state (``state[name]["master"]``): the update runs on them and writes the parameter as
-      the master rounded, in the same pass; other parameters are unaffected;
-    - ``stochastic_rounding``: round what is stored in bfloat16 or float16 (parameters,
-      bfloat16 state) at random, without bias, instead of to nearest even; ``seed`` (an
-      integer in [0, 2**64)) fixes its random stream, a function of (seed, step, the place
-      among the optimizer's parameters of the first parameter of the fused call, the
-      parameter's place in that call, element): no two parameters share random bits in a
-      step, whatever calls they fall in.
+    The options every optimizer takes as keywords (``max_grad_norm``, ``skip_if_nonfinite``,
+    ``impl``, ``state_dtype``, ``master_weights``, ``stochastic_rounding``, ``seed``) are
+    documented in :meth:`Optimizer.__init__`.
     """
 
     kernel: str = ""
@@ -252,11 +234,62 @@ class Optimizer:
         max_grad_norm: Optional[float] = None,
         skip_if_nonfinite: bool = False,
         impl: Optional[str] = None,
-        state_dtype: Any = None,
+        state_dtype: Optional[Union[str, np.dtype, type]] = None,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
     ):
+        """Build the optimizer over ``params``; state is allocated at each parameter's first step.
+        The keyword arguments are the options, the same for every class.
+
+        Args:
+            params: a list of arrays, a dict name -> array, or a list of parameter groups
+                ``{"params": list or dict, <hyperparameter>: value, ...}`` (see the module's
+                docstring). Parameters are C- or F-contiguous, writeable float32, float64,
+                bfloat16 (``ml_dtypes.bfloat16``) or float16 arrays.
+            defaults: (``Optimizer`` itself, for subclasses) the class's hyperparameters and
+                their values. A class takes its own as arguments instead (``lr``, ``betas``,
+                ...: see its docstring and signature).
+
+        Keyword Args:
+            max_grad_norm: first clip the step's gradients, in place, to this global L2 norm,
+                as :func:`fusedopt.clip_grad_norm_` does (a finite number > 0; None, the
+                default: no clipping).
+            skip_if_nonfinite: skip a step whose gradients hold a NaN or an infinity: nothing
+                is written and ``step`` returns False, counted in ``skipped_steps`` (default
+                False).
+            impl: ``"fused"`` computes with the fused kernels, ``"reference"`` with
+                :mod:`fusedopt.reference` (plain NumPy: bit-identical, slower); None (the
+                default) the kernels, but the reference inside :func:`reference_kernels`.
+            state_dtype: the state buffers' storage: None or ``"float32"`` (the default:
+                float32), ``"bfloat16"``, or ``"int8"``: 8-bit block-quantized
+                (:class:`fusedopt.quantize.QuantizedState`: int8 codes, uint8 for a state that
+                is never negative, one float32 scale per 256 elements, always rounded
+                stochastically with ``seed``). A NumPy dtype or type (``np.int8``,
+                ``ml_dtypes.bfloat16``) or a torch dtype (``torch.bfloat16``) names the same.
+                float64 parameters keep float64 state: with them any value but None is a
+                ValueError. Some classes take fewer (see their docstrings).
+            master_weights: keep float32 master weights of bfloat16 and float16 parameters in
+                their state (``state[name]["master"]``): the update runs on the masters and
+                writes each parameter as its master rounded, in the same pass; their gradients
+                may be in the parameter's dtype or float32. float32 and float64 parameters are
+                unaffected (default False).
+            stochastic_rounding: round what is stored in bfloat16 or float16 (parameters, a
+                master's parameter copy, bfloat16 state) up or down at random, with the
+                probabilities that make it unbiased, instead of to nearest even (default
+                False).
+            seed: the random stream of stochastic rounding and of int8 state, an integer in
+                [0, 2**64) (default 0). The bits are a function of (seed, step, the place
+                among the optimizer's parameters of the first parameter of the fused call, the
+                parameter's place in that call, element, array slot): no two parameters share
+                random bits in a step, whatever calls they fall in. Checkpoints keep it, so a
+                resumed run draws the bits an uninterrupted one would.
+
+        Raises:
+            TypeError, ValueError: for an invalid option, hyperparameter or parameter, or a
+                parameter with no kernel for its dtype and these options, before any state is
+                made.
+        """
         _check_max_grad_norm(max_grad_norm)
         if impl not in (None, "fused", "reference"):
             raise ValueError(f"impl: expected None, 'fused' or 'reference', got {impl!r}")
@@ -1009,6 +1042,10 @@ class SGD(Optimizer):
     Without momentum :func:`fusedopt.sgd_`; with momentum :func:`fusedopt.momentum_`, whose
     buffer starts, as PyTorch's, as the first gradient itself (undamped):
     :math:`b_1 = g_1`, then :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t`.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
     """
 
     kernel = "sgd"  # "momentum" for groups with momentum
@@ -1054,6 +1091,10 @@ class Momentum(Optimizer):
 
     :func:`fusedopt.momentum_` with dampening equal to the momentum; ``beta`` = :math:`\beta`,
     ``lr`` = :math:`\alpha`.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
     """
 
     kernel = "momentum"
@@ -1084,7 +1125,12 @@ class Momentum(Optimizer):
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba 2015), as ``torch.optim.Adam``: :func:`fusedopt.adam_`, with AMSGrad
-    and decoupled (AdamW) weight decay as options."""
+    and decoupled (AdamW) weight decay as options.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "adam"
 
@@ -1105,7 +1151,12 @@ class Adam(Optimizer):
 
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``: Adam with decoupled weight
-    decay, 1e-2 by default."""
+    decay, 1e-2 by default.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "adamw"
 
@@ -1131,7 +1182,12 @@ class AdamW(Adam):
 
 class Adamax(Optimizer):
     """Adamax (Kingma & Ba 2015, section 7.1), as ``torch.optim.Adamax``:
-    :func:`fusedopt.adamax_`."""
+    :func:`fusedopt.adamax_`.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "adamax"
 
@@ -1153,7 +1209,12 @@ class NAdam(Optimizer):
     momentum schedule (``momentum_decay``) and decoupled (NAdamW) weight decay as an option.
     The product of the momentum coefficients, which torch keeps in the state as
     ``mu_product``, is a function of the step here: the state is ``exp_avg`` and
-    ``exp_avg_sq``."""
+    ``exp_avg_sq``.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "nadam"
 
@@ -1174,7 +1235,12 @@ class NAdam(Optimizer):
 
 class RAdam(Optimizer):
     """RAdam (Liu et al. 2020), as ``torch.optim.RAdam``: :func:`fusedopt.radam_`, rectified
-    Adam steps once the SMA length exceeds 5, and decoupled weight decay as an option."""
+    Adam steps once the SMA length exceeds 5, and decoupled weight decay as an option.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "radam"
 
@@ -1194,7 +1260,12 @@ class RAdam(Optimizer):
 
 class Adagrad(Optimizer):
     """Adagrad (Duchi et al. 2011), as ``torch.optim.Adagrad``: :func:`fusedopt.adagrad_`, the
-    accumulator starting at ``initial_accumulator_value``."""
+    accumulator starting at ``initial_accumulator_value``.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "adagrad"
     state_names = {"sum_sq": "sum"}
@@ -1221,7 +1292,12 @@ class Adagrad(Optimizer):
 
 class RMSprop(Optimizer):
     """RMSprop (Hinton 2012), as ``torch.optim.RMSprop``: :func:`fusedopt.rmsprop_`, centered
-    and with momentum as options."""
+    and with momentum as options.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "rmsprop"
 
@@ -1242,7 +1318,12 @@ class RMSprop(Optimizer):
 
 class Lion(Optimizer):
     """Lion (Chen et al. 2023): :func:`fusedopt.lion_`, the sign of an interpolated momentum
-    with decoupled weight decay."""
+    with decoupled weight decay.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "lion"
 
@@ -1264,7 +1345,12 @@ class LAMB(Optimizer):
     ``min(||param||, clamp) / (||update|| + eps)``; decoupled weight decay by default, an L2
     term in the update with ``decoupled_weight_decay=False``. Each group is one fused call of
     two passes (the norms of every tensor, then the update); the state is ``exp_avg`` and
-    ``exp_avg_sq`` (``pytorch_optimizer``'s names)."""
+    ``exp_avg_sq`` (``pytorch_optimizer``'s names).
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "lamb"
 
@@ -1403,7 +1489,12 @@ class ScheduleFreeAdamW(_ScheduleFree):
     """Schedule-Free AdamW (Defazio et al. 2024), as ``schedulefree.AdamWScheduleFree``:
     :func:`fusedopt.schedulefree_adamw_`, with linear warmup over ``warmup_steps``, polynomial
     weighting ``r`` and ``weight_lr_power``; :meth:`train` and :meth:`eval` switch the
-    parameters between :math:`y` and the average :math:`x` (see ``_ScheduleFree``)."""
+    parameters between :math:`y` and the average :math:`x` (see ``_ScheduleFree``).
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "schedulefree_adamw"
     beta_name = "betas"
@@ -1427,7 +1518,12 @@ class ScheduleFreeSGD(_ScheduleFree):
     """Schedule-Free SGD (Defazio et al. 2024), as ``schedulefree.SGDScheduleFree``:
     :func:`fusedopt.schedulefree_sgd_`, ``momentum`` in (0, 1) being the interpolation
     between :math:`z` and the average :math:`x`; warmup and weighting as
-    :class:`ScheduleFreeAdamW`."""
+    :class:`ScheduleFreeAdamW`.
+
+    Options common to every class (``state_dtype``, ``master_weights``,
+    ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
+    :meth:`Optimizer.__init__`.
+    """
 
     kernel = "schedulefree_sgd"
     beta_name = "momentum"
@@ -1475,7 +1571,7 @@ class Muon(Optimizer):
     int8, block-quantized with signed codes), ``master_weights`` (float32 masters of bfloat16
     and float16 matrices: the step runs on them), ``stochastic_rounding`` and ``seed`` (the
     kernel takes no step, so each step's seed is derived from ``seed`` and the step count),
-    ``impl``, ``max_grad_norm`` and ``skip_if_nonfinite``.
+    ``impl``, ``max_grad_norm`` and ``skip_if_nonfinite``: see :meth:`Optimizer.__init__`.
     """
 
     def __init__(
@@ -1551,8 +1647,9 @@ class Adafactor(Optimizer):
     and the update is clipped to RMS ``d``. ``foreach`` is accepted for torch's signature and
     has no effect: every step is fused.
 
-    Options as for every optimizer: ``master_weights`` (float32 masters of bfloat16 and
-    float16 parameters: the step is the float32 step of the master), ``stochastic_rounding``
+    Options as for every optimizer (see :meth:`Optimizer.__init__`): ``master_weights``
+    (float32 masters of bfloat16 and float16 parameters: the step is the float32 step of the
+    master), ``stochastic_rounding``
     and ``seed`` (for bfloat16 and float16 parameters), ``impl``, ``max_grad_norm`` and
     ``skip_if_nonfinite``. The moments are float32 (float64 for float64 parameters), and
     ``state_dtype`` other than None or "float32" is refused (ValueError): the factored moments

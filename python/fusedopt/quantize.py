@@ -29,10 +29,13 @@ Encoding a block takes :math:`a`, the largest finite :math:`|x|` in it, rounds i
 mantissa bits (so that every element's code, however rounded, fits without saturating: a
 saturated maximum would bias stochastic rounding down) and sets :math:`E` to the exponent of
 the result, clamped to
-:math:`[-126, 127]`; each :math:`x \cdot 2^{-E}` is then rounded to nearest even to a code
-(saturating at 1.875 only when :math:`E` is clamped at 127). NaN stays NaN and :math:`\pm\infty`
-stays :math:`\pm\infty`; the unsigned format stores every negative value (``-inf`` included) as 0.
-Every finite :math:`x` round-trips within half a step of its grid:
+:math:`[-126, 127]`; each :math:`x \cdot 2^{-E}` is then rounded to a code (saturating at 1.875
+only when :math:`E` is clamped at 127), to nearest even or stochastically (below). NaN stays NaN
+and :math:`\pm\infty` stays :math:`\pm\infty`; the unsigned format stores every negative value
+(``-inf`` included) as 0.
+
+Rounded to nearest (``encode`` without ``random_bits``), every finite :math:`x` round-trips
+within half a step of its grid:
 
 .. math::
 
@@ -41,9 +44,28 @@ Every finite :math:`x` round-trips within half a step of its grid:
         2^{-F-3+E} & |x| < 2^{1-F+E}
     \end{cases}
 
-Decoded values are exactly representable, so ``encode(decode(encode(x)))`` equals
-``encode(x)``. This module is the specification of the C++ codec, which agrees with it bit for
-bit; it depends on NumPy only.
+Rounded stochastically (``random_bits``: 16 random bits per element added below the 3 mantissa
+bits kept, then truncated), a code is the grid point just below :math:`|x| \cdot 2^{-E}` or
+the one just above, the nearer the likelier, so that the expected decoded value is :math:`x` up
+to :math:`2^{-16}` of a step; the error is then below one step:
+
+.. math::
+
+    |\hat x - x| < \begin{cases}
+        2^{-3} \, |x| & |x| \ge 2^{1-F+E} \\
+        2^{-F-2+E} & |x| < 2^{1-F+E}
+    \end{cases}
+
+The kernels always round int8 state stochastically, whatever ``stochastic_rounding`` says, with
+16 of each element's random bits from the call's ``seed`` and step (those stochastic rounding
+draws): an exponential moving average whose changes are below half a step would never move
+when rounded to nearest. :func:`encode` here rounds to nearest unless given ``random_bits``.
+
+Decoded values are exactly representable, so encoding them again, with either rounding, decodes
+to the same values. Mostly the codes and scales are the same too, but not where a block's
+largest value was rounded down into a lower binade: 1.9 encodes with the scale 2 and decodes to
+1.875, which encodes with the scale 1. This module is the specification of the C++ codec, which
+agrees with it bit for bit; it depends on NumPy only.
 """
 
 from __future__ import annotations
@@ -273,11 +295,20 @@ class QuantizedState:
         return decode(self.codes, self.scales)
 
     def copy(self) -> QuantizedState:
+        """An independent copy: new arrays of the same codes (in their memory layout, C or F)
+        and scales, bit for bit."""
         return type(self)(self.codes.copy(order="K"), self.scales.copy())
 
     @classmethod
     def zeros(cls, shape: Shape, signed: bool, order: str = "C") -> QuantizedState:
-        """All zeros, with the scales that encoding zeros gives (``2**-126``)."""
+        """All zeros, with the scales that encoding zeros gives (``2**-126``).
+
+        ``signed``: True for int8 codes (the signed E4M3 format, for a state of any sign, such
+        as Adam's ``exp_avg`` or a momentum buffer), False for uint8 codes (the unsigned E5M3
+        format, for a state that is never negative, such as Adam's ``exp_avg_sq``; a kernel
+        takes it only for such a state). ``order``: the codes' memory layout, "C" or "F"
+        (blocks follow it).
+        """
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', got {order!r}")
         codes = np.zeros(shape, np.int8 if signed else np.uint8, order=order)
