@@ -398,10 +398,12 @@ void check_scale_values(const std::string& label, const float* scales, Index blo
 
 // A flag: a bool or NumPy's bool, never another object's truth (the string "False" is true).
 bool parse_flag(const std::string& name, PyObject* value) {
-  static PyObject* const numpy_bool =
-      py::object(py::module_::import("numpy").attr("bool_")).release().ptr();
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> type;
   if (!PyBool_Check(value)) {
-    const int is_numpy_bool = PyObject_IsInstance(value, numpy_bool);
+    const py::object& numpy_bool =
+        type.call_once_and_store_result([] { return py::module_::import("numpy").attr("bool_"); })
+            .get_stored();
+    const int is_numpy_bool = PyObject_IsInstance(value, numpy_bool.ptr());
     if (is_numpy_bool < 0) throw py::error_already_set();
     if (is_numpy_bool == 0) throw py::type_error(name + " must be a bool, got " + type_name(value));
   }
@@ -794,7 +796,7 @@ PyObject* data_ptr_keyword() {
 
 // _borrow(objects, like, dtype): the memory of each object (its data_ptr()) as `dtype` shaped
 // like the array of `like` at its index, or None if an object with elements to read reports
-// address 0 (a tensor without storage).
+// address 0 (a tensor without storage) or one not aligned to `dtype`.
 py::object borrow(const py::list& objects, const py::list& like, const py::dtype& dtype) {
   if (objects.size() != like.size()) {
     throw py::value_error("_borrow: expected an array in like per object, got " +
@@ -834,6 +836,11 @@ py::object borrow(const py::list& objects, const py::list& like, const py::dtype
     const void* data = PyLong_AsVoidPtr(address.ptr());
     if (data == nullptr && PyErr_Occurred()) throw py::error_already_set();
     if (data == nullptr && arr.size() > 0) return py::none();
+    // misaligned memory (a view at an odd byte offset): the checked path refuses it by name
+    if (reinterpret_cast<std::uintptr_t>(data) % static_cast<std::uintptr_t>(dtype.itemsize()) !=
+        0) {
+      return py::none();
+    }
     b.data.push_back(data);
     b.nbytes.push_back(arr.size() * dtype.itemsize());
     py::ssize_t wide = 0;  // dimensions of more than one element

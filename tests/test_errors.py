@@ -1162,6 +1162,17 @@ def test_int8_scales_that_the_encoder_never_writes(name, bad):
         assert_identical(arrays, before, "arrays changed by the reference's rejected call")
 
 
+@pytest.mark.parametrize("name", ["adam", "momentum"])
+def test_int8_scales_at_the_ends_of_the_range_are_taken(name):
+    """2**-126 (an all-zero block's) and 2**127 are scales the encoder writes: accepted."""
+    spec = OPTIMIZERS[name]
+    arrays, hyper = new_arguments(spec, quantized=True)
+    role = roles(spec)[-1]
+    arrays[role].scales[0] = np.float32(2.0**-126)
+    arrays[role].scales[-1] = np.float32(2.0**127)
+    assert call_fused(spec, arrays, hyper, seed=1) is True
+
+
 @pytest.mark.parametrize("keyword", ["stochastic_rounding", "skip_if_nonfinite", "amsgrad"])
 @pytest.mark.parametrize("value", ["False", "", 0, 1, None, np.float32(1.0)], ids=repr)
 def test_flags_are_bools_not_truthy_objects(keyword, value):

@@ -34,6 +34,8 @@ STORAGE = {
     "float16-sr": (F16, F16, dict(stochastic_rounding=True, seed=4)),
     "float16-masters-sr": (F16, np.float32, dict(master_weights=True, stochastic_rounding=True)),
     "float16-int8": (F16, np.float32, dict(state_dtype="int8")),
+    "float16-bf16-state": (F16, F16, dict(state_dtype="bfloat16", stochastic_rounding=True)),
+    "float16-masters-bf16-state": (F16, F16, dict(master_weights=True, state_dtype="bfloat16")),
 }
 CLASSES = {
     "SGD": (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -14,14 +14,17 @@ from ._dispatch import core as _core
 
 __all__ = ["clip_grad_norm_", "global_norm"]
 
-Grads = Union[np.ndarray, Sequence[Optional[np.ndarray]]]
+Grads = Union[np.ndarray, Iterable[Optional[np.ndarray]]]
 
 
-def _by_dtype(grads: Grads) -> List[Tuple[List[np.ndarray], List[int]]]:
+def _listed(grads: Grads) -> List[Optional[np.ndarray]]:
+    """The gradients as a list, read once (an iterator or generator too)."""
+    return [grads] if isinstance(grads, np.ndarray) else list(grads)
+
+
+def _by_dtype(grads: List[Optional[np.ndarray]]) -> List[Tuple[List[np.ndarray], List[int]]]:
     """Non-None gradients grouped by dtype, float32 first: one fused call each, added in a
     fixed order; with each group, its gradients' places in ``grads``."""
-    if isinstance(grads, np.ndarray):
-        grads = [grads]
     groups: Dict[str, Tuple[List[np.ndarray], List[int]]] = {}
     for i, g in enumerate(grads):
         if g is None:
@@ -40,16 +43,15 @@ def _named_as_grads(places: List[int]) -> Iterator[None]:
     place in ``grads``."""
     try:
         yield
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         message = re.sub(r"arrays\[(\d+)\]", lambda m: f"grads[{places[int(m[1])]}]", str(error))
-        raise ValueError(message) from None
+        raise type(error)(message) from None
 
 
-def _check_writable(grads: Grads) -> None:
+def _check_writable(grads: List[Optional[np.ndarray]]) -> None:
     """That every gradient can be scaled in place, named by its place in ``grads``: checked for
     all of them before the first dtype's call writes (each call sees only its own dtype)."""
-    listed = [grads] if isinstance(grads, np.ndarray) else list(grads)
-    where = [(i, g) for i, g in enumerate(listed) if g is not None]
+    where = [(i, g) for i, g in enumerate(grads) if g is not None]
     for i, g in where:
         if not g.flags.writeable:
             raise ValueError(f"grads[{i}]: array is read-only")
@@ -71,7 +73,7 @@ def global_norm(grads: Grads) -> float:
     r"""The L2 norm of all gradients together, :math:`\sqrt{\sum_i \lVert g_i \rVert^2}`,
     accumulated in double in one fused parallel pass per dtype; bit-identical for every thread
     count. None entries are skipped."""
-    return math.sqrt(_sum_squares(_by_dtype(grads)))
+    return math.sqrt(_sum_squares(_by_dtype(_listed(grads))))
 
 
 def _sum_squares(groups: List[Tuple[List[np.ndarray], List[int]]]) -> float:
@@ -97,6 +99,7 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
     """
     if not (max_norm >= 0 and math.isfinite(max_norm)):
         raise ValueError(f"Invalid max_norm: {max_norm}")
+    grads = _listed(grads)
     groups = _by_dtype(grads)
     total = math.sqrt(_sum_squares(groups))
     if error_if_nonfinite and not math.isfinite(total):

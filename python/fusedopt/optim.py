@@ -169,6 +169,11 @@ def _check_param(name: str, p: Any) -> np.ndarray:
         )
     if not (p.flags.c_contiguous or p.flags.f_contiguous):
         raise ValueError(f"parameter {name!r}: expected a C- or F-contiguous array")
+    if not p.flags.aligned:
+        raise ValueError(
+            f"parameter {name!r}: expected an array aligned to its element size, got a "
+            "misaligned view"
+        )
     if not p.flags.writeable:
         raise ValueError(f"parameter {name!r}: array is read-only")
     return p
@@ -500,6 +505,11 @@ class Optimizer:
             same_layout = (g.flags.c_contiguous and p.flags.c_contiguous) or (
                 g.flags.f_contiguous and p.flags.f_contiguous
             )
+            if not g.flags.aligned:
+                raise ValueError(
+                    f"gradient of {name!r}: expected an array aligned to its element size, got "
+                    "a misaligned view"
+                )
             if not same_layout:
                 raise ValueError(
                     f"gradient of {name!r}: expected the parameter's contiguous memory layout"

@@ -1037,6 +1037,9 @@ def muon_(
         param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
         master = None if master is None else [master]
     seed = _seed("muon_", seed, False, stochastic_rounding, [param, momentum_buffer])
+    for buf in momentum_buffer:  # refused before any write, as the kernels refuse them
+        if isinstance(buf, QuantizedState):
+            _check_scales("muon_(): momentum_buffer", buf.scales)
     if skip_if_nonfinite and not all(np.isfinite(g.astype(np.float64)).all() for g in grad):
         return False
     hyper = dict(
