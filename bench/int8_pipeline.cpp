@@ -179,11 +179,12 @@ int main(int argc, char** argv) {
                 median(ratio, 0.25), median(ratio, 0.75));
   }
   if (phases) {
-    std::printf("phases of the last round, ns per element: decode %.3f, step %.3f, bits and "
-                "encode %.3f\n",
-                phase_seconds[0] / static_cast<double>(t.n) * 1e9,
-                phase_seconds[1] / static_cast<double>(t.n) * 1e9,
-                phase_seconds[2] / static_cast<double>(t.n) * 1e9);
+    std::printf(
+        "phases of the last round, ns per element: decode %.3f, step %.3f, bits and "
+        "encode %.3f\n",
+        phase_seconds[0] / static_cast<double>(t.n) * 1e9,
+        phase_seconds[1] / static_cast<double>(t.n) * 1e9,
+        phase_seconds[2] / static_cast<double>(t.n) * 1e9);
   }
   return 0;
 }
