@@ -378,18 +378,16 @@ std::uint64_t parse_seed(PyObject* value) {
 // a NaN, infinite, zero or negative scale would decode to NaN or to values the format cannot
 // hold, and the step would write them with no error. One pass over n / kBlock floats.
 void check_scale_values(const std::string& label, const float* scales, Index blocks) {
-  std::uint32_t invalid = 0;
-  for (Index b = 0; b < blocks; ++b) {
+  const auto invalid = [&](Index b) {  // sign or mantissa bits, or exponent field 0 or 255
     std::uint32_t bits;
     std::memcpy(&bits, scales + b, sizeof bits);
-    invalid |= (bits & 0x807FFFFFU) | static_cast<std::uint32_t>((bits >> 23) - 1U >= 254U);
-  }
-  if (invalid == 0) return;
+    return (bits & 0x807FFFFFU) | static_cast<std::uint32_t>((bits >> 23) - 1U >= 254U);
+  };
+  std::uint32_t any = 0;
+  for (Index b = 0; b < blocks; ++b) any |= invalid(b);  // branch-free: vectorizes
+  if (any == 0) return;
   Index b = 0;
-  while (std::isfinite(scales[b]) && scales[b] > 0.0F && std::ilogb(scales[b]) >= -126 &&
-         std::ldexp(1.0F, std::ilogb(scales[b])) == scales[b]) {
-    ++b;
-  }
+  while (invalid(b) == 0) ++b;
   throw py::value_error(label +
                         ": scales must be powers of two in [2**-126, 2**127], as the "
                         "encoder writes them; got " +

@@ -52,14 +52,9 @@ def _check_writable(grads: List[Optional[np.ndarray]]) -> None:
     """That every gradient can be scaled in place, named by its place in ``grads``: checked for
     all of them before the first dtype's call writes (each call sees only its own dtype)."""
     where = [(i, g) for i, g in enumerate(grads) if g is not None]
-    for i, g in where:
+    for i, g in where:  # (a strided one was refused by sum_squares already)
         if not g.flags.writeable:
             raise ValueError(f"grads[{i}]: array is read-only")
-        if not (g.flags.c_contiguous or g.flags.f_contiguous):
-            raise ValueError(
-                f"grads[{i}]: expected a C- or F-contiguous array, got a strided view (it cannot "
-                "be scaled in place without a copy)"
-            )
     hit = _overlap.first_overlap(_overlap.byte_extents([g for _, g in where]), [True] * len(where))
     if hit is not None:
         first, second = (where[k][0] for k in hit)

@@ -256,12 +256,17 @@ def _check_own_memory(fn: str, at: str, named) -> None:
     """Each of a tensor's arrays, (name, argument) pairs, is aligned to its element size (the
     kernels' typed loads of a misaligned view would be undefined behaviour), and no two share
     memory."""
-    arrays = [(name, a) for name, x in named for a in _overlap.arrays_of(x)]
+    arrays = [
+        (f"{name}{part}", a)
+        for name, x in named
+        for part, a in zip(
+            (".codes", ".scales") if isinstance(x, QuantizedState) else ("",), _overlap.arrays_of(x)
+        )
+    ]
     for name, x in arrays:
         if not x.flags.aligned:
-            part = "" if x is not getattr(dict(named)[name], "scales", None) else ".scales"
             raise ValueError(
-                f"{fn}: {at}{name}{part} must be aligned to its element size, got a misaligned view"
+                f"{fn}: {at}{name} must be aligned to its element size, got a misaligned view"
             )
     for k, (name, x) in enumerate(arrays):
         for other, y in arrays[k + 1 :]:
