@@ -69,9 +69,14 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   const typename Decl::template Kernel<Staged> kernel{Values<Decl>(hyper)};
   constexpr bool masters = std::is_same_v<P, float>;
   constexpr std::size_t roles = Decl::arrays.size();
-  [[maybe_unused]] std::array<std::array<float, staging ? kChunk : 1>, roles> staged;
-  // the random bits of the chunk's elements, both halves, computed once for every state
-  [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kChunk : 1>, 2> random;
+  // A chunk with quantized state runs decode, step and encode one block at a time: the param
+  // and grad then stream through the whole pipeline, not only through its step
+  // (bench/results/low_precision.md).
+  constexpr Index kPiece = quantized ? 2 * kBlock : kChunk;
+  constexpr auto kStaged = static_cast<std::size_t>(kPiece);
+  [[maybe_unused]] std::array<std::array<float, staging ? kStaged : 1>, roles> staged;
+  // the random bits of the piece's elements, both halves, computed once for every state
+  [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kStaged : 1>, 2> random;
   const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
                               std::size_t t) {
     if constexpr (kSums<Decl> > 0) {
@@ -82,7 +87,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       kernel(at, at_offset, n, rounding);
     }
   };
-  walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
+  const auto update_piece = [&](std::size_t t, Index offset, Index n) {
     Rounding rounding{request.stochastic,
                       tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
                       offset};
@@ -126,6 +131,11 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         store_param_copy(rounding, n, static_cast<const float*>(arrays[0]) + offset, to_bfloat16,
                          static_cast<char*>(arrays[roles]) + offset * 2);  // 2 bytes either way
       }
+    }
+  };
+  walk(set, begin, end, [&](std::size_t t, Index offset, Index n) {
+    for (Index piece = 0; piece < n; piece += kPiece) {
+      update_piece(t, offset + piece, std::min(kPiece, n - piece));
     }
     return true;
   });
