@@ -112,14 +112,15 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         chunk_bits(rounding.key, offset, n, first_half);
         if (needs_second_half) {
 #pragma omp simd
-          for (Index i = 0; i < n; ++i) other_half[i] = second_half(first_half[i]);
+          for (Index i = 0; i < n; ++i) other_half[i] = folded_product(first_half[i]);
         }
         for (std::size_t r = 0; r < roles; ++r) {
           if (arrays[r] == nullptr || !quantized_role(r)) continue;
           encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
                        static_cast<std::uint8_t*>(arrays[r]) + offset,
                        static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
-                       slot_of_role(r) < 2 ? first_half : other_half, slot_of_role(r) % 2 == 1);
+                       slot_of_role(r) < 2 ? first_half : other_half,
+                       slot_of_role(r) == 1 || slot_of_role(r) == 2);  // Rounder::term_bits' halves
         }
       }
     } else {

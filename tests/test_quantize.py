@@ -561,3 +561,68 @@ def test_the_compiled_encoder_matches_the_spec_at_its_boundaries():
     v = g.astype(np.float32) * g.astype(np.float32)
     assert np.abs(v[8 * BLOCK : 9 * BLOCK]).max().view(np.uint32) == 0x3FEFFFFE
     assert np.abs(v[9 * BLOCK : 10 * BLOCK]).max().view(np.uint32) == 0x3FF00001 - (8 << 23)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_compiled_codec_folds_the_scale_in_only_where_that_is_exact(signed):
+    """The kernels' shorter loops fold a block's scale 2^E into integer arithmetic where every
+    result stays a normal float32: the decoder for E >= F - 127, the encoder for E <= 109
+    (signed) or 125 (unsigned). Blocks on both sides of each boundary, decoded (Adam with zero
+    grads and beta1 = beta2 = 0.5) and encoded (zero state, beta1 = beta2 = 0: m = g and
+    v = g * g), give the reference's bits, codes and scales."""
+    import fusedopt
+    from fusedopt import reference
+
+    rng = np.random.default_rng(16 if signed else 17)
+    F = F_of(signed)
+    top = (15 if signed else 31) << 3
+    exponents = [F - 129, F - 128, F - 127, F - 126, -126, 0, 100, 126]
+    codes = rng.integers(8, top - 1, (len(exponents), BLOCK), dtype=np.uint8)
+    if signed:
+        codes |= rng.choice(np.array([0, 0x80], np.uint8), codes.shape)
+    codes = codes.reshape(-1).view(np.int8 if signed else np.uint8)
+    scales = np.ldexp(1.0, exponents).astype(np.float32)
+    other = encode(np.full(codes.size, 0.25, np.float32), not signed)
+    runs = []
+    for update in (fusedopt.adam_, reference.adam_):
+        param = np.ones(codes.size, np.float32)
+        crafted = QuantizedState(codes.copy(), scales.copy())
+        plain = QuantizedState(other[0].copy(), other[1].copy())
+        m, v = (crafted, plain) if signed else (plain, crafted)
+        with np.errstate(all="ignore"):
+            update(
+                param,
+                np.zeros(codes.size, np.float32),
+                m,
+                v,
+                lr=1e-3,
+                beta1=0.5,
+                beta2=0.5,
+                step=3,
+                seed=6,
+            )
+        runs.append([param, m.codes, m.scales, v.codes, v.scales])
+    for actual, expected in zip(*runs):
+        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+
+    # the encoder: blocks whose largest m (or v) is 1.5 2^E, the others within 2^-8 of it
+    limit = 109 if signed else 125
+    blocks = []
+    for e in (limit - 1, limit, limit + 1, limit + 2):
+        x = 1.5 * 2.0 ** rng.uniform(-8, 0, BLOCK)
+        x[3] = 1.5
+        blocks.append(np.ldexp(x, e) if signed else np.sqrt(np.ldexp(x, e)))
+    g = np.concatenate(blocks).astype(np.float32)
+    g[::3] *= -1
+    runs = []
+    for update in (fusedopt.adam_, reference.adam_):
+        param = np.ones(g.size, np.float32)
+        m = QuantizedState.zeros(g.shape, signed=True)
+        v = QuantizedState.zeros(g.shape, signed=False)
+        with np.errstate(all="ignore"):
+            update(param, g, m, v, lr=1e-3, beta1=0.0, beta2=0.0, step=1, seed=9)
+        runs.append([param, m.codes, m.scales, v.codes, v.scales])
+    for actual, expected in zip(*runs):
+        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+    encoded = runs[0][2] if signed else runs[0][4]
+    assert block_exponents(encoded).tolist() == [limit - 1, limit, limit + 1, limit + 2]

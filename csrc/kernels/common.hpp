@@ -216,12 +216,6 @@ FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
 FUSEDOPT_INLINE std::uint32_t folded_product(std::uint32_t half0) {
   return (half0 ^ (half0 >> 16)) * 0x7FEB352DU;
 }
-// Half 1 as one word, as the int8 codec takes it (csrc/level.cpp): the product's halves swapped,
-// so that slot 2 lies in the low half and slot 3 in the high, as slots 0 and 1 in half 0.
-FUSEDOPT_INLINE std::uint32_t second_half(std::uint32_t half0) {
-  const std::uint32_t p = folded_product(half0);
-  return (p << 16) | (p >> 16);
-}
 // An element's 64-bit index folded to the 32-bit counter that is hashed. Within a chunk the high
 // half is constant (chunks start at multiples of kChunk, which divides 2^32), so a loop folds
 // its chunk's first index once and adds i in 32-bit lanes.
@@ -304,9 +298,8 @@ struct Rounder {
   FUSEDOPT_INLINE std::uint32_t term(ChunkIndex i) const {
     return start + static_cast<std::uint32_t>(i) * kWeylStep;
   }
-  // The 16 random bits for array slot `slot` of the element with Weyl term `term`: half 1's
-  // taken from folded_product unswapped (slot 2 one shift, where second_half's swap and a mask
-  // took two).
+  // The 16 random bits for array slot `slot` of the element with Weyl term `term`: slots 1 and 2
+  // take the high halves of half 0 and half 1, slots 0 and 3 the low.
   static FUSEDOPT_INLINE std::uint32_t term_bits(std::uint32_t term, int slot) {
     const std::uint32_t half0 = fmix32(term);
     if (slot == 0) return half0 & 0xFFFFU;

@@ -120,9 +120,13 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
   if constexpr (kWholeBlock<Count>) {
     // decoded_bits<Signed, false>: a signed code sign-extended and shifted has its sign at bit
     // 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never carries
-    // into bit 31
+    // into bit 31. Where every normal code's value(code) 2^E is normal (2^(1-F+E) is: E + 127
+    // >= F) the multiply by the scale is exact, and the bias's add adds E as well: the biased
+    // exponent stays below 255, so this never carries into bit 31 either.
     using F = Minifloat<Signed>;
-    const __m512i bias = _mm512_set1_epi32(static_cast<int>((127U - F::kTop) << 23));
+    const bool exponent_in_bias = float_bits(scale) >= F::kTop << 23;
+    const __m512i bias = _mm512_set1_epi32(static_cast<int>(
+        exponent_in_bias ? float_bits(scale) - (F::kTop << 23) : (127U - F::kTop) << 23));
     const __m512 scales = _mm512_set1_ps(scale);
     for (Index i = 0; i < kBlock; i += 16) {
       const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
@@ -133,8 +137,8 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
       } else {
         v = _mm512_slli_epi32(_mm512_cvtepu8_epi32(c), 20);
       }
-      _mm512_storeu_ps(out + i,
-                       _mm512_mul_ps(_mm512_castsi512_ps(_mm512_add_epi32(v, bias)), scales));
+      const __m512 value = _mm512_castsi512_ps(_mm512_add_epi32(v, bias));
+      _mm512_storeu_ps(out + i, exponent_in_bias ? value : _mm512_mul_ps(value, scales));
     }
     return;
   }
@@ -202,23 +206,33 @@ FUSEDOPT_INLINE void magnitude_range(const float* __restrict in, Count count,
 }
 
 #if FUSEDOPT_AVX512_CODEC
-// encoded<Signed, false> over a whole block, each code narrowed to 8 bits as it is stored.
+// encoded<Signed, false> over a whole block, each code narrowed to 8 bits as it is stored (the
+// narrowing keeps a lane's low 8 bits). The block's exponent E.
 template <bool Signed, bool HighHalf>
-FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, float inverse,
+FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, std::int32_t exponent,
                                          std::uint8_t* __restrict codes,
                                          const std::uint32_t* __restrict random_bits) {
   using F = Minifloat<Signed>;
-  const __m512 inverses = _mm512_set1_ps(inverse);
+  // The code is the low 8 bits of ((bits of |x| 2^-E) + (random << 4)) >> 20, less the bias
+  // (127 - F) << 3. Scaled by 2^j more, with j = F - 127 mod 32, the exponent field's low 5
+  // bits there are those the bias's subtraction leaves, and the sign bit lands in bit 11, above
+  // the 8 kept: the multiply does the mask's and the subtraction's work. 2^(j-E) is normal for
+  // E <= 126 + j, and then so is every x 2^(j-E) (at least 2^(1-F+j) = 2^-30): exact.
+  constexpr std::int32_t kFold = (static_cast<std::int32_t>(F::kTop) + 1) % 32 - 32;
+  const bool folded = exponent <= 126 + kFold;
+  const std::int32_t multiplier_exponent = folded ? kFold - exponent : -exponent;
+  const __m512 multiplier =
+      _mm512_set1_ps(bits_float(static_cast<std::uint32_t>(multiplier_exponent + 127) << 23));
   const __m512i bias = _mm512_set1_epi32(static_cast<int>((127U - F::kTop) << 3));
   for (Index i = 0; i < kBlock; i += 16) {
     const __m512 x = _mm512_loadu_ps(in + i);
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(x, inverses)),
-                                       _mm512_set1_epi32(0x7FFFFFFF));
+    __m512i a = _mm512_castps_si512(_mm512_mul_ps(x, multiplier));
+    if (!folded) a = _mm512_and_si512(a, _mm512_set1_epi32(0x7FFFFFFF));
     const __m512i bits = _mm512_loadu_si512(random_bits + i);
     const __m512i random =
         HighHalf ? _mm512_srli_epi32(bits, 16) : _mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF));
-    __m512i q = _mm512_sub_epi32(
-        _mm512_srli_epi32(_mm512_add_epi32(a, _mm512_slli_epi32(random, 4)), 20), bias);
+    __m512i q = _mm512_srli_epi32(_mm512_add_epi32(a, _mm512_slli_epi32(random, 4)), 20);
+    if (!folded) q = _mm512_sub_epi32(q, bias);
     const __m512i u = _mm512_castps_si512(x);
     if constexpr (Signed) {  // the sign bit as the code's bit 7
       q = _mm512_or_si512(q, _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80)));
@@ -273,7 +287,7 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
   if (all_normal) {
 #if FUSEDOPT_AVX512_CODEC
     if constexpr (kWholeBlock<Count>) {
-      encode_normal_block<Signed, HighHalf>(in, inverse, codes, random_bits);
+      encode_normal_block<Signed, HighHalf>(in, exponent, codes, random_bits);
       return scale;
     }
 #endif
@@ -315,7 +329,7 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
   });
 }
 // `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
-// second_half); `high_half` picks its 16.
+// folded_product); `high_half` picks its 16.
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
                          float* scales, const std::uint32_t* random, bool high_half) {
   with_flags(

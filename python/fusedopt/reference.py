@@ -249,10 +249,9 @@ def _slot_bits(key, size, slot):
         np.uint32
     ) * np.uint32(0x27D4EB2F)
     h = _fmix32(np.uint32(key & 0xFFFFFFFF) + c * np.uint32(0x9E3779B1))  # a Weyl sequence's terms
-    if slot >= 2:  # half 1: half 0's halves folded, one multiply, the product's halves swapped
-        p = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
-        h = (p << np.uint32(16)) | (p >> np.uint32(16))
-    return (h >> np.uint32(16 * (slot % 2))) & np.uint32(0xFFFF)
+    if slot >= 2:  # half 1: half 0's halves folded, one multiply
+        h = (h ^ (h >> np.uint32(16))) * np.uint32(0x7FEB352D)
+    return (h >> np.uint32(16 if slot in (1, 2) else 0)) & np.uint32(0xFFFF)
 
 
 def _stochastic_bfloat16(x, key, slot):
