@@ -52,7 +52,8 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
   return at;
 }
 
-// Runs the kernel chunk by chunk. Some arrays are staged: a float32 copy of the chunk on the
+// Runs the kernel chunk by chunk (with quantized state, kCodePiece elements at a time: decode,
+// step and encode, see StagedCode). Some arrays are staged: a float32 copy of the chunk on the
 // stack, which the float32 kernel updates and which is written back after. Each quantized state
 // is decoded into one and encoded back (the rows' types say float32 state); float16 params and
 // grads are converted in blocks. With masters the rounded copy is written while the chunk is
@@ -65,18 +66,24 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   using S = typename Types::State;
   constexpr bool halves = kStagesHalf<P> || kStagesHalf<G>;
   constexpr bool staging = quantized || halves;
-  using Staged = Storage<typename Types::Compute, StagedAs<P>, StagedAs<G>, S>;
+  // The kernel writes each quantized state's random bits beside its value (StagedCode), except
+  // on the rows that run on vector lanes (bfloat16 params): those draw bits only for bfloat16
+  // stores, and the bits take a loop of their own after the kernel.
+  constexpr bool bits_in_kernel =
+      quantized && !kVectorLanes<Storage<float, StagedAs<P>, StagedAs<G>, float>>;
+  using Staged = Storage<typename Types::Compute, StagedAs<P>, StagedAs<G>,
+                         std::conditional_t<bits_in_kernel, StagedCode, S>>;
   const typename Decl::template Kernel<Staged> kernel{Values<Decl>(hyper)};
   constexpr bool masters = std::is_same_v<P, float>;
   constexpr std::size_t roles = Decl::arrays.size();
-  // A chunk with quantized state runs decode, step and encode one block at a time: the param
-  // and grad then stream through the whole pipeline, not only through its step
-  // (bench/results/low_precision.md).
-  constexpr Index kPiece = quantized ? 2 * kBlock : kChunk;
+  constexpr Index kPiece = quantized ? kCodePiece : kChunk;
   constexpr auto kStaged = static_cast<std::size_t>(kPiece);
-  [[maybe_unused]] std::array<std::array<float, staging ? kStaged : 1>, roles> staged;
-  // the random bits of the piece's elements, both halves, computed once for every state
-  [[maybe_unused]] std::array<std::array<std::uint32_t, quantized ? kStaged : 1>, 2> random;
+  // a StagedCode's value and, kCodePiece further, its random bits
+  [[maybe_unused]] std::array<std::array<float, staging ? (bits_in_kernel ? 2 : 1) * kStaged : 1>,
+                              roles> staged;
+  // else the random bits of the piece's elements, both halves, computed once for every state
+  [[maybe_unused]] std::array<std::array<std::uint32_t, quantized && !bits_in_kernel ? kStaged : 1>,
+                              2> random;
   const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
                               std::size_t t) {
     if constexpr (kSums<Decl> > 0) {
@@ -102,7 +109,15 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         store_param_copy(rounding, n, staged[0].data(), false,
                          static_cast<Eigen::half*>(arrays[0]) + offset);
       }
-      if constexpr (quantized) {
+      if constexpr (bits_in_kernel) {
+        for (std::size_t r = 0; r < roles; ++r) {
+          if (arrays[r] == nullptr || !quantized_role(r)) continue;
+          encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
+                       static_cast<std::uint8_t*>(arrays[r]) + offset,
+                       static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
+                       staged[r].data() + kPiece, false);
+        }
+      } else if constexpr (quantized) {
         bool needs_second_half = false;  // slots 2 and 3
         for (std::size_t r = 0; r < roles; ++r) {
           needs_second_half |= arrays[r] != nullptr && quantized_role(r) && slot_of_role(r) >= 2;

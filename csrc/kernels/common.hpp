@@ -77,6 +77,22 @@ FUSEDOPT_INLINE void store(Stored& to, Compute x) {
   to = static_cast<Stored>(x);
 }
 
+// An element of an int8 state staged as float32 (csrc/level.cpp), as a kernel sees it: its value,
+// and kCodePiece elements further on, as a float's bits, the 16 random bits that encode it again
+// (Rounder::term_bits). The kernel's store computes them: its loop waits on the divider (sqrt
+// and division), and their integer arithmetic runs beside it there, where a loop of their own
+// took a sixth of the pipeline (bench/results/low_precision.md).
+struct StagedCode {
+  float value;
+};
+// The elements of a chunk that a quantized state's pipeline (decode, step, encode) runs at once:
+// the param and grad then stream through the whole pipeline, not only through its step.
+inline constexpr Index kCodePiece = 512;
+template <typename Compute>
+FUSEDOPT_INLINE Compute load(StagedCode x) {
+  return static_cast<Compute>(x.value);
+}
+
 // float16 by integer arithmetic, branch-free, so that it vectorizes at every SIMD level (GCC
 // has no vector type for _Float16 without AVX512-FP16, so F16C's one-element conversions were
 // all it emitted). Bit for bit NumPy's conversions: to nearest even, NaN payloads kept.
@@ -319,6 +335,9 @@ struct Rounder {
       } else {
         to = stochastic_half(static_cast<float>(x), bits);
       }
+    } else if constexpr (std::is_same_v<Stored, StagedCode>) {  // always stochastic
+      to.value = static_cast<float>(x);
+      (&to)[kCodePiece].value = bits_float(term_bits(term, slot));
     } else {
       (void)term;
       (void)slot;

@@ -18,7 +18,8 @@
 namespace fusedopt {
 
 inline constexpr Index kBlock = 256;
-static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
+static_assert(kChunk % kBlock == 0 && kCodePiece % kBlock == 0 && kChunk % kCodePiece == 0,
+              "a chunk holds whole pieces, a piece whole blocks");
 
 // Whole blocks of the common kind (every code normal) take AVX-512 loops where the level has
 // it: the same arithmetic, bit for bit, in an order GCC's vectorizer does not find (codes widened
@@ -205,13 +206,18 @@ FUSEDOPT_INLINE void magnitude_range(const float* __restrict in, Count count,
   }
 }
 
+// An encoder's random bits come as uint32, or as a float's bits where a kernel wrote them next
+// to its staged state (StagedCode).
+FUSEDOPT_INLINE std::uint32_t bits_word(std::uint32_t word) { return word; }
+FUSEDOPT_INLINE std::uint32_t bits_word(float word) { return float_bits(word); }
+
 #if FUSEDOPT_AVX512_CODEC
 // encoded<Signed, false> over a whole block, each code narrowed to 8 bits as it is stored (the
 // narrowing keeps a lane's low 8 bits). The block's exponent E.
-template <bool Signed, bool HighHalf>
+template <bool Signed, bool HighHalf, typename Bits>
 FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, std::int32_t exponent,
                                          std::uint8_t* __restrict codes,
-                                         const std::uint32_t* __restrict random_bits) {
+                                         const Bits* __restrict random_bits) {
   using F = Minifloat<Signed>;
   // The code is the low 8 bits of ((bits of |x| 2^-E) + (random << 4)) >> 20, less the bias
   // (127 - F) << 3. Scaled by 2^j more, with j = F - 127 mod 32, the exponent field's low 5
@@ -252,9 +258,9 @@ FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, std::int32_
 // bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
 // (the common case: found by the same first pass) takes the loop without those selects and
 // without the clamp to the largest code.
-template <bool Signed, bool HighHalf, typename Count>
+template <bool Signed, bool HighHalf, typename Count, typename Bits>
 inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
-                          const std::uint32_t* __restrict random_bits, std::uint32_t highest,
+                          const Bits* __restrict random_bits, std::uint32_t highest,
                           std::uint32_t lowest) {
   using F = Minifloat<Signed>;
   constexpr int kShift = HighHalf ? 16 : 0;  // a constant: no shift count in a register
@@ -293,13 +299,14 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
 #endif
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] =
-          encoded<Signed, false>(in[i], in[i] * inverse, (random_bits[i] >> kShift) & 0xFFFFU);
+      wide[i] = encoded<Signed, false>(in[i], in[i] * inverse,
+                                       (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
     }
   } else {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse, (random_bits[i] >> kShift) & 0xFFFFU);
+      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse,
+                                      (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
     }
   }
 #pragma omp simd
@@ -329,9 +336,11 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
   });
 }
 // `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
-// folded_product); `high_half` picks its 16.
+// folded_product), `high_half` picking its 16; or those a kernel wrote (StagedCode), the slot's
+// 16 in the low half.
+template <typename Bits>
 inline void encode_chunk(bool is_signed, const float* in, Index n, std::uint8_t* codes,
-                         float* scales, const std::uint32_t* random, bool high_half) {
+                         float* scales, const Bits* random, bool high_half) {
   with_flags(
       [&](auto signed_codes, auto high) {
         // every block's range first: the reductions' latencies then overlap, where each

@@ -134,18 +134,22 @@ struct RooflineKernel {
   // One pass over all arrays, as the optimizer kernels stream them: a probe that swept each
   // array on its own would be slower than the kernels it bounds. Each element is loaded and
   // stored with the kernels' conversions (a low-precision value converts there and back
-  // exactly), to nearest and one at a time, without random bits.
+  // exactly), to nearest and one at a time, without random bits but those a staged int8 state
+  // takes (StagedCode), which a kernel's store computes too.
   template <std::size_t buffers>
   void run(Index n, P* __restrict param, const G* __restrict grad, S* __restrict b1,
            S* __restrict b2, S* __restrict b3, S* __restrict b4) const {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
+    const Rounder<false> out{Rounding{}};
+    std::uint32_t term = out.term(0);
+#pragma omp simd linear(term : kWeylStep)
+    for (ChunkIndex i = 0; i < static_cast<ChunkIndex>(n); ++i) {
       const T zero = T(0) * load<T>(grad[i]);
       store(param[i], load<T>(param[i]) + zero);
-      if constexpr (buffers >= 1) store(b1[i], load<T>(b1[i]) + zero);
-      if constexpr (buffers >= 2) store(b2[i], load<T>(b2[i]) + zero);
-      if constexpr (buffers >= 3) store(b3[i], load<T>(b3[i]) + zero);
-      if constexpr (buffers >= 4) store(b4[i], load<T>(b4[i]) + zero);
+      if constexpr (buffers >= 1) out.store_at(term, 1, b1[i], load<T>(b1[i]) + zero);
+      if constexpr (buffers >= 2) out.store_at(term, 2, b2[i], load<T>(b2[i]) + zero);
+      if constexpr (buffers >= 3) out.store_at(term, 3, b3[i], load<T>(b3[i]) + zero);
+      if constexpr (buffers >= 4) out.store_at(term, 4, b4[i], load<T>(b4[i]) + zero);
+      term += kWeylStep;
     }
   }
 };
