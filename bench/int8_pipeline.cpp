@@ -1,9 +1,12 @@
-// Where float32 Adam with int8 state spends its time: the pipeline csrc/level.cpp runs per
-// 2048-element chunk (decode both states, the float32 step, the random bits, encode both states),
-// over one tensor of n elements on OpenMP threads, as the library splits it. Run at a size whose
-// arrays fit L3 (1e6) and at one in DRAM (1e7), the difference is what memory adds to the
-// arithmetic; the variants say whether prefetching or keeping the param and grad in cache removes
-// it. The step is Adam's formula in fusedopt's order (csrc/kernels/optimizers/adam.hpp).
+// Where float32 Adam with int8 state spends its time: its pipeline (decode both states, the
+// float32 step, the random bits, encode both states) over one tensor of n elements on OpenMP
+// threads, in 2048-element chunks as the library splits it. Run at a size whose arrays fit L3
+// (1e6) and at one in DRAM (1e7), the difference is what memory adds to the arithmetic. The
+// variants: the whole pipeline per chunk (`pipeline`, as csrc/level.cpp ran it up to b6f0914),
+// with the next chunk prefetched, or with the param and grad kept in cache; and per 512-element
+// piece (`pieces`), then with the random bits drawn in the step's loop (`pieces+bits`, as
+// csrc/level.cpp runs it since 2d894de, kCodePiece and StagedCode). The step is Adam's formula in
+// fusedopt's order (csrc/kernels/optimizers/adam.hpp).
 //
 //   eigen=$(python -c "import cmeel; print(cmeel.__path__[0] + '.prefix/include/eigen3')")
 //   flags="-std=c++17 -O3 -fno-math-errno -ffp-contract=off -fopenmp -mavx2 -mfma -mf16c -mbmi2"
@@ -35,7 +38,7 @@ using Clock = std::chrono::steady_clock;
 constexpr float kBeta1 = 0.9F, kBeta2 = 0.999F, kEps = 1e-8F, kStepSize = 1e-3F, kBias2 = 1.3F;
 constexpr Index kRing = 32768;  // elements: 256 KiB of param and grad together, in L2
 
-enum class Variant { plain, prefetch, ring };
+enum class Variant { plain, prefetch, ring, pieces, pieces_bits };
 
 struct Tensor {
   Index n;
@@ -58,12 +61,78 @@ void prefetch(const Tensor& t, Index next, Index from, Index to) {
   }
 }
 
+// Adam's step over n elements; with `bits`, each element's random bits as the kernel's
+// StagedCode stores draw them (half 0 for m's slot 1, folded_product for v's slot 2).
+void step(Index n, float* __restrict param, const float* __restrict grad, float* __restrict m,
+          float* __restrict v, std::uint64_t key, Index first, std::uint32_t* __restrict m_bits,
+          std::uint32_t* __restrict v_bits) {
+  if (m_bits == nullptr) {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      const float g = grad[i];
+      const float mi = kBeta1 * m[i] + (1.0F - kBeta1) * g;
+      const float vi = kBeta2 * v[i] + (1.0F - kBeta2) * g * g;
+      m[i] = mi;
+      v[i] = vi;
+      param[i] = param[i] * 1.0F - kStepSize * mi / (std::sqrt(vi) * kBias2 + kEps);
+    }
+    return;
+  }
+  std::uint32_t term = fusedopt::weyl_term(key, fusedopt::counter_of(first));
+  const auto count = static_cast<std::uint32_t>(n);
+#pragma omp simd linear(term : fusedopt::kWeylStep)
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const float g = grad[i];
+    const float mi = kBeta1 * m[i] + (1.0F - kBeta1) * g;
+    const float vi = kBeta2 * v[i] + (1.0F - kBeta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] = param[i] * 1.0F - kStepSize * mi / (std::sqrt(vi) * kBias2 + kEps);
+    const std::uint32_t half0 = fusedopt::fmix32(term);
+    m_bits[i] = half0;
+    v_bits[i] = fusedopt::folded_product(half0);
+    term += fusedopt::kWeylStep;
+  }
+}
+
+// Elements [e, e + n) of the chunk at `offset`, the whole pipeline (the `pieces` variants).
+void run_piece(Tensor& t, Index offset, Index e, Index n, std::uint64_t key, bool bits_in_step,
+               float* m, float* v, std::uint32_t* m_bits, std::uint32_t* v_bits) {
+  const Index at = offset + e;
+  std::uint8_t* const m_codes = t.exp_avg.data() + at;
+  std::uint8_t* const v_codes = t.exp_avg_sq.data() + at;
+  float* const m_scales = t.exp_avg_scales.data() + at / kBlock;
+  float* const v_scales = t.exp_avg_sq_scales.data() + at / kBlock;
+  fusedopt::for_each_block(n, [&](Index b, auto count) {
+    fusedopt::decode_block<true>(m_codes + b * kBlock, m_scales[b], count, m + b * kBlock);
+    fusedopt::decode_block<false>(v_codes + b * kBlock, v_scales[b], count, v + b * kBlock);
+  });
+  if (bits_in_step) {
+    step(n, t.param.data() + at, t.grad.data() + at, m, v, key, at, m_bits, v_bits);
+  } else {
+    step(n, t.param.data() + at, t.grad.data() + at, m, v, key, at, nullptr, nullptr);
+    fusedopt::chunk_bits(key, at, n, m_bits);
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) v_bits[i] = fusedopt::folded_product(m_bits[i]);
+  }
+  fusedopt::for_each_block(n, [&](Index b, auto count) {
+    const Index f = b * kBlock;
+    std::uint32_t highest, lowest;
+    fusedopt::magnitude_range(m + f, count, highest, lowest);
+    m_scales[b] =
+        fusedopt::encode_block<true, true>(m + f, count, m_codes + f, m_bits + f, highest, lowest);
+    fusedopt::magnitude_range(v + f, count, highest, lowest);
+    v_scales[b] =
+        fusedopt::encode_block<false, true>(v + f, count, v_codes + f, v_bits + f, highest, lowest);
+  });
+}
+
 void run(Tensor& t, Variant variant, std::uint64_t key, bool phases) {
   const Index chunks = (t.n + kChunk - 1) / kChunk;
 #pragma omp parallel
   {
     alignas(64) static thread_local float m[kChunk], v[kChunk];
-    alignas(64) static thread_local std::uint32_t bits[kChunk];
+    alignas(64) static thread_local std::uint32_t bits[kChunk], other_bits[kChunk];
     // each thread's own ring, filled like the tensor: two threads never write one line
     alignas(64) static thread_local float ring_param[kRing], ring_grad[kRing];
     if (variant == Variant::ring) {
@@ -73,6 +142,13 @@ void run(Tensor& t, Variant variant, std::uint64_t key, bool phases) {
 #pragma omp for schedule(static)
     for (Index k = 0; k < chunks; ++k) {
       const Index offset = k * kChunk, n = std::min(kChunk, t.n - offset);
+      if (variant == Variant::pieces || variant == Variant::pieces_bits) {
+        for (Index e = 0; e < n; e += fusedopt::kCodePiece) {
+          run_piece(t, offset, e, std::min(fusedopt::kCodePiece, n - e), key,
+                    variant == Variant::pieces_bits, m, v, bits, other_bits);
+        }
+        continue;
+      }
       const bool ring = variant == Variant::ring;
       float* const param = ring ? ring_param + offset % kRing : t.param.data() + offset;
       const float* const grad = ring ? ring_grad + offset % kRing : t.grad.data() + offset;
@@ -88,15 +164,7 @@ void run(Tensor& t, Variant variant, std::uint64_t key, bool phases) {
         if (ahead) prefetch(t, offset + kChunk, b * kBlock / 2, (b + 1) * kBlock / 2);
       });
       const auto decoded = Clock::now();
-#pragma omp simd
-      for (Index i = 0; i < n; ++i) {
-        const float g = grad[i];
-        const float mi = kBeta1 * m[i] + (1.0F - kBeta1) * g;
-        const float vi = kBeta2 * v[i] + (1.0F - kBeta2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        param[i] = param[i] * 1.0F - kStepSize * mi / (std::sqrt(vi) * kBias2 + kEps);
-      }
+      step(n, param, grad, m, v, key, offset, nullptr, nullptr);
       const auto stepped = Clock::now();
       fusedopt::chunk_bits(key, offset, n, bits);
       fusedopt::for_each_block(n, [&](Index b, auto count) {
@@ -159,11 +227,14 @@ int main(int argc, char** argv) {
       {"pipeline", Variant::plain},
       {"prefetch", Variant::prefetch},  // the next chunk, spread over decode and encode
       {"ring", Variant::ring},          // param and grad from a 256 KiB ring (codes as ever)
+      {"pieces", Variant::pieces},
+      {"pieces+bits", Variant::pieces_bits},
   };
+  constexpr std::size_t kVariants = sizeof variants / sizeof variants[0];
   constexpr int kRounds = 15;
-  std::vector<std::vector<double>> seconds(3);
+  std::vector<std::vector<double>> seconds(kVariants);
   for (int round = 0; round < kRounds; ++round) {
-    for (std::size_t v = 0; v < 3; ++v) {
+    for (std::size_t v = 0; v < kVariants; ++v) {
       if (phases && round == kRounds - 1 && v == 0) std::fill_n(phase_seconds, 3, 0.0);
       const auto start = Clock::now();
       run(t, variants[v].second, static_cast<std::uint64_t>(round), phases && v == 0);
@@ -171,10 +242,10 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("n = %ld, %d rounds\n", static_cast<long>(t.n), kRounds);
-  for (std::size_t v = 0; v < 3; ++v) {
+  for (std::size_t v = 0; v < kVariants; ++v) {
     std::vector<double> ratio;
     for (int r = 0; r < kRounds; ++r) ratio.push_back(seconds[v][r] / seconds[0][r]);
-    std::printf("%-9s %.3f ns per element, %.3f (%.3f-%.3f) of the pipeline\n", variants[v].first,
+    std::printf("%-11s %.3f ns per element, %.3f (%.3f-%.3f) of the pipeline\n", variants[v].first,
                 median(seconds[v]) / static_cast<double>(t.n) * 1e9, median(ratio),
                 median(ratio, 0.25), median(ratio, 0.75));
   }
