@@ -53,11 +53,11 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
 }
 
 // Runs the kernel chunk by chunk (with quantized state, kCodePiece elements at a time: decode,
-// step and encode, see StagedCode). Some arrays are staged: a float32 copy of the chunk on the
-// stack, which the float32 kernel updates and which is written back after. Each quantized state
-// is decoded into one and encoded back (the rows' types say float32 state); float16 params and
-// grads are converted in blocks. With masters the rounded copy is written while the chunk is
-// still in cache. All only for the rows where they can occur.
+// step and encode, see StagedCode). Some arrays are staged: a float32 copy of the chunk (or
+// piece) on the stack, which the float32 kernel updates and which is written back after. Each
+// quantized state is decoded into one and encoded back (the rows' types say float32 state); float16
+// params and grads are converted in blocks. With masters the rounded copy is written while the
+// chunk is still in cache. All only for the rows where they can occur.
 template <typename Decl, typename Types, bool quantized>
 void update(const Value* hyper, const RoundingRequest& request, const TensorSet& set,
             void* const* scales, Index begin, Index end, const double* tensor_sums) {
@@ -79,8 +79,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   constexpr Index kPiece = quantized ? kCodePiece : kChunk;
   constexpr auto kStaged = static_cast<std::size_t>(kPiece);
   // a StagedCode's value and, kCodePiece further, its random bits
-  [[maybe_unused]] std::array<std::array<float, staging ? (bits_in_kernel ? 2 : 1) * kStaged : 1>,
-                              roles> staged;
+  [[maybe_unused]] alignas(64)
+      std::array<std::array<float, staging ? (bits_in_kernel ? 2 : 1) * kStaged : 1>, roles> staged;
   // else the random bits of the piece's elements, both halves, computed once for every state
   [[maybe_unused]] std::array<std::array<std::uint32_t, quantized && !bits_in_kernel ? kStaged : 1>,
                               2> random;

@@ -492,6 +492,24 @@ def test_the_roofline_probe_touches_every_element(dtype):
         assert np.isnan(a.astype(np.float32)).all()
 
 
+def test_the_roofline_probe_reencodes_int8_state_to_the_same_values():
+    """With int8 state the probe decodes, stores (with the random bits a kernel's store draws)
+    and encodes each piece again: decoded values lie on their grid, so they come back
+    unchanged, in every chunk and its tail; an infinite grad makes every one NaN."""
+    n = 2 * 2048 + 77
+    rng = np.random.default_rng(3)
+    grad = np.ones(n, np.float32)
+    m = QuantizedState(*quantize.encode(rng.standard_normal(n).astype(np.float32), True))
+    v = QuantizedState(*quantize.encode(np.abs(rng.standard_normal(n)).astype(np.float32), False))
+    before = [quantize.decode(s.codes, s.scales) for s in (m, v)]
+    _core.roofline(np.ones(n, np.float32), grad, m, v, None, None, seed=1)
+    for state, values in zip((m, v), before):
+        assert_same_bits(quantize.decode(state.codes, state.scales), values)
+    _core.roofline(np.ones(n, np.float32), grad * np.inf, m, v, None, None, seed=2)
+    for state in (m, v):
+        assert np.isnan(quantize.decode(state.codes, state.scales)).all()
+
+
 # ---------------------------------------------------------------- stochastic rounding
 
 SR_ROWS = [

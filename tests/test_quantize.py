@@ -576,7 +576,7 @@ def test_the_compiled_codec_folds_the_scale_in_only_where_that_is_exact(signed):
     rng = np.random.default_rng(16 if signed else 17)
     F = F_of(signed)
     top = (15 if signed else 31) << 3
-    exponents = [F - 129, F - 128, F - 127, F - 126, -126, 0, 100, 126]
+    exponents = [F - 129, F - 128, F - 127, F - 126, -126, 0, 100, 126, 127]
     codes = rng.integers(8, top - 1, (len(exponents), BLOCK), dtype=np.uint8)
     if signed:
         codes |= rng.choice(np.array([0, 0x80], np.uint8), codes.shape)

@@ -92,6 +92,9 @@ template <typename Compute>
 FUSEDOPT_INLINE Compute load(StagedCode x) {
   return static_cast<Compute>(x.value);
 }
+// Only a Rounder stores one, bits and all.
+template <typename Compute>
+void store(StagedCode& to, Compute x) = delete;
 
 // float16 by integer arithmetic, branch-free, so that it vectorizes at every SIMD level (GCC
 // has no vector type for _Float16 without AVX512-FP16, so F16C's one-element conversions were

@@ -123,7 +123,8 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
     // 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never carries
     // into bit 31. Where every normal code's value(code) 2^E is normal (2^(1-F+E) is: E + 127
     // >= F) the multiply by the scale is exact, and the bias's add adds E as well: the biased
-    // exponent stays below 255, so this never carries into bit 31 either.
+    // exponent stays below 255, so this never carries into bit 31 either. (The scale is a power
+    // of two in [2^-126, 2^127], as the encoder writes them: the binding refuses others.)
     using F = Minifloat<Signed>;
     const bool exponent_in_bias = float_bits(scale) >= F::kTop << 23;
     const __m512i bias = _mm512_set1_epi32(static_cast<int>(
@@ -323,8 +324,8 @@ FUSEDOPT_INLINE void for_each_block(Index n, const Fn& fn) {
   if (b * kBlock < n) fn(b, n - b * kBlock);
 }
 
-// A chunk of a quantized state: decoded into `out`, then encoded back from it. The chunk starts
-// at a multiple of kBlock in its tensor.
+// A chunk (or a piece of one) of a quantized state: decoded into `out`, then encoded back from
+// it. It starts at a multiple of kBlock in its tensor.
 inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float* scales, Index n,
                          float* out) {
   for_each_block(n, [&](Index b, auto count) {
@@ -335,7 +336,7 @@ inline void decode_chunk(bool is_signed, const std::uint8_t* codes, const float*
     }
   });
 }
-// `random` holds the chunk's random bits of the array slot's half (chunk_bits, or its
+// `random` holds the elements' random bits of the array slot's half (chunk_bits, or its
 // folded_product), `high_half` picking its 16; or those a kernel wrote (StagedCode), the slot's
 // 16 in the low half.
 template <typename Bits>
