@@ -116,22 +116,19 @@ struct RooflineKernel {
   // enough (five, where one per subset of the four would be sixteen).
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     std::array<S*, 4> b{};
-    std::array<int, 4> slots{};  // each buffer's array slot, by its role
     std::size_t count = 0;
     for (std::size_t r = 2; r < 6; ++r) {
-      if (a[r] == nullptr) continue;
-      slots[count] = static_cast<int>(slot_of_role(r));
-      b[count++] = role<S>(a, r, offset);
+      if (a[r] != nullptr) b[count++] = role<S>(a, r, offset);
     }
     P* param = role<P>(a, 0, offset);
     const G* grad = role<const G>(a, 1, offset);
     const Rounder<false> out{rounding};
     switch (count) {
-      case 0: return run<0>(n, out, slots, param, grad, b[0], b[1], b[2], b[3]);
-      case 1: return run<1>(n, out, slots, param, grad, b[0], b[1], b[2], b[3]);
-      case 2: return run<2>(n, out, slots, param, grad, b[0], b[1], b[2], b[3]);
-      case 3: return run<3>(n, out, slots, param, grad, b[0], b[1], b[2], b[3]);
-      default: return run<4>(n, out, slots, param, grad, b[0], b[1], b[2], b[3]);
+      case 0: return run<0>(n, out, param, grad, b[0], b[1], b[2], b[3]);
+      case 1: return run<1>(n, out, param, grad, b[0], b[1], b[2], b[3]);
+      case 2: return run<2>(n, out, param, grad, b[0], b[1], b[2], b[3]);
+      case 3: return run<3>(n, out, param, grad, b[0], b[1], b[2], b[3]);
+      default: return run<4>(n, out, param, grad, b[0], b[1], b[2], b[3]);
     }
   }
 
@@ -139,20 +136,20 @@ struct RooflineKernel {
   // array on its own would be slower than the kernels it bounds. Each element is loaded and
   // stored with the kernels' conversions (a low-precision value converts there and back
   // exactly), to nearest and one at a time, without random bits but those a staged int8 state
-  // takes (StagedCode), which a kernel's store draws too.
+  // takes (StagedCode), which a kernel's store draws too: the k-th buffer present takes slot k,
+  // a constant (a slot read from an array made the loop branch on it, and 2.4-3x slower).
   template <std::size_t buffers>
-  void run(Index n, const Rounder<false>& out, const std::array<int, 4>& slots, P* __restrict param,
-           const G* __restrict grad, S* __restrict b1, S* __restrict b2, S* __restrict b3,
-           S* __restrict b4) const {
+  void run(Index n, const Rounder<false>& out, P* __restrict param, const G* __restrict grad,
+           S* __restrict b1, S* __restrict b2, S* __restrict b3, S* __restrict b4) const {
     std::uint32_t term = out.term(0);
 #pragma omp simd linear(term : kWeylStep)
     for (ChunkIndex i = 0; i < static_cast<ChunkIndex>(n); ++i) {
       const T zero = T(0) * load<T>(grad[i]);
       store(param[i], load<T>(param[i]) + zero);
-      if constexpr (buffers >= 1) out.store_at(term, slots[0], b1[i], load<T>(b1[i]) + zero);
-      if constexpr (buffers >= 2) out.store_at(term, slots[1], b2[i], load<T>(b2[i]) + zero);
-      if constexpr (buffers >= 3) out.store_at(term, slots[2], b3[i], load<T>(b3[i]) + zero);
-      if constexpr (buffers >= 4) out.store_at(term, slots[3], b4[i], load<T>(b4[i]) + zero);
+      if constexpr (buffers >= 1) out.store_at(term, 1, b1[i], load<T>(b1[i]) + zero);
+      if constexpr (buffers >= 2) out.store_at(term, 2, b2[i], load<T>(b2[i]) + zero);
+      if constexpr (buffers >= 3) out.store_at(term, 3, b3[i], load<T>(b3[i]) + zero);
+      if constexpr (buffers >= 4) out.store_at(term, 4, b4[i], load<T>(b4[i]) + zero);
       term += kWeylStep;
     }
   }
