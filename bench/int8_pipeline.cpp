@@ -61,33 +61,32 @@ void prefetch(const Tensor& t, Index next, Index from, Index to) {
   }
 }
 
-// Adam's step over n elements; with `bits`, each element's random bits as the kernel's
+// Adam's step on element i, in fusedopt's order.
+inline void adam_element(Index i, float* __restrict param, const float* __restrict grad,
+                         float* __restrict m, float* __restrict v) {
+  const float g = grad[i];
+  const float mi = kBeta1 * m[i] + (1.0F - kBeta1) * g;
+  const float vi = kBeta2 * v[i] + (1.0F - kBeta2) * g * g;
+  m[i] = mi;
+  v[i] = vi;
+  param[i] = param[i] * 1.0F - kStepSize * mi / (std::sqrt(vi) * kBias2 + kEps);
+}
+
+// Adam's step over n elements; with `m_bits`, each element's random bits as the kernel's
 // StagedCode stores draw them (half 0 for m's slot 1, folded_product for v's slot 2).
 void step(Index n, float* __restrict param, const float* __restrict grad, float* __restrict m,
           float* __restrict v, std::uint64_t key, Index first, std::uint32_t* __restrict m_bits,
           std::uint32_t* __restrict v_bits) {
   if (m_bits == nullptr) {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      const float g = grad[i];
-      const float mi = kBeta1 * m[i] + (1.0F - kBeta1) * g;
-      const float vi = kBeta2 * v[i] + (1.0F - kBeta2) * g * g;
-      m[i] = mi;
-      v[i] = vi;
-      param[i] = param[i] * 1.0F - kStepSize * mi / (std::sqrt(vi) * kBias2 + kEps);
-    }
+    for (Index i = 0; i < n; ++i) adam_element(i, param, grad, m, v);
     return;
   }
   std::uint32_t term = fusedopt::weyl_term(key, fusedopt::counter_of(first));
   const auto count = static_cast<std::uint32_t>(n);
 #pragma omp simd linear(term : fusedopt::kWeylStep)
   for (std::uint32_t i = 0; i < count; ++i) {
-    const float g = grad[i];
-    const float mi = kBeta1 * m[i] + (1.0F - kBeta1) * g;
-    const float vi = kBeta2 * v[i] + (1.0F - kBeta2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    param[i] = param[i] * 1.0F - kStepSize * mi / (std::sqrt(vi) * kBias2 + kEps);
+    adam_element(i, param, grad, m, v);
     const std::uint32_t half0 = fusedopt::fmix32(term);
     m_bits[i] = half0;
     v_bits[i] = fusedopt::folded_product(half0);

@@ -437,30 +437,43 @@ def _blocks_for_both_codec_paths(rng, signed):
     return x[: x.size - 3]  # a short last block
 
 
+def _adam_matches_reference(grad, m, v, **hyper):
+    """Adam on a param of ones with int8 states m and v (copies of them), through the kernels
+    and through fusedopt.reference: the same param bits, codes and scales. Returns the kernels'
+    m and v."""
+    import fusedopt
+    from fusedopt import reference
+
+    runs = []
+    for update in (fusedopt.adam_, reference.adam_):
+        param = np.ones(grad.size, np.float32)
+        states = [QuantizedState(s.codes.copy(), s.scales.copy()) for s in (m, v)]
+        with np.errstate(all="ignore"):
+            update(param, grad, *states, lr=1e-3, **hyper)
+        runs.append((param, *states))
+    (param, *states), (param_ref, *states_ref) = runs
+    np.testing.assert_array_equal(param.view(np.uint8), param_ref.view(np.uint8), strict=True)
+    for state, state_ref in zip(states, states_ref):
+        np.testing.assert_array_equal(state.codes, state_ref.codes, strict=True)
+        np.testing.assert_array_equal(
+            state.scales.view(np.uint8), state_ref.scales.view(np.uint8), strict=True
+        )
+    return states
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_the_compiled_codec_matches_the_spec_on_its_fast_and_general_blocks(signed):
     """The kernels decode blocks of only normal codes by a shorter loop: through Adam with
     beta1 = beta2 = 0.5 (m and v half the old state, half the new), state blocks of both kinds
     give the reference's bits, codes and scales (the encoder's boundaries: the next test)."""
-    import fusedopt
-    from fusedopt import reference
-
     rng = np.random.default_rng(11 if signed else 12)
     old = _blocks_for_both_codec_paths(rng, signed)
     grad = _blocks_for_both_codec_paths(rng, signed)[::-1].copy()
     # the blocks in the state of their kind (m signed, v unsigned), the other one plain
-    crafted = encode(old, signed)
-    other = encode(np.abs(old), not signed)
-    runs = []
-    for update in (fusedopt.adam_, reference.adam_):
-        param = np.ones(old.size, np.float32)
-        states = [QuantizedState(c.copy(), s.copy()) for c, s in (crafted, other)]
-        m, v = states if signed else states[::-1]
-        with np.errstate(all="ignore"):
-            update(param, grad, m, v, lr=1e-3, beta1=0.5, beta2=0.5, step=3, seed=5)
-        runs.append([param, m.codes, m.scales, v.codes, v.scales])
-    for actual, expected in zip(*runs):
-        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+    crafted = QuantizedState(*encode(old, signed))
+    other = QuantizedState(*encode(np.abs(old), not signed))
+    m, v = (crafted, other) if signed else (other, crafted)
+    _adam_matches_reference(grad, m, v, beta1=0.5, beta2=0.5, step=3, seed=5)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -470,9 +483,6 @@ def test_the_compiled_decoder_takes_its_general_loop_for_every_code_that_needs_i
     largest subnormal, in its tail. Through Adam (beta1 = beta2 = 0.5) the kernels give the
     reference's bits: a decoder that took the loop without selects for any subnormal, inf or
     NaN code would not."""
-    import fusedopt
-    from fusedopt import reference
-
     rng = np.random.default_rng(14 if signed else 15)
     top = (15 if signed else 31) << 3  # the inf code; normal codes are 8 ... top - 1
     codes = rng.integers(8, top - 1, (257, BLOCK), dtype=np.uint8)
@@ -485,17 +495,9 @@ def test_the_compiled_decoder_takes_its_general_loop_for_every_code_that_needs_i
     n = codes.size
     grad = np.zeros(n, np.float32)  # m and v halved exactly: a wrong decode shows in every bit
     other = encode(np.abs(rng.standard_normal(n)).astype(np.float32) * 1e-3, not signed)
-    runs = []
-    for update in (fusedopt.adam_, reference.adam_):
-        param = np.ones(n, np.float32)
-        crafted = QuantizedState(codes.copy(), scales.copy())
-        plain = QuantizedState(other[0].copy(), other[1].copy())
-        m, v = (crafted, plain) if signed else (plain, crafted)
-        with np.errstate(all="ignore"):
-            update(param, grad, m, v, lr=1e-3, beta1=0.5, beta2=0.5, step=3, seed=6)
-        runs.append([param, m.codes, m.scales, v.codes, v.scales])
-    for actual, expected in zip(*runs):
-        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+    crafted, plain = QuantizedState(codes, scales), QuantizedState(*other)
+    m, v = (crafted, plain) if signed else (plain, crafted)
+    _adam_matches_reference(grad, m, v, beta1=0.5, beta2=0.5, step=3, seed=6)
 
 
 def _gradients_at_the_encoders_boundaries(rng):
@@ -540,20 +542,10 @@ def _gradients_at_the_encoders_boundaries(rng):
 def test_the_compiled_encoder_matches_the_spec_at_its_boundaries():
     """Every block of m = g and v = g * g, at and just below the smallest normal code, from
     the kernels' encoder: the reference's codes and scales, bit for bit."""
-    import fusedopt
-    from fusedopt import reference
-
     g = _gradients_at_the_encoders_boundaries(np.random.default_rng(13))
-    runs = []
-    for update in (fusedopt.adam_, reference.adam_):
-        param = np.ones(g.size, np.float32)
-        m = QuantizedState.zeros(g.shape, signed=True)
-        v = QuantizedState.zeros(g.shape, signed=False)
-        with np.errstate(all="ignore"):
-            update(param, g, m, v, lr=1e-3, beta1=0.0, beta2=0.0, step=1, seed=9)
-        runs.append([param, m.codes, m.scales, v.codes, v.scales])
-    for actual, expected in zip(*runs):
-        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+    m = QuantizedState.zeros(g.shape, signed=True)
+    v = QuantizedState.zeros(g.shape, signed=False)
+    _adam_matches_reference(g, m, v, beta1=0.0, beta2=0.0, step=1, seed=9)
     # the blocks are what they are meant to be: exactly at and below the boundary
     _, m_scales = encode(g, True)
     assert m_scales[1] == m_scales[2] == 1.0
@@ -570,9 +562,6 @@ def test_the_compiled_codec_folds_the_scale_in_only_where_that_is_exact(signed):
     (signed) or 125 (unsigned). Blocks on both sides of each boundary, decoded (Adam with zero
     grads and beta1 = beta2 = 0.5) and encoded (zero state, beta1 = beta2 = 0: m = g and
     v = g * g), give the reference's bits, codes and scales."""
-    import fusedopt
-    from fusedopt import reference
-
     rng = np.random.default_rng(16 if signed else 17)
     F = F_of(signed)
     top = (15 if signed else 31) << 3
@@ -581,29 +570,11 @@ def test_the_compiled_codec_folds_the_scale_in_only_where_that_is_exact(signed):
     if signed:
         codes |= rng.choice(np.array([0, 0x80], np.uint8), codes.shape)
     codes = codes.reshape(-1).view(np.int8 if signed else np.uint8)
-    scales = np.ldexp(1.0, exponents).astype(np.float32)
-    other = encode(np.full(codes.size, 0.25, np.float32), not signed)
-    runs = []
-    for update in (fusedopt.adam_, reference.adam_):
-        param = np.ones(codes.size, np.float32)
-        crafted = QuantizedState(codes.copy(), scales.copy())
-        plain = QuantizedState(other[0].copy(), other[1].copy())
-        m, v = (crafted, plain) if signed else (plain, crafted)
-        with np.errstate(all="ignore"):
-            update(
-                param,
-                np.zeros(codes.size, np.float32),
-                m,
-                v,
-                lr=1e-3,
-                beta1=0.5,
-                beta2=0.5,
-                step=3,
-                seed=6,
-            )
-        runs.append([param, m.codes, m.scales, v.codes, v.scales])
-    for actual, expected in zip(*runs):
-        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
+    crafted = QuantizedState(codes, np.ldexp(1.0, exponents).astype(np.float32))
+    plain = QuantizedState(*encode(np.full(codes.size, 0.25, np.float32), not signed))
+    m, v = (crafted, plain) if signed else (plain, crafted)
+    grad = np.zeros(codes.size, np.float32)
+    _adam_matches_reference(grad, m, v, beta1=0.5, beta2=0.5, step=3, seed=6)
 
     # the encoder: blocks whose largest m (or v) is 1.5 2^E, the others within 2^-8 of it
     limit = 109 if signed else 125
@@ -614,15 +585,8 @@ def test_the_compiled_codec_folds_the_scale_in_only_where_that_is_exact(signed):
         blocks.append(np.ldexp(x, e) if signed else np.sqrt(np.ldexp(x, e)))
     g = np.concatenate(blocks).astype(np.float32)
     g[::3] *= -1
-    runs = []
-    for update in (fusedopt.adam_, reference.adam_):
-        param = np.ones(g.size, np.float32)
-        m = QuantizedState.zeros(g.shape, signed=True)
-        v = QuantizedState.zeros(g.shape, signed=False)
-        with np.errstate(all="ignore"):
-            update(param, g, m, v, lr=1e-3, beta1=0.0, beta2=0.0, step=1, seed=9)
-        runs.append([param, m.codes, m.scales, v.codes, v.scales])
-    for actual, expected in zip(*runs):
-        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8), strict=True)
-    encoded = runs[0][2] if signed else runs[0][4]
+    m = QuantizedState.zeros(g.shape, signed=True)
+    v = QuantizedState.zeros(g.shape, signed=False)
+    m, v = _adam_matches_reference(g, m, v, beta1=0.0, beta2=0.0, step=1, seed=9)
+    encoded = m.scales if signed else v.scales
     assert block_exponents(encoded).tolist() == [limit - 1, limit, limit + 1, limit + 2]
