@@ -5,7 +5,8 @@
 // variants: the whole pipeline per chunk (`pipeline`, as csrc/level.cpp ran it up to b6f0914),
 // with the next chunk prefetched, or with the param and grad kept in cache; and per 512-element
 // piece (`pieces`), then with the random bits drawn in the step's loop (`pieces+bits`, as
-// csrc/level.cpp runs it since 2d894de, kCodePiece and StagedCode). The step is Adam's formula in
+// csrc/level.cpp runs it since 2d894de, kCodePiece and StagedCode), and that with the next piece
+// prefetched (`+ahead`, not in the library). The step is Adam's formula in
 // fusedopt's order (csrc/kernels/optimizers/adam.hpp).
 //
 //   eigen=$(python -c "import cmeel; print(cmeel.__path__[0] + '.prefix/include/eigen3')")
@@ -38,7 +39,7 @@ using Clock = std::chrono::steady_clock;
 constexpr float kBeta1 = 0.9F, kBeta2 = 0.999F, kEps = 1e-8F, kStepSize = 1e-3F, kBias2 = 1.3F;
 constexpr Index kRing = 32768;  // elements: 256 KiB of param and grad together, in L2
 
-enum class Variant { plain, prefetch, ring, pieces, pieces_bits };
+enum class Variant { plain, prefetch, ring, pieces, pieces_bits, pieces_ahead };
 
 struct Tensor {
   Index n;
@@ -94,10 +95,13 @@ void step(Index n, float* __restrict param, const float* __restrict grad, float*
   }
 }
 
-// Elements [e, e + n) of the chunk at `offset`, the whole pipeline (the `pieces` variants).
+// Elements [e, e + n) of the chunk at `offset`, the whole pipeline (the `pieces` variants); with
+// `ahead`, the next piece's param, grad and codes prefetched into L2 as its blocks decode.
 void run_piece(Tensor& t, Index offset, Index e, Index n, std::uint64_t key, bool bits_in_step,
-               float* m, float* v, std::uint32_t* m_bits, std::uint32_t* v_bits) {
+               bool ahead, float* m, float* v, std::uint32_t* m_bits, std::uint32_t* v_bits) {
   const Index at = offset + e;
+  const Index next = at + fusedopt::kCodePiece;
+  ahead = ahead && next + n <= t.n;
   std::uint8_t* const m_codes = t.exp_avg.data() + at;
   std::uint8_t* const v_codes = t.exp_avg_sq.data() + at;
   float* const m_scales = t.exp_avg_scales.data() + at / kBlock;
@@ -105,6 +109,14 @@ void run_piece(Tensor& t, Index offset, Index e, Index n, std::uint64_t key, boo
   fusedopt::for_each_block(n, [&](Index b, auto count) {
     fusedopt::decode_block<true>(m_codes + b * kBlock, m_scales[b], count, m + b * kBlock);
     fusedopt::decode_block<false>(v_codes + b * kBlock, v_scales[b], count, v + b * kBlock);
+    for (Index i = b * kBlock; ahead && i < (b + 1) * kBlock; i += 16) {
+      __builtin_prefetch(t.param.data() + next + i, 1, 2);
+      __builtin_prefetch(t.grad.data() + next + i, 0, 2);
+      if (i % 64 == 0) {
+        __builtin_prefetch(t.exp_avg.data() + next + i, 1, 2);
+        __builtin_prefetch(t.exp_avg_sq.data() + next + i, 1, 2);
+      }
+    }
   });
   if (bits_in_step) {
     step(n, t.param.data() + at, t.grad.data() + at, m, v, key, at, m_bits, v_bits);
@@ -141,10 +153,11 @@ void run(Tensor& t, Variant variant, std::uint64_t key, bool phases) {
 #pragma omp for schedule(static)
     for (Index k = 0; k < chunks; ++k) {
       const Index offset = k * kChunk, n = std::min(kChunk, t.n - offset);
-      if (variant == Variant::pieces || variant == Variant::pieces_bits) {
+      if (variant >= Variant::pieces) {
         for (Index e = 0; e < n; e += fusedopt::kCodePiece) {
           run_piece(t, offset, e, std::min(fusedopt::kCodePiece, n - e), key,
-                    variant == Variant::pieces_bits, m, v, bits, other_bits);
+                    variant != Variant::pieces, variant == Variant::pieces_ahead, m, v, bits,
+                    other_bits);
         }
         continue;
       }
@@ -228,6 +241,7 @@ int main(int argc, char** argv) {
       {"ring", Variant::ring},          // param and grad from a 256 KiB ring (codes as ever)
       {"pieces", Variant::pieces},
       {"pieces+bits", Variant::pieces_bits},
+      {"+ahead", Variant::pieces_ahead},  // pieces+bits, the next piece prefetched into L2
   };
   constexpr std::size_t kVariants = sizeof variants / sizeof variants[0];
   constexpr int kRounds = 15;

@@ -280,7 +280,7 @@ def main(argv=None) -> None:
 
     low, high = PROBE_BAND
     outside = [
-        f"{name} {100 * mid:.0f} %"
+        f"{name} {100 * mid:.1f} %"
         for (probe, name), (mid, _, _) in paired.items()
         if probe == f"probe {name}" and not low <= mid <= high and name not in target_rows
     ]
