@@ -135,7 +135,8 @@ def paired_ratios(calls: dict, pairs: list, rounds: int) -> dict:
 
 
 def summary(ratios: list) -> tuple[float, float, float]:
-    """The median of `ratios` and its 20th and 80th percentiles (nearest rank)."""
+    """The median of `ratios` and its 20th and 80th percentiles (the sorted ratios' values at
+    round(q (n - 1)): the 3rd and 9th of 11)."""
     ordered = sorted(ratios)
     at = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
     return statistics.median(ordered), at(0.2), at(0.8)
@@ -147,6 +148,8 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=11, help="paired calls per ratio")
     args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds: at least 2, so that each call of a pair comes first in some")
     n = int(args.n)
     rng = np.random.default_rng(0)
     drawn = {}
@@ -245,7 +248,7 @@ def main(argv=None) -> None:
     cached = {name: n * t for name, t in per_element_in_cache(in_cache, args.calls).items()}
     l2, l2_found = l2_cache_bytes()
     probe_of = {name: medians.pop(f"probe {name}") for name in probes}
-    target_rows = {row for row, _, _ in TARGETS}
+    target_rows = {row for row, _ in pairs if not row.startswith("probe ")}
     base = medians["float32/float32/float32"]
     torch_f32 = medians.get("torch fused float32")
     torch_bf16 = medians.get("torch fused bfloat16")
