@@ -9,22 +9,24 @@ and int8 codes, as the step does), and its time in cache (the same call on array
 threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes can go below).
 Then issue 10's targets, and each row against its probe, as paired ratios: each the median of
 ratios of two calls made back to back, which drift in the machine's memory speed between calls
-seconds apart does not enter.
+seconds apart does not enter. Prints Markdown tables and writes them as JSON (--out).
 
-    python bench/low_precision.py [--n 1e7] [--calls 9] [--rounds 11]  # FUSEDOPT_SIMD: the level
-    python bench/run.py --storage                             # the same
+    python bench/low_precision.py [--n 1e7] [--calls 9] [--rounds 11] [--out FILE.json]
+    python bench/run.py --storage [--out FILE.json]       # the same; FUSEDOPT_SIMD: the level
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Optional
 
 import ml_dtypes
 import numpy as np
-from run import time_interleaved  # bench/, this script's folder
+from run import machine, time_interleaved  # bench/, this script's folder
 
 import fusedopt
 from fusedopt import _core
@@ -142,11 +144,17 @@ def summary(ratios: list) -> tuple[float, float, float]:
     return statistics.median(ordered), at(0.2), at(0.8)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=float, default=1e7)
     parser.add_argument("--calls", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=11, help="paired calls per ratio")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "storage.json",
+        help="JSON output (default bench/results/storage.json)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds: at least 2, so that each call of a pair comes first in some")
@@ -265,7 +273,30 @@ def main(argv=None) -> None:
         "| in cache | in cache vs fusedopt float32 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    result = {
+        "mode": "storage",
+        "machine": machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "n": n,
+        "calls": args.calls,
+        "rounds": args.rounds,
+        "l2_bytes": l2,
+        "rows": [],
+        "targets": [],
+    }
     for name, t in medians.items():
+        probe_pair = paired.get((f"probe {name}", name))
+        result["rows"].append(
+            {
+                "storage": name,
+                "bytes_per_element": traffic[name],
+                "median_s": t,
+                "times_s": times[name],
+                "probe_median_s": probe_of.get(name),
+                "probe_over_row_paired": list(probe_pair) if probe_pair else None,
+                "in_cache_s": cached[name],
+            }
+        )
         f32 = f"{t / torch_f32:.2f}x" if torch_f32 else "–"
         bf16 = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
         probe = probe_of.get(name)
@@ -282,11 +313,11 @@ def main(argv=None) -> None:
         )
 
     low, high = PROBE_BAND
-    outside = [
-        f"{name} {100 * mid:.1f} %"
+    outside = {  # row: its probe's time over its own, paired
+        name: mid
         for (probe, name), (mid, _, _) in paired.items()
         if probe == f"probe {name}" and not low <= mid <= high and name not in target_rows
-    ]
+    }
     print("\nTargets (issue 10), paired ratios:")
     print("| row | against | target | paired ratio | of the medians | met |")
     print("|---|---|---|---|---|---|")
@@ -294,17 +325,35 @@ def main(argv=None) -> None:
         if (row, ref) not in paired:
             continue
         mid, lo, hi = paired[row, ref]
+        result["targets"].append(
+            {
+                "row": row,
+                "against": ref,
+                "at_most": most,
+                "paired": [mid, lo, hi],
+                "of_medians": medians[row] / medians[ref],
+                "met": mid <= most,
+            }
+        )
         print(
             f"| {row} | {ref} | ≤ {most}x | {mid:.2f}x ({lo:.2f}-{hi:.2f}) | "
             f"{medians[row] / medians[ref]:.2f}x | {'yes' if mid <= most else 'no'} |"
         )
     counted = sum(1 for name in probes if name not in target_rows)
     band = f"{100 * low:.0f}-{100 * high:.0f} %"
-    listed = f"{len(outside)} outside" + (": " + ", ".join(outside) if outside else "")
+    listed = f"{len(outside)} outside" + "".join(
+        f"{', ' if i else ': '}{name} {100 * mid:.1f} %"
+        for i, (name, mid) in enumerate(outside.items())
+    )
     print(
         f"| every other row with a probe ({counted}) | its probe | {band} | {listed} | | "
         f"{'yes' if not outside else 'no'} |"
     )
+    result["probe_band"] = {"band": [low, high], "rows": counted, "outside": outside}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -753,12 +753,16 @@ def main(argv=None) -> int:
         help="the implementations timed (default: the mode's)",
     )
     parser.add_argument("--budget", type=float, help="seconds of timing per figure")
-    parser.add_argument("--out", type=Path, help="JSON output (default bench/results/<mode>.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON output (default bench/results/<mode>.json; --storage: storage.json)",
+    )
     args = parser.parse_args(argv)
     if args.storage:
         import low_precision
 
-        low_precision.main([])
+        low_precision.main(["--out", str(args.out)] if args.out else [])
         return 0
 
     rng = np.random.default_rng(0)
