@@ -281,6 +281,7 @@ def main(argv=None) -> dict:
         "calls": args.calls,
         "rounds": args.rounds,
         "l2_bytes": l2,
+        "l2_assumed": not l2_found,  # the OS did not say: 512 KiB assumed
         "rows": [],
         "targets": [],
     }

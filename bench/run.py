@@ -756,12 +756,16 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        help="JSON output (default bench/results/<mode>.json; --storage: storage.json)",
+        help="JSON output (default bench/results/<mode>.json: quick.json, full.json, "
+        "threshold.json; --table: optimizers.json; --storage: storage.json)",
     )
     args = parser.parse_args(argv)
     if args.storage:
         import low_precision
 
+        if len(args.threads or []) > 1 or args.budget or args.sizes or args.dtypes:
+            parser.error("--storage takes one --threads count and --out (1e7 elements, Adam)")
+        set_threads(args.threads[0] if args.threads else None)
         low_precision.main(["--out", str(args.out)] if args.out else [])
         return 0
 
