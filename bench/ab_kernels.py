@@ -10,9 +10,10 @@ With --others, the rows are instead momentum, Lion, RMSprop, Adagrad, Adamax, NA
 and the schedule-free AdamW and SGD, each with float32 and with bfloat16 params, grads and state
 (to nearest, and all but RMSprop stochastically too).
 
-Prints each row's median time with each library and the median (and the 2/11 and 8/11 quantiles)
-of the per-call ratios new/old. At sizes whose arrays fit the last-level cache the second call of a
-pair finds them there: compare in cache (~1e4, ~1e5) or well above it (1e7), not in between.
+Prints each row's median time with each library and the median (and the 20th and 80th
+percentiles, as `bench/low_precision.py`'s summary takes them) of the per-call ratios new/old.
+At sizes whose arrays fit the last-level cache the second call of a pair finds them there:
+compare in cache (~1e4, ~1e5) or well above it (1e7), not in between.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import statistics
 import time
 
 import numpy as np
-from low_precision import DTYPES, state_array  # bench/, this script's folder
+from low_precision import DTYPES, state_array, summary  # bench/, this script's folder
 
 import fusedopt
 from fusedopt import _core
@@ -130,8 +131,7 @@ def main(argv=None) -> None:
         f"{fusedopt.get_num_threads()} threads, "
         f"{args.calls} alternations; old {args.old}, new {args.new}"
     )
-    low, high = (args.calls * 2) // 11, (args.calls * 8) // 11
-    print(f"| row | old | new | new/old: median (quantiles 2/11-8/11 of {args.calls}) |")
+    print(f"| row | old | new | new/old: median (20th-80th percentile of {args.calls}) |")
     print("|---|---|---|---|")
 
     def duration(seconds: float) -> str:
@@ -139,11 +139,10 @@ def main(argv=None) -> None:
 
     for name in steps:
         old, new = times[name, "old"], times[name, "new"]
-        ratios = sorted(b / a for a, b in zip(old, new))
+        mid, low, high = summary([b / a for a, b in zip(old, new)])
         print(
             f"| {name} | {duration(statistics.median(old))} | "
-            f"{duration(statistics.median(new))} | {statistics.median(ratios):.3f} "
-            f"({ratios[low]:.3f}-{ratios[high]:.3f}) |"
+            f"{duration(statistics.median(new))} | {mid:.3f} ({low:.3f}-{high:.3f}) |"
         )
 
 

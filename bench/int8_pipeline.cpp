@@ -49,15 +49,17 @@ struct Tensor {
 
 double phase_seconds[3];  // decode, step, bits and encode: one thread's, with `phases`
 
-// Prefetches elements [from, to) of the chunk at `next`: param (for writing), grad, codes.
+// Prefetches elements [from, to) of the chunk (or piece) at `next`, none past the tensor: param
+// (for writing), grad, codes; into L1 (locality 3) or L2 (2).
+template <int Locality = 3>
 void prefetch(const Tensor& t, Index next, Index from, Index to) {
   to = std::min(to, t.n - next);
   for (Index e = from; e < to; e += 16) {
-    __builtin_prefetch(t.param.data() + next + e, 1, 3);
-    __builtin_prefetch(t.grad.data() + next + e, 0, 3);
+    __builtin_prefetch(t.param.data() + next + e, 1, Locality);
+    __builtin_prefetch(t.grad.data() + next + e, 0, Locality);
     if (e % 64 == 0) {
-      __builtin_prefetch(t.exp_avg.data() + next + e, 1, 3);
-      __builtin_prefetch(t.exp_avg_sq.data() + next + e, 1, 3);
+      __builtin_prefetch(t.exp_avg.data() + next + e, 1, Locality);
+      __builtin_prefetch(t.exp_avg_sq.data() + next + e, 1, Locality);
     }
   }
 }
@@ -100,8 +102,6 @@ void step(Index n, float* __restrict param, const float* __restrict grad, float*
 void run_piece(Tensor& t, Index offset, Index e, Index n, std::uint64_t key, bool bits_in_step,
                bool ahead, float* m, float* v, std::uint32_t* m_bits, std::uint32_t* v_bits) {
   const Index at = offset + e;
-  const Index next = at + fusedopt::kCodePiece;
-  ahead = ahead && next + n <= t.n;
   std::uint8_t* const m_codes = t.exp_avg.data() + at;
   std::uint8_t* const v_codes = t.exp_avg_sq.data() + at;
   float* const m_scales = t.exp_avg_scales.data() + at / kBlock;
@@ -109,14 +109,7 @@ void run_piece(Tensor& t, Index offset, Index e, Index n, std::uint64_t key, boo
   fusedopt::for_each_block(n, [&](Index b, auto count) {
     fusedopt::decode_block<true>(m_codes + b * kBlock, m_scales[b], count, m + b * kBlock);
     fusedopt::decode_block<false>(v_codes + b * kBlock, v_scales[b], count, v + b * kBlock);
-    for (Index i = b * kBlock; ahead && i < (b + 1) * kBlock; i += 16) {
-      __builtin_prefetch(t.param.data() + next + i, 1, 2);
-      __builtin_prefetch(t.grad.data() + next + i, 0, 2);
-      if (i % 64 == 0) {
-        __builtin_prefetch(t.exp_avg.data() + next + i, 1, 2);
-        __builtin_prefetch(t.exp_avg_sq.data() + next + i, 1, 2);
-      }
-    }
+    if (ahead) prefetch<2>(t, at + fusedopt::kCodePiece, b * kBlock, (b + 1) * kBlock);
   });
   if (bits_in_step) {
     step(n, t.param.data() + at, t.grad.data() + at, m, v, key, at, m_bits, v_bits);

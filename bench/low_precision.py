@@ -326,25 +326,25 @@ def main(argv=None) -> dict:
         if (row, ref) not in paired:
             continue
         mid, lo, hi = paired[row, ref]
-        result["targets"].append(
-            {
-                "row": row,
-                "against": ref,
-                "at_most": most,
-                "paired": [mid, lo, hi],
-                "of_medians": medians[row] / medians[ref],
-                "met": mid <= most,
-            }
-        )
+        target = {
+            "row": row,
+            "against": ref,
+            "at_most": most,
+            "paired": [mid, lo, hi],
+            "of_medians": medians[row] / medians[ref],
+            "met": mid <= most,
+        }
+        result["targets"].append(target)
         print(
             f"| {row} | {ref} | ≤ {most}x | {mid:.2f}x ({lo:.2f}-{hi:.2f}) | "
-            f"{medians[row] / medians[ref]:.2f}x | {'yes' if mid <= most else 'no'} |"
+            f"{target['of_medians']:.2f}x | {'yes' if target['met'] else 'no'} |"
         )
     counted = sum(1 for name in probes if name not in target_rows)
     band = f"{100 * low:.0f}-{100 * high:.0f} %"
-    listed = f"{len(outside)} outside" + "".join(
-        f"{', ' if i else ': '}{name} {100 * mid:.1f} %"
-        for i, (name, mid) in enumerate(outside.items())
+    listed = f"{len(outside)} outside" + (
+        ": " + ", ".join(f"{name} {100 * mid:.1f} %" for name, mid in outside.items())
+        if outside
+        else ""
     )
     print(
         f"| every other row with a probe ({counted}) | its probe | {band} | {listed} | | "
