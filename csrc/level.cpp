@@ -12,6 +12,14 @@
 namespace fusedopt {
 namespace {
 
+// The bytes of one element of an array of `part` in row Types.
+template <typename Types>
+constexpr Index element_size(Part part) {
+  return static_cast<Index>(part == Part::param  ? sizeof(typename Types::Param)
+                            : part == Part::grad ? sizeof(typename Types::Grad)
+                                                 : sizeof(typename Types::State));
+}
+
 // float16 arrays are staged as float32 chunks where the level converts them in blocks (F16C).
 template <typename T>
 inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::half>;
@@ -27,7 +35,6 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
                                              Index n, Staged& staged) {
   using P = typename Types::Param;
   using G = typename Types::Grad;
-  using S = typename Types::State;
   void* const* arrays = set.arrays(t);
   std::array<void*, Decl::arrays.size()> at{};
   for (std::size_t r = 0; r < at.size(); ++r) {
@@ -43,13 +50,59 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
                    staged[r].data());
       at[r] = staged[r].data();
     } else {
-      at[r] = static_cast<char*>(arrays[r]) +
-              offset * static_cast<Index>(part == Part::param  ? sizeof(P)
-                                          : part == Part::grad ? sizeof(G)
-                                                               : sizeof(S));
+      at[r] = static_cast<char*>(arrays[r]) + offset * element_size<Types>(part);
     }
   }
   return at;
+}
+
+// The bfloat16 or float16 param copy that a call with masters writes (2 bytes an element), if any.
+inline bool masters_copy(const RoundingRequest& request) {
+  return request.param_copy != DType::float32;
+}
+
+// Whether a thread's share of a call, elements `begin` to `end`, exceeds its core's L2: only
+// then do the loops that can prefetch (Ahead) prefetch. Arrays that stay in cache from call to
+// call would pay for the prefetches and gain nothing (the blocks cost the probe and the scalar
+// loops a little). Eigen's L2 size is per core; its L3 size, as CPUID reports it in a VM, may be
+// the whole host's, so the L3 is no measure of what stays. `scales` as the update's, or nullptr.
+template <typename Decl, typename Types>
+bool prefetches(const TensorSet& set, void* const* scales, Index begin, Index end,
+                bool param_copy) {
+  if (set.tensors == 0) return false;
+  Index bytes = param_copy ? 2 : 0;     // an element's, over every array present
+  void* const* arrays = set.arrays(0);  // optional arrays are present in every tensor or none
+  for (std::size_t r = 0; r < Decl::arrays.size(); ++r) {
+    if (arrays[r] == nullptr) continue;
+    const bool codes = scales != nullptr && scales[r] != nullptr;
+    bytes += codes ? 1 : element_size<Types>(Decl::arrays[r].part);
+  }
+  static const auto l2 = static_cast<Index>(Eigen::l2CacheSize());
+  return (end - begin) * bytes > l2;
+}
+
+// The lines that chunk (t, offset, n)'s loop prefetches: every array's (and the param copy's)
+// from element `offset` on, up to the tensor's end; an int8 state's codes (1 byte an element).
+template <typename Decl, typename Types>
+Ahead ahead_of(const TensorSet& set, void* const* scales, std::size_t t, Index offset,
+               bool param_copy) {
+  static_assert(Decl::arrays.size() + 1 <= kMaxPrefetched, "Ahead holds every array");
+  Ahead ahead;
+  ahead.available = set.starts[t + 1] - set.starts[t] - offset;
+  void* const* arrays = set.arrays(t);
+  const auto add = [&](const void* array, Index size, bool written) {
+    ahead.arrays[ahead.count] = static_cast<const char*>(array) + offset * size;
+    ahead.sizes[ahead.count] = size;
+    ahead.written[ahead.count] = written;
+    ++ahead.count;
+  };
+  for (std::size_t r = 0; r < Decl::arrays.size(); ++r) {
+    if (arrays[r] == nullptr) continue;
+    const bool codes = scales != nullptr && scales[t * set.roles + r] != nullptr;
+    add(arrays[r], codes ? 1 : element_size<Types>(Decl::arrays[r].part), Decl::arrays[r].written);
+  }
+  if (param_copy) add(arrays[Decl::arrays.size()], 2, true);
+  return ahead;
 }
 
 // Runs the kernel chunk by chunk (with quantized state, kCodePiece elements at a time: decode,
@@ -94,17 +147,31 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       kernel(at, at_offset, n, rounding);
     }
   };
+  // The rows whose loops' arithmetic leaves the hardware prefetchers behind: int8 states'
+  // pipeline and most rows on vector lanes (kPrefetchingLanes).
+  [[maybe_unused]] const bool prefetch =
+      (quantized || (!staging && kPrefetchingLanes<Types>)) &&
+      prefetches<Decl, Types>(set, quantized ? scales : nullptr, begin, end, masters_copy(request));
   const auto update_piece = [&](std::size_t t, Index offset, Index n) {
     Rounding rounding{request.stochastic,
                       tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
                       offset};
+    // the kernel's: its loop also prefetches, where the call does (the param copy's is the
+    // kernel's to prefetch, not its own loop's)
+    Rounding kernel_rounding = rounding;
+    Ahead ahead;
+    if (prefetch) {
+      ahead = ahead_of<Decl, Types>(set, quantized ? scales : nullptr, t, offset,
+                                    masters_copy(request));
+      kernel_rounding.ahead = &ahead;
+    }
     void* const* arrays = set.arrays(t);
     if constexpr (staging) {
       const auto quantized_role = [&](std::size_t r) {
         return quantized && scales[t * set.roles + r] != nullptr;
       };
       const auto at = stage<Decl, Types, quantized>(request, set, scales, t, offset, n, staged);
-      run_kernel(at.data(), 0, n, rounding, t);
+      run_kernel(at.data(), 0, n, kernel_rounding, t);  // prefetching the next piece's lines
       if constexpr (kStagesHalf<P>) {
         store_param_copy(rounding, n, staged[0].data(), false,
                          static_cast<Eigen::half*>(arrays[0]) + offset);
@@ -139,10 +206,10 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         }
       }
     } else {
-      run_kernel(arrays, offset, n, rounding, t);
+      run_kernel(arrays, offset, n, kernel_rounding, t);
     }
     if constexpr (masters) {
-      if (request.param_copy != DType::float32) {
+      if (masters_copy(request)) {
         const bool to_bfloat16 = request.param_copy == DType::bfloat16;
         store_param_copy(rounding, n, static_cast<const float*>(arrays[0]) + offset, to_bfloat16,
                          static_cast<char*>(arrays[roles]) + offset * 2);  // 2 bytes either way

@@ -4,6 +4,7 @@
 
 #include <Eigen/Core>  // Eigen::bfloat16, Eigen::half: conversions that round to nearest even
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -260,10 +261,51 @@ inline std::uint64_t splitmix(std::uint64_t x) { return mix64(x + kGolden); }
 // How a call rounds what it stores: to nearest even, or stochastically with the call's seed
 // and step. `key` is the tensor's (splitmix of seed, step and tensor index); `first` the
 // chunk's first element in the tensor.
+struct Ahead;
 struct Rounding {
   bool stochastic = false;
   std::uint64_t key = 0;
   Index first = 0;
+  const Ahead* ahead = nullptr;  // the chunk's arrays, where its loop prefetches (Ahead)
+};
+
+// Software prefetch, for the loops whose arithmetic is more than a few instructions per cache
+// line: the vector lanes' (lanes.hpp) and those of int8 states' pipeline (csrc/level.cpp), and
+// the probe's for the same rows. There the hardware prefetchers alone leave the streams short of
+// the bandwidth that a plain copy reaches, and on a shared machine at times far short: the loads
+// wait on memory, where their latency could overlap the arithmetic. So every kPrefetchBlock
+// elements such a loop prefetches each array's lines of the block kPrefetchAhead elements on,
+// for writing where the kernel writes the array: a few prefetches spread through the loop, not
+// a burst per chunk (bench/results/low_precision.md, "Software prefetch in the loops").
+inline constexpr ChunkIndex kPrefetchBlock = 128;
+inline constexpr ChunkIndex kPrefetchAhead = 512;
+inline constexpr std::size_t kMaxPrefetched = 7;  // a kernel's arrays and a param copy
+struct Ahead {
+  std::array<const char*, kMaxPrefetched> arrays{};  // the chunk's first element in each
+  std::array<Index, kMaxPrefetched> sizes{};         // bytes per element
+  std::array<bool, kMaxPrefetched> written{};
+  std::size_t count = 0;
+  Index available = 0;  // elements from the chunk's first to its tensor's end
+
+  // Prefetches the block of kPrefetchBlock elements kPrefetchAhead after element i of the chunk.
+  FUSEDOPT_INLINE void block(ChunkIndex i) const {
+    const Index first = static_cast<Index>(i) + kPrefetchAhead;
+    const Index n = std::min<Index>(kPrefetchBlock, available - first);
+    for (std::size_t a = 0; a < count; ++a) {
+      const char* line = arrays[a] + first * sizes[a];
+      for (Index b = 0; b < n * sizes[a]; b += 64) {
+#if defined(__GNUC__)
+        if (written[a]) {
+          __builtin_prefetch(line + b, 1, 3);
+        } else {
+          __builtin_prefetch(line + b, 0, 3);
+        }
+#else
+        (void)line;
+#endif
+      }
+    }
+  }
 };
 
 inline std::uint64_t tensor_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor) {

@@ -300,6 +300,11 @@ inline constexpr bool kVectorLanes =
     kFloatOrBfloat16<typename Types::Grad> && kFloatOrBfloat16<typename Types::State> &&
     (std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
      std::is_same_v<typename Types::State, Eigen::bfloat16>);
+// The rows on vector lanes whose loops prefetch (Ahead) where a call's arrays outgrow the L2: all
+// but those whose every array is bfloat16, which took longer with the prefetches, not shorter
+// (bench/results/low_precision.md, "Software prefetch in the loops").
+template <typename Types>
+inline constexpr bool kPrefetchingLanes = kVectorLanes<Types> && !kBfloat16Only<Types>;
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -307,7 +312,22 @@ inline constexpr bool kVectorLanes =
 #define FUSEDOPT_VECTOR_LANES 0
 template <typename Types>
 inline constexpr bool kVectorLanes = false;
+template <typename Types>
+inline constexpr bool kPrefetchingLanes = false;
 #endif
+
+// elements(rounding, first, count) over a chunk's n elements: in one loop, or, where the chunk's
+// loop prefetches (Ahead), a loop per block, each after its prefetches.
+template <typename Elements>
+FUSEDOPT_INLINE void elements_in_blocks(const Rounding& rounding, Index n,
+                                        const Elements& elements) {
+  const auto count = static_cast<ChunkIndex>(n);
+  if (rounding.ahead == nullptr) return elements(rounding, 0, count);
+  for (ChunkIndex first = 0; first < count; first += kPrefetchBlock) {
+    rounding.ahead->block(first);
+    elements(rounding, first, std::min(count, first + kPrefetchBlock));
+  }
+}
 
 // Runs body(lane) over a chunk's n elements, rounding as `rounding` says: on vector lanes where
 // the row takes them, the rest, and every other row, in an omp simd loop over ScalarLane.
@@ -335,8 +355,12 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     // and broadcast again for every lane
     const std::uint64_t key = rounding.key;
     const auto whole = static_cast<ChunkIndex>(n / 32 * 32);
+    const Ahead* const ahead = rounding.ahead;  // a local, as the key
+    static_assert(kPrefetchBlock % 32 == 0, "a prefetch block is whole lanes");
     const auto lanes = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
       for (ChunkIndex i = 0; i < whole; i += 32) {
+        // a branch, not a second copy of the loop: taken the same way all chunk long
+        if (ahead != nullptr && i % kPrefetchBlock == 0) ahead->block(i);
         VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder> lane(key, first, i);
         body(lane);
         lane.finish();
@@ -349,10 +373,10 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     }
     elements(rounding, whole, static_cast<ChunkIndex>(n));
   } else {
-    elements(rounding, 0, static_cast<ChunkIndex>(n));
+    elements_in_blocks(rounding, n, elements);
   }
 #else
-  elements(rounding, 0, static_cast<ChunkIndex>(n));
+  elements_in_blocks(rounding, n, elements);
 #endif
 }
 
