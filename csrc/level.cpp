@@ -20,6 +20,14 @@ constexpr Index element_size(Part part) {
                                                  : sizeof(typename Types::State));
 }
 
+template <typename Decl>
+constexpr bool has_part(Part part) {
+  for (const ArrayDecl& a : Decl::arrays) {
+    if (a.part == part) return true;
+  }
+  return false;
+}
+
 // float16 arrays are staged as float32 chunks where the level converts them in blocks (F16C).
 template <typename T>
 inline constexpr bool kStagesHalf = FUSEDOPT_F16C && std::is_same_v<T, Eigen::half>;
@@ -61,33 +69,55 @@ inline bool masters_copy(const RoundingRequest& request) {
   return request.param_copy != DType::float32;
 }
 
-// Whether a thread's share of a call, elements `begin` to `end`, exceeds its core's L2: only
-// then do the loops that can prefetch (Ahead) prefetch. Arrays that stay in cache from call to
-// call would pay for the prefetches and gain nothing (the blocks cost the probe and the scalar
-// loops a little). Eigen's L2 size is per core; its L3 size, as CPUID reports it in a VM, may be
-// the whole host's, so the L3 is no measure of what stays. `scales` as the update's, or nullptr.
+// The rows whose loops prefetch (Ahead) where a call outgrows the L2: those whose arithmetic
+// leaves the hardware prefetchers behind, int8 states' pipeline and the rows on vector lanes,
+// but not those whose every array is bfloat16, which took longer with the prefetches, not shorter
+// (bench/results/low_precision.md, "Software prefetch in the loops").
+template <typename Decl, typename Types, bool quantized>
+constexpr bool prefetching_row() {
+  using bf16 = Eigen::bfloat16;
+  const bool all_bfloat16 =
+      std::is_same_v<typename Types::Param, bf16> &&
+      (!has_part<Decl>(Part::grad) || std::is_same_v<typename Types::Grad, bf16>) &&
+      (!has_part<Decl>(Part::state) || std::is_same_v<typename Types::State, bf16>);
+  return FUSEDOPT_PREFETCH && (quantized || (kVectorLanes<Types> && !all_bfloat16));
+}
+
+// The bytes in memory of one element of role r of tensor t: an int8 state's code is 1 byte.
+// `scales` as the update's, or nullptr where no state is quantized.
 template <typename Decl, typename Types>
-bool prefetches(const TensorSet& set, void* const* scales, Index begin, Index end,
-                bool param_copy) {
-  if (set.tensors == 0) return false;
-  Index bytes = param_copy ? 2 : 0;     // an element's, over every array present
-  void* const* arrays = set.arrays(0);  // optional arrays are present in every tensor or none
+Index bytes_in_memory(void* const* scales, const TensorSet& set, std::size_t t, std::size_t r) {
+  const bool codes = scales != nullptr && scales[t * set.roles + r] != nullptr;
+  return codes ? 1 : element_size<Types>(Decl::arrays[r].part);
+}
+
+// Whether a thread's share of a call, elements `begin` to `end`, exceeds its core's L2: only
+// then does a prefetching row's loop prefetch. Arrays that stay in cache from call to call would
+// pay for the prefetches and gain nothing. Eigen's L2 size is per core; its L3 size, as CPUID
+// reports it in a VM, may be the whole host's, so the L3 is no measure of what stays.
+template <typename Decl, typename Types>
+bool outgrows_l2(const TensorSet& set, void* const* scales, Index begin, Index end,
+                 bool param_copy) {
+  // the arrays present: those of a nonempty tensor (an empty one may hold null pointers)
+  std::size_t t = 0;
+  while (t < set.tensors && set.starts[t + 1] == set.starts[t]) ++t;
+  if (t == set.tensors) return false;
+  Index bytes = param_copy ? 2 : 0;  // an element's, over every array
   for (std::size_t r = 0; r < Decl::arrays.size(); ++r) {
-    if (arrays[r] == nullptr) continue;
-    const bool codes = scales != nullptr && scales[r] != nullptr;
-    bytes += codes ? 1 : element_size<Types>(Decl::arrays[r].part);
+    if (set.arrays(t)[r] != nullptr) bytes += bytes_in_memory<Decl, Types>(scales, set, t, r);
   }
   static const auto l2 = static_cast<Index>(Eigen::l2CacheSize());
   return (end - begin) * bytes > l2;
 }
 
-// The lines that chunk (t, offset, n)'s loop prefetches: every array's (and the param copy's)
-// from element `offset` on, up to the tensor's end; an int8 state's codes (1 byte an element).
+// What chunk (t, offset, n)'s loop prefetches: every array's (and the param copy's) lines from
+// element `offset` on, up to the tensor's end, in memory (an int8 state's codes, not its staged
+// values).
 template <typename Decl, typename Types>
-Ahead ahead_of(const TensorSet& set, void* const* scales, std::size_t t, Index offset,
-               bool param_copy) {
+void prefetch_plan(const TensorSet& set, void* const* scales, std::size_t t, Index offset,
+                   bool param_copy, Ahead& ahead) {
   static_assert(Decl::arrays.size() + 1 <= kMaxPrefetched, "Ahead holds every array");
-  Ahead ahead;
+  ahead.count = 0;
   ahead.available = set.starts[t + 1] - set.starts[t] - offset;
   void* const* arrays = set.arrays(t);
   const auto add = [&](const void* array, Index size, bool written) {
@@ -98,11 +128,9 @@ Ahead ahead_of(const TensorSet& set, void* const* scales, std::size_t t, Index o
   };
   for (std::size_t r = 0; r < Decl::arrays.size(); ++r) {
     if (arrays[r] == nullptr) continue;
-    const bool codes = scales != nullptr && scales[t * set.roles + r] != nullptr;
-    add(arrays[r], codes ? 1 : element_size<Types>(Decl::arrays[r].part), Decl::arrays[r].written);
+    add(arrays[r], bytes_in_memory<Decl, Types>(scales, set, t, r), Decl::arrays[r].written);
   }
   if (param_copy) add(arrays[Decl::arrays.size()], 2, true);
-  return ahead;
 }
 
 // Runs the kernel chunk by chunk (with quantized state, kCodePiece elements at a time: decode,
@@ -147,22 +175,21 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       kernel(at, at_offset, n, rounding);
     }
   };
-  // The rows whose loops' arithmetic leaves the hardware prefetchers behind: int8 states'
-  // pipeline and most rows on vector lanes (kPrefetchingLanes).
+  void* const* const code_scales = quantized ? scales : nullptr;
+  const bool param_copy = masters_copy(request);
   [[maybe_unused]] const bool prefetch =
-      (quantized || (!staging && kPrefetchingLanes<Types>)) &&
-      prefetches<Decl, Types>(set, quantized ? scales : nullptr, begin, end, masters_copy(request));
+      prefetching_row<Decl, Types, quantized>() &&
+      outgrows_l2<Decl, Types>(set, code_scales, begin, end, param_copy);
+  [[maybe_unused]] Ahead ahead;
   const auto update_piece = [&](std::size_t t, Index offset, Index n) {
     Rounding rounding{request.stochastic,
                       tensor_key(request.seed, request.step, static_cast<std::uint64_t>(t)),
                       offset};
-    // the kernel's: its loop also prefetches, where the call does (the param copy's is the
+    // the kernel's: its loop also prefetches, where the call does (the param copy is the
     // kernel's to prefetch, not its own loop's)
     Rounding kernel_rounding = rounding;
-    Ahead ahead;
     if (prefetch) {
-      ahead = ahead_of<Decl, Types>(set, quantized ? scales : nullptr, t, offset,
-                                    masters_copy(request));
+      prefetch_plan<Decl, Types>(set, code_scales, t, offset, param_copy, ahead);
       kernel_rounding.ahead = &ahead;
     }
     void* const* arrays = set.arrays(t);
@@ -209,7 +236,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
       run_kernel(arrays, offset, n, kernel_rounding, t);
     }
     if constexpr (masters) {
-      if (masters_copy(request)) {
+      if (param_copy) {
         const bool to_bfloat16 = request.param_copy == DType::bfloat16;
         store_param_copy(rounding, n, static_cast<const float*>(arrays[0]) + offset, to_bfloat16,
                          static_cast<char*>(arrays[roles]) + offset * 2);  // 2 bytes either way
@@ -272,14 +299,6 @@ void sums_of_squares(const TensorSet& set, const Index* first_chunk, Index begin
         sum_squares(n, role<const T>(set.arrays(t), 0, offset));
     return true;
   });
-}
-
-template <typename Decl>
-constexpr bool has_part(Part part) {
-  for (const ArrayDecl& a : Decl::arrays) {
-    if (a.part == part) return true;
-  }
-  return false;
 }
 
 // Row `row`'s types as a declaration sees them: a part it has no array for takes the compute

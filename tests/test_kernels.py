@@ -49,9 +49,10 @@ SHAPES = {
     "list": [(0,), (1,), (17,), (CHUNK + 3,), (5, 7), (PARALLEL_MIN,), (0,), (999,)],
     "empty list": [],
 }
-# Past a core's L2 (several MiB in every row): there the loops of most low-precision rows
-# prefetch ahead (csrc/level.cpp), across chunks and up to each tensor's end, which lies at no
-# chunk or block boundary. Only for the tests that name it: each call moves megabytes.
+# Past a core's L2 (several MiB in every row, on one thread: the tests that take it run there):
+# the loops of most low-precision rows then prefetch ahead (csrc/level.cpp, prefetching_row),
+# across chunks and up to each tensor's end, which lies at no chunk or block boundary. Only for
+# the tests that name it: each call moves megabytes.
 PAST_L2 = [(2**19 + 5,), (3 * CHUNK + 7,), (0,), (2**18 + 31,)]
 ALL_SHAPES = {**SHAPES, "past L2": PAST_L2}
 DTYPES = [np.float32, np.float64]
@@ -493,10 +494,11 @@ def test_numpy_maximum_keeps_its_first_nan(name, flag, first, second, row):
     ],
     ids=["float32", "bfloat16", "bfloat16-float32", "float16-float32"],
 )
-def test_the_roofline_probe_touches_every_element(dtype, state, n):
+def test_the_roofline_probe_touches_every_element(dtype, state, n, restore_threads):
     """The probe adds 0 * grad to the param and each buffer: an infinite grad makes every
     element NaN, in every chunk and its tail (a probe that skipped some would time less work),
     in one loop or, past the L2, in blocks."""
+    fusedopt.set_num_threads(1)  # past the L2 on one thread, as PAST_L2
     grad = np.full(n, np.inf, dtype)
     arrays = [np.ones(n, dtype), np.ones(n, state), np.ones(n, state)]
     _core.roofline(arrays[0], grad, arrays[1], arrays[2], None, None)
@@ -505,11 +507,12 @@ def test_the_roofline_probe_touches_every_element(dtype, state, n):
 
 
 @pytest.mark.parametrize("n", [2 * 2048 + 77, PAST_L2[0][0]], ids=["in cache", "past L2"])
-def test_the_roofline_probe_reencodes_int8_state_to_the_same_values(n):
+def test_the_roofline_probe_reencodes_int8_state_to_the_same_values(n, restore_threads):
     """With int8 state the probe decodes, stores (with the random bits a kernel's store draws)
     and encodes each piece again: decoded values lie on their grid, so they come back
     unchanged, in every chunk and its tail (a -0 as +0: the probe adds +0 to it); an infinite
     grad makes every one NaN."""
+    fusedopt.set_num_threads(1)  # past the L2 on one thread, as PAST_L2
     rng = np.random.default_rng(3)
     grad = np.ones(n, np.float32)
     m = QuantizedState(*quantize.encode(rng.standard_normal(n).astype(np.float32), True))
@@ -517,7 +520,7 @@ def test_the_roofline_probe_reencodes_int8_state_to_the_same_values(n):
     before = [quantize.decode(s.codes, s.scales) for s in (m, v)]
     _core.roofline(np.ones(n, np.float32), grad, m, v, None, None, seed=1)
     for state, values in zip((m, v), before):
-        np.testing.assert_array_equal(quantize.decode(state.codes, state.scales), values)
+        assert_same_bits(quantize.decode(state.codes, state.scales), values + np.float32(0))
     _core.roofline(np.ones(n, np.float32), grad * np.inf, m, v, None, None, seed=2)
     for state in (m, v):
         assert np.isnan(quantize.decode(state.codes, state.scales)).all()
@@ -737,9 +740,10 @@ PREFETCHED = [c for c in CASES if c.id in ("adam-2", "lion-0", "momentum-0")]
 
 @pytest.mark.parametrize("row", LOW_ROWS, ids="-".join)
 @pytest.mark.parametrize(("spec", "hyper"), PREFETCHED)
-def test_prefetching_loops_give_the_same_bits(spec, hyper, row):
+def test_prefetching_loops_give_the_same_bits(spec, hyper, row, restore_threads):
     """Arrays past a core's L2, where the loops prefetch: rounded once to nearest, as in cache;
     stochastically, with the reference's bits; with masters, the param their rounded copy."""
+    fusedopt.set_num_threads(1)  # one thread's share is the whole call: past any core's L2
     check_rounded_once(spec, hyper, row, "past L2", range(1, 3))
     if row in SR_ROWS:
         test_stochastic_rounding_matches_reference(spec, hyper, row, "past L2")

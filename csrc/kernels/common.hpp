@@ -260,7 +260,7 @@ inline std::uint64_t splitmix(std::uint64_t x) { return mix64(x + kGolden); }
 
 // How a call rounds what it stores: to nearest even, or stochastically with the call's seed
 // and step. `key` is the tensor's (splitmix of seed, step and tensor index); `first` the
-// chunk's first element in the tensor.
+// chunk's first element in the tensor. And, where the chunk's loop prefetches, what (Ahead).
 struct Ahead;
 struct Rounding {
   bool stochastic = false;
@@ -270,13 +270,18 @@ struct Rounding {
 };
 
 // Software prefetch, for the loops whose arithmetic is more than a few instructions per cache
-// line: the vector lanes' (lanes.hpp) and those of int8 states' pipeline (csrc/level.cpp), and
-// the probe's for the same rows. There the hardware prefetchers alone leave the streams short of
-// the bandwidth that a plain copy reaches, and on a shared machine at times far short: the loads
-// wait on memory, where their latency could overlap the arithmetic. So every kPrefetchBlock
-// elements such a loop prefetches each array's lines of the block kPrefetchAhead elements on,
-// for writing where the kernel writes the array: a few prefetches spread through the loop, not
-// a burst per chunk (bench/results/low_precision.md, "Software prefetch in the loops").
+// line: the vector lanes' (lanes.hpp) and int8 states' pipeline's, and the probe's for the same
+// rows (csrc/level.cpp turns it on). There the hardware prefetchers alone leave the streams short
+// of the bandwidth that a plain copy reaches, and on a shared machine at times far short: the
+// loads wait on memory, where their latency could overlap the arithmetic. So every
+// kPrefetchBlock elements such a loop prefetches each array's lines of the block kPrefetchAhead
+// elements on, for writing where the kernel writes the array: a few prefetches spread through the
+// loop, not a burst per chunk (bench/results/low_precision.md, "Software prefetch in the loops").
+#if defined(__GNUC__)
+#define FUSEDOPT_PREFETCH 1
+#else
+#define FUSEDOPT_PREFETCH 0  // no prefetch instruction named: the loops run as they did
+#endif
 inline constexpr ChunkIndex kPrefetchBlock = 128;
 inline constexpr ChunkIndex kPrefetchAhead = 512;
 inline constexpr std::size_t kMaxPrefetched = 7;  // a kernel's arrays and a param copy
@@ -291,22 +296,35 @@ struct Ahead {
   FUSEDOPT_INLINE void block(ChunkIndex i) const {
     const Index first = static_cast<Index>(i) + kPrefetchAhead;
     const Index n = std::min<Index>(kPrefetchBlock, available - first);
+    if (n <= 0) return;  // past the tensor's end
+#if FUSEDOPT_PREFETCH
     for (std::size_t a = 0; a < count; ++a) {
       const char* line = arrays[a] + first * sizes[a];
       for (Index b = 0; b < n * sizes[a]; b += 64) {
-#if defined(__GNUC__)
         if (written[a]) {
           __builtin_prefetch(line + b, 1, 3);
         } else {
           __builtin_prefetch(line + b, 0, 3);
         }
-#else
-        (void)line;
-#endif
       }
     }
+#endif
   }
 };
+
+// fn(first, end) over a chunk's n elements: at once, or, where the chunk's loop prefetches
+// (rounding.ahead), block by block, each after its prefetches. One loop either way, so that the
+// loop fn holds is compiled once.
+template <typename Fn>
+FUSEDOPT_INLINE void in_prefetched_blocks(const Rounding& rounding, Index n, const Fn& fn) {
+  const Ahead* const ahead = rounding.ahead;
+  const auto count = static_cast<ChunkIndex>(n);
+  const ChunkIndex block = ahead != nullptr ? kPrefetchBlock : count;
+  for (ChunkIndex first = 0; first < count; first += block) {
+    if (ahead != nullptr) ahead->block(first);
+    fn(first, std::min(count, first + block));
+  }
+}
 
 inline std::uint64_t tensor_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor) {
   return splitmix(splitmix(splitmix(seed) ^ step) ^ tensor);

@@ -300,11 +300,6 @@ inline constexpr bool kVectorLanes =
     kFloatOrBfloat16<typename Types::Grad> && kFloatOrBfloat16<typename Types::State> &&
     (std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
      std::is_same_v<typename Types::State, Eigen::bfloat16>);
-// The rows on vector lanes whose loops prefetch (Ahead) where a call's arrays outgrow the L2: all
-// but those whose every array is bfloat16, which took longer with the prefetches, not shorter
-// (bench/results/low_precision.md, "Software prefetch in the loops").
-template <typename Types>
-inline constexpr bool kPrefetchingLanes = kVectorLanes<Types> && !kBfloat16Only<Types>;
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -312,22 +307,7 @@ inline constexpr bool kPrefetchingLanes = kVectorLanes<Types> && !kBfloat16Only<
 #define FUSEDOPT_VECTOR_LANES 0
 template <typename Types>
 inline constexpr bool kVectorLanes = false;
-template <typename Types>
-inline constexpr bool kPrefetchingLanes = false;
 #endif
-
-// elements(rounding, first, count) over a chunk's n elements: in one loop, or, where the chunk's
-// loop prefetches (Ahead), a loop per block, each after its prefetches.
-template <typename Elements>
-FUSEDOPT_INLINE void elements_in_blocks(const Rounding& rounding, Index n,
-                                        const Elements& elements) {
-  const auto count = static_cast<ChunkIndex>(n);
-  if (rounding.ahead == nullptr) return elements(rounding, 0, count);
-  for (ChunkIndex first = 0; first < count; first += kPrefetchBlock) {
-    rounding.ahead->block(first);
-    elements(rounding, first, std::min(count, first + kPrefetchBlock));
-  }
-}
 
 // Runs body(lane) over a chunk's n elements, rounding as `rounding` says: on vector lanes where
 // the row takes them, the rest, and every other row, in an omp simd loop over ScalarLane.
@@ -359,7 +339,7 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     static_assert(kPrefetchBlock % 32 == 0, "a prefetch block is whole lanes");
     const auto lanes = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
       for (ChunkIndex i = 0; i < whole; i += 32) {
-        // a branch, not a second copy of the loop: taken the same way all chunk long
+        // a branch in the loop of lanes: a loop of blocks around it measured slower
         if (ahead != nullptr && i % kPrefetchBlock == 0) ahead->block(i);
         VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder> lane(key, first, i);
         body(lane);
@@ -373,10 +353,12 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     }
     elements(rounding, whole, static_cast<ChunkIndex>(n));
   } else {
-    elements_in_blocks(rounding, n, elements);
+    in_prefetched_blocks(rounding, n,
+                         [&](ChunkIndex first, ChunkIndex end) { elements(rounding, first, end); });
   }
 #else
-  elements_in_blocks(rounding, n, elements);
+  in_prefetched_blocks(rounding, n,
+                       [&](ChunkIndex first, ChunkIndex end) { elements(rounding, first, end); });
 #endif
 }
 

@@ -123,19 +123,16 @@ struct RooflineKernel {
     P* param = role<P>(a, 0, offset);
     const G* grad = role<const G>(a, 1, offset);
     const Rounder<false> out{rounding};
-    // where the kernels' loops prefetch (Ahead), the probe's does too, block by block
-    const Index block = rounding.ahead != nullptr ? kPrefetchBlock : n;
-    for (Index at = 0; at < n; at += block) {
-      if (rounding.ahead != nullptr) rounding.ahead->block(static_cast<ChunkIndex>(at));
-      const Index m = std::min(block, n - at);
+    // where the kernels' loops prefetch (Ahead), the probe's does too
+    in_prefetched_blocks(rounding, n, [&](ChunkIndex first, ChunkIndex end) {
       switch (count) {
-        case 0: run<0>(at, m, out, param, grad, b[0], b[1], b[2], b[3]); break;
-        case 1: run<1>(at, m, out, param, grad, b[0], b[1], b[2], b[3]); break;
-        case 2: run<2>(at, m, out, param, grad, b[0], b[1], b[2], b[3]); break;
-        case 3: run<3>(at, m, out, param, grad, b[0], b[1], b[2], b[3]); break;
-        default: run<4>(at, m, out, param, grad, b[0], b[1], b[2], b[3]);
+        case 0: return run<0>(first, end, out, param, grad, b[0], b[1], b[2], b[3]);
+        case 1: return run<1>(first, end, out, param, grad, b[0], b[1], b[2], b[3]);
+        case 2: return run<2>(first, end, out, param, grad, b[0], b[1], b[2], b[3]);
+        case 3: return run<3>(first, end, out, param, grad, b[0], b[1], b[2], b[3]);
+        default: return run<4>(first, end, out, param, grad, b[0], b[1], b[2], b[3]);
       }
-    }
+    });
   }
 
   // One pass over all arrays, as the optimizer kernels stream them: a probe that swept each
@@ -145,13 +142,12 @@ struct RooflineKernel {
   // takes (StagedCode), which a kernel's store draws too: the k-th buffer present takes slot k,
   // a constant (a slot read from an array made the loop branch on it, and 2.4-3x slower).
   template <std::size_t buffers>
-  void run(Index first, Index n, const Rounder<false>& out, P* __restrict param,
+  void run(ChunkIndex first, ChunkIndex end, const Rounder<false>& out, P* __restrict param,
            const G* __restrict grad, S* __restrict b1, S* __restrict b2, S* __restrict b3,
            S* __restrict b4) const {
-    std::uint32_t term = out.term(static_cast<ChunkIndex>(first));
+    std::uint32_t term = out.term(first);
 #pragma omp simd linear(term : kWeylStep)
-    for (ChunkIndex i = static_cast<ChunkIndex>(first); i < static_cast<ChunkIndex>(first + n);
-         ++i) {
+    for (ChunkIndex i = first; i < end; ++i) {
       const T zero = T(0) * load<T>(grad[i]);
       store(param[i], load<T>(param[i]) + zero);
       if constexpr (buffers >= 1) out.store_at(term, 1, b1[i], load<T>(b1[i]) + zero);
