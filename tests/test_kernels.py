@@ -87,7 +87,7 @@ def test_matches_reference(spec, hyper, shape_id, dtype):
 
 def check_matches_reference(spec, hyper, shape_id, dtype, steps):
     rng = np.random.default_rng([len(shape_id), STEPS])
-    shape, order = shape_and_order(ALL_SHAPES[shape_id])
+    shape, order = shape_and_order(SHAPES[shape_id])
     fused = make_arrays(spec, hyper, shape, dtype, rng, order)
     expected = copy_arrays(fused)
     for step in steps:
