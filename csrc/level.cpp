@@ -69,18 +69,23 @@ inline bool masters_copy(const RoundingRequest& request) {
   return request.param_copy != DType::float32;
 }
 
-// The rows whose loops prefetch (Ahead) where a call outgrows the L2: those whose arithmetic
-// leaves the hardware prefetchers behind, int8 states' pipeline and the rows on vector lanes,
-// but not those whose every array is bfloat16, which took longer with the prefetches, not shorter
-// (bench/results/low_precision.md, "Software prefetch in the loops").
-template <typename Decl, typename Types, bool quantized>
+// The rows whose loops may prefetch (Ahead) where a call outgrows the L2: those whose arithmetic
+// leaves the hardware prefetchers behind, int8 states' pipeline and the rows on vector lanes.
+template <typename Types, bool quantized>
 constexpr bool prefetching_row() {
+  return FUSEDOPT_PREFETCH && (quantized || kVectorLanes<Types>);
+}
+
+// The rows whose every array is bfloat16. Of the rows on vector lanes, they prefetch only when
+// they round stochastically: to nearest they took longer with the prefetches, not shorter
+// (bench/results/low_precision.md, "Software prefetch in the loops"). The probe takes the same
+// request, so it prefetches where its row does.
+template <typename Decl, typename Types>
+constexpr bool all_bfloat16() {
   using bf16 = Eigen::bfloat16;
-  const bool all_bfloat16 =
-      std::is_same_v<typename Types::Param, bf16> &&
-      (!has_part<Decl>(Part::grad) || std::is_same_v<typename Types::Grad, bf16>) &&
-      (!has_part<Decl>(Part::state) || std::is_same_v<typename Types::State, bf16>);
-  return FUSEDOPT_PREFETCH && (quantized || (kVectorLanes<Types> && !all_bfloat16));
+  return std::is_same_v<typename Types::Param, bf16> &&
+         (!has_part<Decl>(Part::grad) || std::is_same_v<typename Types::Grad, bf16>) &&
+         (!has_part<Decl>(Part::state) || std::is_same_v<typename Types::State, bf16>);
 }
 
 // The bytes in memory of one element of role r of tensor t: an int8 state's code is 1 byte.
@@ -178,7 +183,8 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   void* const* const code_scales = quantized ? scales : nullptr;
   const bool param_copy = masters_copy(request);
   [[maybe_unused]] const bool prefetch =
-      prefetching_row<Decl, Types, quantized>() &&
+      prefetching_row<Types, quantized>() &&
+      (quantized || !all_bfloat16<Decl, Types>() || request.stochastic) &&
       outgrows_l2<Decl, Types>(set, code_scales, begin, end, param_copy);
   [[maybe_unused]] Ahead ahead;
   const auto update_piece = [&](std::size_t t, Index offset, Index n) {
