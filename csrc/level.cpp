@@ -78,8 +78,8 @@ constexpr bool prefetching_row() {
 
 // The rows whose every array is bfloat16. Of the rows on vector lanes, they prefetch only when
 // they round stochastically: to nearest they took longer with the prefetches, not shorter
-// (bench/results/low_precision.md, "Software prefetch in the loops"). The probe takes the same
-// request, so it prefetches where its row does.
+// (bench/results/low_precision.md, "Software prefetch in the loops"). The probe, given its row's
+// arrays, takes the same request, so it prefetches where its row does.
 template <typename Decl, typename Types>
 constexpr bool all_bfloat16() {
   using bf16 = Eigen::bfloat16;

@@ -494,14 +494,17 @@ def test_numpy_maximum_keeps_its_first_nan(name, flag, first, second, row):
     ],
     ids=["float32", "bfloat16", "bfloat16-float32", "float16-float32"],
 )
-def test_the_roofline_probe_touches_every_element(dtype, state, n, restore_threads):
+@pytest.mark.parametrize("stochastic", [False, True], ids=["to nearest", "stochastic"])
+def test_the_roofline_probe_touches_every_element(dtype, state, n, stochastic, restore_threads):
     """The probe adds 0 * grad to the param and each buffer: an infinite grad makes every
     element NaN, in every chunk and its tail (a probe that skipped some would time less work),
-    in one loop or, past the L2, in blocks."""
+    in one loop or, past the L2, in blocks (all-bfloat16 only stochastically, as its row)."""
     fusedopt.set_num_threads(1)  # past the L2 on one thread, as PAST_L2
     grad = np.full(n, np.inf, dtype)
     arrays = [np.ones(n, dtype), np.ones(n, state), np.ones(n, state)]
-    _core.roofline(arrays[0], grad, arrays[1], arrays[2], None, None)
+    _core.roofline(
+        arrays[0], grad, arrays[1], arrays[2], None, None, seed=1, stochastic_rounding=stochastic
+    )
     for a in arrays:
         assert np.isnan(a.astype(np.float32)).all()
 
@@ -734,8 +737,9 @@ def test_master_weights_are_the_float32_formula_with_the_param_rounded(
 
 
 # The optimizers of the prefetching tests: Adam with the most arrays (AMSGrad's three states),
-# Lion and momentum, whose int8 state the issue asks for.
-PREFETCHED = [c for c in CASES if c.id in ("adam-2", "lion-0", "momentum-0")]
+# Lion and momentum, whose int8 state the issue asks for, and plain SGD, with no state (its
+# bfloat16 row is all-bfloat16, and prefetches only stochastically).
+PREFETCHED = [c for c in CASES if c.id in ("adam-2", "lion-0", "momentum-0", "sgd-0")]
 
 
 @pytest.mark.parametrize("row", LOW_ROWS, ids="-".join)
