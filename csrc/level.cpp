@@ -64,11 +64,6 @@ std::array<void*, Decl::arrays.size()> stage(const RoundingRequest& request, con
   return at;
 }
 
-// The bfloat16 or float16 param copy that a call with masters writes (2 bytes an element), if any.
-inline bool masters_copy(const RoundingRequest& request) {
-  return request.param_copy != DType::float32;
-}
-
 // The rows whose loops may prefetch (Ahead) where a call outgrows the L2: those whose arithmetic
 // leaves the hardware prefetchers behind, int8 states' pipeline and the rows on vector lanes.
 template <typename Types, bool quantized>
@@ -181,10 +176,10 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
     }
   };
   void* const* const code_scales = quantized ? scales : nullptr;
-  const bool param_copy = masters_copy(request);
+  // the bfloat16 or float16 param copy that a call with masters writes (2 bytes an element)
+  const bool param_copy = request.param_copy != DType::float32;
   [[maybe_unused]] const bool prefetch =
-      prefetching_row<Types, quantized>() &&
-      (quantized || !all_bfloat16<Decl, Types>() || request.stochastic) &&
+      prefetching_row<Types, quantized>() && (!all_bfloat16<Decl, Types>() || request.stochastic) &&
       outgrows_l2<Decl, Types>(set, code_scales, begin, end, param_copy);
   [[maybe_unused]] Ahead ahead;
   const auto update_piece = [&](std::size_t t, Index offset, Index n) {

@@ -483,7 +483,14 @@ def test_numpy_maximum_keeps_its_first_nan(name, flag, first, second, row):
     assert_same_bits(arrays[first], expected[first], first)
 
 
-@pytest.mark.parametrize("n", [2 * 2048 + 77, PAST_L2[0][0]], ids=["in cache", "past L2"])
+# The probe tests' sizes: two chunks and a tail, in cache; and past the L2, where it prefetches
+# for the rows that do.
+PROBE_SIZES = pytest.mark.parametrize(
+    "n", [2 * CHUNK + 77, PAST_L2[0][0]], ids=["in cache", "past L2"]
+)
+
+
+@PROBE_SIZES
 @pytest.mark.parametrize(
     ("dtype", "state"),
     [
@@ -509,7 +516,7 @@ def test_the_roofline_probe_touches_every_element(dtype, state, n, stochastic, r
         assert np.isnan(a.astype(np.float32)).all()
 
 
-@pytest.mark.parametrize("n", [2 * 2048 + 77, PAST_L2[0][0]], ids=["in cache", "past L2"])
+@PROBE_SIZES
 def test_the_roofline_probe_reencodes_int8_state_to_the_same_values(n, restore_threads):
     """With int8 state the probe decodes, stores (with the random bits a kernel's store draws)
     and encodes each piece again: decoded values lie on their grid, so they come back

@@ -352,14 +352,11 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
       lanes(std::false_type{});
     }
     elements(rounding, whole, static_cast<ChunkIndex>(n));
-  } else {
-    in_prefetched_blocks(rounding, n,
-                         [&](ChunkIndex first, ChunkIndex end) { elements(rounding, first, end); });
+    return;
   }
-#else
+#endif
   in_prefetched_blocks(rounding, n,
                        [&](ChunkIndex first, ChunkIndex end) { elements(rounding, first, end); });
-#endif
 }
 
 // A chunk's n <= kChunk float32 values (just updated) rounded into the low-precision param `to`
