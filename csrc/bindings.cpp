@@ -722,9 +722,12 @@ void check_facts(const Label& label, const ArrayFacts& arr, const py::array* ref
                          (label.index > 0 ? " (one call takes one dtype)" : ""));
   }
   if (!arr.c_order && !arr.f_order) {
+    // a copy of an array that is only read would be a hidden one; of one written, a lost update
     throw py::value_error(label.str() +
-                          ": expected a C- or F-contiguous array, got a strided view "
-                          "(it cannot be updated in place without a copy)");
+                          ": expected a C- or F-contiguous array, got a strided view " +
+                          (written ? "(it cannot be updated in place without a copy)"
+                                   : "(fusedopt makes no hidden copies: pass a contiguous copy, "
+                                     "e.g. np.ascontiguousarray)"));
   }
   if (!arr.aligned) throw py::value_error(misaligned(label));
   if (ref != nullptr) {

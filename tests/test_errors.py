@@ -129,6 +129,17 @@ def test_read_only(name, role):
 
 
 @pytest.mark.parametrize("name, role", ROLE_CASES)
+def test_strided_view_says_why(name, role):
+    # a written array's copy would lose the update; a read one's would be a hidden copy
+    spec = OPTIMIZERS[name]
+    arrays, hyper = valid(spec)
+    a = arrays[role]
+    arrays[role] = np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2]
+    why = "no hidden copies" if role == "grad" else "cannot be updated in place without a copy"
+    assert_rejected(spec, arrays, hyper, ValueError, f"^{role}: .*strided view .*{why}")
+
+
+@pytest.mark.parametrize("name, role", ROLE_CASES)
 def test_missing_array(name, role):
     spec = OPTIMIZERS[name]
     arrays, hyper = valid(spec)

@@ -386,6 +386,11 @@ def test_state_dict_round_trip_and_hyperparameters():
     assert opt2.state_dict()["frozen"] == ["b1"]
     sd["state"]["w1"]["exp_avg"][0, 0] = 123.0  # state_dict returns copies
     assert opt.state["w1"]["exp_avg"][0, 0] != 123.0
+    # the groups' lists too: neither optimizer shares one with the dict
+    sd["param_groups"][0]["names"].append("x")
+    sd["param_groups"][0]["betas"][0] = 0.5
+    for o in (opt, opt2):
+        assert o.param_groups[0]["names"] == ["w1"] and o.param_groups[0]["betas"] == (0.9, 0.999)
 
 
 def snapshot(opt):

@@ -724,9 +724,14 @@ class Optimizer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> Dict[str, Any]:
-        """Plain data: hyperparameters by group, per-parameter state (copies of the arrays)."""
+        """Plain data: hyperparameters by group, per-parameter state; copies, sharing no list or
+        array with the optimizer."""
         groups = [
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+            {
+                k: (list(v) if isinstance(v, (tuple, list)) else v)
+                for k, v in g.items()
+                if k != "params"
+            }
             for g in self.param_groups
         ]
         state = {
@@ -813,6 +818,7 @@ class Optimizer:
                 {
                     k: (tuple(v) if isinstance(current.get(k), tuple) else v)
                     for k, v in saved.items()
+                    if k != "names"  # equal to the current names, and the caller's list
                 }
             )
             self._validate_group(group)
