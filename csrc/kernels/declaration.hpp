@@ -121,7 +121,7 @@ constexpr Hyperparameter lr() {
   return required_real("lr", at_least(0.0), "learning rate", "learning rate");
 }
 constexpr Hyperparameter eps(double default_value) {
-  return real("eps", default_value, above(0.0), "epsilon value",
+  return real("eps", default_value, at_least(0.0), "epsilon value",
               "term added to the denominator for numerical stability");
 }
 constexpr Hyperparameter beta1(double default_value, const char* help) {

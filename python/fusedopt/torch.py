@@ -53,7 +53,8 @@ False.
 Tensors must be dense, real (float32, float64, bfloat16, float16), contiguous and on the CPU:
 anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Replacing a
 parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
-in place and are replaced through ``load_state_dict``. With ``master_weights`` the update runs
+in place, and state cleared, removed or given new tensors between steps is what the next step
+uses, as torch's (missing state starts afresh). With ``master_weights`` the update runs
 on the float32 masters (``state[p]["master"]``) and writes the parameter from them: a change
 made to the parameter alone (in place, ``p.data = ...``, a model's ``load_state_dict``) is
 overwritten at the next step; change the master too, or load the optimizer's state as well.
@@ -191,8 +192,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_tensor(what: str, t: Any) -> None:
-    """TypeError/ValueError unless ``t`` is a tensor fusedopt can update in place."""
+def _check_tensor(what: str, t: Any, written: bool = True) -> None:
+    """TypeError/ValueError unless ``t`` is a tensor fusedopt can update in place (or read
+    where it is: not ``written``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -209,16 +211,28 @@ def _check_tensor(what: str, t: Any) -> None:
             "accelerator, keep the optimizer on the host: fusedopt.torch.CPUOffload)"
         )
     if not t.is_contiguous():
+        why = (
+            "it cannot be updated in place without a copy"
+            if written
+            else "fusedopt makes no hidden copies: pass t.contiguous()"
+        )
         raise ValueError(
             f"{what}: expected a contiguous tensor, got strides {t.stride()} for shape "
-            f"{tuple(t.shape)} (it cannot be updated in place without a copy)"
+            f"{tuple(t.shape)} ({why})"
         )
 
 
 def _check_grad(what: str, g: torch.Tensor, p: torch.Tensor, storage: Any) -> None:
-    if isinstance(g, torch.Tensor) and g.requires_grad:
-        raise ValueError(f"{what}: requires grad (a graph through the gradient)")
-    _check_tensor(what, g)
+    """As _check_tensor, and a gradient the kernel can read where it is, like the parameter.
+    One that requires grad (``backward(create_graph=True)``) is read as torch's step reads
+    it, its values without the graph."""
+    _check_tensor(what, g, written=False)
+    if g.is_neg() or g._is_zerotensor():
+        kind, fix = ("negative", "g.resolve_neg()") if g.is_neg() else ("zero", "torch.zeros")
+        raise ValueError(
+            f"{what}: a lazy {kind} view, whose memory does not hold its values (fusedopt "
+            f"makes no hidden copies: pass {fix})"
+        )
     if _TORCH_DTYPES[g.dtype] not in storage.grads or g.shape != p.shape:
         raise ValueError(
             f"{what}: expected {' or '.join(storage.grads)} {tuple(p.shape)} like the "
@@ -250,6 +264,7 @@ class _Call:
         "guard",
         "tensors",
         "first",
+        "watched",
     )
 
     def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
@@ -276,6 +291,9 @@ class _Call:
             for v in params
         ]
         self.guard = _gradient_guard(grad_dtype, params)
+        # (parameters, their state dicts, and per state entry its dict, key and value): what
+        # the views were made of, set by _build; a step checks that the state still holds it
+        self.watched: tuple = ((), (), (), (), ())
 
 
 def _gradient_guard(dtype: torch.dtype, params: List[np.ndarray]) -> Any:
@@ -491,6 +509,7 @@ class Optimizer(torch.optim.Optimizer):
                 or ptrs != entry.ptrs
                 or entry.calls is None
                 or (kernel != entry.kernel)
+                or not self._state_intact(entry.calls)
             ):
                 self._build(entry, plan, grads, mask, ptrs, created)
             try:
@@ -631,7 +650,7 @@ class Optimizer(torch.optim.Optimizer):
         p = entry.group["params"][i]
         what = f"gradient of parameter {i} of group {self._index(entry.group)}"
         _check_grad(what, g, p, self._storage[p])
-        v = _numpy(g)
+        v = _numpy(g.detach())
         if v.dtype != call.grad_dtype:
             raise _Rebuild
         if not v.flags.c_contiguous:  # torch's contiguity and NumPy's differ in corner cases
@@ -671,9 +690,27 @@ class Optimizer(torch.optim.Optimizer):
             everyone = index == list(range(len(group["params"])))
             call = _Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype)
             call.tensors, call.first = params, offset + index[0]
+            dicts = [self.state[p] for p in params]
+            entries = [(d, k, v) for d in dicts for k, v in d.items()]
+            call.watched = (params, dicts, *(zip(*entries) if entries else ((), (), ())))
             calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
         entry.kernel = (plan.declaration, plan.arrays)
+
+    def _state_intact(self, calls: List[_Call]) -> bool:
+        """Whether ``self.state`` still holds every state dict and value that the calls' views
+        were made of: a state cleared, replaced or given new tensors (``opt.state.clear()``,
+        ``opt.state[p] = {}``, ``opt.state[p]["exp_avg"] = t``) is seen by the next step, as
+        torch's step sees it, which then starts the missing state afresh and views the new."""
+        state_of = self.state.get
+        for c in calls:
+            params, dicts, owners, keys, values = c.watched
+            if not (
+                all(map(operator.is_, map(state_of, params), dicts))
+                and all(map(operator.is_, map(dict.get, owners, keys), values))
+            ):
+                return False
+        return True
 
     def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
         """The state views of a fused call's parameters, by state key."""
@@ -793,7 +830,10 @@ class Optimizer(torch.optim.Optimizer):
                         "its param_groups lists"
                     )
                 p = by_param[saved_id]
-                layouts[p] = self._layout(p, saved, signed[p])
+                try:
+                    layouts[p] = self._layout(p, saved, signed[p])
+                except ValueError as error:
+                    raise ValueError(f"checkpoint parameter {saved_id!r}: {error}") from None
         super().load_state_dict(state_dict)
         for p, entry in layouts.items():
             self.state[p] = entry
@@ -1246,6 +1286,12 @@ class CPUOffload:
     with no copy (``copy=True`` forces the host copies, for tests). Low-precision parameters
     get ``master_weights=True`` unless told otherwise, so the update runs on float32 masters.
 
+    A parameter of the model changed since the last step (in place, as a model's
+    ``load_state_dict`` changes it, or given new data) is copied to the host before the step,
+    so the step updates the weights the model holds. Its master weights, where it has them,
+    start again from it too, unless the optimizer's state was loaded since (resuming from a
+    checkpoint of both: the loaded masters are kept, bit for bit).
+
     ``optimizer`` is the host optimizer (a :class:`fusedopt.torch.Optimizer`): give it to the
     schedulers; ``state_dict``/``load_state_dict`` are its.
     """
@@ -1292,6 +1338,34 @@ class CPUOffload:
         low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
         kwargs.setdefault("master_weights", low)
         self.optimizer = optimizer_class(host_groups, **kwargs)
+        # each parameter's autograd version and data_ptr as the host last saw them: one that
+        # differs at a step was changed outside it; and the master tensors after the last step
+        # (one replaced since was loaded)
+        self._seen = [self._version_of(p) for p in self.params]
+        self._masters: List[Optional[torch.Tensor]] = [None] * len(self.params)
+
+    @staticmethod
+    def _version_of(p: torch.Tensor) -> Tuple[int, int]:
+        return p._version, p.data_ptr()
+
+    def _take_changes(self) -> None:
+        """Copy each parameter changed since the last step to its host copy, and to its
+        master unless the optimizer's state was loaded since."""
+        for i, (p, host) in enumerate(zip(self.params, self._host)):
+            if self._version_of(p) == self._seen[i]:
+                continue
+            with torch.no_grad():
+                if host is not p:
+                    host.copy_(p.detach())
+                master = self.optimizer.state.get(host, {}).get("master")
+                if master is not None and master is self._masters[i]:
+                    master.copy_(host)
+            self._seen[i] = self._version_of(p)
+
+    def _note_step(self) -> None:
+        state = self.optimizer.state
+        self._seen = [self._version_of(p) for p in self.params]
+        self._masters = [state.get(host, {}).get("master") for host in self._host]
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Copy the gradients to the host, step there, copy the parameters back; returns the
@@ -1317,11 +1391,13 @@ class CPUOffload:
             host.grad = buffer
         if synchronize:
             torch.cuda.synchronize()
+        self._take_changes()
         self.optimizer.step()
         with torch.no_grad():
             for p, host in zip(self.params, self._host):
                 if host is not p and host.grad is not None:
                     p.copy_(host, non_blocking=host.is_pinned())
+        self._note_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
