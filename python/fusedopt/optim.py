@@ -1225,7 +1225,9 @@ class NAdam(Optimizer):
     momentum schedule (``momentum_decay``) and decoupled (NAdamW) weight decay as an option.
     The product of the momentum coefficients, which torch keeps in the state as
     ``mu_product``, is a function of the step here: the state is ``exp_avg`` and
-    ``exp_avg_sq``.
+    ``exp_avg_sq``. It takes the group's current beta1 for every factor, where torch's takes
+    each step's: with beta1 changed during training (a one-cycle schedule's momentum), the
+    steps differ from torch's.
 
     Options common to every class (``state_dtype``, ``master_weights``,
     ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see

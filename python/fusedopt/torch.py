@@ -42,7 +42,10 @@ torch has no equivalent of:
   stochastic rounding or int8 state: the stochastic-rounding stream's step;
 - ``state_dict()["fusedopt"]``: the storage options and the seed, and the count of skipped
   steps. ``NAdam``'s ``state_dict()`` adds torch's ``mu_product`` (computed from the step as
-  torch accumulates it); the kernel derives it from the step and ignores a loaded one.
+  torch accumulates it); the kernel derives it from the step and ignores a loaded one. It
+  takes the group's current beta1 for every factor, where torch's product takes each step's:
+  with beta1 changed during training (``OneCycleLR``'s ``cycle_momentum``), NAdam's steps
+  differ from torch's.
 
 Options beyond torch's (keyword-only, as in :class:`fusedopt.optim.Optimizer`):
 ``master_weights``, ``state_dtype``, ``stochastic_rounding``, ``seed``, ``max_grad_norm``,
