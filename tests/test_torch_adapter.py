@@ -515,7 +515,8 @@ def test_bfloat16_matches_numpy_class_bit_for_bit(name, options):
     """bfloat16 parameters with every storage option, in two groups: the same bits as
     fusedopt.optim's class on the same arrays (the adapter reuses its storage rules, seeds and
     calls, and seeds each call by its first parameter's place as the class does)."""
-    hyper = {"momentum": 0.9} if name == "SGD" else {}
+    # dampening: only a first momentum step ignores it (the buffer starts as the gradient)
+    hyper = {"momentum": 0.9, "dampening": 0.5} if name == "SGD" else {}
     tparams = [p.detach().to(torch.bfloat16).requires_grad_() for p in _params(torch.float32)]
     arrays = [p.detach().view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16) for p in tparams]
     opt = ft.CLASSES[name](
@@ -534,8 +535,9 @@ def test_bfloat16_matches_numpy_class_bit_for_bit(name, options):
             assert np.array_equal(p.detach().view(torch.int16).numpy(), a.view(np.int16))
     if options.get("master_weights"):
         assert opt.state[tparams[0]]["master"].dtype == torch.float32
-    if options.get("state_dtype") == "int8" and name != "SGD":
-        assert "exp_avg.codes" in opt.state[tparams[0]]
+    if options.get("state_dtype") == "int8":
+        key = "momentum_buffer" if name == "SGD" else "exp_avg"
+        assert f"{key}.codes" in opt.state[tparams[0]]
     sd = copy.deepcopy(opt.state_dict())
     again = ft.CLASSES[name](
         [{"params": tparams[:2]}, {"params": tparams[2:]}], lr=1e-2, **hyper, **options
@@ -780,6 +782,45 @@ def test_cpu_offload_takes_the_models_changes(copy_, dtype):
         train(resumed, again, 3, 3)
         for p, q in zip(resumed.parameters(), whole.parameters()):
             assert torch.equal(p, q), order
+
+
+@pytest.mark.parametrize("copy_", [False, True], ids=["in place", "host copies"])
+def test_cpu_offload_restarts_masters_from_a_changed_model(copy_):
+    """A bfloat16 model changed in place with its optimizer state kept: the masters start
+    again from it, so a step that changes nothing (lr 0) leaves the new weights, where the
+    old masters would write the old ones back."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(16, 4).to(torch.bfloat16)
+    offload = ft.CPUOffload(m.parameters(), ft.AdamW, lr=1e-2, copy=copy_)
+    for _ in range(2):
+        m(torch.randn(3, 16, dtype=torch.bfloat16)).float().sum().backward()
+        offload.step()
+        offload.zero_grad()
+    new = [torch.randn(p.shape).to(torch.bfloat16) for p in m.parameters()]
+    with torch.no_grad():
+        for p, value in zip(m.parameters(), new):
+            p.copy_(value)
+    offload.param_groups[0]["lr"] = 0.0
+    m(torch.randn(3, 16, dtype=torch.bfloat16)).float().sum().backward()
+    offload.step()
+    for p, value in zip(m.parameters(), new):
+        assert torch.equal(p, value)
+
+
+def test_cpu_offload_copies_gradients_without_their_graph():
+    """Gradients that require grad (backward(create_graph=True)) are copied to the host
+    without their graph: a host buffer holding one would chain each step's graph to the
+    last, and keep them all alive."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(6, 2)
+    offload = ft.CPUOffload(m.parameters(), ft.Adam, lr=0.1, copy=True)
+    for _ in range(3):
+        offload.zero_grad()
+        with warnings.catch_warnings():  # torch's: a reference cycle through .grad
+            warnings.simplefilter("ignore", UserWarning)
+            m(torch.randn(4, 6)).pow(2).sum().backward(create_graph=True)
+        offload.step()
+        assert all(g is not None and g.grad_fn is None for g in offload._grads)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

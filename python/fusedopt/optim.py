@@ -1089,8 +1089,10 @@ class SGD(Optimizer):
 
     def _call_key(self, group, state):
         # this step creates the buffer (never without momentum: fusedopt.torch rebuilds its
-        # calls after a first momentum step)
-        return group["momentum"] != 0 and "momentum_buffer" not in state
+        # calls after a first momentum step, and keeps an int8 buffer as its codes and scales)
+        return group["momentum"] != 0 and not (
+            "momentum_buffer" in state or "momentum_buffer.codes" in state
+        )
 
     def _update(self, plan, params, grads, buffers, step, first_momentum_step, first):
         # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.

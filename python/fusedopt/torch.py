@@ -57,7 +57,8 @@ Tensors must be dense, real (float32, float64, bfloat16, float16), contiguous an
 anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Replacing a
 parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
 in place, and state cleared, removed or given new tensors between steps is what the next step
-uses, as torch's (missing state starts afresh). With ``master_weights`` the update runs
+uses, as torch's (missing state starts afresh); a tensor's memory replaced behind it (``t.data =
+...``) is not seen. With ``master_weights`` the update runs
 on the float32 masters (``state[p]["master"]``) and writes the parameter from them: a change
 made to the parameter alone (in place, ``p.data = ...``, a model's ``load_state_dict``) is
 overwritten at the next step; change the master too, or load the optimizer's state as well.
@@ -67,6 +68,7 @@ that a graph built before it and used after it raises instead of using the new v
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import inspect
@@ -267,7 +269,6 @@ class _Call:
         "guard",
         "tensors",
         "first",
-        "watched",
     )
 
     def __init__(self, index, everyone, params, buffers, steps, extra, grad_dtype):
@@ -294,9 +295,6 @@ class _Call:
             for v in params
         ]
         self.guard = _gradient_guard(grad_dtype, params)
-        # (parameters, their state dicts, and per state entry its dict, key and value): what
-        # the views were made of, set by _build; a step checks that the state still holds it
-        self.watched: tuple = ((), (), (), (), ())
 
 
 def _gradient_guard(dtype: torch.dtype, params: List[np.ndarray]) -> Any:
@@ -326,6 +324,85 @@ def _gradient_guard(dtype: torch.dtype, params: List[np.ndarray]) -> Any:
         )
     except (TypeError, RuntimeError):  # pragma: no cover - another torch's signature
         return None
+
+
+class _TrackedEntry(dict):
+    """A parameter's state, a dict as torch keeps it, that counts each change in its
+    optimizer's counter (``changes[0]``)."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self, changes: List[int], *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.changes = changes
+
+    def __reduce__(self) -> Any:
+        return _TrackedEntry, (self.changes, dict(self))
+
+
+class _TrackedState(collections.defaultdict):
+    """An optimizer's ``state``, torch's defaultdict of dicts, that counts each change to it or
+    to a parameter's entry in ``changes[0]``: a step compares one count to see whether the
+    state its calls view is still there. (A tensor's storage replaced in place, ``t.data =
+    ...``, is not a change to the dicts: it is not seen.)"""
+
+    def __init__(self, changes: List[int], items: Any = ()):
+        super().__init__(functools.partial(_TrackedEntry, changes))
+        self.changes = changes
+        for key, value in items:
+            dict.__setitem__(self, key, self._entry(value))
+
+    def _entry(self, value: Any) -> Any:
+        if isinstance(value, _TrackedEntry) and value.changes is self.changes:
+            return value
+        return _TrackedEntry(self.changes, value) if isinstance(value, dict) else value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.changes[0] += 1
+        super().__setitem__(key, self._entry(value))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other: Any) -> "_TrackedState":
+        self.update(other)
+        return self
+
+    def __reduce__(self) -> Any:
+        return _TrackedState, (self.changes, list(self.items()))
+
+
+def _counting(name: str) -> Callable[..., Any]:
+    """dict's method ``name``, counting a change first."""
+    method = getattr(dict, name)
+
+    @functools.wraps(method)
+    def counted(self, *args: Any, **kwargs: Any) -> Any:
+        self.changes[0] += 1
+        return method(self, *args, **kwargs)
+
+    return counted
+
+
+for _name in ("__delitem__", "clear", "pop", "popitem"):
+    setattr(_TrackedState, _name, _counting(_name))
+for _name in (
+    "__setitem__",
+    "__delitem__",
+    "__ior__",
+    "clear",
+    "pop",
+    "popitem",
+    "setdefault",
+    "update",
+):
+    setattr(_TrackedEntry, _name, _counting(_name))
 
 
 class _Group:
@@ -412,6 +489,9 @@ class Optimizer(torch.optim.Optimizer):
         # decoupled_weight_decay), as the fusedopt class fixes it too
         fixed = {k: v for k, v in self._fused.defaults.items() if k != "frozen"}
         super().__init__(params, {**fixed, **self._group_defaults, **arguments})
+        self._changes = [0]  # changes to the state, counted by _TrackedState
+        self._built_at = -1  # the count when the calls were last built
+        self.state = _TrackedState(self._changes, self.state.items())
         if eager:  # as torch's class, so that its state_dict has every parameter's state
             for group in self.param_groups:
                 plan = self._fused._plan(self._hyper(group, {}))
@@ -496,6 +576,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _run_step(self, borrow: bool, created: list) -> None:
         fused = self._fused
+        if self._state_changed():
+            for entry in self._groups.values():
+                entry.calls = None
         work = []  # every group is checked and converted before anything is written
         for group in self.param_groups:
             entry = self._groups.get(id(group))
@@ -512,7 +595,6 @@ class Optimizer(torch.optim.Optimizer):
                 or ptrs != entry.ptrs
                 or entry.calls is None
                 or (kernel != entry.kernel)
-                or not self._state_intact(entry.calls)
             ):
                 self._build(entry, plan, grads, mask, ptrs, created)
             try:
@@ -521,6 +603,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._build(entry, plan, grads, mask, ptrs, created)
                 calls = [(c, self._grad_views(entry, c, grads, borrow)) for c in entry.calls]
             work.append((entry, plan, calls))
+        self._built_at = self._changes[0]  # the builds' own changes included
         clipping = fused.max_grad_norm is not None
         checked = clipping or sum(len(calls) for _, _, calls in work) > 1
         if checked:
@@ -693,27 +776,21 @@ class Optimizer(torch.optim.Optimizer):
             everyone = index == list(range(len(group["params"])))
             call = _Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype)
             call.tensors, call.first = params, offset + index[0]
-            dicts = [self.state[p] for p in params]
-            entries = [(d, k, v) for d in dicts for k, v in d.items()]
-            call.watched = (params, dicts, *(zip(*entries) if entries else ((), (), ())))
             calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
         entry.kernel = (plan.declaration, plan.arrays)
 
-    def _state_intact(self, calls: List[_Call]) -> bool:
-        """Whether ``self.state`` still holds every state dict and value that the calls' views
-        were made of: a state cleared, replaced or given new tensors (``opt.state.clear()``,
-        ``opt.state[p] = {}``, ``opt.state[p]["exp_avg"] = t``) is seen by the next step, as
-        torch's step sees it, which then starts the missing state afresh and views the new."""
-        state_of = self.state.get
-        for c in calls:
-            params, dicts, owners, keys, values = c.watched
-            if not (
-                all(map(operator.is_, map(state_of, params), dicts))
-                and all(map(operator.is_, map(dict.get, owners, keys), values))
-            ):
-                return False
-        return True
+    def _state_changed(self) -> bool:
+        """Whether the state changed since the last step's calls were built: ``self.state``
+        replaced (then tracked again), or any change through it (``opt.state.clear()``,
+        ``opt.state[p] = {}``, ``opt.state[p]["exp_avg"] = t``), which _TrackedState counts.
+        The calls are then built again, as torch's step would see the change: missing state
+        starts afresh, new tensors are viewed."""
+        state = self.state
+        if type(state) is not _TrackedState or state.changes is not self._changes:
+            self.state = _TrackedState(self._changes, state.items())
+            return True
+        return self._changes[0] != self._built_at
 
     def _call_buffers(self, group, plan, params: List[torch.Tensor]) -> Dict[str, list]:
         """The state views of a fused call's parameters, by state key."""
@@ -784,6 +861,7 @@ class Optimizer(torch.optim.Optimizer):
         """torch's ``state_dict`` (the state tensors themselves, not copies, as torch's), with
         fusedopt's options under ``"fusedopt"``."""
         sd = super().state_dict()
+        sd["state"] = {i: dict(s) for i, s in sd["state"].items()}  # plain dicts, as torch's
         if self.fused_class.kernel == "nadam":  # torch's NAdam keeps the product in its state
             by_id = {i: g for g in sd["param_groups"] for i in g["params"]}
             sd["state"] = {
@@ -1293,7 +1371,9 @@ class CPUOffload:
     ``load_state_dict`` changes it, or given new data) is copied to the host before the step,
     so the step updates the weights the model holds. Its master weights, where it has them,
     start again from it too, unless the optimizer's state was loaded since (resuming from a
-    checkpoint of both: the loaded masters are kept, bit for bit).
+    checkpoint of both: the loaded masters are kept, bit for bit). A change is seen by the
+    parameter's autograd version and data_ptr: one made through ``p.data`` or a NumPy view is
+    not; make it under ``torch.no_grad()``.
 
     ``optimizer`` is the host optimizer (a :class:`fusedopt.torch.Optimizer`): give it to the
     schedulers; ``state_dict``/``load_state_dict`` are its.
@@ -1389,7 +1469,8 @@ class CPUOffload:
                 buffer = self._grads[i] = torch.empty(
                     p.shape, dtype=p.grad.dtype, pin_memory=host.is_pinned()
                 )
-            buffer.copy_(p.grad, non_blocking=host.is_pinned())
+            # detached: a gradient that requires grad would chain each step's graph to the last
+            buffer.copy_(p.grad.detach(), non_blocking=host.is_pinned())
             synchronize |= p.device.type == "cuda"
             host.grad = buffer
         if synchronize:
