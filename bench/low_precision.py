@@ -6,7 +6,8 @@ master row's master and param copy included, with no formula: the time the stora
 costs; it rounds its own stores to nearest, one element at a time, so a stochastic row's probe
 rounds stochastically only a master's param copy, a float16 param written back from float32,
 and int8 codes, as the step does), and its time in cache (the same call on arrays that fit the
-threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes can go below).
+threads' L2 caches: the time the arithmetic alone costs, which no saving of bytes can go below;
+the probe's too, which leaves out the formula's share).
 Then issue 10's targets, and each row against its probe, as paired ratios: each the median of
 ratios of two calls made back to back, which drift in the machine's memory speed between calls
 seconds apart does not enter. Each target also gets its bound, the row's probe against the same
@@ -182,6 +183,25 @@ def main(argv=None) -> dict:
         if ("float32", grad, state) in _core.STORAGE_ROWS
     ]
 
+    def probe(arrays, state, master, stochastic):
+        """The probe of a row whose step takes `arrays`: the same param and grad (shared)."""
+        size = arrays[0].size
+        # Adam's kinds of int8 codes: signed for the first buffer, unsigned for the second
+        # (the roofline declares it never negative, as Adam its second moment); nonzero
+        # values, as a step's state is after its first step (a block of zeros takes the
+        # codec's general loops, the typical block its shorter ones). A master row's probe
+        # reads and writes the master and writes the param copy, as its step (rounded as
+        # the step rounds it); the probe's own stores round to nearest.
+        buffers = [
+            state_array(state, size, signed=signed, normal=normal(size, "state"))
+            for signed in (True, False)
+        ]
+        # a kernel without a step: a new seed each call, as its callers must pass
+        extra = {"master": arrays[0].astype(np.float32)} if master else {}
+        return lambda step, a=arrays[:2] + buffers, sr=stochastic, kw=extra: _core.roofline(
+            *a, None, None, seed=step, stochastic_rounding=sr, **kw
+        )
+
     def adam_row(param, grad, state, master, stochastic, size):
         arrays = [
             normal(size, "param").astype(DTYPES[param]),
@@ -207,21 +227,14 @@ def main(argv=None) -> dict:
                 (size, adam_row(param, grad, state, master, stochastic, size)[1])
                 for size in in_cache_sizes(traffic[name])
             ]
-            # Adam's kinds of int8 codes: signed for the first buffer, unsigned for the second
-            # (the roofline declares it never negative, as Adam its second moment); nonzero
-            # values, as a step's state is after its first step (a block of zeros takes the
-            # codec's general loops, the typical block its shorter ones). A master row's probe
-            # reads and writes the master and writes the param copy, as its step (rounded as
-            # the step rounds it); the probe's own stores round to nearest.
-            buffers = [
-                state_array(state, n, signed=signed, normal=normal(n, "state"))
-                for signed in (True, False)
+            probes[name] = probe(arrays, state, master, stochastic)
+            # the probe in cache too: where the row takes longer than its probe there, the
+            # difference is the formula's arithmetic
+            row = (param, grad, state, master, stochastic)
+            in_cache[f"probe {name}"] = [
+                (size, probe(adam_row(*row, size)[0], state, master, stochastic))
+                for size in in_cache_sizes(traffic[name])
             ]
-            # a kernel without a step: a new seed each call, as its callers must pass
-            extra = {"master": arrays[0].astype(np.float32)} if master else {}
-            probes[name] = lambda step, a=arrays[:2] + buffers, sr=stochastic, kw=extra: (
-                _core.roofline(*a, None, None, seed=step, stochastic_rounding=sr, **kw)
-            )
     try:
         import torch
     except ImportError:
@@ -276,9 +289,9 @@ def main(argv=None) -> dict:
     print(
         "| storage (param/grad/state) | B/element | median | GB/s | probe | % of probe "
         "| % of probe, paired | vs fusedopt float32 | vs torch fused f32 | vs torch fused bf16 "
-        "| in cache | in cache vs fusedopt float32 |"
+        "| in cache | in cache vs fusedopt float32 | in cache, % of probe |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     result = {
         "mode": "storage",
         "machine": machine(),
@@ -302,11 +315,14 @@ def main(argv=None) -> dict:
                 "probe_median_s": probe_of.get(name),
                 "probe_over_row_paired": list(probe_pair) if probe_pair else None,
                 "in_cache_s": cached[name],
+                "probe_in_cache_s": cached.get(f"probe {name}"),
             }
         )
         f32 = f"{t / torch_f32:.2f}x" if torch_f32 else "–"
         bf16 = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
         probe = probe_of.get(name)
+        probe_cached = cached.get(f"probe {name}")
+        in_cache_of_probe = f"{100 * probe_cached / cached[name]:.0f} %" if probe_cached else "–"
         against = f"{probe * 1e3:.2f} ms | {100 * probe / t:.0f} %" if probe else "– | –"
         if (f"probe {name}", name) in paired:
             mid, low, high = paired[f"probe {name}", name]
@@ -316,7 +332,7 @@ def main(argv=None) -> dict:
         print(
             f"| {name} | {traffic[name]:.1f} | {t * 1e3:.2f} ms | "
             f"{traffic[name] * n / t / 1e9:.1f} | {against} | {t / base:.2f}x | {f32} | {bf16} | "
-            f"{cached[name] * 1e3:.2f} ms | {cached[name] / base:.2f}x |"
+            f"{cached[name] * 1e3:.2f} ms | {cached[name] / base:.2f}x | {in_cache_of_probe} |"
         )
 
     low, high = PROBE_BAND
