@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
     print(
         "| storage (param/grad/state) | B/element | median | GB/s | probe | % of probe "
         "| % of probe, paired | vs fusedopt float32 | vs torch fused f32 | vs torch fused bf16 "
-        "| in cache | in cache vs fusedopt float32 | in cache, % of probe |"
+        "| in cache | in cache vs fusedopt float32 | probe in cache, % of row |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     result = {

@@ -1,6 +1,7 @@
 """Each storage row's time against its probe over several runs of the storage benchmark: the
 median, lowest and highest paired ratio (probe / row) and how often the row fell outside the
-probe's band, so that a row that is outside in run after run reads apart from noise. With it,
+probe's band (counted over the band's rows: the targets' rows are not in it), so that a row
+that is outside in run after run reads apart from noise. With it,
 the medians of the row's time at n over its time in cache (near 1: its arithmetic, not its
 bytes, sets its time) and, where the runs have it, of its probe's time in cache over its own
 (what the probe leaves out, the formula, costs where memory does not bind).
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     print(f"{len(args.runs)} runs; band {band[0]:.0%}-{band[1]:.0%} of the probe\n")
     print(
         "| row | median | lowest | highest | runs outside | at n over in cache "
-        "| in cache, % of probe |"
+        "| probe in cache, % of row |"
     )
     print("|---|---|---|---|---|---|---|")
     median = statistics.median

@@ -57,11 +57,12 @@ Tensors must be dense, real (float32, float64, bfloat16, float16), contiguous an
 anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Replacing a
 parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
 in place, and state cleared, removed or given new tensors between steps is what the next step
-uses, as torch's (missing state starts afresh); a tensor's memory replaced behind it (``t.data =
-...``) is not seen. With ``master_weights`` the update runs
-on the float32 masters (``state[p]["master"]``) and writes the parameter from them: a change
-made to the parameter alone (in place, ``p.data = ...``, a model's ``load_state_dict``) is
-overwritten at the next step; change the master too, or load the optimizer's state as well.
+uses, as torch's (missing state starts afresh; a dict assigned to ``state[p]`` is kept as a
+copy); a tensor's memory replaced behind it (``t.data = ...``) is not seen. With
+``master_weights`` the update runs on the float32 masters (``state[p]["master"]``) and writes
+the parameter from them: a change made to the parameter alone (in place, ``p.data = ...``, a
+model's ``load_state_dict``) is overwritten at the next step; change the master too, or load
+the optimizer's state as well.
 A step bumps each updated parameter's autograd version, as torch's in-place updates do, so
 that a graph built before it and used after it raises instead of using the new values.
 """
