@@ -49,6 +49,9 @@ ROWS = {
         True,
     ),
     "float32/float32/int8": ("float32", "float32", "int8", False, False),
+    "bfloat16/bfloat16/int8": ("bfloat16", "bfloat16", "int8", False, False),
+    "bfloat16/bfloat16/int8 stochastic": ("bfloat16", "bfloat16", "int8", False, True),
+    "bfloat16/float32/int8 stochastic": ("bfloat16", "float32", "int8", False, True),
 }
 
 

@@ -147,13 +147,10 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   using S = typename Types::State;
   constexpr bool halves = kStagesHalf<P> || kStagesHalf<G>;
   constexpr bool staging = quantized || halves;
-  // The kernel writes each quantized state's random bits beside its value (StagedCode), except
-  // on the rows that run on vector lanes (bfloat16 params): those draw bits only for bfloat16
-  // stores, and the bits take a loop of their own after the kernel.
-  constexpr bool bits_in_kernel =
-      quantized && !kVectorLanes<Storage<float, StagedAs<P>, StagedAs<G>, float>>;
+  // The kernel writes each quantized state's random bits beside its value (StagedCode), on
+  // vector lanes too: they are drawn beside the formula's divider, not in a loop of their own.
   using Staged = Storage<typename Types::Compute, StagedAs<P>, StagedAs<G>,
-                         std::conditional_t<bits_in_kernel, StagedCode, S>>;
+                         std::conditional_t<quantized, StagedCode, S>>;
   const typename Decl::template Kernel<Staged> kernel{Values<Decl>(hyper)};
   constexpr bool masters = std::is_same_v<P, float>;
   constexpr std::size_t roles = Decl::arrays.size();
@@ -161,10 +158,7 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
   constexpr auto kStaged = static_cast<std::size_t>(kPiece);
   // a StagedCode's value and, kCodePiece further, its random bits
   [[maybe_unused]] alignas(64)
-      std::array<std::array<float, staging ? (bits_in_kernel ? 2 : 1) * kStaged : 1>, roles> staged;
-  // else the random bits of the piece's elements, both halves, computed once for every state
-  [[maybe_unused]] std::array<std::array<std::uint32_t, quantized && !bits_in_kernel ? kStaged : 1>,
-                              2> random;
+      std::array<std::array<float, staging ? (quantized ? 2 : 1) * kStaged : 1>, roles> staged;
   const auto run_kernel = [&](void* const* at, Index at_offset, Index n, const Rounding& rounding,
                               std::size_t t) {
     if constexpr (kSums<Decl> > 0) {
@@ -204,33 +198,13 @@ void update(const Value* hyper, const RoundingRequest& request, const TensorSet&
         store_param_copy(rounding, n, staged[0].data(), false,
                          static_cast<Eigen::half*>(arrays[0]) + offset);
       }
-      if constexpr (bits_in_kernel) {
+      if constexpr (quantized) {
         for (std::size_t r = 0; r < roles; ++r) {
           if (arrays[r] == nullptr || !quantized_role(r)) continue;
           encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
                        static_cast<std::uint8_t*>(arrays[r]) + offset,
                        static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
                        staged[r].data() + kPiece, false);
-        }
-      } else if constexpr (quantized) {
-        bool needs_second_half = false;  // slots 2 and 3
-        for (std::size_t r = 0; r < roles; ++r) {
-          needs_second_half |= arrays[r] != nullptr && quantized_role(r) && slot_of_role(r) >= 2;
-        }
-        std::uint32_t* const first_half = random[0].data();
-        std::uint32_t* const other_half = random[1].data();
-        chunk_bits(rounding.key, offset, n, first_half);
-        if (needs_second_half) {
-#pragma omp simd
-          for (Index i = 0; i < n; ++i) other_half[i] = folded_product(first_half[i]);
-        }
-        for (std::size_t r = 0; r < roles; ++r) {
-          if (arrays[r] == nullptr || !quantized_role(r)) continue;
-          encode_chunk((request.unsigned_codes >> r & 1U) == 0, staged[r].data(), n,
-                       static_cast<std::uint8_t*>(arrays[r]) + offset,
-                       static_cast<float*>(scales[t * set.roles + r]) + offset / kBlock,
-                       slot_of_role(r) < 2 ? first_half : other_half,
-                       slot_of_role(r) == 1 || slot_of_role(r) == 2);  // Rounder::term_bits' halves
         }
       }
     } else {

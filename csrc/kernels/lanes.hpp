@@ -150,11 +150,11 @@ FUSEDOPT_INLINE Floats32 effective_grad(const Negation<float>& maximize, Floats3
 // where in element order it takes two widening loads and two shifts. `lo` holds the low four
 // elements of each 16-byte quarter (0-3, 8-11, 16-19, 24-27), `hi` the high four. The arithmetic
 // is element by element; only the Weyl offsets and the packing of stores see the order.
-template <bool Stochastic, bool Unpacked>
+template <bool Stochastic, bool Unpacked, bool Codes = false>
 struct VectorLane {
   FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
     static_assert(tables_agree(), "kPositions and kHighWords disagree");
-    if constexpr (Stochastic) {  // the lane's first Weyl term plus each position's offset
+    if constexpr (Stochastic || Codes) {  // the lane's first Weyl term plus each position's offset
       const __m512i start = splat(weyl_term(key, first + static_cast<std::uint32_t>(at)));
       half0[0] = fmix32(_mm512_add_epi32(start, _mm512_loadu_si512(kWeylOffsets.data())));
       half0[1] = fmix32(_mm512_add_epi32(start, _mm512_loadu_si512(kWeylOffsets.data() + 16)));
@@ -174,6 +174,19 @@ struct VectorLane {
     } else {
       return {widen(p + i), widen(p + i + 16)};
     }
+  }
+  FUSEDOPT_INLINE Floats32 load(const StagedCode* p) const {
+    return load(reinterpret_cast<const float*>(p));
+  }
+  // A staged int8 state's values and, kCodePiece elements further on, the slot's 16 random bits,
+  // as Rounder stores a StagedCode: drawn here, beside the formula's divider.
+  FUSEDOPT_INLINE void store(int slot, StagedCode* p, Floats32 x) const {
+    static_assert(Codes && !Unpacked, "a row with staged codes draws their bits, in order");
+    float* const values = reinterpret_cast<float*>(p);
+    _mm512_storeu_ps(values + i, x.lo);
+    _mm512_storeu_ps(values + i + 16, x.hi);
+    _mm512_storeu_si512(values + kCodePiece + i, slot_bits(slot, 0));
+    _mm512_storeu_si512(values + kCodePiece + i + 16, slot_bits(slot, 1));
   }
   FUSEDOPT_INLINE void store(int, float* p, Floats32 x) const {
     static_assert(!Unpacked, "an unpacked row stores bfloat16 arrays only");
@@ -243,15 +256,19 @@ struct VectorLane {
     h = _mm512_mullo_epi32(h, splat(0xC2B2AE35U));
     return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
   }
+  // Rounder::term_bits of 16 of the lane's elements (`half` 0 or 1) for array slot `slot`.
+  FUSEDOPT_INLINE __m512i slot_bits(int slot, int half) const {
+    const __m512i h = half0[half];
+    if (slot == 0) return _mm512_and_si512(h, splat(0xFFFFU));
+    if (slot == 1) return _mm512_srli_epi32(h, 16);
+    const __m512i product =  // folded_product
+        _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)), splat(0x7FEB352DU));
+    return slot == 2 ? _mm512_srli_epi32(product, 16) : _mm512_and_si512(product, splat(0xFFFFU));
+  }
   // What round_to_bfloat16 adds below the kept bits of x (16 of its lanes, `half` 0 or 1).
   FUSEDOPT_INLINE __m512i below(int slot, int half, __m512 x) const {
-    if constexpr (Stochastic) {  // Rounder::term_bits
-      const __m512i h = half0[half];
-      if (slot == 0) return _mm512_and_si512(h, splat(0xFFFFU));
-      if (slot == 1) return _mm512_srli_epi32(h, 16);
-      const __m512i product =  // folded_product
-          _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)), splat(0x7FEB352DU));
-      return slot == 2 ? _mm512_srli_epi32(product, 16) : _mm512_and_si512(product, splat(0xFFFFU));
+    if constexpr (Stochastic) {
+      return slot_bits(slot, half);
     } else {  // to nearest even
       (void)slot;
       (void)half;
@@ -292,12 +309,15 @@ template <typename Types>
 inline constexpr bool kBfloat16Only = std::is_same_v<typename Types::Param, Eigen::bfloat16> &&
                                       std::is_same_v<typename Types::Grad, Eigen::bfloat16> &&
                                       std::is_same_v<typename Types::State, Eigen::bfloat16>;
-// The rows that run on vector lanes: float32 arithmetic on float32 and bfloat16 arrays, some
-// bfloat16 written (float32 rows gain nothing: GCC's loops already run them at full width).
+// The rows that run on vector lanes: float32 arithmetic on float32 and bfloat16 arrays (and an
+// int8 state's staged float32, StagedCode), some bfloat16 written (float32 rows gain nothing:
+// GCC's loops already run them at full width).
 template <typename Types>
 inline constexpr bool kVectorLanes =
     std::is_same_v<typename Types::Compute, float> && kFloatOrBfloat16<typename Types::Param> &&
-    kFloatOrBfloat16<typename Types::Grad> && kFloatOrBfloat16<typename Types::State> &&
+    kFloatOrBfloat16<typename Types::Grad> &&
+    (kFloatOrBfloat16<typename Types::State> ||
+     std::is_same_v<typename Types::State, StagedCode>) &&
     (std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
      std::is_same_v<typename Types::State, Eigen::bfloat16>);
 #if !defined(__clang__)
@@ -341,7 +361,9 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
       for (ChunkIndex i = 0; i < whole; i += 32) {
         // a branch in the loop of lanes: a loop of blocks around it measured slower
         if (ahead != nullptr && i % kPrefetchBlock == 0) ahead->block(i);
-        VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder> lane(key, first, i);
+        VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder,
+                   std::is_same_v<typename Types::State, StagedCode>>
+            lane(key, first, i);
         body(lane);
         lane.finish();
       }
