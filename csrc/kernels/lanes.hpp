@@ -1,9 +1,11 @@
 // A kernel's formula written once over a lane, so that one text runs two ways: one element at a
-// time in an `omp simd` loop (GCC vectorizes it, at every level), or, at the avx512 level for the
-// rows that write bfloat16, 32 float32 elements at a time in AVX-512 registers. There loads widen
-// 16 bfloat16 with one instruction, one NaN test covers every array a lane writes, and stores pack
-// 32 results with one vpermt2w, where GCC's loops spent a fifth of all-bfloat16 Adam's arithmetic
-// on conversions (bench/bfloat16_avx512.cpp; bench/results/low_precision.md, "Vector lanes"). The
+// time in an `omp simd` loop (GCC vectorizes it, at every level), or, for the rows that write
+// bfloat16, kLaneWidth float32 elements at a time in vector registers: 32 in AVX-512 registers at
+// the avx512 level, 16 in AVX ones at the avx2 level. There loads widen bfloat16 with one or two
+// instructions, one NaN test covers every array a lane writes, and stores pack the results with
+// one or two, where GCC's loops spent a fifth of all-bfloat16 Adam's arithmetic on conversions
+// at avx512 and a third at avx2 (bench/bfloat16_avx512.cpp, bench/adam_rows_l1.cpp;
+// bench/results/low_precision.md, "Vector lanes", "Vector lanes at the avx2 level"). The
 // arithmetic is the same, in the same order: so are the bits.
 //
 // A kernel runs `for_each_lane<Types>(rounding, n, body)`, body(lane) reading element(s) with
@@ -21,7 +23,7 @@
 #include <type_traits>
 
 #include "common.hpp"
-#if defined(__AVX512BW__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -71,6 +73,7 @@ FUSEDOPT_INLINE T zero_if_negative(T x) {
 
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__GNUC__)
 #define FUSEDOPT_VECTOR_LANES 1
+inline constexpr ChunkIndex kLaneWidth = 32;
 // GCC 12's AVX-512 intrinsics start from a self-initialized `undefined` vector, which its
 // -Wmaybe-uninitialized takes for a read of an uninitialized one wherever they are inlined (GCC
 // PR 105593, fixed in 12.3).
@@ -301,6 +304,220 @@ struct VectorLane {
   __mmask16 nan = 0;
 };
 
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#elif defined(__AVX2__) && defined(__GNUC__)
+#define FUSEDOPT_VECTOR_LANES 1
+// The avx2 level's lanes: 16 elements, as two 8-float registers. Where the avx512 lanes pick
+// their bfloat16 words with vpermt2w, these pack them with vpackusdw, or, unpacked, blend them;
+// AVX2 has no mask registers, so the NaN test is a compare whose sign bits finish() reads.
+inline constexpr ChunkIndex kLaneWidth = 16;
+FUSEDOPT_INLINE __m256i splat(std::uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+
+// 16 float32 values, as two AVX registers.
+struct Floats16 {
+  __m256 lo, hi;
+};
+#define FUSEDOPT_FLOATS16_OPERATOR(op, fn)                       \
+  FUSEDOPT_INLINE Floats16 operator op(Floats16 a, Floats16 b) { \
+    return {fn(a.lo, b.lo), fn(a.hi, b.hi)};                     \
+  }                                                              \
+  FUSEDOPT_INLINE Floats16 operator op(float a, Floats16 b) {    \
+    const __m256 s = _mm256_set1_ps(a);                          \
+    return {fn(s, b.lo), fn(s, b.hi)};                           \
+  }                                                              \
+  FUSEDOPT_INLINE Floats16 operator op(Floats16 a, float b) {    \
+    const __m256 s = _mm256_set1_ps(b);                          \
+    return {fn(a.lo, s), fn(a.hi, s)};                           \
+  }
+FUSEDOPT_FLOATS16_OPERATOR(+, _mm256_add_ps)
+FUSEDOPT_FLOATS16_OPERATOR(-, _mm256_sub_ps)
+FUSEDOPT_FLOATS16_OPERATOR(*, _mm256_mul_ps)
+FUSEDOPT_FLOATS16_OPERATOR(/, _mm256_div_ps)
+#undef FUSEDOPT_FLOATS16_OPERATOR
+FUSEDOPT_INLINE Floats16 sqrt(Floats16 a) { return {_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
+FUSEDOPT_INLINE __m256 abs(__m256 a) {  // the sign bit cleared, as std::abs (NaN too)
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(a), splat(0x7FFFFFFFU)));
+}
+FUSEDOPT_INLINE Floats16 abs(Floats16 a) { return {abs(a.lo), abs(a.hi)}; }
+
+// vmaxps gives b unless a > b (so where either is NaN): a where a is NaN.
+FUSEDOPT_INLINE __m256 numpy_maximum(__m256 a, __m256 b) {
+  return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+FUSEDOPT_INLINE Floats16 numpy_maximum(Floats16 a, Floats16 b) {
+  return {numpy_maximum(a.lo, b.lo), numpy_maximum(a.hi, b.hi)};
+}
+FUSEDOPT_INLINE __m256 numpy_sign(__m256 x) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 sign = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_set1_ps(1.0F));
+  sign = _mm256_blendv_ps(sign, _mm256_set1_ps(-1.0F), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+  return _mm256_blendv_ps(sign, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+FUSEDOPT_INLINE Floats16 numpy_sign(Floats16 x) { return {numpy_sign(x.lo), numpy_sign(x.hi)}; }
+FUSEDOPT_INLINE __m256 zero_if_negative(__m256 x) {
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ), x);
+}
+FUSEDOPT_INLINE Floats16 zero_if_negative(Floats16 x) {
+  return {zero_if_negative(x.lo), zero_if_negative(x.hi)};
+}
+
+template <bool has_l2, typename Param>
+FUSEDOPT_INLINE Floats16 effective_grad(const Negation<float>& maximize, Floats16 grad, Param param,
+                                        float l2) {
+  const __m256i mask = splat(maximize.mask);
+  const Floats16 g{_mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(grad.lo), mask)),
+                   _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(grad.hi), mask))};
+  if constexpr (has_l2) return g + l2 * param;
+  return g;
+}
+
+// Elements i .. i + 15 of a chunk, as the avx512 VectorLane's 32 (its comment says how a store
+// rounds, and how NaN is fixed in finish()), with its interface.
+//
+// Unpacked (rows whose every array is bfloat16): `lo` holds the even elements and `hi` the odd,
+// as the 32-bit words of 16 bfloat16 split: a load is one load, a shift and a mask, a store a
+// shift and a blend. In element order, a load widens 8 bfloat16 at a time, and a store packs
+// the words (in 128-bit halves) and puts the halves in order.
+template <bool Stochastic, bool Unpacked, bool Codes = false>
+struct VectorLane {
+  FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
+    if constexpr (Stochastic || Codes) {  // the lane's first Weyl term plus each position's offset
+      const __m256i start = splat(weyl_term(key, first + static_cast<std::uint32_t>(at)));
+      half0[0] = fmix32(_mm256_add_epi32(start, offsets(0)));
+      half0[1] = fmix32(_mm256_add_epi32(start, offsets(1)));
+    }
+  }
+
+  FUSEDOPT_INLINE Floats16 load(const float* p) const {
+    static_assert(!Unpacked, "an unpacked row loads bfloat16 arrays only");
+    return {_mm256_loadu_ps(p + i), _mm256_loadu_ps(p + i + 8)};
+  }
+  // bfloat16 to float32 is exact: its bits in the high half
+  FUSEDOPT_INLINE Floats16 load(const Eigen::bfloat16* p) const {
+    if constexpr (Unpacked) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+      return {_mm256_castsi256_ps(_mm256_slli_epi32(words, 16)),
+              _mm256_castsi256_ps(_mm256_and_si256(words, splat(0xFFFF0000U)))};
+    } else {
+      return {widen(p + i), widen(p + i + 8)};
+    }
+  }
+  FUSEDOPT_INLINE Floats16 load(const StagedCode* p) const {
+    return load(reinterpret_cast<const float*>(p));
+  }
+  // A staged int8 state's values and, kCodePiece elements further on, the slot's 16 random bits,
+  // as Rounder stores a StagedCode: drawn here, beside the formula's divider.
+  FUSEDOPT_INLINE void store(int slot, StagedCode* p, Floats16 x) const {
+    static_assert(Codes && !Unpacked, "a row with staged codes draws their bits, in order");
+    float* const values = reinterpret_cast<float*>(p);
+    _mm256_storeu_ps(values + i, x.lo);
+    _mm256_storeu_ps(values + i + 8, x.hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + kCodePiece + i), slot_bits(slot, 0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + kCodePiece + i + 8),
+                        slot_bits(slot, 1));
+  }
+  FUSEDOPT_INLINE void store(int, float* p, Floats16 x) const {
+    static_assert(!Unpacked, "an unpacked row stores bfloat16 arrays only");
+    _mm256_storeu_ps(p + i, x.lo);
+    _mm256_storeu_ps(p + i + 8, x.hi);
+  }
+  FUSEDOPT_INLINE void store(int slot, Eigen::bfloat16* p, Floats16 x) {
+    assert(count < 4 && "a kernel writes each of at most 4 arrays once");
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x.lo, x.hi, _CMP_UNORD_Q));
+    pending[count++] = {slot, p, x};
+    round_into(slot, p, x, false);
+  }
+  FUSEDOPT_INLINE void finish() const {
+    if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+      for (int s = 0; s < count; ++s)
+        round_into(pending[s].slot, pending[s].to, pending[s].x, true);
+    }
+  }
+
+ private:
+  // The Weyl offsets of register `half`'s 8 elements from the lane's first: lo's elements are
+  // 0-7 (in element order) or the even ones (unpacked), hi's the next 8 or the odd ones.
+  static FUSEDOPT_INLINE __m256i offsets(int half) {
+    const auto element = [half](std::uint32_t p) {
+      return Unpacked ? 2 * p + static_cast<std::uint32_t>(half)
+                      : p + 8 * static_cast<std::uint32_t>(half);
+    };
+    return _mm256_setr_epi32(
+        static_cast<int>(element(0) * kWeylStep), static_cast<int>(element(1) * kWeylStep),
+        static_cast<int>(element(2) * kWeylStep), static_cast<int>(element(3) * kWeylStep),
+        static_cast<int>(element(4) * kWeylStep), static_cast<int>(element(5) * kWeylStep),
+        static_cast<int>(element(6) * kWeylStep), static_cast<int>(element(7) * kWeylStep));
+  }
+  static FUSEDOPT_INLINE __m256 widen(const Eigen::bfloat16* p) {
+    const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(words), 16));
+  }
+  static FUSEDOPT_INLINE __m256i fmix32(__m256i weyl) {
+    __m256i h = _mm256_xor_si256(weyl, _mm256_srli_epi32(weyl, 16));
+    h = _mm256_mullo_epi32(h, splat(0x85EBCA6BU));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, splat(0xC2B2AE35U));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  }
+  // Rounder::term_bits of 8 of the lane's elements (`half` 0 or 1) for array slot `slot`.
+  FUSEDOPT_INLINE __m256i slot_bits(int slot, int half) const {
+    const __m256i h = half0[half];
+    if (slot == 0) return _mm256_and_si256(h, splat(0xFFFFU));
+    if (slot == 1) return _mm256_srli_epi32(h, 16);
+    const __m256i product =  // folded_product
+        _mm256_mullo_epi32(_mm256_xor_si256(h, _mm256_srli_epi32(h, 16)), splat(0x7FEB352DU));
+    return slot == 2 ? _mm256_srli_epi32(product, 16) : _mm256_and_si256(product, splat(0xFFFFU));
+  }
+  // What round_to_bfloat16 adds below the kept bits of x (8 of its lanes, `half` 0 or 1).
+  FUSEDOPT_INLINE __m256i below(int slot, int half, __m256 x) const {
+    if constexpr (Stochastic) {
+      return slot_bits(slot, half);
+    } else {  // to nearest even
+      (void)slot;
+      (void)half;
+      const __m256i u = _mm256_castps_si256(x);
+      return _mm256_add_epi32(splat(0x7FFFU), _mm256_and_si256(_mm256_srli_epi32(u, 16), splat(1)));
+    }
+  }
+  FUSEDOPT_INLINE __m256i rounded(int slot, int half, __m256 x, bool fix_nan) const {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i sum = _mm256_add_epi32(u, below(slot, half, x));
+    if (!fix_nan) return sum;
+    const __m256i quiet =
+        _mm256_or_si256(_mm256_and_si256(u, splat(0x80000000U)), splat(0x7FC00000U));
+    return _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(sum), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  }
+  FUSEDOPT_INLINE void round_into(int slot, Eigen::bfloat16* p, Floats16 x, bool fix_nan) const {
+    const __m256i lo = rounded(slot, 0, x.lo, fix_nan), hi = rounded(slot, 1, x.hi, fix_nan);
+    __m256i words;
+    if constexpr (Unpacked) {  // even elements' words from lo's high halves, odd from hi's
+      words = _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA);
+    } else {  // packed per 128-bit half: 0-3, 8-11, 4-7, 12-15
+      words = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(_mm256_srli_epi32(lo, 16), _mm256_srli_epi32(hi, 16)), 0xD8);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), words);
+  }
+
+  struct Pending {
+    int slot;
+    Eigen::bfloat16* to;
+    Floats16 x;
+  };
+  ChunkIndex i;
+  __m256i half0[2];
+  Pending pending[4];  // slots 0-3
+  int count = 0;
+  __m256 nan = _mm256_setzero_ps();
+};
+#else
+#define FUSEDOPT_VECTOR_LANES 0
+#endif
+
+#if FUSEDOPT_VECTOR_LANES
 template <typename T>
 inline constexpr bool kFloatOrBfloat16 =
     std::is_same_v<T, float> || std::is_same_v<T, Eigen::bfloat16>;
@@ -320,11 +537,7 @@ inline constexpr bool kVectorLanes =
      std::is_same_v<typename Types::State, StagedCode>) &&
     (std::is_same_v<typename Types::Param, Eigen::bfloat16> ||
      std::is_same_v<typename Types::State, Eigen::bfloat16>);
-#if !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 #else
-#define FUSEDOPT_VECTOR_LANES 0
 template <typename Types>
 inline constexpr bool kVectorLanes = false;
 #endif
@@ -354,11 +567,11 @@ FUSEDOPT_INLINE void for_each_lane(const Rounding& rounding, Index n, const Body
     // a local: read through `rounding`, which the lanes' stores may alias, the key was loaded
     // and broadcast again for every lane
     const std::uint64_t key = rounding.key;
-    const auto whole = static_cast<ChunkIndex>(n / 32 * 32);
+    const auto whole = static_cast<ChunkIndex>(n / kLaneWidth * kLaneWidth);
     const Ahead* const ahead = rounding.ahead;  // a local, as the key
-    static_assert(kPrefetchBlock % 32 == 0, "a prefetch block is whole lanes");
+    static_assert(kPrefetchBlock % kLaneWidth == 0, "a prefetch block is whole lanes");
     const auto lanes = [&](auto stochastic) FUSEDOPT_INLINE_LAMBDA {
-      for (ChunkIndex i = 0; i < whole; i += 32) {
+      for (ChunkIndex i = 0; i < whole; i += kLaneWidth) {
         // a branch in the loop of lanes: a loop of blocks around it measured slower
         if (ahead != nullptr && i % kPrefetchBlock == 0) ahead->block(i);
         VectorLane<stochastic.value, kBfloat16Only<Types> && !InElementOrder,
