@@ -371,8 +371,9 @@ def test_norm_and_clipping_take_low_precision_grads():
 
 # Bit patterns that the conversions treat apart: NaNs with payloads (signaling, quiet, negative),
 # the infinities, subnormals, the smallest normal, the largest finite and ones. float16's F16C
-# converts blocks of eight; bfloat16 results are rounded 32 at a time at the avx512 level (vector
-# lanes, lanes.hpp), whose stores are redone with the NaN fix-up for a lane that holds a NaN.
+# converts blocks of eight; bfloat16 results are rounded a vector lane at a time at the avx512 and
+# avx2 levels (32 and 16 elements, lanes.hpp), whose stores are redone with the NaN fix-up for a
+# lane that holds a NaN.
 SPECIALS = {
     "float16": np.array(
         [0x7C01, 0x7E01, 0xFD00, 0x7C00, 0xFC00, 0x0001, 0x8001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF]
@@ -418,7 +419,7 @@ def test_special_low_precision_values_convert_as_the_reference_does(name, flag, 
     if stochastic:
         hyper.update(stochastic_rounding=True, seed=11)
     rng = np.random.default_rng(7)
-    size = 2048 + 77  # a whole chunk, then two blocks of 32 and a tail (F16C's: 5)
+    size = 2048 + 77  # a whole chunk, then two lanes of 32 (four of 16) and a tail (F16C's: 5)
     arrays = as_row(make_arrays(spec, hyper, (size,), np.float32, rng), row)
     for role, value in arrays.items():
         if not (isinstance(value, np.ndarray) and value.dtype.name in SPECIALS):

@@ -4,7 +4,7 @@
 // the avx512 level, 16 in AVX ones at the avx2 level. There loads widen bfloat16 with one or two
 // instructions, one NaN test covers every array a lane writes, and stores pack the results with
 // one or two, where GCC's loops spent a fifth of all-bfloat16 Adam's arithmetic on conversions
-// at avx512 and a third at avx2 (bench/bfloat16_avx512.cpp, bench/adam_rows_l1.cpp;
+// at avx512 and a quarter to a third at avx2 (bench/bfloat16_avx512.cpp, bench/adam_rows_l1.cpp;
 // bench/results/low_precision.md, "Vector lanes", "Vector lanes at the avx2 level"). The
 // arithmetic is the same, in the same order: so are the bits.
 //
@@ -29,7 +29,7 @@
 
 namespace fusedopt {
 
-// sqrt(x) and abs(x) in a formula: std's for a scalar, Floats32's for a vector lane.
+// sqrt(x) and abs(x) in a formula: std's for a scalar, Floats32's or Floats16's for a vector lane.
 using std::abs;
 using std::sqrt;
 
@@ -379,7 +379,7 @@ FUSEDOPT_INLINE Floats16 effective_grad(const Negation<float>& maximize, Floats1
 // Unpacked (rows whose every array is bfloat16): `lo` holds the even elements and `hi` the odd,
 // as the 32-bit words of 16 bfloat16 split: a load is one load, a shift and a mask, a store a
 // shift and a blend. In element order, a load widens 8 bfloat16 at a time, and a store packs
-// the words (in 128-bit halves) and puts the halves in order.
+// the words (in 128-bit halves) and puts their 64-bit quarters in order.
 template <bool Stochastic, bool Unpacked, bool Codes = false>
 struct VectorLane {
   FUSEDOPT_INLINE VectorLane(std::uint64_t key, std::uint32_t first, ChunkIndex at) : i(at) {
