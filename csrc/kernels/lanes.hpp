@@ -309,9 +309,9 @@ struct VectorLane {
 #endif
 #elif defined(__AVX2__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
 // Not in AddressSanitizer builds (CI's build baseline and avx2): there GCC 12 took over 27 CPU
-// minutes for the avx2 level's level.cpp with lanes, where baseline's took about 17, and CI ran
-// past its limit. The suite checks the lanes' bits at avx2 in every other build; they read and
-// write only a chunk's whole lanes (the rest runs in the omp simd loop).
+// minutes for the avx2 level's level.cpp with lanes, where baseline's took about 17, which took
+// CI to the edge of its time limit. The suite checks the lanes' bits at avx2 in every other build;
+// they read and write only a chunk's whole lanes (the rest runs in the omp simd loop).
 #define FUSEDOPT_VECTOR_LANES 1
 // The avx2 level's lanes: 16 elements, as two 8-float registers. Where the avx512 lanes pick
 // their bfloat16 words with vpermt2w, these pack them with vpackusdw, or, unpacked, blend them;
