@@ -200,11 +200,18 @@ FUSEDOPT_INLINE Eigen::bfloat16 round_to_bfloat16(float x, const Below& below) {
   return Eigen::numext::bit_cast<Eigen::bfloat16>(static_cast<std::uint16_t>(rounded >> 16));
 }
 
+// What rounding to nearest, ties to even, adds below the bfloat16 bits of float bits u. U is
+// std::uint32_t or a GCC vector of them (a vector lane's register): one text for both, as
+// fmix32's below.
+template <typename U>
+FUSEDOPT_INLINE U nearest_even_below(U u) {
+  return 0x7FFFU + ((u >> 16) & 1U);
+}
 // To nearest, ties to even: Eigen's (and so ml_dtypes') result.
 template <typename Compute>
 FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
   to = round_to_bfloat16(static_cast<float>(x),
-                         [](std::uint32_t u) { return 0x7FFFU + ((u >> 16) & 1U); });
+                         [](std::uint32_t u) { return nearest_even_below(u); });
 }
 
 // Random bits for stochastic rounding. Per tensor, a 64-bit key from (seed, step, tensor index)
@@ -219,8 +226,11 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 // apart (tests/test_kernels.py): the Weyl step's multiply is needed. The vector lanes,
 // for_each_lane's loops, chunk_bits and store_param_copy add it instead; other loops multiply
 // (Rounder::term).
+// fmix32, folded_product and slot_bits take std::uint32_t or a GCC vector of them: the vector
+// lanes (lanes.hpp) hash 16 or 8 terms at once with the same text.
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
+template <typename U>
+FUSEDOPT_INLINE U fmix32(U h) {
   h ^= h >> 16;
   h *= 0x85EBCA6BU;
   h ^= h >> 13;
@@ -233,8 +243,18 @@ FUSEDOPT_INLINE std::uint32_t fmix32(std::uint32_t h) {
 // rounding unbiased. Slot 2's bits (the product's high half) depend on all 32 bits, with no
 // measurable dependence on slot 0's or 1's (tests/test_kernels.py); slot 3's (the low half) are
 // a bijection of slot 0's xor slot 1's: independent of each.
-FUSEDOPT_INLINE std::uint32_t folded_product(std::uint32_t half0) {
+template <typename U>
+FUSEDOPT_INLINE U folded_product(U half0) {
   return (half0 ^ (half0 >> 16)) * 0x7FEB352DU;
+}
+// The 16 random bits for array slot `slot` from half 0 (fmix32 of the element's Weyl term):
+// slots 1 and 2 take the high halves of half 0 and half 1, slots 0 and 3 the low.
+template <typename U>
+FUSEDOPT_INLINE U slot_bits(U half0, int slot) {
+  if (slot == 0) return half0 & 0xFFFFU;
+  if (slot == 1) return half0 >> 16;
+  const U product = folded_product(half0);
+  return slot == 2 ? product >> 16 : product & 0xFFFFU;
 }
 // An element's 64-bit index folded to the 32-bit counter that is hashed. Within a chunk the high
 // half is constant (chunks start at multiples of kChunk, which divides 2^32), so a loop folds
@@ -377,14 +397,9 @@ struct Rounder {
   FUSEDOPT_INLINE std::uint32_t term(ChunkIndex i) const {
     return start + static_cast<std::uint32_t>(i) * kWeylStep;
   }
-  // The 16 random bits for array slot `slot` of the element with Weyl term `term`: slots 1 and 2
-  // take the high halves of half 0 and half 1, slots 0 and 3 the low.
+  // The 16 random bits for array slot `slot` of the element with Weyl term `term`.
   static FUSEDOPT_INLINE std::uint32_t term_bits(std::uint32_t term, int slot) {
-    const std::uint32_t half0 = fmix32(term);
-    if (slot == 0) return half0 & 0xFFFFU;
-    if (slot == 1) return half0 >> 16;
-    const std::uint32_t p = folded_product(half0);
-    return slot == 2 ? p >> 16 : p & 0xFFFFU;
+    return slot_bits(fmix32(term), slot);
   }
 
   // x stored into `to`, element i of the chunk (Weyl term `term`), array slot `slot`.
