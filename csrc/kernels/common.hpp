@@ -189,20 +189,24 @@ inline void floats_to_halves(const float* in, Index n, Eigen::half* out) {
 }
 #endif
 
-// x rounded to bfloat16: its high 16 bits after below(its bits) is added to the low 16. A NaN
-// becomes the quiet NaN of its sign, as in Eigen's and so ml_dtypes' conversion. Branch-free,
-// so that it vectorizes at every SIMD level.
+// The quiet NaN of the sign of float bits u, as Eigen's (and so ml_dtypes') conversion makes a
+// NaN. U is std::uint32_t or a GCC vector of them (a vector lane's RegisterBits), as for
+// nearest_even_below below: the scalar loops and the vector lanes round with one text.
+template <typename U>
+FUSEDOPT_INLINE U quiet_nan_bits(U u) {
+  return (u & 0x80000000U) | 0x7FC00000U;
+}
+// x rounded to bfloat16: its high 16 bits after below(its bits) is added to the low 16; a NaN
+// becomes the quiet NaN of its sign. Branch-free, so that it vectorizes at every SIMD level.
 template <typename Below>
 FUSEDOPT_INLINE Eigen::bfloat16 round_to_bfloat16(float x, const Below& below) {
   const std::uint32_t u = float_bits(x);
-  const std::uint32_t nan = (u & 0x80000000U) | 0x7FC00000U;
+  const std::uint32_t nan = quiet_nan_bits(u);
   const std::uint32_t rounded = x != x ? nan : u + below(u);
   return Eigen::numext::bit_cast<Eigen::bfloat16>(static_cast<std::uint16_t>(rounded >> 16));
 }
 
-// What rounding to nearest, ties to even, adds below the bfloat16 bits of float bits u. U is
-// std::uint32_t or a GCC vector of them (a vector lane's register): one text for both, as
-// fmix32's below.
+// What rounding to nearest, ties to even, adds below the bfloat16 bits of float bits u.
 template <typename U>
 FUSEDOPT_INLINE U nearest_even_below(U u) {
   return 0x7FFFU + ((u >> 16) & 1U);
@@ -226,9 +230,9 @@ FUSEDOPT_INLINE void store(Eigen::bfloat16& to, Compute x) {
 // apart (tests/test_kernels.py): the Weyl step's multiply is needed. The vector lanes,
 // for_each_lane's loops, chunk_bits and store_param_copy add it instead; other loops multiply
 // (Rounder::term).
-// fmix32, folded_product and slot_bits take std::uint32_t or a GCC vector of them: the vector
-// lanes (lanes.hpp) hash 16 or 8 terms at once with the same text.
 inline constexpr std::uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+// fmix32, folded_product and slot_bits take std::uint32_t or a GCC vector of them: the vector
+// lanes (lanes.hpp) hash 16 or 8 terms at once with the scalar loops' text.
 template <typename U>
 FUSEDOPT_INLINE U fmix32(U h) {
   h ^= h >> 16;

@@ -90,7 +90,7 @@ FUSEDOPT_INLINE T zero_if_negative(T x) {
 // GCC 12's AVX-512 intrinsics start from a self-initialized `undefined` vector, which its
 // -Wmaybe-uninitialized takes for a read of an uninitialized one wherever they are inlined (GCC
 // PR 105593, fixed in 12.3).
-#if !defined(__clang__)
+#if FUSEDOPT_LANES_AVX512 && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -105,21 +105,47 @@ inline constexpr ChunkIndex kRegister = 16;
 using Register = __m512;
 typedef std::uint32_t RegisterBits __attribute__((vector_size(64)));
 using NanFlags = __mmask16;
+// Unpacked, a lane's elements lie in the order vpunpcklwd and vpunpckhwd widen 64 bytes into:
+// a load is one load and two unpacks, where in element order it takes two widening loads and two
+// shifts. `lo` holds the low four elements of each 16-byte quarter (0-3, 8-11, 16-19, 24-27),
+// `hi` the high four.
+constexpr std::uint32_t unpacked_element(std::uint32_t position, std::uint32_t half) {
+  return position / 4 * 8 + position % 4 + 4 * half;
+}
 #else
 inline constexpr ChunkIndex kRegister = 8;
 using Register = __m256;
 typedef std::uint32_t RegisterBits __attribute__((vector_size(32)));
 using NanFlags = RegisterBits;  // AVX2 has no mask registers: a compare's sign bits
+// Unpacked, `lo` holds a lane's even elements and `hi` its odd, as the 32-bit words of 16
+// bfloat16 split: a load is one load, a shift and a mask, a store a shift and a blend.
+constexpr std::uint32_t unpacked_element(std::uint32_t position, std::uint32_t half) {
+  return 2 * position + half;
+}
 #endif
 inline constexpr ChunkIndex kLaneWidth = 2 * kRegister;
+
+// The lane's element in `position` of register `half` (0: lo, 1: hi), unpacked or in element
+// order.
+constexpr std::uint32_t element_at(std::uint32_t position, std::uint32_t half, bool unpacked) {
+  return unpacked ? unpacked_element(position, half)
+                  : position + static_cast<std::uint32_t>(kRegister) * half;
+}
 
 // kLaneWidth float32 values.
 struct Floats {
   Register lo, hi;
 };
 
+// The same bits, as the other vector type. GCC before 11 has no __builtin_bit_cast; there a cast
+// between vector types of one size keeps the bits too.
+#if defined(__clang__) || __GNUC__ >= 11
 FUSEDOPT_INLINE RegisterBits bits_of(Register x) { return __builtin_bit_cast(RegisterBits, x); }
 FUSEDOPT_INLINE Register floats_of(RegisterBits u) { return __builtin_bit_cast(Register, u); }
+#else
+FUSEDOPT_INLINE RegisterBits bits_of(Register x) { return RegisterBits(x); }
+FUSEDOPT_INLINE Register floats_of(RegisterBits u) { return Register(u); }
+#endif
 template <typename Vector>
 FUSEDOPT_INLINE Vector load_register(const void* from) {
   Vector v;
@@ -138,13 +164,6 @@ FUSEDOPT_INLINE NanFlags nan_flags(Floats x) {
   return _mm512_cmp_ps_mask(x.lo, x.hi, _CMP_UNORD_Q);
 }
 FUSEDOPT_INLINE bool any_nan(NanFlags flags) { return flags != 0; }
-// Unpacked, a lane's elements lie in the order vpunpcklwd and vpunpckhwd widen 64 bytes into:
-// a load is one load and two unpacks, where in element order it takes two widening loads and two
-// shifts. `lo` holds the low four elements of each 16-byte quarter (0-3, 8-11, 16-19, 24-27),
-// `hi` the high four.
-constexpr std::uint32_t element_at(std::uint32_t position, std::uint32_t half, bool unpacked) {
-  return unpacked ? position / 4 * 8 + position % 4 + 4 * half : position + 16 * half;
-}
 // kRegister bfloat16 widened to float32, in element order: one vpmovzxwd from memory and a shift
 // (GCC 12's __builtin_convertvector widens two halves and joins them).
 FUSEDOPT_INLINE Register widen(const Eigen::bfloat16* p) {
@@ -163,7 +182,8 @@ alignas(64) inline constexpr std::array<std::uint16_t, kLaneWidth> kHighWords = 
   std::array<std::uint16_t, kLaneWidth> words{};
   for (std::uint32_t half = 0; half < 2; ++half) {
     for (std::uint32_t p = 0; p < kRegister; ++p)
-      words[element_at(p, half, Unpacked)] = static_cast<std::uint16_t>(2 * (16 * half + p) + 1);
+      words[element_at(p, half, Unpacked)] =
+          static_cast<std::uint16_t>(2 * (kRegister * half + p) + 1);
   }
   return words;
 }();
@@ -181,11 +201,6 @@ FUSEDOPT_INLINE NanFlags nan_flags(Floats x) {
   return bits_of(_mm256_cmp_ps(x.lo, x.hi, _CMP_UNORD_Q));
 }
 FUSEDOPT_INLINE bool any_nan(NanFlags flags) { return _mm256_movemask_ps(floats_of(flags)) != 0; }
-// Unpacked, `lo` holds a lane's even elements and `hi` its odd, as the 32-bit words of 16
-// bfloat16 split: a load is one load, a shift and a mask, a store a shift and a blend.
-constexpr std::uint32_t element_at(std::uint32_t position, std::uint32_t half, bool unpacked) {
-  return unpacked ? 2 * position + half : position + 8 * half;
-}
 FUSEDOPT_INLINE Register widen(const Eigen::bfloat16* p) {
   const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(words), 16));
@@ -332,7 +347,7 @@ struct VectorLane {
       sum = u + nearest_even_below(u);
     }
     if (!fix_nan) return sum;
-    return x != x ? (u & 0x80000000U) | 0x7FC00000U : sum;
+    return x != x ? quiet_nan_bits(u) : sum;
   }
   FUSEDOPT_INLINE void round_into(int slot, Eigen::bfloat16* p, Floats x, bool fix_nan) const {
     store_high_words<Unpacked>(p + i, rounded(slot, 0, x.lo, fix_nan),
@@ -350,7 +365,7 @@ struct VectorLane {
   int count = 0;
   NanFlags nan{};
 };
-#if !defined(__clang__)
+#if FUSEDOPT_LANES_AVX512 && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 
