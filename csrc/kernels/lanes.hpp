@@ -66,10 +66,10 @@ template <typename T>
 FUSEDOPT_INLINE T numpy_sign(T x) {
   return x != x ? x : static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
 }
-// 0 where x < 0, else x (NaN and -0 stay).
+// 0 where x < 0, else x (NaN and -0 stay); on a float or a GCC vector of them.
 template <typename T>
 FUSEDOPT_INLINE T zero_if_negative(T x) {
-  return x < T(0) ? T(0) : x;
+  return x < T{} ? T{} : x;
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__GNUC__)
@@ -238,8 +238,6 @@ FUSEDOPT_INLINE Register numpy_sign(Register x) {
   const Register zero{}, one = zero + 1.0F;
   return x != x ? x : x > zero ? one : x < zero ? -one : zero;
 }
-// 0 where x < 0, else x (NaN and -0 stay)
-FUSEDOPT_INLINE Register zero_if_negative(Register x) { return x < Register{} ? Register{} : x; }
 // vmaxps gives b unless a > b (so where either is NaN): a where a is NaN.
 FUSEDOPT_INLINE Register numpy_maximum(Register a, Register b) { return a != a ? a : max_of(a, b); }
 // Each applied to both of a lane's registers.
