@@ -322,7 +322,12 @@ def main(argv=None) -> dict:
         bf16 = f"{t / torch_bf16:.2f}x" if torch_bf16 else "–"
         probe = probe_of.get(name)
         probe_cached = cached.get(f"probe {name}")
-        in_cache_of_probe = f"{100 * probe_cached / cached[name]:.0f} %" if probe_cached else "–"
+        # a slope at or below 0, the probe's or the row's: its cost there is below the noise
+        in_cache_of_probe = (
+            f"{100 * probe_cached / cached[name]:.0f} %"
+            if probe_cached and probe_cached > 0 and cached[name] > 0
+            else "–"
+        )
         against = f"{probe * 1e3:.2f} ms | {100 * probe / t:.0f} %" if probe else "– | –"
         if (f"probe {name}", name) in paired:
             mid, low, high = paired[f"probe {name}", name]

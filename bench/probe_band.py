@@ -4,7 +4,8 @@ probe's band (counted over the band's rows: the targets' rows are not in it), so
 that is outside in run after run reads apart from noise. With it,
 the medians of the row's time at n over its time in cache (near 1: its arithmetic, not its
 bytes, sets its time) and, where the runs have it, of its probe's time in cache over its own
-(what the probe leaves out, the formula, costs where memory does not bind).
+(what the probe leaves out, the formula, costs where memory does not bind; – where the
+probe's or the row's cost there is below the timing's noise).
 
     python bench/probe_band.py RUN1.json RUN2.json ...   # the JSON of bench/run.py --storage
 """
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
             if paired:
                 ratios.setdefault(row["storage"], []).append(paired[0])
                 bound.setdefault(row["storage"], []).append(row["median_s"] / row["in_cache_s"])
-                if row.get("probe_in_cache_s"):
+                if row.get("probe_in_cache_s") and row["in_cache_s"] > 0:
                     cached.setdefault(row["storage"], []).append(
                         row["probe_in_cache_s"] / row["in_cache_s"]
                     )
@@ -48,7 +49,10 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     median = statistics.median
     for name, values in sorted(ratios.items(), key=lambda item: median(item[1])):
-        probe_cached = f"{median(cached[name]):.0%}" if name in cached else "–"
+        # a median at or below 0: the probe's cost in cache is below the timing's noise
+        probe_cached = (
+            f"{median(cached[name]):.0%}" if name in cached and median(cached[name]) > 0 else "–"
+        )
         print(
             f"| {name} | {median(values):.1%} | {min(values):.1%} | {max(values):.1%} | "
             f"{outside.get(name, 0)} | {median(bound[name]):.2f}x | {probe_cached} |"
