@@ -422,13 +422,15 @@ def nadam_(
     eps=1e-8,
     weight_decay=0.0,
     momentum_decay=4e-3,
+    mu_product=None,
     decoupled_weight_decay=False,
     maximize=False,
 ):
     t = param.dtype.type
     mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
-    mu_product = _nadam_mu_product(beta1, momentum_decay, step)
+    if mu_product is None:
+        mu_product = _nadam_mu_product(beta1, momentum_decay, step)
     _nadam(
         _flat(param),
         _flat(grad),

@@ -268,7 +268,8 @@ py::dict declaration_data(const char* name, const char* summary, const Descripto
     entry["name"] = h.name;
     entry["kind"] = kind_name(h.kind);
     entry["required"] = h.required;
-    if (h.required) {
+    entry["may_be_none"] = h.may_be_none;
+    if (h.required || h.may_be_none) {
       entry["default"] = py::none();
     } else if (h.kind == Kind::flag) {
       entry["default"] = py::bool_(h.default_value != 0.0);
@@ -318,8 +319,8 @@ double parse_real(const Hyperparameter& h, PyObject* value) {
     v = PyFloat_AS_DOUBLE(value);
   } else {
     if (!is_real_number(value)) {
-      throw py::type_error(std::string(h.label) + " must be a real number, got " +
-                           type_name(value));
+      throw py::type_error(std::string(h.label) + " must be a real number" +
+                           (h.may_be_none ? " or None" : "") + ", got " + type_name(value));
     }
     v = PyFloat_AsDouble(value);
     if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
@@ -512,7 +513,9 @@ Arguments parse_arguments(const Descriptor& d, PyObject* const* args, std::size_
       const Hyperparameter& h = d.hyper[slot->index];
       Value& v = a.values[slot->index];
       switch (h.kind) {
-        case Kind::real: v.number = parse_real(h, value); break;
+        case Kind::real:
+          v.number = h.may_be_none && value == Py_None ? h.default_value : parse_real(h, value);
+          break;
         case Kind::step: v.count = parse_step(value); break;
         case Kind::flag: v.number = parse_flag(h.name, value) ? 1.0 : 0.0; break;
         case Kind::fixed: break;  // never a keyword: find_slot skips them

@@ -130,8 +130,8 @@ def assert_state_close(got, want, rtol, atol=0.0):
         assert set(mine) == set(entry), (name, set(mine), set(entry))
         for key, value in entry.items():
             other = mine[key]
-            if key == "step":
-                assert other == value, (name, other, value)
+            if not isinstance(value, (np.ndarray, QuantizedState)):  # step, NAdam's mu_product
+                assert other == value, (name, key, other, value)
             elif isinstance(value, QuantizedState):
                 assert isinstance(other, QuantizedState), (name, key)
                 assert other.codes.dtype == value.codes.dtype and other.shape == value.shape

@@ -269,6 +269,35 @@ def test_nadam_shortcuts_keep_torchs_product():
             assert 1 - short * mu_next == pytest.approx(1 - full * mu_next, rel=1e-13, abs=0)
 
 
+def test_nadam_mu_product_none_is_the_product_of_the_step():
+    """mu_product=None (the default) is _nadam_mu_product of the step and this call's beta1,
+    bit for bit, in the kernel and the reference; a given product is used as it is."""
+    rng = np.random.default_rng(7)
+    names = ("param", "grad", "exp_avg", "exp_avg_sq")
+    base = {n: rng.standard_normal(97).astype(np.float32) for n in names}
+    base["exp_avg_sq"] = np.abs(base["exp_avg_sq"])
+    hyper = dict(step=5, beta1=0.8)
+    derived = reference._nadam_mu_product(0.8, 4e-3, 5)
+    results = {}
+    for impl in (fusedopt, reference):
+        for product in (None, derived, 0.25):
+            arrays = copy_arrays(base)
+            impl.nadam_(**arrays, mu_product=product, **hyper)
+            results[impl.__name__, product] = arrays
+    for impl in (fusedopt, reference):
+        assert_identical(results[impl.__name__, None], results[impl.__name__, derived])
+        assert_identical(results[impl.__name__, 0.25], results["fusedopt.reference", 0.25])
+        changed = results[impl.__name__, 0.25]["param"]
+        assert not np.array_equal(results[impl.__name__, None]["param"], changed)
+    arrays = copy_arrays(base)
+    with pytest.raises(TypeError, match="mu_product value must be a real number or None, got str"):
+        fusedopt.nadam_(**arrays, mu_product="0.5", **hyper)
+    for bad in (1.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Invalid mu_product value"):
+            fusedopt.nadam_(**arrays, mu_product=bad, **hyper)
+    assert_identical(arrays, base)
+
+
 @pytest.mark.parametrize(
     "row", [("bfloat16", "bfloat16", "bfloat16"), ("float16", "float32", "float32")], ids="-".join
 )

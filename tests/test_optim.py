@@ -255,6 +255,79 @@ def test_nadam_and_radam_match_torch_at_every_step(cls, hyper, torch_float64):
                 )
 
 
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
+def test_nadam_with_a_one_cycle_momentum_matches_torch(torch_float64):
+    """With beta1 changed at every step (OneCycleLR's cycle_momentum, fusedopt's and torch's
+    schedule side by side), NAdam's steps and its mu_product are torch's: the product takes
+    each step's beta1. A product from the step with the current beta1 alone is off by
+    percents here."""
+    from fusedopt.schedules import OneCycleLR
+
+    params = model(np.float64)
+    initial = copy(params)
+    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
+    topt = torch.optim.NAdam(tparams, foreach=False)
+    opt = optim.NAdam(params)
+    schedule = dict(max_lr=0.05, total_steps=40, base_momentum=0.5, max_momentum=0.95)
+    tsched = torch.optim.lr_scheduler.OneCycleLR(topt, **schedule)
+    sched = OneCycleLR(opt, **schedule)
+    rng = np.random.default_rng(5)
+    for step in range(1, 41):
+        grads = grads_for(params, rng)
+        for p, n in zip(tparams, SHAPES):
+            p.grad = torch.tensor(grads[n])
+        topt.step()
+        opt.step(grads)
+        tsched.step()
+        sched.step()
+        assert opt.param_groups[0]["betas"] == topt.param_groups[0]["betas"]
+        for p, n in zip(tparams, SHAPES):
+            delta, expected = params[n] - initial[n], p.detach().numpy() - initial[n]
+            np.testing.assert_allclose(delta, expected, rtol=1e-9, atol=1e-12, err_msg=step)
+            assert opt.state[n]["mu_product"] == topt.state[p]["mu_product"].item(), step
+    derived = fusedopt.reference._nadam_mu_product(
+        opt.param_groups[0]["betas"][0], 4e-3, opt.state["w1"]["step"]
+    )
+    assert abs(opt.state["w1"]["mu_product"] / derived - 1) > 0.01
+
+
+def test_nadam_keeps_mu_product_through_checkpoints(tmp_path):
+    """mu_product is state: saved and restored exactly (a run that is saved and loaded
+    continues bit for bit), checked on loading, and derived from the step with the current
+    beta1 where an older checkpoint lacks it."""
+    rng = np.random.default_rng(6)
+    grads = [grads_for(model(), rng) for _ in range(6)]
+    a, b = model(), model()
+    one, two = optim.NAdam(a), optim.NAdam(b)
+    for t in range(3):
+        one.param_groups[0]["betas"] = two.param_groups[0]["betas"] = (0.9 - 0.1 * t, 0.999)
+        one.step(grads[t])
+        two.step(grads[t])
+    two.save(tmp_path / "nadam.npz")
+    resumed_params = {n: v.copy() for n, v in b.items()}
+    resumed = optim.NAdam(resumed_params)
+    resumed.load_checkpoint(tmp_path / "nadam.npz")
+    assert resumed.state["w1"]["mu_product"] == one.state["w1"]["mu_product"]
+    for g in grads[3:]:
+        one.step(g)
+        resumed.step(g)
+    assert_same(a, resumed_params, "resumed")
+    sd, kept = two.state_dict(), two.state["w1"]["mu_product"]
+    for bad in (1.0, -0.5, float("nan"), "0.5", True):
+        sd["state"]["w1"]["mu_product"] = bad
+        with pytest.raises(ValueError, match="mu_product"):
+            two.load_state_dict(sd)
+    assert two.state["w1"]["mu_product"] == kept
+    for entry in sd["state"].values():  # as fusedopt wrote them before it kept the product
+        del entry["mu_product"]
+    two.load_state_dict(sd)
+    two.step(grads[3])
+    beta1, step = two.param_groups[0]["betas"][0], two.state["w1"]["step"]
+    mu = beta1 * (1 - 0.5 * 0.96 ** (step * 4e-3))
+    expected = fusedopt.reference._nadam_mu_product(beta1, 4e-3, step - 1) * mu
+    assert two.state["w1"]["mu_product"] == expected
+
+
 def test_radam_rectifies_from_step_6():
     """Before the rectification (rho_t <= 5) RAdam's step is momentum SGD with bias correction
     and eps plays no part; from step 6 (beta2 = 0.999) it does."""

@@ -156,10 +156,8 @@ def test_matches_torch_on_optim_db_inputs(name, kwargs, float64_default):
     for a, b in zip(ours, theirs):
         # torch's layout: the same keys (SGD's "step" is the stochastic-rounding stream's)
         extra = {"step"} if name == "SGD" else set()
-        assert set(opt.state[a]) == set(ref.state[b]) - {"mu_product"} | extra
+        assert set(opt.state[a]) == set(ref.state[b]) | extra
         for key, value in ref.state[b].items():
-            if key == "mu_product":
-                continue
             torch.testing.assert_close(opt.state[a][key], value, rtol=1e-9, atol=1e-300)
 
 
@@ -327,6 +325,55 @@ def test_every_class_round_trips_with_torch(name, float64_default):
         _run(ours, b, 4, 4)
         for x, y in zip(b, ref_params):
             torch.testing.assert_close(x, y, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_nadam_with_one_cycle_momentum_steps_as_torchs(default_dtype):
+    """OneCycleLR changes beta1 at every step (cycle_momentum): NAdam's mu_product takes each
+    step's, in torch's scalar dtype (float32 unless the default dtype is float64), so the
+    parameters (float64) and the state, mu_product exactly, equal torch's NAdam's after every
+    step; a state_dict switched mid-cycle either way continues as torch's run."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        schedule = dict(max_lr=0.05, total_steps=24, base_momentum=0.5, max_momentum=0.95)
+
+        def run(opt, params, steps, start=0):
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, **schedule)
+            with warnings.catch_warnings():  # to the step a checkpoint was taken at
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
+                for _ in range(start):
+                    sched.step()
+            for t in range(start, start + steps):
+                _run(opt, params, 1, t)
+                sched.step()
+                yield t
+
+        ours, theirs = _params(), _params()
+        opt, ref = ft.NAdam(ours), _torch_loop("NAdam", theirs)
+        for _ in zip(run(opt, ours, 24), run(ref, theirs, 24)):
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
+                assert set(opt.state[a]) == set(ref.state[b])
+                for key, value in ref.state[b].items():
+                    torch.testing.assert_close(opt.state[a][key], value, rtol=1e-9, atol=1e-300)
+                assert torch.equal(opt.state[a]["mu_product"], ref.state[b]["mu_product"])
+        for first, second in (("ours", "theirs"), ("theirs", "ours")):
+            make = {"ours": ft.NAdam, "theirs": lambda ps: _torch_loop("NAdam", ps)}
+            params = _params()
+            before = make[first](params)
+            for _ in run(before, params, 10):
+                pass
+            after = make[second](params)
+            after.load_state_dict(before.state_dict())
+            for _ in run(after, params, 14, 10):
+                pass
+            for a, b in zip(params, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=0, msg=f"{first} -> {second}")
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_scheduler_closure_hooks_zero_grad():

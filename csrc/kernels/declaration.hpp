@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -84,11 +85,12 @@ constexpr Range half_open(double low, double high) { return {low, high, false, t
 struct Hyperparameter {
   const char* name;
   Kind kind;
-  bool required;         // no default: the caller must give it
-  double default_value;  // a flag's as 0/1
-  Range range;           // reals only
-  const char* label;     // in messages, as PyTorch words them: "Invalid learning rate: -1.0"
-  const char* help;      // one line for the docs
+  bool required;             // no default: the caller must give it
+  double default_value;      // a flag's as 0/1
+  Range range;               // reals only
+  const char* label;         // in messages, as PyTorch words them: "Invalid learning rate: -1.0"
+  const char* help;          // one line for the docs
+  bool may_be_none = false;  // a real whose None (the default) the kernel derives: see below
 };
 
 constexpr Hyperparameter real(const char* name, double default_value, Range range,
@@ -98,6 +100,15 @@ constexpr Hyperparameter real(const char* name, double default_value, Range rang
 constexpr Hyperparameter required_real(const char* name, Range range, const char* label,
                                        const char* help) {
   return {name, Kind::real, true, 0.0, range, label, help};
+}
+// A real that may be None, its default: the kernel then derives it from the others (its help
+// says how). None is held as NaN, which no range admits from a caller (Values::given).
+inline constexpr double kNone = std::numeric_limits<double>::quiet_NaN();
+constexpr Hyperparameter real_or_none(const char* name, Range range, const char* label,
+                                      const char* help) {
+  Hyperparameter h{name, Kind::real, false, kNone, range, label, help};
+  h.may_be_none = true;
+  return h;
 }
 constexpr Hyperparameter flag(const char* name, bool default_value, const char* help) {
   return {name, Kind::flag, false, default_value ? 1.0 : 0.0, {}, name, help};
@@ -185,6 +196,8 @@ class Values {
   explicit Values(const Value* values) : values_(values) {}
 
   double real(const char* name) const { return at(name).number; }
+  // Whether a real_or_none was given (not None).
+  bool given(const char* name) const { return !std::isnan(at(name).number); }
   bool flag(const char* name) const { return at(name).number != 0.0; }
   std::int64_t step(const char* name = "step") const { return at(name).count; }
 

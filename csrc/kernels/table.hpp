@@ -149,7 +149,7 @@ constexpr std::uint64_t fingerprint(std::uint64_t h) {
                                   a.optional * 2 + a.nonnegative);
   }
   for (const auto& p : Decl::hyperparameters) {
-    h = hash(hash(h, p.name), static_cast<std::uint64_t>(p.kind));
+    h = hash(hash(h, p.name), static_cast<std::uint64_t>(p.kind) * 2 + p.may_be_none);
   }
   return hash(h, static_cast<std::uint64_t>(kSums<Decl>));
 }

@@ -49,6 +49,8 @@ class HyperArg:
     high_open: bool
     label: str
     help: str
+    may_be_none: bool = False
+    """A real whose default, None, the kernel derives from the others (its help says how)."""
 
     def range_text(self) -> str:
         """The valid range as the docs say it: ">= 0", "in [0, 1)", ..."""
@@ -146,7 +148,7 @@ class Declaration:
             P(
                 h.name,
                 P.KEYWORD_ONLY,
-                annotation=_ANNOTATIONS[h.kind],
+                annotation=Optional[float] if h.may_be_none else _ANNOTATIONS[h.kind],
                 **({} if h.required else {"default": h.default}),
             )
             for h in self.arguments

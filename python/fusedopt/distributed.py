@@ -334,9 +334,10 @@ def _slice_entry(
 ) -> Dict[str, Any]:
     """The state entry of elements [lo, hi) of a tensor from entries of parts [s_lo, s_hi) of it
     (flattened in memory order ``order``); bounds are block-aligned, so int8 scales split too."""
-    out: Dict[str, Any] = {"step": parts[0][2]["step"]}
+    out: Dict[str, Any] = {}
     for key, first in parts[0][2].items():
-        if key == "step":
+        if _whole(first):  # the step, NAdam's mu_product: every part's is the tensor's
+            out[key] = first
             continue
         chunks, scales = [], []
         for s_lo, s_hi, entry in parts:
@@ -779,9 +780,13 @@ class ZeroRedundancyOptimizer:
 
     def _consolidate(self, to: int) -> Dict[str, Dict[str, Any]]:
         local = self.optim.state
-        state: Dict[str, Dict[str, Any]] = {n: {"step": local[n]["step"]} for n in local}
+        state: Dict[str, Dict[str, Any]] = {
+            n: {k: v for k, v in entry.items() if _whole(v)} for n, entry in local.items()
+        }
         for space in self._spaces:
-            keys = sorted({k for n in space.names if n in local for k in local[n] if k != "step"})
+            keys = sorted(
+                {k for n in space.names if n in local for k, v in local[n].items() if not _whole(v)}
+            )
             for key in keys:
                 names = [n for n in space.names if n in local and key in local[n]]
                 quantized = isinstance(local[names[0]][key], QuantizedState)
@@ -867,7 +872,7 @@ class ZeroRedundancyOptimizer:
                 if p is None:
                     raise ValueError(f"checkpoint has state for unknown parameter {name!r}")
                 for key, value in entry.items():
-                    if key != "step" and getattr(value, "shape", None) != p.shape:
+                    if not _whole(value) and getattr(value, "shape", None) != p.shape:
                         raise ValueError(
                             f"state {key!r} of {name!r}: expected shape {p.shape} like the "
                             f"parameter, got {getattr(value, 'shape', type(value).__name__)}"
@@ -1118,6 +1123,12 @@ class ZeroRedundancyOptimizer:
             f"ZeroRedundancyOptimizer(rank {self.rank} of {self.world_size}, "
             f"{self.state_bytes()} B of state here, optim={self.optim!r})"
         )
+
+
+def _whole(value: Any) -> bool:
+    """Whether a state entry's value is the whole tensor's (a number: the step, NAdam's
+    mu_product), not an array that each rank holds a slice of."""
+    return not isinstance(value, (np.ndarray, QuantizedState))
 
 
 def _kind(value: Any) -> str:

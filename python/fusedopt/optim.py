@@ -209,6 +209,15 @@ def _check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def _check_mu_product(what: str, value: Any) -> float:
+    """NAdam's running product of momentum coefficients from a checkpoint: a real in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what}: expected a real number in [0, 1), got {type(value).__name__}")
+    if not 0 <= value < 1:  # also NaN
+        raise ValueError(f"{what}: expected a real number in [0, 1), got {value!r}")
+    return float(value)
+
+
 class Optimizer:
     """Base class: parameter groups, lazy state, freezing, checkpoints, and the generic step.
 
@@ -227,6 +236,8 @@ class Optimizer:
 
     kernel: str = ""
     state_names: Mapping[str, str] = {}
+    #: state entries that are numbers, not arrays: key -> check(what, value), the value kept
+    _scalar_state: Mapping[str, Callable[[str, Any], Any]] = {}
     #: whether a call's parameters share their step counts (the kernel's step); else the
     #: kernel's step is the group's, from _call_key, and the counts only count
     _steps_per_parameter = True
@@ -595,6 +606,7 @@ class Optimizer:
                 ran += 1
                 for n in names:
                     self.state[n]["step"] += 1
+                    self._after_update(self.state[n], extra)
         except (TypeError, ValueError) as error:
             if not ran:  # refused before any call wrote: the state is left as it was found
                 try:
@@ -675,6 +687,10 @@ class Optimizer:
         """What else, read before this step creates any buffer, must be equal for tensors to
         share one fused call; passed to _update as ``extra``."""
         return None
+
+    def _after_update(self, state: Dict[str, Any], extra: Any) -> None:
+        """Record in a parameter's state what its call, run with ``extra``, changed but the
+        arrays and the step."""
 
     def _forget(self, added: List[Tuple[str, Optional[str]]]) -> None:
         """Remove the state a refused step created: (name, key), or (name, None) for the entry."""
@@ -850,6 +866,9 @@ class Optimizer:
                             f"0 to 2**63 - 2)"
                         )
                     entry[key] = int(value)
+                    continue
+                if key in self._scalar_state:
+                    entry[key] = self._scalar_state[key](f"state {key!r} of {name!r}", value)
                     continue
                 if key == "master" and not storage.master:
                     raise ValueError(f"state of {name!r}: master weights, but it has none")
@@ -1223,13 +1242,13 @@ class Adamax(Optimizer):
 
 
 class NAdam(Optimizer):
-    """NAdam (Dozat 2016), as ``torch.optim.NAdam``: :func:`fusedopt.nadam_`, with torch's
+    r"""NAdam (Dozat 2016), as ``torch.optim.NAdam``: :func:`fusedopt.nadam_`, with torch's
     momentum schedule (``momentum_decay``) and decoupled (NAdamW) weight decay as an option.
-    The product of the momentum coefficients, which torch keeps in the state as
-    ``mu_product``, is a function of the step here: the state is ``exp_avg`` and
-    ``exp_avg_sq``. It takes the group's current beta1 for every factor, where torch's takes
-    each step's: with beta1 changed during training (a one-cycle schedule's momentum), the
-    steps differ from torch's.
+    The state is ``exp_avg``, ``exp_avg_sq`` and, as torch's, ``mu_product``: the product of
+    the momentum coefficients :math:`\mu_1 \cdots \mu_t` (a float), each taken with its
+    step's beta1, so a schedule that changes beta1 (a one-cycle schedule's momentum) takes
+    the steps torch's takes. A checkpoint without it (written before fusedopt kept it)
+    continues from the product of its step with the current beta1, as it was computed then.
 
     Options common to every class (``state_dtype``, ``master_weights``,
     ``stochastic_rounding``, ``seed``, ``impl``, ``max_grad_norm``, ``skip_if_nonfinite``): see
@@ -1251,6 +1270,24 @@ class NAdam(Optimizer):
         **options: Any,
     ):
         super().__init__(params, _arguments(locals()), **options)
+
+    _scalar_state = {"mu_product": _check_mu_product}
+
+    def _call_key(self, group, state):
+        # the product after this step (torch's mu_product *= mu_t): tensors share a call only
+        # where it is equal
+        beta1, psi, step = float(group["betas"][0]), float(group["momentum_decay"]), state["step"]
+        before = state.get("mu_product")
+        if before is None:
+            before = reference._nadam_mu_product(beta1, psi, step)
+        return before * (beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi)))
+
+    def _update(self, plan, params, grads, buffers, step, mu_product, first):
+        plan = plan._replace(hyper={**plan.hyper, "mu_product": mu_product})
+        super()._update(plan, params, grads, buffers, step, None, first)
+
+    def _after_update(self, state, mu_product):
+        state["mu_product"] = mu_product
 
 
 class RAdam(Optimizer):

@@ -527,6 +527,7 @@ def nadam_(
     eps=1e-8,
     weight_decay=0.0,
     momentum_decay=4e-3,
+    mu_product=None,
     decoupled_weight_decay=False,
     maximize=False,
 ):
@@ -545,16 +546,19 @@ def nadam_(
 
     with :math:`\gamma` = ``lr``, :math:`m` = ``exp_avg``, :math:`v` = ``exp_avg_sq``,
     :math:`t` = ``step``, :math:`\psi` = ``momentum_decay``, :math:`\lambda` =
-    ``weight_decay``. With ``decoupled_weight_decay`` (NAdamW) the L2 term is dropped from
-    :math:`g_t` and :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` comes first.
+    ``weight_decay``, :math:`\prod_{i=1}^{t} \mu_i` = ``mu_product``. With
+    ``decoupled_weight_decay`` (NAdamW) the L2 term is dropped from :math:`g_t` and
+    :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` comes first.
 
     Note:
-        ``torch.optim.NAdam`` keeps :math:`\prod \mu_i` as state, multiplied by :math:`\mu_t`
-        at each step. Here it is a function of ``step``, computed in double each call by
-        multiplying :math:`\mu_1, \mu_2, \ldots` in the same order (see
-        ``_nadam_mu_product``): no extra buffer, and the same product as torch's when torch
-        keeps it in float64. torch keeps it in a float32 tensor unless the default dtype is
-        float64, which moves its steps by about 1e-7 relative.
+        ``torch.optim.NAdam`` keeps :math:`\prod_{i=1}^t \mu_i` as state (``mu_product``),
+        multiplied by each step's :math:`\mu_t`. ``mu_product=None`` computes it from
+        ``step`` in double by multiplying :math:`\mu_1, \mu_2, \ldots` in the same order (see
+        ``_nadam_mu_product``), all with this call's :math:`\beta_1`: the same product as
+        torch's when :math:`\beta_1` never changed and torch keeps it in float64 (in float32,
+        torch's default, its steps move by about 1e-7 relative). Where :math:`\beta_1`
+        changes during training (a one-cycle schedule's momentum), pass the running product,
+        this step's :math:`\mu_t` included, as the classes do.
     """
     g = -grad if maximize else grad
     if decoupled_weight_decay:
@@ -565,7 +569,8 @@ def nadam_(
     exp_avg_sq[...] = beta2 * exp_avg_sq + (1 - beta2) * g * g
     mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
-    mu_product = _nadam_mu_product(beta1, momentum_decay, step)
+    if mu_product is None:
+        mu_product = _nadam_mu_product(beta1, momentum_decay, step)
     grad_step = lr * (1 - mu) / (1 - mu_product)
     avg_step = lr * mu_next / (1 - mu_product * mu_next)
     denom = np.sqrt(exp_avg_sq / (1 - beta2**step)) + eps

@@ -19,7 +19,7 @@ def _varied(h) -> Any:
     """A valid value other than the default, for the cases."""
     if h.kind == "flag":
         return not h.default
-    base = 0.1 if h.required else h.default
+    base = 0.1 if h.required or h.default is None else h.default
     value = base * 0.5 if base else 0.1
     return value if h.high > value else h.high / 2
 
@@ -27,8 +27,9 @@ def _varied(h) -> Any:
 def cases(declaration: Declaration) -> Tuple[Dict[str, Any], ...]:
     """Hyperparameter sets that take every branch: the defaults; every flag and option on,
     each alone; every real changed; and every real changed with every flag flipped. Required
-    reals are 0.1 unless changed. A set that a rule across hyperparameters refuses (Nesterov
-    with dampening) is repaired by giving reals back their defaults, one at a time."""
+    reals, and those whose default is None, are 0.1 unless changed. A set that a rule across
+    hyperparameters refuses (Nesterov with dampening) is repaired by giving reals back their
+    defaults, one at a time."""
     args = [h for h in declaration.arguments if h.kind != "step"]
     base = {h.name: 0.1 for h in args if h.required}
     options = set(declaration.optional_state.values())

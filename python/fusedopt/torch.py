@@ -27,7 +27,8 @@ step.
 
 **State** is torch tensors in torch's layout: ``state[p]["exp_avg"]``, ``"exp_avg_sq"``,
 ``"max_exp_avg_sq"``, ``"momentum_buffer"``, ``"sum"`` (Adagrad), ``"square_avg"``,
-``"row_var"``/``"col_var"``/``"variance"`` (Adafactor), ... and ``"step"`` (not for Muon and
+``"row_var"``/``"col_var"``/``"variance"`` (Adafactor), ``"mu_product"`` (NAdam), ... and
+``"step"`` (not for Muon and
 Schedule-Free, whose torch classes keep none) as a 0-d float32 tensor (float64 when torch's default
 dtype is float64), so a ``state_dict()`` loads into the ``torch.optim`` class and the other way
 round, and training continues as if it had not switched. The ``step`` tensors of the parameters of
@@ -41,11 +42,7 @@ torch has no equivalent of:
 - ``state[p]["step"]`` for SGD and Momentum (torch's SGD keeps none), and for Muon with
   stochastic rounding or int8 state: the stochastic-rounding stream's step;
 - ``state_dict()["fusedopt"]``: the storage options and the seed, and the count of skipped
-  steps. ``NAdam``'s ``state_dict()`` adds torch's ``mu_product`` (computed from the step as
-  torch accumulates it); the kernel derives it from the step and ignores a loaded one. It
-  takes the group's current beta1 for every factor, where torch's product takes each step's:
-  with beta1 changed during training (``OneCycleLR``'s ``cycle_momentum``), NAdam's steps
-  differ from torch's.
+  steps.
 
 Options beyond torch's (keyword-only, as in :class:`fusedopt.optim.Optimizer`):
 ``master_weights``, ``state_dtype``, ``stochastic_rounding``, ``seed``, ``max_grad_norm``,
@@ -632,7 +629,7 @@ class Optimizer(torch.optim.Optimizer):
                 created.clear()  # written: kept whatever follows
                 _increment_version(c.tensors)  # as an in-place update by torch would
                 c.steps += 1
-                if c.extra:  # SGD's first momentum step: the next ones are ordinary
+                if self._regroup_after(c):
                     entry.calls = None
 
     def _forget(self, created: List[Tuple[torch.Tensor, Optional[set]]]) -> None:
@@ -777,6 +774,7 @@ class Optimizer(torch.optim.Optimizer):
             everyone = index == list(range(len(group["params"])))
             call = _Call(index, everyone, views, buffers, steps.numpy(), extra, g_dtype)
             call.tensors, call.first = params, offset + index[0]
+            self._built(group, call)
             calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
         entry.kernel = (plan.declaration, plan.arrays)
@@ -806,6 +804,14 @@ class Optimizer(torch.optim.Optimizer):
         """What else must be equal for parameters to share a fused call (the fusedopt
         class's rule); truthy: the calls are regrouped after the step."""
         return self._fused._call_key(group, state)
+
+    def _built(self, group: Dict[str, Any], call: _Call) -> None:
+        """Finish a call _build made (its parameters' state exists): state kept per call."""
+
+    def _regroup_after(self, call: _Call) -> bool:
+        """Whether the calls are built again after this one ran: after SGD's first momentum
+        step (a truthy ``extra``), the next ones are ordinary."""
+        return bool(call.extra)
 
     def _call_step(self, entry: _Group, call: _Call) -> int:
         """The step count a call's update takes: its parameters' steps so far, plus one."""
@@ -863,12 +869,6 @@ class Optimizer(torch.optim.Optimizer):
         fusedopt's options under ``"fusedopt"``."""
         sd = super().state_dict()
         sd["state"] = {i: dict(s) for i, s in sd["state"].items()}  # plain dicts, as torch's
-        if self.fused_class.kernel == "nadam":  # torch's NAdam keeps the product in its state
-            by_id = {i: g for g in sd["param_groups"] for i in g["params"]}
-            sd["state"] = {
-                i: dict(s, mu_product=_mu_product(s["step"], by_id[i])) if "step" in s else s
-                for i, s in sd["state"].items()
-            }
         sd["fusedopt"] = {
             **self._fused._storage_options(),
             "skipped_steps": self.skipped_steps,
@@ -933,8 +933,8 @@ class Optimizer(torch.optim.Optimizer):
         storage = self._storage[p]
         entry: Dict[str, Any] = {}
         for key, value in saved.items():
-            if value is None or key == "mu_product":
-                continue  # torch's SGD may keep None; NAdam's product is derived from step
+            if value is None:
+                continue  # torch's SGD may keep None
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value)
             if key == "step":
@@ -982,19 +982,10 @@ def _untraced_step(optimizer: Optimizer, closure: Optional[Callable[[], Any]]) -
     return optimizer._step(closure)
 
 
-def _mu_product(step: torch.Tensor, group: Dict[str, Any]) -> torch.Tensor:
-    """torch.optim.NAdam's ``mu_product`` after ``step`` steps: the product of the momentum
-    coefficients, accumulated as torch does in its scalar dtype."""
-    return _mu_products(
-        int(step),
-        float(_plain(group["betas"])[0]),
-        float(group["momentum_decay"]),
-        step.dtype,
-    ).clone()
-
-
 @functools.lru_cache(maxsize=64)
 def _mu_products(step: int, beta1: float, momentum_decay: float, dtype) -> torch.Tensor:
+    """torch.optim.NAdam's ``mu_product`` after ``step`` steps with this beta1 throughout:
+    the product of the momentum coefficients, accumulated as torch does in ``dtype``."""
     product = torch.ones((), dtype=dtype)
     for t in range(1, step + 1):
         product *= beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
@@ -1198,6 +1189,60 @@ class _AdafactorAdapter(Optimizer):
         self._fused._step_factored(plan, params, grads, buffers, masters, step, first)
 
 
+class _NAdamAdapter(Optimizer):
+    r"""As torch's NAdam: the state keeps ``mu_product``, a 0-d tensor in torch's scalar dtype
+    (float32, float64 where that is the default dtype) that each step multiplies by its
+    :math:`\mu_t`, as torch's does; so with beta1 changed during training (a one-cycle
+    schedule's momentum) the steps are torch's. A state without it (a fusedopt checkpoint
+    written before it was kept) continues from the product of its step with the current
+    beta1."""
+
+    def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
+        # parameters whose products are equal share a call, and step together from then on
+        product = state.get("mu_product")
+        return None if product is None else float(product)
+
+    def _built(self, group: Dict[str, Any], call: _Call) -> None:
+        # the call's products in one tensor, each parameter's state["mu_product"] a view of it
+        # (as its "step" is of call.steps): a step multiplies them all at once
+        dtype = _scalar_dtype()
+        products = torch.empty(len(call.tensors), dtype=dtype)
+        for j, p in enumerate(call.tensors):
+            product = self.state[p].get("mu_product")
+            if product is None:
+                beta1 = float(_plain(group["betas"])[0])
+                step = int(call.steps[j])
+                product = _mu_products(step, beta1, float(group["momentum_decay"]), dtype)
+            products[j] = product
+            self.state[p]["mu_product"] = products[j]
+        call.extra = products
+
+    def _regroup_after(self, call: _Call) -> bool:
+        return False
+
+    def _update(self, plan, params, grads, buffers, step: int, products, first: int) -> None:
+        beta1, psi = plan.hyper["beta1"], plan.hyper["momentum_decay"]
+        after = products * (beta1 * (1.0 - 0.5 * (0.96 ** (step * psi))))  # torch's mu_t
+        self._fused._update(plan, params, grads, buffers, step, after[0].item(), first)
+        products.copy_(after)
+
+    def _layout(
+        self, p: torch.Tensor, saved: Dict[str, Any], signed_codes: Dict[str, bool]
+    ) -> Dict[str, Any]:
+        saved = dict(saved)
+        product = saved.pop("mu_product", None)
+        entry = super()._layout(p, saved, signed_codes)
+        if product is not None:
+            value = torch.as_tensor(product).detach()
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(
+                    f"state 'mu_product': expected a real number in [0, 1), got {value!r}"
+                )
+            _optim._check_mu_product("state 'mu_product'", value.item())
+            entry["mu_product"] = value.to("cpu", _scalar_dtype(), copy=True).reshape(())
+        return entry
+
+
 class _ScheduleFreeAdapter(Optimizer):
     r"""As the ``schedulefree`` package's torch classes (``AdamWScheduleFree``,
     ``SGDScheduleFree``, also importable under these names): their signature with
@@ -1315,14 +1360,17 @@ _PASS_THROUGH = frozenset(
     {
         Optimizer._update,
         _ScheduleFreeAdapter._update,
+        _NAdamAdapter._update,
         _optim.Optimizer._update,
         _optim.SGD._update,
+        _optim.NAdam._update,
         _optim._ScheduleFree._update,
     }
 )
 
 # The adapted classes whose state or update is not element-wise, by their adapter's base.
 MATRIX = {"Muon": _MuonAdapter, "Adafactor": _AdafactorAdapter}
+OWN_STATE = {"NAdam": _NAdamAdapter}
 SCHEDULE_FREE = {"ScheduleFreeAdamW": _ScheduleFreeAdapter, "ScheduleFreeSGD": _ScheduleFreeAdapter}
 
 
@@ -1330,7 +1378,7 @@ def _classes() -> Dict[str, type]:
     found = {}
     for name in _optim.__all__:
         fused_class = getattr(_optim, name)
-        base = {**MATRIX, **SCHEDULE_FREE}.get(name, Optimizer)
+        base = {**MATRIX, **SCHEDULE_FREE, **OWN_STATE}.get(name, Optimizer)
         if name in ELEMENTWISE or base is not Optimizer:
             found[name] = _adapter(name, fused_class, getattr(torch.optim, name, None), base)
     return found

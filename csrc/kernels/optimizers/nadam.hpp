@@ -33,6 +33,9 @@ struct NAdam : NoCrossRule {
       hp::weight_decay(0.0, "weight decay coefficient (L2, or decoupled)"),
       real("momentum_decay", 4e-3, at_least(0.0), "momentum_decay value",
            "psi in the momentum schedule mu_t = beta1 (1 - 0.96^(t psi) / 2)"),
+      real_or_none("mu_product", half_open(0.0, 1.0), "mu_product value",
+                   "mu_1 ... mu_t, this step's factor included (torch's state mu_product after "
+                   "the step); None: multiplied out from step with this call's beta1"),
       flag("decoupled_weight_decay", false, "AdamW's decay instead of an L2 term in the gradient"),
       hp::maximize(),
   };
@@ -61,7 +64,7 @@ inline double nadam_mu_product(double beta1, double momentum_decay, std::int64_t
 }
 
 // Matches fusedopt.reference.nadam_ (mu_t, mu_t+1, the products and bias correction in double,
-// once per call):
+// once per call; mu_product, if not given, is nadam_mu_product's):
 //   g = -grad if maximize else grad
 //   if decoupled_weight_decay: param *= 1 - lr * weight_decay
 //   elif weight_decay: g = g + weight_decay * param
@@ -96,7 +99,10 @@ struct NAdamKernel {
     one_minus_beta2 = T(1.0 - b2);
     eps = T(h.real("eps"));
     const double mu = nadam_mu(b1, psi, step), mu_next = nadam_mu(b1, psi, step_next);
-    const double product = nadam_mu_product(b1, psi, t);
+    // given where beta1 changed during training (torch multiplies each step's mu_t into its
+    // state): a product from this call's beta1 alone would differ
+    const double product =
+        h.given("mu_product") ? h.real("mu_product") : nadam_mu_product(b1, psi, t);
     grad_step = T(lr * (1.0 - mu) / (1.0 - product));
     avg_step = T(lr * mu_next / (1.0 - product * mu_next));
     bias_correction2 = T(1.0 - std::pow(b2, step));
