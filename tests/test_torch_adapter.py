@@ -376,6 +376,30 @@ def test_nadam_with_one_cycle_momentum_steps_as_torchs(default_dtype):
         torch.set_default_dtype(previous)
 
 
+def test_nadam_state_loaded_without_mu_product_still_loads_into_torch(float64_default):
+    """A state without mu_product (a fusedopt checkpoint from before it was kept) is given
+    the product of its step, in state_dict() before the next step too; a bad one is refused
+    with its name."""
+    params = _params()
+    opt = ft.NAdam(params)
+    _run(opt, params, 3)
+    sd = opt.state_dict()
+    expected = {i: s["mu_product"].clone() for i, s in sd["state"].items()}
+    for s in sd["state"].values():
+        del s["mu_product"]
+    again = ft.NAdam(_params())
+    again.load_state_dict(sd)
+    saved = again.state_dict()
+    for i, product in expected.items():
+        assert torch.equal(saved["state"][i]["mu_product"], product)
+    _torch_loop("NAdam", _params()).load_state_dict(saved)
+    for bad in ("x", 1.0, float("nan"), torch.ones(2)):
+        broken = copy.deepcopy(opt.state_dict())
+        broken["state"][0]["mu_product"] = bad
+        with pytest.raises(ValueError, match="mu_product"):
+            ft.NAdam(_params()).load_state_dict(broken)
+
+
 def test_scheduler_closure_hooks_zero_grad():
     """lr_scheduler changes the lr the kernel uses; step returns the closure's loss; the
     step hooks run; zero_grad sets grads to None."""

@@ -1128,7 +1128,7 @@ class ZeroRedundancyOptimizer:
 def _whole(value: Any) -> bool:
     """Whether a state entry's value is the whole tensor's (a number: the step, NAdam's
     mu_product), not an array that each rank holds a slice of."""
-    return not isinstance(value, (np.ndarray, QuantizedState))
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _kind(value: Any) -> str:

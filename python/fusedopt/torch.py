@@ -1226,6 +1226,19 @@ class _NAdamAdapter(Optimizer):
         self._fused._update(plan, params, grads, buffers, step, after[0].item(), first)
         products.copy_(after)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """As the base's; a state loaded without ``mu_product`` and not stepped since gets it
+        derived, as its next step will, so that torch's NAdam loads it."""
+        sd = super().state_dict()
+        by_id = {i: g for g in sd["param_groups"] for i in g["params"]}
+        for i, s in sd["state"].items():
+            if "step" in s and "mu_product" not in s:
+                group = by_id[i]
+                beta1, psi = float(_plain(group["betas"])[0]), float(group["momentum_decay"])
+                product = _mu_products(int(s["step"]), beta1, psi, _scalar_dtype())
+                s["mu_product"] = product.clone()
+        return sd
+
     def _layout(
         self, p: torch.Tensor, saved: Dict[str, Any], signed_codes: Dict[str, bool]
     ) -> Dict[str, Any]:
@@ -1233,7 +1246,12 @@ class _NAdamAdapter(Optimizer):
         product = saved.pop("mu_product", None)
         entry = super()._layout(p, saved, signed_codes)
         if product is not None:
-            value = torch.as_tensor(product).detach()
+            try:
+                value = torch.as_tensor(product).detach()
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(
+                    f"state 'mu_product': expected a real number in [0, 1), got {product!r}"
+                ) from None
             if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
                 raise ValueError(
                     f"state 'mu_product': expected a real number in [0, 1), got {value!r}"
