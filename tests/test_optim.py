@@ -183,26 +183,35 @@ def torch_float64():
     torch.set_default_dtype(previous)
 
 
+def torch_twin(cls, **hyper):
+    """float64 parameters for ``cls`` and the same values as tensors for torch.optim's class
+    of that name (foreach=False): (params, initial values, tensors, torch's, ours)."""
+    params = model(np.float64)
+    initial = copy(params)
+    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
+    topt = getattr(torch.optim, cls.__name__)(tparams, foreach=False, **hyper)
+    return params, initial, tparams, topt, cls(params, **hyper)
+
+
+def step_both(params, tparams, topt, opt, rng):
+    """One step of each with the same random gradients."""
+    grads = grads_for(params, rng)
+    for p, n in zip(tparams, SHAPES):
+        p.grad = torch.tensor(grads[n])
+    topt.step()
+    opt.step(grads)
+
+
 @pytest.mark.skipif(torch is None, reason="torch not installed: torch.optim comparison skipped")
 @pytest.mark.parametrize("cls, hyper", TORCH_CASES)
 def test_class_matches_torch(cls, hyper, torch_float64):
     """50 steps with random gradients in float64: parameter deltas equal torch.optim's (with
     foreach=False) to rtol 1e-9. Not bit for bit: torch rounds some steps differently (e.g.
     addcdiv computes value * (a / b), the reference (value * a) / b)."""
-    params = model(np.float64)
-    initial = copy(params)
-    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
-    torch_hyper = dict(hyper)
-    torch_cls = getattr(torch.optim, cls.__name__)
-    topt = torch_cls(tparams, foreach=False, **torch_hyper)
-    opt = cls(params, **hyper)
+    params, initial, tparams, topt, opt = torch_twin(cls, **hyper)
     rng = np.random.default_rng(2)
     for _ in range(50):
-        grads = grads_for(params, rng)
-        for p, n in zip(tparams, SHAPES):
-            p.grad = torch.tensor(grads[n])
-        topt.step()
-        opt.step(grads)
+        step_both(params, tparams, topt, opt, rng)
     for p, n in zip(tparams, SHAPES):
         np.testing.assert_allclose(
             params[n] - initial[n],
@@ -232,18 +241,10 @@ def test_nadam_and_radam_match_torch_at_every_step(cls, hyper, torch_float64):
     torch.optim's to rtol 1e-9: RAdam's steps on both sides of its threshold rho_t > 5 (the
     rectified step starts at t = 6), NAdam's once its product of momentum coefficients is
     below 2**-54 (about t = 47 by default) and, with momentum_decay=40, once mu_t is beta1."""
-    params = model(np.float64)
-    initial = copy(params)
-    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
-    topt = getattr(torch.optim, cls.__name__)(tparams, foreach=False, **hyper)
-    opt = cls(params, **hyper)
+    params, initial, tparams, topt, opt = torch_twin(cls, **hyper)
     rng = np.random.default_rng(3)
     for step in range(1, 101):
-        grads = grads_for(params, rng)
-        for p, n in zip(tparams, SHAPES):
-            p.grad = torch.tensor(grads[n])
-        topt.step()
-        opt.step(grads)
+        step_both(params, tparams, topt, opt, rng)
         for p, n in zip(tparams, SHAPES):
             context = f"{n} step {step}"
             delta, expected = params[n] - initial[n], p.detach().numpy() - initial[n]
@@ -263,21 +264,13 @@ def test_nadam_with_a_one_cycle_momentum_matches_torch(torch_float64):
     percents here."""
     from fusedopt.schedules import OneCycleLR
 
-    params = model(np.float64)
-    initial = copy(params)
-    tparams = [torch.tensor(initial[n], requires_grad=True) for n in SHAPES]
-    topt = torch.optim.NAdam(tparams, foreach=False)
-    opt = optim.NAdam(params)
+    params, initial, tparams, topt, opt = torch_twin(optim.NAdam)
     schedule = dict(max_lr=0.05, total_steps=40, base_momentum=0.5, max_momentum=0.95)
     tsched = torch.optim.lr_scheduler.OneCycleLR(topt, **schedule)
     sched = OneCycleLR(opt, **schedule)
     rng = np.random.default_rng(5)
     for step in range(1, 41):
-        grads = grads_for(params, rng)
-        for p, n in zip(tparams, SHAPES):
-            p.grad = torch.tensor(grads[n])
-        topt.step()
-        opt.step(grads)
+        step_both(params, tparams, topt, opt, rng)
         tsched.step()
         sched.step()
         assert opt.param_groups[0]["betas"] == topt.param_groups[0]["betas"]
