@@ -378,7 +378,7 @@ std::uint64_t parse_seed(PyObject* value) {
 // That an int8 state's scales are what the encoder writes, powers of two in [2**-126, 2**127]:
 // a NaN, infinite, zero or negative scale would decode to NaN or to values the format cannot
 // hold, and the step would write them with no error. One pass over n / kBlock floats.
-void check_scale_values(const std::string& label, const float* scales, Index blocks) {
+void check_scale_values(const Label& label, const float* scales, Index blocks) {
   const auto invalid = [&](Index b) {  // sign or mantissa bits, or exponent field 0 or 255
     std::uint32_t bits;
     std::memcpy(&bits, scales + b, sizeof bits);
@@ -389,7 +389,7 @@ void check_scale_values(const std::string& label, const float* scales, Index blo
   if (any == 0) return;
   Index b = 0;
   while (invalid(b) == 0) ++b;
-  throw py::value_error(label +
+  throw py::value_error(label.str() +
                         ": scales must be powers of two in [2**-126, 2**127], as the "
                         "encoder writes them; got " +
                         str_of(py::float_(scales[b]).ptr()) + " at " + std::to_string(b));
@@ -571,6 +571,12 @@ const std::array<py::object, kDTypeCount>& numpy_dtypes() {
 
 py::dtype numpy_dtype(DType dtype) {
   return py::reinterpret_borrow<py::dtype>(numpy_dtypes()[static_cast<std::size_t>(dtype)]);
+}
+
+// The dtype of a quantized state's unsigned codes (signed ones: numpy_dtype(DType::int8)).
+const py::dtype& uint8_dtype() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::dtype> dtype;
+  return dtype.call_once_and_store_result([] { return py::dtype("uint8"); }).get_stored();
 }
 
 const char* dtype_text(DType dtype) {
@@ -1001,7 +1007,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   std::vector<Extent> extents;
   extents.reserve(count * roles_per_tensor * 2);
   struct Scales {
-    std::string label;
+    Label label;  // its text is built only for an error
     const float* values;
     Index count;
   };
@@ -1063,14 +1069,14 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                                type_name(codes));
         }
         const py::dtype codes_dtype = py::reinterpret_borrow<py::array>(codes).dtype();
-        const bool is_uint8 = same_dtype(codes_dtype, py::dtype("uint8"));
+        const bool is_uint8 = same_dtype(codes_dtype, uint8_dtype());
         if (is_uint8 && !roles[r].nonnegative) {
           throw py::type_error(codes_label.str() +
                                ": uint8 (unsigned) codes are only for a state that is never "
                                "negative; " +
                                roles[r].name + " takes int8 codes");
         }
-        if (!is_uint8 && !same_dtype(codes_dtype, py::dtype("int8"))) {
+        if (!is_uint8 && !same_dtype(codes_dtype, numpy_dtype(DType::int8))) {
           throw py::type_error(codes_label.str() + ": expected dtype int8" +
                                (roles[r].nonnegative ? std::string(" or uint8") : "") + ", got " +
                                dtype_name(codes_dtype));
@@ -1090,15 +1096,17 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                                type_name(scales));
         }
         const auto sc = py::reinterpret_borrow<py::array>(scales);
-        const std::string expected_scales = "float32 of shape (" + std::to_string(blocks) +
-                                            ",) (one per " + std::to_string(fusedopt::kBlock) +
-                                            " elements)";
+        // built only for an error: a call checks one per tensor and state
+        const auto expected_scales = [&] {
+          return "float32 of shape (" + std::to_string(blocks) + ",) (one per " +
+                 std::to_string(fusedopt::kBlock) + " elements)";
+        };
         if (!same_dtype(sc.dtype(), numpy_dtype(DType::float32))) {
-          throw py::type_error(scales_label.str() + ": expected " + expected_scales + ", got " +
-                               dtype_name(sc.dtype()));
+          throw py::type_error(scales_label.str() + ": expected " + expected_scales() +
+                               ", got " + dtype_name(sc.dtype()));
         }
         if (sc.ndim() != 1 || sc.size() != blocks) {
-          throw py::value_error(scales_label.str() + ": expected " + expected_scales +
+          throw py::value_error(scales_label.str() + ": expected " + expected_scales() +
                                 ", got shape " + shape_str(sc));
         }
         if ((sc.flags() & py::array::c_style) == 0) {
@@ -1108,7 +1116,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
         }
         if (!is_aligned(sc)) throw py::value_error(misaligned(scales_label));
         if (!sc.writeable()) throw py::value_error(scales_label.str() + ": array is read-only");
-        scale_values.push_back({scales_label.str(), static_cast<const float*>(sc.data()), blocks});
+        scale_values.push_back({scales_label, static_cast<const float*>(sc.data()), blocks});
         const auto c = py::reinterpret_borrow<py::array>(codes);
         checked.data[slot] = const_cast<void*>(c.data());
         checked.scales[slot] = const_cast<void*>(sc.data());

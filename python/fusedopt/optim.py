@@ -121,9 +121,13 @@ _ROWS = frozenset(_core.STORAGE_ROWS)  # (param, grad, state) dtype names the ke
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
+_DTYPE_NAMES = {d: n for n, d in _DTYPES.items()}
+
+
 def _dtype_name(dtype: np.dtype) -> Optional[str]:
     """The name of one of the parameter dtypes (native byte order only), else None."""
-    return next((n for n, d in _DTYPES.items() if dtype == d and dtype.isnative), None)
+    name = _DTYPE_NAMES.get(dtype)
+    return name if name is not None and dtype.isnative else None
 
 
 def _state_dtype(value: Any) -> Optional[str]:
@@ -513,10 +517,11 @@ class Optimizer:
                     f"gradient of {name!r}: expected {expected} {p.shape} like the "
                     f"parameter, got {g.dtype} {g.shape}"
                 )
-            same_layout = (g.flags.c_contiguous and p.flags.c_contiguous) or (
-                g.flags.f_contiguous and p.flags.f_contiguous
+            g_flags, p_flags = g.flags, p.flags
+            same_layout = (g_flags.c_contiguous and p_flags.c_contiguous) or (
+                g_flags.f_contiguous and p_flags.f_contiguous
             )
-            if not g.flags.aligned:
+            if not g_flags.aligned:
                 raise ValueError(
                     f"gradient of {name!r}: expected an array aligned to its element size, got "
                     "a misaligned view"
@@ -527,7 +532,7 @@ class Optimizer:
                 )
             if np.may_share_memory(g, p):
                 raise ValueError(f"gradient of {name!r} shares memory with the parameter")
-            if not p.flags.writeable:  # made read-only since it was added
+            if not p_flags.writeable:  # made read-only since it was added
                 raise ValueError(f"parameter {name!r}: array is read-only")
         return aligned
 
@@ -541,8 +546,10 @@ class Optimizer:
         aligned = self._align(grads)
         plans = [self._plan(group) for group in self.param_groups]  # all valid before any call
         active = [(name, g) for name, g in aligned.items() if g is not None]
+        state_of = self.state
         for name, _ in active:  # refused before clipping writes the grads
-            if self.state.get(name, {}).get("step", 0) > _MAX_STEPS_TAKEN:
+            state = state_of.get(name)
+            if state is not None and state.get("step", 0) > _MAX_STEPS_TAKEN:
                 raise ValueError(
                     f"state of {name!r}: step {self.state[name]['step']} cannot grow "
                     f"(a kernel counts at most 2**63 - 1 steps)"
@@ -556,6 +563,9 @@ class Optimizer:
                 return False
         calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
         added: List[Tuple[str, Optional[str]]] = []  # new state (name, key; None: the entry)
+        # the loop below runs once per tensor and step: its lookups are hoisted
+        frozen, storages, call_key = self._frozen, self._storage, self._call_key
+        per_parameter = self._steps_per_parameter
         for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
                 continue
@@ -563,15 +573,15 @@ class Optimizer:
             keys: Dict[Tuple[Any, ...], List[str]] = {}
             for name, p in zip(group["names"], group["params"]):
                 g = aligned[name]
-                if g is None or name in self._frozen:
+                if g is None or name in frozen:
                     continue
-                if name not in self.state:
-                    self.state[name] = {"step": 0}
+                state = state_of.get(name)
+                if state is None:
+                    state = state_of[name] = {"step": 0}
                     added.append((name, None))
-                state = self.state[name]
-                step = state["step"] + 1 if self._steps_per_parameter else None
-                key = (p.dtype.str, g.dtype.str, step, self._call_key(group, state))
-                storage = self._storage[name]
+                step = state["step"] + 1 if per_parameter else None
+                key = (p.dtype, g.dtype, step, call_key(group, state))
+                storage = storages[name]
                 for array, b in plan.arrays:  # lazily, in the parameter's layout
                     if b not in state:
                         state[b] = self._new_buffer(group, plan, array, b, p, storage.state)
@@ -594,19 +604,20 @@ class Optimizer:
             if clipping:
                 clip_grad_norm_([g for _, g in active], self.max_grad_norm)
             for plan, names, buffers, step, extra in calls:
+                states = [state_of[n] for n in names]
                 self._update(
                     plan,
                     [self._params[n] for n in names],
                     [aligned[n] for n in names],
-                    {b: [self.state[n][b] for n in names] for b in buffers},
+                    {b: [state[b] for state in states] for b in buffers},
                     step,
                     extra,
                     self._position[names[0]],
                 )
                 ran += 1
-                for n in names:
-                    self.state[n]["step"] += 1
-                    self._after_update(self.state[n], extra)
+                for state in states:
+                    state["step"] += 1
+                    self._after_update(state, extra)
         except (TypeError, ValueError) as error:
             if not ran:  # refused before any call wrote: the state is left as it was found
                 try:
