@@ -420,14 +420,24 @@ def transformer_shapes(d: int, blocks: int = 24):
     return block * blocks
 
 
+def optim_step(spec, hyper, arrays):
+    """A step of the fusedopt.optim class over the same params and grads: the list call plus
+    what the class does per tensor (its checks, its state, the grouping into calls). The class
+    keeps its own state; the arrays' buffers go unused."""
+    opt = fusedopt.optim.from_config(spec.name, arrays["param"], **hyper)
+    return lambda step: opt.step(arrays["grad"])
+
+
 def many_tensors(widths, budget_s, rng):
     """Adam on a 240-tensor model in one multi-tensor call, against one flat call over the same
-    number of elements, torch's fused Adam over the 240 tensors, and NumPy."""
+    number of elements, a step of fusedopt.optim.Adam (the list call and the class's work per
+    tensor), torch's fused Adam over the 240 tensors, and NumPy."""
     spec, hyper = OPTIMIZERS["adam"], {}
     rows = []
     print(
         "\n| d | tensors | elements | fusedopt list | fusedopt flat | list / flat | "
-        "torch fused | vs torch | numpy | GB/s (list) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "fusedopt.optim | optim / list | torch fused | vs torch | numpy | GB/s (list) |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for d in widths:
         shapes = transformer_shapes(d)
@@ -457,6 +467,7 @@ def many_tensors(widths, budget_s, rng):
         for impl, flat in [
             ("fusedopt list", False),
             ("fusedopt flat", True),
+            ("fusedopt.optim", False),
             ("torch fused", False),
             ("numpy", False),
         ]:
@@ -465,6 +476,7 @@ def many_tensors(widths, budget_s, rng):
             prepare = {
                 "fusedopt list": call_step("fused"),
                 "fusedopt flat": call_step("fused"),
+                "fusedopt.optim": optim_step,
                 "torch fused": torch_step("fused"),
                 "numpy": call_step("reference"),
             }[impl]
@@ -480,6 +492,7 @@ def many_tensors(widths, budget_s, rng):
             **{k: v for k, v in medians.items()},
         }
         row["list_over_flat"] = medians["fusedopt list"] / medians["fusedopt flat"]
+        row["optim_over_list"] = medians["fusedopt.optim"] / medians["fusedopt list"]
         if "torch fused" in medians:
             row["speedup_vs_torch_fused"] = medians["torch fused"] / medians["fusedopt list"]
         rows.append(row)
@@ -491,6 +504,7 @@ def many_tensors(widths, budget_s, rng):
         print(
             f"| {d} | {len(shapes)} | {n:,} | {fmt_time(medians['fusedopt list'])} | "
             f"{fmt_time(medians['fusedopt flat'])} | {row['list_over_flat']:.2f} | "
+            f"{fmt_time(medians['fusedopt.optim'])} | {row['optim_over_list']:.2f} | "
             f"{torch_cells} | {fmt_time(medians['numpy'])} | "
             f"{28 * n / medians['fusedopt list'] / 1e9:.1f} |",
             flush=True,

@@ -383,6 +383,32 @@ def test_frozen_equals_no_gradient():
     assert_same(a, b)
 
 
+@pytest.mark.parametrize("option", ["max_grad_norm", "skip_if_nonfinite"])
+def test_frozen_equals_no_gradient_with_clipping_and_the_finite_check(option):
+    """A frozen parameter's gradient, given or not, enters neither the global norm that
+    max_grad_norm clips to (nor is it scaled) nor the non-finite check: as a None gradient."""
+    options = {"max_grad_norm": 0.5} if option == "max_grad_norm" else {"skip_if_nonfinite": True}
+    a, b = model(), model()
+    frozen_group = [{"params": {"w1": a["w1"]}, "frozen": True}, {"params": {"b1": a["b1"]}}]
+    opt_a = optim.Adam({k: v for k, v in a.items() if k not in ("w1", "b1")}, lr=0.01, **options)
+    opt_a.add_param_group(frozen_group[1])
+    opt_a.add_param_group(frozen_group[0])
+    opt_a.freeze("w2")
+    opt_b = optim.Adam({k: v for k, v in b.items() if k not in ("w1", "b1")}, lr=0.01, **options)
+    opt_b.add_param_group({"params": {"b1": b["b1"]}})
+    opt_b.add_param_group({"params": {"w1": b["w1"]}})
+    for t in range(3):
+        ga, gb = grads_for(a, np.random.default_rng(t)), grads_for(b, np.random.default_rng(t))
+        gb["w1"] = gb["w2"] = None
+        if option == "skip_if_nonfinite":
+            ga["w1"][0, 0] = ga["w2"][0, 0] = np.nan  # frozen: not part of the step
+        given = {n: ga[n].copy() for n in ("w1", "w2")}
+        assert opt_a.step(ga) and opt_b.step(gb)
+        assert_same({n: ga[n] for n in given}, given)  # not clipped in place
+    assert_same(a, b)
+    assert opt_a.skipped_steps == 0
+
+
 def test_reset_state():
     params = model()
     opt = optim.Adam(params)
@@ -505,6 +531,96 @@ def test_bad_checkpoints_raise_and_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="holds a SGD optimizer, not a Adam"):
         optim.Adam.load(tmp_path / "sgd.npz", model())
     assert snapshot(opt) == before
+
+
+def test_bad_checkpoint_entries_are_named_and_change_nothing():
+    """A checkpoint's step counts, skipped-step count and frozen names are checked before
+    anything is loaded: a bad one is a ValueError that names it, and the optimizer is left as
+    it was (not with the checkpoint's groups and state but its own options)."""
+    params = model()
+    opt = optim.Adam(params, lr=0.01)
+    opt.step(grads_for(params, np.random.default_rng(5)))
+    before = snapshot(opt)
+
+    def changed(**entries):
+        sd = opt.state_dict()
+        sd["param_groups"][0]["lr"] = 0.5  # would show if the groups were replaced
+        sd["seed"] = 7
+        for key, value in entries.items():
+            if key == "step":
+                sd["state"]["w1"]["step"] = value
+            else:
+                sd[key] = value
+        return sd
+
+    for entries, message in [
+        ({"step": None}, r"^state of 'w1': invalid step None \(the steps taken"),
+        ({"step": float("nan")}, r"^state of 'w1': invalid step nan"),
+        ({"step": 1.5}, r"^state of 'w1': invalid step 1.5"),
+        ({"step": "2"}, r"^state of 'w1': invalid step '2'"),
+        ({"skipped_steps": "x"}, r"^checkpoint has skipped_steps='x': expected a count"),
+        ({"skipped_steps": 2.7}, r"^checkpoint has skipped_steps=2.7"),
+        ({"skipped_steps": -1}, r"^checkpoint has skipped_steps=-1"),
+        ({"skipped_steps": True}, r"^checkpoint has skipped_steps=True"),
+        ({"frozen": ["w1", "nope"]}, r"^checkpoint has unknown frozen parameters \['nope'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(changed(**entries))
+        assert snapshot(opt) == before, entries
+    # counts written by JSON as floats still load
+    opt.load_state_dict(changed(step=3.0, skipped_steps=np.int64(2), frozen=["b1"]))
+    assert opt.state["w1"]["step"] == 3 and opt.skipped_steps == 2 and opt.seed == 7
+
+
+def test_a_hyperparameter_list_changed_in_place_is_a_change():
+    """A group's list changed in place (``group["betas"][0] = ...``) is seen and checked at
+    the next step, as an assignment is: the validated call is not kept past it."""
+    rng = np.random.default_rng(0)
+    grads = {"w": rng.standard_normal(5)}
+    a, b = {"w": np.ones(5)}, {"w": np.ones(5)}
+    opt_a = optim.Adam([{"params": a, "betas": [0.9, 0.999]}], lr=0.1)
+    opt_b = optim.Adam([{"params": b, "betas": [0.9, 0.999]}], lr=0.1)
+    opt_a.step(grads)
+    opt_b.step(grads)
+    opt_a.param_groups[0]["betas"][0] = 0.5
+    opt_b.param_groups[0]["betas"] = [0.5, 0.999]
+    opt_a.step(grads)
+    opt_b.step(grads)
+    assert_same(a, b)
+    opt_a.param_groups[0]["betas"][1] = float("nan")
+    before = a["w"].copy()
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: nan"):
+        opt_a.step(grads)
+    assert_same_bits(a["w"], before)
+    # a checkpoint's lists are copied into the groups, not shared with the caller
+    sd = opt_b.state_dict()
+    opt_a.load_state_dict(sd)
+    sd["param_groups"][0]["betas"][0] = 0.0
+    assert opt_a.param_groups[0]["betas"][0] == 0.5
+
+
+def test_clipping_a_read_only_gradient_names_its_parameter():
+    params = {"w": np.ones(3), "b": np.ones(2), "s": np.ones(2)}
+    read_only = np.ones(2)
+    read_only.flags.writeable = False
+    before = copy(params)
+    opt = optim.Adam(params, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"^gradient of 's': array is read-only, and max_grad"):
+        opt.step({"w": np.ones(3), "b": None, "s": read_only})  # not "grads[1]"
+    assert_same(params, before)
+    assert opt.state == {}
+    assert optim.Adam(params).step({"w": np.ones(3), "b": None, "s": read_only})  # only read
+
+
+def test_group_names_are_one_string_per_array():
+    w, b = np.ones(3), np.ones(2)
+    with pytest.raises(ValueError, match=r"names: expected one per array \(2\), got 1"):
+        optim.Adam([{"params": [w, b], "names": ["w"]}])
+    with pytest.raises(ValueError, match=r"names: expected one per array \(1\), got 2"):
+        optim.Adam([{"params": [w], "names": ["w", "b"]}])
+    with pytest.raises(TypeError, match=r"names: expected strings, got \[0, 1\]"):
+        optim.Adam([{"params": [w, b], "names": [0, 1]}])  # a checkpoint's keys are strings
+    assert optim.Adam([{"params": [w, b], "names": ["w", "b"]}]).names == ["w", "b"]
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -413,6 +413,26 @@ def test_quantized_state_validates():
         QuantizedState(np.zeros(3, np.int8), f32([1.0, 1.0]))
     with pytest.raises(ValueError, match="order must be 'C' or 'F'"):
         QuantizedState.zeros(3, True, order="K")
+    with pytest.raises(ValueError, match="scales must be contiguous, got a strided view"):
+        QuantizedState(np.zeros(300, np.int8), f32([1.0, 1.0, 1.0, 1.0])[::2])
+    x = np.ones(300, np.float32)
+    for call in (
+        lambda: QuantizedState.zeros(3, "no"),
+        lambda: QuantizedState.from_array(x, None),
+        lambda: encode(x, 1),
+    ):
+        with pytest.raises(TypeError, match="signed must be a bool, got"):
+            call()
+    with pytest.raises(TypeError, match="random_bits must have dtype uint32, got float64"):
+        encode(x, True, np.full(300, 0.7))
+    for size in (10, 301):
+        with pytest.raises(
+            ValueError,
+            match=f"random_bits must have one element per element "
+            rf"of x \(300\), got {size}",
+        ):
+            encode(x, True, np.zeros(size, np.uint32))
+    encode(x, True, np.zeros((3, 100), np.uint32))  # in memory order, any shape
 
 
 def _blocks_for_both_codec_paths(rng, signed):

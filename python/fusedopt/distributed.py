@@ -687,9 +687,11 @@ class ZeroRedundancyOptimizer:
 
     def _step(self, aligned: Dict[str, Optional[np.ndarray]]) -> bool:
         MPI, comm, full = _mpi(), self.comm, self._full
+        # a frozen parameter's gradient counts as None: in neither the norm nor the check
+        frozen = full._frozen.union(*(g["names"] for g in full.param_groups if g["frozen"]))
         for space in self._spaces:
             for name in space.names:
-                g = None if aligned[name] is None else _flat(aligned[name])
+                g = None if aligned[name] is None or name in frozen else _flat(aligned[name])
                 for lo, hi, at in space.segments[name]:
                     space.grads[at : at + hi - lo] = 0 if g is None else g[lo:hi]
             for lo, hi in space.padding:
@@ -712,11 +714,7 @@ class ZeroRedundancyOptimizer:
                 for g in shard_grads:
                     _core.scale([g], factor=coef)
         updated = [
-            name
-            for group in full.param_groups
-            if not group["frozen"]
-            for name in group["names"]
-            if aligned[name] is not None and name not in full._frozen
+            name for name in full._params if aligned[name] is not None and name not in frozen
         ]
         for name in updated:
             lo, hi = self._piece[name]

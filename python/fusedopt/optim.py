@@ -130,6 +130,33 @@ def _dtype_name(dtype: np.dtype) -> Optional[str]:
     return name if name is not None and dtype.isnative else None
 
 
+def _count(value: Any, most: Optional[int] = None) -> Optional[int]:
+    """``value`` as a count (an integer, or an integral float as JSON may give one, in
+    [0, most]), else None: so that a checkpoint's bad count gets an error that names it."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        count = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and value == int(value):
+        count = int(value)
+    else:
+        return None
+    return count if 0 <= count and (most is None or count <= most) else None
+
+
+def _copied(value: Any) -> Any:
+    """A hyperparameter's value with its lists copied (all levels)."""
+    return [_copied(v) for v in value] if isinstance(value, list) else value
+
+
+def _snapshot(value: Any) -> Any:
+    """A hyperparameter's value as it is now: lists (betas, eps pairs) as tuples, so that a
+    later change in place compares unequal."""
+    return tuple(_snapshot(v) for v in value) if isinstance(value, list) else value
+
+
 def _state_dtype(value: Any) -> Optional[str]:
     """``state_dtype`` as a name: None, "float32", "bfloat16" or "int8", from a name, a NumPy
     dtype or a torch dtype."""
@@ -370,6 +397,12 @@ class Optimizer:
         else:
             arrays = list(params)
             names = list(group.get("names") or [f"{index}.{i}" for i in range(len(arrays))])
+            if len(names) != len(arrays):
+                raise ValueError(
+                    f"a group's names: expected one per array ({len(arrays)}), got {len(names)}"
+                )
+            if not all(isinstance(n, str) for n in names):  # checkpoints key state by name
+                raise TypeError(f"a group's names: expected strings, got {names!r}")
         storage = {}
         for name, p in zip(names, arrays):
             _check_param(name, p)
@@ -421,13 +454,20 @@ class Optimizer:
         self._plan(group)
 
     def _plan(self, group: Dict[str, Any]) -> _Plan:
-        """The group's kernel call, validated: hyperparameters only this class has by
-        ``_check_group``, the kernel's by the kernel's own rules. Kept until the group's
-        hyperparameters change, so a step validates only what changed."""
-        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
+        """The group's kernel call, validated (:meth:`_build_plan`). Kept until the group's
+        hyperparameters change, so a step validates only what changed. They are compared by
+        value: a list changed in place (``group["betas"][0] = 0.95``) is a change."""
+        values = tuple((k, _snapshot(v)) for k, v in group.items() if k not in ("params", "names"))
         cached = self._plans.get(id(group))
         if cached is not None and cached[0] == values:
             return cached[1]
+        plan = self._build_plan(group)
+        self._plans[id(group)] = (values, plan)
+        return plan
+
+    def _build_plan(self, group: Dict[str, Any]) -> _Plan:
+        """The group's kernel call, validated: hyperparameters only this class has by
+        ``_check_group``, the kernel's by the kernel's own rules."""
         betas = group.get("betas")
         if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
             raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
@@ -436,9 +476,7 @@ class Optimizer:
         hyper = self._kernel_arguments(group)
         declaration.check(hyper)
         arrays = tuple((b, self.state_names.get(b, b)) for b in declaration.buffers(hyper))
-        plan = _Plan(declaration, hyper, arrays)
-        self._plans[id(group)] = (values, plan)
-        return plan
+        return _Plan(declaration, hyper, arrays)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         """Validate the hyperparameters of the group that the kernel does not take."""
@@ -545,7 +583,12 @@ class Optimizer:
         """
         aligned = self._align(grads)
         plans = [self._plan(group) for group in self.param_groups]  # all valid before any call
-        active = [(name, g) for name, g in aligned.items() if g is not None]
+        # the gradients the step uses: a frozen parameter's, as None's, enter neither the
+        # clipping norm nor the non-finite check
+        frozen = self._frozen.union(
+            *(group["names"] for group in self.param_groups if group["frozen"])
+        )
+        active = [(name, g) for name, g in aligned.items() if g is not None and name not in frozen]
         state_of = self.state
         for name, _ in active:  # refused before clipping writes the grads
             state = state_of.get(name)
@@ -553,6 +596,11 @@ class Optimizer:
                 raise ValueError(
                     f"state of {name!r}: step {self.state[name]['step']} cannot grow "
                     f"(a kernel counts at most 2**63 - 1 steps)"
+                )
+            if self.max_grad_norm is not None and not aligned[name].flags.writeable:
+                raise ValueError(
+                    f"gradient of {name!r}: array is read-only, and max_grad_norm clips the "
+                    "gradients in place"
                 )
         if self.skip_if_nonfinite:
             by_dtype: Dict[Any, List[np.ndarray]] = {}
@@ -564,7 +612,7 @@ class Optimizer:
         calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
         added: List[Tuple[str, Optional[str]]] = []  # new state (name, key; None: the entry)
         # the loop below runs once per tensor and step: its lookups are hoisted
-        frozen, storages, call_key = self._frozen, self._storage, self._call_key
+        storages, call_key = self._storage, self._call_key
         per_parameter = self._steps_per_parameter
         for group, plan in zip(self.param_groups, plans):
             if group["frozen"]:
@@ -843,7 +891,8 @@ class Optimizer:
             group = dict(current)
             group.update(
                 {
-                    k: (tuple(v) if isinstance(current.get(k), tuple) else v)
+                    # the checkpoint's lists copied: the group must not share the caller's
+                    k: (tuple(v) if isinstance(current.get(k), tuple) else _copied(v))
                     for k, v in saved.items()
                     if k != "names"  # equal to the current names, and the caller's list
                 }
@@ -867,16 +916,13 @@ class Optimizer:
             entry = {}
             for key, value in s.items():
                 if key == "step":
-                    if (
-                        isinstance(value, bool)
-                        or int(value) != value
-                        or not 0 <= value <= _MAX_STEPS_TAKEN
-                    ):
+                    steps = _count(value, _MAX_STEPS_TAKEN)
+                    if steps is None:
                         raise ValueError(
                             f"state of {name!r}: invalid step {value!r} (the steps taken, "
                             f"0 to 2**63 - 2)"
                         )
-                    entry[key] = int(value)
+                    entry[key] = steps
                     continue
                 if key in self._scalar_state:
                     entry[key] = self._scalar_state[key](f"state {key!r} of {name!r}", value)
@@ -915,10 +961,18 @@ class Optimizer:
             if storage.master and "master" not in entry:  # else rebuilt from the rounded param
                 raise ValueError(f"state of {name!r}: missing its float32 master weights")
             new_state[name] = entry
-        frozen = set(self._known(sd.get("frozen", [])))
+        frozen = set(sd.get("frozen", []))
+        unknown_frozen = sorted(map(str, frozen - set(self._params)))
+        if unknown_frozen:
+            raise ValueError(f"checkpoint has unknown frozen parameters {unknown_frozen}")
+        skipped_steps = _count(sd.get("skipped_steps", 0))
+        if skipped_steps is None:
+            raise ValueError(
+                f"checkpoint has skipped_steps={sd.get('skipped_steps')!r}: expected a count"
+            )
         self.param_groups, self.state, self._frozen = new_groups, new_state, frozen
         self._plans.clear()
-        self.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.skipped_steps = skipped_steps
         self.max_grad_norm = max_grad_norm
         self.skip_if_nonfinite = bool(skip_if_nonfinite)
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -1673,11 +1727,7 @@ class Muon(Optimizer):
     def _signed_codes(self, plan, array):
         return True  # the momentum buffer
 
-    def _plan(self, group: Dict[str, Any]) -> _Plan:
-        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
-        cached = self._plans.get(id(group))
-        if cached is not None and cached[0] == values:
-            return cached[1]
+    def _build_plan(self, group: Dict[str, Any]) -> _Plan:
         hyper = {k: group[k] for k in self.defaults if k != "frozen"}
         _matrix._check_hyper(
             hyper["lr"],
@@ -1689,9 +1739,7 @@ class Muon(Optimizer):
             hyper["ns_steps"],
             hyper["adjust_lr_fn"],
         )
-        plan = _Plan(None, hyper, (("momentum_buffer", "momentum_buffer"),))
-        self._plans[id(group)] = (values, plan)
-        return plan
+        return _Plan(None, hyper, (("momentum_buffer", "momentum_buffer"),))
 
     def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
@@ -1765,11 +1813,7 @@ class Adafactor(Optimizer):
     def _state_shape(self, key: str, p: np.ndarray) -> Tuple[int, ...]:
         return _matrix.adafactor_state_shapes(p.shape).get(key, p.shape)
 
-    def _plan(self, group: Dict[str, Any]) -> _Plan:
-        values = tuple((k, v) for k, v in group.items() if k not in ("params", "names"))
-        cached = self._plans.get(id(group))
-        if cached is not None and cached[0] == values:
-            return cached[1]
+    def _build_plan(self, group: Dict[str, Any]) -> _Plan:
         hyper = {k: group[k] for k in self.defaults if k not in ("frozen", "foreach")}
         _matrix._check_adafactor_hyper(
             1,
@@ -1780,9 +1824,7 @@ class Adafactor(Optimizer):
             hyper["weight_decay"],
             hyper["maximize"],
         )
-        plan = _Plan(None, hyper, ())
-        self._plans[id(group)] = (values, plan)
-        return plan
+        return _Plan(None, hyper, ())
 
     def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
         states, added = [], []

@@ -147,6 +147,11 @@ def _check_array(name: str, a: object, dtypes: tuple[type, ...]) -> np.ndarray:
     return a
 
 
+def _check_signed(signed: object) -> None:
+    if not isinstance(signed, (bool, np.bool_)):  # a truthy "no" must not mean signed
+        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+
+
 def _check_codes_scales(codes: object, scales: object) -> tuple[np.ndarray, np.ndarray]:
     codes = _check_array("codes", codes, (np.int8, np.uint8))
     scales = _check_array("scales", scales, (np.float32,))
@@ -154,6 +159,8 @@ def _check_codes_scales(codes: object, scales: object) -> tuple[np.ndarray, np.n
         raise ValueError("codes must be C- or F-contiguous")
     if scales.ndim != 1:
         raise ValueError(f"scales must be 1-D, got shape {scales.shape}")
+    if not scales.flags.c_contiguous:  # held and updated in place by the kernels
+        raise ValueError("scales must be contiguous, got a strided view")
     if scales.size != _num_blocks(codes.size):
         raise ValueError(
             f"scales must have ceil(codes.size / {BLOCK}) = {_num_blocks(codes.size)} "
@@ -178,7 +185,16 @@ def encode(
     average whose steps (1 - beta of it) are below half a step never moves when rounded to
     nearest.
     """
-    return _encode(_check_array("x", x, (np.float32,)), signed, random_bits, BLOCK)
+    x = _check_array("x", x, (np.float32,))
+    _check_signed(signed)
+    if random_bits is not None:
+        _check_array("random_bits", random_bits, (np.uint32,))
+        if random_bits.size != x.size:
+            raise ValueError(
+                f"random_bits must have one element per element of x ({x.size}), got "
+                f"{random_bits.size}"
+            )
+    return _encode(x, signed, random_bits, BLOCK)
 
 
 def _encode(
@@ -309,6 +325,7 @@ class QuantizedState:
         takes it only for such a state). ``order``: the codes' memory layout, "C" or "F"
         (blocks follow it).
         """
+        _check_signed(signed)
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', got {order!r}")
         codes = np.zeros(shape, np.int8 if signed else np.uint8, order=order)
