@@ -1665,3 +1665,22 @@ def test_load_state_dict_checks_int8_codes_and_scales_first():
     dst = ft.AdamW(params, lr=0.5, state_dtype="int8", stochastic_rounding=True)
     dst.load_state_dict(sd)
     assert (dst._fused.seed, dst._fused.stochastic_rounding) == (11, True)
+
+
+def test_load_state_dict_takes_state_dtype_none_and_float32_as_one_option():
+    """As fusedopt.optim's load_state_dict: None, "float32" and torch.float32 are one option,
+    in both directions."""
+    params = [torch.nn.Parameter(torch.randn(30))]
+    params[0].grad = torch.ones(30)
+    saved = {}
+    for state_dtype in (None, "float32", torch.float32):
+        opt = ft.Adam(params, lr=0.01, state_dtype=state_dtype)
+        opt.step()
+        saved[state_dtype] = copy.deepcopy(opt.state_dict())
+    for mine in saved:
+        for theirs, sd in saved.items():
+            opt = ft.Adam([torch.nn.Parameter(torch.randn(30))], lr=0.5, state_dtype=mine)
+            opt.load_state_dict(sd)
+            assert opt.param_groups[0]["lr"] == 0.01, (mine, theirs)
+    with pytest.raises(ValueError, match="checkpoint has state_dtype=None, this optimizer 'bf"):
+        ft.Adam(params, lr=0.5, state_dtype="bfloat16").load_state_dict(saved[None])

@@ -881,11 +881,15 @@ class Optimizer(torch.optim.Optimizer):
         which would round float32 masters and state of bfloat16 parameters), as copies."""
         options = state_dict.get("fusedopt", {})
         for key in ("state_dtype", "master_weights"):
-            if key in options and options[key] != getattr(self._fused, key):
-                raise ValueError(
-                    f"checkpoint has {key}={options[key]!r}, this optimizer "
-                    f"{getattr(self._fused, key)!r}"
-                )
+            if key not in options:
+                continue
+            saved, mine = options[key], getattr(self._fused, key)
+            if key == "state_dtype":  # None and "float32" are one option, as in fusedopt.optim
+                differ = (saved or "float32") != (mine or "float32")
+            else:
+                differ = saved != mine
+            if differ:
+                raise ValueError(f"checkpoint has {key}={saved!r}, this optimizer {mine!r}")
         # the options it restores, checked before anything changes
         stochastic_rounding = options.get("stochastic_rounding", self._fused.stochastic_rounding)
         _optim._check_flag("stochastic_rounding", stochastic_rounding)
