@@ -1684,3 +1684,88 @@ def test_load_state_dict_takes_state_dtype_none_and_float32_as_one_option():
             assert opt.param_groups[0]["lr"] == 0.01, (mine, theirs)
     with pytest.raises(ValueError, match="checkpoint has state_dtype=None, this optimizer 'bf"):
         ft.Adam(params, lr=0.5, state_dtype="bfloat16").load_state_dict(saved[None])
+
+
+def _set(key, value):
+    return lambda opt, p: opt.state[p].__setitem__(key, value)
+
+
+CHANGED = {  # a parameter or its state changed between steps: (options, change, key, error)
+    "p.data double": ({}, lambda opt, p: setattr(p, "data", p.data.double()), "exp_avg", TypeError),
+    "p.data reshaped": (
+        {},
+        lambda opt, p: setattr(p, "data", torch.ones(20, 15)),
+        "exp_avg",
+        ValueError,
+    ),
+    "buffer dtype": (
+        {},
+        _set("exp_avg", torch.zeros(300, dtype=torch.bfloat16)),
+        "exp_avg",
+        TypeError,
+    ),
+    "buffer shape": ({}, _set("exp_avg_sq", torch.zeros(30)), "exp_avg_sq", ValueError),
+    "buffer strided": ({}, _set("exp_avg", torch.zeros(600)[::2]), "exp_avg", ValueError),
+    "buffer not a tensor": ({}, _set("exp_avg", np.zeros(300, np.float32)), "exp_avg", TypeError),
+    "master dtype": (
+        {"master_weights": True},
+        _set("master", torch.zeros(300, dtype=torch.bfloat16)),
+        "master",
+        TypeError,
+    ),
+    "master shape": (
+        {"master_weights": True},
+        _set("master", torch.zeros(30)),
+        "master",
+        ValueError,
+    ),
+    "codes dtype": (
+        {"state_dtype": "int8"},
+        _set("exp_avg.codes", torch.zeros(300, dtype=torch.uint8)),
+        "exp_avg.codes",
+        TypeError,
+    ),
+    "scales length": (
+        {"state_dtype": "int8"},
+        _set("exp_avg.scales", torch.ones(1)),
+        "exp_avg.scales",
+        ValueError,
+    ),
+    "Adafactor variance": (
+        {"name": "Adafactor"},
+        _set("variance", torch.zeros(30)),
+        "variance",
+        ValueError,
+    ),
+    "scales missing": (
+        {"state_dtype": "int8"},
+        lambda opt, p: opt.state[p].pop("exp_avg_sq.scales"),
+        "exp_avg_sq.scales",
+        ValueError,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CHANGED.values(), ids=CHANGED.keys())
+def test_a_later_groups_changed_state_is_refused_before_any_group_is_written(case):
+    """State that no longer fits its parameter (p.data replaced after model.double(), a
+    buffer replaced with another dtype or shape) is refused as the step's calls are built,
+    naming the parameter and the state: no group is written, no step counted."""
+    options, change, key, error = case
+    options = dict(options)
+    name = options.pop("name", "AdamW")
+    dtype = torch.bfloat16 if options.get("master_weights") else torch.float32
+    params = [torch.nn.Parameter(torch.randn(300).to(dtype)) for _ in range(4)]
+    groups = [{"params": params[:2]}, {"params": params[2:]}]
+    opt = ft.CLASSES[name](groups, lr=0.01, **options)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    change(opt, params[2])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = _bits(opt, params[:2])
+    with pytest.raises(error, match=rf"^state '{key}' of parameter 0 of group 1: "):
+        opt.step()
+    assert _bits(opt, params[:2]) == before
+    assert [int(opt.state[p]["step"]) for p in params] == [1] * 4

@@ -55,7 +55,10 @@ anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Repla
 parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
 in place, and state cleared, removed or given new tensors between steps is what the next step
 uses, as torch's (missing state starts afresh; a dict assigned to ``state[p]`` is kept as a
-copy); a tensor's memory replaced behind it (``t.data = ...``) is not seen. With
+copy); a tensor's memory replaced behind it (``t.data = ...``) is not seen. State whose dtype
+or shape does not fit its parameter (a buffer replaced, or the parameter after
+``model.double()``) is refused before anything is written, naming the parameter and the key:
+convert the state too, or start it afresh (``del opt.state[p]``). With
 ``master_weights`` the update runs on the float32 masters (``state[p]["master"]``) and writes
 the parameter from them: a change made to the parameter alone (in place, ``p.data = ...``, a
 model's ``load_state_dict``) is overwritten at the next step; change the master too, or load
@@ -89,7 +92,7 @@ from . import optim as _optim
 from ._clip import clip_grad_norm_
 from ._dispatch import core as _core
 from ._functional import all_finite
-from .quantize import QuantizedState
+from .quantize import BLOCK, QuantizedState
 
 __all__ = ["CLASSES", "Optimizer"]  # and one class per fusedopt.optim class, below
 
@@ -797,7 +800,7 @@ class Optimizer(torch.optim.Optimizer):
         for array, key in plan.arrays:
             buffers[key] = [self._buffer(group, plan, array, key, p) for p in params]
         if self._storage[params[0]].master:
-            buffers["master"] = [self._master(p) for p in params]
+            buffers["master"] = [self._master(group, p) for p in params]
         return buffers
 
     def _call_key(self, group: Dict[str, Any], state: Dict[str, Any]) -> Any:
@@ -836,22 +839,66 @@ class Optimizer(torch.optim.Optimizer):
         state, storage = self.state[p], self._storage[p]
         if storage.state == "int8":
             codes, scales = f"{key}.codes", f"{key}.scales"
-            if codes not in state:
+            if codes not in state and scales not in state:
                 start = self._fused._new_buffer(group, plan, array, key, _numpy(p.detach()), "int8")
                 state[codes] = torch.from_numpy(start.codes)
                 state[scales] = torch.from_numpy(start.scales)
-            return QuantizedState(state[codes].numpy(), state[scales].numpy())
+            signed = self._fused._signed_codes(plan, array)
+            shape = tuple(p.shape)
+            c = self._checked_state(group, p, codes, torch.int8 if signed else torch.uint8, shape)
+            blocks = (-(-p.numel() // BLOCK),)
+            return QuantizedState(
+                c.numpy(), self._checked_state(group, p, scales, torch.float32, blocks).numpy()
+            )
+        dtype = _FROM_NAME[storage.state]
         if key not in state:
-            value = self._fused._init_buffer(group, key)
-            state[key] = torch.full_like(p, value, dtype=_FROM_NAME[storage.state])
-        _check_tensor(f"state {key!r}", state[key])
-        return _numpy(state[key])
+            state[key] = torch.full_like(p, self._fused._init_buffer(group, key), dtype=dtype)
+        return _numpy(self._checked_state(group, p, key, dtype, self._state_shape(key, p)))
 
-    def _master(self, p: torch.Tensor) -> np.ndarray:
+    def _master(self, group: Dict[str, Any], p: torch.Tensor) -> np.ndarray:
         state = self.state[p]
         if "master" not in state:
             state["master"] = p.detach().to(torch.float32, copy=True)
-        return _numpy(state["master"])
+        return _numpy(self._checked_state(group, p, "master", torch.float32, tuple(p.shape)))
+
+    def _checked_state(self, group, p: torch.Tensor, key: str, dtype, shape) -> torch.Tensor:
+        """State ``key`` of ``p``, checked to be what the kernel takes for the parameter's
+        storage (dtype, shape, a contiguous CPU tensor) as the step's calls are built: the
+        kernel's own check would come only when its call runs, after the earlier calls had
+        written. Its errors name the parameter (the name is made only for an error)."""
+        state = self.state[p]
+        t = state.get(key)
+        if (
+            isinstance(t, torch.Tensor)
+            and t.dtype == dtype
+            and t.shape == shape
+            and t.layout == torch.strided
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+        ):
+            return t
+        what = f"state {key!r} of {self._name(group, p)}"
+        if key not in state:  # the other half of an int8 buffer is there
+            raise ValueError(f"{what}: missing (int8 state is codes and scales together)")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype or t.shape != shape:
+            # e.g. model.double() between steps: torch's step refuses mixed dtypes too
+            name = operator.methodcaller("removeprefix", "torch.")
+            raise (TypeError if t.dtype != dtype else ValueError)(
+                f"{what}: expected {name(str(dtype))} {shape} for a {name(str(p.dtype))} "
+                f"{tuple(p.shape)} parameter, got {name(str(t.dtype))} {tuple(t.shape)} (a "
+                "parameter changed since its state was made needs its state converted too, or "
+                "started afresh: del opt.state[p])"
+            )
+        if dtype in _TORCH_DTYPES:
+            _check_tensor(what, t)
+        raise ValueError(f"{what}: expected a contiguous CPU tensor")
+
+    def _name(self, group: Dict[str, Any], p: torch.Tensor) -> str:
+        """``p`` as errors name it: "parameter 1 of group 0"."""
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        return f"parameter {i} of group {self._index(group)}"
 
     # ------------------------------------------------------------------ state
 
@@ -1182,10 +1229,9 @@ class _AdafactorAdapter(Optimizer):
                     continue
                 if key not in state:
                     state[key] = torch.zeros(shapes[key], dtype=dtype)
-                _check_tensor(f"state {key!r}", state[key])
-                views.append(_numpy(state[key]))
+                views.append(_numpy(self._checked_state(group, p, key, dtype, shapes[key])))
         if self._storage[params[0]].master:
-            buffers["master"] = [self._master(p) for p in params]
+            buffers["master"] = [self._master(group, p) for p in params]
         return buffers
 
     def _update(self, plan, params, grads, buffers, step: int, extra: Any, first: int) -> None:
