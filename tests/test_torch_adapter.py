@@ -1640,6 +1640,9 @@ def test_a_set_of_parameters_in_a_group_is_refused_as_by_torch():
 
 
 def test_load_state_dict_checks_int8_codes_and_scales_first():
+    """Codes and scales the steps could not use (scales not powers of two or not one per 256
+    elements, codes of the wrong sign, either without the other) are refused at load, naming
+    the parameter and the key, with nothing loaded."""
     params = [torch.nn.Parameter(torch.randn(300)) for _ in range(2)]
     for p in params:
         p.grad = torch.ones_like(p)
@@ -1650,13 +1653,20 @@ def test_load_state_dict_checks_int8_codes_and_scales_first():
         ("exp_avg.scales", lambda v: torch.full_like(v, 3.0), "scales must be powers of two"),
         ("exp_avg.codes", lambda v: v.view(torch.uint8), "expected int8 codes, got torch.uint8"),
         ("exp_avg_sq.codes", lambda v: v.view(torch.int8), "expected uint8 codes, got torch.int8"),
+        ("exp_avg.scales", lambda v: v[:1].clone(), r"expected 2 scales \(one per 256 elements"),
+        ("exp_avg.scales", lambda v: torch.ones(3), "expected 2 scales"),
+        ("exp_avg.scales", None, "'exp_avg.codes' without 'exp_avg.scales'"),
+        ("exp_avg_sq.codes", None, "'exp_avg_sq.scales' without 'exp_avg_sq.codes'"),
     ]:
         sd = copy.deepcopy(good)
-        sd["state"][1][key] = value(sd["state"][1][key])
+        if value is None:
+            del sd["state"][1][key]
+        else:
+            sd["state"][1][key] = value(sd["state"][1][key])
         dst = ft.AdamW(
             [torch.nn.Parameter(torch.randn(300)) for _ in range(2)], lr=0.5, state_dtype="int8"
         )
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=f"^checkpoint parameter 1: state .*{message}"):
             dst.load_state_dict(sd)
         assert len(dst.state) == 0 and dst.param_groups[0]["lr"] == 0.5
     sd = copy.deepcopy(good)

@@ -1007,6 +1007,12 @@ class Optimizer(torch.optim.Optimizer):
                 scales = value.detach().to("cpu", copy=True).contiguous()
                 if scales.dtype != torch.float32 or scales.dim() != 1:
                     raise ValueError(f"state {key!r}: expected 1-D float32 scales")
+                blocks = -(-p.numel() // BLOCK)
+                if scales.numel() != blocks:
+                    raise ValueError(
+                        f"state {key!r}: expected {blocks} scales (one per {BLOCK} elements), "
+                        f"got {scales.numel()}"
+                    )
                 _optim._check_scales(f"state {key!r}", scales.numpy())
                 entry[key] = scales
                 continue
@@ -1023,6 +1029,12 @@ class Optimizer(torch.optim.Optimizer):
                     f"state {key!r}: expected shape {expected}, got {tuple(value.shape)}"
                 )
             entry[key] = value.detach().to("cpu", dtype, copy=True).contiguous()
+        # int8 state is codes and scales together: either alone would fail every step
+        for key in entry:
+            base, _, half = key.rpartition(".")
+            other = {"codes": ".scales", "scales": ".codes"}.get(half)
+            if base and other is not None and base + other not in entry:
+                raise ValueError(f"state {key!r} without {base + other!r}")
         if "step" not in entry and entry and self._keeps_step:
             entry["step"] = torch.zeros((), dtype=_scalar_dtype())
         return entry
