@@ -1779,3 +1779,30 @@ def test_a_later_groups_changed_state_is_refused_before_any_group_is_written(cas
         opt.step()
     assert _bits(opt, params[:2]) == before
     assert [int(opt.state[p]["step"]) for p in params] == [1] * 4
+
+
+def test_a_master_cast_by_torchs_class_is_made_again_from_the_parameter():
+    """fusedopt -> torch.optim -> fusedopt with master_weights: torch's class carries the
+    master along cast to the parameter's dtype and never updates it. That master is dropped
+    at load and made again from the parameter, as a missing one is, so the steps torch took
+    are kept (the stale master undid them)."""
+    p = torch.nn.Parameter(torch.randn(1000).to(torch.bfloat16))
+    ours = ft.AdamW([p], lr=1e-2, master_weights=True)
+    _run(ours, [p], 3)
+    theirs = torch.optim.AdamW([p], lr=1e-2)
+    theirs.load_state_dict(ours.state_dict())
+    _run(theirs, [p], 30, start=3)
+    assert theirs.state[p]["master"].dtype == torch.bfloat16
+    torchs = p.detach().clone()
+    sd = theirs.state_dict()
+    back = ft.AdamW([p], lr=1e-2, master_weights=True)
+    back.load_state_dict(sd)
+    q = torch.nn.Parameter(torchs.clone())
+    without = ft.AdamW([q], lr=1e-2, master_weights=True)
+    without.load_state_dict({**sd, "state": {0: {**sd["state"][0], "master": None}}})
+    _run(back, [p], 1, start=33)
+    _run(without, [q], 1, start=33)
+    assert torch.equal(p, q)
+    assert torch.equal(back.state[p]["master"], without.state[q]["master"])
+    # one step of lr 1e-2 from where torch left it, and a bfloat16 rounding (stale: 0.2)
+    assert (p.detach().float() - torchs.float()).abs().max() < 0.05

@@ -35,7 +35,10 @@ round, and training continues as if it had not switched. The ``step`` tensors of
 one fused call are views into one small tensor, which the step advances with one operation. Fields
 torch has no equivalent of:
 
-- ``state[p]["master"]``: the float32 master weights (``master_weights=True``);
+- ``state[p]["master"]``: the float32 master weights (``master_weights=True``); a loaded
+  master that is not float32 is dropped and made again from the parameter at the next step
+  (torch's classes cast it to the parameter's dtype and carry it along without updating it:
+  the steps they took are in the parameter);
 - ``state[p]["<buffer>.codes"]`` (int8 or uint8) and ``"<buffer>.scales"`` (float32, one per
   256 elements) in place of ``"<buffer>"`` with ``state_dtype="int8"``
   (:class:`fusedopt.quantize.QuantizedState`); torch's classes cannot load these;
@@ -925,7 +928,8 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (from this class or torch's), then the state in the
         dtypes this optimizer keeps (torch casts floating state to the parameter's dtype,
-        which would round float32 masters and state of bfloat16 parameters), as copies."""
+        which would round float32 masters and state of bfloat16 parameters), as copies. A
+        master that is not float32 (torch's cast) is dropped: made again from the parameter."""
         options = state_dict.get("fusedopt", {})
         for key in ("state_dtype", "master_weights"):
             if key not in options:
@@ -995,6 +999,10 @@ class Optimizer(torch.optim.Optimizer):
             if key.endswith(".codes") or key.endswith(".scales"):
                 dtype = value.dtype
             elif key == "master":
+                if value.dtype != torch.float32:
+                    # cast by torch's class, which carries it along without updating it: the
+                    # steps taken since are in the parameter, which the next step starts from
+                    continue
                 dtype = torch.float32
             else:
                 if storage.state == "int8":
