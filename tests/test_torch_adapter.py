@@ -1806,3 +1806,34 @@ def test_a_master_cast_by_torchs_class_is_made_again_from_the_parameter():
     assert torch.equal(back.state[p]["master"], without.state[q]["master"])
     # one step of lr 1e-2 from where torch left it, and a bfloat16 rounding (stale: 0.2)
     assert (p.detach().float() - torchs.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adagrad", "Adafactor"])
+def test_a_lazy_modules_parameters_are_made_at_the_first_step(name):
+    """torch.nn.LazyLinear's parameters, uninitialized when the optimizer is built (Adagrad's
+    state, made at construction for the others, included), are checked and given state at
+    the first step after the dry run: the steps are torch's. State loaded before the dry run
+    is refused, naming the parameter; after it, it loads."""
+    torch.manual_seed(0)
+    lazy = torch.nn.LazyLinear(4, dtype=torch.float64)
+    ours, loading = (ft.CLASSES[name](lazy.parameters(), lr=0.1) for _ in range(2))
+    stepped = torch.nn.Linear(3, 4, dtype=torch.float64)
+    source = ft.CLASSES[name](stepped.parameters(), lr=0.1)
+    stepped(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    source.step()
+    with pytest.raises(ValueError, match="^checkpoint parameter 0: uninitialized"):
+        ours.load_state_dict(source.state_dict())
+    assert len(ours.state) == 0
+    x = torch.randn(5, 3, dtype=torch.float64)
+    lazy(x)  # the dry run
+    loading.load_state_dict(source.state_dict())
+    assert loading.state[lazy.weight].keys() == source.state[stepped.weight].keys()
+    plain = copy.deepcopy(lazy)
+    theirs = getattr(torch.optim, name)(plain.parameters(), lr=0.1)
+    for _ in range(3):
+        for model, opt in ((lazy, ours), (plain, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(lazy.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=0)

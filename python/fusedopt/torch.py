@@ -54,14 +54,15 @@ nothing (the step is always one fused CPU call); ``capturable`` and ``differenti
 False.
 
 Tensors must be dense, real (float32, float64, bfloat16, float16), contiguous and on the CPU:
-anything else raises ``TypeError`` or ``ValueError`` naming the parameter. Replacing a
-parameter's storage (``p.data = ...``) is noticed at the next step; state tensors are updated
-in place, and state cleared, removed or given new tensors between steps is what the next step
-uses, as torch's (missing state starts afresh; a dict assigned to ``state[p]`` is kept as a
-copy); a tensor's memory replaced behind it (``t.data = ...``) is not seen. State whose dtype
-or shape does not fit its parameter (a buffer replaced, or the parameter after
-``model.double()``) is refused before anything is written, naming the parameter and the key:
-convert the state too, or start it afresh (``del opt.state[p]``). With
+anything else raises ``TypeError`` or ``ValueError`` naming the parameter. A lazy module's
+parameters are taken before its dry run and checked at their first step (load the state after
+it). Replacing a parameter's storage (``p.data = ...``) is noticed at the next step; state
+tensors are updated in place, and state cleared, removed or given new tensors between steps is
+what the next step uses, as torch's (missing state starts afresh; a dict assigned to
+``state[p]`` is kept as a copy); a tensor's memory replaced behind it (``t.data = ...``) is not
+seen. State whose dtype or shape does not fit its parameter (a buffer replaced, or the
+parameter after ``model.double()``) is refused before anything is written, naming the
+parameter and the key: convert the state too, or start it afresh (``del opt.state[p]``). With
 ``master_weights`` the update runs on the float32 masters (``state[p]["master"]``) and writes
 the parameter from them: a change made to the parameter alone (in place, ``p.data = ...``, a
 model's ``load_state_dict``) is overwritten at the next step; change the master too, or load
@@ -499,7 +500,7 @@ class Optimizer(torch.optim.Optimizer):
         if eager:  # as torch's class, so that its state_dict has every parameter's state
             for group in self.param_groups:
                 plan = self._fused._plan(self._hyper(group, {}))
-                for p in group["params"]:
+                for p in filter(self._storage.__contains__, group["params"]):  # not lazy
                     for array, key in plan.arrays:
                         self._buffer(group, plan, array, key, p)
                     self.state[p]["step"] = torch.zeros((), dtype=_scalar_dtype())
@@ -508,7 +509,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, after checking that fusedopt can update every tensor
-        in place and every hyperparameter is valid for the kernel."""
+        in place and every hyperparameter is valid for the kernel. A lazy module's
+        uninitialized parameter (``torch.nn.LazyLinear``'s before its first forward pass) is
+        checked at the first step that updates it, as its state is made then."""
         _listed(param_group)  # a generator is read once: torch stores a list too
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -516,6 +519,8 @@ class Optimizer(torch.optim.Optimizer):
         checked = []
         for i, p in enumerate(params):
             p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, param)
+            if torch.nn.parameter.is_lazy(p):
+                continue  # no data yet: _build checks it, as it checks every parameter
             what = f"parameter {i} of group {index}"
             _check_tensor(what, p)
             checked.append((p, self._fused._storage_of(what, _numpy(p.detach()))))
@@ -985,7 +990,15 @@ class Optimizer(torch.optim.Optimizer):
         """A loaded state entry as this optimizer keeps it: copies, in its dtypes.
         ``signed_codes``: whether the int8 form of each state buffer of ``p``'s plan has
         signed codes."""
-        storage = self._storage[p]
+        storage = self._storage.get(p)
+        if storage is None:  # a lazy module's parameter, not stepped yet
+            if torch.nn.parameter.is_lazy(p):
+                raise ValueError(
+                    "uninitialized (a lazy module's): run a forward pass before loading the "
+                    "optimizer's state"
+                )
+            _check_tensor("the parameter", p)
+            storage = self._fused._storage_of("the parameter", _numpy(p.detach()))
         entry: Dict[str, Any] = {}
         for key, value in saved.items():
             if value is None:
@@ -1110,7 +1123,7 @@ def _stand_ins(params: Any, shaped: bool = False) -> Any:
         if id(p) not in memo:
             memo[id(p)] = (
                 torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape)
-                if shaped
+                if shaped and not torch.nn.parameter.is_lazy(p)  # a lazy one has no shape
                 else torch.empty(0, dtype=p.dtype, device=p.device)
             )
         return memo[id(p)]
