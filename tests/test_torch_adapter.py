@@ -1837,3 +1837,45 @@ def test_a_lazy_modules_parameters_are_made_at_the_first_step(name):
             opt.step()
     for p, q in zip(lazy.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=0)
+
+
+def test_load_state_dict_hooks_act_as_on_torchs():
+    """torch's load_state_dict pre-hooks change what is checked and loaded, post-hooks the
+    loaded state, as on torch's classes; their handles still remove them."""
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 6)) for _ in range(3)]
+    source = ft.Adam([params[0]], lr=0.1)
+    params[0].grad = torch.ones(6)
+    source.step()
+
+    def pre(opt, sd):
+        sd["param_groups"] = [{**sd["param_groups"][0], "lr": 0.25}]
+        return {**sd, "state": {0: {**sd["state"][0], "exp_avg": torch.full((6,), 3.0)}}}
+
+    def post(opt):
+        opt.state[opt.param_groups[0]["params"][0]]["exp_avg_sq"] = torch.full((6,), 7.0)
+
+    loaded = []
+    for opt, p in (
+        (ft.Adam([params[1]], lr=0.1), params[1]),
+        (torch.optim.Adam([params[2]]), params[2]),
+    ):
+        handles = [opt.register_load_state_dict_pre_hook(pre)]
+        handles.append(opt.register_load_state_dict_post_hook(post))
+        opt.load_state_dict(source.state_dict())
+        loaded.append((opt.param_groups[0]["lr"], dict(opt.state[p])))
+        for handle in handles:
+            handle.remove()
+        opt.load_state_dict(source.state_dict())
+        assert opt.param_groups[0]["lr"] == 0.1 and torch.equal(
+            opt.state[p]["exp_avg"], source.state[params[0]]["exp_avg"]
+        )
+    (lr, ours), (torchs_lr, torchs) = loaded
+    assert lr == torchs_lr == 0.25 and ours.keys() == torchs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], torchs[key]), key
+    refusing = ft.Adam([params[1]], lr=0.1)
+    refusing.register_load_state_dict_pre_hook(
+        lambda opt, sd: {**sd, "state": {0: {**sd["state"][0], "exp_avg": torch.zeros(5)}}}
+    )
+    with pytest.raises(ValueError, match="state 'exp_avg': expected shape"):
+        refusing.load_state_dict(source.state_dict())

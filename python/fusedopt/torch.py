@@ -9,8 +9,8 @@ Each class is a :class:`torch.optim.Optimizer` with the name, signature, default
 ``param_groups`` of its ``torch.optim`` namesake (``Lion`` and ``Momentum``, which torch lacks,
 take :mod:`fusedopt.optim`'s; ``ScheduleFreeAdamW`` and ``ScheduleFreeSGD`` the ``schedulefree``
 package's ``AdamWScheduleFree`` and ``SGDScheduleFree``, names they also have here), so
-schedulers, ``zero_grad``, ``add_param_group``, closures,
-the step hooks and ``state_dict`` work as with torch. Its update rule is that of the
+schedulers, ``zero_grad``, ``add_param_group``, closures, the step hooks, ``state_dict`` and
+the ``load_state_dict`` hooks work as with torch. Its update rule is that of the
 :mod:`fusedopt.optim` class of the same name (the rule in LaTeX is in each function's
 docstring, e.g. :func:`fusedopt.adamw_`); the hyperparameters are validated by that class and,
 at construction, by torch's own class, so bad arguments raise torch's errors.
@@ -934,7 +934,20 @@ class Optimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict`` (from this class or torch's), then the state in the
         dtypes this optimizer keeps (torch casts floating state to the parameter's dtype,
         which would round float32 masters and state of bfloat16 parameters), as copies. A
-        master that is not float32 (torch's cast) is dropped: made again from the parameter."""
+        master that is not float32 (torch's cast) is dropped: made again from the parameter.
+        As torch's, the load pre-hooks run first (what they return is what is checked and
+        loaded), the post-hooks once the state is in place."""
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may change it
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load(self, state_dict: Dict[str, Any]) -> None:
+        """load_state_dict after its pre-hooks: everything checked first, then loaded."""
         options = state_dict.get("fusedopt", {})
         for key in ("state_dtype", "master_weights"):
             if key not in options:
@@ -976,7 +989,19 @@ class Optimizer(torch.optim.Optimizer):
                     layouts[p] = self._layout(p, saved, signed[p])
                 except ValueError as error:
                     raise ValueError(f"checkpoint parameter {saved_id!r}: {error}") from None
-        super().load_state_dict(state_dict)
+        # torch's load, its hooks left out: they run around this one, which then replaces the
+        # state torch loaded
+        hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks[0]
+            self._optimizer_load_state_dict_post_hooks = hooks[1]
         for p, entry in layouts.items():
             self.state[p] = entry
         self._fused.seed = int(options.get("seed", self._fused.seed))
@@ -1228,7 +1253,7 @@ class _MuonAdapter(Optimizer):
         fused = self._fused
         return fused.stochastic_rounding or fused.state_dtype == "int8"
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _load(self, state_dict: Dict[str, Any]) -> None:
         """As the base's, with the checkpoint's stochastic-rounding option in force while the
         state is laid out: whether it keeps its ``"step"`` depends on it."""
         fused, before = self._fused, self._fused.stochastic_rounding
@@ -1236,7 +1261,7 @@ class _MuonAdapter(Optimizer):
             state_dict.get("fusedopt", {}).get("stochastic_rounding", before)
         )
         try:
-            super().load_state_dict(state_dict)
+            super()._load(state_dict)
         except BaseException:
             fused.stochastic_rounding = before
             raise
