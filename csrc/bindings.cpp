@@ -1102,8 +1102,8 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                  std::to_string(fusedopt::kBlock) + " elements)";
         };
         if (!same_dtype(sc.dtype(), numpy_dtype(DType::float32))) {
-          throw py::type_error(scales_label.str() + ": expected " + expected_scales() +
-                               ", got " + dtype_name(sc.dtype()));
+          throw py::type_error(scales_label.str() + ": expected " + expected_scales() + ", got " +
+                               dtype_name(sc.dtype()));
         }
         if (sc.ndim() != 1 || sc.size() != blocks) {
           throw py::value_error(scales_label.str() + ": expected " + expected_scales() +
