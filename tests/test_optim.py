@@ -587,6 +587,10 @@ def test_a_hyperparameter_list_changed_in_place_is_a_change():
     opt_a.step(grads)
     opt_b.step(grads)
     assert_same(a, b)
+    opt_a.param_groups[0]["amsgrad"] = 0  # equal to False, but not a bool: checked again
+    with pytest.raises(TypeError, match="amsgrad must be a bool, got int"):
+        opt_a.step(grads)
+    opt_a.param_groups[0]["amsgrad"] = False
     opt_a.param_groups[0]["betas"][1] = float("nan")
     before = a["w"].copy()
     with pytest.raises(ValueError, match="Invalid beta parameter at index 1: nan"):
@@ -618,6 +622,8 @@ def test_group_names_are_one_string_per_array():
         optim.Adam([{"params": [w, b], "names": ["w"]}])
     with pytest.raises(ValueError, match=r"names: expected one per array \(1\), got 2"):
         optim.Adam([{"params": [w], "names": ["w", "b"]}])
+    with pytest.raises(TypeError, match=r"names: expected a list of strings, got 'wb'"):
+        optim.Adam([{"params": [w, b], "names": "wb"}])
     with pytest.raises(TypeError, match=r"names: expected strings, got \[0, 1\]"):
         optim.Adam([{"params": [w, b], "names": [0, 1]}])  # a checkpoint's keys are strings
     assert optim.Adam([{"params": [w, b], "names": ["w", "b"]}]).names == ["w", "b"]

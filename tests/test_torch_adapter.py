@@ -1839,6 +1839,65 @@ def test_a_lazy_modules_parameters_are_made_at_the_first_step(name):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("name", ["Adam", "SGD"])  # torch's Adagrad refuses lazy parameters
+def test_a_lazy_branch_not_yet_run_does_not_stop_the_others(name):
+    """A model whose lazy branch has not run yet trains its other parameters, as with torch's
+    classes: a parameter without a gradient is in no call, so its missing data is not read."""
+    torch.manual_seed(0)
+    dense, lazy = torch.nn.Linear(4, 4, dtype=torch.float64), torch.nn.LazyLinear(2)
+    plain = copy.deepcopy(dense)
+    ours = ft.CLASSES[name](list(dense.parameters()) + list(lazy.parameters()), lr=0.1)
+    theirs = getattr(torch.optim, name)(list(plain.parameters()) + list(lazy.parameters()), lr=0.1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for _ in range(2):
+        for model, opt in ((dense, ours), (plain, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(dense.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=0)
+
+
+def test_load_state_dict_checks_the_counts_first():
+    """A checkpoint's skipped_steps and step counts are checked before anything is loaded: a
+    bad step would be refused by its call's kernel only at a later step, after other groups
+    had been written."""
+    params = [torch.nn.Parameter(torch.ones(2)) for _ in range(2)]
+    opt = ft.Adam([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.01)
+    for p in params:
+        p.grad = torch.ones(2)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+
+    def changed(skipped=None, step=None):
+        sd = copy.deepcopy(opt.state_dict())
+        sd["param_groups"][0]["lr"] = 0.5
+        if skipped is not None:
+            sd["fusedopt"]["skipped_steps"] = skipped
+        if step is not None:
+            sd["state"][1]["step"] = torch.tensor(step)
+        return sd
+
+    for entries, message in [
+        ({"skipped": "x"}, r"^checkpoint has skipped_steps='x': expected a count"),
+        ({"skipped": -3}, r"^checkpoint has skipped_steps=-3"),
+        ({"skipped": 2.5}, r"^checkpoint has skipped_steps=2.5"),
+        ({"step": -1.0}, r"^checkpoint parameter 1: invalid step tensor\(-1\.\)"),
+        ({"step": 2.5}, r"^checkpoint parameter 1: invalid step tensor\(2\.5000\)"),
+        ({"step": 1e30}, r"^checkpoint parameter 1: invalid step"),
+        ({"step": [1.0, 2.0]}, r"^checkpoint parameter 1: invalid step"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(changed(**entries))
+        after = opt.state_dict()
+        assert after["param_groups"] == before["param_groups"], entries
+        assert after["fusedopt"] == before["fusedopt"], entries
+        for i in (0, 1):
+            assert torch.equal(after["state"][i]["step"], before["state"][i]["step"]), entries
+    opt.load_state_dict(changed(skipped=2, step=3.0))
+    assert opt.skipped_steps == 2 and opt.state[params[1]]["step"] == 3
+
+
 def test_load_state_dict_hooks_act_as_on_torchs():
     """torch's load_state_dict pre-hooks change what is checked and loaded, post-hooks the
     loaded state, as on torch's classes; their handles still remove them."""

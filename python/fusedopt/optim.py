@@ -152,9 +152,12 @@ def _copied(value: Any) -> Any:
 
 
 def _snapshot(value: Any) -> Any:
-    """A hyperparameter's value as it is now: lists (betas, eps pairs) as tuples, so that a
-    later change in place compares unequal."""
-    return tuple(_snapshot(v) for v in value) if isinstance(value, list) else value
+    """A hyperparameter's value as it is now, to compare with a later one: lists (betas, eps
+    pairs) as tuples, so that a change in place compares unequal, and with its type, so that
+    0 for False (or 1 for 1.0) is checked again."""
+    if isinstance(value, list):
+        return tuple(_snapshot(v) for v in value)
+    return type(value), value
 
 
 def _state_dtype(value: Any) -> Optional[str]:
@@ -396,6 +399,10 @@ class Optimizer:
             names, arrays = [str(k) for k in params], list(params.values())
         else:
             arrays = list(params)
+            if isinstance(group.get("names"), str):
+                raise TypeError(
+                    f"a group's names: expected a list of strings, got {group['names']!r}"
+                )
             names = list(group.get("names") or [f"{index}.{i}" for i in range(len(arrays))])
             if len(names) != len(arrays):
                 raise ValueError(

@@ -597,7 +597,8 @@ class Optimizer(torch.optim.Optimizer):
             params = group["params"]
             grads = list(map(_grad, params))
             mask = list(map(operator.is_not, grads, itertools.repeat(None)))
-            ptrs = list(map(_data_ptr, params))
+            # those without a gradient are in no call (and a lazy one has no data yet)
+            ptrs = [_data_ptr(p) if m else 0 for p, m in zip(params, mask)]
             kernel = (plan.declaration, plan.arrays)
             if (
                 mask != entry.mask
@@ -963,6 +964,11 @@ class Optimizer(torch.optim.Optimizer):
         stochastic_rounding = options.get("stochastic_rounding", self._fused.stochastic_rounding)
         _optim._check_flag("stochastic_rounding", stochastic_rounding)
         _optim._check_seed(options.get("seed", self._fused.seed))
+        skipped_steps = _optim._count(options.get("skipped_steps", 0))
+        if skipped_steps is None:
+            raise ValueError(
+                f"checkpoint has skipped_steps={options.get('skipped_steps')!r}: expected a count"
+            )
         # the state as this optimizer keeps it, checked before torch's load changes anything
         # (torch's own checks of the groups come first in it: a mismatch raises there)
         saved_groups = state_dict["param_groups"]
@@ -1006,7 +1012,7 @@ class Optimizer(torch.optim.Optimizer):
             self.state[p] = entry
         self._fused.seed = int(options.get("seed", self._fused.seed))
         self._fused.stochastic_rounding = bool(stochastic_rounding)
-        self.skipped_steps = int(options.get("skipped_steps", 0))
+        self.skipped_steps = skipped_steps
         self._groups.clear()
 
     def _layout(
@@ -1032,6 +1038,11 @@ class Optimizer(torch.optim.Optimizer):
                 value = torch.tensor(value)
             if key == "step":
                 if self._keeps_step:
+                    steps = value.item() if value.numel() == 1 else None
+                    if _optim._count(steps, _optim._MAX_STEPS_TAKEN) is None:
+                        raise ValueError(
+                            f"invalid step {value!r} (the steps taken, 0 to 2**63 - 2)"
+                        )
                     entry[key] = value.detach().to(_scalar_dtype(), copy=True).reshape(())
                 continue
             if key.endswith(".codes") or key.endswith(".scales"):
