@@ -573,12 +573,6 @@ py::dtype numpy_dtype(DType dtype) {
   return py::reinterpret_borrow<py::dtype>(numpy_dtypes()[static_cast<std::size_t>(dtype)]);
 }
 
-// The dtype of a quantized state's unsigned codes (signed ones: numpy_dtype(DType::int8)).
-const py::dtype& uint8_dtype() {
-  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::dtype> dtype;
-  return dtype.call_once_and_store_result([] { return py::dtype("uint8"); }).get_stored();
-}
-
 const char* dtype_text(DType dtype) {
   switch (dtype) {
     case DType::float32: return "float32";
@@ -1069,7 +1063,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                                type_name(codes));
         }
         const py::dtype codes_dtype = py::reinterpret_borrow<py::array>(codes).dtype();
-        const bool is_uint8 = same_dtype(codes_dtype, uint8_dtype());
+        const bool is_uint8 = same_dtype(codes_dtype, py::dtype::of<std::uint8_t>());
         if (is_uint8 && !roles[r].nonnegative) {
           throw py::type_error(codes_label.str() +
                                ": uint8 (unsigned) codes are only for a state that is never "

@@ -1808,6 +1808,18 @@ def test_a_master_cast_by_torchs_class_is_made_again_from_the_parameter():
     assert (p.detach().float() - torchs.float()).abs().max() < 0.05
 
 
+def _train_alongside(x, steps, ours, theirs):
+    """``steps`` steps of each (model, optimizer) pair on the same loss; then their models'
+    parameters are torch's to float64 rounding."""
+    for _ in range(steps):
+        for model, opt in (ours, theirs):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(ours[0].parameters(), theirs[0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("name", ["Adam", "Adagrad", "Adafactor"])
 def test_a_lazy_modules_parameters_are_made_at_the_first_step(name):
     """torch.nn.LazyLinear's parameters, uninitialized when the optimizer is built (Adagrad's
@@ -1830,13 +1842,7 @@ def test_a_lazy_modules_parameters_are_made_at_the_first_step(name):
     assert loading.state[lazy.weight].keys() == source.state[stepped.weight].keys()
     plain = copy.deepcopy(lazy)
     theirs = getattr(torch.optim, name)(plain.parameters(), lr=0.1)
-    for _ in range(3):
-        for model, opt in ((lazy, ours), (plain, theirs)):
-            opt.zero_grad()
-            model(x).pow(2).sum().backward()
-            opt.step()
-    for p, q in zip(lazy.parameters(), plain.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=0)
+    _train_alongside(x, 3, (lazy, ours), (plain, theirs))
 
 
 @pytest.mark.parametrize("name", ["Adam", "SGD"])  # torch's Adagrad refuses lazy parameters
@@ -1848,14 +1854,7 @@ def test_a_lazy_branch_not_yet_run_does_not_stop_the_others(name):
     plain = copy.deepcopy(dense)
     ours = ft.CLASSES[name](list(dense.parameters()) + list(lazy.parameters()), lr=0.1)
     theirs = getattr(torch.optim, name)(list(plain.parameters()) + list(lazy.parameters()), lr=0.1)
-    x = torch.randn(3, 4, dtype=torch.float64)
-    for _ in range(2):
-        for model, opt in ((dense, ours), (plain, theirs)):
-            opt.zero_grad()
-            model(x).pow(2).sum().backward()
-            opt.step()
-    for p, q in zip(dense.parameters(), plain.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=0)
+    _train_alongside(torch.randn(3, 4, dtype=torch.float64), 2, (dense, ours), (plain, theirs))
 
 
 def test_load_state_dict_checks_the_counts_first():

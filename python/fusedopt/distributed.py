@@ -688,7 +688,7 @@ class ZeroRedundancyOptimizer:
     def _step(self, aligned: Dict[str, Optional[np.ndarray]]) -> bool:
         MPI, comm, full = _mpi(), self.comm, self._full
         # a frozen parameter's gradient counts as None: in neither the norm nor the check
-        frozen = full._frozen.union(*(g["names"] for g in full.param_groups if g["frozen"]))
+        frozen = full._frozen_names()
         for space in self._spaces:
             for name in space.names:
                 g = None if aligned[name] is None or name in frozen else _flat(aligned[name])

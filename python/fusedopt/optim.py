@@ -146,9 +146,33 @@ def _count(value: Any, most: Optional[int] = None) -> Optional[int]:
     return count if 0 <= count and (most is None or count <= most) else None
 
 
-def _copied(value: Any) -> Any:
-    """A hyperparameter's value with its lists copied (all levels)."""
-    return [_copied(v) for v in value] if isinstance(value, list) else value
+def _steps_taken(value: Any, shown: Any = None) -> int:
+    """A checkpoint's step count of a parameter, else ValueError (``shown``: the value as the
+    error shows it, where it is not ``value`` itself)."""
+    steps = _count(value, _MAX_STEPS_TAKEN)
+    if steps is None:
+        shown = value if shown is None else shown
+        raise ValueError(f"invalid step {shown!r} (the steps taken, 0 to 2**63 - 2)")
+    return steps
+
+
+def _skipped_steps(value: Any) -> int:
+    """A checkpoint's ``skipped_steps``, else ValueError."""
+    skipped = _count(value)
+    if skipped is None:
+        raise ValueError(f"checkpoint has skipped_steps={value!r}: expected a count")
+    return skipped
+
+
+def _check_same_storage(key: str, saved: Any, mine: Any, how: str = "") -> None:
+    """That a checkpoint's ``state_dtype`` or ``master_weights`` is this optimizer's (None and
+    "float32" are one state_dtype), else ValueError; ``how``: what builds one that is."""
+    differ = (saved or "float32") != (mine or "float32") if key == "state_dtype" else saved != mine
+    if differ:
+        raise ValueError(
+            f"checkpoint has {key}={saved!r}, this optimizer {mine!r}: build it with the "
+            f"checkpoint's{how}"
+        )
 
 
 def _snapshot(value: Any) -> Any:
@@ -519,6 +543,10 @@ class Optimizer:
         ):
             self.state.pop(name, None)
 
+    def _frozen_names(self) -> set:
+        """The parameters a step leaves alone: those frozen and those of frozen groups."""
+        return self._frozen.union(*(g["names"] for g in self.param_groups if g["frozen"]))
+
     def _known(self, names: Iterable[str]) -> List[str]:
         names = list(names)
         for name in names:
@@ -592,9 +620,7 @@ class Optimizer:
         plans = [self._plan(group) for group in self.param_groups]  # all valid before any call
         # the gradients the step uses: a frozen parameter's, as None's, enter neither the
         # clipping norm nor the non-finite check
-        frozen = self._frozen.union(
-            *(group["names"] for group in self.param_groups if group["frozen"])
-        )
+        frozen = self._frozen_names()
         active = [(name, g) for name, g in aligned.items() if g is not None and name not in frozen]
         state_of = self.state
         for name, _ in active:  # refused before clipping writes the grads
@@ -861,16 +887,8 @@ class Optimizer:
                 f"(this fusedopt reads 1 to {FORMAT_VERSION})"
             )
         for key in ("state_dtype", "master_weights"):
-            saved, mine = sd.get(key, Optimizer._DEFAULT_OPTIONS[key]), getattr(self, key)
-            if key == "state_dtype":  # None and "float32" are one option
-                differ = (saved or "float32") != (mine or "float32")
-            else:
-                differ = saved != mine
-            if differ:
-                raise ValueError(
-                    f"checkpoint has {key}={saved!r}, this optimizer {mine!r}: "
-                    "build it with the checkpoint's (Optimizer.load does)"
-                )
+            saved = sd.get(key, Optimizer._DEFAULT_OPTIONS[key])
+            _check_same_storage(key, saved, getattr(self, key), " (Optimizer.load does)")
         stochastic_rounding = sd.get("stochastic_rounding", self.stochastic_rounding)
         seed = sd.get("seed", self.seed)
         max_grad_norm = sd.get("max_grad_norm", self.max_grad_norm)
@@ -899,7 +917,11 @@ class Optimizer:
             group.update(
                 {
                     # the checkpoint's lists copied: the group must not share the caller's
-                    k: (tuple(v) if isinstance(current.get(k), tuple) else _copied(v))
+                    k: (
+                        tuple(v)
+                        if isinstance(current.get(k), tuple)
+                        else (list(v) if isinstance(v, list) else v)
+                    )
                     for k, v in saved.items()
                     if k != "names"  # equal to the current names, and the caller's list
                 }
@@ -923,13 +945,10 @@ class Optimizer:
             entry = {}
             for key, value in s.items():
                 if key == "step":
-                    steps = _count(value, _MAX_STEPS_TAKEN)
-                    if steps is None:
-                        raise ValueError(
-                            f"state of {name!r}: invalid step {value!r} (the steps taken, "
-                            f"0 to 2**63 - 2)"
-                        )
-                    entry[key] = steps
+                    try:
+                        entry[key] = _steps_taken(value)
+                    except ValueError as error:
+                        raise ValueError(f"state of {name!r}: {error}") from None
                     continue
                 if key in self._scalar_state:
                     entry[key] = self._scalar_state[key](f"state {key!r} of {name!r}", value)
@@ -972,11 +991,7 @@ class Optimizer:
         unknown_frozen = sorted(map(str, frozen - set(self._params)))
         if unknown_frozen:
             raise ValueError(f"checkpoint has unknown frozen parameters {unknown_frozen}")
-        skipped_steps = _count(sd.get("skipped_steps", 0))
-        if skipped_steps is None:
-            raise ValueError(
-                f"checkpoint has skipped_steps={sd.get('skipped_steps')!r}: expected a count"
-            )
+        skipped_steps = _skipped_steps(sd.get("skipped_steps", 0))
         self.param_groups, self.state, self._frozen = new_groups, new_state, frozen
         self._plans.clear()
         self.skipped_steps = skipped_steps

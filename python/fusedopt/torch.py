@@ -953,22 +953,12 @@ class Optimizer(torch.optim.Optimizer):
         for key in ("state_dtype", "master_weights"):
             if key not in options:
                 continue
-            saved, mine = options[key], getattr(self._fused, key)
-            if key == "state_dtype":  # None and "float32" are one option, as in fusedopt.optim
-                differ = (saved or "float32") != (mine or "float32")
-            else:
-                differ = saved != mine
-            if differ:
-                raise ValueError(f"checkpoint has {key}={saved!r}, this optimizer {mine!r}")
+            _optim._check_same_storage(key, options[key], getattr(self._fused, key))
         # the options it restores, checked before anything changes
         stochastic_rounding = options.get("stochastic_rounding", self._fused.stochastic_rounding)
         _optim._check_flag("stochastic_rounding", stochastic_rounding)
         _optim._check_seed(options.get("seed", self._fused.seed))
-        skipped_steps = _optim._count(options.get("skipped_steps", 0))
-        if skipped_steps is None:
-            raise ValueError(
-                f"checkpoint has skipped_steps={options.get('skipped_steps')!r}: expected a count"
-            )
+        skipped_steps = _optim._skipped_steps(options.get("skipped_steps", 0))
         # the state as this optimizer keeps it, checked before torch's load changes anything
         # (torch's own checks of the groups come first in it: a mismatch raises there)
         saved_groups = state_dict["param_groups"]
@@ -1038,11 +1028,7 @@ class Optimizer(torch.optim.Optimizer):
                 value = torch.tensor(value)
             if key == "step":
                 if self._keeps_step:
-                    steps = value.item() if value.numel() == 1 else None
-                    if _optim._count(steps, _optim._MAX_STEPS_TAKEN) is None:
-                        raise ValueError(
-                            f"invalid step {value!r} (the steps taken, 0 to 2**63 - 2)"
-                        )
+                    _optim._steps_taken(value.item() if value.numel() == 1 else None, value)
                     entry[key] = value.detach().to(_scalar_dtype(), copy=True).reshape(())
                 continue
             if key.endswith(".codes") or key.endswith(".scales"):
