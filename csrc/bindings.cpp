@@ -1357,33 +1357,58 @@ PyObject* kernel_call(PyObject* self, PyObject* const* args, Py_ssize_t nargsf, 
   });
 }
 
-// Defines `name` in `m` as a vectorcall function over the kernel that `d` describes. CPython
-// keeps pointers to the definition and the descriptor for as long as the function lives:
-// never freed.
-void def_kernel(py::module_& m, const char* name, Descriptor* d) {
-  auto* def = new PyMethodDef{
-      name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&kernel_call)),
-      METH_FASTCALL | METH_KEYWORDS, nullptr};
+// The same arguments, checked as kernel_call checks them, nothing run: returns None. For a
+// step of several calls, which checks every call before the first one writes
+// (fusedopt/optim.py); the seed's check is launch's, which such a step always passes.
+PyObject* kernel_check(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
+                       PyObject* kwnames) {
+  return python_call([&] {
+    const auto& d = *static_cast<const Descriptor*>(PyCapsule_GetPointer(self, nullptr));
+    const auto nargs =
+        static_cast<std::size_t>(PyVectorcall_NARGS(static_cast<std::size_t>(nargsf)));
+    const Arguments arguments = parse_arguments(d, args, nargs, kwnames);
+    check_arrays(d.arrays, d.array_count, arguments, &d);
+    return py::none().release().ptr();
+  });
+}
+
+// A vectorcall function named `name` over the kernel that `d` describes: `call` is kernel_call
+// or kernel_check. CPython keeps pointers to the definition and the descriptor for as long as
+// the function lives: never freed.
+py::object kernel_function(py::module_& m, const char* name, Descriptor* d, PyCFunction call) {
+  auto* def = new PyMethodDef{name, call, METH_FASTCALL | METH_KEYWORDS, nullptr};
   const auto capsule = py::capsule(d);
   auto function = py::reinterpret_steal<py::object>(
       PyCFunction_NewEx(def, capsule.ptr(), m.attr("__name__").ptr()));
   if (!function) throw py::error_already_set();
-  m.add_object(name, function);
+  return function;
+}
+
+template <typename Fn>
+PyCFunction as_method(Fn* fn) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn));
+}
+
+void def_kernel(py::module_& m, const char* name, Descriptor* d) {
+  m.add_object(name, kernel_function(m, name, d, as_method(&kernel_call)));
 }
 
 template <typename... Optimizers, typename... Helpers>
 void def_kernels(py::module_& m, fusedopt::List<Optimizers...>, fusedopt::List<Helpers...>) {
   std::size_t kernel = 0;
-  py::dict optimizers;
+  py::dict optimizers, checks;
   (
       [&] {
         auto* d = new Descriptor(describe<Optimizers>(kernel++, "_"));
         def_kernel(m, Optimizers::name, d);
+        checks[Optimizers::name] =
+            kernel_function(m, Optimizers::name, d, as_method(&kernel_check));
         optimizers[Optimizers::name] = declaration_data(Optimizers::name, Optimizers::summary, *d);
       }(),
       ...);
   ((def_kernel(m, Helpers::name, new Descriptor(describe<Helpers>(kernel++, "")))), ...);
   m.attr("OPTIMIZERS") = optimizers;
+  m.attr("CHECKS") = checks;
 }
 
 // The checked arrays of a helper that takes one array or a list of them.

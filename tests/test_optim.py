@@ -14,6 +14,7 @@ from support import assert_identical, assert_same_bits, misaligned
 
 import fusedopt
 from fusedopt import _functional, optim
+from fusedopt.quantize import QuantizedState
 
 
 def generated_cases(cls):
@@ -677,7 +678,7 @@ def test_bad_steps_raise_before_any_update():
     one = optim.Adam({"w": strided[2:4]})
     one.step({"w": np.ones(2)})
     one.state["w"]["exp_avg"] = strided[0:8:4]
-    with pytest.raises(ValueError, match=r"^exp_avg\[0\]: expected a C- or F-contiguous"):
+    with pytest.raises(ValueError, match="^state 'exp_avg' of 'w': expected a C- or F-contig"):
         one.step({"w": np.ones(2)})  # the kernel's own error, not renamed an overlap
     w = np.ones((6, 5))
     fresh = optim.Adam({"a": w[:2], "b": w[1:3]})  # parameters that overlap: one call
@@ -696,6 +697,64 @@ def test_bad_steps_raise_before_any_update():
         opt.step({**good, "b1": opt.state["b1"]["exp_avg"]})  # the second call's own state
     assert_same(params, before)
     assert_same_bits(opt.state["b1"]["exp_avg"], state)
+
+
+def test_replaced_state_is_refused_before_any_call_writes():
+    """State replaced by hand with an array no kernel takes: in a step of several fused calls
+    (two groups), or of one call after clipping, every call's arrays are checked before the
+    first writes, and the error names the parameter. Element-wise kernels and the matrix
+    ones (Muon, Adafactor) alike."""
+    rng = np.random.default_rng(3)
+
+    def bits(value):  # a state entry's value as bytes, comparable with ==
+        if isinstance(value, QuantizedState):
+            return bits(value.codes), bits(value.scales), value.signed
+        if isinstance(value, np.ndarray):
+            return value.dtype.str, value.shape, value.tobytes()
+        return value
+
+    def two_groups(cls, shape, **options):
+        arrays = {k: rng.standard_normal(shape).astype(np.float32) for k in ("a", "b")}
+        groups = [{"params": {"a": arrays["a"]}}, {"params": {"b": arrays["b"]}, "lr": 0.02}]
+        opt = cls(groups, **options)
+        grads = {k: rng.standard_normal(shape).astype(np.float32) for k in arrays}
+        opt.step(grads)
+        return opt, arrays, grads
+
+    def refused(opt, arrays, grads, error, message):
+        before = {k: v.copy() for k, v in arrays.items()}
+        given = {k: v.copy() for k, v in grads.items()}
+        state = {n: {k: bits(v) for k, v in s.items()} for n, s in opt.state.items()}
+        with pytest.raises(error, match=message):
+            opt.step(grads)
+        assert_same(arrays, before)
+        assert_same(grads, given)  # clipping scales them in place: not before the checks
+        assert {n: {k: bits(v) for k, v in s.items()} for n, s in opt.state.items()} == state
+
+    read_only = np.zeros(4, np.float32)
+    read_only.flags.writeable = False
+    for bad, error, message in [
+        (np.zeros(4, np.float64), TypeError, "^state 'exp_avg' of 'b': expected dtype float32"),
+        (np.zeros(3, np.float32), ValueError, "^state 'exp_avg' of 'b': expected shape"),
+        (np.zeros(8, np.float32)[::2], ValueError, "^state 'exp_avg' of 'b': expected a C- or"),
+        (read_only, ValueError, "^state 'exp_avg' of 'b': array is read-only"),
+    ]:
+        opt, arrays, grads = two_groups(optim.Adam, 4)
+        opt.state["b"]["exp_avg"] = bad
+        refused(opt, arrays, grads, error, message)
+    opt, arrays, grads = two_groups(optim.Adam, 300, state_dtype="int8", max_grad_norm=0.5)
+    opt.state["a"]["exp_avg"] = QuantizedState.from_array(np.ones(300, np.float32), signed=False)
+    refused(opt, arrays, grads, TypeError, "^state 'exp_avg' of 'a' \\(codes\\): uint8")
+    one = optim.SGD({"w": arrays["a"]}, momentum=0.9, max_grad_norm=0.5)  # one call, clipped
+    one.step({"w": grads["a"]})
+    one.state["w"]["momentum_buffer"] = np.zeros(300)
+    refused(one, {"w": arrays["a"]}, {"w": grads["a"]}, TypeError, "^state 'momentum_buffer' ")
+    opt, arrays, grads = two_groups(optim.Muon, (3, 4))
+    opt.state["b"]["momentum_buffer"] = np.zeros((3, 4))
+    refused(opt, arrays, grads, TypeError, "^parameter 'b': momentum_buffer must be float32")
+    opt, arrays, grads = two_groups(optim.Adafactor, (3, 4))
+    opt.state["b"]["row_var"] = np.zeros((3, 2), np.float32)
+    refused(opt, arrays, grads, ValueError, "^parameter 'b': row_var")
 
 
 def test_add_param_group_adds_the_whole_group_or_nothing():

@@ -3,7 +3,7 @@
 # ignored). Hyperparameters are keyword arguments, validated against the kernel's declaration.
 # One function per declaration in OPTIMIZERS, named as its key; fusedopt._functional wraps
 # each with its signature and docstring.
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -17,6 +17,8 @@ THREADS: str  # how the build got its threads: "OpenMP 4.5" or "serial (...)"
 CHUNK: int
 OPTIMIZERS: dict[str, dict[str, Any]]
 STORAGE_ROWS: tuple[tuple[str, str, str], ...]  # (param, grad, state) dtype names
+# per OPTIMIZERS key: its function's checks of the same arguments, nothing run
+CHECKS: dict[str, Callable[..., None]]
 
 def __getattr__(name: str) -> Any: ...  # the optimizer functions
 def all_finite(arrays: _Arrays, /) -> bool: ...

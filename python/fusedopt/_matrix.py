@@ -10,6 +10,7 @@ releases the GIL for the call). Nothing is written before every argument has bee
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -344,28 +345,29 @@ def _check_no_overlap(fn: str, tensors) -> None:
         )
 
 
-def muon_(
-    param: Matrices,
-    grad: Matrices,
-    momentum_buffer: Union[Matrices, QuantizedState, Sequence[QuantizedState]],
-    *,
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_coefficients: Tuple[float, float, float] = reference.MUON_NS_COEFFICIENTS,
-    eps: float = 1e-7,
-    ns_steps: int = 5,
-    adjust_lr_fn: Optional[str] = None,
-    skip_if_nonfinite: bool = False,
-    stochastic_rounding: bool = False,
-    seed: Optional[int] = None,
-    master: Optional[Matrices] = None,
-) -> bool:
-    checked = _check_hyper(
+def _muon_checked(
+    param,
+    grad,
+    momentum_buffer,
+    lr,
+    weight_decay,
+    momentum,
+    nesterov,
+    ns_coefficients,
+    eps,
+    ns_steps,
+    adjust_lr_fn,
+    skip_if_nonfinite,
+    stochastic_rounding,
+    seed,
+    master,
+):
+    """muon_'s checks of its arguments (all of them, before anything is written), and what
+    they return: the lists of tensors, each tensor's dtype codes, the storage options and the
+    hyperparameters as numbers."""
+    hyper = _check_hyper(
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn
     )
-    lr, weight_decay, momentum, nesterov, (a, b, c), eps, ns_steps = checked
     stochastic, seed = _check_storage("muon_", stochastic_rounding, seed, optional=True)
     _check_flag("muon_", "skip_if_nonfinite", skip_if_nonfinite)
     one = isinstance(param, np.ndarray)
@@ -384,6 +386,30 @@ def muon_(
     ]
     _check_no_overlap("muon_", list(zip(params, grads, buffers, masters)))
     seed = reference._seed("muon_", seed, False, stochastic, [params, buffers])
+    return params, grads, buffers, masters, codes, stochastic, seed, hyper
+
+
+def muon_(
+    param: Matrices,
+    grad: Matrices,
+    momentum_buffer: Union[Matrices, QuantizedState, Sequence[QuantizedState]],
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: Tuple[float, float, float] = reference.MUON_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: Optional[str] = None,
+    skip_if_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: Optional[int] = None,
+    master: Optional[Matrices] = None,
+) -> bool:
+    checked = _muon_checked(**locals())
+    params, grads, buffers, masters, codes, stochastic, seed, hyper = checked
+    lr, weight_decay, momentum, nesterov, (a, b, c), eps, ns_steps = hyper
     if skip_if_nonfinite and not all(_core.all_finite(g) for g in grads if g.size):
         return False
     threads = _core.get_num_threads()
@@ -538,26 +564,27 @@ def _check_adafactor_tensor(i, p, g, r, c, v, master):
     return pc, _CODES[g.dtype]
 
 
-def adafactor_(
-    param: Matrices,
-    grad: Matrices,
-    row_var: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
-    col_var: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
-    variance: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
-    *,
-    step: int,
-    lr: float = 1e-2,
-    beta2_decay: float = -0.8,
-    eps: Tuple[Optional[float], float] = (None, 1e-3),
-    d: float = 1.0,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    master: Optional[Matrices] = None,
-) -> bool:
-    checked = _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize)
-    step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = checked
+def _adafactor_checked(
+    param,
+    grad,
+    row_var,
+    col_var,
+    variance,
+    step,
+    lr,
+    beta2_decay,
+    eps,
+    d,
+    weight_decay,
+    maximize,
+    stochastic_rounding,
+    seed,
+    master,
+):
+    """adafactor_'s checks of its arguments (all of them, before anything is written), and
+    what they return: each tensor's arrays and dtype codes, the storage options and the
+    hyperparameters as numbers."""
+    hyper = _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize)
     stochastic, seed = _check_storage("adafactor_", stochastic_rounding, seed)
     one = isinstance(param, np.ndarray)
     params = _as_list("param", param)
@@ -582,6 +609,30 @@ def adafactor_(
     tensors = list(zip(params, grads, rows, cols, variances, masters))
     codes = [_check_adafactor_tensor(-1 if one else i, *arrays) for i, arrays in enumerate(tensors)]
     _check_no_overlap("adafactor_", tensors)
+    return tensors, codes, stochastic, seed, hyper
+
+
+def adafactor_(
+    param: Matrices,
+    grad: Matrices,
+    row_var: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
+    col_var: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
+    variance: Union[None, np.ndarray, Sequence[Optional[np.ndarray]]],
+    *,
+    step: int,
+    lr: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: Tuple[Optional[float], float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    master: Optional[Matrices] = None,
+) -> bool:
+    checked = _adafactor_checked(**locals())
+    tensors, codes, stochastic, seed, hyper = checked
+    step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = hyper
     threads = _core.get_num_threads()
     weight = float(step) ** beta2_decay
     rho = min(lr, 1 / float(step) ** 0.5)
@@ -664,3 +715,15 @@ adafactor_.__doc__ = f"""{_ADAFACTOR_RULE}
     Returns:
         True.
 """
+
+
+_CHECKED = {muon_: _muon_checked, adafactor_: _adafactor_checked}
+
+
+def check_arguments(function, *args, **kwargs) -> None:
+    """The checks that ``function`` (:func:`muon_` or :func:`adafactor_`) makes of these
+    arguments, nothing run: for a step of several calls, which checks them all before the
+    first one writes (fusedopt.optim)."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    _CHECKED[function](**bound.arguments)

@@ -31,6 +31,7 @@ import inspect
 import json
 import math
 import os
+import re
 import tempfile
 from typing import (
     Any,
@@ -274,6 +275,37 @@ def _check_mu_product(what: str, value: Any) -> float:
     if not 0 <= value < 1:  # also NaN
         raise ValueError(f"{what}: expected a real number in [0, 1), got {value!r}")
     return float(value)
+
+
+# How the kernels name an array of a list call: "exp_avg[2]" (".codes" or ".scales" of an int8
+# state), and the matrix functions a tensor: "muon_: tensor 2"
+_KERNEL_LABEL = re.compile(r"(\w+)\[(\d+)\](?:\.(codes|scales))?: (.*)", re.DOTALL)
+_MATRIX_LABEL = re.compile(r"\w+_: tensor (\d+): (.*)", re.DOTALL)
+
+
+def _name_tensor(error: Exception, plan: _Plan, names: List[str]) -> None:
+    """Raise ``error`` again with its tensor named as the step names parameters (``state
+    'exp_avg' of 'w'`` for ``exp_avg[2]``), when a fused call of the step (of parameters
+    ``names``) refused it; returns if its message names no tensor."""
+    message = str(error)
+    kernel, matrix = _KERNEL_LABEL.fullmatch(message), _MATRIX_LABEL.fullmatch(message)
+    if kernel:
+        role, index, part, rest = kernel.groups()
+        keys = dict(plan.arrays)
+        if int(index) >= len(names) or role not in ("param", "grad", "master", *keys):
+            return
+        name = names[int(index)]
+        if role == "param":
+            label = f"parameter {name!r}"
+        elif role == "grad":
+            label = f"gradient of {name!r}"
+        else:
+            label = f"state {keys.get(role, role)!r} of {name!r}" + (f" ({part})" if part else "")
+    elif matrix and int(matrix.group(1)) < len(names):
+        label, rest = f"parameter {names[int(matrix.group(1))]!r}", matrix.group(2)
+    else:
+        return
+    raise type(error)(f"{label}: {rest}") from error
 
 
 class Optimizer:
@@ -678,33 +710,49 @@ class Optimizer:
         written = [(names, b) for _, names, b, *_ in calls]
         checked = len(calls) > 1 or clipping
         ran = 0
+        current = None  # the call running or being checked, whose errors name its tensors
+
+        def run(call: tuple, check: bool = False) -> None:
+            nonlocal current
+            current = call
+            plan, names, buffers, step, extra = call
+            states = [state_of[n] for n in names]
+            self._update(
+                plan,
+                [self._params[n] for n in names],
+                [aligned[n] for n in names],
+                {b: [state[b] for state in states] for b in buffers},
+                step,
+                extra,
+                self._position[names[0]],
+                check,
+            )
+
         try:
             if checked:
                 clipped = [name for name, _ in active] if clipping else []
                 self._check_step_overlap(aligned, written, clipped)
+                # every call's checks before anything is written: a call checks its own
+                # arrays as it runs, after the calls before it (and clipping) have written
+                for call in calls if clipping else calls[1:]:
+                    run(call, check=True)
             if clipping:
                 clip_grad_norm_([g for _, g in active], self.max_grad_norm)
-            for plan, names, buffers, step, extra in calls:
-                states = [state_of[n] for n in names]
-                self._update(
-                    plan,
-                    [self._params[n] for n in names],
-                    [aligned[n] for n in names],
-                    {b: [state[b] for state in states] for b in buffers},
-                    step,
-                    extra,
-                    self._position[names[0]],
-                )
+            for call in calls:
+                run(call)
                 ran += 1
-                for state in states:
+                for name in call[1]:
+                    state = state_of[name]
                     state["step"] += 1
-                    self._after_update(state, extra)
+                    self._after_update(state, call[4])
         except (TypeError, ValueError) as error:
             if not ran:  # refused before any call wrote: the state is left as it was found
                 try:
                     if isinstance(error, ValueError) and not checked:
                         check = functools.partial(self._check_step_overlap, aligned, written, [])
                         self._relabel(error, check)
+                    if current is not None:
+                        _name_tensor(error, current[0], current[1])
                 finally:
                     self._forget(added)
             raise
@@ -801,9 +849,11 @@ class Optimizer:
         step: int,
         extra: Any,
         first: int,
+        check: bool = False,
     ) -> None:
         """One fused call for tensors that share dtypes and step count; ``first`` is the place
-        of its first tensor among the optimizer's parameters (see :meth:`_rounding`)."""
+        of its first tensor among the optimizer's parameters (see :meth:`_rounding`). With
+        ``check``, the call's checks of its arguments alone: nothing is written."""
         arrays = {name: buffers[key] for name, key in plan.arrays}
         if "master" in buffers:
             arrays["master"] = buffers["master"]
@@ -811,7 +861,10 @@ class Optimizer:
         hyper = {**hyper, **self._rounding(step, plan.declaration.takes_step, first)}
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         name = plan.declaration.function_name
-        function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
+        if check:  # the fused kernel's checks, for the reference's calls too
+            function = _core.CHECKS[plan.declaration.name]
+        else:
+            function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
         function(params, grads, **arrays, **hyper)
 
     def _rounding(self, step: int, takes_step: bool, first: int) -> Dict[str, Any]:
@@ -1200,11 +1253,11 @@ class SGD(Optimizer):
             "momentum_buffer" in state or "momentum_buffer.codes" in state
         )
 
-    def _update(self, plan, params, grads, buffers, step, first_momentum_step, first):
+    def _update(self, plan, params, grads, buffers, step, first_momentum_step, first, check=False):
         # b_1 = g_1: from the new zero buffer with no dampening, mu * 0 + 1 * g is exactly g.
         if first_momentum_step and plan.declaration.name == "momentum":
             plan = plan._replace(hyper={**plan.hyper, "dampening": 0.0})
-        super()._update(plan, params, grads, buffers, step, None, first)
+        super()._update(plan, params, grads, buffers, step, None, first, check)
 
 
 class Momentum(Optimizer):
@@ -1369,9 +1422,9 @@ class NAdam(Optimizer):
             before = reference._nadam_mu_product(beta1, psi, step)
         return before * (beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * psi)))
 
-    def _update(self, plan, params, grads, buffers, step, mu_product, first):
+    def _update(self, plan, params, grads, buffers, step, mu_product, first, check=False):
         plan = plan._replace(hyper={**plan.hyper, "mu_product": mu_product})
-        super()._update(plan, params, grads, buffers, step, None, first)
+        super()._update(plan, params, grads, buffers, step, None, first, check)
 
     def _after_update(self, state, mu_product):
         state["mu_product"] = mu_product
@@ -1561,8 +1614,8 @@ class _ScheduleFree(Optimizer):
     def _call_key(self, group, state):
         return group["k"] + 1  # the kernel's step is the group's, as in schedulefree
 
-    def _update(self, plan, params, grads, buffers, step, group_step, first):
-        super()._update(plan, params, grads, buffers, group_step, None, first)
+    def _update(self, plan, params, grads, buffers, step, group_step, first, check=False):
+        super()._update(plan, params, grads, buffers, group_step, None, first, check)
 
     def step(self, grads: Grads) -> bool:
         """One Schedule-Free step (see :meth:`Optimizer.step`); in eval mode a RuntimeError
@@ -1763,9 +1816,11 @@ class Muon(Optimizer):
         )
         return _Plan(None, hyper, (("momentum_buffer", "momentum_buffer"),))
 
-    def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
+    def _update(self, plan, params, grads, buffers, step, extra, first, check=False) -> None:
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         function = reference.muon_ if reference_impl else _matrix.muon_
+        if check:
+            function = functools.partial(_matrix.check_arguments, _matrix.muon_)
         function(
             params,
             grads,
@@ -1848,7 +1903,7 @@ class Adafactor(Optimizer):
         )
         return _Plan(None, hyper, ())
 
-    def _update(self, plan, params, grads, buffers, step, extra, first) -> None:
+    def _update(self, plan, params, grads, buffers, step, extra, first, check=False) -> None:
         states, added = [], []
         for p in params:
             name = self._names_of[id(p)]
@@ -1862,16 +1917,20 @@ class Adafactor(Optimizer):
             states.append(state)
         moments = {k: [s.get(k) for s in states] for k in ("row_var", "col_var", "variance")}
         try:
-            self._step_factored(plan, params, grads, moments, buffers.get("master"), step, first)
+            self._step_factored(
+                plan, params, grads, moments, buffers.get("master"), step, first, check
+            )
         except (TypeError, ValueError):  # refused before it wrote: the moments were not made
             self._forget(added)
             raise
 
-    def _step_factored(self, plan, params, grads, moments, masters, step, first) -> None:
+    def _step_factored(self, plan, params, grads, moments, masters, step, first, check=False):
         """The fused (or reference) call on the moments' lists, by name (the torch adapter's
-        too, whose state is its own)."""
+        too, whose state is its own); with ``check``, only its checks."""
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         function = reference.adafactor_ if reference_impl else _matrix.adafactor_
+        if check:
+            function = functools.partial(_matrix.check_arguments, _matrix.adafactor_)
         function(
             params,
             grads,
