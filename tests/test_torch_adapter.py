@@ -1857,6 +1857,32 @@ def test_a_lazy_branch_not_yet_run_does_not_stop_the_others(name):
     _train_alongside(torch.randn(3, 4, dtype=torch.float64), 2, (dense, ours), (plain, theirs))
 
 
+@pytest.mark.parametrize("copy_", [False, True], ids=["in place", "host copies"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_offload_takes_a_lazy_modules_parameters(copy_, dtype):
+    """CPUOffload over a model with a lazy layer: its host copy (with ``copy``) is made at
+    the first step after the dry run, and the steps are those of fusedopt's AdamW on the
+    model itself (masters for bfloat16, as the offload makes them)."""
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.LazyLinear(3, dtype=dtype), torch.nn.Linear(3, 2))
+
+    a, b = model(), model()
+    offload = ft.CPUOffload(a.parameters(), ft.AdamW, lr=0.1, copy=copy_)
+    direct = ft.AdamW(b.parameters(), lr=0.1, master_weights=dtype == torch.bfloat16)
+    x = torch.randn(5, 4, dtype=dtype)
+    for _ in range(3):
+        for m, opt in ((a, offload), (b, direct)):
+            torch.manual_seed(1)  # the lazy layer's initial weights, drawn at its first run
+            opt.zero_grad()
+            m[1](m[0](x).float()).pow(2).sum().backward()
+            opt.step()
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+    assert (offload._host[0] is a[0].weight) != copy_
+
+
 def test_load_state_dict_checks_the_counts_first():
     """A checkpoint's skipped_steps and step counts are checked before anything is loaded: a
     bad step would be refused by its call's kernel only at a later step, after other groups

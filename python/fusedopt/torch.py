@@ -1545,7 +1545,9 @@ class CPUOffload:
     start again from it too, unless the optimizer's state was loaded since (resuming from a
     checkpoint of both: the loaded masters are kept, bit for bit). A change is seen by the
     parameter's autograd version and data_ptr: one made through ``p.data`` or a NumPy view is
-    not; make it under ``torch.no_grad()``.
+    not; make it under ``torch.no_grad()``. A lazy module's parameters (``torch.nn.LazyLinear``'s
+    before its first forward pass) are accepted: their host copies are made at the first step
+    after it.
 
     ``optimizer`` is the host optimizer (a :class:`fusedopt.torch.Optimizer`): give it to the
     schedulers; ``state_dict``/``load_state_dict`` are its.
@@ -1580,9 +1582,11 @@ class CPUOffload:
                     raise TypeError(f"params: expected tensors, got {type(p).__name__}")
                 if p.device.type == "cpu" and not copy:
                     host = p
+                elif torch.nn.parameter.is_lazy(p):  # made at the first step that sees it
+                    host = torch.nn.parameter.UninitializedParameter(device="cpu", dtype=p.dtype)
+                    self._device = True
                 else:
-                    pin = (p.device.type == "cuda") if pin_memory is None else pin_memory
-                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+                    host = self._new_host(p, pin_memory)
                     host.copy_(p.detach())
                     self._device = True
                 self.params.append(p)
@@ -1596,19 +1600,31 @@ class CPUOffload:
         # each parameter's autograd version and data_ptr as the host last saw them: one that
         # differs at a step was changed outside it; and the master tensors after the last step
         # (one replaced since was loaded)
+        self._pin_memory = pin_memory
         self._seen = [self._version_of(p) for p in self.params]
         self._masters: List[Optional[torch.Tensor]] = [None] * len(self.params)
 
     @staticmethod
+    def _new_host(p: torch.Tensor, pin_memory: Optional[bool]) -> torch.Tensor:
+        """An empty host tensor like ``p``: pinned for a CUDA parameter, unless told."""
+        pin = (p.device.type == "cuda") if pin_memory is None else pin_memory
+        return torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+
+    @staticmethod
     def _version_of(p: torch.Tensor) -> Tuple[int, int]:
+        if torch.nn.parameter.is_lazy(p):  # no data yet: any later version differs
+            return -1, 0
         return p._version, p.data_ptr()
 
     def _take_changes(self) -> None:
         """Copy each parameter changed since the last step to its host copy, and to its
         master unless the optimizer's state was loaded since."""
         for i, (p, host) in enumerate(zip(self.params, self._host)):
-            if self._version_of(p) == self._seen[i]:
+            if self._version_of(p) == self._seen[i] or torch.nn.parameter.is_lazy(p):
                 continue
+            if torch.nn.parameter.is_lazy(host):  # a lazy module's, run for the first time
+                host.materialize(p.shape)
+                host.data = self._new_host(p, self._pin_memory)
             with torch.no_grad():
                 if host is not p:
                     host.copy_(p.detach())
@@ -1629,6 +1645,7 @@ class CPUOffload:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._take_changes()  # first: it makes the host copies of lazy parameters run since
         synchronize = False
         for i, (p, host) in enumerate(zip(self.params, self._host)):
             if host is p:
@@ -1647,7 +1664,6 @@ class CPUOffload:
             host.grad = buffer
         if synchronize:
             torch.cuda.synchronize()
-        self._take_changes()
         self.optimizer.step()
         with torch.no_grad():
             for p, host in zip(self.params, self._host):
