@@ -699,11 +699,13 @@ def test_bad_steps_raise_before_any_update():
     assert_same_bits(opt.state["b1"]["exp_avg"], state)
 
 
-def test_replaced_state_is_refused_before_any_call_writes():
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_replaced_state_is_refused_before_any_call_writes(impl):
     """State replaced by hand with an array no kernel takes: in a step of several fused calls
     (two groups), or of one call after clipping, every call's arrays are checked before the
     first writes, and the error names the parameter. Element-wise kernels and the matrix
-    ones (Muon, Adafactor) alike."""
+    ones (Muon, Adafactor) alike; with impl="reference" too, whose calls the kernels' checks
+    guard (the reference alone takes a float64 buffer, or a gradient that is the state)."""
     rng = np.random.default_rng(3)
 
     def bits(value):  # a state entry's value as bytes, comparable with ==
@@ -716,7 +718,7 @@ def test_replaced_state_is_refused_before_any_call_writes():
     def two_groups(cls, shape, **options):
         arrays = {k: rng.standard_normal(shape).astype(np.float32) for k in ("a", "b")}
         groups = [{"params": {"a": arrays["a"]}}, {"params": {"b": arrays["b"]}, "lr": 0.02}]
-        opt = cls(groups, **options)
+        opt = cls(groups, impl=impl, **options)
         grads = {k: rng.standard_normal(shape).astype(np.float32) for k in arrays}
         opt.step(grads)
         return opt, arrays, grads
@@ -745,7 +747,7 @@ def test_replaced_state_is_refused_before_any_call_writes():
     opt, arrays, grads = two_groups(optim.Adam, 300, state_dtype="int8", max_grad_norm=0.5)
     opt.state["a"]["exp_avg"] = QuantizedState.from_array(np.ones(300, np.float32), signed=False)
     refused(opt, arrays, grads, TypeError, "^state 'exp_avg' of 'a' \\(codes\\): uint8")
-    one = optim.SGD({"w": arrays["a"]}, momentum=0.9, max_grad_norm=0.5)  # one call, clipped
+    one = optim.SGD({"w": arrays["a"]}, momentum=0.9, max_grad_norm=0.5, impl=impl)  # clipped
     one.step({"w": grads["a"]})
     one.state["w"]["momentum_buffer"] = np.zeros(300)
     refused(one, {"w": arrays["a"]}, {"w": grads["a"]}, TypeError, "^state 'momentum_buffer' ")
@@ -755,6 +757,10 @@ def test_replaced_state_is_refused_before_any_call_writes():
     opt, arrays, grads = two_groups(optim.Adafactor, (3, 4))
     opt.state["b"]["row_var"] = np.zeros((3, 2), np.float32)
     refused(opt, arrays, grads, ValueError, "^parameter 'b': row_var")
+    one = optim.Adam({"w": arrays["a"]}, impl=impl)  # one call: the gradient is its state
+    one.step({"w": grads["a"]})
+    message = "gradient 'w' and state 'exp_avg' of 'w' share memory"
+    refused(one, {"w": arrays["a"]}, {"w": one.state["w"]["exp_avg"]}, ValueError, message)
 
 
 def test_add_param_group_adds_the_whole_group_or_nothing():

@@ -365,8 +365,10 @@ class Optimizer:
                 is written and ``step`` returns False, counted in ``skipped_steps`` (default
                 False).
             impl: ``"fused"`` computes with the fused kernels, ``"reference"`` with
-                :mod:`fusedopt.reference` (plain NumPy: bit-identical, slower); None (the
-                default) the kernels, but the reference inside :func:`reference_kernels`.
+                :mod:`fusedopt.reference` (plain NumPy: bit-identical, slower; the arrays
+                are checked by the kernels' rules first, so both take and refuse the same);
+                None (the default) the kernels, but the reference inside
+                :func:`reference_kernels`.
             state_dtype: the state buffers' storage: None or ``"float32"`` (the default:
                 float32), ``"bfloat16"``, or ``"int8"``: 8-bit block-quantized
                 (:class:`fusedopt.quantize.QuantizedState`: int8 codes, uint8 for a state that
@@ -860,11 +862,12 @@ class Optimizer:
         hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
         hyper = {**hyper, **self._rounding(step, plan.declaration.takes_step, first)}
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
+        if check or reference_impl:  # the kernel's checks decide what the reference takes too
+            _core.CHECKS[plan.declaration.name](params, grads, **arrays, **hyper)
+            if check:
+                return
         name = plan.declaration.function_name
-        if check:  # the fused kernel's checks, for the reference's calls too
-            function = _core.CHECKS[plan.declaration.name]
-        else:
-            function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
+        function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
         function(params, grads, **arrays, **hyper)
 
     def _rounding(self, step: int, takes_step: bool, first: int) -> Dict[str, Any]:
@@ -1818,17 +1821,14 @@ class Muon(Optimizer):
 
     def _update(self, plan, params, grads, buffers, step, extra, first, check=False) -> None:
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
-        function = reference.muon_ if reference_impl else _matrix.muon_
-        if check:
-            function = functools.partial(_matrix.check_arguments, _matrix.muon_)
-        function(
-            params,
-            grads,
-            buffers["momentum_buffer"],
-            master=buffers.get("master"),
-            **plan.hyper,
-            **self._rounding(step, False, first),
-        )
+        arrays = (params, grads, buffers["momentum_buffer"])
+        options = {"master": buffers.get("master"), **plan.hyper}
+        options.update(self._rounding(step, False, first))
+        if check or reference_impl:  # the fused function's checks decide what the reference takes
+            _matrix.check_arguments(_matrix.muon_, *arrays, **options)
+            if check:
+                return
+        (reference.muon_ if reference_impl else _matrix.muon_)(*arrays, **options)
 
 
 class Adafactor(Optimizer):
@@ -1928,20 +1928,14 @@ class Adafactor(Optimizer):
         """The fused (or reference) call on the moments' lists, by name (the torch adapter's
         too, whose state is its own); with ``check``, only its checks."""
         reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
-        function = reference.adafactor_ if reference_impl else _matrix.adafactor_
-        if check:
-            function = functools.partial(_matrix.check_arguments, _matrix.adafactor_)
-        function(
-            params,
-            grads,
-            moments["row_var"],
-            moments["col_var"],
-            moments["variance"],
-            step=step,
-            master=masters,
-            **plan.hyper,
-            **self._rounding(step, True, first),
-        )
+        arrays = (params, grads, moments["row_var"], moments["col_var"], moments["variance"])
+        options = {"step": step, "master": masters, **plan.hyper}
+        options.update(self._rounding(step, True, first))
+        if check or reference_impl:  # the fused function's checks decide what the reference takes
+            _matrix.check_arguments(_matrix.adafactor_, *arrays, **options)
+            if check:
+                return
+        (reference.adafactor_ if reference_impl else _matrix.adafactor_)(*arrays, **options)
 
 
 _OPTIONS = (
