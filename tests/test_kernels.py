@@ -98,6 +98,43 @@ def check_matches_reference(spec, hyper, shape_id, dtype, steps):
         assert_identical(fused, expected, f"{spec.name} {hyper} step {step}")
 
 
+def as_numpy_scalars(value, kind):
+    """A case's hyperparameter value as NumPy scalars of ``kind`` (floats; ints as int64,
+    bools as numpy.bool_), tuples element by element."""
+    if isinstance(value, tuple):
+        return tuple(as_numpy_scalars(v, kind) for v in value)
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int):
+        return np.int64(value)
+    if isinstance(value, float):
+        return kind(value)
+    return value
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float64, np.longdouble])
+@pytest.mark.parametrize("row", [("float32",) * 3, ("bfloat16", "bfloat16", "int8")], ids="-".join)
+@pytest.mark.parametrize(("spec", "hyper"), CASES)
+def test_numpy_scalar_hyperparameters_match_reference(spec, hyper, row, kind):
+    """Hyperparameters and the step given as NumPy scalars: the kernels read them as the
+    Python numbers they equal, and so does the reference (NumPy's promotion would otherwise
+    run its formula in float64 for an np.float64 lr, or in float32 for np.float32 betas)."""
+    rng = np.random.default_rng(5)
+    given = {k: as_numpy_scalars(v, kind) for k, v in hyper.items()}
+    fused = as_row(make_arrays(spec, hyper, (37,), np.float32, rng, "C"), row)
+    expected = copy_arrays(fused)
+    for step in range(1, 3):
+        new_grad(fused, rng)
+        fused["grad"] = fused["grad"].astype(DTYPE_OF[row[1]])
+        expected["grad"] = fused["grad"].copy()
+        options = {"seed": np.uint64(2**64 - 3)}
+        if row[0] == "bfloat16" and takes_flag(spec.name, "stochastic_rounding"):
+            options["stochastic_rounding"] = np.bool_(True)
+        assert call(spec.fused, spec, fused, {**given, **options}, np.int64(step)) is True
+        assert call(spec.reference, spec, expected, {**given, **options}, np.int64(step))
+        assert_identical(fused, expected, f"{spec.name} {hyper} step {step}")
+
+
 def test_every_registry_entry_has_cases_covering_its_options():
     for spec in OPTIMIZERS.values():
         assert spec.cases, spec.name

@@ -85,6 +85,18 @@ def _seed(function, seed, takes_step, stochastic_rounding, arrays):
     return 0
 
 
+def _python_number(value):
+    """A NumPy bool, integer or float scalar as the Python number it equals (a longdouble
+    rounded to double, as the kernels read it); anything else as it is."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
 def _for_each_tensor(update):
     """Lets a one-tensor update take lists of arrays too (then every array argument is a list),
     skip the whole step when asked to and a gradient is not finite, and store low-precision
@@ -111,6 +123,10 @@ def _for_each_tensor(update):
         master=None,
         **hyper,
     ):
+        # NumPy scalars as the Python numbers they equal, as the kernels read them: under
+        # NumPy's promotion rules an np.float64 lr would make the formula run in float64
+        hyper = {k: _python_number(v) for k, v in hyper.items()}
+        seed = _python_number(seed)
         optional = [v for v in hyper.values() if isinstance(v, (np.ndarray, QuantizedState, list))]
         arrays_stored = [param, *arrays, *optional]
         seed = _seed(update.__name__, seed, takes_step, stochastic_rounding, arrays_stored)
