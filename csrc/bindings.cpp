@@ -323,7 +323,13 @@ double parse_real(const Hyperparameter& h, PyObject* value) {
                            (h.may_be_none ? " or None" : "") + ", got " + type_name(value));
     }
     v = PyFloat_AsDouble(value);
-    if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+    if (v == -1.0 && PyErr_Occurred()) {
+      if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
+      PyErr_Clear();  // an integer past double's range: infinite, which the range decides
+      const int negative = PyObject_RichCompareBool(value, py::int_(0).ptr(), Py_LT);
+      if (negative < 0) throw py::error_already_set();
+      v = negative ? -HUGE_VAL : HUGE_VAL;
+    }
   }
   const auto& r = h.range;
   const bool above = r.low_open ? r.low < v : r.low <= v;

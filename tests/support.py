@@ -115,15 +115,16 @@ def assert_same_bits(a: np.ndarray, b: np.ndarray, label: str = "") -> None:
 
 def invalid_values(h) -> list:
     """Values outside a real hyperparameter's declared range (``fusedopt._declarations``'s
-    HyperArg): NaN, the open or just-outside ends, and the infinities it excludes."""
-    values = [math.nan, -math.inf]
+    HyperArg): NaN, the open or just-outside ends, and the infinities it excludes, as floats
+    and as integers past a double's range (which no float conversion takes)."""
+    values = [math.nan, -math.inf, -(10**400)]
     values.append(h.low if h.low_open else h.low - 0.1)
     if math.isinf(h.high):
         if h.high_open:
-            values.append(math.inf)  # [low, inf): infinity itself is refused
+            values += [math.inf, 10**400]  # [low, inf): infinity itself is refused
     else:
         values.append(h.high if h.high_open else h.high + 0.1)
-        values.append(math.inf)
+        values += [math.inf, 10**400]
     return values
 
 

@@ -167,6 +167,7 @@ def bad_calls():
     yield "invalid step", (p, g, r, c, None), dict(step=0)
     yield "beta2_decay", (p, g, r, c, None), dict(step=1, beta2_decay=0.5)
     yield "invalid d", (p, g, r, c, None), dict(step=1, d=0.5)
+    yield "invalid lr: inf", (p, g, r, c, None), dict(step=1, lr=10**400)
     yield "eps must be a pair", (p, g, r, c, None), dict(step=1, eps=1e-3)
     yield (
         "row_var must be float32 \\(4, 1\\)",

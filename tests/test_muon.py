@@ -243,6 +243,8 @@ def bad_calls():
     yield "adjust_lr_fn", (p, g, b), dict(adjust_lr_fn="rms")
     yield "ns_coefficients", (p, g, b), dict(ns_coefficients=(1.0, 2.0))
     yield "invalid lr", (p, g, b), dict(lr=-1.0)
+    yield "invalid lr: inf", (p, g, b), dict(lr=10**400)  # past a double's range
+    yield "invalid weight_decay: -inf", (p, g, b), dict(weight_decay=-(10**400))
     yield "invalid momentum", (p, g, b), dict(momentum=float("nan"))
     yield "nesterov must be a bool", (p, g, b), dict(nesterov=1)
     yield "stochastic_rounding must be a bool", (p, g, b), dict(stochastic_rounding="False")

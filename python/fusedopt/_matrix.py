@@ -120,11 +120,14 @@ _ADAFACTOR = _level_function("fusedopt_adafactor_step", _AdafactorCall)
 def _real(name: str, value, low: float = 0.0, high: float = math.inf, fn: str = "muon_") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past double's range: no finite number
+        number = math.inf if value > 0 else -math.inf
+    if not (math.isfinite(number) and low <= number <= high):
         bounds = f">= {low:g}" if high == math.inf else f"<= {high:g}"
-        raise ValueError(f"{fn}: invalid {name}: {value} (a finite number {bounds})")
-    return value
+        raise ValueError(f"{fn}: invalid {name}: {number} (a finite number {bounds})")
+    return number
 
 
 def _check_hyper(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust):
