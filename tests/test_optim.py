@@ -854,8 +854,19 @@ def test_global_norm_and_clipping():
     with pytest.raises(RuntimeError, match="non-finite"):
         fusedopt.clip_grad_norm_(bad, 1.0, error_if_nonfinite=True)
     assert_same_bits(bad[0], np.array([1.0, np.nan]))
-    with pytest.raises(ValueError, match="Invalid max_norm"):
-        fusedopt.clip_grad_norm_(grads, -1.0)
+    before = [g.copy() for g in grads]
+    for bad_norm, error in [
+        (-1.0, ValueError),
+        (np.nan, ValueError),
+        (np.inf, ValueError),
+        (10**400, ValueError),
+        (True, TypeError),
+        ("1", TypeError),
+        (np.array([1.0, 2.0]), TypeError),
+    ]:
+        with pytest.raises(error, match="max_norm"):
+            fusedopt.clip_grad_norm_(grads, bad_norm)
+        assert_identical(grads, before)
 
 
 def test_misaligned_params_and_grads_are_named():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -92,8 +93,14 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
     place (read-only, strided, sharing memory with another) is a ValueError that names it, and
     no gradient is changed.
     """
-    if not (max_norm >= 0 and math.isfinite(max_norm)):
-        raise ValueError(f"Invalid max_norm: {max_norm}")
+    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
+    try:
+        finite = math.isfinite(max_norm)
+    except OverflowError:  # an integer past a double's range
+        finite = False
+    if not (finite and max_norm >= 0):
+        raise ValueError(f"Invalid max_norm: {max_norm} (a finite number >= 0)")
     grads = _listed(grads)
     groups = _by_dtype(grads)
     total = math.sqrt(_sum_squares(groups))
