@@ -866,7 +866,7 @@ def test_global_norm_and_clipping():
     ]:
         with pytest.raises(error, match="max_norm"):
             fusedopt.clip_grad_norm_(grads, bad_norm)
-        assert_identical(grads, before)
+        assert_identical({"grads": grads}, {"grads": before})
 
 
 def test_misaligned_params_and_grads_are_named():
