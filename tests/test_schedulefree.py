@@ -224,6 +224,30 @@ def test_group_scalars_are_validated():
         opt.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("name", ["schedulefree_sgd_", "schedulefree_adamw_"])
+@pytest.mark.parametrize(
+    "hyper, step", [({"r": 1000.0}, 3), ({"lr": 1e300}, 1), ({"lr_max": 1e300}, 2)], ids=str
+)
+def test_averaging_weights_past_a_doubles_range_are_refused(name, hyper, step):
+    """Where step**r * lr_max**weight_lr_power overflows, c_t would be inf / inf: the step
+    would write NaN into every parameter. It is a ValueError, with nothing written; so is a
+    class built with such an lr."""
+    rng = np.random.default_rng(0)
+    adamw = name == "schedulefree_adamw_"
+    arrays = [rng.standard_normal(5).astype(np.float32) for _ in range(4 if adamw else 3)]
+    if adamw:
+        arrays[3] = np.abs(arrays[3])  # exp_avg_sq
+    before = [a.copy() for a in arrays]
+    with pytest.raises(ValueError, match="^Invalid averaging weights"):
+        getattr(fusedopt, name)(*arrays, step=step, **hyper)
+    for a, b in zip(arrays, before):
+        assert_same_bits(a, b)
+    if "lr" in hyper:
+        cls = optim.ScheduleFreeAdamW if adamw else optim.ScheduleFreeSGD
+        with pytest.raises(ValueError, match="^Invalid averaging weights"):
+            cls({"w": arrays[0]}, **hyper)
+
+
 def test_from_config_names():
     params = model()
     assert type(optim.from_config("schedulefreeadamw", params)) is optim.ScheduleFreeAdamW

@@ -48,7 +48,7 @@ constexpr Hyperparameter weight_sum() {
 //   weight_sum += weight; ckp1 = weight / weight_sum (0 if weight_sum is 0)
 // fusedopt.reference.schedulefree_averaging computes the same.
 struct ScheduleFreeScalars {
-  double lr, ckp1;
+  double lr, ckp1, weight_sum;
 };
 template <typename Decl>
 ScheduleFreeScalars schedulefree_scalars(const Values<Decl>& h) {
@@ -58,10 +58,23 @@ ScheduleFreeScalars schedulefree_scalars(const Values<Decl>& h) {
   const double lr_max = std::max(lr, h.real("lr_max"));
   const double weight = std::pow(step, h.real("r")) * std::pow(lr_max, h.real("weight_lr_power"));
   const double weight_sum = h.real("weight_sum") + weight;
-  return {lr, weight_sum == 0.0 ? 0.0 : weight / weight_sum};
+  return {lr, weight_sum == 0.0 ? 0.0 : weight / weight_sum, weight_sum};
 }
 
-struct ScheduleFreeAdamW : NoCrossRule {
+// The averaging weights must stay within a double's range: past it c_t = inf / inf, and the
+// step would write NaN into every parameter (r = 1000 at step 3 does it).
+struct ScheduleFreeRule {
+  template <typename V>
+  static const char* invalid(const V& h) {
+    if (!std::isfinite(schedulefree_scalars(h).weight_sum)) {
+      return "Invalid averaging weights: step**r * lr_max**weight_lr_power, or their sum with "
+             "weight_sum, is past a double's range (lower r, lr or weight_lr_power)";
+    }
+    return nullptr;
+  }
+};
+
+struct ScheduleFreeAdamW : ScheduleFreeRule {
   static constexpr const char* name = "schedulefree_adamw";
   static constexpr const char* summary =
       "v = b2 v + (1-b2) g^2; u = g / (sqrt(v/(1-b2^t)) + eps) + wd y; "
@@ -89,7 +102,7 @@ struct ScheduleFreeAdamW : NoCrossRule {
   using Kernel = ScheduleFreeAdamWKernel<Types>;
 };
 
-struct ScheduleFreeSGD : NoCrossRule {
+struct ScheduleFreeSGD : ScheduleFreeRule {
   static constexpr const char* name = "schedulefree_sgd";
   static constexpr const char* summary =
       "u = g + wd y; y += c (z - y) + lr_t (momentum (1-c) - 1) u; z -= lr_t u";
