@@ -948,8 +948,11 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     }
   }
 
-  // The call's row of the table: the first whose dtypes are those of the first tensor's arrays
-  // (its param's at least). Every array of every tensor must then have its part's dtype.
+  // The call's row of the table: the first whose dtypes are those of the first tensor's arrays.
+  // Every array of every tensor must then have its part's dtype. If none has them all, the
+  // messages' row is the first that has the most of them (the param's at least): a bfloat16
+  // exp_avg beside an int8 exp_avg_sq is then "expected bfloat16 like exp_avg" at exp_avg_sq,
+  // not "expected float32" at exp_avg, which neither is.
   std::size_t storage = 0;
   DType checked_copy = DType::float32;
   if (count > 0) {
@@ -973,17 +976,19 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       checked_copy = *param_dtype;
       param_dtype = DType::float32;
     }
-    bool param_known = false, matched = false;
-    for (std::size_t row = 0; row < fusedopt::kStorageCount && !matched; ++row) {
+    bool param_known = false;
+    std::size_t most_matched = 0;
+    for (std::size_t row = 0; row < fusedopt::kStorageCount; ++row) {
       if (param_dtype != fusedopt::kStorageRows[row].param) continue;
-      if (!param_known) storage = row;  // for the messages, if none fits
-      param_known = true;
-      matched = true;
+      std::size_t matched = 1;  // the roles whose dtypes the row has: the param's, and
       for (std::size_t r = 1; r < n_roles; ++r) {
         const std::optional<DType> dtype = dtype_at(r);
-        if (dtype && dtype != fusedopt::kStorageRows[row].of(roles[r].part)) matched = false;
+        matched += !dtype || dtype == fusedopt::kStorageRows[row].of(roles[r].part);
       }
-      if (matched) storage = row;
+      if (!param_known || matched > most_matched) storage = row;
+      param_known = true;
+      most_matched = std::max(most_matched, matched);
+      if (matched == n_roles) break;
     }
     if (!param_known) {
       throw py::type_error(label(0, 0).str() + ": expected dtype " +

@@ -1087,12 +1087,24 @@ def test_a_refused_state_says_why(case):
         arrays["param"] = arrays["param"].astype(np.float64)
         arrays["grad"] = arrays["grad"].astype(np.float64)
         match = "^exp_avg: expected dtype float64 like param, got "
-    else:  # the first state decides, as with float32 and bfloat16 states (test_kernels)
+    else:  # the row most of the arrays have decides: int8 states, beside amsgrad's max
         arrays["exp_avg_sq"] = arrays["exp_avg_sq"].dequantize()
-        match = (  # the first row of a float32 param has float32 states
-            r"^exp_avg: expected dtype float32 with the call's other arrays, got a "
-            r"fusedopt\.quantize\.QuantizedState$"
+        match = (
+            r"^exp_avg_sq: expected a fusedopt\.quantize\.QuantizedState \(8-bit codes and "
+            r"float32 scales\) like the call's other states, got an array of dtype float32$"
         )
+    assert_rejected(spec, arrays, hyper, TypeError, match)
+
+
+def test_states_of_two_low_precision_kinds_are_named_against_each_other():
+    """A bfloat16 state beside an int8 one: no row has both, and the message compares one with
+    the other, not with the float32 row that neither is in."""
+    spec = OPTIMIZERS["adam"]
+    arrays, hyper = new_arguments(spec, quantized=True)
+    hyper = {k: v for k, v in hyper.items() if k != "amsgrad"}
+    arrays.pop("max_exp_avg_sq", None)
+    arrays["exp_avg"] = arrays["exp_avg"].dequantize().astype(ml_dtypes.bfloat16)
+    match = r"^exp_avg_sq: expected dtype bfloat16 like exp_avg, got a fusedopt\.quantize\."
     assert_rejected(spec, arrays, hyper, TypeError, match)
 
 
