@@ -8,6 +8,7 @@ import collections
 import contextlib
 import copy
 import inspect
+import re
 import tracemalloc
 import warnings
 from unittest import mock
@@ -892,6 +893,78 @@ def test_cpu_offload_copies_gradients_without_their_graph():
             m(torch.randn(4, 6)).pow(2).sum().backward(create_graph=True)
         offload.step()
         assert all(g is not None and g.grad_fn is None for g in offload._grads)
+
+
+def _offload_snapshot(model, offload):
+    """Copies of what a refused CPUOffload step must leave as it was: the model's parameters,
+    the host copies and the optimizer's state (masters included)."""
+    return copy.deepcopy(
+        ([p.detach() for p in model.parameters()], offload._host, offload.optimizer.state_dict())
+    )
+
+
+def _assert_same(before, after):
+    for a, b in zip(before[0] + before[1], after[0] + after[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for key, entry in before[2]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, after[2]["state"][key][name]), (key, name)
+
+
+@pytest.mark.parametrize(
+    "start, to", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)]
+)
+def test_cpu_offload_refuses_a_model_of_another_dtype_before_any_change(start, to):
+    """A model cast after the offload was made (``model.float()``) does not fit its host
+    copies: the step is a TypeError naming the parameter, raised before anything is copied
+    (the host copies and the masters, which hold more precision than the model, are as they
+    were), as is a gradient of another dtype than the host copy takes."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(8, 4).to(start)
+    offload = ft.CPUOffload(m.parameters(), ft.AdamW, lr=1e-3, copy=True)
+    for _ in range(3):
+        m(torch.randn(16, 8, dtype=start)).float().pow(2).mean().backward()
+        offload.step()
+        offload.zero_grad()
+    if start == torch.bfloat16:  # the masters are not the model's values
+        master = offload.optimizer.state[offload._host[0]]["master"]
+        assert not torch.equal(master, m.weight.detach().float())
+    m.to(to)
+    m(torch.randn(16, 8, dtype=to)).float().pow(2).mean().backward()
+    before = _offload_snapshot(m, offload)
+    name = str(start).removeprefix("torch.")
+    with pytest.raises(TypeError, match=rf"^parameter 0 of group 0: expected {name} \(4, 8\)"):
+        offload.step()
+    _assert_same(before, _offload_snapshot(m, offload))
+
+    m.to(start)
+    m.weight.grad = None
+    m.weight.grad_dtype = to  # torch lets the model take gradients of another dtype
+    m.weight.grad = torch.ones(4, 8, dtype=to)
+    before = _offload_snapshot(m, offload)
+    with pytest.raises(TypeError, match=r"^gradient of parameter 0 of group 0: expected"):
+        offload.step()
+    _assert_same(before, _offload_snapshot(m, offload))
+
+
+@pytest.mark.parametrize("copy_", [False, True], ids=["in place", "host copies"])
+def test_cpu_offload_refuses_sparse_tensors_as_the_adapter_does(copy_):
+    """A sparse gradient (``nn.Embedding(sparse=True)``) or parameter: the adapter's
+    TypeError, with host copies too (checked before a copy that torch cannot make), and
+    nothing changed."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    offload = ft.CPUOffload(emb.parameters(), ft.AdamW, lr=1e-2, copy=copy_)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = _offload_snapshot(emb, offload)
+    message = "gradient of parameter 0 of group 0: sparse tensors (torch.sparse_coo) are not"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        offload.step()
+    _assert_same(before, _offload_snapshot(emb, offload))
+    assert not offload.optimizer.state
+    sparse = torch.nn.Parameter(torch.eye(3).to_sparse())
+    with pytest.raises(TypeError, match=re.escape("parameter 0 of group 0: sparse tensors")):
+        ft.CPUOffload([sparse], ft.AdamW, copy=copy_)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

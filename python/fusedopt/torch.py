@@ -202,9 +202,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_tensor(what: str, t: Any, written: bool = True) -> None:
-    """TypeError/ValueError unless ``t`` is a tensor fusedopt can update in place (or read
-    where it is: not ``written``)."""
+def _check_kind(what: str, t: Any) -> None:
+    """TypeError unless ``t`` is a dense tensor of a dtype fusedopt takes (on any device)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -215,6 +214,29 @@ def _check_tensor(what: str, t: Any, written: bool = True) -> None:
         raise TypeError(
             f"{what}: expected dtype float32, float64, bfloat16 or float16, got {t.dtype}"
         )
+
+
+def _mismatch(
+    what: str, dtype: torch.dtype, shape: Any, t: torch.Tensor, like: str, fix: str
+) -> Exception:
+    """The error for ``t`` not of ``dtype`` and ``shape`` (those of ``like``, "a float32
+    (3,) parameter"): a TypeError where the dtype differs, else a ValueError."""
+    name = operator.methodcaller("removeprefix", "torch.")
+    return (TypeError if t.dtype != dtype else ValueError)(
+        f"{what}: expected {name(str(dtype))} {tuple(shape)} for {like}, got "
+        f"{name(str(t.dtype))} {tuple(t.shape)} ({fix})"
+    )
+
+
+def _described(p: torch.Tensor) -> str:
+    """``p`` as _mismatch's ``like`` names a parameter: "a bfloat16 (4, 8) parameter"."""
+    return f"a {str(p.dtype).removeprefix('torch.')} {tuple(p.shape)} parameter"
+
+
+def _check_tensor(what: str, t: Any, written: bool = True) -> None:
+    """TypeError/ValueError unless ``t`` is a tensor fusedopt can update in place (or read
+    where it is: not ``written``)."""
+    _check_kind(what, t)
     if t.device.type != "cpu":
         raise ValueError(
             f"{what}: on {t.device}; fusedopt.torch updates CPU tensors (for a model on an "
@@ -893,12 +915,14 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype != dtype or t.shape != shape:
             # e.g. model.double() between steps: torch's step refuses mixed dtypes too
-            name = operator.methodcaller("removeprefix", "torch.")
-            raise (TypeError if t.dtype != dtype else ValueError)(
-                f"{what}: expected {name(str(dtype))} {shape} for a {name(str(p.dtype))} "
-                f"{tuple(p.shape)} parameter, got {name(str(t.dtype))} {tuple(t.shape)} (a "
-                "parameter changed since its state was made needs its state converted too, or "
-                "started afresh: del opt.state[p])"
+            raise _mismatch(
+                what,
+                dtype,
+                shape,
+                t,
+                _described(p),
+                "a parameter changed since its state was made needs its state converted too, "
+                "or started afresh: del opt.state[p]",
             )
         if dtype in _TORCH_DTYPES:
             _check_tensor(what, t)
@@ -1571,13 +1595,14 @@ class CPUOffload:
         self.params: List[torch.Tensor] = []
         self._host: List[torch.Tensor] = []
         self._grads: List[Optional[torch.Tensor]] = []
+        self._names: List[str] = []  # as the optimizer's errors name them
         self._device = False  # whether any parameter lives off the host
         host_groups = []
-        for group in groups:
+        for index, group in enumerate(groups):
             tensors = group["params"]
             tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
             hosts = []
-            for p in tensors:
+            for i, p in enumerate(tensors):
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"params: expected tensors, got {type(p).__name__}")
                 if p.device.type == "cpu" and not copy:
@@ -1586,12 +1611,14 @@ class CPUOffload:
                     host = torch.nn.parameter.UninitializedParameter(device="cpu", dtype=p.dtype)
                     self._device = True
                 else:
+                    _check_kind(f"parameter {i} of group {index}", p)  # before copy_ fails
                     host = self._new_host(p, pin_memory)
                     host.copy_(p.detach())
                     self._device = True
                 self.params.append(p)
                 self._host.append(host)
                 self._grads.append(None)
+                self._names.append(f"parameter {i} of group {index}")
                 hosts.append(host)
             host_groups.append({**group, "params": hosts})
         low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
@@ -1615,6 +1642,41 @@ class CPUOffload:
         if torch.nn.parameter.is_lazy(p):  # no data yet: any later version differs
             return -1, 0
         return p._version, p.data_ptr()
+
+    def _check(self) -> None:
+        """TypeError/ValueError, before a step copies or writes anything, for a parameter
+        whose host copy cannot take it (its dtype or shape changed: ``model.float()``), or
+        whose gradient the host cannot take."""
+        for p, host, what in zip(self.params, self._host, self._names):
+            if host is p or torch.nn.parameter.is_lazy(p):  # the optimizer checks its own
+                continue
+            pending = torch.nn.parameter.is_lazy(host)  # made at this step, like p
+            if not pending and (p.dtype != host.dtype or p.shape != host.shape):
+                raise _mismatch(
+                    what,
+                    host.dtype,
+                    host.shape,
+                    p,
+                    "its host copy",
+                    "a CPUOffload keeps each parameter's dtype and shape: convert the model "
+                    "back, or make a new CPUOffload",
+                )
+            g = p.grad
+            if g is None:
+                continue
+            _check_kind(f"gradient of {what}", g)
+            # torch's rule for assigning host.grad (grad_dtype None: any dtype); a shape
+            # mismatch would broadcast in the copy
+            dtype = p.dtype if pending else getattr(host, "grad_dtype", host.dtype)
+            if g.shape != p.shape or (dtype is not None and g.dtype != dtype):
+                raise _mismatch(
+                    f"gradient of {what}",
+                    dtype or g.dtype,
+                    p.shape,
+                    g,
+                    "the host copy of " + _described(p),
+                    "a host copy takes gradients of its dtype and shape",
+                )
 
     def _take_changes(self) -> None:
         """Copy each parameter changed since the last step to its host copy, and to its
@@ -1645,6 +1707,7 @@ class CPUOffload:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check()  # all of it before anything is copied: a refused step changes nothing
         self._take_changes()  # first: it makes the host copies of lazy parameters run since
         synchronize = False
         for i, (p, host) in enumerate(zip(self.params, self._host)):
