@@ -948,6 +948,22 @@ def test_cpu_offload_refuses_a_model_of_another_dtype_before_any_change(start, t
 
 
 @pytest.mark.parametrize("copy_", [False, True], ids=["in place", "host copies"])
+def test_cpu_offload_refuses_a_parameter_in_two_groups(copy_):
+    """The same parameter twice is refused with or without host copies: each occurrence
+    shares one host copy, so the optimizer's own checks see it (torch's, for two groups)."""
+    p = torch.nn.Parameter(torch.ones(4))
+    groups = [{"params": [p], "lr": 0.1}, {"params": [p], "lr": 1.0}]
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter"):
+        ft.CPUOffload(groups, ft.SGD, copy=copy_)
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch's, for one group
+        offload = ft.CPUOffload([p, p], ft.SGD, copy=copy_, lr=0.1)
+    p.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="parameter 0 of group 0 and parameter 1 of group 0"):
+        offload.step()
+    assert torch.equal(p.detach(), torch.ones(4))
+
+
+@pytest.mark.parametrize("copy_", [False, True], ids=["in place", "host copies"])
 def test_cpu_offload_refuses_sparse_tensors_as_the_adapter_does(copy_):
     """A sparse gradient (``nn.Embedding(sparse=True)``) or parameter: the adapter's
     TypeError, with host copies too (checked before a copy that torch cannot make), and

@@ -1597,6 +1597,7 @@ class CPUOffload:
         self._grads: List[Optional[torch.Tensor]] = []
         self._names: List[str] = []  # as the optimizer's errors name them
         self._device = False  # whether any parameter lives off the host
+        host_of: Dict[torch.Tensor, torch.Tensor] = {}
         host_groups = []
         for index, group in enumerate(groups):
             tensors = group["params"]
@@ -1605,6 +1606,9 @@ class CPUOffload:
             for i, p in enumerate(tensors):
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"params: expected tensors, got {type(p).__name__}")
+                if p in host_of:  # one host copy: the optimizer's own duplicate checks see it
+                    hosts.append(host_of[p])
+                    continue
                 if p.device.type == "cpu" and not copy:
                     host = p
                 elif torch.nn.parameter.is_lazy(p):  # made at the first step that sees it
@@ -1619,6 +1623,7 @@ class CPUOffload:
                 self._host.append(host)
                 self._grads.append(None)
                 self._names.append(f"parameter {i} of group {index}")
+                host_of[p] = host
                 hosts.append(host)
             host_groups.append({**group, "params": hosts})
         low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
