@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -195,3 +196,121 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="momentum or beta1"):
         schedules.OneCycleLR(optim.Adagrad([np.zeros(1)]), max_lr=1.0, total_steps=3)
     assert math.isfinite(opt.param_groups[0]["lr"])
+
+
+def _plateau(opt):
+    return schedules.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda o: schedules.StepLR(o, step_size=2), _plateau],
+    ids=["StepLR", "ReduceLROnPlateau"],
+)
+def test_load_state_dict_checks_everything_first(make):
+    """A state_dict with a value of the wrong kind, per-group values for another number of
+    groups, or another schedule's keys is refused naming what is wrong, and the schedule and
+    the optimizer's rates are as they were."""
+    opt = sgd()
+    sched = make(opt)
+    plateau = isinstance(sched, schedules.ReduceLROnPlateau)
+    for metric in range(3):
+        sched.step(metric) if plateau else sched.step()
+    good = sched.state_dict()
+    per_group = "base_lrs" if "base_lrs" in good else "min_lrs"
+    fresh = make(opt2 := sgd())
+    before, lrs = copy.deepcopy(fresh.state_dict()), fresh.get_last_lr()
+    other = schedules.ExponentialLR(sgd(), gamma=0.5).state_dict()
+    bad = [
+        (TypeError, "state_dict: expected a dict", [("last_epoch", 3)]),
+        (TypeError, r"state_dict\['last_epoch'\]: expected a number", {**good, "last_epoch": None}),
+        (TypeError, r"state_dict\['last_epoch'\]: expected an int", {**good, "last_epoch": 2.5}),
+        (
+            ValueError,
+            r"state_dict\['last_epoch'\]: expected an int >= 0",
+            {**good, "last_epoch": -1},
+        ),
+        (
+            ValueError,
+            rf"state_dict\['{per_group}'\]: expected one value per parameter group \(2\)",
+            {**good, per_group: [0.5]},
+        ),
+        (
+            TypeError,
+            rf"state_dict\['{per_group}'\]: expected a number",
+            {**good, per_group: [0.5, "x"]},
+        ),
+        (ValueError, f"not a {type(fresh).__name__} state", other),
+    ]
+    if plateau:
+        bad += [
+            (ValueError, "mode max2 is unknown", {**good, "mode": "max2"}),
+            (TypeError, r"state_dict\['factor'\]: expected a number", {**good, "factor": None}),
+        ]
+    else:
+        bad += [(ValueError, "Invalid step_size: 0", {**good, "step_size": 0})]
+    for error, match, state in bad:
+        with pytest.raises(error, match=match):
+            fresh.load_state_dict(state)
+        assert fresh.state_dict() == before and fresh.get_last_lr() == lrs, match
+    fresh.load_state_dict(good)
+    assert fresh.state_dict() == good
+    assert opt2.param_groups[0]["lr"] == (
+        opt.param_groups[0]["lr"] if "base_lrs" in good else 0.1  # plateau: the optimizer's
+    )
+
+
+def test_a_refused_step_changes_nothing():
+    """OneCycleLR stepped past its total_steps: the ValueError leaves the step count and the
+    rates as they were, so the schedule's state is still the last good one."""
+    opt = sgd()
+    sched = schedules.OneCycleLR(opt, max_lr=1.0, total_steps=3)
+    for _ in range(3):
+        sched.step()
+    before, lrs = copy.deepcopy(sched.state_dict()), sched.get_last_lr()
+    with pytest.raises(ValueError, match="Tried to step 4 times"):
+        sched.step()
+    assert sched.state_dict() == before and sched.get_last_lr() == lrs
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
+@pytest.mark.parametrize("name", ["constant", "step", "exponential", "cosine", "linear"])
+def test_loads_torchs_checkpoint(name):
+    """The checkpoint of torch's scheduler of the same name (its step bookkeeping ignored)
+    resumes the fusedopt schedule where torch's was: the same rates from there on."""
+    cls, kwargs, make_torch = CASES[name]
+    w = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    topt = torch.optim.SGD([{"params": [w[0]]}, {"params": [w[1]], "lr": 0.05}], lr=0.1)
+    tsched = make_torch(topt)
+    for _ in range(9):
+        topt.step()
+        tsched.step()
+    sched = cls(opt := sgd(), **kwargs)
+    sched.load_state_dict(tsched.state_dict())
+    for _ in range(STEPS - 9):
+        np.testing.assert_allclose(sched.get_last_lr(), tsched.get_last_lr(), rtol=1e-12)
+        topt.step()
+        tsched.step()
+        sched.step()
+    assert opt.param_groups[1]["lr"] == sched.get_last_lr()[1]
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
+def test_reduce_on_plateau_loads_torchs_checkpoint():
+    """torch's ReduceLROnPlateau checkpoint (its derived mode_worse, default_min_lr and
+    _last_lr ignored) resumes the fusedopt one: the same decisions from there on."""
+    w = torch.zeros(3, requires_grad=True)
+    topt = torch.optim.SGD([{"params": [w]}, {"params": [torch.zeros(2)], "lr": 0.05}], lr=0.1)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, factor=0.5, patience=1, cooldown=1)
+    metrics = [5, 4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3]
+    for metric in metrics[:5]:
+        tsched.step(metric)
+    opt = sgd()
+    sched = schedules.ReduceLROnPlateau(opt, factor=0.5, patience=1, cooldown=1)
+    sched.load_state_dict(tsched.state_dict())
+    for group, tgroup in zip(opt.param_groups, topt.param_groups):
+        group["lr"] = tgroup["lr"]  # the optimizer's own checkpoint, in a resume
+    for metric in metrics[5:]:
+        sched.step(metric)
+        tsched.step(metric)
+        assert sched.get_last_lr() == tsched.get_last_lr()

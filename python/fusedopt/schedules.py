@@ -14,7 +14,9 @@ schedule was created; ``state_dict()`` / ``load_state_dict()`` resume it exactly
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 from typing import Any, Dict, List, Sequence, Union
 
 from .optim import Optimizer
@@ -32,14 +34,93 @@ __all__ = [
 ]
 
 
+# what torch's schedulers' state_dict has beyond the schedule (its step bookkeeping, the last
+# rates, ReduceLROnPlateau's derived values): ignored by load_state_dict, so that a torch
+# scheduler's checkpoint loads into the fusedopt schedule of the same name
+_TORCH_BOOKKEEPING = frozenset(
+    {
+        "_step_count",
+        "_is_initial",
+        "_get_lr_called_within_step",
+        "_last_lr",
+        "verbose",
+        "default_min_lr",
+        "mode_worse",
+    }
+)
+
+
+def _check_like(what: str, value: Any, like: Any) -> None:
+    """TypeError unless ``value`` is of the kind ``like`` is: a bool, a number, a string, a
+    list of the kind of its first item, or a tuple of the kinds of its items."""
+    if isinstance(like, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or (
+            isinstance(like, tuple) and len(value) != len(like)
+        ):
+            raise TypeError(f"{what}: expected a sequence like {like!r}, got {value!r}")
+        for i, v in enumerate(value):
+            if like:
+                _check_like(what, v, like[i] if isinstance(like, tuple) else like[0])
+        return
+    for kind, name in ((bool, "a bool"), (numbers.Real, "a number"), (str, "a string")):
+        if isinstance(like, kind):
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise TypeError(f"{what}: expected {name}, got {value!r}")
+            return
+
+
 class _Schedule:
     optimizer: Optimizer
+    #: the state keys with one value per parameter group
+    _per_group = ("base_lrs",)
 
     def get_last_lr(self) -> List[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "optimizer"}
+
+    def _check(self) -> None:
+        """TypeError/ValueError for an invalid setting (the constructor's checks)."""
+
+    def _loaded(self, state_dict: Any) -> "_Schedule":
+        """A copy of this schedule with ``state_dict`` loaded, every value checked to be of the
+        kind this schedule's is (a number, a flag, a string, per-group lists as long as the
+        optimizer has groups) and the settings as the constructor checks them; raises
+        TypeError/ValueError before anything of this one changes."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        own = self.state_dict()
+        loaded = {k: v for k, v in state_dict.items() if k not in _TORCH_BOOKKEEPING}
+        unknown, missing = set(loaded) - set(own), set(own) - set(loaded)
+        if unknown or missing:  # another schedule's
+            keys = {"unknown": sorted(unknown), "missing": sorted(missing)}
+            raise ValueError(
+                f"not a {name} state: "
+                + ", ".join(f"{kind} keys {found}" for kind, found in keys.items() if found)
+            )
+        groups = len(self.optimizer.param_groups)
+        for key, value in loaded.items():
+            what = f"state_dict[{key!r}]"
+            if key in self._per_group:
+                if not isinstance(value, (list, tuple)) or len(value) != groups:
+                    raise ValueError(
+                        f"{what}: expected one value per parameter group ({groups}), got {value!r}"
+                    )
+                for v in value:
+                    _check_like(what, v, own[key][0])
+            else:
+                _check_like(what, value, own[key])
+        last_epoch = loaded["last_epoch"]
+        if not isinstance(last_epoch, numbers.Integral) or last_epoch < 0:
+            raise (ValueError if isinstance(last_epoch, numbers.Integral) else TypeError)(
+                f"state_dict['last_epoch']: expected an int >= 0, got {last_epoch!r}"
+            )
+        trial = copy.copy(self)
+        vars(trial).update(loaded)
+        trial._check()
+        return trial
 
 
 class LRScheduler(_Schedule):
@@ -62,29 +143,39 @@ class LRScheduler(_Schedule):
 
     def step(self) -> None:
         """Advance one step and set every group's learning rate."""
+        values = self._values(self.last_epoch + 1)  # first: a refused step changes nothing
         self.last_epoch += 1
-        self._apply(self.last_epoch)
+        self._set(values)
 
-    def _apply(self, step: int) -> None:
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.lr(step, base)
+    def _values(self, step: int) -> List[Dict[str, Any]]:
+        """What each group's entries become at ``step``."""
+        return [{"lr": self.lr(step, base)} for base in self.base_lrs]
+
+    def _set(self, values: List[Dict[str, Any]]) -> None:
+        for group, entries in zip(self.optimizer.param_groups, values):
+            group.update(entries)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        unknown = set(state_dict) - set(self.state_dict())
-        if unknown:
-            raise ValueError(f"not a {type(self).__name__} state: unknown keys {sorted(unknown)}")
-        vars(self).update(state_dict)
-        self._apply(self.last_epoch)
+        """Resume from ``state_dict``: this schedule's, or the checkpoint of torch's scheduler
+        of the same name where it holds the same settings (all but OneCycleLR). Checked, and
+        the groups' rates at its step computed, before anything changes."""
+        trial = self._loaded(state_dict)
+        values = trial._values(trial.last_epoch)
+        vars(self).update(vars(trial))
+        self._set(values)
 
 
 class ConstantLR(LRScheduler):
     """``base_lr * factor`` for the first ``total_iters`` steps, then ``base_lr``."""
 
     def __init__(self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5):
-        if not 0 <= factor <= 1:
-            raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
         self.factor, self.total_iters = factor, total_iters
+        self._check()
         super().__init__(optimizer)
+
+    def _check(self):
+        if not 0 <= self.factor <= 1:
+            raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
 
     def lr(self, step, base_lr):
         return base_lr * self.factor if step < self.total_iters else base_lr
@@ -94,10 +185,13 @@ class StepLR(LRScheduler):
     """``base_lr * gamma ** (step // step_size)``."""
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1):
-        if step_size < 1:
-            raise ValueError(f"Invalid step_size: {step_size}")
         self.step_size, self.gamma = step_size, gamma
+        self._check()
         super().__init__(optimizer)
+
+    def _check(self):
+        if self.step_size < 1:
+            raise ValueError(f"Invalid step_size: {self.step_size}")
 
     def lr(self, step, base_lr):
         return base_lr * self.gamma ** (step // self.step_size)
@@ -119,10 +213,13 @@ class CosineAnnealingLR(LRScheduler):
     (Loshchilov & Hutter 2017, without restarts)."""
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0):  # noqa: N803
-        if T_max < 1:
-            raise ValueError(f"Invalid T_max: {T_max}")
         self.T_max, self.eta_min = T_max, eta_min
+        self._check()
         super().__init__(optimizer)
+
+    def _check(self):
+        if self.T_max < 1:
+            raise ValueError(f"Invalid T_max: {self.T_max}")
 
     def lr(self, step, base_lr):
         return (
@@ -142,15 +239,18 @@ class LinearLR(LRScheduler):
         end_factor: float = 1.0,
         total_iters: int = 5,
     ):
-        if not 0 < start_factor <= 1:
+        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
+        self._check()
+        super().__init__(optimizer)
+
+    def _check(self):
+        if not 0 < self.start_factor <= 1:
             raise ValueError(
                 "Starting multiplicative factor expected to be greater than 0 and "
                 "less or equal to 1."
             )
-        if not 0 <= end_factor <= 1:
+        if not 0 <= self.end_factor <= 1:
             raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
-        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
-        super().__init__(optimizer)
 
     def lr(self, step, base_lr):
         progress = min(step, self.total_iters) / self.total_iters if self.total_iters else 1.0
@@ -170,13 +270,16 @@ class WarmupCosineLR(LRScheduler):
         eta_min: float = 0.0,
         warmup_start_factor: float = 1e-3,
     ):
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(
-                f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}"
-            )
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.eta_min, self.warmup_start_factor = eta_min, warmup_start_factor
+        self._check()
         super().__init__(optimizer)
+
+    def _check(self):
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(
+                f"need 0 <= warmup_steps < total_steps, got {self.warmup_steps}, {self.total_steps}"
+            )
 
     def lr(self, step, base_lr):
         if step < self.warmup_steps:
@@ -211,23 +314,13 @@ class OneCycleLR(LRScheduler):
         final_div_factor: float = 1e4,
         three_phase: bool = False,
     ):
-        if total_steps < 1:
-            raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
         if not 0 <= pct_start <= 1:
             raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
-        if anneal_strategy not in ("cos", "linear"):
-            raise ValueError(
-                f"anneal_strategy must be one of 'cos' or 'linear', got {anneal_strategy}"
-            )
+        self.optimizer = optimizer  # for _check; the base class checks it is one
         groups = optimizer.param_groups
         max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
         self.max_lrs, self.total_steps, self.anneal_strategy = max_lrs, total_steps, anneal_strategy
         self.cycle_momentum = cycle_momentum
-        if cycle_momentum:
-            if not any(k in optimizer.defaults for k in ("momentum", "betas")):
-                raise ValueError(
-                    "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
-                )
         self.base_momentum, self.max_momentum = base_momentum, max_momentum
         self.initial_lrs = [m / div_factor for m in max_lrs]
         self.min_lrs = [lr / final_div_factor for lr in self.initial_lrs]
@@ -245,34 +338,58 @@ class OneCycleLR(LRScheduler):
                 (end_1, "i", "m", max_momentum, base_momentum),
                 (total_steps - 1, "m", "f", base_momentum, max_momentum),
             ]
+        self._check()
         super().__init__(optimizer)
+
+    _per_group = ("base_lrs", "max_lrs", "initial_lrs", "min_lrs")
+
+    def _check(self):
+        if self.total_steps < 1:
+            raise ValueError(f"Expected positive integer total_steps, but got {self.total_steps}")
+        if self.anneal_strategy not in ("cos", "linear"):
+            raise ValueError(
+                f"anneal_strategy must be one of 'cos' or 'linear', got {self.anneal_strategy}"
+            )
+        if self.cycle_momentum and not any(
+            k in self.optimizer.defaults for k in ("momentum", "betas")
+        ):
+            raise ValueError(
+                "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
+            )
+        if not 2 <= len(self.phases) <= 3 or any(
+            lr_from not in "imf" or lr_to not in "imf" for _, lr_from, lr_to, _, _ in self.phases
+        ):
+            raise ValueError(f"phases: expected 2 or 3 of OneCycleLR's, got {self.phases!r}")
 
     def _anneal(self, start, end, pct):
         if self.anneal_strategy == "cos":
             return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
         return (end - start) * pct + start
 
-    def _apply(self, step):
+    def _values(self, step):
         if step > self.total_steps:
             raise ValueError(
                 f"Tried to step {step} times. The specified number of total steps "
                 f"is {self.total_steps}"
             )
+        values = []
         for i, group in enumerate(self.optimizer.param_groups):
             lrs = {"i": self.initial_lrs[i], "m": self.max_lrs[i], "f": self.min_lrs[i]}
             start_step = 0.0
             for index, (end_step, lr_from, lr_to, m_from, m_to) in enumerate(self.phases):
                 if step <= end_step or index == len(self.phases) - 1:
                     pct = (step - start_step) / (end_step - start_step)
-                    group["lr"] = self._anneal(lrs[lr_from], lrs[lr_to], pct)
+                    entries = {"lr": self._anneal(lrs[lr_from], lrs[lr_to], pct)}
                     momentum = self._anneal(m_from, m_to, pct)
                     break
                 start_step = end_step
             if self.cycle_momentum:
                 if "betas" in group:
-                    group["betas"] = (momentum, *group["betas"][1:])
+                    entries["betas"] = (momentum, *group["betas"][1:])
                 else:
-                    group["momentum"] = momentum
+                    entries["momentum"] = momentum
+            values.append(entries)
+        return values
 
 
 class ReduceLROnPlateau(_Schedule):
@@ -291,20 +408,25 @@ class ReduceLROnPlateau(_Schedule):
         min_lr: Union[float, Sequence[float]] = 0.0,
         eps: float = 1e-8,
     ):
-        if factor >= 1.0:
-            raise ValueError("Factor should be < 1.0.")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode {mode} is unknown!")
-        if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold mode {threshold_mode} is unknown!")
+        self.mode, self.factor, self.patience = mode, factor, patience
+        self.threshold, self.threshold_mode = threshold, threshold_mode
+        self._check()
         self.optimizer = optimizer
         groups = optimizer.param_groups
         self.min_lrs = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * len(groups)
-        self.mode, self.factor, self.patience = mode, factor, patience
-        self.threshold, self.threshold_mode = threshold, threshold_mode
         self.cooldown, self.eps = cooldown, eps
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs, self.cooldown_counter, self.last_epoch = 0, 0, 0
+
+    _per_group = ("min_lrs",)
+
+    def _check(self):
+        if self.factor >= 1.0:
+            raise ValueError("Factor should be < 1.0.")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode {self.mode} is unknown!")
+        if self.threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"threshold mode {self.threshold_mode} is unknown!")
 
     def _is_better(self, a: float) -> bool:
         if self.mode == "min":
@@ -337,4 +459,6 @@ class ReduceLROnPlateau(_Schedule):
             self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        vars(self).update(state_dict)
+        """Resume from ``state_dict`` (this schedule's, or torch's ReduceLROnPlateau's):
+        checked before anything changes; the rates are the optimizer's own state."""
+        vars(self).update(vars(self._loaded(state_dict)))
