@@ -1571,7 +1571,9 @@ class CPUOffload:
     parameter's autograd version and data_ptr: one made through ``p.data`` or a NumPy view is
     not; make it under ``torch.no_grad()``. A lazy module's parameters (``torch.nn.LazyLinear``'s
     before its first forward pass) are accepted: their host copies are made at the first step
-    after it.
+    after it. A parameter's host copy keeps the dtype and shape it was made with: a step after
+    ``model.float()`` (or with a gradient the host copy cannot take, or a sparse one) is a
+    TypeError/ValueError naming the parameter, raised before anything is copied.
 
     ``optimizer`` is the host optimizer (a :class:`fusedopt.torch.Optimizer`): give it to the
     schedulers; ``state_dict``/``load_state_dict`` are its.
