@@ -185,6 +185,10 @@ def test_reduce_on_plateau_matches_torch():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="fusedopt.optim.Optimizer"):
         schedules.StepLR(object(), step_size=1)
+    with pytest.raises(TypeError, match="fusedopt.optim.Optimizer"):
+        schedules.ReduceLROnPlateau(object())
+    with pytest.raises(TypeError, match="fusedopt.optim.Optimizer"):
+        schedules.OneCycleLR(object(), max_lr=1.0, total_steps=3)
     with pytest.raises(ValueError, match="warmup_steps"):
         schedules.WarmupCosineLR(sgd(), warmup_steps=10, total_steps=10)
     opt = sgd()

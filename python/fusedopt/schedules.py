@@ -69,6 +69,17 @@ def _check_like(what: str, value: Any, like: Any) -> None:
             return
 
 
+def _checked_optimizer(optimizer: Any) -> Optimizer:
+    """``optimizer``, if it is a fusedopt.optim.Optimizer or has its param_groups and defaults
+    (a distributed.ZeroRedundancyOptimizer), else TypeError."""
+    if not isinstance(optimizer, Optimizer) and not (
+        isinstance(getattr(optimizer, "param_groups", None), list)
+        and isinstance(getattr(optimizer, "defaults", None), dict)
+    ):
+        raise TypeError(f"expected a fusedopt.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
 class _Schedule:
     optimizer: Optimizer
     #: the state keys with one value per parameter group
@@ -127,13 +138,7 @@ class LRScheduler(_Schedule):
     """Base class: ``lr(step, base_lr)`` gives a group's learning rate at a step."""
 
     def __init__(self, optimizer: Optimizer):
-        # or what has its param_groups and defaults: a distributed.ZeroRedundancyOptimizer
-        if not isinstance(optimizer, Optimizer) and not (
-            isinstance(getattr(optimizer, "param_groups", None), list)
-            and isinstance(getattr(optimizer, "defaults", None), dict)
-        ):
-            raise TypeError(f"expected a fusedopt.optim.Optimizer, got {type(optimizer).__name__}")
-        self.optimizer = optimizer
+        self.optimizer = _checked_optimizer(optimizer)
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_epoch = -1
         self.step()
@@ -316,7 +321,7 @@ class OneCycleLR(LRScheduler):
     ):
         if not 0 <= pct_start <= 1:
             raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
-        self.optimizer = optimizer  # for _check; the base class checks it is one
+        self.optimizer = _checked_optimizer(optimizer)  # read below and by _check
         groups = optimizer.param_groups
         max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
         self.max_lrs, self.total_steps, self.anneal_strategy = max_lrs, total_steps, anneal_strategy
@@ -411,7 +416,7 @@ class ReduceLROnPlateau(_Schedule):
         self.mode, self.factor, self.patience = mode, factor, patience
         self.threshold, self.threshold_mode = threshold, threshold_mode
         self._check()
-        self.optimizer = optimizer
+        self.optimizer = _checked_optimizer(optimizer)
         groups = optimizer.param_groups
         self.min_lrs = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * len(groups)
         self.cooldown, self.eps = cooldown, eps
