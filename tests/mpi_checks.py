@@ -311,6 +311,32 @@ def check_int8_sd(sd, ref, dtype, options, world):
     assert fresh.seed == 7
 
 
+def check_int8_load_order(comm):
+    """An int8 checkpoint saved over C- or F-ordered parameters loads into ZeRO over either
+    order as into one process: bit for bit where the orders agree, re-encoded otherwise (its
+    scales follow its codes' memory order, not the parameter's)."""
+    spec = [("W", (40, 30), "F"), ("b", (300,), "C")]
+    for saved, loaded in [("F", "C"), ("C", "F"), ("F", "F")]:
+        at = {"W": saved}
+        params = model(spec=[(n, s, at.get(n, o)) for n, s, o in spec])
+        saver = optim.AdamW(params, lr=1e-2, state_dtype="int8", seed=3)
+        for step in range(1, 4):
+            saver.step(mean_grads(params, step, 1))
+        sd = saver.state_dict()
+        target = [(n, s, loaded if n == "W" else o) for n, s, o in spec]
+        ref = optim.AdamW(model(spec=target), lr=1e-2, state_dtype="int8")
+        ref.load_state_dict(sd)
+        zero = distributed.ZeroRedundancyOptimizer(
+            model(spec=target), optim.AdamW, comm, lr=1e-2, state_dtype="int8"
+        )
+        zero.load_state_dict(sd)
+        zero.consolidate_state_dict(to=0)
+        if comm.Get_rank() == 0:
+            got, want = zero.state_dict()["state"], ref.state_dict()["state"]
+            for name, entry in want.items():
+                assert_identical(got[name], entry, f"{name} saved {saved}, loaded {loaded}")
+
+
 def check_memory_balance(comm):
     """The largest rank holds at most 1/N of the state plus one block (plus a block's scales)."""
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -693,6 +719,7 @@ CASES = {
     "two_dtypes": check_two_dtypes,
     "masters_bfloat16": check_masters_bfloat16,
     "int8_state": check_int8_state,
+    "int8_load_order": check_int8_load_order,
     "memory_balance": check_memory_balance,
     "errors": check_errors,
     "allreduce_mean": check_allreduce_mean,
