@@ -337,6 +337,52 @@ def check_int8_load_order(comm):
                 assert_identical(got[name], entry, f"{name} saved {saved}, loaded {loaded}")
 
 
+def check_schedule_free(comm):
+    """Schedule-Free: the groups' k, lr_max and weight_sum advance as in one process (the
+    same bits on one rank), checkpoints carry them, and train()/eval() switch every slice."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    for cls, hyper in [
+        (optim.ScheduleFreeAdamW, dict(lr=1e-2, warmup_steps=2)),
+        (optim.ScheduleFreeSGD, dict(lr=0.1, weight_lr_power=1.0)),
+    ]:
+        for dtype in (np.float32, np.float64):
+            params, ref_params, sd, ref, zero = run_pair(comm, cls, hyper, dtype)
+            for switch in ("eval", "train"):
+                getattr(zero, switch)()
+                getattr(ref, switch)()
+                same_on_every_rank(comm, params)
+                for name in params:
+                    if world == 1:
+                        assert_same_bits(params[name], ref_params[name], name)
+                    else:
+                        rtol = 1e-12 if dtype == np.float64 else 1e-5
+                        np.testing.assert_allclose(
+                            params[name], ref_params[name], rtol=rtol, atol=rtol, err_msg=name
+                        )
+            for mine, want in zip(zero.param_groups, ref.param_groups):
+                assert mine["k"] == want["k"] == STEPS, (mine["k"], want["k"])
+                for key in ("lr_max", "weight_sum", "train_mode"):
+                    assert mine[key] == want[key], (key, mine[key], want[key])
+            if sd is not None:
+                for mine, want in zip(sd["param_groups"], ref.state_dict()["param_groups"]):
+                    assert [mine[k] for k in ("k", "lr_max", "weight_sum")] == [
+                        want[k] for k in ("k", "lr_max", "weight_sum")
+                    ]
+            zero.eval()
+            expect_all(
+                comm,
+                lambda z=zero, p=params: z.step(rank_grads(p, 9, rank, world)),
+                RuntimeError,
+                "eval mode",
+            )
+    expect_all(
+        comm,
+        distributed.ZeroRedundancyOptimizer(model(), optim.Adam, comm).eval,
+        TypeError,
+        "Adam has no train and eval modes",
+    )
+
+
 def check_memory_balance(comm):
     """The largest rank holds at most 1/N of the state plus one block (plus a block's scales)."""
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -720,6 +766,7 @@ CASES = {
     "masters_bfloat16": check_masters_bfloat16,
     "int8_state": check_int8_state,
     "int8_load_order": check_int8_load_order,
+    "schedule_free": check_schedule_free,
     "memory_balance": check_memory_balance,
     "errors": check_errors,
     "allreduce_mean": check_allreduce_mean,

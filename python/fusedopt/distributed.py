@@ -425,6 +425,10 @@ class ZeroRedundancyOptimizer:
     kernels are element-wise) except where random bits enter: stochastic rounding and int8 codes
     draw a different stream per rank (see :func:`_local_seed`), equally unbiased.
 
+    Schedule-Free classes: the step advances the groups' ``k``, ``lr_max`` and ``weight_sum``
+    as one process's (they are in :attr:`param_groups` and the checkpoints), and the
+    collective :meth:`train` and :meth:`eval` switch every rank's slices.
+
     Checkpoints: ``consolidate_state_dict(to)`` then ``state_dict()`` on rank ``to`` give the
     state dict of one ``optimizer_class`` over the full parameters: it loads into a plain
     optimizer, and ``load_state_dict`` takes it at any world size. ``save``/``load`` write and
@@ -650,6 +654,8 @@ class ZeroRedundancyOptimizer:
         try:
             aligned = full._align(grads)
             self._sync()
+            if isinstance(full, optim._ScheduleFree):
+                full._check_train_mode()
             local[:n] = [g is not None for g in aligned.values()]
             local[n : 2 * n] = [name in full._frozen for name in full._params]
             local[2 * n : -1] = [
@@ -725,14 +731,63 @@ class ZeroRedundancyOptimizer:
         self.optim.step(
             {n: (self._shard_grad[n] if aligned[n] is not None else None) for n in aligned}
         )
+        # what the step wrote into its groups (Schedule-Free's k, lr_max, weight_sum), the same
+        # on every rank, into the full ones: _sync copies them back, checkpoints carry them
+        for full_group, local_group in zip(full.param_groups, self.optim.param_groups):
+            full_group.update(self._hyper(local_group))
+        self._allgather(updated)
+        return True
+
+    def _allgather(self, names: List[str]) -> None:
+        """Every rank's slices of the parameter buffers to every rank, into these parameters."""
+        MPI, full = _mpi(), self._full
         for space in self._spaces:
             wire = _wire(space.params)
-            comm.Allgather(MPI.IN_PLACE, [wire, _mpi_type(wire.dtype)])
-        for name in updated:
+            self.comm.Allgather(MPI.IN_PLACE, [wire, _mpi_type(wire.dtype)])
+        for name in names:
             space, p = self._space_of[name], _flat(full._params[name])
             for lo, hi, at in space.segments[name]:
                 p[lo:hi] = space.params[at : at + hi - lo]
-        return True
+
+    # ----------------------------------------------------------------- Schedule-Free modes
+
+    def train(self) -> None:
+        """Collective: Schedule-Free's switch of the parameters to :math:`y`, where gradients
+        are taken (``optimizer_class.train``): each rank switches its slices, then all-gathers."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Collective: Schedule-Free's switch of the parameters to the average :math:`x`
+        (``optimizer_class.eval``): each rank switches its slices, then all-gathers."""
+        self._switch(False)
+
+    def _switch(self, to_train: bool) -> None:
+        full = self._full
+        if not isinstance(full, optim._ScheduleFree):  # the same class on every rank
+            raise TypeError(
+                f"{type(full).__name__} has no train and eval modes (the Schedule-Free classes "
+                "have)"
+            )
+        error = None
+        try:
+            self._sync()
+        except Exception as e:
+            error = e
+        _agree(self.comm, error, f"ZeroRedundancyOptimizer.{'train' if to_train else 'eval'}()")
+        self._consolidated = None
+        try:
+            for name, p in full._params.items():
+                lo, hi = self._piece[name]
+                self._shard_param[name][...] = _flat(p)[lo:hi]
+            self.optim._switch(to_train)  # element-wise: each rank's slices of p, z, masters
+            for full_group in full.param_groups:
+                full_group["train_mode"] = to_train
+            self._allgather(list(full._params))
+        except BaseException:
+            if self.world_size == 1:
+                raise
+            _abort(self.comm, "ZeroRedundancyOptimizer.train()/eval()")
+            raise
 
     # ----------------------------------------------------------------- checkpoints
 

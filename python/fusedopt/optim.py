@@ -1623,11 +1623,7 @@ class _ScheduleFree(Optimizer):
     def step(self, grads: Grads) -> bool:
         """One Schedule-Free step (see :meth:`Optimizer.step`); in eval mode a RuntimeError
         (call :meth:`train` first), as ``schedulefree`` raises."""
-        if not all(g["train_mode"] for g in self.param_groups):
-            raise RuntimeError(
-                f"{type(self).__name__}.step() in eval mode: call .train() before stepping "
-                "(the parameters hold the average x in eval mode)"
-            )
+        self._check_train_mode()
         if not super().step(grads):
             return False
         for group in self.param_groups:
@@ -1645,6 +1641,13 @@ class _ScheduleFree(Optimizer):
                 weight_sum=hyper["weight_sum"],
             )
         return True
+
+    def _check_train_mode(self) -> None:
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() in eval mode: call .train() before stepping "
+                "(the parameters hold the average x in eval mode)"
+            )
 
     def train(self) -> None:
         """Switch the parameters to :math:`y`, where gradients are taken (no-op in train mode)."""
