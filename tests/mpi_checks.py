@@ -469,6 +469,26 @@ def check_errors(comm):
     assert zero.step(grads) is True
 
 
+def check_elementwise_only(comm):
+    """Classes whose update reads whole tensors (LAMB's norms, Muon's and Adafactor's matrix
+    updates) would be wrong on flat slices: refused, naming the classes ZeRO takes."""
+    for cls in (optim.LAMB, optim.Adafactor, optim.Muon):
+        params = {"W": model()["W1"]}
+        before = copy(params)
+        expect_all(
+            comm,
+            lambda c=cls, p=params: distributed.ZeroRedundancyOptimizer(p, c, comm),
+            ValueError,
+            f"element-wise updates only; {cls.__name__} computes",
+        )
+        try:
+            distributed.ZeroRedundancyOptimizer(params, cls, comm)
+        except ValueError as e:
+            takes = str(e).split("It takes ")[1].split(", ")
+            assert "AdamW" in takes and "ScheduleFreeSGD" in takes and "LAMB" not in takes, e
+        assert_identical(params, before)
+
+
 def expect(comm, call, kind, words, failing):
     """``call`` raises on every rank: ``kind`` on the failing one, RuntimeError naming it on
     the others."""
@@ -767,6 +787,7 @@ CASES = {
     "int8_state": check_int8_state,
     "int8_load_order": check_int8_load_order,
     "schedule_free": check_schedule_free,
+    "elementwise_only": check_elementwise_only,
     "memory_balance": check_memory_balance,
     "errors": check_errors,
     "allreduce_mean": check_allreduce_mean,

@@ -16,8 +16,9 @@ on first use: this module imports without it. Arrays travel with mpi4py's buffer
 - :func:`allreduce_mean_` averages a list of gradients in place, in buckets.
 - :class:`ZeroRedundancyOptimizer` (ZeRO stage 1, Rajbhandari et al. 2020) keeps on each rank
   the optimizer state, float32 masters included, of an even 1/N slice of the flattened
-  parameters: it reduce-scatters the gradients, steps its slice with one fused call of any
-  :mod:`fusedopt.optim` class and all-gathers the parameters.
+  parameters: it reduce-scatters the gradients, steps its slice with one fused call of a
+  :mod:`fusedopt.optim` class whose update is element-wise (all but LAMB, Muon and Adafactor)
+  and all-gathers the parameters.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from typing import (
 import numpy as np
 
 from . import _functional, optim
+from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
 from .optim import _GOLDEN, Grads, Optimizer, Params, _dtype_name
 from .quantize import BLOCK, QuantizedState
@@ -399,10 +401,15 @@ class ZeroRedundancyOptimizer:
 
     ``ZeroRedundancyOptimizer(params, optim.AdamW, comm, lr=1e-3, ...)`` takes what
     ``optimizer_class(params, ...)`` takes (hyperparameters, parameter groups, ``state_dtype``,
-    ``master_weights``, ``max_grad_norm`` ...). Every rank passes the same parameters (names,
-    shapes, dtypes, order, groups) with the same values (e.g. broadcast from rank 0 first), and
-    the same hyperparameters and options: construction checks all of these (the values by a
-    CRC-32 of their bytes) and raises ValueError on every rank on a mismatch.
+    ``master_weights``, ``max_grad_norm`` ...). ``optimizer_class`` must update each element
+    from that element alone, as it steps flat slices: one whose kernel reduces over whole
+    tensors (LAMB's norms: its declaration's ``passes`` is 2) or that has no kernel of its own
+    (Muon's and Adafactor's matrix updates) is a ValueError.
+
+    Every rank passes the same parameters (names, shapes, dtypes, order, groups) with the same
+    values (e.g. broadcast from rank 0 first), and the same hyperparameters and options:
+    construction checks all of these (the values by a CRC-32 of their bytes) and raises
+    ValueError on every rank on a mismatch.
 
     The parameters of each dtype form one flat space (each tensor in memory order) cut into N
     even slices, tensors split wherever a cut falls, at a multiple of ``BLOCK`` = 256 elements
@@ -458,9 +465,12 @@ class ZeroRedundancyOptimizer:
                     "optimizer_class: expected a fusedopt.optim.Optimizer subclass, got "
                     f"{optimizer_class!r}"
                 )
+            _check_elementwise(optimizer_class, DECLARATIONS.get(optimizer_class.kernel))
             # The full optimizer allocates no state (it is lazy): it holds the groups, options
             # and checks, and gives consolidated checkpoints their format.
             self._full = optimizer_class(params, **kwargs)
+            for group in self._full.param_groups:  # a class may pick its kernel per group
+                _check_elementwise(optimizer_class, self._full._plan(group).declaration)
             signature = self._signature()
         except Exception as e:
             error = e
@@ -1179,6 +1189,27 @@ class ZeroRedundancyOptimizer:
             f"ZeroRedundancyOptimizer(rank {self.rank} of {self.world_size}, "
             f"{self.state_bytes()} B of state here, optim={self.optim!r})"
         )
+
+
+def _elementwise(declaration: Optional[Declaration]) -> bool:
+    """Whether a kernel's update of an element reads that element alone: one pass (a second
+    reduces over whole tensors, as LAMB's norms), and a kernel's at all (Muon and Adafactor
+    run matrix and factored updates of whole tensors)."""
+    return declaration is not None and declaration.passes == 1
+
+
+def _check_elementwise(cls: Type[Optimizer], declaration: Optional[Declaration]) -> None:
+    if _elementwise(declaration):
+        return
+    why = "norms" if declaration is not None else "updates"
+    takes = sorted(
+        name for name, c in optim._REGISTRY.items() if _elementwise(DECLARATIONS.get(c.kernel))
+    )
+    raise ValueError(
+        "optimizer_class: ZeroRedundancyOptimizer steps flat slices of the parameters, so it "
+        f"takes element-wise updates only; {cls.__name__} computes {why} over whole tensors. "
+        f"It takes {', '.join(takes)}"
+    )
 
 
 def _whole(value: Any) -> bool:
