@@ -707,6 +707,16 @@ def check_agreement(comm):
         g = np.arange(12.0).reshape(3, 4)
         g = np.asfortranarray(g) if rank == last else g
         expect_all(comm, lambda: distributed.allreduce_mean_([g], comm), ValueError, "orders")
+        # allreduce_mean_ with another bucket size on one rank
+        gs = [np.full(1000, rank + 1.0, np.float32), np.full(1000, 10.0 * rank, np.float32)]
+        kept = [g.copy() for g in gs]
+        expect_all(
+            comm,
+            lambda: distributed.allreduce_mean_(gs, comm, bucket_bytes=4096 * (1 + (rank == last))),
+            ValueError,
+            "different bucket_bytes",
+        )
+        assert_identical({"g": gs}, {"g": kept})
     # every rank alike: frozen parameters keep their values
     zero.freeze("W2")
     assert zero.step(grads) is True

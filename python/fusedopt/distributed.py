@@ -150,9 +150,10 @@ def allreduce_mean_(
     spans several), and unpacked divided by the number of ranks. float64 gradients are summed in
     float64, the others in float32, and bfloat16/float16 results rounded to nearest once. Every
     rank must pass arrays of the same shapes, dtypes and memory layouts (C or F order) in the
-    same order; the results are the same bits on every rank. A bad argument on one rank, or a
-    different number of elements or layout, raises on every rank (one small ``Allreduce``
-    checks) and changes nothing. An exception once the buckets travel aborts the job.
+    same order, and the same ``bucket_bytes``; the results are the same bits on every rank. A
+    bad argument on one rank, or a different number of elements, layout or ``bucket_bytes``,
+    raises on every rank (one small ``Allreduce`` checks) and changes nothing. An exception once
+    the buckets travel aborts the job.
     """
     comm = _world(comm)
     MPI = _mpi()
@@ -161,10 +162,15 @@ def allreduce_mean_(
         by_dtype, layout = _bucket_dtypes(grads, bucket_bytes)
     except Exception as e:
         error = e
-    # one tiny Allreduce: did any rank fail, do all pass as many elements of each dtype, and
-    # the same shapes, dtypes and orders (a digest, equal where its max is minus max of -d)?
+    # one tiny Allreduce: did any rank fail, do all pass as many elements of each dtype, the
+    # same shapes, dtypes and orders (a digest, equal where its max is minus max of -d), and
+    # the same bucket_bytes (else the ranks' bucket Allreduces would not match)?
     counts = [sum(f.size for f in by_dtype.get(np.dtype(d), [])) for d in (np.float32, np.float64)]
-    flags = np.array([error is not None, *counts, *(-c for c in counts), layout, -layout], np.int64)
+    bucket = bucket_bytes if error is None else 0
+    flags = np.array(
+        [error is not None, *counts, *(-c for c in counts), layout, -layout, bucket, -bucket],
+        np.int64,
+    )
     comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
     if flags[0]:
         _agree(comm, error, "allreduce_mean_()")
@@ -177,6 +183,10 @@ def allreduce_mean_(
         raise ValueError(
             "allreduce_mean_: the ranks pass gradients of different shapes, dtypes or memory "
             "orders: every rank must pass the same ones in the same order"
+        )
+    if flags[7] != -flags[8]:
+        raise ValueError(
+            "allreduce_mean_: the ranks pass different bucket_bytes: every rank must pass the same"
         )
     if comm.Get_size() == 1:
         return  # the mean of one
