@@ -69,14 +69,15 @@ def groups(params):
 
 def rank_grads(params, step, rank, world, dtype=None):
     """Rank ``rank``'s gradients at ``step``: g + (rank - (N-1)/2) h, whose mean over the ranks
-    is g at every world size."""
+    is g at every world size; of ``dtype`` (a dict: by name), else the parameter's."""
     out = {}
     for i, (name, p) in enumerate(params.items()):
         g = np.random.default_rng([step, i, 0]).standard_normal(p.shape)
         h = np.random.default_rng([step, i, 1]).standard_normal(p.shape)
         v = g + (rank - (world - 1) / 2) * h
         order = "F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C"
-        out[name] = np.asarray(v, order=order).astype(dtype or p.dtype, order="K")
+        like = dtype.get(name) if isinstance(dtype, dict) else dtype
+        out[name] = np.asarray(v, order=order).astype(like or p.dtype, order="K")
     return out
 
 
@@ -381,6 +382,41 @@ def check_schedule_free(comm):
         TypeError,
         "Adam has no train and eval modes",
     )
+
+
+def check_one_rank_bits(comm):
+    """On one rank, one process's bits where no other stream of random bits enters: clipping
+    sums squares per gradient dtype over the tensors as clip_grad_norm_ does and stores the
+    scaled bfloat16 gradients in bfloat16; stochastic rounding with bfloat16 and float32
+    gradients makes one process's fused calls (by gradient dtype) and so draws its bits."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    spec = [("a", (640,), "C"), ("b", (300,), "C"), ("c", (777,), "C")]
+    for seed in range(6):  # sums of squares of the tensors or of their concatenation differ
+        params = model(np.float64, spec, seed)
+        ref_params = copy(params)
+        zero = distributed.ZeroRedundancyOptimizer(
+            params, optim.SGD, comm, lr=0.1, max_grad_norm=1.0
+        )
+        ref = optim.SGD(ref_params, lr=0.1, max_grad_norm=1.0)
+        for step in range(10 * seed, 10 * seed + 3):
+            zero.step(rank_grads(params, step, rank, world))
+            ref.step(mean_grads(params, step, world))
+        if world == 1:
+            assert_identical(params, ref_params, f"seed {seed}")
+    # both dtypes in one group: one process makes a fused call for each
+    mixed = {n: (BF16 if i % 2 else np.float32) for i, (n, _, _) in enumerate(SPEC)}
+    for dtype, grad_dtype, options in [
+        (np.float32, None, dict(max_grad_norm=1.0)),
+        (BF16, None, dict(max_grad_norm=1.0)),
+        (BF16, mixed, dict(max_grad_norm=1.0)),
+        (BF16, mixed, dict(stochastic_rounding=True, seed=5)),
+    ]:
+        params, ref_params, _, _, _ = run_pair(
+            comm, optim.AdamW, dict(lr=1e-2), dtype, grad_dtype=grad_dtype, **options
+        )
+        if comm.Get_size() == 1:
+            for name in params:
+                assert_same_bits(params[name], ref_params[name], f"{name} {dtype} {options}")
 
 
 def check_memory_balance(comm):
@@ -798,6 +834,7 @@ CASES = {
     "int8_load_order": check_int8_load_order,
     "schedule_free": check_schedule_free,
     "elementwise_only": check_elementwise_only,
+    "one_rank_bits": check_one_rank_bits,
     "memory_balance": check_memory_balance,
     "errors": check_errors,
     "allreduce_mean": check_allreduce_mean,

@@ -52,7 +52,7 @@ from typing import (
 
 import numpy as np
 
-from . import _functional, optim
+from . import _clip, _functional, optim
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
 from .optim import _GOLDEN, Grads, Optimizer, Params, _dtype_name
@@ -148,7 +148,9 @@ def allreduce_mean_(
     The arrays (a list, or a dict's values; None entries are skipped) are packed in order into
     buckets of at most ``bucket_bytes``, one ``Allreduce`` each (a tensor larger than a bucket
     spans several), and unpacked divided by the number of ranks. float64 gradients are summed in
-    float64, the others in float32, and bfloat16/float16 results rounded to nearest once. Every
+    float64, the others in float32, and bfloat16/float16 results rounded to nearest once. As
+    torch's DDP by default, the sum comes before the division: float32 gradients whose sum over
+    the ranks passes float32's largest value (about 3.4e38) average to infinity. Every
     rank must pass arrays of the same shapes, dtypes and memory layouts (C or F order) in the
     same order, and the same ``bucket_bytes``; the results are the same bits on every rank. A
     bad argument on one rank, or a different number of elements, layout or ``bucket_bytes``,
@@ -430,17 +432,24 @@ class ZeroRedundancyOptimizer:
     ``step(grads)``, collective, with this rank's gradients:
 
     1. packs them into the dtype's flat buffer (float32, float64 for float64 parameters) and
-       reduce-scatters it: each rank gets the sum of its slice, divided by N;
+       reduce-scatters it: each rank gets the sum of its slice, divided by N (summed, then
+       divided, as torch's DDP does by default: float32 gradients whose sum over the ranks
+       passes float32's largest value, about 3.4e38, become infinite);
     2. applies ``skip_if_nonfinite`` and ``max_grad_norm`` to the global gradient (one
-       ``Allreduce`` of a flag or of a sum of squares);
-    3. steps its slice with one fused call of :attr:`optim` per (group, dtype);
+       ``Allreduce`` of a flag or of a sum of squares: each rank's ``sum_squares`` over its
+       slices of the tensors, one call per gradient dtype, as ``clip_grad_norm_`` sums);
+    3. steps its slice with :attr:`optim` on gradients of the dtypes given (bfloat16 and
+       float16 ones rounded to nearest once, after clipping, as one process holds them), so
+       that it makes one process's fused calls: one per (group, dtypes);
     4. all-gathers the slices into the same buffer and copies them into the parameters,
        which are then the same bits on every rank.
 
-    Apart from the order in which MPI sums the gradients, the result is what ``optimizer_class``
-    computes in one process on the averaged gradients, bit for bit for every element (the
-    kernels are element-wise) except where random bits enter: stochastic rounding and int8 codes
-    draw a different stream per rank (see :func:`_local_seed`), equally unbiased.
+    Apart from the order in which MPI sums the gradients and the ranks' sums of squares, the
+    result is what ``optimizer_class`` computes in one process on the averaged gradients, bit
+    for bit for every element (the kernels are element-wise) except where random bits enter:
+    stochastic rounding and int8 codes draw a different stream per rank (see
+    :func:`_local_seed`), equally unbiased. On one rank it is one process's result bit for bit,
+    random bits included.
 
     Schedule-Free classes: the step advances the groups' ``k``, ``lr_max`` and ``weight_sum``
     as one process's (they are in :attr:`param_groups` and the checkpoints), and the
@@ -681,7 +690,8 @@ class ZeroRedundancyOptimizer:
             local[2 * n : -1] = [
                 _digest(repr(sorted(self._hyper(g).items()))) for g in full.param_groups
             ]
-            local[-1] = _digest(repr((full.max_grad_norm, full.skip_if_nonfinite)))
+            dtypes = [None if g is None else str(g.dtype) for g in aligned.values()]
+            local[-1] = _digest(repr((full.max_grad_norm, full.skip_if_nonfinite, dtypes)))
         except Exception as e:
             error = e
         flags = np.concatenate([[error is not None], local, -local])
@@ -698,7 +708,9 @@ class ZeroRedundancyOptimizer:
                 f"gradients of {nones} are None on some ranks only" if nones else "",
                 f"{frozen} are frozen on some ranks only" if frozen else "",
                 f"the hyperparameters of groups {groups} differ across ranks" if groups else "",
-                "max_grad_norm or skip_if_nonfinite differs across ranks" if mixed[-1] else "",
+                "max_grad_norm, skip_if_nonfinite or the gradients' dtypes differ across ranks"
+                if mixed[-1]
+                else "",
             ]
             raise ValueError(
                 f"ZeroRedundancyOptimizer.step(): {'; '.join(filter(None, problems))}. Every "
@@ -735,28 +747,41 @@ class ZeroRedundancyOptimizer:
             if not finite:
                 full.skipped_steps += 1
                 return False
+        updated = [
+            name for name in full._params if aligned[name] is not None and name not in frozen
+        ]
         if full.max_grad_norm is not None:
-            squares = np.array([sum(_core.sum_squares([g]) for g in shard_grads)], np.float64)
+            # as clip_grad_norm_ sums in one process: one sum_squares per gradient dtype over
+            # the list of tensors (here this rank's slices of them), in its order of dtypes
+            squares = np.zeros(1, np.float64)
+            for _, places in _clip._by_dtype([aligned[name] for name in updated]):
+                squares[0] += _core.sum_squares([self._shard_grad[updated[i]] for i in places])
             comm.Allreduce(MPI.IN_PLACE, squares, op=MPI.SUM)
             coef = full.max_grad_norm / (math.sqrt(squares[0]) + 1e-6)  # as clip_grad_norm_
             if coef < 1.0:
                 for g in shard_grads:
                     _core.scale([g], factor=coef)
-        updated = [
-            name for name in full._params if aligned[name] is not None and name not in frozen
-        ]
         for name in updated:
             lo, hi = self._piece[name]
             self._shard_param[name][...] = _flat(full._params[name])[lo:hi]
-        self.optim.step(
-            {n: (self._shard_grad[n] if aligned[n] is not None else None) for n in aligned}
-        )
+        self.optim.step({n: self._local_grad(n, g) for n, g in aligned.items()})
         # what the step wrote into its groups (Schedule-Free's k, lr_max, weight_sum), the same
         # on every rank, into the full ones: _sync copies them back, checkpoints carry them
         for full_group, local_group in zip(full.param_groups, self.optim.param_groups):
             full_group.update(self._hyper(local_group))
         self._allgather(updated)
         return True
+
+    def _local_grad(self, name: str, g: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """This rank's slice of the averaged gradient of ``name``, for :attr:`optim`: in the
+        dtype of the gradient given (bfloat16, float16: rounded to nearest once, as
+        allreduce_mean_ gives them), since one process groups its fused calls by gradient dtype
+        and keys random bits by place in the call, and stores a clipped gradient in its
+        dtype."""
+        if g is None:
+            return None
+        shard = self._shard_grad[name]
+        return shard if g.dtype == shard.dtype else shard.astype(g.dtype)
 
     def _allgather(self, names: List[str]) -> None:
         """Every rank's slices of the parameter buffers to every rank, into these parameters."""
