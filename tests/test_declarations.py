@@ -9,6 +9,7 @@ derived from it (the function, its signature and docstring, the registry, the ex
 
 from __future__ import annotations
 
+import dis
 import inspect
 import math
 import re
@@ -71,6 +72,18 @@ def test_docstring_has_the_rule_and_every_argument(name):
     assert doc.startswith(getattr(reference, f"{name}_").__doc__.rstrip())
     for arg in DECLARATIONS[name].signature().parameters:
         assert re.search(rf"^\s+{arg}: \S", doc, re.M), f"{name}_ docstring lacks {arg}"
+
+
+@pytest.mark.parametrize("name", list(DECLARATIONS))
+def test_a_call_with_default_options_passes_its_arguments_without_packing(name):
+    """The public function's call of the kernel with master, stochastic_rounding and
+    skip_if_nonfinite at their defaults is a plain call (a vectorcall with keyword names), not
+    CALL_FUNCTION_EX, which builds a tuple and a dict for every call: CPython takes
+    that for calls of more than 30 stack slots, and adam_, nadam_ and schedulefree_adamw_
+    pass more with every option."""
+    function = getattr(fusedopt, DECLARATIONS[name].function_name)
+    calls = [i.opname for i in dis.get_instructions(function) if i.opname.startswith("CALL")]
+    assert calls[0] != "CALL_FUNCTION_EX", calls
 
 
 def test_declared_ranges_match_the_binding():

@@ -66,6 +66,25 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
             f"        {new} = _renamed({declaration.function_name!r}, {old!r}, "
             f"{new!r}, {old}, {new})\n"
         )
+    # CPython calls a function with more than 30 stack slots (an argument takes one, a keyword
+    # argument two) through a tuple and a dict built for the call, which costs as much again as
+    # the binding's own work on an empty call. Past that, a call that leaves the options every
+    # kernel has at their defaults omits them, as the binding's defaults are the same.
+    slots = sum(1 if "=" not in a else 2 for a in passed)
+    omitted = {}
+    for option, default in (
+        ("master", None),
+        ("stochastic_rounding", False),
+        ("skip_if_nonfinite", False),
+    ):
+        if slots <= _MOST_STACK_SLOTS:
+            break
+        omitted[option] = default
+        slots -= 2
+    if omitted:
+        test = " and ".join(f"{option} is {default}" for option, default in omitted.items())
+        fast = [a for a in passed if a.split("=")[0] not in omitted]
+        body.append(f"    if {test}:\n        return _kernel({', '.join(fast)})\n")
     name = declaration.function_name
     source = (
         f"def {name}({', '.join(header)}):\n"
@@ -91,6 +110,7 @@ def _function(declaration: Declaration) -> Callable[..., bool]:
 
 
 _UNSET = object()
+_MOST_STACK_SLOTS = 30  # CPython compiler's STACK_USE_GUARDRAIL
 
 
 def _renamed(function: str, old: str, new: str, value, current):
