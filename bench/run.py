@@ -434,11 +434,7 @@ def many_tensors(widths, budget_s, rng):
     tensor), torch's fused Adam over the 240 tensors, and NumPy."""
     spec, hyper = OPTIMIZERS["adam"], {}
     rows = []
-    print(
-        "\n| d | tensors | elements | fusedopt list | fusedopt flat | list / flat | "
-        "fusedopt.optim | optim / list | torch fused | vs torch | numpy | GB/s (list) |"
-        "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
+    print("\n" + MANY_TENSORS_HEADER)
     for d in widths:
         shapes = transformer_shapes(d)
         n = sum(math.prod(s) for s in shapes)
@@ -496,20 +492,31 @@ def many_tensors(widths, budget_s, rng):
         if "torch fused" in medians:
             row["speedup_vs_torch_fused"] = medians["torch fused"] / medians["fusedopt list"]
         rows.append(row)
-        torch_cells = (
-            (f"{fmt_time(medians['torch fused'])} | {row['speedup_vs_torch_fused']:.2f}x")
-            if "torch fused" in medians
-            else "– | –"
-        )
-        print(
-            f"| {d} | {len(shapes)} | {n:,} | {fmt_time(medians['fusedopt list'])} | "
-            f"{fmt_time(medians['fusedopt flat'])} | {row['list_over_flat']:.2f} | "
-            f"{fmt_time(medians['fusedopt.optim'])} | {row['optim_over_list']:.2f} | "
-            f"{torch_cells} | {fmt_time(medians['numpy'])} | "
-            f"{28 * n / medians['fusedopt list'] / 1e9:.1f} |",
-            flush=True,
-        )
+        print(many_tensors_line(row), flush=True)
     return rows
+
+
+MANY_TENSORS_HEADER = (
+    "| d | tensors | elements | fusedopt list | fusedopt flat | list / flat | "
+    "fusedopt.optim | optim / list | torch fused | vs torch | numpy | GB/s (list) |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def many_tensors_line(row) -> str:
+    """A row of many_tensors' table."""
+    torch_cells = (
+        (f"{fmt_time(row['torch fused'])} | {row['speedup_vs_torch_fused']:.2f}x")
+        if "torch fused" in row
+        else "– | –"
+    )
+    return (
+        f"| {row['d']} | {row['tensors']} | {row['elements']:,} | "
+        f"{fmt_time(row['fusedopt list'])} | {fmt_time(row['fusedopt flat'])} | "
+        f"{row['list_over_flat']:.2f} | {fmt_time(row['fusedopt.optim'])} | "
+        f"{row['optim_over_list']:.2f} | {torch_cells} | {fmt_time(row['numpy'])} | "
+        f"{28 * row['elements'] / row['fusedopt list'] / 1e9:.1f} |"
+    )
 
 
 def available_memory() -> int:
@@ -766,12 +773,18 @@ def main(argv=None) -> int:
         choices=list(IMPLEMENTATIONS),
         help="the implementations timed (default: the mode's)",
     )
+    parser.add_argument(
+        "--many-tensors",
+        action="store_true",
+        help="only the full run's 240-tensor table: Adam as a list call, one flat call, "
+        "fusedopt.optim.Adam's step, torch's fused Adam and NumPy (many_tensors.json and .md)",
+    )
     parser.add_argument("--budget", type=float, help="seconds of timing per figure")
     parser.add_argument(
         "--out",
         type=Path,
         help="JSON output (default bench/results/<mode>.json: quick.json, full.json, "
-        "threshold.json; --table: optimizers.json; --storage: storage.json)",
+        "threshold.json, many_tensors.json; --table: optimizers.json; --storage: storage.json)",
     )
     args = parser.parse_args(argv)
     if args.storage:
@@ -787,6 +800,8 @@ def main(argv=None) -> int:
     mode = (
         "threshold"
         if args.threshold
+        else "many_tensors"
+        if args.many_tensors
         else "table"
         if args.table
         else "quick"
@@ -809,6 +824,18 @@ def main(argv=None) -> int:
     if args.threshold:
         set_threads(args.threads[0] if args.threads else None)
         result["threshold"] = threshold(rng, args.budget or 0.2, args.gap)
+    elif args.many_tensors:
+        set_threads(args.threads[0] if args.threads else None)
+        result["many_tensors"] = many_tensors([64, 256], args.budget or 0.3, rng)
+        out.with_suffix(".md").write_text(
+            f"`python bench/run.py --many-tensors` ({time.strftime('%Y-%m-%d')}): "
+            f"{result['machine']['cpu']}, {result['machine']['simd_level']}, "
+            f"{fusedopt.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+            "float32 Adam, medians\n\n"
+            + "\n".join([MANY_TENSORS_HEADER, *map(many_tensors_line, result["many_tensors"])])
+            + "\n"
+        )
+        set_threads(None)
     else:
         if args.table:
             sizes, dtypes, budget = [1e3, 1e4, 1e5, 1e6, 1e7], ["float32"], 0.25
