@@ -753,6 +753,15 @@ def check_agreement(comm):
             "different bucket_bytes",
         )
         assert_identical({"g": gs}, {"g": kept})
+        # a bfloat16 model's gradient in float32 on one rank only: the local optimizers would
+        # make other fused calls (grouped by gradient dtype)
+        low = model(ml_dtypes.bfloat16)
+        lazy = distributed.ZeroRedundancyOptimizer(low, optim.Adam, comm, master_weights=True)
+        dtypes = {"b1": np.float32} if rank == last else {}
+        low_grads = rank_grads(low, 1, rank, world, dtypes)
+        kept = copy(low)
+        expect_all(comm, lambda: lazy.step(low_grads), ValueError, "gradients' dtypes differ")
+        assert_identical(low, kept)
     # every rank alike: frozen parameters keep their values
     zero.freeze("W2")
     assert zero.step(grads) is True
