@@ -369,6 +369,16 @@ def check_schedule_free(comm):
                     assert [mine[k] for k in ("k", "lr_max", "weight_sum")] == [
                         want[k] for k in ("k", "lr_max", "weight_sum")
                     ]
+            # its checkpoint, loaded into a fresh ZeRO optimizer, steps on as it does
+            zero.consolidate_state_dict(to=0)
+            saved = comm.bcast(zero.state_dict() if rank == 0 else None, root=0)
+            twin_params = copy(params)
+            twin = distributed.ZeroRedundancyOptimizer(groups(twin_params), cls, comm, **hyper)
+            twin.load_state_dict(saved)
+            for z, p in ((zero, params), (twin, twin_params)):
+                z.step(rank_grads(p, 8, rank, world))
+            assert_identical(params, twin_params)
+            assert [g["k"] for g in twin.param_groups] == [g["k"] for g in zero.param_groups]
             zero.eval()
             expect_all(
                 comm,
