@@ -661,7 +661,7 @@ def test_bad_steps_raise_before_any_update():
         ({**good, "b1": np.ones(4)}, ValueError, "gradient of 'b1'"),
         ({**good, "b1": np.ones(5, np.float32)}, ValueError, "gradient of 'b1'"),
         ({**good, "b1": [1.0] * 5}, TypeError, "gradient of 'b1'"),
-        ({**good, "b1": params["b1"]}, ValueError, "shares memory"),
+        ({**good, "b1": params["b1"]}, ValueError, "gradient 'b1' and parameter 'b1' share"),
         # another call's parameter: refused before the first call writes it
         ({**good, "b1": params["w1"][0]}, ValueError, "gradient 'b1' and parameter 'w1' share"),
         ([np.ones((6, 5))], ValueError, "expected 2 gradients"),
@@ -881,6 +881,40 @@ def test_misaligned_params_and_grads_are_named():
         opt.step(grads)
     assert_same_bits(params["a"], np.ones(4, np.float32))
     assert not opt.state
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"skip_if_nonfinite": True}, {"max_grad_norm": 1.0}, {"groups": 2}], ids=str
+)
+def test_gradients_the_kernels_refuse_are_named_before_anything_changes(options):
+    """A gradient in another memory layout than its parameter's, a strided one, or a parameter
+    made read-only: the calls' kernels refuse them, named as the step names parameters, before
+    the non-finite check, clipping or any call has touched anything, and no state is made."""
+    options = dict(options)
+    two = options.pop("groups", 1) == 2
+
+    def fresh():
+        params = {"w": np.ones((3, 4), np.float32), "b": np.ones(4, np.float32)}
+        groups = [{"params": {"w": params["w"]}}, {"params": {"b": params["b"]}, "lr": 0.1}]
+        return params, optim.Adam(groups if two else params, **options)
+
+    # a NaN: a non-finite check that ran first would skip the step instead of refusing it
+    good = {"w": np.ones((3, 4), np.float32), "b": np.array([np.nan, 1, 1, 1], np.float32)}
+    for grads, message in [
+        ({**good, "w": np.asfortranarray(good["w"])}, "^gradient of 'w': expected the memory"),
+        ({**good, "b": np.ones(8, np.float32)[::2]}, "^gradient of 'b': expected a C- or F-"),
+        (good, "^parameter 'b': array is read-only"),
+    ]:
+        params, opt = fresh()
+        if "read-only" in message:
+            params["b"].flags.writeable = False
+        before = copy(params)
+        given = {k: g.copy() for k, g in grads.items()}
+        with pytest.raises(ValueError, match=message):
+            opt.step(grads)
+        assert_same(params, before)
+        assert_same(grads, given)
+        assert opt.state == {} and opt.skipped_steps == 0
 
 
 def read_only(a):

@@ -277,6 +277,14 @@ def _check_mu_product(what: str, value: Any) -> float:
     return float(value)
 
 
+def _all_finite(grads: Iterable[np.ndarray]) -> bool:
+    """Whether every gradient is finite: one fused pass per dtype."""
+    by_dtype: Dict[Any, List[np.ndarray]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    return all(_functional.all_finite(gs) for gs in by_dtype.values())
+
+
 # How the kernels name an array of a list call: "exp_avg[2]" (".codes" or ".scales" of an int8
 # state), and the matrix functions a tensor: "muon_: tensor 2"
 _KERNEL_LABEL = re.compile(r"(\w+)\[(\d+)\](?:\.(codes|scales))?: (.*)", re.DOTALL)
@@ -590,7 +598,11 @@ class Optimizer:
 
     # ------------------------------------------------------------------ the step
 
-    def _align(self, grads: Grads) -> Dict[str, Optional[np.ndarray]]:
+    def _align(self, grads: Grads, memory: bool = True) -> Dict[str, Optional[np.ndarray]]:
+        """The gradients by parameter name, each an array of a dtype and the shape its
+        parameter takes, else TypeError/ValueError naming it; with ``memory``, also in the
+        parameter's layout, aligned, and sharing no memory with it (a step leaves those to its
+        calls' kernels, which check them all before the first writes)."""
         if isinstance(grads, Mapping):
             unknown = set(grads) - set(self._params)
             if unknown:
@@ -624,6 +636,8 @@ class Optimizer:
                     f"gradient of {name!r}: expected {expected} {p.shape} like the "
                     f"parameter, got {g.dtype} {g.shape}"
                 )
+            if not memory:
+                continue
             g_flags, p_flags = g.flags, p.flags
             same_layout = (g_flags.c_contiguous and p_flags.c_contiguous) or (
                 g_flags.f_contiguous and p_flags.f_contiguous
@@ -650,7 +664,7 @@ class Optimizer:
         nothing changed and ``skipped_steps`` counts it), True otherwise. With
         ``max_grad_norm``, the gradients are first clipped in place to that global L2 norm.
         """
-        aligned = self._align(grads)
+        aligned = self._align(grads, memory=False)  # the rest the calls' kernels check
         plans = [self._plan(group) for group in self.param_groups]  # all valid before any call
         # the gradients the step uses: a frozen parameter's, as None's, enter neither the
         # clipping norm nor the non-finite check
@@ -669,13 +683,6 @@ class Optimizer:
                     f"gradient of {name!r}: array is read-only, and max_grad_norm clips the "
                     "gradients in place"
                 )
-        if self.skip_if_nonfinite:
-            by_dtype: Dict[Any, List[np.ndarray]] = {}
-            for _, g in active:
-                by_dtype.setdefault(g.dtype, []).append(g)
-            if not all(_functional.all_finite(gs) for gs in by_dtype.values()):
-                self.skipped_steps += 1
-                return False
         calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
         added: List[Tuple[str, Optional[str]]] = []  # new state (name, key; None: the entry)
         # the loop below runs once per tensor and step: its lookups are hoisted
@@ -711,6 +718,9 @@ class Optimizer:
         clipping = self.max_grad_norm is not None and bool(active)
         written = [(names, b) for _, names, b, *_ in calls]
         checked = len(calls) > 1 or clipping
+        # the gradients are read (the non-finite check) or written (clipping) before the first
+        # call checks its arrays: then every call's are checked first
+        read_first = clipping or (self.skip_if_nonfinite and bool(active))
         ran = 0
         current = None  # the call running or being checked, whose errors name its tensors
 
@@ -734,10 +744,15 @@ class Optimizer:
             if checked:
                 clipped = [name for name, _ in active] if clipping else []
                 self._check_step_overlap(aligned, written, clipped)
-                # every call's checks before anything is written: a call checks its own
-                # arrays as it runs, after the calls before it (and clipping) have written
-                for call in calls if clipping else calls[1:]:
-                    run(call, check=True)
+            # every call's checks before anything is written: a call checks its own arrays as
+            # it runs, after the calls before it (and clipping) have written
+            for call in calls if read_first else calls[1:]:
+                run(call, check=True)
+            current = None
+            if self.skip_if_nonfinite and not _all_finite(g for _, g in active):
+                self._forget(added)  # a skipped step makes no state either
+                self.skipped_steps += 1
+                return False
             if clipping:
                 clip_grad_norm_([g for _, g in active], self.max_grad_norm)
             for call in calls:
