@@ -763,6 +763,22 @@ def test_replaced_state_is_refused_before_any_call_writes(impl):
     refused(one, {"w": arrays["a"]}, {"w": one.state["w"]["exp_avg"]}, ValueError, message)
 
 
+def test_every_tensor_a_kernels_message_names_is_a_parameter():
+    """A kernel's message that compares one tensor with another of its call names both as the
+    step names parameters, not by their places in the call; so do steps of calls that differ
+    only in their step counts, which are checked as one."""
+    params = {k: np.ones(3, np.float32) for k in "abc"}
+    opt = optim.Adam([{"params": {"a": params["a"]}}, {"params": {k: params[k] for k in "bc"}}])
+    opt.step({k: np.ones(3, np.float32) for k in "abc"})
+    opt.step({"a": np.ones(3, np.float32), "b": None, "c": np.ones(3, np.float32)})
+    assert [opt.state[k]["step"] for k in "abc"] == [2, 1, 2]  # b and c: two calls
+    opt.state["c"]["exp_avg"] = np.zeros(3)
+    message = "^state 'exp_avg' of 'c': expected dtype float32 like state 'exp_avg' of 'b', got"
+    with pytest.raises(TypeError, match=message):
+        opt.step({k: np.ones(3, np.float32) for k in "abc"})
+    assert [opt.state[k]["step"] for k in "abc"] == [2, 1, 2]
+
+
 def test_add_param_group_adds_the_whole_group_or_nothing():
     """A group refused by add_param_group leaves no parameter behind (a list step still takes
     one gradient per parameter, the name can be added again); a group added later steps, with

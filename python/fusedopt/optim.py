@@ -287,33 +287,37 @@ def _all_finite(grads: Iterable[np.ndarray]) -> bool:
 
 # How the kernels name an array of a list call: "exp_avg[2]" (".codes" or ".scales" of an int8
 # state), and the matrix functions a tensor: "muon_: tensor 2"
-_KERNEL_LABEL = re.compile(r"(\w+)\[(\d+)\](?:\.(codes|scales))?: (.*)", re.DOTALL)
+_KERNEL_ARRAY = re.compile(r"(\w+)\[(\d+)\](?:\.(codes|scales))?")
+_KERNEL_LABEL = re.compile(_KERNEL_ARRAY.pattern + r"(?=: )")
 _MATRIX_LABEL = re.compile(r"\w+_: tensor (\d+): (.*)", re.DOTALL)
 
 
 def _name_tensor(error: Exception, plan: _Plan, names: List[str]) -> None:
-    """Raise ``error`` again with its tensor named as the step names parameters (``state
-    'exp_avg' of 'w'`` for ``exp_avg[2]``), when a fused call of the step (of parameters
-    ``names``) refused it; returns if its message names no tensor."""
+    """Raise ``error`` again with its tensors named as the step names parameters (``state
+    'exp_avg' of 'w'`` for ``exp_avg[2]``, wherever the message names one), when a fused call
+    of the step (of parameters ``names``) refused it; returns if it starts with no tensor."""
     message = str(error)
-    kernel, matrix = _KERNEL_LABEL.fullmatch(message), _MATRIX_LABEL.fullmatch(message)
-    if kernel:
-        role, index, part, rest = kernel.groups()
-        keys = dict(plan.arrays)
+    keys = dict(plan.arrays)
+
+    def label(found: re.Match) -> str:
+        role, index, part = found.groups()
         if int(index) >= len(names) or role not in ("param", "grad", "master", *keys):
-            return
+            return found.group(0)
         name = names[int(index)]
         if role == "param":
-            label = f"parameter {name!r}"
-        elif role == "grad":
-            label = f"gradient of {name!r}"
-        else:
-            label = f"state {keys.get(role, role)!r} of {name!r}" + (f" ({part})" if part else "")
+            return f"parameter {name!r}"
+        if role == "grad":
+            return f"gradient of {name!r}"
+        return f"state {keys.get(role, role)!r} of {name!r}" + (f" ({part})" if part else "")
+
+    kernel, matrix = _KERNEL_LABEL.match(message), _MATRIX_LABEL.fullmatch(message)
+    if kernel and label(kernel) != kernel.group(0):
+        renamed = _KERNEL_ARRAY.sub(label, message)
     elif matrix and int(matrix.group(1)) < len(names):
-        label, rest = f"parameter {names[int(matrix.group(1))]!r}", matrix.group(2)
+        renamed = f"parameter {names[int(matrix.group(1))]!r}: {matrix.group(2)}"
     else:
         return
-    raise type(error)(f"{label}: {rest}") from error
+    raise type(error)(renamed) from error
 
 
 class Optimizer:
@@ -745,8 +749,17 @@ class Optimizer:
                 clipped = [name for name, _ in active] if clipping else []
                 self._check_step_overlap(aligned, written, clipped)
             # every call's checks before anything is written: a call checks its own arrays as
-            # it runs, after the calls before it (and clipping) have written
+            # it runs, after the calls before it (and clipping) have written. Calls that differ
+            # only in their step count (or a call key) are checked as one: those do not enter
+            # the arrays' checks, and one check of many tensors costs about one of a few.
+            checks: Dict[Tuple[Any, ...], tuple] = {}
             for call in calls if read_first else calls[1:]:
+                plan, names, buffers, *rest = call
+                first = names[0]
+                key = (id(plan), *buffers, self._params[first].dtype, aligned[first].dtype)
+                merged = checks.get(key)
+                checks[key] = call if merged is None else (plan, merged[1] + names, *merged[2:])
+            for call in checks.values():
                 run(call, check=True)
             current = None
             if self.skip_if_nonfinite and not _all_finite(g for _, g in active):
