@@ -536,8 +536,10 @@ def test_subclass_signatures_are_their_own():
 def test_max_grad_norm_takes_numbers_and_skip_if_nonfinite_a_boolean():
     torch = pytest.importorskip("torch")
     for value in (1, 0.5, np.float32(2.0), np.array(1.0), torch.tensor(1.0)):
-        assert optim.AdamW(model(np.float32), max_grad_norm=value).max_grad_norm is value
-    for value in (0, -1.0, np.inf, "1", True, np.ones(2)):
+        opt = optim.AdamW(model(np.float32), max_grad_norm=value)
+        assert opt.max_grad_norm is value
+        opt.step({k: np.full(v.shape, 10.0, v.dtype) for k, v in model(np.float32).items()})
+    for value in (0, -1.0, np.inf, "1", True, np.True_, np.ones(2), 10**400):
         with pytest.raises(ValueError, match="Invalid max_grad_norm"):
             optim.AdamW(model(np.float32), max_grad_norm=value)
     with pytest.raises(TypeError, match="skip_if_nonfinite must be True or False"):

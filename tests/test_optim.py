@@ -883,6 +883,8 @@ def test_global_norm_and_clipping():
         with pytest.raises(error, match="max_norm"):
             fusedopt.clip_grad_norm_(grads, bad_norm)
         assert_identical({"grads": grads}, {"grads": before})
+    # a 0-d array of a number is one, as float() takes it in torch's clip_grad_norm_
+    assert fusedopt.clip_grad_norm_(grads, np.array(1.0)) == fusedopt.global_norm(before)
 
 
 def test_misaligned_params_and_grads_are_named():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -80,6 +79,20 @@ def _sum_squares(groups: List[Tuple[List[np.ndarray], List[int]]]) -> float:
     return total
 
 
+def as_max_norm(value: Any) -> Optional[float]:
+    """``value`` as a float, if it is a real number or a 0-d array or tensor of one (as torch's
+    clip_grad_norm_ takes it: float(max_norm)), not a bool or a str; else None. An integer past
+    a double's range is infinite."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "ndim", 0) != 0:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+    except (TypeError, ValueError):
+        return None
+
+
 def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool = False) -> float:
     r"""Scale all gradients in place so that their global L2 norm is at most ``max_norm``, as
     ``torch.nn.utils.clip_grad_norm_``:
@@ -93,14 +106,14 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
     place (read-only, strided, sharing memory with another) is a ValueError that names it, and
     no gradient is changed.
     """
-    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, numbers.Real):
-        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
-    try:
-        finite = math.isfinite(max_norm)
-    except OverflowError:  # an integer past a double's range
-        finite = False
-    if not (finite and max_norm >= 0):
+    norm = as_max_norm(max_norm)
+    if norm is None:
+        raise TypeError(
+            f"max_norm must be a real number (or a 0-d array of one), got {type(max_norm).__name__}"
+        )
+    if not (math.isfinite(norm) and norm >= 0):
         raise ValueError(f"Invalid max_norm: {max_norm} (a finite number >= 0)")
+    max_norm = norm
     grads = _listed(grads)
     groups = _by_dtype(grads)
     total = math.sqrt(_sum_squares(groups))

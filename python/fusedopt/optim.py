@@ -51,7 +51,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _functional, _matrix, _overlap, quantize, reference
-from ._clip import clip_grad_norm_
+from ._clip import as_max_norm, clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
 from .quantize import QuantizedState, _check_scales, _memory_order
@@ -239,13 +239,12 @@ def _check_param(name: str, p: Any) -> np.ndarray:
 
 
 def _check_max_grad_norm(value: Any) -> None:
+    """None or what clip_grad_norm_ takes as max_norm (a real number or a 0-d array or tensor
+    of one), finite and > 0, else ValueError."""
     if value is None:
         return
-    try:
-        valid = not isinstance(value, (bool, str)) and value > 0 and math.isfinite(value)
-    except (TypeError, ValueError):  # not a number (a 0-d array or tensor is one)
-        valid = False
-    if not valid:
+    norm = as_max_norm(value)
+    if norm is None or not (norm > 0 and math.isfinite(norm)):
         raise ValueError(f"Invalid max_grad_norm: {value!r} (None or a finite number > 0)")
 
 
