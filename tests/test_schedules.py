@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -318,3 +319,17 @@ def test_reduce_on_plateau_loads_torchs_checkpoint():
         sched.step(metric)
         tsched.step(metric)
         assert sched.get_last_lr() == tsched.get_last_lr()
+
+
+def test_a_json_round_trip_of_a_state_loads_again_and_again():
+    """A state saved as JSON (OneCycleLR's phases, tuples, come back as lists) loads, and so
+    does every state saved after it, into the same schedule and a new one."""
+    made = [schedules.OneCycleLR(sgd(), max_lr=0.5, total_steps=20) for _ in range(2)]
+    for _ in range(5):
+        made[0].step()
+    saved = json.loads(json.dumps(made[0].state_dict()))
+    for schedule in made + made:
+        schedule.load_state_dict(saved)
+        schedule.load_state_dict(schedule.state_dict())
+        assert schedule.last_epoch == 5
+    assert made[0].get_last_lr() == made[1].get_last_lr()

@@ -50,17 +50,27 @@ _TORCH_BOOKKEEPING = frozenset(
 )
 
 
+def _kind(value: Any) -> str:
+    """What _check_like compares: a sequence, a bool, a number, a string, or anything else."""
+    if isinstance(value, (list, tuple)):
+        return "sequence"
+    for kind, name in ((bool, "bool"), (numbers.Real, "number"), (str, "string")):
+        if isinstance(value, kind):
+            return name
+    return "other"
+
+
 def _check_like(what: str, value: Any, like: Any) -> None:
     """TypeError unless ``value`` is of the kind ``like`` is: a bool, a number, a string, a
-    list of the kind of its first item, or a tuple of the kinds of its items."""
+    sequence of the kind of its items where they are of one kind (the groups' rates), else
+    item by item (a record: OneCycleLR's phases, tuples that a JSON round trip makes lists)."""
     if isinstance(like, (list, tuple)):
-        if not isinstance(value, (list, tuple)) or (
-            isinstance(like, tuple) and len(value) != len(like)
-        ):
+        record = isinstance(like, tuple) or len({_kind(x) for x in like}) > 1
+        if not isinstance(value, (list, tuple)) or (record and len(value) != len(like)):
             raise TypeError(f"{what}: expected a sequence like {like!r}, got {value!r}")
         for i, v in enumerate(value):
             if like:
-                _check_like(what, v, like[i] if isinstance(like, tuple) else like[0])
+                _check_like(what, v, like[i] if record else like[0])
         return
     for kind, name in ((bool, "a bool"), (numbers.Real, "a number"), (str, "a string")):
         if isinstance(like, kind):
