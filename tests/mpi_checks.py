@@ -763,6 +763,19 @@ def check_agreement(comm):
             "different bucket_bytes",
         )
         assert_identical({"g": gs}, {"g": kept})
+        # bucket sizes past any buffer's, past an int64 too: one bucket on every rank
+        huge = 2**64 if rank == last else 2**70
+        distributed.allreduce_mean_(gs, comm, bucket_bytes=huge)
+        mean = np.mean([np.full(1000, r + 1.0) for r in range(world)], axis=0)
+        np.testing.assert_allclose(gs[0], mean, rtol=1e-6)
+        gs = [g.copy() for g in kept]
+        expect_all(
+            comm,
+            lambda: distributed.allreduce_mean_(gs, comm, bucket_bytes=huge if rank else 4096),
+            ValueError,
+            "different bucket_bytes",
+        )
+        assert_identical({"g": gs}, {"g": kept})
         # a bfloat16 model's gradient in float32 on one rank only: the local optimizers would
         # make other fused calls (grouped by gradient dtype)
         low = model(ml_dtypes.bfloat16)

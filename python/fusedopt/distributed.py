@@ -168,7 +168,8 @@ def allreduce_mean_(
     # same shapes, dtypes and orders (a digest, equal where its max is minus max of -d), and
     # the same bucket_bytes (else the ranks' bucket Allreduces would not match)?
     counts = [sum(f.size for f in by_dtype.get(np.dtype(d), [])) for d in (np.float32, np.float64)]
-    bucket = bucket_bytes if error is None else 0
+    # past any buffer's size every bucket size is one bucket: an int64 holds the agreed one
+    bucket = min(bucket_bytes, 2**62) if error is None else 0
     flags = np.array(
         [error is not None, *counts, *(-c for c in counts), layout, -layout, bucket, -bucket],
         np.int64,
