@@ -549,3 +549,24 @@ def test_bad_storage_arguments_raise_and_change_nothing(error, match, args, opti
         fusedopt.adafactor_(*args, step=1, **options)
     for a, e in zip(flat, before):
         assert_same_bits(a, e)
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [{"lr": np.float32(0.02)}, {"d": np.float32(1.0)}, {"weight_decay": np.float64(0.1)}],
+    ids=str,
+)
+def test_numpy_scalar_hyperparameters_match_reference(hyper):
+    """A hyperparameter as a NumPy scalar: the reference reads it as the Python number it
+    equals, as the kernel does (NumPy's promotion would run its scalars in float32)."""
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal((4, 6)).astype(np.float32)
+    g = rng.standard_normal((4, 6)).astype(np.float32)
+    results = []
+    for function in (fusedopt.adafactor_, reference.adafactor_):
+        q, r, c = p.copy(), np.zeros((4, 1), np.float32), np.zeros((1, 6), np.float32)
+        for step in range(1, 4):
+            function(q, g, r, c, None, step=np.int64(step), **hyper)
+        results.append((q, r, c))
+    for a, b in zip(*results):
+        assert_same_bits(a, b)

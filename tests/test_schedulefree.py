@@ -238,10 +238,13 @@ def test_averaging_weights_past_a_doubles_range_are_refused(name, hyper, step):
     if adamw:
         arrays[3] = np.abs(arrays[3])  # exp_avg_sq
     before = [a.copy() for a in arrays]
-    with pytest.raises(ValueError, match="^Invalid averaging weights"):
+    with pytest.raises(ValueError, match="^Invalid averaging weights") as fused:
         getattr(fusedopt, name)(*arrays, step=step, **hyper)
     for a, b in zip(arrays, before):
         assert_same_bits(a, b)
+    with pytest.raises(ValueError) as spec:  # the reference, with the kernel's message
+        getattr(reference, name)(*arrays, step=step, **hyper)
+    assert str(spec.value) == str(fused.value)
     if "lr" in hyper:
         cls = optim.ScheduleFreeAdamW if adamw else optim.ScheduleFreeSGD
         with pytest.raises(ValueError, match="^Invalid averaging weights"):

@@ -752,6 +752,12 @@ def lion_(
     exp_avg[...] = beta2 * exp_avg + (1 - beta2) * g
 
 
+_SCHEDULEFREE_OVERFLOW = (
+    "Invalid averaging weights: step**r * lr_max**weight_lr_power, or their sum with "
+    "weight_sum, is past a double's range (lower r, lr or weight_lr_power)"
+)
+
+
 def schedulefree_averaging(
     step, lr, *, warmup_steps=0, r=0.0, weight_lr_power=2.0, lr_max=0.0, weight_sum=0.0
 ):
@@ -774,8 +780,13 @@ def schedulefree_averaging(
     k = step - 1
     lr = lr * ((k + 1) / warmup_steps if k < warmup_steps else 1.0)
     lr_max = max(lr, lr_max)
-    weight = (k + 1) ** r * lr_max**weight_lr_power
+    try:
+        weight = (k + 1) ** r * lr_max**weight_lr_power
+    except OverflowError:
+        weight = math.inf
     weight_sum = weight_sum + weight
+    if not math.isfinite(weight_sum):  # as the kernels' rule: c_t would be inf / inf
+        raise ValueError(_SCHEDULEFREE_OVERFLOW)
     ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
     return lr, lr_max, weight_sum, ckp1
 
@@ -1056,6 +1067,10 @@ def muon_(
     if isinstance(param, np.ndarray):
         param, grad, momentum_buffer = [param], [grad], [momentum_buffer]
         master = None if master is None else [master]
+    lr, weight_decay, momentum, eps, ns_steps, seed = map(
+        _python_number, (lr, weight_decay, momentum, eps, ns_steps, seed)
+    )
+    ns_coefficients = tuple(map(_python_number, ns_coefficients))
     seed = _seed("muon_", seed, False, stochastic_rounding, [param, momentum_buffer])
     for buf in momentum_buffer:  # refused before any write, as the kernels refuse them
         if isinstance(buf, QuantizedState):
@@ -1155,7 +1170,11 @@ def adafactor_(
     if isinstance(param, np.ndarray):
         param, grad, row_var, col_var, variance = [param], [grad], [row_var], [col_var], [variance]
         master = None if master is None else [master]
-    eps1, eps2 = eps
+    # NumPy scalars as the Python numbers they equal, as _for_each_tensor reads them
+    step, lr, beta2_decay, d, weight_decay, seed = map(
+        _python_number, (step, lr, beta2_decay, d, weight_decay, seed)
+    )
+    eps1, eps2 = map(_python_number, eps)
     hyper = dict(
         weight=step**beta2_decay,
         rho=min(lr, 1 / step**0.5),
