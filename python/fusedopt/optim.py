@@ -51,7 +51,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _functional, _matrix, _overlap, quantize, reference
-from ._clip import as_max_norm, clip_grad_norm_
+from ._clip import _by_dtype, as_max_norm, clip_grad_norm_
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
 from .quantize import QuantizedState, _check_scales, _memory_order
@@ -274,14 +274,6 @@ def _check_mu_product(what: str, value: Any) -> float:
     if not 0 <= value < 1:  # also NaN
         raise ValueError(f"{what}: expected a real number in [0, 1), got {value!r}")
     return float(value)
-
-
-def _all_finite(grads: Iterable[np.ndarray]) -> bool:
-    """Whether every gradient is finite: one fused pass per dtype."""
-    by_dtype: Dict[Any, List[np.ndarray]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    return all(_functional.all_finite(gs) for gs in by_dtype.values())
 
 
 # How the kernels name an array of a list call: "exp_avg[2]" (".codes" or ".scales" of an int8
@@ -761,7 +753,9 @@ class Optimizer:
             for call in checks.values():
                 run(call, check=True)
             current = None
-            if self.skip_if_nonfinite and not _all_finite(g for _, g in active):
+            finite = _functional.all_finite
+            grads_used = [g for _, g in active]
+            if self.skip_if_nonfinite and not all(finite(gs) for gs, _ in _by_dtype(grads_used)):
                 self._forget(added)  # a skipped step makes no state either
                 self.skipped_steps += 1
                 return False
@@ -888,14 +882,30 @@ class Optimizer:
             arrays["master"] = buffers["master"]
         hyper = {**plan.hyper, "step": step} if plan.declaration.takes_step else plan.hyper
         hyper = {**hyper, **self._rounding(step, plan.declaration.takes_step, first)}
-        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
-        if check or reference_impl:  # the kernel's checks decide what the reference takes too
-            _core.CHECKS[plan.declaration.name](params, grads, **arrays, **hyper)
+        name = plan.declaration.function_name
+        self._call(
+            _functional.FUNCTIONS[name],
+            getattr(reference, name),
+            _core.CHECKS[plan.declaration.name],
+            (params, grads),
+            {**arrays, **hyper},
+            check,
+        )
+
+    def _call(self, fused, twin, checks, arrays: tuple, options: dict, check: bool) -> None:
+        """``fused(*arrays, **options)``, or its :mod:`fusedopt.reference` ``twin`` with
+        impl="reference", whose arguments the fused function's ``checks`` decide too; with
+        ``check``, the checks alone."""
+        reference_impl = self._reference_impl()
+        if check or reference_impl:
+            checks(*arrays, **options)
             if check:
                 return
-        name = plan.declaration.function_name
-        function = getattr(reference, name) if reference_impl else _functional.FUNCTIONS[name]
-        function(params, grads, **arrays, **hyper)
+        (twin if reference_impl else fused)(*arrays, **options)
+
+    def _reference_impl(self) -> bool:
+        """Whether this optimizer computes with fusedopt.reference (impl, or reference_kernels)."""
+        return self.impl == "reference" or (self.impl is None and _REFERENCE.get())
 
     def _rounding(self, step: int, takes_step: bool, first: int) -> Dict[str, Any]:
         """The kernel's ``seed`` (and ``stochastic_rounding``) for a call at ``step`` whose first
@@ -1850,15 +1860,11 @@ class Muon(Optimizer):
         return _Plan(None, hyper, (("momentum_buffer", "momentum_buffer"),))
 
     def _update(self, plan, params, grads, buffers, step, extra, first, check=False) -> None:
-        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         arrays = (params, grads, buffers["momentum_buffer"])
         options = {"master": buffers.get("master"), **plan.hyper}
         options.update(self._rounding(step, False, first))
-        if check or reference_impl:  # the fused function's checks decide what the reference takes
-            _matrix.check_arguments(_matrix.muon_, *arrays, **options)
-            if check:
-                return
-        (reference.muon_ if reference_impl else _matrix.muon_)(*arrays, **options)
+        checks = functools.partial(_matrix.check_arguments, _matrix.muon_)
+        self._call(_matrix.muon_, reference.muon_, checks, arrays, options, check)
 
 
 class Adafactor(Optimizer):
@@ -1957,15 +1963,11 @@ class Adafactor(Optimizer):
     def _step_factored(self, plan, params, grads, moments, masters, step, first, check=False):
         """The fused (or reference) call on the moments' lists, by name (the torch adapter's
         too, whose state is its own); with ``check``, only its checks."""
-        reference_impl = self.impl == "reference" or (self.impl is None and _REFERENCE.get())
         arrays = (params, grads, moments["row_var"], moments["col_var"], moments["variance"])
         options = {"step": step, "master": masters, **plan.hyper}
         options.update(self._rounding(step, True, first))
-        if check or reference_impl:  # the fused function's checks decide what the reference takes
-            _matrix.check_arguments(_matrix.adafactor_, *arrays, **options)
-            if check:
-                return
-        (reference.adafactor_ if reference_impl else _matrix.adafactor_)(*arrays, **options)
+        checks = functools.partial(_matrix.check_arguments, _matrix.adafactor_)
+        self._call(_matrix.adafactor_, reference.adafactor_, checks, arrays, options, check)
 
 
 _OPTIONS = (

@@ -72,11 +72,9 @@ def _check_like(what: str, value: Any, like: Any) -> None:
             if like:
                 _check_like(what, v, like[i] if record else like[0])
         return
-    for kind, name in ((bool, "a bool"), (numbers.Real, "a number"), (str, "a string")):
-        if isinstance(like, kind):
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise TypeError(f"{what}: expected {name}, got {value!r}")
-            return
+    kind = _kind(like)
+    if kind != "other" and _kind(value) != kind:
+        raise TypeError(f"{what}: expected a {kind}, got {value!r}")
 
 
 def _checked_optimizer(optimizer: Any) -> Optimizer:

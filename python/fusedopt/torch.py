@@ -857,8 +857,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _reference_impl(self) -> bool:
         """Whether the fusedopt instance computes with fusedopt.reference."""
-        impl = self._fused.impl
-        return impl == "reference" or (impl is None and _optim._REFERENCE.get())
+        return self._fused._reference_impl()
 
     def _state_shape(self, key: str, p: torch.Tensor) -> Tuple[int, ...]:
         """The shape of state ``key`` of ``p``: the parameter's, unless factored."""
