@@ -10,6 +10,10 @@ With --others, the rows are instead momentum, Lion, RMSprop, Adagrad, Adamax, NA
 and the schedule-free AdamW and SGD, each with float32 and with bfloat16 params, grads and state
 (to nearest, and all but RMSprop stochastically too).
 
+With --zeros F, a fraction F of the elements (at random) is zero in every array, as where a
+gradient is exactly zero (a dead ReLU unit's, an embedding row's that no batch used) and so is
+its moment: then every int8 state block holds zero codes.
+
 Prints each row's median time with each library and the median (and the 20th and 80th
 percentiles, as `bench/low_precision.py`'s summary takes them) of the per-call ratios new/old.
 At sizes whose arrays fit the last-level cache the second call of a pair finds them there:
@@ -108,13 +112,16 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=float, default=1e7)
     parser.add_argument("--calls", type=int, default=11)
     parser.add_argument("--others", action="store_true", help="other optimizers than Adam")
+    parser.add_argument("--zeros", type=float, default=0.0, help="the fraction of zeros")
     args = parser.parse_args(argv)
     libraries = {name: ctypes.CDLL(path) for name, path in (("old", args.old), ("new", args.new))}
     tables = {
         name: ctypes.cast(library.fusedopt_kernel_table, ctypes.c_void_p).value
         for name, library in libraries.items()
     }
-    values = np.random.default_rng(0).standard_normal(int(args.n)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(int(args.n)).astype(np.float32)
+    values[rng.random(values.size) < args.zeros] = 0.0
     if args.others:
         steps = other_rows(values)
     else:
@@ -133,6 +140,7 @@ def main(argv=None) -> None:
         f"{'Other optimizers' if args.others else 'Adam'}, n = {int(args.n):,}, "
         f"{fusedopt.get_num_threads()} threads, "
         f"{args.calls} alternations; old {args.old}, new {args.new}"
+        + (f"; a fraction {args.zeros} of zeros" if args.zeros else "")
     )
     print(f"| row | old | new | new/old: median (20th-80th percentile of {args.calls}) |")
     print("|---|---|---|---|")

@@ -13,6 +13,9 @@
 // At the avx512 level (whose whole blocks take the codec's AVX-512 loops), add its flags:
 // -mavx512f -mavx512vl -mavx512bw -mavx512dq.
 //
+// With `zeros`, every seventh value is zero (and so its square), as where gradients are exactly
+// zero (a dead ReLU unit's): every block then holds zeros.
+//
 // With a name (decode_signed, decode_unsigned, encode_signed, encode_unsigned, random_bits,
 // none) it runs only that, 1000 times, for an instruction count:
 //   valgrind --tool=callgrind --callgrind-out-file=/dev/null /tmp/int8_codec encode_signed
@@ -45,12 +48,17 @@ struct Chunk {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const bool zeros = argc > 1 && std::string(argv[1]) == "zeros";
+  if (zeros) {
+    --argc;
+    ++argv;
+  }
   std::mt19937 generator(1);
   std::normal_distribution<float> moment(0.0F, 1e-2F);
   Chunk signed_chunk, unsigned_chunk;
   std::vector<std::uint32_t> bits(kChunk);
   for (std::size_t i = 0; i < bits.size(); ++i) {
-    signed_chunk.values[i] = moment(generator);
+    signed_chunk.values[i] = zeros && i % 7 == 3 ? 0.0F : moment(generator);
     unsigned_chunk.values[i] = signed_chunk.values[i] * signed_chunk.values[i];
     bits[i] = static_cast<std::uint32_t>(generator());
   }

@@ -579,34 +579,49 @@ def test_the_compiled_encoder_matches_the_spec_at_its_boundaries():
 def test_the_compiled_codec_folds_the_scale_in_only_where_that_is_exact(signed):
     """The kernels' shorter loops fold a block's scale 2^E into integer arithmetic where every
     result stays a normal float32: the decoder for E >= F - 127, the encoder for E <= 109
-    (signed) or 125 (unsigned). Blocks on both sides of each boundary, decoded (Adam with zero
-    grads and beta1 = beta2 = 0.5) and encoded (zero state, beta1 = beta2 = 0: m = g and
-    v = g * g), give the reference's bits, codes and scales."""
+    (signed) or 125 (unsigned). Blocks on both sides of each boundary, of normal values only,
+    with zeros, and with subnormal codes or values below the smallest normal code, decoded
+    (Adam with zero grads and beta1 = beta2 = 0.5) and encoded (zero state, beta1 = beta2 = 0:
+    m = g and v = g * g), give the reference's bits, codes and scales."""
     rng = np.random.default_rng(16 if signed else 17)
     F = F_of(signed)
     top = (15 if signed else 31) << 3
     exponents = [F - 129, F - 128, F - 127, F - 126, -126, 0, 100, 126, 127]
-    codes = rng.integers(8, top - 1, (len(exponents), BLOCK), dtype=np.uint8)
+    # normal codes; with zeros; with every subnormal code
+    codes = rng.integers(8, top - 1, (3, len(exponents), BLOCK), dtype=np.uint8)
+    codes[1, :, ::5] = 0
+    codes[2, :, ::7] = np.arange(8, dtype=np.uint8)[np.arange(BLOCK)[::7] % 8]
     if signed:
         codes |= rng.choice(np.array([0, 0x80], np.uint8), codes.shape)
     codes = codes.reshape(-1).view(np.int8 if signed else np.uint8)
-    crafted = QuantizedState(codes, np.ldexp(1.0, exponents).astype(np.float32))
+    crafted = QuantizedState(codes, np.ldexp(1.0, exponents * 3).astype(np.float32))
     plain = QuantizedState(*encode(np.full(codes.size, 0.25, np.float32), not signed))
     m, v = (crafted, plain) if signed else (plain, crafted)
     grad = np.zeros(codes.size, np.float32)
     _adam_matches_reference(grad, m, v, beta1=0.5, beta2=0.5, step=3, seed=6)
 
-    # the encoder: blocks whose largest m (or v) is 1.5 2^E, the others within 2^-8 of it
+    # the encoder: blocks whose largest m (or v) is 1.5 2^E, the others within 2^-8 of it;
+    # then the same with zeros (which the shorter loops take, folded or not), and with zeros
+    # and values below the smallest normal code (which they take unfolded); E = -126 at the
+    # end: a block of float32 subnormals
     limit = 109 if signed else 125
+    exponents = [limit - 1, limit, limit + 1, limit + 2, 0, -100, -126]
     blocks = []
-    for e in (limit - 1, limit, limit + 1, limit + 2):
-        x = 1.5 * 2.0 ** rng.uniform(-8, 0, BLOCK)
-        x[3] = 1.5
-        blocks.append(np.ldexp(x, e) if signed else np.sqrt(np.ldexp(x, e)))
+    for kind in ("normal", "zeros", "small"):
+        for e in exponents:
+            x = 1.5 * 2.0 ** rng.uniform(-8, 0, BLOCK)
+            x[3] = 1.5
+            if kind == "small":
+                x[5::9] = 2.0 ** rng.uniform(-2 * F, -F + 1, x[5::9].size)
+            if kind != "normal":
+                x[7::11] = 0.0
+            if e == -126:  # m or v = g * g float32 subnormals, largest about 1.5 2^-140
+                e = -140
+            blocks.append(np.ldexp(x, e) if signed else np.sqrt(np.ldexp(x, e)))
     g = np.concatenate(blocks).astype(np.float32)
     g[::3] *= -1
     m = QuantizedState.zeros(g.shape, signed=True)
     v = QuantizedState.zeros(g.shape, signed=False)
     m, v = _adam_matches_reference(g, m, v, beta1=0.0, beta2=0.0, step=1, seed=9)
     encoded = m.scales if signed else v.scales
-    assert block_exponents(encoded).tolist() == [limit - 1, limit, limit + 1, limit + 2]
+    assert block_exponents(encoded).tolist() == exponents * 3

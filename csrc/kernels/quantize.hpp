@@ -56,118 +56,202 @@ struct Minifloat {
   using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
 };
 
-// The bits of value(code) (scale 1). General: any code; else only normal ones (exponent field
-// neither 0 nor all ones), which skips the selects for subnormals, inf and NaN.
-template <bool Signed, bool General>
+// The bits of value(code) (scale 1). Subnormal: the code may be subnormal (exponent field 0,
+// zero among them); Special: it may be inf or NaN (field all ones). Without them, only normal
+// codes, which skips those selects.
+template <bool Signed, bool Subnormal, bool Special>
 FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
   using F = Minifloat<Signed>;
   const std::uint32_t q = Signed ? code & 0x7FU : code;
   std::uint32_t v = (q << 20) + ((127U - F::kTop) << 23);  // a normal code's value
-  if constexpr (General) {
+  if constexpr (Subnormal) {
     const float smallest_normal = bits_float((128U - F::kTop) << 23);  // 2^(1-F)
     const std::uint32_t is_subnormal = all_ones_if(q < 8U);
-    const std::uint32_t is_special = all_ones_if(q >= F::kInf);
     // field 0 read as field 1, less that binade's implicit leading 2^(1-F): exact
     const std::uint32_t subnormal = float_bits(bits_float(v + (1U << 23)) - smallest_normal);
+    v = (v & ~is_subnormal) | (subnormal & is_subnormal);
+  }
+  if constexpr (Special) {
+    const std::uint32_t is_special = all_ones_if(q >= F::kInf);
     const std::uint32_t special = 0x7F800000U | (all_ones_if(q != F::kInf) & 0x00400000U);
-    v = (v & ~(is_subnormal | is_special)) | (subnormal & is_subnormal) | (special & is_special);
+    v = (v & ~is_special) | (special & is_special);
   }
   if constexpr (Signed) v |= (code & 0x80U) << 24;
   return v;
 }
 
-// Whether every code of a block is normal (exponent field neither 0 nor all ones): q - 8 wraps
-// for subnormal codes (q < 8), so its maximum is below kInf - 8 only if all are. The check runs
-// on the 8-bit codes in byte lanes, four times as many a vector as in 32-bit ones.
+// Which kinds of code a block holds besides normal ones: zero, other subnormal codes, and inf
+// or NaN. Zeros are common (a gradient that is exactly zero, as a dead ReLU unit's, leaves a
+// zero moment), other subnormal codes less so, inf and NaN rare. The checks run on the 8-bit
+// codes in byte lanes, four times as many a vector as in 32-bit ones: first whether every code
+// is normal (q - 8 wraps for subnormal codes, so its maximum is below kInf - 8 only if all
+// are), the common case, and only if not, which kinds the others are.
+struct CodeKinds {
+  bool zero;
+  bool subnormal;  // other than zero
+  bool special;
+};
 template <bool Signed, typename Count>
-FUSEDOPT_INLINE bool all_codes_normal(const std::uint8_t* __restrict codes, Count count) {
+FUSEDOPT_INLINE CodeKinds code_kinds(const std::uint8_t* __restrict codes, Count count) {
   using F = Minifloat<Signed>;
 #if FUSEDOPT_AVX512_CODEC
   if constexpr (kWholeBlock<Count>) {
-    __mmask64 special = 0;
+    const auto load = [&](Index i) FUSEDOPT_INLINE_LAMBDA {
+      const __m512i q = _mm512_loadu_si512(codes + i);
+      return Signed ? _mm512_and_si512(q, _mm512_set1_epi8(0x7F)) : q;
+    };
+    __mmask64 other = 0;
     for (Index i = 0; i < kBlock; i += 64) {
-      __m512i q = _mm512_loadu_si512(codes + i);
-      if constexpr (Signed) q = _mm512_and_si512(q, _mm512_set1_epi8(0x7F));
-      special |= _mm512_cmpge_epu8_mask(_mm512_sub_epi8(q, _mm512_set1_epi8(8)),
-                                        _mm512_set1_epi8(static_cast<char>(F::kInf - 8U)));
+      other |= _mm512_cmpge_epu8_mask(_mm512_sub_epi8(load(i), _mm512_set1_epi8(8)),
+                                      _mm512_set1_epi8(static_cast<char>(F::kInf - 8U)));
     }
-    return special == 0;
+    if (other == 0) return {false, false, false};
+    __mmask64 zero = 0, subnormal = 0, special = 0;
+    for (Index i = 0; i < kBlock; i += 64) {
+      const __m512i q = load(i);
+      zero |= _mm512_cmpeq_epu8_mask(q, _mm512_setzero_si512());
+      // q - 1 wraps for zero: below 7 only for codes 1 ... 7
+      subnormal |=
+          _mm512_cmplt_epu8_mask(_mm512_sub_epi8(q, _mm512_set1_epi8(1)), _mm512_set1_epi8(7));
+      special |= _mm512_cmpge_epu8_mask(q, _mm512_set1_epi8(static_cast<char>(F::kInf)));
+    }
+    return {zero != 0, subnormal != 0, special != 0};
   }
 #endif
   const Index n = count;  // a constant for whole blocks; an omp simd loop's bound must be integral
-  std::uint8_t highest = 0;
-#pragma omp simd reduction(max : highest)
+  std::uint8_t lowest = 0xFF, lowest_less_1 = 0xFF, highest = 0;
+#pragma omp simd reduction(min : lowest, lowest_less_1) reduction(max : highest)
   for (Index i = 0; i < n; ++i) {
-    const auto q_less_8 = static_cast<std::uint8_t>((Signed ? codes[i] & 0x7FU : codes[i]) - 8U);
-    highest = q_less_8 > highest ? q_less_8 : highest;
+    const auto q = static_cast<std::uint8_t>(Signed ? codes[i] & 0x7FU : codes[i]);
+    const auto q_less_1 = static_cast<std::uint8_t>(q - 1U);  // wraps for zero
+    lowest = q < lowest ? q : lowest;
+    lowest_less_1 = q_less_1 < lowest_less_1 ? q_less_1 : lowest_less_1;
+    highest = q > highest ? q : highest;
   }
-  return highest < F::kInf - 8U;
+  return {lowest == 0, lowest_less_1 < 7U, highest >= F::kInf};
 }
 
-// out[i] = value(codes[i]) * scale over one block. Most blocks hold only normal codes: they take
-// the loop without the selects. The decode widens the codes as it loads them: no 32-bit copy is
-// written and read back (bench/results/low_precision.md). Count is Index, or kBlock as a
-// std::integral_constant for a whole block.
+#if FUSEDOPT_AVX512_CODEC
+// decode_block's loop for a whole block with no inf or NaN code. Zeros: it may hold zero codes;
+// Subnormal: any subnormal codes, zero among them.
+template <bool Signed, bool Zeros, bool Subnormal>
+FUSEDOPT_INLINE void decode_finite_block(const std::uint8_t* __restrict codes, float scale,
+                                         float* __restrict out) {
+  // decoded_bits<Signed, Subnormal, false>: a signed code sign-extended and shifted has its sign
+  // at bit 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never
+  // carries into bit 31. Where every normal code's value(code) 2^E is normal (2^(1-F+E) is:
+  // E + 127 >= F) the multiply by the scale is exact, and the bias's add adds E as well: the
+  // biased exponent stays below 255, so this never carries into bit 31 either. (The scale is a
+  // power of two in [2^-126, 2^127], as the encoder writes them: the binding refuses others.) A
+  // subnormal code is read as field 1, less 2^(1-F) (times the scale, where the bias adds E):
+  // exact (Sterbenz), and so is the multiply by the scale after it.
+  using F = Minifloat<Signed>;
+  const bool exponent_in_bias = float_bits(scale) >= F::kTop << 23;
+  const __m512i bias = _mm512_set1_epi32(static_cast<int>(
+      exponent_in_bias ? float_bits(scale) - (F::kTop << 23) : (127U - F::kTop) << 23));
+  const __m512 scales = _mm512_set1_ps(scale);
+  const float smallest_normal = bits_float((128U - F::kTop) << 23);  // 2^(1-F)
+  [[maybe_unused]] const __m512 subnormal_offset =
+      _mm512_set1_ps(exponent_in_bias ? smallest_normal * scale : smallest_normal);
+  [[maybe_unused]] const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000U));
+  for (Index i = 0; i < kBlock; i += 16) {
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
+    __m512i v;
+    [[maybe_unused]] __m512i shifted;
+    if constexpr (Signed) {
+      // with subnormal codes the sign is set last: (-x) - (-x) would be +0, not -0
+      shifted = _mm512_slli_epi32(_mm512_cvtepi8_epi32(c), 20);
+      v = _mm512_and_si512(
+          shifted, _mm512_set1_epi32(static_cast<int>(Subnormal ? 0x07FFFFFFU : 0x87FFFFFFU)));
+    } else {
+      v = _mm512_slli_epi32(_mm512_cvtepu8_epi32(c), 20);
+    }
+    if constexpr (Zeros && !Subnormal) {  // a zero code's value 0, with its sign: no bias
+      const __mmask16 nonzero = _mm_test_epi8_mask(c, _mm_set1_epi8(Signed ? 0x7F : -1));
+      v = _mm512_mask_add_epi32(v, nonzero, v, bias);
+    } else {
+      v = _mm512_add_epi32(v, bias);
+    }
+    if constexpr (Subnormal) {
+      const __m128i q = Signed ? _mm_and_si128(c, _mm_set1_epi8(0x7F)) : c;
+      const __mmask16 is_subnormal = _mm_cmplt_epu8_mask(q, _mm_set1_epi8(8));
+      v = _mm512_mask_add_epi32(v, is_subnormal, v, _mm512_set1_epi32(1 << 23));
+      v = _mm512_castps_si512(_mm512_mask_sub_ps(_mm512_castsi512_ps(v), is_subnormal,
+                                                 _mm512_castsi512_ps(v), subnormal_offset));
+      if constexpr (Signed)
+        v = _mm512_ternarylogic_epi32(v, shifted, sign_bit, 0xF8);  // v | (s & b)
+    }
+    const __m512 value = _mm512_castsi512_ps(v);
+    _mm512_storeu_ps(out + i, exponent_in_bias ? value : _mm512_mul_ps(value, scales));
+  }
+}
+#endif
+
+// out[i] = value(codes[i]) * scale over one block, by the loop with only the selects that its
+// codes need: most blocks hold only normal codes and zeros. The decode widens the codes as it
+// loads them: no 32-bit copy is written and read back (bench/results/low_precision.md). Count is
+// Index, or kBlock as a std::integral_constant for a whole block.
 template <bool Signed, typename Count>
 inline void decode_block(const std::uint8_t* __restrict codes, float scale, Count count,
                          float* __restrict out) {
   const Index n = count;
-  if (!all_codes_normal<Signed>(codes, count)) {
+  const CodeKinds kinds = code_kinds<Signed>(codes, count);
+  if (kinds.special) {
 #pragma omp simd
-    for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, true>(codes[i])) * scale;
+    for (Index i = 0; i < n; ++i) {
+      out[i] = bits_float(decoded_bits<Signed, true, true>(codes[i])) * scale;
+    }
     return;
   }
 #if FUSEDOPT_AVX512_CODEC
   if constexpr (kWholeBlock<Count>) {
-    // decoded_bits<Signed, false>: a signed code sign-extended and shifted has its sign at bit
-    // 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never carries
-    // into bit 31. Where every normal code's value(code) 2^E is normal (2^(1-F+E) is: E + 127
-    // >= F) the multiply by the scale is exact, and the bias's add adds E as well: the biased
-    // exponent stays below 255, so this never carries into bit 31 either. (The scale is a power
-    // of two in [2^-126, 2^127], as the encoder writes them: the binding refuses others.)
-    using F = Minifloat<Signed>;
-    const bool exponent_in_bias = float_bits(scale) >= F::kTop << 23;
-    const __m512i bias = _mm512_set1_epi32(static_cast<int>(
-        exponent_in_bias ? float_bits(scale) - (F::kTop << 23) : (127U - F::kTop) << 23));
-    const __m512 scales = _mm512_set1_ps(scale);
-    for (Index i = 0; i < kBlock; i += 16) {
-      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
-      __m512i v;
-      if constexpr (Signed) {
-        v = _mm512_and_si512(_mm512_slli_epi32(_mm512_cvtepi8_epi32(c), 20),
-                             _mm512_set1_epi32(static_cast<int>(0x87FFFFFFU)));
-      } else {
-        v = _mm512_slli_epi32(_mm512_cvtepu8_epi32(c), 20);
-      }
-      const __m512 value = _mm512_castsi512_ps(_mm512_add_epi32(v, bias));
-      _mm512_storeu_ps(out + i, exponent_in_bias ? value : _mm512_mul_ps(value, scales));
+    if (kinds.subnormal) {
+      decode_finite_block<Signed, true, true>(codes, scale, out);
+    } else if (kinds.zero) {
+      decode_finite_block<Signed, true, false>(codes, scale, out);
+    } else {
+      decode_finite_block<Signed, false, false>(codes, scale, out);
     }
     return;
   }
 #endif
+  if (kinds.subnormal || kinds.zero) {
 #pragma omp simd
-  for (Index i = 0; i < n; ++i) out[i] = bits_float(decoded_bits<Signed, false>(codes[i])) * scale;
+    for (Index i = 0; i < n; ++i) {
+      out[i] = bits_float(decoded_bits<Signed, true, false>(codes[i])) * scale;
+    }
+  } else {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      out[i] = bits_float(decoded_bits<Signed, false, false>(codes[i])) * scale;
+    }
+  }
 }
 
-// The code of x (x 2^-E, exactly, is `scaled`), rounded with 16 random bits. General: any x;
-// else x 2^-E must be finite and at least the smallest normal code, which skips the selects.
-template <bool Signed, bool General>
+// The code of x (x 2^-E, exactly, is `scaled`), rounded with 16 random bits. Small: x 2^-E
+// may be below the smallest normal code (zero among them); Special: x may be inf or NaN, or E
+// 127. Without them (x 2^-E zero, or finite and at least the smallest normal code) it skips
+// their selects and the clamp to the largest code.
+template <bool Signed, bool Small, bool Special>
 FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t random) {
+  static_assert(Small || !Special, "a block that may hold inf or NaN may hold small values");
   using F = Minifloat<Signed>;
   const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
   const std::uint32_t a = float_bits(scaled) & 0x7FFFFFFFU;
   std::uint32_t shifted = a, below_normal = 0, is_nan = 0;
-  if constexpr (General) {
+  if constexpr (Small) {
     const std::uint32_t is_small = all_ones_if(a < smallest_normal);
     shifted =
         (float_bits(bits_float(a) + bits_float(smallest_normal)) & is_small) | (a & ~is_small);
     below_normal = is_small & 8U;
   }
   std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - below_normal;
-  if constexpr (General) {
-    // else q <= kMaxFinite: x 2^-E <= 1.875, the largest code, as E is the largest magnitude's
-    // exponent rounded up to 3 mantissa bits, and under 2^20 added below the kept bits of a
-    // value at most 1.875 cannot carry past it
+  if constexpr (!Small) q &= all_ones_if(a != 0);  // zero's code is 0, as Small computes it
+  if constexpr (Special) {
+    // else q <= kMaxFinite: x 2^-E <= 1.875, the largest code, as E (below 127) is the largest
+    // magnitude's exponent rounded up to 3 mantissa bits, or -126 for a block whose largest is
+    // below 2^-126, and under 2^20 added below the kept bits of a value at most 1.875 cannot
+    // carry past it
     q = q < F::kMaxFinite ? q : F::kMaxFinite;
     const std::uint32_t is_inf = all_ones_if(a == 0x7F800000U);
     is_nan = all_ones_if(a > 0x7F800000U);
@@ -207,16 +291,32 @@ FUSEDOPT_INLINE void magnitude_range(const float* __restrict in, Count count,
   }
 }
 
+// The smallest bits of a block's nonzero magnitudes, or 0 for a block of zeros: |x| - 1 wraps
+// for zero. A second pass, for blocks whose smallest magnitude is below the smallest normal
+// code: zero, as often, or not.
+template <typename Count>
+FUSEDOPT_INLINE std::uint32_t lowest_nonzero(const float* __restrict in, Count count) {
+  const Index n = count;
+  std::uint32_t lowest_less_1 = 0xFFFFFFFFU;
+#pragma omp simd reduction(min : lowest_less_1)
+  for (Index i = 0; i < n; ++i) {
+    const std::uint32_t a_less_1 = (float_bits(in[i]) & 0x7FFFFFFFU) - 1U;
+    lowest_less_1 = a_less_1 < lowest_less_1 ? a_less_1 : lowest_less_1;
+  }
+  return lowest_less_1 + 1U;
+}
+
 // An encoder's random bits come as uint32, or as a float's bits where a kernel wrote them next
 // to its staged state (StagedCode).
 FUSEDOPT_INLINE std::uint32_t bits_word(std::uint32_t word) { return word; }
 FUSEDOPT_INLINE std::uint32_t bits_word(float word) { return float_bits(word); }
 
 #if FUSEDOPT_AVX512_CODEC
-// encoded<Signed, false> over a whole block, each code narrowed to 8 bits as it is stored (the
-// narrowing keeps a lane's low 8 bits). The block's exponent E.
-template <bool Signed, bool HighHalf, typename Bits>
-FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, std::int32_t exponent,
+// encoded<Signed, Small, false> over a whole block, each code narrowed to 8 bits as it is stored
+// (the narrowing keeps a lane's low 8 bits). The block's exponent E, below 127. Zero's code is 0
+// (with the sign bit, signed) in either loop.
+template <bool Signed, bool HighHalf, bool Small, typename Bits>
+FUSEDOPT_INLINE void encode_finite_block(const float* __restrict in, std::int32_t exponent,
                                          std::uint8_t* __restrict codes,
                                          const Bits* __restrict random_bits) {
   using F = Minifloat<Signed>;
@@ -224,22 +324,38 @@ FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, std::int32_
   // (127 - F) << 3. Scaled by 2^j more, with j = F - 127 mod 32, the exponent field's low 5
   // bits there are those the bias's subtraction leaves, and the sign bit lands in bit 11, above
   // the 8 kept: the multiply does the mask's and the subtraction's work. 2^(j-E) is normal for
-  // E <= 126 + j, and then so is every x 2^(j-E) (at least 2^(1-F+j) = 2^-30): exact.
+  // E <= 126 + j, and then so is every x 2^(j-E) (at least 2^(1-F+j) = 2^-30): exact. Not with
+  // small values, whose x 2^-E is rounded as encoded's (plus 2^(1-F) in float32), and less 8.
   constexpr std::int32_t kFold = (static_cast<std::int32_t>(F::kTop) + 1) % 32 - 32;
-  const bool folded = exponent <= 126 + kFold;
+  const bool folded = !Small && exponent <= 126 + kFold;
   const std::int32_t multiplier_exponent = folded ? kFold - exponent : -exponent;
   const __m512 multiplier =
       _mm512_set1_ps(bits_float(static_cast<std::uint32_t>(multiplier_exponent + 127) << 23));
   const __m512i bias = _mm512_set1_epi32(static_cast<int>((127U - F::kTop) << 3));
+  [[maybe_unused]] const __m512i small_bias =
+      _mm512_set1_epi32(static_cast<int>(((127U - F::kTop) << 3) + 8U));
+  [[maybe_unused]] const __m512i smallest_normal =
+      _mm512_set1_epi32(static_cast<int>((128U - F::kTop) << 23));  // bits of 2^(1-F)
   for (Index i = 0; i < kBlock; i += 16) {
     const __m512 x = _mm512_loadu_ps(in + i);
     __m512i a = _mm512_castps_si512(_mm512_mul_ps(x, multiplier));
     if (!folded) a = _mm512_and_si512(a, _mm512_set1_epi32(0x7FFFFFFF));
+    [[maybe_unused]] __mmask16 is_small = 0;
+    if constexpr (Small) {
+      is_small = _mm512_cmplt_epu32_mask(a, smallest_normal);
+      a = _mm512_castps_si512(_mm512_mask_add_ps(_mm512_castsi512_ps(a), is_small,
+                                                 _mm512_castsi512_ps(a),
+                                                 _mm512_castsi512_ps(smallest_normal)));
+    }
     const __m512i bits = _mm512_loadu_si512(random_bits + i);
     const __m512i random =
         HighHalf ? _mm512_srli_epi32(bits, 16) : _mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF));
     __m512i q = _mm512_srli_epi32(_mm512_add_epi32(a, _mm512_slli_epi32(random, 4)), 20);
-    if (!folded) q = _mm512_sub_epi32(q, bias);
+    if constexpr (Small) {
+      q = _mm512_sub_epi32(q, _mm512_mask_blend_epi32(is_small, bias, small_bias));
+    } else if (!folded) {  // zero's code is 0 (folded, the multiply leaves it 0)
+      q = _mm512_maskz_sub_epi32(_mm512_test_epi32_mask(a, a), q, bias);
+    }
     const __m512i u = _mm512_castps_si512(x);
     if constexpr (Signed) {  // the sign bit as the code's bit 7
       q = _mm512_or_si512(q, _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80)));
@@ -256,9 +372,10 @@ FUSEDOPT_INLINE void encode_normal_block(const float* __restrict in, std::int32_
 // with 16 random bits, the low or high half of random_bits[i], added below the 3 kept (see
 // quantize.py for why never to nearest). Below the smallest normal code, 2^(1-F) is added first
 // (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
-// bits, as for normal codes. A block with no inf, NaN or element below the smallest normal code
-// (the common case: found by the same first pass) takes the loop without those selects and
-// without the clamp to the largest code.
+// bits, as for normal codes. Each block takes the loop with only the selects that it needs
+// (found by the same first pass): without inf and NaN (almost every block) no clamp to the
+// largest code, and with no element below the smallest normal code (zero among them) not those
+// selects either.
 template <bool Signed, bool HighHalf, typename Count, typename Bits>
 inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
                           const Bits* __restrict random_bits, std::uint32_t highest,
@@ -286,29 +403,45 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
   const float inverse = exponent == 127
                             ? bits_float(0x00400000U)
                             : bits_float(static_cast<std::uint32_t>(127 - exponent) << 23);
-  // every x 2^-E normal (exact) and at least 2^(1-F), the smallest normal code: |x| >= 2^(E+1-F)
+  // Finite: no inf or NaN, and every x 2^-E is x times a normal power of two. Normal too: every
+  // nonzero x 2^-E normal (exact) and at least 2^(1-F), the smallest normal code:
+  // |x| >= 2^(E+1-F).
+  const bool finite = highest < 0x7F800000U && exponent < 127;
   const std::int32_t threshold = exponent + 1 - static_cast<std::int32_t>(F::kTop) + 127;
-  const bool all_normal = highest < 0x7F800000U && exponent < 127 && threshold >= 1 &&
-                          lowest >= static_cast<std::uint32_t>(threshold) << 23;
-  alignas(64) std::uint32_t wide[kBlock];
-  if (all_normal) {
+  const auto normal_code = [&](std::uint32_t magnitude) {
+    return threshold >= 1 && magnitude >= static_cast<std::uint32_t>(threshold) << 23;
+  };
+  bool all_normal = finite && normal_code(lowest);
+  if (finite && !all_normal) {
+    const std::uint32_t smallest = lowest_nonzero(in, count);
+    all_normal = smallest == 0 || normal_code(smallest);
+  }
 #if FUSEDOPT_AVX512_CODEC
-    if constexpr (kWholeBlock<Count>) {
-      encode_normal_block<Signed, HighHalf>(in, exponent, codes, random_bits);
+  if constexpr (kWholeBlock<Count>) {
+    if (all_normal) {
+      encode_finite_block<Signed, HighHalf, false>(in, exponent, codes, random_bits);
       return scale;
     }
+    if (finite) {
+      encode_finite_block<Signed, HighHalf, true>(in, exponent, codes, random_bits);
+      return scale;
+    }
+  }
 #endif
+  alignas(64) std::uint32_t wide[kBlock];
+  const auto encode_each = [&](auto small, auto special) FUSEDOPT_INLINE_LAMBDA {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, false>(in[i], in[i] * inverse,
-                                       (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
+      wide[i] = encoded<Signed, decltype(small)::value, decltype(special)::value>(
+          in[i], in[i] * inverse, (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
     }
+  };
+  if (all_normal) {
+    encode_each(std::false_type{}, std::false_type{});
+  } else if (finite) {
+    encode_each(std::true_type{}, std::false_type{});
   } else {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, true>(in[i], in[i] * inverse,
-                                      (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
-    }
+    encode_each(std::true_type{}, std::true_type{});
   }
 #pragma omp simd
   for (Index i = 0; i < n; ++i) codes[i] = static_cast<std::uint8_t>(wide[i]);
