@@ -56,14 +56,16 @@ struct Minifloat {
   using Code = std::conditional_t<Signed, std::int8_t, std::uint8_t>;
 };
 
-// The bits of value(code) (scale 1). Subnormal: the code may be subnormal (exponent field 0,
-// zero among them); Special: it may be inf or NaN (field all ones). Without them, only normal
-// codes, which skips those selects.
-template <bool Signed, bool Subnormal, bool Special>
+// The bits of value(code) (scale 1). Zero: the code may be zero; Subnormal: any subnormal code
+// (exponent field 0, zero among them); Special: inf or NaN (field all ones). Without them, only
+// normal codes, which skips those selects.
+template <bool Signed, bool Zero, bool Subnormal, bool Special>
 FUSEDOPT_INLINE std::uint32_t decoded_bits(std::uint32_t code) {
+  static_assert(Zero || !Subnormal, "zero is a subnormal code");
   using F = Minifloat<Signed>;
   const std::uint32_t q = Signed ? code & 0x7FU : code;
   std::uint32_t v = (q << 20) + ((127U - F::kTop) << 23);  // a normal code's value
+  if constexpr (Zero && !Subnormal) v &= all_ones_if(q != 0);
   if constexpr (Subnormal) {
     const float smallest_normal = bits_float((128U - F::kTop) << 23);  // 2^(1-F)
     const std::uint32_t is_subnormal = all_ones_if(q < 8U);
@@ -119,6 +121,13 @@ FUSEDOPT_INLINE CodeKinds code_kinds(const std::uint8_t* __restrict codes, Count
   }
 #endif
   const Index n = count;  // a constant for whole blocks; an omp simd loop's bound must be integral
+  std::uint8_t highest_less_8 = 0;
+#pragma omp simd reduction(max : highest_less_8)
+  for (Index i = 0; i < n; ++i) {
+    const auto q_less_8 = static_cast<std::uint8_t>((Signed ? codes[i] & 0x7FU : codes[i]) - 8U);
+    highest_less_8 = q_less_8 > highest_less_8 ? q_less_8 : highest_less_8;
+  }
+  if (highest_less_8 < F::kInf - 8U) return {false, false, false};
   std::uint8_t lowest = 0xFF, lowest_less_1 = 0xFF, highest = 0;
 #pragma omp simd reduction(min : lowest, lowest_less_1) reduction(max : highest)
   for (Index i = 0; i < n; ++i) {
@@ -137,8 +146,8 @@ FUSEDOPT_INLINE CodeKinds code_kinds(const std::uint8_t* __restrict codes, Count
 template <bool Signed, bool Zeros, bool Subnormal>
 FUSEDOPT_INLINE void decode_finite_block(const std::uint8_t* __restrict codes, float scale,
                                          float* __restrict out) {
-  // decoded_bits<Signed, Subnormal, false>: a signed code sign-extended and shifted has its sign
-  // at bit 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never
+  // decoded_bits<Signed, Zeros, Subnormal, false>: a signed code sign-extended and shifted has its
+  // sign at bit 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never
   // carries into bit 31. Where every normal code's value(code) 2^E is normal (2^(1-F+E) is:
   // E + 127 >= F) the multiply by the scale is exact, and the bias's add adds E as well: the
   // biased exponent stays below 255, so this never carries into bit 31 either. (The scale is a
@@ -199,7 +208,7 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
   if (kinds.special) {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, true, true>(codes[i])) * scale;
+      out[i] = bits_float(decoded_bits<Signed, true, true, true>(codes[i])) * scale;
     }
     return;
   }
@@ -215,26 +224,31 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
     return;
   }
 #endif
-  if (kinds.subnormal || kinds.zero) {
+  if (kinds.subnormal) {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, true, false>(codes[i])) * scale;
+      out[i] = bits_float(decoded_bits<Signed, true, true, false>(codes[i])) * scale;
+    }
+  } else if (kinds.zero) {
+#pragma omp simd
+    for (Index i = 0; i < n; ++i) {
+      out[i] = bits_float(decoded_bits<Signed, true, false, false>(codes[i])) * scale;
     }
   } else {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, false, false>(codes[i])) * scale;
+      out[i] = bits_float(decoded_bits<Signed, false, false, false>(codes[i])) * scale;
     }
   }
 }
 
-// The code of x (x 2^-E, exactly, is `scaled`), rounded with 16 random bits. Small: x 2^-E
-// may be below the smallest normal code (zero among them); Special: x may be inf or NaN, or E
-// 127. Without them (x 2^-E zero, or finite and at least the smallest normal code) it skips
-// their selects and the clamp to the largest code.
-template <bool Signed, bool Small, bool Special>
+// The code of x (x 2^-E, exactly, is `scaled`), rounded with 16 random bits. Zero: x may be
+// zero; Small: x 2^-E may be below the smallest normal code (zero among them); Special: x may be
+// inf or NaN, or E 127. Without them (x 2^-E finite and at least the smallest normal code) it
+// skips their selects and the clamp to the largest code.
+template <bool Signed, bool Zero, bool Small, bool Special>
 FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t random) {
-  static_assert(Small || !Special, "a block that may hold inf or NaN may hold small values");
+  static_assert((Zero || !Small) && (Small || !Special), "each kind of x includes the one before");
   using F = Minifloat<Signed>;
   const std::uint32_t smallest_normal = (128U - F::kTop) << 23;  // bits of 2^(1-F)
   const std::uint32_t a = float_bits(scaled) & 0x7FFFFFFFU;
@@ -246,7 +260,8 @@ FUSEDOPT_INLINE std::uint32_t encoded(float x, float scaled, std::uint32_t rando
     below_normal = is_small & 8U;
   }
   std::uint32_t q = ((shifted + (random << 4)) >> 20) - ((127U - F::kTop) << 3) - below_normal;
-  if constexpr (!Small) q &= all_ones_if(a != 0);  // zero's code is 0, as Small computes it
+  // zero's code is 0, as Small computes it (q is then less the bias: negative)
+  if constexpr (Zero && !Small) q = static_cast<std::int32_t>(q) > 0 ? q : 0U;
   if constexpr (Special) {
     // else q <= kMaxFinite: x 2^-E <= 1.875, the largest code, as E (below 127) is the largest
     // magnitude's exponent rounded up to 3 mantissa bits, or -126 for a block whose largest is
@@ -312,9 +327,9 @@ FUSEDOPT_INLINE std::uint32_t bits_word(std::uint32_t word) { return word; }
 FUSEDOPT_INLINE std::uint32_t bits_word(float word) { return float_bits(word); }
 
 #if FUSEDOPT_AVX512_CODEC
-// encoded<Signed, Small, false> over a whole block, each code narrowed to 8 bits as it is stored
-// (the narrowing keeps a lane's low 8 bits). The block's exponent E, below 127. Zero's code is 0
-// (with the sign bit, signed) in either loop.
+// encoded<Signed, true, Small, false> over a whole block, each code narrowed to 8 bits as it is
+// stored (the narrowing keeps a lane's low 8 bits). The block's exponent E, below 127. Zero's code
+// is 0 (with the sign bit, signed) in either loop.
 template <bool Signed, bool HighHalf, bool Small, typename Bits>
 FUSEDOPT_INLINE void encode_finite_block(const float* __restrict in, std::int32_t exponent,
                                          std::uint8_t* __restrict codes,
@@ -429,19 +444,22 @@ inline float encode_block(const float* __restrict in, Count count, std::uint8_t*
   }
 #endif
   alignas(64) std::uint32_t wide[kBlock];
-  const auto encode_each = [&](auto small, auto special) FUSEDOPT_INLINE_LAMBDA {
+  const auto encode_each = [&](auto zero, auto small, auto special) FUSEDOPT_INLINE_LAMBDA {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      wide[i] = encoded<Signed, decltype(small)::value, decltype(special)::value>(
-          in[i], in[i] * inverse, (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
+      wide[i] =
+          encoded<Signed, decltype(zero)::value, decltype(small)::value, decltype(special)::value>(
+              in[i], in[i] * inverse, (bits_word(random_bits[i]) >> kShift) & 0xFFFFU);
     }
   };
-  if (all_normal) {
-    encode_each(std::false_type{}, std::false_type{});
+  if (all_normal && lowest != 0) {
+    encode_each(std::false_type{}, std::false_type{}, std::false_type{});
+  } else if (all_normal) {
+    encode_each(std::true_type{}, std::false_type{}, std::false_type{});
   } else if (finite) {
-    encode_each(std::true_type{}, std::false_type{});
+    encode_each(std::true_type{}, std::true_type{}, std::false_type{});
   } else {
-    encode_each(std::true_type{}, std::true_type{});
+    encode_each(std::true_type{}, std::true_type{}, std::true_type{});
   }
 #pragma omp simd
   for (Index i = 0; i < n; ++i) codes[i] = static_cast<std::uint8_t>(wide[i]);
