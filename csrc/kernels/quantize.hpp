@@ -21,11 +21,12 @@ inline constexpr Index kBlock = 256;
 static_assert(kChunk % kBlock == 0 && kCodePiece % kBlock == 0 && kChunk % kCodePiece == 0,
               "a chunk holds whole pieces, a piece whole blocks");
 
-// Whole blocks of the common kind (every code normal) take AVX-512 loops where the level has
-// it: the same arithmetic, bit for bit, in an order GCC's vectorizer does not find (codes widened
-// and narrowed as they are loaded and stored, the block's checks one pass over 64-byte vectors).
-// Other blocks, and other levels, take the portable loops.
-#if defined(__AVX512BW__)
+// Whole blocks with no inf or NaN (and an exponent below 127) take AVX-512 loops where the level
+// has it: the same arithmetic, bit for bit, in an order GCC's vectorizer does not find (codes
+// widened and narrowed as they are loaded and stored, the block's checks passes over 64-byte
+// vectors, masked selects). Other blocks, and other levels, take the portable loops. (Byte masks
+// of 16 lanes need AVX512VL as well as AVX512BW.)
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FUSEDOPT_AVX512_CODEC 1
 #else
 #define FUSEDOPT_AVX512_CODEC 0
@@ -153,7 +154,9 @@ FUSEDOPT_INLINE void decode_finite_block(const std::uint8_t* __restrict codes, f
   // biased exponent stays below 255, so this never carries into bit 31 either. (The scale is a
   // power of two in [2^-126, 2^127], as the encoder writes them: the binding refuses others.) A
   // subnormal code is read as field 1, less 2^(1-F) (times the scale, where the bias adds E):
-  // exact (Sterbenz), and so is the multiply by the scale after it.
+  // exact (Sterbenz). Then the multiply by the scale, where the bias did not add it, rounds as
+  // the general loop's does (an unsigned subnormal code times a scale below 2^-117 may fall
+  // between float32's subnormals).
   using F = Minifloat<Signed>;
   const bool exponent_in_bias = float_bits(scale) >= F::kTop << 23;
   const __m512i bias = _mm512_set1_epi32(static_cast<int>(
@@ -388,9 +391,10 @@ FUSEDOPT_INLINE void encode_finite_block(const float* __restrict in, std::int32_
 // quantize.py for why never to nearest). Below the smallest normal code, 2^(1-F) is added first
 // (in float32, rounding 20 bits below a step): the subnormal step then is the mantissa's top 3
 // bits, as for normal codes. Each block takes the loop with only the selects that it needs
-// (found by the same first pass): without inf and NaN (almost every block) no clamp to the
-// largest code, and with no element below the smallest normal code (zero among them) not those
-// selects either.
+// (found by the magnitudes' pass, and for a block whose smallest is below the smallest normal
+// code, a second pass for its smallest but zeros): without inf and NaN (almost every block) no
+// clamp to the largest code, and with no nonzero element below the smallest normal code not
+// those selects either.
 template <bool Signed, bool HighHalf, typename Count, typename Bits>
 inline float encode_block(const float* __restrict in, Count count, std::uint8_t* __restrict codes,
                           const Bits* __restrict random_bits, std::uint32_t highest,
