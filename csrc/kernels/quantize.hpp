@@ -142,12 +142,12 @@ FUSEDOPT_INLINE CodeKinds code_kinds(const std::uint8_t* __restrict codes, Count
 }
 
 #if FUSEDOPT_AVX512_CODEC
-// decode_block's loop for a whole block with no inf or NaN code. Zeros: it may hold zero codes;
+// decode_block's loop for a whole block with no inf or NaN code. Zero: it may hold zero codes;
 // Subnormal: any subnormal codes, zero among them.
-template <bool Signed, bool Zeros, bool Subnormal>
+template <bool Signed, bool Zero, bool Subnormal>
 FUSEDOPT_INLINE void decode_finite_block(const std::uint8_t* __restrict codes, float scale,
                                          float* __restrict out) {
-  // decoded_bits<Signed, Zeros, Subnormal, false>: a signed code sign-extended and shifted has its
+  // decoded_bits<Signed, Zero, Subnormal, false>: a signed code sign-extended and shifted has its
   // sign at bit 31 and copies of it at 27-30, which the mask clears; q << 20 plus the bias never
   // carries into bit 31. Where every normal code's value(code) 2^E is normal (2^(1-F+E) is:
   // E + 127 >= F) the multiply by the scale is exact, and the bias's add adds E as well: the
@@ -178,7 +178,7 @@ FUSEDOPT_INLINE void decode_finite_block(const std::uint8_t* __restrict codes, f
     } else {
       v = _mm512_slli_epi32(_mm512_cvtepu8_epi32(c), 20);
     }
-    if constexpr (Zeros && !Subnormal) {  // a zero code's value 0, with its sign: no bias
+    if constexpr (Zero && !Subnormal) {  // a zero code's value 0, with its sign: no bias
       const __mmask16 nonzero = _mm_test_epi8_mask(c, _mm_set1_epi8(Signed ? 0x7F : -1));
       v = _mm512_mask_add_epi32(v, nonzero, v, bias);
     } else {
@@ -208,11 +208,16 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
                          float* __restrict out) {
   const Index n = count;
   const CodeKinds kinds = code_kinds<Signed>(codes, count);
-  if (kinds.special) {
+  const auto decode_each = [&](auto zero, auto subnormal, auto special) FUSEDOPT_INLINE_LAMBDA {
 #pragma omp simd
     for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, true, true, true>(codes[i])) * scale;
+      out[i] = bits_float(decoded_bits<Signed, decltype(zero)::value, decltype(subnormal)::value,
+                                       decltype(special)::value>(codes[i])) *
+               scale;
     }
+  };
+  if (kinds.special) {
+    decode_each(std::true_type{}, std::true_type{}, std::true_type{});
     return;
   }
 #if FUSEDOPT_AVX512_CODEC
@@ -228,20 +233,11 @@ inline void decode_block(const std::uint8_t* __restrict codes, float scale, Coun
   }
 #endif
   if (kinds.subnormal) {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, true, true, false>(codes[i])) * scale;
-    }
+    decode_each(std::true_type{}, std::true_type{}, std::false_type{});
   } else if (kinds.zero) {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, true, false, false>(codes[i])) * scale;
-    }
+    decode_each(std::true_type{}, std::false_type{}, std::false_type{});
   } else {
-#pragma omp simd
-    for (Index i = 0; i < n; ++i) {
-      out[i] = bits_float(decoded_bits<Signed, false, false, false>(codes[i])) * scale;
-    }
+    decode_each(std::false_type{}, std::false_type{}, std::false_type{});
   }
 }
 
