@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -74,10 +75,56 @@ int threads_for_kernels() {
 #endif
 }
 
-// Threads for a call of `total` elements: one below the parallel threshold.
+// Cores that another library keeps busy. NumPy's OpenBLAS leaves its worker threads spinning
+// after each matrix product for 2^28 timestamp-counter ticks, about 0.1 s, unless
+// OPENBLAS_THREAD_TIMEOUT says less.
+// A parallel region opened then waits for the scheduler to give its worker a core: a time slice,
+// milliseconds, for a step of a model's worth of microseconds (bench/blas_threads.py). A region
+// whose worker starts later than late_start_ns marks the cores busy for busy_base_ns, doubled
+// for each late region in a row (up to busy_doublings times). While they are, a call runs on
+// the calling thread where a lost time slice costs more than the other cores save: where one
+// thread's time, times (p - 1) / p for p threads, is less than that of busy_parallel_min
+// elements (about what one thread updates in a time slice: `bench/blas_threads.py --sizes`).
+// The first call after that time goes parallel again, and tells whether the cores still are
+// busy. Results do not depend on the threads, so this changes only the time. Settable for
+// tests.
+std::atomic<std::int64_t> late_start_ns{1'000'000};
+constexpr std::int64_t busy_base_ns = 10'000'000;
+constexpr int busy_doublings = 8;
+std::atomic<Index> busy_parallel_min{Index{1} << 22};
+std::atomic<std::int64_t> busy_until_ns{0};
+std::atomic<int> late_regions_in_a_row{0};
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::int64_t busy_for_ns() {
+  return std::max<std::int64_t>(busy_until_ns.load(std::memory_order_relaxed) - now_ns(), 0);
+}
+bool cores_busy() { return busy_for_ns() > 0; }
+
+void note_region_start(std::int64_t latest_start_delay_ns) {
+  if (latest_start_delay_ns <= late_start_ns.load(std::memory_order_relaxed)) {
+    // in time while marked busy tells nothing: a worker that just had its time slice still
+    // holds its core for the next region of the same step
+    if (!cores_busy()) late_regions_in_a_row.store(0, std::memory_order_relaxed);
+    return;
+  }
+  const int late = std::min(late_regions_in_a_row.load(std::memory_order_relaxed), busy_doublings);
+  late_regions_in_a_row.store(late + 1, std::memory_order_relaxed);
+  busy_until_ns.store(now_ns() + (busy_base_ns << late), std::memory_order_relaxed);
+}
+
+// Threads for a call of `total` elements: one below the parallel threshold, and while the
+// cores are busy, below busy_parallel_min p / (p - 1).
 int threads_for_call(Index total) {
   if (total < parallel_min.load(std::memory_order_relaxed)) return 1;
   const int threads = threads_for_kernels();
+  const Index busy_min = busy_parallel_min.load(std::memory_order_relaxed);
+  if (threads > 1 && total / threads * (threads - 1) < busy_min && cores_busy()) return 1;
   if (threads > 1) opened_parallel_region.store(true, std::memory_order_relaxed);
   return threads;
 }
@@ -101,12 +148,19 @@ template <typename Body>
 void split_across_threads(const TensorSet& set, int threads, const Body& body) {
 #ifdef _OPENMP
   if (threads > 1) {
+    const std::int64_t opened = now_ns();
+    std::atomic<std::int64_t> latest_start{opened};
 #pragma omp parallel num_threads(threads)
     {
+      const std::int64_t started = now_ns();
+      std::int64_t latest = latest_start.load(std::memory_order_relaxed);
+      while (started > latest && !latest_start.compare_exchange_weak(latest, started)) {
+      }
       const Index team = omp_get_num_threads();
       const Index me = omp_get_thread_num();
       body(fusedopt::thread_begin(set, me, team), fusedopt::thread_begin(set, me + 1, team));
     }
+    note_region_start(latest_start.load() - opened);
     return;
   }
 #else
@@ -1535,6 +1589,16 @@ PYBIND11_MODULE(_core, m) {
   m.attr("STORAGE_ROWS") = py::tuple(rows);
   m.def("get_parallel_min", [] { return parallel_min.load(); });
   m.def("set_parallel_min", [](Index n) { parallel_min.store(n); });
+  m.def("threads_for_call", &threads_for_call, py::arg("total"));
+  m.def("busy_for_ns", &busy_for_ns);
+  m.def("get_late_start_ns", [] { return late_start_ns.load(); });
+  m.def("set_late_start_ns", [](std::int64_t ns) {  // and starts afresh: cores not busy
+    late_start_ns.store(ns);
+    busy_until_ns.store(0);
+    late_regions_in_a_row.store(0);
+  });
+  m.def("get_busy_parallel_min", [] { return busy_parallel_min.load(); });
+  m.def("set_busy_parallel_min", [](Index n) { busy_parallel_min.store(n); });
   m.attr("__version__") = FUSEDOPT_VERSION;
   m.attr("EIGEN_VERSION") = std::to_string(EIGEN_WORLD_VERSION) + "." +
                             std::to_string(EIGEN_MAJOR_VERSION) + "." +

@@ -1,4 +1,17 @@
+import pytest
+
 import fusedopt
+
+
+@pytest.fixture(autouse=True, scope="session")
+def threads_always_run():
+    """Without the late-worker rule (bindings.cpp, "Cores that another library keeps busy"):
+    on a busy machine it would run calls on one thread, and the tests of how work is split
+    across threads would then test one thread. tests/test_kernels.py tests the rule itself."""
+    late_start = fusedopt._core.get_late_start_ns()
+    fusedopt._core.set_late_start_ns(2**62)
+    yield
+    fusedopt._core.set_late_start_ns(late_start)
 
 
 def pytest_report_header(config):

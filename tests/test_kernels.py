@@ -182,6 +182,59 @@ def test_set_num_threads(restore_threads):
             fusedopt.set_num_threads(bad)
 
 
+@pytest.fixture
+def late_start():
+    """The late-worker rule on (conftest.py turns it off), with the threshold the test sets."""
+    busy_min = _core.get_busy_parallel_min()
+    yield _core.set_late_start_ns
+    _core.set_late_start_ns(2**62)
+    _core.set_busy_parallel_min(busy_min)
+
+
+@pytest.mark.skipif(not _core.OPENMP, reason="a serial build opens no parallel region")
+def test_a_late_worker_sends_smaller_calls_to_the_calling_thread(restore_threads, late_start):
+    """A region whose worker starts later than the threshold (any, below zero) marks the cores
+    busy for 10 ms, doubled for each late region in a row up to 2.56 s. Meanwhile a call of p
+    threads runs on one where (p - 1) / p of it is below busy_parallel_min, with the same bits."""
+    fusedopt.set_num_threads(2)
+    small = 2 * PARALLEL_MIN
+    _core.set_busy_parallel_min(4 * PARALLEL_MIN)
+    large = 8 * PARALLEL_MIN  # (p - 1) / p of it is busy_parallel_min
+    rng = np.random.default_rng(0)
+    param, grad = rng.standard_normal((2, small), dtype=np.float32)
+    m, v = np.zeros_like(param), np.zeros_like(param)
+    expected = [a.copy() for a in (param, m, v)]
+    fusedopt.adam_(*expected[:1], grad, *expected[1:], step=1)  # two threads, none late
+    assert _core.busy_for_ns() == 0 and _core.threads_for_call(small) == 2
+
+    late_start(-1)  # every region is late
+    assert _core.busy_for_ns() == 0
+    fusedopt.adam_(param, grad, m, v, step=1)
+    for got, want in zip((param, m, v), expected):
+        np.testing.assert_array_equal(got, want)
+    assert 0 < _core.busy_for_ns() <= 10_000_000
+    assert _core.threads_for_call(small) == 1
+    assert _core.threads_for_call(large - 2) == 1
+    assert _core.threads_for_call(large) == 2
+    assert _core.threads_for_call(PARALLEL_MIN - 1) == 1
+
+    # a call on the calling thread opens no region, so it leaves the cores marked as they are
+    for _ in range(3):
+        fusedopt.adam_(param, grad, m, v, step=2)
+    assert 0 < _core.busy_for_ns() <= 10_000_000
+    # each late region in a row doubles the time, up to 2**8 times 10 ms
+    big, big_grad = np.zeros((2, large), np.float32)
+    for lates in range(2, 13):
+        fusedopt.sgd_(big, big_grad, lr=0.1)
+        window = 10_000_000 << min(lates - 1, 8)
+        assert window // 2 < _core.busy_for_ns() <= window, lates
+
+    late_start(2**62)  # starts afresh: not busy, and no region is late
+    assert _core.busy_for_ns() == 0 and _core.threads_for_call(small) == 2
+    fusedopt.adam_(param, grad, m, v, step=3)
+    assert _core.busy_for_ns() == 0
+
+
 # ---------------------------------------------------------------- low-precision storage
 
 LOW_ROWS = [row for row in _core.STORAGE_ROWS if len(set(row)) > 1 or row[0] in LOW]
