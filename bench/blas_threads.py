@@ -86,7 +86,9 @@ def child(setting: str, steps: int, batch: int, state: str) -> Dict[str, Any]:
     sizes = (64, 256, 256, 10)
     params = {}
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), 1):
-        params[f"W{i}"] = (rng.standard_normal((n_in, n_out)) * np.sqrt(2 / n_in)).astype(np.float32)
+        params[f"W{i}"] = (rng.standard_normal((n_in, n_out)) * np.sqrt(2 / n_in)).astype(
+            np.float32
+        )
         params[f"b{i}"] = np.zeros(n_out, np.float32)
     opt = optim.Adam(params, lr=1e-3, state_dtype=state)
     layers = len(sizes) - 1
@@ -148,7 +150,10 @@ def sizes() -> None:
         f"{_core.get_busy_parallel_min() * threads // max(threads - 1, 1):,} elements\n"
     )
     columns = [(threads, True), (1, True), (threads, False), (1, False)]
-    names = [f"{t} thread{'s' * (t > 1)}, {'after a product' if p else 'none before'}" for t, p in columns]
+    names = [
+        f"{t} thread{'s' * (t > 1)}, {'after a product' if p else 'none before'}"
+        for t, p in columns
+    ]
     print("| elements | " + " | ".join(names) + " |\n|---|" + "---|" * len(columns))
     for n in (1 << 18, 1 << 20, 1 << 21, 1 << 22, 1 << 23, 10**7):
         param, grad, m = rng.standard_normal((3, n), np.float32)

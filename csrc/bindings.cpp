@@ -106,7 +106,7 @@ std::int64_t busy_for_ns() {
 }
 bool cores_busy() { return busy_for_ns() > 0; }
 
-void note_region_start(std::int64_t latest_start_delay_ns) {
+[[maybe_unused]] void note_region_start(std::int64_t latest_start_delay_ns) {  // only with OpenMP
   if (latest_start_delay_ns <= late_start_ns.load(std::memory_order_relaxed)) {
     // in time while marked busy tells nothing: a worker that just had its time slice still
     // holds its core for the next region of the same step
