@@ -218,16 +218,18 @@ def test_a_late_worker_sends_smaller_calls_to_the_calling_thread(restore_threads
     assert _core.threads_for_call(large) == 2
     assert _core.threads_for_call(PARALLEL_MIN - 1) == 1
 
-    # a call on the calling thread opens no region, so it leaves the cores marked as they are
+    # a call on the calling thread opens no region: no late one restarts the time, doubled
+    left = _core.busy_for_ns()
     for _ in range(3):
         fusedopt.adam_(param, grad, m, v, step=2)
-    assert 0 < _core.busy_for_ns() <= 10_000_000
-    # each late region in a row doubles the time, up to 2**8 times 10 ms
+    assert _core.busy_for_ns() <= left
+    # each late region in a row doubles the time, up to 2**8 times 10 ms (the lower bounds
+    # leave a loaded machine 40 ms and more between a call and the check after it)
     big, big_grad = np.zeros((2, large), np.float32)
     for lates in range(2, 13):
         fusedopt.sgd_(big, big_grad, lr=0.1)
         window = 10_000_000 << min(lates - 1, 8)
-        assert window // 2 < _core.busy_for_ns() <= window, lates
+        assert (window // 2 if lates >= 4 else 0) < _core.busy_for_ns() <= window, lates
 
     late_start(2**62)  # starts afresh: not busy, and no region is late
     assert _core.busy_for_ns() == 0 and _core.threads_for_call(small) == 2
