@@ -2,6 +2,7 @@
 what each remedy in the README's "Threads and processes" gives back.
 
     python bench/blas_threads.py [--rounds 3] [--steps 400] [--batch 128] [--state float32]
+        [--optimizer Adam]
     python bench/blas_threads.py --sizes
 
 NumPy's OpenBLAS keeps its worker threads spinning for a while after each matrix product. A
@@ -10,7 +11,7 @@ parallel region waits for the scheduler to run the thread that is behind: a time
 notices a region whose worker started late and runs the calls below a million elements on
 the calling thread for a while (the README's "Threads and processes"). This trains an MLP
 on scikit-learn's digits (64-256-256-10, ReLU, softmax cross-entropy, backprop by hand in
-NumPy, `fusedopt.optim.Adam`) under each setting below, each in a fresh process (environment
+NumPy, `fusedopt.optim.Adam` or --optimizer's class) under each setting below, each in a fresh process (environment
 variables are read when a library loads), the settings in turn for --rounds rounds:
 
 - default: nothing set;
@@ -59,7 +60,7 @@ SETTINGS: Dict[str, Dict[str, str]] = {
 CLEARED = ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
 
 
-def child(setting: str, steps: int, batch: int, state: str) -> Dict[str, Any]:
+def child(setting: str, steps: int, batch: int, state: str, optimizer: str) -> Dict[str, Any]:
     """Train under `setting` in this process; the medians (µs) and a digest of the params."""
     import hashlib
 
@@ -90,7 +91,8 @@ def child(setting: str, steps: int, batch: int, state: str) -> Dict[str, Any]:
             np.float32
         )
         params[f"b{i}"] = np.zeros(n_out, np.float32)
-    opt = optim.Adam(params, lr=1e-3, state_dtype=state)
+    options = {} if state == "float32" else {"state_dtype": state}
+    opt = getattr(optim, optimizer)(params, lr=1e-3, **options)
     layers = len(sizes) - 1
 
     def grads(xb: np.ndarray, yb: np.ndarray) -> Dict[str, np.ndarray]:
@@ -180,6 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--state", default="float32", help="the optimizer's state_dtype")
+    parser.add_argument("--optimizer", default="Adam", help="a class of fusedopt.optim")
     parser.add_argument("--sizes", action="store_true", help="one call's time by size instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,7 +190,7 @@ def main() -> None:
         sizes()
         return
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.state)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.state, args.optimizer)))
         return
 
     import fusedopt
@@ -199,12 +202,13 @@ def main() -> None:
             environ.update(env)
             command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
             command += ["--batch", str(args.batch), "--state", args.state]
+            command += ["--optimizer", args.optimizer]
             out = subprocess.run(command, env=environ, check=True, capture_output=True, text=True)
             results[name].append(json.loads(out.stdout))
     first = results["default"][0]
     print(
         f"fusedopt {fusedopt.__version__}, {os.cpu_count()} CPUs, digits MLP 64-256-256-10 "
-        f"({first['parameters']:,} parameters), Adam with {args.state} state, batch "
+        f"({first['parameters']:,} parameters), {args.optimizer} with {args.state} state, batch "
         f"{args.batch}, median of {args.steps} steps per run; µs, one column per round\n"
     )
     header = "| setting | step | forward and backward | iteration | params as default's |"

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -32,6 +31,7 @@
 
 #include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
+#include "parallel.hpp"
 
 namespace py = pybind11;
 using fusedopt::ArrayDecl;
@@ -77,17 +77,18 @@ int threads_for_kernels() {
 
 // Cores that another library keeps busy. NumPy's OpenBLAS leaves its worker threads spinning
 // after each matrix product for 2^28 timestamp-counter ticks, about 0.1 s, unless
-// OPENBLAS_THREAD_TIMEOUT says less.
-// A parallel region opened then waits for the scheduler to give its worker a core: a time slice,
-// milliseconds, for a step of a model's worth of microseconds (bench/blas_threads.py). A region
-// whose worker starts later than late_start_ns marks the cores busy for busy_base_ns, doubled
-// for each late region in a row (up to busy_doublings times). While they are, a call runs on
-// the calling thread where a lost time slice costs more than the other cores save: where one
-// thread's time, times (p - 1) / p for p threads, is less than that of busy_parallel_min
-// elements (about what one thread updates in a time slice: `bench/blas_threads.py --sizes`).
-// The first call after that time goes parallel again, and tells whether the cores still are
-// busy. Results do not depend on the threads, so this changes only the time. Settable for
-// tests.
+// OPENBLAS_THREAD_TIMEOUT says less. A parallel region opened then waits for the scheduler to
+// give its worker a core: a time slice, milliseconds, for a step of a model's worth of
+// microseconds (bench/blas_threads.py). A region (the element-wise kernels', or the matrix
+// code's, which the level library reports) whose worker starts later than late_start_ns marks
+// the cores busy for busy_base_ns, doubled for each late region in a row (up to busy_doublings
+// times). While they are, a call of the element-wise kernels or Adafactor runs on the calling
+// thread where a lost time slice costs more than the other cores save: where one thread's time,
+// times (p - 1) / p for p threads, is less than that of busy_parallel_min elements (about what
+// one thread updates in a time slice: `bench/blas_threads.py --sizes`). (Muon's cost is not in
+// proportion to its elements, and its threads stay as they are.) The first call after that time
+// goes parallel again, and tells whether the cores still are busy. Results do not depend on the
+// threads, so this changes only the time. Settable for tests.
 std::atomic<std::int64_t> late_start_ns{1'000'000};
 constexpr std::int64_t busy_base_ns = 10'000'000;
 constexpr int busy_doublings = 8;
@@ -95,18 +96,14 @@ std::atomic<Index> busy_parallel_min{Index{1} << 22};
 std::atomic<std::int64_t> busy_until_ns{0};
 std::atomic<int> late_regions_in_a_row{0};
 
-std::int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using fusedopt::parallel::now_ns;
 
 std::int64_t busy_for_ns() {
   return std::max<std::int64_t>(busy_until_ns.load(std::memory_order_relaxed) - now_ns(), 0);
 }
 bool cores_busy() { return busy_for_ns() > 0; }
 
-[[maybe_unused]] void note_region_start(std::int64_t latest_start_delay_ns) {  // only with OpenMP
+void note_region_start(std::int64_t latest_start_delay_ns) {
   if (latest_start_delay_ns <= late_start_ns.load(std::memory_order_relaxed)) {
     // in time while marked busy tells nothing: a worker that just had its time slice still
     // holds its core for the next region of the same step
@@ -148,19 +145,15 @@ template <typename Body>
 void split_across_threads(const TensorSet& set, int threads, const Body& body) {
 #ifdef _OPENMP
   if (threads > 1) {
-    const std::int64_t opened = now_ns();
-    std::atomic<std::int64_t> latest_start{opened};
+    fusedopt::parallel::RegionStart start;
 #pragma omp parallel num_threads(threads)
     {
-      const std::int64_t started = now_ns();
-      std::int64_t latest = latest_start.load(std::memory_order_relaxed);
-      while (started > latest && !latest_start.compare_exchange_weak(latest, started)) {
-      }
+      start.thread_started();
       const Index team = omp_get_num_threads();
       const Index me = omp_get_thread_num();
       body(fusedopt::thread_begin(set, me, team), fusedopt::thread_begin(set, me + 1, team));
     }
-    note_region_start(latest_start.load() - opened);
+    note_region_start(start.latest_delay_ns());
     return;
   }
 #else
@@ -183,6 +176,7 @@ void use_kernels(std::uintptr_t address) {
     throw py::import_error(std::string("fusedopt: the kernel library of level ") + table->level +
                            " was built from other sources than the binding: reinstall fusedopt");
   }
+  table->observe_regions(&note_region_start);  // the matrix code's regions: Muon's, Adafactor's
   kernels.store(table);
 }
 

@@ -8,6 +8,7 @@
 #include "export.hpp"
 #include "kernels/quantize.hpp"
 #include "kernels/table.hpp"
+#include "parallel.hpp"
 
 namespace fusedopt {
 namespace {
@@ -319,7 +320,8 @@ KernelTable make_table(List<Decls...>) {
       {reduce_rows_of<Decls>(AllRows{})...},
       {&nonfinite<float>, &nonfinite<double>, &nonfinite<Eigen::bfloat16>, &nonfinite<Eigen::half>},
       {&sums_of_squares<float>, &sums_of_squares<double>, &sums_of_squares<Eigen::bfloat16>,
-       &sums_of_squares<Eigen::half>}};
+       &sums_of_squares<Eigen::half>},
+      &parallel::observe_regions};
 }
 
 }  // namespace

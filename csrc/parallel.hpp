@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -35,6 +37,34 @@ inline int team_size(int requested, Index work_items) {
   return static_cast<int>(std::min<Index>(requested, work_items));
 }
 
+inline std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// How late the last thread of a parallel region started: made as the region opens, told by each
+// thread as it starts.
+class RegionStart {
+ public:
+  void thread_started() {
+    const std::int64_t started = now_ns();
+    std::int64_t latest = latest_.load(std::memory_order_relaxed);
+    while (started > latest &&
+           !latest_.compare_exchange_weak(latest, started, std::memory_order_relaxed)) {
+    }
+  }
+  std::int64_t latest_delay_ns() const { return latest_.load() - opened_; }
+
+ private:
+  std::int64_t opened_ = now_ns();
+  std::atomic<std::int64_t> latest_{opened_};
+};
+
+// The binding's observer of this library's regions (set through the kernel table).
+inline std::atomic<RegionObserver> region_observer{nullptr};
+inline void observe_regions(RegionObserver observer) { region_observer.store(observer); }
+
 // Runs body(i) for i in [0, count) on up to `threads` threads. Callers make every result
 // independent of which thread runs which i.
 template <typename Body>
@@ -42,8 +72,14 @@ void parallel_for(Index count, int threads, const Body& body) {
 #ifdef _OPENMP
   const int team = team_size(threads, count);
   if (team > 1) {
-#pragma omp parallel for schedule(dynamic) num_threads(team)
-    for (Index i = 0; i < count; ++i) body(i);
+    RegionStart start;
+#pragma omp parallel num_threads(team)
+    {
+      start.thread_started();
+#pragma omp for schedule(dynamic)
+      for (Index i = 0; i < count; ++i) body(i);
+    }
+    if (const RegionObserver observe = region_observer.load()) observe(start.latest_delay_ns());
     return;
   }
 #else

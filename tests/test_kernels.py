@@ -237,6 +237,27 @@ def test_a_late_worker_sends_smaller_calls_to_the_calling_thread(restore_threads
     assert _core.busy_for_ns() == 0
 
 
+@pytest.mark.skipif(not _core.OPENMP, reason="a serial build opens no parallel region")
+def test_the_matrix_code_reports_late_workers(restore_threads, late_start):
+    """Adafactor's and Muon's regions (in the level library) report how late their workers
+    started, as the element-wise kernels' do. While the cores are busy, Adafactor runs a call
+    below busy_parallel_min on the calling thread (no region, so no late one restarts the
+    time); Muon keeps its threads (its cost is not in proportion to its elements)."""
+    fusedopt.set_num_threads(2)
+    shape = (256, 2 * PARALLEL_MIN // 256)
+    rng = np.random.default_rng(0)
+    param, grad = rng.standard_normal((2, *shape), dtype=np.float32)
+    row_var, col_var = np.zeros((shape[0], 1), np.float32), np.zeros((1, shape[1]), np.float32)
+    late_start(-1)  # every region is late
+    fusedopt.adafactor_(param, grad, row_var, col_var, None, step=1)
+    left = _core.busy_for_ns()
+    assert left > 0
+    fusedopt.adafactor_(param, grad, row_var, col_var, None, step=2)
+    assert _core.busy_for_ns() <= left
+    fusedopt.muon_(param, grad, np.zeros_like(param))
+    assert _core.busy_for_ns() > left
+
+
 # ---------------------------------------------------------------- low-precision storage
 
 LOW_ROWS = [row for row in _core.STORAGE_ROWS if len(set(row)) > 1 or row[0] in LOW]

@@ -19,6 +19,10 @@ namespace fusedopt {
 
 using Index = std::ptrdiff_t;
 
+// Told, after a parallel region, how long after it opened its last thread started (ns): the
+// binding's late-worker rule (bindings.cpp, "Cores that another library keeps busy").
+using RegionObserver = void (*)(std::int64_t latest_start_delay_ns);
+
 // For the per-element helpers that the kernels' loops call: a loop vectorizes only if they are
 // inlined, and with every kernel, storage row and flag combination in one file GCC's inlining
 // budget runs out and outlines some (a call per element, seen as a 10x slower step).

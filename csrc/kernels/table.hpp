@@ -165,7 +165,7 @@ constexpr std::uint64_t fingerprint(List<Decls...>) {
   return h;
 }
 
-inline constexpr int kTableVersion = 6;
+inline constexpr int kTableVersion = 7;
 inline constexpr std::size_t kKernelCount = Length<Kernels>::value;
 inline constexpr std::uint64_t kFingerprint = fingerprint(Kernels{});
 
@@ -178,6 +178,7 @@ struct KernelTable {
   std::array<std::array<ReduceFn, kStorageCount>, kKernelCount> reduce;
   std::array<ScanFn, kFloatCount> nonfinite;  // by DType
   std::array<SumFn, kFloatCount> sum_squares;
+  void (*observe_regions)(RegionObserver);  // of the matrix code's parallel regions
 };
 
 }  // namespace fusedopt

@@ -636,7 +636,6 @@ def adafactor_(
     checked = _adafactor_checked(**locals())
     tensors, codes, stochastic, seed, hyper = checked
     step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = hyper
-    threads = _core.get_num_threads()
     weight = float(step) ** beta2_decay
     rho = min(lr, 1 / float(step) ** 0.5)
     for t, ((p, g, r, c, v, w), (pc, gc)) in enumerate(zip(tensors, codes)):
@@ -664,7 +663,7 @@ def adafactor_(
             eps2=eps2,
             d=d,
             maximize=int(maximize),
-            threads=threads if p.size >= _core.get_parallel_min() else 1,
+            threads=_core.threads_for_call(p.size),  # one while other threads hold the cores
             param_copy=None if w is None else p.ctypes.data,
             copy_dtype=0 if w is None else pc,
             stochastic=int(stochastic),
