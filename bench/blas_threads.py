@@ -11,8 +11,9 @@ parallel region waits for the scheduler to run the thread that is behind: a time
 notices a region whose worker started late and runs the calls below a million elements on
 the calling thread for a while (the README's "Threads and processes"). This trains an MLP
 on scikit-learn's digits (64-256-256-10, ReLU, softmax cross-entropy, backprop by hand in
-NumPy, `fusedopt.optim.Adam` or --optimizer's class) under each setting below, each in a fresh process (environment
-variables are read when a library loads), the settings in turn for --rounds rounds:
+NumPy, `fusedopt.optim.Adam` or --optimizer's class) under each setting below, each in a
+fresh process (environment variables are read when a library loads), the settings in turn
+for --rounds rounds:
 
 - default: nothing set;
 - not adapting: fusedopt's late-worker rule off (`_core.set_late_start_ns(2**62)`), as
