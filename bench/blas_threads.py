@@ -4,22 +4,23 @@ what each remedy in the README's "Threads and processes" gives back.
     python bench/blas_threads.py [--rounds 3] [--steps 400] [--batch 128] [--state float32]
         [--optimizer Adam]
     python bench/blas_threads.py --sizes
+    python bench/blas_threads.py --pauses
 
 NumPy's OpenBLAS keeps its worker threads spinning for a while after each matrix product. A
 fusedopt step that starts then finds its OpenMP threads sharing cores with them, and each
-parallel region waits for the scheduler to run the thread that is behind: a time slice. fusedopt
-notices a region whose worker started late and runs the calls below a million elements on
-the calling thread for a while (the README's "Threads and processes"). This trains an MLP
-on scikit-learn's digits (64-256-256-10, ReLU, softmax cross-entropy, backprop by hand in
-NumPy, `fusedopt.optim.Adam` or --optimizer's class) under each setting below, each in a
-fresh process (environment variables are read when a library loads), the settings in turn
-for --rounds rounds:
+parallel region waits for the scheduler to run the thread that is behind: a time slice.
+fusedopt notices a region whose worker started late and, for a while, runs the calls below 4Mi
+elements times p / (p - 1) (p threads) on the calling thread (the README's "Threads and
+processes"). This trains an MLP on scikit-learn's digits (64-256-256-10, ReLU, softmax
+cross-entropy, backprop by hand in NumPy, `fusedopt.optim.Adam` or --optimizer's class) under
+each setting below, each in a fresh process (environment variables are read when a library
+loads), the settings in turn for --rounds rounds:
 
 - default: nothing set;
 - not adapting: fusedopt's late-worker rule off (`_core.set_late_start_ns(2**62)`), as
   before it had one;
 - `OPENBLAS_NUM_THREADS=1`: BLAS on the calling thread;
-- `OPENBLAS_THREAD_TIMEOUT=4`: BLAS's workers sleep after 2**4 cycles of waiting, not 2**28;
+- `OPENBLAS_THREAD_TIMEOUT=4`: BLAS's workers sleep after 2**4 ticks of waiting, not 2**28;
 - `fusedopt.set_num_threads(1)`: fusedopt on the calling thread;
 - `OMP_WAIT_POLICY=passive`: fusedopt's OpenMP threads sleep at once when idle;
 - `threadpool_limits(1, "blas")` (threadpoolctl) around each forward and backward pass.
@@ -34,6 +35,10 @@ elements, right after a matrix product (a (128, 256) by (256, 256) one) and with
 it, on all threads and on one, with the late-worker rule off: where the time a late worker
 loses outweighs what the other cores save, which sets the size below which the rule runs
 calls on one thread (`_core.get_busy_parallel_min()`).
+
+With --pauses it times one `fusedopt.adam_` call of 1e5 elements after a pause of 5, 20 and
+50 ms with nothing else running, 40 times each, with the rule and without: how often an idle
+worker starts late on its own (run it under OMP_WAIT_POLICY=passive too).
 """
 
 from __future__ import annotations
@@ -177,6 +182,43 @@ def sizes() -> None:
     fusedopt.set_num_threads(None)
 
 
+def pauses() -> None:
+    """The --pauses table: one call after a pause, with the rule off and on."""
+    import numpy as np
+
+    import fusedopt
+    from fusedopt import _core
+
+    n, calls = 10**5, 40
+    param, grad, m = np.random.default_rng(0).standard_normal((3, n), np.float32)
+    v = np.abs(m)
+    late_start = _core.get_late_start_ns()
+    print(
+        f"fusedopt {fusedopt.__version__}, {os.cpu_count()} CPUs, {fusedopt.get_num_threads()} "
+        f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; float32 Adam "
+        f"of {n:,} elements after each pause, {calls} calls: median and 80th percentile (ms), "
+        "calls over 1 ms\n"
+    )
+    print("| pause | rule | median | 80th percentile | over 1 ms |\n|---|---|---|---|---|")
+    for pause in (0.005, 0.02, 0.05):
+        for rule in ("off", "on"):
+            _core.set_late_start_ns(2**62 if rule == "off" else late_start)
+            _core.set_busy(0, 0)
+            fusedopt.adam_(param, grad, m, v, step=1)
+            times = []
+            for _ in range(calls):
+                time.sleep(pause)
+                start = time.perf_counter()
+                fusedopt.adam_(param, grad, m, v, step=1)
+                times.append(time.perf_counter() - start)
+            times.sort()
+            print(
+                f"| {pause * 1e3:.0f} ms | {rule} | {statistics.median(times) * 1e3:.3f} | "
+                f"{times[int(0.8 * calls)] * 1e3:.3f} | {sum(t > 1e-3 for t in times)} |"
+            )
+    _core.set_late_start_ns(late_start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -185,10 +227,14 @@ def main() -> None:
     parser.add_argument("--state", default="float32", help="the optimizer's state_dtype")
     parser.add_argument("--optimizer", default="Adam", help="a class of fusedopt.optim")
     parser.add_argument("--sizes", action="store_true", help="one call's time by size instead")
+    parser.add_argument("--pauses", action="store_true", help="one call after a pause instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sizes:
         sizes()
+        return
+    if args.pauses:
+        pauses()
         return
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch, args.state, args.optimizer)))

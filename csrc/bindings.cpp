@@ -75,26 +75,25 @@ int threads_for_kernels() {
 #endif
 }
 
-// Cores that another library keeps busy. NumPy's OpenBLAS leaves its worker threads spinning
-// after each matrix product for 2^28 timestamp-counter ticks, about 0.1 s, unless
-// OPENBLAS_THREAD_TIMEOUT says less. A parallel region opened then waits for the scheduler to
-// give its worker a core: a time slice, milliseconds, for a step of a model's worth of
-// microseconds (bench/blas_threads.py). A region (the element-wise kernels', or the matrix
-// code's, which the level library reports) whose worker starts later than late_start_ns marks
-// the cores busy for busy_base_ns, doubled for each late region in a row (up to busy_doublings
-// times). While they are, a call of the element-wise kernels or Adafactor runs on the calling
-// thread where a lost time slice costs more than the other cores save: where one thread's time,
-// times (p - 1) / p for p threads, is less than that of busy_parallel_min elements (about what
-// one thread updates in a time slice: `bench/blas_threads.py --sizes`). (Muon's cost is not in
-// proportion to its elements, and its threads stay as they are.) The first call after that time
-// goes parallel again, and tells whether the cores still are busy. Results do not depend on the
-// threads, so this changes only the time. Settable for tests.
+// Cores that other threads hold. NumPy's OpenBLAS leaves its worker threads spinning after each
+// matrix product for 2^28 timestamp-counter ticks, about 0.1 s, unless OPENBLAS_THREAD_TIMEOUT
+// says less. A parallel region opened then waits for the scheduler to give its worker a core: a
+// time slice, milliseconds, for a step of a model's worth of microseconds
+// (bench/blas_threads.py). An idle worker can be as slow to wake on a VM. A region (the
+// element-wise kernels', or the matrix code's, which the level library reports) whose last
+// thread starts later than late_start_ns after it opened marks the cores busy. While they are,
+// a call of the element-wise kernels or Adafactor runs on the calling thread where a lost time
+// slice costs more than the other cores save: where one thread's time, times (p - 1) / p for p
+// threads, is less than that of busy_parallel_min elements (about what one thread updates in a
+// time slice: `bench/blas_threads.py --sizes`). Muon keeps its threads: its cost is not in
+// proportion to its elements. Results do not depend on the threads, so this changes only the
+// time. Settable for tests.
 std::atomic<std::int64_t> late_start_ns{1'000'000};
-constexpr std::int64_t busy_base_ns = 10'000'000;
+std::atomic<std::int64_t> busy_base_ns{10'000'000};
 constexpr int busy_doublings = 8;
 std::atomic<Index> busy_parallel_min{Index{1} << 22};
 std::atomic<std::int64_t> busy_until_ns{0};
-std::atomic<int> late_regions_in_a_row{0};
+std::atomic<int> late_probes_in_a_row{0};
 
 using fusedopt::parallel::now_ns;
 
@@ -103,16 +102,25 @@ std::int64_t busy_for_ns() {
 }
 bool cores_busy() { return busy_for_ns() > 0; }
 
+// A probe is a region opened while the cores are not marked busy. A late one marks them busy
+// for busy_base_ns, doubled for each probe before it that was late too (up to busy_doublings
+// times); a probe in time ends the doubling. A late region while they are marked (a larger call,
+// a call's second region, Muon's) starts that time again, not doubled; one in time tells
+// nothing then: a worker that has just had its time slice holds its core a while.
 void note_region_start(std::int64_t latest_start_delay_ns) {
+  const bool probe = !cores_busy();
   if (latest_start_delay_ns <= late_start_ns.load(std::memory_order_relaxed)) {
-    // in time while marked busy tells nothing: a worker that just had its time slice still
-    // holds its core for the next region of the same step
-    if (!cores_busy()) late_regions_in_a_row.store(0, std::memory_order_relaxed);
+    if (probe) late_probes_in_a_row.store(0, std::memory_order_relaxed);
     return;
   }
-  const int late = std::min(late_regions_in_a_row.load(std::memory_order_relaxed), busy_doublings);
-  late_regions_in_a_row.store(late + 1, std::memory_order_relaxed);
-  busy_until_ns.store(now_ns() + (busy_base_ns << late), std::memory_order_relaxed);
+  const int doublings = probe ? late_probes_in_a_row.fetch_add(1, std::memory_order_relaxed)
+                              : late_probes_in_a_row.load(std::memory_order_relaxed) - 1;
+  const std::int64_t until = now_ns() + (busy_base_ns.load(std::memory_order_relaxed)
+                                         << std::clamp(doublings, 0, busy_doublings));
+  std::int64_t marked = busy_until_ns.load(std::memory_order_relaxed);
+  while (until > marked &&
+         !busy_until_ns.compare_exchange_weak(marked, until, std::memory_order_relaxed)) {
+  }
 }
 
 // Threads for a call of `total` elements: one below the parallel threshold, and while the
@@ -1371,14 +1379,17 @@ bool launch(const Descriptor& d, const Checked& checked, const Arguments& a) {
       d.step_index == kNone ? 0 : static_cast<std::uint64_t>(a.values[d.step_index].count),
       checked.param_copy, checked.unsigned_codes};
   void* const* scales = checked.scales.empty() ? nullptr : checked.scales.data();
-  const int threads = threads_for_call(set.total());
   const ReleaseGilIfWorthIt release(set.total());
-  if (a.skip_if_nonfinite && any_nonfinite(set, 1, checked.grad_dtype, threads)) return false;
+  // threads for each region: a late one sends the next to the calling thread
+  if (a.skip_if_nonfinite &&
+      any_nonfinite(set, 1, checked.grad_dtype, threads_for_call(set.total()))) {
+    return false;
+  }
   const Value* values = a.values.data();
-  const std::vector<double> sums =
-      d.sums > 0 ? tensor_sums(d, checked, set, rounding, values, scales, threads)
-                 : std::vector<double>();
-  split_across_threads(set, threads, [&](Index begin, Index end) {
+  const std::vector<double> sums = d.sums > 0 ? tensor_sums(d, checked, set, rounding, values,
+                                                            scales, threads_for_call(set.total()))
+                                              : std::vector<double>();
+  split_across_threads(set, threads_for_call(set.total()), [&](Index begin, Index end) {
     update(values, rounding, set, scales, begin, end, sums.empty() ? nullptr : sums.data());
   });
   return true;
@@ -1584,15 +1595,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_parallel_min", [] { return parallel_min.load(); });
   m.def("set_parallel_min", [](Index n) { parallel_min.store(n); });
   m.def("threads_for_call", &threads_for_call, py::arg("total"));
-  m.def("busy_for_ns", &busy_for_ns);
   m.def("get_late_start_ns", [] { return late_start_ns.load(); });
-  m.def("set_late_start_ns", [](std::int64_t ns) {  // and starts afresh: cores not busy
-    late_start_ns.store(ns);
-    busy_until_ns.store(0);
-    late_regions_in_a_row.store(0);
-  });
+  m.def("set_late_start_ns", [](std::int64_t ns) { late_start_ns.store(ns); });
+  m.def("get_busy_base_ns", [] { return busy_base_ns.load(); });
+  m.def("set_busy_base_ns", [](std::int64_t ns) { busy_base_ns.store(ns); });
   m.def("get_busy_parallel_min", [] { return busy_parallel_min.load(); });
   m.def("set_busy_parallel_min", [](Index n) { busy_parallel_min.store(n); });
+  m.def("busy_for_ns", &busy_for_ns);
+  m.def("late_probes", [] { return late_probes_in_a_row.load(); });
+  m.def("set_busy", [](std::int64_t for_ns, int late_probes) {  // for tests: the rule's state
+    busy_until_ns.store(for_ns > 0 ? now_ns() + for_ns : 0);
+    late_probes_in_a_row.store(late_probes);
+  });
   m.attr("__version__") = FUSEDOPT_VERSION;
   m.attr("EIGEN_VERSION") = std::to_string(EIGEN_WORLD_VERSION) + "." +
                             std::to_string(EIGEN_MAJOR_VERSION) + "." +

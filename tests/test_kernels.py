@@ -9,6 +9,10 @@ difference means the formula, its order of operations or its rounding changed.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -183,20 +187,28 @@ def test_set_num_threads(restore_threads):
 
 
 @pytest.fixture
-def late_start():
-    """The late-worker rule on (conftest.py turns it off), with the threshold the test sets."""
-    busy_min = _core.get_busy_parallel_min()
-    yield _core.set_late_start_ns
-    _core.set_late_start_ns(2**62)
-    _core.set_busy_parallel_min(busy_min)
+def busy_rule():
+    """The late-worker rule's settings and state as conftest.py leaves them (off), after."""
+    settings = _core.get_late_start_ns(), _core.get_busy_base_ns(), _core.get_busy_parallel_min()
+    yield
+    _core.set_late_start_ns(settings[0])
+    _core.set_busy_base_ns(settings[1])
+    _core.set_busy_parallel_min(settings[2])
+    _core.set_busy(0, 0)
 
 
 @pytest.mark.skipif(not _core.OPENMP, reason="a serial build opens no parallel region")
-def test_a_late_worker_sends_smaller_calls_to_the_calling_thread(restore_threads, late_start):
-    """A region whose worker starts later than the threshold (any, below zero) marks the cores
-    busy for 10 ms, doubled for each late region in a row up to 2.56 s. Meanwhile a call of p
-    threads runs on one where (p - 1) / p of it is below busy_parallel_min, with the same bits."""
+def test_a_late_worker_sends_smaller_calls_to_the_calling_thread(restore_threads, busy_rule):
+    """A probe (a region opened while the cores are not marked busy) whose last thread started
+    later than the threshold marks them busy for the base time, doubled for each late probe in
+    a row before it, up to 2**8 times. Meanwhile a call of p threads runs on one where (p - 1)
+    / p of it is below busy_parallel_min, with the same bits; a late region of a larger call
+    starts the time again, not doubled; one in time changes nothing; a probe in time ends the
+    doubling. With a threshold of 0 every region is late (its last thread started after it
+    opened), and with a base of 1 s no time ends while the test checks it."""
     fusedopt.set_num_threads(2)
+    base = 10**9
+    _core.set_busy_base_ns(base)
     small = 2 * PARALLEL_MIN
     _core.set_busy_parallel_min(4 * PARALLEL_MIN)
     large = 8 * PARALLEL_MIN  # (p - 1) / p of it is busy_parallel_min
@@ -207,55 +219,88 @@ def test_a_late_worker_sends_smaller_calls_to_the_calling_thread(restore_threads
     fusedopt.adam_(*expected[:1], grad, *expected[1:], step=1)  # two threads, none late
     assert _core.busy_for_ns() == 0 and _core.threads_for_call(small) == 2
 
-    late_start(-1)  # every region is late
-    assert _core.busy_for_ns() == 0
+    _core.set_late_start_ns(0)
     fusedopt.adam_(param, grad, m, v, step=1)
     for got, want in zip((param, m, v), expected):
         np.testing.assert_array_equal(got, want)
-    assert 0 < _core.busy_for_ns() <= 10_000_000
+    assert 0 < _core.busy_for_ns() <= base and _core.late_probes() == 1
     assert _core.threads_for_call(small) == 1
     assert _core.threads_for_call(large - 2) == 1
     assert _core.threads_for_call(large) == 2
     assert _core.threads_for_call(PARALLEL_MIN - 1) == 1
 
-    # a call on the calling thread opens no region: no late one restarts the time, doubled
-    left = _core.busy_for_ns()
-    for _ in range(3):
+    # half the time left: a late region would start it again, a whole base
+    _core.set_busy(base // 2, 1)
+    for _ in range(3):  # on the calling thread: no region
         fusedopt.adam_(param, grad, m, v, step=2)
-    assert _core.busy_for_ns() <= left
-    # each late region in a row doubles the time, up to 2**8 times 10 ms (the lower bounds
-    # leave a loaded machine 40 ms and more between a call and the check after it)
+    assert 0 < _core.busy_for_ns() <= base // 2
     big, big_grad = np.zeros((2, large), np.float32)
-    for lates in range(2, 13):
-        fusedopt.sgd_(big, big_grad, lr=0.1)
-        window = 10_000_000 << min(lates - 1, 8)
-        assert (window // 2 if lates >= 4 else 0) < _core.busy_for_ns() <= window, lates
+    fusedopt.sgd_(big, big_grad, lr=0.1)  # late while busy: the time again, not doubled
+    assert base // 2 < _core.busy_for_ns() <= base and _core.late_probes() == 1
+    _core.set_late_start_ns(2**62)
+    fusedopt.sgd_(big, big_grad, lr=0.1)  # in time while busy: nothing changes
+    assert 0 < _core.busy_for_ns() <= base and _core.late_probes() == 1
 
-    late_start(2**62)  # starts afresh: not busy, and no region is late
-    assert _core.busy_for_ns() == 0 and _core.threads_for_call(small) == 2
-    fusedopt.adam_(param, grad, m, v, step=3)
-    assert _core.busy_for_ns() == 0
+    _core.set_late_start_ns(0)
+    for late_probes in range(1, 12):
+        _core.set_busy(0, late_probes)  # the time is over: the next region is a probe
+        fusedopt.sgd_(big, big_grad, lr=0.1)
+        window = base << min(late_probes, 8)
+        assert window // 2 < _core.busy_for_ns() <= window, late_probes
+        assert _core.late_probes() == late_probes + 1
+
+    _core.set_busy(0, 5)
+    _core.set_late_start_ns(2**62)
+    fusedopt.adam_(param, grad, m, v, step=3)  # a probe in time
+    assert _core.busy_for_ns() == 0 and _core.late_probes() == 0
+    assert _core.threads_for_call(small) == 2
 
 
 @pytest.mark.skipif(not _core.OPENMP, reason="a serial build opens no parallel region")
-def test_the_matrix_code_reports_late_workers(restore_threads, late_start):
-    """Adafactor's and Muon's regions (in the level library) report how late their workers
+def test_the_matrix_code_reports_late_workers(restore_threads, busy_rule):
+    """Adafactor's and Muon's regions (in the level library) report how late their last thread
     started, as the element-wise kernels' do. While the cores are busy, Adafactor runs a call
-    below busy_parallel_min on the calling thread (no region, so no late one restarts the
-    time); Muon keeps its threads (its cost is not in proportion to its elements)."""
+    below busy_parallel_min on the calling thread (no region, so no late one starts the time
+    again); Muon keeps its threads (its cost is not in proportion to its elements)."""
     fusedopt.set_num_threads(2)
     shape = (256, 2 * PARALLEL_MIN // 256)
     rng = np.random.default_rng(0)
     param, grad = rng.standard_normal((2, *shape), dtype=np.float32)
     row_var, col_var = np.zeros((shape[0], 1), np.float32), np.zeros((1, shape[1]), np.float32)
-    late_start(-1)  # every region is late
+    _core.set_busy_base_ns(10**9)
+    _core.set_late_start_ns(0)  # every region is late
     fusedopt.adafactor_(param, grad, row_var, col_var, None, step=1)
-    left = _core.busy_for_ns()
-    assert left > 0
+    assert _core.busy_for_ns() > 0 and _core.late_probes() == 1
+    _core.set_busy(10**9 // 2, 1)  # half the time left: a late region would start it again
     fusedopt.adafactor_(param, grad, row_var, col_var, None, step=2)
-    assert _core.busy_for_ns() <= left
+    assert 0 < _core.busy_for_ns() <= 10**9 // 2
     fusedopt.muon_(param, grad, np.zeros_like(param))
-    assert _core.busy_for_ns() > left
+    assert 10**9 // 2 < _core.busy_for_ns() <= 10**9 and _core.late_probes() == 1
+
+
+LATE_WORKER = """
+import os, numpy as np, fusedopt
+from fusedopt import _core
+os.sched_setaffinity(0, {0})  # the threads OpenMP makes share the one CPU
+fusedopt.set_num_threads(2)
+param, grad = np.ones((2, 1 << 23), np.float32)
+for _ in range(2):
+    fusedopt.sgd_(param, grad, lr=0.1)
+print(_core.busy_for_ns() > 0, _core.late_probes())
+"""
+
+
+@pytest.mark.skipif(
+    not _core.OPENMP or not hasattr(os, "sched_setaffinity"), reason="OpenMP; Linux's affinity"
+)
+def test_a_worker_without_a_core_is_late():
+    """Two threads on one CPU: the worker starts only when the calling thread gives up the CPU,
+    after its half of 8Mi elements, milliseconds: the default threshold finds it late."""
+    result = subprocess.run(
+        [sys.executable, "-c", LATE_WORKER], capture_output=True, text=True, check=True
+    )
+    busy, late_probes = result.stdout.split()
+    assert busy == "True" and int(late_probes) >= 1
 
 
 # ---------------------------------------------------------------- low-precision storage
