@@ -55,15 +55,10 @@ std::atomic<int> num_threads{0};
 // settable for that measurement.
 std::atomic<Index> parallel_min{Index{1} << 14};
 
-// GNU libgomp cannot open a parallel region in a child forked after the parent opened one: the
-// child inherits the thread pool's bookkeeping but not its threads, and waits for them forever.
-// Such a child runs the kernels on its calling thread instead (same results, one core).
-std::atomic<bool> opened_parallel_region{false};
-std::atomic<bool> serial_after_fork{false};
-
-void after_fork_in_child() {
-  if (opened_parallel_region.load()) serial_after_fork.store(true);
-}
+// After a fork, a child of a parent that opened a parallel region runs the kernels on its
+// calling thread (parallel.hpp: libgomp would wait for the parent's threads forever).
+using fusedopt::parallel::opened_region;
+using fusedopt::parallel::serial_after_fork;
 
 int threads_for_kernels() {
 #ifdef _OPENMP
@@ -108,6 +103,9 @@ bool cores_busy() { return busy_for_ns() > 0; }
 // a call's second region, Muon's) starts that time again, not doubled; one in time tells
 // nothing then: a worker that has just had its time slice holds its core a while.
 void note_region_start(std::int64_t latest_start_delay_ns) {
+  // a level library's region (Muon's) made libgomp's threads as the binding's do: a child forked
+  // after it runs the kernels on its calling thread too
+  opened_region.store(true, std::memory_order_relaxed);
   const bool probe = !cores_busy();
   if (latest_start_delay_ns <= late_start_ns.load(std::memory_order_relaxed)) {
     if (probe) late_probes_in_a_row.store(0, std::memory_order_relaxed);
@@ -130,7 +128,7 @@ int threads_for_call(Index total) {
   const int threads = threads_for_kernels();
   const Index busy_min = busy_parallel_min.load(std::memory_order_relaxed);
   if (threads > 1 && total / threads * (threads - 1) < busy_min && cores_busy()) return 1;
-  if (threads > 1) opened_parallel_region.store(true, std::memory_order_relaxed);
+  if (threads > 1) opened_region.store(true, std::memory_order_relaxed);
   return threads;
 }
 
@@ -1581,7 +1579,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("simd_level", [] { return std::string(table().level); });
   m.def("simd_instructions", [] { return std::string(table().instructions); });
 #if !defined(_WIN32)
-  pthread_atfork(nullptr, nullptr, after_fork_in_child);
+  pthread_atfork(nullptr, nullptr, fusedopt::parallel::after_fork_in_child);
 #endif
 
   m.def("get_num_threads", &threads_for_kernels);

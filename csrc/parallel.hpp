@@ -19,8 +19,10 @@
 
 namespace fusedopt::parallel {
 
-// libgomp cannot open a parallel region in a child forked after the parent opened one (see
-// bindings.cpp): such a child runs these loops on its calling thread.
+// GNU libgomp cannot open a parallel region in a child forked after the parent opened one: the
+// child inherits the thread pool's bookkeeping but not its threads, and waits for them forever.
+// Such a child runs these loops, and the binding's kernels, on its calling thread instead (same
+// results, one core). The binding and each level library keep their own flags.
 inline std::atomic<bool> opened_region{false};
 inline std::atomic<bool> serial_after_fork{false};
 inline void after_fork_in_child() {

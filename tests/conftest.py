@@ -5,7 +5,7 @@ import fusedopt
 
 @pytest.fixture(autouse=True, scope="session")
 def threads_always_run():
-    """Without the late-worker rule (bindings.cpp, "Cores that another library keeps busy"):
+    """Without the late-worker rule (bindings.cpp, "Cores that other threads hold"):
     on a busy machine it would run calls on one thread, and the tests of how work is split
     across threads would then test one thread. tests/test_kernels.py tests the rule itself."""
     late_start = fusedopt._core.get_late_start_ns()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
@@ -209,6 +211,32 @@ def test_concurrent_python_threads(spec):
         concurrent = list(pool.map(lambda seed: train(spec, hyper, seed), range(6)))
     for a, b in zip(concurrent, serial):
         assert_identical(a, b, "concurrent vs serial")
+
+
+FORK_AFTER_MUON = """
+import os, signal, numpy as np, fusedopt
+fusedopt._core.set_late_start_ns(2**62)  # no late-worker rule: the child's call would go parallel
+param, grad = np.ones((2, 256, 256), np.float32)
+fusedopt.muon_(param, grad, np.zeros_like(param))  # the level library's region, the binding none
+pid = os.fork()
+if pid == 0:
+    signal.alarm(120)  # a hang detector, generous for a loaded machine
+    p, g, m, v = np.ones((4, 1 << 17), np.float32)
+    fusedopt.adam_(p, g, m, v, step=1)
+    os._exit(0)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_fork_after_a_matrix_region_does_not_hang():
+    """A region that only the matrix code (Muon's level library) opened made libgomp's threads
+    too: the forked child's element-wise kernels run on one thread, not into libgomp's hang."""
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_MUON], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"], "the forked child hung (SIGALRM) or failed"
 
 
 def step_in_child(queue):

@@ -20,7 +20,7 @@ namespace fusedopt {
 using Index = std::ptrdiff_t;
 
 // Told, after a parallel region, how long after it opened its last thread started (ns): the
-// binding's late-worker rule (bindings.cpp, "Cores that another library keeps busy").
+// binding's late-worker rule (bindings.cpp, "Cores that other threads hold").
 using RegionObserver = void (*)(std::int64_t latest_start_delay_ns);
 
 // For the per-element helpers that the kernels' loops call: a loop vectorizes only if they are
