@@ -5,6 +5,7 @@ storage row, are covered by the declaration-driven tests (test_kernels.py)."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 from support import assert_same_bits
@@ -172,6 +173,66 @@ def test_eval_then_train_restores_y(cls):
     opt.train()
     for n in params:
         np.testing.assert_allclose(params[n], y[n], rtol=1e-12, atol=1e-15)
+
+
+def _bfloat16_switches(master, stochastic, seed=0, n=1 << 14):
+    """A bfloat16 ScheduleFreeSGD (momentum 0.9) of one parameter at 1.0, its z set so that
+    eval() puts x at 1 + 0.3 ulp in float32: for eval() and then train(), the params after the
+    switch and the float32 value they round (from the master, or from the stored param). The
+    torch adapter's switches from the same state store the same bits."""
+    from fusedopt import torch as ft
+
+    p = np.ones(n, ml_dtypes.bfloat16)
+    opt = optim.ScheduleFreeSGD(
+        {"w": p}, lr=0.1, master_weights=master, stochastic_rounding=stochastic, seed=seed
+    )
+    opt.step({"w": np.zeros(n, np.float32)})  # y, x and z stay at 1
+    w = np.float32(1 - 1 / 0.9)
+    z = opt.state["w"]["z"]
+    z[...] = 1 + np.float32(0.3 * 2.0**-7) / w
+    switched = []
+    for switch, weight in ((opt.eval, w), (opt.train, np.float32(0.1))):
+        start = (opt.state["w"]["master"] if master else p).astype(np.float32)
+        switch()
+        switched.append((p.astype(np.float32), start + weight * (z - start)))
+    t = torch.ones(n, dtype=torch.bfloat16)
+    topt = ft.SGDScheduleFree(
+        [t], lr=0.1, master_weights=master, stochastic_rounding=stochastic, seed=seed
+    )
+    t.grad = torch.zeros(n, dtype=torch.bfloat16)
+    topt.train()  # schedulefree's classes start in eval mode
+    topt.step()
+    topt.state[t]["z"].copy_(torch.from_numpy(z))
+    for switch, (stored, _) in zip((topt.eval, topt.train), switched):
+        switch()
+        assert_same_bits(t.float().numpy(), stored, "torch adapter")
+    return switched
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["bfloat16", "float32 masters"])
+def test_a_stochastic_switch_rounds_bfloat16_params_without_bias(master):
+    """With stochastic_rounding, eval() and train() round a bfloat16 param stochastically, as a
+    step stores it: to one of the float32 value's two neighbours, up as often as the value
+    lies above the lower one (5 sd of 2**14 elements is at most 0.02), on bits that are the
+    seed's and the same in the torch adapter. Rounded to nearest, eval() moves every element
+    down by 0.3 ulp here."""
+    switched = _bfloat16_switches(master, stochastic=True)
+    for stored, value in switched:
+        bits = value.view(np.uint32)
+        lower = (bits & np.uint32(0xFFFF0000)).view(np.float32)  # positive: toward zero
+        upper = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)
+        up = (stored == upper) & (value != lower)
+        assert np.all(up | (stored == lower))
+        chance = (value - lower) / (upper - lower)
+        assert abs(up.mean() - chance.mean()) < 0.02, (up.mean(), chance.mean())
+    assert abs((switched[0][0].mean() - 1) / 2**-7 - 0.3) < 0.02  # x's mean: 1 + 0.3 ulp
+    again = _bfloat16_switches(master, stochastic=True)
+    other = _bfloat16_switches(master, stochastic=True, seed=1)
+    for (a, _), (b, _) in zip(again, switched):
+        assert_same_bits(a, b)
+    assert np.mean(again[0][0] != other[0][0]) > 0.3  # a new seed, new bits: 0.42 expected
+    (x, _), _ = _bfloat16_switches(master, stochastic=False)
+    assert np.all(x == 1.0)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

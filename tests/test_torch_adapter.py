@@ -947,6 +947,46 @@ def test_cpu_offload_refuses_a_model_of_another_dtype_before_any_change(start, t
     _assert_same(before, _offload_snapshot(m, offload))
 
 
+@pytest.mark.parametrize(
+    "refusal, copy_", [("lr", False), ("lr", True), ("gradient", False)], ids=str
+)
+def test_cpu_offload_refuses_what_the_host_optimizer_would_before_any_change(refusal, copy_):
+    """A step the host optimizer would refuse (a negative lr; a gradient it cannot read where
+    it is, of a parameter updated in place) is refused before the offload copies anything: a
+    change to the model made since the last step, which a step copies into the host copies and
+    restarts the masters from, is in neither yet."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    offload = ft.CPUOffload(m.parameters(), ft.AdamW, lr=1e-3, copy=copy_)
+
+    def backward():
+        m(torch.randn(16, 8, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+
+    for _ in range(2):
+        backward()
+        offload.step()
+        offload.zero_grad()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    backward()
+    if refusal == "lr":
+        offload.param_groups[0]["lr"] = -1.0
+        error, message = ValueError, r"^Invalid learning rate: -1.0"
+    else:
+        m.weight.grad = m.weight.grad.t().contiguous().t()  # the same values, strided
+        error, message = ValueError, r"^gradient of parameter 0 of group 0: expected a contig"
+    before = _offload_snapshot(m, offload)
+    with pytest.raises(error, match=message):
+        offload.step()
+    _assert_same(before, _offload_snapshot(m, offload))
+
+    offload.param_groups[0]["lr"] = 0.0  # the change taken, and nothing more
+    m.weight.grad = m.weight.grad.contiguous()
+    offload.step()
+    master = offload.optimizer.state[offload._host[0]]["master"]
+    assert torch.equal(master, m.weight.detach().float())
+
+
 @pytest.mark.parametrize("copy_", [False, True], ids=["in place", "host copies"])
 def test_cpu_offload_refuses_a_parameter_in_two_groups(copy_):
     """The same parameter twice is refused with or without host copies: each occurrence

@@ -1613,8 +1613,10 @@ class _ScheduleFree(Optimizer):
     :meth:`eval` before evaluating or saving the model's weights and :meth:`train` before
     the next step. Switching is one element-wise pass over the parameters and ``z``,
     :math:`\theta \leftarrow \theta + w (z - \theta)` with :math:`w = 1 - 1/\beta` (to eval) or
-    :math:`1 - \beta` (to train). Unlike ``schedulefree``'s classes, a new optimizer starts in
-    train mode (at the start :math:`x = y = z`, so no switch is due).
+    :math:`1 - \beta` (to train), rounded once on store as a step rounds (stochastically for a
+    bfloat16 or float16 param with ``stochastic_rounding``, on bits of their own from the seed,
+    the group's step and the direction). Unlike ``schedulefree``'s classes, a new optimizer
+    starts in train mode (at the start :math:`x = y = z`, so no switch is due).
 
     Each group keeps ``k`` (its steps so far), ``lr_max`` and ``weight_sum`` (the running
     maximum of the warmed-up learning rate and sum of the averaging weights) and
@@ -1704,25 +1706,54 @@ class _ScheduleFree(Optimizer):
             for name, p in zip(group["names"], group["params"]):
                 state = self.state.get(name, {})
                 if "z" in state:
-                    _lerp_(p, state["z"], weight, state.get("master"))
+                    key = (
+                        _switch_key(self.seed, group["k"], to_train, self._position[name])
+                        if self.stochastic_rounding
+                        else None
+                    )
+                    _lerp_(p, state["z"], weight, state.get("master"), key)
             group["train_mode"] = to_train
 
 
 _REGISTRY.pop("_ScheduleFree")  # a base, not an optimizer from_config builds
 
 
-def _lerp_(param: np.ndarray, z: Any, weight: float, master: Optional[np.ndarray]) -> None:
+def _switch_key(seed: int, k: int, to_train: bool, position: int) -> int:
+    """The key of the random bits with which a Schedule-Free switch of parameter number
+    ``position`` at its group's step ``k`` rounds stochastically: a stream apart from every
+    step's (keyed by a call's seed, a step and a place in the call), and from the other
+    direction's."""
+    return reference._tensor_key(reference._mix64(seed ^ _SWITCH_SALT), 2 * k + to_train, position)
+
+
+_SWITCH_SALT = 0x5F3759DF5F3759DF
+
+
+def _lerp_(
+    param: np.ndarray,
+    z: Any,
+    weight: float,
+    master: Optional[np.ndarray],
+    key: Optional[int] = None,
+) -> None:
     """param <- param + weight * (z - param), computed as the kernels compute (float32, float64
     for float64) and rounded once on store; with a master, on the master and the param is the
-    master rounded."""
+    master rounded. With a random-bits ``key`` (:func:`_switch_key`) a bfloat16 or float16
+    param is rounded stochastically, as a step with ``stochastic_rounding`` stores it: else
+    each switch would move it by a rounding error of the same sign, and switching to eval and
+    back every few steps would add them up."""
     target = param if master is None else master
     compute = np.float64 if target.dtype == np.float64 else np.float32
     zs = z.dequantize() if isinstance(z, QuantizedState) else z.astype(compute)
     x = target.astype(compute)
     x += weight * (zs - x)
-    target[...] = x
     if master is not None:
-        param[...] = master
+        master[...] = x
+    stochastic = reference._STOCHASTIC.get(param.dtype)
+    if key is None or stochastic is None:
+        param[...] = x
+    else:
+        param.ravel(order="K")[...] = stochastic(x.ravel(order="K"), key, 0)
 
 
 class ScheduleFreeAdamW(_ScheduleFree):

@@ -612,9 +612,7 @@ class Optimizer(torch.optim.Optimizer):
                 entry.calls = None
         work = []  # every group is checked and converted before anything is written
         for group in self.param_groups:
-            entry = self._groups.get(id(group))
-            if entry is None or entry.group is not group:
-                entry = self._groups[id(group)] = _Group(group, {})
+            entry = self._entry(group)
             plan = fused._plan(self._hyper(group, entry.hyper))
             params = group["params"]
             grads = list(map(_grad, params))
@@ -665,6 +663,26 @@ class Optimizer(torch.optim.Optimizer):
                 c.steps += 1
                 if self._regroup_after(c):
                     entry.calls = None
+
+    def _entry(self, group: Dict[str, Any]) -> _Group:
+        entry = self._groups.get(id(group))
+        if entry is None or entry.group is not group:
+            entry = self._groups[id(group)] = _Group(group, {})
+        return entry
+
+    def _check_hyperparameters(self) -> None:
+        """Every group's hyperparameters, as a step checks them first (CPUOffload checks them
+        before it copies anything)."""
+        for group in self.param_groups:
+            self._fused._plan(self._hyper(group, self._entry(group).hyper))
+
+    def _checked_storage(self, what: str, p: torch.Tensor, g: torch.Tensor) -> Any:
+        """The storage of parameter ``p`` (``what``), after checking that a step can update it
+        with the gradient ``g``."""
+        _check_tensor(what, p)  # p.data may have been replaced since
+        storage = self._fused._storage_of(what, _numpy(p.detach()))
+        _check_grad(f"gradient of {what}", g, p, storage)
+        return storage
 
     def _forget(self, created: List[Tuple[torch.Tensor, Optional[set]]]) -> None:
         """Remove the state a step created before it was refused or skipped: the keys each
@@ -782,16 +800,14 @@ class Optimizer(torch.optim.Optimizer):
         """The group's fused calls: its parameters with a gradient, by (dtypes, step, extra),
         with their state created on first use and viewed once. ``created`` gets (parameter,
         the keys its state had, or None for no entry) for each, before its state is touched."""
-        group, fused = entry.group, self._fused
+        group = entry.group
         keys: Dict[Tuple[Any, ...], List[int]] = {}
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
                 continue
             created.append((p, set(self.state[p]) if p in self.state else None))
             what = f"parameter {i} of group {self._index(group)}"
-            _check_tensor(what, p)  # p.data may have been replaced since
-            self._storage[p] = fused._storage_of(what, _numpy(p.detach()))
-            _check_grad(f"gradient of {what}", g, p, self._storage[p])
+            self._storage[p] = self._checked_storage(what, p, g)
             state = self.state[p]
             step = int(state["step"]) if "step" in state else 0
             keys.setdefault((p.dtype, g.dtype, step, self._call_key(group, state)), []).append(i)
@@ -1485,7 +1501,8 @@ class _ScheduleFreeAdapter(Optimizer):
             beta = _plain(group[self._fused.beta_name])
             beta = beta[0] if isinstance(beta, tuple) else beta
             weight = 1 - beta if to_train else 1 - 1 / beta
-            for p in group["params"]:
+            offset = sum(len(g["params"]) for g in self.param_groups[: self._index(group)])
+            for i, p in enumerate(group["params"]):
                 state = self.state.get(p, {})
                 if "z" in state:
                     z = _numpy(state["z"])
@@ -1494,7 +1511,12 @@ class _ScheduleFreeAdapter(Optimizer):
                 else:
                     continue
                 master = _numpy(state["master"]) if "master" in state else None
-                _optim._lerp_(_numpy(p.detach()), z, weight, master)
+                key = (
+                    _optim._switch_key(self._fused.seed, int(group["k"]), to_train, offset + i)
+                    if self._fused.stochastic_rounding
+                    else None
+                )
+                _optim._lerp_(_numpy(p.detach()), z, weight, master, key)
             group["train_mode"] = to_train
 
 
@@ -1652,9 +1674,16 @@ class CPUOffload:
     def _check(self) -> None:
         """TypeError/ValueError, before a step copies or writes anything, for a parameter
         whose host copy cannot take it (its dtype or shape changed: ``model.float()``), or
-        whose gradient the host cannot take."""
+        whose gradient the host cannot take, and for what the host optimizer would refuse
+        after the copies: a hyperparameter (``lr=-1``), a gradient of a parameter updated
+        where it is."""
+        self.optimizer._check_hyperparameters()
         for p, host, what in zip(self.params, self._host, self._names):
-            if host is p or torch.nn.parameter.is_lazy(p):  # the optimizer checks its own
+            if torch.nn.parameter.is_lazy(p):  # checked when its host copy is made
+                continue
+            if host is p:
+                if p.grad is not None:
+                    self.optimizer._checked_storage(what, p, p.grad)
                 continue
             pending = torch.nn.parameter.is_lazy(host)  # made at this step, like p
             if not pending and (p.dtype != host.dtype or p.shape != host.shape):
