@@ -17,7 +17,7 @@ each setting below, each in a fresh process (environment variables are read when
 loads), the settings in turn for --rounds rounds:
 
 - default: nothing set;
-- not adapting: fusedopt's late-worker rule off (`_core.set_late_start_ns(2**62)`), as
+- not adapting: fusedopt's late-worker rule off (`fusedopt.set_adaptive_threads(False)`), as
   before it had one;
 - `OPENBLAS_NUM_THREADS=1`: BLAS on the calling thread;
 - `OPENBLAS_THREAD_TIMEOUT=4`: BLAS's workers sleep after 2**4 ticks of waiting, not 2**28;
@@ -79,7 +79,7 @@ def child(setting: str, steps: int, batch: int, state: str, optimizer: str) -> D
     if setting == "fusedopt.set_num_threads(1)":
         fusedopt.set_num_threads(1)
     if setting == "not adapting":
-        fusedopt._core.set_late_start_ns(2**62)
+        fusedopt.set_adaptive_threads(False)
     limit: Callable[[], Any] = nullcontext
     if setting.startswith("threadpool_limits"):
         from threadpoolctl import threadpool_limits
@@ -148,7 +148,7 @@ def sizes() -> None:
     import fusedopt
     from fusedopt import _core
 
-    _core.set_late_start_ns(2**62)
+    fusedopt.set_adaptive_threads(False)
     threads = fusedopt.get_num_threads()
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((128, 256), np.float32), rng.standard_normal((256, 256), np.float32)
@@ -187,12 +187,10 @@ def pauses() -> None:
     import numpy as np
 
     import fusedopt
-    from fusedopt import _core
 
     n, calls = 10**5, 40
     param, grad, m = np.random.default_rng(0).standard_normal((3, n), np.float32)
     v = np.abs(m)
-    late_start = _core.get_late_start_ns()
     print(
         f"fusedopt {fusedopt.__version__}, {os.cpu_count()} CPUs, {fusedopt.get_num_threads()} "
         f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; float32 Adam "
@@ -202,8 +200,7 @@ def pauses() -> None:
     print("| pause | rule | median | 80th percentile | over 1 ms |\n|---|---|---|---|---|")
     for pause in (0.005, 0.02, 0.05):
         for rule in ("off", "on"):
-            _core.set_late_start_ns(2**62 if rule == "off" else late_start)
-            _core.set_busy(0, 0)
+            fusedopt.set_adaptive_threads(rule == "on")
             fusedopt.adam_(param, grad, m, v, step=1)
             times = []
             for _ in range(calls):
@@ -216,7 +213,7 @@ def pauses() -> None:
                 f"| {pause * 1e3:.0f} ms | {rule} | {statistics.median(times) * 1e3:.3f} | "
                 f"{times[int(0.8 * calls)] * 1e3:.3f} | {sum(t > 1e-3 for t in times)} |"
             )
-    _core.set_late_start_ns(late_start)
+    fusedopt.set_adaptive_threads(True)
 
 
 def main() -> None:

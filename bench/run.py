@@ -700,8 +700,8 @@ def threshold(rng, budget_s, gap_s):
     sizes = [int(2 ** (k / 2)) for k in range(20, 39)]  # 1 Ki ... 512 Ki
     print(f"| n | serial | parallel ({threads} threads) | parallel/serial |\n|---|---|---|---|")
     results = []
-    late_start = _core.get_late_start_ns()
-    _core.set_late_start_ns(2**62)  # no late-worker rule: parallel means every thread here
+    adaptive = fusedopt.get_adaptive_threads()
+    fusedopt.set_adaptive_threads(False)  # parallel means every thread here
     try:
         for n in sizes:
             pool = make_pool(spec, hyper, n, np.float32, rng)
@@ -719,7 +719,7 @@ def threshold(rng, budget_s, gap_s):
             )
     finally:
         _core.set_parallel_min(default)
-        _core.set_late_start_ns(late_start)
+        fusedopt.set_adaptive_threads(adaptive)
     crossover = next(
         (n for i, (n, _, _) in enumerate(results) if all(p < s for _, s, p in results[i:])), None
     )

@@ -5,14 +5,13 @@ import fusedopt
 
 @pytest.fixture(autouse=True, scope="session")
 def threads_always_run():
-    """Without the late-worker rule (bindings.cpp, "Cores that other threads hold"):
-    on a busy machine it would run calls on one thread, and the tests of how work is split
-    across threads would then test one thread. tests/test_kernels.py tests the rule itself."""
-    late_start = fusedopt._core.get_late_start_ns()
-    fusedopt._core.set_late_start_ns(2**62)
-    fusedopt._core.set_busy(0, 0)
+    """Without the late-worker rule (fusedopt.set_adaptive_threads; bindings.cpp, "Cores that
+    other threads hold"): on a busy machine it would run calls on one thread, and the tests of
+    how work is split across threads would then test one thread. tests/test_kernels.py tests
+    the rule itself."""
+    fusedopt.set_adaptive_threads(False)
     yield
-    fusedopt._core.set_late_start_ns(late_start)
+    fusedopt.set_adaptive_threads(True)
 
 
 def pytest_report_header(config):

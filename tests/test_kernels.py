@@ -9,6 +9,7 @@ difference means the formula, its order of operations or its rounding changed.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -195,6 +196,32 @@ def busy_rule():
     _core.set_busy_base_ns(settings[1])
     _core.set_busy_parallel_min(settings[2])
     _core.set_busy(0, 0)
+
+
+def test_adaptive_threads_turn_the_rule_on_and_off(restore_threads, busy_rule):
+    """set_adaptive_threads(False) ends what the rule had marked and makes no region late;
+    True brings back the threshold the module was built with; anything but a bool is a
+    TypeError that changes nothing."""
+    fusedopt.set_num_threads(2)
+    built = fusedopt._LATE_START_NS
+    assert 0 < built < 2**62
+    fusedopt.set_adaptive_threads(True)
+    assert fusedopt.get_adaptive_threads() and _core.get_late_start_ns() == built
+    _core.set_busy(10**9, 3)
+    if _core.OPENMP:
+        assert _core.threads_for_call(2 * PARALLEL_MIN) == 1
+    fusedopt.set_adaptive_threads(False)
+    assert not fusedopt.get_adaptive_threads() and _core.get_late_start_ns() >= 2**62
+    assert _core.busy_for_ns() == 0 and _core.late_probes() == 0
+    if _core.OPENMP:
+        assert _core.threads_for_call(2 * PARALLEL_MIN) == 2
+    for bad in (0, 1, None, "off"):
+        with pytest.raises(TypeError, match="^enabled must be a bool, got"):
+            fusedopt.set_adaptive_threads(bad)
+    assert not fusedopt.get_adaptive_threads()
+    out = io.StringIO()
+    fusedopt.show_config(out)
+    assert "adaptive: off" in out.getvalue()
 
 
 @pytest.mark.skipif(not _core.OPENMP, reason="a serial build opens no parallel region")

@@ -33,6 +33,7 @@ __all__ = [
     "adafactor_",
     "all_finite",
     "clip_grad_norm_",
+    "get_adaptive_threads",
     "get_num_threads",
     "global_norm",
     "muon_",
@@ -40,6 +41,7 @@ __all__ = [
     "quantize",
     "reference",
     "schedules",
+    "set_adaptive_threads",
     "set_num_threads",
     "show_config",
 ]
@@ -64,6 +66,30 @@ def set_num_threads(threads: int | None) -> None:
     _core.set_num_threads(threads)
 
 
+_LATE_START_NS = _core.get_late_start_ns()  # the rule's threshold, as built
+_NEVER_LATE_NS = 2**62
+
+
+def get_adaptive_threads() -> bool:
+    """Whether fusedopt runs smaller calls on the calling thread while other threads hold the
+    cores (see :func:`set_adaptive_threads`); on by default."""
+    return _core.get_late_start_ns() < _NEVER_LATE_NS
+
+
+def set_adaptive_threads(enabled: bool) -> None:
+    """Turn on or off the rule that runs smaller calls on the calling thread while other
+    threads hold the cores: after a parallel region whose last thread started more than 1 ms
+    late (behind NumPy's OpenBLAS threads, which spin for about 0.1 s after each matrix
+    product), calls below a few million elements run on one thread for 10 ms or more (README,
+    "Threads and processes"). Off, every call large enough to split uses every thread
+    (:func:`set_num_threads`), as for a benchmark of thread scaling or on cores nothing else
+    uses. Results are the same bits either way. Applies to every Python thread."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _core.set_late_start_ns(_LATE_START_NS if enabled else _NEVER_LATE_NS)
+    _core.set_busy(0, 0)  # whatever the rule had marked ends now
+
+
 def show_config(file=None) -> None:
     """Print how this build runs here: SIMD level, threads, Eigen, compiler, OpenMP."""
     supported = [level for level, ok in _core.cpu_supports().items() if ok]
@@ -72,7 +98,8 @@ def show_config(file=None) -> None:
         f"  SIMD level:        {_LEVEL} (this CPU supports: {', '.join(supported)}; "
         f"FUSEDOPT_SIMD forces one)",
         f"  SIMD instructions: {_core.simd_instructions()}",
-        f"  threads:           {get_num_threads()}",
+        f"  threads:           {get_num_threads()} (adaptive: "
+        f"{'on' if get_adaptive_threads() else 'off'}; set_adaptive_threads)",
         f"  OpenMP:            {_core.OPENMP or 'none'} ({_core.THREADS})",
         f"  Eigen:             {_core.EIGEN_VERSION}",
         f"  compiler:          {_core.COMPILER}",
