@@ -11,7 +11,7 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_identical, assert_same_bits, misaligned
+from support import assert_identical, assert_same_bits, misaligned, state_arrays
 
 import fusedopt
 from fusedopt import _functional, optim
@@ -1188,3 +1188,166 @@ def test_class_signatures_list_the_options_every_optimizer_takes(cls):
     assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
     opt = cls([np.zeros((4, 4), np.float32)], seed=7, state_dtype=None)
     assert opt.seed == 7
+
+
+def _twins(cls, hyper, options):
+    """Two optimizers of ``cls`` on equal parameters: the second builds its calls at every step;
+    the first reuses the last step's where it finds them the same, and counts the steps that
+    did."""
+    rng = np.random.default_rng(7)
+    shapes = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)}
+    if cls is optim.Muon:  # matrices only
+        shapes = {"w1": (6, 5), "b1": (1, 5), "w2": (5, 3), "b2": (3, 2)}
+    dtypes = {
+        "w1": np.float32,
+        "b1": np.float32,
+        "w2": ml_dtypes.bfloat16,
+        "b2": ml_dtypes.bfloat16,
+    }
+    start = {n: rng.standard_normal(s).astype(dtypes[n]) for n, s in shapes.items()}
+    made = []
+    for _ in range(2):
+        params = {n: a.copy() for n, a in start.items()}
+        groups = [
+            {"params": {k: params[k] for k in ("w1", "b1")}},
+            {"params": {k: params[k] for k in ("w2", "b2")}, "lr": hyper["lr"] / 2},
+        ]
+        made.append((cls(groups, **hyper, **options), params))
+    (reusing, _), (building, _) = made
+    building._calls_as_before = lambda *args: None
+    reused = [0]
+    as_before = reusing._calls_as_before
+
+    def counted(*args):
+        calls = as_before(*args)
+        reused[0] += calls is not None
+        return calls
+
+    reusing._calls_as_before = counted
+    return made, reused
+
+
+def _assert_twins_same(made, when):
+    (a, pa), (b, pb) = made
+    for n in pa:
+        assert_same_bits(pa[n], pb[n], f"{n} after {when}")
+    ours, theirs = list(state_arrays(a)), list(state_arrays(b))
+    assert [name for name, _ in ours] == [name for name, _ in theirs], when
+    for (name, x), (_, y) in zip(ours, theirs):
+        assert_same_bits(x, y, f"{name} after {when}")
+    scalars = [
+        {
+            n: {k: v for k, v in s.items() if not isinstance(v, (np.ndarray, QuantizedState))}
+            for n, s in sorted(o.state.items())
+        }
+        for o in (a, b)
+    ]
+    assert scalars[0] == scalars[1], when
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"skip_if_nonfinite": True, "max_grad_norm": 1.0}, {"stochastic_rounding": True}],
+    ids=["plain", "checked", "stochastic"],
+)
+@pytest.mark.parametrize(
+    "cls, hyper",
+    [pytest.param(cls, hypers[0], id=name) for name, (cls, hypers) in CLASSES.items()]
+    + [pytest.param(optim.SGD, dict(lr=0.05, momentum=0.9), id="SGD-momentum")],
+)
+def test_a_step_reusing_the_last_steps_calls_equals_one_building_them(cls, hyper, options):
+    """A step reuses the last step's fused calls (Optimizer._calls_as_before) only where
+    building them would give the same. Through step counts and state values that split a call,
+    gradients of another dtype or missing, frozen parameters, a new lr, a hyperparameter that
+    adds a state array, state replaced, changed, removed or loaded, a step count that cannot
+    grow, a skipped step and a new group, its parameters and state stay the same bits as those
+    of a twin that builds its calls at every step, it raises the same errors, and most of its
+    steps reuse the calls."""
+    made, reused = _twins(cls, hyper, options)
+    (first, params), _ = made
+    rng = np.random.default_rng(8)
+
+    def random_grads():
+        return {
+            n: rng.standard_normal(p.shape).astype(np.float32).astype(p.dtype)
+            for n, p in params.items()
+        }
+
+    def step_once(grads, when):
+        outcomes = []
+        for o, _ in made:
+            try:
+                outcomes.append(o.step({n: g if g is None else g.copy() for n, g in grads.items()}))
+            except (TypeError, ValueError) as error:
+                outcomes.append((type(error), str(error)))
+        assert outcomes[0] == outcomes[1], when
+        _assert_twins_same(made, when)
+
+    def step(grads=None, when="a step"):
+        step_once(grads or random_grads(), when)
+        step_once(random_grads(), f"the step after {when}")
+
+    def both(change):
+        for o, _ in made:
+            change(o)
+
+    def arrays_of(state):
+        return [k for k, v in sorted(state.items()) if isinstance(v, np.ndarray)]
+
+    step()
+    step(when="again")
+    # state that splits a call of two tensors
+    if "mu_product" in first.state["b1"]:
+        both(lambda o: o.state["b1"].update(mu_product=o.state["b1"]["mu_product"] * 0.5))
+        step(when="one tensor's mu_product changed")
+    if "step" in first.state["w1"]:
+        both(lambda o: [s.update(step=20) for s in o.state.values()])
+        step(when="every step count changed")
+        both(lambda o: [o.state[n].update(step=3) for n in ("w1", "w2")])
+        step(when="one step count in each group changed")
+        both(lambda o: [s.update(step=25) for s in o.state.values()])
+        step(when="the step counts equal again")
+        both(lambda o: [s.update(step=2**63 - 1) for s in o.state.values()])
+        step(when="step counts that cannot grow")
+        both(lambda o: [s.update(step=30) for s in o.state.values()])
+        step(when="step counts that can grow again")
+    # the gradients
+    grads = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in params.items()}
+    step(grads, "float32 gradients of bfloat16 parameters")
+    mixed = {n: g.astype(params[n].dtype) for n, g in grads.items()}
+    step({**mixed, "w2": grads["w2"]}, "one bfloat16 parameter's gradient float32")
+    step_once({**mixed, "b1": None}, "a missing gradient")
+    step({**mixed, "w1": None}, "another missing gradient, of the same dtype")
+    both(lambda o: o.freeze("w2"))
+    step(when="freeze")
+    both(lambda o: o.unfreeze("w2"))
+    step(when="unfreeze")
+    # hyperparameters
+    both(lambda o: o.param_groups[0].update(lr=o.param_groups[0]["lr"] * 0.5))
+    step(when="a new lr")
+    group = first.param_groups[1]
+    more = {"amsgrad": True} if group.get("amsgrad") is False else {}
+    more = {"momentum": 0.9} if group.get("momentum") == 0 else more
+    if more:
+        both(lambda o: o.param_groups[1].update(more))
+        step(when=f"{more}, which adds a state array")
+    # the state
+    if arrays_of(first.state["w1"]):  # plain SGD has none
+        key = arrays_of(first.state["w1"])[0]
+        both(lambda o: o.state["w1"].update({key: o.state["w1"][key].copy()}))
+        step(when="a buffer replaced")
+        both(lambda o: np.multiply(o.state["w1"][key], 0.5, out=o.state["w1"][key]))
+        step(when="a buffer changed in place")
+    both(lambda o: o.state.pop("b2"))
+    step(when="a state entry removed")
+    both(lambda o: o.load_state_dict(o.state_dict()))
+    step(when="loaded")
+    if options.get("skip_if_nonfinite"):
+        step({n: np.full(p.shape, np.nan, p.dtype) for n, p in params.items()}, "a skipped step")
+    for o, ps in made:
+        ps["w3"] = np.ones((2, 2), np.float32)
+        o.add_param_group({"params": {"w3": ps["w3"]}})
+    step(when="a new group")
+    both(lambda o: o.state.clear())
+    step(when="state cleared")
+    assert reused[0] >= 10

@@ -28,8 +28,10 @@ import contextvars
 import difflib
 import functools
 import inspect
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import tempfile
@@ -37,6 +39,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    FrozenSet,
     Iterable,
     List,
     Mapping,
@@ -129,6 +132,18 @@ def _dtype_name(dtype: np.dtype) -> Optional[str]:
     """The name of one of the parameter dtypes (native byte order only), else None."""
     name = _DTYPE_NAMES.get(dtype)
     return name if name is not None and dtype.isnative else None
+
+
+class _NativeDtypes(Dict[Tuple[str, ...], FrozenSet[np.dtype]]):
+    """dtype names -> those dtypes in native byte order (a dtype of the other order is not
+    equal to them): a set to look a gradient's dtype up in, made at the first lookup."""
+
+    def __missing__(self, names: Tuple[str, ...]) -> FrozenSet[np.dtype]:
+        dtypes = self[names] = frozenset(_DTYPES[n] for n in names)
+        return dtypes
+
+
+_NATIVE_DTYPES = _NativeDtypes()
 
 
 def _count(value: Any, most: Optional[int] = None) -> Optional[int]:
@@ -283,6 +298,45 @@ _KERNEL_LABEL = re.compile(_KERNEL_ARRAY.pattern + r"(?=: )")
 _MATRIX_LABEL = re.compile(r"\w+_: tensor (\d+): (.*)", re.DOTALL)
 
 
+class _StepCall:
+    """One fused call of a step: parameters ``names`` of group ``index`` (those that share
+    ``dtypes``, step and call key), their state ``buffers`` (keys), ``step`` and ``extra`` (the
+    call key); and, once the call has been made, its lists of the tensors' state entries, params
+    and state arrays, which the next step reuses where they are still the same objects."""
+
+    __slots__ = (
+        "index",
+        "plan",
+        "names",
+        "buffers",
+        "dtypes",
+        "step",
+        "extra",
+        "states",
+        "params",
+        "arrays",
+    )
+
+    def __init__(self, index, plan, names, buffers, dtypes, step, extra, lists=(None,) * 3):
+        self.index = index  # the group's, in param_groups
+        self.plan, self.names, self.buffers = plan, names, buffers
+        self.dtypes = dtypes  # the params' and the gradients'
+        self.step, self.extra = step, extra
+        self.states, self.params, self.arrays = lists
+
+
+class _LastStep(NamedTuple):
+    """What a step's calls were made from, kept for the next step (Optimizer._calls_as_before):
+    the groups, the kernel and state arrays of their plans, and the names stepped (neither
+    frozen nor without a gradient) with their gradients' dtypes."""
+
+    groups: List[Dict[str, Any]]
+    kernels: List[Tuple[Declaration, Tuple[Tuple[str, str], ...]]]
+    names: List[str]
+    dtypes: List[np.dtype]
+    calls: List[_StepCall]
+
+
 def _name_tensor(error: Exception, plan: _Plan, names: List[str]) -> None:
     """Raise ``error`` again with its tensors named as the step names parameters (``state
     'exp_avg' of 'w'`` for ``exp_avg[2]``, wherever the message names one), when a fused call
@@ -424,6 +478,7 @@ class Optimizer:
         self._frozen: set = set()
         self.state: Dict[str, Dict[str, Any]] = {}
         self._plans: Dict[int, Tuple[Tuple[Any, ...], _Plan]] = {}  # id(group) -> its plan
+        self._last_step: Optional[_LastStep] = None
         for group in self._groups(params):
             self.add_param_group(group)
         if not self._params:
@@ -612,20 +667,22 @@ class Optimizer:
                 )
             aligned = dict(zip(self._params, grads))
         # Check every gradient before anything is written: a step is several fused calls.
+        params, storages, native = self._params, self._storage, _NATIVE_DTYPES
         for name, g in aligned.items():
             if g is None:
                 continue
-            p = self._params[name]
-            if isinstance(g, np.generic) and p.ndim == 0:
-                # NumPy arithmetic on 0-d arrays gives scalars; a gradient is only read
-                g = aligned[name] = np.asarray(g)
-            if not isinstance(g, np.ndarray):
-                raise TypeError(
-                    f"gradient of {name!r}: expected a numpy.ndarray or None, "
-                    f"got {type(g).__name__}"
-                )
-            allowed = self._storage[name].grads
-            if _dtype_name(g.dtype) not in allowed or g.shape != p.shape:
+            p = params[name]
+            if type(g) is not np.ndarray:  # (the test for the usual case costs least)
+                if isinstance(g, np.generic) and p.ndim == 0:
+                    # NumPy arithmetic on 0-d arrays gives scalars; a gradient is only read
+                    g = aligned[name] = np.asarray(g)
+                if not isinstance(g, np.ndarray):
+                    raise TypeError(
+                        f"gradient of {name!r}: expected a numpy.ndarray or None, "
+                        f"got {type(g).__name__}"
+                    )
+            allowed = storages[name].grads
+            if g.dtype not in native[allowed] or g.shape != p.shape:
                 expected = " or ".join(sorted(allowed, key=lambda d: d != _dtype_name(p.dtype)))
                 raise ValueError(
                     f"gradient of {name!r}: expected {expected} {p.shape} like the "
@@ -666,27 +723,32 @@ class Optimizer:
         frozen = self._frozen_names()
         active = [(name, g) for name, g in aligned.items() if g is not None and name not in frozen]
         state_of = self.state
-        for name, _ in active:  # refused before clipping writes the grads
-            state = state_of.get(name)
-            if state is not None and state.get("step", 0) > _MAX_STEPS_TAKEN:
-                raise ValueError(
-                    f"state of {name!r}: step {self.state[name]['step']} cannot grow "
-                    f"(a kernel counts at most 2**63 - 1 steps)"
-                )
-            if self.max_grad_norm is not None and not aligned[name].flags.writeable:
+        for name, g in active if self.max_grad_norm is not None else ():
+            if not g.flags.writeable:  # refused before clipping writes the grads
                 raise ValueError(
                     f"gradient of {name!r}: array is read-only, and max_grad_norm clips the "
                     "gradients in place"
                 )
-        calls = []  # (plan, names, buffers, step, extra): all made, and checked, before any runs
         added: List[Tuple[str, Optional[str]]] = []  # new state (name, key; None: the entry)
-        # the loop below runs once per tensor and step: its lookups are hoisted
-        storages, call_key = self._storage, self._call_key
+        # the loops below run once per tensor and step: their lookups are hoisted, and a
+        # subclass's hooks called only where it has them
+        storages = self._storage
+        call_key = self._call_key if type(self)._call_key is not Optimizer._call_key else None
+        after_update = (
+            self._after_update if type(self)._after_update is not Optimizer._after_update else None
+        )
         per_parameter = self._steps_per_parameter
-        for group, plan in zip(self.param_groups, plans):
+        # all made, and checked, before any runs
+        reused = self._calls_as_before(plans, active, call_key)
+        calls = reused if reused is not None else []
+        self._last_step = None  # until this step's calls have run
+        for index, (group, plan) in enumerate(
+            zip(self.param_groups, plans) if reused is None else ()
+        ):
             if group["frozen"]:
                 continue
             buffers = [key for _, key in plan.arrays]
+            present = (frozenset(buffers), frozenset(buffers + ["master"]))  # without, with master
             keys: Dict[Tuple[Any, ...], List[str]] = {}
             for name, p in zip(group["names"], group["params"]):
                 g = aligned[name]
@@ -696,22 +758,30 @@ class Optimizer:
                 if state is None:
                     state = state_of[name] = {"step": 0}
                     added.append((name, None))
+                elif state.get("step", 0) > _MAX_STEPS_TAKEN:
+                    self._forget(added)  # refused before anything is written or clipped
+                    raise ValueError(
+                        f"state of {name!r}: step {state['step']} cannot grow "
+                        f"(a kernel counts at most 2**63 - 1 steps)"
+                    )
                 step = state["step"] + 1 if per_parameter else None
-                key = (p.dtype, g.dtype, step, call_key(group, state))
+                key = (p.dtype, g.dtype, step, call_key(group, state) if call_key else None)
                 storage = storages[name]
-                for array, b in plan.arrays:  # lazily, in the parameter's layout
-                    if b not in state:
-                        state[b] = self._new_buffer(group, plan, array, b, p, storage.state)
-                        added.append((name, b))
-                if storage.master and "master" not in state:
-                    state["master"] = p.astype(np.float32, order="K")
-                    added.append((name, "master"))
+                if not state.keys() >= present[storage.master]:  # created at first use
+                    for array, b in plan.arrays:  # in the parameter's layout
+                        if b not in state:
+                            state[b] = self._new_buffer(group, plan, array, b, p, storage.state)
+                            added.append((name, b))
+                    if storage.master and "master" not in state:
+                        state["master"] = p.astype(np.float32, order="K")
+                        added.append((name, "master"))
                 keys.setdefault(key, []).append(name)
-            for (_, _, step, extra), names in keys.items():
+            for (p_dtype, g_dtype, step, extra), names in keys.items():
                 masters = ["master"] if self._storage[names[0]].master else []
-                calls.append((plan, names, buffers + masters, step, extra))
+                dtypes = (p_dtype, g_dtype)
+                calls.append(_StepCall(index, plan, names, buffers + masters, dtypes, step, extra))
         clipping = self.max_grad_norm is not None and bool(active)
-        written = [(names, b) for _, names, b, *_ in calls]
+        written = [(call.names, call.buffers) for call in calls]
         checked = len(calls) > 1 or clipping
         # the gradients are read (the non-finite check) or written (clipping) before the first
         # call checks its arrays: then every call's are checked first
@@ -719,18 +789,21 @@ class Optimizer:
         ran = 0
         current = None  # the call running or being checked, whose errors name its tensors
 
-        def run(call: tuple, check: bool = False) -> None:
+        def run(call: _StepCall, check: bool = False) -> None:
             nonlocal current
             current = call
-            plan, names, buffers, step, extra = call
-            states = [state_of[n] for n in names]
+            names = call.names
+            if call.states is None:
+                states = call.states = [state_of[n] for n in names]
+                call.params = [self._params[n] for n in names]
+                call.arrays = {b: [state[b] for state in states] for b in call.buffers}
             self._update(
-                plan,
-                [self._params[n] for n in names],
+                call.plan,
+                call.params,
                 [aligned[n] for n in names],
-                {b: [state[b] for state in states] for b in buffers},
-                step,
-                extra,
+                call.arrays,
+                call.step,
+                call.extra,
                 self._position[names[0]],
                 check,
             )
@@ -743,13 +816,29 @@ class Optimizer:
             # it runs, after the calls before it (and clipping) have written. Calls that differ
             # only in their step count (or a call key) are checked as one: those do not enter
             # the arrays' checks, and one check of many tensors costs about one of a few.
-            checks: Dict[Tuple[Any, ...], tuple] = {}
+            checks: Dict[Tuple[Any, ...], _StepCall] = {}
             for call in calls if read_first else calls[1:]:
-                plan, names, buffers, *rest = call
-                first = names[0]
-                key = (id(plan), *buffers, self._params[first].dtype, aligned[first].dtype)
+                first = call.names[0]
+                key = (
+                    id(call.plan),
+                    *call.buffers,
+                    self._params[first].dtype,
+                    aligned[first].dtype,
+                )
                 merged = checks.get(key)
-                checks[key] = call if merged is None else (plan, merged[1] + names, *merged[2:])
+                checks[key] = (
+                    call
+                    if merged is None
+                    else _StepCall(
+                        call.index,
+                        call.plan,
+                        merged.names + call.names,
+                        call.buffers,
+                        call.dtypes,
+                        merged.step,
+                        merged.extra,
+                    )
+                )
             for call in checks.values():
                 run(call, check=True)
             current = None
@@ -764,10 +853,10 @@ class Optimizer:
             for call in calls:
                 run(call)
                 ran += 1
-                for name in call[1]:
-                    state = state_of[name]
+                for state in call.states:
                     state["step"] += 1
-                    self._after_update(state, call[4])
+                    if after_update:
+                        after_update(state, call.extra)
         except (TypeError, ValueError) as error:
             if not ran:  # refused before any call wrote: the state is left as it was found
                 try:
@@ -775,11 +864,73 @@ class Optimizer:
                         check = functools.partial(self._check_step_overlap, aligned, written, [])
                         self._relabel(error, check)
                     if current is not None:
-                        _name_tensor(error, current[0], current[1])
+                        _name_tensor(error, current.plan, current.names)
                 finally:
                     self._forget(added)
             raise
+        self._last_step = _LastStep(
+            list(self.param_groups),
+            [(plan.declaration, plan.arrays) for plan in plans],
+            [name for name, _ in active],
+            [g.dtype for _, g in active],
+            calls,
+        )
         return True
+
+    def _calls_as_before(
+        self,
+        plans: List[_Plan],
+        active: List[Tuple[str, np.ndarray]],
+        call_key: Optional[Callable[..., Any]],
+    ) -> Optional[List[_StepCall]]:
+        """The last step's calls, at this step's plans and counts, where building them again
+        would give the same calls: the same groups, kernels and state arrays (a new lr does not
+        matter) and names stepped, each gradient of the dtype it had; every tensor's state
+        entry and buffers the objects they were (so that none is created); and in each call,
+        step counts and call keys still equal, and unequal to those of the group's other
+        calls. Else None, and the step builds them. Building costs more per tensor than the
+        kernels take on small tensors; checking this costs a fraction of it."""
+        last = self._last_step
+        groups = self.param_groups
+        if (
+            last is None
+            or len(groups) != len(last.groups)
+            or not all(map(operator.is_, groups, last.groups))
+            or [(plan.declaration, plan.arrays) for plan in plans] != last.kernels
+            or [name for name, _ in active] != last.names
+            or [g.dtype for _, g in active] != last.dtypes
+        ):
+            return None
+        state_get, per_parameter = self.state.get, self._steps_per_parameter
+        calls, keys = [], set()
+        for call in last.calls:
+            states = call.states
+            if not all(map(operator.is_, map(state_get, call.names), states)):
+                return None
+            for b, arrays in call.arrays.items():
+                if not all(map(operator.is_, map(dict.get, states, itertools.repeat(b)), arrays)):
+                    return None
+            steps = list(map(dict.get, states, itertools.repeat("step")))
+            taken = steps[0]
+            if None in steps or max(steps) > _MAX_STEPS_TAKEN:  # the build's error, if any
+                return None
+            if per_parameter and steps.count(taken) != len(steps):
+                return None
+            extra = None
+            if call_key is not None:
+                extras = [call_key(groups[call.index], state) for state in states]
+                extra = extras[0]
+                if extras.count(extra) != len(extras):
+                    return None
+            step = taken + 1 if per_parameter else None
+            keys.add((call.index, call.dtypes, step, extra))
+            plan, lists = plans[call.index], (states, call.params, call.arrays)
+            calls.append(
+                _StepCall(
+                    call.index, plan, call.names, call.buffers, call.dtypes, step, extra, lists
+                )
+            )
+        return calls if len(keys) == len(calls) else None
 
     @staticmethod
     def _relabel(error: ValueError, check: Callable[[], None]) -> None:
