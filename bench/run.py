@@ -829,7 +829,7 @@ def main(argv=None) -> int:
         result["threshold"] = threshold(rng, args.budget or 0.2, args.gap)
     elif args.many_tensors:
         set_threads(args.threads[0] if args.threads else None)
-        result["many_tensors"] = many_tensors([64, 256], args.budget or 0.3, rng)
+        result["many_tensors"] = many_tensors([8, 64, 256], args.budget or 0.3, rng)
         out.with_suffix(".md").write_text(
             f"`python bench/run.py --many-tensors` ({time.strftime('%Y-%m-%d')}): "
             f"{result['machine']['cpu']}, {result['machine']['simd_level']}, "
