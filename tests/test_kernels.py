@@ -314,11 +314,15 @@ param, grad = np.ones((2, 1 << 23), np.float32)
 late_start = _core.get_late_start_ns()
 _core.set_late_start_ns(2**62)
 fusedopt.sgd_(param, grad, lr=0.1)  # makes OpenMP's worker, with the rule off
-# every thread but this one at the lowest priority: the worker, woken, waits for this thread
+# every thread but this one idle-scheduled (else at the lowest priority): the worker, woken,
+# neither preempts this thread nor runs before it while it computes its half
 main = str(os.getpid())
 for task in os.listdir("/proc/self/task"):
     if task != main:
-        os.setpriority(os.PRIO_PROCESS, int(task), 19)
+        try:
+            os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, int(task), 19)
 _core.set_late_start_ns(late_start)
 fusedopt.sgd_(param, grad, lr=0.1)
 print(_core.busy_for_ns() > 0, _core.late_probes())
@@ -332,15 +336,22 @@ print(_core.busy_for_ns() > 0, _core.late_probes())
     reason="OpenMP; Linux's affinity and tasks",
 )
 def test_a_worker_without_a_core_is_late():
-    """Two threads on one CPU, the worker at the lowest priority: it starts only when the
-    calling thread gives up the CPU, after its half of 8Mi elements, milliseconds later. The
-    default threshold finds it late. (At equal priority the woken worker may take the CPU at
-    once, and then it is not late.)"""
-    result = subprocess.run(
-        [sys.executable, "-c", LATE_WORKER], capture_output=True, text=True, check=True
-    )
-    busy, late_probes = result.stdout.split()
-    assert busy == "True" and int(late_probes) >= 1
+    """Two threads on one CPU, the worker idle-scheduled: it starts only when the calling
+    thread gives up the CPU, after its half of 8Mi elements, milliseconds later. The default
+    threshold finds it late. (At equal priority the woken worker may take the CPU at once, and
+    then it is not late. On a machine busy with other processes the scheduler may still run it
+    early, while the calling thread waits for the CPU: so up to three fresh processes, and a
+    build that does not measure fails all three.)"""
+    outcomes = []
+    for _ in range(3):
+        result = subprocess.run(
+            [sys.executable, "-c", LATE_WORKER], capture_output=True, text=True, check=True
+        )
+        busy, late_probes = result.stdout.split()
+        outcomes.append((busy, int(late_probes)))
+        if busy == "True" and int(late_probes) >= 1:
+            break
+    assert outcomes[-1][0] == "True" and outcomes[-1][1] >= 1, outcomes
 
 
 # ---------------------------------------------------------------- low-precision storage

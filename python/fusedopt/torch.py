@@ -1671,18 +1671,19 @@ class CPUOffload:
             return -1, 0
         return p._version, p.data_ptr()
 
-    def _check(self) -> None:
+    def _check(self, changed: List[int]) -> None:
         """TypeError/ValueError, before a step copies or writes anything, for a parameter
         whose host copy cannot take it (its dtype or shape changed: ``model.float()``), or
         whose gradient the host cannot take, and for what the host optimizer would refuse
-        after the copies: a hyperparameter (``lr=-1``), a gradient of a parameter updated
-        where it is."""
+        after the model's changes (the parameters ``changed``) are copied: a hyperparameter
+        (``lr=-1``), a gradient of a parameter updated where it is. Without changes, the host
+        optimizer's own checks of those come before it writes anything."""
         self.optimizer._check_hyperparameters()
         for p, host, what in zip(self.params, self._host, self._names):
             if torch.nn.parameter.is_lazy(p):  # checked when its host copy is made
                 continue
             if host is p:
-                if p.grad is not None:
+                if changed and p.grad is not None:
                     self.optimizer._checked_storage(what, p, p.grad)
                 continue
             pending = torch.nn.parameter.is_lazy(host)  # made at this step, like p
@@ -1713,12 +1714,19 @@ class CPUOffload:
                     "a host copy takes gradients of its dtype and shape",
                 )
 
-    def _take_changes(self) -> None:
-        """Copy each parameter changed since the last step to its host copy, and to its
+    def _changed(self) -> List[int]:
+        """The parameters (by place) changed since the last step, lazy ones left out."""
+        return [
+            i
+            for i, p in enumerate(self.params)
+            if self._version_of(p) != self._seen[i] and not torch.nn.parameter.is_lazy(p)
+        ]
+
+    def _take_changes(self, changed: List[int]) -> None:
+        """Copy each parameter ``changed`` since the last step to its host copy, and to its
         master unless the optimizer's state was loaded since."""
-        for i, (p, host) in enumerate(zip(self.params, self._host)):
-            if self._version_of(p) == self._seen[i] or torch.nn.parameter.is_lazy(p):
-                continue
+        for i in changed:
+            p, host = self.params[i], self._host[i]
             if torch.nn.parameter.is_lazy(host):  # a lazy module's, run for the first time
                 host.materialize(p.shape)
                 host.data = self._new_host(p, self._pin_memory)
@@ -1742,8 +1750,9 @@ class CPUOffload:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check()  # all of it before anything is copied: a refused step changes nothing
-        self._take_changes()  # first: it makes the host copies of lazy parameters run since
+        changed = self._changed()
+        self._check(changed)  # all of it before anything is copied: a refused step changes nothing
+        self._take_changes(changed)  # first: it makes the host copies of lazy parameters run since
         synchronize = False
         for i, (p, host) in enumerate(zip(self.params, self._host)):
             if host is p:
