@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         name: ctypes.cast(library.fusedopt_kernel_table, ctypes.c_void_p).value
         for name, library in libraries.items()
     }
-    _core.set_late_start_ns(2**62)  # no late-worker rule: every call on every thread
+    fusedopt.set_adaptive_threads(False)  # every call on every thread
     rng = np.random.default_rng(0)
     values = rng.standard_normal(int(args.n)).astype(np.float32)
     values[rng.random(values.size) < args.zeros] = 0.0

@@ -215,7 +215,7 @@ def test_concurrent_python_threads(spec):
 
 FORK_AFTER_MUON = """
 import os, signal, numpy as np, fusedopt
-fusedopt._core.set_late_start_ns(2**62)  # no late-worker rule: the child's call would go parallel
+fusedopt.set_adaptive_threads(False)  # the child's call would go parallel, busy or not
 param, grad = np.ones((2, 256, 256), np.float32)
 fusedopt.muon_(param, grad, np.zeros_like(param))  # the level library's region, the binding none
 pid = os.fork()

@@ -311,8 +311,7 @@ from fusedopt import _core
 os.sched_setaffinity(0, {0})  # the threads OpenMP makes share the one CPU
 fusedopt.set_num_threads(2)
 param, grad = np.ones((2, 1 << 23), np.float32)
-late_start = _core.get_late_start_ns()
-_core.set_late_start_ns(2**62)
+fusedopt.set_adaptive_threads(False)
 fusedopt.sgd_(param, grad, lr=0.1)  # makes OpenMP's worker, with the rule off
 # every thread but this one idle-scheduled (else at the lowest priority): the worker, woken,
 # neither preempts this thread nor runs before it while it computes its half
@@ -323,7 +322,7 @@ for task in os.listdir("/proc/self/task"):
             os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, int(task), 19)
-_core.set_late_start_ns(late_start)
+fusedopt.set_adaptive_threads(True)
 fusedopt.sgd_(param, grad, lr=0.1)
 print(_core.busy_for_ns() > 0, _core.late_probes())
 """

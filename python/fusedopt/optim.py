@@ -39,7 +39,6 @@ from typing import (
     Any,
     Callable,
     Dict,
-    FrozenSet,
     Iterable,
     List,
     Mapping,
@@ -132,18 +131,6 @@ def _dtype_name(dtype: np.dtype) -> Optional[str]:
     """The name of one of the parameter dtypes (native byte order only), else None."""
     name = _DTYPE_NAMES.get(dtype)
     return name if name is not None and dtype.isnative else None
-
-
-class _NativeDtypes(Dict[Tuple[str, ...], FrozenSet[np.dtype]]):
-    """dtype names -> those dtypes in native byte order (a dtype of the other order is not
-    equal to them): a set to look a gradient's dtype up in, made at the first lookup."""
-
-    def __missing__(self, names: Tuple[str, ...]) -> FrozenSet[np.dtype]:
-        dtypes = self[names] = frozenset(_DTYPES[n] for n in names)
-        return dtypes
-
-
-_NATIVE_DTYPES = _NativeDtypes()
 
 
 def _count(value: Any, most: Optional[int] = None) -> Optional[int]:
@@ -667,7 +654,8 @@ class Optimizer:
                 )
             aligned = dict(zip(self._params, grads))
         # Check every gradient before anything is written: a step is several fused calls.
-        params, storages, native = self._params, self._storage, _NATIVE_DTYPES
+        # a dtype of the other byte order is not equal to a native one: it has no name here
+        params, storages, names_of = self._params, self._storage, _DTYPE_NAMES
         for name, g in aligned.items():
             if g is None:
                 continue
@@ -682,7 +670,7 @@ class Optimizer:
                         f"got {type(g).__name__}"
                     )
             allowed = storages[name].grads
-            if g.dtype not in native[allowed] or g.shape != p.shape:
+            if names_of.get(g.dtype) not in allowed or g.shape != p.shape:
                 expected = " or ".join(sorted(allowed, key=lambda d: d != _dtype_name(p.dtype)))
                 raise ValueError(
                     f"gradient of {name!r}: expected {expected} {p.shape} like the "
@@ -739,7 +727,8 @@ class Optimizer:
         )
         per_parameter = self._steps_per_parameter
         # all made, and checked, before any runs
-        reused = self._calls_as_before(plans, active, call_key)
+        stepped = [name for name, _ in active], [g.dtype for _, g in active]
+        reused = self._calls_as_before(plans, stepped, call_key)
         calls = reused if reused is not None else []
         self._last_step = None  # until this step's calls have run
         for index, (group, plan) in enumerate(
@@ -871,8 +860,7 @@ class Optimizer:
         self._last_step = _LastStep(
             list(self.param_groups),
             [(plan.declaration, plan.arrays) for plan in plans],
-            [name for name, _ in active],
-            [g.dtype for _, g in active],
+            *stepped,
             calls,
         )
         return True
@@ -880,12 +868,12 @@ class Optimizer:
     def _calls_as_before(
         self,
         plans: List[_Plan],
-        active: List[Tuple[str, np.ndarray]],
+        stepped: Tuple[List[str], List[np.dtype]],
         call_key: Optional[Callable[..., Any]],
     ) -> Optional[List[_StepCall]]:
         """The last step's calls, at this step's plans and counts, where building them again
         would give the same calls: the same groups, kernels and state arrays (a new lr does not
-        matter) and names stepped, each gradient of the dtype it had; every tensor's state
+        matter) and names ``stepped``, each gradient of the dtype it had; every tensor's state
         entry and buffers the objects they were (so that none is created); and in each call,
         step counts and call keys still equal, and unequal to those of the group's other
         calls. Else None, and the step builds them. Building costs more per tensor than the
@@ -897,8 +885,8 @@ class Optimizer:
             or len(groups) != len(last.groups)
             or not all(map(operator.is_, groups, last.groups))
             or [(plan.declaration, plan.arrays) for plan in plans] != last.kernels
-            or [name for name, _ in active] != last.names
-            or [g.dtype for _, g in active] != last.dtypes
+            or stepped[0] != last.names
+            or stepped[1] != last.dtypes
         ):
             return None
         state_get, per_parameter = self.state.get, self._steps_per_parameter
@@ -912,9 +900,12 @@ class Optimizer:
                     return None
             steps = list(map(dict.get, states, itertools.repeat("step")))
             taken = steps[0]
-            if None in steps or max(steps) > _MAX_STEPS_TAKEN:  # the build's error, if any
+            if None in steps:
                 return None
-            if per_parameter and steps.count(taken) != len(steps):
+            if per_parameter:  # one count for the call, and the build's error if it cannot grow
+                if steps.count(taken) != len(steps) or taken > _MAX_STEPS_TAKEN:
+                    return None
+            elif max(steps) > _MAX_STEPS_TAKEN:
                 return None
             extra = None
             if call_key is not None:

@@ -796,6 +796,11 @@ class Optimizer(torch.optim.Optimizer):
     def _index(self, group: Dict[str, Any]) -> int:
         return next(i for i, g in enumerate(self.param_groups) if g is group)
 
+    def _offset(self, group: Dict[str, Any]) -> int:
+        """The place of the group's first parameter among the optimizer's (which keys its
+        random bits)."""
+        return sum(len(g["params"]) for g in self.param_groups[: self._index(group)])
+
     def _build(self, entry: _Group, plan, grads: list, mask: list, ptrs: list, created) -> None:
         """The group's fused calls: its parameters with a gradient, by (dtypes, step, extra),
         with their state created on first use and viewed once. ``created`` gets (parameter,
@@ -812,7 +817,7 @@ class Optimizer(torch.optim.Optimizer):
             step = int(state["step"]) if "step" in state else 0
             keys.setdefault((p.dtype, g.dtype, step, self._call_key(group, state)), []).append(i)
         calls = []
-        offset = sum(len(g["params"]) for g in self.param_groups[: self._index(group)])
+        offset = self._offset(group)
         for (_, g_dtype, step, extra), index in keys.items():
             params = [group["params"][i] for i in index]
             steps = torch.full((len(index),), float(step), dtype=_scalar_dtype())
@@ -1501,7 +1506,7 @@ class _ScheduleFreeAdapter(Optimizer):
             beta = _plain(group[self._fused.beta_name])
             beta = beta[0] if isinstance(beta, tuple) else beta
             weight = 1 - beta if to_train else 1 - 1 / beta
-            offset = sum(len(g["params"]) for g in self.param_groups[: self._index(group)])
+            offset = self._offset(group)
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p, {})
                 if "z" in state:
@@ -1676,9 +1681,11 @@ class CPUOffload:
         whose host copy cannot take it (its dtype or shape changed: ``model.float()``), or
         whose gradient the host cannot take, and for what the host optimizer would refuse
         after the model's changes (the parameters ``changed``) are copied: a hyperparameter
-        (``lr=-1``), a gradient of a parameter updated where it is. Without changes, the host
-        optimizer's own checks of those come before it writes anything."""
-        self.optimizer._check_hyperparameters()
+        (``lr=-1``), a gradient of a parameter updated where it is. Without changes nothing is
+        copied that a refused step would leave changed: the host optimizer's own checks then
+        come before it writes anything."""
+        if changed:
+            self.optimizer._check_hyperparameters()
         for p, host, what in zip(self.params, self._host, self._names):
             if torch.nn.parameter.is_lazy(p):  # checked when its host copy is made
                 continue
