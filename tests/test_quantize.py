@@ -402,6 +402,78 @@ def test_zeros_is_encoded_zeros(signed, order):
     assert QuantizedState.zeros(5, signed).shape == (5,)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(
+    "value", [0.0, -0.0, 1.0, -1.9, 0.1, 3e-40, -1e-45, FLT_MAX, 1e39, -math.inf, math.nan]
+)
+def test_full_is_the_encoded_full_array(signed, order, value):
+    """Every value kind (zero, normal, float32-subnormal, the largest, past float32's range,
+    inf, NaN, negative for the unsigned format), in whole and short blocks."""
+    for shape in [(0,), (1,), (BLOCK,), (BLOCK + 1, 3), (7, 2 * BLOCK + 5)]:
+        state = QuantizedState.full(shape, value, signed, order=order)
+        with np.errstate(over="ignore"):
+            x = np.full(shape, value, np.float32, order=order)
+        encoded = QuantizedState.from_array(x, signed)
+        assert state.codes.flags.f_contiguous == encoded.codes.flags.f_contiguous
+        assert_same_bits(state.codes, encoded.codes)
+        assert_same_bits(state.scales, encoded.scales)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_codec_in_pieces_equals_it_in_one(monkeypatch, signed):
+    """The codec runs in pieces of whole blocks so that its temporaries stay small: the pieces
+    must not change a bit. Here a piece of 2 blocks against one of the whole array, at sizes
+    around the pieces' ends, both roundings, values of every kind."""
+    from fusedopt import quantize
+
+    rng = np.random.default_rng(21)
+    for n in [0, 1, 2 * BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 1, 5 * BLOCK + 77]:
+        x = (rng.standard_normal(n) * np.exp2(rng.integers(-140, 120, n))).astype(np.float32)
+        x[rng.random(n) < 0.05] = np.nan
+        x[rng.random(n) < 0.05] = -np.inf
+        x[rng.random(n) < 0.1] = 0
+        random_bits = rng.integers(0, 2**16, n, dtype=np.uint32)
+        with np.errstate(over="ignore"):
+            whole = [encode(x, signed), encode(x, signed, random_bits)]
+        decoded = [decode(*codec) for codec in whole]
+        monkeypatch.setattr(quantize, "_PIECE", 2 * BLOCK)
+        with np.errstate(over="ignore"):
+            pieces = [encode(x, signed), encode(x, signed, random_bits)]
+        for (codes, scales), (codes_1, scales_1), values in zip(pieces, whole, decoded):
+            assert_same_bits(codes, codes_1)
+            assert_same_bits(scales, scales_1)
+            assert_same_bits(decode(codes, scales), values)
+        monkeypatch.undo()
+
+
+def test_the_codec_and_int8_state_take_little_memory_beyond_their_arrays():
+    """Making int8 state takes its codes and scales, not a float32 array of the state and the
+    encoder's temporaries (about 60 bytes an element): the state of a large model would not
+    fit while it is made. tracemalloc counts NumPy's arrays."""
+    import tracemalloc
+
+    from fusedopt import optim
+
+    n = 1 << 21
+    x = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    param, grad = np.zeros(n, np.float32), np.ones(n, np.float32)
+    little = 8 << 20  # bytes: the codec's pieces of whole blocks
+    for what, make, kept in [
+        ("encode", lambda: encode(x, True), n + n // 64),
+        ("decode", lambda: decode(*encode(x, True)), 4 * n),
+        ("Adam's int8 state", lambda: optim.Adam([param], state_dtype="int8").step([grad]), 0),
+    ]:
+        tracemalloc.start()
+        try:
+            make()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # the state is 2 bytes an element (two moments of codes) and a scale a block
+        assert peak < kept + 2 * n + little, f"{what}: {peak / n:.1f} bytes an element at peak"
+
+
 def test_quantized_state_validates():
     with pytest.raises(TypeError, match="codes must be a numpy.ndarray"):
         QuantizedState([0], f32([1.0]))

@@ -977,8 +977,8 @@ class Optimizer:
         value = self._init_buffer(group, key)
         if dtype != "int8":
             return np.full_like(p, value, dtype=_DTYPES[dtype])
-        start = np.full_like(p, value, dtype=np.float32)
-        return QuantizedState.from_array(start, signed=self._signed_codes(plan, array))
+        signed = self._signed_codes(plan, array)
+        return QuantizedState.full(p.shape, value, signed, order=_memory_order(p))
 
     def _signed_codes(self, plan: _Plan, array: str) -> bool:
         """Whether the int8 form of state ``array`` has signed codes: unless never negative."""
@@ -1793,7 +1793,7 @@ class _ScheduleFree(Optimizer):
         # z starts at x = y = the parameter (its float32 master, where it has one, is p)
         if dtype != "int8":
             return p.astype(_DTYPES[dtype], order="K")
-        return QuantizedState.from_array(p.astype(np.float32, order="K"), signed=True)
+        return QuantizedState.from_array(p.astype(np.float32, order="K", copy=False), signed=True)
 
     def _call_key(self, group, state):
         return group["k"] + 1  # the kernel's step is the group's, as in schedulefree

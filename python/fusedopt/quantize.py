@@ -70,7 +70,7 @@ agrees with it bit for bit; it depends on NumPy only.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -86,6 +86,7 @@ _ROUND_UP = (1 << (23 - _M)) - 1  # 0xFFFFF: rounds float32 bits up to 3 mantiss
 _ROUND = (1 << (23 - _M - 1)) - 1  # 0x7FFFF: rounds float32 bits to 3 mantissa bits with the lsb
 _TWO23 = np.float32(2.0**23)
 _TWO23_BITS = 0x4B000000
+_PIECE = 1 << 16  # elements the NumPy codec takes at a time (see _pieces)
 
 
 class _Format:
@@ -197,6 +198,16 @@ def encode(
     return _encode(x, signed, random_bits, BLOCK)
 
 
+def _pieces(n: int, block: int) -> Iterator[Tuple[slice, slice]]:
+    """The elements and the scales of each piece of whole blocks (the last may end in a
+    shorter block) that the codec takes at a time, at least one piece: its NumPy temporaries
+    take tens of bytes an element, too many for a whole state of 1e9 elements."""
+    size = max(block, _PIECE // block * block)
+    for start in range(0, max(n, 1), size):
+        stop = min(start + size, n)
+        yield slice(start, stop), slice(start // block, _num_blocks(stop, block))
+
+
 def _encode(
     x: np.ndarray, signed: bool, random_bits: Optional[np.ndarray], block: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +216,21 @@ def _encode(
     fmt = _SIGNED if signed else _UNSIGNED
     order = _memory_order(x)
     flat = x.reshape(-1, order=order)
+    n = flat.size
+    bits = None if random_bits is None else np.asarray(random_bits).reshape(-1)
+    codes = np.empty(n, fmt.dtype)
+    scales = np.empty(_num_blocks(n, block), np.float32)
+    for piece, its_scales in _pieces(n, block):
+        codes[piece], scales[its_scales] = _encode_blocks(
+            flat[piece], fmt, None if bits is None else bits[piece], block
+        )
+    return codes.reshape(x.shape, order=order), scales
+
+
+def _encode_blocks(
+    flat: np.ndarray, fmt: _Format, random_bits: Optional[np.ndarray], block: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The codes and scales of the blocks of 1-D ``flat`` (all whole but the last)."""
     n = flat.size
     blocks = np.zeros((_num_blocks(n, block), block), np.float32)  # zeros leave the max alone
     blocks.reshape(-1)[:n] = flat
@@ -227,7 +253,7 @@ def _encode(
             q_subnormal = (t + _TWO23).view(np.uint32).astype(np.int64) - _TWO23_BITS
         else:
             r = np.zeros(blocks.size, np.int64)
-            r[:n] = np.asarray(random_bits, np.int64).reshape(-1) & 0xFFFF
+            r[:n] = random_bits.astype(np.int64) & 0xFFFF
             r = r.reshape(blocks.shape)
             q_normal = ((u + (r << 4)) >> 20) - ((127 - fmt.f) << _M)
             # The smallest normal added in float32 (rounding 20 bits below a step) puts the
@@ -238,13 +264,11 @@ def _encode(
     q = np.minimum(q, fmt.q_max)
     q = np.where(np.isinf(blocks), fmt.q_inf, q)
     q = np.where(np.isnan(blocks), fmt.q_nan, q)
-    if signed:
+    if fmt.signed:
         q = q | (np.signbit(blocks).astype(np.int64) << 7)
     else:
         q = np.where(blocks < 0, 0, q)
-
-    codes = q.reshape(-1)[:n].astype(np.uint8).view(fmt.dtype)
-    return codes.reshape(x.shape, order=order), scales
+    return q.reshape(-1)[:n].astype(np.uint8).view(fmt.dtype), scales
 
 
 def decode(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -260,9 +284,12 @@ def _decode(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     """decode() of blocks of ``block`` elements (see _encode)."""
     order = _memory_order(codes)
     flat = codes.reshape(-1, order=order).view(np.uint8)
-    values = _format_of(codes).lut[flat]
-    with np.errstate(under="ignore", invalid="ignore"):
-        out = values * np.repeat(scales, block)[: flat.size]
+    lut = _format_of(codes).lut
+    out = np.empty(flat.size, np.float32)
+    for piece, its_scales in _pieces(flat.size, block):
+        values = lut[flat[piece]]
+        with np.errstate(under="ignore", invalid="ignore"):
+            out[piece] = values * np.repeat(scales[its_scales], block)[: values.size]
     return out.reshape(codes.shape, order=order)
 
 
@@ -325,12 +352,22 @@ class QuantizedState:
         takes it only for such a state). ``order``: the codes' memory layout, "C" or "F"
         (blocks follow it).
         """
+        return cls.full(shape, 0.0, signed, order)
+
+    @classmethod
+    def full(cls, shape: Shape, value: float, signed: bool, order: str = "C") -> QuantizedState:
+        """Every element ``value`` (rounded to float32; past its range, inf), encoded: the codes and scales of
+        ``from_array(np.full(shape, value, np.float32, order=order), signed)``, made without
+        that array or the encoder's work on it (one block is encoded and its code and scale
+        repeated). ``signed`` and ``order`` as for :meth:`zeros`."""
         _check_signed(signed)
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', got {order!r}")
-        codes = np.zeros(shape, np.int8 if signed else np.uint8, order=order)
-        scales = np.full(_num_blocks(codes.size), 2.0**-126, np.float32)
-        return cls(codes, scales)
+        with np.errstate(over="ignore"):  # past float32's range is inf, as stored
+            block = np.full(BLOCK, value, np.float32)
+        code, scale = _encode(block, signed, None, BLOCK)
+        codes = np.full(shape, code[0], code.dtype, order=order)
+        return cls(codes, np.full(_num_blocks(codes.size), scale[0], np.float32))
 
     @classmethod
     def from_array(cls, x: np.ndarray, signed: bool) -> QuantizedState:
