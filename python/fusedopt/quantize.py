@@ -356,10 +356,10 @@ class QuantizedState:
 
     @classmethod
     def full(cls, shape: Shape, value: float, signed: bool, order: str = "C") -> QuantizedState:
-        """Every element ``value`` (rounded to float32; past its range, inf), encoded: the codes and scales of
-        ``from_array(np.full(shape, value, np.float32, order=order), signed)``, made without
-        that array or the encoder's work on it (one block is encoded and its code and scale
-        repeated). ``signed`` and ``order`` as for :meth:`zeros`."""
+        """Every element ``value`` (rounded to float32; past its range, inf), encoded: the
+        codes and scales of ``from_array(np.full(shape, value, np.float32, order=order),
+        signed)``, made without that array or the encoder's work on it (one block is encoded
+        and its code and scale repeated). ``signed`` and ``order`` as for :meth:`zeros`."""
         _check_signed(signed)
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', got {order!r}")
