@@ -256,11 +256,11 @@ def _fmix32(h):
     return h ^ (h >> np.uint32(16))
 
 
-def _slot_bits(key, size, slot):
-    """The kernels' 16 random bits (uint32) of elements 0 .. size-1 of a tensor for array
-    ``slot`` (the param 0, the states 1, 2, 3): the low or high half of 32 bits, half 0 for
-    slots 0-1, half 1 for slots 2-3."""
-    index = np.arange(size, dtype=np.uint64)
+def _slot_bits(key, size, slot, start=0):
+    """The kernels' 16 random bits (uint32) of elements start .. start+size-1 of a tensor for
+    array ``slot`` (the param 0, the states 1, 2, 3): the low or high half of 32 bits, half 0
+    for slots 0-1, half 1 for slots 2-3."""
+    index = np.arange(start, start + size, dtype=np.uint64)
     c = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32) + (index >> np.uint64(32)).astype(
         np.uint32
     ) * np.uint32(0x27D4EB2F)
