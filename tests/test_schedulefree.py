@@ -11,7 +11,7 @@ import pytest
 from support import assert_same_bits
 
 import fusedopt
-from fusedopt import optim, reference
+from fusedopt import optim, quantize, reference
 
 torch = pytest.importorskip("torch", reason="torch not installed: schedulefree comparison skipped")
 schedulefree = pytest.importorskip(
@@ -233,6 +233,86 @@ def test_a_stochastic_switch_rounds_bfloat16_params_without_bias(master):
     assert np.mean(again[0][0] != other[0][0]) > 0.3  # a new seed, new bits: 0.42 expected
     (x, _), _ = _bfloat16_switches(master, stochastic=False)
     assert np.all(x == 1.0)
+
+
+def _switch_of_whole_arrays(param, z, weight, master, key):
+    """The switch as one NumPy expression over whole arrays: what optim._lerp_ computes in
+    pieces of whole int8 blocks (so that a switch of a large model needs no temporaries of it)."""
+    target = param if master is None else master
+    compute = np.float64 if target.dtype == np.float64 else np.float32
+    zs = z.dequantize() if isinstance(z, quantize.QuantizedState) else z.astype(compute)
+    x = target.astype(compute)
+    x += weight * (zs - x)
+    if master is not None:
+        master[...] = x
+    if key is not None and param.dtype in reference._STOCHASTIC:
+        rounded = reference._STOCHASTIC[param.dtype](x.ravel(order="K"), key, 0)
+        param.ravel(order="K")[...] = rounded
+    else:
+        param[...] = x
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(
+    "dtype, z_kind, master, key",
+    [
+        (np.float32, "float32", False, None),
+        (np.float64, "float64", False, None),
+        (ml_dtypes.bfloat16, "bfloat16", False, None),
+        (ml_dtypes.bfloat16, "float32", False, 77),
+        (np.float16, "float32", False, 77),
+        (ml_dtypes.bfloat16, "float32", True, 77),
+        (np.float32, "int8", False, None),
+        (np.float32, "int8 of the other order", False, None),
+        (ml_dtypes.bfloat16, "int8", True, 5),
+    ],
+)
+def test_a_switch_in_pieces_equals_one_of_whole_arrays(
+    monkeypatch, order, dtype, z_kind, master, key
+):
+    """Every storage a switch takes, in both layouts, in pieces of 2 blocks over a parameter of
+    several pieces and a short last block, against the whole arrays at once."""
+    monkeypatch.setattr(quantize, "_PIECE", 2 * quantize.BLOCK)
+    rng = np.random.default_rng(8)
+    shape = (37, 29)  # 1073 elements: 2 pieces and a part, the last block short
+    p = np.asarray(rng.standard_normal(shape), dtype, order=order)
+    m = p.astype(np.float32) + np.float32(1e-3) if master else None
+    # magnitudes that differ from element to element, so that the int8 blocks' scales differ
+    values = (rng.standard_normal(shape) * np.exp2(rng.integers(-8, 8, shape))).astype(np.float32)
+    if z_kind.startswith("int8"):
+        other = "C" if order == "F" else "F"
+        z = quantize.QuantizedState.from_array(
+            np.asarray(values, order=other if "other" in z_kind else order), signed=True
+        )
+    else:
+        z = np.asarray(values, z_kind, order=order)
+    expected_p, expected_m = p.copy(order="K"), None if m is None else m.copy(order="K")
+    for weight in (np.float32(1 - 1 / 0.9), np.float32(0.1)):
+        optim._lerp_(p, z, weight, m, key)
+        _switch_of_whole_arrays(expected_p, z, weight, expected_m, key)
+        assert_same_bits(p, expected_p)
+        if master:
+            assert_same_bits(m, expected_m)
+
+
+@pytest.mark.parametrize("options", [{}, dict(stochastic_rounding=True, master_weights=True)])
+def test_a_switch_takes_no_temporary_of_the_whole_param(options):
+    """eval() and train() of a large model must fit beside it: they take a few pieces' worth of
+    temporaries (tracemalloc counts NumPy's arrays), not several arrays of the param's size."""
+    import tracemalloc
+
+    n = 1 << 21
+    p = np.ones(n, ml_dtypes.bfloat16)
+    opt = optim.ScheduleFreeAdamW({"w": p}, lr=0.1, **options)
+    opt.step({"w": np.full(n, 0.5, np.float32)})
+    for switch in (opt.eval, opt.train):
+        tracemalloc.start()
+        try:
+            switch()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 << 20, f"{switch.__name__}: {peak / n:.2f} bytes an element at peak"
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -1793,7 +1793,8 @@ class _ScheduleFree(Optimizer):
         # z starts at x = y = the parameter (its float32 master, where it has one, is p)
         if dtype != "int8":
             return p.astype(_DTYPES[dtype], order="K")
-        return QuantizedState.from_array(p.astype(np.float32, order="K", copy=False), signed=True)
+        # p's values rounded to float32 and encoded, a piece at a time (no float32 copy of p)
+        return QuantizedState(*quantize._encode(p, True, None, quantize.BLOCK))
 
     def _call_key(self, group, state):
         return group["k"] + 1  # the kernel's step is the group's, as in schedulefree
@@ -1883,19 +1884,37 @@ def _lerp_(
     master rounded. With a random-bits ``key`` (:func:`_switch_key`) a bfloat16 or float16
     param is rounded stochastically, as a step with ``stochastic_rounding`` stores it: else
     each switch would move it by a rounding error of the same sign, and switching to eval and
-    back every few steps would add them up."""
+    back every few steps would add them up. The arrays are taken in pieces in the param's
+    memory order (the random bits' element order), so that a switch needs no temporary of the
+    whole param."""
     target = param if master is None else master
     compute = np.float64 if target.dtype == np.float64 else np.float32
-    zs = z.dequantize() if isinstance(z, QuantizedState) else z.astype(compute)
-    x = target.astype(compute)
-    x += weight * (zs - x)
-    if master is not None:
-        master[...] = x
-    stochastic = reference._STOCHASTIC.get(param.dtype)
-    if key is None or stochastic is None:
-        param[...] = x
+    order = _memory_order(param)
+    # views where laid out in the param's order (as the optimizers make them); else copies
+    param_out, target_in, master_out = (
+        a if a is None else a.reshape(-1, order=order) for a in (param, target, master)
+    )
+    codes = scales = None
+    if isinstance(z, QuantizedState) and (
+        z.codes.ndim < 2 or _memory_order(z.codes) == order  # its blocks in that order
+    ):
+        codes, scales = z.codes.reshape(-1, order=order), z.scales
     else:
-        param.ravel(order="K")[...] = stochastic(x.ravel(order="K"), key, 0)
+        z = (z.dequantize() if isinstance(z, QuantizedState) else z).reshape(-1, order=order)
+    stochastic = reference._STOCHASTIC.get(param.dtype) if key is not None else None
+    for piece, its_scales in quantize._pieces(param.size, quantize.BLOCK):
+        if codes is None:
+            zs = z[piece].astype(compute)
+        else:
+            zs = quantize._decode(codes[piece], scales[its_scales], quantize.BLOCK)
+        x = target_in[piece].astype(compute)
+        x += weight * (zs - x)
+        if master is not None:
+            master_out[piece] = x
+        if stochastic is None:
+            param_out[piece] = x
+        else:
+            param_out[piece] = stochastic(x, key, 0, start=piece.start)
 
 
 class ScheduleFreeAdamW(_ScheduleFree):

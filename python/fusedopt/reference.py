@@ -270,25 +270,26 @@ def _slot_bits(key, size, slot, start=0):
     return (h >> np.uint32(16 if slot in (1, 2) else 0)) & np.uint32(0xFFFF)
 
 
-def _stochastic_bfloat16(x, key, slot):
+def _stochastic_bfloat16(x, key, slot, start=0):
     """``x`` (float32, in memory order) rounded to bfloat16 at random, without bias: 16 random
     bits, the element's for this array (``slot``), are added below the 16 bits kept, then
-    truncated. The bits are those of the kernels. NaN rounds to nearest."""
-    bits = _slot_bits(key, x.size, slot)
+    truncated. The bits are those of the kernels (``x`` is the tensor's elements ``start``
+    on). NaN rounds to nearest."""
+    bits = _slot_bits(key, x.size, slot, start)
     rounded = ((x.view(np.uint32) + bits) >> np.uint32(16)).astype(np.uint16).view(_BFLOAT16)
     nan = np.isnan(x)
     rounded[nan] = x[nan].astype(_BFLOAT16)
     return rounded
 
 
-def _stochastic_float16(x, key, slot):
+def _stochastic_float16(x, key, slot, start=0):
     """``x`` (float32, in memory order) rounded to float16 at random, without bias: the top 13
     of the element's 16 random bits are added below the 10 mantissa bits kept, then truncated.
     Below 2**-14, float16's smallest normal (its subnormals' step is 2**-24), 2**-14 is added
     first in float32, which puts that step at the same bit, and taken away after (exact). Past
     the largest float16 the step up is to inf; inf and NaN convert as to nearest. The bits are
     those of the kernels."""
-    bits = _slot_bits(key, x.size, slot)
+    bits = _slot_bits(key, x.size, slot, start)
     u = x.view(np.uint32)
     a = u & np.uint32(0x7FFFFFFF)
     small = a < np.uint32(113 << 23)

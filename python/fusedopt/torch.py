@@ -1029,8 +1029,9 @@ class Optimizer(torch.optim.Optimizer):
                     layouts[p] = self._layout(p, saved, signed[p])
                 except ValueError as error:
                     raise ValueError(f"checkpoint parameter {saved_id!r}: {error}") from None
-        # torch's load, its hooks left out: they run around this one, which then replaces the
-        # state torch loaded
+        # torch's load of the groups, its hooks left out (they run around this one); the state
+        # is this one's: torch would cast every state tensor to its param's dtype first (int8
+        # codes to float32, four times their bytes), only for this to replace them
         hooks = (
             self._optimizer_load_state_dict_pre_hooks,
             self._optimizer_load_state_dict_post_hooks,
@@ -1038,7 +1039,7 @@ class Optimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
         self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
         try:
-            super().load_state_dict(state_dict)
+            super().load_state_dict({**state_dict, "state": {}})
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks[0]
             self._optimizer_load_state_dict_post_hooks = hooks[1]
