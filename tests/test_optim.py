@@ -1351,3 +1351,35 @@ def test_a_step_reusing_the_last_steps_calls_equals_one_building_them(cls, hyper
     both(lambda o: o.state.clear())
     step(when="state cleared")
     assert reused[0] >= 10
+
+
+@pytest.mark.parametrize("options", [{}, dict(state_dtype="int8")])
+def test_save_and_load_take_no_second_copy_of_the_state(tmp_path, options):
+    """save() writes the state's own arrays (numpy writes them in 16 MiB buffers), and
+    load_checkpoint() and Optimizer.load() keep the arrays they have just read: a copy of a
+    large model's state, as state_dict() and load_state_dict() make, would double it."""
+    import tracemalloc
+
+    n = 1 << 22
+    params = {"w": np.random.default_rng(0).standard_normal(n).astype(np.float32)}
+    opt = optim.Adam(params, **options)
+    opt.step({"w": np.ones(n, np.float32)})
+    state = sum(v.nbytes for v in opt.state["w"].values() if hasattr(v, "nbytes"))
+    path = tmp_path / "ckpt.npz"
+    for what, call, most in [
+        ("save", lambda: opt.save(path), 0.1 * state + (17 << 20)),
+        ("load_checkpoint", lambda: opt.load_checkpoint(path), 1.1 * state),
+        ("Optimizer.load", lambda: optim.Optimizer.load(path, params), 1.1 * state),
+    ]:
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < most, f"{what}: {peak / state:.2f} times the state's bytes at peak"
+    loaded = optim.Optimizer.load(path, params)
+    again = optim.Optimizer.load(path, params)
+    for key, value in loaded.state["w"].items():  # each load its own arrays
+        if isinstance(value, np.ndarray):
+            assert not np.shares_memory(value, again.state["w"][key])

@@ -362,8 +362,9 @@ def _slice_entry(
             value = entry[key]
             if isinstance(value, QuantizedState):
                 # its scales follow its codes' memory order: into the parameter's first, as
-                # Optimizer.load_state_dict does (bit for bit where the orders agree)
-                value = optim._quantized_in_order(value, order)
+                # Optimizer.load_state_dict does (bit for bit where the orders agree); only
+                # read here, so not copied where they do
+                value = optim._quantized_in_order(value, order, adopt=True)
                 chunks.append(np.ravel(value.codes, order=order)[a - s_lo : b - s_lo])
                 scales.append(value.scales[(a - s_lo) // BLOCK : -(-(b - s_lo) // BLOCK)])
             else:

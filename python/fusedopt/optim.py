@@ -1069,6 +1069,11 @@ class Optimizer:
     def state_dict(self) -> Dict[str, Any]:
         """Plain data: hyperparameters by group, per-parameter state; copies, sharing no list or
         array with the optimizer."""
+        return self._state_dict(copy=True)
+
+    def _state_dict(self, copy: bool) -> Dict[str, Any]:
+        """state_dict(); without ``copy``, the state's arrays are the optimizer's own (for
+        save(), which only reads them: a copy of a large model's state would double it)."""
         groups = [
             {
                 k: (list(v) if isinstance(v, (tuple, list)) else v)
@@ -1079,7 +1084,7 @@ class Optimizer:
         ]
         state = {
             name: {
-                k: (v.copy() if isinstance(v, (np.ndarray, QuantizedState)) else v)
+                k: (v.copy() if copy and isinstance(v, (np.ndarray, QuantizedState)) else v)
                 for k, v in s.items()
             }
             for name, s in self.state.items()
@@ -1115,7 +1120,12 @@ class Optimizer:
         bit for bit into a parameter of the memory layout (C or F order) it was saved with;
         into the other one, its blocks (which follow memory order) are decoded and encoded
         again in the parameter's, rounded to nearest."""
-        sd = state_dict
+        self._load_state_dict(state_dict, adopt=False)
+
+    def _load_state_dict(self, sd: Mapping[str, Any], adopt: bool) -> None:
+        """load_state_dict(); with ``adopt``, the state's arrays are taken as they are where
+        they have the parameter's memory layout, not copied: for a checkpoint just read, which
+        nothing else holds (a copy of a large model's state would double it)."""
         if sd.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(
                 f"unsupported checkpoint format {sd.get('format_version')!r} "
@@ -1205,7 +1215,7 @@ class Optimizer:
                             f"codes, got {got} codes"
                         )
                     _check_scales(f"state {key!r} of {name!r}", value.scales)
-                    entry[key] = _quantized_in_order(value, order)
+                    entry[key] = _quantized_in_order(value, order, adopt)
                     continue
                 dtype = "float32" if key == "master" else storage.state
                 value = np.asarray(value)
@@ -1216,7 +1226,7 @@ class Optimizer:
                         f"{' like the parameter' if shape == p.shape else ''}, "
                         f"got {value.dtype} {value.shape}"
                     )
-                entry[key] = np.array(value, order=order, copy=True)
+                entry[key] = np.asarray(value, order=order) if adopt else value.copy(order=order)
             if "step" not in entry:
                 raise ValueError(f"state of {name!r}: missing step")
             if storage.master and "master" not in entry:  # else rebuilt from the rounded param
@@ -1245,7 +1255,7 @@ class Optimizer:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the state to an .npz file atomically: a temporary file in the same folder,
         flushed to disk, then renamed over ``path``; a crash never leaves a partial file."""
-        _write_checkpoint(self.state_dict(), path)
+        _write_checkpoint(self._state_dict(copy=False), path)
 
     @staticmethod
     def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -1267,7 +1277,7 @@ class Optimizer:
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Restore this optimizer from a file written by save()."""
-        self.load_state_dict(self.read_checkpoint(path))
+        self._load_state_dict(self.read_checkpoint(path), adopt=True)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], params: Params) -> "Optimizer":
@@ -1280,7 +1290,7 @@ class Optimizer:
             )
         options = {k: sd.get(k, v) for k, v in Optimizer._DEFAULT_OPTIONS.items()}
         opt = kind(params, **options)
-        opt.load_state_dict(sd)
+        opt._load_state_dict(sd, adopt=True)
         return opt
 
     def __init_subclass__(cls, **kwargs):
@@ -1316,13 +1326,13 @@ class Optimizer:
         return f"{type(self).__name__}([{groups}])"
 
 
-def _quantized_in_order(state: QuantizedState, order: str) -> QuantizedState:
-    """A copy of ``state`` with its codes in memory order ``order``: bit for bit if its blocks
-    already follow that order, else decoded and encoded again (to nearest), since a block holds
-    other elements in the other order."""
+def _quantized_in_order(state: QuantizedState, order: str, adopt: bool) -> QuantizedState:
+    """``state`` with its codes in memory order ``order``: bit for bit if its blocks already
+    follow that order (``state`` itself if ``adopt``, else a copy), else decoded and encoded
+    again (to nearest), since a block holds other elements in the other order."""
     codes = state.codes
     if (codes.flags.c_contiguous and codes.flags.f_contiguous) or _memory_order(codes) == order:
-        return state.copy()
+        return state if adopt else state.copy()
     values = np.asarray(state.dequantize(), order=order)
     return QuantizedState(*quantize.encode(values, state.signed))
 
