@@ -177,3 +177,16 @@ def misaligned(a):
     view[...] = a
     assert not view.flags.aligned
     return view
+
+
+def peak_traced_bytes(fn) -> int:
+    """The most memory that ``fn()`` held at once beyond what was held before, as tracemalloc
+    counts it (NumPy reports its arrays' allocations to it)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

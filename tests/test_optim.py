@@ -11,7 +11,13 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_identical, assert_same_bits, misaligned, state_arrays
+from support import (
+    assert_identical,
+    assert_same_bits,
+    misaligned,
+    peak_traced_bytes,
+    state_arrays,
+)
 
 import fusedopt
 from fusedopt import _functional, optim
@@ -1358,8 +1364,6 @@ def test_save_and_load_take_no_second_copy_of_the_state(tmp_path, options):
     """save() writes the state's own arrays (numpy writes them in 16 MiB buffers), and
     load_checkpoint() and Optimizer.load() keep the arrays they have just read: a copy of a
     large model's state, as state_dict() and load_state_dict() make, would double it."""
-    import tracemalloc
-
     n = 1 << 22
     params = {"w": np.random.default_rng(0).standard_normal(n).astype(np.float32)}
     opt = optim.Adam(params, **options)
@@ -1371,12 +1375,7 @@ def test_save_and_load_take_no_second_copy_of_the_state(tmp_path, options):
         ("load_checkpoint", lambda: opt.load_checkpoint(path), 1.1 * state),
         ("Optimizer.load", lambda: optim.Optimizer.load(path, params), 1.1 * state),
     ]:
-        tracemalloc.start()
-        try:
-            call()
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak = peak_traced_bytes(call)
         assert peak < most, f"{what}: {peak / state:.2f} times the state's bytes at peak"
     loaded = optim.Optimizer.load(path, params)
     again = optim.Optimizer.load(path, params)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from support import assert_same_bits
+from support import assert_same_bits, peak_traced_bytes
 
 from fusedopt.quantize import BLOCK, QuantizedState, decode, encode
 
@@ -451,8 +451,6 @@ def test_the_codec_and_int8_state_take_little_memory_beyond_their_arrays():
     """Making int8 state takes its codes and scales, not a float32 array of the state and the
     encoder's temporaries (about 60 bytes an element): the state of a large model would not
     fit while it is made. tracemalloc counts NumPy's arrays."""
-    import tracemalloc
-
     from fusedopt import optim
 
     n = 1 << 21
@@ -464,12 +462,7 @@ def test_the_codec_and_int8_state_take_little_memory_beyond_their_arrays():
         ("decode", lambda: decode(*encode(x, True)), 4 * n),
         ("Adam's int8 state", lambda: optim.Adam([param], state_dtype="int8").step([grad]), 0),
     ]:
-        tracemalloc.start()
-        try:
-            make()
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak = peak_traced_bytes(make)
         # the state is 2 bytes an element (two moments of codes) and a scale a block
         assert peak < kept + 2 * n + little, f"{what}: {peak / n:.1f} bytes an element at peak"
 

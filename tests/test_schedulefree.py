@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_same_bits
+from support import assert_same_bits, peak_traced_bytes
 
 import fusedopt
 from fusedopt import optim, quantize, reference
@@ -235,23 +235,6 @@ def test_a_stochastic_switch_rounds_bfloat16_params_without_bias(master):
     assert np.all(x == 1.0)
 
 
-def _switch_of_whole_arrays(param, z, weight, master, key):
-    """The switch as one NumPy expression over whole arrays: what optim._lerp_ computes in
-    pieces of whole int8 blocks (so that a switch of a large model needs no temporaries of it)."""
-    target = param if master is None else master
-    compute = np.float64 if target.dtype == np.float64 else np.float32
-    zs = z.dequantize() if isinstance(z, quantize.QuantizedState) else z.astype(compute)
-    x = target.astype(compute)
-    x += weight * (zs - x)
-    if master is not None:
-        master[...] = x
-    if key is not None and param.dtype in reference._STOCHASTIC:
-        rounded = reference._STOCHASTIC[param.dtype](x.ravel(order="K"), key, 0)
-        param.ravel(order="K")[...] = rounded
-    else:
-        param[...] = x
-
-
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize(
     "dtype, z_kind, master, key",
@@ -271,7 +254,8 @@ def test_a_switch_in_pieces_equals_one_of_whole_arrays(
     monkeypatch, order, dtype, z_kind, master, key
 ):
     """Every storage a switch takes, in both layouts, in pieces of 2 blocks over a parameter of
-    several pieces and a short last block, against the whole arrays at once."""
+    several pieces and a short last block, against the whole arrays at once (the switch's
+    formula in one NumPy expression each)."""
     monkeypatch.setattr(quantize, "_PIECE", 2 * quantize.BLOCK)
     rng = np.random.default_rng(8)
     shape = (37, 29)  # 1073 elements: 2 pieces and a part, the last block short
@@ -289,29 +273,44 @@ def test_a_switch_in_pieces_equals_one_of_whole_arrays(
     expected_p, expected_m = p.copy(order="K"), None if m is None else m.copy(order="K")
     for weight in (np.float32(1 - 1 / 0.9), np.float32(0.1)):
         optim._lerp_(p, z, weight, m, key)
-        _switch_of_whole_arrays(expected_p, z, weight, expected_m, key)
+        optim._lerp_whole(expected_p, z, weight, expected_m, key)
         assert_same_bits(p, expected_p)
         if master:
             assert_same_bits(m, expected_m)
+
+
+def test_a_switch_writes_a_param_or_master_laid_out_otherwise():
+    """A strided param (a torch parameter whose .data a view replaced), or a master in the other
+    layout than its param's, has no flat view in the param's order to write pieces through:
+    the switch writes them whole, as before it ran in pieces."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((8, 12)).astype(np.float32)
+    for param, master in [
+        (base[:, ::2], None),
+        (np.asfortranarray(base.astype(ml_dtypes.bfloat16)), base.copy()),  # C master, F param
+    ]:
+        z = rng.standard_normal(param.shape).astype(np.float32)
+        before = param.copy()
+        expected_p = param.copy(order="K")  # the random bits follow memory order
+        expected_m = None if master is None else master.copy(order="K")
+        optim._lerp_(param, z, np.float32(0.25), master, 7)
+        optim._lerp_whole(expected_p, z, np.float32(0.25), expected_m, 7)
+        assert_same_bits(param, expected_p)
+        assert not np.array_equal(param, before)
+        if master is not None:
+            assert_same_bits(master, expected_m)
 
 
 @pytest.mark.parametrize("options", [{}, dict(stochastic_rounding=True, master_weights=True)])
 def test_a_switch_takes_no_temporary_of_the_whole_param(options):
     """eval() and train() of a large model must fit beside it: they take a few pieces' worth of
     temporaries (tracemalloc counts NumPy's arrays), not several arrays of the param's size."""
-    import tracemalloc
-
     n = 1 << 21
     p = np.ones(n, ml_dtypes.bfloat16)
     opt = optim.ScheduleFreeAdamW({"w": p}, lr=0.1, **options)
     opt.step({"w": np.full(n, 0.5, np.float32)})
     for switch in (opt.eval, opt.train):
-        tracemalloc.start()
-        try:
-            switch()
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak = peak_traced_bytes(switch)
         assert peak < 4 << 20, f"{switch.__name__}: {peak / n:.2f} bytes an element at peak"
 
 

@@ -1895,12 +1895,16 @@ def _lerp_(
     param is rounded stochastically, as a step with ``stochastic_rounding`` stores it: else
     each switch would move it by a rounding error of the same sign, and switching to eval and
     back every few steps would add them up. The arrays are taken in pieces in the param's
-    memory order (the random bits' element order), so that a switch needs no temporary of the
-    whole param."""
+    memory order (the random bits' element order), so that a switch of arrays laid out alike,
+    as the optimizers make them, needs no temporary of the whole param; else see
+    :func:`_lerp_whole`."""
+    order = _memory_order(param)
+    laid_out = "C_CONTIGUOUS" if order == "C" else "F_CONTIGUOUS"
+    if not all(a.flags[laid_out] for a in (param, master) if a is not None):
+        _lerp_whole(param, z, weight, master, key)  # no flat view to write through
+        return
     target = param if master is None else master
     compute = np.float64 if target.dtype == np.float64 else np.float32
-    order = _memory_order(param)
-    # views where laid out in the param's order (as the optimizers make them); else copies
     param_out, target_in, master_out = (
         a if a is None else a.reshape(-1, order=order) for a in (param, target, master)
     )
@@ -1909,7 +1913,7 @@ def _lerp_(
         z.codes.ndim < 2 or _memory_order(z.codes) == order  # its blocks in that order
     ):
         codes, scales = z.codes.reshape(-1, order=order), z.scales
-    else:
+    else:  # a copy where laid out otherwise
         z = (z.dequantize() if isinstance(z, QuantizedState) else z).reshape(-1, order=order)
     stochastic = reference._STOCHASTIC.get(param.dtype) if key is not None else None
     for piece, its_scales in quantize._pieces(param.size, quantize.BLOCK):
@@ -1925,6 +1929,30 @@ def _lerp_(
             param_out[piece] = x
         else:
             param_out[piece] = stochastic(x, key, 0, start=piece.start)
+
+
+def _lerp_whole(
+    param: np.ndarray,
+    z: Any,
+    weight: float,
+    master: Optional[np.ndarray],
+    key: Optional[int] = None,
+) -> None:
+    """:func:`_lerp_` over the whole arrays at once, with temporaries of their size: for a param
+    or master not contiguous in the param's memory order (a torch parameter whose ``.data`` a
+    strided view replaced), where pieces of a flat view cannot be written."""
+    target = param if master is None else master
+    compute = np.float64 if target.dtype == np.float64 else np.float32
+    zs = z.dequantize() if isinstance(z, QuantizedState) else z.astype(compute)
+    x = target.astype(compute)
+    x += weight * (zs - x)
+    if master is not None:
+        master[...] = x
+    stochastic = reference._STOCHASTIC.get(param.dtype)
+    if key is None or stochastic is None:
+        param[...] = x
+    else:
+        param.ravel(order="K")[...] = stochastic(x.ravel(order="K"), key, 0)
 
 
 class ScheduleFreeAdamW(_ScheduleFree):

@@ -180,7 +180,8 @@ def encode(
     follow the memory order of ``x`` (a non-contiguous ``x`` is read in C order).
 
     Rounds to nearest even, or with ``random_bits`` (16 random bits per element, uint32, in
-    memory order) stochastically: the bits are added below the 3 mantissa bits kept (the top 16
+    the memory order of ``x``; an array of more than one dimension is read in C order)
+    stochastically: the bits are added below the 3 mantissa bits kept (the top 16
     of the 20 dropped), then truncated, so that the expected code is x up to 2**-16 of a step.
     The kernels round quantized state this way: with 3 mantissa bits, an exponential moving
     average whose steps (1 - beta of it) are below half a step never moves when rounded to
@@ -366,7 +367,10 @@ class QuantizedState:
         with np.errstate(over="ignore"):  # past float32's range is inf, as stored
             block = np.full(BLOCK, value, np.float32)
         code, scale = _encode(block, signed, None, BLOCK)
-        codes = np.full(shape, code[0], code.dtype, order=order)
+        if code[0] == 0:  # zeros: pages the OS maps on first use, not written now
+            codes = np.zeros(shape, code.dtype, order=order)
+        else:
+            codes = np.full(shape, code[0], code.dtype, order=order)
         return cls(codes, np.full(_num_blocks(codes.size), scale[0], np.float32))
 
     @classmethod

@@ -288,7 +288,7 @@ def _stochastic_float16(x, key, slot, start=0):
     Below 2**-14, float16's smallest normal (its subnormals' step is 2**-24), 2**-14 is added
     first in float32, which puts that step at the same bit, and taken away after (exact). Past
     the largest float16 the step up is to inf; inf and NaN convert as to nearest. The bits are
-    those of the kernels."""
+    those of the kernels (``x`` is the tensor's elements ``start`` on)."""
     bits = _slot_bits(key, x.size, slot, start)
     u = x.view(np.uint32)
     a = u & np.uint32(0x7FFFFFFF)
