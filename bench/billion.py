@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     for name, param_dtype, state, stochastic, torch_has_it in ROWS:
         steps = row(name, n, param_dtype, state, stochastic, torch_has_it and have_torch)
         times = {impl: [] for impl in steps}
-        for impl, fn in steps.items():  # warm-up
+        for fn in steps.values():  # warm-up
             fn(1)
         step = 2
         for _ in range(args.rounds):
