@@ -447,6 +447,30 @@ def test_the_codec_in_pieces_equals_it_in_one(monkeypatch, signed):
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(37, 29), (7, 9, 11), (1, 600), (600, 1), (0, 5)])
+def test_codes_in_the_other_order_are_the_decoded_array_encoded_in_it(monkeypatch, signed, shape):
+    """int8 state loaded into a parameter of the other memory layout: its values encoded again
+    in that layout's blocks, to nearest, a piece at a time (here of 2 blocks, monkeypatched),
+    equal to the whole decoded array copied into that layout and encoded."""
+    from fusedopt import quantize
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * np.exp2(rng.integers(-30, 30, shape))).astype(np.float32)
+    x[rng.random(shape) < 0.05] = 0
+    x[rng.random(shape) < 0.02] = np.nan
+    x[rng.random(shape) < 0.02] = -np.inf
+    monkeypatch.setattr(quantize, "_PIECE", 2 * BLOCK)
+    for order, other in (("C", "F"), ("F", "C")):
+        codes, scales = encode(np.asarray(x, order=order), signed)
+        with np.errstate(over="ignore"):
+            want = encode(np.asarray(decode(codes, scales), order=other), signed)
+        got = quantize._in_order(codes, scales, other)
+        assert got[0].flags[f"{other}_CONTIGUOUS"]
+        assert_same_bits(got[0], want[0], f"{order} to {other}")
+        assert_same_bits(got[1], want[1], f"{order} to {other}")
+
+
 def test_the_codec_and_int8_state_take_little_memory_beyond_their_arrays():
     """Making int8 state takes its codes and scales, not a float32 array of the state and the
     encoder's temporaries (about 60 bytes an element): the state of a large model would not
@@ -457,9 +481,15 @@ def test_the_codec_and_int8_state_take_little_memory_beyond_their_arrays():
     x = np.random.default_rng(3).standard_normal(n).astype(np.float32)
     param, grad = np.zeros(n, np.float32), np.ones(n, np.float32)
     little = 8 << 20  # bytes: the codec's pieces of whole blocks
+    codes, scales = encode(x.reshape(1024, -1), True)
     for what, make, kept in [
         ("encode", lambda: encode(x, True), n + n // 64),
         ("decode", lambda: decode(*encode(x, True)), 4 * n),
+        (
+            "loaded into the other order",
+            lambda: optim._quantized_in_order(QuantizedState(codes, scales), "F", adopt=True),
+            n + n // 64,
+        ),
         ("Adam's int8 state", lambda: optim.Adam([param], state_dtype="int8").step([grad]), 0),
     ]:
         peak = peak_traced_bytes(make)

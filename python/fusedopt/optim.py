@@ -1333,8 +1333,7 @@ def _quantized_in_order(state: QuantizedState, order: str, adopt: bool) -> Quant
     codes = state.codes
     if (codes.flags.c_contiguous and codes.flags.f_contiguous) or _memory_order(codes) == order:
         return state if adopt else state.copy()
-    values = np.asarray(state.dequantize(), order=order)
-    return QuantizedState(*quantize.encode(values, state.signed))
+    return QuantizedState(*quantize._in_order(codes, state.scales, order))
 
 
 def _json_scalar(value: Any) -> Any:

@@ -272,6 +272,27 @@ def _encode_blocks(
     return q.reshape(-1)[:n].astype(np.uint8).view(fmt.dtype), scales
 
 
+def _in_order(codes: np.ndarray, scales: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray]:
+    """The codes and scales of the same decoded values with the blocks in memory order
+    ``order`` (for codes laid out in the other one): encoded again, to nearest, as ``encode``
+    would encode the decoded array laid out in ``order``. Each piece of the new order gathers
+    its elements' codes and scales where the old order holds them, so the temporaries are a
+    piece's, not the decoded array and its copy in the other order."""
+    shape, fmt = codes.shape, _format_of(codes)
+    source = _memory_order(codes)
+    flat = codes.reshape(-1, order=source).view(np.uint8)
+    n = flat.size
+    out = np.empty(n, fmt.dtype)
+    out_scales = np.empty(_num_blocks(n), np.float32)
+    for piece, its_scales in _pieces(n, BLOCK) if n else ():
+        index = np.unravel_index(np.arange(piece.start, piece.stop), shape, order=order)
+        at = np.ravel_multi_index(index, shape, order=source)
+        with np.errstate(under="ignore", invalid="ignore"):
+            values = fmt.lut[flat[at]] * scales[at // BLOCK]  # as _decode multiplies
+        out[piece], out_scales[its_scales] = _encode_blocks(values, fmt, None, BLOCK)
+    return out.reshape(shape, order=order), out_scales
+
+
 def decode(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Decodes ``codes`` (int8: signed format, uint8: unsigned) with their blocks' ``scales``.
 
