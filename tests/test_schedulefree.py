@@ -235,6 +235,26 @@ def test_a_stochastic_switch_rounds_bfloat16_params_without_bias(master):
     assert np.all(x == 1.0)
 
 
+def _switch_of_whole_arrays(param, z, weight, master, key):
+    """The switch as one NumPy expression over whole arrays: what optim._lerp_ computes in
+    pieces of whole int8 blocks (so that a switch of a large model needs no temporaries of it),
+    its random bits in the param's memory order."""
+    target = param if master is None else master
+    compute = np.float64 if target.dtype == np.float64 else np.float32
+    zs = z.dequantize() if isinstance(z, quantize.QuantizedState) else z.astype(compute)
+    x = target.astype(compute)
+    x += weight * (zs - x)
+    if master is not None:
+        master[...] = x
+    if key is not None and param.dtype in reference._STOCHASTIC:
+        in_order = np.empty_like(param, dtype=x.dtype)  # x laid out as the param
+        in_order[...] = x
+        rounded = reference._STOCHASTIC[param.dtype](in_order.ravel(order="K"), key, 0)
+        param.ravel(order="K")[...] = rounded
+    else:
+        param[...] = x
+
+
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize(
     "dtype, z_kind, master, key",
@@ -254,8 +274,7 @@ def test_a_switch_in_pieces_equals_one_of_whole_arrays(
     monkeypatch, order, dtype, z_kind, master, key
 ):
     """Every storage a switch takes, in both layouts, in pieces of 2 blocks over a parameter of
-    several pieces and a short last block, against the whole arrays at once (the switch's
-    formula in one NumPy expression each)."""
+    several pieces and a short last block, against the whole arrays at once."""
     monkeypatch.setattr(quantize, "_PIECE", 2 * quantize.BLOCK)
     rng = np.random.default_rng(8)
     shape = (37, 29)  # 1073 elements: 2 pieces and a part, the last block short
@@ -273,7 +292,7 @@ def test_a_switch_in_pieces_equals_one_of_whole_arrays(
     expected_p, expected_m = p.copy(order="K"), None if m is None else m.copy(order="K")
     for weight in (np.float32(1 - 1 / 0.9), np.float32(0.1)):
         optim._lerp_(p, z, weight, m, key)
-        optim._lerp_whole(expected_p, z, weight, expected_m, key)
+        _switch_of_whole_arrays(expected_p, z, weight, expected_m, key)
         assert_same_bits(p, expected_p)
         if master:
             assert_same_bits(m, expected_m)
@@ -282,11 +301,12 @@ def test_a_switch_in_pieces_equals_one_of_whole_arrays(
 def test_a_switch_writes_a_param_or_master_laid_out_otherwise():
     """A strided param (a torch parameter whose .data a view replaced), or a master in the other
     layout than its param's, has no flat view in the param's order to write pieces through:
-    the switch writes them whole, as before it ran in pieces."""
+    the switch runs on copies and writes them back, with the bits of the whole arrays at once."""
     rng = np.random.default_rng(4)
     base = rng.standard_normal((8, 12)).astype(np.float32)
     for param, master in [
         (base[:, ::2], None),
+        (np.asfortranarray(base.astype(ml_dtypes.bfloat16))[:, ::2], None),  # bits in F order
         (np.asfortranarray(base.astype(ml_dtypes.bfloat16)), base.copy()),  # C master, F param
     ]:
         z = rng.standard_normal(param.shape).astype(np.float32)
@@ -294,7 +314,7 @@ def test_a_switch_writes_a_param_or_master_laid_out_otherwise():
         expected_p = param.copy(order="K")  # the random bits follow memory order
         expected_m = None if master is None else master.copy(order="K")
         optim._lerp_(param, z, np.float32(0.25), master, 7)
-        optim._lerp_whole(expected_p, z, np.float32(0.25), expected_m, 7)
+        _switch_of_whole_arrays(expected_p, z, np.float32(0.25), expected_m, 7)
         assert_same_bits(param, expected_p)
         assert not np.array_equal(param, before)
         if master is not None:

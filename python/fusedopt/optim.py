@@ -1895,12 +1895,22 @@ def _lerp_(
     each switch would move it by a rounding error of the same sign, and switching to eval and
     back every few steps would add them up. The arrays are taken in pieces in the param's
     memory order (the random bits' element order), so that a switch of arrays laid out alike,
-    as the optimizers make them, needs no temporary of the whole param; else see
-    :func:`_lerp_whole`."""
+    as the optimizers make them, needs no temporary of the whole param."""
     order = _memory_order(param)
     laid_out = "C_CONTIGUOUS" if order == "C" else "F_CONTIGUOUS"
     if not all(a.flags[laid_out] for a in (param, master) if a is not None):
-        _lerp_whole(param, z, weight, master, key)  # no flat view to write through
+        # No flat view to write pieces through (a torch parameter whose .data a strided view
+        # replaced, a master laid out otherwise): the switch runs on copies laid out as the
+        # param's elements are ordered in memory (its random bits' order), written back.
+        work = param.copy(order="K")
+        work_master = None
+        if master is not None:
+            work_master = np.empty_like(work, dtype=master.dtype)
+            work_master[...] = master
+        _lerp_(work, z, weight, work_master, key)
+        param[...] = work
+        if master is not None:
+            master[...] = work_master
         return
     target = param if master is None else master
     compute = np.float64 if target.dtype == np.float64 else np.float32
@@ -1928,30 +1938,6 @@ def _lerp_(
             param_out[piece] = x
         else:
             param_out[piece] = stochastic(x, key, 0, start=piece.start)
-
-
-def _lerp_whole(
-    param: np.ndarray,
-    z: Any,
-    weight: float,
-    master: Optional[np.ndarray],
-    key: Optional[int] = None,
-) -> None:
-    """:func:`_lerp_` over the whole arrays at once, with temporaries of their size: for a param
-    or master not contiguous in the param's memory order (a torch parameter whose ``.data`` a
-    strided view replaced), where pieces of a flat view cannot be written."""
-    target = param if master is None else master
-    compute = np.float64 if target.dtype == np.float64 else np.float32
-    zs = z.dequantize() if isinstance(z, QuantizedState) else z.astype(compute)
-    x = target.astype(compute)
-    x += weight * (zs - x)
-    if master is not None:
-        master[...] = x
-    stochastic = reference._STOCHASTIC.get(param.dtype)
-    if key is None or stochastic is None:
-        param[...] = x
-    else:
-        param.ravel(order="K")[...] = stochastic(x.ravel(order="K"), key, 0)
 
 
 class ScheduleFreeAdamW(_ScheduleFree):

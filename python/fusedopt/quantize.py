@@ -284,7 +284,7 @@ def _in_order(codes: np.ndarray, scales: np.ndarray, order: str) -> tuple[np.nda
     n = flat.size
     out = np.empty(n, fmt.dtype)
     out_scales = np.empty(_num_blocks(n), np.float32)
-    for piece, its_scales in _pieces(n, BLOCK) if n else ():
+    for piece, its_scales in _pieces(n, BLOCK):
         index = np.unravel_index(np.arange(piece.start, piece.stop), shape, order=order)
         at = np.ravel_multi_index(index, shape, order=source)
         with np.errstate(under="ignore", invalid="ignore"):
