@@ -571,6 +571,7 @@ def test_bad_checkpoint_entries_are_named_and_change_nothing():
         ({"skipped_steps": -1}, r"^checkpoint has skipped_steps=-1"),
         ({"skipped_steps": True}, r"^checkpoint has skipped_steps=True"),
         ({"frozen": ["w1", "nope"]}, r"^checkpoint has unknown frozen parameters \['nope'\]"),
+        ({"frozen": "w1"}, r"^checkpoint's frozen: expected a list of parameter names, got 'w1'"),
     ]:
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(changed(**entries))
@@ -599,6 +600,12 @@ def test_a_hyperparameter_list_changed_in_place_is_a_change():
     with pytest.raises(TypeError, match="amsgrad must be a bool, got int"):
         opt_a.step(grads)
     opt_a.param_groups[0]["amsgrad"] = False
+    opt_a.param_groups[0]["frozen"] = "no"  # truthy: it would have frozen the group
+    with pytest.raises(TypeError, match="frozen must be True or False, got 'no'"):
+        opt_a.step(grads)
+    with pytest.raises(TypeError, match=r"frozen must be True or False, got \[False\]"):
+        optim.Adam([{"params": {"v": np.ones(2)}, "frozen": [False]}])
+    opt_a.param_groups[0]["frozen"] = False
     opt_a.param_groups[0]["betas"][1] = float("nan")
     before = a["w"].copy()
     with pytest.raises(ValueError, match="Invalid beta parameter at index 1: nan"):
@@ -704,6 +711,83 @@ def test_bad_steps_raise_before_any_update():
         opt.step({**good, "b1": opt.state["b1"]["exp_avg"]})  # the second call's own state
     assert_same(params, before)
     assert_same_bits(opt.state["b1"]["exp_avg"], state)
+
+
+@pytest.mark.parametrize("cls", [optim.ScheduleFreeSGD, optim.ScheduleFreeAdamW])
+def test_a_schedule_free_switch_that_fails_writes_nothing(cls):
+    """train()/eval() check every parameter, master and z before the first is written: a
+    switch that stopped halfway would leave the earlier parameters switched and the mode
+    unchanged, and the next attempt would move them twice. After the refusals, the same
+    switches give the bits of a twin that never failed."""
+    masters = cls is optim.ScheduleFreeAdamW
+    dtype = ml_dtypes.bfloat16 if masters else np.float32
+
+    def make():
+        rng = np.random.default_rng(5)
+        params = {n: rng.standard_normal(4).astype(dtype) for n in ("a", "b", "c")}
+        groups = [{"params": {"a": params["a"]}}, {"params": {"b": params["b"], "c": params["c"]}}]
+        opt = cls(groups, master_weights=masters)
+        for _ in range(2):
+            opt.step({n: rng.standard_normal(4).astype(np.float32) for n in params})
+        return params, opt
+
+    params, opt = make()
+    twin_params, twin = make()
+
+    before = {n: p.copy() for n, p in params.items()}
+    state = {n: {k: v.copy() for k, v in s.items() if k != "step"} for n, s in opt.state.items()}
+
+    def refused(error, match, undo):
+        with pytest.raises(error, match=match):
+            opt.eval()
+        undo()
+        assert_same(params, before)
+        for n, s in state.items():
+            for k, v in s.items():
+                assert_same_bits(opt.state[n][k], v)
+        assert all(g["train_mode"] for g in opt.param_groups)
+
+    params["c"].setflags(write=False)
+    refused(
+        ValueError, "^parameter 'c': array is read-only", lambda: params["c"].setflags(write=True)
+    )
+    z = opt.state["c"]["z"]
+    opt.state["c"]["z"] = z[:3]
+    refused(
+        ValueError,
+        r"^state 'z' of 'c': expected the parameter's shape \(4,\)",
+        lambda: opt.state["c"].update(z=z),
+    )
+    opt.state["c"]["z"] = list(z)
+    refused(
+        TypeError,
+        "^state 'z' of 'c': expected a numpy.ndarray or QuantizedState",
+        lambda: opt.state["c"].update(z=z),
+    )
+    group = opt.param_groups[1]
+    if masters:
+        master = opt.state["c"]["master"]
+        master.setflags(write=False)
+        refused(
+            ValueError,
+            "^state 'master' of 'c': array is read-only",
+            lambda: master.setflags(write=True),
+        )
+        group["betas"] = (0.0, 0.999)
+        refused(
+            ValueError,
+            r"^eval\(\) with betas 0.0: the parameters hold y = z",
+            lambda: group.update(betas=(0.9, 0.999)),
+        )
+    good = group[opt.beta_name]
+    group[opt.beta_name] = (-1.0, 0.999) if masters else -1.0
+    refused(ValueError, "^Invalid", lambda: group.update({opt.beta_name: good}))
+    for o in (opt, twin):
+        o.eval()
+    assert_same(params, twin_params)
+    for o in (opt, twin):
+        o.train()
+    assert_same(params, twin_params)
 
 
 @pytest.mark.parametrize("impl", [None, "reference"])
@@ -845,6 +929,24 @@ def test_skip_if_nonfinite_and_max_grad_norm_options():
     assert opt.step(grads) is True
     assert fusedopt.global_norm(list(grads.values())) == pytest.approx(1.0, rel=1e-6)
     opt.step({**grads, "scale": np.float64(0.5)})
+
+
+@pytest.mark.parametrize("norm", [np.array(2.0), np.float32(2.0), 2])
+def test_max_grad_norm_of_any_accepted_type_is_checkpointed_as_a_float(norm, tmp_path):
+    """max_grad_norm as clip_grad_norm_ takes it (a 0-d array or NumPy scalar too) is kept as
+    a float: the checkpoint's JSON holds it, and the loaded optimizer clips as the first."""
+    params = model()
+    opt = optim.Adam(params, lr=0.01, max_grad_norm=norm)
+    assert type(opt.max_grad_norm) is float and opt.max_grad_norm == 2.0
+    opt.step(grads_for(params, np.random.default_rng(8)))
+    opt.save(tmp_path / "ckpt.npz")
+    loaded = optim.Optimizer.load(tmp_path / "ckpt.npz", copy(params))
+    assert loaded.max_grad_norm == 2.0
+    opt.max_grad_norm = np.array(3.0)  # set later: state_dict() takes it as a float too
+    assert opt.state_dict()["max_grad_norm"] == 3.0
+    opt.max_grad_norm = "3"
+    with pytest.raises(ValueError, match="Invalid max_grad_norm: '3'"):
+        opt.state_dict()
 
 
 # ---------------------------------------------------------------- global norm and clipping

@@ -237,8 +237,8 @@ def test_load_state_dict_checks_everything_first(make):
         ),
         (
             ValueError,
-            rf"state_dict\['{per_group}'\]: expected one value per parameter group \(2\)",
-            {**good, per_group: [0.5]},
+            rf"state_dict\['{per_group}'\]: expected one value per parameter group \(2, or",
+            {**good, per_group: [0.5, 0.5, 0.5]},
         ),
         (
             TypeError,
@@ -333,3 +333,104 @@ def test_a_json_round_trip_of_a_state_loads_again_and_again():
         schedule.load_state_dict(schedule.state_dict())
         assert schedule.last_epoch == 5
     assert made[0].get_last_lr() == made[1].get_last_lr()
+
+
+def test_per_group_lists_of_another_length_are_refused_as_torch_refuses_them():
+    """A max_lr or min_lr list with a value for other than each group: a ValueError, as
+    torch's schedulers raise (not an IndexError at the first step, nor a checkpoint that will
+    not load)."""
+    for make in (
+        lambda o, v: schedules.OneCycleLR(o, v, total_steps=10),
+        lambda o, v: schedules.ReduceLROnPlateau(o, min_lr=v),
+    ):
+        for values in ([1.0], [1.0, 2.0, 3.0]):
+            with pytest.raises(
+                ValueError, match=r"_lr: expected one value per parameter group \(2\)"
+            ):
+                make(sgd(), values)
+        make(sgd(), (1.0, 2.0))
+
+
+def _grown(lr=0.1):
+    """sgd() with a third group added, as after the schedule was made."""
+    opt = sgd(lr)
+    opt.add_param_group({"params": [np.zeros(4)], "lr": lr / 4})
+    return opt
+
+
+def test_a_group_added_after_the_schedule_is_left_alone_and_resumes():
+    """A schedule made before add_param_group schedules the groups it was made for, and
+    leaves the added one's rate alone (torch's chainable forms would scale it from its rate
+    when added: documented); its checkpoint loads into the same schedule of a resumed run,
+    made after the group was added, and continues with the same rates."""
+    opt = sgd()
+    sched = schedules.CosineAnnealingLR(opt, T_max=10)
+    opt.add_param_group({"params": [np.zeros(4)], "lr": 0.025})
+    for _ in range(3):
+        sched.step()
+    assert opt.param_groups[2]["lr"] == 0.025
+    resumed_opt = _grown()
+    resumed = schedules.CosineAnnealingLR(resumed_opt, T_max=10)
+    resumed.load_state_dict(sched.state_dict())
+    for _ in range(3):
+        sched.step()
+        resumed.step()
+        assert resumed.get_last_lr() == sched.get_last_lr()
+    assert resumed.get_last_lr()[2] == 0.025
+    if torch is not None:  # the groups it was made for, as torch's
+        w = [torch.zeros(3), torch.zeros(2), torch.zeros(4)]
+        topt = torch.optim.SGD([{"params": [w[0]]}, {"params": [w[1]], "lr": 0.05}], lr=0.1)
+        tsched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, T_max=10)
+        topt.add_param_group({"params": [w[2]], "lr": 0.025})
+        for _ in range(6):
+            topt.step()
+            tsched.step()
+        np.testing.assert_allclose(sched.get_last_lr()[:2], tsched.get_last_lr()[:2], rtol=1e-12)
+    one_cycle = schedules.OneCycleLR(opt := sgd(), 1.0, total_steps=10)
+    opt.add_param_group({"params": [np.zeros(4)], "lr": 0.025})
+    lrs = one_cycle.get_last_lr()
+    with pytest.raises(
+        ValueError, match="OneCycleLR made for 2 parameter groups, the optimizer has 3"
+    ):
+        one_cycle.step()
+    assert one_cycle.get_last_lr() == lrs and one_cycle.last_epoch == 0
+
+
+def test_reduce_on_plateau_reduces_a_group_added_since_as_torch():
+    """Groups added after ReduceLROnPlateau was made with one min_lr take it (torch's
+    default_min_lr); made with a list, a reduction is a RuntimeError that changes nothing.
+    Its checkpoints, and those from before default_min_lr was kept, load."""
+    metrics = [3, 3, 3, 3, 3, 3]
+    opt = sgd()
+    sched = schedules.ReduceLROnPlateau(opt, patience=0, min_lr=0.004)
+    opt.add_param_group({"params": [np.zeros(4)], "lr": 1.0})
+    for metric in metrics:
+        sched.step(metric)
+    if torch is not None:
+        w = [torch.zeros(3), torch.zeros(2), torch.zeros(4)]
+        topt = torch.optim.SGD([{"params": [w[0]]}, {"params": [w[1]], "lr": 0.05}], lr=0.1)
+        tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, patience=0, min_lr=0.004)
+        topt.add_param_group({"params": [w[2]], "lr": 1.0})
+        for metric in metrics:
+            tsched.step(metric)
+        assert sched.get_last_lr() == tsched.get_last_lr()
+        assert sched.min_lrs == tsched.min_lrs
+    assert opt.param_groups[2]["lr"] == 0.004 and sched.min_lrs == [0.004] * 3
+    # its checkpoint, and one without default_min_lr (from an earlier version)
+    for state in (sched.state_dict(), {**sched.state_dict(), "default_min_lr": None}):
+        fresh = schedules.ReduceLROnPlateau(_grown(), patience=0, min_lr=[0.1, 0.2, 0.3])
+        old = {k: v for k, v in state.items() if k != "default_min_lr"}
+        fresh.load_state_dict(old)
+        assert fresh.default_min_lr == 0.004 and fresh.state_dict() == sched.state_dict()
+        fresh.load_state_dict(state)
+        assert fresh.default_min_lr == state["default_min_lr"]
+    with pytest.raises(TypeError, match="default_min_lr: expected None or a number, got 'x'"):
+        fresh.load_state_dict({**state, "default_min_lr": "x"})
+    opt = sgd()
+    sched = schedules.ReduceLROnPlateau(opt, patience=0, min_lr=[0.01, 0.02])
+    sched.step(3)
+    opt.add_param_group({"params": [np.zeros(4)], "lr": 1.0})
+    before = copy.deepcopy(sched.state_dict()), sched.get_last_lr()
+    with pytest.raises(RuntimeError, match="min_lr for each of 2 parameter groups, the optim"):
+        sched.step(3)
+    assert (sched.state_dict(), sched.get_last_lr()) == before

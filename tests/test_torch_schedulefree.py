@@ -181,3 +181,20 @@ def test_bfloat16_matches_the_numpy_class_bit_for_bit(name, options):
             assert ft._numpy(p.detach()).tobytes() == arrays[str(i)].tobytes()
             for key, value in opt.state[p].items():
                 assert ft._numpy(value).tobytes() == ref.state[str(i)][key].tobytes(), key
+
+
+def test_eval_with_beta1_zero_is_refused_before_any_parameter_changes():
+    """With betas[0] = 0 the parameters hold y = z, from which x cannot be recovered: eval()
+    is a ValueError (schedulefree divides by zero), and no group's parameters have moved."""
+    params = _params()
+    opt = ft.ScheduleFreeAdamW(
+        [{"params": params[:2]}, {"params": params[2:], "betas": (0.0, 0.999)}], lr=0.01
+    )
+    opt.train()  # schedulefree's classes start in eval mode
+    _step(opt, params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"^eval\(\) with betas 0.0: the parameters hold y = z"):
+        opt.eval()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    assert all(g["train_mode"] for g in opt.param_groups)

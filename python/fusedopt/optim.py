@@ -240,14 +240,15 @@ def _check_param(name: str, p: Any) -> np.ndarray:
     return p
 
 
-def _check_max_grad_norm(value: Any) -> None:
-    """None or what clip_grad_norm_ takes as max_norm (a real number or a 0-d array or tensor
-    of one), finite and > 0, else ValueError."""
+def _check_max_grad_norm(value: Any) -> Optional[float]:
+    """None, or what clip_grad_norm_ takes as max_norm (a real number or a 0-d array or tensor
+    of one), finite and > 0, as a float (what a checkpoint's JSON can hold); else ValueError."""
     if value is None:
-        return
+        return None
     norm = as_max_norm(value)
     if norm is None or not (norm > 0 and math.isfinite(norm)):
         raise ValueError(f"Invalid max_grad_norm: {value!r} (None or a finite number > 0)")
+    return norm
 
 
 def _call_seed(seed: int, first: int) -> int:
@@ -442,7 +443,7 @@ class Optimizer:
                 parameter with no kernel for its dtype and these options, before any state is
                 made.
         """
-        _check_max_grad_norm(max_grad_norm)
+        max_grad_norm = _check_max_grad_norm(max_grad_norm)
         if impl not in (None, "fused", "reference"):
             raise ValueError(f"impl: expected None, 'fused' or 'reference', got {impl!r}")
         _check_seed(seed)
@@ -581,6 +582,7 @@ class Optimizer:
         betas = group.get("betas")
         if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
             raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+        _check_flag("frozen", group["frozen"])
         self._check_group(group)
         declaration = self._declaration(group)
         hyper = self._kernel_arguments(group)
@@ -1096,7 +1098,7 @@ class Optimizer:
             "state": state,
             "frozen": sorted(self._frozen),
             "skipped_steps": self.skipped_steps,
-            "max_grad_norm": self.max_grad_norm,
+            "max_grad_norm": _check_max_grad_norm(self.max_grad_norm),
             "skip_if_nonfinite": self.skip_if_nonfinite,
             **self._storage_options(),
         }
@@ -1141,7 +1143,7 @@ class Optimizer:
         _check_flag("stochastic_rounding", stochastic_rounding)
         _check_flag("skip_if_nonfinite", skip_if_nonfinite)
         _check_seed(seed)
-        _check_max_grad_norm(max_grad_norm)
+        max_grad_norm = _check_max_grad_norm(max_grad_norm)
         if sd.get("optimizer") != type(self).__name__:
             raise ValueError(
                 f"checkpoint of a {sd.get('optimizer')} optimizer, this is a {type(self).__name__}"
@@ -1232,7 +1234,14 @@ class Optimizer:
             if storage.master and "master" not in entry:  # else rebuilt from the rounded param
                 raise ValueError(f"state of {name!r}: missing its float32 master weights")
             new_state[name] = entry
-        frozen = set(sd.get("frozen", []))
+        frozen = sd.get("frozen", [])
+        if not isinstance(frozen, (list, tuple, set)) or not all(
+            isinstance(n, str) for n in frozen
+        ):
+            raise ValueError(
+                f"checkpoint's frozen: expected a list of parameter names, got {frozen!r}"
+            )
+        frozen = set(frozen)
         unknown_frozen = sorted(map(str, frozen - set(self._params)))
         if unknown_frozen:
             raise ValueError(f"checkpoint has unknown frozen parameters {unknown_frozen}")
@@ -1850,11 +1859,19 @@ class _ScheduleFree(Optimizer):
         self._switch(False)
 
     def _switch(self, to_train: bool) -> None:
-        for group in self.param_groups:
-            if group["train_mode"] == to_train:
-                continue
-            beta = self._beta(group)
-            weight = 1 - beta if to_train else 1 - 1 / beta
+        # everything checked before anything is written: a switch that stopped halfway would
+        # leave some parameters at x and others at y, and a second attempt would move the
+        # first ones twice
+        groups = [g for g in self.param_groups if g["train_mode"] != to_train]
+        weights = []
+        for group in groups:
+            self._validate_group(group)
+            weights.append(_switch_weight(self._beta(group), to_train, self.beta_name))
+            for name, p in zip(group["names"], group["params"]):
+                state = self.state.get(name, {})
+                if "z" in state:
+                    _check_switch(name, p, state["z"], state.get("master"))
+        for group, weight in zip(groups, weights):
             for name, p in zip(group["names"], group["params"]):
                 state = self.state.get(name, {})
                 if "z" in state:
@@ -1879,6 +1896,43 @@ def _switch_key(seed: int, k: int, to_train: bool, position: int) -> int:
 
 
 _SWITCH_SALT = 0x5F3759DF5F3759DF
+
+
+def _switch_weight(beta: float, to_train: bool, beta_name: str) -> float:
+    """The weight of a Schedule-Free switch's interpolation toward z: 1 - beta to y, 1 - 1/beta
+    to x, which y and z determine only for beta > 0 (else y = z), so a ValueError then."""
+    if to_train:
+        return 1 - beta
+    if beta == 0:
+        raise ValueError(
+            f"eval() with {beta_name} {beta!r}: the parameters hold y = z, from which the "
+            "average x cannot be recovered (the interpolation needs a weight > 0)"
+        )
+    return 1 - 1 / beta
+
+
+def _check_switch(name: str, param: np.ndarray, z: Any, master: Optional[np.ndarray]) -> None:
+    """ValueError/TypeError unless a Schedule-Free switch can write ``param`` (and its master)
+    from state ``z``: checked for every parameter before the first is written."""
+    if not param.flags.writeable:
+        raise ValueError(f"parameter {name!r}: array is read-only")
+    for key, a in (("z", z), ("master", master)):
+        if a is None:
+            continue
+        if not isinstance(a, (np.ndarray, QuantizedState)) or (
+            key == "master" and isinstance(a, QuantizedState)
+        ):
+            raise TypeError(
+                f"state {key!r} of {name!r}: expected a numpy.ndarray"
+                f"{' or QuantizedState' if key == 'z' else ''}, got {type(a).__name__}"
+            )
+        if a.shape != param.shape:
+            raise ValueError(
+                f"state {key!r} of {name!r}: expected the parameter's shape {param.shape}, got "
+                f"{a.shape}"
+            )
+    if master is not None and not master.flags.writeable:
+        raise ValueError(f"state 'master' of {name!r}: array is read-only")
 
 
 def _lerp_(

@@ -3,7 +3,12 @@
 A schedule sets ``lr`` in every parameter group of its optimizer: once when it is created (step
 0), then at each ``step()``, which a training loop calls after ``optimizer.step(...)``. Each
 schedule is a closed form of the step count, from the learning rates the groups had when the
-schedule was created; ``state_dict()`` / ``load_state_dict()`` resume it exactly.
+schedule was created; ``state_dict()`` / ``load_state_dict()`` resume it exactly. A group
+added to the optimizer after a closed-form schedule was created keeps its own rate (torch's
+chainable schedules would scale it from its rate when added) and ``OneCycleLR`` refuses to
+step, as torch's does: create the schedule after the last ``add_param_group``.
+``ReduceLROnPlateau`` reduces an added group as torch's does: down to ``min_lr``, or, made
+with a list of them, a RuntimeError.
 
 >>> opt = fusedopt.optim.AdamW(params, lr=1e-3)
 >>> sched = fusedopt.schedules.WarmupCosineLR(opt, warmup_steps=100, total_steps=10_000)
@@ -17,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 from .optim import Optimizer
 
@@ -44,7 +49,6 @@ _TORCH_BOOKKEEPING = frozenset(
         "_get_lr_called_within_step",
         "_last_lr",
         "verbose",
-        "default_min_lr",
         "mode_worse",
     }
 )
@@ -77,6 +81,19 @@ def _check_like(what: str, value: Any, like: Any) -> None:
         raise TypeError(f"{what}: expected a {kind}, got {value!r}")
 
 
+def _per_group_values(name: str, optimizer: Optimizer, value: Any) -> List[Any]:
+    """``value`` for each of the optimizer's groups: a list or tuple of one per group (else
+    ValueError, as torch's schedulers raise), or one for all."""
+    groups = len(optimizer.param_groups)
+    if not isinstance(value, (list, tuple)):
+        return [value] * groups
+    if len(value) != groups:
+        raise ValueError(
+            f"{name}: expected one value per parameter group ({groups}), got {len(value)}"
+        )
+    return list(value)
+
+
 def _checked_optimizer(optimizer: Any) -> Optimizer:
     """``optimizer``, if it is a fusedopt.optim.Optimizer or has its param_groups and defaults
     (a distributed.ZeroRedundancyOptimizer), else TypeError."""
@@ -90,8 +107,11 @@ def _checked_optimizer(optimizer: Any) -> Optimizer:
 
 class _Schedule:
     optimizer: Optimizer
-    #: the state keys with one value per parameter group
+    #: the state keys with one value per parameter group the schedule was made for (groups
+    #: added to the optimizer since are not scheduled, as torch's schedulers leave them)
     _per_group = ("base_lrs",)
+    #: state keys that checkpoints of earlier versions lack: their value derived from the rest
+    _derived: Dict[str, Callable[[Dict[str, Any]], Any]] = {}
 
     def get_last_lr(self) -> List[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -112,7 +132,8 @@ class _Schedule:
             raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
         own = self.state_dict()
         loaded = {k: v for k, v in state_dict.items() if k not in _TORCH_BOOKKEEPING}
-        unknown, missing = set(loaded) - set(own), set(own) - set(loaded)
+        unknown = set(loaded) - set(own)
+        missing = set(own) - set(loaded) - set(self._derived)
         if unknown or missing:  # another schedule's
             keys = {"unknown": sorted(unknown), "missing": sorted(missing)}
             raise ValueError(
@@ -123,19 +144,21 @@ class _Schedule:
         for key, value in loaded.items():
             what = f"state_dict[{key!r}]"
             if key in self._per_group:
-                if not isinstance(value, (list, tuple)) or len(value) != groups:
+                if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= groups:
                     raise ValueError(
-                        f"{what}: expected one value per parameter group ({groups}), got {value!r}"
+                        f"{what}: expected one value per parameter group ({groups}, or fewer "
+                        f"for a schedule made before groups were added), got {value!r}"
                     )
                 for v in value:
                     _check_like(what, v, own[key][0])
-            else:
+            elif key not in self._derived:  # checked by _check
                 _check_like(what, value, own[key])
         last_epoch = loaded["last_epoch"]
         if not isinstance(last_epoch, numbers.Integral) or last_epoch < 0:
             raise (ValueError if isinstance(last_epoch, numbers.Integral) else TypeError)(
                 f"state_dict['last_epoch']: expected an int >= 0, got {last_epoch!r}"
             )
+        loaded.update({k: derive(loaded) for k, derive in self._derived.items() if k not in loaded})
         trial = copy.copy(self)
         vars(trial).update(loaded)
         trial._check()
@@ -330,8 +353,7 @@ class OneCycleLR(LRScheduler):
         if not 0 <= pct_start <= 1:
             raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
         self.optimizer = _checked_optimizer(optimizer)  # read below and by _check
-        groups = optimizer.param_groups
-        max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
+        max_lrs = _per_group_values("max_lr", optimizer, max_lr)
         self.max_lrs, self.total_steps, self.anneal_strategy = max_lrs, total_steps, anneal_strategy
         self.cycle_momentum = cycle_momentum
         self.base_momentum, self.max_momentum = base_momentum, max_momentum
@@ -385,8 +407,15 @@ class OneCycleLR(LRScheduler):
                 f"Tried to step {step} times. The specified number of total steps "
                 f"is {self.total_steps}"
             )
+        groups = self.optimizer.param_groups
+        if len(groups) > len(self.max_lrs):  # torch's fails on the group's missing max_lr
+            raise ValueError(
+                f"OneCycleLR made for {len(self.max_lrs)} parameter groups, the optimizer has "
+                f"{len(groups)}: a group added since has no max_lr (make the schedule after "
+                "adding it)"
+            )
         values = []
-        for i, group in enumerate(self.optimizer.param_groups):
+        for i, group in enumerate(groups):
             lrs = {"i": self.initial_lrs[i], "m": self.max_lrs[i], "f": self.min_lrs[i]}
             start_step = 0.0
             for index, (end_step, lr_from, lr_to, m_from, m_to) in enumerate(self.phases):
@@ -425,13 +454,21 @@ class ReduceLROnPlateau(_Schedule):
         self.threshold, self.threshold_mode = threshold, threshold_mode
         self._check()
         self.optimizer = _checked_optimizer(optimizer)
-        groups = optimizer.param_groups
-        self.min_lrs = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * len(groups)
+        self.min_lrs = _per_group_values("min_lr", optimizer, min_lr)
+        # groups added since take the default, as in torch; with a list, there is none
+        self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else min_lr
         self.cooldown, self.eps = cooldown, eps
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs, self.cooldown_counter, self.last_epoch = 0, 0, 0
 
     _per_group = ("min_lrs",)
+    # this library's checkpoints from before default_min_lr was kept: the one value of their
+    # min_lrs, if one
+    _derived = {
+        "default_min_lr": lambda state: (
+            state["min_lrs"][0] if len(set(state["min_lrs"])) == 1 else None
+        )
+    }
 
     def _check(self):
         if self.factor >= 1.0:
@@ -440,6 +477,9 @@ class ReduceLROnPlateau(_Schedule):
             raise ValueError(f"mode {self.mode} is unknown!")
         if self.threshold_mode not in ("rel", "abs"):
             raise ValueError(f"threshold mode {self.threshold_mode} is unknown!")
+        default = getattr(self, "default_min_lr", None)
+        if default is not None and _kind(default) != "number":
+            raise TypeError(f"default_min_lr: expected None or a number, got {default!r}")
 
     def _is_better(self, a: float) -> bool:
         if self.mode == "min":
@@ -456,16 +496,28 @@ class ReduceLROnPlateau(_Schedule):
 
     def step(self, metric: float) -> None:
         current = float(metric)
+        best, bad = (
+            (current, 0) if self._is_better(current) else (self.best, self.num_bad_epochs + 1)
+        )
+        cooldown = self.cooldown_counter
+        if cooldown > 0:
+            cooldown, bad = cooldown - 1, 0
+        min_lrs = self.min_lrs
+        groups = self.optimizer.param_groups
+        reduce = bad > self.patience
+        if reduce and len(groups) != len(min_lrs):  # a group added: refused before any change
+            if self.default_min_lr is None:
+                raise RuntimeError(
+                    f"ReduceLROnPlateau made with a min_lr for each of {len(min_lrs)} parameter "
+                    f"groups, the optimizer has {len(groups)} (a group added): set its min_lrs "
+                    "to one value per group"
+                )
+            min_lrs = [self.default_min_lr] * len(groups)
         self.last_epoch += 1
-        if self._is_better(current):
-            self.best, self.num_bad_epochs = current, 0
-        else:
-            self.num_bad_epochs += 1
-        if self.cooldown_counter > 0:
-            self.cooldown_counter -= 1
-            self.num_bad_epochs = 0
-        if self.num_bad_epochs > self.patience:
-            for group, min_lr in zip(self.optimizer.param_groups, self.min_lrs):
+        self.best, self.num_bad_epochs, self.cooldown_counter = best, bad, cooldown
+        if reduce:
+            self.min_lrs = min_lrs
+            for group, min_lr in zip(groups, min_lrs):
                 new_lr = max(group["lr"] * self.factor, min_lr)
                 if group["lr"] - new_lr > self.eps:
                     group["lr"] = new_lr

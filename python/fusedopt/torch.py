@@ -1501,12 +1501,13 @@ class _ScheduleFreeAdapter(Optimizer):
         self._switch(False)
 
     def _switch(self, to_train: bool) -> None:
-        for group in self.param_groups:
-            if bool(group["train_mode"]) == to_train:
-                continue
+        groups = [g for g in self.param_groups if bool(g["train_mode"]) != to_train]
+        weights = []  # every group's, before any parameter is written
+        for group in groups:
             beta = _plain(group[self._fused.beta_name])
-            beta = beta[0] if isinstance(beta, tuple) else beta
-            weight = 1 - beta if to_train else 1 - 1 / beta
+            beta = beta[0] if isinstance(beta, (tuple, list)) else beta
+            weights.append(_optim._switch_weight(beta, to_train, self._fused.beta_name))
+        for group, weight in zip(groups, weights):
             offset = self._offset(group)
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p, {})
