@@ -576,6 +576,14 @@ def test_bad_checkpoint_entries_are_named_and_change_nothing():
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(changed(**entries))
         assert snapshot(opt) == before, entries
+    for sd, error, message in [
+        ([("state", {})], TypeError, "^state_dict: expected a dict, got list"),
+        ({"state": {}}, ValueError, "^not a checkpoint of this library: no param_groups"),
+        ({}, ValueError, "^not a checkpoint of this library: no state or param_groups"),
+    ]:
+        with pytest.raises(error, match=message):
+            opt.load_state_dict(sd)
+        assert snapshot(opt) == before
     # counts written by JSON as floats still load
     opt.load_state_dict(changed(step=3.0, skipped_steps=np.int64(2), frozen=["b1"]))
     assert opt.state["w1"]["step"] == 3 and opt.skipped_steps == 2 and opt.seed == 7
@@ -679,6 +687,8 @@ def test_bad_steps_raise_before_any_update():
         # another call's parameter: refused before the first call writes it
         ({**good, "b1": params["w1"][0]}, ValueError, "gradient 'b1' and parameter 'w1' share"),
         ([np.ones((6, 5))], ValueError, "expected 2 gradients"),
+        (None, TypeError, "^grads: expected a dict name -> gradient or a list of gradients"),
+        (np.ones((2, 5)), TypeError, "^grads: expected a dict .* got ndarray"),  # not its rows
     ]:
         with pytest.raises(error, match=message):
             opt.step(grads)
@@ -912,6 +922,10 @@ def test_bad_construction():
         optim.Adam([{"params": [np.zeros(3)], "momentum": 0.9}])
     with pytest.raises(ValueError, match="empty parameter list"):
         optim.Adam([])
+    with pytest.raises(
+        TypeError, match=r"a group's params: expected names that are strings, got \[1\]"
+    ):
+        optim.Adam({1: np.zeros(3)})  # not "1": step({1: g}) would not find it
 
 
 def test_skip_if_nonfinite_and_max_grad_norm_options():

@@ -500,7 +500,9 @@ class Optimizer:
         if isinstance(params, np.ndarray):
             raise TypeError("a group's params must be a list or dict of arrays")
         if isinstance(params, Mapping):
-            names, arrays = [str(k) for k in params], list(params.values())
+            names, arrays = list(params), list(params.values())
+            if not all(isinstance(n, str) for n in names):  # step(grads) finds them by name
+                raise TypeError(f"a group's params: expected names that are strings, got {names!r}")
         else:
             arrays = list(params)
             if isinstance(group.get("names"), str):
@@ -642,6 +644,12 @@ class Optimizer:
         parameter takes, else TypeError/ValueError naming it; with ``memory``, also in the
         parameter's layout, aligned, and sharing no memory with it (a step leaves those to its
         calls' kernels, which check them all before the first writes)."""
+        if isinstance(grads, np.ndarray) or not isinstance(grads, Iterable):
+            # an array's rows would be taken for the gradients of as many parameters
+            raise TypeError(
+                "grads: expected a dict name -> gradient or a list of gradients (one per "
+                f"parameter, None to skip one), got {type(grads).__name__}"
+            )
         if isinstance(grads, Mapping):
             unknown = set(grads) - set(self._params)
             if unknown:
@@ -1128,6 +1136,11 @@ class Optimizer:
         """load_state_dict(); with ``adopt``, the state's arrays are taken as they are where
         they have the parameter's memory layout, not copied: for a checkpoint just read, which
         nothing else holds (a copy of a large model's state would double it)."""
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
+        missing = [k for k in ("state", "param_groups") if k not in sd]
+        if missing:
+            raise ValueError(f"not a checkpoint of this library: no {' or '.join(missing)}")
         if sd.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(
                 f"unsupported checkpoint format {sd.get('format_version')!r} "
