@@ -454,6 +454,53 @@ def test_param_groups_added_later_and_grads_missing():
             assert float(opt.state[x]["step"]) == float(ref.state[y]["step"])
 
 
+def test_a_parameter_viewed_anew_at_the_same_address_and_an_edited_step_are_followed():
+    """What a step's reused calls cannot see by data pointers: one parameter's ``"step"``
+    changed in place (a view of its call's step counts), followed as torch.optim follows it
+    (the same values, to float64 rounding); and ``p.data`` replaced by another view of the
+    same memory, refused as such a parameter is at a first step (cut to its first rows: its
+    state no longer fits; transposed: not contiguous), naming it, before any group is
+    written."""
+    results = {}
+    for name, module in (("ours", ft), ("torch", torch.optim)):
+        gen = torch.Generator().manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+            for _ in range(3)
+        ]
+        opt = module.Adam([{"params": params[:1]}, {"params": params[1:], "lr": 0.05}], lr=0.1)
+        for t in range(6):
+            if t == 3:
+                opt.state[params[2]]["step"].zero_()  # this parameter's bias correction anew
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        results[name] = params, [float(opt.state[p]["step"]) for p in params]
+    (ours, our_steps), (theirs, their_steps) = results["ours"], results["torch"]
+    assert our_steps == their_steps == [6.0, 6.0, 3.0]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    opt = ft.Adam([{"params": ours[:1]}, {"params": ours[1:], "lr": 0.05}], lr=0.1)
+    opt.step()
+    for view, match in [
+        (
+            lambda d: d[:2],
+            "^state 'exp_avg' of parameter 1 of group 1: expected float64 \\(2, 4\\)",
+        ),
+        (lambda d: d.t(), "^parameter 1 of group 1: expected a contiguous tensor"),
+    ]:
+        kept = ours[2].data
+        ours[2].data = view(kept)  # the same data_ptr
+        ours[2].grad = torch.ones_like(ours[2])
+        before = [p.detach().clone() for p in ours]
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        for p, b in zip(ours, before):
+            assert torch.equal(p, b)
+        assert [float(opt.state[p]["step"]) for p in ours] == [1.0] * 3
+        ours[2].data, ours[2].grad = kept, torch.ones_like(kept)
+
+
 def _set_float64_grad(p):
     """A float64 (3, 4) gradient of p, a float32 (3, 4) parameter: torch 2.9 on refuses one
     of another dtype unless told (grad_dtype); before, it takes one only through .data."""

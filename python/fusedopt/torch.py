@@ -353,6 +353,22 @@ def _gradient_guard(dtype: torch.dtype, params: List[np.ndarray]) -> Any:
         return None
 
 
+def _layout_guard(params: List[torch.Tensor]) -> Any:
+    """torch's C++ check (``TensorGuards``) that tensors are of the types, dtypes, shapes,
+    strides and dispatch keys that ``params`` have now; None where torch has none."""
+    if _TensorGuards is None:
+        return None
+    try:
+        with torch._C.DisableTorchFunction():
+            return _TensorGuards(
+                *params,
+                dynamic_dims_sizes=[list(p.shape) for p in params],
+                dynamic_dims_strides=[list(p.stride()) for p in params],
+            )
+    except (TypeError, RuntimeError):  # pragma: no cover - another torch's signature
+        return None
+
+
 class _TrackedEntry(dict):
     """A parameter's state, a dict as torch keeps it, that counts each change in its
     optimizer's counter (``changes[0]``)."""
@@ -436,12 +452,16 @@ class _Group:
     """What a parameter group's step reuses: the fusedopt group of its hyperparameters, the
     data pointers and gradient pattern its calls were built for, and the calls."""
 
-    __slots__ = ("group", "hyper", "ptrs", "mask", "calls", "kernel")
+    __slots__ = ("group", "hyper", "ptrs", "layouts", "mask", "calls", "kernel")
 
     def __init__(self, group, hyper):
         self.group = group
         self.hyper = hyper
         self.ptrs: Optional[list] = None
+        # torch's check that the parameters still have the shapes and strides the calls view
+        # them with (``p.data`` replaced by a view at the same address); None where torch has
+        # none
+        self.layouts: Any = None
         self.mask: Optional[list] = None
         self.calls: Optional[List[_Call]] = None  # None: to be built at the next step
         # the kernel and state arrays the calls were built for: a hyperparameter that changes
@@ -625,6 +645,7 @@ class Optimizer(torch.optim.Optimizer):
                 or ptrs != entry.ptrs
                 or entry.calls is None
                 or (kernel != entry.kernel)
+                or not self._calls_agree(entry, params)
             ):
                 self._build(entry, plan, grads, mask, ptrs, created)
             try:
@@ -833,6 +854,22 @@ class Optimizer(torch.optim.Optimizer):
             calls.append(call)
         entry.calls, entry.mask, entry.ptrs = calls, mask, ptrs
         entry.kernel = (plan.declaration, plan.arrays)
+        entry.layouts = _layout_guard(group["params"])
+
+    def _calls_agree(self, entry: _Group, params: list) -> bool:
+        """Whether the group's calls still hold for its parameters: each has the shape and
+        strides its views were made with, and each call's parameters still share their step
+        count (a ``"step"`` tensor is a view of its call's ``steps``, which an in-place
+        change such as ``state[p]["step"].zero_()`` changes for that parameter alone)."""
+        if entry.layouts is not None:
+            with torch._C.DisableTorchFunction():
+                if not entry.layouts.check(*params):
+                    return False
+        for call in entry.calls:
+            steps = call.steps  # all equal: the bytes of the first, repeated
+            if len(steps) > 1 and steps.tobytes() != steps[:1].tobytes() * len(steps):
+                return False
+        return True
 
     def _state_changed(self) -> bool:
         """Whether the state changed since the last step's calls were built: ``self.state``
