@@ -461,25 +461,31 @@ def test_a_parameter_viewed_anew_at_the_same_address_and_an_edited_step_are_foll
     same memory, refused as such a parameter is at a first step (cut to its first rows: its
     state no longer fits; transposed: not contiguous), naming it, before any group is
     written."""
-    results = {}
-    for name, module in (("ours", ft), ("torch", torch.optim)):
-        gen = torch.Generator().manual_seed(0)
-        params = [
-            torch.nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64))
-            for _ in range(3)
-        ]
-        opt = module.Adam([{"params": params[:1]}, {"params": params[1:], "lr": 0.05}], lr=0.1)
-        for t in range(6):
-            if t == 3:
-                opt.state[params[2]]["step"].zero_()  # this parameter's bias correction anew
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            opt.step()
-        results[name] = params, [float(opt.state[p]["step"]) for p in params]
-    (ours, our_steps), (theirs, their_steps) = results["ours"], results["torch"]
-    assert our_steps == their_steps == [6.0, 6.0, 3.0]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for cls in ("Adam", "NAdam"):
+        results = {}
+        for name, module in (("ours", ft), ("torch", torch.optim)):
+            gen = torch.Generator().manual_seed(0)
+            params = [
+                torch.nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+                for _ in range(3)
+            ]
+            groups = [{"params": params[:1]}, {"params": params[1:], "lr": 0.05}]
+            opt = getattr(module, cls)(groups, lr=0.1)
+            for t in range(6):
+                if t == 3:  # this parameter's bias correction (NAdam: its product) anew
+                    key = "mu_product" if cls == "NAdam" else "step"
+                    opt.state[params[2]][key].fill_(1.0 if cls == "NAdam" else 0.0)
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                opt.step()
+            results[name] = params, [float(opt.state[p]["step"]) for p in params]
+        (ours, our_steps), (theirs, their_steps) = results["ours"], results["torch"]
+        assert our_steps == their_steps == [6.0, 6.0, 6.0 if cls == "NAdam" else 3.0]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p in ours:
+        p.grad = torch.ones_like(p)
     opt = ft.Adam([{"params": ours[:1]}, {"params": ours[1:], "lr": 0.05}], lr=0.1)
     opt.step()
     for view, match in [

@@ -353,6 +353,11 @@ def _gradient_guard(dtype: torch.dtype, params: List[np.ndarray]) -> Any:
         return None
 
 
+def _all_equal(values: np.ndarray) -> bool:
+    """Whether a 1-D array's elements are equal: its bytes are the first one's, repeated."""
+    return values.tobytes() == values[:1].tobytes() * len(values)
+
+
 def _layout_guard(params: List[torch.Tensor]) -> Any:
     """torch's C++ check (``TensorGuards``) that tensors are of the types, dtypes, shapes,
     strides and dispatch keys that ``params`` have now; None where torch has none."""
@@ -866,9 +871,13 @@ class Optimizer(torch.optim.Optimizer):
                 if not entry.layouts.check(*params):
                     return False
         for call in entry.calls:
-            steps = call.steps  # all equal: the bytes of the first, repeated
-            if len(steps) > 1 and steps.tobytes() != steps[:1].tobytes() * len(steps):
+            if len(call.index) > 1 and not (_all_equal(call.steps) and self._extra_agrees(call)):
                 return False
+        return True
+
+    def _extra_agrees(self, call: _Call) -> bool:
+        """Whether what else a call's parameters share (``_call_key``), where each keeps a
+        view of it in its state, is still equal for them all."""
         return True
 
     def _state_changed(self) -> bool:
@@ -1406,6 +1415,9 @@ class _NAdamAdapter(Optimizer):
 
     def _regroup_after(self, call: _Call) -> bool:
         return False
+
+    def _extra_agrees(self, call: _Call) -> bool:
+        return _all_equal(call.extra.numpy())  # a state's "mu_product" changed in place
 
     def _update(self, plan, params, grads, buffers, step: int, products, first: int) -> None:
         beta1, psi = plan.hyper["beta1"], plan.hyper["momentum_decay"]
