@@ -2166,3 +2166,43 @@ def test_load_state_dict_hooks_act_as_on_torchs():
     )
     with pytest.raises(ValueError, match="state 'exp_avg': expected shape"):
         refusing.load_state_dict(source.state_dict())
+
+
+@pytest.mark.parametrize("name", ["Adam", "NAdam"])
+def test_state_under_other_keys_than_parameters_is_kept_as_torchs(name):
+    """What a user keeps in ``opt.state`` under a key that is no parameter (a global step
+    count) is in state_dict() and loaded back as it is, both ways with torch's class, as
+    torch's keeps it; a parameter id that no group lists is still refused."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = getattr(ft, name)([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state["global_step"] = 5
+    sd = opt.state_dict()
+    assert sd["state"]["global_step"] == 5 and set(sd["state"]) == {0, "global_step"}
+    for module in (ft, torch.optim):
+        q = torch.nn.Parameter(torch.randn(3))
+        other = getattr(module, name)([q])
+        other.load_state_dict(sd)
+        assert other.state["global_step"] == 5
+        q.grad = torch.ones(3)
+        other.step()
+        assert getattr(ft, name)([q]).load_state_dict(other.state_dict()) is None
+    with pytest.raises(ValueError, match="checkpoint has state for parameter id 3, which none"):
+        opt.load_state_dict({**sd, "state": {**sd["state"], 3: {}}})
+
+
+def test_state_taken_after_load_state_dict_stays_the_optimizers():
+    """An entry taken from opt.state after load_state_dict is the optimizer's state at the
+    next steps, as torch's: its "step" advances, and a tensor put in it is the one used."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    entry = opt.state[p]
+    opt.step()
+    assert entry is opt.state[p] and float(entry["step"]) == 2.0
+    entry["exp_avg"] = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((3,), 0.1), rtol=0, atol=0)

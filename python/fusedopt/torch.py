@@ -1014,7 +1014,8 @@ class Optimizer(torch.optim.Optimizer):
         """torch's ``state_dict`` (the state tensors themselves, not copies, as torch's), with
         fusedopt's options under ``"fusedopt"``."""
         sd = super().state_dict()
-        sd["state"] = {i: dict(s) for i, s in sd["state"].items()}  # plain dicts, as torch's
+        # plain dicts, as torch's; what else its state holds (opt.state["epoch"] = 3), as it is
+        sd["state"] = {i: dict(s) if isinstance(s, dict) else s for i, s in sd["state"].items()}
         sd["fusedopt"] = {
             **self._fused._storage_options(),
             "skipped_steps": self.skipped_steps,
@@ -1053,6 +1054,7 @@ class Optimizer(torch.optim.Optimizer):
         # (torch's own checks of the groups come first in it: a mismatch raises there)
         saved_groups = state_dict["param_groups"]
         layouts: Dict[torch.Tensor, Dict[str, Any]] = {}
+        extras: Dict[Any, Any] = {}  # state kept under other keys than parameters, as torch's
         if len(saved_groups) == len(self.param_groups) and all(
             len(s["params"]) == len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
         ):
@@ -1065,6 +1067,9 @@ class Optimizer(torch.optim.Optimizer):
                 keys = {k: self._fused._signed_codes(plan, a) for a, k in plan.arrays}
                 signed.update({p: keys for p in group["params"]})
             for saved_id, saved in state_dict["state"].items():
+                if saved_id not in by_param and not isinstance(saved_id, int):
+                    extras[saved_id] = saved  # torch keeps it as it is
+                    continue
                 if saved_id not in by_param:
                     raise ValueError(
                         f"checkpoint has state for parameter id {saved_id!r}, which none of "
@@ -1089,8 +1094,12 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks[0]
             self._optimizer_load_state_dict_post_hooks = hooks[1]
+        # tracked now, as the step would make them: else it would wrap copies of the entries,
+        # and those the caller took from opt.state after the load would no longer be its state
+        self.state = _TrackedState(self._changes, self.state.items())
         for p, entry in layouts.items():
             self.state[p] = entry
+        self.state.update(extras)
         self._fused.seed = int(options.get("seed", self._fused.seed))
         self._fused.stochastic_rounding = bool(stochastic_rounding)
         self.skipped_steps = skipped_steps
@@ -1431,7 +1440,7 @@ class _NAdamAdapter(Optimizer):
         sd = super().state_dict()
         by_id = {i: g for g in sd["param_groups"] for i in g["params"]}
         for i, s in sd["state"].items():
-            if "step" in s and "mu_product" not in s:
+            if i in by_id and "step" in s and "mu_product" not in s:
                 group = by_id[i]
                 beta1, psi = float(_plain(group["betas"])[0]), float(group["momentum_decay"])
                 product = _mu_products(int(s["step"]), beta1, psi, _scalar_dtype())
