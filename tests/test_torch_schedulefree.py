@@ -198,3 +198,34 @@ def test_eval_with_beta1_zero_is_refused_before_any_parameter_changes():
     for p, b in zip(params, before):
         assert torch.equal(p, b)
     assert all(g["train_mode"] for g in opt.param_groups)
+
+
+def test_a_group_added_takes_the_optimizers_mode():
+    """A group added without train_mode is in the mode the optimizer is in (its parameters
+    are y = x = z until their first step): stepping on in train mode needs no train() call,
+    and in eval mode train() switches it with the rest. The NumPy classes as the adapters."""
+    import numpy as np
+
+    from fusedopt import optim
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ft.ScheduleFreeAdamW([p], lr=0.01)
+    opt.train()
+    p.grad = torch.ones(3)
+    opt.step()
+    q = torch.nn.Parameter(torch.randn(2))
+    opt.add_param_group({"params": [q]})
+    q.grad = torch.ones(2)
+    opt.step()
+    assert [g["train_mode"] for g in opt.param_groups] == [True, True]
+    opt.eval()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))]})
+    assert [g["train_mode"] for g in opt.param_groups] == [False] * 3
+    numpy_opt = optim.ScheduleFreeSGD({"a": np.ones(3)}, lr=0.1)
+    numpy_opt.step({"a": np.ones(3)})
+    numpy_opt.eval()
+    numpy_opt.add_param_group({"params": {"b": np.ones(2)}})
+    numpy_opt.add_param_group({"params": {"c": np.ones(2)}, "train_mode": True})
+    assert [g["train_mode"] for g in numpy_opt.param_groups] == [False, False, True]
+    numpy_opt.train()
+    numpy_opt.step({"a": np.ones(3), "b": np.ones(2), "c": np.ones(2)})

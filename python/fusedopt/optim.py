@@ -1807,6 +1807,14 @@ class _ScheduleFree(Optimizer):
         defaults = dict(defaults, k=0, lr_max=0.0, weight_sum=0.0, train_mode=True)
         super().__init__(params, defaults, **options)
 
+    def add_param_group(self, group: Dict[str, Any]) -> None:
+        """As :meth:`Optimizer.add_param_group`; a group added without ``train_mode`` takes
+        the optimizer's mode, in which its parameters (y = x = z until its first step)
+        already are."""
+        if self.param_groups and "train_mode" not in group:
+            group = {**group, "train_mode": self.param_groups[0]["train_mode"]}
+        super().add_param_group(group)
+
     def _beta(self, group: Dict[str, Any]) -> float:
         value = group[self.beta_name]
         return value[0] if isinstance(value, tuple) else value

@@ -1480,6 +1480,14 @@ class _ScheduleFreeAdapter(Optimizer):
     (and ``exp_avg_sq`` for AdamW), no ``"step"``: the step count is the group's ``k``."""
 
     _keeps_step = False
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """As the base's; a group added without ``train_mode`` takes the optimizer's mode,
+        in which its parameters (y = x = z until its first step) already are."""
+        if self.param_groups and "train_mode" not in param_group:
+            param_group = {**param_group, "train_mode": self.param_groups[0]["train_mode"]}
+        super().add_param_group(param_group)
+
     _peers = {
         "ScheduleFreeAdamW": "``schedulefree.AdamWScheduleFree``",
         "ScheduleFreeSGD": "``schedulefree.SGDScheduleFree``",
