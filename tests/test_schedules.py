@@ -394,6 +394,10 @@ def test_a_group_added_after_the_schedule_is_left_alone_and_resumes():
     ):
         one_cycle.step()
     assert one_cycle.get_last_lr() == lrs and one_cycle.last_epoch == 0
+    state = one_cycle.state_dict()  # lists for other numbers of groups: refused, named
+    with pytest.raises(ValueError, match="expected as many values in each of base_lrs, max_lrs"):
+        one_cycle.load_state_dict({**state, "max_lrs": state["max_lrs"][:1]})
+    assert one_cycle.state_dict() == state
 
 
 def test_reduce_on_plateau_reduces_a_group_added_since_as_torch():

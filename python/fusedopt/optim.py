@@ -1809,15 +1809,8 @@ class _ScheduleFree(Optimizer):
 
     def add_param_group(self, group: Dict[str, Any]) -> None:
         """As :meth:`Optimizer.add_param_group`; a group added without ``train_mode`` takes
-        the optimizer's mode, in which its parameters (y = x = z until its first step)
-        already are."""
-        if self.param_groups and "train_mode" not in group:
-            group = {**group, "train_mode": self.param_groups[0]["train_mode"]}
-        super().add_param_group(group)
-
-    def _beta(self, group: Dict[str, Any]) -> float:
-        value = group[self.beta_name]
-        return value[0] if isinstance(value, tuple) else value
+        the optimizer's mode (:func:`_in_current_mode`)."""
+        super().add_param_group(_in_current_mode(self.param_groups, group))
 
     def _check_group(self, group):
         k = group["k"]
@@ -1887,7 +1880,7 @@ class _ScheduleFree(Optimizer):
         weights = []
         for group in groups:
             self._validate_group(group)
-            weights.append(_switch_weight(self._beta(group), to_train, self.beta_name))
+            weights.append(_switch_weight(group[self.beta_name], to_train, self.beta_name))
             for name, p in zip(group["names"], group["params"]):
                 state = self.state.get(name, {})
                 if "z" in state:
@@ -1919,9 +1912,20 @@ def _switch_key(seed: int, k: int, to_train: bool, position: int) -> int:
 _SWITCH_SALT = 0x5F3759DF5F3759DF
 
 
-def _switch_weight(beta: float, to_train: bool, beta_name: str) -> float:
-    """The weight of a Schedule-Free switch's interpolation toward z: 1 - beta to y, 1 - 1/beta
-    to x, which y and z determine only for beta > 0 (else y = z), so a ValueError then."""
+def _in_current_mode(param_groups: List[Dict[str, Any]], group: Dict[str, Any]) -> Dict[str, Any]:
+    """A Schedule-Free group to add, with the mode of the groups there (where it gives none):
+    its parameters, y = x = z until their first step, are in it already."""
+    if param_groups and "train_mode" not in group:
+        return {**group, "train_mode": param_groups[0]["train_mode"]}
+    return group
+
+
+def _switch_weight(value: Any, to_train: bool, beta_name: str) -> float:
+    """The weight of a Schedule-Free switch's interpolation toward z, for the group's
+    ``beta_name`` entry ``value`` (AdamW's betas pair, of which beta1; SGD's momentum):
+    1 - beta to y, 1 - 1/beta to x, which y and z determine only for beta > 0 (else y = z),
+    so a ValueError then."""
+    beta = value[0] if isinstance(value, (tuple, list)) else value
     if to_train:
         return 1 - beta
     if beta == 0:
@@ -1935,8 +1939,7 @@ def _switch_weight(beta: float, to_train: bool, beta_name: str) -> float:
 def _check_switch(name: str, param: np.ndarray, z: Any, master: Optional[np.ndarray]) -> None:
     """ValueError/TypeError unless a Schedule-Free switch can write ``param`` (and its master)
     from state ``z``: checked for every parameter before the first is written."""
-    if not param.flags.writeable:
-        raise ValueError(f"parameter {name!r}: array is read-only")
+    _check_param(name, param)  # made read-only, say, since it was added
     for key, a in (("z", z), ("master", master)):
         if a is None:
             continue

@@ -108,7 +108,7 @@ def _checked_optimizer(optimizer: Any) -> Optimizer:
 class _Schedule:
     optimizer: Optimizer
     #: the state keys with one value per parameter group the schedule was made for (groups
-    #: added to the optimizer since are not scheduled, as torch's schedulers leave them)
+    #: added to the optimizer since keep their rates: see the module's docstring)
     _per_group = ("base_lrs",)
     #: state keys that checkpoints of earlier versions lack: their value derived from the rest
     _derived: Dict[str, Callable[[Dict[str, Any]], Any]] = {}
@@ -153,6 +153,12 @@ class _Schedule:
                     _check_like(what, v, own[key][0])
             elif key not in self._derived:  # checked by _check
                 _check_like(what, value, own[key])
+        if len({len(loaded[key]) for key in self._per_group}) > 1:  # the same groups, each
+            raise ValueError(
+                "state_dict: expected as many values in each of "
+                f"{', '.join(self._per_group)}, got "
+                + ", ".join(str(len(loaded[key])) for key in self._per_group)
+            )
         last_epoch = loaded["last_epoch"]
         if not isinstance(last_epoch, numbers.Integral) or last_epoch < 0:
             raise (ValueError if isinstance(last_epoch, numbers.Integral) else TypeError)(

@@ -360,7 +360,9 @@ def _all_equal(values: np.ndarray) -> bool:
 
 def _layout_guard(params: List[torch.Tensor]) -> Any:
     """torch's C++ check (``TensorGuards``) that tensors are of the types, dtypes, shapes,
-    strides and dispatch keys that ``params`` have now; None where torch has none."""
+    strides and dispatch keys that ``params`` have now; None where torch has none, or where
+    one of them has no layout yet (a lazy module's: the group is built again once it has a
+    gradient)."""
     if _TensorGuards is None:
         return None
     try:
@@ -1484,9 +1486,7 @@ class _ScheduleFreeAdapter(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """As the base's; a group added without ``train_mode`` takes the optimizer's mode,
         in which its parameters (y = x = z until its first step) already are."""
-        if self.param_groups and "train_mode" not in param_group:
-            param_group = {**param_group, "train_mode": self.param_groups[0]["train_mode"]}
-        super().add_param_group(param_group)
+        super().add_param_group(_optim._in_current_mode(self.param_groups, param_group))
 
     _peers = {
         "ScheduleFreeAdamW": "``schedulefree.AdamWScheduleFree``",
@@ -1570,9 +1570,8 @@ class _ScheduleFreeAdapter(Optimizer):
         groups = [g for g in self.param_groups if bool(g["train_mode"]) != to_train]
         weights = []  # every group's, before any parameter is written
         for group in groups:
-            beta = _plain(group[self._fused.beta_name])
-            beta = beta[0] if isinstance(beta, (tuple, list)) else beta
-            weights.append(_optim._switch_weight(beta, to_train, self._fused.beta_name))
+            name = self._fused.beta_name
+            weights.append(_optim._switch_weight(_plain(group[name]), to_train, name))
         for group, weight in zip(groups, weights):
             offset = self._offset(group)
             for i, p in enumerate(group["params"]):
