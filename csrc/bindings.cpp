@@ -698,7 +698,7 @@ struct Checked {
   DType param_copy = DType::float32;  // the param's dtype where role 0 holds its masters
   std::uint32_t unsigned_codes = 0;   // bit r: role r's int8 state has uint8 codes
   std::size_t roles = 0;
-  std::vector<py::object> held;  // the arrays of list calls that release the GIL
+  std::vector<py::object> held;  // the call's own references: its lists as tuples, int8 arrays
   std::vector<void*> data;       // tensor t, role r at t * roles + r
   std::vector<void*> scales;     // likewise, the scales of int8 states (else nullptr)
   std::vector<Index> starts;     // tensors + 1 entries
@@ -862,26 +862,30 @@ PyObject* data_ptr_keyword() {
 // like the array of `like` at its index, or None if an object with elements to read reports
 // address 0 (a tensor without storage) or one not aligned to `dtype`.
 py::object borrow(const py::list& objects, const py::list& like, const py::dtype& dtype) {
-  if (objects.size() != like.size()) {
+  Borrowed b;
+  // copies: an object's data_ptr is Python code, which may change the lists given
+  b.owners = py::reinterpret_steal<py::list>(PySequence_List(objects.ptr()));
+  if (!b.owners) throw py::error_already_set();
+  const auto shapes = py::reinterpret_steal<py::tuple>(PySequence_Tuple(like.ptr()));
+  if (!shapes) throw py::error_already_set();
+  const std::size_t count = b.owners.size();
+  if (count != shapes.size()) {
     throw py::value_error("_borrow: expected an array in like per object, got " +
-                          std::to_string(like.size()) + " for " + std::to_string(objects.size()));
+                          std::to_string(shapes.size()) + " for " + std::to_string(count));
   }
   const std::optional<DType> kind = dtype_of(dtype);
   if (!kind || *kind == DType::int8) {
     throw py::type_error("_borrow: expected a floating dtype, got " + dtype_name(dtype));
   }
-  Borrowed b;
-  b.owners = py::reinterpret_steal<py::list>(PySequence_List(objects.ptr()));
-  if (!b.owners) throw py::error_already_set();
   b.dtype = *kind;
-  b.data.reserve(objects.size());
-  b.nbytes.reserve(objects.size());
-  b.first_dim.reserve(objects.size() + 1);
-  b.f_order.reserve(objects.size());
+  b.data.reserve(count);
+  b.nbytes.reserve(count);
+  b.first_dim.reserve(count + 1);
+  b.f_order.reserve(count);
   py::object method;  // the objects' type's data_ptr, looked up once per type (not per object)
   PyTypeObject* method_of = nullptr;
-  for (std::size_t i = 0; i < objects.size(); ++i) {
-    const py::handle shape_of = PyList_GET_ITEM(like.ptr(), static_cast<Py_ssize_t>(i));
+  for (std::size_t i = 0; i < count; ++i) {
+    const py::handle shape_of = PyTuple_GET_ITEM(shapes.ptr(), static_cast<Py_ssize_t>(i));
     if (!py::isinstance<py::array>(shape_of)) {
       throw py::type_error("_borrow: like[" + std::to_string(i) +
                            "]: expected a numpy.ndarray, got " + type_name(shape_of));
@@ -930,17 +934,31 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     throw py::type_error(std::string(roles[0].name) +
                          ": expected a numpy.ndarray or a list of them, got " + type_name(param));
   }
-  const std::size_t count = single ? 1 : static_cast<std::size_t>(py::len(param));
-  auto item = [&](py::handle obj, std::size_t i) -> py::handle {
-    return single ? obj : py::handle(PySequence_Fast_GET_ITEM(obj.ptr(), i));
+  // A list call reads tuples of its lists made here, which the call holds: a list's __len__ may
+  // misstate its size, and code the checks run (a QuantizedState subclass's attribute) may empty
+  // a list, or another thread may while the GIL is released; neither can make the call read past
+  // a list or use an array that was freed.
+  Checked checked;
+  std::array<py::handle, kMaxArrays + 1> lists{};  // the roles', then the masters'
+  auto snapshot = [&](std::size_t slot, py::handle list) {
+    auto items = py::reinterpret_steal<py::object>(PySequence_Tuple(list.ptr()));
+    if (!items) throw py::error_already_set();
+    lists[slot] = items;
+    checked.held.push_back(std::move(items));
+  };
+  if (!single) snapshot(0, param);
+  const std::size_t count = single ? 1 : static_cast<std::size_t>(PyTuple_GET_SIZE(lists[0].ptr()));
+  auto item = [&](std::size_t slot, std::size_t i) -> py::handle {
+    return single ? py::handle(slot == kMaxArrays ? a.master : args[slot])
+                  : py::handle(PyTuple_GET_ITEM(lists[slot].ptr(), static_cast<Py_ssize_t>(i)));
   };
   auto label = [&](std::size_t r, std::size_t i) {
     return Label{roles[r].name, single ? -1 : static_cast<py::ssize_t>(i)};
   };
 
-  if (count > 0 && !py::isinstance<py::array>(item(param, 0))) {
+  if (count > 0 && !py::isinstance<py::array>(item(0, 0))) {
     throw py::type_error(label(0, 0).str() + ": expected a numpy.ndarray, got " +
-                         type_name(item(param, 0)));
+                         type_name(item(0, 0)));
   }
 
   std::array<bool, kMaxArrays> present{};
@@ -981,8 +999,10 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
         throw py::type_error(name + ": expected a list of arrays like param, got " +
                              type_name(arg));
       }
-      const std::size_t given = borrowed[r] != nullptr ? borrowed[r]->data.size()
-                                                       : static_cast<std::size_t>(py::len(arg));
+      if (borrowed[r] == nullptr && r > 0) snapshot(r, arg);
+      const std::size_t given = borrowed[r] != nullptr
+                                    ? borrowed[r]->data.size()
+                                    : static_cast<std::size_t>(PyTuple_GET_SIZE(lists[r].ptr()));
       if (given != count) {
         throw py::value_error(name + ": expected " + std::to_string(count) +
                               " arrays like param, got " + std::to_string(given));
@@ -996,9 +1016,13 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
                            (single ? "a numpy.ndarray like param" : "a list of arrays like param") +
                            ", got " + type_name(master));
     }
-    if (!single && static_cast<std::size_t>(py::len(master)) != count) {
-      throw py::value_error("master: expected " + std::to_string(count) +
-                            " arrays like param, got " + std::to_string(py::len(master)));
+    if (!single) {
+      snapshot(kMaxArrays, master);
+      const auto given = static_cast<std::size_t>(PyTuple_GET_SIZE(lists[kMaxArrays].ptr()));
+      if (given != count) {
+        throw py::value_error("master: expected " + std::to_string(count) +
+                              " arrays like param, got " + std::to_string(given));
+      }
     }
   }
 
@@ -1012,7 +1036,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
   if (count > 0) {
     auto dtype_at = [&](std::size_t r) -> std::optional<DType> {
       if (borrowed[r] != nullptr) return borrowed[r]->dtype;
-      const py::handle obj = present[r] ? item(args[r], 0) : py::handle();
+      const py::handle obj = present[r] ? item(r, 0) : py::handle();
       if (obj && roles[r].part == fusedopt::Part::state && !py::isinstance<py::array>(obj) &&
           is_quantized(obj)) {
         return DType::int8;
@@ -1025,7 +1049,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
       if (param_dtype != DType::bfloat16 && param_dtype != DType::float16) {
         throw py::type_error(
             "master: float32 master weights are for a bfloat16 or float16 param, got a " +
-            dtype_name(py::reinterpret_borrow<py::array>(item(param, 0)).dtype()) + " param");
+            dtype_name(py::reinterpret_borrow<py::array>(item(0, 0)).dtype()) + " param");
       }
       checked_copy = *param_dtype;
       param_dtype = DType::float32;
@@ -1047,14 +1071,13 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     if (!param_known) {
       throw py::type_error(label(0, 0).str() + ": expected dtype " +
                            dtypes_text(allowed_dtypes(roles[0].part, std::nullopt)) + ", got " +
-                           dtype_name(py::reinterpret_borrow<py::array>(item(param, 0)).dtype()));
+                           dtype_name(py::reinterpret_borrow<py::array>(item(0, 0)).dtype()));
     }
   }
   const fusedopt::StorageRow& row = fusedopt::kStorageRows[storage];
 
   const DType param_dtype = master ? checked_copy : row.param;
 
-  Checked checked;
   checked.storage = storage;
   checked.grad_dtype = row.grad;
   checked.param_copy = checked_copy;
@@ -1083,14 +1106,13 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     // messages: "float64 like param[0] (one call takes one dtype)", "float32 like param",
     // "bfloat16 or float32 for a bfloat16 param"
     check_array(
-        label(0, i), item(param, i), nullptr, numpy_dtype(param_dtype),
+        label(0, i), item(0, i), nullptr, numpy_dtype(param_dtype),
         [&] { return std::string(dtype_text(param_dtype)) + " like " + label(0, 0).str(); },
         roles[0].written);
-    const auto p = py::reinterpret_borrow<py::array>(item(param, i));
+    const auto p = py::reinterpret_borrow<py::array>(item(0, i));
     checked.starts[i + 1] = checked.starts[i] + static_cast<Index>(p.size());
     if (master) {
-      const py::handle obj =
-          single ? master : py::handle(PySequence_Fast_GET_ITEM(master.ptr(), i));
+      const py::handle obj = item(kMaxArrays, i);
       const Label where{"master", single ? -1 : static_cast<py::ssize_t>(i)};
       check_array(
           where, obj, &p, numpy_dtype(DType::float32), [] { return std::string("float32"); }, true);
@@ -1102,7 +1124,7 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
     for (std::size_t r = 0; r < n_roles; ++r) {
       if (!present[r]) continue;
       const Borrowed* const lent = borrowed[r];
-      const py::handle obj = lent != nullptr ? py::handle() : item(args[r], i);
+      const py::handle obj = lent != nullptr ? py::handle() : item(r, i);
       if (lent == nullptr && row.state == DType::int8 && roles[r].part == fusedopt::Part::state) {
         const Label where = label(r, i);
         const std::size_t slot = i * roles_per_tensor + r;
@@ -1227,24 +1249,6 @@ Checked check_arrays(const ArrayDecl* roles, std::size_t n_roles, const Argument
         checked.data[i * roles_per_tensor + r] = const_cast<void*>(arr.data());
       }
       add_extent(arr, i * roles_per_tensor + r, roles[r].written);
-    }
-  }
-  // While the GIL is released another thread could empty a list and free its arrays: the
-  // call holds references to them then. A single array is held by the caller's frame.
-  if (!single && checked.starts.back() >= parallel_min.load(std::memory_order_relaxed)) {
-    checked.held.reserve(count * (n_roles + 1));
-    for (std::size_t r = 0; r < n_roles; ++r) {
-      if (borrowed[r] != nullptr) {  // it holds its owners
-        checked.held.push_back(py::reinterpret_borrow<py::object>(args[r]));
-        continue;
-      }
-      for (std::size_t i = 0; present[r] && i < count; ++i) {
-        checked.held.push_back(py::reinterpret_borrow<py::object>(item(args[r], i)));
-      }
-    }
-    for (std::size_t i = 0; master && i < count; ++i) {
-      checked.held.push_back(
-          py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(master.ptr(), i)));
     }
   }
   if (const auto overlap = find_overlap(extents)) {

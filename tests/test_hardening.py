@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -15,6 +16,7 @@ from support import all_options, assert_identical, call, copy_arrays, make_array
 
 import fusedopt
 from fusedopt import _core
+from fusedopt.quantize import QuantizedState
 from fusedopt.registry import OPTIMIZERS
 
 CHUNK, PARALLEL_MIN = _core.CHUNK, _core.get_parallel_min()
@@ -142,6 +144,33 @@ def test_huge_step_counts(spec, step):
         assert all(np.isfinite(a).all() for a in fused["param"])
 
 
+@pytest.mark.parametrize("weight_decay", [1e-46, 5e-324], ids=["below-float32", "least-double"])
+@pytest.mark.parametrize(
+    "dtype", [np.float32, np.float64, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name
+)
+@pytest.mark.parametrize(
+    "spec", [s for s in SPECS if "weight_decay" in s.values[0].declaration.defaults()]
+)
+def test_a_weight_decay_that_rounds_to_zero_is_still_taken(spec, dtype, weight_decay):
+    """Whether the weight decay term is taken is decided on the value given, as the reference
+    and torch decide it, not on its rounding to the compute type: a float32 coefficient of 0
+    still adds 0 * param, NaN for an infinite param (the kernels skipped the term)."""
+    rng = np.random.default_rng(6)
+    decouples = "decoupled_weight_decay" in spec.declaration.defaults()
+    for decoupled in [False, True] if decouples else [None]:
+        hyper = {**spec.cases[-1], **all_options(spec), "weight_decay": weight_decay}
+        if decouples:
+            hyper["decoupled_weight_decay"] = decoupled
+        fused = make_arrays(spec, hyper, [(5,), (CHUNK + 3,)], dtype, rng)
+        for param in fused["param"]:
+            param.reshape(-1)[[0, -1]] = [np.inf, -np.inf]
+        expected = copy_arrays(fused)
+        with np.errstate(all="ignore"):
+            call(spec.fused, spec, fused, hyper, 1)
+            call(spec.reference, spec, expected, hyper, 1)
+        assert_identical(fused, expected, f"decoupled={decoupled}")
+
+
 # ---------------------------------------------------------------- 64-bit sizes
 
 
@@ -266,3 +295,88 @@ def test_fork_after_parallel_region_does_not_hang():
     child.join(timeout=300)
     assert child.exitcode == 0
     assert result == [a.tobytes() for a in expected["param"]]
+
+
+# ---------------------------------------------------------------- lists that misstate or change
+
+
+class _MisstatedList(list):
+    """A list whose ``__len__`` states another size than it holds."""
+
+    def __init__(self, items, stated: int) -> None:
+        super().__init__(items)
+        self.stated = stated
+
+    def __len__(self) -> int:
+        return self.stated
+
+
+def _adam_arrays(rng, dtype=np.float32) -> dict[str, list[np.ndarray]]:
+    shapes = [(3,), (CHUNK + 70,), (2, 5)]
+    return {
+        role: [rng.standard_normal(s).astype(dtype) for s in shapes]
+        for role in ("param", "grad", "exp_avg", "exp_avg_sq")
+    }
+
+
+@pytest.mark.parametrize("stated", [0, 2, 5, 1 << 20])
+def test_a_list_that_misstates_its_length_is_read_as_it_is(stated):
+    """The binding reads a list's own items, not as many as its __len__ states (reading past
+    a list's end was undefined behaviour, a crash or garbage)."""
+    rng = np.random.default_rng(0)
+    expected = _adam_arrays(rng)
+    expected["exp_avg_sq"] = [np.abs(v) for v in expected["exp_avg_sq"]]
+    actual = copy_arrays(expected)
+    fusedopt.adam_(*expected.values(), step=3)
+    fusedopt.adam_(*(_MisstatedList(a, stated) for a in actual.values()), step=3)
+    assert_identical({k: list(v) for k, v in actual.items()}, expected)
+
+    # masters too; and lists whose stated lengths agree but whose contents do not are refused
+    params = [p.astype(ml_dtypes.bfloat16) for p in expected["param"]]
+    masters = _MisstatedList([p.astype(np.float32) for p in params], stated)
+    grads = [g.astype(ml_dtypes.bfloat16) for g in expected["grad"]]
+    fusedopt.sgd_(params, grads, master=masters, lr=0.5)
+    assert_identical({"param": params}, {"param": [m.astype(ml_dtypes.bfloat16) for m in masters]})
+    with pytest.raises(ValueError, match=r"^grad: expected 3 arrays like param, got 2$"):
+        fusedopt.sgd_(params, _MisstatedList(grads[:2], 3), lr=0.5)
+
+
+def test_a_quantized_state_that_empties_the_lists_while_checked():
+    """Python code the checks run (here a QuantizedState subclass's attribute) may empty the
+    call's lists and free their arrays: the call holds its own references and updates the arrays
+    it was given, as a twin call does (it read freed memory, and crashed)."""
+
+    class Emptying(QuantizedState):
+        __slots__ = ()
+
+        def __getattribute__(self, name):
+            if name == "codes":
+                for value in lists.values():
+                    value.clear()
+                gc.collect()
+            return object.__getattribute__(self, name)
+
+    rng = np.random.default_rng(1)
+    shapes = [(300,), (7, 9)]
+    params = [rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in shapes]
+    base = {
+        "param": params,
+        "grad": [rng.standard_normal(s).astype(np.float32) for s in shapes],
+        "exp_avg": [QuantizedState.zeros(s, signed=True) for s in shapes],
+        "master": [p.astype(np.float32) for p in params],
+    }
+    expected = copy_arrays(base)
+
+    def lion(a):
+        fusedopt.lion_(a["param"], a["grad"], a["exp_avg"], master=a["master"], lr=0.1, seed=5)
+
+    lion(expected)
+    lists = copy_arrays(base)
+    q = lists["exp_avg"][1]
+    lists["exp_avg"][1] = Emptying(q.codes, q.scales)
+    # the results; the grads and states are held by the lists alone, freed when emptied
+    updated = {role: list(lists[role]) for role in ("param", "master")}
+    del q
+    lion(lists)
+    assert not any(lists.values())
+    assert_identical(updated, {role: expected[role] for role in updated})

@@ -1552,6 +1552,21 @@ def test_lent_memory_is_checked_by_the_binding_as_arrays_are():
         core._borrow(grads, params, np.dtype(np.int32))
     with pytest.raises(TypeError):
         core.Borrowed()
+
+    class Emptying(torch.Tensor):  # a data_ptr that empties the lists given: they are copied
+        def data_ptr(self):
+            shapes.clear(), objects.clear(), objects.extend([self] * 9)
+            return super().data_ptr()
+
+    objects = [g.as_subclass(Emptying) for g in grads]
+    shapes = [x.copy() for x in params]
+    emptied = core._borrow(objects, shapes, np.dtype(np.float32))
+    assert not shapes
+    twins = [[[x.copy() for x in a] for a in (params, m, v)] for _ in range(2)]
+    for (p, m_copy, v_copy), memory in zip(twins, (emptied, lent)):
+        fusedopt.adam_(p, memory, m_copy, v_copy, step=1, lr=0.1)
+    for x, y in zip(*(sum(twin, []) for twin in twins)):
+        assert_same_bits(x, y)
     expected = [x.copy() for x in params]
     fusedopt.adam_(expected, [g.numpy() for g in grads], [x.copy() for x in m],
                    [x.copy() for x in v], step=1, lr=0.1)  # fmt: skip

@@ -514,6 +514,16 @@ struct Negation {
   Bits mask;
 };
 
+// A weight decay coefficient in T, and whether its term is taken at all: decided as the
+// reference decides it, on the value given (a double), not on its rounding. One below T's range
+// still adds 0 * param, NaN for an infinite param, as torch's gives too.
+template <typename T>
+struct Coefficient {
+  explicit Coefficient(double given = 0.0) : value(T(given)), on(given != 0.0) {}
+  T value;
+  bool on;
+};
+
 // The gradient every formula starts from: g = -grad if maximize else grad; g = g + l2 * param
 // only with an L2 term, as the reference (0 * inf would be NaN).
 template <bool has_l2, typename T>

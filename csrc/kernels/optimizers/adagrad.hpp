@@ -49,7 +49,7 @@ struct AdagradKernel {
   template <typename Decl>
   explicit AdagradKernel(const Values<Decl>& h)
       : clr(T(h.real("lr") / (1.0 + static_cast<double>(h.step() - 1) * h.real("lr_decay")))),
-        weight_decay(T(h.real("weight_decay"))),
+        weight_decay(h.real("weight_decay")),
         eps(T(h.real("eps"))),
         maximize(h.flag("maximize")) {}
 
@@ -64,19 +64,20 @@ struct AdagradKernel {
             constants.step<l2.value>(lane, param, grad, sum_sq);
           });
         },
-        weight_decay != T(0));
+        weight_decay.on);
   }
 
   template <bool l2, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* sum_sq) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay.value);
     const auto s = lane.load(sum_sq) + g * g;
     lane.store(1, sum_sq, s);
     lane.store(0, param, p - clr * g / (sqrt(s) + eps));
   }
 
-  T clr, weight_decay, eps;
+  T clr, eps;
+  Coefficient<T> weight_decay;
   Negation<T> maximize{false};
 };
 

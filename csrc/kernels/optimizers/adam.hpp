@@ -76,7 +76,7 @@ struct AdamKernel {
     const bool decoupled = h.flag("decoupled_weight_decay");
     maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
-    l2 = T(decoupled ? 0.0 : wd);
+    l2 = Coefficient<T>(decoupled ? 0.0 : wd);
     beta1 = T(b1);
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(b2);
@@ -103,14 +103,14 @@ struct AdamKernel {
                                                     max_exp_avg_sq);
           });
         },
-        l2 != T(0), max_exp_avg_sq != nullptr);
+        l2.on, max_exp_avg_sq != nullptr);
   }
 
   template <bool has_l2, bool amsgrad, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_avg_sq,
                             S* max_exp_avg_sq) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2);
+    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2.value);
     const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
     const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
     lane.store(1, exp_avg, m);
@@ -124,7 +124,8 @@ struct AdamKernel {
                p * decay - step_size * m / (sqrt(v_hat) * inverse_bias_correction2_sqrt + eps));
   }
 
-  T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+  Coefficient<T> l2;
+  T decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
       inverse_bias_correction2_sqrt;
   Negation<T> maximize{false};
 };

@@ -54,7 +54,7 @@ struct AdamaxKernel {
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(h.real("beta2"));
     eps = T(h.real("eps"));
-    weight_decay = T(h.real("weight_decay"));
+    weight_decay = Coefficient<T>(h.real("weight_decay"));
     step_size = T(h.real("lr") / (1.0 - std::pow(b1, static_cast<double>(h.step()))));
     maximize = Negation<T>(h.flag("maximize"));
   }
@@ -71,13 +71,13 @@ struct AdamaxKernel {
             constants.step<l2.value>(lane, param, grad, exp_avg, exp_inf);
           });
         },
-        weight_decay != T(0));
+        weight_decay.on);
   }
 
   template <bool l2, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_inf) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay.value);
     const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
     const auto u = numpy_maximum(beta2 * lane.load(exp_inf), abs(g) + eps);
     lane.store(1, exp_avg, m);
@@ -85,7 +85,8 @@ struct AdamaxKernel {
     lane.store(0, param, p - step_size * m / u);
   }
 
-  T beta1, one_minus_beta1, beta2, eps, weight_decay, step_size;
+  T beta1, one_minus_beta1, beta2, eps, step_size;
+  Coefficient<T> weight_decay;
   Negation<T> maximize{false};
 };
 

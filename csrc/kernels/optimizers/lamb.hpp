@@ -73,7 +73,7 @@ struct LambKernel {
     const bool decoupled = h.flag("decoupled_weight_decay");
     maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - wd * lr : 1.0);
-    l2 = T(decoupled ? 0.0 : wd);
+    l2 = Coefficient<T>(decoupled ? 0.0 : wd);
     beta1 = T(b1);
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(b2);
@@ -104,7 +104,7 @@ struct LambKernel {
             lane.store(1, u, e.u);
           });
         },
-        l2 != T(0));
+        l2.on);
     sums[0] = sum_squares(n, theta);
     sums[1] = sum_squares(n, u);
   }
@@ -119,11 +119,11 @@ struct LambKernel {
   FUSEDOPT_INLINE auto element(Lane& lane, const P* param, const G* grad, const S* exp_avg,
                                const S* exp_avg_sq) const {
     const auto p = lane.load(param) * decay;
-    const auto g = effective_grad<false>(maximize, lane.load(grad), p, l2);
+    const auto g = effective_grad<false>(maximize, lane.load(grad), p, l2.value);
     const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
     const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
     auto u = m / (sqrt(v) + eps);
-    if constexpr (has_l2) u = u + l2 * p;
+    if constexpr (has_l2) u = u + l2.value * p;
     return Element<decltype(u)>{p, m, v, u};
   }
 
@@ -158,7 +158,7 @@ struct LambKernel {
                 lane, factor, param, grad, exp_avg, exp_avg_sq);
           });
         },
-        l2 != T(0), factor != factor);
+        l2.on, factor != factor);
   }
 
   template <bool has_l2, bool nan_factor, typename Lane>
@@ -174,7 +174,8 @@ struct LambKernel {
     }
   }
 
-  T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  Coefficient<T> l2;
+  T decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
   double eps_double, clamp, step_size;
   Negation<T> maximize{false};
 };

@@ -92,7 +92,7 @@ struct NAdamKernel {
     const bool decoupled = h.flag("decoupled_weight_decay");
     maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
-    l2 = T(decoupled ? 0.0 : wd);
+    l2 = Coefficient<T>(decoupled ? 0.0 : wd);
     beta1 = T(b1);
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(b2);
@@ -121,13 +121,13 @@ struct NAdamKernel {
             constants.step<has_l2.value>(lane, param, grad, exp_avg, exp_avg_sq);
           });
         },
-        l2 != T(0));
+        l2.on);
   }
 
   template <bool has_l2, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_avg_sq) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2);
+    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2.value);
     const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
     const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
     lane.store(1, exp_avg, m);
@@ -136,7 +136,8 @@ struct NAdamKernel {
                p * decay - (grad_step * g + avg_step * m) / (sqrt(v / bias_correction2) + eps));
   }
 
-  T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, grad_step, avg_step,
+  Coefficient<T> l2;
+  T decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, grad_step, avg_step,
       bias_correction2;
   Negation<T> maximize{false};
 };

@@ -63,7 +63,7 @@ struct RAdamKernel {
     const bool decoupled = h.flag("decoupled_weight_decay");
     maximize = Negation<T>(h.flag("maximize"));
     decay = T(decoupled ? 1.0 - lr * wd : 1.0);
-    l2 = T(decoupled ? 0.0 : wd);
+    l2 = Coefficient<T>(decoupled ? 0.0 : wd);
     beta1 = T(b1);
     one_minus_beta1 = T(1.0 - b1);
     beta2 = T(b2);
@@ -97,13 +97,13 @@ struct RAdamKernel {
             constants.step<has_l2.value, rect.value>(lane, param, grad, exp_avg, exp_avg_sq);
           });
         },
-        l2 != T(0), rectified);
+        l2.on, rectified);
   }
 
   template <bool has_l2, bool rect, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* exp_avg, S* exp_avg_sq) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2);
+    const auto g = effective_grad<has_l2>(maximize, lane.load(grad), p, l2.value);
     const auto m = beta1 * lane.load(exp_avg) + one_minus_beta1 * g;
     const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
     lane.store(1, exp_avg, m);
@@ -115,7 +115,8 @@ struct RAdamKernel {
     }
   }
 
-  T decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size;
+  Coefficient<T> l2;
+  T decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size;
   Negation<T> maximize{false};
   bool rectified;
 };

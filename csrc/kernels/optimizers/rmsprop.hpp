@@ -62,7 +62,7 @@ struct RmspropKernel {
     alpha = T(a);
     one_minus_alpha = T(1.0 - a);
     eps = T(h.real("eps"));
-    weight_decay = T(h.real("weight_decay"));
+    weight_decay = Coefficient<T>(h.real("weight_decay"));
     momentum = T(h.real("momentum"));
     maximize = Negation<T>(h.flag("maximize"));
   }
@@ -81,14 +81,14 @@ struct RmspropKernel {
                                                             momentum_buffer, grad_avg);
           });
         },
-        weight_decay != T(0), momentum_buffer != nullptr, grad_avg != nullptr);
+        weight_decay.on, momentum_buffer != nullptr, grad_avg != nullptr);
   }
 
   template <bool l2, bool with_momentum, bool centered, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* square_avg, S* momentum_buffer,
                             S* grad_avg) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay.value);
     const auto s = alpha * lane.load(square_avg) + one_minus_alpha * g * g;
     lane.store(1, square_avg, s);
     const auto denom = [&]() FUSEDOPT_INLINE_LAMBDA {
@@ -111,7 +111,8 @@ struct RmspropKernel {
     }
   }
 
-  T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
+  T lr, alpha, one_minus_alpha, eps, momentum;
+  Coefficient<T> weight_decay;
   Negation<T> maximize{false};
 };
 

@@ -134,11 +134,12 @@ struct ScheduleFreeSGD : ScheduleFreeRule {
 template <typename T>
 struct ScheduleFreeStep {
   ScheduleFreeStep(ScheduleFreeScalars s, double beta, double wd)
-      : weight_decay(T(wd)),
+      : weight_decay(wd),
         ckp1(T(s.ckp1)),
         y_step(T(s.lr * (beta * (1.0 - s.ckp1) - 1.0))),
         z_step(T(s.lr)) {}
-  T weight_decay, ckp1, y_step, z_step;
+  Coefficient<T> weight_decay;
+  T ckp1, y_step, z_step;
 };
 
 // Matches fusedopt.reference.schedulefree_adamw_:
@@ -174,7 +175,7 @@ struct ScheduleFreeAdamWKernel {
             constants.step<has_wd.value>(lane, param, grad, z, exp_avg_sq);
           });
         },
-        s.weight_decay != T(0));
+        s.weight_decay.on);
   }
 
   template <bool has_wd, typename Lane>
@@ -182,7 +183,7 @@ struct ScheduleFreeAdamWKernel {
     const auto y = lane.load(param), g = lane.load(grad), z = lane.load(z_);
     const auto v = beta2 * lane.load(exp_avg_sq) + one_minus_beta2 * g * g;
     auto u = g / (sqrt(v / bias_correction2) + eps);
-    if constexpr (has_wd) u = u + s.weight_decay * y;
+    if constexpr (has_wd) u = u + s.weight_decay.value * y;
     lane.store(1, z_, z - s.z_step * u);
     lane.store(2, exp_avg_sq, v);
     lane.store(0, param, y + s.ckp1 * (z - y) + s.y_step * u);
@@ -216,14 +217,14 @@ struct ScheduleFreeSGDKernel {
             constants.step<has_wd.value>(lane, param, grad, z);
           });
         },
-        s.weight_decay != T(0));
+        s.weight_decay.on);
   }
 
   template <bool has_wd, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* z_) const {
     const auto y = lane.load(param), z = lane.load(z_);
     auto u = lane.load(grad);
-    if constexpr (has_wd) u = u + s.weight_decay * y;
+    if constexpr (has_wd) u = u + s.weight_decay.value * y;
     lane.store(1, z_, z - s.z_step * u);
     lane.store(0, param, y + s.ckp1 * (z - y) + s.y_step * u);
   }

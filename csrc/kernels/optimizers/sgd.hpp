@@ -67,9 +67,7 @@ struct SgdKernel {
 
   template <typename Decl>
   explicit SgdKernel(const Values<Decl>& h)
-      : lr(T(h.real("lr"))),
-        weight_decay(T(h.real("weight_decay"))),
-        maximize(h.flag("maximize")) {}
+      : lr(T(h.real("lr"))), weight_decay(h.real("weight_decay")), maximize(h.flag("maximize")) {}
 
   void operator()(void* const* a, Index offset, Index n, const Rounding& rounding) const {
     P* const param = role<P>(a, 0, offset);
@@ -81,16 +79,18 @@ struct SgdKernel {
             constants.step<l2.value>(lane, param, grad);
           });
         },
-        weight_decay != T(0));
+        weight_decay.on);
   }
 
   template <bool l2, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad) const {
     const auto p = lane.load(param);
-    lane.store(0, param, p - lr * effective_grad<l2>(maximize, lane.load(grad), p, weight_decay));
+    lane.store(0, param,
+               p - lr * effective_grad<l2>(maximize, lane.load(grad), p, weight_decay.value));
   }
 
-  T lr, weight_decay;
+  T lr;
+  Coefficient<T> weight_decay;
   Negation<T> maximize{false};
 };
 
@@ -112,7 +112,7 @@ struct MomentumKernel {
       : lr(T(h.real("lr"))),
         momentum(T(h.real("momentum"))),
         one_minus_dampening(T(1.0 - h.real("dampening"))),
-        weight_decay(T(h.real("weight_decay"))),
+        weight_decay(h.real("weight_decay")),
         nesterov(h.flag("nesterov")),
         maximize(h.flag("maximize")) {}
 
@@ -127,13 +127,13 @@ struct MomentumKernel {
             constants.step<l2.value, nest.value>(lane, param, grad, buf);
           });
         },
-        weight_decay != T(0), nesterov);
+        weight_decay.on, nesterov);
   }
 
   template <bool l2, bool nest, typename Lane>
   FUSEDOPT_INLINE void step(Lane& lane, P* param, const G* grad, S* buf) const {
     const auto p = lane.load(param);
-    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay);
+    const auto g = effective_grad<l2>(maximize, lane.load(grad), p, weight_decay.value);
     const auto b = momentum * lane.load(buf) + one_minus_dampening * g;
     lane.store(1, buf, b);
     if constexpr (nest) {
@@ -143,7 +143,8 @@ struct MomentumKernel {
     }
   }
 
-  T lr, momentum, one_minus_dampening, weight_decay;
+  T lr, momentum, one_minus_dampening;
+  Coefficient<T> weight_decay;
   bool nesterov;
   Negation<T> maximize{false};
 };
