@@ -151,18 +151,21 @@ def _check_hyper(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_
     return lr, weight_decay, momentum, bool(nesterov), coefficients, eps, int(ns_steps)
 
 
-def _as_list(name: str, value, quantized: bool = False) -> List[np.ndarray]:
-    """One array or a list of them as a list; ``quantized``: QuantizedStates count as arrays."""
+def _as_list(fn: str, name: str, value, quantized: bool = False) -> List[np.ndarray]:
+    """One array or a list of them as a list, for function ``fn``; ``quantized``:
+    QuantizedStates count as arrays."""
     kinds = (np.ndarray, QuantizedState) if quantized else np.ndarray
-    values = [value] if isinstance(value, kinds) else value
-    if not isinstance(values, (list, tuple)):
+    if isinstance(value, kinds):
+        return [value]
+    if not isinstance(value, (list, tuple)):
         raise TypeError(
-            f"muon_: {name} must be a numpy.ndarray or a list of them, got {type(value).__name__}"
+            f"{fn}: {name} must be a numpy.ndarray or a list of them, got {type(value).__name__}"
         )
+    values = list(value)
     for i, a in enumerate(values):
         if not isinstance(a, kinds):
-            raise TypeError(f"muon_: {name}[{i}] must be a numpy.ndarray, got {type(a).__name__}")
-    return list(values)
+            raise TypeError(f"{fn}: {name}[{i}] must be a numpy.ndarray, got {type(a).__name__}")
+    return values
 
 
 def _check_flag(fn: str, name: str, value) -> None:
@@ -196,12 +199,14 @@ def _as_masters(fn: str, master, one: bool, count: int) -> list:
                 f"{fn}: master must be a numpy.ndarray like param, got {type(master).__name__}"
             )
         return [master]
-    if not isinstance(master, (list, tuple)) or len(master) != count:
+    # copied first: the length checked is then that of the entries used, whatever __len__ says
+    masters = list(master) if isinstance(master, (list, tuple)) else None
+    if masters is None or len(masters) != count:
         raise ValueError(f"{fn}: master must be a list of {count} arrays like param")
-    for i, m in enumerate(master):
+    for i, m in enumerate(masters):
         if not isinstance(m, np.ndarray):
             raise TypeError(f"{fn}: master[{i}] must be a numpy.ndarray, got {type(m).__name__}")
-    return list(master)
+    return masters
 
 
 def _check_master(fn: str, at: str, p: np.ndarray, m: np.ndarray, c_order: bool) -> None:
@@ -374,9 +379,9 @@ def _muon_checked(
     stochastic, seed = _check_storage("muon_", stochastic_rounding, seed, optional=True)
     _check_flag("muon_", "skip_if_nonfinite", skip_if_nonfinite)
     one = isinstance(param, np.ndarray)
-    params = _as_list("param", param)
-    grads = _as_list("grad", grad)
-    buffers = _as_list("momentum_buffer", momentum_buffer, quantized=True)
+    params = _as_list("muon_", "param", param)
+    grads = _as_list("muon_", "grad", grad)
+    buffers = _as_list("muon_", "momentum_buffer", momentum_buffer, quantized=True)
     if not len(params) == len(grads) == len(buffers):
         raise ValueError(
             f"muon_: param, grad and momentum_buffer must be lists of one length, got "
@@ -590,7 +595,7 @@ def _adafactor_checked(
     hyper = _check_adafactor_hyper(step, lr, beta2_decay, eps, d, weight_decay, maximize)
     stochastic, seed = _check_storage("adafactor_", stochastic_rounding, seed)
     one = isinstance(param, np.ndarray)
-    params = _as_list("param", param)
+    params = _as_list("adafactor_", "param", param)
     if one:
         grads, rows, cols, variances = [grad], [row_var], [col_var], [variance]
     else:
@@ -601,12 +606,13 @@ def _adafactor_checked(
             ("col_var", col_var),
             ("variance", variance),
         ):
-            if not isinstance(value, (list, tuple)) or len(value) != len(params):
+            entries = list(value) if isinstance(value, (list, tuple)) else None
+            if entries is None or len(entries) != len(params):
                 raise ValueError(
                     f"adafactor_: {name} must be a list of {len(params)} entries like param "
                     "(None where a tensor has no such state)"
                 )
-            lists.append(list(value))
+            lists.append(entries)
         grads, rows, cols, variances = lists
     masters = _as_masters("adafactor_", master, one, len(params))
     tensors = list(zip(params, grads, rows, cols, variances, masters))
