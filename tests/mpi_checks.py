@@ -221,7 +221,8 @@ def check_every_optimizer_float32(comm):
 
 
 def check_skip_nonfinite(comm):
-    """A NaN on one rank only skips the step on every rank, as one process skips it."""
+    """A NaN on one rank only skips the step on every rank, as one process skips it; without
+    the skip, clipping makes every parameter NaN on every rank, as one process's does."""
     rank, world = comm.Get_rank(), comm.Get_size()
     params = model()
     before = copy(params)
@@ -232,6 +233,11 @@ def check_skip_nonfinite(comm):
     assert zero.step(grads) is False and zero.skipped_steps == 1
     assert_identical(params, before)
     assert zero.step(rank_grads(params, 1, rank, world)) is True
+    # without the skip, clipping to a NaN norm makes every gradient NaN, as clip_grad_norm_ does
+    params = model()
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.SGD, comm, lr=0.1, max_grad_norm=1.0)
+    assert zero.step(grads) is True
+    assert all(np.isnan(p).all() for p in params.values())
 
 
 def check_two_dtypes(comm):

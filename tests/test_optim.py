@@ -1006,6 +1006,12 @@ def test_global_norm_and_clipping():
         assert_identical({"grads": grads}, {"grads": before})
     # a 0-d array of a number is one, as float() takes it in torch's clip_grad_norm_
     assert fusedopt.clip_grad_norm_(grads, np.array(1.0)) == fusedopt.global_norm(before)
+    for not_grads, got in [(3.0, "float"), ("ab", "str"), (None, "NoneType"),
+                           ({"w": grads[1]}, "dict \\(its values\\(\\) are\\)")]:  # fmt: skip
+        for fn in (fusedopt.global_norm, lambda g: fusedopt.clip_grad_norm_(g, 1.0)):
+            with pytest.raises(TypeError, match=f"^grads: expected a numpy.ndarray or an iterable "
+                               f"of them \\(None for no gradient\\), got {got}$"):  # fmt: skip
+                fn(not_grads)
 
 
 def test_misaligned_params_and_grads_are_named():
@@ -1118,6 +1124,27 @@ def test_clip_grad_norm_matches_torch():
     assert norm == pytest.approx(float(tnorm), rel=1e-12)
     for g, p in zip(grads, tparams):
         np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-12)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed: torch comparison skipped")
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
+def test_clipping_a_nonfinite_norm_matches_torch(bad, dtype):
+    """A NaN norm makes every gradient NaN (torch's clamp keeps the NaN coefficient; they
+    were left as they were), an infinite one scales them by 0: finite elements 0, infinite
+    ones NaN."""
+    grads = [np.array([bad, 1.0, -2.0], dtype), np.ones((2, 3), dtype), np.ones(0, dtype)]
+    tparams = [torch.zeros(g.shape, requires_grad=True) for g in grads]
+    for p, g in zip(tparams, grads):
+        p.grad = torch.tensor(g.astype(np.float32))
+    tnorm = torch.nn.utils.clip_grad_norm_(tparams, 5.0, foreach=False)
+    norm = fusedopt.clip_grad_norm_(grads, 5.0)
+    assert np.isnan(norm) if np.isnan(bad) else norm == float(tnorm) == np.inf
+    for g, p in zip(grads, tparams):
+        expected = p.grad.numpy()
+        np.testing.assert_array_equal(np.isnan(g.astype(np.float32)), np.isnan(expected))
+        np.testing.assert_array_equal(g.astype(np.float32)[~np.isnan(expected)],
+                                      expected[~np.isnan(expected)])  # fmt: skip
 
 
 def test_every_class_is_covered():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -19,7 +19,15 @@ Grads = Union[np.ndarray, Iterable[Optional[np.ndarray]]]
 
 def _listed(grads: Grads) -> List[Optional[np.ndarray]]:
     """The gradients as a list, read once (an iterator or generator too)."""
-    return [grads] if isinstance(grads, np.ndarray) else list(grads)
+    if isinstance(grads, np.ndarray):
+        return [grads]
+    if not isinstance(grads, Iterable) or isinstance(grads, (str, bytes, Mapping)):
+        hint = " (its values() are)" if isinstance(grads, Mapping) else ""
+        raise TypeError(
+            "grads: expected a numpy.ndarray or an iterable of them (None for no gradient), "
+            f"got {type(grads).__name__}{hint}"
+        )
+    return list(grads)
 
 
 def _by_dtype(grads: List[Optional[np.ndarray]]) -> List[Tuple[List[np.ndarray], List[int]]]:
@@ -101,8 +109,9 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
         n = \sqrt{\textstyle\sum_i \lVert g_i \rVert^2}, \qquad
         g_i \leftarrow g_i \cdot \min\!\left(1, \frac{\text{max\_norm}}{n + 10^{-6}}\right)
 
-    Returns the norm before clipping. With ``error_if_nonfinite`` a NaN or infinite norm
-    raises RuntimeError and leaves the gradients unchanged. A gradient that cannot be scaled in
+    Returns the norm before clipping. A NaN norm makes every gradient NaN, and an infinite
+    one scales them by 0, as torch's do; with ``error_if_nonfinite`` either raises RuntimeError
+    and leaves the gradients unchanged. A gradient that cannot be scaled in
     place (read-only, strided, sharing memory with another) is a ValueError that names it, and
     no gradient is changed.
     """
@@ -122,10 +131,21 @@ def clip_grad_norm_(grads: Grads, max_norm: float, *, error_if_nonfinite: bool =
             f"The total norm of the gradients is non-finite ({total}), so it cannot be clipped"
         )
     coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        if len(groups) > 1:  # each call sees one dtype: all checked before the first writes
+    if coef < 1.0 or math.isnan(coef):
+        # each call sees one dtype, and NumPy's multiply names no array: all checked first
+        if len(groups) > 1 or math.isnan(coef):
             _check_writable(grads)
         for arrays, places in groups:
             with _named_as_grads(places):
-                _core.scale(arrays, factor=coef)
+                scale_by_coefficient(arrays, coef)
     return total
+
+
+def scale_by_coefficient(arrays: List[np.ndarray], coef: float) -> None:
+    r"""Scales ``arrays`` (of one dtype) in place by :math:`\min(1, coef)` as torch's clamp
+    takes it: a NaN coefficient (a NaN norm) makes every element NaN."""
+    if math.isnan(coef):
+        for a in arrays:
+            np.multiply(a, math.nan, out=a)
+    elif coef < 1.0:
+        _core.scale(arrays, factor=coef)

@@ -760,9 +760,8 @@ class ZeroRedundancyOptimizer:
                 squares[0] += _core.sum_squares([self._shard_grad[updated[i]] for i in places])
             comm.Allreduce(MPI.IN_PLACE, squares, op=MPI.SUM)
             coef = full.max_grad_norm / (math.sqrt(squares[0]) + 1e-6)  # as clip_grad_norm_
-            if coef < 1.0:
-                for g in shard_grads:
-                    _core.scale([g], factor=coef)
+            for g in shard_grads:
+                _clip.scale_by_coefficient([g], coef)
         for name in updated:
             lo, hi = self._piece[name]
             self._shard_param[name][...] = _flat(full._params[name])[lo:hi]
