@@ -65,6 +65,17 @@ def test_reference_signature_equals_the_declared_one(name):
     assert parameters(written) == parameters(declared)
 
 
+def test_reference_switches_buffers_as_the_declarations_do():
+    """The reference's table of buffers read only while a hyperparameter is on is the
+    declarations' (each optional state array and the option it is used with)."""
+    declared = {
+        buffer: switch
+        for spec in OPTIMIZERS.values()
+        for buffer, switch in spec.optional_state.items()
+    }
+    assert reference._SWITCHED_BUFFERS == declared
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_docstring_has_the_rule_and_every_argument(name):
     doc = getattr(fusedopt, f"{name}_").__doc__

@@ -1022,3 +1022,38 @@ def test_quantized_state_follows_an_exponential_moving_average():
             fusedopt.adam_(*arrays, step=step, lr=1e-3)
     ratio = quantized[3].dequantize().sum() / exact[3].sum()
     assert abs(ratio - 1) < 0.02, ratio
+
+
+SWITCHED = [
+    pytest.param(spec, buffer, id=f"{name}-{buffer}")
+    for name, spec in OPTIMIZERS.items()
+    for buffer in spec.optional_state
+]
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "int8"])
+@pytest.mark.parametrize("spec, buffer", SWITCHED)
+def test_a_buffer_given_with_its_switch_off_is_ignored_by_both(spec, buffer, low):
+    """A bfloat16 or int8 buffer given while its option is off is neither read nor written, and
+    needs no seed, in the kernel and in the reference alike (the reference asked for a seed
+    for the random bits of a store it never makes)."""
+    rng = np.random.default_rng(7)
+    hyper = {**spec.cases[0], "stochastic_rounding": True}
+    hyper.pop(spec.optional_state[buffer], None)  # the switch's default: off
+    arrays = make_arrays(spec, hyper, [(5,), (300,)], np.float32, rng)
+
+    def stored_low(shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if low == "int8":
+            return QuantizedState.from_array(x, signed=True)
+        return x.astype(ml_dtypes.bfloat16)
+
+    before = {buffer: [stored_low(s) for s in [(5,), (300,)]]}
+    fused_buffer, reference_buffer = copy_arrays(before), copy_arrays(before)
+    expected = copy_arrays(arrays)
+    step = {"step": 1} if spec.takes_step else {}
+    spec.fused(*arrays.values(), **hyper, **step, **fused_buffer)
+    spec.reference(*expected.values(), **hyper, **step, **reference_buffer)
+    assert_identical(arrays, expected)
+    assert_identical(fused_buffer, before)
+    assert_identical(reference_buffer, before)

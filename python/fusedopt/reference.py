@@ -75,6 +75,16 @@ def _draws_random_bits(stochastic_rounding, arrays):
     )
 
 
+# The buffers a formula reads only while a hyperparameter is on (true or nonzero), as the
+# kernels declare them (a test checks that they agree): one given with its switch off is neither
+# read nor written, so it draws no random bits and its scales are not checked.
+_SWITCHED_BUFFERS = {
+    "max_exp_avg_sq": "amsgrad",
+    "momentum_buffer": "momentum",
+    "grad_avg": "centered",
+}
+
+
 def _seed(function, seed, takes_step, stochastic_rounding, arrays):
     """The call's seed: 0 for None, which a call without a step that draws random bits refuses,
     as the kernels do."""
@@ -111,6 +121,11 @@ def _for_each_tensor(update):
         if (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("param", "grad"))
         or (p.kind is p.KEYWORD_ONLY and p.default is None)
     ]
+    switch_defaults = {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.name in _SWITCHED_BUFFERS.values()
+    }
 
     @functools.wraps(update)
     def wrapper(
@@ -127,7 +142,13 @@ def _for_each_tensor(update):
         # NumPy's promotion rules an np.float64 lr would make the formula run in float64
         hyper = {k: _python_number(v) for k, v in hyper.items()}
         seed = _python_number(seed)
-        optional = [v for v in hyper.values() if isinstance(v, (np.ndarray, QuantizedState, list))]
+        switches = {**switch_defaults, **hyper}
+        optional = [
+            v
+            for k, v in hyper.items()
+            if isinstance(v, (np.ndarray, QuantizedState, list))
+            and (k not in _SWITCHED_BUFFERS or switches[_SWITCHED_BUFFERS[k]])
+        ]
         arrays_stored = [param, *arrays, *optional]
         seed = _seed(update.__name__, seed, takes_step, stochastic_rounding, arrays_stored)
         for t in _tensors(arrays_stored):  # refused before any write, as the kernels refuse them
