@@ -4,7 +4,9 @@ tight), special values, memory order and the QuantizedState container."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -418,6 +420,32 @@ def test_full_is_the_encoded_full_array(signed, order, value):
         assert state.codes.flags.f_contiguous == encoded.codes.flags.f_contiguous
         assert_same_bits(state.codes, encoded.codes)
         assert_same_bits(state.scales, encoded.scales)
+
+
+def test_full_refuses_a_value_that_is_not_a_real_number():
+    """By name (None became NaN, "2.5" 2.5, a complex its real part, an array NumPy's error)."""
+    for value, got in [(None, "NoneType"), ("2.5", "str"), (1 + 2j, "complex"), (True, "bool"),
+                       (np.ones(3), "an array of shape \\(3,\\)")]:  # fmt: skip
+        with pytest.raises(TypeError, match=f"^value must be a real number, got {got}$"):
+            QuantizedState.full(4, value, True)
+    for value in (np.array(2.0), np.float32(1.5), 3, np.int8(-1)):
+        assert_same_bits(
+            QuantizedState.full(4, value, True).dequantize(), np.full(4, value, np.float32)
+        )
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_quantized_state_pickles_with_every_protocol(protocol):
+    """Protocols 0 and 1 too (a class with __slots__ needs a reduction for them), bit for bit
+    and in the codes' memory order; deepcopy copies the arrays, copy shares them."""
+    x = np.asfortranarray(np.random.default_rng(3).standard_normal((300, 3)).astype(np.float32))
+    for state in (QuantizedState.from_array(x, signed=True), QuantizedState.zeros((2, 5), False)):
+        loaded = pickle.loads(pickle.dumps(state, protocol))
+        assert type(loaded) is QuantizedState
+        assert loaded.codes.flags.f_contiguous == state.codes.flags.f_contiguous
+        assert_same_bits(loaded.codes, state.codes)
+        assert_same_bits(loaded.scales, state.scales)
+    assert copy.deepcopy(state).codes is not state.codes and copy.copy(state).codes is state.codes
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -70,6 +70,7 @@ agrees with it bit for bit; it depends on NumPy only.
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -359,6 +360,10 @@ class QuantizedState:
         """The decoded float32 array, in the shape and memory layout of ``codes``."""
         return decode(self.codes, self.scales)
 
+    def __reduce__(self):
+        # every pickle protocol (0 and 1 cannot save __slots__ by themselves), through the checks
+        return type(self), (self.codes, self.scales)
+
     def copy(self) -> QuantizedState:
         """An independent copy: new arrays of the same codes (in their memory layout, C or F)
         and scales, bit for bit."""
@@ -385,6 +390,12 @@ class QuantizedState:
         _check_signed(signed)
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+        real = isinstance(value, numbers.Real) or (
+            isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu"
+        )
+        if not real or isinstance(value, (bool, np.bool_)):
+            what = f"an array of shape {value.shape}" if np.ndim(value) else type(value).__name__
+            raise TypeError(f"value must be a real number, got {what}")
         with np.errstate(over="ignore"):  # past float32's range is inf, as stored
             block = np.full(BLOCK, value, np.float32)
         code, scale = _encode(block, signed, None, BLOCK)
