@@ -182,9 +182,19 @@ def test_set_num_threads(restore_threads):
     assert fusedopt.get_num_threads() == (3 if _core.OPENMP else 1)
     fusedopt.set_num_threads(None)
     assert fusedopt.get_num_threads() == default
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="threads"):
+    fusedopt.set_num_threads(np.int64(2))  # a NumPy integer is one (it was refused)
+    assert fusedopt.get_num_threads() == (2 if _core.OPENMP else 1)
+    for bad, got in [(0, "0"), (-1, "-1"), (2**31, str(2**31)), (10**30, str(10**30))]:
+        with pytest.raises(
+            ValueError, match=f"^threads must be between 1 and 2147483647 or None, got {got}$"
+        ):
             fusedopt.set_num_threads(bad)
+    for bad, got in [(1.5, "float"), (True, "bool"), ("2", "str"), (np.bool_(True), "bool")]:
+        with pytest.raises(
+            TypeError, match=f"^threads must be a positive integer or None, got {got}$"
+        ):
+            fusedopt.set_num_threads(bad)
+    assert fusedopt.get_num_threads() == (2 if _core.OPENMP else 1)  # unchanged by each
 
 
 @pytest.fixture

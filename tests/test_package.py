@@ -26,6 +26,23 @@ def test_exports():
         assert spec.fused.__doc__ and "math::" in spec.fused.__doc__, spec.name
 
 
+def test_a_type_checker_sees_every_exported_name(tmp_path):
+    """The update functions are made at import from the declarations, so they are not in the
+    source: mypy reported `Module "fusedopt" has no attribute "adam_"` for the package's main
+    API, which py.typed tells it to check."""
+    api = pytest.importorskip("mypy.api", reason="mypy not installed: pip install '.[test]'")
+    user = tmp_path / "user.py"
+    user.write_text(
+        "import fusedopt\n"
+        + "".join(f"from fusedopt import {name}\n" for name in fusedopt.__all__)
+        + "".join(f"fusedopt.{name}\n" for name in fusedopt.__all__)
+        + "reveal_type(fusedopt.adam_)\n"
+    )
+    out, err, status = api.run([str(user), "--cache-dir", str(tmp_path / "cache")])
+    assert status == 0, out + err
+    assert "-> builtins.bool" in out or "-> bool" in out, out
+
+
 def test_version_matches_compiled_module():
     assert fusedopt.__version__ == _core.__version__
 

@@ -10,7 +10,9 @@ block-quantized optimizer state (:class:`~fusedopt.quantize.QuantizedState`).
 
 from __future__ import annotations
 
+import numbers
 import sys
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -23,6 +25,11 @@ from ._matrix import adafactor_, muon_
 
 # The update functions, one per kernel declaration: adam_, sgd_, ...
 globals().update(_functional.FUNCTIONS)
+
+if TYPE_CHECKING:  # what a type checker sees of them: made at import, they are not in the source
+
+    def __getattr__(name: str) -> Callable[..., bool]: ...
+
 
 from . import optim, quantize, reference, schedules  # noqa: E402  (optim uses the above)
 
@@ -54,6 +61,9 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+_MAX_THREADS = 2**31 - 1  # the binding's C int
+
+
 def set_num_threads(threads: int | None) -> None:
     """Set the number of threads the kernels use, for every Python thread; None restores the
     default. Results are bit-identical for every thread count. A serial build (without OpenMP)
@@ -61,9 +71,11 @@ def set_num_threads(threads: int | None) -> None:
     if threads is None:
         _core.set_num_threads(0)
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    _core.set_num_threads(threads)
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"threads must be a positive integer or None, got {type(threads).__name__}")
+    if not 1 <= threads <= _MAX_THREADS:
+        raise ValueError(f"threads must be between 1 and {_MAX_THREADS} or None, got {threads}")
+    _core.set_num_threads(int(threads))
 
 
 _LATE_START_NS = _core.get_late_start_ns()  # the rule's threshold, as built
