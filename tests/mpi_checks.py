@@ -862,6 +862,87 @@ def check_checkpoint_safety(comm, out: Path):
         expect_all(comm, lambda other=other: other.load_shards(path), Exception, words)
 
 
+def expect_somewhere(comm, call, kind, words, failing):
+    """``call`` raises on every rank (no rank left waiting): ``kind`` with ``words`` where
+    ``failing``, RuntimeError naming a failed rank elsewhere."""
+    try:
+        call()
+    except (kind, RuntimeError) as e:
+        assert words in str(e) if failing else "failed on rank" in str(e), e
+    else:
+        raise AssertionError(f"no error on rank {comm.Get_rank()}")
+
+
+def check_audit_2026_12_05(comm, out: Path):
+    """What an audit found: each refused on every rank, nothing changed, no rank left waiting.
+    - parameters that share memory (stepped once where one process steps twice);
+    - save_shards with a NumPy scalar hyperparameter (its manifest failed, shards left behind);
+      with a path one rank lacks (the others waited in bcast);
+    - load_shards of a manifest one rank reads as JSON null (an AttributeError there, a hang);
+    - a Schedule-Free eval() with beta1 = 0, or with a parameter made read-only (the job was
+      aborted; on one rank the mode was left switched)."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    base = np.zeros(1000, np.float32)
+    expect_all(
+        comm,
+        lambda: distributed.ZeroRedundancyOptimizer(
+            {"a": base[:600], "b": base[400:]}, optim.SGD, comm, lr=0.1
+        ),  # fmt: skip
+        ValueError,
+        "parameter 'a' and parameter 'b' share memory",
+    )
+    folder = Path(comm.bcast(str(out) if rank == 0 else None, root=0)) / "audit"
+    if rank == 0:
+        folder.mkdir(exist_ok=True)
+    comm.Barrier()
+    params = model()
+    zero = distributed.ZeroRedundancyOptimizer(params, optim.AdamW, comm, lr=np.float32(5e-4))
+    zero.step(rank_grads(params, 1, rank, world))
+    path = folder / f"shards-{world}.json"
+    zero.save_shards(path)
+    comm.Barrier()
+    twin_params = copy(params)
+    twin = distributed.ZeroRedundancyOptimizer(twin_params, optim.AdamW, comm, lr=5e-4)
+    twin.load_shards(path)
+    for z, p in ((zero, params), (twin, twin_params)):
+        z.step(rank_grads(p, 2, rank, world))
+    assert_identical(params, twin_params)
+    before = sorted(os.listdir(folder))
+    comm.Barrier()
+    last = rank == world - 1
+    expect_somewhere(comm, lambda: zero.save_shards(None if last else path), TypeError,
+                     "NoneType", last)  # fmt: skip
+    bad = folder / f"null-{world}-{rank}.json"
+    bad.write_text("null" if rank == world - 1 else path.read_text())
+    expect_somewhere(comm, lambda: twin.load_shards(bad), ValueError, "manifest", rank == world - 1)
+    bad.unlink()
+    comm.Barrier()
+    assert sorted(os.listdir(folder)) == before
+    for cls, hyper in [(optim.ScheduleFreeAdamW, dict(betas=(0.0, 0.999))),
+                       (optim.ScheduleFreeSGD, dict(momentum=0.9))]:  # fmt: skip
+        params = model()
+        zero = distributed.ZeroRedundancyOptimizer(params, cls, comm, lr=0.1, **hyper)
+        zero.step(rank_grads(params, 1, rank, world))
+        if cls is optim.ScheduleFreeSGD:
+            params["W2"].flags.writeable = rank != world - 1
+        before = copy(params)
+        if cls is optim.ScheduleFreeAdamW:
+            expect_all(comm, zero.eval, ValueError, "eval() with betas 0.0")
+        else:
+            expect_somewhere(comm, zero.eval, ValueError, "'W2': array is read-only",
+                             rank == world - 1)  # fmt: skip
+            params["W2"].flags.writeable = True
+        assert_identical(params, before)
+        assert all(g["train_mode"] for g in zero.param_groups)
+    zero.eval()  # now it can: one switch, not two
+    ref_params = model()
+    ref = distributed.ZeroRedundancyOptimizer(ref_params, optim.ScheduleFreeSGD, comm, lr=0.1,
+                                              momentum=0.9)  # fmt: skip
+    ref.step(rank_grads(ref_params, 1, rank, world))
+    ref.eval()
+    assert_identical(params, ref_params)
+
+
 CASES = {
     "every_optimizer_float64": check_every_optimizer_float64,
     "every_optimizer_float32": check_every_optimizer_float32,
@@ -882,6 +963,7 @@ CHECKPOINT_CASES = {
     "save": (check_save, [2]),
     "resume": (check_resume, [1, 3]),
     "checkpoint_safety": (check_checkpoint_safety, [1, 2, 3, 4]),
+    "audit_2026_12_05": (check_audit_2026_12_05, [1, 2, 3]),
 }
 
 

@@ -2,10 +2,11 @@
 
 Each update function (``adam_``, ``sgd_``, ...: every name in ``__all__`` that ends in ``_``
 but ``clip_grad_norm_``, which scales gradients) updates the parameters and optimizer state in
-one fused, multi-threaded pass in C++, for one array or a whole list of them. :mod:`fusedopt.reference` holds the same formulas in plain
-NumPy; :mod:`fusedopt.optim` has optimizer classes with ``torch.optim``'s conventions,
-:mod:`fusedopt.schedules` learning-rate schedules and :mod:`fusedopt.quantize` the 8-bit
-block-quantized optimizer state (:class:`~fusedopt.quantize.QuantizedState`).
+one fused, multi-threaded pass in C++, for one array or a whole list of them.
+:mod:`fusedopt.reference` holds the same formulas in plain NumPy; :mod:`fusedopt.optim` has
+optimizer classes with ``torch.optim``'s conventions, :mod:`fusedopt.schedules` learning-rate
+schedules and :mod:`fusedopt.quantize` the 8-bit block-quantized optimizer state
+(:class:`~fusedopt.quantize.QuantizedState`).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from typing import (
 
 import numpy as np
 
-from . import _clip, _functional, optim
+from . import _clip, _functional, _overlap, optim
 from ._declarations import DECLARATIONS, Declaration
 from ._dispatch import core as _core
 from .optim import _GOLDEN, Grads, Optimizer, Params, _dtype_name
@@ -385,7 +385,7 @@ def _write_json(path: str, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fusedopt-", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
+            json.dump(data, f, default=optim._json_scalar)  # NumPy scalars, as Optimizer.save
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -450,8 +450,10 @@ class ZeroRedundancyOptimizer:
     result is what ``optimizer_class`` computes in one process on the averaged gradients, bit
     for bit for every element (the kernels are element-wise) except where random bits enter:
     stochastic rounding and int8 codes draw a different stream per rank (see
-    :func:`_local_seed`), equally unbiased. On one rank it is one process's result bit for bit,
-    random bits included.
+    :func:`_local_seed`), equally unbiased; and where bfloat16 or float16 gradients are
+    clipped: the average is clipped in float32 and rounded once, where one process would clip
+    gradients already rounded to the averaged ones' dtype. On one rank it is one process's
+    result bit for bit, random bits included.
 
     Schedule-Free classes: the step advances the groups' ``k``, ``lr_max`` and ``weight_sum``
     as one process's (they are in :attr:`param_groups` and the checkpoints), and the
@@ -492,6 +494,7 @@ class ZeroRedundancyOptimizer:
             self._full = optimizer_class(params, **kwargs)
             for group in self._full.param_groups:  # a class may pick its kernel per group
                 _check_elementwise(optimizer_class, self._full._plan(group).declaration)
+            self._check_no_shared_memory()
             signature = self._signature()
         except Exception as e:
             error = e
@@ -531,6 +534,18 @@ class ZeroRedundancyOptimizer:
         self._consolidated: Optional[Dict[str, Any]] = None
 
     # ----------------------------------------------------------------- construction helpers
+
+    def _check_no_shared_memory(self) -> None:
+        """As one process's step checks it: a step copies each parameter's slices in and out,
+        so parameters sharing memory would be updated once where one process updates twice."""
+        names, params = list(self._full._params), list(self._full._params.values())
+        pair = _overlap.first_overlap(_overlap.byte_extents(params), [True] * len(params))
+        if pair is not None:
+            first, second = (names[i] for i in sorted(pair))
+            raise ValueError(
+                f"parameter {first!r} and parameter {second!r} share memory; an array that a "
+                "step writes must not overlap any other"
+            )
 
     @staticmethod
     def _hyper(group: Mapping[str, Any]) -> Dict[str, Any]:
@@ -815,8 +830,12 @@ class ZeroRedundancyOptimizer:
                 "have)"
             )
         error = None
-        try:
+        try:  # all that one process checks before it writes, and the parameters gathered into
             self._sync()
+            full._switch_plan(to_train)
+            self.optim._switch_plan(to_train)  # this rank's slices of z and the masters
+            for name, p in full._params.items():
+                optim._check_param(name, p)
         except Exception as e:
             error = e
         _agree(self.comm, error, f"ZeroRedundancyOptimizer.{'train' if to_train else 'eval'}()")
@@ -826,9 +845,9 @@ class ZeroRedundancyOptimizer:
                 lo, hi = self._piece[name]
                 self._shard_param[name][...] = _flat(p)[lo:hi]
             self.optim._switch(to_train)  # element-wise: each rank's slices of p, z, masters
+            self._allgather(list(full._params))
             for full_group in full.param_groups:
                 full_group["train_mode"] = to_train
-            self._allgather(list(full._params))
         except BaseException:
             if self.world_size == 1:
                 raise
@@ -1102,16 +1121,21 @@ class ZeroRedundancyOptimizer:
         (JSON, atomically) that names them and removes the files of the manifest it replaced.
         A crash at any point leaves the previous checkpoint whole. :meth:`load_shards` reads it
         at any world size."""
-        comm, path = self.comm, os.fspath(path)
+        comm, error = self.comm, None
+        try:
+            path = os.fspath(path)
+        except Exception as e:  # on one rank only, it would leave the others in bcast
+            error = e
+        _agree(comm, error, "save_shards()")
         token = comm.bcast(secrets.token_hex(6) if self.rank == 0 else None, root=0)
         files = [f"{os.path.basename(path)}.{token}.rank{r}.npz" for r in range(self.world_size)]
         folder = os.path.dirname(os.path.abspath(path))
-        error = None
+        own = os.path.join(folder, files[self.rank])
         try:
-            self.optim.save(os.path.join(folder, files[self.rank]))
+            self.optim.save(own)
         except Exception as e:
             error = e
-        _agree(comm, error, "save_shards()")
+        self._agree_or_remove(error, own)
         if self.rank == 0:
             try:
                 old = []
@@ -1154,7 +1178,17 @@ class ZeroRedundancyOptimizer:
                         os.unlink(os.path.join(folder, name))
             except Exception as e:
                 error = e
-        _agree(comm, error, "save_shards()")
+        self._agree_or_remove(error, own)
+
+    def _agree_or_remove(self, error: Optional[BaseException], own: str) -> None:
+        """save_shards's agreement: where any rank failed, every rank removes the shard file it
+        wrote for the manifest that will not name it."""
+        try:
+            _agree(self.comm, error, "save_shards()")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(own)
+            raise
 
     def load_shards(self, path: Union[str, os.PathLike]) -> None:
         """Collective: load a checkpoint written by :meth:`save_shards` at any world size; each
@@ -1165,7 +1199,11 @@ class ZeroRedundancyOptimizer:
             path = os.fspath(path)
             with open(path) as f:
                 manifest = json.load(f)
-            if manifest.get("format") != SHARDS_FORMAT or manifest.get("version") != SHARDS_VERSION:
+            if (
+                not isinstance(manifest, dict)
+                or manifest.get("format") != SHARDS_FORMAT
+                or manifest.get("version") != SHARDS_VERSION
+            ):
                 raise ValueError(f"{path}: not a {SHARDS_FORMAT} manifest version {SHARDS_VERSION}")
             folder = os.path.dirname(os.path.abspath(path))
             saved = {s["dtype"]: s for s in manifest["spaces"]}
@@ -1195,7 +1233,7 @@ class ZeroRedundancyOptimizer:
                             lo, hi = pieces[name]
                             parts.setdefault(name, []).append((lo, hi, shards[rank][name]))
         except Exception as e:
-            error = e
+            error, manifest = e, {}
         self._load(manifest.get("optimizer_state", {}), parts, error, "load_shards()")
 
     def _check_saved_space(self, path: str, saved: Mapping[str, Any], space: _Space) -> None:

@@ -1872,20 +1872,24 @@ class _ScheduleFree(Optimizer):
         (no-op in eval mode)."""
         self._switch(False)
 
-    def _switch(self, to_train: bool) -> None:
-        # everything checked before anything is written: a switch that stopped halfway would
-        # leave some parameters at x and others at y, and a second attempt would move the
-        # first ones twice
-        groups = [g for g in self.param_groups if g["train_mode"] != to_train]
-        weights = []
-        for group in groups:
+    def _switch_plan(self, to_train: bool) -> List[Tuple[Dict[str, Any], float]]:
+        """The groups a switch moves and their weights, everything checked: a switch that
+        stopped halfway would leave some parameters at x and others at y, and a second attempt
+        would move the first ones twice."""
+        plan = []
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
             self._validate_group(group)
-            weights.append(_switch_weight(group[self.beta_name], to_train, self.beta_name))
+            plan.append((group, _switch_weight(group[self.beta_name], to_train, self.beta_name)))
             for name, p in zip(group["names"], group["params"]):
                 state = self.state.get(name, {})
                 if "z" in state:
                     _check_switch(name, p, state["z"], state.get("master"))
-        for group, weight in zip(groups, weights):
+        return plan
+
+    def _switch(self, to_train: bool) -> None:
+        for group, weight in self._switch_plan(to_train):  # checked before anything is written
             for name, p in zip(group["names"], group["params"]):
                 state = self.state.get(name, {})
                 if "z" in state:
