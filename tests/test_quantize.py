@@ -436,7 +436,7 @@ def test_full_refuses_a_value_that_is_not_a_real_number():
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_a_quantized_state_pickles_with_every_protocol(protocol):
-    """Protocols 0 and 1 too (a class with __slots__ needs a reduction for them), bit for bit
+    """Protocols 0 and 1 too (a class with __slots__ needs __getstate__ for them), bit for bit
     and in the codes' memory order; deepcopy copies the arrays, copy shares them."""
     x = np.asfortranarray(np.random.default_rng(3).standard_normal((300, 3)).astype(np.float32))
     for state in (QuantizedState.from_array(x, signed=True), QuantizedState.zeros((2, 5), False)):

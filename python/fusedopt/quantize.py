@@ -360,9 +360,15 @@ class QuantizedState:
         """The decoded float32 array, in the shape and memory layout of ``codes``."""
         return decode(self.codes, self.scales)
 
-    def __reduce__(self):
-        # every pickle protocol (0 and 1 cannot save __slots__ by themselves), through the checks
-        return type(self), (self.codes, self.scales)
+    def __getstate__(self):
+        # protocols 0 and 1 save slots only through this; the others' form, arrays as held
+        slots = {}
+        for cls in type(self).__mro__:
+            names = getattr(cls, "__slots__", ())
+            for name in [names] if isinstance(names, str) else names:
+                if hasattr(self, name):
+                    slots[name] = getattr(self, name)
+        return None, slots
 
     def copy(self) -> QuantizedState:
         """An independent copy: new arrays of the same codes (in their memory layout, C or F)
