@@ -76,8 +76,9 @@ struct AdagradKernel {
     lane.store(0, param, p - clr * g / (sqrt(s) + eps));
   }
 
-  T clr, eps;
+  T clr;
   Coefficient<T> weight_decay;
+  T eps;
   Negation<T> maximize{false};
 };
 
