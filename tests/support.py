@@ -190,3 +190,14 @@ def peak_traced_bytes(fn) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+class MisstatedList(list):
+    """A list whose ``__len__`` states another size than it holds."""
+
+    def __init__(self, items, stated: int) -> None:
+        super().__init__(items)
+        self.stated = stated
+
+    def __len__(self) -> int:
+        return self.stated

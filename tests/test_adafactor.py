@@ -8,7 +8,7 @@ import inspect
 import ml_dtypes
 import numpy as np
 import pytest
-from support import assert_identical, assert_same, assert_same_bits, misaligned
+from support import MisstatedList, assert_identical, assert_same, assert_same_bits, misaligned
 
 import fusedopt
 from fusedopt import _matrix, optim, reference
@@ -183,13 +183,6 @@ def bad_calls():
     yield "param must be", (p.astype(np.int64), g, r, c, None), dict(step=1)
 
 
-class _MisstatedList(list):
-    """A list whose ``__len__`` states another size than it holds."""
-
-    def __len__(self) -> int:
-        return super().__len__() + 1
-
-
 def test_list_errors_name_adafactor_and_lists_count_what_they_hold():
     """A list call's errors name adafactor_ (they named muon_); a list whose __len__ states
     one entry more than it holds is refused (zip dropped the tensor without its grad)."""
@@ -201,12 +194,12 @@ def test_list_errors_name_adafactor_and_lists_count_what_they_hold():
         (TypeError, "param\\[1\\] must be a numpy.ndarray, got str",
          ([p, "p"], [g], [r], [c], [None])),
         (ValueError, "grad must be a list of 2 entries like param",
-         ([p, p.copy()], _MisstatedList([g]), [r, r.copy()], [c, c.copy()], [None, None])),
+         ([p, p.copy()], MisstatedList([g], 2), [r, r.copy()], [c, c.copy()], [None, None])),
         (ValueError, "master must be a list of 1 arrays like param",
          ([p.astype(ml_dtypes.bfloat16)], [g], [r], [c], [None])),
     ]  # fmt: skip
     for error, match, args in refusals:
-        master = _MisstatedList([]) if error is ValueError and "master" in match else None
+        master = MisstatedList([], 1) if error is ValueError and "master" in match else None
         with pytest.raises(error, match=f"^adafactor_: {match}"):
             fusedopt.adafactor_(*args, step=1, master=master)
     assert (p == 1).all() and (r == 0).all()

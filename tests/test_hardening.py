@@ -12,7 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 import pytest
-from support import all_options, assert_identical, call, copy_arrays, make_arrays, new_grad
+from support import (
+    MisstatedList,
+    all_options,
+    assert_identical,
+    call,
+    copy_arrays,
+    make_arrays,
+    new_grad,
+)
 
 import fusedopt
 from fusedopt import _core
@@ -300,17 +308,6 @@ def test_fork_after_parallel_region_does_not_hang():
 # ---------------------------------------------------------------- lists that misstate or change
 
 
-class _MisstatedList(list):
-    """A list whose ``__len__`` states another size than it holds."""
-
-    def __init__(self, items, stated: int) -> None:
-        super().__init__(items)
-        self.stated = stated
-
-    def __len__(self) -> int:
-        return self.stated
-
-
 def _adam_arrays(rng, dtype=np.float32) -> dict[str, list[np.ndarray]]:
     shapes = [(3,), (CHUNK + 70,), (2, 5)]
     return {
@@ -328,17 +325,17 @@ def test_a_list_that_misstates_its_length_is_read_as_it_is(stated):
     expected["exp_avg_sq"] = [np.abs(v) for v in expected["exp_avg_sq"]]
     actual = copy_arrays(expected)
     fusedopt.adam_(*expected.values(), step=3)
-    fusedopt.adam_(*(_MisstatedList(a, stated) for a in actual.values()), step=3)
+    fusedopt.adam_(*(MisstatedList(a, stated) for a in actual.values()), step=3)
     assert_identical({k: list(v) for k, v in actual.items()}, expected)
 
     # masters too; and lists whose stated lengths agree but whose contents do not are refused
     params = [p.astype(ml_dtypes.bfloat16) for p in expected["param"]]
-    masters = _MisstatedList([p.astype(np.float32) for p in params], stated)
+    masters = MisstatedList([p.astype(np.float32) for p in params], stated)
     grads = [g.astype(ml_dtypes.bfloat16) for g in expected["grad"]]
     fusedopt.sgd_(params, grads, master=masters, lr=0.5)
     assert_identical({"param": params}, {"param": [m.astype(ml_dtypes.bfloat16) for m in masters]})
     with pytest.raises(ValueError, match=r"^grad: expected 3 arrays like param, got 2$"):
-        fusedopt.sgd_(params, _MisstatedList(grads[:2], 3), lr=0.5)
+        fusedopt.sgd_(params, MisstatedList(grads[:2], 3), lr=0.5)
 
 
 def test_a_quantized_state_that_empties_the_lists_while_checked():

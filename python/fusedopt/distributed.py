@@ -1173,8 +1173,10 @@ class ZeroRedundancyOptimizer:
                         "optimizer_state": self._full.state_dict(),
                     },
                 )
+                # best effort: after the manifest is written nothing may fail, or every rank
+                # would remove the shard files it names
                 for name in set(old) - set(files):
-                    with contextlib.suppress(FileNotFoundError):
+                    with contextlib.suppress(OSError):
                         os.unlink(os.path.join(folder, name))
             except Exception as e:
                 error = e
